@@ -1,0 +1,1 @@
+"""The ``ctsma`` command line: one module per subcommand, listed in :mod:`ctsma.cli.main`."""

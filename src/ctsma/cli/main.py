@@ -1,0 +1,68 @@
+"""Entry point of the ``ctsma`` command.
+
+Each subcommand lives in its own module of this package and exposes
+``add_parser(subparsers)``, which registers the subparser and sets ``func``.
+A user error (:class:`ctsma.errors.UserError`) prints one line and exits with code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import warnings
+
+from .. import __version__, progress
+from ..errors import UserError
+
+# Subcommand modules, in the order shown by --help. Only working subcommands are listed.
+SUBCOMMANDS: list[str] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctsma",
+        description="CT-SMA: subchondral trabecular bone microstructure analysis and knee OA "
+                    "diagnosis from clinical CT, distilled from high-resolution MR.")
+    parser.add_argument("--version", action="version", version=f"ctsma {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    parser.add_argument("--progress-jsonl", metavar="FILE", default=None,
+                        help="append machine-readable progress events (JSON lines) to FILE")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"{__package__}.{name}").add_parser(sub)
+    return parser
+
+
+def _format_warning(message, category, filename, lineno, line=None):  # noqa: ARG001
+    return f"warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    progress.configure(jsonl_path=args.progress_jsonl, quiet=args.quiet)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    if not args.debug:
+        warnings.formatwarning = _format_warning
+    try:
+        rc = args.func(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"ctsma {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ctsma {args.command}: interrupted; finished outputs are kept and a rerun resumes", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Atomic output: every file is written under a temporary name and renamed into place.
+
+A reader therefore sees either the previous file or the complete new one, never a
+half-written file, even when the writer is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import UserError
+
+_MULTI_SUFFIXES = (".nii.gz", ".seg.nrrd", ".tar.gz")
+
+
+def _split_suffix(name: str) -> tuple[str, str]:
+    for s in _MULTI_SUFFIXES:
+        if name.endswith(s):
+            return name[: -len(s)], s
+    stem, dot, ext = name.rpartition(".")
+    return (stem, "." + ext) if dot and stem else (name, "")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same extension); rename it to ``path`` on success.
+
+    On an exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stem, suffix = _split_suffix(path.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; move it to ``path`` when the block succeeds.
+
+    Use for outputs made of several files that only make sense together.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            if not overwrite:
+                raise UserError(f"{path} already exists")
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert numpy scalars/arrays and paths to JSON types; NaN and inf become ``None``."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
+    """Write ``obj`` as strict JSON (no NaN literals), atomically."""
+    text = json.dumps(to_jsonable(obj), indent=indent, allow_nan=False, sort_keys=False)
+    return write_text(path, text + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write text atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and check that files can be written in it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {path}: {exc.strerror or exc}") from None
+    if not path.is_dir():
+        raise UserError(f"output path {path} exists and is not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".ctsma-write-test-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"output folder {path} is not writable: {exc.strerror or exc}") from None
+    return path
+
+
+def safe_join(root: str | os.PathLike, *parts: str) -> Path:
+    """Join ``parts`` under ``root`` and refuse any result that escapes ``root``.
+
+    Subject names and other strings from manifests go into output paths; this keeps
+    ``../`` or absolute names from writing outside the chosen output folder.
+    """
+    root_r = Path(root).resolve()
+    target = root_r.joinpath(*parts).resolve()
+    if target != root_r and root_r not in target.parents:
+        raise UserError(f"refusing to write outside the output folder: {'/'.join(parts)!r}")
+    return target

@@ -1,0 +1,170 @@
+"""Validated image input and atomic image output (SimpleITK, LPS millimetres).
+
+Every entry point reads images through :func:`read_image`, so that a user gets the same
+clear message for the same problem everywhere: missing or corrupt files, 2D/4D images,
+non-finite voxels, bad spacing or direction, or an image too large for the memory budget.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import InputImageError, MemoryBudgetError
+from .atomic import atomic_path
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+DEFAULT_MAX_VOXELS = int(os.environ.get("CTSMA_MAX_VOXELS", 2_000_000_000 // 4))
+"""Default size limit for an input image (voxels), from the memory budget (float32: 2 GB)."""
+
+
+def _fmt(v) -> str:
+    return "(" + ", ".join(f"{x:g}" for x in v) + ")"
+
+
+def _dicom_reader(folder: Path, what: str) -> sitk.ImageSeriesReader:
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputImageError(f"{what} {folder} is a folder with no DICOM series in it")
+    files_by_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
+    sid = max(files_by_series, key=lambda s: len(files_by_series[s]))
+    if len(series) > 1:
+        warnings.warn(f"{folder} holds {len(series)} DICOM series; using the largest ({sid}, "
+                      f"{len(files_by_series[sid])} files)", stacklevel=3)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files_by_series[sid])
+    return reader
+
+
+def read_image(path: str | os.PathLike, *, what: str = "image", pixel_type=sitk.sitkFloat32,
+               max_voxels: int | None = None, allow_2d: bool = False) -> sitk.Image:
+    """Read a 3D scalar image (NIfTI, NRRD, MHA or a DICOM series folder) and validate it.
+
+    Raises :class:`InputImageError` (a user error) with a one-line explanation when the file
+    is missing, unreadable, not 3D scalar, has non-finite voxels, bad spacing or a
+    non-orthogonal direction, and :class:`MemoryBudgetError` when it is larger than
+    ``max_voxels`` (checked from the header, before the pixels are read).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputImageError(f"{what} not found: {path}")
+    max_voxels = DEFAULT_MAX_VOXELS if max_voxels is None else max_voxels
+    try:
+        if path.is_dir():
+            reader = _dicom_reader(path, what)
+            n_files = len(reader.GetFileNames())
+            first = sitk.ImageFileReader()
+            first.SetFileName(reader.GetFileNames()[0])
+            first.ReadImageInformation()
+            n_vox = int(np.prod(first.GetSize())) * n_files
+        else:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            n_vox = int(np.prod(reader.GetSize()))
+            dim = reader.GetDimension()
+            size = reader.GetSize()
+            eff_dim = sum(1 for s in size if s > 1) if dim > 3 else dim
+            if dim > 3 and eff_dim > 3:
+                raise InputImageError(f"{what} {path.name} is {dim}D {tuple(size)}; a 3D image is required")
+            if reader.GetNumberOfComponents() > 1:
+                raise InputImageError(f"{what} {path.name} has {reader.GetNumberOfComponents()} components "
+                                      "per voxel; a scalar (grey-level) image is required")
+        if n_vox > max_voxels:
+            raise MemoryBudgetError(
+                f"{what} {path.name} has {n_vox:,} voxels, over the memory budget of {max_voxels:,} voxels "
+                "(set CTSMA_MAX_VOXELS to raise the limit, or crop the image)")
+        img = reader.Execute()
+    except (InputImageError, MemoryBudgetError):
+        raise
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()
+        reason = next((ln for ln in reversed(reason) if ln.strip()), "unknown reason")
+        raise InputImageError(f"cannot read {what} {path}: the file is corrupted or not an image "
+                              f"({reason.strip()[:200]})") from None
+    if img.GetDimension() == 4:
+        img = _squeeze_4d(img, what, path.name)
+    return check_image(img, what=f"{what} {path.name}", pixel_type=pixel_type, allow_2d=allow_2d)
+
+
+def _squeeze_4d(img: sitk.Image, what: str, name: str) -> sitk.Image:
+    size = list(img.GetSize())
+    if size[3] != 1:
+        raise InputImageError(f"{what} {name} is 4D {tuple(size)}; a 3D image is required")
+    return sitk.Extract(img, size[:3] + [0], [0, 0, 0, 0])
+
+
+def check_image(img: sitk.Image, *, what: str = "image", pixel_type=sitk.sitkFloat32,
+                allow_2d: bool = False, allow_nonfinite: bool = False) -> sitk.Image:
+    """Validate an in-memory image and cast it to ``pixel_type`` (``None`` keeps its type)."""
+    dim = img.GetDimension()
+    size = img.GetSize()
+    if dim == 2 or (dim == 3 and min(size) == 1 and not allow_2d):
+        if not allow_2d:
+            raise InputImageError(f"{what} is 2D (size {tuple(size)}); a 3D volume is required")
+    elif dim != 3:
+        raise InputImageError(f"{what} is {dim}D; a 3D image is required")
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        raise InputImageError(f"{what} has {img.GetNumberOfComponentsPerPixel()} components per voxel; "
+                              "a scalar image is required")
+    spacing = np.asarray(img.GetSpacing(), float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputImageError(f"{what} has invalid voxel spacing {_fmt(spacing)} mm; all must be > 0")
+    direction = np.asarray(img.GetDirection(), float).reshape(dim, dim)
+    if not np.allclose(direction @ direction.T, np.eye(dim), atol=1e-4):
+        raise InputImageError(f"{what} has a non-orthogonal direction matrix (sheared geometry); "
+                              "resample it to an orthogonal grid first")
+    if not np.all(np.isfinite(img.GetOrigin())):
+        raise InputImageError(f"{what} has a non-finite origin")
+    if pixel_type is not None and img.GetPixelID() != pixel_type:
+        img = sitk.Cast(img, pixel_type)
+    if not allow_nonfinite and img.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        arr = sitk.GetArrayViewFromImage(img)
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise InputImageError(f"{what} has {bad:,} non-finite voxels (NaN or inf)")
+    return img
+
+
+def check_same_geometry(a: sitk.Image, b: sitk.Image, *, what_a: str = "image", what_b: str = "segmentation",
+                        tol: float = 1e-3) -> None:
+    """Raise :class:`InputImageError` unless ``a`` and ``b`` share size, spacing, origin and direction."""
+    problems = []
+    if a.GetSize() != b.GetSize():
+        problems.append(f"size {a.GetSize()} vs {b.GetSize()}")
+    if not np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol):
+        problems.append(f"spacing {_fmt(a.GetSpacing())} vs {_fmt(b.GetSpacing())}")
+    if not np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol):
+        problems.append(f"origin {_fmt(a.GetOrigin())} vs {_fmt(b.GetOrigin())}")
+    if not np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4):
+        problems.append("direction differs")
+    if problems:
+        raise InputImageError(f"{what_b} does not match the geometry of the {what_a}: " + "; ".join(problems))
+
+
+def check_ct_intensities(img: sitk.Image, *, what: str = "CT") -> None:
+    """Refuse an image whose intensities are not plausible Hounsfield units (an MR given as CT).
+
+    A CT in HU has air or fat well below zero and bone well above; MR magnitudes are never negative.
+    """
+    arr = sitk.GetArrayViewFromImage(img)
+    sample = arr.ravel()[:: max(1, arr.size // 2_000_000)]
+    lo, hi = np.percentile(sample, [0.5, 99.9])
+    if lo >= -50 or hi < 150 or hi > 5000 or lo < -1100:
+        raise InputImageError(
+            f"{what} intensities ({lo:.0f} to {hi:.0f}) are not plausible Hounsfield units "
+            "(expected air/fat below -100 HU and bone above +150 HU); is this an MR, or a CT "
+            "stored without its rescale slope/intercept?")
+
+
+def write_image(img: sitk.Image, path: str | os.PathLike, *, compress: bool = True) -> Path:
+    """Write an image atomically (temporary file, then rename)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(img, str(tmp), compress)
+    return path
