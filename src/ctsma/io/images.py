@@ -80,6 +80,8 @@ def read_image(path: str | os.PathLike, *, what: str = "image", pixel_type=sitk.
                 f"{what} {path.name} has {n_vox:,} voxels, over the memory budget of {max_voxels:,} voxels "
                 "(set CTSMA_MAX_VOXELS to raise the limit, or crop the image)")
         img = reader.Execute()
+        if not path.is_dir() and path.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_payload(path, what)
     except (InputImageError, MemoryBudgetError):
         raise
     except RuntimeError as exc:
@@ -90,6 +92,59 @@ def read_image(path: str | os.PathLike, *, what: str = "image", pixel_type=sitk.
     if img.GetDimension() == 4:
         img = _squeeze_4d(img, what, path.name)
     return check_image(img, what=f"{what} {path.name}", pixel_type=pixel_type, allow_2d=allow_2d)
+
+
+_NIFTI_FLOAT_TYPES = {16: np.float32, 64: np.float64}
+
+
+def _check_nifti_payload(path: Path, what: str) -> None:
+    """Check that a NIfTI-1 file holds all its voxels and, for float data, no NaN/inf.
+
+    ITK's NIfTI reader silently zero-fills a truncated file and turns NaN voxels into 0, so
+    this reads the raw payload (streamed, gzip or not) itself.
+    """
+    import gzip
+    import struct
+    import zlib
+
+    with open(path, "rb") as fh:
+        gz = fh.read(2) == b"\x1f\x8b"
+    opener = gzip.open if gz else open
+    try:
+        with opener(path, "rb") as fh:
+            hdr = fh.read(348)
+            if len(hdr) < 348:
+                raise InputImageError(f"cannot read {what} {path}: the file is truncated (incomplete header)")
+            endian = "<" if struct.unpack("<i", hdr[:4])[0] == 348 else ">"
+            if struct.unpack(endian + "i", hdr[:4])[0] != 348:
+                return  # NIfTI-2 or unknown: ITK's own checks apply
+            dims = struct.unpack(endian + "8h", hdr[40:56])
+            datatype, bitpix = struct.unpack(endian + "2h", hdr[70:74])
+            vox_offset = int(struct.unpack(endian + "f", hdr[108:112])[0]) or 352
+            n_vox = int(np.prod([max(1, d) for d in dims[1:1 + max(1, dims[0])]], dtype=np.int64))
+            expected = n_vox * bitpix // 8
+            fh.read(max(0, vox_offset - 348))
+            dtype = _NIFTI_FLOAT_TYPES.get(datatype)
+            got, bad, carry = 0, 0, b""
+            item = bitpix // 8 if bitpix else 1
+            while got < expected:
+                chunk = fh.read(min(1 << 24, expected - got))
+                if not chunk:
+                    break
+                got += len(chunk)
+                if dtype is not None:
+                    buf = carry + chunk
+                    usable = len(buf) - len(buf) % item
+                    arr = np.frombuffer(buf[:usable], dtype=np.dtype(dtype).newbyteorder(endian))
+                    bad += int(arr.size - np.count_nonzero(np.isfinite(arr)))
+                    carry = buf[usable:]
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputImageError(f"cannot read {what} {path}: the file is truncated or corrupted ({exc})") from None
+    if got < expected:
+        raise InputImageError(f"cannot read {what} {path}: the file is truncated "
+                              f"({got:,} of {expected:,} data bytes present)")
+    if bad:
+        raise InputImageError(f"{what} {path.name} has {bad:,} non-finite voxels (NaN or inf)")
 
 
 def _squeeze_4d(img: sitk.Image, what: str, name: str) -> sitk.Image:

@@ -1,0 +1,135 @@
+"""Foundation: typed configs, safe model files and the command-line contract."""
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from ctsma import __version__
+from ctsma.cli.main import SUBCOMMANDS, main
+from ctsma.config import load_config, setting
+from ctsma.errors import ConfigError, ModelFileError, UserError
+from ctsma.modelfile import load_model, read_metadata, save_model
+
+
+@dataclass
+class Optim:
+    lr: float = setting(1e-3, lo=1e-7, hi=1.0)
+
+
+@dataclass
+class Train:
+    epochs: int = setting(10, lo=1, hi=1000)
+    loss: str = setting("l1", choices=("l1", "mse"))
+    amp: bool = setting(False)
+    stages: list[int] = setting([1, 2])
+    optim: Optim = field(default_factory=Optim)
+
+
+def test_config_defaults_and_nested(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("epochs: 5\noptim:\n  lr: 0.01\nstages: [3]\n")
+    cfg = load_config(p, Train)
+    assert (cfg.epochs, cfg.optim.lr, cfg.stages, cfg.loss) == (5, 0.01, [3], "l1")
+    assert load_config(None, Train).epochs == 10
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"epoch": 3}, "unknown setting epoch"),
+    ({"optim": {"learning_rate": 1}}, "unknown setting optim.learning_rate"),
+    ({"epochs": 0}, "epochs = 0 is out of range"),
+    ({"epochs": 2.5}, "whole number"),
+    ({"epochs": "ten"}, "must be a number"),
+    ({"loss": "huber"}, "not one of l1, mse"),
+    ({"amp": "yes"}, "true or false"),
+    ({"optim": {"lr": float("nan")}}, "finite"),
+    ({"stages": 3}, "must be a list"),
+])
+def test_config_refuses_bad_values_naming_the_key(data, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(data, Train)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml", Train)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1,\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(bad, Train)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(lst, Train)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                    max_leaves=10))
+def test_config_loader_fuzz_only_raises_config_errors(data):
+    try:
+        cfg = load_config({"optim": data} if isinstance(data, dict) else {"epochs": data}, Train)
+    except ConfigError:
+        return
+    assert 1 <= cfg.epochs <= 1000 and 1e-7 <= cfg.optim.lr <= 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=0, max_size=600), st.sampled_from([".nii", ".nii.gz", ".nrrd", ".mha"]))
+def test_image_reader_fuzz_only_raises_user_errors(tmp_path_factory, blob, suffix):
+    from ctsma.io import read_image
+    p = tmp_path_factory.mktemp("fuzz") / f"f{suffix}"
+    p.write_bytes(blob)
+    try:
+        read_image(p)
+    except UserError:
+        pass
+
+
+def test_model_file_round_trip_and_rejections(tmp_path):
+    p = tmp_path / "m.safetensors"
+    w = {"conv.weight": torch.randn(2, 3), "bias": torch.zeros(2)}
+    save_model(p, w, {"architecture": {"width": 8}, "units": {"Tb.Th": "mm"}}, kind="student")
+    tensors, meta = load_model(p, kind="student")
+    assert torch.equal(tensors["conv.weight"], w["conv.weight"])
+    assert meta["architecture"] == {"width": 8} and meta["kind"] == "student"
+    assert read_metadata(p)["units"] == {"Tb.Th": "mm"}
+    with pytest.raises(ModelFileError, match="'teacher' model is needed"):
+        load_model(p, kind="teacher")
+    # tamper with one weight byte: the checksum must catch it
+    data = bytearray(p.read_bytes())
+    data[-3] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_model(p)
+    # a pickled torch checkpoint is not accepted (and never unpickled)
+    q = tmp_path / "pickle.safetensors"
+    torch.save({"w": torch.zeros(1)}, q)
+    with pytest.raises(ModelFileError, match="not a CT-SMA model file"):
+        load_model(q)
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(tmp_path / "none.safetensors")
+
+
+def test_cli_version_and_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and __version__ in capsys.readouterr().out
+    assert main([]) == 0
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_subcommand_has_help(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    assert e.value.code == 0
+    assert "usage: ctsma " + name in capsys.readouterr().out
+
+
+def test_installed_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "ctsma.cli.main", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"ctsma {__version__}"
