@@ -1,0 +1,1 @@
+"""CT-only inference: sliding-window patch predictions over subchondral ROIs, parameter maps, ROI tables."""
