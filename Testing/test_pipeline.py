@@ -1,0 +1,47 @@
+"""Cached stage runner: skip finished stages, rerun changed ones and everything after them."""
+
+import pytest
+
+from ctsma.pipeline import Stage, StageRunner
+
+
+def test_stages_are_cached_and_invalidated_downstream(tmp_path):
+    calls = []
+
+    def make(name):
+        def run(d):
+            calls.append(name)
+            (d / "out.txt").write_text(name)
+            return {"name": name}
+        return run
+
+    def stages(a_setting):
+        return [Stage("a", make("a"), {"x": a_setting}), Stage("b", make("b"), {"y": 1}), Stage("c", make("c"))]
+
+    r = StageRunner(tmp_path)
+    r.run_all(stages(1))
+    assert calls == ["a", "b", "c"] and r.summaries["b"] == {"name": "b"}
+    calls.clear()
+    r2 = StageRunner(tmp_path)
+    r2.run_all(stages(1))
+    assert calls == [] and all(r2.cached.values()) and set(r2.timings) == {"a", "b", "c"}
+    calls.clear()
+    StageRunner(tmp_path).run_all(stages(2))  # a changed: a, b and c rerun
+    assert calls == ["a", "b", "c"]
+
+
+def test_failed_stage_is_not_marked_done(tmp_path):
+    state = {"fail": True}
+
+    def flaky(d):
+        if state["fail"]:
+            raise RuntimeError("killed")
+        return {}
+
+    st = [Stage("ok", lambda d: {"v": 1}), Stage("flaky", flaky)]
+    with pytest.raises(RuntimeError):
+        StageRunner(tmp_path).run_all(st)
+    state["fail"] = False
+    r = StageRunner(tmp_path)
+    r.run_all(st)
+    assert r.cached == {"ok": True, "flaky": False}

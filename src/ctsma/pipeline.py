@@ -1,0 +1,80 @@
+"""Cached, resumable multi-stage runs with one overall progress display.
+
+A stage is a function that writes its outputs under ``<out>/<stage name>/`` and returns a small
+JSON-able summary. When it finishes, a marker ``<out>/.stages/<name>.json`` records the summary,
+the run time and a hash of the settings that the stage depends on. A rerun skips every stage
+whose marker matches its settings, so an interrupted run resumes at the first unfinished stage,
+and changing one setting reruns only the stages that depend on it (and those after it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import progress
+from .io.atomic import to_jsonable, write_json
+
+
+def settings_hash(settings: Any) -> str:
+    """A stable short hash of JSON-able settings."""
+    text = json.dumps(to_jsonable(settings), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable[[Path], dict]
+    settings: Any = None
+    title: str = ""
+
+
+@dataclass
+class StageRunner:
+    """Runs stages in order, skipping the ones already finished with the same settings."""
+
+    out_dir: Path
+    timings: dict[str, float] = field(default_factory=dict)
+    summaries: dict[str, dict] = field(default_factory=dict)
+    cached: dict[str, bool] = field(default_factory=dict)
+
+    def marker(self, name: str) -> Path:
+        return Path(self.out_dir) / ".stages" / f"{name}.json"
+
+    def run_all(self, stages: list[Stage]) -> dict[str, dict]:
+        upstream = ""
+        n = len(stages)
+        for i, st in enumerate(stages, 1):
+            key = settings_hash({"settings": st.settings, "upstream": upstream})
+            upstream = key
+            prev = ", ".join(f"{k} {v:.0f} s" for k, v in self.timings.items())
+            label = st.title or st.name
+            mk = self.marker(st.name)
+            if mk.is_file():
+                rec = json.loads(mk.read_text())
+                if rec.get("key") == key:
+                    self.timings[st.name] = float(rec["seconds"])
+                    self.summaries[st.name] = rec.get("summary", {})
+                    self.cached[st.name] = True
+                    progress.info(f"[{i}/{n}] {label}: done earlier ({rec['seconds']:.0f} s), skipped")
+                    progress.emit("demo", i, n, f"{st.name} (cached)")
+                    continue
+            progress.info(f"[{i}/{n}] {label} ..." + (f"   (so far: {prev})" if prev else ""))
+            progress.emit("demo", i - 1, n, st.name)
+            stage_dir = Path(self.out_dir) / st.name
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            summary = st.run(stage_dir) or {}
+            seconds = time.perf_counter() - t0
+            self.timings[st.name] = seconds
+            self.summaries[st.name] = summary
+            self.cached[st.name] = False
+            write_json(mk, {"key": key, "seconds": seconds, "summary": summary, "finished": time.time()})
+            progress.info(f"[{i}/{n}] {label}: finished in {seconds:.0f} s")
+        progress.emit("demo", n, n, "done")
+        return self.summaries
