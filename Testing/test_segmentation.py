@@ -1,0 +1,220 @@
+"""Bone segmentation, subchondral ROIs and label IO (ctsma.segmentation) on an analytic knee CT and a real hip CT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+from ctsma import BONES, ROIS
+from ctsma.segmentation import (NoKneeFoundError, LateralityError, knee_side, labels_from_segments,
+                                read_user_labels, segment_bones, subchondral_rois, write_seg_nrrd)
+from ctsma.segmentation.geometry import index_to_lps, lps_to_index
+
+DATA = Path(__file__).parent / "data"
+
+
+def analytic_knee(spacing=1.0, side="R", gap=3.0, seed=0):
+    """Knee CT with known bones: LPS mm, joint line at z=0; for a right knee medial is +x, the fibula at -x.
+
+    Femur: shaft + two ellipsoidal condyles; tibia: elliptic plateau + shaft with a central spine; patella
+    anterior (-y); fibula posterolateral with its head 2 voxels from the tibia. Cortex 1100 HU (1.5 mm), marrow
+    280 HU, soft tissue 40 HU, air outside the body; Gaussian blur 0.7 mm and 15 HU noise.
+    """
+    sx, sy, sz = 120, 110, 140
+    nx, ny, nz = int(sx / spacing), int(sy / spacing), int(sz / spacing)
+    x = (np.arange(nx) * spacing - sx / 2)[None, None, :]
+    y = (np.arange(ny) * spacing - sy / 2 + 5)[None, :, None]
+    z = (np.arange(nz) * spacing - sz / 2)[:, None, None]
+    shape = (nz, ny, nx)
+    m = 1.0 if side == "R" else -1.0
+    femur = (x ** 2 + (y - 3) ** 2 < 14 ** 2) & (z > 25)
+    for cx in (-20, 20):
+        femur = femur | (((x - cx) ** 2 / 18 ** 2 + (y - 3) ** 2 / 24 ** 2 + (z - (20 + gap / 2)) ** 2 / 20 ** 2 < 1)
+                         & (z > gap / 2))
+    femur = femur | (((x ** 2 / 36 ** 2 + (y - 3) ** 2 / 24 ** 2) < 1) & (z > 22) & (z < 45))
+    tibia = ((x ** 2 / 38 ** 2 + (y - 5) ** 2 / 26 ** 2) < 1) & (z < -gap / 2) & (z > -30)
+    tibia = tibia | (((x ** 2 + (y - 5) ** 2) < 15 ** 2) & (z <= -30))
+    tibia = tibia | (((x ** 2 / 6 ** 2 + (y - 5) ** 2 / 10 ** 2) < 1) & (z < -gap / 2 + 5) & (z > -gap / 2 - 1))
+    tibia = np.broadcast_to(tibia, shape)
+    fib = (((x + m * 36) ** 2 + (y - 32) ** 2) < 7 ** 2) & (z < -12)
+    fib = fib | (((x + m * 36) ** 2 + (y - 32) ** 2 + (z + 18) ** 2) < 9 ** 2)
+    fib = np.broadcast_to(fib, shape) & ~ndi.binary_dilation(tibia, iterations=2)
+    pat = (x ** 2 / 20 ** 2 + (y + 35) ** 2 / 9 ** 2 + (z - 22) ** 2 / 22 ** 2) < 1
+    lab = np.zeros(shape, np.uint8)
+    for mask, v in ((pat, 3), (fib, 4), (tibia, 2), (femur, 1)):
+        lab[np.broadcast_to(mask, shape)] = v
+    rng = np.random.default_rng(seed)
+    ct = np.full(shape, 40.0, np.float32)
+    ct[~np.broadcast_to((x ** 2 / 55 ** 2 + (y - 5) ** 2 / 50 ** 2) < 1, shape)] = -1000
+    bone = lab > 0
+    ct[bone] = 1100.0
+    ct[ndi.binary_erosion(bone, iterations=max(1, int(round(1.5 / spacing))))] = 280.0
+    ct = ndi.gaussian_filter(ct, 0.7 / spacing) + rng.normal(0, 15.0, shape)
+    img = sitk.GetImageFromArray(ct.astype(np.float32))
+    img.SetSpacing((spacing,) * 3)
+    img.SetOrigin((-sx / 2, -sy / 2 + 5, -sz / 2))
+    truth = sitk.GetImageFromArray(lab)
+    truth.CopyInformation(img)
+    return img, truth
+
+
+def dice(a, b):
+    return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+@pytest.fixture(scope="module")
+def knee_r():
+    return analytic_knee(side="R", gap=3.0)
+
+
+@pytest.fixture(scope="module")
+def bones_r(knee_r):
+    return segment_bones(knee_r[0], return_info=True)
+
+
+def test_geometry_round_trip_on_rotated_grid():
+    img = sitk.Image(10, 12, 14, sitk.sitkUInt8)
+    img.SetSpacing((0.5, 0.7, 1.2))
+    img.SetOrigin((3.0, -4.0, 5.0))
+    th = np.deg2rad(30)
+    img.SetDirection((np.cos(th), -np.sin(th), 0, np.sin(th), np.cos(th), 0, 0, 0, 1))
+    zyx = np.array([[1, 2, 3], [13, 11, 9]])
+    pts = index_to_lps(img, zyx)
+    for p, q in zip(pts, zyx):
+        assert np.allclose(p, img.TransformIndexToPhysicalPoint(tuple(int(v) for v in q[::-1])))
+    assert np.allclose(lps_to_index(img, pts), zyx)
+
+
+def test_bones_found_with_high_dice(knee_r, bones_r):
+    truth = sitk.GetArrayFromImage(knee_r[1])
+    lab, info = bones_r
+    a = sitk.GetArrayFromImage(lab)
+    assert set(info["bones"]) == set(BONES)
+    d = {k: dice(a == v, truth == v) for k, v in BONES.items()}
+    assert d["femur"] > 0.93 and d["tibia"] > 0.93, d
+    assert d["patella"] > 0.9 and d["fibula"] > 0.85, d
+    assert lab.GetSize() == knee_r[0].GetSize() and lab.GetPixelID() == sitk.sitkUInt8
+
+
+def test_touching_femur_and_tibia_are_separated():
+    ct, truth = analytic_knee(side="L", gap=0.0, spacing=1.0)   # bone on bone: no joint space at all
+    a = sitk.GetArrayFromImage(segment_bones(ct))
+    t = sitk.GetArrayFromImage(truth)
+    assert dice(a == 1, t == 1) > 0.93 and dice(a == 2, t == 2) > 0.93
+    # the cut between them follows the contact: in a 6-mm slab around the joint line, labels agree with truth
+    zc = index_to_lps(ct, np.array([[k, 0, 0] for k in range(a.shape[0])]))[:, 2]
+    slab = np.abs(zc) < 3.0
+    sel = np.isin(t[slab], (1, 2))
+    assert np.mean(a[slab][sel] == t[slab][sel]) > 0.9
+
+
+def test_real_hip_ct_says_no_knee():
+    ct = sitk.Cast(sitk.ReadImage(str(DATA / "hip_ct_crop_3mm.nii.gz")), sitk.sitkFloat32)
+    with pytest.raises(NoKneeFoundError, match="no knee joint found"):
+        segment_bones(ct)
+
+
+def test_rois_band_depth_side_and_labels(knee_r, bones_r):
+    ct, truth = knee_r
+    rois, info = subchondral_rois(ct, truth, start_mm=2.0, end_mm=6.0, return_info=True)
+    r = sitk.GetArrayFromImage(rois)
+    t = sitk.GetArrayFromImage(truth)
+    assert info["side"] == "R" and info["side_from"].startswith("anatomy")
+    assert set(np.unique(r)) == {0, 1, 2, 3, 4}
+    # femoral ROIs lie in the femur, tibial in the tibia, at the requested depth (1 voxel tolerance)
+    assert np.all(t[(r == 1) | (r == 2)] == 1) and np.all(t[(r == 3) | (r == 4)] == 2)
+    for bone, labels in ((1, (1, 2)), (2, (3, 4))):
+        depth = ndi.distance_transform_edt(t == bone)
+        d = depth[np.isin(r, labels)]
+        assert d.min() >= 2.0 - 1e-6 and d.max() <= 6.0 + 1e-6
+    # right knee: medial is +x (patient's left); femoral ROIs above the joint line, tibial below
+    cen = {k: index_to_lps(ct, np.argwhere(r == v)).mean(0) for k, v in ROIS.items()}
+    assert cen["MFC"][0] > 5 and cen["LFC"][0] < -5 and cen["MTP"][0] > 5 and cen["LTP"][0] < -5
+    assert cen["MFC"][2] > 0 > cen["MTP"][2]
+    # the load-bearing band excludes the femoral shaft and the patellar groove
+    assert index_to_lps(ct, np.argwhere(r == 1))[:, 2].max() < 25
+    # metadata side overrides anatomy: medial and lateral swap
+    r_l = sitk.GetArrayFromImage(subchondral_rois(ct, truth, side="L", start_mm=2.0, end_mm=6.0))
+    assert np.array_equal(r_l == 1, r == 2) and np.array_equal(r_l == 3, r == 4)
+
+
+def test_rois_on_automatic_bones_match_rois_on_true_bones(knee_r, bones_r):
+    ct, truth = knee_r
+    auto = sitk.GetArrayFromImage(subchondral_rois(ct, bones_r[0]))
+    ref = sitk.GetArrayFromImage(subchondral_rois(ct, truth))
+    for v in ROIS.values():
+        assert dice(auto == v, ref == v) > 0.8
+
+
+def test_laterality_needs_fibula_or_side(knee_r):
+    ct, truth = knee_r
+    t = sitk.GetArrayFromImage(truth)
+    assert knee_side(t, truth) == "R"
+    no_fib = sitk.GetImageFromArray(np.where(t == 4, 0, t).astype(np.uint8))
+    no_fib.CopyInformation(truth)
+    assert knee_side(sitk.GetArrayFromImage(no_fib), no_fib) is None
+    with pytest.raises(LateralityError, match="pass the side"):
+        subchondral_rois(ct, no_fib)
+    assert sitk.GetArrayFromImage(subchondral_rois(ct, no_fib, side="R")).max() == 4
+
+
+def test_seg_nrrd_and_user_labels_round_trip(tmp_path, knee_r):
+    ct, truth = knee_r
+    p = write_seg_nrrd(truth, tmp_path / "bones.seg.nrrd", kind="bones")
+    back = read_user_labels(p, ct, "bones")
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(truth))
+    # a cropped label map (as Slicer saves) is resampled back onto the CT grid
+    crop = truth[10:100, 5:90, 20:120]
+    sitk.WriteImage(crop, str(tmp_path / "crop.nii.gz"))
+    back = sitk.GetArrayFromImage(read_user_labels(tmp_path / "crop.nii.gz", ct, "bones"))
+    assert np.array_equal(back[20:120, 5:90, 10:100], sitk.GetArrayFromImage(crop))
+    assert back.sum() == sitk.GetArrayFromImage(crop).astype(int).sum()
+    # named in-memory masks (a Slicer segmentation node's segments)
+    t = sitk.GetArrayFromImage(truth)
+    img = labels_from_segments({"Femur": t == 1, "tibia": t == 2}, ct, "bones")
+    assert np.array_equal(sitk.GetArrayFromImage(img), np.where(t <= 2, t, 0))
+    bad = sitk.GetImageFromArray((t * 3).astype(np.uint8))
+    bad.CopyInformation(truth)
+    sitk.WriteImage(bad, str(tmp_path / "bad.nrrd"))
+    with pytest.raises(Exception, match="label value"):
+        read_user_labels(tmp_path / "bad.nrrd", ct, "bones")
+
+
+@pytest.mark.mrml
+def test_rois_seg_nrrd_opens_as_slicer_segmentation(tmp_path, knee_r):
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLSegmentationStorageNode"):
+        pytest.skip("slicer-core MRML classes not available")
+    ct, truth = knee_r
+    rois = subchondral_rois(ct, truth)
+    p = write_seg_nrrd(rois, tmp_path / "rois.seg.nrrd", kind="rois")
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(p))
+    assert storage.ReadData(node)
+    seg = node.GetSegmentation()
+    names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
+    assert names == list(ROIS)
+    for i, (name, value) in enumerate(ROIS.items()):
+        assert seg.GetNthSegment(i).GetLabelValue() == value
+
+
+def test_cli_segment(tmp_path, knee_r):
+    from ctsma.cli.main import main
+
+    ct, _ = knee_r
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    assert main(["--quiet", "segment", str(tmp_path / "ct.nii.gz"), "--out", str(tmp_path / "o")]) == 0
+    for f in ("bones.nii.gz", "rois.nii.gz", "rois.seg.nrrd", "bones.seg.nrrd", "segmentation.json"):
+        assert (tmp_path / "o" / f).is_file()
+    rois = sitk.ReadImage(str(tmp_path / "o" / "rois.nii.gz"))
+    assert set(np.unique(sitk.GetArrayFromImage(rois))) == {0, 1, 2, 3, 4}
+    hip = sitk.ReadImage(str(DATA / "hip_ct_crop_3mm.nii.gz"))
+    sitk.WriteImage(hip, str(tmp_path / "hip.nii.gz"))
+    assert main(["--quiet", "segment", str(tmp_path / "hip.nii.gz"), "--out", str(tmp_path / "h")]) == 2

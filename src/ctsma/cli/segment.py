@@ -1,0 +1,66 @@
+"""``ctsma segment CT --out DIR``: bone labels and subchondral ROIs of a knee CT.
+
+Writes ``DIR/bones.nii.gz`` (femur=1, tibia=2, patella=3, fibula=4), ``DIR/rois.nii.gz`` (MFC=1, LFC=2, MTP=3,
+LTP=4), ``DIR/rois.seg.nrrd`` and ``DIR/bones.seg.nrrd`` (Slicer segmentations with named segments) and
+``DIR/segmentation.json`` (volumes, laterality and settings). A user bone segmentation (``--bones``, label image
+or ``.seg.nrrd``) replaces the automatic one.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .. import progress
+from ..io import ensure_writable_dir, read_image, write_image, write_json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("segment", help="segment femur/tibia/patella/fibula and the subchondral ROIs of a knee CT",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("ct", help="knee CT in HU (NIfTI, NRRD, MHA or DICOM folder)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--bones", default=None,
+                   help="use this bone segmentation instead of the automatic one (label image or .seg.nrrd)")
+    p.add_argument("--side", choices=("L", "R"), default=None,
+                   help="knee side from metadata (default: from anatomy, the fibula is lateral)")
+    p.add_argument("--start-mm", type=float, default=None, help="ROI band start depth below the surface (1.5)")
+    p.add_argument("--end-mm", type=float, default=None, help="ROI band end depth below the surface (8.0)")
+    p.add_argument("--threshold-hu", type=float, default=None, help="bone threshold in HU (250)")
+    p.add_argument("--no-rois", action="store_true", help="bones only")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..config import load_config
+    from ..io.images import check_ct_intensities
+    from ..segmentation import (BoneSegmentationSettings, read_user_labels, segment_bones, subchondral_rois,
+                                write_seg_nrrd)
+
+    out = ensure_writable_dir(args.out)
+    ct = read_image(args.ct, what="CT")
+    check_ct_intensities(ct)
+    t0 = time.time()
+    report: dict = {"ct": str(args.ct)}
+    if args.bones:
+        bones = read_user_labels(args.bones, ct, "bones")
+        report["bones_from"] = str(args.bones)
+    else:
+        over = {} if args.threshold_hu is None else {"threshold_hu": args.threshold_hu}
+        settings = load_config(None, BoneSegmentationSettings, overrides=over)
+        progress.info("segmenting bones ...")
+        bones, info = segment_bones(ct, settings, return_info=True)
+        report["bones_from"] = "automatic"
+        report["bone_segmentation"] = info
+    write_image(bones, out / "bones.nii.gz")
+    write_seg_nrrd(bones, out / "bones.seg.nrrd", kind="bones")
+    if not args.no_rois:
+        progress.info("placing subchondral ROIs ...")
+        rois, rinfo = subchondral_rois(ct, bones, side=args.side, start_mm=args.start_mm, end_mm=args.end_mm,
+                                       return_info=True)
+        write_image(rois, out / "rois.nii.gz")
+        write_seg_nrrd(rois, out / "rois.seg.nrrd", kind="rois")
+        report["rois"] = rinfo
+    report["seconds"] = time.time() - t0
+    write_json(out / "segmentation.json", report)
+    progress.info(f"wrote {out}/bones.nii.gz" + ("" if args.no_rois else " and rois.nii.gz"))
+    return 0

@@ -1,0 +1,165 @@
+"""User segmentations in, Slicer-ready segmentations out.
+
+* :func:`read_user_labels` reads a label image (NIfTI/NRRD/MHA) or a Slicer segmentation file (``.seg.nrrd``,
+  one or several layers), maps segment names to CT-SMA label values (``femur``/``tibia``/... or
+  ``MFC``/``LFC``/...), and resamples it (nearest neighbour) onto the CT grid, because Slicer crops
+  segmentations to their extent.
+* :func:`labels_from_segments` does the same for in-memory masks (what a Slicer module gets from a
+  segmentation node with ``arrayFromSegmentBinaryLabelmap``).
+* :func:`write_seg_nrrd` writes a label image as a ``.seg.nrrd`` Slicer opens as a segmentation with named,
+  coloured segments (the header keys of Slicer's segmentation storage format).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import SimpleITK as sitk
+
+from .. import BONES, ROIS
+from ..errors import InputImageError
+from ..io.atomic import atomic_path
+from ..io.images import check_image, read_image
+
+COLOURS = {"femur": (0.89, 0.85, 0.70), "tibia": (0.85, 0.70, 0.50), "patella": (0.70, 0.80, 0.90),
+           "fibula": (0.60, 0.70, 0.55), "MFC": (0.90, 0.30, 0.25), "LFC": (0.25, 0.55, 0.90),
+           "MTP": (0.95, 0.65, 0.20), "LTP": (0.30, 0.75, 0.45)}
+
+_ALIASES = {"femur": ("femur", "femoral", "femur_left", "femur_right"), "tibia": ("tibia", "tibial"),
+            "patella": ("patella",), "fibula": ("fibula",),
+            "MFC": ("mfc", "medial femoral condyle", "medial_femoral_condyle"),
+            "LFC": ("lfc", "lateral femoral condyle", "lateral_femoral_condyle"),
+            "MTP": ("mtp", "medial tibial plateau", "medial_tibial_plateau"),
+            "LTP": ("ltp", "lateral tibial plateau", "lateral_tibial_plateau")}
+
+
+def _table(kind: str) -> dict[str, int]:
+    if kind == "bones":
+        return dict(BONES)
+    if kind == "rois":
+        return dict(ROIS)
+    raise ValueError(f"kind must be 'bones' or 'rois', not {kind!r}")
+
+
+def value_for_name(name: str, kind: str) -> int | None:
+    """CT-SMA label value for a segment name (case-insensitive, common aliases), or None."""
+    key = re.sub(r"\s+", " ", name.strip().lower())
+    for canon, value in _table(kind).items():
+        if key == canon.lower() or key in _ALIASES.get(canon, ()):
+            return value
+    return None
+
+
+def _resample_to(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    same = (labels.GetSize() == reference.GetSize()
+            and np.allclose(labels.GetSpacing(), reference.GetSpacing(), atol=1e-4)
+            and np.allclose(labels.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+            and np.allclose(labels.GetDirection(), reference.GetDirection(), atol=1e-5))
+    if same:
+        out = sitk.Cast(labels, sitk.sitkUInt8)
+        out.CopyInformation(reference)
+        return out
+    return sitk.Resample(sitk.Cast(labels, sitk.sitkUInt8), reference, sitk.Transform(), sitk.sitkNearestNeighbor,
+                         0, sitk.sitkUInt8)
+
+
+def read_user_labels(path: str | os.PathLike, reference: sitk.Image, kind: str = "bones") -> sitk.Image:
+    """Read a user label image or ``.seg.nrrd`` and return CT-SMA labels (UInt8) on ``reference``'s grid."""
+    path = Path(path)
+    table = _table(kind)
+    what = "bone segmentation" if kind == "bones" else "ROI segmentation"
+    if not path.exists():
+        raise InputImageError(f"{what} not found: {path}")
+    if path.name.lower().endswith(".seg.nrrd"):
+        try:
+            img = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            raise InputImageError(f"cannot read {what} {path}: {str(exc).strip().splitlines()[-1][:200]}") from None
+        meta = {k: img.GetMetaData(k) for k in img.GetMetaDataKeys()}
+        layers = ([sitk.VectorIndexSelectionCast(img, i) for i in range(img.GetNumberOfComponentsPerPixel())]
+                  if img.GetNumberOfComponentsPerPixel() > 1 else [img])
+        out = np.zeros(sitk.GetArrayViewFromImage(layers[0]).shape, np.uint8)
+        i, found = 0, []
+        while f"Segment{i}_Name" in meta:
+            name = meta[f"Segment{i}_Name"]
+            value = int(meta.get(f"Segment{i}_LabelValue", i + 1))
+            layer = int(meta.get(f"Segment{i}_Layer", 0))
+            target = value_for_name(name, kind)
+            if target is None:
+                warnings.warn(f"{path.name}: segment {name!r} is not one of {', '.join(table)}; ignored", stacklevel=2)
+            else:
+                out[sitk.GetArrayViewFromImage(layers[layer]) == value] = target
+                found.append(name)
+            i += 1
+        if not found:
+            raise InputImageError(f"{what} {path.name} has no segment named {' / '.join(table)}; "
+                                  "rename the segments in Slicer's Segment Editor")
+        lab = sitk.GetImageFromArray(out)
+        lab.CopyInformation(layers[0])
+    else:
+        lab = read_image(path, what=what, pixel_type=None)
+        arr = sitk.GetArrayViewFromImage(lab)
+        if not np.issubdtype(arr.dtype, np.integer) and not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise InputImageError(f"{what} {path.name} is not a label image (it has non-integer values)")
+        values = set(np.unique(arr).astype(int).tolist()) - {0}
+        bad = sorted(values - set(table.values()))
+        if bad:
+            raise InputImageError(f"{what} {path.name} has label value(s) {bad[:6]}; CT-SMA expects "
+                                  + ", ".join(f"{k}={v}" for k, v in table.items()))
+        lab = sitk.Cast(lab, sitk.sitkUInt8)
+    return _resample_to(lab, reference)
+
+
+def labels_from_segments(masks: Mapping[str, np.ndarray], reference: sitk.Image, kind: str = "bones") -> sitk.Image:
+    """Named boolean (z, y, x) masks on ``reference``'s grid -> a CT-SMA label image (unknown names refused)."""
+    shape = sitk.GetArrayViewFromImage(reference).shape
+    out = np.zeros(shape, np.uint8)
+    for name, m in masks.items():
+        v = value_for_name(name, kind)
+        if v is None:
+            raise InputImageError(f"segment {name!r} is not one of {', '.join(_table(kind))}")
+        m = np.asarray(m)
+        if m.shape != shape:
+            raise InputImageError(f"segment {name!r} has shape {m.shape}, not the reference's {shape}")
+        out[m.astype(bool)] = v
+    img = sitk.GetImageFromArray(out)
+    img.CopyInformation(reference)
+    return img
+
+
+def write_seg_nrrd(labels: sitk.Image, path: str | os.PathLike, kind: str = "rois") -> Path:
+    """Write ``labels`` as a Slicer segmentation file (``.seg.nrrd``), one named, coloured segment per label."""
+    path = Path(path)
+    if not path.name.endswith(".seg.nrrd"):
+        raise ValueError("a Slicer segmentation file name must end with .seg.nrrd")
+    labels = check_image(labels, what="label image", pixel_type=sitk.sitkUInt8)
+    arr = sitk.GetArrayViewFromImage(labels)
+    img = sitk.Image(labels)
+    for k in list(img.GetMetaDataKeys()):
+        img.EraseMetaData(k)
+    i = 0
+    for name, value in _table(kind).items():
+        zyx = np.argwhere(arr == value)
+        if zyx.size:
+            lo, hi = zyx.min(0)[::-1], zyx.max(0)[::-1]
+            extent = " ".join(f"{a} {b}" for a, b in zip(lo, hi))
+        else:
+            extent = "0 -1 0 -1 0 -1"
+        r, g, b = COLOURS[name]
+        for key, val in (("ID", name), ("Name", name), ("NameAutoGenerated", "0"), ("Color", f"{r} {g} {b}"),
+                         ("ColorAutoGenerated", "0"), ("LabelValue", str(value)), ("Layer", "0"),
+                         ("Extent", extent), ("Tags", "|")):
+            img.SetMetaData(f"Segment{i}_{key}", val)
+        i += 1
+    img.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
+    img.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
+    img.SetMetaData("Segmentation_ConversionParameters", "")
+    img.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(img, str(tmp), True)
+    return path

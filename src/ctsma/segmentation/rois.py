@@ -1,0 +1,162 @@
+"""Subchondral ROIs: medial/lateral femoral condyle and tibial plateau (MFC=1, LFC=2, MTP=3, LTP=4).
+
+Definition (see docs/segmentation.md and its figure):
+
+* The **load-bearing surface** of the femur is the part of its surface within ``contact_mm`` of the tibia, and
+  that of the tibia the part within ``contact_mm`` of the femur (the tibiofemoral compartments; the
+  patellofemoral groove and the bone shafts are excluded).
+* Each ROI is a **band under that surface**: bone voxels whose depth below the bone surface lies in
+  ``[start_mm, end_mm]`` and whose nearest surface point is on the load-bearing surface. Depth is the exact
+  Euclidean distance to the nearest non-bone voxel (so the subchondral plate, the first ~1-2 mm, is skipped by
+  choosing ``start_mm``).
+* **Medial / lateral** are split by a sagittal plane (constant LPS x) through the intercondylar notch, found as
+  the emptiest x position between the two condyles' contact areas. Which side is medial follows the knee's
+  laterality: from ``side`` (metadata, ``L``/``R``) when given, else from anatomy (the fibula is lateral to the
+  tibia). For a right knee medial is +x in LPS (towards the patient's left), for a left knee -x.
+
+Hand-written (distance transforms from scipy/edt) because no library defines subchondral knee ROIs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+from .. import BONES, ROIS
+from ..config import setting
+from ..errors import InputImageError, UserError
+from ..io.images import check_image, check_same_geometry
+from .geometry import edt_inside, index_to_lps, like, spacing_zyx
+
+
+@dataclass
+class RoiSettings:
+    start_mm: float = setting(1.5, lo=0.0, hi=30.0, help="ROI band start depth below the bone surface (mm)")
+    end_mm: float = setting(8.0, lo=0.5, hi=40.0, help="ROI band end depth below the bone surface (mm)")
+    contact_mm: float = setting(10.0, lo=1.0, hi=40.0,
+                                help="load-bearing surface: bone surface within this distance of the other bone")
+
+
+class LateralityError(UserError):
+    """The knee's side could not be told from metadata or anatomy."""
+
+
+def knee_side(bones: np.ndarray, img: sitk.Image) -> str | None:
+    """``'R'`` or ``'L'`` from anatomy (the fibula lies lateral to the tibia), or ``None`` without a fibula."""
+    fib = bones == BONES["fibula"]
+    tib = bones == BONES["tibia"]
+    if fib.sum() < 50 or tib.sum() < 50:
+        return None
+    fx = index_to_lps(img, np.argwhere(fib)[:: max(1, int(fib.sum()) // 5000)])[:, 0].mean()
+    tx = index_to_lps(img, np.argwhere(tib)[:: max(1, int(tib.sum()) // 5000)])[:, 0].mean()
+    # LPS +x is the patient's left; a fibula at lower x than the tibia is on the patient's right: lateral of a
+    # right knee.
+    return "R" if fx < tx else "L"
+
+
+def _notch_x(xs: np.ndarray) -> float:
+    """x (mm) of the emptiest 1-mm bin between the two condyles' contact areas (central 60 % of their span)."""
+    lo, hi = np.percentile(xs, [2, 98])
+    if hi - lo < 4:
+        return float(np.median(xs))
+    edges = np.arange(lo, hi + 1.0, 1.0)
+    h, _ = np.histogram(xs, edges)
+    h = ndi.uniform_filter1d(h.astype(float), 3)
+    n = len(h)
+    a, b = int(0.2 * n), max(int(0.8 * n), int(0.2 * n) + 1)
+    seg = h[a:b]
+    low = seg <= seg.min() + 0.05 * (h.max() - seg.min())   # the valley floor, as a run of bins
+    i = int(np.argmin(seg))
+    j, k = i, i
+    while j > 0 and low[j - 1]:
+        j -= 1
+    while k < len(seg) - 1 and low[k + 1]:
+        k += 1
+    return float(0.5 * (edges[a + j] + edges[a + k + 1]))
+
+
+def _band(own: np.ndarray, other: np.ndarray, sp, s: RoiSettings) -> np.ndarray:
+    """Voxels of ``own`` in the depth band whose nearest outside voxel lies within ``contact_mm`` of ``other``."""
+    depth, idx = ndi.distance_transform_edt(own, sampling=sp, return_indices=True)
+    near_other = ndi.distance_transform_edt(~other, sampling=sp) <= s.contact_mm
+    band = own & (depth >= s.start_mm) & (depth <= s.end_mm)
+    zi, yi, xi = idx[0][band], idx[1][band], idx[2][band]
+    ok = near_other[zi, yi, xi]
+    out = np.zeros_like(own)
+    out[band] = ok
+    return out
+
+
+def subchondral_rois(ct_image: sitk.Image, bones: sitk.Image, side: str | None = None,
+                     start_mm: float | None = None, end_mm: float | None = None,
+                     settings: RoiSettings | None = None, *, return_info: bool = False):
+    """The four subchondral ROIs as a UInt8 label image in the CT's geometry (MFC=1, LFC=2, MTP=3, LTP=4).
+
+    ``bones`` is a bone label image (femur=1, tibia=2, ...) on the CT grid, e.g. from
+    :func:`~ctsma.segmentation.segment_bones`. ``side`` (``'L'``/``'R'``) overrides the anatomical laterality.
+    """
+    s = settings or RoiSettings()
+    if start_mm is not None or end_mm is not None:
+        s = RoiSettings(start_mm=s.start_mm if start_mm is None else float(start_mm),
+                        end_mm=s.end_mm if end_mm is None else float(end_mm), contact_mm=s.contact_mm)
+    if not 0 <= s.start_mm < s.end_mm:
+        raise UserError(f"ROI depths must satisfy 0 <= start < end (got start {s.start_mm} mm, end {s.end_mm} mm)")
+    bones = check_image(bones, what="bone segmentation", pixel_type=sitk.sitkUInt8)
+    if ct_image is not None:
+        check_same_geometry(ct_image, bones, what_a="CT", what_b="bone segmentation")
+    lab = sitk.GetArrayFromImage(bones)
+    sp = spacing_zyx(bones)
+    femur, tibia = lab == BONES["femur"], lab == BONES["tibia"]
+    if femur.sum() == 0 or tibia.sum() == 0:
+        raise InputImageError("the bone segmentation lacks the femur or the tibia (labels 1 and 2); "
+                              "subchondral ROIs need both")
+    if side is not None:
+        side = str(side).strip().upper()[:1]
+        if side not in ("L", "R"):
+            raise UserError(f"knee side must be L or R, not {side!r}")
+    anat = knee_side(lab, bones)
+    side_used = side or anat
+    if side_used is None:
+        raise LateralityError("cannot tell a left from a right knee: no fibula in the bone segmentation and no "
+                              "side given; pass the side (L or R) from the scan's metadata")
+    # crop to the joint: bone within contact_mm + end_mm of the other bone
+    margin = s.contact_mm + s.end_mm + 3.0
+    near = (ndi.distance_transform_edt(~tibia, sampling=sp) <= margin) & femur
+    near |= (ndi.distance_transform_edt(~femur, sampling=sp) <= margin) & tibia
+    if not near.any():
+        raise InputImageError(f"femur and tibia are more than {margin:.0f} mm apart; no joint to place ROIs on")
+    box = ndi.find_objects(near.astype(np.uint8))[0]
+    pad = [int(np.ceil(margin / d)) for d in sp]
+    box = tuple(slice(max(0, b.start - p), min(n, b.stop + p)) for b, p, n in zip(box, pad, lab.shape))
+    f, t = femur[box], tibia[box]
+    band_f = _band(f, t, sp, s)
+    band_t = _band(t, f, sp, s)
+    out = np.zeros(lab.shape, np.uint8)
+    if not band_f.any() or not band_t.any():
+        raise InputImageError("no load-bearing surface found between femur and tibia (is the joint in view and "
+                              f"are the bones within {s.contact_mm:g} mm of each other?)")
+    offset = np.array([b.start for b in box])
+    fz = np.argwhere(band_f)
+    fx = index_to_lps(bones, fz[:: max(1, len(fz) // 50000)] + offset)[:, 0]
+    split_x = _notch_x(fx)
+    medial_sign = 1.0 if side_used == "R" else -1.0
+    # x of every voxel in the box (LPS): the grid may be rotated, so compute from the geometry per voxel
+    zyx = np.indices(f.shape).reshape(3, -1).T + offset
+    xs = index_to_lps(bones, zyx)[:, 0].reshape(f.shape)
+    medial = (xs - split_x) * medial_sign > 0
+    sub = out[box]
+    sub[band_f & medial] = ROIS["MFC"]
+    sub[band_f & ~medial] = ROIS["LFC"]
+    sub[band_t & medial] = ROIS["MTP"]
+    sub[band_t & ~medial] = ROIS["LTP"]
+    result = like(out, bones)
+    if not return_info:
+        return result
+    voxel_ml = float(np.prod(sp)) / 1000.0
+    info = {"side": side_used, "side_from": "metadata" if side else "anatomy (fibula)", "anatomical_side": anat,
+            "split_x_mm": split_x, "start_mm": s.start_mm, "end_mm": s.end_mm, "contact_mm": s.contact_mm,
+            "roi_ml": {k: float((out == v).sum() * voxel_ml) for k, v in ROIS.items()}}
+    return result, info
