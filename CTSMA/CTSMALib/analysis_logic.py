@@ -1,0 +1,160 @@
+"""Logic of the CTSMA module: bone segmentation, subchondral ROIs, microstructure inference,
+report export and training, each a ``ctsma`` subcommand run in a background process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ctsma import PARAMETER_FILE_NAMES, PARAMETER_UNITS
+
+from . import cli_args
+from .logic_base import CliLogic, Run
+from .parameters import AnalysisParameters
+from .scene_utils import rollback_on_error
+
+FOLDER = "CT-SMA results"
+
+
+class CTSMALogic(CliLogic):
+    """Runs the CT-SMA analysis of a knee CT and loads the results into the scene."""
+
+    # -- inputs ----------------------------------------------------------------------------
+    def _checkCt(self, ctVolume):
+        from ctsma.errors import InputImageError
+
+        if ctVolume is None:
+            raise InputImageError("select a CT volume first")
+        if ctVolume.GetImageData() is None:
+            raise InputImageError(f"volume '{ctVolume.GetName()}' has no image data")
+
+    def _exportCt(self, ctVolume, work: Path) -> Path:
+        self._checkCt(ctVolume)
+        return self.exportVolume(ctVolume, work / "ct.nii")
+
+    # -- bone segmentation ---------------------------------------------------------------
+    def startBoneSegmentation(self, ctVolume, params: AnalysisParameters | None = None) -> Run:
+        params = params or AnalysisParameters()
+        work = self.newWorkDir("segment")
+        ct = self._exportCt(ctVolume, work)
+        out = work / "out"
+        args = cli_args.segment_bones(ct, out, model="", device=params.device)
+        name = ctVolume.GetName()
+        return self.startCli("bone segmentation", args, work, out, env=params.env(),
+                             loader=lambda run: self.loadLabelOutput(run.out_dir / "bones.nii.gz", "bones",
+                                                                     f"{name} bones"))
+
+    # -- subchondral ROIs ----------------------------------------------------------------
+    def startRoiCreation(self, ctVolume, boneSegmentation, params: AnalysisParameters | None = None) -> Run:
+        from ctsma.errors import InputImageError
+
+        params = params or AnalysisParameters()
+        if boneSegmentation is None:
+            raise InputImageError("segment the bones first (or select a bone segmentation)")
+        work = self.newWorkDir("rois")
+        ct = self._exportCt(ctVolume, work)
+        bones = self.exportSegmentation(boneSegmentation, work / "bones.nii", ctVolume)
+        out = work / "out"
+        name = ctVolume.GetName()
+        return self.startCli("ROI creation", cli_args.create_rois(ct, bones, out), work, out, env=params.env(),
+                             loader=lambda run: self.loadLabelOutput(run.out_dir / "rois.nii.gz", "rois",
+                                                                     f"{name} subchondral ROIs"))
+
+    # -- analysis ------------------------------------------------------------------------
+    def startAnalysis(self, ctVolume, params: AnalysisParameters | None = None, boneSegmentation=None,
+                      roiSegmentation=None) -> Run:
+        from ctsma.errors import ModelFileError
+
+        params = params or AnalysisParameters()
+        if params.modelPath and not Path(params.modelPath).exists():
+            raise ModelFileError(f"model file not found: {params.modelPath}")
+        work = self.newWorkDir("infer")
+        ct = self._exportCt(ctVolume, work)
+        bones = (self.exportSegmentation(boneSegmentation, work / "bones.nii", ctVolume)
+                 if boneSegmentation is not None else None)
+        rois = (self.exportSegmentation(roiSegmentation, work / "rois.nii", ctVolume)
+                if roiSegmentation is not None else None)
+        out = work / "out"
+        args = cli_args.infer(ct, out, model=params.modelPath, device=params.device, bones=bones, rois=rois)
+        name = ctVolume.GetName()
+        return self.startCli("analysis", args, work, out, env=params.env(),
+                             loader=lambda run: self.loadAnalysisOutputs(run.out_dir, name))
+
+    def loadLabelOutput(self, path: Path, kind: str, name: str) -> list:
+        """A bone ("bones") or ROI ("rois") label image as a named segmentation."""
+        import SimpleITK as sitk
+
+        from . import scene_bridge as sb
+
+        if not Path(path).exists():
+            raise FileNotFoundError(f"the run finished without {Path(path).name}")
+        names = sb.BONE_NAMES if kind == "bones" else sb.ROI_NAMES
+        with rollback_on_error(self.scene):
+            node = sb.labelmap_to_segmentation_node(sitk.ReadImage(str(path)), self.scene, names=names, name=name)
+            sb.put_in_folder(self.scene, [node], FOLDER)
+        return [node]
+
+    def loadAnalysisOutputs(self, out_dir: Path, name: str = "CT") -> list:
+        """Maps, ROI/bone segmentations and the ROI table of ``ctsma infer`` into the scene."""
+        import SimpleITK as sitk
+
+        from . import scene_bridge as sb
+
+        out_dir = Path(out_dir)
+        table = out_dir / "roi_table.csv"
+        if not table.exists():
+            raise FileNotFoundError(f"the analysis finished without roi_table.csv in {out_dir}")
+        import pandas as pd
+
+        nodes = []
+        with rollback_on_error(self.scene):
+            for param, stem in PARAMETER_FILE_NAMES.items():
+                path = out_dir / "maps" / f"{stem}.nii.gz"
+                if path.exists():
+                    node = sb.sitk_to_volume_node(sitk.ReadImage(str(path)), self.scene, name=f"{name} {param}")
+                    node.SetAttribute("CTSMA.Parameter", param)
+                    node.SetAttribute("CTSMA.Unit", PARAMETER_UNITS.get(param, ""))
+                    nodes.append(node)
+            for kind in ("bones", "rois"):
+                path = out_dir / f"{kind}.nii.gz"
+                if path.exists():
+                    nodes += self.loadLabelOutput(path, kind, f"{name} {kind}")
+            df = pd.read_csv(table)
+            if "parameter" in df.columns:  # long format: the unit differs per row
+                df["unit"] = [PARAMETER_UNITS.get(p, "") for p in df["parameter"]]
+            nodes.append(sb.table_to_node(df, self.scene, name=f"{name} ROI table"))
+            summary = out_dir / "summary.json"
+            if summary.exists():
+                data = json.loads(summary.read_text(encoding="utf-8"))
+                diag = {k: data[k] for k in ("oa_probability", "severity", "auc") if k in data}
+                if diag:
+                    nodes.append(sb.table_to_node([diag], self.scene, name=f"{name} diagnosis"))
+            sb.put_in_folder(self.scene, nodes, FOLDER)
+        return nodes
+
+    # -- report and training ---------------------------------------------------------------
+    def startReportExport(self, resultDir: Path, outputPath: Path) -> Run:
+        from ctsma.errors import UserError
+
+        if not Path(resultDir, "summary.json").exists():
+            raise UserError("run the analysis first: there is no result to report")
+        work = self.newWorkDir("report")
+        return self.startCli("report export", cli_args.report(Path(resultDir), Path(outputPath)), work,
+                             Path(outputPath).parent, loader=None)
+
+    def startTraining(self, configPath: Path, outDir: Path, params: AnalysisParameters | None = None) -> Run:
+        from ctsma.errors import ConfigError
+
+        params = params or AnalysisParameters()
+        if not Path(configPath).is_file():
+            raise ConfigError(f"training configuration not found: {configPath}")
+        work = self.newWorkDir("train")
+        return self.startCli("training", cli_args.train(Path(configPath), Path(outDir), device=params.device),
+                             work, Path(outDir), loader=None, env=params.env())
+
+    def lastResultDir(self) -> Path | None:
+        """The output folder of the last successful analysis (for the report export)."""
+        run = self.run
+        if run is not None and run.label == "analysis" and run.status is not None and run.status.state == "done":
+            return run.out_dir
+        return None

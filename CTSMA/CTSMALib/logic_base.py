@@ -1,0 +1,179 @@
+"""Shared machinery of the CT-SMA module logics: parameter node, background ``ctsma`` runs.
+
+A Logic starts one ``ctsma`` subcommand at a time through an injectable runner
+(:class:`CTSMALib.process.ProcessRunner` by default; tests pass their own factory and swap the
+process, not the science). Input nodes are written to a work folder first; when the run ends
+*successfully*, its outputs are loaded into the scene by a loader function. A failed or
+cancelled run adds no nodes.
+
+Inside Slicer the base class is the real ``ScriptedLoadableModuleLogic``. Outside (the
+``slicer-core`` wheel has no Qt, hence no ``slicer.ScriptedLoadableModule``) a Qt-free stand-in
+with the same ``getParameterNode`` contract is used, so the Logic runs headless.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .process import CANCELLED, DONE, FAILED, ProcessRunner, RunStatus
+
+try:  # inside the Slicer application
+    from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+except ImportError:  # headless: slicer-core has MRML but no Qt
+
+    class ScriptedLoadableModuleLogic:  # noqa: D101 - mirrors Slicer's class (Base/Python/slicer)
+        def __init__(self, parent=None):
+            self.moduleName = self.__class__.__name__
+            if self.moduleName.endswith("Logic"):
+                self.moduleName = self.moduleName[:-5]
+            self.isSingletonParameterNode = True
+
+        def getParameterNode(self):
+            """The module's singleton ``vtkMRMLScriptedModuleNode`` in ``slicer.mrmlScene``."""
+            import slicer
+
+            scene = slicer.mrmlScene
+            node = scene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+            if node is None:
+                node = scene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+                node.UnRegister(None)
+                node.SetSingletonTag(self.moduleName)
+                node.SetName(scene.GenerateUniqueName(self.moduleName))
+                node = scene.AddNode(node)
+            if node.GetAttribute("ModuleName") != self.moduleName:
+                node.SetAttribute("ModuleName", self.moduleName)
+            return node
+
+
+@dataclass
+class Run:
+    """One background run of a ``ctsma`` subcommand."""
+
+    label: str
+    args: list[str]
+    work_dir: Path
+    out_dir: Path
+    loader: Callable[["Run"], list] | None
+    runner: object
+    started: float = field(default_factory=time.time)
+    status: RunStatus | None = None
+    nodes: list = field(default_factory=list)
+    load_error: str = ""
+
+
+class CliLogic(ScriptedLoadableModuleLogic):
+    """Base of the module logics: start / poll / cancel one ``ctsma`` run at a time."""
+
+    def __init__(self, runner_factory: Callable[[], object] | None = None, work_root: str | Path | None = None,
+                 scene=None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.runnerFactory = runner_factory or self._defaultRunner
+        self.workRoot = Path(work_root) if work_root else None
+        self._scene = scene
+        self.run: Run | None = None
+
+    # -- environment ----------------------------------------------------------------------
+    @staticmethod
+    def _defaultRunner():
+        """A runner whose child finds the ``ctsma`` package installed beside the modules."""
+        here = Path(__file__).resolve().parent.parent  # the scripted-modules folder
+        extra = [str(here)] if (here / "ctsma" / "__init__.py").exists() else []
+        return ProcessRunner(pythonpath=extra)
+
+    @property
+    def scene(self):
+        if self._scene is not None:
+            return self._scene
+        import slicer
+
+        return slicer.mrmlScene
+
+    def newWorkDir(self, label: str) -> Path:
+        """A fresh folder for one run (under ``workRoot`` or the system temporary folder)."""
+        root = self.workRoot or Path(tempfile.gettempdir()) / "CTSMA"
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{label}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=root))
+
+    # -- runs -----------------------------------------------------------------------------
+    def isRunning(self) -> bool:
+        return self.run is not None and (self.run.status is None or not self.run.status.finished)
+
+    def startCli(self, label: str, args: list[str], work_dir: Path, out_dir: Path,
+                 loader: Callable[[Run], list] | None = None, env: dict[str, str] | None = None) -> Run:
+        """Start ``ctsma <args>`` in the background; ``loader`` puts outputs in the scene on success."""
+        if self.isRunning():
+            raise RuntimeError(f"'{self.run.label}' is still running: cancel it or wait until it ends")
+        runner = self.runnerFactory()
+        runner.start_ctsma(list(map(str, args)), work_dir, env=env)
+        self.run = Run(label=label, args=list(map(str, args)), work_dir=Path(work_dir), out_dir=Path(out_dir),
+                       loader=loader, runner=runner)
+        return self.run
+
+    def poll(self) -> RunStatus | None:
+        """Non-blocking progress of the current run; loads its outputs once when it succeeds."""
+        run = self.run
+        if run is None:
+            return None
+        if run.status is not None and run.status.finished:
+            return run.status
+        status = run.runner.poll()
+        if status.state == DONE and run.loader is not None:
+            try:
+                run.nodes = list(run.loader(run))
+            except Exception as exc:  # noqa: BLE001 - reported to the user as a failed run
+                status.state = FAILED
+                status.last_error = f"could not load the results of {run.label}: {exc}"
+                run.load_error = status.last_error
+        run.status = status
+        return status
+
+    def wait(self, timeout: float | None = None, interval: float = 0.1) -> RunStatus | None:
+        """Block until the current run ends (batch use and tests)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        status = self.poll()
+        while status is not None and not status.finished and (end is None or time.monotonic() < end):
+            time.sleep(interval)
+            status = self.poll()
+        return status
+
+    def cancel(self) -> RunStatus | None:
+        """Stop the current run; nothing it produced is added to the scene."""
+        run = self.run
+        if run is None or (run.status is not None and run.status.finished):
+            return run.status if run else None
+        run.status = run.runner.cancel()
+        if run.status.state != CANCELLED:  # it ended on its own just before the cancel
+            run.status = None
+            return self.poll()
+        return run.status
+
+    def cleanupRun(self, keep_outputs: bool = False) -> None:
+        """Delete the current run's work folder (unless ``keep_outputs``) and forget the run."""
+        if self.run is None or self.isRunning():
+            return
+        if not keep_outputs:
+            shutil.rmtree(self.run.work_dir, ignore_errors=True)
+        self.run = None
+
+    # -- helpers for subclasses ------------------------------------------------------------
+    def exportVolume(self, node, path: Path) -> Path:
+        """Write a volume node (world geometry, LPS) for the command line to read."""
+        from ctsma.io import write_image
+
+        from .volumes import volume_node_to_sitk
+
+        return write_image(volume_node_to_sitk(node), path, compress=False)
+
+    def exportSegmentation(self, node, path: Path, reference_volume_node=None) -> Path:
+        """Write a segmentation node as a label image with its label values."""
+        from ctsma.io import write_image
+
+        from .segmentations import segmentation_node_to_labelmap
+
+        image, _ = segmentation_node_to_labelmap(node, reference_volume_node)
+        return write_image(image, path, compress=False)

@@ -1,0 +1,56 @@
+"""Plain parameter dataclasses of the two modules (no Qt, no MRML).
+
+The Widgets keep GUI state in a ``parameterNodeWrapper`` parameter node (saved with the
+scene); when the user presses Apply they build one of these and hand it to the Logic, so the
+Logic can also be driven from scripts and tests.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _thread_env(threads: int) -> dict[str, str]:
+    if threads <= 0:
+        return {}
+    n = str(int(threads))
+    return {"OMP_NUM_THREADS": n, "NUMBA_NUM_THREADS": n, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": n,
+            "MKL_NUM_THREADS": n}
+
+
+@dataclass
+class RegistrationParameters:
+    """Options of a CTSMARegistration run. ``preset`` "" means the command line's default."""
+
+    preset: str = ""
+    threads: int = 0  # 0 = let the command decide
+    extraArgs: str = ""  # advanced: extra command-line options, e.g. "--seed 3"
+    keepWorkDir: bool = False
+
+    def env(self) -> dict[str, str]:
+        return _thread_env(self.threads)
+
+    def extra(self) -> list[str]:
+        return shlex.split(self.extraArgs) if self.extraArgs.strip() else []
+
+
+@dataclass
+class AnalysisParameters:
+    """Options of a CTSMA analysis run."""
+
+    modelPath: str = ""  # "" = the model shipped with the extension
+    device: str = "auto"
+    threads: int = 0
+    keepWorkDir: bool = False
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            from ctsma.errors import ConfigError
+
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)} (got '{self.device}')")
+
+    def env(self) -> dict[str, str]:
+        return _thread_env(self.threads)

@@ -1,0 +1,96 @@
+"""Logic of the CTSMARegistration module: MR -> CT registration in a background process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import cli_args
+from .logic_base import CliLogic, Run
+from .parameters import RegistrationParameters
+from .scene_utils import rollback_on_error
+
+PRESET_FOLDER = ("Presets", "registration")
+OUTPUTS = {"transform": "transform_ct_to_mr.h5", "mr_in_ct": "mr_in_ct.nii.gz",
+           "pseudo_ct": "pseudo_ct_in_ct.nii.gz", "qa": "qa.json"}
+
+
+def preset_names(folder: Path | None = None) -> list[str]:
+    """Names of the JSON presets in ``Resources/Presets/registration`` (empty if none yet)."""
+    if folder is None:
+        from ctsma.resources import resource_path
+
+        folder = resource_path(*PRESET_FOLDER, must_exist=False)
+    folder = Path(folder)
+    return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def qa_rows(qa: dict) -> list[dict]:
+    """One table row per registration stage of ``qa.json`` (plus a total row)."""
+    rows = []
+    for i, stage in enumerate(qa.get("stages", []), 1):
+        row = {"order": i}
+        for key, value in stage.items():
+            row[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        rows.append(row)
+    total = qa.get("total_seconds", qa.get("seconds"))
+    if total is not None:
+        rows.append({"order": len(rows) + 1, "name": "total", "seconds": total})
+    return rows
+
+
+class CTSMARegistrationLogic(CliLogic):
+    """Registers an MR volume to a CT volume with ``ctsma register`` and loads the results:
+    the transform (CT -> MR, Slicer's FromParent direction), the MR and pseudo-CT resampled
+    into CT space, and the QA table."""
+
+    def presetNames(self) -> list[str]:
+        return preset_names()
+
+    def startRegistration(self, mrVolume, ctVolume, boneSegmentation=None,
+                          params: RegistrationParameters | None = None) -> Run:
+        from ctsma.errors import InputImageError
+
+        params = params or RegistrationParameters()
+        if mrVolume is None or ctVolume is None:
+            raise InputImageError("select both an MR volume and a CT volume")
+        if mrVolume is ctVolume:
+            raise InputImageError("the MR and CT volumes must be different volumes")
+        if params.preset and params.preset not in self.presetNames():
+            raise InputImageError(f"unknown registration preset '{params.preset}'; "
+                                  f"available: {', '.join(self.presetNames()) or 'none'}")
+        work = self.newWorkDir("register")
+        mr = self.exportVolume(mrVolume, work / "mr.nii")
+        ct = self.exportVolume(ctVolume, work / "ct.nii")
+        bones = (self.exportSegmentation(boneSegmentation, work / "ct_bones.nii", ctVolume)
+                 if boneSegmentation is not None else None)
+        out = work / "out"
+        args = cli_args.register(mr, ct, out, preset=params.preset, ct_bones=bones, extra=params.extra())
+        names = {"mr": mrVolume.GetName(), "ct": ctVolume.GetName()}
+        return self.startCli("registration", args, work, out, loader=lambda run: self.loadOutputs(run.out_dir, names),
+                             env=params.env())
+
+    def loadOutputs(self, out_dir: Path, names: dict | None = None) -> list:
+        """Put the registration outputs of ``out_dir`` into the scene; returns the new nodes."""
+        import SimpleITK as sitk
+
+        from . import scene_bridge as sb
+
+        names = names or {"mr": "MR", "ct": "CT"}
+        out_dir = Path(out_dir)
+        missing = [f for f in OUTPUTS.values() if not (out_dir / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"the registration finished without {', '.join(missing)} in {out_dir}")
+        qa = json.loads((out_dir / OUTPUTS["qa"]).read_text(encoding="utf-8"))
+        nodes = []
+        with rollback_on_error(self.scene):  # all or nothing
+            nodes.append(sb.read_transform_file(out_dir / OUTPUTS["transform"], self.scene,
+                                                name=f"{names['ct']} to {names['mr']} transform"))
+            nodes.append(sb.sitk_to_volume_node(sitk.ReadImage(str(out_dir / OUTPUTS["mr_in_ct"])), self.scene,
+                                                name=f"{names['mr']} in CT"))
+            nodes.append(sb.sitk_to_volume_node(sitk.ReadImage(str(out_dir / OUTPUTS["pseudo_ct"])), self.scene,
+                                                name=f"{names['mr']} pseudo-CT"))
+            nodes.append(sb.table_to_node(qa_rows(qa), self.scene, name=f"{names['mr']} registration QA",
+                                          units={"seconds": "s"}))
+            sb.put_in_folder(self.scene, nodes, "CT-SMA registration")
+        return nodes

@@ -1,0 +1,44 @@
+"""Shared test set-up: the Slicer module folders on ``sys.path`` and a headless MRML scene.
+
+``mrml_scene`` gives a real ``vtkMRMLScene`` with the application logic and the Volumes,
+Segmentations, SubjectHierarchy, Transforms, Tables and Colors logics registered, and
+``slicer.mrmlScene`` / ``slicer.modules.<name>.logic()`` set, as the Slicer application does
+(see ``CTSMA/CTSMALib/headless.py``). Tests using it are skipped only where the
+``slicer-core`` wheel is absent.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+for _module_dir in ("CTSMA", "CTSMARegistration"):
+    _p = str(REPO / _module_dir)
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+
+def _require_slicer_core():
+    slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (MRML libraries)")
+    if not hasattr(slicer, "vtkMRMLScene"):  # the unrelated PyPI package 'slicer' has the same name
+        pytest.skip("the installed 'slicer' is not slicer-core")
+    return slicer
+
+
+@pytest.fixture
+def headless_slicer(tmp_path):
+    """A :class:`CTSMALib.headless.HeadlessSlicer` (scene, app logic, module logics)."""
+    _require_slicer_core()
+    from CTSMALib.headless import HeadlessSlicer
+
+    with HeadlessSlicer(cache_dir=tmp_path / "mrml-cache") as h:
+        yield h
+
+
+@pytest.fixture
+def mrml_scene(headless_slicer):
+    """A real ``vtkMRMLScene`` set up as in the Slicer application."""
+    return headless_slicer.scene
