@@ -22,13 +22,14 @@ def register(mr: Path, ct: Path, out: Path, preset: str = "", ct_bones: Path | N
     return args + list(extra or [])
 
 
-def segment_bones(ct: Path, out: Path, model: str = "", device: str = "auto") -> list[str]:
-    args = ["segment", str(ct), "--out", str(out), "--device", device]
-    return args + (["--model", model] if model else [])
+def segment_bones(ct: Path, out: Path) -> list[str]:
+    """``ctsma segment CT --out DIR --no-rois`` writes ``DIR/bones.nii.gz``."""
+    return ["segment", str(ct), "--out", str(out), "--no-rois"]
 
 
 def create_rois(ct: Path, bones: Path, out: Path) -> list[str]:
-    return ["rois", str(ct), "--bones", str(bones), "--out", str(out)]
+    """``ctsma segment CT --bones B --out DIR`` writes ``DIR/rois.nii.gz`` from the given bones."""
+    return ["segment", str(ct), "--out", str(out), "--bones", str(bones)]
 
 
 def infer(ct: Path, out: Path, model: str = "", device: str = "auto", bones: Path | None = None,

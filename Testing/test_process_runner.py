@@ -1,0 +1,259 @@
+"""Background process runner and module Logic runs, with real tiny subprocesses.
+
+The child processes are short ``python -c`` scripts that behave like ``ctsma`` (progress lines,
+outputs, errors, sleeping); the Logic's loading of results into the scene is the real code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CTSMALib.process import CANCELLED, DONE, FAILED, RUNNING, ProcessRunner, ctsma_command
+
+
+def _script(body: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(body)]
+
+
+PROGRESS_THEN_SLEEP = """
+import json, sys, time
+path = sys.argv[1]
+with open(path, "a") as fh:
+    for i in range(3):
+        fh.write(json.dumps({"stage": "work", "done": i + 1, "total": 4, "message": "step"}) + "\\n")
+        fh.flush()
+    fh.write('{"stage": "work", "do')  # half a line: must wait for the rest
+    fh.flush()
+    time.sleep(float(sys.argv[2]))
+    fh.write('ne": 4, "total": 4}\\n')
+print("finished", flush=True)
+"""
+
+
+def test_runner_follows_progress_and_reports_done(tmp_path):
+    progress = tmp_path / "p.jsonl"
+    runner = ProcessRunner().start(_script(PROGRESS_THEN_SLEEP) + [str(progress), "0.3"], tmp_path, progress)
+    seen = None
+    for _ in range(100):
+        status = runner.poll()
+        if status.events:
+            seen = status
+            break
+        time.sleep(0.02)
+    assert seen is not None and seen.state == RUNNING
+    assert seen.stage == "work" and [e.done for e in seen.events] == [1, 2, 3]  # no half line
+    final = runner.wait(timeout=20)
+    assert final.state == DONE and final.returncode == 0
+    assert [e.done for e in final.events] == [1, 2, 3, 4] and final.fraction == 1.0
+    assert "finished" in (tmp_path / "run.log").read_text()
+
+
+def test_runner_reports_failure_with_last_error_line(tmp_path):
+    body = """
+    import sys
+    for i in range(3):
+        print(f"{i * 33}%|###       | {i}/3 [00:01<00:02]", file=sys.stderr, end="\\r")
+    print("ctsma register: error: CT volume has no bone above 250 HU", file=sys.stderr)
+    print("some trailing note", file=sys.stderr)
+    sys.exit(2)
+    """
+    runner = ProcessRunner().start(_script(body), tmp_path)
+    status = runner.wait(timeout=20)
+    assert status.state == FAILED and status.returncode == 2
+    assert status.last_error == "ctsma register: error: CT volume has no bone above 250 HU"
+
+
+def test_cancel_terminates_the_whole_process_group(tmp_path):
+    body = """
+    import subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    open("child.pid", "w").write(str(child.pid))
+    time.sleep(60)
+    """
+    runner = ProcessRunner(grace_s=5).start(_script(body), tmp_path)
+    pid_file = tmp_path / "child.pid"
+    for _ in range(200):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.02)
+    child = int(pid_file.read_text())
+    t0 = time.monotonic()
+    status = runner.cancel()
+    assert status.state == CANCELLED and time.monotonic() - t0 < 5
+    for _ in range(100):  # the grandchild got the signal too
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        try:  # reap it if it is ours (it is not: it belongs to the cancelled process)
+            os.waitpid(child, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.02)
+    else:
+        pytest.fail("the worker's child process survived the cancel")
+
+
+def test_cancel_kills_a_process_that_ignores_terminate(tmp_path):
+    body = """
+    import signal, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    open("ready", "w").write("1")
+    time.sleep(60)
+    """
+    runner = ProcessRunner(grace_s=0.5).start(_script(body), tmp_path)
+    for _ in range(200):
+        if (tmp_path / "ready").exists():
+            break
+        time.sleep(0.02)
+    status = runner.cancel()
+    assert status.state == CANCELLED and not runner.is_running()
+
+
+def test_command_is_an_argument_list_running_ctsma(tmp_path):
+    cmd = ctsma_command(["register", "a b.nii", "c.nii"], tmp_path / "p.jsonl", python="/py")
+    assert cmd == ["/py", "-m", "ctsma.cli.main", "--progress-jsonl", str(tmp_path / "p.jsonl"),
+                   "register", "a b.nii", "c.nii"]
+    with pytest.raises(TypeError):
+        ctsma_command("register a b", tmp_path / "p.jsonl")
+    with pytest.raises(TypeError):
+        ProcessRunner().start("echo hi", tmp_path)
+
+
+def test_real_ctsma_cli_runs_in_the_background(tmp_path):
+    """The real command line through the runner: --version exits 0 and prints the version."""
+    import ctsma
+
+    runner = ProcessRunner().start_ctsma(["--version"], tmp_path)
+    status = runner.wait(timeout=60)
+    assert status.state == DONE, (tmp_path / "run.log").read_text()
+    assert ctsma.__version__ in (tmp_path / "run.log").read_text()
+
+
+# -- the Logic with the process swapped ------------------------------------------------------------
+class FakeCtsma(ProcessRunner):
+    """Runs a small Python script instead of ``ctsma``; the script sees the real argument list
+    and writes the registration outputs that the contract names (or sleeps, or fails)."""
+
+    behaviour = "succeed"
+
+    def start_ctsma(self, args, work_dir, env=None, python=None):
+        self.args = list(args)
+        progress = Path(work_dir) / "progress.jsonl"
+        body = """
+        import json, sys, time
+        import SimpleITK as sitk
+        behaviour, progress, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+        def emit(done):
+            with open(progress, "a") as fh:
+                fh.write(json.dumps({"stage": "register", "done": done, "total": 2}) + "\\n")
+        emit(0)
+        if behaviour == "sleep":
+            time.sleep(60)
+        if behaviour == "fail":
+            sys.exit("ctsma register: error: MR volume is empty")
+        out = args[args.index("--out") + 1]
+        import os; os.makedirs(out, exist_ok=True)
+        mr, ct = sitk.ReadImage(args[1]), sitk.ReadImage(args[2])
+        tx = sitk.Euler3DTransform((0, 0, 0), 0.0, 0.0, 0.1, (2.0, -1.0, 0.5))
+        sitk.WriteTransform(tx, out + "/transform_ct_to_mr.h5")
+        sitk.WriteImage(sitk.Resample(mr, ct, tx), out + "/mr_in_ct.nii.gz")
+        sitk.WriteImage(ct, out + "/pseudo_ct_in_ct.nii.gz")
+        qa = {"stages": [{"name": "rigid", "metric_before": -0.1, "metric_after": -0.5, "kept": True,
+                          "bone_dice": 0.9, "seconds": 1.5}], "total_seconds": 1.5}
+        json.dump(qa, open(out + "/qa.json", "w"))
+        emit(2)
+        """
+        cmd = _script(body) + [self.behaviour, str(progress), *self.args]
+        return self.start(cmd, work_dir, progress, env=env)
+
+
+def _volume(scene, name, seed):
+    from CTSMALib import scene_bridge as sb
+
+    img = sitk.GetImageFromArray(np.random.default_rng(seed).normal(size=(6, 7, 8)).astype(np.float32))
+    img.SetSpacing((0.7, 0.8, 1.5))
+    img.SetOrigin((1.0, 2.0, 3.0))
+    return sb.sitk_to_volume_node(img, scene, name)
+
+
+def _registration_logic(tmp_path, behaviour):
+    from CTSMALib.registration_logic import CTSMARegistrationLogic
+
+    class Runner(FakeCtsma):
+        pass
+
+    Runner.behaviour = behaviour
+    return CTSMARegistrationLogic(runner_factory=Runner, work_root=tmp_path)
+
+
+@pytest.mark.mrml
+def test_successful_registration_run_loads_outputs(mrml_scene, tmp_path):
+    from CTSMALib import scene_bridge as sb
+
+    logic = _registration_logic(tmp_path, "succeed")
+    mr, ct = _volume(mrml_scene, "MR", 1), _volume(mrml_scene, "CT", 2)
+    run = logic.startRegistration(mr, ct)
+    assert logic.isRunning()
+    assert run.runner.args[:2] == ["register", str(run.work_dir / "mr.nii")] and "--out" in run.runner.args
+    status = logic.wait(timeout=60)
+    assert status.state == DONE, status.last_error or (run.work_dir / "run.log").read_text()
+    kinds = sorted(n.GetClassName() for n in run.nodes)
+    assert kinds == ["vtkMRMLScalarVolumeNode", "vtkMRMLScalarVolumeNode", "vtkMRMLTableNode", "vtkMRMLTransformNode"]
+    tnode = next(n for n in run.nodes if n.IsA("vtkMRMLTransformNode"))
+    expected = sitk.Euler3DTransform((0, 0, 0), 0.0, 0.0, 0.1, (2.0, -1.0, 0.5))
+    p = np.array([3.0, -4.0, 5.0])
+    assert np.allclose(sb.transform_point_ras(tnode, p * [-1, -1, 1]) * [-1, -1, 1],
+                       expected.TransformPoint(tuple(p)), atol=1e-4)
+    table, _ = sb.node_to_dataframe(next(n for n in run.nodes if n.IsA("vtkMRMLTableNode")))
+    assert list(table["name"]) == ["rigid", "total"] and table["seconds"].tolist() == [1.5, 1.5]
+    logic.cleanupRun()
+    assert not run.work_dir.exists()
+
+
+@pytest.mark.mrml
+def test_cancelled_and_failed_runs_add_no_nodes(mrml_scene, tmp_path):
+    logic = _registration_logic(tmp_path, "sleep")
+    mr, ct = _volume(mrml_scene, "MR", 1), _volume(mrml_scene, "CT", 2)
+    n_nodes = mrml_scene.GetNumberOfNodes()
+    logic.startRegistration(mr, ct)
+    with pytest.raises(RuntimeError, match="still running"):
+        logic.startRegistration(mr, ct)
+    status = logic.cancel()
+    assert status.state == CANCELLED and not logic.isRunning()
+    assert logic.poll().state == CANCELLED
+    assert mrml_scene.GetNumberOfNodes() == n_nodes
+
+    failing = _registration_logic(tmp_path, "fail")
+    failing.startRegistration(mr, ct)
+    status = failing.wait(timeout=60)
+    assert status.state == FAILED and "MR volume is empty" in status.last_error
+    assert mrml_scene.GetNumberOfNodes() == n_nodes
+
+
+@pytest.mark.mrml
+def test_incomplete_outputs_fail_the_run_and_leave_the_scene_unchanged(mrml_scene, tmp_path):
+    from CTSMALib.registration_logic import CTSMARegistrationLogic
+
+    logic = CTSMARegistrationLogic(work_root=tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "qa.json").write_text(json.dumps({"stages": []}))
+    (out / "transform_ct_to_mr.h5").write_text("not a transform")
+    n_nodes = mrml_scene.GetNumberOfNodes()
+    with pytest.raises(FileNotFoundError, match="mr_in_ct"):
+        logic.loadOutputs(out)
+    for name in ("mr_in_ct.nii.gz", "pseudo_ct_in_ct.nii.gz"):
+        sitk.WriteImage(sitk.Image([3, 3, 3], sitk.sitkFloat32), str(out / name))
+    with pytest.raises(RuntimeError, match="transform"):
+        logic.loadOutputs(out)  # a damaged transform: nothing half-loaded
+    assert mrml_scene.GetNumberOfNodes() == n_nodes
