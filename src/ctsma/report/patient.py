@@ -1,0 +1,223 @@
+"""The patient report: ``DIR/report/patient_<subject>.pdf``.
+
+Parameter maps over coronal CT slices for each ROI, the ROI table with the training cohort's non-OA
+reference ranges and z-scores, the OA probability and severity with the model's cross-validated
+performance, and the model's provenance, with a "not for clinical use" notice for the demo model.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+import SimpleITK as sitk
+
+from .. import PARAMETERS, ROIS, __version__
+from ..errors import UserError
+from ..io import safe_join
+from ..io.images import check_same_geometry
+from . import patient_figures
+from .document import Document, Figure, Heading, PageBreak, Paragraph, Table
+from .format import DASH, as_float, fmt, fmt_ci, fmt_int, fmt_sig, get, safe_file_stem, unit_label
+from .pdf_render import render_pdf
+from .writing import write_outputs
+
+ROI_TABLE_COLUMNS = ("roi", "parameter", "mean", "sd", "median", "iqr", "n_patches")
+REFERENCE_COLUMNS = ("roi", "parameter", "mean", "sd")
+Z_FLAG = 2.0
+"""|z| above which a value is flagged as outside the non-OA reference range."""
+
+DEMO_NOTICE = ("NOT FOR CLINICAL USE. These results come from the demonstration model, trained on synthetic "
+               "phantom data. They show how the software works and say nothing about this patient.")
+RESEARCH_NOTICE = "Research software, not a medical device. Results are not validated for diagnosis."
+
+_DIAGNOSIS_LABELS = {"severity": "Severity (model estimate)", "threshold": "Decision threshold",
+                     "auc": "Cross-validated AUC", "severity_mae": "Severity MAE (cross-validated)",
+                     "severity_r2": "Severity R\u00b2 (cross-validated)", "accuracy": "Accuracy",
+                     "sensitivity": "Sensitivity", "specificity": "Specificity", "f1": "F1", "brier": "Brier score",
+                     "n_train": "Training patients", "model": "Model", "aggregator": "Aggregator",
+                     "source": "Parameters from"}
+_PROVENANCE_LABELS = {"model": "Model", "name": "Model", "version": "Model version", "trained_on": "Trained on",
+                      "demo": "Demonstration model", "created": "Created", "sha256": "SHA-256",
+                      "ctsma_version": "CT-SMA version"}
+
+
+def patient_report_path(run_dir, subject: Any) -> Path:
+    """``run_dir/report/patient_<subject>.pdf`` with the subject ID sanitised and kept inside ``run_dir``."""
+    return safe_join(run_dir, "report", f"patient_{safe_file_stem(subject)}.pdf")
+
+
+def is_demo(provenance: Mapping[str, Any] | None) -> bool:
+    v = get(provenance, "demo")
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "y")
+    return bool(v)
+
+
+def _text(v: Any, limit: int = 160) -> str:
+    if v is None:
+        return DASH
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return fmt_sig(v, 4)
+    if isinstance(v, (list, tuple)):
+        s = ", ".join(_text(x, limit) for x in v)
+    elif isinstance(v, Mapping):
+        s = json.dumps(v, default=str, ensure_ascii=False)
+    else:
+        s = str(v)
+    return s if len(s) <= limit else s[: limit - 1] + "\u2026"
+
+
+def _diagnosis_section(diagnosis: Mapping[str, Any] | None) -> list:
+    out: list = [Heading("OA probability and severity")]
+    if not isinstance(diagnosis, Mapping) or not diagnosis:
+        return out + [Paragraph("No diagnosis model was available, so no OA probability or severity is given.",
+                                "note")]
+    p = as_float(diagnosis.get("oa_probability"))
+    rows = [["OA probability", DASH if p is None else f"{100 * p:.0f} %"]]
+    kinds = [""]
+    for k in ("severity", "threshold"):
+        if k in diagnosis:
+            rows.append([_DIAGNOSIS_LABELS[k], fmt(diagnosis[k], 2)])
+            kinds.append("")
+    for k, v in diagnosis.items():
+        if k in ("oa_probability", "severity", "threshold", "auc_ci"):
+            continue
+        label = _DIAGNOSIS_LABELS.get(k, str(k).replace("_", " "))
+        if k == "auc":
+            ci = fmt_ci(diagnosis.get("auc_ci"))
+            rows.append([label, fmt(v) + ("" if ci == DASH else f" {ci}")])
+        elif as_float(v) is not None and not isinstance(v, bool):
+            rows.append([label, fmt_int(v) if k.startswith("n_") or k == "n" else fmt(v)])
+        else:
+            rows.append([label, _text(v)])
+        kinds.append("group" if len(kinds) == len(rows) - 1 and kinds.count("group") == 0 else "")
+    out.append(Table(["Result", "Value"], rows, row_kinds=kinds, align=["L", "R"],
+                     notes=["Shaded: the model's performance, cross-validated on its training cohort."]
+                     if "group" in kinds else ()))
+    if p is not None and 0 <= p <= 1:
+        out.append(Figure(patient_figures.probability_gauge(p), "", 0.5, alt=f"OA probability {100 * p:.0f} %"))
+    return out
+
+
+def _check_table(df: Any, columns, what: str) -> pd.DataFrame:
+    if not isinstance(df, pd.DataFrame):
+        raise UserError(f"{what} must be a table (pandas DataFrame), got {type(df).__name__}")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise UserError(f"{what} lacks the columns {', '.join(missing)}; expected {', '.join(columns)}")
+    return df
+
+
+def _roi_section(roi_table: pd.DataFrame | None, reference_ranges: pd.DataFrame | None) -> list:
+    out: list = [Heading("Microstructure per ROI")]
+    if roi_table is None or len(roi_table) == 0:
+        return out + [Paragraph("No ROI table was given.", "note")]
+    t = _check_table(roi_table, ROI_TABLE_COLUMNS, "the ROI table")
+    ref = {}
+    if reference_ranges is not None and len(reference_ranges):
+        r = _check_table(reference_ranges, REFERENCE_COLUMNS, "the reference ranges")
+        ref = {(str(a), str(b)): (as_float(m), as_float(s))
+               for a, b, m, s in zip(r["roi"], r["parameter"], r["mean"], r["sd"])}
+    roi_order = list(ROIS)
+    par_order = list(PARAMETERS)
+    t = t.assign(_r=[roi_order.index(x) if x in roi_order else 99 for x in t["roi"].astype(str)],
+                 _p=[par_order.index(x) if x in par_order else 99 for x in t["parameter"].astype(str)])
+    t = t.sort_values(["_r", "_p"], kind="stable")
+    rows, kinds, prev = [], [], None
+    for _, row in t.iterrows():
+        roi, par = str(row["roi"]), str(row["parameter"])
+        mean, sd = as_float(row["mean"]), as_float(row["sd"])
+        iqr = row["iqr"]
+        iqr_s = fmt_ci(list(iqr), 3, sig=True) if isinstance(iqr, (list, tuple)) else fmt_sig(iqr)
+        rm, rsd = ref.get((roi, par), (None, None))
+        z = (mean - rm) / rsd if None not in (mean, rm, rsd) and rsd > 0 else None
+        flag = DASH if z is None else ("above range" if z > Z_FLAG else "below range" if z < -Z_FLAG else "within")
+        rows.append([roi if roi != prev else "", unit_label(par),
+                     DASH if mean is None else f"{fmt_sig(mean)} \u00b1 {fmt_sig(sd)}",
+                     fmt_sig(row["median"]), iqr_s, fmt_int(row["n_patches"]),
+                     DASH if rm is None else f"{fmt_sig(rm)} \u00b1 {fmt_sig(rsd)}",
+                     DASH if z is None else f"{z:+.2f}", flag])
+        kinds.append("group" if prev is not None and roi != prev else "")
+        prev = roi
+    out.append(Table(["ROI", "Parameter", "Mean \u00b1 SD", "Median", "IQR", "Patches",
+                      "Non-OA reference (mean \u00b1 SD)", "z-score", f"vs \u00b1{Z_FLAG:g} SD"],
+                     rows, row_kinds=kinds, align=["L", "L", "R", "R", "R", "R", "R", "R", "C"],
+                     caption="Trabecular parameters per subchondral ROI",
+                     notes=["Statistics over the patches in each ROI. Reference: non-OA knees of the model's "
+                            "training cohort; z = (mean \u2212 reference mean) / reference SD.",
+                            "ROIs: MFC/LFC medial/lateral femoral condyle, MTP/LTP medial/lateral tibial plateau."]))
+    return out
+
+
+def _provenance_section(provenance: Mapping[str, Any] | None) -> list:
+    out: list = [Heading("Model provenance")]
+    if not isinstance(provenance, Mapping) or not provenance:
+        return out + [Paragraph("No model provenance was given.", "note")]
+    rows = [[_PROVENANCE_LABELS.get(k, str(k).replace("_", " ")), _text(v)] for k, v in provenance.items()]
+    out.append(Table(["Item", "Value"], rows, align=["L", "L"], widths=[0.25, 0.6]))
+    return out
+
+
+def build_patient_document(*, ct: sitk.Image, rois: sitk.Image, maps: Mapping[str, sitk.Image],
+                           roi_table: pd.DataFrame | None, reference_ranges: pd.DataFrame | None,
+                           diagnosis: Mapping[str, Any] | None, provenance: Mapping[str, Any] | None,
+                           subject: str | None = None) -> Document:
+    check_same_geometry(ct, rois, what_a="CT", what_b="ROI label image")
+    subject = subject if subject is not None else get(provenance, "subject")
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sub = (f"Subject {subject}  \u00b7  " if subject is not None else "") + f"generated {now} by CT-SMA {__version__}"
+    doc = Document("CT-SMA patient report", subtitle=sub)
+    if is_demo(provenance):
+        doc.add(Paragraph(DEMO_NOTICE, "warning"))
+    doc.add(*_diagnosis_section(diagnosis), *_roi_section(roi_table, reference_ranges))
+    doc.add(PageBreak(), Heading("Parameter maps"))
+    ov = patient_figures.overview_figure(ct, rois)
+    mp = patient_figures.maps_figure(ct, rois, maps or {})
+    if ov is None:
+        doc.add(Paragraph("The ROI label image holds no ROI, so no maps are shown.", "note"))
+    else:
+        doc.add(Figure(ov, "Coronal CT slice through the ROIs (radiological view: the patient's right on the "
+                           "left).", 0.4))
+    if mp is not None:
+        doc.add(Figure(mp, "Parameter maps over the CT, per ROI: coronal slice through the ROI's largest "
+                           "cross-section. Colour bars in physical units; each parameter shares one colour scale "
+                           "(2nd\u201398th percentile of its values in all ROIs).", 0.76))
+    elif ov is not None:
+        doc.add(Paragraph("No parameter maps were given.", "note"))
+    doc.add(*_provenance_section(provenance))
+    return doc
+
+
+def write_patient_report(out_pdf, *, ct: sitk.Image, rois: sitk.Image, maps: Mapping[str, sitk.Image],
+                         roi_table: pd.DataFrame | None, reference_ranges: pd.DataFrame | None,
+                         diagnosis: Mapping[str, Any] | None, provenance: Mapping[str, Any] | None,
+                         subject: str | None = None) -> Path:
+    """Write the patient report PDF to ``out_pdf`` atomically and return its path.
+
+    Use :func:`patient_report_path` for the contract name ``DIR/report/patient_<subject>.pdf``.
+    ``maps``: parameter → map image (NaN outside the ROIs; resampled to the CT's grid if needed).
+    ``roi_table``: columns ``roi, parameter, mean, sd, median, iqr, n_patches``. ``reference_ranges``:
+    columns ``roi, parameter, mean, sd`` (non-OA knees of the training cohort). ``diagnosis``: dict with
+    ``oa_probability``, ``severity`` and the model's cross-validated performance (``auc``, ``auc_ci``, ...)
+    or None. ``provenance``: dict (``model``, ``version``, ``trained_on``, ``demo``, ...).
+    """
+    out_pdf = Path(out_pdf)
+    if out_pdf.suffix.lower() != ".pdf":
+        raise UserError(f"patient report path {out_pdf} must end in .pdf")
+    if out_pdf.is_dir():
+        raise UserError(f"patient report path {out_pdf} is a folder")
+    doc = build_patient_document(ct=ct, rois=rois, maps=maps, roi_table=roi_table,
+                                 reference_ranges=reference_ranges, diagnosis=diagnosis, provenance=provenance,
+                                 subject=subject)
+    footer = ("DEMO MODEL \u2013 NOT FOR CLINICAL USE" if is_demo(provenance) else RESEARCH_NOTICE)
+    data = render_pdf(doc, footer=footer)
+    os.makedirs(out_pdf.parent, exist_ok=True)
+    write_outputs({out_pdf: data})
+    return out_pdf
