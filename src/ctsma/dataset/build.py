@@ -1,0 +1,401 @@
+"""The MR-CT patch-dataset builder (``ctsma dataset build --manifest M --out DIR``).
+
+For each knee (manifest row): ROIs on the CT (the manifest's ``ct_rois``, else from ``ct_bones`` or the
+automatic bone segmentation), patch centres on a ``stride_mm`` grid inside each ROI (at most ``max_per_roi``),
+a CT patch on the canonical CT grid and an MR patch of the same physical cube through the CT->MR transform on
+the canonical MR grid, the MR reference parameters (morphometry engine on the binarised MR patch, inside the
+ROI part of the patch), and for the phantom the true parameters of the true microstructure at the same place.
+
+The transform is the **registered** one by default (``--registrations DIR``: ``DIR/<subject>/`` holds the
+output of ``ctsma register``, or a manifest column ``registration`` names that folder); a subject whose
+registration is missing or whose QA failed is excluded with its reason. ``--transform-column`` uses a transform
+file column instead (e.g. the phantom's true ``transform_ct_to_mr``).
+
+Each subject is written as one shard (``DIR/.shards/<subject>.npz``, atomically); a rerun reuses finished shards
+with the same settings, so an interrupted build resumes. The shards are then merged into the patch store
+(:mod:`ctsma.dataset.store`), whose files appear only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .. import PARAMETERS, ROIS, progress
+from ..config import setting, to_dict
+from ..errors import InputImageError, UserError
+from ..io import read_image, safe_join, write_json
+from ..io.atomic import atomic_path
+from .sampling import cut, inside_fraction, roi_centres
+
+log = logging.getLogger(__name__)
+SHARD_VERSION = 1
+
+
+@dataclass
+class BuildSettings:
+    extent_mm: float = setting(8.0, lo=1.0, hi=64.0, help="physical edge of every patch (mm)")
+    ct_size: int = setting(16, lo=4, hi=128, help="CT patch voxels per edge")
+    mr_size: int = setting(32, lo=4, hi=256, help="MR patch voxels per edge")
+    stride_mm: float = setting(4.0, lo=0.25, hi=64.0, help="spacing of the patch-centre grid in the ROIs (mm)")
+    max_per_roi: int = setting(24, lo=1, hi=100000, help="most patches per ROI and subject")
+    min_per_roi: int = setting(4, lo=0, hi=100000, help="warn when an ROI has fewer valid patches")
+    min_roi_fraction: float = setting(0.5, lo=0.0, hi=1.0, help="least ROI share of a patch cube")
+    roi_source: str = setting("manifest", choices=("manifest", "auto"),
+                              help="manifest: the ct_rois column when present; auto: always segment")
+    transform_column: str = setting("", help="manifest column with the CT->MR transform; empty: registered")
+    min_bone_dice: float = setting(0.6, lo=0.0, hi=1.0, help="registration QA: least femur/tibia Dice")
+    mr_threshold: str = setting("otsu-knee", choices=("otsu-knee", "otsu-patch"),
+                                help="MR binarisation: one Otsu threshold per knee (ROI voxels) or per patch")
+    truth: bool = setting(True, help="compute true parameters where the phantom can regenerate its truth")
+    truth_spacing_mm: float = setting(0.125, lo=0.01, hi=2.0, help="grid of the true microstructure (mm)")
+    folds: int = setting(5, lo=2, hi=100, help="patient-level folds")
+    test_fraction: float = setting(0.2, lo=0.0, hi=0.9, help="share of patients held out as test")
+    val_fraction: float = setting(0.2, lo=0.0, hi=0.9, help="share of the other patients used for validation")
+    seed: int = setting(0, lo=0, hi=2**31 - 1, help="random seed (centre subsets, splits)")
+
+
+def settings_hash(s: BuildSettings, extra: dict) -> str:
+    text = json.dumps({"s": to_dict(s), "x": extra, "v": SHARD_VERSION}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+class SubjectExcluded(Exception):
+    """A subject cannot be used; the message is the logged reason."""
+
+
+# ---------------------------------------------------------------- inputs per subject
+def _path(root: Path, value) -> Path | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
+        return None
+    p = Path(str(value))
+    return p if p.is_absolute() else root / p
+
+
+def registration_qa_problem(qa: dict, min_bone_dice: float) -> str | None:
+    """Why a ``qa.json`` counts as failed, or None if it passed.
+
+    Failed: an explicit ``passed``/``ok`` false or ``status`` "failed", or a femur/tibia bone Dice (top-level
+    ``bone_dice`` or the last kept stage's) below ``min_bone_dice``.
+    """
+    for key in ("passed", "ok", "qa_passed"):
+        if key in qa and qa[key] is False:
+            return f"registration QA says {key}=false"
+    if str(qa.get("status", "")).lower() in ("failed", "fail", "error"):
+        return f"registration QA status {qa['status']!r}"
+    dice = dict(qa.get("bone_dice") or {})
+    if not dice:
+        kept = [s for s in qa.get("stages", []) if s.get("kept", True) and s.get("bone_dice")]
+        if kept:
+            dice = kept[-1]["bone_dice"]
+    for bone in ("femur", "tibia"):
+        v = dice.get(bone)
+        if v is not None and np.isfinite(float(v)) and float(v) < min_bone_dice:
+            return f"registration QA failed: {bone} Dice {float(v):.2f} < {min_bone_dice:g}"
+    return None
+
+
+def load_transform(row: dict, root: Path, s: BuildSettings, registrations: Path | None) -> tuple[sitk.Transform, str]:
+    subject = str(row["subject"])
+    if s.transform_column:
+        p = _path(root, row.get(s.transform_column))
+        if p is None or not p.is_file():
+            raise SubjectExcluded(f"no transform file in column {s.transform_column!r} ({p})")
+        return sitk.ReadTransform(str(p)), f"column {s.transform_column}"
+    folder = _path(root, row.get("registration"))
+    if folder is None and registrations is not None:
+        folder = safe_join(registrations, subject)
+    if folder is None:
+        raise SubjectExcluded("no registration: give --registrations DIR (ctsma register outputs per subject), "
+                              "a 'registration' column, or --transform-column")
+    tfile, qfile = folder / "transform_ct_to_mr.h5", folder / "qa.json"
+    if not tfile.is_file() or not qfile.is_file():
+        raise SubjectExcluded(f"registration incomplete in {folder} (needs transform_ct_to_mr.h5 and qa.json)")
+    try:
+        qa = json.loads(qfile.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SubjectExcluded(f"unreadable registration QA {qfile}: {exc}") from None
+    problem = registration_qa_problem(qa, s.min_bone_dice)
+    if problem:
+        raise SubjectExcluded(problem)
+    return sitk.ReadTransform(str(tfile)), f"registered ({folder})"
+
+
+def load_rois(row: dict, root: Path, ct: sitk.Image, s: BuildSettings) -> tuple[sitk.Image, str]:
+    from ..segmentation import read_user_labels, segment_bones, subchondral_rois
+
+    p = _path(root, row.get("ct_rois"))
+    if s.roi_source == "manifest" and p is not None:
+        return read_user_labels(p, ct, "rois"), "manifest ct_rois"
+    bp = _path(root, row.get("ct_bones"))
+    if bp is not None:
+        bones, src = read_user_labels(bp, ct, "bones"), "manifest ct_bones + subchondral_rois"
+    else:
+        bones, src = segment_bones(ct), "segment_bones + subchondral_rois"
+    side = row.get("side")
+    side = str(side) if isinstance(side, str) and side.strip().upper()[:1] in ("L", "R") else None
+    return subchondral_rois(ct, bones, side=side), src
+
+
+# ---------------------------------------------------------------- truth
+def _truth_fn():
+    try:
+        from ..phantom import truth_binary  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return truth_binary
+
+
+def true_patches(knee_dir: Path, transform: sitk.Transform, centres: np.ndarray, s: BuildSettings) -> np.ndarray | None:
+    """True bone (n, D, D, D) bool on the patch grid at ``truth_spacing_mm``, or None without a phantom truth.
+
+    The phantom regenerates its microstructure in an axis-aligned MR-frame box; the box covering the transformed
+    patch is generated and sampled (nearest) at the transformed grid points.
+    """
+    fn = _truth_fn()
+    if fn is None or not (knee_dir / "metadata.json").is_file():
+        return None
+    size = max(4, int(round(s.extent_mm / s.truth_spacing_mm)))
+    sp = s.extent_mm / size
+    out = np.zeros((len(centres), size, size, size), bool)
+    h = 0.5 * s.extent_mm
+    corners = np.array([[a, b, c] for a in (-h, h) for b in (-h, h) for c in (-h, h)])
+    for i, c in enumerate(centres):
+        q = np.array([transform.TransformPoint(tuple(float(v) for v in c + d)) for d in corners])
+        lo, hi = q.min(0) - 2 * sp, q.max(0) + 2 * sp
+        n = np.ceil((hi - lo) / sp).astype(int) + 1
+        binary = np.asarray(fn(knee_dir, tuple(lo), tuple(int(v) for v in n), sp))
+        img = sitk.GetImageFromArray(binary.astype(np.uint8))
+        img.SetOrigin(tuple(lo))
+        img.SetSpacing((sp, sp, sp))
+        out[i] = cut(img, c[None], size, s.extent_mm, transform=transform, interpolator=sitk.sitkNearestNeighbor,
+                     pixel_type=sitk.sitkUInt8)[0] > 0
+    return out
+
+
+# ---------------------------------------------------------------- one subject
+def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path | None,
+                  rng: np.random.Generator) -> dict:
+    """All patches of one knee: arrays and table rows (a shard). Raises :class:`SubjectExcluded`."""
+    from ..morphometry import measure_batch
+
+    subject = str(row["subject"])
+    transform, tsource = load_transform(row, root, s, registrations)
+    try:
+        ct = read_image(_path(root, row.get("ct")) or Path("<missing ct>"), what=f"CT of {subject}")
+        mr = read_image(_path(root, row.get("mr")) or Path("<missing mr>"), what=f"MR of {subject}")
+    except InputImageError as exc:
+        raise SubjectExcluded(str(exc)) from None
+    try:
+        rois, rsource = load_rois(row, root, ct, s)
+    except UserError as exc:
+        raise SubjectExcluded(f"no ROIs: {exc}") from None
+    centres, labels, warn = [], [], []
+    for name, value in ROIS.items():
+        c, n_valid = roi_centres(rois, value, s.stride_mm, s.extent_mm, s.min_roi_fraction, s.max_per_roi, rng)
+        if len(c):
+            c = c[inside_fraction(mr, c, s.extent_mm, transform) == 1.0]
+        if len(c) < s.min_per_roi:
+            warn.append(f"{subject} {name}: only {len(c)} valid patches (< {s.min_per_roi})")
+        centres.append(c)
+        labels += [name] * len(c)
+    centres = np.concatenate(centres) if labels else np.zeros((0, 3))
+    if not len(centres):
+        raise SubjectExcluded("no valid patch centre in any ROI (ROIs empty, or the MR does not cover them)")
+    ct_p = cut(ct, centres, s.ct_size, s.extent_mm, default=-1000.0)
+    mr_p = cut(mr, centres, s.mr_size, s.extent_mm, transform=transform)
+    roi_val = np.array([ROIS[n] for n in labels], np.uint8)[:, None, None, None]
+    ct_m = (cut(rois, centres, s.ct_size, s.extent_mm, interpolator=sitk.sitkNearestNeighbor,
+                pixel_type=sitk.sitkUInt8) == roi_val).astype(np.uint8)
+    mr_m = (cut(rois, centres, s.mr_size, s.extent_mm, interpolator=sitk.sitkNearestNeighbor,
+                pixel_type=sitk.sitkUInt8) == roi_val).astype(np.uint8)
+    # MR normalisation per knee: divide by the 99.5th percentile of the MR inside the ROI patches
+    scale = float(np.percentile(mr_p[mr_m > 0], 99.5)) if mr_m.any() else float(np.percentile(mr_p, 99.5))
+    scale = scale if scale > 0 else 1.0
+    mr_p = mr_p / scale
+    from skimage.filters import threshold_otsu
+    if s.mr_threshold == "otsu-knee":
+        thr = float(threshold_otsu(mr_p[mr_m > 0])) if mr_m.any() else float(threshold_otsu(mr_p))
+        bone = mr_p < thr
+    else:
+        bone = np.stack([p < threshold_otsu(p[m > 0] if m.any() else p) for p, m in zip(mr_p, mr_m)])
+        thr = float("nan")
+    mr_sp = (s.extent_mm / s.mr_size,) * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mr_par = measure_batch(bone, mr_sp, masks=mr_m)
+    true_par, true_source = None, ""
+    if s.truth:
+        knee_dir = (_path(root, row.get("ct")) or root).parent
+        tb = true_patches(knee_dir, transform if not s.transform_column else transform, centres, s)
+        if tb is not None:
+            tm = (cut(rois, centres, tb.shape[1], s.extent_mm, interpolator=sitk.sitkNearestNeighbor,
+                      pixel_type=sitk.sitkUInt8) == roi_val)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                true_par = measure_batch(tb, (s.extent_mm / tb.shape[1],) * 3, masks=tm)
+            true_source = f"phantom truth_binary at {s.extent_mm / tb.shape[1]:.3f} mm"
+        elif any(f"true_{r}_{p}" in row for r in ROIS for p in PARAMETERS):
+            true_par = {p: np.array([float(row.get(f"true_{n}_{p}", np.nan)) for n in labels]) for p in PARAMETERS}
+            true_source = "manifest per-ROI truth"
+    # rel: centre relative to the centroid of its bone's two ROIs (RAS mm)
+    ras = centres * np.array([-1.0, -1.0, 1.0])
+    rel = np.zeros_like(ras)
+    for group in (("MFC", "LFC"), ("MTP", "LTP")):
+        sel = np.isin(labels, group)
+        if sel.any():
+            rel[sel] = ras[sel] - ras[sel].mean(0)
+    rows = []
+    for i, name in enumerate(labels):
+        r = {"subject": subject, "roi": name, "centre_x": ras[i, 0], "centre_y": ras[i, 1], "centre_z": ras[i, 2],
+             "rel_x": rel[i, 0], "rel_y": rel[i, 1], "rel_z": rel[i, 2]}
+        for p in PARAMETERS:
+            r[f"mr_{p}"] = float(mr_par[p][i])
+            r[f"true_{p}"] = float(true_par[p][i]) if true_par is not None else float("nan")
+        rows.append(r)
+    return {"ct": ct_p[:, None], "mr": mr_p[:, None].astype(np.float32), "ct_mask": ct_m[:, None],
+            "mr_mask": mr_m[:, None], "rows": rows, "warnings": warn,
+            "info": {"transform": tsource, "rois": rsource, "mr_scale": scale, "mr_threshold": thr,
+                     "true_source": true_source}}
+
+
+# ---------------------------------------------------------------- shards
+def _write_shard(path: Path, shard: dict, key: str) -> None:
+    meta = json.dumps({"rows": shard["rows"], "warnings": shard["warnings"], "info": shard["info"], "key": key},
+                      default=float)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, ct=shard["ct"], mr=shard["mr"], ct_mask=shard["ct_mask"], mr_mask=shard["mr_mask"],
+                     meta=np.frombuffer(meta.encode(), np.uint8))
+
+
+def _read_shard(path: Path, key: str) -> dict | None:
+    try:
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            if meta.get("key") != key:
+                return None
+            out = {k: z[k] for k in ("ct", "mr", "ct_mask", "mr_mask")}
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None
+    out.update(meta)
+    return out
+
+
+def assign_splits(subjects: list[str], s: BuildSettings) -> dict[str, tuple[str, int]]:
+    """Patient-level split and fold per subject (never by patch): shuffled with the seed."""
+    subj = np.array(sorted(subjects))
+    rng = np.random.default_rng(s.seed)
+    rng.shuffle(subj)
+    n = len(subj)
+    n_test = int(round(s.test_fraction * n)) if n >= 3 else 0
+    rest = n - n_test
+    n_val = max(1, int(round(s.val_fraction * rest))) if s.val_fraction > 0 and rest >= 2 else 0
+    out = {}
+    for i, name in enumerate(subj):
+        part = "test" if i < n_test else ("val" if i < n_test + n_val else "train")
+        out[str(name)] = (part, int(i % s.folds))
+    return out
+
+
+def read_manifest(path: str | os.PathLike):
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"manifest not found: {path}")
+    try:
+        table = pd.read_csv(path, dtype={"subject": str, "side": str})
+    except Exception as exc:  # pandas raises several parser errors
+        raise UserError(f"cannot read manifest {path}: {exc}") from None
+    missing = [c for c in ("subject", "ct", "mr") if c not in table]
+    if missing:
+        raise UserError(f"manifest {path.name} lacks column(s) {', '.join(missing)}")
+    if table["subject"].duplicated().any():
+        raise UserError(f"manifest {path.name} lists a subject twice: "
+                        f"{table['subject'][table['subject'].duplicated()].iloc[0]}")
+    return table
+
+
+def build_dataset(manifest: str | os.PathLike, out: str | os.PathLike, settings: BuildSettings | None = None, *,
+                  registrations: str | os.PathLike | None = None, subjects: list[str] | None = None) -> dict:
+    """Build (or resume) the patch store in ``out``; returns the summary dict (also in ``out/summary.json``)."""
+    from .store import PatchStore
+
+    s = settings or BuildSettings()
+    if s.mr_size * 1.0 / s.extent_mm <= 0 or s.ct_size < 1:
+        raise UserError("patch sizes must be positive")
+    table = read_manifest(manifest)
+    root = Path(manifest).resolve().parent
+    if subjects:
+        table = table[table["subject"].isin(subjects)]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shard_dir = out / ".shards"
+    shard_dir.mkdir(exist_ok=True)
+    reg = Path(registrations).resolve() if registrations else None
+    key = settings_hash(s, {"registrations": str(reg), "manifest": str(Path(manifest).resolve())})
+    shards, excluded, warns = {}, {}, []
+    rows = table.to_dict("records")
+    for row in progress.track(rows, "dataset: subjects", total=len(rows), unit="knee"):
+        subject = str(row["subject"])
+        path = safe_join(shard_dir, f"{subject}.npz")
+        shard = _read_shard(path, key) if path.is_file() else None
+        if shard is None:
+            rng = np.random.default_rng([s.seed, int(hashlib.sha1(subject.encode()).hexdigest()[:8], 16)])
+            try:
+                shard = build_subject(row, root, s, reg, rng)
+            except SubjectExcluded as exc:
+                excluded[subject] = str(exc)
+                log.warning("excluded %s: %s", subject, exc)
+                progress.info(f"excluded {subject}: {exc}")
+                continue
+            _write_shard(path, shard, key)
+        shards[subject] = shard
+        for w in shard["warnings"]:
+            warnings.warn(w, stacklevel=2)
+            warns.append(w)
+    if not shards:
+        raise UserError("no subject could be used; reasons: " + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
+    splits = assign_splits(list(shards), s)
+    attrs = {"ct_spacing_mm": s.extent_mm / s.ct_size, "mr_spacing_mm": s.extent_mm / s.mr_size,
+             "extent_mm": s.extent_mm, "mr_normalisation": "MR / 99.5th percentile of the knee's MR in its ROI patches",
+             "mr_binarisation": f"{s.mr_threshold}: bone = normalised MR < Otsu threshold (bone dark)",
+             "mr_parameters": "ctsma.morphometry.measure_batch inside the ROI part of the MR patch; Tb.N = 1/(Tb.Th+Tb.Sp)",
+             "centre_frame": "RAS mm in CT space", "patch_frame": "axis-aligned LPS cube in CT space",
+             "settings": to_dict(s), "excluded": excluded,
+             "subject_info": {k: v["info"] for k, v in shards.items()}}
+    writer = PatchStore.create(out, s.ct_size, s.mr_size, attrs)
+    try:
+        for subject in progress.track(sorted(shards), "dataset: merge", unit="knee"):
+            sh = shards[subject]
+            part, fold = splits[subject]
+            rws = [dict(r, split=part, fold=fold) for r in sh["rows"]]
+            writer.append(sh["ct"], sh["mr"], sh["ct_mask"], sh["mr_mask"], rws)
+        store = writer.finalize()
+    except BaseException:
+        writer.abort()
+        raise
+    summary = store.summary()
+    t = store.table
+    summary["patches_per_subject_roi"] = {str(k): {str(r): int(n) for r, n in g["roi"].value_counts().items()}
+                                          for k, g in t.groupby("subject")}
+    summary["excluded"] = excluded
+    summary["warnings"] = warns
+    summary["settings"] = to_dict(s)
+    summary["splits_by_subject"] = {k: {"split": v[0], "fold": v[1]} for k, v in splits.items()}
+    write_json(out / "summary.json", summary)
+    try:
+        from .quality import render_quality
+        render_quality(store, out / "quality")
+    except Exception as exc:  # a figure must never lose a finished dataset
+        log.warning("quality figures failed: %s", exc)
+    return summary

@@ -1,0 +1,87 @@
+"""Patch centres in the ROIs, and patch extraction on canonical grids (CT grid and MR grid through a transform).
+
+Patch grids are axis-aligned cubes in **CT physical space (LPS)**, centred on the patch centre, with
+``size`` voxels of ``extent_mm / size``. The CT patch samples the CT on that grid; the MR patch samples the MR at
+``T(p)`` for every grid point ``p`` (``T`` maps CT points to MR points, ITK convention), so both patches show the
+same physical block in the same voxel order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+from ..segmentation.geometry import index_to_lps, spacing_zyx
+
+
+def roi_centres(rois: sitk.Image, label: int, stride_mm: float, extent_mm: float, min_fraction: float,
+                max_count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Centres (LPS mm, (n, 3)) on a regular grid of ``stride_mm`` inside ROI ``label``.
+
+    A centre is valid when at least ``min_fraction`` of the patch cube around it is in the ROI. At most
+    ``max_count`` are kept (a random subset, reproducible from ``rng``). Returns ``(centres, n_valid)``.
+    """
+    arr = sitk.GetArrayViewFromImage(rois) == label
+    if not arr.any():
+        return np.zeros((0, 3)), 0
+    sp = np.asarray(spacing_zyx(rois))
+    box = ndi.find_objects(arr.astype(np.uint8))[0]
+    half = np.ceil(0.5 * extent_mm / sp).astype(int)
+    box = tuple(slice(max(0, b.start - h), min(n, b.stop + h)) for b, h, n in zip(box, half, arr.shape))
+    sub = arr[box].astype(np.float32)
+    size = np.maximum(1, np.round(extent_mm / sp).astype(int))
+    frac = ndi.uniform_filter(sub, size=tuple(size), mode="constant")
+    step = np.maximum(1, np.round(stride_mm / sp).astype(int))
+    grid = np.zeros(sub.shape, bool)
+    # anchor the grid on the ROI's first voxel so that results do not depend on the crop
+    grid[::step[0], ::step[1], ::step[2]] = True
+    ok = grid & sub.astype(bool) & (frac >= min_fraction)
+    zyx = np.argwhere(ok) + np.array([b.start for b in box])
+    n_valid = len(zyx)
+    if n_valid > max_count:
+        zyx = zyx[np.sort(rng.choice(n_valid, max_count, replace=False))]
+    return index_to_lps(rois, zyx), n_valid
+
+
+def patch_reference(centre_lps, size: int, extent_mm: float) -> sitk.Image:
+    """An empty axis-aligned (identity direction) cube grid of ``size``³ voxels centred on ``centre_lps``."""
+    sp = extent_mm / size
+    ref = sitk.Image(size, size, size, sitk.sitkUInt8)
+    ref.SetSpacing((sp, sp, sp))
+    ref.SetOrigin(tuple(float(c) - 0.5 * extent_mm + 0.5 * sp for c in centre_lps))
+    return ref
+
+
+def cut(image: sitk.Image, centres: np.ndarray, size: int, extent_mm: float, *,
+        transform: sitk.Transform | None = None, interpolator=sitk.sitkLinear, default: float = 0.0,
+        pixel_type=sitk.sitkFloat32) -> np.ndarray:
+    """Patches (n, size, size, size) (z, y, x) of ``image`` at CT-space ``centres``, through ``transform``."""
+    tx = transform if transform is not None else sitk.Transform()
+    out = np.empty((len(centres), size, size, size), np.float32 if pixel_type == sitk.sitkFloat32 else np.uint8)
+    rs = sitk.ResampleImageFilter()
+    rs.SetTransform(tx)
+    rs.SetInterpolator(interpolator)
+    rs.SetDefaultPixelValue(default)
+    rs.SetOutputPixelType(pixel_type)
+    for i, c in enumerate(centres):
+        rs.SetReferenceImage(patch_reference(c, size, extent_mm))
+        out[i] = sitk.GetArrayFromImage(rs.Execute(image))  # a copy: a view would outlive the temporary image
+    return out
+
+
+def inside_fraction(image: sitk.Image, centres: np.ndarray, extent_mm: float, transform=None) -> np.ndarray:
+    """Fraction of each patch's 8 corners that map inside ``image`` (1.0 = the whole cube is in the image)."""
+    tx = transform if transform is not None else sitk.Transform()
+    h = 0.5 * extent_mm
+    corners = np.array([[sx, sy, sz] for sx in (-h, h) for sy in (-h, h) for sz in (-h, h)])
+    size = np.asarray(image.GetSize())
+    out = np.empty(len(centres))
+    for i, c in enumerate(centres):
+        n_in = 0
+        for d in corners:
+            q = tx.TransformPoint(tuple(float(v) for v in (c + d)))
+            idx = np.asarray(image.TransformPhysicalPointToContinuousIndex(q))
+            n_in += bool(np.all(idx >= -0.5) and np.all(idx <= size - 0.5))
+        out[i] = n_in / len(corners)
+    return out
