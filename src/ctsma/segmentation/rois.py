@@ -34,8 +34,8 @@ from .geometry import edt_inside, index_to_lps, like, spacing_zyx
 
 @dataclass
 class RoiSettings:
-    start_mm: float = setting(1.5, lo=0.0, hi=30.0, help="ROI band start depth below the bone surface (mm)")
-    end_mm: float = setting(8.0, lo=0.5, hi=40.0, help="ROI band end depth below the bone surface (mm)")
+    start_mm: float = setting(1.0, lo=0.0, hi=30.0, help="ROI band start depth below the bone surface (mm)")
+    end_mm: float = setting(6.0, lo=0.5, hi=40.0, help="ROI band end depth below the bone surface (mm)")
     contact_mm: float = setting(10.0, lo=1.0, hi=40.0,
                                 help="load-bearing surface: bone surface within this distance of the other bone")
 
