@@ -1,0 +1,182 @@
+"""Patient-level diagnosis: signal recovery on synthetic cohorts, honest CV, model files, CLI, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ctsma import diagnosis as dg
+from ctsma.diagnosis import synthetic as syn
+from ctsma.diagnosis.data import Normaliser
+from ctsma.errors import ModelFileError, UserError
+
+FAST_TF = {"epochs": 25}   # keeps the test quick; the default settings are exercised by the benchmark
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return syn.synthetic_cohort(40, 6, effect=2.0, seed=0)
+
+
+def test_logistic_recovers_known_signal_and_its_location(cohort):
+    table, labels = cohort
+    res = dg.cross_validate(table, labels, "logistic", folds=4, seed=0)
+    assert res.metrics["auc"] > 0.85
+    assert len(res.oof) == 40 and res.oof["oa_probability"].between(0, 1).all()
+    assert set(res.oof["fold"]) == {0, 1, 2, 3}
+    # the fitted model puts its largest weight on an MTP feature, where the synthetic OA effect lives
+    model = dg.train(table, labels, "logistic", folds=None)
+    coef = model.aggregator.coefficients()
+    assert max(coef, key=lambda k: abs(coef[k])).startswith("MTP_")
+
+
+def test_noise_free_beats_noisy_source_with_paired_test(cohort):
+    table, labels = cohort
+    noisy = syn.measured(table, 3.0, seed=5)
+    block, results = dg.compare_sources({"student_distilled": table, "student_baseline": noisy}, labels,
+                                        ["logistic"], folds=4, seed=0)
+    good, bad = block["student_distilled/logistic"], block["student_baseline/logistic"]
+    assert good["auc"] > bad["auc"]
+    assert 0 <= good["p_auc_vs_student_baseline"] < 0.05
+    assert good["auc_diff_vs_student_baseline"] == pytest.approx(good["auc"] - bad["auc"])
+    for k in ("auc", "auc_ci", "accuracy", "sensitivity", "specificity", "f1", "brier", "severity_mae",
+              "severity_r2", "precision", "recall", "n"):
+        assert k in good
+    # both sources were evaluated on the very same folds
+    pd.testing.assert_series_equal(results["student_distilled/logistic"].oof["fold"],
+                                   results["student_baseline/logistic"].oof["fold"])
+
+
+@pytest.mark.parametrize("agg,cfg", [("transformer", FAST_TF), ("mlp", {"epochs": 100})])
+def test_neural_aggregators_learn_and_are_deterministic(cohort, agg, cfg):
+    table, labels = cohort
+    r1 = dg.cross_validate(table, labels, agg, folds=3, seed=1, config=cfg)
+    assert r1.metrics["auc"] > 0.75
+    assert r1.metrics["severity_r2"] > 0.2          # the second head regresses severity
+    r2 = dg.cross_validate(table, labels, agg, folds=3, seed=1, config=cfg)
+    np.testing.assert_allclose(r1.oof["oa_probability"], r2.oof["oa_probability"], rtol=1e-5)
+
+
+def test_shuffled_labels_give_chance_auc(cohort):
+    table, labels = cohort
+    rng = np.random.default_rng(0)
+    aucs = []
+    for s in range(3):
+        lab = labels.assign(oa=rng.permutation(labels["oa"].to_numpy()), severity=np.nan)
+        aucs.append(dg.cross_validate(table, lab, "logistic", folds=4, seed=s).metrics["auc"])
+    assert abs(np.mean(aucs) - 0.5) < 0.2
+
+
+def test_normalisation_uses_training_knees_only(cohort, monkeypatch):
+    table, labels = cohort
+    seen = []
+    orig = Normaliser.fit.__func__
+
+    def spy(cls, knees):
+        seen.append(list(knees.subjects))
+        return orig(cls, knees)
+
+    monkeypatch.setattr(Normaliser, "fit", classmethod(spy))
+    res = dg.cross_validate(table, labels, "logistic", folds=4, seed=0)
+    assert len(seen) == 4
+    for k, subjects in enumerate(seen):
+        test = set(res.oof.loc[res.oof["fold"] == k, "subject"])
+        assert not test & set(subjects) and len(subjects) + len(test) == 40
+
+
+def test_too_few_patients_per_class_is_a_clear_error(cohort):
+    table, labels = cohort
+    lab = labels.copy()
+    keep = lab[lab["oa"] == 0].index.tolist() + lab[lab["oa"] == 1].index[:3].tolist()
+    with pytest.raises(UserError, match="too few patients per class.*3 with OA"):
+        dg.cross_validate(table, lab.loc[keep], "logistic", folds=5)
+
+
+def test_knee_without_valid_patches(cohort, tmp_path):
+    table, labels = cohort
+    bad = table.copy()
+    bad.loc[bad["subject"] == "S003", "Tb.Th"] = np.nan
+    with pytest.raises(dg.NoValidPatchesError, match="S003"):
+        dg.cross_validate(bad, labels, "logistic", folds=4)
+    model = dg.train(table, labels, "logistic", folds=4)
+    pred = dg.predict(model, bad[bad["subject"].isin(["S003", "S004"])])
+    row = pred.set_index("subject").loc["S003"]
+    assert np.isnan(row["oa_probability"]) and np.isnan(row["severity"]) and "no valid patch" in row["message"]
+    assert np.isfinite(pred.set_index("subject").loc["S004", "oa_probability"])
+    summary = dg.summary_for_knee(model, bad, subject="S003")
+    assert summary["oa_probability"] is None and summary["auc"] == pytest.approx(model.cv_metrics["auc"])
+
+
+def test_bad_inputs_are_user_errors(cohort):
+    table, labels = cohort
+    with pytest.raises(UserError, match="lacks the column"):
+        dg.cross_validate(table.drop(columns="rel_z"), labels, "logistic")
+    with pytest.raises(UserError, match="'oa' must be 0 or 1"):
+        dg.cross_validate(table, labels.assign(oa=2), "logistic")
+    with pytest.raises(UserError, match="unknown aggregator"):
+        dg.cross_validate(table, labels, "svm")
+
+
+@pytest.mark.parametrize("agg,cfg", [("logistic", None), ("transformer", {"epochs": 3}), ("mlp", {"epochs": 5})])
+def test_model_file_round_trip(cohort, tmp_path, agg, cfg):
+    table, labels = cohort
+    model = dg.train(table, labels, agg, folds=3, seed=2, config=cfg)
+    path = dg.save(model, tmp_path / f"{agg}.safetensors")
+    back = dg.load(path)
+    a, b = dg.predict(model, table), dg.predict(back, table)
+    np.testing.assert_allclose(a["oa_probability"], b["oa_probability"], rtol=1e-6)
+    np.testing.assert_allclose(a["severity"], b["severity"], rtol=1e-5)
+    assert back.cv_metrics["auc"] == pytest.approx(model.cv_metrics["auc"])
+    assert (a["cv_auc"] == model.cv_metrics["auc"]).all()
+    # no pickles: the file is plain safetensors; a wrong kind is refused
+    from ctsma.modelfile import save_model
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        assert fh.metadata()["kind"] == "diagnosis"
+        if agg == "logistic":
+            assert "logistic.coef" in fh.keys()
+    other = save_model(tmp_path / "other.safetensors", {"w": np.zeros(2)}, {}, kind="teacher")
+    with pytest.raises(ModelFileError, match="'teacher' model"):
+        dg.load(other)
+
+
+def test_cli_train_evaluate_predict(cohort, tmp_path, capsys, monkeypatch):
+    import ctsma.cli.main as climain
+
+    if "diagnose" not in climain.SUBCOMMANDS:
+        monkeypatch.setattr(climain, "SUBCOMMANDS", [*climain.SUBCOMMANDS, "diagnose"])
+    table, labels = cohort
+    table.to_csv(tmp_path / "p.csv", index=False)
+    syn.measured(table, 3.0, seed=1).to_csv(tmp_path / "q.csv", index=False)
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    out = tmp_path / "ev"
+    rc = climain.main(["--quiet", "diagnose", "evaluate", "--patches", f"student_distilled={tmp_path / 'p.csv'}",
+                       "--patches", f"student_baseline={tmp_path / 'q.csv'}", "--labels", str(tmp_path / "labels.csv"),
+                       "--aggregators", "logistic", "--folds", "4", "--out", str(out)])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["diagnosis"]) == {"student_distilled/logistic", "student_baseline/logistic"}
+    assert "p_auc_vs_student_baseline" in metrics["diagnosis"]["student_distilled/logistic"]
+    assert (out / "roc_logistic.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| student_distilled | logistic | 40 |" in (out / "diagnosis_table.md").read_text()
+    assert len(pd.read_csv(out / "oof_predictions.csv")) == 80
+
+    model = tmp_path / "m.safetensors"
+    assert climain.main(["--quiet", "diagnose", "train", "--patches", str(tmp_path / "p.csv"), "--labels",
+                         str(tmp_path / "labels.csv"), "--aggregator", "logistic", "--folds", "4",
+                         "--out", str(model)]) == 0
+    capsys.readouterr()
+    assert climain.main(["diagnose", "predict", "--model", str(model), "--patches", str(tmp_path / "p.csv"),
+                         "--out", str(tmp_path / "pred.csv")]) == 0
+    shown = capsys.readouterr().out
+    assert "cross-validated AUC" in shown and "S039" in shown
+    pred = json.loads((tmp_path / "pred.json").read_text())
+    assert len(pred["predictions"]) == 40 and pred["model_performance"]["n"] == 40
+
+    assert climain.main(["diagnose", "evaluate", "--patches", str(tmp_path / "p.csv"), "--labels",
+                         str(tmp_path / "labels.csv"), "--folds", "25", "--out", str(out)]) == 2
+    assert "too few patients per class" in capsys.readouterr().err

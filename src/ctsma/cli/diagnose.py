@@ -1,0 +1,149 @@
+"""``ctsma diagnose train|evaluate|predict``: patient-level OA diagnosis from patch parameters."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import UserError
+
+AGG_CHOICES = ("transformer", "mlp", "logistic")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "diagnose", help="patient-level OA diagnosis (train, cross-validate, predict)",
+        description="Patient-level knee OA diagnosis from patch-wise trabecular parameters. A patch table is a CSV "
+                    "with columns subject, roi (MFC/LFC/MTP/LTP), rel_x, rel_y, rel_z (mm), BV/TV, Tb.Th, Tb.Sp, "
+                    "Tb.N; labels are a CSV (e.g. the phantom's manifest.csv) with subject, oa (0/1) and severity.")
+    sub = p.add_subparsers(dest="diagnose_command", metavar="ACTION", required=True)
+
+    def common(q):
+        q.add_argument("--labels", required=True, metavar="CSV", help="per-knee labels: subject, oa, severity")
+        q.add_argument("--folds", type=int, default=5, help="patient-level cross-validation folds (default 5)")
+        q.add_argument("--seed", type=int, default=0, help="random seed for folds and training (default 0)")
+
+    t = sub.add_parser("train", help="cross-validate, then train on all knees and save the model")
+    t.add_argument("--patches", required=True, metavar="CSV", help="patch table")
+    common(t)
+    t.add_argument("--aggregator", choices=AGG_CHOICES, default="transformer")
+    t.add_argument("--source", default="", help="name of the parameter source, stored in the model (e.g. "
+                                                "student_distilled)")
+    t.add_argument("--no-cv", action="store_true", help="skip cross-validation (the model then reports no "
+                                                        "performance)")
+    t.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.safetensors)")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("evaluate", help="cross-validate aggregators on one or more parameter sources")
+    e.add_argument("--patches", required=True, action="append", metavar="[SOURCE=]CSV",
+                   help="patch table, optionally named (e.g. student_distilled=distilled.csv); repeat for each "
+                        "source")
+    common(e)
+    e.add_argument("--aggregators", default="transformer,mlp,logistic",
+                   help="comma-separated aggregators (default transformer,mlp,logistic)")
+    e.add_argument("--compare", action="append", default=None, metavar="A:B",
+                   help="sources whose AUCs get a paired DeLong test (default student_distilled:student_baseline)")
+    e.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for metrics.json, diagnosis_table.md/.csv, roc_<aggregator>.png, oof_predictions.csv")
+    e.set_defaults(func=_evaluate)
+
+    r = sub.add_parser("predict", help="per-knee OA probability and severity with a trained model")
+    r.add_argument("--model", required=True, metavar="MODEL")
+    r.add_argument("--patches", required=True, metavar="CSV")
+    r.add_argument("--out", metavar="CSV", default=None, help="also write the predictions to this CSV "
+                                                             "(and a .json beside it)")
+    r.set_defaults(func=_predict)
+
+
+def _check_folds(args) -> None:
+    if args.folds < 2:
+        raise UserError(f"--folds must be at least 2, got {args.folds}")
+
+
+def _train(args) -> int:
+    from .. import diagnosis
+    from ..progress import info
+
+    if not args.no_cv:
+        _check_folds(args)
+    if not str(args.out).endswith(".safetensors"):
+        raise UserError(f"the model file name must end with .safetensors: {args.out}")
+    model = diagnosis.train(args.patches, args.labels, args.aggregator, seed=args.seed,
+                            folds=None if args.no_cv else args.folds, source=args.source)
+    diagnosis.save(model, args.out)
+    cv = model.cv_metrics
+    if cv:
+        info(f"{args.aggregator}: cross-validated AUC {cv['auc']:.3f} [{cv['auc_ci'][0]:.3f}, {cv['auc_ci'][1]:.3f}], "
+             f"accuracy {cv['accuracy']:.3f}, severity MAE {cv['severity_mae']:.3f} (n={cv['n']})")
+    info(f"model written to {args.out}")
+    return 0
+
+
+def _parse_sources(items) -> dict:
+    out = {}
+    for i, item in enumerate(items):
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = (Path(item).stem if len(items) > 1 else "input"), item
+        if name in out:
+            raise UserError(f"source name {name!r} is given twice in --patches")
+        out[name] = path
+    return out
+
+
+def _evaluate(args) -> int:
+
+    from .. import diagnosis
+    from ..diagnosis import report
+    from ..io import ensure_writable_dir, write_json
+    from ..progress import info
+
+    _check_folds(args)
+    aggs = [a.strip() for a in args.aggregators.split(",") if a.strip()]
+    bad = [a for a in aggs if a not in AGG_CHOICES]
+    if bad or not aggs:
+        raise UserError(f"unknown aggregator(s) {', '.join(bad) or '(none)'}; choose from {', '.join(AGG_CHOICES)}")
+    pairs = []
+    for c in args.compare or ["student_distilled:student_baseline"]:
+        a, sep, b = c.partition(":")
+        if not sep or not a or not b:
+            raise UserError(f"--compare takes A:B (two source names), got {c!r}")
+        pairs.append((a, b))
+    sources = _parse_sources(args.patches)
+    out = ensure_writable_dir(args.out)
+    block, results = diagnosis.compare_sources(sources, args.labels, aggs, args.folds, args.seed, pairs=pairs)
+    write_json(out / "metrics.json", {"diagnosis": block, "diagnosis_settings": {
+        "folds": args.folds, "seed": args.seed, "aggregators": {a: diagnosis.DEFAULTS[a] for a in aggs},
+        "compare": [f"{a}:{b}" for a, b in pairs]}})
+    report.write_table(block, out)
+    report.write_roc_plots(results, out)
+    report.write_oof(results, out / "oof_predictions.csv")
+    for key, m in block.items():
+        info(f"{key}: AUC {m['auc']:.3f} [{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}], F1 {m['f1']:.3f}, "
+             f"severity MAE {m['severity_mae']:.3f}" +
+             "".join(f", p vs {k[9:]} {v:.3g}" for k, v in m.items() if k.startswith("p_auc_vs_")))
+    info(f"results written to {out} (metrics.json, diagnosis_table.md, roc_*.png)")
+    return 0
+
+
+def _predict(args) -> int:
+    from .. import diagnosis
+    from ..io import atomic_path, write_json
+
+    model = diagnosis.load(args.model)
+    df = diagnosis.predict(model, args.patches)
+    cols = ["subject", "n_patches", "oa_probability", "severity", "message"]
+    cv = model.cv_metrics
+    perf = (f"model: {model.metadata.get('aggregator')} trained on {model.metadata.get('n_train')} knees"
+            + (f"; cross-validated AUC {cv['auc']:.3f} [{cv['auc_ci'][0]:.3f}, {cv['auc_ci'][1]:.3f}], "
+               f"accuracy {cv['accuracy']:.3f}, severity MAE {cv['severity_mae']:.3f}" if cv else
+               "; no cross-validated performance recorded"))
+    print(perf)
+    print(df[cols].to_string(index=False, na_rep="–", float_format=lambda v: f"{v:.3f}"))
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            df.to_csv(tmp, index=False, na_rep="")
+        write_json(Path(args.out).with_suffix(".json"), {"model_performance": cv, "model": {
+            k: model.metadata.get(k) for k in ("aggregator", "source", "n_train", "seed", "cv_description")},
+            "predictions": df.to_dict(orient="records")})
+    return 0

@@ -1,0 +1,209 @@
+"""Input checking and feature building for patient-level diagnosis.
+
+A **patch table** has one row per patch: ``subject``, ``roi`` (MFC/LFC/MTP/LTP), ``rel_x``, ``rel_y``,
+``rel_z`` (patch position relative to its bone, mm) and the parameter columns ``BV/TV``, ``Tb.Th``,
+``Tb.Sp``, ``Tb.N``. **Labels** have one row per knee: ``subject``, ``oa`` (0/1) and optionally
+``severity`` (and ``kl_grade``, unused here). A patch is valid when its ROI is known and all four
+parameters and its position are finite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import PARAMETERS, ROIS
+from ..errors import UserError
+
+ROI_ORDER = tuple(ROIS)                      # MFC, LFC, MTP, LTP -> token ROI index 0..3
+POSITION_COLUMNS = ("rel_x", "rel_y", "rel_z")
+PATCH_COLUMNS = ("subject", "roi", *POSITION_COLUMNS, *PARAMETERS)
+ROI_MEAN_FEATURES = tuple(f"{roi}_{p}" for roi in ROI_ORDER for p in PARAMETERS)
+
+
+class NoValidPatchesError(UserError):
+    """One or more knees have no usable patch, so no probability can be given for them."""
+
+
+def read_table(source, what: str) -> pd.DataFrame:
+    """A DataFrame as is, or a CSV file read with a clear error."""
+    if isinstance(source, pd.DataFrame):
+        return source.copy()
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        return pd.read_csv(path)
+    except Exception as exc:  # pandas raises many parser error types
+        raise UserError(f"cannot read {what} CSV {path}: {exc}") from None
+
+
+def check_patch_table(table, what: str = "patch table") -> pd.DataFrame:
+    """Validate the columns and types; returns a clean copy with ``subject`` as str and a ``valid`` flag."""
+    df = read_table(table, what)
+    missing = [c for c in PATCH_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{what} lacks the column(s) {', '.join(missing)}; it needs {', '.join(PATCH_COLUMNS)}")
+    df["subject"] = df["subject"].astype(str)
+    df["roi"] = df["roi"].astype(str).str.strip()
+    for c in (*POSITION_COLUMNS, *PARAMETERS):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    df["valid"] = df["roi"].isin(ROI_ORDER) & np.all(np.isfinite(df[list(PARAMETERS) + list(POSITION_COLUMNS)]),
+                                                       axis=1)
+    return df
+
+
+def check_labels(labels, what: str = "labels") -> pd.DataFrame:
+    """One row per subject with ``oa`` in {0, 1}; ``severity`` kept when present (NaN otherwise)."""
+    df = read_table(labels, what)
+    for c in ("subject", "oa"):
+        if c not in df.columns:
+            raise UserError(f"{what} lacks the column '{c}'; it needs subject, oa (0/1) and optionally severity")
+    df = df.copy()
+    df["subject"] = df["subject"].astype(str)
+    if df["subject"].duplicated().any():
+        dup = df.loc[df["subject"].duplicated(), "subject"].iloc[0]
+        raise UserError(f"{what} lists subject {dup!r} more than once")
+    oa = pd.to_numeric(df["oa"], errors="coerce")
+    if not oa.isin((0, 1)).all():
+        bad = df.loc[~oa.isin((0, 1)), "subject"].iloc[0]
+        raise UserError(f"{what}: 'oa' must be 0 or 1 for every subject (subject {bad!r} is not)")
+    df["oa"] = oa.astype(int)
+    df["severity"] = pd.to_numeric(df["severity"], errors="coerce") if "severity" in df.columns else np.nan
+    return df[["subject", "oa", "severity"]].set_index("subject")
+
+
+@dataclass
+class KneeSet:
+    """Patches grouped per knee, in a fixed subject order, with labels where known."""
+
+    subjects: list[str]
+    params: list[np.ndarray]      # per knee (n_i, 4) raw parameter values
+    roi_index: list[np.ndarray]   # per knee (n_i,) ROI index 0..3
+    positions: list[np.ndarray]   # per knee (n_i, 3) mm
+    roi_means: np.ndarray         # (N, 16) raw ROI means (NaN where a ROI has no patch)
+    oa: np.ndarray | None = None          # (N,) 0/1
+    severity: np.ndarray | None = None    # (N,) float, NaN where unknown
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def subset(self, idx) -> "KneeSet":
+        idx = np.asarray(idx, dtype=int)
+        pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
+        return KneeSet(pick(self.subjects), pick(self.params), pick(self.roi_index), pick(self.positions),
+                       self.roi_means[idx], None if self.oa is None else self.oa[idx],
+                       None if self.severity is None else self.severity[idx])
+
+
+def knees_without_patches(patches: pd.DataFrame, subjects) -> list[str]:
+    have = set(patches.loc[patches["valid"], "subject"])
+    return [s for s in subjects if s not in have]
+
+
+def build_kneeset(patch_table, labels=None) -> KneeSet:
+    """Group valid patches per knee. With ``labels``, the knees are the labelled ones (patches of
+    unlabelled subjects are not used).
+
+    A labelled knee without any valid patch raises :class:`NoValidPatchesError` naming it (training
+    and evaluation must not silently drop patients). Without labels, knees without valid patches are
+    left out; call :func:`knees_without_patches` to report them.
+    """
+    patches = check_patch_table(patch_table)
+    if labels is not None:
+        lab = check_labels(labels)
+        subjects = sorted(lab.index)
+        empty = knees_without_patches(patches, subjects)
+        if empty:
+            shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+            raise NoValidPatchesError(
+                f"{len(empty)} labelled knee(s) have no valid patch (ROI in {'/'.join(ROI_ORDER)} with finite "
+                f"parameters and position): {shown}; fix their patch rows or remove them from the labels")
+    else:
+        lab = None
+        subjects = sorted(set(patches.loc[patches["valid"], "subject"]))
+        if not subjects:
+            raise NoValidPatchesError("the patch table has no valid patch at all")
+    valid = patches[patches["valid"]]
+    groups = dict(tuple(valid.groupby("subject", sort=False)))
+    roi_code = {r: i for i, r in enumerate(ROI_ORDER)}
+    params, rois, pos = [], [], []
+    means = np.full((len(subjects), len(ROI_MEAN_FEATURES)), np.nan)
+    for k, s in enumerate(subjects):
+        g = groups[s]
+        p = g[list(PARAMETERS)].to_numpy(float)
+        r = g["roi"].map(roi_code).to_numpy(int)
+        params.append(p)
+        rois.append(r)
+        pos.append(g[list(POSITION_COLUMNS)].to_numpy(float))
+        for j in range(len(ROI_ORDER)):
+            if np.any(r == j):
+                means[k, j * len(PARAMETERS):(j + 1) * len(PARAMETERS)] = p[r == j].mean(axis=0)
+    oa = sev = None
+    if lab is not None:
+        oa = lab.loc[subjects, "oa"].to_numpy(int)
+        sev = lab.loc[subjects, "severity"].to_numpy(float)
+    return KneeSet(subjects, params, rois, pos, means, oa, sev)
+
+
+@dataclass
+class Normaliser:
+    """Standardisation statistics fitted on TRAINING knees only (stored in the model file)."""
+
+    param_mean: np.ndarray
+    param_std: np.ndarray
+    pos_scale: float
+    means_mean: np.ndarray
+    means_std: np.ndarray
+    sev_mean: float
+    sev_std: float
+
+    @classmethod
+    def fit(cls, knees: KneeSet) -> "Normaliser":
+        allp = np.concatenate(knees.params)
+        allpos = np.concatenate(knees.positions)
+        mm = np.nanmean(knees.roi_means, axis=0)
+        ms = np.nanstd(knees.roi_means, axis=0)
+        mm = np.where(np.isfinite(mm), mm, 0.0)
+        ms = np.where(np.isfinite(ms) & (ms > 0), ms, 1.0)
+        ps = allp.std(axis=0)
+        sev = knees.severity[np.isfinite(knees.severity)] if knees.severity is not None else np.empty(0)
+        return cls(allp.mean(axis=0), np.where(ps > 0, ps, 1.0), float(allpos.std()) if allpos.std() > 0 else 1.0,
+                   mm, ms, float(sev.mean()) if sev.size else 0.0,
+                   float(sev.std()) if sev.size > 1 and sev.std() > 0 else 1.0)
+
+    def patches(self, knees: KneeSet) -> list[np.ndarray]:
+        """Per knee (n_i, 7): standardised parameters then scaled positions."""
+        return [np.hstack([(p - self.param_mean) / self.param_std, x / self.pos_scale]).astype(np.float32)
+                for p, x in zip(knees.params, knees.positions)]
+
+    def tokens(self, knees: KneeSet) -> list[np.ndarray]:
+        """Per knee (n_i + s_i, 8): the patch tokens (flag 0) then one summary token per ROI present
+        (flag 1: the ROI's mean standardised parameters at the ROI's mean position), in ROI order
+        ``np.unique(roi_index)``."""
+        out = []
+        for z, r in zip(self.patches(knees), knees.roi_index):
+            summ = np.stack([z[r == j].mean(axis=0) for j in np.unique(r)])
+            out.append(np.vstack([np.hstack([z, np.zeros((len(z), 1), np.float32)]),
+                                  np.hstack([summ, np.ones((len(summ), 1), np.float32)])]).astype(np.float32))
+        return out
+
+    def roi_means(self, knees: KneeSet) -> np.ndarray:
+        """(N, 16) standardised ROI means; a ROI with no patch gets the training mean (0)."""
+        z = (knees.roi_means - self.means_mean) / self.means_std
+        return np.where(np.isfinite(z), z, 0.0).astype(np.float32)
+
+    def to_tensors(self) -> dict:
+        return {"norm.param_mean": self.param_mean, "norm.param_std": self.param_std,
+                "norm.means_mean": self.means_mean, "norm.means_std": self.means_std,
+                "norm.scalars": np.array([self.pos_scale, self.sev_mean, self.sev_std])}
+
+    @classmethod
+    def from_tensors(cls, t: dict) -> "Normaliser":
+        g = lambda k: np.asarray(t[k], dtype=float)  # noqa: E731
+        sc = g("norm.scalars")
+        return cls(g("norm.param_mean"), g("norm.param_std"), float(sc[0]), g("norm.means_mean"),
+                   g("norm.means_std"), float(sc[1]), float(sc[2]))

@@ -1,0 +1,143 @@
+"""Patient-level k-fold cross-validation and the comparison of parameter sources.
+
+Folds are stratified by OA label over PATIENTS (all patches of a knee stay in one fold) and depend
+only on the subjects, their labels and the seed, so every source and aggregator is evaluated on the
+very same splits; that makes their out-of-fold AUCs paired and the DeLong test applicable.
+Metrics are computed on the pooled out-of-fold predictions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .. import stats
+from ..errors import UserError
+from ..progress import track
+from .aggregators import make_aggregator
+from .data import KneeSet, build_kneeset
+
+DEFAULT_FOLDS = 5
+DEFAULT_SEED = 0
+
+
+@dataclass
+class CVResult:
+    """Out-of-fold predictions (one row per patient) and the metrics computed from them."""
+
+    source: str
+    aggregator: str
+    oof: pd.DataFrame
+    metrics: dict
+    folds: int
+    seed: int
+    seconds: float
+    config: dict = field(default_factory=dict)
+
+
+def fold_assignment(knees: KneeSet, folds: int, seed: int) -> np.ndarray:
+    """Stratified patient-level fold index per knee; a clear error when a class is too small."""
+    from sklearn.model_selection import StratifiedKFold
+
+    if folds < 2:
+        raise UserError(f"cross-validation needs at least 2 folds, got {folds}")
+    counts = {c: int(np.sum(knees.oa == c)) for c in (0, 1)}
+    if min(counts.values()) < folds:
+        raise UserError(
+            f"too few patients per class for {folds}-fold cross-validation: {counts[1]} with OA and "
+            f"{counts[0]} without; each class needs at least {folds} patients (use fewer folds or more patients)")
+    assign = np.empty(len(knees), int)
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, test) in enumerate(skf.split(np.zeros(len(knees)), knees.oa)):
+        assign[test] = k
+    return assign
+
+
+def score(oa, prob, severity=None, severity_pred=None) -> dict:
+    """The contract's diagnosis block (plus precision, recall, n and the AUC SE) from predictions."""
+    oa = np.asarray(oa, int)
+    prob = np.asarray(prob, float)
+    auc = stats.auc_delong(oa, prob)
+    m = stats.binary_metrics(oa, prob)
+    out = {"auc": auc.auc, "auc_ci": list(auc.ci), "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
+           "specificity": m["specificity"], "f1": m["f1"], "brier": m["brier"], "severity_mae": float("nan"),
+           "severity_r2": float("nan"), "precision": m["precision"], "recall": m["recall"], "auc_se": auc.se,
+           "n": int(oa.size), "n_oa": int(oa.sum()), "auc_ci_method": "DeLong"}
+    if severity is not None and severity_pred is not None:
+        sev, pred = np.asarray(severity, float), np.asarray(severity_pred, float)
+        ok = np.isfinite(sev) & np.isfinite(pred)
+        if ok.sum() >= 2:
+            r = stats.regression_metrics(sev[ok], pred[ok])
+            out["severity_mae"], out["severity_r2"] = r["mae"], r["r2"]
+    return out
+
+
+def cross_validate(patch_table, labels, aggregator: str = "transformer", folds: int = DEFAULT_FOLDS,
+                   seed: int = DEFAULT_SEED, *, source: str = "", config: dict | None = None,
+                   knees: KneeSet | None = None) -> CVResult:
+    """Patient-level stratified k-fold CV of one aggregator on one patch table.
+
+    Returns per-patient out-of-fold OA probabilities and severities (``result.oof``) and the metrics
+    (``result.metrics``: auc, auc_ci, accuracy, sensitivity, specificity, f1, brier, severity_mae,
+    severity_r2, precision, recall, n, ...). Normalisation is fitted inside each training fold.
+    """
+    t0 = time.perf_counter()
+    knees = knees if knees is not None else build_kneeset(patch_table, labels)
+    assign = fold_assignment(knees, folds, seed)
+    prob = np.full(len(knees), np.nan)
+    sev = np.full(len(knees), np.nan)
+    for k in track(range(folds), f"diagnosis CV {source + '/' if source else ''}{aggregator}", total=folds,
+                   unit="fold"):
+        train, test = np.flatnonzero(assign != k), np.flatnonzero(assign == k)
+        model = make_aggregator(aggregator, config).fit(knees.subset(train), seed=seed + k)
+        prob[test], sev[test] = model.predict(knees.subset(test))
+    oof = pd.DataFrame({"subject": knees.subjects, "fold": assign, "oa": knees.oa, "severity": knees.severity,
+                        "oa_probability": prob, "severity_pred": sev})
+    metrics = score(knees.oa, prob, knees.severity, sev)
+    metrics.update({"folds": folds, "seed": seed})
+    cfg = make_aggregator(aggregator, config).config
+    return CVResult(source, aggregator, oof, metrics, folds, seed, time.perf_counter() - t0, cfg)
+
+
+def compare_sources(tables: Mapping[str, object], labels, aggregators: Sequence[str] = ("transformer", "mlp",
+                    "logistic"), folds: int = DEFAULT_FOLDS, seed: int = DEFAULT_SEED, *,
+                    pairs: Sequence[tuple[str, str]] = (("student_distilled", "student_baseline"),),
+                    configs: Mapping[str, dict] | None = None) -> tuple[dict, dict[str, CVResult]]:
+    """Cross-validate every aggregator on every source with the same patient folds.
+
+    ``tables`` maps a source name (student_distilled, student_baseline, mr_reference, truth, ...) to its
+    patch table. Returns ``(diagnosis_block, results)``: the block maps ``"<source>/<aggregator>"`` to
+    its metrics; for each ``(a, b)`` in ``pairs`` present in ``tables``, the entry of ``a`` gains
+    ``auc_diff_vs_<b>``, ``auc_diff_ci_vs_<b>`` and ``p_auc_vs_<b>`` (two-sided DeLong test of the paired AUCs).
+    Only the patients labelled AND present in every table are used, so the comparison is paired.
+    """
+    lab = labels if isinstance(labels, pd.DataFrame) else pd.read_csv(labels)
+    knees_by_source = {s: build_kneeset(t, lab) for s, t in tables.items()}
+    results: dict[str, CVResult] = {}
+    block: dict[str, dict] = {}
+    for src, knees in knees_by_source.items():
+        for agg in aggregators:
+            r = cross_validate(None, None, agg, folds, seed, source=src, knees=knees,
+                               config=(configs or {}).get(agg))
+            results[f"{src}/{agg}"] = r
+            block[f"{src}/{agg}"] = dict(r.metrics, seconds=r.seconds)
+    for a, b in pairs:
+        for agg in aggregators:
+            ka, kb = f"{a}/{agg}", f"{b}/{agg}"
+            if ka in results and kb in results:
+                t = paired_auc_test(results[ka], results[kb])
+                block[ka].update({f"auc_diff_vs_{b}": t.diff, f"auc_diff_ci_vs_{b}": list(t.diff_ci),
+                                  f"p_auc_vs_{b}": t.p})
+    return block, results
+
+
+def paired_auc_test(a: CVResult, b: CVResult) -> stats.DeLongTest:
+    """DeLong test of two CV results on the same patients (matched by subject)."""
+    m = a.oof.merge(b.oof, on="subject", suffixes=("_a", "_b"))
+    if len(m) != len(a.oof) or len(m) != len(b.oof):
+        raise UserError("the two cross-validations do not cover the same patients; a paired AUC test needs them")
+    return stats.delong_test(m["oa_a"], m["oa_probability_a"], m["oa_probability_b"])

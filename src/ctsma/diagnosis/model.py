@@ -1,0 +1,134 @@
+"""Train, save, load and apply a diagnosis model.
+
+The model file is a CT-SMA model file (``kind="diagnosis"``): safetensors tensors (network weights, or
+the logistic/ridge coefficients, plus the normalisation statistics) and JSON metadata holding the
+aggregator, its settings, the parameter names/units/ROI order it expects, the training summary and the
+model's cross-validated performance, which predictions report beside each probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import PARAMETERS, PARAMETER_UNITS
+from ..errors import ModelFileError
+from ..modelfile import load_model, save_model
+from .aggregators import AGGREGATORS, Aggregator, make_aggregator
+from .data import ROI_ORDER, build_kneeset, check_patch_table, knees_without_patches
+from .evaluation import DEFAULT_FOLDS, DEFAULT_SEED, cross_validate
+
+KIND = "diagnosis"
+
+
+@dataclass
+class DiagnosisModel:
+    aggregator: Aggregator
+    metadata: dict
+
+    @property
+    def cv_metrics(self) -> dict:
+        return self.metadata.get("cv_metrics") or {}
+
+
+def train(patch_table, labels, aggregator: str = "transformer", *, seed: int = DEFAULT_SEED,
+          folds: int | None = DEFAULT_FOLDS, source: str = "", config: dict | None = None) -> DiagnosisModel:
+    """Cross-validate (unless ``folds`` is None), then fit on all labelled knees."""
+    knees = build_kneeset(patch_table, labels)
+    cv = None
+    if folds:
+        cv = cross_validate(None, None, aggregator, folds, seed, source=source, knees=knees, config=config)
+    agg = make_aggregator(aggregator, config).fit(knees, seed=seed)
+    meta = {
+        "aggregator": aggregator, "config": agg.config, "source": source, "seed": seed,
+        "parameters": list(PARAMETERS), "units": {p: PARAMETER_UNITS[p] for p in PARAMETERS},
+        "rois": list(ROI_ORDER), "n_train": len(knees), "n_train_oa": int(knees.oa.sum()),
+        "severity_trained": bool(np.isfinite(knees.severity).sum() >= 2),
+        "cv_metrics": None if cv is None else cv.metrics,
+        "cv_description": None if cv is None else
+        f"{folds}-fold patient-level stratified cross-validation, seed {seed}, pooled out-of-fold predictions",
+    }
+    return DiagnosisModel(agg, meta)
+
+
+def save(model: DiagnosisModel, path) -> Path:
+    """Write the model atomically as a ``diagnosis`` CT-SMA model file (no pickles)."""
+    return save_model(path, model.aggregator.tensors(), model.metadata, kind=KIND)
+
+
+def load(path) -> DiagnosisModel:
+    """Read a model written by :func:`save`, refusing other kinds and altered files."""
+    tensors, meta = load_model(path, kind=KIND)
+    if meta.get("aggregator") not in AGGREGATORS:
+        raise ModelFileError(f"{Path(path).name}: unknown aggregator {meta.get('aggregator')!r}")
+    if list(meta.get("parameters", [])) != list(PARAMETERS) or list(meta.get("rois", [])) != list(ROI_ORDER):
+        raise ModelFileError(f"{Path(path).name} expects parameters {meta.get('parameters')} and ROIs "
+                             f"{meta.get('rois')}, which this CT-SMA does not provide")
+    try:
+        agg = make_aggregator(meta["aggregator"], meta.get("config")).load_tensors(
+            {k: v.numpy() if k.startswith("norm.") or not k.startswith("net.") else v for k, v in tensors.items()})
+    except (KeyError, RuntimeError) as exc:
+        raise ModelFileError(f"{Path(path).name} does not match its declared architecture: {exc}") from None
+    return DiagnosisModel(agg, meta)
+
+
+def predict(model: DiagnosisModel, patch_table, subjects=None) -> pd.DataFrame:
+    """One row per knee: ``subject, n_patches, oa_probability, oa_predicted, severity, message``.
+
+    Knees listed in ``subjects`` (default: every subject in the table) without a valid patch get an empty
+    probability and severity and a message saying why, never a made-up value. The model's
+    cross-validated AUC (with CI), accuracy and severity MAE are added as columns ``cv_*``.
+    """
+    patches = check_patch_table(patch_table)
+    wanted = sorted(set(patches["subject"])) if subjects is None else [str(s) for s in subjects]
+    empty = set(knees_without_patches(patches, wanted))
+    rows = []
+    ok_subjects = [s for s in wanted if s not in empty]
+    if ok_subjects:
+        knees = build_kneeset(patches[patches["subject"].isin(ok_subjects)].drop(columns="valid"))
+        prob, sev = model.aggregator.predict(knees)
+        n = dict(zip(knees.subjects, (len(p) for p in knees.params)))
+        res = dict(zip(knees.subjects, zip(prob, sev)))
+    for s in wanted:
+        if s in empty:
+            rows.append({"subject": s, "n_patches": 0, "oa_probability": np.nan, "oa_predicted": None,
+                         "severity": np.nan,
+                         "message": "no valid patch (ROI MFC/LFC/MTP/LTP with finite parameters): no diagnosis"})
+        else:
+            p, v = res[s]
+            if not model.metadata.get("severity_trained", True):
+                v = np.nan
+            rows.append({"subject": s, "n_patches": n[s], "oa_probability": float(p), "oa_predicted": int(p >= 0.5),
+                         "severity": float(v), "message": ""})
+    out = pd.DataFrame(rows)
+    out["oa_predicted"] = out["oa_predicted"].astype("Int64")
+    cv = model.cv_metrics
+    out["cv_auc"] = cv.get("auc", np.nan)
+    ci = cv.get("auc_ci") or [np.nan, np.nan]
+    out["cv_auc_ci_low"], out["cv_auc_ci_high"] = ci[0], ci[1]
+    out["cv_accuracy"] = cv.get("accuracy", np.nan)
+    out["cv_severity_mae"] = cv.get("severity_mae", np.nan)
+    return out
+
+
+def summary_for_knee(model: DiagnosisModel | str | Path, patch_table, subject: str | None = None) -> dict:
+    """The diagnosis block of ``ctsma infer``'s ``summary.json`` for one knee.
+
+    Keys: ``oa_probability``, ``severity`` (None, with ``message``, when the knee has no valid patch),
+    the model's cross-validated ``auc`` and ``auc_ci``, and which aggregator/source it was trained on.
+    """
+    if not isinstance(model, DiagnosisModel):
+        model = load(model)
+    patches = check_patch_table(patch_table)
+    subject = str(subject) if subject is not None else (patches["subject"].iloc[0] if len(patches) else "knee")
+    row = predict(model, patches, subjects=[subject]).iloc[0]
+    cv = model.cv_metrics
+    ok = bool(np.isfinite(row["oa_probability"]))
+    return {"oa_probability": float(row["oa_probability"]) if ok else None,
+            "severity": float(row["severity"]) if ok and np.isfinite(row["severity"]) else None,
+            "n_patches": int(row["n_patches"]), "message": row["message"],
+            "auc": cv.get("auc"), "auc_ci": cv.get("auc_ci"), "cv_description": model.metadata.get("cv_description"),
+            "aggregator": model.metadata.get("aggregator"), "trained_on": model.metadata.get("source")}
