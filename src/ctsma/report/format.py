@@ -127,11 +127,11 @@ _SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 def safe_file_stem(name: Any, *, max_len: int = 80) -> str:
     """A subject ID made safe for a file name: only letters, digits, ``.``, ``_`` and ``-``.
 
-    Separators and other characters become ``_``; leading dots are removed (no hidden files,
-    no ``..``). Raises :class:`UserError` when nothing usable is left.
+    Separators and other characters become ``_``; runs of dots collapse to one and dots, ``_``
+    and ``-`` are stripped from both ends (no hidden files, no ``..``). Raises :class:`UserError` when nothing usable is left.
     """
-    s = _SAFE_CHARS.sub("_", str(name)).lstrip(".")
-    s = re.sub(r"\.{2,}", ".", s)[:max_len].strip("_") or ""
+    s = re.sub(r"\.{2,}", ".", _SAFE_CHARS.sub("_", str(name)))
+    s = s.strip("._-")[:max_len].strip("._-")
     if not s or not re.search(r"[A-Za-z0-9]", s):
         raise UserError(f"subject ID {str(name)!r} has no letters or digits to name a report file; "
                         "use an ID made of letters, digits, '-' or '_'")

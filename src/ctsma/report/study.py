@@ -34,6 +34,7 @@ SOURCE_ORDER = ("teacher", "student_distilled", "student_baseline", "ct_direct",
                 "truth")
 AGGREGATOR_ORDER = ("transformer", "cnn", "mlp", "logistic", "mean")
 MAX_EXTRA_FIGURES = 12
+MAX_LISTED_SUBJECTS = 60
 MAX_EXTRA_FIGURE_BYTES = 8 * 1024 * 1024
 
 
@@ -106,6 +107,11 @@ def _cohort(cohort: pd.DataFrame | None) -> list:
                          f"{s.mean():.2f} \u00b1 {s.std(ddof=1) if len(s) > 1 else 0:.2f} "
                          f"({s.min():.2f}\u2013{s.max():.2f})"])
     out.append(Table(["Cohort", "Value"], rows, caption="Phantom cohort", align=["L", "R"]))
+    if "subject" in c:
+        names = [f"{s} ({d})" if "side" in c else str(s)
+                 for s, d in zip(c["subject"], c["side"] if "side" in c else c["subject"])]
+        more = f", and {len(names) - MAX_LISTED_SUBJECTS} more" if len(names) > MAX_LISTED_SUBJECTS else ""
+        out.append(Paragraph("Knees: " + ", ".join(names[:MAX_LISTED_SUBJECTS]) + more + ".", "note"))
     truth_rows, kinds = [], []
     oa = pd.to_numeric(c["oa"], errors="coerce") if "oa" in c else None
     for roi in ROIS:

@@ -1,0 +1,386 @@
+"""Study report (HTML + PDF), patient report (PDF) and README snippet, on realistic synthetic inputs.
+
+The inputs come from :mod:`ctsma.report.synthetic` (a metrics dict with a few nulls, held-out predictions,
+ROC scores, a cohort manifest, and a small knee-like CT with ROI labels and parameter maps).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from ctsma.errors import InputImageError, UserError
+from ctsma.io import write_json
+from ctsma.report import (PUBLISHED_ICC, patient_report_path, synthetic, write_patient_report, write_readme_snippet,
+                          write_study_report)
+from ctsma.report import patient as patient_mod
+from ctsma.report import study as study_mod
+from ctsma.report.format import DASH, fmt_ci, fmt_sig, fmt_with_ci, safe_file_stem
+from ctsma.report.slices import coronal, display_axes
+
+HOSTILE = '<script>alert("x")</script>'
+
+
+def page_count(pdf: bytes) -> int:
+    """Pages in a PDF: the /Type /Page objects, checked against the page tree's /Count."""
+    pages = len(re.findall(rb"/Type\s*/Page(?![a-zA-Z])", pdf))
+    counts = [int(c) for c in re.findall(rb"/Type\s*/Pages\b[^>]*?/Count\s+(\d+)", pdf)] or \
+             [int(c) for c in re.findall(rb"/Count\s+(\d+)", pdf)]
+    assert counts and max(counts) == pages, "page tree /Count disagrees with the page objects"
+    return pages
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[str] = []
+        self.cells: list[str] = []
+        self.rows: list[list[str]] = []
+        self.text: list[str] = []
+        self.img_src: list[str] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "tr":
+            self.rows.append([])
+        if tag in ("td", "th"):
+            self._cell = []
+        if tag == "img":
+            self.img_src.append(dict(attrs).get("src", ""))
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            cell = "".join(self._cell)
+            self.cells.append(cell)
+            self.rows[-1].append(cell)
+            self._cell = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def parse_html(text: str) -> _Collect:
+    p = _Collect()
+    p.feed(text)
+    p.close()
+    return p
+
+
+# -- shared synthetic inputs, rendered once -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def metrics():
+    m = synthetic.metrics()
+    m["registration"][HOSTILE] = {"tre_mean_mm": None, "tre_p95_mm": float("nan"), "seconds_per_knee": 1.0}
+    return m
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    c = synthetic.cohort(n=12)
+    c.loc[0, "subject"] = HOSTILE
+    return c
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, metrics, cohort):
+    out = tmp_path_factory.mktemp("run")
+    preds = {"student_distilled": synthetic.predictions(n_patients=4)["student_distilled"]}
+    paths = write_study_report(metrics, out, cohort=cohort, predictions=preds,
+                               roc=synthetic.roc(), timings={"report": 4.2})
+    return out, paths
+
+
+@pytest.fixture(scope="module")
+def knee():
+    return synthetic.knee()
+
+
+def _patient_kwargs(knee, **over):
+    ct, rois, maps = knee
+    kw = dict(ct=ct, rois=rois, maps=maps, roi_table=synthetic.roi_table(rois, maps),
+              reference_ranges=synthetic.reference_ranges(), diagnosis=synthetic.diagnosis(),
+              provenance=synthetic.provenance(demo=True), subject="K007")
+    kw.update(over)
+    return kw
+
+
+# -- formatting and names --------------------------------------------------------------------------------
+def test_formatting_of_missing_and_present_values():
+    assert fmt_with_ci(0.81234, [0.7, 0.9]) == "0.812 [0.700, 0.900]"
+    assert fmt_with_ci(0.81234, [None, None]) == "0.812"
+    assert fmt_with_ci(None, [0.7, 0.9]) == DASH
+    assert fmt_with_ci(float("nan"), None) == DASH
+    assert fmt_ci("not a list") == DASH
+    assert fmt_sig(0.0123456) == "0.0123" and fmt_sig(1.23456) == "1.23" and fmt_sig(123.456) == "123"
+    assert fmt_sig(float("inf")) == DASH
+
+
+@pytest.mark.parametrize("raw, expected", [("K007", "K007"), ("../../etc/passwd", "etc_passwd"),
+                                           ("/abs/name", "abs_name"), ("a b\\c", "a_b_c"), (".hidden", "hidden"),
+                                           ("x..y", "x.y")])
+def test_subject_ids_are_sanitised_for_file_names(raw, expected):
+    assert safe_file_stem(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["..", "", "/", "___", "../.."])
+def test_subject_ids_without_letters_are_refused(raw):
+    with pytest.raises(UserError):
+        safe_file_stem(raw)
+
+
+def test_patient_report_path_stays_inside_the_run_folder(tmp_path):
+    p = patient_report_path(tmp_path, "../../../tmp/evil")
+    assert p.parent == (tmp_path / "report").resolve()
+    assert p.name == "patient_tmp_evil.pdf"
+
+
+# -- study report ------------------------------------------------------------------------------------------
+def test_study_report_files_reopen(study):
+    out, paths = study
+    assert paths["html"] == (out / "report" / "study.html").resolve()
+    assert paths["pdf"] == (out / "report" / "study.pdf").resolve()
+    pdf = paths["pdf"].read_bytes()
+    assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF")
+    assert 5 <= page_count(pdf) <= 12
+    assert b"DejaVu" in pdf  # a Unicode font is embedded, so µ, ², ± and – render
+    assert sorted(p.name for p in (out / "report").iterdir()) == ["study.html", "study.pdf"]
+
+
+def test_study_html_holds_the_formatted_values(study, metrics):
+    _, paths = study
+    doc = parse_html(paths["html"].read_text(encoding="utf-8"))
+    by_row: dict = {}
+    for r in doc.rows:  # the first table holding a row with these two leading cells
+        by_row.setdefault(tuple(r[:2]), r)
+    reg = metrics["regression"]["student_distilled"]["BV/TV"]
+    row = by_row[("BV/TV", "CT-SMA student (distilled)")]
+    assert row[2] == f"{reg['icc21']:.3f} [{reg['icc21_ci'][0]:.3f}, {reg['icc21_ci'][1]:.3f}]"
+    assert row[-1] == f"{PUBLISHED_ICC['BV/TV']:.3f}"  # published ICC beside ours
+    truth = metrics["regression_vs_truth"]["student_distilled"]["BV/TV"]["icc21"]
+    assert row[-2] == f"{truth:.3f}"  # phantom truth as an extra column
+    # nulls render as a dash: ct_direct Tb.N has no CI and no Pearson r
+    row = by_row[("Tb.N (mm\u207b\u00b9)", "Direct CT morphometry")]
+    assert row[2] == f"{metrics['regression']['ct_direct']['Tb.N']['icc21']:.3f}" and row[4] == DASH
+    d = metrics["diagnosis"]["student_distilled/transformer"]
+    row = by_row[("CT-SMA student (distilled)", "Transformer")]
+    assert row[2:8] == [f"{d['precision']:.3f}", f"{d['sensitivity']:.3f}", f"{d['f1']:.3f}",
+                        f"{d['auc']:.3f} [{d['auc_ci'][0]:.3f}, {d['auc_ci'][1]:.3f}]",
+                        f"{d['severity_mae']:.3f}", f"{d['severity_r2']:.3f}"]
+    assert by_row[("Direct CT morphometry", "Logistic")][7] == DASH
+    pub = by_row[("CT-SMA (distilled) (published, clinical cohort)", "Transformer")]
+    assert pub[2:] == ["0.863", "0.903", "0.879", "0.883", "0.893", "0.881"]
+    assert ("total", "1 h 13 min") in {tuple(r[:2]) for r in doc.rows}  # timings incl. the extra stage
+    reg_rows = {r[0]: r for r in doc.rows if r and r[0] in metrics["registration"]}
+    assert reg_rows["rigid"][1:] == ["2.41", "4.90", "3.20"]
+    assert reg_rows[HOSTILE][1:] == [DASH, DASH, "1.00"]
+
+
+def test_study_html_escapes_strings_and_is_self_contained(study):
+    _, paths = study
+    text = paths["html"].read_text(encoding="utf-8")
+    doc = parse_html(text)
+    assert "script" not in doc.tags  # the hostile subject and variant names stayed text
+    assert HOSTILE not in text and html_escaped(HOSTILE) in text
+    assert any(HOSTILE in t for t in doc.text)
+    assert len(doc.img_src) == 3 and all(s.startswith("data:image/png;base64,") for s in doc.img_src)
+    assert "href=\"http" not in text and "src=\"http" not in text
+
+
+def html_escaped(s: str) -> str:
+    import html
+    return html.escape(s, quote=True)
+
+
+def test_study_report_with_missing_blocks_does_not_crash(tmp_path):
+    paths = write_study_report({}, tmp_path)
+    text = paths["html"].read_text(encoding="utf-8")
+    for section in ("registration", "regression", "diagnosis"):
+        assert f"no &quot;{section}&quot; block" in text
+    assert "No held-out predictions" in text and "No stage timings" in text
+    assert page_count(paths["pdf"].read_bytes()) == 2
+    # published rows are shown even without our diagnosis
+    assert "CNN on MR (upper reference) (published, clinical cohort)" in text
+
+
+def test_study_report_from_json_with_nulls_and_odd_inputs(tmp_path):
+    m = synthetic.metrics()
+    m.pop("regression")
+    m["diagnosis"] = {"student_distilled/transformer": {k: float("nan") for k in ("auc", "f1", "brier")}}
+    m["distillation_gain"] = {"mean_icc21_diff": None, "ci": None}
+    write_json(tmp_path / "metrics.json", m)  # NaN -> null, as the evaluation writes it
+    assert json.loads((tmp_path / "metrics.json").read_text())["diagnosis"]["student_distilled/transformer"]["auc"] is None
+    empty = pd.DataFrame(columns=["subject", "roi", "param", "reference", "predicted"])
+    roc = {"student_distilled/transformer": {"y_true": [1, 1, 1], "y_score": [0.2, 0.5, 0.9]}}  # one class only
+    paths = write_study_report(tmp_path / "metrics.json", tmp_path, predictions={"student_distilled": empty},
+                               roc=roc, cohort=pd.DataFrame({"subject": ["a"]}))
+    doc = parse_html(paths["html"].read_text(encoding="utf-8"))
+    assert "only agreement with the phantom's truth is shown" in "".join(doc.text)
+    assert "held no usable curve" in "".join(doc.text)
+    row = [r for r in doc.rows if r[:2] == ["CT-SMA student (distilled)", "Transformer"]][0]
+    assert row[2:] == [DASH] * 6
+
+
+def test_study_report_bad_metrics_path_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        write_study_report(tmp_path / "missing.json", tmp_path)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot read"):
+        write_study_report(tmp_path / "bad.json", tmp_path)
+
+
+def test_study_report_includes_extra_figures_inside_the_html(tmp_path, study):
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    png = synthetic_png()
+    (figs / "registration_overlay.png").write_bytes(png)
+    (figs / "registration_overlay.txt").write_text("Registration <overlay> caption")
+    (figs / "not_a_png.png").write_bytes(b"GIF89a....")
+    doc = study_mod.build_study_document({}, figures_dir=figs)
+    captions = [b.caption for b in doc.blocks if type(b).__name__ == "Figure"]
+    assert captions == ["Registration <overlay> caption"]
+
+
+def synthetic_png() -> bytes:
+    from ctsma.report.figures import new_figure, to_png
+    fig = new_figure(2, 1)
+    fig.add_subplot().plot([0, 1], [0, 1])
+    return to_png(fig, dpi=50)
+
+
+def test_failed_study_report_leaves_no_files(tmp_path, monkeypatch, metrics):
+    def boom(*a, **k):
+        raise RuntimeError("forced failure while rendering the PDF")
+    monkeypatch.setattr(study_mod, "render_pdf", boom)
+    with pytest.raises(RuntimeError, match="forced"):
+        write_study_report(metrics, tmp_path)
+    assert not (tmp_path / "report").exists() or list((tmp_path / "report").iterdir()) == []
+
+
+def test_failure_between_the_two_writes_removes_the_first(tmp_path):
+    (tmp_path / "report" / "study.pdf").mkdir(parents=True)  # the PDF cannot replace a folder
+    with pytest.raises(OSError):
+        write_study_report({}, tmp_path)
+    assert [p.name for p in (tmp_path / "report").iterdir()] == ["study.pdf"]
+    assert (tmp_path / "report" / "study.pdf").is_dir()
+
+
+# -- patient report ----------------------------------------------------------------------------------------
+def test_patient_report_reopens_with_expected_pages(tmp_path, knee):
+    path = patient_report_path(tmp_path, "K007")
+    assert write_patient_report(path, **_patient_kwargs(knee)) == path
+    pdf = path.read_bytes()
+    assert pdf.startswith(b"%PDF-") and page_count(pdf) == 3
+    assert [p.name for p in path.parent.iterdir()] == ["patient_K007.pdf"]
+
+
+def test_patient_report_demo_notice_and_z_scores(knee, monkeypatch):
+    for name in ("maps_figure", "overview_figure"):  # the text is what matters here; skip drawing
+        monkeypatch.setattr(patient_mod.patient_figures, name, lambda *a, **k: None)
+    doc = patient_mod.build_patient_document(**_patient_kwargs(knee))
+    paras = [b.text for b in doc.blocks if type(b).__name__ == "Paragraph"]
+    assert patient_mod.DEMO_NOTICE in paras
+    doc2 = patient_mod.build_patient_document(**_patient_kwargs(knee, provenance=synthetic.provenance(demo=False)))
+    assert patient_mod.DEMO_NOTICE not in [b.text for b in doc2.blocks if type(b).__name__ == "Paragraph"]
+    roi = pd.DataFrame([("MFC", "BV/TV", 0.30, 0.02, 0.29, 0.03, 40), ("MFC", "Tb.Th", 0.10, 0.01, 0.1, 0.01, 40),
+                        ("LTP", "Tb.N", 1.5, 0.1, 1.5, 0.1, 40)], columns=list(patient_mod.ROI_TABLE_COLUMNS))
+    ref = pd.DataFrame([("MFC", "BV/TV", 0.25, 0.02), ("MFC", "Tb.Th", 0.14, 0.01)],
+                       columns=["roi", "parameter", "mean", "sd"])
+    table = [b for b in patient_mod._roi_section(roi, ref) if type(b).__name__ == "Table"][0]
+    assert [r[7:] for r in table.rows] == [["+2.50", "above range"], ["-4.00", "below range"], [DASH, DASH]]
+    assert table.rows[0][2] == "0.300 \u00b1 0.0200"
+
+
+def test_patient_report_with_missing_parts(tmp_path, knee):
+    ct, rois, _ = knee
+    path = tmp_path / "p.pdf"
+    write_patient_report(path, ct=ct, rois=rois, maps={}, roi_table=None, reference_ranges=None, diagnosis=None,
+                         provenance=None)
+    assert page_count(path.read_bytes()) == 2
+    empty_rois = sitk.Image(rois.GetSize(), rois.GetPixelID())
+    empty_rois.CopyInformation(rois)
+    write_patient_report(path, ct=ct, rois=empty_rois, maps={}, roi_table=None, reference_ranges=None,
+                         diagnosis={"oa_probability": None}, provenance={})
+    assert path.read_bytes().startswith(b"%PDF-")
+
+
+def test_patient_report_user_errors(tmp_path, knee):
+    ct, rois, maps = knee
+    with pytest.raises(UserError, match="must end in .pdf"):
+        write_patient_report(tmp_path / "p.html", **_patient_kwargs(knee))
+    shifted = sitk.Image(rois)
+    shifted.SetOrigin((1.0, 2.0, 3.0))
+    with pytest.raises(InputImageError, match="geometry"):
+        write_patient_report(tmp_path / "p.pdf", **_patient_kwargs(knee, rois=shifted))
+    with pytest.raises(UserError, match="lacks the columns"):
+        write_patient_report(tmp_path / "p.pdf", **_patient_kwargs(knee, roi_table=pd.DataFrame({"roi": ["MFC"]})))
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_patient_report_leaves_no_partial_file(tmp_path, knee, monkeypatch):
+    path = patient_report_path(tmp_path, "K007")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"%PDF-1.3 previous report")
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise RuntimeError("forced failure while drawing maps")
+    monkeypatch.setattr(patient_mod.patient_figures, "maps_figure", boom)
+    with pytest.raises(RuntimeError, match="forced"):
+        write_patient_report(path, **_patient_kwargs(knee))
+    assert path.read_bytes() == before  # the previous report is untouched
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_maps_on_another_grid_are_resampled(tmp_path, knee):
+    ct, rois, maps = knee
+    coarse = {p: sitk.Resample(m, [s // 2 for s in m.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor,
+                               m.GetOrigin(), [2 * s for s in m.GetSpacing()], m.GetDirection(), float("nan"))
+              for p, m in maps.items()}
+    from ctsma.report.patient_figures import maps_figure
+    assert maps_figure(ct, rois, coarse)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- display orientation -------------------------------------------------------------------------------------
+def test_coronal_slices_do_not_depend_on_the_storage_order():
+    """The same physical volume stored with flipped and permuted axes gives the same coronal view."""
+    rng = np.random.default_rng(1)
+    a = rng.random((5, 6, 7)).astype(np.float32)  # (z, y, x), identity direction
+    img = sitk.GetImageFromArray(a)
+    ref = coronal(a, display_axes(img), 2)
+    # superior at the top, patient's right (smaller LPS x) on the left
+    assert np.array_equal(ref, a[::-1, 2, :])
+    # x flipped in storage: index i runs toward the patient's right
+    b = a[:, :, ::-1]
+    img_b = sitk.GetImageFromArray(np.ascontiguousarray(b))
+    img_b.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert np.array_equal(coronal(b, display_axes(img_b), 2), ref)
+    # axes permuted: index axis 0 is S, 1 is L, 2 is P  -> array (P, L, S) order is (z, y, x) = (P, L, S)
+    c = np.transpose(a, (1, 2, 0))  # array axes now (y=P, x=L, z=S) in (z, y, x) storage order
+    img_c = sitk.GetImageFromArray(np.ascontiguousarray(c))
+    img_c.SetDirection((0, 1, 0, 0, 0, 1, 1, 0, 0))
+    assert np.array_equal(coronal(c, display_axes(img_c), 2), ref)
+
+
+# -- README snippet ----------------------------------------------------------------------------------------------
+def test_readme_snippet(tmp_path, metrics):
+    paths = write_readme_snippet(metrics, tmp_path / "readme")
+    md = paths["table"].read_text(encoding="utf-8")
+    r = metrics["regression"]["student_distilled"]["Tb.Sp"]
+    assert f"| Tb.Sp (mm) | {r['icc21']:.3f} [{r['icc21_ci'][0]:.3f}, {r['icc21_ci'][1]:.3f}] |" in md
+    assert md.count("| mean |") == 1 and "0.742 |" in md
+    assert paths["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    hostile = {"diagnosis": {"a|b<i>/mlp": {"auc": 0.5}}}
+    p2 = write_readme_snippet(hostile, tmp_path / "r2")
+    md2 = p2["table"].read_text(encoding="utf-8")
+    assert "a\\|b&lt;i&gt;, MLP | 0.500 |" in md2 and p2["figure"] is None
+    assert not (tmp_path / "r2" / "key_figure.png").exists()
