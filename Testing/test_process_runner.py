@@ -207,14 +207,15 @@ def test_successful_registration_run_loads_outputs(mrml_scene, tmp_path):
     assert run.runner.args[:2] == ["register", str(run.work_dir / "mr.nii")] and "--out" in run.runner.args
     status = logic.wait(timeout=60)
     assert status.state == DONE, status.last_error or (run.work_dir / "run.log").read_text()
-    kinds = sorted(n.GetClassName() for n in run.nodes)
-    assert kinds == ["vtkMRMLScalarVolumeNode", "vtkMRMLScalarVolumeNode", "vtkMRMLTableNode", "vtkMRMLTransformNode"]
-    tnode = next(n for n in run.nodes if n.IsA("vtkMRMLTransformNode"))
+    assert {k: n.GetClassName() for k, n in run.outputs.items()} == {
+        "transform": "vtkMRMLTransformNode", "mr_in_ct": "vtkMRMLScalarVolumeNode",
+        "pseudo_ct": "vtkMRMLScalarVolumeNode", "qa": "vtkMRMLTableNode"}
+    tnode = run.outputs["transform"]
     expected = sitk.Euler3DTransform((0, 0, 0), 0.0, 0.0, 0.1, (2.0, -1.0, 0.5))
     p = np.array([3.0, -4.0, 5.0])
     assert np.allclose(sb.transform_point_ras(tnode, p * [-1, -1, 1]) * [-1, -1, 1],
                        expected.TransformPoint(tuple(p)), atol=1e-4)
-    table, _ = sb.node_to_dataframe(next(n for n in run.nodes if n.IsA("vtkMRMLTableNode")))
+    table, _ = sb.node_to_dataframe(run.outputs["qa"])
     assert list(table["name"]) == ["rigid", "total"] and table["seconds"].tolist() == [1.5, 1.5]
     logic.cleanupRun()
     assert not run.work_dir.exists()

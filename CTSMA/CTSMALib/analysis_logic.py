@@ -80,7 +80,7 @@ class CTSMALogic(CliLogic):
         return self.startCli("analysis", args, work, out, env=params.env(),
                              loader=lambda run: self.loadAnalysisOutputs(run.out_dir, name))
 
-    def loadLabelOutput(self, path: Path, kind: str, name: str) -> list:
+    def loadLabelOutput(self, path: Path, kind: str, name: str) -> dict:
         """A bone ("bones") or ROI ("rois") label image as a named segmentation."""
         import SimpleITK as sitk
 
@@ -92,10 +92,13 @@ class CTSMALogic(CliLogic):
         with rollback_on_error(self.scene):
             node = sb.labelmap_to_segmentation_node(sitk.ReadImage(str(path)), self.scene, names=names, name=name)
             sb.put_in_folder(self.scene, [node], FOLDER)
-        return [node]
+        return {kind: node}
 
-    def loadAnalysisOutputs(self, out_dir: Path, name: str = "CT") -> list:
-        """Maps, ROI/bone segmentations and the ROI table of ``ctsma infer`` into the scene."""
+    def loadAnalysisOutputs(self, out_dir: Path, name: str = "CT") -> dict:
+        """Maps, ROI/bone segmentations and the ROI table of ``ctsma infer`` into the scene.
+
+        Returns ``{role: node}``: one role per parameter map present (``BV/TV`` ...), ``bones``,
+        ``rois``, ``table`` and, when the summary has a diagnosis, ``diagnosis``."""
         import SimpleITK as sitk
 
         from . import scene_bridge as sb
@@ -106,7 +109,7 @@ class CTSMALogic(CliLogic):
             raise FileNotFoundError(f"the analysis finished without roi_table.csv in {out_dir}")
         import pandas as pd
 
-        nodes = []
+        out = {}
         with rollback_on_error(self.scene):
             for param, stem in PARAMETER_FILE_NAMES.items():
                 path = out_dir / "maps" / f"{stem}.nii.gz"
@@ -114,23 +117,23 @@ class CTSMALogic(CliLogic):
                     node = sb.sitk_to_volume_node(sitk.ReadImage(str(path)), self.scene, name=f"{name} {param}")
                     node.SetAttribute("CTSMA.Parameter", param)
                     node.SetAttribute("CTSMA.Unit", PARAMETER_UNITS.get(param, ""))
-                    nodes.append(node)
+                    out[param] = node
             for kind in ("bones", "rois"):
                 path = out_dir / f"{kind}.nii.gz"
                 if path.exists():
-                    nodes += self.loadLabelOutput(path, kind, f"{name} {kind}")
+                    out.update(self.loadLabelOutput(path, kind, f"{name} {kind}"))
             df = pd.read_csv(table)
             if "parameter" in df.columns:  # long format: the unit differs per row
                 df["unit"] = [PARAMETER_UNITS.get(p, "") for p in df["parameter"]]
-            nodes.append(sb.table_to_node(df, self.scene, name=f"{name} ROI table"))
+            out["table"] = sb.table_to_node(df, self.scene, name=f"{name} ROI table")
             summary = out_dir / "summary.json"
             if summary.exists():
                 data = json.loads(summary.read_text(encoding="utf-8"))
                 diag = {k: data[k] for k in ("oa_probability", "severity", "auc") if k in data}
                 if diag:
-                    nodes.append(sb.table_to_node([diag], self.scene, name=f"{name} diagnosis"))
-            sb.put_in_folder(self.scene, nodes, FOLDER)
-        return nodes
+                    out["diagnosis"] = sb.table_to_node([diag], self.scene, name=f"{name} diagnosis")
+            sb.put_in_folder(self.scene, out.values(), FOLDER)
+        return out
 
     # -- report and training ---------------------------------------------------------------
     def startReportExport(self, resultDir: Path, outputPath: Path) -> Run:

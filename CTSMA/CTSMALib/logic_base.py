@@ -58,12 +58,16 @@ class Run:
     args: list[str]
     work_dir: Path
     out_dir: Path
-    loader: Callable[["Run"], list] | None
+    loader: Callable[["Run"], dict] | None
     runner: object
     started: float = field(default_factory=time.time)
     status: RunStatus | None = None
-    nodes: list = field(default_factory=list)
+    outputs: dict = field(default_factory=dict)  # role -> node, filled when the run succeeds
     load_error: str = ""
+
+    @property
+    def nodes(self) -> list:
+        return [n for n in self.outputs.values() if n is not None]
 
 
 class CliLogic(ScriptedLoadableModuleLogic):
@@ -104,8 +108,9 @@ class CliLogic(ScriptedLoadableModuleLogic):
         return self.run is not None and (self.run.status is None or not self.run.status.finished)
 
     def startCli(self, label: str, args: list[str], work_dir: Path, out_dir: Path,
-                 loader: Callable[[Run], list] | None = None, env: dict[str, str] | None = None) -> Run:
-        """Start ``ctsma <args>`` in the background; ``loader`` puts outputs in the scene on success."""
+                 loader: Callable[[Run], dict] | None = None, env: dict[str, str] | None = None) -> Run:
+        """Start ``ctsma <args>`` in the background; on success ``loader(run)`` puts the outputs in
+        the scene and returns them as ``{role: node}``."""
         if self.isRunning():
             raise RuntimeError(f"'{self.run.label}' is still running: cancel it or wait until it ends")
         runner = self.runnerFactory()
@@ -124,7 +129,7 @@ class CliLogic(ScriptedLoadableModuleLogic):
         status = run.runner.poll()
         if status.state == DONE and run.loader is not None:
             try:
-                run.nodes = list(run.loader(run))
+                run.outputs = dict(run.loader(run))
             except Exception as exc:  # noqa: BLE001 - reported to the user as a failed run
                 status.state = FAILED
                 status.last_error = f"could not load the results of {run.label}: {exc}"

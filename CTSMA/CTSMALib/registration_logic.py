@@ -70,8 +70,9 @@ class CTSMARegistrationLogic(CliLogic):
         return self.startCli("registration", args, work, out, loader=lambda run: self.loadOutputs(run.out_dir, names),
                              env=params.env())
 
-    def loadOutputs(self, out_dir: Path, names: dict | None = None) -> list:
-        """Put the registration outputs of ``out_dir`` into the scene; returns the new nodes."""
+    def loadOutputs(self, out_dir: Path, names: dict | None = None) -> dict:
+        """Put the registration outputs of ``out_dir`` into the scene; returns ``{role: node}``
+        with the roles ``transform``, ``mr_in_ct``, ``pseudo_ct`` and ``qa``."""
         import SimpleITK as sitk
 
         from . import scene_bridge as sb
@@ -82,15 +83,15 @@ class CTSMARegistrationLogic(CliLogic):
         if missing:
             raise FileNotFoundError(f"the registration finished without {', '.join(missing)} in {out_dir}")
         qa = json.loads((out_dir / OUTPUTS["qa"]).read_text(encoding="utf-8"))
-        nodes = []
+        out = {}
         with rollback_on_error(self.scene):  # all or nothing
-            nodes.append(sb.read_transform_file(out_dir / OUTPUTS["transform"], self.scene,
-                                                name=f"{names['ct']} to {names['mr']} transform"))
-            nodes.append(sb.sitk_to_volume_node(sitk.ReadImage(str(out_dir / OUTPUTS["mr_in_ct"])), self.scene,
-                                                name=f"{names['mr']} in CT"))
-            nodes.append(sb.sitk_to_volume_node(sitk.ReadImage(str(out_dir / OUTPUTS["pseudo_ct"])), self.scene,
-                                                name=f"{names['mr']} pseudo-CT"))
-            nodes.append(sb.table_to_node(qa_rows(qa), self.scene, name=f"{names['mr']} registration QA",
-                                          units={"seconds": "s"}))
-            sb.put_in_folder(self.scene, nodes, "CT-SMA registration")
-        return nodes
+            out["transform"] = sb.read_transform_file(out_dir / OUTPUTS["transform"], self.scene,
+                                                      name=f"{names['ct']} to {names['mr']} transform")
+            out["mr_in_ct"] = sb.sitk_to_volume_node(sitk.ReadImage(str(out_dir / OUTPUTS["mr_in_ct"])),
+                                                     self.scene, name=f"{names['mr']} in CT")
+            out["pseudo_ct"] = sb.sitk_to_volume_node(sitk.ReadImage(str(out_dir / OUTPUTS["pseudo_ct"])),
+                                                      self.scene, name=f"{names['mr']} pseudo-CT")
+            out["qa"] = sb.table_to_node(qa_rows(qa), self.scene, name=f"{names['mr']} registration QA",
+                                         units={"seconds": "s"})
+            sb.put_in_folder(self.scene, out.values(), "CT-SMA registration")
+        return out

@@ -1,0 +1,227 @@
+"""CTSMA: subchondral trabecular bone microstructure (BV/TV, Tb.Th, Tb.Sp, Tb.N) from knee CT.
+
+The work lives in ``CTSMALib`` (beside this file) and in the ``ctsma`` package, run as a
+background ``ctsma`` process; ``CTSMALogic`` runs headless and is tested without Qt. This file
+only holds the Slicer module, its GUI and the self-test.
+"""
+
+from pathlib import Path
+from typing import Annotated
+
+import ctk
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import *  # noqa: F403
+from slicer.util import VTKObservationMixin
+
+from CTSMALib.analysis_logic import CTSMALogic  # noqa: F401  (Slicer looks it up here)
+from CTSMALib.gui import RunMonitor, showFailure
+from CTSMALib.parameters import DEVICES, AnalysisParameters
+
+# Every widget this file uses, with its class in Resources/UI/CTSMA.ui (checked by tests).
+UI_WIDGETS = {
+    "ctVolumeSelector": "qMRMLNodeComboBox", "boneSegmentationSelector": "qMRMLNodeComboBox",
+    "roiSegmentationSelector": "qMRMLNodeComboBox", "segmentBonesButton": "QPushButton",
+    "createRoisButton": "QPushButton", "modelPathLineEdit": "ctkPathLineEdit", "deviceComboBox": "QComboBox",
+    "runButton": "QPushButton", "progressBar": "QProgressBar", "stageLabel": "QLabel",
+    "outputTableSelector": "qMRMLNodeComboBox", "reportPathLineEdit": "ctkPathLineEdit",
+    "exportReportButton": "QPushButton", "trainingCollapsibleButton": "ctkCollapsibleButton",
+    "trainingConfigLineEdit": "ctkPathLineEdit", "trainingOutputDirButton": "ctkDirectoryButton",
+    "startTrainingButton": "QPushButton",
+}
+
+
+def _path(p) -> str:
+    """'' for an unset Path parameter (the wrapper stores Path('.'))."""
+    return "" if p is None or str(p) in ("", ".") else str(p)
+
+
+class CTSMA(ScriptedLoadableModule):  # noqa: F405
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)  # noqa: F405
+        self.parent.title = _("CT-SMA")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["CT-SMA developers"]
+        self.parent.helpText = _("Subchondral trabecular bone microstructure analysis of the knee from clinical CT: "
+                                 "bone segmentation, subchondral ROIs, BV/TV, Tb.Th, Tb.Sp and Tb.N maps and an "
+                                 "ROI table, with a PDF report. See docs/slicer.md in the CT-SMA repository.")
+        self.parent.acknowledgementText = _("CT-SMA: knowledge distilled from high-resolution MR into clinical CT.")
+
+
+@parameterNodeWrapper
+class CTSMAParameterNode:
+    ctVolume: vtkMRMLScalarVolumeNode
+    boneSegmentation: vtkMRMLSegmentationNode
+    roiSegmentation: vtkMRMLSegmentationNode
+    modelPath: Path
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    outputTable: vtkMRMLTableNode
+    reportPath: Path
+    trainingConfig: Path
+    trainingOutputDir: Path
+
+
+class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F405
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)  # noqa: F405
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.monitor = None
+        self.lastResultDir = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)  # noqa: F405
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CTSMA.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = CTSMALogic()
+        self.ui.modelPathLineEdit.nameFilters = ["CT-SMA model (*.safetensors)", "All files (*)"]
+        self.ui.reportPathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Writable
+        self.ui.trainingConfigLineEdit.nameFilters = ["Training configuration (*.yaml *.yml *.json)"]
+        actions = {self.ui.segmentBonesButton: self.onSegmentBones, self.ui.createRoisButton: self.onCreateRois,
+                   self.ui.runButton: self.onRun, self.ui.exportReportButton: self.onExportReport,
+                   self.ui.startTrainingButton: self.onStartTraining}
+        self.monitor = RunMonitor(self.logic, self.ui.progressBar, self.ui.stageLabel, list(actions),
+                                  self.onRunFinished)
+        for button, handler in actions.items():
+            button.connect("clicked(bool)", lambda checked=False, b=button, h=handler: self._action(b, h))
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneImported)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self.monitor:
+            self.monitor.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onSceneImported(self, caller, event) -> None:
+        from CTSMALib.scene_bridge import reapply_grid_interpolation
+
+        reapply_grid_interpolation(slicer.mrmlScene)  # transform files do not store it
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(CTSMAParameterNode(self.logic.getParameterNode()))
+        if not self._parameterNode.ctVolume:
+            self._parameterNode.ctVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._updateButtons()
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        if self.monitor.isBusy():
+            return
+        p = self._parameterNode
+        hasCt = bool(p and p.ctVolume)
+        self.ui.segmentBonesButton.enabled = hasCt
+        self.ui.createRoisButton.enabled = hasCt and bool(p.boneSegmentation)
+        self.ui.runButton.enabled = hasCt
+        self.ui.exportReportButton.enabled = self.lastResultDir is not None and bool(_path(p.reportPath))
+        self.ui.startTrainingButton.enabled = bool(_path(p.trainingConfig) and _path(p.trainingOutputDir))
+
+    def _params(self) -> AnalysisParameters:
+        return AnalysisParameters(modelPath=_path(self._parameterNode.modelPath), device=self._parameterNode.device)
+
+    def _action(self, button, handler) -> None:
+        if self.monitor.isBusy():  # the active button reads "Cancel"
+            self.monitor.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start: ") + button.text, waitCursor=True):
+            from CTSMALib.dependencies import ensureDependencies
+
+            ensureDependencies("CT-SMA")
+            handler()
+            self.monitor.begin(button)
+
+    def onSegmentBones(self) -> None:
+        self.logic.startBoneSegmentation(self._parameterNode.ctVolume, self._params())
+
+    def onCreateRois(self) -> None:
+        p = self._parameterNode
+        self.logic.startRoiCreation(p.ctVolume, p.boneSegmentation, self._params())
+
+    def onRun(self) -> None:
+        p = self._parameterNode
+        self.logic.startAnalysis(p.ctVolume, self._params(), p.boneSegmentation, p.roiSegmentation)
+
+    def onExportReport(self) -> None:
+        self.logic.startReportExport(self.lastResultDir, Path(_path(self._parameterNode.reportPath)))
+
+    def onStartTraining(self) -> None:
+        p = self._parameterNode
+        self.logic.startTraining(Path(_path(p.trainingConfig)), Path(_path(p.trainingOutputDir)), self._params())
+
+    def onRunFinished(self, status, run) -> None:
+        showFailure(status)
+        p = self._parameterNode
+        if status.state == "done" and run is not None:
+            out = run.outputs
+            if "bones" in out:
+                p.boneSegmentation = out["bones"]
+            if "rois" in out:
+                p.roiSegmentation = out["rois"]
+            if "table" in out:
+                p.outputTable = out["table"]
+                self.lastResultDir = run.out_dir  # kept for the report export
+                slicer.util.setSliceViewerLayers(background=p.ctVolume, foreground=out.get("Tb.Th"),
+                                                 foregroundOpacity=0.6)
+        if run is not None and run.label not in ("analysis", "training", "report export"):
+            self.logic.cleanupRun(keep_outputs=status.state == "failed")
+        self._updateButtons()
+
+
+class CTSMATest(ScriptedLoadableModuleTest):  # noqa: F405
+    """In-application self-test of the Logic wiring (the science is tested by the ctsma test suite)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_logic_refuses_bad_inputs_and_cancels()
+
+    def test_logic_refuses_bad_inputs_and_cancels(self):
+        import numpy as np
+        from ctsma.errors import UserError
+
+        self.delayDisplay("Starting the test")
+        logic = CTSMALogic()
+        with self.assertRaises(UserError):
+            logic.startBoneSegmentation(None)
+        ct = slicer.util.addVolumeFromArray(np.full((16, 16, 16), -1000, "float32"), name="CT")
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+        logic.startBoneSegmentation(ct)
+        status = logic.cancel()
+        self.assertIn(status.state, ("cancelled", "failed", "done"))
+        if status.state != "done":
+            self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        logic.cleanupRun()
+        self.delayDisplay("Test passed")

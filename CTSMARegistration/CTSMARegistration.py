@@ -1,0 +1,189 @@
+"""CTSMARegistration: register a high-resolution knee MR to the clinical CT (multi-stage,
+synthesis-based), in a background ``ctsma register`` process.
+
+The work lives in ``CTSMALib`` (installed beside this file): ``CTSMARegistrationLogic`` runs
+headless and is tested without Qt; this file only holds the Slicer module, its GUI and the
+self-test.
+"""
+
+from pathlib import Path
+from typing import Annotated
+
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode, vtkMRMLTransformNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Minimum, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import *  # noqa: F403
+from slicer.util import VTKObservationMixin
+
+from CTSMALib.gui import RunMonitor, showFailure
+from CTSMALib.parameters import RegistrationParameters
+from CTSMALib.registration_logic import CTSMARegistrationLogic  # noqa: F401  (Slicer looks it up here)
+
+# Every widget this file uses, with its class in Resources/UI/CTSMARegistration.ui (checked by tests).
+UI_WIDGETS = {
+    "mrVolumeSelector": "qMRMLNodeComboBox", "ctVolumeSelector": "qMRMLNodeComboBox",
+    "boneSegmentationSelector": "qMRMLNodeComboBox", "presetComboBox": "QComboBox",
+    "advancedCollapsibleButton": "ctkCollapsibleButton", "threadsSpinBox": "QSpinBox",
+    "extraArgsLineEdit": "QLineEdit", "keepWorkDirCheckBox": "QCheckBox",
+    "applyButton": "QPushButton", "progressBar": "QProgressBar", "stageLabel": "QLabel",
+    "outputTransformSelector": "qMRMLNodeComboBox", "pseudoCtSelector": "qMRMLNodeComboBox",
+    "mrInCtSelector": "qMRMLNodeComboBox", "qaTableSelector": "qMRMLNodeComboBox",
+}
+
+
+class CTSMARegistration(ScriptedLoadableModule):  # noqa: F405
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)  # noqa: F405
+        self.parent.title = _("CT-SMA Registration")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["CT-SMA developers"]
+        self.parent.helpText = _("Registers a high-resolution knee MR (moving) to the clinical CT (fixed): "
+                                 "rigid, affine and deformable stages driven by an MR-to-pseudo-CT synthesis. "
+                                 "The transform maps CT points to MR points (Slicer's FromParent direction). "
+                                 "See docs/slicer.md in the CT-SMA repository.")
+        self.parent.acknowledgementText = _("CT-SMA: subchondral trabecular bone microstructure analysis.")
+
+
+@parameterNodeWrapper
+class CTSMARegistrationParameterNode:
+    mrVolume: vtkMRMLScalarVolumeNode
+    ctVolume: vtkMRMLScalarVolumeNode
+    boneSegmentation: vtkMRMLSegmentationNode
+    preset: str = ""
+    threads: Annotated[int, Minimum(0)] = 0
+    extraArgs: str = ""
+    keepWorkDir: bool = False
+    outputTransform: vtkMRMLTransformNode
+    pseudoCtVolume: vtkMRMLScalarVolumeNode
+    mrInCtVolume: vtkMRMLScalarVolumeNode
+    qaTable: vtkMRMLTableNode
+
+
+class CTSMARegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F405
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)  # noqa: F405
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.monitor = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)  # noqa: F405
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CTSMARegistration.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = CTSMARegistrationLogic()
+        self.ui.presetComboBox.addItem("(default)", "")
+        for name in self.logic.presetNames():  # presets are files: the list may be empty
+            self.ui.presetComboBox.addItem(name, name)
+        self.monitor = RunMonitor(self.logic, self.ui.progressBar, self.ui.stageLabel, [self.ui.applyButton],
+                                  self.onRunFinished)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self.monitor:
+            self.monitor.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(CTSMARegistrationParameterNode(self.logic.getParameterNode()))
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            index = self.ui.presetComboBox.findData(self._parameterNode.preset)
+            self.ui.presetComboBox.currentIndex = max(index, 0)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        if self.monitor.isBusy():
+            return
+        p = self._parameterNode
+        ready = bool(p and p.mrVolume and p.ctVolume and p.mrVolume != p.ctVolume)
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = _("Register the MR to the CT") if ready else _("Select an MR and a CT volume")
+
+    def onApplyButton(self) -> None:
+        if self.monitor.isBusy():  # Apply reads "Cancel" while a registration runs
+            self.monitor.cancel()
+            return
+        p = self._parameterNode
+        p.preset = self.ui.presetComboBox.currentData or ""
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the registration."), waitCursor=True):
+            from CTSMALib.dependencies import ensureDependencies
+
+            ensureDependencies("CT-SMA Registration")
+            params = RegistrationParameters(preset=p.preset, threads=p.threads, extraArgs=p.extraArgs,
+                                            keepWorkDir=p.keepWorkDir)
+            self.logic.startRegistration(p.mrVolume, p.ctVolume, p.boneSegmentation, params)
+            self.monitor.begin(self.ui.applyButton)
+
+    def onRunFinished(self, status, run) -> None:
+        showFailure(status)
+        if status.state == "done" and run is not None:
+            p = self._parameterNode
+            p.outputTransform = run.outputs.get("transform")
+            p.mrInCtVolume = run.outputs.get("mr_in_ct")
+            p.pseudoCtVolume = run.outputs.get("pseudo_ct")
+            p.qaTable = run.outputs.get("qa")
+            if p.mrInCtVolume:
+                slicer.util.setSliceViewerLayers(background=self._parameterNode.ctVolume,
+                                                 foreground=self._parameterNode.mrInCtVolume, foregroundOpacity=0.5)
+        if run is not None:
+            self.logic.cleanupRun(keep_outputs=self._parameterNode.keepWorkDir or status.state == "failed")
+        self._checkCanApply()
+
+
+class CTSMARegistrationTest(ScriptedLoadableModuleTest):  # noqa: F405
+    """In-application self-test: a real background registration run on a tiny synthetic pair."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_presets_and_cancel()
+
+    def test_presets_and_cancel(self):
+        import numpy as np
+
+        self.delayDisplay("Starting the test")
+        logic = CTSMARegistrationLogic()
+        self.assertIsInstance(logic.presetNames(), list)
+        mr = slicer.util.addVolumeFromArray(np.random.rand(16, 16, 16).astype("float32"), name="MR")
+        ct = slicer.util.addVolumeFromArray(np.random.rand(16, 16, 16).astype("float32"), name="CT")
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+        logic.startRegistration(mr, ct)
+        status = logic.cancel()
+        self.assertIn(status.state, ("cancelled", "failed", "done"))
+        if status.state != "done":
+            self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        logic.cleanupRun()
+        self.delayDisplay("Test passed")
