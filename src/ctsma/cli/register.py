@@ -1,0 +1,82 @@
+"""``ctsma register MR CT --out DIR`` and cohort mode ``ctsma register --manifest CSV --out DIR``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def _model_path(args, preset) -> str | None:
+    if not preset.use_synthesis:
+        return None
+    if args.model:
+        return args.model
+    from ..resources import resource_path
+
+    shipped = resource_path("Models", "synthesis.safetensors", must_exist=False)
+    if shipped.is_file():
+        return str(shipped)
+    raise UserError(f"preset '{preset.name}' registers a pseudo-CT: give a synthesis model with --model "
+                    "(train one with 'ctsma synthesis train'), or use --preset nosynth")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..io.atomic import ensure_writable_dir
+    from ..progress import info
+    from ..registration.presets import load_preset
+
+    preset = load_preset(args.preset, {"threads": args.threads} if args.threads else None)
+    model_path = _model_path(args, preset)
+    out = ensure_writable_dir(args.out)
+    if args.manifest:
+        if args.mr or args.ct:
+            raise UserError("give either MR and CT images, or --manifest, not both")
+        from ..registration.cohort import parse_shard, run_cohort
+
+        summary = run_cohort(args.manifest, out, preset=preset, model_path=model_path,
+                             shard=parse_shard(args.shard), jobs=args.jobs, limit=args.limit)
+        failed = summary[summary.status == "failed"]
+        info(f"registered {int((summary.status == 'done').sum())}, skipped "
+             f"{int(summary.status.str.startswith('skipped').sum())}, failed {len(failed)}; summary in {out}")
+        for _, r in failed.iterrows():
+            info(f"  {r.subject}: {r.error}")
+        return 1 if len(failed) else 0
+    if not (args.mr and args.ct):
+        raise UserError("give the MR and the CT images (ctsma register MR CT --out DIR), or --manifest CSV")
+    from ..registration.cohort import register_files
+    from ..synthesis.model import SynthesisModel
+
+    model = SynthesisModel.load(model_path) if model_path else None
+    qa = register_files(args.mr, args.ct, out, preset=preset, model=model, ct_bones_path=args.ct_bones,
+                        mr_bones_path=args.mr_bones)
+    for s in qa["stages"]:
+        dice = s["bone_dice"].get("mean") if s["bone_dice"] else None
+        info(f"  {s['name']:<11} {s['metric']:<12} {s['metric_before']:.4f} -> {s['metric_after']:.4f} "
+             f"{'kept' if s['kept'] else 'REJECTED'}  dice {dice if dice is None else round(dice, 3)}  "
+             f"{s['seconds']:.1f} s")
+    info(f"registered in {qa['total_seconds']:.1f} s; outputs in {Path(out)}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "register", help="multi-stage MR→CT registration (synthesis-based), one pair or a cohort",
+        description="Register an MR (moving) to a CT (fixed) through the MR's pseudo-CT: initialisation, global "
+                    "rigid, affine, per-bone rigid, constrained B-spline (stages chosen by a preset). Writes "
+                    "DIR/transform_ct_to_mr.h5, mr_in_ct.nii.gz, pseudo_ct_in_ct.nii.gz, qa.json and checkerboards.")
+    p.add_argument("mr", nargs="?", help="MR image (NIfTI/NRRD/MHA or DICOM folder)")
+    p.add_argument("ct", nargs="?", help="CT image in Hounsfield units")
+    p.add_argument("--out", required=True, help="output folder (cohort mode: one sub-folder per subject)")
+    p.add_argument("--preset", default="default",
+                   help="preset name (default, demo, nosynth, ...) or a JSON file (default: %(default)s)")
+    p.add_argument("--model", help="synthesis model file (from 'ctsma synthesis train')")
+    p.add_argument("--ct-bones", help="CT bone labels (femur=1, tibia=2); automatic segmentation without it")
+    p.add_argument("--mr-bones", help="MR bone labels, only for an exact bone Dice in the QA")
+    p.add_argument("--manifest", help="cohort mode: CSV with columns mr, ct (and subject, ct_bones, mr_bones)")
+    p.add_argument("--shard", help="cohort mode: i/N, register rows i, i+N, ... (0 <= i < N)")
+    p.add_argument("--jobs", type=int, default=1, help="cohort mode: pairs registered in parallel")
+    p.add_argument("--limit", type=int, default=None, help="cohort mode: at most this many pairs of the shard")
+    p.add_argument("--threads", type=int, default=0, help="ITK threads per registration (0: all cores)")
+    p.set_defaults(func=run)

@@ -1,0 +1,106 @@
+"""``ctsma synthesis train|apply|evaluate``: the MR→pseudo-CT model."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UserError
+
+
+def _rows(args):
+    from ..registration.cohort import read_manifest
+
+    df = read_manifest(args.manifest)
+    if args.subjects:
+        wanted = [s.strip() for s in args.subjects.split(",") if s.strip()]
+        unknown = sorted(set(wanted) - set(df.subject))
+        if unknown:
+            raise UserError(f"subjects not in the manifest: {', '.join(unknown)}")
+        df = df[df.subject.isin(wanted)]
+    if args.exclude:
+        df = df[~df.subject.isin([s.strip() for s in args.exclude.split(",")])]
+    if args.limit:
+        df = df.iloc[: args.limit]
+    if not len(df):
+        raise UserError("no pairs selected from the manifest")
+    return df
+
+
+def train_cmd(args: argparse.Namespace) -> int:
+    from ..io.images import read_image
+    from ..progress import info
+    from ..segmentation import read_user_labels
+    from ..synthesis.training import load_train_config, train
+
+    overrides = {}
+    if args.max_minutes:
+        overrides["max_minutes"] = args.max_minutes
+    if args.threads:
+        overrides["threads"] = args.threads
+    cfg = load_train_config(args.preset, overrides)
+    df = _rows(args)
+    pairs = []
+    for r in df.to_dict("records"):
+        ct = read_image(r["ct"], what="CT")
+        bones = read_user_labels(r["ct_bones"], ct, kind="bones") if r.get("ct_bones") else None
+        pairs.append((read_image(r["mr"], what="MR"), ct, bones))
+    model = train(pairs, cfg, names=list(df.subject))
+    model.save(args.out)
+    t = model.meta["training"]["timings"]
+    info(f"trained on {len(pairs)} pairs in {t['total_s']:.0f} s; model written to {args.out}")
+    return 0
+
+
+def apply_cmd(args: argparse.Namespace) -> int:
+    from ..io.images import read_image, write_image
+    from ..synthesis.model import SynthesisModel
+
+    model = SynthesisModel.load(args.model)
+    write_image(model.apply(read_image(args.mr, what="MR")), args.out)
+    return 0
+
+
+def evaluate_cmd(args: argparse.Namespace) -> int:
+    from ..io.atomic import write_json
+    from ..progress import info
+    from ..synthesis.model import SynthesisModel
+    from ..synthesis.quality import evaluate_manifest
+
+    model = SynthesisModel.load(args.model)
+    res = evaluate_manifest(_rows(args), model)
+    write_json(args.out, res)
+    s = res["summary"]
+    info(f"HU MAE bone {s['mae_bone_hu']:.1f}, soft tissue {s['mae_soft_hu']:.1f}, SSIM {s['ssim']:.3f} "
+         f"over {s['n']} pairs; written to {args.out}")
+    return 0
+
+
+def _selection(p) -> None:
+    p.add_argument("--manifest", required=True, help="cohort CSV with columns mr, ct (and subject, ct_bones)")
+    p.add_argument("--subjects", help="comma-separated subjects to use (default: all)")
+    p.add_argument("--exclude", help="comma-separated subjects to leave out (e.g. held-out test knees)")
+    p.add_argument("--limit", type=int, help="use at most this many pairs")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("synthesis", help="MR→pseudo-CT model: train, apply, evaluate",
+                              description="A 2.5D U-Net that turns BFFE MR into a pseudo-CT (HU), trained by weak "
+                                          "pairing (no ground-truth transforms); see docs/registration.md.")
+    sub = p.add_subparsers(dest="synthesis_command", metavar="ACTION", required=True)
+    t = sub.add_parser("train", help="train a model on a cohort manifest (pairs are aligned without ground truth)")
+    _selection(t)
+    t.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    t.add_argument("--preset", default="default", help="training preset (default, demo) or a YAML/JSON file")
+    t.add_argument("--max-minutes", type=float, help="time limit for training (stops early)")
+    t.add_argument("--threads", type=int, default=0, help="CPU threads (0: up to 4)")
+    t.set_defaults(func=train_cmd)
+    a = sub.add_parser("apply", help="pseudo-CT of one MR")
+    a.add_argument("mr", help="MR image")
+    a.add_argument("--model", required=True, help="synthesis model file")
+    a.add_argument("--out", required=True, help="pseudo-CT image to write (HU, MR frame, model's working grid)")
+    a.set_defaults(func=apply_cmd)
+    e = sub.add_parser("evaluate", help="HU MAE (bone, soft tissue) and SSIM against the phantom's truth")
+    _selection(e)
+    e.add_argument("--model", required=True, help="synthesis model file")
+    e.add_argument("--out", required=True, help="JSON file to write")
+    e.set_defaults(func=evaluate_cmd)

@@ -1,0 +1,146 @@
+"""Cohort mode: register every MR/CT pair of a manifest, in parallel, resumable, shardable.
+
+The manifest is a CSV with at least the columns ``mr`` and ``ct`` (paths relative to the CSV's
+folder, like the phantom's ``manifest.csv``); ``subject``, ``ct_bones`` and ``mr_bones`` are used
+when present. Each pair's outputs go to ``OUT/<subject>/``; a pair whose ``qa.json`` already
+exists is skipped, so a rerun resumes. ``shard=(i, n)`` keeps rows ``i, i+n, i+2n, …`` (0-based),
+so that a cluster job array can spread a cohort over machines; ``OUT/cohort_<i>of<n>.csv`` then
+summarises that shard.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import pandas as pd
+
+from .. import progress
+from ..errors import ConfigError, InputImageError, UserError
+from ..io.atomic import safe_join, write_text
+
+_WORKER: dict = {}
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"i/N"`` (0 ≤ i < N) → (i, N); ``None`` → (0, 1)."""
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like i/N (e.g. 0/4), not {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard {text}: need 0 <= i < N (shards are numbered from 0)")
+    return i, n
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """The manifest with absolute image paths and a ``subject`` column (row number when absent)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputImageError(f"manifest not found: {path}")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas raises several parser error types
+        raise InputImageError(f"cannot read manifest {path.name}: {exc}") from None
+    missing = [c for c in ("mr", "ct") if c not in df.columns]
+    if missing:
+        raise InputImageError(f"manifest {path.name} lacks column(s) {', '.join(missing)} "
+                              f"(has: {', '.join(df.columns)})")
+    if "subject" not in df.columns:
+        df["subject"] = [f"row{i:04d}" for i in range(len(df))]
+    if df["subject"].duplicated().any():
+        raise InputImageError(f"manifest {path.name} repeats subject names: "
+                              f"{', '.join(sorted(set(df['subject'][df['subject'].duplicated()])))}")
+    for col in ("mr", "ct", "ct_bones", "mr_bones", "transform_ct_to_mr", "landmarks"):
+        if col in df.columns:
+            df[col] = [str((path.parent / v).resolve()) if v else "" for v in df[col]]
+    return df
+
+
+def _init_worker(preset_dict: dict, model_path: str | None, threads: int) -> None:
+    import SimpleITK as sitk
+    import torch
+
+    from ..synthesis.model import SynthesisModel
+    from .presets import load_preset
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, threads))
+    torch.set_num_threads(max(1, threads))
+    _WORKER["preset"] = load_preset(preset_dict)
+    _WORKER["model"] = SynthesisModel.load(model_path) if model_path else None
+
+
+def register_files(mr_path: str, ct_path: str, out_dir: str | Path, *, preset, model=None,
+                   ct_bones_path: str | None = None, mr_bones_path: str | None = None) -> dict:
+    """Read, register and write one pair (the work of ``ctsma register MR CT``); returns its QA record."""
+    from ..io.images import read_image
+    from .pipeline import register, write_outputs
+
+    mr = read_image(mr_path, what="MR")
+    ct = read_image(ct_path, what="CT")
+    ct_bones = mr_bones = None
+    if ct_bones_path:
+        from ..segmentation import read_user_labels
+        ct_bones = read_user_labels(ct_bones_path, ct, kind="bones")
+    if mr_bones_path:
+        import SimpleITK as sitk
+        mr_bones = read_image(mr_bones_path, what="MR bone labels", pixel_type=sitk.sitkUInt8)
+    result = register(mr, ct, preset=preset, ct_bones=ct_bones, synthesis=model, mr_bones=mr_bones)
+    return write_outputs(result, mr, ct, out_dir, extra_qa={"inputs": {"mr": str(mr_path), "ct": str(ct_path)}})
+
+
+def _run_one(row: dict, out_dir: str) -> dict:
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            qa = register_files(row["mr"], row["ct"], out_dir, preset=_WORKER["preset"], model=_WORKER["model"],
+                                ct_bones_path=row.get("ct_bones") or None, mr_bones_path=row.get("mr_bones") or None)
+        rejected = [s["name"] for s in qa["stages"] if not s["kept"]]
+        return {"subject": row["subject"], "status": "done", "seconds": round(time.perf_counter() - t0, 2),
+                "bone_dice_mean": qa.get("bone_dice", {}).get("mean"), "rejected_stages": ";".join(rejected),
+                "warnings": len(caught), "error": ""}
+    except UserError as exc:
+        return {"subject": row["subject"], "status": "failed", "seconds": round(time.perf_counter() - t0, 2),
+                "bone_dice_mean": None, "rejected_stages": "", "warnings": 0, "error": str(exc)}
+
+
+def run_cohort(manifest: str | Path, out: str | Path, *, preset, model_path: str | None = None,
+               shard: tuple[int, int] = (0, 1), jobs: int = 1, limit: int | None = None) -> pd.DataFrame:
+    """Register the manifest's pairs of one shard into ``out``; returns (and writes) the shard summary."""
+    df = read_manifest(manifest)
+    i, n = shard
+    rows = df.iloc[i::n]
+    if limit:
+        rows = rows.iloc[:limit]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo, records = [], []
+    for row in rows.to_dict("records"):
+        target = safe_join(out, row["subject"])
+        if (target / "qa.json").is_file():
+            records.append({"subject": row["subject"], "status": "skipped (done before)", "seconds": 0.0,
+                            "bone_dice_mean": None, "rejected_stages": "", "warnings": 0, "error": ""})
+        else:
+            todo.append((row, str(target)))
+    jobs = max(1, min(jobs, len(todo) or 1))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    preset_dict = preset.to_dict()
+    if jobs == 1:
+        _init_worker(preset_dict, model_path, threads)
+        for row, target in progress.track(todo, "register cohort", total=len(todo), unit="knee"):
+            records.append(_run_one(row, target))
+    else:
+        with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(preset_dict, model_path, threads)) as ex:
+            futures = [ex.submit(_run_one, row, target) for row, target in todo]
+            for fut in progress.track(as_completed(futures), "register cohort", total=len(futures), unit="knee"):
+                records.append(fut.result())
+    summary = pd.DataFrame(records, columns=["subject", "status", "seconds", "bone_dice_mean", "rejected_stages",
+                                             "warnings", "error"])
+    write_text(out / f"cohort_{i}of{n}.csv", summary.to_csv(index=False))
+    return summary

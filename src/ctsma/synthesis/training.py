@@ -1,0 +1,232 @@
+"""Training the MR→pseudo-CT model by weak pairing: no ground-truth transform is ever used.
+
+Round 1 aligns each MR to its CT with an intensity-agnostic registration (body centroids, then
+Mattes mutual information, global rigid and per-bone rigid: the ``pairing`` registration preset)
+and trains the 2.5D U-Net on the roughly aligned pairs with a loss that tolerates the residual
+misalignment: the L1 error of a patch is the minimum over small in-plane shifts of the target
+(``shift_tolerance_vox``). Round 2 (optional) re-registers every pair with the round-1 pseudo-CT
+(near mono-modal, much more accurate) and fine-tunes on the better-aligned pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .. import __version__, progress
+from ..config import load_config, setting
+from ..errors import UserError
+from .model import DEFAULT_NORMALISATION, PLANES, SynthesisModel, ct_to_target, mr_scale, resample_isotropic
+from .network import UNet25D
+
+
+@dataclass
+class TrainConfig:
+    working_spacing_mm: float = setting(1.0, lo=0.1, hi=5.0, help="isotropic grid the model works on")
+    in_slices: int = setting(5, lo=1, hi=15, help="neighbouring slices given to the 2.5D network (odd)")
+    base: int = setting(16, lo=4, hi=128, help="channels of the first U-Net level")
+    depth: int = setting(3, lo=2, hi=5)
+    patch: int = setting(64, lo=16, hi=512, help="training patch size (voxels)")
+    batch: int = setting(16, lo=1, hi=512)
+    iterations: int = setting(800, lo=1, hi=200_000, help="round-1 optimiser steps")
+    refine_iterations: int = setting(400, lo=0, hi=200_000, help="round-2 steps (0: no second round)")
+    learning_rate: float = setting(2e-3, lo=1e-6, hi=1.0)
+    shift_tolerance_vox: int = setting(1, lo=0, hi=4, help="in-plane shift the loss forgives")
+    bone_weight: float = setting(3.0, lo=1.0, hi=100.0, help="loss weight of voxels above 150 HU")
+    bone_fraction: float = setting(0.7, lo=0.0, hi=1.0, help="share of patches centred on bone")
+    planes: list[str] = setting(["axial", "coronal", "sagittal"], choices=tuple(PLANES))
+    pairing_preset: str = setting("pairing", help="registration preset for round 1 (no synthesis)")
+    refine_preset: str = setting("pairing_pct", help="registration preset for round 2 (pseudo-CT)")
+    max_minutes: float = setting(10.0, lo=0.1, hi=10_000, help="time limit; training stops early at it")
+    threads: int = setting(0, lo=0, hi=256, help="torch/ITK threads (0: all cores)")
+    seed: int = setting(0, lo=0, hi=2**31 - 1)
+
+
+PRESETS = {
+    "default": {},
+    "demo": {"iterations": 350, "refine_iterations": 150, "batch": 12, "base": 12, "max_minutes": 2.0,
+             "planes": ["axial", "coronal", "sagittal"]},
+}
+
+
+def load_train_config(preset_or_path: str | None = "default", overrides: dict | None = None) -> TrainConfig:
+    """A named training preset (``default``, ``demo``) or a YAML/JSON file, plus overrides."""
+    if preset_or_path in PRESETS or preset_or_path is None:
+        return load_config(PRESETS[preset_or_path or "default"], TrainConfig, overrides=overrides)
+    return load_config(preset_or_path, TrainConfig, overrides=overrides)
+
+
+@dataclass
+class Pair:
+    """One training pair on the CT's isotropic grid: normalised MR, CT target, masks (z, y, x)."""
+    mr: np.ndarray
+    ct: np.ndarray
+    valid: np.ndarray
+    bone_idx: np.ndarray
+    valid_idx: np.ndarray
+
+
+def _pad(arr: np.ndarray, m: int, value: float) -> np.ndarray:
+    return np.pad(arr, m, mode="constant", constant_values=value)
+
+
+def make_pair(mr: sitk.Image, ct: sitk.Image, transform: sitk.Transform, cfg: TrainConfig, margin: int) -> Pair:
+    """Resample the MR through ``transform`` onto the CT's isotropic working grid."""
+    ref = resample_isotropic(ct, cfg.working_spacing_mm, default=-1000.0)
+    scale = mr_scale(sitk.GetArrayViewFromImage(resample_isotropic(mr, cfg.working_spacing_mm)))
+    mr_w = sitk.GetArrayFromImage(sitk.Resample(mr, ref, transform, sitk.sitkLinear, -1.0, sitk.sitkFloat32))
+    valid = mr_w >= 0
+    mr_n = np.where(valid, np.clip(mr_w / max(scale, 1e-6), 0, DEFAULT_NORMALISATION["mr_clip"]), 0).astype(np.float32)
+    hu = sitk.GetArrayFromImage(ref)
+    ct_t = ct_to_target(hu, DEFAULT_NORMALISATION)
+    mr_p, ct_p, v_p = _pad(mr_n, margin, 0.0), _pad(ct_t, margin, -1.0), _pad(valid, margin, False)
+    bone = v_p & (ct_p > 0.15)
+    body = v_p & (ct_p > -0.5)
+    # Patch centres stay `margin` away from the padded border.
+    inner = np.zeros_like(v_p)
+    inner[margin:-margin, margin:-margin, margin:-margin] = True
+    return Pair(mr_p, ct_p, v_p, np.argwhere(bone & inner), np.argwhere(body & inner))
+
+
+class PatchSampler:
+    """Random 2.5D patches (slices of one plane as channels) from a list of :class:`Pair`."""
+
+    def __init__(self, pairs: Sequence[Pair], cfg: TrainConfig, rng: np.random.Generator):
+        self.pairs, self.cfg, self.rng = pairs, cfg, rng
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c, k, h = self.cfg, self.cfg.in_slices // 2, self.cfg.patch // 2
+        xs, ys, vs = [], [], []
+        while len(xs) < c.batch:
+            p = self.pairs[self.rng.integers(len(self.pairs))]
+            pool = p.bone_idx if (len(p.bone_idx) and self.rng.random() < c.bone_fraction) else p.valid_idx
+            if not len(pool):
+                continue
+            z, y, x = pool[self.rng.integers(len(pool))]
+            ax = PLANES[c.planes[self.rng.integers(len(c.planes))]]
+            sl = [slice(z - h, z + h), slice(y - h, y + h), slice(x - h, x + h)]
+            sl[ax] = slice((z, y, x)[ax] - k, (z, y, x)[ax] + k + 1)
+            mr = np.moveaxis(p.mr[tuple(sl)], ax, 0)
+            sl[ax] = slice((z, y, x)[ax], (z, y, x)[ax] + 1)
+            ct = np.moveaxis(p.ct[tuple(sl)], ax, 0)
+            v = np.moveaxis(p.valid[tuple(sl)], ax, 0)
+            if self.rng.random() < 0.5:  # flips keep the model free of a left/right bias
+                mr, ct, v = mr[:, :, ::-1], ct[:, :, ::-1], v[:, :, ::-1]
+            xs.append(mr.copy()), ys.append(ct.copy()), vs.append(v.copy())
+        return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)),
+                torch.from_numpy(np.stack(vs).astype(np.float32)))
+
+
+def shift_tolerant_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, tol: int,
+                      bone_weight: float) -> torch.Tensor:
+    """Per patch, the smallest weighted L1 over target shifts of up to ``tol`` voxels in-plane; batch mean.
+
+    Residual misalignment of weakly paired data would otherwise teach the network to blur edges.
+    """
+    w = valid * (1.0 + (bone_weight - 1.0) * (target > 0.15).float())
+    if tol == 0:
+        return ((pred - target).abs() * w).sum((1, 2, 3)).div(w.sum((1, 2, 3)).clamp_min(1)).mean()
+    t = tol
+    p = pred[..., t:-t, t:-t]
+    losses = []
+    for dy in range(-t, t + 1):
+        for dx in range(-t, t + 1):
+            ys = slice(t + dy, target.shape[-2] - t + dy)
+            xs = slice(t + dx, target.shape[-1] - t + dx)
+            ww = w[..., ys, xs]
+            err = ((p - target[..., ys, xs]).abs() * ww).sum((1, 2, 3)) / ww.sum((1, 2, 3)).clamp_min(1)
+            losses.append(err)
+    return torch.stack(losses, 1).min(1).values.mean()
+
+
+def _train_steps(net, sampler, cfg, steps, lr, device, deadline, stage) -> list[float]:
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.15)
+    net.train()
+    losses = []
+    for _ in progress.track(range(steps), stage, total=steps, unit="step"):
+        x, y, v = (t.to(device) for t in sampler.batch())
+        loss = shift_tolerant_l1(net(x), y, v, cfg.shift_tolerance_vox, cfg.bone_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if time.monotonic() > deadline:
+            break
+    net.eval()
+    return losses
+
+
+def train(pairs: Sequence[tuple[sitk.Image, sitk.Image, sitk.Image | None]], cfg: TrainConfig | None = None,
+          *, names: Sequence[str] | None = None) -> SynthesisModel:
+    """Train a synthesis model on (MR, CT, CT bone labels or None) pairs; no true transform is used."""
+    from ..registration.pipeline import register
+    from ..registration.presets import load_preset
+
+    cfg = cfg or TrainConfig()
+    if cfg.in_slices % 2 == 0:
+        raise UserError("in_slices must be odd (a centre slice and its neighbours)")
+    if cfg.patch % 2 ** (cfg.depth - 1):
+        raise UserError(f"patch ({cfg.patch}) must be a multiple of 2**(depth-1) = {2 ** (cfg.depth - 1)}")
+    if not pairs:
+        raise UserError("no training pairs given")
+    t0 = time.monotonic()
+    deadline = t0 + 60 * cfg.max_minutes
+    threads = cfg.threads or min(os.cpu_count() or 1, 4)
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    margin = cfg.patch // 2 + cfg.in_slices // 2 + 1
+
+    pairing = load_preset(cfg.pairing_preset, {"threads": cfg.threads})
+    timings = {}
+    prepared, transforms = [], []
+    for mr, ct, bones in progress.track(pairs, "synthesis: weak pairing (MI)", total=len(pairs), unit="pair"):
+        res = register(mr, ct, preset=pairing, ct_bones=bones)
+        transforms.append(res.transform)
+        prepared.append(make_pair(mr, ct, res.transform, cfg, margin))
+    timings["pairing_s"] = time.monotonic() - t0
+
+    arch = {"type": "unet25d", "in_slices": cfg.in_slices, "base": cfg.base, "depth": cfg.depth}
+    net = UNet25D(cfg.in_slices, cfg.base, cfg.depth).to(device)
+    t1 = time.monotonic()
+    losses1 = _train_steps(net, PatchSampler(prepared, cfg, rng), cfg, cfg.iterations, cfg.learning_rate, device,
+                           deadline, "synthesis: training round 1")
+    timings["round1_s"] = time.monotonic() - t1
+    meta = {"architecture": arch, "normalisation": DEFAULT_NORMALISATION,
+            "working_spacing_mm": cfg.working_spacing_mm, "planes": list(cfg.planes),
+            "training": {"config": dataclasses.asdict(cfg), "n_pairs": len(pairs), "subjects": list(names or []),
+                         "ground_truth_transforms_used": False, "device": str(device), "threads": threads,
+                         "ctsma_version": __version__}}
+    model = SynthesisModel(net.cpu(), meta)
+    losses2: list[float] = []
+    if cfg.refine_iterations and time.monotonic() < deadline:
+        t2 = time.monotonic()
+        refine = load_preset(cfg.refine_preset, {"threads": cfg.threads})
+        prepared = []
+        for mr, ct, bones in progress.track(pairs, "synthesis: re-pairing with pseudo-CT", total=len(pairs),
+                                            unit="pair"):
+            res = register(mr, ct, preset=refine, ct_bones=bones, pseudo_ct=model.apply(mr))
+            prepared.append(make_pair(mr, ct, res.transform, cfg, margin))
+        timings["repairing_s"] = time.monotonic() - t2
+        t3 = time.monotonic()
+        net.to(device)
+        losses2 = _train_steps(net, PatchSampler(prepared, cfg, rng), cfg, cfg.refine_iterations,
+                               cfg.learning_rate * 0.5, device, deadline, "synthesis: training round 2")
+        timings["round2_s"] = time.monotonic() - t3
+        model = SynthesisModel(net.cpu(), meta)
+    timings["total_s"] = time.monotonic() - t0
+    meta["training"].update({"timings": timings, "steps_round1": len(losses1), "steps_round2": len(losses2),
+                             "final_loss_round1": float(np.mean(losses1[-20:])) if losses1 else None,
+                             "final_loss_round2": float(np.mean(losses2[-20:])) if losses2 else None,
+                             "stopped_by_time_limit": time.monotonic() > deadline})
+    return model
