@@ -1,0 +1,81 @@
+"""``ctsma report study|patient`` on files laid out as the contracts say (metrics.json, infer output folder)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from ctsma import PARAMETER_FILE_NAMES
+from ctsma.cli.main import main
+from ctsma.io import write_json
+from ctsma.report import synthetic
+
+
+@pytest.fixture(autouse=True)
+def _no_drawing_of_scatter(monkeypatch):
+    """Keep the CLI tests fast: the figures themselves are covered by test_report.py."""
+    from ctsma.report import figures
+    monkeypatch.setattr(figures, "scatter_ba_figure", lambda df, src: None)
+
+
+def test_report_study_cli(tmp_path):
+    write_json(tmp_path / "metrics.json", synthetic.metrics())
+    synthetic.cohort(6).to_csv(tmp_path / "manifest.csv", index=False)
+    preds = synthetic.predictions(n_patients=2)
+    pd.concat([d.assign(source=k) for k, d in preds.items()]).to_csv(tmp_path / "pred.csv", index=False)
+    rows = [(k, y, s) for k, v in synthetic.roc().items() for y, s in zip(v["y_true"], v["y_score"])]
+    pd.DataFrame(rows, columns=["key", "y_true", "y_score"]).to_csv(tmp_path / "roc.csv", index=False)
+    rc = main(["--quiet", "report", "study", str(tmp_path), "--manifest", str(tmp_path / "manifest.csv"),
+               "--predictions", str(tmp_path / "pred.csv"), "--roc", str(tmp_path / "roc.csv"),
+               "--readme-snippet", str(tmp_path / "snippet")])
+    assert rc == 0
+    assert (tmp_path / "report" / "study.pdf").read_bytes().startswith(b"%PDF-")
+    assert (tmp_path / "snippet" / "key_table.md").exists() and (tmp_path / "snippet" / "key_figure.png").exists()
+
+
+def test_report_study_cli_user_errors(tmp_path, capsys):
+    assert main(["report", "study", str(tmp_path)]) == 2
+    assert "metrics.json does not exist" in capsys.readouterr().err
+    write_json(tmp_path / "metrics.json", {})
+    (tmp_path / "pred.csv").write_text("a,b\n1,2\n")
+    assert main(["report", "study", str(tmp_path), "--predictions", str(tmp_path / "pred.csv")]) == 2
+    assert "lacks the columns source" in capsys.readouterr().err
+
+
+def _infer_dir(tmp_path):
+    ct, rois, maps = synthetic.knee(shape_xyz=(48, 28, 56), spacing=(1.0, 1.0, 1.0))
+    d = tmp_path / "infer"
+    (d / "maps").mkdir(parents=True)
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(rois, str(d / "rois.nii.gz"))
+    for p, img in maps.items():
+        sitk.WriteImage(img, str(d / "maps" / f"{PARAMETER_FILE_NAMES[p]}.nii.gz"))
+    synthetic.roi_table(rois, maps).to_csv(d / "roi_table.csv", index=False)
+    summary = {"subject": "../K 9", "provenance": synthetic.provenance(), **synthetic.diagnosis(),
+               "reference_ranges": synthetic.reference_ranges().to_dict("records")}
+    (d / "summary.json").write_text(json.dumps(summary))
+    return d
+
+
+def test_report_patient_cli(tmp_path, monkeypatch):
+    d = _infer_dir(tmp_path)
+    assert main(["--quiet", "report", "patient", str(tmp_path / "ct.nii.gz"), str(d)]) == 0
+    out = d / "report" / "patient_K_9.pdf"  # subject ID sanitised, inside the folder
+    assert out.read_bytes().startswith(b"%PDF-")
+    from ctsma.report import patient_figures
+    monkeypatch.setattr(patient_figures, "maps_figure", lambda *a: None)  # drawn once above is enough
+    assert main(["--quiet", "report", "patient", str(tmp_path / "ct.nii.gz"), str(d), "--subject", "S1",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "report" / "patient_S1.pdf").exists()
+
+
+def test_report_patient_cli_user_errors(tmp_path, capsys):
+    assert main(["report", "patient", str(tmp_path / "ct.nii.gz"), str(tmp_path / "nope")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    d = _infer_dir(tmp_path)
+    (d / "roi_table.csv").unlink()
+    assert main(["report", "patient", str(tmp_path / "ct.nii.gz"), str(d)]) == 2
+    assert "ROI table file" in capsys.readouterr().err

@@ -1,0 +1,129 @@
+"""``ctsma report study|patient``: render the study report or a patient report from files (docs/report.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="render the study report (HTML + PDF) or a patient report (PDF)")
+    rsub = p.add_subparsers(dest="report_command", metavar="KIND")
+    s = rsub.add_parser("study", help="RUN_DIR/report/study.html and study.pdf from metrics.json")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="run folder; the report goes to RUN_DIR/report/")
+    s.add_argument("--metrics", default=None, help="metrics.json (default: RUN_DIR/metrics.json)")
+    s.add_argument("--manifest", default=None, help="phantom manifest.csv for the cohort summary")
+    s.add_argument("--predictions", default=None,
+                   help="CSV of held-out patches: source, subject, roi, param, reference, predicted")
+    s.add_argument("--roc", default=None, help="CSV of patient scores: key (source/aggregator), y_true, y_score")
+    s.add_argument("--figures", default=None, help="folder of extra PNG figures to append")
+    s.add_argument("--readme-snippet", default=None, metavar="DIR",
+                   help="also write key_table.md and key_figure.png to DIR")
+    s.set_defaults(func=run_study)
+    q = rsub.add_parser("patient", help="patient_<subject>.pdf from a CT and its 'ctsma infer' output folder")
+    q.add_argument("ct", metavar="CT", help="the CT image (NIfTI, NRRD, MHA or DICOM folder)")
+    q.add_argument("infer_dir", metavar="INFER_DIR", help="output folder of 'ctsma infer' for this CT")
+    q.add_argument("--subject", default=None, help="subject ID (default: from summary.json, else the CT's name)")
+    q.add_argument("--reference", default=None,
+                   help="CSV of non-OA reference ranges: roi, parameter, mean, sd (default: from summary.json)")
+    q.add_argument("--out", default=None, help="run folder; the PDF goes to OUT/report/ (default: INFER_DIR)")
+    q.set_defaults(func=run_patient)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _read_csv(path, what: str, columns):
+    import pandas as pd
+
+    from ..errors import UserError
+    try:
+        df = pd.read_csv(path)
+    except FileNotFoundError:
+        raise UserError(f"{what} file {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {what} file {path}: {exc}") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise UserError(f"{what} file {path} lacks the columns {', '.join(missing)}")
+    return df
+
+
+def run_study(args) -> int:
+    from .. import progress
+    from ..report import write_readme_snippet, write_study_report
+    from ..report.study import load_metrics
+
+    run_dir = Path(args.run_dir)
+    metrics = load_metrics(args.metrics or run_dir / "metrics.json")
+    cohort = _read_csv(args.manifest, "manifest", ["subject"]) if args.manifest else None
+    predictions = None
+    if args.predictions:
+        df = _read_csv(args.predictions, "predictions", ["source", "subject", "roi", "param", "reference",
+                                                         "predicted"])
+        predictions = {str(k): g.drop(columns="source") for k, g in df.groupby("source", sort=False)}
+    roc = None
+    if args.roc:
+        df = _read_csv(args.roc, "ROC", ["key", "y_true", "y_score"])
+        roc = {str(k): {"y_true": g["y_true"].to_numpy(), "y_score": g["y_score"].to_numpy()}
+               for k, g in df.groupby("key", sort=False)}
+    paths = write_study_report(metrics, run_dir, cohort=cohort, predictions=predictions, roc=roc,
+                               figures_dir=args.figures)
+    progress.info(f"study report: {paths['html']} and {paths['pdf']}")
+    if args.readme_snippet:
+        snip = write_readme_snippet(metrics, args.readme_snippet)
+        progress.info(f"README snippet: {snip['table']}" + (f" and {snip['figure']}" if snip["figure"] else ""))
+    return 0
+
+
+def _read_map(path: Path, param: str):
+    """A parameter map: NaN outside the ROIs is expected, so only the geometry is validated."""
+    import SimpleITK as sitk
+
+    from ..errors import InputImageError
+    from ..io import check_image
+    try:
+        img = sitk.ReadImage(str(path), sitk.sitkFloat32)
+    except RuntimeError:
+        raise InputImageError(f"{param} map {path} cannot be read (corrupt or not an image)") from None
+    return check_image(img, what=f"{param} map", allow_nonfinite=True)
+
+
+def run_patient(args) -> int:
+    import SimpleITK as sitk
+
+    from .. import PARAMETER_FILE_NAMES, progress
+    from ..errors import UserError
+    from ..io import read_image
+    from ..report import patient_report_path, write_patient_report
+
+    d = Path(args.infer_dir)
+    if not d.is_dir():
+        raise UserError(f"{d} is not a folder; give the output folder of 'ctsma infer'")
+    ct = read_image(args.ct, what="CT")
+    rois = read_image(d / "rois.nii.gz", what="ROI label image", pixel_type=sitk.sitkUInt8)
+    maps = {p: _read_map(d / "maps" / f"{f}.nii.gz", p)
+            for p, f in PARAMETER_FILE_NAMES.items() if (d / "maps" / f"{f}.nii.gz").exists()}
+    roi_table = _read_csv(d / "roi_table.csv", "ROI table", ["roi", "parameter", "mean"])
+    summary = {}
+    if (d / "summary.json").exists():
+        try:
+            summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise UserError(f"cannot read {d / 'summary.json'}: {exc}") from None
+    provenance = summary.get("provenance") or summary.get("model")
+    diagnosis = summary.get("diagnosis")
+    if not isinstance(diagnosis, dict):
+        diagnosis = {k: summary[k] for k in ("oa_probability", "severity", "auc", "auc_ci") if k in summary} or None
+    if args.reference:
+        reference = _read_csv(args.reference, "reference ranges", ["roi", "parameter", "mean", "sd"])
+    elif isinstance(summary.get("reference_ranges"), list):
+        import pandas as pd
+        reference = pd.DataFrame(summary["reference_ranges"])
+    else:
+        reference = None
+    subject = args.subject or summary.get("subject") or Path(str(args.ct).rstrip("/")).name.split(".")[0]
+    out = patient_report_path(args.out or d, subject)
+    write_patient_report(out, ct=ct, rois=rois, maps=maps, roi_table=roi_table, reference_ranges=reference,
+                         diagnosis=diagnosis, provenance=provenance if isinstance(provenance, dict) else None,
+                         subject=subject)
+    progress.info(f"patient report: {out}")
+    return 0
