@@ -200,7 +200,7 @@ def _regression(m: Mapping[str, Any]) -> list:
     png = figures.icc_bar_chart(m, block="regression" if reg else "regression_vs_truth")
     if png:
         out.append(Figure(png, "ICC(2,1) per parameter with 95 % CIs. Red diamonds: CT-SMA, "
-                               f"{PUBLISHED_LABEL} (preprint per parameter; journal mean).", 0.62))
+                               f"{PUBLISHED_LABEL} (preprint per parameter; journal mean).", 0.58))
     return out
 
 
