@@ -1,0 +1,1 @@
+"""Evaluation of CT-SMA outputs on held-out data (regression agreement: :mod:`.regression`)."""

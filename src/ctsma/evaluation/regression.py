@@ -1,0 +1,298 @@
+"""Evaluation of the regression sources on patients held out from training.
+
+Sources: ``teacher`` (MR patches), ``student_distilled`` and ``student_baseline`` (CT patches), and ``ct_direct``
+(standard morphometry run directly on the CT patch: one global threshold, Otsu over the test patches unless set,
+then :func:`ctsma.morphometry.measure_batch` at the CT spacing). Each is scored per parameter against the MR
+reference (``regression``) and, where the store has phantom truth, against the true microstructure
+(``regression_vs_truth``), with :mod:`ctsma.stats`: ICC(2,1) absolute agreement and ICC(3,1) consistency with
+F-based 95 % CIs, Pearson r, MAE, Bland–Altman bias and limits of agreement.
+
+**Level:** agreement is computed at the PATCH level over every patch of the held-out patients (``n_patches``);
+``n_patients`` is reported beside it. The distillation gain is the difference of the mean ICC(2,1) over the four
+parameters, distilled − baseline, with a paired bootstrap CI that resamples PATIENTS (all of a patient's patches
+together).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .. import PARAMETERS, PARAMETER_UNITS, progress, stats
+from ..dataset.store import PatchStore
+from ..errors import UserError
+from ..io.atomic import atomic_path, write_json, write_text
+
+SOURCES = ("teacher", "student_distilled", "student_baseline", "ct_direct")
+LEVEL_NOTE = ("patch-level agreement over all patches of patients held out from training "
+              "(n_patches); n_patients = number of those patients")
+
+
+def agreement_block(ref: np.ndarray, pred: np.ndarray, subjects: np.ndarray) -> dict:
+    """Contract block for one source: per-parameter agreement + ``mean_icc21``."""
+    out = {}
+    for j, p in enumerate(PARAMETERS):
+        r, m = ref[:, j], pred[:, j]
+        ok = np.isfinite(r) & np.isfinite(m)
+        if ok.sum() < 3:
+            out[p] = {"icc21": None, "n_patients": int(len(set(subjects[ok]))), "n_patches": int(ok.sum()),
+                      "note": "fewer than 3 finite pairs"}
+            continue
+        block = stats.agreement_summary(r[ok], m[ok])
+        block.update({"n_patients": int(len(set(subjects[ok]))), "n_patches": int(ok.sum())})
+        out[p] = block
+    iccs = [out[p]["icc21"] for p in PARAMETERS]
+    out["mean_icc21"] = float(np.mean(iccs)) if all(v is not None and np.isfinite(v) for v in iccs) else None
+    return out
+
+
+def mean_icc21(ref: np.ndarray, pred: np.ndarray) -> float:
+    vals = []
+    for j in range(len(PARAMETERS)):
+        ok = np.isfinite(ref[:, j]) & np.isfinite(pred[:, j])
+        vals.append(stats.icc21(ref[ok, j], pred[ok, j]).value)
+    return float(np.mean(vals))
+
+
+def distillation_gain(ref, distilled, baseline, subjects, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Paired patient-bootstrap CI of mean ICC(2,1) (distilled) − mean ICC(2,1) (baseline)."""
+    res = stats.cluster_bootstrap_diff(lambda r, a, b: mean_icc21(r, a), lambda r, a, b: mean_icc21(r, b),
+                                       (ref, distilled, baseline), subjects, n_boot=n_boot, seed=seed)
+    per = {p: float(stats.icc21(ref[:, j], distilled[:, j]).value - stats.icc21(ref[:, j], baseline[:, j]).value)
+           for j, p in enumerate(PARAMETERS)}
+    return {"mean_icc21_diff": float(res.estimate), "ci": [float(res.ci[0]), float(res.ci[1])],
+            "p": res.p, "n_boot": int(n_boot), "resampled": "patients", "per_parameter_icc21_diff": per}
+
+
+def ct_direct(store: PatchStore, idx: np.ndarray, threshold_hu: float = 0.0) -> tuple[np.ndarray, dict]:
+    """Morphometry directly on the CT patches (one global threshold) → (n,4) and a record of the threshold."""
+    from skimage.filters import threshold_otsu
+
+    from ..morphometry import measure_batch
+
+    ct = store.read("ct", idx)[:, 0]
+    mask = store.read("ct_mask", idx)[:, 0] != 0
+    if not mask.any():
+        mask = np.ones_like(mask)
+    thr = float(threshold_hu) if threshold_hu else float(threshold_otsu(ct[mask]))
+    sp = float(store.attrs.get("ct_spacing_mm", 0.5))
+    import warnings
+    bone = ct > thr
+    out = np.full((len(idx), 4), np.nan)
+    failed = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            res = measure_batch(bone, (sp, sp, sp), masks=mask, workers=1)
+            out = np.column_stack([res[p] for p in PARAMETERS])
+        except Exception:  # noqa: BLE001 - a patch the morphometry cannot measure counts as missing, not fatal
+            for i in range(len(idx)):
+                try:
+                    r = measure_batch(bone[i:i + 1], (sp, sp, sp), masks=mask[i:i + 1], workers=1)
+                    out[i] = [r[p][0] for p in PARAMETERS]
+                except Exception:  # noqa: BLE001
+                    failed += 1
+    return out, {"threshold_hu": thr, "method": "given" if threshold_hu else "otsu", "spacing_mm": sp,
+                 "failed_patches": failed, "tb_n": "1/(Tb.Th+Tb.Sp)"}
+
+
+def predict_sources(cfg, store: PatchStore, idx: np.ndarray, *, names: dict | None = None) -> tuple[dict, dict]:
+    """Predictions (n,4, physical units) of every available source on store rows ``idx``; and provenance."""
+    from ..models.export import load_parameter_model
+    from ..models.train import run_paths
+
+    preds, prov = {}, {}
+    names = names or {"teacher": "teacher", "student_distilled": "student_distilled",
+                      "student_baseline": "student_baseline"}
+    test_subjects = set(store.table["subject"].astype(str).to_numpy()[idx])
+    for source, role in names.items():
+        path = run_paths(cfg, role)[1] if not str(role).endswith(".safetensors") else Path(role)
+        if not path.is_file():
+            continue
+        model, meta = load_parameter_model(path)
+        train_split = (meta.get("training") or {}).get("split") or {}
+        leak = test_subjects & (set(train_split.get("train", [])) | set(train_split.get("val", [])))
+        if leak:
+            raise UserError(f"{path.name} was trained on {len(leak)} of the test patients "
+                            f"(e.g. {sorted(leak)[0]}): evaluate with the split used for training")
+        mod = meta["input"]["modality"]
+        masks = store.read(f"{mod}_mask", idx) if "mask" in meta["input"]["channels"] else None
+        preds[source] = model.predict(store.read(mod, idx), masks)
+        prov[source] = {"file": str(path), "role": meta.get("role"), "sha256": meta.get("_sha256"),
+                        "target": meta.get("target"), "val_metrics": meta.get("metrics")}
+    return preds, prov
+
+
+def evaluate(cfg, out_dir: str | Path, *, store: PatchStore | None = None, ablations: bool = True) -> dict:
+    """Evaluate every source on the held-out patients; write metrics.json, tables and plots into ``out_dir``."""
+    from ..models.config import variant
+    from ..models.train import open_store, train
+
+    out_dir = Path(out_dir)
+    store = open_store(cfg, store)
+    c = cfg.data
+    split = store.patient_split(c.test_fraction, c.val_fraction, k=c.k_folds or None,
+                                fold=c.fold if c.k_folds else None, seed=c.split_seed, use_stored=c.use_stored_split)
+    idx = split.test
+    if len(split.subjects["test"]) < 2:
+        raise UserError(f"the patch store {store.dir} has {len(split.subjects['test'])} test patient(s); "
+                        "evaluation needs held-out patients (set data.test_fraction or the store's split)")
+    subjects = store.table["subject"].astype(str).to_numpy()[idx]
+    progress.info(f"evaluating on {len(idx)} patches of {len(split.subjects['test'])} held-out patients")
+    preds, prov = predict_sources(cfg, store, idx)
+    if not preds:
+        raise UserError(f"no trained models found in {cfg.output.dir}: run 'ctsma train teacher|student|baseline'")
+    preds["ct_direct"], prov["ct_direct"] = ct_direct(store, idx, cfg.evaluate.ct_threshold_hu)
+    ref = store.targets("mr")[idx]
+    truth = store.targets("true")[idx]
+    has_truth = bool(np.isfinite(truth).all(axis=1).sum() >= 3)
+
+    result = {"regression": {s: agreement_block(ref, preds[s], subjects) for s in SOURCES if s in preds}}
+    if has_truth:
+        result["regression_vs_truth"] = {s: agreement_block(truth, preds[s], subjects) for s in SOURCES if s in preds}
+        result["regression_vs_truth"]["mr_reference"] = agreement_block(truth, ref, subjects)
+    if "student_distilled" in preds and "student_baseline" in preds:
+        result["distillation_gain"] = distillation_gain(ref, preds["student_distilled"], preds["student_baseline"],
+                                                        subjects, n_boot=cfg.evaluate.n_boot,
+                                                        seed=cfg.trainer.seed)
+        if has_truth:
+            result["distillation_gain_vs_truth"] = distillation_gain(
+                truth, preds["student_distilled"], preds["student_baseline"], subjects,
+                n_boot=cfg.evaluate.n_boot, seed=cfg.trainer.seed)
+    if ablations and cfg.evaluate.ablations:
+        result["ablations"] = {}
+        for a in progress.track(cfg.evaluate.ablations, "ablations"):
+            vcfg = variant(cfg, a)
+            path = train("student", vcfg, store=store)
+            p, _ = predict_sources(vcfg, store, idx, names={"v": str(path)})
+            block = agreement_block(ref, p["v"], subjects)
+            result["ablations"][a["name"]] = {"overrides": {k: v for k, v in a.items() if k != "name"},
+                                              "mean_icc21": block["mean_icc21"],
+                                              "icc21": {q: block[q]["icc21"] for q in PARAMETERS}}
+    result["regression_info"] = {"level": "patch", "note": LEVEL_NOTE, "n_patients": len(split.subjects["test"]),
+                                 "n_patches": int(len(idx)), "test_subjects": split.subjects["test"],
+                                 "reference": "MR morphometry (store columns mr_<param>)", "models": prov,
+                                 "store": str(store.dir), "units": {p: PARAMETER_UNITS[p] for p in PARAMETERS}}
+    write_outputs(out_dir, result, ref, truth if has_truth else None, preds, subjects, plots=cfg.evaluate.plots)
+    return result
+
+
+def write_outputs(out_dir: Path, result: dict, ref, truth, preds: dict, subjects, *, plots: bool = True) -> None:
+    """metrics.json (merged into an existing one: other keys kept), tables, predictions, plots."""
+    import pandas as pd
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mpath = out_dir / "metrics.json"
+    merged = {}
+    if mpath.is_file():
+        try:
+            merged = json.loads(mpath.read_text())
+        except json.JSONDecodeError:
+            merged = {}
+    for k in ("regression_vs_truth", "distillation_gain_vs_truth", "ablations"):
+        merged.pop(k, None)
+    merged.update(result)
+    write_json(mpath, merged)
+    rows = []
+    for block_name in ("regression", "regression_vs_truth"):
+        for source, block in result.get(block_name, {}).items():
+            for p in PARAMETERS:
+                b = block[p]
+                rows.append({"against": "mr_reference" if block_name == "regression" else "truth", "source": source,
+                             "parameter": p, "icc21": b.get("icc21"), "icc21_lo": (b.get("icc21_ci") or [None])[0],
+                             "icc21_hi": (b.get("icc21_ci") or [None, None])[1], "icc31": b.get("icc31"),
+                             "pearson_r": b.get("pearson_r"), "mae": b.get("mae"), "ba_bias": b.get("ba_bias"),
+                             "ba_loa_lo": (b.get("ba_loa") or [None])[0], "ba_loa_hi": (b.get("ba_loa") or [None, None])[1],
+                             "n_patients": b.get("n_patients"), "n_patches": b.get("n_patches")})
+    table = pd.DataFrame(rows)
+    with atomic_path(out_dir / "regression_table.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    write_text(out_dir / "regression_table.md", markdown_table(result))
+    pred = {"subject": subjects}
+    for j, p in enumerate(PARAMETERS):
+        pred[f"mr_{p}"] = ref[:, j]
+        if truth is not None:
+            pred[f"true_{p}"] = truth[:, j]
+        for s, v in preds.items():
+            pred[f"{s}_{p}"] = v[:, j]
+    with atomic_path(out_dir / "regression_predictions.csv") as tmp:
+        pd.DataFrame(pred).to_csv(tmp, index=False)
+    if plots:
+        plot_agreement(out_dir / "plots", ref, preds, "MR reference")
+        if truth is not None:
+            plot_agreement(out_dir / "plots", truth, preds, "truth", suffix="_vs_truth")
+
+
+def _f(v, nd=3):
+    return "–" if v is None or not np.isfinite(v) else f"{v:.{nd}f}"
+
+
+def markdown_table(result: dict) -> str:
+    lines = [f"Regression agreement ({LEVEL_NOTE}).", ""]
+    for block_name, title in (("regression", "against the MR reference"), ("regression_vs_truth", "against the truth")):
+        if block_name not in result:
+            continue
+        lines += [f"### {title}", "", "| source | parameter | ICC(2,1) [95% CI] | ICC(3,1) | r | MAE | BA bias [LoA] | patients/patches |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s, block in result[block_name].items():
+            for p in PARAMETERS:
+                b = block[p]
+                ci = b.get("icc21_ci") or [None, None]
+                loa = b.get("ba_loa") or [None, None]
+                lines.append(f"| {s} | {p} | {_f(b.get('icc21'))} [{_f(ci[0])}, {_f(ci[1])}] | {_f(b.get('icc31'))} | "
+                             f"{_f(b.get('pearson_r'))} | {_f(b.get('mae'), 4)} | {_f(b.get('ba_bias'), 4)} "
+                             f"[{_f(loa[0], 4)}, {_f(loa[1], 4)}] | {b.get('n_patients')}/{b.get('n_patches')} |")
+            lines.append(f"| {s} | **mean ICC(2,1)** | {_f(block.get('mean_icc21'))} | | | | | |")
+        lines.append("")
+    g = result.get("distillation_gain")
+    if g:
+        lines.append(f"Distillation gain (mean ICC(2,1), distilled − baseline): {_f(g['mean_icc21_diff'])} "
+                     f"[{_f(g['ci'][0])}, {_f(g['ci'][1])}], paired bootstrap over patients (n={g['n_boot']}).")
+    for name, a in (result.get("ablations") or {}).items():
+        lines.append(f"- ablation {name}: mean ICC(2,1) {_f(a['mean_icc21'])} ({a['overrides']})")
+    return "\n".join(lines) + "\n"
+
+
+def plot_agreement(folder: Path, ref: np.ndarray, preds: dict, ref_name: str, suffix: str = "") -> None:
+    """Scatter (prediction vs reference, identity line) and Bland–Altman plots, one PNG per source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for s, pred in preds.items():
+        for kind in ("scatter", "bland_altman"):
+            fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
+            for j, (p, ax) in enumerate(zip(PARAMETERS, axes)):
+                r, m = ref[:, j], pred[:, j]
+                ok = np.isfinite(r) & np.isfinite(m)
+                r, m = r[ok], m[ok]
+                unit = f" ({PARAMETER_UNITS[p]})" if PARAMETER_UNITS[p] else ""
+                if kind == "scatter":
+                    ax.scatter(r, m, s=4, alpha=0.5)
+                    if r.size:
+                        lo, hi = float(min(r.min(), m.min())), float(max(r.max(), m.max()))
+                        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+                    ax.set_xlabel(f"{ref_name} {p}{unit}")
+                    ax.set_ylabel(f"{s} {p}{unit}")
+                else:
+                    d, a = m - r, (m + r) / 2
+                    ax.scatter(a, d, s=4, alpha=0.5)
+                    if d.size > 1:
+                        bias, sd = d.mean(), d.std(ddof=1)
+                        for y, st in ((bias, "-"), (bias - 1.96 * sd, "--"), (bias + 1.96 * sd, "--")):
+                            ax.axhline(y, color="k", ls=st, lw=0.8)
+                    ax.set_xlabel(f"mean {p}{unit}")
+                    ax.set_ylabel(f"{s} − {ref_name}")
+                ax.set_title(p)
+            fig.tight_layout()
+            target = folder / f"{kind}_{s}{suffix}.png"
+            with atomic_path(target) as tmp:
+                fig.savefig(tmp, dpi=90)
+            plt.close(fig)
+
+
+__all__ = ["evaluate", "agreement_block", "distillation_gain", "ct_direct", "SOURCES"]

@@ -1,0 +1,22 @@
+"""Teacher (MR) and student (CT) CNNs, feature distillation, Lightning training and model files.
+
+Public API for other parts of CT-SMA:
+
+* :func:`load_student` → ``(module, meta)``; ``module.predict(ct_patches_hu)`` → (N, 4) in physical units;
+* :func:`predict` (same, as a function); :func:`load_teacher`;
+* :func:`train` (``"teacher" | "student" | "baseline"``) with a :class:`TrainConfig` from :func:`load_train_config`.
+
+Heavy imports (Lightning) happen only when training.
+"""
+
+from .config import TrainConfig, load_train_config
+from .export import ParameterModel, load_student, load_teacher, predict
+
+__all__ = ["TrainConfig", "load_train_config", "ParameterModel", "load_student", "load_teacher", "predict", "train"]
+
+
+def train(which, cfg, **kw):
+    """See :func:`ctsma.models.train.train`."""
+    from .train import train as _train
+
+    return _train(which, cfg, **kw)

@@ -1,0 +1,106 @@
+"""3D CNNs that regress the four trabecular parameters from a patch (teacher: MR, student: CT).
+
+Both are the same small residual network: a stem at the input resolution, three residual stages, global average
+pooling and a small head. The stem brings any input to 16³ (the student's CT 16³: 3³ convolution, stride 1; the
+teacher's MR 32³: 4³ convolution, stride 2, so the teacher's first layer still sees every fine voxel), then three
+stride-2 stages give 8³, 4³, 2³. Teacher and student feature maps therefore have the same spatial size at every
+stage (stem, stage1..3) and distillation only needs a channel adapter. Most compute runs at 8³ and below, which
+is what lets the demo train on a 2-core CPU; widths and blocks scale up by configuration for GPUs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import STAGES
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv3d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm3d(cout)
+        self.conv2 = nn.Conv3d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm3d(cout)
+        self.skip = (nn.Identity() if cin == cout and stride == 1 else
+                     nn.Sequential(nn.Conv3d(cin, cout, 1, stride, bias=False), nn.BatchNorm3d(cout)))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.act(self.bn1(self.conv1(x)))
+        return self.act(self.bn2(self.conv2(y)) + self.skip(x))
+
+
+STEM_SIZE = 16
+
+
+def stem_stride(input_size: int) -> int:
+    """Stride of the stem that brings the input to 16³ (1 for CT 16³, 2 for MR 32³)."""
+    return max(1, input_size // STEM_SIZE)
+
+
+def strides_for(input_size: int) -> tuple[int, int, int]:  # noqa: ARG001 - same for all inputs after the stem
+    return (2, 2, 2)
+
+
+class PatchRegressor(nn.Module):
+    """Patch → (n, 4) normalised parameters; ``forward(x, return_features=True)`` also returns stage features."""
+
+    def __init__(self, in_channels: int, input_size: int, widths=(8, 16, 32, 48), blocks: int = 1,
+                 head_hidden: int = 32, n_outputs: int = 4):
+        super().__init__()
+        self.arch = {"in_channels": int(in_channels), "input_size": int(input_size), "widths": [int(w) for w in widths],
+                     "blocks": int(blocks), "head_hidden": int(head_hidden), "n_outputs": int(n_outputs)}
+        w0, w1, w2, w3 = widths
+        s0 = stem_stride(input_size)
+        k, pad = (3, 1) if s0 == 1 else (2 * s0, s0 // 2)
+        self.stem = nn.Sequential(nn.Conv3d(in_channels, w0, k, s0, pad, bias=False), nn.BatchNorm3d(w0),
+                                  nn.ReLU(inplace=True))
+        stages = []
+        cin = w0
+        for cout, s in zip((w1, w2, w3), strides_for(input_size)):
+            layers = [ResBlock(cin, cout, s)] + [ResBlock(cout, cout, 1) for _ in range(blocks - 1)]
+            stages.append(nn.Sequential(*layers))
+            cin = cout
+        self.stage1, self.stage2, self.stage3 = stages
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.head = (nn.Sequential(nn.Flatten(), nn.Linear(w3, head_hidden), nn.ReLU(inplace=True),
+                                   nn.Linear(head_hidden, n_outputs)) if head_hidden
+                     else nn.Sequential(nn.Flatten(), nn.Linear(w3, n_outputs)))
+
+    def feature_shapes(self) -> dict[str, tuple[int, int]]:
+        """Stage name → (channels, spatial size)."""
+        n = self.arch["input_size"] // stem_stride(self.arch["input_size"])
+        out = {"stem": (self.arch["widths"][0], n)}
+        for name, w, s in zip(STAGES[1:], self.arch["widths"][1:], strides_for(n)):
+            n = (n + s - 1) // s
+            out[name] = (w, n)
+        return out
+
+    def forward(self, x, return_features: bool = False):
+        feats = {}
+        x = self.stem(x)
+        feats["stem"] = x
+        for name in STAGES[1:]:
+            x = getattr(self, name)(x)
+            feats[name] = x
+        y = self.head(self.pool(x))
+        return (y, feats) if return_features else y
+
+
+def build_network(arch: dict) -> PatchRegressor:
+    """A network from its ``arch`` record (as stored in the model file)."""
+    return PatchRegressor(arch["in_channels"], arch["input_size"], arch["widths"], arch["blocks"],
+                          arch["head_hidden"], arch.get("n_outputs", 4))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def _smoke() -> None:  # pragma: no cover - developer aid
+    t = PatchRegressor(1, 32)
+    s = PatchRegressor(1, 16)
+    print(t.feature_shapes(), s.feature_shapes(), count_parameters(t))

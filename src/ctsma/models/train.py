@@ -1,0 +1,213 @@
+"""Training entry: ``train("teacher" | "student" | "baseline", config)`` → exported model file.
+
+Run folder ``<output.dir>/<role><name>/``::
+
+    checkpoints/best.ckpt, checkpoints/last.ckpt   Lightning checkpoints (for --resume; not model files)
+    logs/metrics.csv                               CSV log (per epoch)
+    tb/                                            TensorBoard log
+    progress.jsonl                                 one JSON object per epoch (start/epoch/end events)
+
+and the model file ``<output.dir>/<role><name>.safetensors`` (see :mod:`ctsma.models.export`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import PARAMETERS, progress
+from ..config import to_dict
+from ..dataset.loader import CT_OFFSET_HU, CT_SCALE_HU, PatchDataset, make_loader
+from ..dataset.store import PatchStore
+from ..errors import ConfigError, ModelFileError, UserError
+from .config import TrainConfig, resolve
+from .export import build_meta, export_model, load_teacher
+from .networks import PatchRegressor
+
+ROLE_OF = {"teacher": "teacher", "student": "student_distilled", "baseline": "student_baseline",
+           "student_distilled": "student_distilled", "student_baseline": "student_baseline"}
+
+
+def run_paths(cfg: TrainConfig, role: str) -> tuple[Path, Path]:
+    out = resolve(cfg, cfg.output.dir)
+    return out / f"{role}{cfg.output.name}", out / f"{role}{cfg.output.name}.safetensors"
+
+
+def teacher_path(cfg: TrainConfig) -> Path:
+    if cfg.distill.teacher:
+        return resolve(cfg, cfg.distill.teacher)
+    return resolve(cfg, cfg.output.dir) / "teacher.safetensors"
+
+
+def open_store(cfg: TrainConfig, store: PatchStore | None = None) -> PatchStore:
+    if store is not None:
+        return store
+    if not cfg.data.store:
+        raise ConfigError("data.store is empty: name the patch store folder in the config")
+    return PatchStore(resolve(cfg, cfg.data.store))
+
+
+def _precision(cfg) -> str:
+    t = cfg.trainer
+    gpu = t.accelerator == "gpu" or (t.accelerator == "auto" and torch.cuda.is_available())
+    if t.accelerator == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator is 'gpu' but no CUDA GPU is available; use 'cpu' or 'auto'")
+    if t.precision == "auto":
+        return "16-mixed" if gpu else "32-true"
+    if t.precision != "32" and not gpu:
+        raise ConfigError(f"trainer.precision {t.precision} needs a GPU; use 32 or auto on a CPU")
+    return "32-true" if t.precision == "32" else t.precision
+
+
+def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchStore | None = None,
+          max_epochs: int | None = None) -> Path:
+    """Train one model and export it; returns the model file path. ``max_epochs`` overrides (for tests)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    from .lightning import JsonlProgress, PatchDataModule, RegressionModule
+
+    if which not in ROLE_OF:
+        raise UserError(f"unknown model '{which}'; train teacher, student or baseline")
+    role = ROLE_OF[which]
+    t0 = time.time()
+    run_dir, model_file = run_paths(cfg, role)
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    if resume and not last.is_file():
+        raise UserError(f"--resume: no checkpoint to resume from at {last}")
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # a fresh run replaces this role's previous checkpoints and logs
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        for name in ("pytorch_lightning", "lightning_fabric", "lightning"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+    pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+
+    store = open_store(cfg, store)
+    dm = PatchDataModule(store, cfg.data, cfg.trainer.seed)
+    in_ch = 2 if cfg.data.masks else 1
+    net_cfg = cfg.teacher_net if role == "teacher" else cfg.student_net
+    size = store.mr_shape[0] if role == "teacher" else store.ct_shape[0]
+    arch = PatchRegressor(in_ch, size, net_cfg.widths, net_cfg.blocks, net_cfg.head_hidden).arch
+    teacher_arch, teacher_tensors, teacher_meta = None, None, None
+    if role == "student_distilled":
+        tpath = teacher_path(cfg)
+        if not tpath.is_file():
+            raise UserError(f"the distilled student needs a trained teacher at {tpath}: run 'ctsma train teacher' "
+                            "first or set distill.teacher")
+        teacher_model, teacher_meta = load_teacher(tpath)
+        if teacher_meta["input"]["patch_size"] != store.mr_shape[0] or teacher_meta["arch"]["in_channels"] != in_ch:
+            raise ModelFileError(f"teacher {tpath.name} takes {teacher_meta['input']['patch_size']}³ patches with "
+                                 f"{teacher_meta['arch']['in_channels']} channel(s); this store/config needs "
+                                 f"{store.mr_shape[0]}³ with {in_ch}")
+        if teacher_meta.get("target") != cfg.data.target:
+            raise ModelFileError(f"teacher {tpath.name} was trained on target '{teacher_meta.get('target')}', "
+                                 f"this run uses '{cfg.data.target}'")
+        teacher_arch = teacher_meta["arch"]
+        teacher_tensors = teacher_model.net.state_dict()
+    optim = to_dict(cfg.optim)
+    if max_epochs is not None:
+        optim["max_epochs"] = max_epochs
+    module = RegressionModule(role, arch, optim, to_dict(cfg.distill), teacher_arch, dm.y_sd.tolist())
+    if teacher_tensors is not None:
+        module.teacher.load_state_dict(teacher_tensors)
+
+    ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_last=True,
+                              save_top_k=1, enable_version_counter=False)
+    callbacks = [ckpt_cb, JsonlProgress(run_dir / "progress.jsonl", role, optim["max_epochs"])]
+    if cfg.optim.patience:
+        callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=cfg.optim.patience))
+    if cfg.trainer.progress_bar:
+        callbacks.append(TQDMProgressBar(leave=False))
+    loggers = [CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tb", version="")]
+    trainer = pl.Trainer(
+        max_epochs=optim["max_epochs"], accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes, strategy=cfg.trainer.strategy, precision=_precision(cfg),
+        callbacks=callbacks, logger=loggers, deterministic=cfg.trainer.deterministic,
+        enable_progress_bar=cfg.trainer.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
+        gradient_clip_val=cfg.optim.grad_clip or None, use_distributed_sampler=False, log_every_n_steps=1,
+        default_root_dir=run_dir)
+    progress.info(f"training {role} on {len(dm.split.train)} patches of {len(dm.split.subjects['train'])} patients "
+                  f"(validation: {len(dm.split.subjects['val'])} patients)")
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
+    if not trainer.is_global_zero:
+        return model_file
+
+    best = Path(ckpt_cb.best_model_path) if ckpt_cb.best_model_path else last
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state)
+    module.cpu().eval()
+    metrics = validation_metrics(module, dm)
+    metrics["best_epoch"] = _best_epoch(run_dir)
+    metrics["epochs_run"] = int(trainer.current_epoch)
+    store_sum = store.summary()
+    training = {"store": str(store.dir), "store_summary": {k: store_sum.get(k) for k in
+                                                          ("n_patches", "n_subjects", "parameters", "attrs")},
+                "split": dm.split.subjects, "n_train_patches": int(len(dm.split.train)),
+                "n_val_patches": int(len(dm.split.val)), "config": to_dict(cfg), "seed": cfg.trainer.seed,
+                "seconds": round(time.time() - t0, 1),
+                "teacher": (None if teacher_meta is None else {"file": str(teacher_path(cfg)),
+                                                              "sha256": teacher_meta.get("_sha256")})}
+    if role == "teacher":
+        meta = build_meta(role, module.net, modality="mr", spacing_mm=store.attrs.get("mr_spacing_mm", 0.25),
+                          extent_mm=store.attrs.get("extent_mm", 8.0), masks=cfg.data.masks, intensity_offset=0.0,
+                          intensity_scale=1.0, target=cfg.data.target, y_mean=dm.y_mean, y_sd=dm.y_sd,
+                          training=training, metrics=metrics)
+    else:
+        meta = build_meta(role, module.net, modality="ct", spacing_mm=store.attrs.get("ct_spacing_mm", 0.5),
+                          extent_mm=store.attrs.get("extent_mm", 8.0), masks=cfg.data.masks,
+                          intensity_offset=CT_OFFSET_HU, intensity_scale=CT_SCALE_HU, target=cfg.data.target,
+                          y_mean=dm.y_mean, y_sd=dm.y_sd, training=training, metrics=metrics)
+    export_model(model_file, module.net, meta)
+    progress.info(f"{role}: wrote {model_file} (validation MAE "
+                  + ", ".join(f"{p} {metrics['val_mae'][p]:.4g}" for p in PARAMETERS) + ")")
+    return model_file
+
+
+def _best_epoch(run_dir: Path) -> int | None:
+    import pandas as pd
+
+    p = run_dir / "logs" / "metrics.csv"
+    if not p.is_file():
+        return None
+    df = pd.read_csv(p)
+    if "val_loss" not in df or df["val_loss"].dropna().empty:
+        return None
+    v = df.dropna(subset=["val_loss"])
+    return int(v.loc[v["val_loss"].idxmin(), "epoch"]) + 1
+
+
+@torch.no_grad()
+def validation_metrics(module, dm) -> dict:
+    """Per-parameter MAE and Pearson r on the validation patients, physical units."""
+    pred, y = predict_dataset(module, dm.val_ds)
+    pred = pred * dm.y_sd + dm.y_mean
+    y = y * dm.y_sd + dm.y_mean
+    out = {"val_mae": {}, "val_r": {}, "val_loss": float(np.mean(((pred - y) / dm.y_sd) ** 2))}
+    for j, p in enumerate(PARAMETERS):
+        out["val_mae"][p] = float(np.mean(np.abs(pred[:, j] - y[:, j])))
+        out["val_r"][p] = float(np.corrcoef(pred[:, j], y[:, j])[0, 1]) if len(y) > 2 else None
+    return out
+
+
+@torch.no_grad()
+def predict_dataset(module, ds: PatchDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised predictions and targets over a dataset, in its index order."""
+    loader = make_loader(ds, 256, shuffle=False)
+    ps, ys = [], []
+    for b in loader:
+        ps.append(module.net(b[module.modality]).numpy())
+        ys.append(b["y"].numpy())
+    return np.concatenate(ps), np.concatenate(ys)
