@@ -22,7 +22,7 @@ from ..io import safe_join
 from ..io.images import check_same_geometry
 from . import patient_figures
 from .document import Document, Figure, Heading, PageBreak, Paragraph, Table
-from .format import DASH, as_float, fmt, fmt_ci, fmt_int, fmt_sig, get, safe_file_stem, unit_label
+from .format import AGGREGATOR_LABELS, DASH, as_float, fmt, fmt_ci, fmt_int, fmt_sig, get, safe_file_stem, unit_label
 from .pdf_render import render_pdf
 from .writing import write_outputs
 
@@ -93,6 +93,8 @@ def _diagnosis_section(diagnosis: Mapping[str, Any] | None) -> list:
         if k == "auc":
             ci = fmt_ci(diagnosis.get("auc_ci"))
             rows.append([label, fmt(v) + ("" if ci == DASH else f" {ci}")])
+        elif k == "aggregator":
+            rows.append([label, AGGREGATOR_LABELS.get(str(v), _text(v))])
         elif as_float(v) is not None and not isinstance(v, bool):
             rows.append([label, fmt_int(v) if k.startswith("n_") or k == "n" else fmt(v)])
         else:
@@ -102,7 +104,8 @@ def _diagnosis_section(diagnosis: Mapping[str, Any] | None) -> list:
                      notes=["Shaded: the model's performance, cross-validated on its training cohort."]
                      if "group" in kinds else ()))
     if p is not None and 0 <= p <= 1:
-        out.append(Figure(patient_figures.probability_gauge(p), "", 0.5, alt=f"OA probability {100 * p:.0f} %"))
+        out.append(Figure(patient_figures.probability_gauge(p), "OA probability of this knee on a 0\u2013100 % scale.",
+                          0.5, alt=f"OA probability {100 * p:.0f} %"))
     return out
 
 

@@ -151,12 +151,13 @@ def maps_figure(ct: sitk.Image, rois: sitk.Image, maps: Mapping[str, sitk.Image]
 def probability_gauge(p: float) -> bytes:
     """A horizontal 0–100 % bar with the OA probability marked."""
     with mpl.rc_context(_RC):
-        fig = new_figure(3.6, 0.55)
+        fig = new_figure(3.6, 0.7)
         ax = fig.add_subplot()
         grad = np.linspace(0, 1, 256)[None, :]
         cmap = ListedColormap(mpl.colormaps["RdYlGn_r"](np.linspace(0.1, 0.9, 256)))
         ax.imshow(grad, cmap=cmap, extent=(0, 100, 0, 1), aspect="auto", alpha=0.85)
         ax.plot([100 * p, 100 * p], [-0.15, 1.15], color="black", lw=2.2, clip_on=False)
+        ax.text(100 * p, 1.3, f"{100 * p:.0f} %", ha="center", va="bottom", fontsize=8, fontweight="bold")
         ax.set_xlim(0, 100)
         ax.set_ylim(0, 1)
         ax.set_yticks([])

@@ -335,7 +335,9 @@ def build_study_document(metrics, *, cohort=None, predictions=None, roc=None, ti
                       "microstructure is known. Figures marked \"" + PUBLISHED_LABEL + "\" are the published "
                       "results of the method on real patients; they are shown for context, not as a "
                       "like-for-like comparison.", "note"))
-    doc.add(*_summary(m))
+    summary = _summary(m)
+    if summary:
+        doc.add(Heading("Summary"), *summary)
     steps = [lambda: _cohort(cohort), lambda: _registration(m), lambda: _regression(m),
              lambda: _scatter(predictions), lambda: _diagnosis(m, roc), lambda: _timing(m, timings),
              lambda: _extra_figures(figures_dir)]
