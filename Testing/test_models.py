@@ -1,0 +1,133 @@
+"""Networks, distillation losses, configs and model files (no training here; see test_train.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ctsma import PARAMETERS
+from ctsma.errors import ConfigError, ModelFileError, UserError
+from ctsma.modelfile import save_model
+from ctsma.models import load_student, load_teacher, load_train_config, predict
+from ctsma.models.distill import FeatureDistillation, attention_map
+from ctsma.models.export import build_meta, export_model
+from ctsma.models.networks import PatchRegressor
+
+
+def test_teacher_and_student_feature_maps_align():
+    t, s = PatchRegressor(1, 32, (4, 8, 8, 12)), PatchRegressor(2, 16, (6, 8, 10, 12))
+    yt, ft = t(torch.randn(2, 1, 32, 32, 32), return_features=True)
+    ys, fs = s(torch.randn(2, 2, 16, 16, 16), return_features=True)
+    assert yt.shape == ys.shape == (2, 4)
+    for name in ("stem", "stage1", "stage2", "stage3"):
+        assert ft[name].shape[2:] == fs[name].shape[2:]  # same spatial size at every stage
+        assert (ft[name].shape[1], ft[name].shape[2]) == t.feature_shapes()[name]
+        assert (fs[name].shape[1], fs[name].shape[2]) == s.feature_shapes()[name]
+
+
+@pytest.mark.parametrize("loss", ["l1", "mse", "attention"])
+def test_distillation_loss_zero_for_matching_features_and_trainable(loss):
+    torch.manual_seed(0)
+    shapes = {"stage2": (8, 4)}
+    d = FeatureDistillation(shapes, shapes, ["stage2"], [2.0], loss)
+    if loss != "attention":
+        with torch.no_grad():  # identity adapter
+            d.adapters["stage2"].proj.weight.copy_(torch.eye(8).reshape(8, 8, 1, 1, 1))
+            d.adapters["stage2"].proj.bias.zero_()
+    f = torch.randn(3, 8, 4, 4, 4)
+    zero, _ = d({"stage2": f}, {"stage2": f * 3.0})  # scale free: a scaled copy costs nothing
+    assert float(zero.detach()) == pytest.approx(0.0, abs=1e-6)
+    g = torch.randn(3, 8, 4, 4, 4, requires_grad=True)
+    loss_val, parts = d({"stage2": g}, {"stage2": f})
+    assert float(loss_val.detach()) > 0 and float(loss_val.detach()) == pytest.approx(2.0 * float(parts["stage2"]))
+    loss_val.backward()
+    assert g.grad is not None and torch.isfinite(g.grad).all()
+
+
+def test_distillation_adapter_changes_channels_and_size():
+    d = FeatureDistillation({"stem": (4, 8)}, {"stem": (6, 16)}, ["stem"], [1.0], "l1")
+    loss, _ = d({"stem": torch.randn(2, 4, 8, 8, 8)}, {"stem": torch.randn(2, 6, 16, 16, 16)})
+    assert torch.isfinite(loss)
+    a = attention_map(torch.randn(2, 5, 4, 4, 4))
+    assert torch.allclose(a.norm(dim=1), torch.ones(2))
+
+
+def test_config_refuses_unknown_and_out_of_range(tmp_path):
+    assert load_train_config(None).distill.stages == ["stage1", "stage2", "stage3"]
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_train_config({"optim": {"learning_rate": 1}})
+    with pytest.raises(ConfigError, match="out of range"):
+        load_train_config({"optim": {"lr": 5.0}})
+    with pytest.raises(ConfigError, match="one weight per stage"):
+        load_train_config({"distill": {"stages": ["stage1"], "weights": [1, 2]}})
+    with pytest.raises(ConfigError, match="unknown stage"):
+        load_train_config({"distill": {"stages": ["stage9"], "weights": [1]}})
+    with pytest.raises(ConfigError, match="is not one of"):
+        load_train_config({"distill": {"loss": "kl"}})
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  store: rel/store\n")
+    cfg = load_train_config(p)
+    from ctsma.models.config import resolve
+    assert resolve(cfg, cfg.data.store) == tmp_path / "rel" / "store"
+
+
+def test_shipped_configs_load():
+    from ctsma.resources import resource_path
+    for name in ("demo.yaml", "gpu.yaml"):
+        load_train_config(resource_path("Configs", name))
+
+
+def _student_file(tmp_path, mean=(0.3, 0.2, 0.5, 1.5), sd=(0.1, 0.05, 0.1, 0.3)):
+    torch.manual_seed(0)
+    net = PatchRegressor(1, 16, (4, 4, 8, 8))
+    meta = build_meta("student_baseline", net, modality="ct", spacing_mm=0.5, extent_mm=8, masks=False,
+                      intensity_offset=300, intensity_scale=600, target="mr", y_mean=mean, y_sd=sd,
+                      training={"n": 1}, metrics={"val_loss": 0.5})
+    return export_model(tmp_path / "student.safetensors", net, meta), net
+
+
+def test_model_file_round_trip_and_physical_units(tmp_path):
+    path, net = _student_file(tmp_path)
+    model, meta = load_student(path)
+    assert meta["parameters"] == list(PARAMETERS) and meta["units"]["Tb.N"] == "1/mm"
+    assert meta["input"]["patch_size"] == 16 and meta["kind"] == "student"
+    x = np.random.default_rng(0).normal(300, 200, (5, 16, 16, 16)).astype(np.float32)
+    y = predict(model, x)
+    net.eval()
+    with torch.no_grad():
+        z = net(torch.from_numpy((x[:, None] - 300) / 600)).numpy()
+    np.testing.assert_allclose(y, z * np.array([0.1, 0.05, 0.1, 0.3]) + np.array([0.3, 0.2, 0.5, 1.5]), rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(UserError, match="needs"):
+        model.predict(np.zeros((2, 1, 8, 8, 8)))
+
+
+def test_wrong_or_altered_model_files_rejected(tmp_path):
+    path, net = _student_file(tmp_path)
+    with pytest.raises(ModelFileError, match="'student' model"):
+        load_teacher(path)
+    # a different model kind with the right name
+    other = save_model(tmp_path / "other.safetensors", {"w": torch.zeros(2)}, {"x": 1}, kind="student")
+    with pytest.raises(ModelFileError, match="metadata"):
+        load_student(other)
+    # metadata says a different architecture than the weights
+    from ctsma.modelfile import load_model
+    tensors, meta = load_model(path)
+    meta.pop("_sha256")
+    meta["arch"]["widths"] = [4, 4, 8, 16]
+    bad = save_model(tmp_path / "bad.safetensors", tensors, meta, kind="student")
+    with pytest.raises(ModelFileError, match="architecture|fit"):
+        load_student(bad)
+    # flipped bytes in the weights
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF
+    tampered = tmp_path / "t.safetensors"
+    tampered.write_bytes(bytes(raw))
+    with pytest.raises(ModelFileError, match="checksum|damaged"):
+        load_student(tampered)
+    (tmp_path / "junk.safetensors").write_text(json.dumps({"not": "a model"}))
+    with pytest.raises(ModelFileError):
+        load_student(tmp_path / "junk.safetensors")
