@@ -8,7 +8,6 @@ only holds the Slicer module, its GUI and the self-test.
 from pathlib import Path
 from typing import Annotated
 
-import ctk
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
@@ -19,18 +18,19 @@ from slicer.ScriptedLoadableModule import *  # noqa: F403
 from slicer.util import VTKObservationMixin
 
 from CTSMALib.analysis_logic import CTSMALogic  # noqa: F401  (Slicer looks it up here)
+from CTSMALib.cli_args import TRAINING_KINDS
 from CTSMALib.gui import RunMonitor, showFailure
-from CTSMALib.parameters import DEVICES, AnalysisParameters
+from CTSMALib.parameters import DEVICES, SIDES, AnalysisParameters
 
 # Every widget this file uses, with its class in Resources/UI/CTSMA.ui (checked by tests).
 UI_WIDGETS = {
     "ctVolumeSelector": "qMRMLNodeComboBox", "boneSegmentationSelector": "qMRMLNodeComboBox",
     "roiSegmentationSelector": "qMRMLNodeComboBox", "segmentBonesButton": "QPushButton",
-    "createRoisButton": "QPushButton", "modelPathLineEdit": "ctkPathLineEdit", "deviceComboBox": "QComboBox",
+    "createRoisButton": "QPushButton", "kneeSideComboBox": "QComboBox", "modelPathLineEdit": "ctkPathLineEdit", "deviceComboBox": "QComboBox",
     "runButton": "QPushButton", "progressBar": "QProgressBar", "stageLabel": "QLabel",
-    "outputTableSelector": "qMRMLNodeComboBox", "reportPathLineEdit": "ctkPathLineEdit",
+    "outputTableSelector": "qMRMLNodeComboBox", "reportDirButton": "ctkDirectoryButton",
     "exportReportButton": "QPushButton", "trainingCollapsibleButton": "ctkCollapsibleButton",
-    "trainingConfigLineEdit": "ctkPathLineEdit", "trainingOutputDirButton": "ctkDirectoryButton",
+    "trainingKindComboBox": "QComboBox", "trainingConfigLineEdit": "ctkPathLineEdit", "trainingOutputDirButton": "ctkDirectoryButton",
     "startTrainingButton": "QPushButton",
 }
 
@@ -58,10 +58,12 @@ class CTSMAParameterNode:
     ctVolume: vtkMRMLScalarVolumeNode
     boneSegmentation: vtkMRMLSegmentationNode
     roiSegmentation: vtkMRMLSegmentationNode
+    kneeSide: Annotated[str, Choice(list(SIDES))] = "auto"
     modelPath: Path
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     outputTable: vtkMRMLTableNode
-    reportPath: Path
+    reportDir: Path
+    trainingKind: Annotated[str, Choice(list(TRAINING_KINDS))] = "student"
     trainingConfig: Path
     trainingOutputDir: Path
 
@@ -84,7 +86,6 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = CTSMALogic()
         self.ui.modelPathLineEdit.nameFilters = ["CT-SMA model (*.safetensors)", "All files (*)"]
-        self.ui.reportPathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Writable
         self.ui.trainingConfigLineEdit.nameFilters = ["Training configuration (*.yaml *.yml *.json)"]
         actions = {self.ui.segmentBonesButton: self.onSegmentBones, self.ui.createRoisButton: self.onCreateRois,
                    self.ui.runButton: self.onRun, self.ui.exportReportButton: self.onExportReport,
@@ -144,11 +145,12 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
         self.ui.segmentBonesButton.enabled = hasCt
         self.ui.createRoisButton.enabled = hasCt and bool(p.boneSegmentation)
         self.ui.runButton.enabled = hasCt
-        self.ui.exportReportButton.enabled = self.lastResultDir is not None and bool(_path(p.reportPath))
+        self.ui.exportReportButton.enabled = self.lastResultDir is not None and bool(_path(p.reportDir))
         self.ui.startTrainingButton.enabled = bool(_path(p.trainingConfig) and _path(p.trainingOutputDir))
 
     def _params(self) -> AnalysisParameters:
-        return AnalysisParameters(modelPath=_path(self._parameterNode.modelPath), device=self._parameterNode.device)
+        p = self._parameterNode
+        return AnalysisParameters(modelPath=_path(p.modelPath), device=p.device, side=p.kneeSide)
 
     def _action(self, button, handler) -> None:
         if self.monitor.isBusy():  # the active button reads "Cancel"
@@ -173,11 +175,13 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
         self.logic.startAnalysis(p.ctVolume, self._params(), p.boneSegmentation, p.roiSegmentation)
 
     def onExportReport(self) -> None:
-        self.logic.startReportExport(self.lastResultDir, Path(_path(self._parameterNode.reportPath)))
+        p = self._parameterNode
+        self.logic.startReportExport(self.lastResultDir, Path(_path(p.reportDir)), subject=p.ctVolume.GetName())
 
     def onStartTraining(self) -> None:
         p = self._parameterNode
-        self.logic.startTraining(Path(_path(p.trainingConfig)), Path(_path(p.trainingOutputDir)), self._params())
+        self.logic.startTraining(p.trainingKind, Path(_path(p.trainingConfig)), Path(_path(p.trainingOutputDir)),
+                                 self._params())
 
     def onRunFinished(self, status, run) -> None:
         showFailure(status)

@@ -225,13 +225,14 @@ def _registered() -> list[str]:
 
 _BUILT = {
     "register": cli_args.register(Path("mr.nii"), Path("ct.nii"), Path("out"), preset="fast",
-                                  ct_bones=Path("b.nii"), extra=["--seed", "3"]),
+                                  ct_bones=Path("b.nii"), threads=2,
+                                  extra=["--model", "synth.safetensors"]),
     "segment (bones)": cli_args.segment_bones(Path("ct.nii"), Path("out")),
-    "segment (rois)": cli_args.create_rois(Path("ct.nii"), Path("bones.nii"), Path("out")),
+    "segment (rois)": cli_args.create_rois(Path("ct.nii"), Path("bones.nii"), Path("out"), side="L"),
     "infer": cli_args.infer(Path("ct.nii"), Path("out"), model="m.safetensors", device="cpu",
                             bones=Path("b.nii"), rois=Path("r.nii")),
-    "report": cli_args.report(Path("res"), Path("r.pdf")),
-    "train": cli_args.train(Path("c.yaml"), Path("out"), device="cpu"),
+    "report": cli_args.report(Path("ct.nii"), Path("res"), Path("out"), subject="knee 1"),
+    "train": cli_args.train("student", Path("c.yaml"), Path("out")),
 }
 
 
@@ -277,6 +278,10 @@ def test_parameters_validate_and_build_the_environment():
 
     with pytest.raises(ConfigError, match="device"):
         AnalysisParameters(device="gpu")
+    with pytest.raises(ConfigError, match="side"):
+        AnalysisParameters(side="left")
+    with pytest.raises(ValueError):
+        cli_args.train("teachers", Path("c.yaml"), Path("out"))
     p = RegistrationParameters(threads=2, extraArgs="--seed 3 --name 'a b'")
     assert p.extra() == ["--seed", "3", "--name", "a b"]
     assert p.env()["OMP_NUM_THREADS"] == "2" and RegistrationParameters().env() == {}

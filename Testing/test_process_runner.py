@@ -258,3 +258,98 @@ def test_incomplete_outputs_fail_the_run_and_leave_the_scene_unchanged(mrml_scen
     with pytest.raises(RuntimeError, match="transform"):
         logic.loadOutputs(out)  # a damaged transform: nothing half-loaded
     assert mrml_scene.GetNumberOfNodes() == n_nodes
+
+
+class FakeInfer(ProcessRunner):
+    """Stands in for ``ctsma segment`` / ``ctsma infer``: writes the contract's output files."""
+
+    def start_ctsma(self, args, work_dir, env=None, python=None):
+        self.args = list(args)
+        progress = Path(work_dir) / "progress.jsonl"
+        body = """
+        import json, os, sys
+        import numpy as np, SimpleITK as sitk
+        args = sys.argv[1:]
+        out = args[args.index("--out") + 1]
+        os.makedirs(out + "/maps", exist_ok=True)
+        ct = sitk.ReadImage(args[1])
+        lab = np.zeros(sitk.GetArrayViewFromImage(ct).shape, np.uint8)
+        lab[:3] = 2; lab[3:] = 1  # tibia below, femur above
+        bones = sitk.GetImageFromArray(lab); bones.CopyInformation(ct)
+        sitk.WriteImage(bones, out + "/bones.nii.gz")
+        if args[0] == "infer":
+            rois = sitk.GetImageFromArray((lab == 1).astype(np.uint8) * 1 + (lab == 2).astype(np.uint8) * 3)
+            rois.CopyInformation(ct)
+            sitk.WriteImage(rois, out + "/rois.nii.gz")
+            for stem in ("bvtv", "tbth", "tbsp", "tbn"):
+                m = sitk.GetImageFromArray(np.full(lab.shape, 0.25, np.float32)); m.CopyInformation(ct)
+                sitk.WriteImage(m, out + f"/maps/{stem}.nii.gz")
+            with open(out + "/roi_table.csv", "w") as fh:
+                fh.write("roi,parameter,mean,sd,median,iqr,n_patches\\n")
+                fh.write("MFC,Tb.Th,0.21,0.02,0.2,0.03,12\\nMTP,Tb.N,1.4,0.1,1.4,0.2,9\\n")
+            json.dump({"oa_probability": 0.7, "severity": 2.1, "auc": 0.81}, open(out + "/summary.json", "w"))
+        """
+        return self.start(_script(body) + list(args), work_dir, progress, env=env)
+
+
+@pytest.mark.mrml
+def test_analysis_logic_loads_segmentations_maps_and_tables(mrml_scene, tmp_path):
+    from CTSMALib import scene_bridge as sb
+    from CTSMALib.analysis_logic import CTSMALogic
+    from CTSMALib.parameters import AnalysisParameters
+
+    logic = CTSMALogic(runner_factory=FakeInfer, work_root=tmp_path)
+    ct = _volume(mrml_scene, "knee", 3)
+    run = logic.startBoneSegmentation(ct)
+    assert run.runner.args == ["segment", str(run.work_dir / "ct.nii"), "--out", str(run.out_dir), "--no-rois"]
+    assert logic.wait(timeout=60).state == DONE, (run.work_dir / "run.log").read_text()
+    bones = run.outputs["bones"]
+    seg = bones.GetSegmentation()
+    assert sorted(seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())) == ["femur", "tibia"]
+    logic.cleanupRun()
+
+    run = logic.startAnalysis(ct, AnalysisParameters(device="cpu"), boneSegmentation=bones)
+    assert "--bones" in run.runner.args and run.runner.args[run.runner.args.index("--device") + 1] == "cpu"
+    assert (run.work_dir / "bones.nii").exists()  # the user's bones were exported for the command
+    assert logic.wait(timeout=60).state == DONE, (run.work_dir / "run.log").read_text()
+    out = run.outputs
+    assert {"BV/TV", "Tb.Th", "Tb.Sp", "Tb.N", "bones", "rois", "table", "diagnosis"} <= set(out)
+    assert out["Tb.Th"].GetAttribute("CTSMA.Unit") == "mm"
+    img = sb.volume_node_to_sitk(out["BV/TV"])
+    assert np.allclose(img.GetOrigin(), sb.volume_node_to_sitk(ct).GetOrigin())
+    table, _ = sb.node_to_dataframe(out["table"])
+    assert table["unit"].tolist() == ["mm", "1/mm"] and table["n_patches"].tolist() == [12, 9]
+    diag, _ = sb.node_to_dataframe(out["diagnosis"])
+    assert diag.to_dict("records") == [{"oa_probability": 0.7, "severity": 2.1, "auc": 0.81}]
+    assert logic.lastResultDir() == run.out_dir
+    # the report of that analysis: 'ctsma report patient CT INFER_DIR --out DIR'
+    logic.cleanupRun(keep_outputs=True)
+    report = logic.startReportExport(run.out_dir, tmp_path / "reports", subject="knee")
+    assert report.runner.args == ["report", "patient", str(run.work_dir / "ct.nii"), str(run.out_dir),
+                                  "--out", str(tmp_path / "reports"), "--subject", "knee"]
+    logic.wait(timeout=60)
+
+
+@pytest.mark.mrml
+def test_analysis_logic_refuses_bad_inputs_with_user_errors(mrml_scene, tmp_path):
+    from ctsma.errors import ConfigError, InputImageError, ModelFileError, UserError
+
+    from CTSMALib.analysis_logic import CTSMALogic
+    from CTSMALib.parameters import AnalysisParameters
+
+    logic = CTSMALogic(runner_factory=FakeInfer, work_root=tmp_path)
+    ct = _volume(mrml_scene, "knee", 3)
+    with pytest.raises(InputImageError):
+        logic.startBoneSegmentation(None)
+    with pytest.raises(InputImageError, match="segment the bones"):
+        logic.startRoiCreation(ct, None)
+    with pytest.raises(ModelFileError):
+        logic.startAnalysis(ct, AnalysisParameters(modelPath=str(tmp_path / "missing.safetensors")))
+    with pytest.raises(UserError, match="run the analysis first"):
+        logic.startReportExport(tmp_path, tmp_path / "reports")
+    with pytest.raises(ConfigError):
+        logic.startTraining("student", tmp_path / "none.yaml", tmp_path / "train")
+    (tmp_path / "c.yaml").write_text("a: 1\n")
+    with pytest.raises(ConfigError, match="training kind"):
+        logic.startTraining("teachers", tmp_path / "c.yaml", tmp_path / "train")
+    assert logic.run is None

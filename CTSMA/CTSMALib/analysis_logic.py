@@ -56,7 +56,7 @@ class CTSMALogic(CliLogic):
         bones = self.exportSegmentation(boneSegmentation, work / "bones.nii", ctVolume)
         out = work / "out"
         name = ctVolume.GetName()
-        return self.startCli("ROI creation", cli_args.create_rois(ct, bones, out), work, out, env=params.env(),
+        return self.startCli("ROI creation", cli_args.create_rois(ct, bones, out, side=params.side), work, out, env=params.env(),
                              loader=lambda run: self.loadLabelOutput(run.out_dir / "rois.nii.gz", "rois",
                                                                      f"{name} subchondral ROIs"))
 
@@ -136,24 +136,33 @@ class CTSMALogic(CliLogic):
         return out
 
     # -- report and training ---------------------------------------------------------------
-    def startReportExport(self, resultDir: Path, outputPath: Path) -> Run:
+    def startReportExport(self, resultDir: Path, outDir: Path, subject: str = "") -> Run:
+        """PDF report of an analysis: ``outDir/report/patient_<subject>.pdf``."""
         from ctsma.errors import UserError
 
-        if not Path(resultDir, "summary.json").exists():
+        resultDir = Path(resultDir) if resultDir else None
+        if resultDir is None or not (resultDir / "summary.json").exists():
             raise UserError("run the analysis first: there is no result to report")
+        ct = resultDir.parent / "ct.nii"  # the CT exported for that analysis
+        if not ct.exists():
+            raise UserError(f"the analysed CT is gone from {resultDir.parent}: run the analysis again")
         work = self.newWorkDir("report")
-        return self.startCli("report export", cli_args.report(Path(resultDir), Path(outputPath)), work,
-                             Path(outputPath).parent, loader=None)
+        args = cli_args.report(ct, resultDir, Path(outDir), subject=subject)
+        return self.startCli("report export", args, work, Path(outDir) / "report", loader=None)
 
-    def startTraining(self, configPath: Path, outDir: Path, params: AnalysisParameters | None = None) -> Run:
+    def startTraining(self, kind: str, configPath: Path, outDir: Path,
+                      params: AnalysisParameters | None = None) -> Run:
+        """Train a network (``student``, ``teacher`` or ``baseline``) in the background."""
         from ctsma.errors import ConfigError
 
         params = params or AnalysisParameters()
         if not Path(configPath).is_file():
             raise ConfigError(f"training configuration not found: {configPath}")
+        if kind not in cli_args.TRAINING_KINDS:
+            raise ConfigError(f"training kind must be one of {', '.join(cli_args.TRAINING_KINDS)}")
         work = self.newWorkDir("train")
-        return self.startCli("training", cli_args.train(Path(configPath), Path(outDir), device=params.device),
-                             work, Path(outDir), loader=None, env=params.env())
+        return self.startCli("training", cli_args.train(kind, Path(configPath), Path(outDir)), work, Path(outDir),
+                             loader=None, env=params.env())
 
     def lastResultDir(self) -> Path | None:
         """The output folder of the last successful analysis (for the report export)."""

@@ -13,12 +13,15 @@ from pathlib import Path
 
 
 def register(mr: Path, ct: Path, out: Path, preset: str = "", ct_bones: Path | None = None,
-             extra: list[str] | None = None) -> list[str]:
+             threads: int = 0, extra: list[str] | None = None) -> list[str]:
+    """``ctsma register MR CT --out DIR`` writes the transform, resampled MR/pseudo-CT and qa.json."""
     args = ["register", str(mr), str(ct), "--out", str(out)]
     if preset:
         args += ["--preset", preset]
     if ct_bones is not None:
         args += ["--ct-bones", str(ct_bones)]
+    if threads > 0:
+        args += ["--threads", str(int(threads))]
     return args + list(extra or [])
 
 
@@ -27,9 +30,11 @@ def segment_bones(ct: Path, out: Path) -> list[str]:
     return ["segment", str(ct), "--out", str(out), "--no-rois"]
 
 
-def create_rois(ct: Path, bones: Path, out: Path) -> list[str]:
-    """``ctsma segment CT --bones B --out DIR`` writes ``DIR/rois.nii.gz`` from the given bones."""
-    return ["segment", str(ct), "--out", str(out), "--bones", str(bones)]
+def create_rois(ct: Path, bones: Path, out: Path, side: str = "auto") -> list[str]:
+    """``ctsma segment CT --bones B --out DIR`` writes ``DIR/rois.nii.gz`` from the given bones;
+    ``side`` (L/R) is needed when the bones show no fibula."""
+    args = ["segment", str(ct), "--out", str(out), "--bones", str(bones)]
+    return args + (["--side", side] if side in ("L", "R") else [])
 
 
 def infer(ct: Path, out: Path, model: str = "", device: str = "auto", bones: Path | None = None,
@@ -44,9 +49,17 @@ def infer(ct: Path, out: Path, model: str = "", device: str = "auto", bones: Pat
     return args
 
 
-def report(result_dir: Path, out: Path) -> list[str]:
-    return ["report", str(result_dir), "--out", str(out)]
+def report(ct: Path, infer_dir: Path, out: Path, subject: str = "") -> list[str]:
+    """``ctsma report patient CT INFER_DIR --out DIR`` writes ``DIR/report/patient_<subject>.pdf``."""
+    args = ["report", "patient", str(ct), str(infer_dir), "--out", str(out)]
+    return args + (["--subject", subject] if subject else [])
 
 
-def train(config: Path, out: Path, device: str = "auto") -> list[str]:
-    return ["train", "--config", str(config), "--out", str(out), "--device", device]
+TRAINING_KINDS = ("student", "teacher", "baseline")
+
+
+def train(kind: str, config: Path, out: Path) -> list[str]:
+    """``ctsma train KIND --config C --out DIR`` (KIND: student, teacher or baseline)."""
+    if kind not in TRAINING_KINDS:
+        raise ValueError(f"training kind must be one of {TRAINING_KINDS}")
+    return ["train", kind, "--config", str(config), "--out", str(out)]

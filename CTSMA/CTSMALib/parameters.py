@@ -11,6 +11,7 @@ import shlex
 from dataclasses import dataclass
 
 DEVICES = ("auto", "cpu", "cuda")
+SIDES = ("auto", "L", "R")
 
 
 def _thread_env(threads: int) -> dict[str, str]:
@@ -27,7 +28,7 @@ class RegistrationParameters:
 
     preset: str = ""
     threads: int = 0  # 0 = let the command decide
-    extraArgs: str = ""  # advanced: extra command-line options, e.g. "--seed 3"
+    extraArgs: str = ""  # advanced: extra 'ctsma register' options, e.g. "--model synth.safetensors"
     keepWorkDir: bool = False
 
     def env(self) -> dict[str, str]:
@@ -43,14 +44,17 @@ class AnalysisParameters:
 
     modelPath: str = ""  # "" = the model shipped with the extension
     device: str = "auto"
+    side: str = "auto"  # knee side; "auto": from anatomy (the fibula is lateral)
     threads: int = 0
     keepWorkDir: bool = False
 
     def __post_init__(self):
-        if self.device not in DEVICES:
-            from ctsma.errors import ConfigError
+        from ctsma.errors import ConfigError
 
+        if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)} (got '{self.device}')")
+        if self.side not in SIDES:
+            raise ConfigError(f"knee side must be one of {', '.join(SIDES)} (got '{self.side}')")
 
     def env(self) -> dict[str, str]:
         return _thread_env(self.threads)

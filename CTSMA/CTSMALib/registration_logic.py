@@ -13,6 +13,7 @@ from .scene_utils import rollback_on_error
 PRESET_FOLDER = ("Presets", "registration")
 OUTPUTS = {"transform": "transform_ct_to_mr.h5", "mr_in_ct": "mr_in_ct.nii.gz",
            "pseudo_ct": "pseudo_ct_in_ct.nii.gz", "qa": "qa.json"}
+OPTIONAL = {"pseudo_ct"}  # presets without synthesis (e.g. nosynth) make no pseudo-CT
 
 
 def preset_names(folder: Path | None = None) -> list[str]:
@@ -65,21 +66,22 @@ class CTSMARegistrationLogic(CliLogic):
         bones = (self.exportSegmentation(boneSegmentation, work / "ct_bones.nii", ctVolume)
                  if boneSegmentation is not None else None)
         out = work / "out"
-        args = cli_args.register(mr, ct, out, preset=params.preset, ct_bones=bones, extra=params.extra())
+        args = cli_args.register(mr, ct, out, preset=params.preset, ct_bones=bones, threads=params.threads,
+                                 extra=params.extra())
         names = {"mr": mrVolume.GetName(), "ct": ctVolume.GetName()}
         return self.startCli("registration", args, work, out, loader=lambda run: self.loadOutputs(run.out_dir, names),
                              env=params.env())
 
     def loadOutputs(self, out_dir: Path, names: dict | None = None) -> dict:
         """Put the registration outputs of ``out_dir`` into the scene; returns ``{role: node}``
-        with the roles ``transform``, ``mr_in_ct``, ``pseudo_ct`` and ``qa``."""
+        with the roles ``transform``, ``mr_in_ct``, ``qa`` and (when synthesis ran) ``pseudo_ct``."""
         import SimpleITK as sitk
 
         from . import scene_bridge as sb
 
         names = names or {"mr": "MR", "ct": "CT"}
         out_dir = Path(out_dir)
-        missing = [f for f in OUTPUTS.values() if not (out_dir / f).exists()]
+        missing = [f for k, f in OUTPUTS.items() if k not in OPTIONAL and not (out_dir / f).exists()]
         if missing:
             raise FileNotFoundError(f"the registration finished without {', '.join(missing)} in {out_dir}")
         qa = json.loads((out_dir / OUTPUTS["qa"]).read_text(encoding="utf-8"))
@@ -89,8 +91,9 @@ class CTSMARegistrationLogic(CliLogic):
                                                       name=f"{names['ct']} to {names['mr']} transform")
             out["mr_in_ct"] = sb.sitk_to_volume_node(sitk.ReadImage(str(out_dir / OUTPUTS["mr_in_ct"])),
                                                      self.scene, name=f"{names['mr']} in CT")
-            out["pseudo_ct"] = sb.sitk_to_volume_node(sitk.ReadImage(str(out_dir / OUTPUTS["pseudo_ct"])),
-                                                      self.scene, name=f"{names['mr']} pseudo-CT")
+            if (out_dir / OUTPUTS["pseudo_ct"]).exists():
+                out["pseudo_ct"] = sb.sitk_to_volume_node(sitk.ReadImage(str(out_dir / OUTPUTS["pseudo_ct"])),
+                                                          self.scene, name=f"{names['mr']} pseudo-CT")
             out["qa"] = sb.table_to_node(qa_rows(qa), self.scene, name=f"{names['mr']} registration QA",
                                          units={"seconds": "s"})
             sb.put_in_folder(self.scene, out.values(), "CT-SMA registration")
