@@ -150,11 +150,15 @@ def test_cli_train_evaluate_predict(cohort, tmp_path, capsys, monkeypatch):
     if "diagnose" not in climain.SUBCOMMANDS:
         monkeypatch.setattr(climain, "SUBCOMMANDS", [*climain.SUBCOMMANDS, "diagnose"])
     table, labels = cohort
+    # a patch-store-like table: parameters under mr_<param>, selected with --prefix
+    store_like = table.rename(columns={p: f"mr_{p}" for p in ("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N")})
+    store_like.to_csv(tmp_path / "store.csv", index=False)
     table.to_csv(tmp_path / "p.csv", index=False)
     syn.measured(table, 3.0, seed=1).to_csv(tmp_path / "q.csv", index=False)
     labels.to_csv(tmp_path / "labels.csv", index=False)
     out = tmp_path / "ev"
-    rc = climain.main(["--quiet", "diagnose", "evaluate", "--patches", f"student_distilled={tmp_path / 'p.csv'}",
+    rc = climain.main(["--quiet", "diagnose", "evaluate", "--patches", f"student_distilled={tmp_path / 'store.csv'}",
+                       "--prefix", "student_distilled=mr_",
                        "--patches", f"student_baseline={tmp_path / 'q.csv'}", "--labels", str(tmp_path / "labels.csv"),
                        "--aggregators", "logistic", "--folds", "4", "--out", str(out)])
     assert rc == 0
@@ -180,3 +184,6 @@ def test_cli_train_evaluate_predict(cohort, tmp_path, capsys, monkeypatch):
     assert climain.main(["diagnose", "evaluate", "--patches", str(tmp_path / "p.csv"), "--labels",
                          str(tmp_path / "labels.csv"), "--folds", "25", "--out", str(out)]) == 2
     assert "too few patients per class" in capsys.readouterr().err
+    assert climain.main(["diagnose", "train", "--patches", str(tmp_path / "store.csv"), "--labels",
+                         str(tmp_path / "labels.csv"), "--out", str(model)]) == 2
+    assert "patch store table" in capsys.readouterr().err

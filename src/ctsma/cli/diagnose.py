@@ -27,6 +27,7 @@ def add_parser(subparsers) -> None:
     t.add_argument("--patches", required=True, metavar="CSV", help="patch table")
     common(t)
     t.add_argument("--aggregator", choices=AGG_CHOICES, default="transformer")
+    t.add_argument("--prefix", default="", help="read the parameters from the columns <PREFIX><param> (e.g. mr_)")
     t.add_argument("--source", default="", help="name of the parameter source, stored in the model (e.g. "
                                                 "student_distilled)")
     t.add_argument("--no-cv", action="store_true", help="skip cross-validation (the model then reports no "
@@ -39,6 +40,9 @@ def add_parser(subparsers) -> None:
                    help="patch table, optionally named (e.g. student_distilled=distilled.csv); repeat for each "
                         "source")
     common(e)
+    e.add_argument("--prefix", action="append", default=[], metavar="SOURCE=PREFIX",
+                   help="read SOURCE's parameters from the columns <PREFIX><param>, e.g. mr_reference=mr_ or "
+                        "truth=true_ for the patch store's patches.csv")
     e.add_argument("--aggregators", default="transformer,mlp,logistic",
                    help="comma-separated aggregators (default transformer,mlp,logistic)")
     e.add_argument("--compare", action="append", default=None, metavar="A:B",
@@ -50,6 +54,7 @@ def add_parser(subparsers) -> None:
     r = sub.add_parser("predict", help="per-knee OA probability and severity with a trained model")
     r.add_argument("--model", required=True, metavar="MODEL")
     r.add_argument("--patches", required=True, metavar="CSV")
+    r.add_argument("--prefix", default="", help="read the parameters from the columns <PREFIX><param>")
     r.add_argument("--out", metavar="CSV", default=None, help="also write the predictions to this CSV "
                                                              "(and a .json beside it)")
     r.set_defaults(func=_predict)
@@ -62,13 +67,15 @@ def _check_folds(args) -> None:
 
 def _train(args) -> int:
     from .. import diagnosis
+    from ..diagnosis.data import use_parameter_columns
     from ..progress import info
 
     if not args.no_cv:
         _check_folds(args)
     if not str(args.out).endswith(".safetensors"):
         raise UserError(f"the model file name must end with .safetensors: {args.out}")
-    model = diagnosis.train(args.patches, args.labels, args.aggregator, seed=args.seed,
+    patches = use_parameter_columns(args.patches, args.prefix)
+    model = diagnosis.train(patches, args.labels, args.aggregator, seed=args.seed,
                             folds=None if args.no_cv else args.folds, source=args.source)
     diagnosis.save(model, args.out)
     cv = model.cv_metrics
@@ -95,6 +102,7 @@ def _evaluate(args) -> int:
 
     from .. import diagnosis
     from ..diagnosis import report
+    from ..diagnosis.data import use_parameter_columns
     from ..io import ensure_writable_dir, write_json
     from ..progress import info
 
@@ -110,6 +118,11 @@ def _evaluate(args) -> int:
             raise UserError(f"--compare takes A:B (two source names), got {c!r}")
         pairs.append((a, b))
     sources = _parse_sources(args.patches)
+    for item in args.prefix:
+        name, sep, prefix = item.partition("=")
+        if not sep or name not in sources:
+            raise UserError(f"--prefix takes SOURCE=PREFIX for a source named in --patches, got {item!r}")
+        sources[name] = use_parameter_columns(sources[name], prefix, what=f"patch table of {name}")
     out = ensure_writable_dir(args.out)
     block, results = diagnosis.compare_sources(sources, args.labels, aggs, args.folds, args.seed, pairs=pairs)
     write_json(out / "metrics.json", {"diagnosis": block, "diagnosis_settings": {
@@ -130,8 +143,10 @@ def _predict(args) -> int:
     from .. import diagnosis
     from ..io import atomic_path, write_json
 
+    from ..diagnosis.data import use_parameter_columns
+
     model = diagnosis.load(args.model)
-    df = diagnosis.predict(model, args.patches)
+    df = diagnosis.predict(model, use_parameter_columns(args.patches, args.prefix))
     cols = ["subject", "n_patches", "oa_probability", "severity", "message"]
     cv = model.cv_metrics
     perf = (f"model: {model.metadata.get('aggregator')} trained on {model.metadata.get('n_train')} knees"

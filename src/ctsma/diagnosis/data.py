@@ -41,12 +41,31 @@ def read_table(source, what: str) -> pd.DataFrame:
         raise UserError(f"cannot read {what} CSV {path}: {exc}") from None
 
 
+def use_parameter_columns(table, prefix: str, what: str = "patch table") -> pd.DataFrame:
+    """Copy of ``table`` whose ``<prefix><param>`` columns become the parameter columns.
+
+    The patch store's ``patches.csv`` (``ctsma dataset build``) holds ``mr_<param>`` (MR reference) and
+    ``true_<param>`` (phantom truth) side by side; ``prefix="mr_"`` or ``"true_"`` selects one of them.
+    """
+    df = read_table(table, what)
+    if not prefix:
+        return df
+    missing = [f"{prefix}{p}" for p in PARAMETERS if f"{prefix}{p}" not in df.columns]
+    if missing:
+        raise UserError(f"{what} lacks the column(s) {', '.join(missing)} named by the prefix {prefix!r}")
+    df = df.drop(columns=[p for p in PARAMETERS if p in df.columns])
+    return df.rename(columns={f"{prefix}{p}": p for p in PARAMETERS})
+
+
 def check_patch_table(table, what: str = "patch table") -> pd.DataFrame:
     """Validate the columns and types; returns a clean copy with ``subject`` as str and a ``valid`` flag."""
     df = read_table(table, what)
     missing = [c for c in PATCH_COLUMNS if c not in df.columns]
     if missing:
-        raise UserError(f"{what} lacks the column(s) {', '.join(missing)}; it needs {', '.join(PATCH_COLUMNS)}")
+        hint = ""
+        if any(f"mr_{p}" in df.columns for p in PARAMETERS):
+            hint = " (this looks like a patch store table: choose its mr_ or true_ columns with a prefix)"
+        raise UserError(f"{what} lacks the column(s) {', '.join(missing)}; it needs {', '.join(PATCH_COLUMNS)}{hint}")
     df["subject"] = df["subject"].astype(str)
     df["roi"] = df["roi"].astype(str).str.strip()
     for c in (*POSITION_COLUMNS, *PARAMETERS):

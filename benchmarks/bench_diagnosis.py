@@ -1,0 +1,65 @@
+"""Time and score the diagnosis aggregators: .venv/bin/python benchmarks/bench_diagnosis.py [--n 24] [--patches 24]
+
+Synthetic cohort (ctsma.diagnosis.synthetic: OA raises BV/TV and Tb.Th, most in MTP) seen through four
+"sources" of decreasing quality (truth, mr_reference, student_distilled, student_baseline = patch-level
+noise 0, 0.3, 0.6, 1.2 × population SD), every aggregator × source cross-validated with the same 5 patient
+folds (the demo's work), then one transformer trained on all knees (the `ctsma diagnose train` fit).
+With --manifest/--tables, real tables (e.g. from the phantom demo) are used instead of synthetic ones.
+Prints a table and writes benchmarks/results/bench_diagnosis.json. Timings are wall-clock on a shared machine.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--n", type=int, default=24, help="knees (demo cohort size)")
+ap.add_argument("--patches", type=int, default=24, help="patches per ROI and knee (dataset default max_per_roi)")
+ap.add_argument("--folds", type=int, default=5)
+ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--aggregators", default="transformer,mlp,logistic")
+ap.add_argument("--labels", default=None, help="labels CSV (with --tables)")
+ap.add_argument("--tables", nargs="*", default=None, metavar="SOURCE=CSV", help="real patch tables")
+a = ap.parse_args()
+
+from ctsma.diagnosis import compare_sources, train  # noqa: E402
+from ctsma.diagnosis import synthetic as syn  # noqa: E402
+
+if a.tables:
+    tables = dict(t.split("=", 1) for t in a.tables)
+    import pandas as pd
+    labels = pd.read_csv(a.labels)
+    desc = f"tables {a.tables}"
+else:
+    truth, labels = syn.synthetic_cohort(a.n, a.patches, seed=a.seed)
+    tables = {"truth": truth, "mr_reference": syn.measured(truth, 0.3, seed=a.seed + 1),
+              "student_distilled": syn.measured(truth, 0.6, seed=a.seed + 2),
+              "student_baseline": syn.measured(truth, 1.2, seed=a.seed + 3)}
+    desc = f"synthetic cohort n={a.n}, {a.patches} patches/ROI, seed {a.seed}"
+aggs = a.aggregators.split(",")
+t0 = time.perf_counter()
+block, results = compare_sources(tables, labels, aggs, a.folds, a.seed)
+cv_total = time.perf_counter() - t0
+t1 = time.perf_counter()
+train(tables[next(iter(tables))], labels, "transformer", seed=a.seed, folds=None)
+train_s = time.perf_counter() - t1
+load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+print(f"\n{desc}; {a.folds}-fold CV; load average {load}")
+print(f"{'source/aggregator':34s} {'AUC':>6s} {'95% CI':>15s} {'acc':>6s} {'sevMAE':>7s} {'sevR2':>6s} {'p vs base':>9s} {'s':>6s}")
+for k, m in block.items():
+    p = m.get("p_auc_vs_student_baseline")
+    print(f"{k:34s} {m['auc']:6.3f} [{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}] {m['accuracy']:6.3f} "
+          f"{m['severity_mae']:7.3f} {m['severity_r2']:6.2f} {'' if p is None else f'{p:.3g}':>9s} {m['seconds']:6.1f}")
+print(f"all {len(block)} cross-validations: {cv_total:.1f} s (target <= 60 s at demo settings); "
+      f"one transformer fit on all {len(labels)} knees: {train_s:.1f} s (target <= 120 s)")
+res = {"description": desc, "folds": a.folds, "seed": a.seed, "load_average_1min": load,
+       "cv_total_s": cv_total, "train_transformer_all_s": train_s, "diagnosis": block, "python": sys.version}
+out = Path(__file__).parent / "results"
+out.mkdir(exist_ok=True)
+(out / "bench_diagnosis.json").write_text(json.dumps(res, indent=2, default=float))
