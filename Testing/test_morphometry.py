@@ -1,0 +1,96 @@
+"""Morphometry engine: analytic structures with known truth, conventions, API contract, errors."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from ctsma.errors import UserError
+from ctsma.morphometry import MorphometryWarning, local_thickness, measure, measure_batch
+
+
+def _plates(shape, axis, t, period, start=3):
+    b = np.zeros(shape, bool)
+    idx = [slice(None)] * 3
+    for s in range(start, shape[axis] - t, period):
+        idx[axis] = slice(s, s + t)
+        b[tuple(idx)] = True
+    return b
+
+
+@pytest.mark.parametrize("t", [2, 3, 4, 5, 7])
+def test_axis_plate_default_is_exact_and_bonej_rule(t):
+    b = _plates((24, 20, 20), 0, t, 40, start=6)
+    lt_def = local_thickness(b, (1.0, 1.0, 1.0))
+    lt_bj = local_thickness(b, (1.0, 1.0, 1.0), convention="bonej")
+    assert np.allclose(lt_def[b], t)
+    assert np.allclose(lt_bj[b], t + (t % 2))  # BoneJ: t for even, t+1 for odd thickness
+    assert (lt_def[~b] == 0).all()
+
+
+def test_anisotropic_spacing_plates_in_mm():
+    sp = (0.3, 0.1, 0.2)
+    for axis, t in ((0, 5), (1, 4), (2, 3)):
+        b = _plates((30, 30, 30), axis, t, 60, start=10)
+        lt = local_thickness(b, sp)
+        assert np.allclose(lt[b], t * sp[axis], rtol=1e-5)
+
+
+def test_sphere_default_within_half_voxel():
+    n = 28
+    z, y, x = np.mgrid[:n, :n, :n]
+    c = (13.3, 13.8, 14.1)
+    r = 6.0
+    b = (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 < r * r
+    assert abs(local_thickness(b, (1, 1, 1))[b].mean() - 2 * r) <= 0.5
+
+
+def test_measure_contract_keys_and_values_on_plates():
+    b = _plates((40, 16, 16), 0, 4, 20)  # plates 4 thick, marrow 16 thick
+    roi = np.zeros(b.shape, bool)
+    roi[3:23] = True  # exactly one period: plate 3..6, marrow 7..22
+    res = measure(b, (0.5, 1.0, 1.0), roi)
+    for key in ("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N", "BS/BV", "Conn.D", "Tb.Th.sd", "Tb.Sp.sd", "Tb.N.formula",
+                "Tb.N.plate", "convention", "binarisation", "spacing", "roi_voxels", "histograms"):
+        assert key in res
+    assert res["BV/TV"] == pytest.approx(4 / 20)
+    assert res["Tb.Th"] == pytest.approx(2.0)
+    assert res["Tb.Sp"] == pytest.approx(8.0)
+    assert res["Tb.N"] == pytest.approx(0.1)
+    assert res["Tb.N.plate"] == pytest.approx(0.1)
+    assert res["spacing"] == [1.0, 1.0, 0.5]
+    assert res["roi_voxels"] == 20 * 16 * 16
+
+
+def test_batch_matches_single_and_flags_degenerate_patches():
+    rng = np.random.default_rng(1)
+    from scipy import ndimage
+    f = ndimage.gaussian_filter(rng.normal(size=(3, 20, 20, 20)), (0, 1.5, 1.5, 1.5))
+    p = f > 0.05
+    p[1] = True  # all bone
+    with pytest.warns(MorphometryWarning):
+        out = measure_batch(p, (1.0, 1.0, 1.0), workers=2)
+    one = measure(p[0], (1.0, 1.0, 1.0))
+    for k in ("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N"):
+        assert out[k][0] == pytest.approx(one[k])
+    assert out["BV/TV"][1] == 1.0 and np.isnan(out["Tb.Sp"][1]) and np.isnan(out["Tb.N"][1])
+
+
+@pytest.mark.parametrize("bad, spacing", [
+    (np.zeros((5, 5), bool), (1, 1, 1)),
+    (np.zeros((1, 5, 5), bool), (1, 1, 1)),
+    (np.ones((5, 5, 5), bool), (1, 0, 1)),
+    (np.full((5, 5, 5), np.nan), (1, 1, 1)),
+])
+def test_bad_inputs_give_user_errors(bad, spacing):
+    with pytest.raises(UserError):
+        measure(bad, spacing, modality="ct" if bad.dtype != bool else "binary")
+
+
+def test_empty_roi_is_an_error_and_all_bone_is_nan_with_warning():
+    b = np.ones((6, 6, 6), bool)
+    with pytest.raises(UserError):
+        measure(b, (1, 1, 1), np.zeros(b.shape, bool))
+    with pytest.warns(MorphometryWarning):
+        res = measure(b, (1, 1, 1))
+    assert res["BV/TV"] == 1.0 and np.isnan(res["Tb.Sp"]) and np.isnan(res["Tb.N"])

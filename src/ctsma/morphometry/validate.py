@@ -1,0 +1,75 @@
+"""Input checks shared by the morphometry functions: one-line user errors, never a traceback."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputImageError, UserError
+
+
+class MorphometryError(UserError):
+    """Morphometry inputs or settings that cannot give a meaningful result."""
+
+
+def check_spacing(spacing_zyx) -> tuple[float, float, float]:
+    try:
+        sp = tuple(float(s) for s in spacing_zyx)
+    except (TypeError, ValueError):
+        raise MorphometryError(f"spacing must be three numbers in mm (z, y, x), got {spacing_zyx!r}") from None
+    if len(sp) != 3:
+        raise MorphometryError(f"spacing must have three values (z, y, x) in mm, got {len(sp)}")
+    if not all(np.isfinite(sp)) or min(sp) <= 0:
+        raise MorphometryError(f"spacing {sp} mm is invalid: every value must be finite and > 0")
+    return sp  # type: ignore[return-value]
+
+
+def check_convention(convention: str) -> str:
+    from .thickness import CONVENTIONS
+    if convention not in CONVENTIONS:
+        raise MorphometryError(f"unknown convention {convention!r}; use one of {', '.join(CONVENTIONS)}")
+    return convention
+
+
+def check_volume(arr, what: str = "image") -> np.ndarray:
+    a = np.asarray(arr)
+    if a.ndim != 3:
+        raise InputImageError(f"{what} is {a.ndim}D (shape {a.shape}); a 3D volume (z, y, x) is required")
+    if min(a.shape) < 2:
+        raise InputImageError(f"{what} has shape {a.shape}: a 3D volume needs at least 2 voxels along each axis "
+                              "(a single slice is a 2D image)")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        raise InputImageError(f"{what} has {bad:,} non-finite voxels (NaN or inf); fix or mask them first")
+    if a.dtype.kind not in "biuf":
+        raise InputImageError(f"{what} has unsupported voxel type {a.dtype}")
+    return a
+
+
+def check_binary(arr, what: str = "binary image") -> np.ndarray:
+    a = check_volume(arr, what)
+    if a.dtype == bool:
+        return a
+    vals = np.unique(a[:: max(1, a.shape[0] // 8)]) if a.size > 1_000_000 else np.unique(a)
+    if not np.all(np.isin(vals, (0, 1))) or (a.size > 1_000_000 and not np.isin(np.unique(a), (0, 1)).all()):
+        raise InputImageError(f"{what} is not binary (values other than 0 and 1); binarise it first "
+                              "or give a grey-level modality")
+    return a.astype(bool)
+
+
+def check_mask(mask, shape, what: str = "ROI mask") -> np.ndarray:
+    if mask is None:
+        return np.ones(shape, bool)
+    try:
+        import SimpleITK as sitk
+        if isinstance(mask, sitk.Image):
+            mask = sitk.GetArrayFromImage(mask)
+    except ImportError:  # pragma: no cover
+        pass
+    m = check_volume(mask, what)
+    if m.shape != tuple(shape):
+        raise InputImageError(f"{what} has shape {m.shape} (z, y, x) but the image has {tuple(shape)}; "
+                              "they must share the same grid")
+    m = m != 0
+    if not m.any():
+        raise MorphometryError(f"{what} is empty: no voxel is inside the ROI")
+    return m
