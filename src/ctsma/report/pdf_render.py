@@ -129,7 +129,9 @@ class ReportPDF(FPDF):
         self.set_text_color(0)
 
     def table_block(self, t: Table, *, font_size: float = 7.8) -> None:
-        self.need(12 + 6 * min(3, len(t.rows)))
+        # keep short tables whole (about 6 mm per one-line row); longer ones need their header and 3 rows
+        rows_kept = len(t.rows) if len(t.rows) <= 10 else 3
+        self.need(12 + (5 if t.caption else 0) + 6 * rows_kept + 4 * len(t.notes))
         if t.caption:
             self.set_font(FONT, "B", 9)
             self.set_text_color(*NAVY)

@@ -162,6 +162,10 @@ def _regression(m: Mapping[str, Any]) -> list:
     if not reg:
         out.append(Paragraph("No agreement with the MR reference was computed; only agreement with the "
                              "phantom's truth is shown.", "note"))
+    png = figures.icc_bar_chart(m, block="regression" if reg else "regression_vs_truth")
+    if png:
+        out.append(Figure(png, "ICC(2,1) per parameter with 95 % CIs. Red diamonds: CT-SMA, "
+                               f"{PUBLISHED_LABEL} (preprint per parameter; journal mean).", 0.58))
     rows, kinds = [], []
     for p in [*PARAMETERS, None]:
         for i, s in enumerate(sources):
@@ -197,10 +201,6 @@ def _regression(m: Mapping[str, Any]) -> list:
     if isinstance(g, Mapping):
         out.append(Paragraph(f"Distillation gain (distilled \u2212 baseline mean ICC(2,1)): "
                              f"{fmt(get(g, 'mean_icc21_diff'))}, 95 % CI {fmt_ci(get(g, 'ci'))}."))
-    png = figures.icc_bar_chart(m, block="regression" if reg else "regression_vs_truth")
-    if png:
-        out.append(Figure(png, "ICC(2,1) per parameter with 95 % CIs. Red diamonds: CT-SMA, "
-                               f"{PUBLISHED_LABEL} (preprint per parameter; journal mean).", 0.58))
     return out
 
 
