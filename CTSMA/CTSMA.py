@@ -19,7 +19,7 @@ from slicer.util import VTKObservationMixin
 
 from CTSMALib.analysis_logic import CTSMALogic  # noqa: F401  (Slicer looks it up here)
 from CTSMALib.cli_args import TRAINING_KINDS
-from CTSMALib.gui import RunMonitor, showFailure
+from CTSMALib.gui import RunMonitor, reloadLib, showFailure
 from CTSMALib.parameters import DEVICES, SIDES, AnalysisParameters
 
 # Every widget this file uses, with its class in Resources/UI/CTSMA.ui (checked by tests).
@@ -98,6 +98,10 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneImported)
         self.initializeParameterNode()
+
+    def onReload(self) -> None:
+        reloadLib()
+        ScriptedLoadableModuleWidget.onReload(self)  # noqa: F405
 
     def cleanup(self) -> None:
         if self.monitor:

@@ -18,7 +18,7 @@ from slicer.parameterNodeWrapper import Minimum, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import *  # noqa: F403
 from slicer.util import VTKObservationMixin
 
-from CTSMALib.gui import RunMonitor, showFailure
+from CTSMALib.gui import RunMonitor, reloadLib, showFailure
 from CTSMALib.parameters import RegistrationParameters
 from CTSMALib.registration_logic import CTSMARegistrationLogic  # noqa: F401  (Slicer looks it up here)
 
@@ -88,6 +88,10 @@ class CTSMARegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.initializeParameterNode()
+
+    def onReload(self) -> None:
+        reloadLib()
+        ScriptedLoadableModuleWidget.onReload(self)  # noqa: F405
 
     def cleanup(self) -> None:
         if self.monitor:

@@ -230,7 +230,7 @@ _BUILT = {
     "segment (bones)": cli_args.segment_bones(Path("ct.nii"), Path("out")),
     "segment (rois)": cli_args.create_rois(Path("ct.nii"), Path("bones.nii"), Path("out"), side="L"),
     "infer": cli_args.infer(Path("ct.nii"), Path("out"), model="m.safetensors", device="cpu",
-                            bones=Path("b.nii"), rois=Path("r.nii")),
+                            bones=Path("b.nii"), rois=Path("r.nii"), side="R"),
     "report": cli_args.report(Path("ct.nii"), Path("res"), Path("out"), subject="knee 1"),
     "train": cli_args.train("student", Path("c.yaml"), Path("out")),
 }

@@ -309,7 +309,7 @@ def test_analysis_logic_loads_segmentations_maps_and_tables(mrml_scene, tmp_path
     logic.cleanupRun()
 
     run = logic.startAnalysis(ct, AnalysisParameters(device="cpu"), boneSegmentation=bones)
-    assert "--bones" in run.runner.args and run.runner.args[run.runner.args.index("--device") + 1] == "cpu"
+    assert "--segmentation" in run.runner.args and run.runner.args[run.runner.args.index("--device") + 1] == "cpu"
     assert (run.work_dir / "bones.nii").exists()  # the user's bones were exported for the command
     assert logic.wait(timeout=60).state == DONE, (run.work_dir / "run.log").read_text()
     out = run.outputs

@@ -75,7 +75,8 @@ class CTSMALogic(CliLogic):
         rois = (self.exportSegmentation(roiSegmentation, work / "rois.nii", ctVolume)
                 if roiSegmentation is not None else None)
         out = work / "out"
-        args = cli_args.infer(ct, out, model=params.modelPath, device=params.device, bones=bones, rois=rois)
+        args = cli_args.infer(ct, out, model=params.modelPath, device=params.device, bones=bones, rois=rois,
+                              side=params.side)
         name = ctVolume.GetName()
         return self.startCli("analysis", args, work, out, env=params.env(),
                              loader=lambda run: self.loadAnalysisOutputs(run.out_dir, name))
@@ -129,7 +130,7 @@ class CTSMALogic(CliLogic):
             summary = out_dir / "summary.json"
             if summary.exists():
                 data = json.loads(summary.read_text(encoding="utf-8"))
-                diag = {k: data[k] for k in ("oa_probability", "severity", "auc") if k in data}
+                diag = {k: data[k] for k in ("oa_probability", "severity", "auc") if data.get(k) is not None}
                 if diag:
                     out["diagnosis"] = sb.table_to_node([diag], self.scene, name=f"{name} diagnosis")
             sb.put_in_folder(self.scene, out.values(), FOLDER)

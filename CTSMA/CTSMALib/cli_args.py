@@ -38,14 +38,17 @@ def create_rois(ct: Path, bones: Path, out: Path, side: str = "auto") -> list[st
 
 
 def infer(ct: Path, out: Path, model: str = "", device: str = "auto", bones: Path | None = None,
-          rois: Path | None = None) -> list[str]:
+          rois: Path | None = None, side: str = "auto") -> list[str]:
+    """``ctsma infer CT --out DIR`` writes maps, ROI/bone labels, roi_table.csv and summary.json."""
     args = ["infer", str(ct), "--out", str(out), "--device", device]
     if model:
         args += ["--model", model]
     if bones is not None:
-        args += ["--bones", str(bones)]
+        args += ["--segmentation", str(bones)]
     if rois is not None:
         args += ["--rois", str(rois)]
+    if side in ("L", "R"):
+        args += ["--side", side]
     return args
 
 

@@ -90,3 +90,13 @@ def showFailure(status) -> None:
 
     if status.state == FAILED:
         slicer.util.errorDisplay(status.last_error or "The run failed; see the log in its work folder.")
+
+
+def reloadLib() -> None:
+    """Reload every ``CTSMALib`` submodule (developer "Reload" button: Slicer reloads only the
+    module file itself)."""
+    import importlib
+    import sys
+
+    for name in sorted(n for n in list(sys.modules) if n.startswith("CTSMALib.")):
+        importlib.reload(sys.modules[name])
