@@ -112,7 +112,11 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        self.setParameterNode(None)
+        # Stop GUI updates from the parameter node; a run keeps going and its results still land.
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
@@ -132,7 +136,7 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
             self._parameterNode.ctVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
     def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
+        if self._parameterNode and self._parameterNodeGuiTag:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
         self._parameterNode = inputParameterNode
@@ -142,7 +146,7 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
             self._updateButtons()
 
     def _updateButtons(self, caller=None, event=None) -> None:
-        if self.monitor.isBusy():
+        if self.monitor.isBusy() or not self._parameterNode:
             return
         p = self._parameterNode
         hasCt = bool(p and p.ctVolume)
@@ -189,7 +193,7 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
 
     def onRunFinished(self, status, run) -> None:
         showFailure(status)
-        p = self._parameterNode
+        p = self._parameterNode or CTSMAParameterNode(self.logic.getParameterNode())
         if status.state == "done" and run is not None:
             out = run.outputs
             if "bones" in out:

@@ -102,7 +102,11 @@ class CTSMARegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        self.setParameterNode(None)
+        # Stop GUI updates from the parameter node; a run keeps going and its results still land.
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
@@ -115,7 +119,7 @@ class CTSMARegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.setParameterNode(CTSMARegistrationParameterNode(self.logic.getParameterNode()))
 
     def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
+        if self._parameterNode and self._parameterNodeGuiTag:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
         self._parameterNode = inputParameterNode
@@ -127,7 +131,7 @@ class CTSMARegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._checkCanApply()
 
     def _checkCanApply(self, caller=None, event=None) -> None:
-        if self.monitor.isBusy():
+        if self.monitor.isBusy() or not self._parameterNode:
             return
         p = self._parameterNode
         ready = bool(p and p.mrVolume and p.ctVolume and p.mrVolume != p.ctVolume)
@@ -151,17 +155,17 @@ class CTSMARegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def onRunFinished(self, status, run) -> None:
         showFailure(status)
+        p = self._parameterNode or CTSMARegistrationParameterNode(self.logic.getParameterNode())
         if status.state == "done" and run is not None:
-            p = self._parameterNode
             p.outputTransform = run.outputs.get("transform")
             p.mrInCtVolume = run.outputs.get("mr_in_ct")
             p.pseudoCtVolume = run.outputs.get("pseudo_ct")
             p.qaTable = run.outputs.get("qa")
             if p.mrInCtVolume:
-                slicer.util.setSliceViewerLayers(background=self._parameterNode.ctVolume,
-                                                 foreground=self._parameterNode.mrInCtVolume, foregroundOpacity=0.5)
+                slicer.util.setSliceViewerLayers(background=p.ctVolume, foreground=p.mrInCtVolume,
+                                                 foregroundOpacity=0.5)
         if run is not None:
-            self.logic.cleanupRun(keep_outputs=self._parameterNode.keepWorkDir or status.state == "failed")
+            self.logic.cleanupRun(keep_outputs=p.keepWorkDir or status.state == "failed")
         self._checkCanApply()
 
 
