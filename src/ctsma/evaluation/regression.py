@@ -256,43 +256,44 @@ def markdown_table(result: dict) -> str:
 
 
 def plot_agreement(folder: Path, ref: np.ndarray, preds: dict, ref_name: str, suffix: str = "") -> None:
-    """Scatter (prediction vs reference, identity line) and Bland–Altman plots, one PNG per source."""
+    """``scatter{suffix}.png`` (prediction vs reference, identity line) and ``bland_altman{suffix}.png``
+    (difference vs mean, bias and 95 % limits): one row per source, one column per parameter."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    for s, pred in preds.items():
-        for kind in ("scatter", "bland_altman"):
-            fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
-            for j, (p, ax) in enumerate(zip(PARAMETERS, axes)):
-                r, m = ref[:, j], pred[:, j]
+    sources = list(preds)
+    for kind in ("scatter", "bland_altman"):
+        fig, axes = plt.subplots(len(sources), 4, figsize=(13, 2.7 * len(sources)), squeeze=False)
+        for i, s in enumerate(sources):
+            for j, p in enumerate(PARAMETERS):
+                ax = axes[i, j]
+                r, m = ref[:, j], preds[s][:, j]
                 ok = np.isfinite(r) & np.isfinite(m)
                 r, m = r[ok], m[ok]
                 unit = f" ({PARAMETER_UNITS[p]})" if PARAMETER_UNITS[p] else ""
                 if kind == "scatter":
-                    ax.scatter(r, m, s=4, alpha=0.5)
+                    ax.scatter(r, m, s=3, alpha=0.5, rasterized=True)
                     if r.size:
                         lo, hi = float(min(r.min(), m.min())), float(max(r.max(), m.max()))
                         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-                    ax.set_xlabel(f"{ref_name} {p}{unit}")
-                    ax.set_ylabel(f"{s} {p}{unit}")
+                    ax.set_xlabel(f"{ref_name}{unit}", fontsize=8)
                 else:
                     d, a = m - r, (m + r) / 2
-                    ax.scatter(a, d, s=4, alpha=0.5)
+                    ax.scatter(a, d, s=3, alpha=0.5, rasterized=True)
                     if d.size > 1:
                         bias, sd = d.mean(), d.std(ddof=1)
                         for y, st in ((bias, "-"), (bias - 1.96 * sd, "--"), (bias + 1.96 * sd, "--")):
                             ax.axhline(y, color="k", ls=st, lw=0.8)
-                    ax.set_xlabel(f"mean {p}{unit}")
-                    ax.set_ylabel(f"{s} − {ref_name}")
-                ax.set_title(p)
-            fig.tight_layout()
-            target = folder / f"{kind}_{s}{suffix}.png"
-            with atomic_path(target) as tmp:
-                fig.savefig(tmp, dpi=90)
-            plt.close(fig)
+                    ax.set_xlabel(f"mean{unit}", fontsize=8)
+                ax.set_title(f"{s}: {p}" + (f" − {ref_name}" if kind != "scatter" else ""), fontsize=8)
+                ax.tick_params(labelsize=7)
+        fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.95, wspace=0.3, hspace=0.55)
+        with atomic_path(folder / f"{kind}{suffix}.png") as tmp:
+            fig.savefig(tmp, dpi=80)
+        plt.close(fig)
 
 
 __all__ = ["evaluate", "agreement_block", "distillation_gain", "ct_direct", "SOURCES"]

@@ -129,7 +129,7 @@ class RegressionModule(pl.LightningModule):
             cause = ("the input patches hold NaN/inf" if not torch.isfinite(batch[self.modality]).all() else
                      "the targets hold NaN/inf" if not torch.isfinite(batch["y"]).all() else
                      "the optimisation diverged (try a lower optim.lr or a gradient clip)")
-            raise TrainingDivergedError(f"{self.role}: the training loss became {float(loss)} at epoch "
+            raise TrainingDivergedError(f"{self.role}: the training loss became {float(loss.detach())} at epoch "
                                         f"{self.current_epoch}, batch {batch_idx} ({what}): {cause}")
         bs = batch["y"].shape[0]
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)

@@ -66,8 +66,11 @@ def _precision(cfg) -> str:
 
 
 def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchStore | None = None,
-          max_epochs: int | None = None) -> Path:
-    """Train one model and export it; returns the model file path. ``max_epochs`` overrides (for tests)."""
+          max_epochs: int | None = None, callbacks: list | None = None) -> Path:
+    """Train one model and export it; returns the model file path.
+
+    ``max_epochs`` overrides the config's; ``callbacks`` are extra Lightning callbacks (e.g. a GUI's).
+    """
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -93,6 +96,9 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
             logging.getLogger(name).setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen teacher
+        if resume:
+            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
 
     store = open_store(cfg, store)
@@ -126,7 +132,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
 
     ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_last=True,
                               save_top_k=1, enable_version_counter=False)
-    callbacks = [ckpt_cb, JsonlProgress(run_dir / "progress.jsonl", role, optim["max_epochs"])]
+    callbacks = [ckpt_cb, JsonlProgress(run_dir / "progress.jsonl", role, optim["max_epochs"])] + list(callbacks or [])
     if cfg.optim.patience:
         callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=cfg.optim.patience))
     if cfg.trainer.progress_bar:
@@ -141,7 +147,11 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
         default_root_dir=run_dir)
     progress.info(f"training {role} on {len(dm.split.train)} patches of {len(dm.split.subjects['train'])} patients "
                   f"(validation: {len(dm.split.subjects['val'])} patients)")
+    csv_log = run_dir / "logs" / "metrics.csv"
+    before = _read_csv(csv_log) if resume else None  # Lightning's CSV logger rewrites the file on resume
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
+    if before is not None and trainer.is_global_zero:
+        _prepend_log(csv_log, before)
     if not trainer.is_global_zero:
         return model_file
 
@@ -174,6 +184,27 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     progress.info(f"{role}: wrote {model_file} (validation MAE "
                   + ", ".join(f"{p} {metrics['val_mae'][p]:.4g}" for p in PARAMETERS) + ")")
     return model_file
+
+
+def _read_csv(path: Path):
+    import pandas as pd
+
+    return pd.read_csv(path) if path.is_file() and path.stat().st_size else None
+
+
+def _prepend_log(path: Path, before) -> None:
+    """Keep the epochs logged before a resume in front of the resumed run's rows."""
+    import pandas as pd
+
+    from ..io.atomic import atomic_path
+
+    after = _read_csv(path)
+    if after is None or "epoch" not in after or "epoch" not in before:
+        return
+    first = after["epoch"].min()
+    merged = pd.concat([before[before["epoch"] < first], after], ignore_index=True)
+    with atomic_path(path) as tmp:
+        merged.to_csv(tmp, index=False)
 
 
 def _best_epoch(run_dir: Path) -> int | None:

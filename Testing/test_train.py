@@ -1,0 +1,177 @@
+"""Training with Lightning on a tiny synthetic store: learning happens, outputs, errors, kill + resume, evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ctsma import PARAMETERS
+from ctsma.dataset.synthetic import make_synthetic_store
+from ctsma.errors import UserError
+from ctsma.modelfile import load_model
+from ctsma.models import load_student, load_train_config, train
+
+pytestmark = pytest.mark.slow
+
+
+def tiny(store, run, **over) -> dict:
+    cfg = {"data": {"store": str(store), "batch_size": 16},
+           "teacher_net": {"widths": [4, 8, 8, 12], "head_hidden": 16},
+           "student_net": {"widths": [4, 8, 8, 12], "head_hidden": 16},
+           "optim": {"max_epochs": 6, "lr": 0.01, "patience": 0},
+           "trainer": {"progress_bar": False, "threads": 1, "seed": 0}, "output": {"dir": str(run)},
+           "evaluate": {"n_boot": 50, "plots": True}}
+    for k, v in over.items():
+        cfg.setdefault(k, {}).update(v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_synthetic_store(tmp_path_factory.mktemp("syn") / "store", n_subjects=10, patches_per_subject=12)
+
+
+@pytest.fixture(scope="module")
+def trained(store, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    cfg = load_train_config(tiny(store.dir, run))
+    files = {w: train(w, cfg) for w in ("teacher", "student", "baseline")}
+    return cfg, run, files
+
+
+def _epochs(run, role):
+    return [json.loads(line) for line in (run / role / "progress.jsonl").read_text().splitlines()
+            if json.loads(line)["event"] == "epoch"]
+
+
+def test_learning_happens_and_outputs_are_written(trained, store):
+    cfg, run, files = trained
+    for role in ("teacher", "student_distilled", "student_baseline"):
+        ep = _epochs(run, role)
+        assert [e["epoch"] for e in ep] == list(range(1, 7))
+        assert ep[-1]["train_loss"] < 0.7 * ep[0]["train_loss"], role  # the loss falls
+        d = run / role
+        assert (d / "checkpoints" / "best.ckpt").is_file() and (d / "checkpoints" / "last.ckpt").is_file()
+        assert "val_loss" in pd.read_csv(d / "logs" / "metrics.csv").columns
+        assert any((d / "tb").rglob("events.out.tfevents*"))
+    # a simple signal is recovered: BV/TV from CT on the validation patients
+    model, meta = load_student(files["baseline"])
+    assert meta["metrics"]["val_r"]["BV/TV"] > 0.7
+    val = np.isin(store.table["subject"], meta["training"]["split"]["val"])
+    pred = model.predict(store.read("ct", np.flatnonzero(val)))
+    ref = store.targets("mr")[val]
+    assert np.corrcoef(pred[:, 0], ref[:, 0])[0, 1] > 0.7
+    assert np.mean(np.abs(pred[:, 0] - ref[:, 0])) == pytest.approx(meta["metrics"]["val_mae"]["BV/TV"], rel=1e-3)
+    # the distilled student's log has the distillation terms and they fall
+    log = pd.read_csv(run / "student_distilled" / "logs" / "metrics.csv").dropna(subset=["train_distill"])
+    assert log["train_distill"].iloc[-1] < log["train_distill"].iloc[0]
+    dmeta = load_student(files["student"])[1]
+    assert dmeta["role"] == "student_distilled" and dmeta["training"]["teacher"]["sha256"]
+    assert set(dmeta["training"]["split"]["test"]).isdisjoint(dmeta["training"]["split"]["train"])
+
+
+def test_evaluate_writes_contract_metrics(trained, tmp_path):
+    from ctsma.evaluation.regression import evaluate
+
+    cfg, run, _ = trained
+    (tmp_path / "metrics.json").write_text(json.dumps({"timing": {"x": 1.0}}))  # other keys are kept
+    res = evaluate(cfg, tmp_path)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["timing"] == {"x": 1.0}
+    for block in ("regression", "regression_vs_truth"):
+        assert set(m[block]) >= {"teacher", "student_distilled", "student_baseline", "ct_direct"}
+        for p in PARAMETERS:
+            b = m[block]["student_distilled"][p]
+            assert set(b) >= {"icc21", "icc21_ci", "icc31", "icc31_ci", "pearson_r", "mae", "ba_bias", "ba_loa",
+                              "n_patients", "n_patches"}
+            assert b["icc21_ci"][0] <= b["icc21"] <= b["icc21_ci"][1]
+            assert b["n_patients"] == len(res["regression_info"]["test_subjects"])
+        assert "mean_icc21" in m[block]["teacher"]
+    g = m["distillation_gain"]
+    assert g["ci"][0] <= g["mean_icc21_diff"] <= g["ci"][1]
+    assert g["mean_icc21_diff"] == pytest.approx(m["regression"]["student_distilled"]["mean_icc21"]
+                                                 - m["regression"]["student_baseline"]["mean_icc21"], abs=1e-9)
+    assert m["regression_info"]["level"] == "patch"
+    assert (tmp_path / "regression_table.csv").is_file() and (tmp_path / "plots" / "scatter.png").is_file()
+    assert (tmp_path / "plots" / "bland_altman_vs_truth.png").stat().st_size > 1000
+
+
+def test_no_validation_patients_is_a_clear_error(store, tmp_path):
+    cfg = load_train_config(tiny(store.dir, tmp_path, data={"val_fraction": 0.0}))
+    with pytest.raises(UserError, match="no validation patients"):
+        train("baseline", cfg)
+
+
+def test_student_without_teacher_is_a_clear_error(store, tmp_path):
+    with pytest.raises(UserError, match="needs a trained teacher"):
+        train("student", load_train_config(tiny(store.dir, tmp_path)))
+
+
+def test_nan_loss_stops_with_its_cause(store, tmp_path, monkeypatch):
+    import torch
+
+    from ctsma.models import lightning as L
+    from ctsma.models.lightning import TrainingDivergedError
+
+    monkeypatch.setattr(L, "regression_loss", lambda p, y, k="mse": (p * torch.tensor(float("nan"))).mean())
+    with pytest.raises(TrainingDivergedError, match=r"became nan at epoch 0, batch 0.*diverged"):
+        train("baseline", load_train_config(tiny(store.dir, tmp_path)))
+
+
+KILL = """
+import json, os, signal, sys
+import pytorch_lightning as pl
+from ctsma.models import load_train_config, train
+
+class Kill(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 3 and batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # killed mid-epoch, no clean-up
+
+train("baseline", load_train_config(json.loads(sys.argv[1])), callbacks=[Kill()])
+"""
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(store, tmp_path):
+    killed = tiny(store.dir, tmp_path / "killed", optim={"max_epochs": 5})
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", KILL, json.dumps(killed)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    run = tmp_path / "killed" / "student_baseline"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "killed" / "student_baseline.safetensors").exists()
+    assert [e["epoch"] for e in _epochs(tmp_path / "killed", "student_baseline")] == [1, 2, 3]
+    resumed = train("baseline", load_train_config(killed), resume=True)
+    straight = train("baseline", load_train_config(tiny(store.dir, tmp_path / "straight", optim={"max_epochs": 5})))
+    a, ma = load_model(resumed)
+    b, mb = load_model(straight)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+    for p in PARAMETERS:
+        assert ma["metrics"]["val_mae"][p] == pytest.approx(mb["metrics"]["val_mae"][p], rel=1e-5)
+    la = pd.read_csv(run / "logs" / "metrics.csv").dropna(subset=["val_loss"])
+    lb = pd.read_csv(tmp_path / "straight" / "student_baseline" / "logs" / "metrics.csv").dropna(subset=["val_loss"])
+    np.testing.assert_allclose(la.groupby("epoch")["val_loss"].last().to_numpy(), lb["val_loss"].to_numpy(), rtol=1e-5)
+
+
+def test_resume_without_checkpoint_and_cli_errors(store, tmp_path, capsys):
+    from ctsma.cli.main import main
+
+    with pytest.raises(UserError, match="no checkpoint"):
+        train("baseline", load_train_config(tiny(store.dir, tmp_path)), resume=True)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  max_epochs: 0\n")
+    assert main(["train", "baseline", "--config", str(cfg), "--store", str(store.dir)]) == 2
+    assert "max_epochs" in capsys.readouterr().err
+    assert main(["evaluate", "--config", str(cfg), "--out", str(tmp_path / "e"), "--set", "optim.max_epochs=2",
+                 "--store", str(store.dir), "--models", str(tmp_path / "none")]) == 2
+    assert "no trained models" in capsys.readouterr().err
