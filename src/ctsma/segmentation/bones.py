@@ -44,7 +44,9 @@ class NoKneeFoundError(InputImageError):
 
 @dataclass
 class BoneSegmentationSettings:
-    threshold_hu: float = setting(250.0, lo=50.0, hi=1500.0, help="bone threshold (HU)")
+    threshold_hu: float = setting(250.0, lo=50.0, hi=1500.0, help="bone threshold (HU) that closes the cortex")
+    edge_hu: float = setting(0.0, lo=0.0, hi=3000.0,
+                             help="bone surface threshold (HU); 0: half-way between soft tissue and cortex")
     min_marker_ml: float = setting(0.2, lo=0.0, hi=100.0, help="smallest eroded bone part kept as a marker (mL)")
     erosion_mm: float = setting(2.5, lo=0.0, hi=10.0, help="initial marker erosion depth (mm)")
     split_max_mm: float = setting(10.0, lo=0.5, hi=30.0, help="deepest erosion tried to split femur from tibia (mm)")
@@ -64,15 +66,36 @@ class _Part:
     width_x: float           # LPS x extent (mm)
 
 
-def bone_mask(ct: np.ndarray, threshold_hu: float, axial: int = 0) -> np.ndarray:
-    """Thresholded bone with enclosed marrow filled (axial slices, then 3D)."""
-    mask = ct > threshold_hu
+def _fill(mask: np.ndarray, axial: int) -> np.ndarray:
     st2 = np.zeros((3, 3, 3), bool)
     idx = [slice(None)] * 3
     idx[axial] = 1
     st2[tuple(idx)] = ndi.generate_binary_structure(2, 1)
-    mask = ndi.binary_fill_holes(mask, structure=st2)
-    return ndi.binary_fill_holes(mask)
+    return ndi.binary_fill_holes(ndi.binary_fill_holes(mask, structure=st2))
+
+
+def bone_mask(ct: np.ndarray, threshold_hu: float, axial: int = 0, spacing=(1.0, 1.0, 1.0),
+              edge_hu: float | None = None, return_edge: bool = False):
+    """Thresholded bone with enclosed marrow filled (axial slices, then 3D), surface at the half-maximum.
+
+    ``threshold_hu`` finds bone and closes its cortical shell; the marrow inside is filled. The surface is then
+    refined: within 1.5 mm of it, a voxel stays bone only above ``edge_hu``, by default half-way between the
+    soft tissue just outside the bone (median) and the cortex just inside (90th percentile): the half-maximum
+    of the blurred cortical edge, where a partial-volume boundary lies (a low threshold puts it too far out).
+    """
+    low = _fill(ct > threshold_hu, axial)
+    if not low.any():
+        return (low, float("nan")) if return_edge else low
+    depth = edt_inside(low, spacing)
+    if edge_hu is None:
+        shell = low & (depth <= 1.0 * max(spacing))
+        ring = ndi.binary_dilation(low, iterations=2) & ~low
+        soft = float(np.median(ct[ring])) if ring.any() else -100.0
+        cortex = float(np.percentile(ct[shell], 90)) if shell.any() else threshold_hu
+        edge_hu = max(threshold_hu, 0.5 * (soft + cortex))
+    mask = low & ((ct > edge_hu) | (depth > 1.5))
+    mask = _fill(mask, axial)
+    return (mask, float(edge_hu)) if return_edge else mask
 
 
 def _parts(labels: np.ndarray, n: int, img: sitk.Image, voxel_ml: float, min_ml: float) -> list[_Part]:
@@ -232,7 +255,8 @@ def segment_bones(ct_image: sitk.Image, settings: BoneSegmentationSettings | Non
     s = settings or BoneSegmentationSettings()
     ct_image = check_image(ct_image, what="CT", pixel_type=sitk.sitkFloat32)
     ct = sitk.GetArrayViewFromImage(ct_image)
-    mask = bone_mask(ct, s.threshold_hu, axial_axis(ct_image))
+    mask, edge = bone_mask(ct, s.threshold_hu, axial_axis(ct_image), spacing_zyx(ct_image),
+                           s.edge_hu if s.edge_hu > 0 else None, return_edge=True)
     markers, parts, bones, dist = find_markers(mask, ct_image, s)
     if bones is None:
         raise NoKneeFoundError(f"no knee joint found in the CT (no femur above a tibia); {_describe(parts)}. "
@@ -258,5 +282,5 @@ def segment_bones(ct_image: sitk.Image, settings: BoneSegmentationSettings | Non
         return result
     voxel_ml = float(np.prod(ct_image.GetSpacing())) / 1000.0
     info = {"bones": {k: float((out == BONES[k]).sum() * voxel_ml) for k in bones},
-            "joint_z_mm": 0.5 * (bones["femur"].z_lo + bones["tibia"].z_hi), "threshold_hu": s.threshold_hu}
+            "joint_z_mm": 0.5 * (bones["femur"].z_lo + bones["tibia"].z_hi), "threshold_hu": s.threshold_hu, "edge_hu": edge}
     return result, info

@@ -19,6 +19,7 @@ Hand-written (distance transforms from scipy/edt) because no library defines sub
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,15 +30,18 @@ from .. import BONES, ROIS
 from ..config import setting
 from ..errors import InputImageError, UserError
 from ..io.images import check_image, check_same_geometry
-from .geometry import edt_inside, index_to_lps, like, spacing_zyx
+from .geometry import axial_axis, index_to_lps, like, spacing_zyx
 
 
 @dataclass
 class RoiSettings:
     start_mm: float = setting(1.0, lo=0.0, hi=30.0, help="ROI band start depth below the bone surface (mm)")
     end_mm: float = setting(6.0, lo=0.5, hi=40.0, help="ROI band end depth below the bone surface (mm)")
-    contact_mm: float = setting(10.0, lo=1.0, hi=40.0,
-                                help="load-bearing surface: bone surface within this distance of the other bone")
+    contact_mm: float = setting(12.0, lo=1.0, hi=40.0,
+                                help="largest joint gap (mm) searched for the femur-tibia contact")
+    contact_margin_mm: float = setting(6.0, lo=0.1, hi=40.0,
+                                       help="load-bearing surface: joint gap within this of the compartment's "
+                                            "narrowest gap (mm)")
 
 
 class LateralityError(UserError):
@@ -78,16 +82,64 @@ def _notch_x(xs: np.ndarray) -> float:
     return float(0.5 * (edges[a + j] + edges[a + k + 1]))
 
 
-def _band(own: np.ndarray, other: np.ndarray, sp, s: RoiSettings) -> np.ndarray:
-    """Voxels of ``own`` in the depth band whose nearest outside voxel lies within ``contact_mm`` of ``other``."""
+def _band(own: np.ndarray, other: np.ndarray, sp, s: RoiSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels of ``own`` in the depth band, and the joint gap (mm) at each one's nearest surface point.
+
+    The gap is the distance from the nearest outside voxel (the surface point) to ``other``; voxels whose gap
+    exceeds ``contact_mm`` are dropped.
+    """
     depth, idx = ndi.distance_transform_edt(own, sampling=sp, return_indices=True)
-    near_other = ndi.distance_transform_edt(~other, sampling=sp) <= s.contact_mm
+    gap_field = ndi.distance_transform_edt(~other, sampling=sp)
+    # the surface lies half a voxel step before the nearest outside voxel centre: subtract that step, taken
+    # along the direction to it (0.5 * slice thickness under a plateau imaged in axial slices)
+    cand = own & (depth > 0)
+    pos = np.nonzero(cand)
+    vec = np.stack([(idx[k][cand] - pos[k]) * sp[k] for k in range(3)])
+    norm = np.maximum(np.linalg.norm(vec, axis=0), 1e-9)
+    half = 0.5 * np.sum(np.abs(vec) / norm * np.asarray(sp)[:, None], axis=0) / np.maximum(
+        np.sum(np.abs(vec) / norm, axis=0), 1e-9)
+    depth = depth.astype(np.float32)
+    depth[cand] -= half
     band = own & (depth >= s.start_mm) & (depth <= s.end_mm)
-    zi, yi, xi = idx[0][band], idx[1][band], idx[2][band]
-    ok = near_other[zi, yi, xi]
-    out = np.zeros_like(own)
-    out[band] = ok
-    return out
+    gap = np.full(own.shape, np.inf, np.float32)
+    gap[band] = gap_field[idx[0][band], idx[1][band], idx[2][band]]
+    band &= gap <= s.contact_mm
+    return band, gap
+
+
+def _footprints(f: np.ndarray, t: np.ndarray, ref: sitk.Image, box, medial: np.ndarray, sp, s: RoiSettings):
+    """Load-bearing footprints, as (z, y, x) masks of whole columns along the superior-inferior axis.
+
+    For every column through both bones, the vertical joint gap is the distance from the femur's lowest voxel to
+    the tibia's highest one below it. In each compartment (medial, lateral) the footprint is where that gap is
+    within ``contact_margin_mm`` of its narrowest value: the contact area under load (for a condyle of radii
+    a, b the area where its height above the lowest point is below the margin).
+    """
+    ax = axial_axis(ref)
+    d = np.asarray(ref.GetDirection(), float).reshape(3, 3)
+    up = np.sign(d[2, 2 - ax]) or 1.0            # +1 if the index along ``ax`` grows towards superior
+    fa, ta, ma = (np.moveaxis(v, ax, 0) for v in (f, t, medial))
+    if up < 0:
+        fa, ta, ma = fa[::-1], ta[::-1], ma[::-1]
+    n = fa.shape[0]
+    has_f, has_t = fa.any(0), ta.any(0)
+    f_low = np.where(has_f, np.argmax(fa, 0), n)                       # first femur voxel from below
+    t_high = np.where(has_t, n - 1 - np.argmax(ta[::-1], 0), -1)      # last tibia voxel from below
+    ok = has_f & has_t & (f_low > t_high)
+    gap = np.where(ok, (f_low - t_high - 1) * sp[ax], np.inf)
+    col_medial = np.take_along_axis(ma, np.clip(f_low, 0, n - 1)[None], 0)[0]
+    foot = np.zeros(gap.shape, bool)
+    gaps = {}
+    for name, side in (("medial", col_medial), ("lateral", ~col_medial)):
+        g = gap[ok & side]
+        if g.size:
+            gaps[name] = float(g.min())
+            foot |= ok & side & (gap <= g.min() + s.contact_margin_mm)
+    fp = np.broadcast_to(foot[None], fa.shape)
+    if up < 0:
+        fp = fp[::-1]
+    fp = np.moveaxis(fp, 0, ax)
+    return fp, fp, gaps
 
 
 def subchondral_rois(ct_image: sitk.Image, bones: sitk.Image, side: str | None = None,
@@ -100,8 +152,8 @@ def subchondral_rois(ct_image: sitk.Image, bones: sitk.Image, side: str | None =
     """
     s = settings or RoiSettings()
     if start_mm is not None or end_mm is not None:
-        s = RoiSettings(start_mm=s.start_mm if start_mm is None else float(start_mm),
-                        end_mm=s.end_mm if end_mm is None else float(end_mm), contact_mm=s.contact_mm)
+        s = dataclasses.replace(s, start_mm=s.start_mm if start_mm is None else float(start_mm),
+                                end_mm=s.end_mm if end_mm is None else float(end_mm))
     if not 0 <= s.start_mm < s.end_mm:
         raise UserError(f"ROI depths must satisfy 0 <= start < end (got start {s.start_mm} mm, end {s.end_mm} mm)")
     bones = check_image(bones, what="bone segmentation", pixel_type=sitk.sitkUInt8)
@@ -132,8 +184,8 @@ def subchondral_rois(ct_image: sitk.Image, bones: sitk.Image, side: str | None =
     pad = [int(np.ceil(margin / d)) for d in sp]
     box = tuple(slice(max(0, b.start - p), min(n, b.stop + p)) for b, p, n in zip(box, pad, lab.shape))
     f, t = femur[box], tibia[box]
-    band_f = _band(f, t, sp, s)
-    band_t = _band(t, f, sp, s)
+    band_f, gap_f = _band(f, t, sp, s)
+    band_t, gap_t = _band(t, f, sp, s)
     out = np.zeros(lab.shape, np.uint8)
     if not band_f.any() or not band_t.any():
         raise InputImageError("no load-bearing surface found between femur and tibia (is the joint in view and "
@@ -148,15 +200,16 @@ def subchondral_rois(ct_image: sitk.Image, bones: sitk.Image, side: str | None =
     xs = index_to_lps(bones, zyx)[:, 0].reshape(f.shape)
     medial = (xs - split_x) * medial_sign > 0
     sub = out[box]
-    sub[band_f & medial] = ROIS["MFC"]
-    sub[band_f & ~medial] = ROIS["LFC"]
-    sub[band_t & medial] = ROIS["MTP"]
-    sub[band_t & ~medial] = ROIS["LTP"]
+    fp_f, fp_t, gaps = _footprints(f, t, bones, box, medial, sp, s)
+    for band, fp, (m_lab, l_lab) in ((band_f, fp_f, ("MFC", "LFC")), (band_t, fp_t, ("MTP", "LTP"))):
+        sub[band & fp & medial] = ROIS[m_lab]
+        sub[band & fp & ~medial] = ROIS[l_lab]
     result = like(out, bones)
     if not return_info:
         return result
     voxel_ml = float(np.prod(sp)) / 1000.0
     info = {"side": side_used, "side_from": "metadata" if side else "anatomy (fibula)", "anatomical_side": anat,
             "split_x_mm": split_x, "start_mm": s.start_mm, "end_mm": s.end_mm, "contact_mm": s.contact_mm,
+            "contact_margin_mm": s.contact_margin_mm, "narrowest_gap_mm": gaps,
             "roi_ml": {k: float((out == v).sum() * voxel_ml) for k, v in ROIS.items()}}
     return result, info

@@ -1,0 +1,60 @@
+"""Bone segmentation and ROIs against the digital knee phantom's own labels (a fast, coarse-sampled knee)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ctsma import BONES, ROIS
+
+phantom = pytest.importorskip("ctsma.phantom")
+
+# coarse partial-volume sampling keeps generation to a few seconds; the CT geometry is the demo preset's
+FAST = {"ct_subsample_mm": 0.6, "mr_subsample_mm": 0.3, "mr_fov": (60.0, 50.0, 30.0),
+        "truth_patches_per_roi": 1, "truth_patch_mm": 1.0}
+
+
+@pytest.fixture(scope="module")
+def knee(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom")
+    phantom.generate_cohort(phantom.make_settings("demo", FAST), n=1, seed=1, out=out)
+    row = phantom.load_manifest(out).iloc[0]
+    read = lambda c, t=None: sitk.ReadImage(str(out / row[c]), *(t,) if t else ())  # noqa: E731
+    return read("ct", sitk.sitkFloat32), read("ct_bones"), read("ct_rois"), str(row["side"])
+
+
+def dice(a, b):
+    return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+def test_bone_dice_on_phantom(knee):
+    from ctsma.segmentation import segment_bones
+
+    ct, bones, _, _ = knee
+    a = sitk.GetArrayFromImage(segment_bones(ct))
+    t = sitk.GetArrayFromImage(bones)
+    d = {k: dice(a == v, t == v) for k, v in BONES.items()}
+    assert d["femur"] >= 0.95 and d["tibia"] >= 0.95, d     # the issue's target
+    assert d["patella"] >= 0.9, d
+    # measured 2026-11-25 (seed 1, P0000): femur 0.987, tibia 0.962, patella 0.972; the phantom's fibula is fused
+    # to the tibia across a ~1 mm gap that the CT blur closes, so it is labelled tibia (fibula Dice 0)
+
+
+def test_roi_agreement_with_phantom(knee):
+    from ctsma.segmentation import segment_bones, subchondral_rois
+
+    ct, bones, rois, side = knee
+    t = sitk.GetArrayFromImage(rois)
+    for src in (bones, segment_bones(ct)):
+        r = sitk.GetArrayFromImage(subchondral_rois(ct, src, side=side))
+        d = {k: dice(r == v, t == v) for k, v in ROIS.items()}
+        # measured: 0.74-0.85 per ROI, mean 0.80 over 3 knees: BELOW the issue's 0.85 target (see
+        # docs/segmentation.md); these bounds guard against regressions
+        assert np.mean(list(d.values())) >= 0.75 and min(d.values()) >= 0.65, d
+        # and each ROI lies near the phantom's: centroids within 6 mm (ours follow the femur-tibia contact, which can sit
+        # a few mm posterior to the phantom's fixed plateau ellipses)
+        for v in ROIS.values():
+            c1 = np.argwhere(r == v).mean(0) * np.array(ct.GetSpacing()[::-1])
+            c2 = np.argwhere(t == v).mean(0) * np.array(ct.GetSpacing()[::-1])
+            assert np.linalg.norm(c1 - c2) < 6.0
