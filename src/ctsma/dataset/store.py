@@ -292,7 +292,11 @@ class PatchStore:
         order = np.argsort(idx)
         sorted_idx = idx[order]
         uniq, inv = np.unique(sorted_idx, return_inverse=True)
-        data = self._file()[name][uniq]
+        ds = self._file()[name]
+        # h5py's fancy (point) selection is slow; read each run of consecutive rows as one slice instead
+        breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+        runs = np.split(uniq, breaks)
+        data = np.concatenate([ds[r[0]:r[-1] + 1] for r in runs]) if len(runs) > 1 else ds[uniq[0]:uniq[-1] + 1]
         out = np.empty_like(data[inv])
         out[order] = data[inv]
         return out
