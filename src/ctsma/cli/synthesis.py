@@ -29,7 +29,7 @@ def _rows(args):
 def train_cmd(args: argparse.Namespace) -> int:
     from ..io.images import read_image
     from ..progress import info
-    from ..segmentation import read_user_labels
+    from ..registration.masks import read_bone_labels
     from ..synthesis.training import load_train_config, train
 
     overrides = {}
@@ -42,7 +42,7 @@ def train_cmd(args: argparse.Namespace) -> int:
     pairs = []
     for r in df.to_dict("records"):
         ct = read_image(r["ct"], what="CT")
-        bones = read_user_labels(r["ct_bones"], ct, kind="bones") if r.get("ct_bones") else None
+        bones = read_bone_labels(r["ct_bones"], ct) if r.get("ct_bones") else None
         pairs.append((read_image(r["mr"], what="MR"), ct, bones))
     model = train(pairs, cfg, names=list(df.subject))
     model.save(args.out)

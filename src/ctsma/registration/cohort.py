@@ -85,11 +85,11 @@ def register_files(mr_path: str, ct_path: str, out_dir: str | Path, *, preset, m
     ct = read_image(ct_path, what="CT")
     ct_bones = mr_bones = None
     if ct_bones_path:
-        from ..segmentation import read_user_labels
-        ct_bones = read_user_labels(ct_bones_path, ct, kind="bones")
+        from .masks import read_bone_labels
+        ct_bones = read_bone_labels(ct_bones_path, ct)
     if mr_bones_path:
-        import SimpleITK as sitk
-        mr_bones = read_image(mr_bones_path, what="MR bone labels", pixel_type=sitk.sitkUInt8)
+        from .masks import read_bone_labels
+        mr_bones = read_bone_labels(mr_bones_path, mr, what="MR bone labels")
     result = register(mr, ct, preset=preset, ct_bones=ct_bones, synthesis=model, mr_bones=mr_bones)
     return write_outputs(result, mr, ct, out_dir, extra_qa={"inputs": {"mr": str(mr_path), "ct": str(ct_path)}})
 

@@ -30,6 +30,23 @@ def validate_bones(bones: sitk.Image, ref: sitk.Image, *, names=("femur", "tibia
     return bones
 
 
+def read_bone_labels(path, ct: sitk.Image, *, what: str = "CT bone labels") -> sitk.Image:
+    """Bone labels for ``ct`` from a file: a ``.seg.nrrd`` through ``ctsma.segmentation``, or a label image
+    whose values 1-4 are bones (values from 10 up, cartilage and other tissues, are ignored)."""
+    from ..io.images import read_image
+
+    if str(path).lower().endswith(".seg.nrrd"):
+        from ..segmentation import read_user_labels
+        return read_user_labels(path, ct, kind="bones")
+    img = read_image(path, what=what, pixel_type=sitk.sitkUInt8)
+    check_same_geometry(ct, img, what_a="CT", what_b=what)
+    arr = sitk.GetArrayFromImage(img)
+    arr[arr > max(BONES.values())] = 0
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(img)
+    return out
+
+
 def threshold_bones(img: sitk.Image, *, threshold_hu: float = 200.0, what: str = "CT") -> sitk.Image:
     """Femur=1 / tibia=2 labels from a CT or pseudo-CT by threshold + two largest components."""
     bright = sitk.BinaryThreshold(img, threshold_hu, 1e9, 1, 0)
@@ -53,7 +70,13 @@ def threshold_bones(img: sitk.Image, *, threshold_hu: float = 200.0, what: str =
 
 
 def body_mask(img: sitk.Image, *, is_ct: bool) -> sitk.Image:
-    """Everything that is not air: CT above -500 HU; MR above a quarter of its 99th percentile, holes filled."""
+    """Everything that is not air: CT above -500 HU; MR above a quarter of its 99th percentile, holes filled.
+
+    Computed on a grid of about 1.5 mm (enough for a centroid, and fast).
+    """
+    f = [max(1, int(round(1.5 / s))) for s in img.GetSpacing()]
+    if max(f) > 1:
+        img = sitk.BinShrink(img, f)
     if is_ct:
         m = sitk.BinaryThreshold(img, -500.0, 1e9, 1, 0)
     else:

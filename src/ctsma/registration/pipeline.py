@@ -93,8 +93,10 @@ def _mr_labels(mr_bones, pseudo_ct) -> sitk.Image | None:
 def _dice(ct_bones, mr_labels, transform, names) -> dict:
     if mr_labels is None:
         return {}
-    warped = sitk.Resample(mr_labels, ct_bones, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    out = {n: dice(ct_bones == BONES[n], warped == BONES[n]) for n in names}
+    """Dice per bone on the CT grid ``ct_bones``, counting only voxels that map inside the MR."""
+    warped = sitk.Resample(mr_labels, ct_bones, transform, sitk.sitkNearestNeighbor, 255, sitk.sitkUInt8)
+    inside = warped != 255
+    out = {n: dice((ct_bones == BONES[n]) * inside, warped == BONES[n]) for n in names}
     vals = [v for v in out.values() if np.isfinite(v)]
     out["mean"] = float(np.mean(vals)) if vals else float("nan")
     return out
@@ -111,6 +113,7 @@ def register(mr: sitk.Image, ct: sitk.Image, *, preset: Preset | str = "default"
     MR space) only makes the bone Dice of the QA exact; without it the pseudo-CT's bones are used.
     """
     t_start = time.perf_counter()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's console warnings; problems surface as errors
     preset = load_preset(preset) if not isinstance(preset, Preset) else preset
     if preset.threads:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(preset.threads)
@@ -133,6 +136,10 @@ def register(mr: sitk.Image, ct: sitk.Image, *, preset: Preset | str = "default"
 
     masks = {n: label_mask(ct_bones, [n]) for n in names}
     union = label_mask(ct_bones, names)
+    # Masks that bound metrics and the QA live on a coarser grid (fast dilation, fixed evaluation points).
+    ct_ev = st.evaluation_grid(ct, preset.qa_spacing_mm)
+    bones_ev = st.on_grid(ct_bones, ct_ev)
+    union_ev = label_mask(bones_ev, names)
     records: list[StageRecord] = []
     current: sitk.Transform = sitk.Euler3DTransform()
     current.SetCenter(st.centroid(union).tolist())
@@ -141,13 +148,13 @@ def register(mr: sitk.Image, ct: sitk.Image, *, preset: Preset | str = "default"
         nonlocal current
         metric = st.resolve_metric(cfg_metric, preset.use_synthesis)
         t0 = time.perf_counter()
-        ev = dict(metric=metric, bins=bins, mask=eval_mask, sampling=sampling, seed=preset.seed)
-        before = st.evaluate(ct, moving, current, **ev)
+        ev = dict(metric=metric, bins=bins, mask=eval_mask)
+        before = st.evaluate(ct_ev, moving, current, **ev)
         details = {}
         new = fn(metric)
         if isinstance(new, tuple):
             new, details = new
-        after = st.evaluate(ct, moving, new, **ev)
+        after = st.evaluate(ct_ev, moving, new, **ev)
         kept = bool(np.isfinite(after) and (after <= before or not preset.reject_worse or not np.isfinite(before)))
         warn = None
         if not kept:
@@ -157,11 +164,11 @@ def register(mr: sitk.Image, ct: sitk.Image, *, preset: Preset | str = "default"
         else:
             current = new
         records.append(StageRecord(name, metric, before, after, kept, 0.0,
-                                   _dice(ct_bones, mr_labels, current, names), warn, details))
+                                   _dice(bones_ev, mr_labels, current, names), warn, details))
         records[-1].seconds = time.perf_counter() - t0
 
     lin = preset.rigid if preset.rigid.enabled else preset.affine
-    glob_mask = dilate_mm(union, lin.mask_margin_mm)
+    glob_mask = dilate_mm(union_ev, lin.mask_margin_mm)
     if preset.init.enabled:
         method = preset.init.method
         if method == "auto":
@@ -183,37 +190,51 @@ def register(mr: sitk.Image, ct: sitk.Image, *, preset: Preset | str = "default"
             tx.SetTranslation((c_mr - c_ct).tolist())
             return tx
         run("init", lin.metric, lin.bins, glob_mask, lin.sampling, do_init)
-    _check_overlap(ct, moving, current, glob_mask)
+    _check_overlap(ct_ev, moving, current, glob_mask)
     for kind in ("rigid", "affine"):
         cfg = getattr(preset, kind)
         if cfg.enabled:
-            m = dilate_mm(union, cfg.mask_margin_mm)
+            m = dilate_mm(union_ev, cfg.mask_margin_mm)
             run(kind, cfg.metric, cfg.bins, m, cfg.sampling,
                 lambda metric, cfg=cfg, m=m, kind=kind: st.linear_stage(ct, moving, current, cfg, metric=metric,
                                                                          mask=m, seed=preset.seed, kind=kind))
     pb = preset.per_bone
     if pb.enabled:
-        rois = {n: dilate_mm(masks[n], pb.mask_margin_mm) for n in names}
-        pb_union = dilate_mm(union, pb.mask_margin_mm)
+        rois = {n: dilate_mm(label_mask(bones_ev, [n]), pb.mask_margin_mm) for n in names}
+        pb_union = dilate_mm(union_ev, pb.mask_margin_mm)
         run("per_bone", pb.metric, pb.bins, pb_union, pb.sampling,
             lambda metric: st.per_bone_stage(ct, moving, current, pb, metric=metric, masks=masks, roi_masks=rois,
                                              grid_mask=union, seed=preset.seed))
     de = preset.deformable
     if de.enabled:
-        m = dilate_mm(union, de.mask_margin_mm)
+        m = dilate_mm(union_ev, de.mask_margin_mm)
         run("deformable", de.metric, de.bins, m, de.sampling,
             lambda metric: st.deformable_stage(ct, moving, current, de, metric=metric, mask=m,
                                                bone_masks=[masks[n] for n in names], blend_cfg=pb, seed=preset.seed))
     final = current if isinstance(current, sitk.CompositeTransform) else st.compose(current, sitk.Transform())
     result = RegistrationResult(final, records, time.perf_counter() - t_start, preset,
                                 pseudo_ct if preset.use_synthesis else None)
-    result.bone_dice = records[-1].bone_dice if records else _dice(ct_bones, mr_labels, final, names)
+    result.bone_dice = records[-1].bone_dice if records else _dice(bones_ev, mr_labels, final, names)
     return result
 
 
+def overlap_fraction(fixed: sitk.Image, mask: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
+                     n: int = 2000, seed: int = 0) -> float:
+    """Share of (up to ``n`` random) mask points of the fixed grid that ``transform`` maps inside ``moving``."""
+    idx = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1]
+    if len(idx) > n:
+        idx = idx[np.random.default_rng(seed).choice(len(idx), n, replace=False)]
+    size = np.asarray(moving.GetSize())
+    inside = 0
+    for i in idx.tolist():
+        q = moving.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(
+            fixed.TransformIndexToPhysicalPoint(i)))
+        inside += bool(np.all(np.asarray(q) >= -0.5) and np.all(np.asarray(q) <= size - 0.5))
+    return inside / max(len(idx), 1)
+
+
 def _check_overlap(ct, moving, transform, mask) -> None:
-    v = st.evaluate(ct, moving, transform, metric="mean_squares", bins=32, mask=mask, sampling=0.05, seed=1)
-    if not np.isfinite(v):
+    if overlap_fraction(ct, mask, moving, transform) < 0.05:
         raise InputImageError("the MR and the CT do not overlap in physical space, even after initialisation "
                               "(are they scans of the same knee? check their origins/orientation)")
 

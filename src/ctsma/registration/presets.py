@@ -36,6 +36,7 @@ class LinearStage:
     iterations: int = setting(60, lo=1, hi=5000)
     learning_rate: float = setting(1.0, lo=1e-4, hi=100.0)
     sampling: float = setting(0.2, lo=0.001, hi=1.0, help="fraction of mask voxels sampled per iteration")
+    max_samples: int = setting(20000, lo=0, hi=10_000_000, help="cap on samples per iteration and level (0: none)")
     mask_margin_mm: float = setting(15.0, lo=0, hi=200, help="bone mask dilation that bounds the metric region")
     bins: int = setting(32, lo=8, hi=256, help="histogram bins (mutual information only)")
 
@@ -58,6 +59,7 @@ class DeformableStage:
     smooth_mm: list[float] = setting([1.0, 0.0], lo=0, hi=20)
     iterations: int = setting(30, lo=1, hi=5000)
     sampling: float = setting(0.1, lo=0.001, hi=1.0)
+    max_samples: int = setting(20000, lo=0, hi=10_000_000)
     mask_margin_mm: float = setting(15.0, lo=0, hi=200)
     bins: int = setting(32, lo=8, hi=256)
     bone_rigidity: float = setting(1.0, lo=0.0, hi=1.0,
@@ -72,6 +74,7 @@ class Preset:
     threads: int = setting(0, lo=0, hi=256, help="ITK threads (0: all cores)")
     seed: int = setting(7, lo=0, hi=2**31 - 1)
     reject_worse: bool = setting(True, help="drop a stage whose result is worse than its input")
+    qa_spacing_mm: float = setting(1.2, lo=0.1, hi=10.0, help="grid of the before/after metrics and bone Dice")
     init: InitStage = field(default_factory=InitStage)
     rigid: LinearStage = field(default_factory=LinearStage)
     affine: LinearStage = field(default_factory=lambda: LinearStage(enabled=False))

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from skimage.metrics import structural_similarity
 
 from ..io.images import read_image
+from ..registration.masks import read_bone_labels
 from .model import SynthesisModel
 
 
@@ -52,7 +53,7 @@ def evaluate_manifest(rows, model: SynthesisModel) -> dict:
     per = {}
     for r in progress.track(rows.to_dict("records"), "synthesis: evaluate", total=len(rows), unit="pair"):
         ct = read_image(r["ct"], what="CT")
-        bones = read_image(r["ct_bones"], what="CT bones", pixel_type=sitk.sitkUInt8) if r.get("ct_bones") else None
+        bones = read_bone_labels(r["ct_bones"], ct) if r.get("ct_bones") else None
         tx = sitk.ReadTransform(r["transform_ct_to_mr"])
         per[r["subject"]] = quality(model.apply(read_image(r["mr"], what="MR")), ct, tx, bones)
     keys = ("mae_bone_hu", "mae_soft_hu", "mae_body_hu", "ssim")

@@ -1,0 +1,241 @@
+"""Multi-stage registration: presets, per-bone blending, the pipeline on analytic knee pairs, QA, errors, cohort."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ctsma.errors import ConfigError, InputImageError
+from ctsma.registration import blend, load_preset, preset_names, register, variant, write_outputs
+from ctsma.registration import stages as st
+from ctsma.registration.cohort import parse_shard, run_cohort
+from ctsma.registration.synthetic import make_knee_pair
+
+# A fast preset for tests: same stages as the default, fewer iterations, no B-spline.
+FAST = {"threads": 1, "deformable": {"enabled": False},
+        "rigid": {"iterations": 40}, "per_bone": {"iterations": 40}}
+
+
+def tre(transform, pair):
+    lm = pair.landmarks
+    mapped = np.array([transform.TransformPoint(p) for p in lm[:, 1:4].tolist()])
+    return np.linalg.norm(mapped - lm[:, 4:7], axis=1)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_knee_pair(3)
+
+
+@pytest.fixture(scope="module")
+def full_result(pair):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return register(pair.mr, pair.ct, preset=load_preset("default", FAST), ct_bones=pair.ct_bones,
+                        pseudo_ct=pair.pseudo_ct_ideal, mr_bones=pair.mr_bones)
+
+
+# --- presets -------------------------------------------------------------------------------------------------
+
+def test_shipped_presets_load_and_name_their_stages():
+    names = preset_names()
+    assert {"default", "demo", "nosynth", "pairing", "pairing_pct"} <= set(names)
+    for n in names:
+        p = load_preset(n)
+        assert p.name == n
+    assert load_preset("nosynth").use_synthesis is False
+    assert load_preset("default").per_bone.bones == ["femur", "tibia"]
+
+
+def test_preset_errors_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="unknown registration preset"):
+        load_preset("no_such_preset")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rigid": {"iterashuns": 3}}))
+    with pytest.raises(ConfigError, match="rigid.iterashuns"):
+        load_preset(bad)
+    with pytest.raises(ConfigError, match="metric"):
+        load_preset({"rigid": {"metric": "psnr"}})
+    v = variant(load_preset("default"), per_bone={"enabled": False})
+    assert v.per_bone.enabled is False and v.rigid.enabled is True
+
+
+# --- blending per-bone transforms ---------------------------------------------------------------------------
+
+def _box_mask(ref, lo, hi):
+    arr = np.zeros(sitk.GetArrayViewFromImage(ref).shape, np.uint8)
+    arr[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = 1
+    m = sitk.GetImageFromArray(arr)
+    m.CopyInformation(ref)
+    return m
+
+
+def test_blended_field_is_exactly_rigid_inside_each_bone_and_identity_far_away():
+    ref = sitk.Image([40, 40, 60], sitk.sitkUInt8)
+    femur = _box_mask(ref, (10, 10, 35), (30, 30, 55))
+    tibia = _box_mask(ref, (10, 10, 5), (30, 30, 25))
+    r_f = sitk.Euler3DTransform((20, 20, 45), 0.05, -0.03, 0.02, (1.0, -0.5, 0.3))
+    r_t = sitk.Euler3DTransform((20, 20, 15), -0.08, 0.0, 0.04, (-0.7, 0.2, 1.1))
+    grid = blend.field_grid(sitk.Or(femur, tibia), 1.0, 12.0)
+    field = blend.blend_rigid(grid, [femur, tibia], [r_f, r_t], power=4, radius_mm=12, rigid_margin_mm=1.5)
+    rng = np.random.default_rng(0)
+    for mask_lo, mask_hi, r in (((11, 11, 36), (28, 28, 53), r_f), ((11, 11, 6), (28, 28, 23), r_t)):
+        pts = rng.uniform(mask_lo, mask_hi, (50, 3))
+        got = np.array([field.TransformPoint(p) for p in pts.tolist()])
+        want = np.array([r.TransformPoint(p) for p in pts.tolist()])
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    # far outside the bones (beyond the field) the displacement is zero
+    far = (20.0, 20.0, 200.0)
+    np.testing.assert_allclose(field.TransformPoint(far), far)
+    # in the joint space the motion lies between the two bones' motions
+    mid = np.array([20.0, 20.0, 30.0])
+    got = np.array(field.TransformPoint(mid.tolist())) - mid
+    df = np.array(r_f.TransformPoint(mid.tolist())) - mid
+    dt = np.array(r_t.TransformPoint(mid.tolist())) - mid
+    lo, hi = np.minimum(df, dt) - 1e-9, np.maximum(df, dt) + 1e-9
+    assert np.all((got >= lo) & (got <= hi))
+
+
+def test_kabsch_and_rigidify_recover_a_rigid_motion():
+    rng = np.random.default_rng(1)
+    src = rng.normal(size=(100, 3))
+    r = sitk.Euler3DTransform((0, 0, 0), 0.2, -0.1, 0.3, (1, 2, 3))
+    m = np.asarray(r.GetMatrix()).reshape(3, 3)
+    rot, t = blend.kabsch(src, src @ m.T + [1, 2, 3])
+    np.testing.assert_allclose(rot, m, atol=1e-10)
+    np.testing.assert_allclose(t, [1, 2, 3], atol=1e-10)
+    ref = sitk.Image([20, 20, 20], sitk.sitkUInt8)
+    bone = _box_mask(ref, (5, 5, 5), (15, 15, 15))
+    pts = blend.grid_points(ref)
+    rigid = pts @ m.T + [1, 2, 3] - pts
+    wobble = 0.3 * np.sin(pts[..., :1] / 3.0)  # a non-rigid deformation
+    out = blend.rigidify(ref, rigid + wobble, [bone], strength=1.0, power=4, radius_mm=10, rigid_margin_mm=0.0)
+    inside = sitk.GetArrayViewFromImage(bone) > 0
+    fit_r, fit_t = blend.kabsch(pts[inside], pts[inside] + out[inside])
+    np.testing.assert_allclose(pts[inside] @ fit_r.T + fit_t, pts[inside] + out[inside], atol=1e-8)
+
+
+# --- the pipeline --------------------------------------------------------------------------------------------
+
+def test_full_pipeline_recovers_per_bone_motion(pair, full_result):
+    before = tre(sitk.Transform(), pair)
+    after = tre(full_result.transform, pair)
+    assert before.mean() > 2.0
+    assert after.mean() < 0.45 and np.percentile(after, 95) < 0.8, after
+    names = [s.name for s in full_result.stages]
+    assert names == ["init", "rigid", "per_bone"]
+    for s in full_result.stages:
+        assert s.kept == (s.metric_after <= s.metric_before)
+        assert s.seconds > 0 and s.metric == "correlation"
+    assert full_result.bone_dice["femur"] > 0.8 and full_result.bone_dice["tibia"] > 0.8
+
+
+def test_per_bone_stage_beats_global_rigid(pair, full_result):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rigid = register(pair.mr, pair.ct, preset=load_preset("default", {**FAST, "per_bone": {"enabled": False}}),
+                         ct_bones=pair.ct_bones, pseudo_ct=pair.pseudo_ct_ideal)
+    assert [s.name for s in rigid.stages] == ["init", "rigid"]
+    assert tre(full_result.transform, pair).mean() < 0.6 * tre(rigid.transform, pair).mean()
+
+
+def test_a_stage_that_makes_the_metric_worse_is_rejected(pair, monkeypatch):
+    real = st.linear_stage
+
+    def spoiled(fixed, moving, current, cfg, *, kind, **kw):
+        tx = real(fixed, moving, current, cfg, kind=kind, **kw)
+        if kind == "affine":  # push the result 6 mm off
+            tx.SetTranslation((np.asarray(tx.GetTranslation()) + [6.0, 0, 0]).tolist())
+        return tx
+
+    monkeypatch.setattr(st, "linear_stage", spoiled)
+    preset = load_preset("default", {**FAST, "per_bone": {"enabled": False}, "affine": {"enabled": True,
+                                                                                        "iterations": 5}})
+    with pytest.warns(UserWarning, match="stage affine made the correlation metric worse"):
+        res = register(pair.mr, pair.ct, preset=preset, ct_bones=pair.ct_bones, pseudo_ct=pair.pseudo_ct_ideal)
+    rec = {s.name: s for s in res.stages}
+    assert rec["affine"].kept is False and rec["affine"].metric_after > rec["affine"].metric_before
+    assert rec["affine"].warning and rec["rigid"].kept
+    # the result is the rigid stage's: 6 mm better than the rejected one
+    assert tre(res.transform, pair).mean() < 1.5
+
+
+def test_outputs_are_written_and_reopen(pair, full_result, tmp_path):
+    qa = write_outputs(full_result, pair.mr, pair.ct, tmp_path)
+    for name in ("transform_ct_to_mr.h5", "mr_in_ct.nii.gz", "pseudo_ct_in_ct.nii.gz", "qa.json",
+                 "checkerboard_mr.png", "checkerboard_pseudo_ct.png"):
+        assert (tmp_path / name).is_file(), name
+    assert not list(tmp_path.glob(".*partial*"))
+    tx = sitk.ReadTransform(str(tmp_path / "transform_ct_to_mr.h5"))
+    np.testing.assert_allclose(tre(tx, pair), tre(full_result.transform, pair), atol=1e-6)
+    mr_in_ct = sitk.ReadImage(str(tmp_path / "mr_in_ct.nii.gz"))
+    assert mr_in_ct.GetSize() == pair.ct.GetSize()
+    np.testing.assert_allclose(mr_in_ct.GetOrigin(), pair.ct.GetOrigin(), atol=1e-4)
+    on_disk = json.loads((tmp_path / "qa.json").read_text())
+    assert on_disk["total_seconds"] == pytest.approx(qa["total_seconds"])
+    assert [s["name"] for s in on_disk["stages"]] == ["init", "rigid", "per_bone"]
+    for s in on_disk["stages"]:
+        assert {"metric_before", "metric_after", "kept", "bone_dice", "seconds"} <= set(s)
+    # the pseudo-CT in CT space matches the CT on bone (it is the ideal pseudo-CT here)
+    pct = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pseudo_ct_in_ct.nii.gz")))
+    ct = sitk.GetArrayFromImage(pair.ct)
+    inner = sitk.GetArrayFromImage(sitk.BinaryErode(pair.ct_bones > 0, [2, 2, 2])) > 0
+    assert np.median(np.abs(pct[inner] - ct[inner])) < 150
+
+
+# --- errors --------------------------------------------------------------------------------------------------
+
+def test_clear_errors_for_wrong_inputs(pair):
+    p = load_preset("default", FAST)
+    with pytest.raises(InputImageError, match="Hounsfield"):  # MR given where the CT is expected
+        register(pair.mr, pair.mr, preset=p, pseudo_ct=pair.pseudo_ct_ideal)
+    with pytest.raises(InputImageError, match="give the MR first"):  # CT given as MR
+        register(pair.ct, pair.ct, preset=p, ct_bones=pair.ct_bones, pseudo_ct=pair.pseudo_ct_ideal)
+    empty = sitk.Image(pair.ct_bones.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(pair.ct_bones)
+    with pytest.raises(InputImageError, match="no voxels for femur, tibia"):
+        register(pair.mr, pair.ct, preset=p, ct_bones=empty, pseudo_ct=pair.pseudo_ct_ideal)
+    flat = sitk.Image([40, 40], sitk.sitkFloat32)
+    with pytest.raises(InputImageError, match="2D"):
+        register(flat, pair.ct, preset=p, ct_bones=pair.ct_bones)
+    with pytest.raises(InputImageError, match="synthesis model"):
+        register(pair.mr, pair.ct, preset=p, ct_bones=pair.ct_bones)
+    far = sitk.Image(pair.pseudo_ct_ideal)
+    far.SetOrigin((np.asarray(far.GetOrigin()) + 500.0).tolist())
+    mr_far = sitk.Image(pair.mr)
+    mr_far.SetOrigin(far.GetOrigin())
+    with pytest.raises(InputImageError, match="do not overlap"):
+        register(mr_far, pair.ct, preset=variant(p, init={"enabled": False}), ct_bones=pair.ct_bones,
+                 pseudo_ct=far)
+
+
+# --- cohort mode ---------------------------------------------------------------------------------------------
+
+def test_parse_shard():
+    assert parse_shard("1/4") == (1, 4) and parse_shard(None) == (0, 1)
+    for bad in ("4/4", "a/b", "1", "-1/3"):
+        with pytest.raises(ConfigError):
+            parse_shard(bad)
+
+
+def test_cohort_shards_resume_and_report(tmp_path, pair):
+    rows = ["subject,mr,ct,ct_bones"]
+    for s in ("kA", "kB"):
+        for name in ("mr", "ct", "ct_bones"):
+            sitk.WriteImage(getattr(pair, name), str(tmp_path / f"{s}_{name}.nii.gz"))
+        rows.append(f"{s},{s}_mr.nii.gz,{s}_ct.nii.gz,{s}_ct_bones.nii.gz")
+    rows.append("kC,missing_mr.nii.gz,kA_ct.nii.gz,")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    preset = load_preset("nosynth", {**FAST, "rigid": {"iterations": 10}, "per_bone": {"enabled": False}})
+    out = tmp_path / "out"
+    s0 = run_cohort(tmp_path / "manifest.csv", out, preset=preset, shard=(0, 2))
+    assert list(s0.subject) == ["kA", "kC"]
+    assert list(s0.status) == ["done", "failed"] and "not found" in s0.error.iloc[1]
+    assert (out / "kA" / "qa.json").is_file() and not (out / "kB").exists()
+    assert (out / "cohort_0of2.csv").is_file()
+    again = run_cohort(tmp_path / "manifest.csv", out, preset=preset, shard=(0, 2))
+    assert again.status.iloc[0].startswith("skipped")
