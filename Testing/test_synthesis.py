@@ -1,0 +1,148 @@
+"""MR→pseudo-CT synthesis: network, loss, normalisation, model files, weak-pairing training, quality, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ctsma.cli.main import main
+from ctsma.errors import ModelFileError
+from ctsma.modelfile import read_metadata, save_model
+from ctsma.registration.synthetic import make_knee_pair
+from ctsma.synthesis import SynthesisModel, load_train_config, train
+from ctsma.synthesis.model import DEFAULT_NORMALISATION, ct_to_target, resample_isotropic, target_to_ct
+from ctsma.synthesis.network import UNet25D, build_network
+from ctsma.synthesis.quality import quality
+from ctsma.synthesis.training import shift_tolerant_l1
+
+ARCH = {"type": "unet25d", "in_slices": 3, "base": 4, "depth": 2}
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    meta = {"architecture": ARCH, "normalisation": DEFAULT_NORMALISATION, "working_spacing_mm": 1.5,
+            "planes": ["axial", "coronal"]}
+    return SynthesisModel(build_network(ARCH), meta)
+
+
+def test_unet_keeps_the_slice_size():
+    net = UNet25D(5, 4, 3)
+    y = net(torch.zeros(2, 5, 32, 24))
+    assert y.shape == (2, 1, 32, 24)
+
+
+def test_shift_tolerant_loss_forgives_a_one_voxel_shift_only():
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 1, 24, 24, generator=g)
+    pred = torch.roll(target, shifts=1, dims=-1)  # the prediction is the target moved by one voxel
+    valid = torch.ones_like(target)
+    assert float(shift_tolerant_l1(pred, target, valid, 1, 1.0)) < 1e-6
+    assert float(shift_tolerant_l1(pred, target, valid, 0, 1.0)) > 0.2
+    moved2 = torch.roll(target, shifts=2, dims=-1)
+    assert float(shift_tolerant_l1(moved2, target, valid, 1, 1.0)) > 0.2
+    # invalid voxels do not count
+    assert float(shift_tolerant_l1(pred, target, torch.zeros_like(valid), 0, 1.0)) == 0.0
+
+
+def test_ct_normalisation_round_trip():
+    hu = np.array([-3000.0, -1000, -50, 0, 400, 1999, 5000])
+    back = target_to_ct(ct_to_target(hu, DEFAULT_NORMALISATION), DEFAULT_NORMALISATION)
+    np.testing.assert_allclose(back, np.clip(hu, -1000, 2000), atol=1e-3)
+
+
+def test_resample_isotropic_keeps_the_extent():
+    img = sitk.Image([30, 20, 10], sitk.sitkFloat32)
+    img.SetSpacing((0.5, 0.5, 2.0))
+    img.SetOrigin((3.0, -4.0, 7.0))
+    iso = resample_isotropic(img, 1.0)
+    assert iso.GetSize() == (15, 10, 20)
+    lo = np.asarray(img.TransformContinuousIndexToPhysicalPoint([-0.5] * 3))
+    lo_iso = np.asarray(iso.TransformContinuousIndexToPhysicalPoint([-0.5] * 3))
+    np.testing.assert_allclose(lo, lo_iso, atol=1e-6)
+
+
+def test_model_file_round_trip_and_refusals(tmp_path):
+    m = _model()
+    path = m.save(tmp_path / "m.safetensors")
+    meta = read_metadata(path)
+    assert meta["kind"] == "synthesis" and meta["architecture"] == ARCH
+    assert meta["normalisation"]["ct_scale_hu"] == 1000.0
+    loaded = SynthesisModel.load(path)
+    mr = sitk.GetImageFromArray(np.random.default_rng(0).random((12, 16, 20)).astype(np.float32) * 500)
+    a = sitk.GetArrayFromImage(m.apply(mr))
+    b = sitk.GetArrayFromImage(loaded.apply(mr))
+    np.testing.assert_array_equal(a, b)
+    assert a.min() >= -1000 and a.max() <= 2000
+    # a model of another kind, and one without the synthesis metadata, are refused
+    save_model(tmp_path / "other.safetensors", m.net.state_dict(), {}, kind="teacher")
+    with pytest.raises(ModelFileError, match="'teacher' model"):
+        SynthesisModel.load(tmp_path / "other.safetensors")
+    save_model(tmp_path / "bare.safetensors", m.net.state_dict(), {"architecture": ARCH}, kind="synthesis")
+    with pytest.raises(ModelFileError, match="lacks 'normalisation'"):
+        SynthesisModel.load(tmp_path / "bare.safetensors")
+
+
+def test_quality_is_perfect_for_the_truth_and_worse_for_a_shift():
+    pair = make_knee_pair(1, ct_size=(40, 40, 40), mr_size=(40, 40, 40), flex_deg=0, rot_deg=0, shift_mm=0)
+    ident = sitk.Transform()
+    q = quality(pair.ct, pair.ct, ident, pair.ct_bones)
+    assert q["mae_bone_hu"] == 0 and q["mae_soft_hu"] == 0 and q["ssim"] == pytest.approx(1.0)
+    q2 = quality(pair.ct, pair.ct, sitk.TranslationTransform(3, (2.0, 0, 0)), pair.ct_bones)
+    assert q2["mae_bone_hu"] > 50 and q2["ssim"] < 0.95
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    pairs = [make_knee_pair(s, ct_size=(48, 48, 48), mr_size=(52, 52, 48)) for s in (0, 1)]
+    cfg = load_train_config("demo", {"iterations": 60, "refine_iterations": 20, "patch": 32, "batch": 8,
+                                     "base": 8, "threads": 1, "working_spacing_mm": 1.5})
+    model = train([(p.mr, p.ct, p.ct_bones) for p in pairs], cfg, names=["a", "b"])
+    path = model.save(tmp_path_factory.mktemp("syn") / "model.safetensors")
+    return model, path
+
+
+def test_weak_pairing_training_learns_ct_contrast_without_true_transforms(trained):
+    model, path = trained
+    tr = model.meta["training"]
+    assert tr["ground_truth_transforms_used"] is False
+    assert tr["steps_round1"] == 60 and tr["steps_round2"] == 20 and tr["subjects"] == ["a", "b"]
+    test = make_knee_pair(7, ct_size=(48, 48, 48), mr_size=(52, 52, 48))
+    pct = sitk.GetArrayFromImage(model.apply(test.mr))
+    ideal = sitk.GetArrayFromImage(sitk.Resample(test.pseudo_ct_ideal, model.apply(test.mr), sitk.Transform(),
+                                                 sitk.sitkLinear, -1000.0))
+    bone = ideal > 500  # cortex: dark in MR, the brightest in CT
+    soft = (ideal > -200) & (ideal < 200)
+    # the untrained network knows no HU; the trained one separates cortex from soft tissue
+    assert np.mean(pct[bone]) - np.mean(pct[soft]) > 300
+    assert SynthesisModel.load(path).meta["training"]["n_pairs"] == 2
+
+
+def test_cli_synthesis_apply_and_register_errors(trained, tmp_path, capsys):
+    _, path = trained
+    pair = make_knee_pair(2, ct_size=(40, 40, 40), mr_size=(40, 40, 40))
+    sitk.WriteImage(pair.mr, str(tmp_path / "mr.nii.gz"))
+    sitk.WriteImage(pair.ct, str(tmp_path / "ct.nii.gz"))
+    assert main(["--quiet", "synthesis", "apply", str(tmp_path / "mr.nii.gz"), "--model", str(path),
+                 "--out", str(tmp_path / "pct.nii.gz")]) == 0
+    pct = sitk.ReadImage(str(tmp_path / "pct.nii.gz"))
+    assert pct.GetSpacing() == pytest.approx((1.5, 1.5, 1.5))
+    # MR and CT swapped: one clear line, exit code 2
+    rc = main(["--quiet", "register", str(tmp_path / "ct.nii.gz"), str(tmp_path / "mr.nii.gz"), "--out",
+               str(tmp_path / "reg"), "--model", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error:" in err and len(err.strip().splitlines()) == 1
+    rc = main(["--quiet", "register", str(tmp_path / "mr.nii.gz"), str(tmp_path / "mr.nii.gz"), "--out",
+               str(tmp_path / "reg"), "--model", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Hounsfield" in err and len(err.strip().splitlines()) == 1
+    # a cohort manifest without the truth cannot be scored
+    (tmp_path / "m.csv").write_text("subject,mr,ct\nk,mr.nii.gz,ct.nii.gz\n")
+    rc = main(["--quiet", "synthesis", "evaluate", "--manifest", str(tmp_path / "m.csv"), "--model", str(path),
+               "--out", str(tmp_path / "q.json")])
+    assert rc == 2 and "transform_ct_to_mr" in capsys.readouterr().err
+    assert not (tmp_path / "q.json").exists()
+    assert json.loads(json.dumps(read_metadata(path)))["kind"] == "synthesis"
