@@ -70,7 +70,7 @@ def cohort(tmp_path_factory):
     ct, bones = analytic_knee(spacing=1.0)
     rois = subchondral_rois(ct, bones)
     rows, tx = [], {}
-    for i in range(4):
+    for i in range(3):
         row, t = make_subject(root, f"k{i}", ct, rois, angle=3.0 * i, shift=(1.5 * i, -i, 0.5))
         rows.append(row)
         tx[row["subject"]] = t
@@ -78,16 +78,16 @@ def cohort(tmp_path_factory):
     return root, tx, ct
 
 
-SMALL = dict(max_per_roi=6, stride_mm=3.0, mr_size=16, truth=False, min_per_roi=2)
+SMALL = dict(max_per_roi=6, stride_mm=3.0, mr_size=16, truth=False, min_per_roi=2, quality=False)
 
 
 def test_build_with_given_transforms(cohort, tmp_path):
     root, tx, ct = cohort
-    s = BuildSettings(transform_column="transform_ct_to_mr", **dict(SMALL, truth=True))
+    s = BuildSettings(transform_column="transform_ct_to_mr", **dict(SMALL, truth=True, quality=True))
     summary = build_dataset(root / "manifest.csv", tmp_path / "ds", s)
     store = PatchStore(tmp_path / "ds")
     t = store.table
-    assert summary["n_subjects"] == 4 and len(store) == summary["n_patches"] == len(t)
+    assert summary["n_subjects"] == 3 and len(store) == summary["n_patches"] == len(t)
     assert set(t["roi"]) == set(ROIS) and t.groupby(["subject", "roi"]).size().max() <= 6
     assert store.ct_shape == (16, 16, 16) and store.mr_shape == (16, 16, 16)
     # splits are by patient: every subject in exactly one part; folds are per subject
@@ -116,7 +116,7 @@ def test_build_with_given_transforms(cohort, tmp_path):
     assert ctm.reshape(len(t), -1).mean(1).min() >= 0.4
     assert np.allclose(t["true_BV/TV"], 1 / 3)   # per-ROI manifest truth (no phantom metadata here)
     info = json.loads((tmp_path / "ds" / "summary.json").read_text())
-    assert set(info["patches_per_subject_roi"]) == {"k0", "k1", "k2", "k3"}
+    assert set(info["patches_per_subject_roi"]) == {"k0", "k1", "k2"}
     assert (tmp_path / "ds" / "quality" / "patch_pairs.png").stat().st_size > 1000
 
 
@@ -124,15 +124,15 @@ def test_registered_transforms_and_qa_exclusion(cohort, tmp_path):
     root, tx, _ = cohort
     reg = tmp_path / "reg"
     for name, t in tx.items():
-        if name == "k3":
+        if name == "k1":
             continue                      # no registration at all
         (reg / name).mkdir(parents=True)
         sitk.WriteTransform(t, str(reg / name / "transform_ct_to_mr.h5"))
         dice = 0.3 if name == "k2" else 0.9
         (reg / name / "qa.json").write_text(json.dumps({"stages": [], "bone_dice": {"femur": dice, "tibia": 0.9}}))
     summary = build_dataset(root / "manifest.csv", tmp_path / "ds", BuildSettings(**SMALL), registrations=reg)
-    assert summary["n_subjects"] == 2
-    assert "femur Dice 0.30" in summary["excluded"]["k2"] and "incomplete" in summary["excluded"]["k3"]
+    assert summary["n_subjects"] == 1 and PatchStore(tmp_path / "ds").subjects == ["k0"]
+    assert "femur Dice 0.30" in summary["excluded"]["k2"] and "incomplete" in summary["excluded"]["k1"]
 
 
 def test_interrupted_build_resumes_from_shards(cohort, tmp_path, monkeypatch):
@@ -145,7 +145,7 @@ def test_interrupted_build_resumes_from_shards(cohort, tmp_path, monkeypatch):
 
     def flaky(row, *a, **k):
         calls.append(row["subject"])
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise KeyboardInterrupt
         return real(row, *a, **k)
 
@@ -153,11 +153,11 @@ def test_interrupted_build_resumes_from_shards(cohort, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build_dataset(root / "manifest.csv", tmp_path / "ds", s)
     assert not (tmp_path / "ds" / "patches.h5").exists()          # nothing half-written
-    assert len(list((tmp_path / "ds" / ".shards").glob("*.npz"))) == 2
+    assert len(list((tmp_path / "ds" / ".shards").glob("*.npz"))) == 1
     calls.clear()
     monkeypatch.setattr(b, "build_subject", lambda row, *a, **k: (calls.append(row["subject"]), real(row, *a, **k))[1])
     summary = build_dataset(root / "manifest.csv", tmp_path / "ds", s)
-    assert len(calls) == 2 and summary["n_subjects"] == 4          # only the two unfinished subjects rebuilt
+    assert calls == ["k1", "k2"] and summary["n_subjects"] == 3      # only the unfinished subjects rebuilt
 
 
 def test_few_patches_warn_and_splits_by_patient(cohort, tmp_path):

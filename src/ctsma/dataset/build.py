@@ -65,6 +65,7 @@ class BuildSettings:
     test_fraction: float = setting(0.2, lo=0.0, hi=0.9, help="share of patients held out as test")
     val_fraction: float = setting(0.2, lo=0.0, hi=0.9, help="share of the other patients used for validation")
     seed: int = setting(0, lo=0, hi=2**31 - 1, help="random seed (centre subsets, splits)")
+    quality: bool = setting(True, help="render quality figures (patch pairs, parameter histograms)")
 
 
 def settings_hash(s: BuildSettings, extra: dict) -> str:
@@ -409,6 +410,8 @@ def build_dataset(manifest: str | os.PathLike, out: str | os.PathLike, settings:
     summary["settings"] = to_dict(s)
     summary["splits_by_subject"] = {k: {"split": v[0], "fold": v[1]} for k, v in splits.items()}
     write_json(out / "summary.json", summary)
+    if not s.quality:
+        return summary
     try:
         from .quality import render_quality
         render_quality(store, out / "quality")
