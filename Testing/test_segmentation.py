@@ -212,8 +212,8 @@ def test_cli_segment(tmp_path, knee_r):
 
     ct, _ = knee_r
     sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
-    assert main(["--quiet", "segment", str(tmp_path / "ct.nii.gz"), "--out", str(tmp_path / "o")]) == 0
-    for f in ("bones.nii.gz", "rois.nii.gz", "rois.seg.nrrd", "bones.seg.nrrd", "segmentation.json"):
+    assert main(["--quiet", "segment", str(tmp_path / "ct.nii.gz"), "--out", str(tmp_path / "o"), "--figure"]) == 0
+    for f in ("bones.nii.gz", "rois.nii.gz", "rois.seg.nrrd", "bones.seg.nrrd", "segmentation.json", "rois.png"):
         assert (tmp_path / "o" / f).is_file()
     rois = sitk.ReadImage(str(tmp_path / "o" / "rois.nii.gz"))
     assert set(np.unique(sitk.GetArrayFromImage(rois))) == {0, 1, 2, 3, 4}

@@ -2,7 +2,7 @@
 
 Writes ``DIR/bones.nii.gz`` (femur=1, tibia=2, patella=3, fibula=4), ``DIR/rois.nii.gz`` (MFC=1, LFC=2, MTP=3,
 LTP=4), ``DIR/rois.seg.nrrd`` and ``DIR/bones.seg.nrrd`` (Slicer segmentations with named segments) and
-``DIR/segmentation.json`` (volumes, laterality and settings). A user bone segmentation (``--bones``, label image
+``DIR/segmentation.json`` (volumes, laterality and settings), and with ``--figure`` ``DIR/rois.png``. A user bone segmentation (``--bones``, label image
 or ``.seg.nrrd``) replaces the automatic one.
 """
 
@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--end-mm", type=float, default=None, help="ROI band end depth below the surface (6.0)")
     p.add_argument("--threshold-hu", type=float, default=None, help="bone threshold in HU (250)")
     p.add_argument("--no-rois", action="store_true", help="bones only")
+    p.add_argument("--figure", action="store_true", help="also write DIR/rois.png (slices through the ROIs)")
     p.set_defaults(func=run)
 
 
@@ -60,6 +61,9 @@ def run(args) -> int:
         write_image(rois, out / "rois.nii.gz")
         write_seg_nrrd(rois, out / "rois.seg.nrrd", kind="rois")
         report["rois"] = rinfo
+        if args.figure:
+            from ..segmentation.figure import render_rois
+            render_rois(ct, bones, rois, out / "rois.png", info=rinfo)
     report["seconds"] = time.time() - t0
     write_json(out / "segmentation.json", report)
     progress.info(f"wrote {out}/bones.nii.gz" + ("" if args.no_rois else " and rois.nii.gz"))
