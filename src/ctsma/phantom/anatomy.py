@@ -39,7 +39,7 @@ _LAYOUT = [
     ("MN_CX", 1), ("MN_RX", 1), ("MN_RY", 1), ("MN_H", 1),
     ("PLATE", 1), ("CORTEX", 4),
     ("R_DMIN", 1), ("R_DMAX", 1), ("R_FZ", 1), ("R_FY", 1), ("R_FX", 1), ("R_TCX", 1), ("R_TRX", 1), ("R_TRY", 1),
-    ("OA_TH", 1), ("OA_ROD", 1), ("OA_PL", 1), ("OA_LW", 1), ("OA_DEPTH", 1),
+    ("OA_TH", 1), ("OA_WIDEN", 1), ("OA_PL", 1), ("OA_LW", 1), ("OA_DEPTH", 1),
     ("TP0", 4), ("TR0", 4), ("LF_SD", 1), ("BOOST", 1), ("BOOST_D", 1), ("BOOST_MEAN", 1),
     ("LF_K", 36), ("LF_PH", 12),
 ]
@@ -69,7 +69,7 @@ def pack_params(p: dict) -> np.ndarray:
         "PLATE": a["plate"], "CORTEX": a["cortex"],
         "R_DMIN": r["depth_min"], "R_DMAX": r["depth_max"], "R_FZ": r["fem_z_frac"], "R_FY": r["fem_y_frac"],
         "R_FX": r["fem_x_frac"], "R_TCX": r["tib_cx"], "R_TRX": r["tib_rx"], "R_TRY": r["tib_ry"],
-        "OA_TH": oa["th_gain"], "OA_ROD": oa["rod_loss"], "OA_PL": oa["plate_gain"], "OA_LW": oa["lateral_w"],
+        "OA_TH": oa["th_gain"], "OA_WIDEN": oa["rod_widen"], "OA_PL": oa["plate_gain"], "OA_LW": oa["lateral_w"],
         "OA_DEPTH": oa["depth_mm"],
         "TP0": [mi["bones"][b]["tp"] for b in BONE_NAMES], "TR0": [mi["bones"][b]["tr"] for b in BONE_NAMES],
         "LF_SD": mi["lf_sd"], "BOOST": mi["plate_boost"], "BOOST_D": mi["boost_depth_mm"],
@@ -161,12 +161,26 @@ def _tibia_art(xc, y, z, zt, P):  # pragma: no cover - numba
 
 
 @numba.njit(cache=True)
-def _eval(pts, P, design_margin, tissue, soft, bone, near, dist, shell, roi, tp, tr):  # pragma: no cover
+def _eval(pts, P, design_margin, tissue, soft, bone, near, dist, shell, roi, tp, tr, tw):  # pragma: no cover
     d = np.zeros(4)
     for i in range(pts.shape[0]):
         xc = P[I_M] * pts[i, 0]
         y = pts[i, 1]
         z = pts[i, 2]
+        # outside the skin: air, far from every bone (all bones lie inside the soft-tissue envelope)
+        inner = _smin(_ell2(xc, y - P[I_S_YC], P[I_S_AX], P[I_S_AY]), _ell(xc, y, z, P, I_P_C, I_P_A) - 1.5, 4.0)
+        if inner >= P[I_S_FAT] + P[I_S_SKIN]:
+            tissue[i] = 0
+            soft[i] = 0
+            bone[i] = -1
+            near[i] = 0
+            dist[i] = 100.0
+            shell[i] = 0.0
+            roi[i] = 0
+            tp[i] = 0.0
+            tr[i] = 0.0
+            tw[i] = 0.0
+            continue
         _sdfs(xc, y, z, P, d)
         nb = 0
         for b in range(1, 4):
@@ -183,10 +197,7 @@ def _eval(pts, P, design_margin, tissue, soft, bone, near, dist, shell, roi, tp,
         ct = (P[I_C_TL] + (P[I_C_TM] - P[I_C_TL]) * wm) * ta
         cp = P[I_C_P] * pa
         # soft tissues (the label a point would have without bone)
-        inner = _smin(_ell2(xc, y - P[I_S_YC], P[I_S_AX], P[I_S_AY]), d[2] - 1.5, 4.0)
-        lab = 0
-        if inner < P[I_S_FAT] + P[I_S_SKIN]:
-            lab = 24
+        lab = 24
         if inner < P[I_S_FAT]:
             lab = 22
         if inner < 0.0:
@@ -194,13 +205,14 @@ def _eval(pts, P, design_margin, tissue, soft, bone, near, dist, shell, roi, tp,
             if _ell(xc, y, z, P, I_S_HOF_C, I_S_HOF_A) < 0.0 or _ell(xc, y, z, P, I_S_POP_C, I_S_POP_A) < 0.0:
                 lab = 22
         in_plat = _ell2(xc, y - P[I_T_Y0], P[I_T_AX], P[I_T_AY]) < 0.0
-        if in_plat and z > zt and z < zt + 4.0 and d[0] > 0.0:
-            lab = 20
+        # joint space: a thin fluid film centrally, menisci in the peripheral wedges (not in the notch)
         sx = 1.0 if xc >= 0.0 else -1.0
         r = np.sqrt(((xc - sx * P[I_MN_CX]) / P[I_MN_RX]) ** 2 + ((y - P[I_T_Y0]) / P[I_MN_RY]) ** 2)
-        if (in_plat and r > 0.6 and d[1] > ct and d[0] > cf and abs(xc) > 6.0
-                and z < zt + ct + P[I_MN_H] * _ss(0.6, 1.0, r)):
-            lab = 21
+        if in_plat and abs(xc) > 6.0 and d[1] > ct and d[0] > cf:
+            if r > 0.45 and z < zt + ct + 1.0 + P[I_MN_H] * _ss(0.45, 1.0, r):
+                lab = 21
+            elif z < zt + ct + 1.0:
+                lab = 20
         if d[0] >= 0.0 and d[0] < cf:
             lab = 10
         if d[1] >= 0.0 and d[1] < ct:
@@ -256,13 +268,16 @@ def _eval(pts, P, design_margin, tissue, soft, bone, near, dist, shell, roi, tp,
             lf0 *= np.sqrt(2.0 / 6.0)
             lf1 *= np.sqrt(2.0 / 6.0)
             dw = np.exp(-depth / P[I_OA_DEPTH])
+            e = P[I_SEV] * ow * dw  # local OA exposure
             boost = 1.0 + P[I_BOOST] * (np.exp(-depth / P[I_BOOST_D]) - P[I_BOOST_MEAN])
-            tp[i] = P[I_TP0 + nb] * boost * np.exp(P[I_LF_SD] * lf0) * (1.0 + P[I_OA_TH] * P[I_SEV] * ow * dw)
-            loss = min(max(1.0 - P[I_OA_ROD] * P[I_SEV] * ow * dw, 0.2), 1.0)
-            tr[i] = P[I_TR0 + nb] * np.exp(P[I_LF_SD] * lf1) * loss
+            thick = 1.0 + P[I_OA_TH] * e
+            tp[i] = P[I_TP0 + nb] * boost * np.exp(P[I_LF_SD] * lf0) * thick
+            tr[i] = P[I_TR0 + nb] * np.exp(P[I_LF_SD] * lf1) * thick
+            tw[i] = tr[i] * (1.0 + P[I_OA_WIDEN] * e)
         else:
             tp[i] = 0.0
             tr[i] = 0.0
+            tw[i] = 0.0
 
 
 @numba.njit(cache=True)
@@ -311,14 +326,15 @@ class KneeModel:
         ``tissue``: label codes of :data:`TISSUES` (bone as its bone label); ``soft``: the label the
         point would have without bone; ``bone``: bone index 0..3 or -1; ``near``: nearest bone;
         ``dist``: signed distance to the nearest bone (mm); ``shell``: cortex/plate thickness of that
-        bone there; ``roi``: 0 or 1..4; ``tp``/``tr``: plate/rod thresholds (field units) where
-        ``dist < design_margin``, else 0.
+        bone there; ``roi``: 0 or 1..4; ``tp``/``tr``/``tw``: plate, rod and rod-width thresholds
+        (field units) where ``dist < design_margin``, else 0.
         """
         pts = np.ascontiguousarray(pts, dtype=np.float64)
         n = len(pts)
         out = {"tissue": np.empty(n, np.uint8), "soft": np.empty(n, np.uint8), "bone": np.empty(n, np.int8),
                "near": np.empty(n, np.int8), "dist": np.empty(n, np.float32), "shell": np.empty(n, np.float32),
-               "roi": np.empty(n, np.uint8), "tp": np.empty(n, np.float32), "tr": np.empty(n, np.float32)}
+               "roi": np.empty(n, np.uint8), "tp": np.empty(n, np.float32), "tr": np.empty(n, np.float32),
+               "tw": np.empty(n, np.float32)}
         _eval(pts, self.P, float(design_margin), out["tissue"], out["soft"], out["bone"], out["near"], out["dist"],
-              out["shell"], out["roi"], out["tp"], out["tr"])
+              out["shell"], out["roi"], out["tp"], out["tr"], out["tw"])
         return out

@@ -73,6 +73,7 @@ def generate_knee(settings: PhantomSettings, seed: int, index: int, out_dir) -> 
     Returns the knee's manifest row (paths relative to ``out_dir``).
     """
     t0 = time.perf_counter()
+    c0 = time.process_time()
     timing = {}
     out_dir = Path(out_dir)
     sid = subject_id(index)
@@ -86,7 +87,7 @@ def generate_knee(settings: PhantomSettings, seed: int, index: int, out_dir) -> 
     timing["mr"] = time.perf_counter() - t0 - sum(timing.values())
     grid = ct_grid(settings, p["pose"])
     mapped = map_points(comp, grid)
-    ct_imgs, ct_info = simulate_ct(model, settings, grid, mapped, bone_jacobians(p["pose"]), rng)
+    ct_imgs, ct_info = simulate_ct(model, settings, grid, mapped, bone_jacobians(p["pose"], tinfo["motion_scale"]), rng)
     del mapped
     timing["ct"] = time.perf_counter() - t0 - sum(timing.values())
     lms = _landmarks(model, comp, ct_imgs["ct_rois"], rng)
@@ -120,6 +121,7 @@ def generate_knee(settings: PhantomSettings, seed: int, index: int, out_dir) -> 
             "truth": {"per_roi": truth, **truth_info},
             "mr_noise_sigma": mr_info["noise_sigma"], "landmarks": len(lms),
             "subject": p, "timing_s": {k: round(v, 3) for k, v in timing.items()},
+            "cpu_s": round(time.process_time() - c0, 3),
         }
         write_json(tmp / EXTRA_FILES["metadata"], meta)
     return row

@@ -68,7 +68,7 @@ def render(model, pts: np.ndarray, spacing_xyz, subsample_mm: float, J=None) -> 
         idx = np.flatnonzero(Tr > 0)
         if idx.size:
             bvf[idx] = occupancy(pts[s:s + CHUNK][idx], e["near"][idx], e["tp"][idx], e["tr"][idx], model.fields,
-                                 offsets, hsub, J=J)
+                                 offsets, hsub, tw=e["tw"][idx], J=J)
         out["tissue"][sl], out["roi"][sl], out["soft"][sl] = e["tissue"], e["roi"], e["soft"]
         out["B"][sl], out["Tr"][sl], out["bvf"][sl] = B, Tr, bvf
     return out

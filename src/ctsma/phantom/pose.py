@@ -64,9 +64,11 @@ def displacement(model, pose, q: np.ndarray) -> np.ndarray:
     dt = model.bone_sdfs(qt)
     d_fem = np.minimum(df[0], df[2])  # femur + patella move together
     d_tib = np.minimum(dt[1], dt[3])  # tibia + fibula move together
-    w = smoothstep(-2.0, 2.0, d_tib - d_fem)[:, None]  # 1 at the femur, 0 at the tibia
-    disp = w * (qf - q) + (1.0 - w) * (qt - q)
     near = np.minimum(d_fem, d_tib)
+    # 1 at the femur, 0 at the tibia; the blend widens away from the bones so nothing folds
+    width = 2.0 + 0.5 * np.maximum(near, 0.0)
+    w = smoothstep(-1.0, 1.0, (d_tib - d_fem) / width)[:, None]
+    disp = w * (qf - q) + (1.0 - w) * (qt - q)
     ws = smoothstep(2.0, 12.0, near)[:, None]
     k = np.asarray(pose["soft_k"], dtype=np.float64)       # (3 components, 3 modes, 3)
     wl = np.asarray(pose["soft_wl"], dtype=np.float64)     # (3, 3)
@@ -79,7 +81,33 @@ def displacement(model, pose, q: np.ndarray) -> np.ndarray:
 
 
 def build_transform(model, settings, pose) -> tuple[sitk.Transform, dict]:
-    """The CT -> MR CompositeTransform (displacement after global pose) and its checks."""
+    """The CT -> MR CompositeTransform (displacement after global pose) and its checks.
+
+    If the displacement would fold (Jacobian determinant < 0.2 anywhere), the bone and soft-tissue
+    motions are halved until it does not (recorded as ``motion_scale``).
+    """
+    scale = 1.0
+    for _ in range(6):
+        comp, info = _build(model, settings, pose, scale)
+        if info["jacobian_min"] >= 0.2:
+            break
+        scale *= 0.5
+    info["motion_scale"] = scale
+    return comp, info
+
+
+def scaled_pose(pose, scale: float) -> dict:
+    if scale == 1.0:
+        return pose
+    p = dict(pose)
+    for k in ("femur_deg", "femur_mm", "tibia_deg", "tibia_mm"):
+        p[k] = (np.asarray(pose[k]) * scale).tolist()
+    p["soft_mm"] = float(pose["soft_mm"]) * scale
+    return p
+
+
+def _build(model, settings, pose, scale):
+    pose = scaled_pose(pose, scale)
     g = global_transform(pose)
     grid = ct_grid(settings, pose)
     size, sp, org = np.array(grid["size"]), np.array(grid["spacing"]), np.array(grid["origin"])
@@ -109,8 +137,9 @@ def build_transform(model, settings, pose) -> tuple[sitk.Transform, dict]:
                   "field_origin": lo.tolist(), "field_spacing": h}
 
 
-def bone_jacobians(pose) -> np.ndarray:
+def bone_jacobians(pose, scale: float = 1.0) -> np.ndarray:
     """(4, 3, 3): the exact CT -> MR linear part inside each bone (femur, tibia, patella, fibula)."""
+    pose = scaled_pose(pose, scale)
     Rg = euler_matrix(pose["global_deg"])
     Rf = euler_matrix(pose["femur_deg"]) @ Rg
     Rt = euler_matrix(pose["tibia_deg"]) @ Rg

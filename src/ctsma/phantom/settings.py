@@ -21,14 +21,14 @@ class PhantomSettings:
     # MR (BFFE, sagittal slices along x): spacing and field of view, (x, y, z) mm
     mr_spacing: tuple[float, float, float] = setting((0.6, 0.3, 0.3), lo=0.05, hi=2.0)
     mr_fov: tuple[float, float, float] = setting((84.0, 66.0, 36.0), lo=5.0, hi=400.0)
-    mr_subsample_mm: float = setting(0.1, lo=0.01, hi=0.5, help="fine-grid step for MR partial volume")
+    mr_subsample_mm: float = setting(0.15, lo=0.01, hi=0.5, help="fine-grid step for MR partial volume")
     mr_psf_fwhm_vox: float = setting(1.2, lo=0.0, hi=4.0, help="Gaussian PSF FWHM in voxels")
     mr_snr: float = setting(22.0, lo=2.0, hi=1000.0, help="marrow signal / Rician sigma")
     mr_bias: float = setting(0.2, lo=0.0, hi=0.8, help="peak relative amplitude of the bias field")
     # CT (axial slices along z of the scanner)
     ct_spacing: tuple[float, float, float] = setting((0.6, 0.6, 1.0), lo=0.05, hi=3.0)
     ct_fov: tuple[float, float, float] = setting((150.0, 150.0, 60.0), lo=5.0, hi=600.0)
-    ct_subsample_mm: float = setting(0.2, lo=0.01, hi=1.0, help="fine-grid step for CT partial volume")
+    ct_subsample_mm: float = setting(0.3, lo=0.01, hi=1.0, help="fine-grid step for CT partial volume")
     ct_psf_fwhm_mm: tuple[float, float, float] = setting((0.9, 0.9, 1.3), lo=0.0, hi=5.0)
     ct_noise_hu: float = setting(22.0, lo=0.0, hi=200.0, help="quantum noise SD in HU (before PSF)")
     # truth microstructure
@@ -47,8 +47,8 @@ class PhantomSettings:
 PRESETS = {
     "demo": {},
     "full": {
-        "mr_spacing": (0.5, 0.25, 0.25), "mr_fov": (90.0, 70.0, 40.0), "mr_subsample_mm": 0.0625,
-        "ct_spacing": (0.5, 0.5, 0.8), "ct_fov": (160.0, 160.0, 70.0), "ct_subsample_mm": 0.125,
+        "mr_spacing": (0.5, 0.25, 0.25), "mr_fov": (90.0, 70.0, 40.0), "mr_subsample_mm": 0.0833,
+        "ct_spacing": (0.5, 0.5, 0.8), "ct_fov": (160.0, 160.0, 70.0), "ct_subsample_mm": 0.1667,
         "truth_spacing": 0.03, "truth_patch_mm": 3.0, "truth_patches_per_roi": 6, "field_spacing": 2.0,
     },
 }

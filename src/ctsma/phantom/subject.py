@@ -16,14 +16,14 @@ from .texture import TILE_N, TILE_SAMPLES_PER_WAVELENGTH
 
 G_TILE = 0.6404
 """RMS gradient of the texture tile per sample (checked against the tile by a test)."""
-C_TH = 1.0
+C_TH = 1.28
 """Measured Tb.Th / design plate thickness (local-thickness calibration of the generator)."""
-C_SP = 1.0
+C_SP = 1.18
 """Measured (Tb.Th + Tb.Sp) / predicted sheet spacing (calibration of the generator)."""
 
 # OA effect sizes at severity 1 in the medial compartment (lateral: x LATERAL_W). See docs/phantom.md.
-OA_EFFECTS = {"th_gain": 0.50, "rod_loss": 0.50, "plate_gain": 1.00, "cart_loss": 0.65,
-              "lateral_w": 0.35, "depth_mm": 8.0}
+OA_EFFECTS = {"th_gain": 0.40, "rod_widen": 3.0, "plate_gain": 1.00, "cart_loss": 0.65,
+              "lateral_w": 0.35, "depth_mm": 20.0}
 
 
 def _sheet_spacing_per_wavelength() -> float:
@@ -51,7 +51,7 @@ def micro_design(bvtv: float, tb_th: float, tb_sp: float) -> dict:
     pr = max(0.0, (bvtv - pp) / (1.0 - pp))
     tr = float(math.sqrt(2.0) * erfinv(math.sqrt(pr))) if pr > 0 else 0.0
     rod_th = 2.0 * tr / gmm
-    if rod_th > 1.1 * tb_th / C_TH:
+    if rod_th > 1.5 * tb_th / C_TH:
         raise ConfigError(f"bvtv {bvtv} is impossible with tb_th {tb_th} mm and tb_sp {tb_sp} mm: it needs rods "
                           f"thicker than the plates; lower bvtv or tb_sp, or raise tb_th")
     return {"wavelength": wavelength, "tp": tp, "tr": tr, "plate_fraction": pp, "rod_thickness": rod_th}
@@ -84,10 +84,10 @@ def sample_subject(settings, seed: int, index: int) -> dict:
     U = rng.uniform
     side = "R" if rng.random() < 0.5 else "L"
     severity = float(U(0.0, 1.0))
-    grade = int(np.clip(math.floor(5.0 * severity + N(0.0, 0.45)), 0, 4))
+    grade = int(np.clip(math.floor(5.0 * severity + N(0.0, 0.35)), 0, 4))
     oa = {**OA_EFFECTS}
     resp = float(np.clip(N(1.0, 0.2), 0.5, 1.5))  # individual response of bone and cartilage to OA
-    for k in ("th_gain", "rod_loss", "plate_gain", "cart_loss"):
+    for k in ("th_gain", "rod_widen", "plate_gain", "cart_loss"):
         oa[k] *= resp
     s = float(np.clip(N(1.0, 0.07), 0.85, 1.15))
 
@@ -131,8 +131,8 @@ def sample_subject(settings, seed: int, index: int) -> dict:
                "cortex": (np.array([0.9, 0.9, 0.6, 0.8]) * s * j(4, 0.08))}
 
     base = micro_design(settings.bvtv, settings.tb_th, settings.tb_sp)
-    subj_wl = math.exp(N(0.0, 0.07))
-    subj_th = math.exp(N(0.0, 0.08))
+    subj_wl = math.exp(N(0.0, 0.05))
+    subj_th = math.exp(N(0.0, 0.06))
     bones = {}
     for name in ("femur", "tibia", "patella", "fibula"):
         wl = base["wavelength"] * subj_wl * math.exp(N(0.0, 0.03))
@@ -145,7 +145,7 @@ def sample_subject(settings, seed: int, index: int) -> dict:
     lf_dirs /= np.linalg.norm(lf_dirs, axis=-1, keepdims=True)
     lf_k = lf_dirs * (2 * math.pi / U(12.0, 30.0, (2, 6, 1)))
     micro = {"design": base, "bones": bones, "lowfreq": {"k": lf_k, "phase": U(0, 2 * math.pi, (2, 6))},
-             "lf_sd": 0.10, "plate_boost": 0.2, "boost_depth_mm": 4.0,
+             "lf_sd": 0.07, "plate_boost": 0.2, "boost_depth_mm": 4.0,
              "boost_mean": 0.8 * (math.exp(-0.25) - math.exp(-1.5))}
     materials = {
         "ct": {"bone": N(1750, 60), "marrow": U(-90, 10), "muscle": N(45, 4), "fat": N(-100, 6), "skin": 30.0,
@@ -159,10 +159,10 @@ def sample_subject(settings, seed: int, index: int) -> dict:
 
     pose = {
         "global_deg": clipn(4.0, 10.0), "ct_centre": U(-40.0, 40.0, 3), "fov_offset": clipn(4.0, 8.0),
-        "femur_deg": np.array([clipn(2.0, 4.0, 1)[0], clipn(1.0, 2.0, 1)[0], clipn(2.0, 4.0, 1)[0]]),
+        "femur_deg": np.array([clipn(1.5, 3.0, 1)[0], clipn(0.8, 1.5, 1)[0], clipn(1.5, 3.0, 1)[0]]),
         "femur_mm": np.array([clipn(1.2, 3.0, 1)[0], clipn(1.2, 3.0, 1)[0], clipn(0.3, 0.6, 1)[0]]),
         "femur_centre": [0.0, 5.5 * s, zc],
-        "tibia_deg": np.array([clipn(2.0, 4.0, 1)[0], clipn(1.0, 2.0, 1)[0], clipn(2.0, 4.0, 1)[0]]),
+        "tibia_deg": np.array([clipn(1.5, 3.0, 1)[0], clipn(0.8, 1.5, 1)[0], clipn(1.5, 3.0, 1)[0]]),
         "tibia_mm": np.array([clipn(1.2, 3.0, 1)[0], clipn(1.2, 3.0, 1)[0], clipn(0.3, 0.6, 1)[0]]),
         "tibia_centre": [0.0, 3.0 * s, 0.5 * (tibia["zt_med"] + tibia["zt_lat"])],
         "soft_mm": 1.2, "soft_k": rng.normal(size=(3, 3, 3)), "soft_wl": U(40.0, 90.0, (3, 3)),

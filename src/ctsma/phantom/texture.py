@@ -4,7 +4,8 @@ The trabecular network is the union of *plates* and *rods* cut from three indepe
 unit-variance, band-pass Gaussian-like random fields ``f1, f2, f3`` (channels of one tile):
 
 - plates: ``|f1| < t_p`` (a thickened zero-level sheet network),
-- rods:   ``|f2| < t_r`` and ``|f3| < t_r`` (the thickened intersection curves of two sheets).
+- rods:   ``|f2| < t_r`` and ``|f3| < t_w`` (the thickened intersection curves of two sheets; with
+  ``t_w > t_r`` they widen into plate-like ribbons, the rod-to-plate shift of OA).
 
 The tile is periodic (``TILE_N`` samples per side) and is sampled with trilinear interpolation,
 so the field is defined at *every* point in space and can be re-evaluated for any box
@@ -20,17 +21,21 @@ no fast-math), so no platform-specific rounding enters.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import os
 
 import numba
 import numpy as np
 
 TILE_N = 128
-"""Samples per side of the periodic tile."""
+"""Samples per side of the periodic tile (a power of two)."""
 TILE_SAMPLES_PER_WAVELENGTH = 12.8
 """Peak wavelength of the band-pass spectrum, in tile samples (10 wavelengths per period)."""
 TILE_SEED = 20260611
 """Fixed seed of the one tile every knee shares (knees differ by rotation, offset and scale)."""
+TILE_SHA256 = "319794a68bea4cad3207cfcc48c16e3f0d4baefa7eda8a9a9f1477c6b12bc3d7"
+"""SHA-256 of the tile's float32 bytes: the same on every machine (checked by the tests and on cache reads)."""
 
 
 def _kernel(sigma: float) -> np.ndarray:
@@ -79,12 +84,42 @@ def _blur(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     return a
 
 
+def _cache_file():
+    base = os.environ.get("CTSMA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ctsma")
+    return os.path.join(base, f"phantom_tile_{TILE_SEED}_{TILE_N}_v1.npz")
+
+
 @functools.lru_cache(maxsize=1)
 def tile() -> tuple[np.ndarray, np.ndarray]:
+    """The shared tile (see :func:`make_tile`), read from the user cache when present."""
+    path = _cache_file()
+    try:
+        with np.load(path) as z:
+            t, g = z["tile"], z["grad"]
+        if (t.shape == (TILE_N, TILE_N, TILE_N, 3) and t.dtype == np.float32
+                and hashlib.sha256(t.tobytes()).hexdigest() == TILE_SHA256):
+            t.setflags(write=False)
+            return t, g
+    except (OSError, KeyError, ValueError):
+        pass
+    t, g = make_tile()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.partial.npz"
+        np.savez(tmp, tile=t, grad=g)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return t, g
+
+
+def make_tile() -> tuple[np.ndarray, np.ndarray]:
     """The shared tile ``(N, N, N, 3)`` float32 and each channel's RMS gradient (per sample).
 
     Band-pass = difference of Gaussians (sigma ratio 1.6) of uniform white noise, each channel
-    normalised to zero mean and unit variance. About 1-2 s on one core, cached per process.
+    normalised to zero mean and unit variance. About 3 s on one core; :func:`tile` caches it
+    on disk (``$CTSMA_CACHE_DIR`` or ``~/.cache/ctsma``) and per process.
     """
     rng = np.random.Generator(np.random.PCG64(TILE_SEED))
     s1 = TILE_SAMPLES_PER_WAVELENGTH / (2.0 * math.pi / 1.0980)  # DoG peak k* = 1.098 / sigma1
@@ -109,33 +144,37 @@ def tile() -> tuple[np.ndarray, np.ndarray]:
     return t, np.array(grads)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _sample3(t, u0, u1, u2, out):  # pragma: no cover - numba
-    n = t.shape[0]
+    mask = t.shape[0] - 1  # TILE_N is a power of two: & mask is the periodic wrap
     f0 = math.floor(u0)
     f1 = math.floor(u1)
     f2 = math.floor(u2)
     a0 = u0 - f0
     a1 = u1 - f1
     a2 = u2 - f2
-    i0 = int(f0) % n
-    i1 = int(f1) % n
-    i2 = int(f2) % n
-    j0 = (i0 + 1) % n
-    j1 = (i1 + 1) % n
-    j2 = (i2 + 1) % n
+    i0 = int(f0) & mask
+    i1 = int(f1) & mask
+    i2 = int(f2) & mask
+    j0 = (i0 + 1) & mask
+    j1 = (i1 + 1) & mask
+    j2 = (i2 + 1) & mask
+    w000 = (1.0 - a0) * (1.0 - a1) * (1.0 - a2)
+    w001 = (1.0 - a0) * (1.0 - a1) * a2
+    w010 = (1.0 - a0) * a1 * (1.0 - a2)
+    w011 = (1.0 - a0) * a1 * a2
+    w100 = a0 * (1.0 - a1) * (1.0 - a2)
+    w101 = a0 * (1.0 - a1) * a2
+    w110 = a0 * a1 * (1.0 - a2)
+    w111 = a0 * a1 * a2
     for c in range(3):
-        v00 = t[i0, i1, i2, c] * (1.0 - a2) + t[i0, i1, j2, c] * a2
-        v01 = t[i0, j1, i2, c] * (1.0 - a2) + t[i0, j1, j2, c] * a2
-        v10 = t[j0, i1, i2, c] * (1.0 - a2) + t[j0, i1, j2, c] * a2
-        v11 = t[j0, j1, i2, c] * (1.0 - a2) + t[j0, j1, j2, c] * a2
-        v0 = v00 * (1.0 - a1) + v01 * a1
-        v1 = v10 * (1.0 - a1) + v11 * a1
-        out[c] = v0 * (1.0 - a0) + v1 * a0
+        out[c] = (w000 * t[i0, i1, i2, c] + w001 * t[i0, i1, j2, c] + w010 * t[i0, j1, i2, c]
+                  + w011 * t[i0, j1, j2, c] + w100 * t[j0, i1, i2, c] + w101 * t[j0, i1, j2, c]
+                  + w110 * t[j0, j1, i2, c] + w111 * t[j0, j1, j2, c])
 
 
 @numba.njit(cache=True)
-def _occupancy(t, centres, bone, tp, tr, A, o, MJ, gmm, offsets, h, hard):  # pragma: no cover - numba
+def _occupancy(t, centres, bone, tp, tr, tw, A, o, MJ, gmm, offsets, h, hard):  # pragma: no cover - numba
     m = centres.shape[0]
     s = offsets.shape[0]
     out = np.zeros(m, dtype=np.float32)
@@ -150,6 +189,7 @@ def _occupancy(t, centres, bone, tp, tr, A, o, MJ, gmm, offsets, h, hard):  # pr
         u2 = A[b, 2, 0] * c0 + A[b, 2, 1] * c1 + A[b, 2, 2] * c2 + o[b, 2]
         p = tp[i]
         r = tr[i]
+        w = tw[i]
         g = gmm[b]
         acc = 0.0
         for k in range(s):
@@ -161,7 +201,7 @@ def _occupancy(t, centres, bone, tp, tr, A, o, MJ, gmm, offsets, h, hard):  # pr
             v2 = u2 + MJ[b, 2, 0] * e0 + MJ[b, 2, 1] * e1 + MJ[b, 2, 2] * e2
             _sample3(t, v0, v1, v2, f)
             dp = p - abs(f[0])
-            dr = min(r - abs(f[1]), r - abs(f[2]))
+            dr = min(r - abs(f[1]), w - abs(f[2]))
             d = max(dp, dr) / g  # approximate signed distance to the bone surface, mm
             if hard:
                 if d > 0.0:
@@ -185,21 +225,24 @@ def subsample_offsets(spacing_xyz, step_mm: float) -> tuple[np.ndarray, float]:
     return np.ascontiguousarray(g, dtype=np.float64), h
 
 
-def occupancy(centres, bone, tp, tr, fields, offsets, h, *, J=None, hard=False) -> np.ndarray:
+def occupancy(centres, bone, tp, tr, fields, offsets, h, *, tw=None, J=None, hard=False) -> np.ndarray:
     """Mean bone occupancy of the sub-samples around each centre (MR-frame mm).
 
     ``fields`` is a :class:`ctsma.phantom.anatomy.FieldFrames`: per bone index the matrix ``A``
     and offset ``o`` that map MR mm to tile samples, and ``gmm`` the RMS field gradient per mm.
     ``J`` (nb, 3, 3) maps image-axis offsets to MR-frame offsets (identity for MR grids).
-    ``tp``/``tr`` are the plate/rod thresholds in field units. ``hard`` gives 0/1 occupancy.
+    ``tp``/``tr`` are the plate/rod thresholds in field units and ``tw`` the rod width threshold
+    (rods widen into plate-like ribbons when ``tw > tr``; default ``tw = tr``). ``hard`` gives 0/1 occupancy.
     """
     t, _ = tile()
+    if tw is None:
+        tw = tr
     nb = fields.A.shape[0]
     if J is None:
         J = np.broadcast_to(np.eye(3), (nb, 3, 3))
     MJ = np.ascontiguousarray(np.einsum("bij,bjk->bik", fields.A, J))
     return _occupancy(t, np.ascontiguousarray(centres, dtype=np.float64), np.ascontiguousarray(bone, dtype=np.int64),
                       np.ascontiguousarray(tp, dtype=np.float32), np.ascontiguousarray(tr, dtype=np.float32),
-                      np.ascontiguousarray(fields.A), np.ascontiguousarray(fields.o), MJ,
+                      np.ascontiguousarray(tw, dtype=np.float32), np.ascontiguousarray(fields.A), np.ascontiguousarray(fields.o), MJ,
                       np.ascontiguousarray(fields.gmm), np.ascontiguousarray(offsets, dtype=np.float64),
                       float(h), bool(hard))

@@ -60,15 +60,17 @@ def truth_binary(knee, origin_mm, size_vox, spacing_mm, *, trabecular_only: bool
     size = np.asarray(size_vox, dtype=np.int64).reshape(3)
     if (size < 1).any() or (sp <= 0).any():
         raise ValueError("size_vox must be >= 1 and spacing_mm > 0")
-    # smooth fields on a coarse lattice, trilinear interpolation to the fine grid
-    ext = (size - 1) * sp
-    nl = np.maximum(2, np.ceil(ext / LATTICE_MM).astype(int) + 1)
-    lat = [org[i] + np.linspace(0.0, ext[i], nl[i]) for i in range(3)]
+    # smooth fields on a lattice anchored at multiples of LATTICE_MM (the same for every box),
+    # trilinear interpolation to the fine grid
+    last = org + (size - 1) * sp
+    l0 = np.floor(org / LATTICE_MM).astype(np.int64)
+    l1 = np.floor(last / LATTICE_MM).astype(np.int64) + 1
+    lat = [np.arange(l0[i], l1[i] + 1) * LATTICE_MM for i in range(3)]
+    nl = [len(v) for v in lat]
     zz, yy, xx = np.meshgrid(lat[2], lat[1], lat[0], indexing="ij")
     lp = np.stack([xx.ravel(), yy.ravel(), zz.ravel()], -1)
     e = model.evaluate(lp, design_margin=0.5)
-    fine = [np.arange(size[i]) * sp[i] / max(ext[i], 1e-12) * (nl[i] - 1) if size[i] > 1 else np.zeros(1)
-            for i in range(3)]
+    fine = [(org[i] + sp[i] * np.arange(size[i])) / LATTICE_MM - l0[i] for i in range(3)]
     cz, cy, cx = np.meshgrid(fine[2], fine[1], fine[0], indexing="ij")
     coords = np.stack([cz.ravel(), cy.ravel(), cx.ravel()])
     shape_l = (nl[2], nl[1], nl[0])
@@ -77,7 +79,7 @@ def truth_binary(knee, origin_mm, size_vox, spacing_mm, *, trabecular_only: bool
         return ndimage.map_coordinates(v.reshape(shape_l).astype(np.float64), coords, order=order, mode="nearest")
 
     dist, shell = interp(e["dist"]), interp(e["shell"])
-    tp, tr = interp(e["tp"]), interp(e["tr"])
+    tp, tr, tw = interp(e["tp"]), interp(e["tr"]), interp(e["tw"])
     near = interp(e["near"].astype(np.float64), order=0).astype(np.int64)
     fz, fy, fx = np.meshgrid(*[org[i] + sp[i] * np.arange(size[i]) for i in (2, 1, 0)], indexing="ij")
     pts = np.stack([fx.ravel(), fy.ravel(), fz.ravel()], -1)
@@ -85,7 +87,8 @@ def truth_binary(knee, origin_mm, size_vox, spacing_mm, *, trabecular_only: bool
     trab = dist < -shell
     idx = np.flatnonzero(trab)
     if idx.size:
-        occ = occupancy(pts[idx], near[idx], tp[idx], tr[idx], model.fields, np.zeros((1, 3)), 1.0, hard=True)
+        occ = occupancy(pts[idx], near[idx], tp[idx], tr[idx], model.fields, np.zeros((1, 3)), 1.0, tw=tw[idx],
+                        hard=True)
         out[idx] = occ > 0.5
     if not trabecular_only:
         out |= (dist < 0) & ~trab
@@ -142,7 +145,7 @@ def measure_truth(model: KneeModel, settings, rng) -> tuple[dict, dict]:
         arrs = np.stack([truth_binary({"subject": model.p}, c - half, (nv, nv, nv), h, trabecular_only=True)
                          for c in centres])
         if measure_batch is not None:
-            res = {k: np.asarray(v, dtype=np.float64) for k, v in measure_batch(arrs, (h, h, h)).items()}
+            res = {k: np.asarray(v, dtype=np.float64) for k, v in measure_batch(arrs, (h, h, h), workers=1).items()}
         else:
             res = {"BV/TV": arrs.reshape(len(arrs), -1).mean(1)}
         per_roi[name] = {p: float(np.nanmean(res[p])) if p in res else float("nan") for p in PARAMETERS}
