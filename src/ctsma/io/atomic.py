@@ -137,3 +137,22 @@ def safe_join(root: str | os.PathLike, *parts: str) -> Path:
     if target != root_r and root_r not in target.parents:
         raise UserError(f"refusing to write outside the output folder: {'/'.join(parts)!r}")
     return target
+
+
+@contextlib.contextmanager
+def staged_outputs(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden staging folder inside ``out_dir``; on success move its files into ``out_dir``.
+
+    Unlike :func:`atomic_dir`, files already in ``out_dir`` that the run does not produce are kept
+    (a user's own files are never deleted). On an exception nothing of the run is left behind.
+    """
+    out = ensure_writable_dir(out_dir)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        yield stage
+        for src in sorted(p for p in stage.rglob("*") if p.is_file()):
+            dst = out / src.relative_to(stage)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -1,0 +1,143 @@
+"""CT-only inference end to end on a small phantom knee: contract outputs, exact plumbing, bad input, batch mode."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ctsma import PARAMETER_FILE_NAMES, PARAMETERS, ROIS
+from ctsma.cli.main import main as cli_main
+from ctsma.models.export import build_meta, export_model
+from ctsma.models.networks import PatchRegressor
+from ctsma.phantom import generate_cohort, make_settings
+
+from test_phantom import TINY
+
+CONSTANT = np.array([0.31, 0.22, 0.64, 1.17])
+
+
+@pytest.fixture(scope="module")
+def knee(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("inf") / "cohort"
+    generate_cohort(make_settings("demo", TINY), 1, 11, out, workers=1)
+    row = pd.read_csv(out / "manifest.csv").iloc[0]
+    files = {k: out / row[k] for k in ("ct", "mr", "ct_bones", "ct_rois")}
+    lab = sitk.ReadImage(str(files["ct_bones"]))
+    files["bones_only"] = out / "bones_only.nii.gz"
+    sitk.WriteImage(sitk.Threshold(lab, 0, 9, 0), str(files["bones_only"]))  # drop cartilage labels (>= 10)
+    return files | {"side": row["side"], "dir": out}
+
+
+@pytest.fixture(scope="module")
+def constant_student(tmp_path_factory) -> Path:
+    """A student whose output is exactly CONSTANT whatever the patch: its head's last layer is zero."""
+    torch.manual_seed(0)
+    net = PatchRegressor(2, 16, widths=(4, 8, 8, 8), head_hidden=8)
+    y_mean, y_sd = np.array([0.25, 0.2, 0.7, 1.0]), np.array([0.05, 0.02, 0.1, 0.1])
+    with torch.no_grad():
+        last = net.head[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor((CONSTANT - y_mean) / y_sd, dtype=torch.float32))
+    meta = build_meta("student_distilled", net, modality="ct", spacing_mm=0.5, extent_mm=8.0, masks=True,
+                      intensity_offset=0.0, intensity_scale=1000.0, target="mr", y_mean=y_mean, y_sd=y_sd,
+                      training={}, metrics={})
+    return export_model(tmp_path_factory.mktemp("model") / "student.safetensors", net, meta)
+
+
+def _run(*args) -> int:
+    return cli_main(["--quiet", "infer", *map(str, args)])
+
+
+def test_infer_writes_the_contract_outputs(knee, constant_student, tmp_path):
+    out = tmp_path / "run"
+    assert _run(knee["ct"], "--out", out, "--model", constant_student, "--side", knee["side"],
+                "--segmentation", knee["bones_only"]) == 0
+    ct = sitk.ReadImage(str(knee["ct"]))
+    rois = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "rois.nii.gz")))
+    assert set(np.unique(rois)) == {0, *ROIS.values()}
+    for folder in ("maps", "uncertainty"):
+        for p in PARAMETERS:
+            img = sitk.ReadImage(str(out / folder / f"{PARAMETER_FILE_NAMES[p]}.nii.gz"))
+            assert img.GetSize() == ct.GetSize() and img.GetPixelID() == sitk.sitkFloat32
+            np.testing.assert_allclose(img.GetOrigin(), ct.GetOrigin(), atol=1e-4)
+            np.testing.assert_allclose(img.GetDirection(), ct.GetDirection(), atol=1e-6)
+            arr = sitk.GetArrayFromImage(img)
+            assert np.all(arr[rois == 0] == 0)  # documented background; mask = rois > 0
+            assert np.all(arr[rois > 0] > 0) if folder == "maps" else np.all(arr >= 0)
+    # a constant student gives constant maps and tables: the whole chain keeps physical units
+    for j, p in enumerate(PARAMETERS):
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "maps" / f"{PARAMETER_FILE_NAMES[p]}.nii.gz")))
+        np.testing.assert_allclose(arr[rois > 0], CONSTANT[j], rtol=1e-5)
+        unc = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "uncertainty" / f"{PARAMETER_FILE_NAMES[p]}.nii.gz")))
+        assert unc.max() < 1e-5
+    table = pd.read_csv(out / "roi_table.csv")
+    assert list(table.columns) == ["roi", "parameter", "mean", "sd", "median", "iqr", "n_patches"]
+    assert len(table) == 16 and (table.n_patches > 0).all()
+    np.testing.assert_allclose(table.pivot(index="roi", columns="parameter", values="mean")[list(PARAMETERS)],
+                               np.tile(CONSTANT, (4, 1)), rtol=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_patches"] == int(table.groupby("roi").n_patches.first().sum())
+    assert summary["model"]["role"] == "student_distilled" and summary["bones_from"] != "automatic"
+    patches = pd.read_csv(out / "patches.csv")
+    assert len(patches) == summary["n_patches"] and {"rel_x", "rel_y", "rel_z", *PARAMETERS} <= set(patches.columns)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_infer_refuses_an_mr_and_writes_nothing(knee, constant_student, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(knee["mr"], "--out", out, "--model", constant_student) == 2
+    assert "Hounsfield" in capsys.readouterr().err
+    assert not out.exists() or not any(out.rglob("*.nii.gz"))
+
+
+def test_mismatched_segmentation_is_resampled_with_a_warning_or_refused(knee, constant_student, tmp_path, capsys):
+    seg = sitk.ReadImage(str(knee["bones_only"]))
+    coarse = tmp_path / "coarse.nii.gz"
+    sitk.WriteImage(sitk.Shrink(seg, [2, 2, 1]), str(coarse))  # same anatomy, another grid: usable
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="resampled"):
+        assert _run(knee["ct"], "--out", out, "--model", constant_student, "--segmentation", coarse,
+                    "--side", knee["side"]) == 0
+    far = sitk.Image(seg)
+    far.SetOrigin(tuple(o + 500.0 for o in seg.GetOrigin()))  # does not overlap the CT at all
+    bad = tmp_path / "far.nii.gz"
+    sitk.WriteImage(far, str(bad))
+    out2 = tmp_path / "run2"
+    rc = _run(knee["ct"], "--out", out2, "--model", constant_student, "--segmentation", bad, "--side", knee["side"])
+    assert rc == 2 and "does not overlap" in capsys.readouterr().err
+    assert not out2.exists() or not any(out2.rglob("*.nii.gz"))
+
+
+def test_infer_refuses_tampered_model(knee, constant_student, tmp_path, capsys):
+    bad = tmp_path / "m.safetensors"
+    data = bytearray(Path(constant_student).read_bytes())
+    data[-5] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    assert _run(knee["ct"], "--out", tmp_path / "run", "--model", bad) == 2
+    assert "checksum" in capsys.readouterr().err
+
+
+def test_batch_mode_resumes_and_reports_failures(knee, constant_student, tmp_path):
+    manifest = tmp_path / "cts.csv"
+    pd.DataFrame({"subject": ["good", "bad"], "ct": [str(knee["ct"]), str(knee["mr"])],
+                  "ct_bones": [str(knee["ct_bones"]), ""]}).to_csv(manifest, index=False)
+    out = tmp_path / "batch"
+    rc = _run(manifest, "--out", out, "--model", constant_student, "--side", knee["side"])
+    assert rc == 1  # one case failed, and said so
+    status = json.loads((out / "batch_status_0of1.json").read_text())
+    assert [s["status"] for s in status] == ["ok", "failed"] and "Hounsfield" in status[1]["message"]
+    mtime = os.path.getmtime(out / "good" / "summary.json")
+    _run(manifest, "--out", out, "--model", constant_student, "--side", knee["side"])
+    assert os.path.getmtime(out / "good" / "summary.json") == mtime  # finished knee not redone
+    status = json.loads((out / "batch_status_0of1.json").read_text())
+    assert status[0]["status"] == "done earlier"
+    # shards split the cohort
+    _run(manifest, "--out", tmp_path / "s1", "--model", constant_student, "--shard", "1/2")
+    assert json.loads((tmp_path / "s1" / "batch_status_1of2.json").read_text())[0]["subject"] == "bad"

@@ -1,0 +1,70 @@
+"""``ctsma infer``: parameter maps, ROI tables and diagnosis from a knee CT alone."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "infer", help="parameter maps and ROI tables from a knee CT (CT only)",
+        description="Analyse a knee CT (NIfTI, NRRD, MHA or a DICOM series folder): bone segmentation, "
+                    "subchondral ROIs, sliding-window student predictions, parameter and uncertainty maps, "
+                    "ROI table and, where a diagnosis model exists, the OA probability. A CSV manifest (column "
+                    "'ct', optional 'subject', 'ct_bones') or a folder of CT files runs in batch mode.")
+    p.add_argument("ct", type=Path, help="CT image, DICOM folder, folder of CTs, or manifest .csv")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--segmentation", type=Path, help="bone label image (femur=1, tibia=2, ...) replacing the "
+                   "automatic segmentation; a .seg.nrrd with named segments also works")
+    p.add_argument("--rois", type=Path, help="subchondral ROI label image (MFC=1, LFC=2, MTP=3, LTP=4) replacing "
+                   "the automatic ROIs")
+    p.add_argument("--model", type=Path, help="student model file (default: the shipped demo model; "
+                   "demonstration only, not for clinical use)")
+    p.add_argument("--diagnosis-model", type=Path, help="diagnosis model file (default: the shipped demo model)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--stride", type=float, default=4.0, metavar="MM", help="patch-centre spacing in mm (default 4)")
+    p.add_argument("--tta", action="store_true", help="8 flipped copies per patch instead of 4 (slower, smoother "
+                   "estimates and uncertainty)")
+    p.add_argument("--side", choices=("L", "R"), help="knee side, if the anatomy cannot tell")
+    p.add_argument("--shard", help="batch mode: process shard i of N (i/N, from 0), for cluster job arrays")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .. import progress
+    from ..errors import UserError
+    from ..inference.batch import is_batch_input, run_batch
+    from ..inference.engine import InferSettings, infer
+    from ..registration.cohort import parse_shard
+
+    if not args.ct.exists():
+        raise UserError(f"CT not found: {args.ct}")
+    if args.stride <= 0 or args.stride > 50:
+        raise UserError(f"--stride must be in (0, 50] mm, not {args.stride}")
+    s = InferSettings(stride_mm=args.stride, tta=args.tta, device=args.device, side=args.side)
+    if is_batch_input(args.ct):
+        if args.segmentation or args.rois:
+            raise UserError("--segmentation/--rois apply to one CT; in batch mode give a 'ct_bones' manifest column")
+        table = run_batch(args.ct, args.out, shard=parse_shard(args.shard), model_path=args.model, settings=s,
+                          diagnosis_path=args.diagnosis_model)
+        failed = table[table.status == "failed"]
+        progress.info(f"{len(table) - len(failed)} of {len(table)} CTs analysed into {args.out}")
+        for r in failed.itertuples():
+            progress.info(f"  failed {r.subject}: {r.message}")
+        return 1 if len(failed) else 0
+    if args.shard:
+        raise UserError("--shard needs a folder or manifest of CTs")
+    summary = infer(args.ct, args.out, model_path=args.model, segmentation=args.segmentation, rois_path=args.rois,
+                    settings=s, diagnosis_path=args.diagnosis_model)
+    progress.info(f"{summary['n_patches']} patches in {summary['seconds']['total']:.1f} s; outputs in {args.out}")
+    for r in summary["roi_table"]:
+        if r["parameter"] == "BV/TV":
+            progress.info(f"  {r['roi']}: BV/TV {r['mean']:.3f} (n={r['n_patches']})")
+    if summary.get("oa_probability") is not None:
+        auc = summary.get("auc")
+        progress.info(f"  OA probability {summary['oa_probability']:.2f}"
+                      + (f" (model cross-validated AUC {auc:.3f})" if auc is not None else ""))
+    if summary["model"].get("demo"):
+        progress.info("  note: demo model trained on the digital phantom: not for clinical use")
+    return 0

@@ -1,0 +1,67 @@
+"""Batch inference over a folder or manifest of knee CTs: resumable, shardable for cluster job arrays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .. import progress
+from ..errors import InputImageError, UserError
+from ..io import ensure_writable_dir, safe_join, write_json
+from ..io.images import IMAGE_SUFFIXES
+from .engine import InferSettings, _subject_name, infer
+
+
+def is_batch_input(path: Path) -> bool:
+    """A CSV manifest, or a folder holding image files (a folder of DICOM files alone is one CT)."""
+    if path.suffix.lower() == ".csv":
+        return True
+    return path.is_dir() and any(p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES) for p in path.iterdir())
+
+
+def list_cases(path: Path) -> pd.DataFrame:
+    """Rows with ``subject``, ``ct`` and optional ``ct_bones`` (absolute paths)."""
+    if path.suffix.lower() == ".csv":
+        if not path.is_file():
+            raise InputImageError(f"manifest not found: {path}")
+        df = pd.read_csv(path, dtype={"subject": str})
+        if "ct" not in df.columns:
+            raise UserError(f"manifest {path.name} has no 'ct' column")
+        df["ct"] = [str((path.parent / p).resolve()) for p in df["ct"]]
+        if "ct_bones" in df.columns:
+            df["ct_bones"] = [str((path.parent / p).resolve()) if isinstance(p, str) and p else "" for p in df.ct_bones]
+        if "subject" not in df.columns:
+            df["subject"] = [_subject_name(p) for p in df["ct"]]
+    else:
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+        df = pd.DataFrame({"subject": [_subject_name(p) for p in files], "ct": [str(p) for p in files]})
+    if df.subject.duplicated().any():
+        raise UserError(f"duplicate subject names in {path.name}: {sorted(set(df.subject[df.subject.duplicated()]))}")
+    return df.reset_index(drop=True)
+
+
+def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=None, settings: InferSettings,
+              diagnosis_path=None) -> pd.DataFrame:
+    """Analyse every case of this shard into ``out_dir/<subject>/``; finished cases are skipped on rerun."""
+    cases = list_cases(Path(source))
+    i, n = shard
+    cases = cases.iloc[i::n]
+    out = ensure_writable_dir(out_dir)
+    status = []
+    for row in progress.track(list(cases.itertuples(index=False)), "infer (batch)", unit="knee"):
+        d = safe_join(out, str(row.subject))
+        if (d / "summary.json").is_file():
+            status.append({"subject": row.subject, "status": "done earlier", "message": ""})
+            continue
+        try:
+            seg = getattr(row, "ct_bones", "") or None
+            infer(row.ct, d, model_path=model_path, segmentation=seg, settings=settings,
+                  diagnosis_path=diagnosis_path, subject=str(row.subject))
+            status.append({"subject": row.subject, "status": "ok", "message": ""})
+        except UserError as exc:  # one bad case must not stop a cohort
+            status.append({"subject": row.subject, "status": "failed", "message": str(exc)})
+    table = pd.DataFrame(status, columns=["subject", "status", "message"])
+    write_json(out / f"batch_status_{i}of{n}.json", json.loads(table.to_json(orient="records")))
+    return table

@@ -1,0 +1,287 @@
+"""CT-only inference on one knee CT: bones → subchondral ROIs → sliding-window student → maps and tables.
+
+Outputs (contract, ``ctsma infer CT --out DIR``)::
+
+    DIR/maps/{bvtv,tbth,tbsp,tbn}.nii.gz          float32 maps in the CT's geometry, 0 outside the ROIs
+    DIR/uncertainty/{bvtv,tbth,tbsp,tbn}.nii.gz   SD over test-time augmentations, 0 outside the ROIs
+    DIR/rois.nii.gz, DIR/bones.nii.gz             label images (ROIs MFC=1..LTP=4; femur=1, tibia=2, ...)
+    DIR/roi_table.csv                             roi, parameter, mean, sd, median, iqr, n_patches
+    DIR/patches.csv                               one row per patch: subject, roi, centre, rel position, predictions
+    DIR/summary.json                              ROI table, model provenance, diagnosis (where a model exists)
+
+All files are first written to a hidden staging folder inside DIR and moved into place only when the
+whole analysis has succeeded, so a failed run leaves no partial output.
+
+Background: the maps hold :data:`BACKGROUND` (0) outside the ROIs, with ``rois.nii.gz > 0`` as the mask.
+NaN would be the natural marker, but ITK's NIfTI reader (ITK 5.4, hence SimpleITK and Slicer) silently
+reads NaN voxels as 0, so a NaN background would look different to different readers; 0 is explicit
+and lies outside the physical range of every parameter inside bone.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from .. import PARAMETER_FILE_NAMES, PARAMETER_UNITS, PARAMETERS, ROIS, progress
+from ..errors import InputImageError, UserError
+from ..io import read_image, write_image, write_json
+from ..io.atomic import staged_outputs
+from ..io.images import check_ct_intensities
+from ..resources import resource_path
+from .maps import blend_maps, roi_table
+
+MAX_SLICE_MM = 2.0
+BACKGROUND = 0.0
+FLIPS_DEFAULT = ((), (0,), (1,), (2,))
+FLIPS_TTA = ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))
+
+
+@dataclass
+class InferSettings:
+    stride_mm: float = 4.0
+    tta: bool = False
+    device: str = "auto"
+    batch_size: int = 256
+    side: str | None = None
+    min_roi_fraction: float = 0.3
+
+
+def default_model_path(must_exist: bool = True) -> Path:
+    return resource_path("Models", "student_demo.safetensors", must_exist=must_exist)
+
+
+def default_diagnosis_path() -> Path | None:
+    p = resource_path("Models", "diagnosis_demo.safetensors", must_exist=False)
+    return p if p.is_file() else None
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA GPU is available to torch "
+                        "(check the driver and that a CUDA build of torch is installed), or use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"device must be auto, cpu or cuda, not {name!r}")
+    return name
+
+
+def check_ct(ct: sitk.Image) -> list[str]:
+    """Refuse implausible CTs; return warnings for CTs that can still be analysed."""
+    check_ct_intensities(ct)
+    warns = []
+    sp = ct.GetSpacing()
+    if max(sp) > MAX_SLICE_MM:
+        warns.append(f"the CT has {max(sp):.2f} mm voxels along one axis (> {MAX_SLICE_MM} mm slices); "
+                     "estimates from such thick slices are less reliable than the model's validation suggests")
+    return warns
+
+
+def relative_positions(centres_lps: np.ndarray, roi_names) -> np.ndarray:
+    """Patch centres relative to the centroid of their bone's two ROIs, in RAS mm (as in the patch dataset)."""
+    ras = np.asarray(centres_lps, float) * np.array([-1.0, -1.0, 1.0])
+    rel = np.zeros_like(ras)
+    names = np.asarray(roi_names)
+    for group in (("MFC", "LFC"), ("MTP", "LTP")):
+        sel = np.isin(names, group)
+        if sel.any():
+            rel[sel] = ras[sel] - ras[sel].mean(0)
+    return rel
+
+
+def predict_with_tta(model, patches: np.ndarray, masks: np.ndarray | None, flips, batch_size: int,
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and SD of the predictions over flipped copies of each patch (parameters are flip-invariant)."""
+    preds = []
+    for axes in flips:
+        x = np.flip(patches, axis=tuple(a + 2 for a in axes)) if axes else patches
+        m = None if masks is None else (np.flip(masks, axis=tuple(a + 2 for a in axes)) if axes else masks)
+        preds.append(model.predict(np.ascontiguousarray(x), None if m is None else np.ascontiguousarray(m),
+                                   batch_size=batch_size))
+    p = np.stack(preds)
+    return p.mean(0), (p.std(0, ddof=1) if len(preds) > 1 else np.zeros_like(p[0]))
+
+
+def _crop_box(rois: np.ndarray, margin: np.ndarray) -> tuple[slice, ...]:
+    idx = np.argwhere(rois > 0)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + margin + 1, rois.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def _full_map(crop: np.ndarray, box, shape, ref: sitk.Image) -> sitk.Image:
+    full = np.full(shape, BACKGROUND, np.float32)
+    full[box] = np.nan_to_num(crop, nan=BACKGROUND)
+    img = sitk.GetImageFromArray(full)
+    img.CopyInformation(ref)
+    return img
+
+
+def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=None, settings: InferSettings | None = None,
+          diagnosis_path=None, subject: str | None = None) -> dict:
+    """Analyse one knee CT and write the contract outputs to ``out_dir``; returns the summary."""
+    from ..dataset.sampling import cut, roi_centres
+    from ..models.export import describe, load_student
+    from ..segmentation import segment_bones, subchondral_rois
+    from ..segmentation.labelio import read_user_labels
+
+    s = settings or InferSettings()
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    ct = read_image(ct_path, what="CT")
+    warns = check_ct(ct)
+    for w in warns:
+        warnings.warn(w, stacklevel=2)
+    model_path = Path(model_path) if model_path else default_model_path()
+    model, meta = load_student(model_path)
+    device = _device(s.device)
+    model.to(device)
+    timings["load"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    if segmentation:
+        bones = read_user_labels(segmentation, ct, kind="bones")
+        bones_from = str(segmentation)
+    else:
+        bones = segment_bones(ct)
+        bones_from = "automatic"
+    timings["bones"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if rois_path:
+        rois = read_user_labels(rois_path, ct, kind="rois")
+        rois_from = str(rois_path)
+    else:
+        rois = subchondral_rois(ct, bones, side=s.side)
+        rois_from = "automatic"
+    roi_arr = sitk.GetArrayFromImage(rois)
+    if not roi_arr.any():
+        raise InputImageError("the subchondral ROIs are empty: no femoral condyle or tibial plateau was found "
+                              "(check the bone segmentation)")
+    timings["rois"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    inp = meta["input"]
+    extent, size = float(inp["extent_mm"]), int(inp["patch_size"])
+    rng = np.random.default_rng(0)
+    centres, names = [], []
+    for name, value in ROIS.items():
+        c, _ = roi_centres(rois, value, s.stride_mm, extent, s.min_roi_fraction, 10 ** 7, rng)
+        centres.append(c)
+        names += [name] * len(c)
+    if not names:
+        raise InputImageError("no patch fits the subchondral ROIs (they are thinner than a patch); "
+                              "check the ROIs or use a smaller --stride")
+    centres = np.concatenate(centres)
+    labels = np.array([ROIS[n] for n in names], np.int16)
+    patches = cut(ct, centres, size, extent, default=-1000.0)[:, None]
+    masks = None
+    if "mask" in inp["channels"]:
+        mk = cut(rois, centres, size, extent, interpolator=sitk.sitkNearestNeighbor, pixel_type=sitk.sitkUInt8)
+        masks = (mk == labels[:, None, None, None]).astype(np.float32)[:, None]
+    timings["patches"] = time.perf_counter() - t
+    t = time.perf_counter()
+    flips = FLIPS_TTA if s.tta else FLIPS_DEFAULT
+    with progress_stage("infer", len(flips)):
+        mean, sd = predict_with_tta(model, patches, masks, flips, s.batch_size)
+    timings["predict"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    sp_zyx = tuple(reversed(ct.GetSpacing()))
+    cidx = np.rint([ct.TransformPhysicalPointToContinuousIndex(tuple(map(float, c))) for c in centres]
+                   ).astype(int)[:, ::-1]
+    margin = np.ceil(extent / 2 / np.asarray(sp_zyx)).astype(int)
+    box = _crop_box(roi_arr, margin)
+    lo = np.array([b.start for b in box])
+    crop_rois = roi_arr[box]
+    val_maps = blend_maps(crop_rois.shape, sp_zyx, crop_rois, cidx - lo, labels, mean, extent)
+    unc_maps = blend_maps(crop_rois.shape, sp_zyx, crop_rois, cidx - lo, labels, sd, extent)
+    table = roi_table(mean, labels)
+    rel = relative_positions(centres, names)
+    subject = subject or _subject_name(ct_path)
+    ras = centres * np.array([-1.0, -1.0, 1.0])
+    patch_rows = pd.DataFrame({"subject": subject, "roi": names, "centre_x": ras[:, 0], "centre_y": ras[:, 1],
+                               "centre_z": ras[:, 2], "rel_x": rel[:, 0], "rel_y": rel[:, 1], "rel_z": rel[:, 2]})
+    for j, p in enumerate(PARAMETERS):
+        patch_rows[p] = mean[:, j]
+        patch_rows[f"{p}.sd"] = sd[:, j]
+    timings["maps"] = time.perf_counter() - t
+
+    diagnosis = _diagnose(patch_rows, diagnosis_path, subject)
+    summary = {
+        "subject": subject, "ct": str(ct_path),
+        "roi_table": table.to_dict(orient="records"),
+        "units": {p: PARAMETER_UNITS[p] for p in PARAMETERS},
+        "model": {"path": str(model_path), **describe(meta),
+                  "demo": bool(meta.get("demo", False) or model_path == default_model_path(must_exist=False))},
+        "n_patches": int(len(names)), "stride_mm": s.stride_mm, "tta_passes": len(flips), "device": device,
+        "bones_from": bones_from, "rois_from": rois_from, "warnings": warns,
+        "uncertainty": "standard deviation of the predictions over flipped copies of each patch",
+        "background": BACKGROUND, "mask": "rois.nii.gz > 0",
+    }
+    summary.update(diagnosis)
+
+    t = time.perf_counter()
+    shape = roi_arr.shape
+    with staged_outputs(out_dir) as stage:
+        for j, p in enumerate(PARAMETERS):
+            f = PARAMETER_FILE_NAMES[p]
+            write_image(_full_map(val_maps[j], box, shape, ct), stage / "maps" / f"{f}.nii.gz")
+            write_image(_full_map(unc_maps[j], box, shape, ct), stage / "uncertainty" / f"{f}.nii.gz")
+        write_image(rois, stage / "rois.nii.gz")
+        write_image(bones, stage / "bones.nii.gz")
+        table.to_csv(stage / "roi_table.csv", index=False)
+        patch_rows.to_csv(stage / "patches.csv", index=False)
+        timings["write"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
+        summary["seconds"] = timings
+        write_json(stage / "summary.json", summary)
+    return summary
+
+
+class progress_stage:
+    """Announce a stage on the progress channel (start and end) for callers that follow JSON lines."""
+
+    def __init__(self, stage: str, total: int):
+        self.stage, self.total = stage, total
+
+    def __enter__(self):
+        progress.emit(self.stage, 0, self.total)
+        return self
+
+    def __exit__(self, *exc):
+        progress.emit(self.stage, self.total, self.total)
+        return False
+
+
+def _subject_name(path) -> str:
+    name = Path(str(path)).name
+    for suf in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _diagnose(patch_rows: pd.DataFrame, diagnosis_path, subject: str) -> dict:
+    path = Path(diagnosis_path) if diagnosis_path else default_diagnosis_path()
+    if path is None:
+        return {"diagnosis": None, "diagnosis_note": "no diagnosis model available"}
+    from .. import diagnosis
+
+    model = diagnosis.load(path)
+    pred = diagnosis.predict(model, patch_rows, subjects=[subject]).iloc[0]
+    cv = model.cv_metrics or {}
+    prob = float(pred["oa_probability"]) if pd.notna(pred["oa_probability"]) else None
+    return {"oa_probability": prob,
+            "severity": float(pred["severity"]) if pd.notna(pred["severity"]) else None,
+            "auc": cv.get("auc"), "auc_ci": cv.get("auc_ci"),
+            "diagnosis": {"model": str(path), "aggregator": model.metadata.get("aggregator"),
+                          "message": pred.get("message") or "", "cv_metrics": cv}}
