@@ -1,16 +1,16 @@
 """3D CNNs that regress the four trabecular parameters from a patch (teacher: MR, student: CT).
 
 Both are the same small residual network: a stem at the input resolution, three residual stages, global average
-pooling and a small head. The stem brings any input to 16³ (the student's CT 16³: 3³ convolution, stride 1; the
-teacher's MR 32³: 4³ convolution, stride 2, so the teacher's first layer still sees every fine voxel), then three
-stride-2 stages give 8³, 4³, 2³. Teacher and student feature maps therefore have the same spatial size at every
-stage (stem, stage1..3) and distillation only needs a channel adapter. Most compute runs at 8³ and below, which
-is what lets the demo train on a 2-core CPU; widths and blocks scale up by configuration for GPUs.
+pooling and a small head. The stem brings any input to 8³ (the student's CT 16³: 3³ convolution, stride 2; the
+teacher's MR 32³: non-overlapping 4³ patches, stride 4, so the first layer still sees every fine voxel), then
+stages of stride 1, 2, 2 give 8³, 4³, 2³. Teacher and student feature maps therefore have the same spatial size
+at every stage (stem, stage1..3) and distillation only needs a channel adapter. All compute runs at 8³ and
+below, which is what lets the demo train on a 2-core CPU (3D convolutions over 16³-32³ maps with few channels
+are memory-bound there: this design is ~2× faster than a 16³ stem); widths and blocks scale up for GPUs.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .config import STAGES
@@ -32,29 +32,34 @@ class ResBlock(nn.Module):
         return self.act(self.bn2(self.conv2(y)) + self.skip(x))
 
 
-STEM_SIZE = 16
+STEM_SIZE = 8
 
 
 def stem_stride(input_size: int) -> int:
-    """Stride of the stem that brings the input to 16³ (1 for CT 16³, 2 for MR 32³)."""
+    """Stride of the stem that brings the input to 8³ (2 for CT 16³, 4 for MR 32³)."""
     return max(1, input_size // STEM_SIZE)
 
 
+def stem_kernel(stride: int) -> tuple[int, int]:
+    """(kernel, padding): overlapping 3³ up to stride 2, non-overlapping ``stride``³ patches beyond."""
+    return (3, 1) if stride <= 2 else (stride, 0)
+
+
 def strides_for(input_size: int) -> tuple[int, int, int]:  # noqa: ARG001 - same for all inputs after the stem
-    return (2, 2, 2)
+    return (1, 2, 2)
 
 
 class PatchRegressor(nn.Module):
     """Patch → (n, 4) normalised parameters; ``forward(x, return_features=True)`` also returns stage features."""
 
-    def __init__(self, in_channels: int, input_size: int, widths=(8, 16, 32, 48), blocks: int = 1,
+    def __init__(self, in_channels: int, input_size: int, widths=(16, 16, 32, 48), blocks: int = 1,
                  head_hidden: int = 32, n_outputs: int = 4):
         super().__init__()
         self.arch = {"in_channels": int(in_channels), "input_size": int(input_size), "widths": [int(w) for w in widths],
                      "blocks": int(blocks), "head_hidden": int(head_hidden), "n_outputs": int(n_outputs)}
         w0, w1, w2, w3 = widths
         s0 = stem_stride(input_size)
-        k, pad = (3, 1) if s0 == 1 else (2 * s0, s0 // 2)
+        k, pad = stem_kernel(s0)
         self.stem = nn.Sequential(nn.Conv3d(in_channels, w0, k, s0, pad, bias=False), nn.BatchNorm3d(w0),
                                   nn.ReLU(inplace=True))
         stages = []
@@ -74,7 +79,7 @@ class PatchRegressor(nn.Module):
         n = self.arch["input_size"] // stem_stride(self.arch["input_size"])
         out = {"stem": (self.arch["widths"][0], n)}
         for name, w, s in zip(STAGES[1:], self.arch["widths"][1:], strides_for(n)):
-            n = (n + s - 1) // s
+            n = (n + s - 1) // s  # padding 1, kernel 3
             out[name] = (w, n)
         return out
 
@@ -97,10 +102,3 @@ def build_network(arch: dict) -> PatchRegressor:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def _smoke() -> None:  # pragma: no cover - developer aid
-    t = PatchRegressor(1, 32)
-    s = PatchRegressor(1, 16)
-    print(t.feature_shapes(), s.feature_shapes(), count_parameters(t))
