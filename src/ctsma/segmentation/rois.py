@@ -39,6 +39,9 @@ class RoiSettings:
     end_mm: float = setting(6.0, lo=0.5, hi=40.0, help="ROI band end depth below the bone surface (mm)")
     contact_mm: float = setting(12.0, lo=1.0, hi=40.0,
                                 help="largest joint gap (mm) searched for the femur-tibia contact")
+    tibial_footprint: str = setting("plateau", choices=("contact", "plateau"),
+                                    help="tibial ROI footprint: under the femoral contact, or the central "
+                                         "region of each hemi-plateau (the phantom's definition)")
     contact_margin_mm: float = setting(6.0, lo=0.1, hi=40.0,
                                        help="load-bearing surface: joint gap within this of the compartment's "
                                             "narrowest gap (mm)")
@@ -135,11 +138,45 @@ def _footprints(f: np.ndarray, t: np.ndarray, ref: sitk.Image, box, medial: np.n
         if g.size:
             gaps[name] = float(g.min())
             foot |= ok & side & (gap <= g.min() + s.contact_margin_mm)
-    fp = np.broadcast_to(foot[None], fa.shape)
-    if up < 0:
-        fp = fp[::-1]
-    fp = np.moveaxis(fp, 0, ax)
-    return fp, fp, gaps
+    def to_volume(cols):
+        v = np.broadcast_to(cols[None], fa.shape)
+        if up < 0:
+            v = v[::-1]
+        return np.moveaxis(v, 0, ax)
+
+    foot_t = foot
+    if s.tibial_footprint == "plateau":
+        foot_t = _plateau_footprint(ta, t_high, has_t, ref, box, ax, up, sp)
+    return to_volume(foot), to_volume(foot_t), gaps
+
+
+def _plateau_footprint(ta, t_high, has_t, ref, box, ax, up, sp) -> np.ndarray:
+    """Columns of the central region of each hemi-plateau: an ellipse centred at +-0.51 of the plateau's
+    half-width from its centre, with semi-axes 0.27 x half-width and 0.6 x half-depth (the digital phantom's
+    definition, which scales with the imaged plateau)."""
+    n = ta.shape[0]
+    top = t_high.max()
+    plateau = has_t & (t_high >= top - int(np.ceil(12.0 / sp[ax])))
+    if plateau.sum() < 20:
+        return np.zeros_like(plateau)
+    # LPS (x, y) of every column, taken at the plateau's top level; back to the (z, y, x) order of the box
+    cols = np.argwhere(np.ones(plateau.shape, bool))
+    level = top if up > 0 else n - 1 - top
+    idx = np.insert(cols, 0, level, axis=1)               # (axial, other, other) as in np.moveaxis(.., ax, 0)
+    order = [1, 2]
+    order.insert(ax, 0)                                   # position of each original axis in ``idx``
+    full = idx[:, order]
+    pts = index_to_lps(ref, full + np.array([b.start for b in box]))
+    px, py = pts[:, 0].reshape(plateau.shape), pts[:, 1].reshape(plateau.shape)
+    xs, ys = px[plateau], py[plateau]
+    x0, x1 = np.percentile(xs, [1, 99])
+    y0, y1 = np.percentile(ys, [1, 99])
+    xc, yc, hx, hy = 0.5 * (x0 + x1), 0.5 * (y0 + y1), 0.5 * (x1 - x0), 0.5 * (y1 - y0)
+    out = np.zeros(plateau.shape, bool)
+    for sign in (-1.0, 1.0):
+        e = ((px - (xc + sign * 0.51 * hx)) / (0.27 * hx)) ** 2 + ((py - yc) / (0.6 * hy)) ** 2
+        out |= (e < 1.0) & has_t
+    return out
 
 
 def subchondral_rois(ct_image: sitk.Image, bones: sitk.Image, side: str | None = None,
