@@ -179,6 +179,7 @@ def train(pairs: Sequence[tuple[sitk.Image, sitk.Image, sitk.Image | None]], cfg
     if not pairs:
         raise UserError("no training pairs given")
     t0 = time.monotonic()
+    cpu0 = time.process_time()
     deadline = t0 + 60 * cfg.max_minutes
     threads = cfg.threads or min(os.cpu_count() or 1, 4)
     torch.set_num_threads(threads)
@@ -225,6 +226,7 @@ def train(pairs: Sequence[tuple[sitk.Image, sitk.Image, sitk.Image | None]], cfg
         timings["round2_s"] = time.monotonic() - t3
         model = SynthesisModel(net.cpu(), meta)
     timings["total_s"] = time.monotonic() - t0
+    timings["total_cpu_s"] = time.process_time() - cpu0  # CPU time of this process (all its threads)
     meta["training"].update({"timings": timings, "steps_round1": len(losses1), "steps_round2": len(losses2),
                              "final_loss_round1": float(np.mean(losses1[-20:])) if losses1 else None,
                              "final_loss_round2": float(np.mean(losses2[-20:])) if losses2 else None,
