@@ -49,9 +49,9 @@ def test_roi_agreement_with_phantom(knee):
     for src in (bones, segment_bones(ct)):
         r = sitk.GetArrayFromImage(subchondral_rois(ct, src, side=side))
         d = {k: dice(r == v, t == v) for k, v in ROIS.items()}
-        # measured: 0.74-0.85 per ROI, mean 0.80 over 3 knees: BELOW the 0.85 target (see
+        # measured over 3 knees (seed 1): per ROI 0.72-0.90, mean 0.83: BELOW the 0.85 target (see
         # docs/segmentation.md); these bounds guard against regressions
-        assert np.mean(list(d.values())) >= 0.75 and min(d.values()) >= 0.65, d
+        assert np.mean(list(d.values())) >= 0.78 and min(d.values()) >= 0.68, d
         # and each ROI lies near the phantom's: centroids within 6 mm (ours follow the femur-tibia contact, which can sit
         # a few mm posterior to the phantom's fixed plateau ellipses)
         for v in ROIS.values():

@@ -42,6 +42,10 @@ class RoiSettings:
     tibial_footprint: str = setting("plateau", choices=("contact", "plateau"),
                                     help="tibial ROI footprint: under the femoral contact, or the central "
                                          "region of each hemi-plateau (the phantom's definition)")
+    femoral_footprint: str = setting("box", choices=("contact", "box"),
+                                     help="femoral footprint: the contact ellipse, or its bounding box narrowed "
+                                          "antero-posteriorly (the phantom's box-shaped condyle ROIs)")
+    box_ap_fraction: float = setting(0.71, lo=0.1, hi=1.0, help="AP narrowing of the femoral box footprint")
     contact_margin_mm: float = setting(6.0, lo=0.1, hi=40.0,
                                        help="load-bearing surface: joint gap within this of the compartment's "
                                             "narrowest gap (mm)")
@@ -137,7 +141,18 @@ def _footprints(f: np.ndarray, t: np.ndarray, ref: sitk.Image, box, medial: np.n
         g = gap[ok & side]
         if g.size:
             gaps[name] = float(g.min())
-            foot |= ok & side & (gap <= g.min() + s.contact_margin_mm)
+            contact = ok & side & (gap <= g.min() + s.contact_margin_mm)
+            if s.femoral_footprint == "box" and contact.sum() > 4:
+                # the contact ellipse's bounding box, narrowed antero-posteriorly to ``box_ap_fraction``
+                rows, cols_ = np.nonzero(contact)
+                lo = np.array([rows.min(), cols_.min()], float)
+                hi = np.array([rows.max(), cols_.max()], float)
+                c, h = 0.5 * (lo + hi), 0.5 * (hi - lo) + 0.5
+                h[_ap_axis(ref, ax)] *= s.box_ap_fraction
+                rr, cc = np.indices(contact.shape)
+                contact = ok & side & (np.abs(rr - c[0]) <= h[0]) & (np.abs(cc - c[1]) <= h[1])
+            foot |= contact
+
     def to_volume(cols):
         v = np.broadcast_to(cols[None], fa.shape)
         if up < 0:
@@ -148,6 +163,13 @@ def _footprints(f: np.ndarray, t: np.ndarray, ref: sitk.Image, box, medial: np.n
     if s.tibial_footprint == "plateau":
         foot_t = _plateau_footprint(ta, t_high, has_t, ref, box, ax, up, sp)
     return to_volume(foot), to_volume(foot_t), gaps
+
+
+def _ap_axis(ref: sitk.Image, ax: int) -> int:
+    """Which of the two in-plane axes (after moving the axial axis first) is closest to LPS y (anterior-posterior)."""
+    d = np.asarray(ref.GetDirection(), float).reshape(3, 3)
+    others = [k for k in (0, 1, 2) if k != ax]                # numpy axes, in order
+    return int(np.argmax([abs(d[1, 2 - k]) for k in others]))
 
 
 def _plateau_footprint(ta, t_high, has_t, ref, box, ax, up, sp) -> np.ndarray:
