@@ -47,6 +47,8 @@ def distance_sq(phase: np.ndarray, spacing_zyx, *, threads: int = 1) -> np.ndarr
                      black_border=False, parallel=max(1, int(threads)))
 
 
+LIST_MAX = 256  # below this many unassigned voxels a block tests them one by one
+BLOCK = 16  # edge (voxels) of the painter's cache-sized blocks
 REACH = 1  # ridge test against the 26-neighbourhood (a larger reach removed < 1 % more voxels)
 LEVEL = 0.5  # |second difference| / length below which a lattice direction counts as level (in-plane)
 
@@ -223,6 +225,145 @@ def _ridge_values(dsq, sz, sy, sx, default_conv, s_tab, cm_tab, r2_valid, offs, 
 
 
 @numba.njit(cache=True, nogil=True)
+def _block_lists(shape, cz, cy, cx, rad, sz, sy, sx, B):
+    """For each block of B^3 voxels, the spheres (in painting order) whose ball meets it (CSR arrays)."""
+    nz, ny, nx = shape
+    nbz, nby, nbx = (nz + B - 1) // B, (ny + B - 1) // B, (nx + B - 1) // B
+    counts = np.zeros(nbz * nby * nbx + 1, np.int64)
+    for second in range(2):
+        if second:
+            for i in range(1, counts.shape[0]):
+                counts[i] += counts[i - 1]
+            items = np.empty(counts[-1], np.int32)
+            fill = counts[:-1].copy()
+        for i in range(cz.shape[0]):
+            z0, y0, x0, r = cz[i], cy[i], cx[i], rad[i]
+            r2 = r * r
+            zlo, zhi = max(z0 - int(r / sz), 0), min(z0 + int(r / sz), nz - 1)
+            ylo, yhi = max(y0 - int(r / sy), 0), min(y0 + int(r / sy), ny - 1)
+            xlo, xhi = max(x0 - int(r / sx), 0), min(x0 + int(r / sx), nx - 1)
+            for bz in range(zlo // B, zhi // B + 1):
+                ddz = max(0, max(bz * B - z0, z0 - (bz * B + B - 1))) * sz
+                for by in range(ylo // B, yhi // B + 1):
+                    ddy = max(0, max(by * B - y0, y0 - (by * B + B - 1))) * sy
+                    if ddz * ddz + ddy * ddy >= r2:
+                        continue
+                    for bx in range(xlo // B, xhi // B + 1):
+                        ddx = max(0, max(bx * B - x0, x0 - (bx * B + B - 1))) * sx
+                        if ddz * ddz + ddy * ddy + ddx * ddx >= r2:
+                            continue
+                        k = (bz * nby + by) * nbx + bx
+                        if second:
+                            items[fill[k]] = i
+                            fill[k] += 1
+                        else:
+                            counts[k + 1] += 1
+    return counts, items
+
+
+def _paint_blocks_py(phase, out, counts, items, cz, cy, cx, rad, val, sz, sy, sx, B):
+    """Paint each block from its own sphere list, largest value first; blocks are independent.
+
+    Inside a block a per-row "next unassigned voxel" array (union-find with path halving) makes each
+    voxel be written once, and a block stops reading its list as soon as every voxel is assigned.
+    Everything a block touches stays in the CPU cache, which is what makes this fast.
+    """
+    nz, ny, nx = phase.shape
+    nbz, nby, nbx = (nz + B - 1) // B, (ny + B - 1) // B, (nx + B - 1) // B
+    W = B + 1
+    for k in numba.prange(nbz * nby * nbx):
+        bz, rem = divmod(k, nby * nbx)
+        by, bx = divmod(rem, nbx)
+        z_a, y_a, x_a = bz * B, by * B, bx * B
+        z_b, y_b, x_b = min(z_a + B, nz), min(y_a + B, ny), min(x_a + B, nx)
+        nxt = np.empty(B * B * W, np.int32)
+        rowleft = np.zeros(B * B, np.int32)
+        zleft = np.zeros(B, np.int32)
+        left = 0
+        for z in range(z_a, z_b):
+            for y in range(y_a, y_b):
+                rb = ((z - z_a) * B + (y - y_a)) * W
+                for x in range(x_a, x_b):
+                    lx = x - x_a
+                    if phase[z, y, x]:
+                        nxt[rb + lx] = lx
+                        rowleft[(z - z_a) * B + (y - y_a)] += 1
+                        zleft[z - z_a] += 1
+                        left += 1
+                    else:
+                        nxt[rb + lx] = lx + 1
+                for lx in range(x_b - x_a, W):
+                    nxt[rb + lx] = lx
+        listed = False  # few voxels left: test them one by one instead of scanning rows
+        lzs = np.empty(LIST_MAX, np.int32)
+        lys = np.empty(LIST_MAX, np.int32)
+        lxs = np.empty(LIST_MAX, np.int32)
+        for j in range(counts[k], counts[k + 1]):
+            if left == 0:
+                break
+            i = items[j]
+            z0, y0, x0, r, v = cz[i], cy[i], cx[i], rad[i], val[i]
+            r2 = r * r
+            if not listed and left <= LIST_MAX:
+                n = 0
+                for row in range(B * B):
+                    if rowleft[row] == 0:
+                        continue
+                    lz, ly = divmod(row, B)
+                    x = _find(nxt, row * W, 0)
+                    while x < x_b - x_a:
+                        lzs[n] = lz + z_a
+                        lys[n] = ly + y_a
+                        lxs[n] = x + x_a
+                        n += 1
+                        x = _find(nxt, row * W, x + 1)
+                listed = True
+            if listed:
+                q = 0
+                while q < left:
+                    dz = (lzs[q] - z0) * sz
+                    dy = (lys[q] - y0) * sy
+                    dx = (lxs[q] - x0) * sx
+                    if dz * dz + dy * dy + dx * dx < r2:
+                        out[lzs[q], lys[q], lxs[q]] = v
+                        left -= 1
+                        lzs[q], lys[q], lxs[q] = lzs[left], lys[left], lxs[left]
+                    else:
+                        q += 1
+                continue
+            for z in range(max(z_a, z0 - int(r / sz)), min(z_b, z0 + int(r / sz) + 1)):
+                if zleft[z - z_a] == 0:
+                    continue
+                rz2 = r2 - ((z - z0) * sz) ** 2
+                if rz2 <= 0:
+                    continue
+                ky = int(math.sqrt(rz2) / sy)
+                for y in range(max(y_a, y0 - ky), min(y_b, y0 + ky + 1)):
+                    row = (z - z_a) * B + (y - y_a)
+                    if rowleft[row] == 0:
+                        continue
+                    ry2 = rz2 - ((y - y0) * sy) ** 2
+                    if ry2 <= 0:
+                        continue
+                    h = int(math.sqrt(ry2) / sx)
+                    if (h * sx) ** 2 >= ry2:  # open ball: strictly inside
+                        h -= 1
+                    lo = max(x0 - h, x_a) - x_a
+                    hi = min(x0 + h, x_b - 1) - x_a
+                    if lo > hi:
+                        continue
+                    rb = row * W
+                    x = _find(nxt, rb, lo)
+                    while x <= hi:
+                        out[z, y, x + x_a] = v
+                        nxt[rb + x] = x + 1
+                        rowleft[row] -= 1
+                        zleft[z - z_a] -= 1
+                        left -= 1
+                        x = _find(nxt, rb, x + 1)
+
+
+@numba.njit(cache=True, nogil=True)
 def _find(nxt, base, x):
     # smallest unassigned x' >= x in the row starting at flat index base (path halving)
     while nxt[base + x] != x:
@@ -232,76 +373,42 @@ def _find(nxt, base, x):
     return x
 
 
-@numba.njit(cache=True, nogil=True)
-def _paint(phase, dsq, order_idx, order_val, sz, sy, sx):
+# the serial build is safe to call from several Python threads at once (batch mode); the parallel
+# build spreads the blocks of one large image over numba's threads
+_paint_blocks_serial = numba.njit(cache=True, nogil=True)(_paint_blocks_py)
+_paint_blocks_parallel = numba.njit(cache=True, nogil=True, parallel=True)(_paint_blocks_py)
+
+
+def _paint(phase, dsq, order_idx, order_val, sz, sy, sx, parallel=False):
+    """Local thickness map: every phase voxel takes the value of the first sphere (in the given order) containing it."""
     nz, ny, nx = phase.shape
-    out = np.zeros((nz, ny, nx), np.float32)
-    w = nx + 1
-    nxt = np.empty(nz * ny * w, np.int32)
-    left = np.zeros(nz * ny, np.int32)  # unassigned voxels per row: a full row is skipped cheaply
-    for z in range(nz):
-        for y in range(ny):
-            base = (z * ny + y) * w
-            for x in range(nx):
-                if phase[z, y, x]:
-                    nxt[base + x] = x
-                    left[z * ny + y] += 1
-                else:
-                    nxt[base + x] = x + 1
-            nxt[base + nx] = nx
-    tol = 1e-6
-    for i in range(order_idx.shape[0]):
-        f = order_idx[i]
-        x0 = f % nx
-        y0 = (f // nx) % ny
-        z0 = f // (nx * ny)
-        r = math.sqrt(dsq[z0, y0, x0]) * (1.0 - tol)
-        r2 = r * r
-        v = order_val[i]
-        kz = int(r / sz)
-        for dz in range(-kz, kz + 1):
-            z = z0 + dz
-            if z < 0 or z >= nz:
-                continue
-            rz2 = r2 - (dz * sz) ** 2
-            if rz2 <= 0:
-                continue
-            ky = int(math.sqrt(rz2) / sy)
-            for dy in range(-ky, ky + 1):
-                y = y0 + dy
-                if y < 0 or y >= ny:
-                    continue
-                ry2 = rz2 - (dy * sy) ** 2
-                if ry2 <= 0:
-                    continue
-                kx = int(math.sqrt(ry2) / sx)
-                if (kx * sx) ** 2 >= ry2:  # open ball: strictly inside
-                    kx -= 1
-                if kx < 0:
-                    continue
-                row = z * ny + y
-                if left[row] == 0:
-                    continue
-                lo = max(x0 - kx, 0)
-                hi = min(x0 + kx, nx - 1)
-                base = row * w
-                x = _find(nxt, base, lo)
-                while x <= hi:
-                    out[z, y, x] = v
-                    nxt[base + x] = x + 1
-                    left[row] -= 1
-                    x = _find(nxt, base, x + 1)
+    cz = (order_idx // (nx * ny)).astype(np.int64)
+    cy = ((order_idx // nx) % ny).astype(np.int64)
+    cx = (order_idx % nx).astype(np.int64)
+    rad = np.sqrt(dsq.ravel()[order_idx].astype(np.float64)) * (1.0 - 1e-6)
+    counts, items = _block_lists(phase.shape, cz, cy, cx, rad, sz, sy, sx, BLOCK)
+    out = np.zeros(phase.shape, np.float32)
+    paint = _paint_blocks_parallel if parallel else _paint_blocks_serial
+    paint(phase, out, counts, items, cz, cy, cx, rad, order_val.astype(np.float32), sz, sy, sx, BLOCK)
     return out
 
 
+METHODS = ("fast", "exact")
+
+
 def local_thickness(binary: np.ndarray, spacing_zyx=(1.0, 1.0, 1.0), convention: str = "default", *,
-                    threads: int = 1) -> np.ndarray:
+                    method: str = "fast", threads: int = 1) -> np.ndarray:
     """Local thickness **diameter** (mm, float32) at each foreground voxel of ``binary`` (z, y, x); 0 elsewhere.
 
     ``spacing_zyx`` is the voxel size in mm along (z, y, x). ``convention`` is ``"default"``
     (bias-corrected: a plate of t voxels reads t) or ``"bonej"`` (BoneJ's rule: t+1 for odd t).
     For the separation (marrow) map pass the marrow phase, e.g. ``~bone & roi``. A phase that fills the
     whole array has no boundary, so its thickness is undefined: the map is NaN.
+
+    ``method="exact"`` paints every distance-ridge sphere; ``"fast"`` (default) paints only the reduced
+    medial axis (:mod:`.power`): never above the exact map, means within about 0.1 voxel on analytic
+    phantoms and 0.15 % on real bone, several times faster on wide marrow spaces.
+    ``threads`` > 1 runs the distance transform and the painter on that many threads.
     """
     from .validate import check_binary, check_spacing, check_convention
     b = check_binary(binary)
@@ -311,17 +418,51 @@ def local_thickness(binary: np.ndarray, spacing_zyx=(1.0, 1.0, 1.0), convention:
         return np.zeros(b.shape, np.float32)
     if b.all():  # no boundary anywhere: every sphere is unbounded
         return np.full(b.shape, np.nan, np.float32)
+    if method not in METHODS:
+        from .validate import MorphometryError
+        raise MorphometryError(f"unknown local-thickness method {method!r}; use 'fast' or 'exact'")
     dsq = distance_sq(b, sp, threads=threads)
-    return _thickness_from_dsq(b, dsq, sp, convention)
+    return _thickness_from_dsq(b, dsq, sp, convention, method, threads)
 
 
-def _thickness_from_dsq(b, dsq, sp, convention):
-    s_tab, cm_tab, r2_valid = _table(tuple(float(x) for x in sp), float(dsq.max()), REACH)
-    offs, kind, dist = _neighbours(sp, REACH)
-    idx, val = _ridge_values(dsq, float(sp[0]), float(sp[1]), float(sp[2]), convention == "default",
-                             s_tab, cm_tab, r2_valid, offs, kind, dist)
+@numba.njit(cache=True, nogil=True)
+def _values_at(dsq, idx, sz, sy, sx, default_conv):
+    nz, ny, nx = dsq.shape
+    hs = (sz, sy, sx)
+    val = np.empty(idx.shape[0], np.float32)
+    for i in range(idx.shape[0]):
+        f = idx[i]
+        x = f % nx
+        y = (f // nx) % ny
+        z = f // (nx * ny)
+        r = math.sqrt(dsq[z, y, x])
+        val[i] = 2.0 * (_default_radius(dsq, z, y, x, r, hs) if default_conv else r)
+    return val
+
+
+@numba.njit(cache=True, nogil=True)
+def _used_labels(a, phase_flat):
+    """Sorted distinct labels of the phase voxels (a linear-time np.unique)."""
+    used = np.zeros(a.shape[0], np.bool_)
+    for i in range(a.shape[0]):
+        if phase_flat[i] and a[i] >= 0:
+            used[a[i]] = True
+    return np.nonzero(used)[0]
+
+
+def _thickness_from_dsq(b, dsq, sp, convention, method="fast", threads=1):
+    sz, sy, sx = (float(x) for x in sp)
+    if method == "exact":
+        s_tab, cm_tab, r2_valid = _table((sz, sy, sx), float(dsq.max()), REACH)
+        offs, kind, dist = _neighbours(sp, REACH)
+        idx, val = _ridge_values(dsq, sz, sy, sx, convention == "default", s_tab, cm_tab, r2_valid, offs, kind, dist)
+    else:
+        from .power import power_labels
+        a, _ = power_labels(b.shape, dsq.ravel(), sz, sy, sx, threads > 1)
+        idx = _used_labels(a, b.ravel())
+        val = _values_at(dsq, idx, sz, sy, sx, convention == "default")
     order = np.argsort(-val)
-    return _paint(b, dsq, idx[order], val[order], float(sp[0]), float(sp[1]), float(sp[2]))
+    return _paint(b, dsq, idx[order], val[order], sz, sy, sx, parallel=threads > 1)
 
 
 _TABLES: dict = {}
