@@ -131,3 +131,18 @@ def test_wrong_or_altered_model_files_rejected(tmp_path):
     (tmp_path / "junk.safetensors").write_text(json.dumps({"not": "a model"}))
     with pytest.raises(ModelFileError):
         load_student(tmp_path / "junk.safetensors")
+
+
+def test_ablation_variant_config():
+    from ctsma.models.config import variant
+    from ctsma.models.train import run_paths, teacher_path
+
+    cfg = load_train_config({"output": {"dir": "/tmp/run"},
+                             "evaluate": {"ablations": [{"name": "s3", "distill": {"stages": ["stage3"],
+                                                                                  "weights": [2.0]}}]}})
+    v = variant(cfg, cfg.evaluate.ablations[0])
+    assert v.distill.stages == ["stage3"] and v.distill.weights == [2.0] and cfg.distill.stages != v.distill.stages
+    assert run_paths(v, "student_distilled")[1].name == "student_distilled_s3.safetensors"
+    assert teacher_path(v) == teacher_path(cfg)  # variants share the teacher
+    with pytest.raises(ConfigError, match="ablations"):
+        load_train_config({"evaluate": {"ablations": [{"name": "x", "trainer": {"seed": 1}}]}})

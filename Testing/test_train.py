@@ -25,7 +25,7 @@ def tiny(store, run, **over) -> dict:
     cfg = {"data": {"store": str(store), "batch_size": 16},
            "teacher_net": {"widths": [4, 8, 8, 12], "head_hidden": 16},
            "student_net": {"widths": [4, 8, 8, 12], "head_hidden": 16},
-           "optim": {"max_epochs": 6, "lr": 0.01, "patience": 0},
+           "optim": {"max_epochs": 5, "lr": 0.01, "patience": 0},
            "trainer": {"progress_bar": False, "threads": 1, "seed": 0}, "output": {"dir": str(run)},
            "evaluate": {"n_boot": 50, "plots": True}}
     for k, v in over.items():
@@ -55,7 +55,7 @@ def test_learning_happens_and_outputs_are_written(trained, store):
     cfg, run, files = trained
     for role in ("teacher", "student_distilled", "student_baseline"):
         ep = _epochs(run, role)
-        assert [e["epoch"] for e in ep] == list(range(1, 7))
+        assert [e["epoch"] for e in ep] == list(range(1, 6))
         assert ep[-1]["train_loss"] < 0.7 * ep[0]["train_loss"], role  # the loss falls
         d = run / role
         assert (d / "checkpoints" / "best.ckpt").is_file() and (d / "checkpoints" / "last.ckpt").is_file()
@@ -132,7 +132,7 @@ from ctsma.models import load_train_config, train
 
 class Kill(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.current_epoch == 3 and batch_idx == 1:
+        if trainer.current_epoch == 2 and batch_idx == 1:
             os.kill(os.getpid(), signal.SIGKILL)  # killed mid-epoch, no clean-up
 
 train("baseline", load_train_config(json.loads(sys.argv[1])), callbacks=[Kill()])
@@ -140,7 +140,7 @@ train("baseline", load_train_config(json.loads(sys.argv[1])), callbacks=[Kill()]
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(store, tmp_path):
-    killed = tiny(store.dir, tmp_path / "killed", optim={"max_epochs": 5})
+    killed = tiny(store.dir, tmp_path / "killed", optim={"max_epochs": 4})
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", KILL, json.dumps(killed)], env=env, capture_output=True, text=True,
                           timeout=300)
@@ -148,9 +148,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(store, tmp_path):
     run = tmp_path / "killed" / "student_baseline"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert not (tmp_path / "killed" / "student_baseline.safetensors").exists()
-    assert [e["epoch"] for e in _epochs(tmp_path / "killed", "student_baseline")] == [1, 2, 3]
+    assert [e["epoch"] for e in _epochs(tmp_path / "killed", "student_baseline")] == [1, 2]
     resumed = train("baseline", load_train_config(killed), resume=True)
-    straight = train("baseline", load_train_config(tiny(store.dir, tmp_path / "straight", optim={"max_epochs": 5})))
+    straight = train("baseline", load_train_config(tiny(store.dir, tmp_path / "straight", optim={"max_epochs": 4})))
     a, ma = load_model(resumed)
     b, mb = load_model(straight)
     assert a.keys() == b.keys()

@@ -27,6 +27,8 @@ ap.add_argument("--config", default=str(resource_path("Configs", "demo.yaml")))
 ap.add_argument("--work", default="/tmp/ctsma_bench_training")
 ap.add_argument("--tag", default="", help="suffix of the result file")
 ap.add_argument("--set", action="append", default=[], help="KEY=VALUE overrides, as for ctsma train")
+ap.add_argument("--hard", action="store_true",
+                help="harder synthetic store: 12 subjects x 48 patches, CT noise 150 HU, PSF sd 0.7 mm")
 ap.add_argument("--skip-teacher", action="store_true", help="reuse the teacher already in --work")
 a = ap.parse_args()
 
@@ -34,11 +36,14 @@ work = Path(a.work)
 if a.store:
     store = PatchStore(a.store)
 else:
-    d = work / "synthetic_store"
-    store = PatchStore(d) if (d / "patches.h5").is_file() else make_synthetic_store(d, 20, 64)
+    d = work / ("synthetic_store_hard" if a.hard else "synthetic_store")
+    kw = dict(n_subjects=12, patches_per_subject=48, ct_noise_hu=150.0, psf_mm=0.7) if a.hard else \
+        dict(n_subjects=20, patches_per_subject=64)
+    store = PatchStore(d) if (d / "patches.h5").is_file() else make_synthetic_store(d, **kw)
 from ctsma.cli.train import overrides_from  # noqa: E402
 import types  # noqa: E402
-over = overrides_from(types.SimpleNamespace(set=a.set, store=str(store.dir), out=str(work / "run")))
+over = overrides_from(types.SimpleNamespace(set=a.set, store=str(store.dir),
+                                            out=str(work / ("run_" + a.tag if a.tag else "run"))))
 over.setdefault("trainer", {})["progress_bar"] = False
 cfg = load_train_config(a.config, over)
 load0 = os.getloadavg()[0]
@@ -52,7 +57,7 @@ for which in ("teacher", "student", "baseline"):
     res["seconds"][which] = round(time.perf_counter() - t, 1)
 res["seconds"]["total_training"] = round(sum(res["seconds"].values()), 1)
 t = time.perf_counter()
-m = evaluate(cfg, work / "eval", store=store, ablations=False)
+m = evaluate(cfg, work / ("eval_" + a.tag if a.tag else "eval"), store=store, ablations=False)
 res["seconds"]["evaluate"] = round(time.perf_counter() - t, 1)
 res["load_average_1min_end"] = os.getloadavg()[0]
 res["regression"] = {s: {"mean_icc21": b["mean_icc21"], **{p: b[p]["icc21"] for p in PARAMETERS}}

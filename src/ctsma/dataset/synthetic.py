@@ -45,7 +45,8 @@ def _field(rng: np.random.Generator, scale_vox: float) -> np.ndarray:
     return (f - f.mean()) / (f.std() + 1e-12)
 
 
-def make_patch(rng: np.random.Generator, scale_vox: float, bvtv: float, ct_noise_hu: float = 60.0):
+def make_patch(rng: np.random.Generator, scale_vox: float, bvtv: float, ct_noise_hu: float = 60.0,
+               psf_mm: float = 0.45):
     """One (ct 16³ HU, mr 32³, truth, mr_reference) sample."""
     field = _field(rng, scale_vox)
     # thin-walled structure: bone where |field| is small gives plate/rod-like trabeculae
@@ -55,18 +56,19 @@ def make_patch(rng: np.random.Generator, scale_vox: float, bvtv: float, ct_noise
     mr_frac = fine.reshape(32, 2, 32, 2, 32, 2).mean(axis=(1, 3, 5))
     mr = 1.0 - mr_frac + rng.normal(0, 0.05, mr_frac.shape)
     mr_ref = plate_model(mr_frac >= 0.5, 0.25)
-    ct_fine = ndimage.gaussian_filter(fine, 0.45 / (8.0 / FINE), mode="wrap")  # ~0.45 mm sd PSF
+    ct_fine = ndimage.gaussian_filter(fine, psf_mm / (8.0 / FINE), mode="wrap")  # Gaussian PSF, sd in mm
     ct = ct_fine.reshape(16, 4, 16, 4, 16, 4).mean(axis=(1, 3, 5)) * 1400.0 + 20.0
     ct = ct + rng.normal(0, ct_noise_hu, ct.shape)
     return ct.astype(np.float32), mr.astype(np.float32), truth, mr_ref
 
 
 def make_synthetic_store(directory: str | Path, n_subjects: int = 12, patches_per_subject: int = 24,
-                         seed: int = 0, ct_noise_hu: float = 60.0) -> PatchStore:
+                         seed: int = 0, ct_noise_hu: float = 60.0, psf_mm: float = 0.45) -> PatchStore:
     """Write a synthetic store (splits left to :meth:`PatchStore.patient_split`) and return it opened."""
     rng = np.random.default_rng(seed)
     writer = PatchStore.create(directory, 16, 32, {"mr_normalisation": "synthetic: marrow=1, bone=0",
-                                                   "source": "ctsma.dataset.synthetic", "seed": seed})
+                                                   "source": "ctsma.dataset.synthetic", "seed": seed,
+                                                   "ct_noise_hu": ct_noise_hu, "psf_mm": psf_mm})
     rois = list(ROIS)
     for s in range(n_subjects):
         subj_scale = rng.uniform(1.6, 3.2)
@@ -75,7 +77,7 @@ def make_synthetic_store(directory: str | Path, n_subjects: int = 12, patches_pe
         for i in range(patches_per_subject):
             scale = subj_scale * rng.uniform(0.85, 1.15)
             bvtv = float(np.clip(subj_bvtv + rng.normal(0, 0.04), 0.08, 0.5))
-            ct, mr, truth, mref = make_patch(rng, scale, bvtv, ct_noise_hu)
+            ct, mr, truth, mref = make_patch(rng, scale, bvtv, ct_noise_hu, psf_mm)
             cts.append(ct)
             mrs.append(mr)
             c = rng.uniform(-20, 20, 3)
