@@ -19,7 +19,7 @@ from .. import stats
 from ..errors import UserError
 from ..progress import track
 from .aggregators import make_aggregator
-from .data import KneeSet, build_kneeset
+from .data import KneeSet, build_kneeset, read_table
 
 DEFAULT_FOLDS = 5
 DEFAULT_SEED = 0
@@ -113,9 +113,10 @@ def compare_sources(tables: Mapping[str, object], labels, aggregators: Sequence[
     patch table. Returns ``(diagnosis_block, results)``: the block maps ``"<source>/<aggregator>"`` to
     its metrics; for each ``(a, b)`` in ``pairs`` present in ``tables``, the entry of ``a`` gains
     ``auc_diff_vs_<b>``, ``auc_diff_ci_vs_<b>`` and ``p_auc_vs_<b>`` (two-sided DeLong test of the paired AUCs).
-    Only the patients labelled AND present in every table are used, so the comparison is paired.
+    Every labelled knee must have valid patches in every table (else a clear error names the knees), so all
+    sources are evaluated on the same patients and folds and the comparison is paired.
     """
-    lab = labels if isinstance(labels, pd.DataFrame) else pd.read_csv(labels)
+    lab = read_table(labels, "labels")
     knees_by_source = {s: build_kneeset(t, lab) for s, t in tables.items()}
     results: dict[str, CVResult] = {}
     block: dict[str, dict] = {}
