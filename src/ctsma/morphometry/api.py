@@ -16,7 +16,7 @@ from .validate import MorphometryError, check_binary, check_convention, check_sp
 def measure(image, spacing_zyx=None, mask=None, *, modality: str = "binary", threshold=None,
             method: str = "global", n4: bool = False, convention: str = "default", spheres: str = "roi",
             histogram_bins=DEFAULT_BINS, smooth_sigma_vox: float = 0.0, window_mm: float | None = None,
-            threads: int = 1, return_maps: bool = False, **binarise_kw):
+            threads: int = 1, thickness_method: str = "fast", return_maps: bool = False, **binarise_kw):
     """Trabecular parameters of ``image`` inside ``mask``.
 
     ``image`` is a (z, y, x) array (then ``spacing_zyx`` in mm is required) or a SimpleITK image (spacing
@@ -38,7 +38,7 @@ def measure(image, spacing_zyx=None, mask=None, *, modality: str = "binary", thr
     bone, info = binarise(arr, sp, mask, modality=modality, threshold=threshold, method=method, n4=n4,
                           smooth_sigma_vox=smooth_sigma_vox, window_mm=window_mm, **binarise_kw)
     out = measure_binary(bone, sp, mask, convention=convention, spheres=spheres, histogram_bins=histogram_bins,
-                         threads=threads, return_maps=return_maps)
+                         threads=threads, method=thickness_method, return_maps=return_maps)
     res, maps = out if return_maps else (out, None)
     res["binarisation"] = info
     if return_maps:
@@ -50,7 +50,7 @@ def measure(image, spacing_zyx=None, mask=None, *, modality: str = "binary", thr
 BATCH_KEYS = ("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N")
 
 
-def _one_patch(bone: np.ndarray, roi: np.ndarray | None, sp, convention: str):
+def _one_patch(bone: np.ndarray, roi: np.ndarray | None, sp, convention: str, method: str):
     if roi is None:
         roi_b, marrow = bone, ~bone
         n_roi = bone.size
@@ -61,15 +61,15 @@ def _one_patch(bone: np.ndarray, roi: np.ndarray | None, sp, convention: str):
         return (np.nan,) * 4
     n_b = int(np.count_nonzero(roi_b))
     bvtv = n_b / n_roi
-    th = float(phase_thickness(roi_b, sp, convention)[roi_b].mean(dtype=np.float64)) if n_b else np.nan
+    th = float(phase_thickness(roi_b, sp, convention, 1, method)[roi_b].mean(dtype=np.float64)) if n_b else np.nan
     n_m = n_roi - n_b
-    sep = float(phase_thickness(marrow, sp, convention)[marrow].mean(dtype=np.float64)) if n_m else np.nan
+    sep = float(phase_thickness(marrow, sp, convention, 1, method)[marrow].mean(dtype=np.float64)) if n_m else np.nan
     tbn = 1.0 / (th + sep) if np.isfinite(th) and np.isfinite(sep) else np.nan
     return bvtv, th, sep, tbn
 
 
 def measure_batch(binary_patches, spacing_zyx, masks=None, convention: str = "default",
-                  workers: int | None = None) -> dict[str, np.ndarray]:
+                  workers: int | None = None, method: str = "fast") -> dict[str, np.ndarray]:
     """BV/TV, Tb.Th, Tb.Sp and Tb.N (1/(Tb.Th+Tb.Sp)) of each of N binary patches (N, z, y, x).
 
     Spheres are confined to each patch (and to its mask, if ``masks`` (N, z, y, x) is given). Returns a
@@ -97,7 +97,7 @@ def measure_batch(binary_patches, spacing_zyx, masks=None, convention: str = "de
     workers = workers or min(os.cpu_count() or 1, 8)
 
     def job(i):
-        return i, _one_patch(p[i], None if m is None else m[i], sp, convention)
+        return i, _one_patch(p[i], None if m is None else m[i], sp, convention, method)
 
     if workers > 1 and n > 1:
         with ThreadPoolExecutor(max_workers=workers) as ex:

@@ -27,13 +27,15 @@ class MorphometryWarning(UserWarning):
     """A parameter is undefined for this input (e.g. Tb.Sp of an all-bone ROI) and was set to NaN."""
 
 
-def phase_thickness(phase: np.ndarray, spacing_zyx, convention: str, threads: int = 1) -> np.ndarray:
+def phase_thickness(phase: np.ndarray, spacing_zyx, convention: str, threads: int = 1,
+                    method: str = "fast") -> np.ndarray:
     """Local thickness diameter map (mm) of one phase (bool array), 0 outside it."""
     if not phase.any():
         return np.zeros(phase.shape, np.float32)
     if phase.all():  # no boundary: undefined
         return np.full(phase.shape, np.nan, np.float32)
-    return _thickness_from_dsq(phase, distance_sq(phase, spacing_zyx, threads=threads), spacing_zyx, convention)
+    return _thickness_from_dsq(phase, distance_sq(phase, spacing_zyx, threads=threads), spacing_zyx, convention,
+                               method, threads)
 
 
 def _crop_to(mask: np.ndarray, pad: int = 1):
@@ -71,13 +73,14 @@ def euler_characteristic(bone_roi: np.ndarray) -> int:
 
 def measure_binary(bone: np.ndarray, spacing_zyx, mask=None, *, convention: str = "default",
                    spheres: str = "roi", histogram_bins=DEFAULT_BINS, surface: bool = True,
-                   threads: int = 1, return_maps: bool = False):
+                   threads: int = 1, method: str = "fast", return_maps: bool = False):
     """All parameters of a binary bone image inside an ROI; see :func:`ctsma.morphometry.measure`.
 
     ``spheres="roi"`` confines the spheres to the ROI (outside the ROI is neither bone nor marrow);
     ``"image"`` fits them in the whole image and only averages inside the ROI (the protocol of the
     peer figures on a cube minus a margin). Returns the result dict, and with ``return_maps`` also
-    ``{"thickness": map_mm, "separation": map_mm}`` over the whole grid.
+    ``{"thickness": map_mm, "separation": map_mm}`` over the whole grid. ``method`` is the local-thickness
+    method (``fast`` or ``exact``, see :func:`ctsma.morphometry.local_thickness`).
     """
     bone = check_binary(bone, "binary bone image")
     sp = check_spacing(spacing_zyx)
@@ -97,11 +100,11 @@ def measure_binary(bone: np.ndarray, spacing_zyx, mask=None, *, convention: str 
     sp_map = np.zeros(bone.shape, np.float32)
     if spheres == "roi":
         sl = _crop_to(roi, 1)
-        th_map[sl] = phase_thickness(bone_roi[sl], sp, convention, threads)
-        sp_map[sl] = phase_thickness(marrow_roi[sl], sp, convention, threads)
+        th_map[sl] = phase_thickness(bone_roi[sl], sp, convention, threads, method)
+        sp_map[sl] = phase_thickness(marrow_roi[sl], sp, convention, threads, method)
     else:
-        th_map = phase_thickness(bone, sp, convention, threads)
-        sp_map = phase_thickness(~bone, sp, convention, threads)
+        th_map = phase_thickness(bone, sp, convention, threads, method)
+        sp_map = phase_thickness(~bone, sp, convention, threads, method)
     th_vals = th_map[bone_roi]
     sp_vals = sp_map[marrow_roi]
     for key, vals, what in (("Tb.Th", th_vals, "bone"), ("Tb.Sp", sp_vals, "marrow")):
@@ -123,6 +126,7 @@ def measure_binary(bone: np.ndarray, spacing_zyx, mask=None, *, convention: str 
         res["BS/BV"] = float("nan")
     res["Conn.D"] = (1 - euler_characteristic(bone_roi)) / (n_roi * voxel_mm3) if n_bone else float("nan")
     res["convention"] = convention
+    res["thickness_method"] = method
     res["spheres"] = spheres
     res["spacing"] = [sp[2], sp[1], sp[0]]
     res["spacing_order"] = "x,y,z (mm)"
