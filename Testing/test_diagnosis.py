@@ -111,6 +111,9 @@ def test_knee_without_valid_patches(cohort, tmp_path):
     assert np.isfinite(pred.set_index("subject").loc["S004", "oa_probability"])
     summary = dg.summary_for_knee(model, bad, subject="S003")
     assert summary["oa_probability"] is None and summary["auc"] == pytest.approx(model.cv_metrics["auc"])
+    assert "no valid patch" in summary["message"]
+    ok = dg.summary_for_knee(model, table, subject="S004")
+    assert 0 <= ok["oa_probability"] <= 1 and "message" not in ok and ok["n_train"] == 40
 
 
 def test_bad_inputs_are_user_errors(cohort):

@@ -117,8 +117,10 @@ def predict(model: DiagnosisModel, patch_table, subjects=None) -> pd.DataFrame:
 def summary_for_knee(model: DiagnosisModel | str | Path, patch_table, subject: str | None = None) -> dict:
     """The diagnosis block of ``ctsma infer``'s ``summary.json`` for one knee.
 
-    Keys: ``oa_probability``, ``severity`` (None, with ``message``, when the knee has no valid patch),
-    the model's cross-validated ``auc`` and ``auc_ci``, and which aggregator/source it was trained on.
+    Keys: ``oa_probability``, ``severity`` (None, with a ``message``, when the knee has no valid patch), the
+    decision ``threshold``, ``n_patches``, the model's cross-validated ``auc``, ``auc_ci``, ``accuracy``,
+    ``sensitivity``, ``specificity``, ``severity_mae``, ``severity_r2``, and ``n_train``, ``aggregator``,
+    ``source`` (the parameters it was trained on), ``cv_description``. Feeds the patient report as is.
     """
     if not isinstance(model, DiagnosisModel):
         model = load(model)
@@ -127,8 +129,13 @@ def summary_for_knee(model: DiagnosisModel | str | Path, patch_table, subject: s
     row = predict(model, patches, subjects=[subject]).iloc[0]
     cv = model.cv_metrics
     ok = bool(np.isfinite(row["oa_probability"]))
-    return {"oa_probability": float(row["oa_probability"]) if ok else None,
-            "severity": float(row["severity"]) if ok and np.isfinite(row["severity"]) else None,
-            "n_patches": int(row["n_patches"]), "message": row["message"],
-            "auc": cv.get("auc"), "auc_ci": cv.get("auc_ci"), "cv_description": model.metadata.get("cv_description"),
-            "aggregator": model.metadata.get("aggregator"), "trained_on": model.metadata.get("source")}
+    out = {"oa_probability": float(row["oa_probability"]) if ok else None,
+           "severity": float(row["severity"]) if ok and np.isfinite(row["severity"]) else None,
+           "threshold": 0.5, "n_patches": int(row["n_patches"])}
+    if row["message"]:
+        out["message"] = row["message"]
+    out.update({k: cv.get(k) for k in ("auc", "auc_ci", "accuracy", "sensitivity", "specificity", "severity_mae",
+                                       "severity_r2") if k in cv})
+    out.update({"n_train": model.metadata.get("n_train"), "aggregator": model.metadata.get("aggregator"),
+                "source": model.metadata.get("source"), "cv_description": model.metadata.get("cv_description")})
+    return out
