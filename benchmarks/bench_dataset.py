@@ -27,24 +27,40 @@ if not (cohort / "manifest.csv").is_file():
 from ctsma.dataset.build import BuildSettings, build_dataset  # noqa: E402
 
 t = time.time()
-summary = build_dataset(cohort / "manifest.csv", work / "ds", BuildSettings(transform_column="transform_ct_to_mr"))
+import shutil  # noqa: E402
+import warnings  # noqa: E402
+
+from ctsma import progress  # noqa: E402
+
+progress.configure(quiet=True)
+shutil.rmtree(work / "ds", ignore_errors=True)      # time a full build, not a resume
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    summary = build_dataset(cohort / "manifest.csv", work / "ds", BuildSettings(transform_column="transform_ct_to_mr"))
 res["build_s"] = time.time() - t
 res["n_patches"] = summary["n_patches"]
+res["n_subjects"] = summary["n_subjects"]
+res["true_source"] = sorted({v.get("true_source", "") for v in summary["attrs"].get("subject_info", {}).values()})
+res["load_average_1min"] = __import__("os").getloadavg()[0]
 try:
-    import numpy as np
     from ctsma.dataset import PatchStore
+    from ctsma.dataset.loader import PatchDataset, make_loader
+
     store = PatchStore(work / "ds")
-    arr = store.arrays()
+    split = store.patient_split()
+    ds = PatchDataset(store, split.train, augment=True)
+    loader = make_loader(ds, 64, shuffle=True)
+    for _ in loader:          # warm-up: loads the arrays into RAM
+        break
     t = time.time()
     n = 0
-    rng = np.random.default_rng(0)
-    while time.time() - t < 3:
-        idx = np.sort(rng.choice(len(store), min(64, len(store)), replace=False))
-        _ = arr["ct"][idx], arr["mr"][idx]
-        n += len(idx)
-    res["raw_pairs_per_s"] = n / (time.time() - t)
-except Exception as exc:  # loader owned elsewhere
-    res["loader_error"] = str(exc)
+    while time.time() - t < 5:
+        for batch in loader:
+            n += len(batch["index"])
+    res["loader_pairs_per_s"] = n / (time.time() - t)
+    res["loader"] = "ctsma.dataset.loader.make_loader(PatchDataset(train, augment=True), 64), 0 workers"
+except Exception as exc:  # the loader is another engineer's; report rather than fail
+    res["loader_error"] = f"{type(exc).__name__}: {exc}"
 for k, v in res.items():
     print(f"{k:20s} {v}")
 out = Path(__file__).parent / "results"

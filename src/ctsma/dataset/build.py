@@ -58,7 +58,7 @@ class BuildSettings:
     truth: bool = setting(True, help="compute true parameters where the phantom can regenerate its truth")
     truth_spacing_mm: float = setting(0.0625, lo=0.01, hi=2.0, help="grid of the true microstructure (mm)")
     truth_extent_mm: float = setting(4.0, lo=0.5, hi=64.0, help="edge of the central cube measured for truth (mm)")
-    truth_max_per_roi: int = setting(2, lo=0, hi=100000,
+    truth_max_per_roi: int = setting(1, lo=0, hi=100000,
                                      help="patches per ROI and subject that get true parameters (the truth costs "
                                           "~0.8 s a patch at the defaults; the others get NaN)")
     folds: int = setting(5, lo=2, hi=100, help="patient-level folds")

@@ -59,7 +59,7 @@ def render_rois(ct: sitk.Image, bones: sitk.Image, rois: sitk.Image, path: str |
         ax.set_xlabel("mm")
     if info:
         axes[0, 0].text(0.02, 0.02, f"band {info.get('start_mm')}-{info.get('end_mm')} mm below the surface\n"
-                        f"footprint: joint gap <= narrowest + {info.get('contact_margin_mm')} mm\n"
+                        f"femoral footprint: joint gap <= narrowest + {info.get('contact_margin_mm')} mm\n"
                         f"knee {info.get('side')} ({info.get('side_from')})", transform=axes[0, 0].transAxes,
                         color="w", fontsize=7, va="bottom")
     fig.legend(handles=[Patch(color=COLOURS[k], label=f"{k}={v}") for k, v in ROIS.items()], loc="lower center",
