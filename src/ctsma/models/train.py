@@ -135,14 +135,15 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     callbacks = [ckpt_cb, JsonlProgress(run_dir / "progress.jsonl", role, optim["max_epochs"])] + list(callbacks or [])
     if cfg.optim.patience:
         callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=cfg.optim.patience))
-    if cfg.trainer.progress_bar:
+    show_bar = cfg.trainer.progress_bar and not getattr(progress, "_quiet", False)  # `ctsma --quiet` hides it
+    if show_bar:
         callbacks.append(TQDMProgressBar(leave=False))
     loggers = [CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tb", version="")]
     trainer = pl.Trainer(
         max_epochs=optim["max_epochs"], accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes, strategy=cfg.trainer.strategy, precision=_precision(cfg),
         callbacks=callbacks, logger=loggers, deterministic=cfg.trainer.deterministic,
-        enable_progress_bar=cfg.trainer.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_progress_bar=show_bar, enable_model_summary=False, num_sanity_val_steps=0,
         gradient_clip_val=cfg.optim.grad_clip or None, use_distributed_sampler=False, log_every_n_steps=1,
         default_root_dir=run_dir)
     progress.info(f"training {role} on {len(dm.split.train)} patches of {len(dm.split.subjects['train'])} patients "
