@@ -50,7 +50,7 @@ class BuildSettings:
     min_per_roi: int = setting(4, lo=0, hi=100000, help="warn when an ROI has fewer valid patches")
     min_roi_fraction: float = setting(0.5, lo=0.0, hi=1.0, help="least ROI share of a patch cube")
     roi_source: str = setting("manifest", choices=("manifest", "auto"),
-                              help="manifest: the ct_rois column when present; auto: always segment")
+                              help="manifest: the ct_rois (else ct_bones) column when present; auto: always segment")
     transform_column: str = setting("", help="manifest column with the CT->MR transform; empty: registered")
     min_bone_dice: float = setting(0.6, lo=0.0, hi=1.0, help="registration QA: least femur/tibia Dice")
     mr_threshold: str = setting("otsu-knee", choices=("otsu-knee", "otsu-patch"),
@@ -140,7 +140,7 @@ def load_rois(row: dict, root: Path, ct: sitk.Image, s: BuildSettings) -> tuple[
     p = _path(root, row.get("ct_rois"))
     if s.roi_source == "manifest" and p is not None:
         return read_user_labels(p, ct, "rois"), "manifest ct_rois"
-    bp = _path(root, row.get("ct_bones"))
+    bp = _path(root, row.get("ct_bones")) if s.roi_source == "manifest" else None
     if bp is not None:
         bones, src = read_user_labels(bp, ct, "bones"), "manifest ct_bones + subchondral_rois"
     else:
