@@ -315,6 +315,11 @@ def test_analysis_logic_loads_segmentations_maps_and_tables(mrml_scene, tmp_path
     out = run.outputs
     assert {"BV/TV", "Tb.Th", "Tb.Sp", "Tb.N", "bones", "rois", "table", "diagnosis"} <= set(out)
     assert out["Tb.Th"].GetAttribute("CTSMA.Unit") == "mm"
+    disp = out["Tb.Sp"].GetDisplayNode()  # CT-SMA colour table, fixed physical range, background hidden
+    assert disp.GetColorNode().GetName() == "CTSMA_TbSp" and disp.GetColorNode().GetNumberOfColors() == 256
+    assert not disp.GetAutoWindowLevel()
+    assert np.allclose((disp.GetWindowLevelMin(), disp.GetWindowLevelMax()), (0.3, 1.5))
+    assert disp.GetApplyThreshold() and disp.GetLowerThreshold() > 0
     img = sb.volume_node_to_sitk(out["BV/TV"])
     assert np.allclose(img.GetOrigin(), sb.volume_node_to_sitk(ct).GetOrigin())
     table, _ = sb.node_to_dataframe(out["table"])

@@ -103,6 +103,7 @@ class CTSMALogic(CliLogic):
         import SimpleITK as sitk
 
         from . import scene_bridge as sb
+        from .colors import show_parameter_map
 
         out_dir = Path(out_dir)
         table = out_dir / "roi_table.csv"
@@ -118,7 +119,15 @@ class CTSMALogic(CliLogic):
                     node = sb.sitk_to_volume_node(sitk.ReadImage(str(path)), self.scene, name=f"{name} {param}")
                     node.SetAttribute("CTSMA.Parameter", param)
                     node.SetAttribute("CTSMA.Unit", PARAMETER_UNITS.get(param, ""))
+                    show_parameter_map(node, param)
                     out[param] = node
+                upath = out_dir / "uncertainty" / f"{stem}.nii.gz"
+                if upath.exists():
+                    unode = sb.sitk_to_volume_node(sitk.ReadImage(str(upath)), self.scene,
+                                                   name=f"{name} {param} uncertainty")
+                    unode.SetAttribute("CTSMA.Parameter", param)
+                    show_parameter_map(unode, param, uncertainty=True)
+                    out[f"{param} uncertainty"] = unode
             for kind in ("bones", "rois"):
                 path = out_dir / f"{kind}.nii.gz"
                 if path.exists():

@@ -1,0 +1,145 @@
+"""The demo's final outputs: metrics.json, study report, patient report and the Slicer scene."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from .. import PARAMETER_FILE_NAMES, PARAMETERS, ROIS
+from ..io import write_json
+from .stages import Context, _labels, _oof_tables, inference_subject
+
+
+def collect_metrics(ctx: Context, timings: dict) -> dict:
+    ev = json.loads((ctx.out / "evaluation" / "metrics.json").read_text())
+    metrics = {k: ev[k] for k in ("regression", "regression_vs_truth", "distillation_gain",
+                                  "distillation_gain_vs_truth", "regression_info") if k in ev}
+    metrics["diagnosis"] = json.loads((ctx.out / "diagnosis" / "diagnosis_metrics.json").read_text())
+    metrics["registration"] = json.loads((ctx.out / "registration" / "registration_metrics.json").read_text())
+    metrics["timing"] = {k: float(v) for k, v in timings.items()}
+    metrics["demo"] = {"settings": ctx.s.__dict__, "n_knees": int(len(ctx.cohort()))}
+    return metrics
+
+
+def _predictions(ctx: Context) -> dict[str, pd.DataFrame]:
+    """Long tables (subject, roi, param, reference, predicted) of the out-of-fold patches, per source."""
+    from ..dataset.store import PatchStore
+
+    store = PatchStore(ctx.out / "dataset" / "store")
+    idx = np.load(ctx.out / "evaluation" / "oof_index.npy")
+    pred = pd.read_csv(ctx.out / "evaluation" / "regression_predictions.csv")
+    rois = store.table.iloc[idx]["roi"].to_numpy()
+    out = {}
+    for src in ("teacher", "student_distilled", "student_baseline", "ct_direct"):
+        frames = []
+        for p in PARAMETERS:
+            if f"{src}_{p}" not in pred:
+                continue
+            frames.append(pd.DataFrame({"subject": pred.subject.astype(str), "roi": rois, "param": p,
+                                        "reference": pred[f"mr_{p}"], "predicted": pred[f"{src}_{p}"]}))
+        if frames:
+            out[src] = pd.concat(frames, ignore_index=True)
+    return out
+
+
+def _roc(ctx: Context) -> dict:
+    oof = pd.read_csv(ctx.out / "diagnosis" / "oof_predictions.csv")
+    prob = "oa_probability" if "oa_probability" in oof else [c for c in oof.columns if "prob" in c][0]
+    return {f"{s}/{a}": {"y_true": g["oa"].to_numpy(), "y_score": g[prob].to_numpy()}
+            for (s, a), g in oof.groupby(["source", "aggregator"])}
+
+
+def reference_ranges(ctx: Context, exclude: str) -> pd.DataFrame:
+    """Non-OA knees' per-knee ROI means (out-of-fold distilled student), mean and SD across knees."""
+    t = _oof_tables(ctx)["student_distilled"]
+    labels = _labels(ctx)
+    healthy = set(labels.subject[labels.oa == 0]) - {exclude}
+    t = t[t.subject.isin(healthy)]
+    per_knee = t.groupby(["subject", "roi"])[list(PARAMETERS)].mean().reset_index()
+    rows = []
+    for roi, g in per_knee.groupby("roi"):
+        for p in PARAMETERS:
+            rows.append({"roi": roi, "parameter": p, "mean": float(g[p].mean()), "sd": float(g[p].std(ddof=1)),
+                         "n_knees": int(len(g))})
+    return pd.DataFrame(rows)
+
+
+def patient_report(ctx: Context) -> Path:
+    from ..io import read_image
+    from ..report import write_patient_report
+    from ..report.patient import patient_report_path
+
+    subject = inference_subject(ctx)
+    d = ctx.out / "inference" / subject
+    summary = json.loads((d / "summary.json").read_text())
+    ct = read_image(summary["ct"], what="CT")
+    rois = sitk.ReadImage(str(d / "rois.nii.gz"), sitk.sitkUInt8)
+    roi_arr = sitk.GetArrayViewFromImage(rois) > 0
+    maps = {}
+    for p in PARAMETERS:
+        m = sitk.ReadImage(str(d / "maps" / f"{PARAMETER_FILE_NAMES[p]}.nii.gz"), sitk.sitkFloat32)
+        a = sitk.GetArrayFromImage(m)
+        a[~roi_arr] = np.nan  # the file's documented background (0) is shown as transparent
+        img = sitk.GetImageFromArray(a)
+        img.CopyInformation(m)
+        maps[p] = img
+    cv = (summary.get("diagnosis") or {}).get("cv_metrics") or {}
+    dx = None
+    if summary.get("oa_probability") is not None:
+        dx = {"oa_probability": summary["oa_probability"], "severity": summary.get("severity"), **cv}
+    prov = {"model": summary["model"].get("path"), "version": summary["model"].get("ctsma_version"),
+            "trained_on": f"{summary['model'].get('trained_on')} phantom knees (cross-fitting fold that held "
+                          f"{subject} out)", "demo": True, "role": summary["model"].get("role")}
+    out = patient_report_path(ctx.out, subject)
+    return write_patient_report(out, ct=ct, rois=rois, maps=maps, roi_table=pd.read_csv(d / "roi_table.csv"),
+                                reference_ranges=reference_ranges(ctx, subject), diagnosis=dx, provenance=prov,
+                                subject=subject)
+
+
+def _slicer_lib() -> bool:
+    """Make the Slicer-side helpers importable from a source checkout (they live beside the package)."""
+    root = Path(__file__).resolve().parents[3] / "CTSMA"
+    if (root / "CTSMALib").is_dir() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        import CTSMALib  # noqa: F401
+        import slicer  # noqa: F401
+        return hasattr(slicer, "vtkMRMLScene")
+    except ImportError:
+        return False
+
+
+def scene(ctx: Context) -> Path | None:
+    """A Slicer scene (.mrb) of the inference knee: CT, MR, ROIs, maps, tables, registration transform."""
+    if not _slicer_lib():
+        warnings.warn("slicer-core is not installed: the Slicer scene (.mrb) is skipped "
+                      "(pip install slicer-core==5.13.31053.0)", stacklevel=2)
+        return None
+    from CTSMALib.demo_scene import write_demo_scene
+
+    subject = inference_subject(ctx)
+    row = ctx.cohort().set_index("subject").loc[subject]
+    root = ctx.manifest.parent
+    return write_demo_scene(ctx.out / "scene" / f"{subject}.mrb", ct=root / row.ct, mr=root / row.mr,
+                            infer_dir=ctx.out / "inference" / subject,
+                            transform=ctx.out / "registration" / "cohort" / subject / "transform_ct_to_mr.h5")
+
+
+def report(ctx: Context, d: Path, timings: dict) -> dict:
+    from ..report import write_readme_snippet, write_study_report
+
+    metrics = collect_metrics(ctx, timings)
+    write_json(ctx.out / "metrics.json", metrics)
+    paths = write_study_report(metrics, ctx.out, cohort=ctx.cohort(), predictions=_predictions(ctx), roc=_roc(ctx),
+                               timings=timings, title="CT-SMA end-to-end demo on the digital knee phantom")
+    pr = patient_report(ctx)
+    snip = write_readme_snippet(metrics, d)
+    mrb = scene(ctx)
+    return {"study": [str(p) for p in paths.values()], "patient": str(pr), "scene": str(mrb) if mrb else None,
+            "readme_snippet": {k: str(v) for k, v in snip.items() if v}}

@@ -1,0 +1,307 @@
+"""The demo's stages. Each takes its own output folder and a shared context, and returns a JSON summary.
+
+Honest evaluation on the phantom, by construction:
+* the synthesis model is trained on the first ``synthesis_knees`` knees only, without the true transforms;
+  registration accuracy (TRE) is reported on the other knees;
+* teacher, distilled student and baseline student are trained by **patient-level cross-fitting**: with K folds,
+  K models of each kind are trained, each on the patients of K-1 folds, and each predicts only the patients of
+  its held-out fold. Every regression figure and every diagnosis input is therefore an out-of-sample prediction
+  for every patient, and hyper-parameters come from the fixed demo config (nothing is tuned on test patients);
+* the diagnosis aggregators are cross-validated (patient-level, stratified) on those out-of-sample parameters;
+* the knee analysed by ``ctsma infer`` uses the student of the fold that held it out, and a diagnosis model
+  trained on the other knees.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import PARAMETERS, progress
+from ..io import write_json
+from .settings import DemoSettings
+
+
+@dataclass
+class Context:
+    out: Path
+    s: DemoSettings
+    info: dict = field(default_factory=dict)
+
+    @property
+    def manifest(self) -> Path:
+        return self.out / "phantom" / "manifest.csv"
+
+    def cohort(self) -> pd.DataFrame:
+        return pd.read_csv(self.manifest, dtype={"subject": str})
+
+    def synthesis_subjects(self) -> list[str]:
+        return sorted(self.cohort().subject)[: self.s.synthesis_knees]
+
+
+def _abs_manifest(ctx: Context, subjects, path: Path) -> Path:
+    df = ctx.cohort()
+    df = df[df.subject.isin(subjects)].copy()
+    for col in ("ct", "mr", "ct_bones", "mr_bones", "ct_rois", "mr_rois", "transform_ct_to_mr", "landmarks",
+                "ct_tissues", "mr_tissues", "metadata"):
+        if col in df.columns:
+            df[col] = [str((ctx.manifest.parent / p).resolve()) for p in df[col]]
+    df.to_csv(path, index=False)
+    return path
+
+
+# ------------------------------------------------------------------ phantom
+def phantom(ctx: Context, d: Path) -> dict:
+    from ..phantom import generate_cohort, make_settings
+
+    generate_cohort(make_settings(ctx.s.phantom_preset), ctx.s.n, ctx.s.seed, d, workers=ctx.s.workers)
+    df = ctx.cohort()
+    return {"n": int(len(df)), "oa": int(df.oa.sum()), "kl_grades": df.kl_grade.value_counts().sort_index().to_dict()}
+
+
+# ------------------------------------------------------------------ synthesis
+def synthesis(ctx: Context, d: Path) -> dict:
+    from ..io import read_image
+    from ..synthesis.training import load_train_config, train
+
+    subjects = ctx.synthesis_subjects()
+    rows = ctx.cohort().set_index("subject").loc[subjects]
+    root = ctx.manifest.parent
+    pairs = [(read_image(root / r.mr, what="MR"), read_image(root / r.ct, what="CT"), None) for r in rows.itertuples()]
+    model = train(pairs, load_train_config("demo"), names=subjects)
+    model.save(d / "synthesis.safetensors")
+    return {"model": str(d / "synthesis.safetensors"), "trained_on": subjects,
+            "timings": model.meta.get("training", {}).get("timings", {})}
+
+
+# ------------------------------------------------------------------ registration
+REGISTRATION_VARIANTS = {
+    "no_synthesis": {"use_synthesis": False},
+    "no_per_bone": {"per_bone": {"enabled": False}},
+    "rigid_only": {"per_bone": {"enabled": False}, "affine": {"enabled": False}, "deformable": {"enabled": False}},
+}
+
+
+def _tre(ctx: Context, reg_dir: Path, subjects) -> tuple[np.ndarray, dict]:
+    import SimpleITK as sitk
+
+    from ..registration.tre import tre_mm
+
+    df = ctx.cohort().set_index("subject")
+    errs, per = [], {}
+    for s in subjects:
+        t = reg_dir / s / "transform_ct_to_mr.h5"
+        if not t.is_file():
+            continue
+        lm = pd.read_csv(ctx.manifest.parent / df.loc[s, "landmarks"])
+        e = tre_mm(sitk.ReadTransform(str(t)), lm)
+        per[s] = float(e.mean())
+        errs.append(e)
+    return (np.concatenate(errs) if errs else np.zeros(0)), per
+
+
+def _seconds(reg_dir: Path, subjects) -> float:
+    secs = []
+    for s in subjects:
+        q = reg_dir / s / "qa.json"
+        if q.is_file():
+            secs.append(float(json.loads(q.read_text()).get("total_seconds", np.nan)))
+    return float(np.nanmean(secs)) if secs else float("nan")
+
+
+def registration(ctx: Context, d: Path) -> dict:
+    from ..registration.cohort import run_cohort
+    from ..registration.presets import load_preset
+
+    model = ctx.out / "synthesis" / "synthesis.safetensors"
+    preset = load_preset(ctx.s.registration_preset)
+    table = run_cohort(ctx.manifest, d / "cohort", preset=preset, model_path=str(model), jobs=ctx.s.workers)
+    unseen = [s for s in sorted(ctx.cohort().subject) if s not in set(ctx.synthesis_subjects())]
+    errs, per = _tre(ctx, d / "cohort", unseen)
+    result = {"full": {"tre_mean_mm": float(errs.mean()), "tre_p95_mm": float(np.percentile(errs, 95)),
+                       "seconds_per_knee": _seconds(d / "cohort", unseen), "n_knees": len(per),
+                       "n_landmarks": int(errs.size)}}
+    sub = unseen[: ctx.s.variant_knees]
+    if sub:
+        man = _abs_manifest(ctx, sub, d / "variants_manifest.csv")
+        errs_full, _ = _tre(ctx, d / "cohort", sub)
+        result["full"]["tre_mean_mm_variant_knees"] = float(errs_full.mean())
+        for name, over in REGISTRATION_VARIANTS.items():
+            vd = d / "variants" / name
+            run_cohort(man, vd, preset=load_preset(ctx.s.registration_preset, over), model_path=str(model),
+                       jobs=ctx.s.workers)
+            e, _ = _tre(ctx, vd, sub)
+            if e.size:
+                result[name] = {"tre_mean_mm": float(e.mean()), "tre_p95_mm": float(np.percentile(e, 95)),
+                                "seconds_per_knee": _seconds(vd, sub), "n_knees": len(sub),
+                                "n_landmarks": int(e.size)}
+    failed = table[table.status == "failed"] if "status" in table else table.iloc[0:0]
+    write_json(d / "registration_metrics.json", result)
+    return {"registration": result, "failed": failed.subject.tolist() if len(failed) else [],
+            "tre_per_knee": per}
+
+
+# ------------------------------------------------------------------ dataset
+def dataset(ctx: Context, d: Path) -> dict:
+    from ..dataset.build import BuildSettings, build_dataset
+
+    summary = build_dataset(ctx.manifest, d / "store", BuildSettings(seed=ctx.s.seed),
+                            registrations=ctx.out / "registration" / "cohort")
+    return {"n_patches": summary.get("n_patches"), "n_subjects": summary.get("n_subjects"),
+            "excluded": summary.get("excluded", {})}
+
+
+# ------------------------------------------------------------------ training (cross-fitting)
+def fold_config(ctx: Context, fold: int):
+    from ..models import load_train_config
+    from ..resources import resource_path
+
+    path = resource_path("Configs", "demo.yaml") if ctx.s.train_config == "demo" else Path(ctx.s.train_config)
+    over = {"data": {"store": str(ctx.out / "dataset" / "store"), "k_folds": ctx.s.folds, "fold": fold,
+                     "use_stored_split": False, "split_seed": ctx.s.seed},
+            "output": {"dir": str(ctx.out / "training" / f"fold{fold}")},
+            "trainer": {"seed": ctx.s.seed, "progress_bar": False}}
+    return load_train_config(path, over)
+
+
+def training(ctx: Context, d: Path) -> dict:
+    from ..models import train
+
+    out = {}
+    for f in range(ctx.s.folds):
+        cfg = fold_config(ctx, f)
+        for which in ("teacher", "student", "baseline"):
+            progress.info(f"  fold {f + 1}/{ctx.s.folds}: {which}")
+            train(which, cfg)
+        out[f"fold{f}"] = str(d / f"fold{f}")
+    return out
+
+
+# ------------------------------------------------------------------ evaluation (pooled out-of-fold)
+def evaluation(ctx: Context, d: Path) -> dict:
+    from ..dataset.store import PatchStore
+    from ..evaluation.regression import (SOURCES, agreement_block, ct_direct, distillation_gain,
+                                         predict_sources, write_outputs)
+
+    store = PatchStore(ctx.out / "dataset" / "store")
+    all_idx, preds = [], {}
+    for f in range(ctx.s.folds):
+        cfg = fold_config(ctx, f)
+        c = cfg.data
+        split = store.patient_split(c.test_fraction, c.val_fraction, k=c.k_folds, fold=f, seed=c.split_seed,
+                                    use_stored=False)
+        p, _ = predict_sources(cfg, store, split.test)  # refuses a model trained on any of these patients
+        all_idx.append(split.test)
+        for k, v in p.items():
+            preds.setdefault(k, []).append(v)
+    idx = np.concatenate(all_idx)
+    preds = {k: np.concatenate(v) for k, v in preds.items()}
+    preds["ct_direct"], ct_info = ct_direct(store, idx)
+    subjects = store.table["subject"].astype(str).to_numpy()[idx]
+    ref = store.targets("mr")[idx]
+    truth = store.targets("true")[idx]
+    res = {"regression": {s: agreement_block(ref, preds[s], subjects) for s in SOURCES if s in preds}}
+    has_truth = bool(np.isfinite(truth).all(axis=1).sum() >= 3)
+    if has_truth:
+        res["regression_vs_truth"] = {s: agreement_block(truth, preds[s], subjects) for s in SOURCES if s in preds}
+        res["regression_vs_truth"]["mr_reference"] = agreement_block(truth, ref, subjects)
+    n_boot = fold_config(ctx, 0).evaluate.n_boot
+    res["distillation_gain"] = distillation_gain(ref, preds["student_distilled"], preds["student_baseline"],
+                                                 subjects, n_boot=n_boot, seed=ctx.s.seed)
+    if has_truth:
+        res["distillation_gain_vs_truth"] = distillation_gain(truth, preds["student_distilled"],
+                                                              preds["student_baseline"], subjects,
+                                                              n_boot=n_boot, seed=ctx.s.seed)
+    res["regression_info"] = {"level": "patch", "design": f"{ctx.s.folds}-fold patient-level cross-fitting: every "
+                              "prediction comes from a model that never saw that patient",
+                              "n_patients": int(len(set(subjects))), "n_patches": int(len(idx)),
+                              "ct_direct": ct_info}
+    write_outputs(d, res, ref, truth if has_truth else None, preds, subjects)
+    np.save(d / "oof_index.npy", idx)
+    return {"mean_icc21": {k: v.get("mean_icc21") for k, v in res["regression"].items()},
+            "distillation_gain": res["distillation_gain"]["mean_icc21_diff"],
+            "gain_ci": res["distillation_gain"]["ci"]}
+
+
+def _oof_tables(ctx: Context) -> dict[str, pd.DataFrame]:
+    """Per-patch parameter tables per source: out-of-fold student predictions, MR reference, phantom truth."""
+    from ..dataset.store import PatchStore
+
+    store = PatchStore(ctx.out / "dataset" / "store")
+    ev = ctx.out / "evaluation"
+    idx = np.load(ev / "oof_index.npy")
+    pred = pd.read_csv(ev / "regression_predictions.csv")
+    base = store.table.iloc[idx][["subject", "roi", "rel_x", "rel_y", "rel_z"]].reset_index(drop=True)
+    base["subject"] = base["subject"].astype(str)
+    tables = {}
+    for src, prefix in (("student_distilled", "student_distilled_"), ("student_baseline", "student_baseline_"),
+                        ("mr_reference", "mr_"), ("truth", "true_")):
+        t = base.copy()
+        for p in PARAMETERS:
+            t[p] = pred[prefix + p].to_numpy() if prefix + p in pred else np.nan
+        t = t[np.isfinite(t[list(PARAMETERS)]).all(axis=1)]
+        if len(t):
+            tables[src] = t.reset_index(drop=True)
+    return tables
+
+
+def _labels(ctx: Context) -> pd.DataFrame:
+    return ctx.cohort()[["subject", "oa", "kl_grade", "severity"]].assign(subject=lambda x: x.subject.astype(str))
+
+
+# ------------------------------------------------------------------ diagnosis
+def diagnosis(ctx: Context, d: Path) -> dict:
+    from .. import diagnosis as dx
+    from ..diagnosis import report as dxreport
+
+    tables = _oof_tables(ctx)
+    labels = _labels(ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        block, results = dx.compare_sources(tables, labels, ctx.s.aggregators, ctx.s.diagnosis_folds, ctx.s.seed,
+                                            pairs=[("student_distilled", "student_baseline")])
+    write_json(d / "diagnosis_metrics.json", block)
+    dxreport.write_table(block, d)
+    dxreport.write_roc_plots(results, d)
+    dxreport.write_oof(results, d / "oof_predictions.csv")
+    return {"auc": {k: v.get("auc") for k, v in block.items()}}
+
+
+# ------------------------------------------------------------------ inference on one held-out knee
+def inference_subject(ctx: Context) -> str:
+    from ..dataset.store import PatchStore
+
+    cfg = fold_config(ctx, 0)
+    store = PatchStore(ctx.out / "dataset" / "store")
+    c = cfg.data
+    split = store.patient_split(c.test_fraction, c.val_fraction, k=c.k_folds, fold=0, seed=c.split_seed,
+                                use_stored=False)
+    return sorted(split.subjects["test"])[0]
+
+
+def inference(ctx: Context, d: Path) -> dict:
+    from .. import diagnosis as dx
+    from ..inference.engine import InferSettings, infer
+
+    subject = inference_subject(ctx)
+    tables = _oof_tables(ctx)
+    labels = _labels(ctx)
+    others = tables["student_distilled"]
+    others = others[others.subject != subject]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = dx.train(others, labels[labels.subject != subject], "transformer", seed=ctx.s.seed,
+                         folds=ctx.s.diagnosis_folds, source="student_distilled")
+    dpath = dx.save(model, d / "diagnosis_model.safetensors")
+    row = ctx.cohort().set_index("subject").loc[subject]
+    student = ctx.out / "training" / "fold0" / "student_distilled.safetensors"
+    summary = infer(ctx.manifest.parent / row.ct, d / subject, model_path=student,
+                    settings=InferSettings(side=str(row.side)), diagnosis_path=dpath, subject=subject)
+    return {"subject": subject, "n_patches": summary["n_patches"], "oa_probability": summary.get("oa_probability"),
+            "true_oa": int(row.oa), "seconds": summary["seconds"]}
