@@ -18,7 +18,7 @@ from .. import __version__, progress
 from ..errors import UserError
 
 # Subcommand modules, in the order shown by --help. Only working subcommands are listed.
-SUBCOMMANDS: list[str] = ["segment", "dataset", "phantom", "diagnose", "synthesis", "register", "report", "train", "evaluate", "infer", "morphometry"]
+SUBCOMMANDS: list[str] = ["segment", "dataset", "phantom", "diagnose", "synthesis", "register", "report", "train", "evaluate", "infer", "morphometry", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
