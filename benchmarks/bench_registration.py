@@ -60,8 +60,13 @@ import sys, itk, numpy as np
 fixed = itk.imread(sys.argv[1], itk.F); moving = itk.imread(sys.argv[2], itk.F)
 po = itk.ParameterObject.New()
 for name in ("rigid", "affine", "bspline"):
-    po.AddParameterMap(po.GetDefaultParameterMap(name))
-res, tp = itk.elastix_registration_method(fixed, moving, parameter_object=po, log_to_console=False)
+    pm = po.GetDefaultParameterMap(name)
+    if name == "rigid":  # the scans are in different frames: start from the geometric centres
+        pm["AutomaticTransformInitialization"] = ["true"]
+        pm["AutomaticTransformInitializationMethod"] = ["GeometricalCenter"]
+    pm["MaximumNumberOfSamplingAttempts"] = ["8"]
+    po.AddParameterMap(pm)
+res, tp = itk.elastix_registration_method(fixed, moving, parameter_object=po, log_to_console=False, log_to_file=True, output_directory=".")
 pts = np.loadtxt(sys.argv[3], ndmin=2)
 with open("fixed_points.txt", "w") as fh:
     fh.write("point\n%d\n" % len(pts))
@@ -86,7 +91,9 @@ def run_peer(ct_path: str, mr_path: str, ct_pts: np.ndarray, python: Path) -> tu
                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
         secs = time.perf_counter() - t0
         if proc.returncode:
-            raise RuntimeError(proc.stderr[-2000:])
+            log = tmp / "elastix.log"
+            tail = log.read_text(errors="replace")[-1500:] if log.is_file() else ""
+            raise RuntimeError(proc.stderr[-800:] + "\n" + tail)
         return np.loadtxt(tmp / "out.txt", ndmin=2), secs
 
 

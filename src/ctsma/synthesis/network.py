@@ -14,9 +14,11 @@ from torch import nn
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.InstanceNorm2d(cout, affine=True),
+    # Batch norm (running statistics at inference), not instance norm: training patches and whole
+    # inference slices differ in content, and per-image statistics would shift the output HU.
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout),
                          nn.LeakyReLU(0.1, inplace=True), nn.Conv2d(cout, cout, 3, padding=1),
-                         nn.InstanceNorm2d(cout, affine=True), nn.LeakyReLU(0.1, inplace=True))
+                         nn.BatchNorm2d(cout), nn.LeakyReLU(0.1, inplace=True))
 
 
 class UNet25D(nn.Module):

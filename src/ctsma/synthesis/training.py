@@ -33,14 +33,15 @@ class TrainConfig:
     in_slices: int = setting(5, lo=1, hi=15, help="neighbouring slices given to the 2.5D network (odd)")
     base: int = setting(16, lo=4, hi=128, help="channels of the first U-Net level")
     depth: int = setting(3, lo=2, hi=5)
-    patch: int = setting(64, lo=16, hi=512, help="training patch size (voxels)")
+    patch: int = setting(48, lo=16, hi=512, help="training patch size (voxels)")
     batch: int = setting(16, lo=1, hi=512)
-    iterations: int = setting(800, lo=1, hi=200_000, help="round-1 optimiser steps")
-    refine_iterations: int = setting(400, lo=0, hi=200_000, help="round-2 steps (0: no second round)")
+    iterations: int = setting(1500, lo=1, hi=200_000, help="round-1 optimiser steps")
+    refine_iterations: int = setting(600, lo=0, hi=200_000, help="round-2 steps (0: no second round)")
     learning_rate: float = setting(2e-3, lo=1e-6, hi=1.0)
     shift_tolerance_vox: int = setting(1, lo=0, hi=4, help="in-plane shift the loss forgives")
     bone_weight: float = setting(3.0, lo=1.0, hi=100.0, help="loss weight of voxels above 150 HU")
     bone_fraction: float = setting(0.7, lo=0.0, hi=1.0, help="share of patches centred on bone")
+    min_valid: float = setting(0.9, lo=0.0, hi=1.0, help="least share of a patch inside the MR field of view")
     planes: list[str] = setting(["axial", "coronal", "sagittal"], choices=tuple(PLANES))
     pairing_preset: str = setting("pairing", help="registration preset for round 1 (no synthesis)")
     refine_preset: str = setting("pairing_pct", help="registration preset for round 2 (pseudo-CT)")
@@ -51,8 +52,8 @@ class TrainConfig:
 
 PRESETS = {
     "default": {},
-    "demo": {"iterations": 350, "refine_iterations": 150, "batch": 12, "base": 12, "max_minutes": 2.0,
-             "planes": ["axial", "coronal", "sagittal"]},
+    "demo": {"iterations": 600, "refine_iterations": 200, "batch": 12, "base": 12, "patch": 32,
+             "learning_rate": 3e-3, "max_minutes": 2.0},
 }
 
 
@@ -104,6 +105,7 @@ class PatchSampler:
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c, k, h = self.cfg, self.cfg.in_slices // 2, self.cfg.patch // 2
         xs, ys, vs = [], [], []
+        tries = 0
         while len(xs) < c.batch:
             p = self.pairs[self.rng.integers(len(self.pairs))]
             pool = p.bone_idx if (len(p.bone_idx) and self.rng.random() < c.bone_fraction) else p.valid_idx
@@ -112,11 +114,14 @@ class PatchSampler:
             z, y, x = pool[self.rng.integers(len(pool))]
             ax = PLANES[c.planes[self.rng.integers(len(c.planes))]]
             sl = [slice(z - h, z + h), slice(y - h, y + h), slice(x - h, x + h)]
+            sl[ax] = slice((z, y, x)[ax], (z, y, x)[ax] + 1)
+            v = np.moveaxis(p.valid[tuple(sl)], ax, 0)
+            if v.mean() < c.min_valid and tries < 50:  # mostly outside the MR's field of view
+                tries += 1
+                continue
+            ct = np.moveaxis(p.ct[tuple(sl)], ax, 0)
             sl[ax] = slice((z, y, x)[ax] - k, (z, y, x)[ax] + k + 1)
             mr = np.moveaxis(p.mr[tuple(sl)], ax, 0)
-            sl[ax] = slice((z, y, x)[ax], (z, y, x)[ax] + 1)
-            ct = np.moveaxis(p.ct[tuple(sl)], ax, 0)
-            v = np.moveaxis(p.valid[tuple(sl)], ax, 0)
             if self.rng.random() < 0.5:  # flips keep the model free of a left/right bias
                 mr, ct, v = mr[:, :, ::-1], ct[:, :, ::-1], v[:, :, ::-1]
             xs.append(mr.copy()), ys.append(ct.copy()), vs.append(v.copy())
