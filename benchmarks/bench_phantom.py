@@ -33,8 +33,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+# CT: the synovial fluid film (<= 1 mm) is thinner than the CT voxels, so it has no eroded interior there.
 HU_RANGES = {"air": (-1010, -950), "fat": (-130, -70), "muscle": (20, 70), "cartilage": (60, 150),
-             "fluid": (-20, 40), "trabecular bone region": (100, 700), "cortical peak (99th pct in bone)": (900, 1900)}
+             "trabecular bone region": (100, 700), "cortical peak (99th pct in bone)": (900, 1900)}
 MR_RANGES = {"fluid": (0.9, 1.25), "fat": (1.0, 1.0), "trabecular bone region": (0.45, 0.95),
              "cartilage": (0.3, 0.6), "muscle": (0.15, 0.4), "meniscus": (0.0, 0.2), "air": (0.0, 0.1)}
 CODES = {"air": [0], "fat": [22], "muscle": [23], "cartilage": [10, 11, 12], "fluid": [20], "meniscus": [21]}

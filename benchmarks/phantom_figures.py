@@ -64,7 +64,8 @@ def overview(knee: Path, out: Path) -> None:
              "MR + bones/cartilage", 0, vmax, sz / sy)
     csx, csy, csz = cti.GetSpacing()
     czyx = np.argwhere(ctr == 3).mean(0).astype(int)
-    axs[1, 0].imshow(ct[czyx[0]], cmap="gray", origin="lower", vmin=-300, vmax=1500)
+    zax = max(0, czyx[0] - int(round(8 / csz)))  # 8 mm below the tibial ROI: through the proximal tibia
+    axs[1, 0].imshow(ct[zax], cmap="gray", origin="lower", vmin=-300, vmax=1500)
     axs[1, 0].set_title(f"CT axial ({csx:.2f}x{csy:.2f}x{csz:.2f} mm), W 1800 L 600", fontsize=9)
     axs[1, 0].axis("off")
     axs[1, 1].imshow(ct[:, czyx[1], :], cmap="gray", origin="lower", vmin=-300, vmax=1500, aspect=csz / csx)
@@ -89,15 +90,14 @@ def truth_figure(knee: Path, out: Path) -> None:
     b = truth_binary(meta, c - (n - 1) / 2 * h * np.array([1, 1, 0]), (n, n, 1), h)
     axs[0].imshow(b[0], cmap="gray", origin="lower", extent=[0, n * h, 0, n * h])
     axs[0].set_title("truth microstructure, 8 x 8 mm axial, 0.04 mm", fontsize=9)
-    hz = 0.04
-    b2 = truth_binary(meta, c + np.array([-4, 0, -4]), (n, 1, n), hz)
-    axs[1].imshow(b2[:, 0, :], cmap="gray", origin="lower", extent=[0, n * h, 0, n * h])
-    axs[1].set_title("truth, coronal 8 x 8 mm (plate at top)", fontsize=9)
     idx = np.round(mri.TransformPhysicalPointToContinuousIndex(tuple(c))).astype(int)
-    w = int(4 / mri.GetSpacing()[0]), int(4 / mri.GetSpacing()[2])
-    crop = mr[idx[2] - w[1]:idx[2] + w[1], idx[1], idx[0] - w[0]:idx[0] + w[0]]
+    w = int(4 / mri.GetSpacing()[1]), int(4 / mri.GetSpacing()[2])
+    crop = mr[idx[2] - w[1]:idx[2] + w[1], idx[1] - w[0]:idx[1] + w[0], idx[0]]
     axs[2].imshow(crop, cmap="gray", origin="lower", extent=[0, 8, 0, 8])
-    axs[2].set_title("the same region in the MR (coronal)", fontsize=9)
+    axs[2].set_title("MR, sagittal 8 x 8 mm at the same centre (0.3 x 0.3 mm in-plane)", fontsize=9)
+    b3 = truth_binary(meta, c + np.array([0, -4, -4]), (1, n, n), h)
+    axs[1].imshow(b3[:, :, 0], cmap="gray", origin="lower", extent=[0, n * h, 0, n * h])
+    axs[1].set_title("truth, sagittal 8 x 8 mm (plate: top rows)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "phantom_truth.png", dpi=80)
     plt.close(fig)

@@ -19,7 +19,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
+def _int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
@@ -33,10 +33,10 @@ def add_parser(subparsers) -> None:
         description="Generate N synthetic knees (BFFE MR, clinical CT, bone/cartilage/ROI labels, the true "
                     "CT->MR transform, landmarks and true microstructure parameters) and a manifest.csv. "
                     "Deterministic for a seed; an interrupted run resumes without redoing finished knees.")
-    p.add_argument("--n", type=_positive_int, required=True, help="number of knees")
-    p.add_argument("--seed", type=_positive_int, default=0, help="cohort seed (default 0)")
+    p.add_argument("--n", type=_int, required=True, help="number of knees")
+    p.add_argument("--seed", type=_int, default=0, help="cohort seed (default 0)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--workers", type=_positive_int, default=1, help="parallel processes (default 1)")
+    p.add_argument("--workers", type=_int, default=1, help="parallel processes (default 1)")
     p.add_argument("--preset", default="demo", help="demo (fast, default) or full (finer, larger images)")
     p.add_argument("--config", default=None, help="YAML/JSON file overriding individual settings")
     p.set_defaults(func=_run)

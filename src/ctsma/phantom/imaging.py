@@ -10,8 +10,6 @@ function and noise (MR: smooth bias field and Rician noise; CT: correlated quant
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -144,4 +142,4 @@ def simulate_ct(model, settings, grid, mapped_pts, J, rng) -> tuple[dict, dict]:
     return images, {"grid": grid}
 
 
-__all__ = ["simulate_mr", "simulate_ct", "mr_grid", "grid_points", "render", "bone_labels", "math"]
+__all__ = ["simulate_mr", "simulate_ct", "mr_grid", "grid_points", "render", "bone_labels"]

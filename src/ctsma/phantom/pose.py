@@ -16,7 +16,11 @@ import math
 import numpy as np
 import SimpleITK as sitk
 
-from .sdf import smoothstep
+
+
+def smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
+    t = np.clip((x - e0) / (e1 - e0), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
 
 
 def euler_matrix(deg) -> np.ndarray:

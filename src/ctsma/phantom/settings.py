@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -11,7 +10,7 @@ from dataclasses import dataclass
 from ..config import load_config, setting, to_dict
 from ..errors import ConfigError
 
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.1.0"
 """Bumped whenever the same seed and settings would give different files."""
 
 
@@ -40,8 +39,6 @@ class PhantomSettings:
     bvtv: float = setting(0.22, lo=0.0, hi=1.0, help="healthy target BV/TV")
     # transforms
     field_spacing: float = setting(2.5, lo=0.5, hi=10.0, help="displacement-field grid step, mm")
-    # cohort
-    oa_fraction_hint: str = setting("uniform", choices=("uniform",), help="severity distribution")
 
 
 PRESETS = {
@@ -107,4 +104,4 @@ def from_dict(d: dict) -> PhantomSettings:
 
 
 __all__ = ["PhantomSettings", "PRESETS", "make_settings", "check_settings", "settings_dict", "settings_hash",
-           "from_dict", "GENERATOR_VERSION", "dataclasses"]
+           "from_dict", "GENERATOR_VERSION"]
