@@ -33,7 +33,7 @@ def _n4(image: np.ndarray, roi: np.ndarray, spacing_zyx, shrink: int = 2) -> np.
     small = sitk.Shrink(img, [shrink] * 3) if min(image.shape) >= 4 * shrink else img
     small_m = sitk.Shrink(msk, [shrink] * 3) if min(image.shape) >= 4 * shrink else msk
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
-    n4.SetMaximumNumberOfIterations([20, 20, 10])
+    n4.SetMaximumNumberOfIterations([50, 40, 30, 20])
     n4.Execute(small, small_m)
     log_field = n4.GetLogBiasFieldAsImage(img)
     corrected = img / sitk.Exp(log_field)
