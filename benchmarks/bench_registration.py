@@ -65,6 +65,7 @@ for name in ("rigid", "affine", "bspline"):
         pm["AutomaticTransformInitialization"] = ["true"]
         pm["AutomaticTransformInitializationMethod"] = ["GeometricalCenter"]
     pm["MaximumNumberOfSamplingAttempts"] = ["8"]
+    pm["RequiredRatioOfValidSamples"] = ["0.05"]  # the CT is much larger than the MR field of view
     po.AddParameterMap(pm)
 res, tp = itk.elastix_registration_method(fixed, moving, parameter_object=po, log_to_console=False, log_to_file=True, output_directory=".")
 pts = np.loadtxt(sys.argv[3], ndmin=2)
