@@ -53,7 +53,8 @@ def read_image(path: str | os.PathLike, *, what: str = "image", pixel_type=sitk.
     path = Path(path)
     if not path.exists():
         raise InputImageError(f"{what} not found: {path}")
-    max_voxels = DEFAULT_MAX_VOXELS if max_voxels is None else max_voxels
+    if max_voxels is None:  # the environment is read at call time, so a caller (or test) may change it
+        max_voxels = int(os.environ.get("CTSMA_MAX_VOXELS", DEFAULT_MAX_VOXELS))
     try:
         if path.is_dir():
             reader = _dicom_reader(path, what)
@@ -120,6 +121,7 @@ def _check_nifti_payload(path: Path, what: str) -> None:
                 return  # NIfTI-2 or unknown: ITK's own checks apply
             dims = struct.unpack(endian + "8h", hdr[40:56])
             datatype, bitpix = struct.unpack(endian + "2h", hdr[70:74])
+            _check_nifti_geometry(hdr, endian, dims, path, what)
             vox_offset = int(struct.unpack(endian + "f", hdr[108:112])[0]) or 352
             n_vox = int(np.prod([max(1, d) for d in dims[1:1 + max(1, dims[0])]], dtype=np.int64))
             expected = n_vox * bitpix // 8
@@ -145,6 +147,31 @@ def _check_nifti_payload(path: Path, what: str) -> None:
                               f"({got:,} of {expected:,} data bytes present)")
     if bad:
         raise InputImageError(f"{what} {path.name} has {bad:,} non-finite voxels (NaN or inf)")
+
+
+def _check_nifti_geometry(hdr: bytes, endian: str, dims, path: Path, what: str) -> None:
+    """Refuse a NIfTI-1 header whose geometry ITK would silently "repair".
+
+    ITK reads a zero ``pixdim`` as 1 mm and coerces a sheared ``sform`` to an orthogonal one
+    (only a console warning), so the image would be analysed on a wrong grid.
+    """
+    import struct
+
+    n = min(3, max(1, dims[0]))
+    pixdim = np.array(struct.unpack(endian + "8f", hdr[76:108])[1:1 + n], float)
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+        raise InputImageError(f"{what} {path.name} has invalid voxel spacing {_fmt(pixdim)} mm in its NIfTI header "
+                              "(pixdim); all must be > 0")
+    sform_code = struct.unpack(endian + "h", hdr[254:256])[0]
+    if sform_code > 0:
+        m = np.array(struct.unpack(endian + "12f", hdr[280:328]), float).reshape(3, 4)[:, :3]
+        norms = np.linalg.norm(m, axis=0)
+        if not np.all(np.isfinite(m)) or np.any(norms == 0):
+            raise InputImageError(f"{what} {path.name} has a degenerate sform matrix in its NIfTI header")
+        cos = m / norms
+        if not np.allclose(cos.T @ cos, np.eye(3), atol=1e-3):
+            raise InputImageError(f"{what} {path.name} has a non-orthogonal direction matrix (sheared sform); "
+                                  "resample it to an orthogonal grid first")
 
 
 def _squeeze_4d(img: sitk.Image, what: str, name: str) -> sitk.Image:
