@@ -30,8 +30,8 @@ def _n4(image: np.ndarray, roi: np.ndarray, spacing_zyx, shrink: int = 2) -> np.
         img = img - lo + 1.0
     msk = sitk.GetImageFromArray(roi.astype(np.uint8))
     msk.CopyInformation(img)
-    small = sitk.Shrink(img, [shrink] * 3) if min(image.shape) >= 4 * shrink else img
-    small_m = sitk.Shrink(msk, [shrink] * 3) if min(image.shape) >= 4 * shrink else msk
+    small = sitk.Shrink(img, [shrink] * 3) if min(image.shape) >= 32 * shrink else img
+    small_m = sitk.Shrink(msk, [shrink] * 3) if min(image.shape) >= 32 * shrink else msk
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
     n4.SetMaximumNumberOfIterations([50, 40, 30, 20])
     n4.Execute(small, small_m)
