@@ -220,3 +220,11 @@ def test_cli_segment(tmp_path, knee_r):
     hip = sitk.ReadImage(str(DATA / "hip_ct_crop_3mm.nii.gz"))
     sitk.WriteImage(hip, str(tmp_path / "hip.nii.gz"))
     assert main(["--quiet", "segment", str(tmp_path / "hip.nii.gz"), "--out", str(tmp_path / "h")]) == 2
+
+
+def test_result_does_not_depend_on_where_the_knee_sits(knee_r, bones_r):
+    """The same knee shifted by 150 mm (scanner coordinates differ between sites) gets the same labels."""
+    ct = sitk.Image(knee_r[0])
+    ct.SetOrigin(tuple(np.array(ct.GetOrigin()) + np.array([40.0, -70.0, -150.0])))
+    a = sitk.GetArrayFromImage(segment_bones(ct))
+    assert np.array_equal(a, sitk.GetArrayFromImage(bones_r[0]))

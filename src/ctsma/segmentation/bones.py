@@ -231,9 +231,11 @@ def _classify(parts: list[_Part], pair: tuple[_Part, _Part]) -> dict[str, _Part]
     out = {"femur": femur, "tibia": tibia}
     rest = [p for p in parts if p is not femur and p is not tibia]
     # patella: anterior (LPS -y) of the femur, above the joint line, much smaller than the femur
-    pat = [p for p in rest if p.centroid[1] < femur.centroid[1] - 10.0 and joint_z - 10.0 < p.centroid[2]
-           and abs(p.centroid[0] - femur.centroid[0]) < 40.0 and femur.centroid[1] - p.centroid[1] < 80.0
-           < joint_z + 90.0 and 0.5 < p.ml < femur.ml]
+    pat = [p for p in rest
+           if 10.0 < femur.centroid[1] - p.centroid[1] < 80.0          # anterior of the femur
+           and joint_z - 10.0 < p.centroid[2] < joint_z + 90.0          # at or above the joint line
+           and abs(p.centroid[0] - femur.centroid[0]) < 40.0
+           and 0.5 < p.ml < femur.ml]
     if pat:
         out["patella"] = max(pat, key=lambda p: p.ml)
     # fibula: below the joint, beside the tibia (lateral and usually posterior), much smaller than the tibia
