@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from ..config import load_config, setting, to_dict
 from ..errors import ConfigError
 
-GENERATOR_VERSION = "1.1.0"
+GENERATOR_VERSION = "1.2.0"
 """Bumped whenever the same seed and settings would give different files."""
 
 

@@ -246,3 +246,70 @@ def occupancy(centres, bone, tp, tr, fields, offsets, h, *, tw=None, J=None, har
                       np.ascontiguousarray(tw, dtype=np.float32), np.ascontiguousarray(fields.A), np.ascontiguousarray(fields.o), MJ,
                       np.ascontiguousarray(fields.gmm), np.ascontiguousarray(offsets, dtype=np.float64),
                       float(h), bool(hard))
+
+
+@numba.njit(cache=True, inline="always")
+def _lerp3(v, i0, i1, i2, a0, a1, a2):  # pragma: no cover - numba
+    """Trilinear interpolation of lattice ``v`` (z, y, x) at integer corner (i0, i1, i2) + fractions."""
+    n0, n1, n2 = v.shape
+    j0 = min(i0 + 1, n0 - 1)
+    j1 = min(i1 + 1, n1 - 1)
+    j2 = min(i2 + 1, n2 - 1)
+    c00 = v[i0, i1, i2] * (1.0 - a2) + v[i0, i1, j2] * a2
+    c01 = v[i0, j1, i2] * (1.0 - a2) + v[i0, j1, j2] * a2
+    c10 = v[j0, i1, i2] * (1.0 - a2) + v[j0, i1, j2] * a2
+    c11 = v[j0, j1, i2] * (1.0 - a2) + v[j0, j1, j2] * a2
+    return (c00 * (1.0 - a1) + c01 * a1) * (1.0 - a0) + (c10 * (1.0 - a1) + c11 * a1) * a0
+
+
+@numba.njit(cache=True)
+def _truth_grid(t, dist, shell, tp, tr, tw, near, org, sp, size, lat, l0, A, o, trab_only):  # pragma: no cover
+    nx, ny, nz = size[0], size[1], size[2]
+    out = np.zeros((nz, ny, nx), dtype=np.bool_)
+    f = np.zeros(3)
+    n0, n1, n2 = dist.shape
+    for k in range(nz):
+        z = org[2] + k * sp[2]
+        gz = z / lat - l0[2]
+        iz = min(max(int(math.floor(gz)), 0), n0 - 1)
+        az = min(max(gz - iz, 0.0), 1.0)
+        for j in range(ny):
+            y = org[1] + j * sp[1]
+            gy = y / lat - l0[1]
+            iy = min(max(int(math.floor(gy)), 0), n1 - 1)
+            ay = min(max(gy - iy, 0.0), 1.0)
+            for i in range(nx):
+                x = org[0] + i * sp[0]
+                gx = x / lat - l0[0]
+                ix = min(max(int(math.floor(gx)), 0), n2 - 1)
+                ax = min(max(gx - ix, 0.0), 1.0)
+                d = _lerp3(dist, iz, iy, ix, az, ay, ax)
+                if d >= 0.0:
+                    continue
+                s = _lerp3(shell, iz, iy, ix, az, ay, ax)
+                if d >= -s:
+                    out[k, j, i] = not trab_only
+                    continue
+                b = near[min(iz + (1 if az >= 0.5 else 0), n0 - 1), min(iy + (1 if ay >= 0.5 else 0), n1 - 1),
+                         min(ix + (1 if ax >= 0.5 else 0), n2 - 1)]
+                u0 = A[b, 0, 0] * x + A[b, 0, 1] * y + A[b, 0, 2] * z + o[b, 0]
+                u1 = A[b, 1, 0] * x + A[b, 1, 1] * y + A[b, 1, 2] * z + o[b, 1]
+                u2 = A[b, 2, 0] * x + A[b, 2, 1] * y + A[b, 2, 2] * z + o[b, 2]
+                _sample3(t, u0, u1, u2, f)
+                p = _lerp3(tp, iz, iy, ix, az, ay, ax)
+                r = _lerp3(tr, iz, iy, ix, az, ay, ax)
+                w = _lerp3(tw, iz, iy, ix, az, ay, ax)
+                if p - abs(f[0]) > 0.0 or (r - abs(f[1]) > 0.0 and w - abs(f[2]) > 0.0):
+                    out[k, j, i] = True
+    return out
+
+
+def truth_grid(fields, lattice: dict, org, sp, size, lat_mm: float, l0, trabecular_only: bool) -> np.ndarray:
+    """Hard truth on a regular grid from smooth fields given on a lattice (see ``truth.truth_binary``)."""
+    t, _ = tile()
+    c = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in lattice.items() if k != "near"}
+    return _truth_grid(t, c["dist"], c["shell"], c["tp"], c["tr"], c["tw"],
+                       np.ascontiguousarray(lattice["near"], dtype=np.int64), np.asarray(org, dtype=np.float64),
+                       np.asarray(sp, dtype=np.float64), np.asarray(size, dtype=np.int64), float(lat_mm),
+                       np.asarray(l0, dtype=np.float64), np.ascontiguousarray(fields.A),
+                       np.ascontiguousarray(fields.o), bool(trabecular_only))

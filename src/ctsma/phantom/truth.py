@@ -8,12 +8,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from .. import PARAMETERS, ROIS
 from ..errors import InputImageError
 from .anatomy import KneeModel
-from .texture import occupancy
+from .texture import truth_grid
 
 LATTICE_MM = 0.16
 """Step of the lattice on which the smooth anatomy fields are evaluated before interpolation."""
@@ -70,29 +69,9 @@ def truth_binary(knee, origin_mm, size_vox, spacing_mm, *, trabecular_only: bool
     zz, yy, xx = np.meshgrid(lat[2], lat[1], lat[0], indexing="ij")
     lp = np.stack([xx.ravel(), yy.ravel(), zz.ravel()], -1)
     e = model.evaluate(lp, design_margin=0.5)
-    fine = [(org[i] + sp[i] * np.arange(size[i])) / LATTICE_MM - l0[i] for i in range(3)]
-    cz, cy, cx = np.meshgrid(fine[2], fine[1], fine[0], indexing="ij")
-    coords = np.stack([cz.ravel(), cy.ravel(), cx.ravel()])
     shape_l = (nl[2], nl[1], nl[0])
-
-    def interp(v, order=1):
-        return ndimage.map_coordinates(v.reshape(shape_l).astype(np.float64), coords, order=order, mode="nearest")
-
-    dist, shell = interp(e["dist"]), interp(e["shell"])
-    tp, tr, tw = interp(e["tp"]), interp(e["tr"]), interp(e["tw"])
-    near = interp(e["near"].astype(np.float64), order=0).astype(np.int64)
-    fz, fy, fx = np.meshgrid(*[org[i] + sp[i] * np.arange(size[i]) for i in (2, 1, 0)], indexing="ij")
-    pts = np.stack([fx.ravel(), fy.ravel(), fz.ravel()], -1)
-    out = np.zeros(len(pts), dtype=bool)
-    trab = dist < -shell
-    idx = np.flatnonzero(trab)
-    if idx.size:
-        occ = occupancy(pts[idx], near[idx], tp[idx], tr[idx], model.fields, np.zeros((1, 3)), 1.0, tw=tw[idx],
-                        hard=True)
-        out[idx] = occ > 0.5
-    if not trabecular_only:
-        out |= (dist < 0) & ~trab
-    return out.reshape(size[2], size[1], size[0])
+    lattice = {k: e[k].reshape(shape_l) for k in ("dist", "shell", "tp", "tr", "tw", "near")}
+    return truth_grid(model.fields, lattice, org, sp, size, LATTICE_MM, l0, trabecular_only)
 
 
 def _candidates(model: KneeModel, roi: int, rng, n: int = 4000) -> np.ndarray:
