@@ -55,7 +55,7 @@ def value_for_name(name: str, kind: str) -> int | None:
     return None
 
 
-def _resample_to(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
+def _resample_to(labels: sitk.Image, reference: sitk.Image, what: str = "label image") -> sitk.Image:
     same = (labels.GetSize() == reference.GetSize()
             and np.allclose(labels.GetSpacing(), reference.GetSpacing(), atol=1e-4)
             and np.allclose(labels.GetOrigin(), reference.GetOrigin(), atol=1e-3)
@@ -64,8 +64,14 @@ def _resample_to(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
         out = sitk.Cast(labels, sitk.sitkUInt8)
         out.CopyInformation(reference)
         return out
-    return sitk.Resample(sitk.Cast(labels, sitk.sitkUInt8), reference, sitk.Transform(), sitk.sitkNearestNeighbor,
-                         0, sitk.sitkUInt8)
+    out = sitk.Resample(sitk.Cast(labels, sitk.sitkUInt8), reference, sitk.Transform(), sitk.sitkNearestNeighbor,
+                        0, sitk.sitkUInt8)
+    if sitk.GetArrayViewFromImage(labels).any() and not sitk.GetArrayViewFromImage(out).any():
+        raise InputImageError(f"{what} does not overlap the CT (its grid lies outside the CT's field of view); "
+                              "give the segmentation made on this CT")
+    warnings.warn(f"{what} is on a different grid than the CT; resampled onto the CT grid (nearest neighbour)",
+                  stacklevel=3)
+    return out
 
 
 def read_user_labels(path: str | os.PathLike, reference: sitk.Image, kind: str = "bones") -> sitk.Image:
@@ -112,7 +118,7 @@ def read_user_labels(path: str | os.PathLike, reference: sitk.Image, kind: str =
             raise InputImageError(f"{what} {path.name} has label value(s) {bad[:6]}; CT-SMA expects "
                                   + ", ".join(f"{k}={v}" for k, v in table.items()))
         lab = sitk.Cast(lab, sitk.sitkUInt8)
-    return _resample_to(lab, reference)
+    return _resample_to(lab, reference, f"{what} {path.name}")
 
 
 def labels_from_segments(masks: Mapping[str, np.ndarray], reference: sitk.Image, kind: str = "bones") -> sitk.Image:
