@@ -132,6 +132,10 @@ def main(argv=None) -> int:
     if args.model and model_path.is_file():
         model = SynthesisModel.load(model_path)
         report["synthesis_training"] = {"reused": str(model_path), **model.meta.get("training", {})}
+        report["train_subjects"] = model.meta.get("training", {}).get("subjects", [])
+        overlap = set(report["train_subjects"]) & set(test_rows.subject)
+        if overlap:
+            raise SystemExit(f"the reused model was trained on test knees {sorted(overlap)}")
     else:
         cfg = load_train_config(args.synthesis_preset, {"threads": args.threads} if args.threads else None)
         pairs = []
