@@ -146,3 +146,13 @@ def test_ablation_variant_config():
     assert teacher_path(v) == teacher_path(cfg)  # variants share the teacher
     with pytest.raises(ConfigError, match="ablations"):
         load_train_config({"evaluate": {"ablations": [{"name": "x", "trainer": {"seed": 1}}]}})
+
+
+def test_group_norm_variant_rebuilds_from_its_arch():
+    from ctsma.models.networks import build_network
+
+    net = PatchRegressor(1, 16, (4, 4, 8, 8), norm="group").eval()
+    twin = build_network(net.arch).eval()
+    twin.load_state_dict(net.state_dict())
+    x = torch.randn(2, 1, 16, 16, 16)
+    assert torch.allclose(net(x), twin(x)) and not any(isinstance(m, torch.nn.BatchNorm3d) for m in twin.modules())

@@ -36,6 +36,8 @@ class NetConfig:
     widths: list[int] = setting([16, 16, 32, 48], help="channels of stem, stage1, stage2, stage3")
     blocks: int = setting(1, lo=1, hi=8, help="residual blocks per stage")
     head_hidden: int = setting(32, lo=0, hi=4096, help="hidden units of the regression head (0: linear)")
+    norm: str = setting("batch", choices=("batch", "group"),
+                        help="BatchNorm (default: better validation loss on the phantom store) or GroupNorm")
 
 
 @dataclass

@@ -16,15 +16,23 @@ from torch import nn
 from .config import STAGES
 
 
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """``batch`` (BatchNorm) or ``group`` (GroupNorm, 4 channels per group: no running statistics, so
+    validation/inference behave exactly like training whatever the batch)."""
+    if kind == "group":
+        return nn.GroupNorm(max(1, channels // 4), channels)
+    return nn.BatchNorm3d(channels)
+
+
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, norm: str = "batch"):
         super().__init__()
         self.conv1 = nn.Conv3d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm3d(cout)
+        self.bn1 = make_norm(norm, cout)
         self.conv2 = nn.Conv3d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm3d(cout)
+        self.bn2 = make_norm(norm, cout)
         self.skip = (nn.Identity() if cin == cout and stride == 1 else
-                     nn.Sequential(nn.Conv3d(cin, cout, 1, stride, bias=False), nn.BatchNorm3d(cout)))
+                     nn.Sequential(nn.Conv3d(cin, cout, 1, stride, bias=False), make_norm(norm, cout)))
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x):
@@ -53,19 +61,20 @@ class PatchRegressor(nn.Module):
     """Patch → (n, 4) normalised parameters; ``forward(x, return_features=True)`` also returns stage features."""
 
     def __init__(self, in_channels: int, input_size: int, widths=(16, 16, 32, 48), blocks: int = 1,
-                 head_hidden: int = 32, n_outputs: int = 4):
+                 head_hidden: int = 32, n_outputs: int = 4, norm: str = "batch"):
         super().__init__()
         self.arch = {"in_channels": int(in_channels), "input_size": int(input_size), "widths": [int(w) for w in widths],
-                     "blocks": int(blocks), "head_hidden": int(head_hidden), "n_outputs": int(n_outputs)}
+                     "blocks": int(blocks), "head_hidden": int(head_hidden), "n_outputs": int(n_outputs),
+                     "norm": norm}
         w0, w1, w2, w3 = widths
         s0 = stem_stride(input_size)
         k, pad = stem_kernel(s0)
-        self.stem = nn.Sequential(nn.Conv3d(in_channels, w0, k, s0, pad, bias=False), nn.BatchNorm3d(w0),
+        self.stem = nn.Sequential(nn.Conv3d(in_channels, w0, k, s0, pad, bias=False), make_norm(norm, w0),
                                   nn.ReLU(inplace=True))
         stages = []
         cin = w0
         for cout, s in zip((w1, w2, w3), strides_for(input_size)):
-            layers = [ResBlock(cin, cout, s)] + [ResBlock(cout, cout, 1) for _ in range(blocks - 1)]
+            layers = [ResBlock(cin, cout, s, norm)] + [ResBlock(cout, cout, 1, norm) for _ in range(blocks - 1)]
             stages.append(nn.Sequential(*layers))
             cin = cout
         self.stage1, self.stage2, self.stage3 = stages
@@ -97,7 +106,7 @@ class PatchRegressor(nn.Module):
 def build_network(arch: dict) -> PatchRegressor:
     """A network from its ``arch`` record (as stored in the model file)."""
     return PatchRegressor(arch["in_channels"], arch["input_size"], arch["widths"], arch["blocks"],
-                          arch["head_hidden"], arch.get("n_outputs", 4))
+                          arch["head_hidden"], arch.get("n_outputs", 4), arch.get("norm", "batch"))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -26,6 +26,7 @@ from ..config import to_dict
 from ..dataset.loader import CT_OFFSET_HU, CT_SCALE_HU, PatchDataset, make_loader
 from ..dataset.store import PatchStore
 from ..errors import ConfigError, ModelFileError, UserError
+from ..io import ensure_writable_dir
 from .config import TrainConfig, resolve
 from .export import build_meta, export_model, load_teacher
 from .networks import PatchRegressor
@@ -88,7 +89,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
         raise UserError(f"--resume: no checkpoint to resume from at {last}")
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run replaces this role's previous checkpoints and logs
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(run_dir)  # a clear error for an unusable output folder
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
@@ -106,7 +107,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     in_ch = 2 if cfg.data.masks else 1
     net_cfg = cfg.teacher_net if role == "teacher" else cfg.student_net
     size = store.mr_shape[0] if role == "teacher" else store.ct_shape[0]
-    arch = PatchRegressor(in_ch, size, net_cfg.widths, net_cfg.blocks, net_cfg.head_hidden).arch
+    arch = PatchRegressor(in_ch, size, net_cfg.widths, net_cfg.blocks, net_cfg.head_hidden, norm=net_cfg.norm).arch
     teacher_arch, teacher_tensors, teacher_meta = None, None, None
     if role == "student_distilled":
         tpath = teacher_path(cfg)
