@@ -1,8 +1,7 @@
 """CTSMA: subchondral trabecular bone microstructure (BV/TV, Tb.Th, Tb.Sp, Tb.N) from knee CT.
 
-The work lives in ``CTSMALib`` (beside this file) and in the ``ctsma`` package, run as a
-background ``ctsma`` process; ``CTSMALogic`` runs headless and is tested without Qt. This file
-only holds the Slicer module, its GUI and the self-test.
+The work lives in ``CTSMALib`` (beside this file) and in the ``ctsma`` package, run as a background
+``ctsma`` process; ``CTSMALogic`` runs headless. This file holds the module, its GUI and the self-tests.
 """
 
 from pathlib import Path
@@ -21,18 +20,22 @@ from CTSMALib.analysis_logic import CTSMALogic  # noqa: F401  (Slicer looks it u
 from CTSMALib.cli_args import TRAINING_KINDS
 from CTSMALib.gui import RunMonitor, reloadLib, showFailure
 from CTSMALib.parameters import DEVICES, SIDES, AnalysisParameters
+from CTSMALib.sample_data import register_sample_data
+from CTSMALib.settings import MachineSettings, QSettingsStore
 
 # Every widget this file uses, with its class in Resources/UI/CTSMA.ui (checked by tests).
 UI_WIDGETS = {
-    "ctVolumeSelector": "qMRMLNodeComboBox", "boneSegmentationSelector": "qMRMLNodeComboBox",
-    "roiSegmentationSelector": "qMRMLNodeComboBox", "segmentBonesButton": "QPushButton",
-    "createRoisButton": "QPushButton", "kneeSideComboBox": "QComboBox", "modelPathLineEdit": "ctkPathLineEdit", "deviceComboBox": "QComboBox",
+    "ctVolumeSelector": "qMRMLNodeComboBox", "boneSegmentationSelector": "qMRMLNodeComboBox", "createRoisButton": "QPushButton",
+    "roiSegmentationSelector": "qMRMLNodeComboBox", "segmentBonesButton": "QPushButton", "kneeSideComboBox": "QComboBox", "modelPathLineEdit": "ctkPathLineEdit", "deviceComboBox": "QComboBox",
     "runButton": "QPushButton", "progressBar": "QProgressBar", "stageLabel": "QLabel",
     "outputTableSelector": "qMRMLNodeComboBox", "reportDirButton": "ctkDirectoryButton",
     "exportReportButton": "QPushButton", "trainingCollapsibleButton": "ctkCollapsibleButton",
     "trainingKindComboBox": "QComboBox", "trainingConfigLineEdit": "ctkPathLineEdit", "trainingOutputDirButton": "ctkDirectoryButton",
-    "startTrainingButton": "QPushButton",
+    "startTrainingButton": "QPushButton", "trainingDataLineEdit": "ctkPathLineEdit", "trainingStatusLabel": "QLabel",
+    "loadSampleButton": "QPushButton", "trainingPythonLineEdit": "ctkPathLineEdit", "clusterTemplateLineEdit": "QLineEdit",
+    "cacheDirButton": "ctkDirectoryButton", "torchBackendComboBox": "QComboBox",
 }
+TORCH_BUILDS = ["auto", "cpu", "cu118", "cu121", "cu124", "cu126"]
 
 
 def _path(p) -> str:
@@ -51,6 +54,7 @@ class CTSMA(ScriptedLoadableModule):  # noqa: F405
                                  "bone segmentation, subchondral ROIs, BV/TV, Tb.Th, Tb.Sp and Tb.N maps and an "
                                  "ROI table, with a PDF report. See docs/slicer.md in the CT-SMA repository.")
         self.parent.acknowledgementText = _("CT-SMA: knowledge distilled from high-resolution MR into clinical CT.")
+        slicer.app.connect("startupCompleted()", register_sample_data)  # 'CT-SMA phantom knee' in Sample Data
 
 
 @parameterNodeWrapper
@@ -66,17 +70,15 @@ class CTSMAParameterNode:
     trainingKind: Annotated[str, Choice(list(TRAINING_KINDS))] = "student"
     trainingConfig: Path
     trainingOutputDir: Path
+    trainingData: Path
 
 
 class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F405
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)  # noqa: F405
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self.monitor = None
-        self.lastResultDir = None
+        self.logic = self._parameterNode = self._parameterNodeGuiTag = self.monitor = None
+        self.lastResultDir = self.settings = None  # last analysis folder (for the report); machine settings
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)  # noqa: F405
@@ -87,11 +89,14 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
         self.logic = CTSMALogic()
         self.ui.modelPathLineEdit.nameFilters = ["CT-SMA model (*.safetensors)", "All files (*)"]
         self.ui.trainingConfigLineEdit.nameFilters = ["Training configuration (*.yaml *.yml *.json)"]
+        self.ui.trainingDataLineEdit.nameFilters = ["Cohort manifest (*.csv)", "All files (*)"]  # or type a folder
+        self._setupSettings()
+        self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
         actions = {self.ui.segmentBonesButton: self.onSegmentBones, self.ui.createRoisButton: self.onCreateRois,
                    self.ui.runButton: self.onRun, self.ui.exportReportButton: self.onExportReport,
                    self.ui.startTrainingButton: self.onStartTraining}
         self.monitor = RunMonitor(self.logic, self.ui.progressBar, self.ui.stageLabel, list(actions),
-                                  self.onRunFinished)
+                                  self.onRunFinished, onPoll=self.onRunProgress)
         for button, handler in actions.items():
             button.connect("clicked(bool)", lambda checked=False, b=button, h=handler: self._action(b, h))
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -104,8 +109,7 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
         ScriptedLoadableModuleWidget.onReload(self)  # noqa: F405
 
     def cleanup(self) -> None:
-        if self.monitor:
-            self.monitor.stop()
+        self.monitor and self.monitor.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -130,8 +134,32 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
 
         reapply_grid_interpolation(slicer.mrmlScene)  # transform files do not store it
 
+    def _setupSettings(self) -> None:
+        """Machine-level settings (qt.QSettings): device, Python for training, cluster command, cache, torch build."""
+        self.settings = MachineSettings(QSettingsStore())
+        ui, s = self.ui, self.settings
+        ui.torchBackendComboBox.addItems(TORCH_BUILDS)
+        ui.torchBackendComboBox.currentText = s.torchBackend
+        ui.trainingPythonLineEdit.currentPath = s.trainingPython
+        ui.clusterTemplateLineEdit.text = s.clusterTemplate
+        ui.cacheDirButton.directory = str(s.cacheDir)
+        for widget, signal, key in ((ui.trainingPythonLineEdit, "currentPathChanged(QString)", "trainingPython"),
+                                    (ui.cacheDirButton, "directoryChanged(QString)", "cacheDir"),
+                                    (ui.torchBackendComboBox, "currentTextChanged(QString)", "torchBackend"),
+                                    (ui.deviceComboBox, "currentTextChanged(QString)", "device")):
+            widget.connect(signal, lambda value, k=key: self._saveSetting(k, value))
+        ui.clusterTemplateLineEdit.connect("editingFinished()",
+                                           lambda: self._saveSetting("clusterTemplate", ui.clusterTemplateLineEdit.text))
+
+    def _saveSetting(self, key: str, value) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Setting not saved: ") + key):
+            setattr(self.settings, key, value)
+
     def initializeParameterNode(self) -> None:
+        fresh = not self.logic.getParameterNode().GetParameter("device")  # a new scene: use this computer's device
         self.setParameterNode(CTSMAParameterNode(self.logic.getParameterNode()))
+        if fresh:
+            self._parameterNode.device = self.settings.device
         if not self._parameterNode.ctVolume:
             self._parameterNode.ctVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
@@ -167,7 +195,7 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
         with slicer.util.tryWithErrorDisplay(_("Failed to start: ") + button.text, waitCursor=True):
             from CTSMALib.dependencies import ensureDependencies
 
-            ensureDependencies("CT-SMA")
+            ensureDependencies("CT-SMA", backend=self.settings.torchBackend)
             handler()
             self.monitor.begin(button)
 
@@ -187,53 +215,85 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
         self.logic.startReportExport(self.lastResultDir, Path(_path(p.reportDir)), subject=p.ctVolume.GetName())
 
     def onStartTraining(self) -> None:
-        p = self._parameterNode
+        p, s = self._parameterNode, self.settings
         self.logic.startTraining(p.trainingKind, Path(_path(p.trainingConfig)), Path(_path(p.trainingOutputDir)),
-                                 self._params())
+                                 self._params(), data=_path(p.trainingData) or None, python=s.trainingPython,
+                                 clusterTemplate=s.clusterTemplate)
+
+    def onLoadSample(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not load the sample phantom knee."), waitCursor=True):
+            from CTSMALib.sample_data import load_sample_in_slicer
+
+            self._parameterNode.ctVolume = load_sample_in_slicer()["ct"]
+
+    def onRunProgress(self, status) -> None:
+        progress = self.logic.trainingProgress()
+        if progress is not None:
+            self.ui.trainingStatusLabel.text = progress.message()
 
     def onRunFinished(self, status, run) -> None:
         showFailure(status)
         p = self._parameterNode or CTSMAParameterNode(self.logic.getParameterNode())
         if status.state == "done" and run is not None:
             out = run.outputs
-            if "bones" in out:
-                p.boneSegmentation = out["bones"]
-            if "rois" in out:
-                p.roiSegmentation = out["rois"]
+            for role, name in (("bones", "boneSegmentation"), ("rois", "roiSegmentation"), ("table", "outputTable")):
+                if role in out:
+                    setattr(p, name, out[role])
             if "table" in out:
-                p.outputTable = out["table"]
                 self.lastResultDir = run.out_dir  # kept for the report export
                 slicer.util.setSliceViewerLayers(background=p.ctVolume, foreground=out.get("Tb.Th"),
                                                  foregroundOpacity=0.6)
+        model = self.logic.trainedModel() if status.state == "done" else None
+        if model is not None:  # the new model becomes the Analysis model
+            p.modelPath = model
+            self.ui.modelPathLineEdit.addCurrentPathToHistory()
+            self.ui.trainingStatusLabel.text += _(" Model: {path}").format(path=model)
+        if status.state == "done" and run is not None and run.label == "report export":
+            self.ui.stageLabel.text = _("Report: {path}").format(path=run.out_dir)
         if run is not None and run.label not in ("analysis", "training", "report export"):
             self.logic.cleanupRun(keep_outputs=status.state == "failed")
         self._updateButtons()
 
 
 class CTSMATest(ScriptedLoadableModuleTest):  # noqa: F405
-    """In-application self-test of the Logic wiring (the science is tested by the ctsma test suite)."""
+    """In-application self-tests: Logic wiring and cancel, then the whole flow on the sample phantom knee
+    (generated once into the cache folder, then bones, ROIs, analysis and report with the real ctsma)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_logic_refuses_bad_inputs_and_cancels()
+        for test in (self.test_logic_refuses_bad_inputs_and_cancels, self.test_whole_flow_on_sample_phantom):
+            self.setUp()
+            test()
 
     def test_logic_refuses_bad_inputs_and_cancels(self):
         import numpy as np
         from ctsma.errors import UserError
 
-        self.delayDisplay("Starting the test")
         logic = CTSMALogic()
         with self.assertRaises(UserError):
             logic.startBoneSegmentation(None)
         ct = slicer.util.addVolumeFromArray(np.full((16, 16, 16), -1000, "float32"), name="CT")
         nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
         logic.startBoneSegmentation(ct)
-        status = logic.cancel()
-        self.assertIn(status.state, ("cancelled", "failed", "done"))
-        if status.state != "done":
+        if logic.cancel().state != "done":  # cancelled before it ended: nothing was added
             self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
         logic.cleanupRun()
+
+    def test_whole_flow_on_sample_phantom(self):
+        import tempfile
+
+        from CTSMALib import flows, sample_data
+
+        self.delayDisplay("Sample phantom knee (generated on first use, about a minute)")
+        paths = sample_data.ensure_sample_phantom(MachineSettings(QSettingsStore()).cacheDir,
+                                                  on_poll=lambda status: slicer.app.processEvents())
+        ct = sample_data.load_sample(paths, slicer.mrmlScene)["ct"]
+        self.delayDisplay("Bones, ROIs, analysis and report (several minutes)")
+        report = Path(tempfile.mkdtemp(prefix="CTSMATest-"))
+        # Each step must succeed; the flow checks the 4 named ROIs, 4 maps on the CT grid, 4x4 table and folder.
+        out = flows.analysis_flow(CTSMALogic(), ct, side=paths["side"], report_dir=report,
+                                  on_wait=slicer.app.processEvents)
+        self.assertGreater(out["report"].stat().st_size, 1000)
         self.delayDisplay("Test passed")

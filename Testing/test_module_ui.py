@@ -96,7 +96,7 @@ def test_module_file_is_thin_and_takes_its_logic_from_the_lib(module):
     assert f"{module}Logic" not in classes  # defined in CTSMALib, headless-testable
     imported = {(n.module, a.name) for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
     assert any(mod and mod.startswith("CTSMALib.") and name == f"{module}Logic" for mod, name in imported)
-    assert len(py.read_text().splitlines()) < 260
+    assert len(py.read_text().splitlines()) < 300
     src = py.read_text()
     assert "slicer.util.tryWithErrorDisplay" in src and "RunMonitor" in src
     root = ET.parse(ui).getroot()

@@ -12,11 +12,12 @@ from . import cli_args
 from .logic_base import CliLogic, Run
 from .parameters import AnalysisParameters
 from .scene_utils import rollback_on_error
+from .training_logic import TrainingMixin
 
 FOLDER = "CT-SMA results"
 
 
-class CTSMALogic(CliLogic):
+class CTSMALogic(TrainingMixin, CliLogic):
     """Runs the CT-SMA analysis of a knee CT and loads the results into the scene."""
 
     # -- inputs ----------------------------------------------------------------------------
@@ -42,7 +43,7 @@ class CTSMALogic(CliLogic):
         name = ctVolume.GetName()
         return self.startCli("bone segmentation", args, work, out, env=params.env(),
                              loader=lambda run: self.loadLabelOutput(run.out_dir / "bones.nii.gz", "bones",
-                                                                     f"{name} bones"))
+                                                                     f"{name} bones", under=ctVolume))
 
     # -- subchondral ROIs ----------------------------------------------------------------
     def startRoiCreation(self, ctVolume, boneSegmentation, params: AnalysisParameters | None = None) -> Run:
@@ -58,7 +59,7 @@ class CTSMALogic(CliLogic):
         name = ctVolume.GetName()
         return self.startCli("ROI creation", cli_args.create_rois(ct, bones, out, side=params.side), work, out, env=params.env(),
                              loader=lambda run: self.loadLabelOutput(run.out_dir / "rois.nii.gz", "rois",
-                                                                     f"{name} subchondral ROIs"))
+                                                                     f"{name} subchondral ROIs", under=ctVolume))
 
     # -- analysis ------------------------------------------------------------------------
     def startAnalysis(self, ctVolume, params: AnalysisParameters | None = None, boneSegmentation=None,
@@ -79,10 +80,11 @@ class CTSMALogic(CliLogic):
                               side=params.side)
         name = ctVolume.GetName()
         return self.startCli("analysis", args, work, out, env=params.env(),
-                             loader=lambda run: self.loadAnalysisOutputs(run.out_dir, name))
+                             loader=lambda run: self.loadAnalysisOutputs(run.out_dir, name, under=ctVolume))
 
-    def loadLabelOutput(self, path: Path, kind: str, name: str) -> dict:
-        """A bone ("bones") or ROI ("rois") label image as a named segmentation."""
+    def loadLabelOutput(self, path: Path, kind: str, name: str, under=None) -> dict:
+        """A bone ("bones") or ROI ("rois") label image as a named segmentation, in the results
+        folder under the study of ``under`` (the CT) in the subject hierarchy."""
         import SimpleITK as sitk
 
         from . import scene_bridge as sb
@@ -92,10 +94,10 @@ class CTSMALogic(CliLogic):
         names = sb.BONE_NAMES if kind == "bones" else sb.ROI_NAMES
         with rollback_on_error(self.scene):
             node = sb.labelmap_to_segmentation_node(sitk.ReadImage(str(path)), self.scene, names=names, name=name)
-            sb.put_in_folder(self.scene, [node], FOLDER)
+            sb.put_in_folder(self.scene, [node], FOLDER, under=under)
         return {kind: node}
 
-    def loadAnalysisOutputs(self, out_dir: Path, name: str = "CT") -> dict:
+    def loadAnalysisOutputs(self, out_dir: Path, name: str = "CT", under=None) -> dict:
         """Maps, ROI/bone segmentations and the ROI table of ``ctsma infer`` into the scene.
 
         Returns ``{role: node}``: one role per parameter map present (``BV/TV`` ...), ``bones``,
@@ -131,7 +133,7 @@ class CTSMALogic(CliLogic):
             for kind in ("bones", "rois"):
                 path = out_dir / f"{kind}.nii.gz"
                 if path.exists():
-                    out.update(self.loadLabelOutput(path, kind, f"{name} {kind}"))
+                    out.update(self.loadLabelOutput(path, kind, f"{name} {kind}", under=under))
             df = pd.read_csv(table)
             if "parameter" in df.columns:  # long format: the unit differs per row
                 df["unit"] = [PARAMETER_UNITS.get(p, "") for p in df["parameter"]]
@@ -142,10 +144,10 @@ class CTSMALogic(CliLogic):
                 diag = {k: data[k] for k in ("oa_probability", "severity", "auc") if data.get(k) is not None}
                 if diag:
                     out["diagnosis"] = sb.table_to_node([diag], self.scene, name=f"{name} diagnosis")
-            sb.put_in_folder(self.scene, out.values(), FOLDER)
+            sb.put_in_folder(self.scene, out.values(), FOLDER, under=under)
         return out
 
-    # -- report and training ---------------------------------------------------------------
+    # -- report ---------------------------------------------------------------
     def startReportExport(self, resultDir: Path, outDir: Path, subject: str = "") -> Run:
         """PDF report of an analysis: ``outDir/report/patient_<subject>.pdf``."""
         from ctsma.errors import UserError
@@ -159,20 +161,6 @@ class CTSMALogic(CliLogic):
         work = self.newWorkDir("report")
         args = cli_args.report(ct, resultDir, Path(outDir), subject=subject)
         return self.startCli("report export", args, work, Path(outDir) / "report", loader=None)
-
-    def startTraining(self, kind: str, configPath: Path, outDir: Path,
-                      params: AnalysisParameters | None = None) -> Run:
-        """Train a network (``student``, ``teacher`` or ``baseline``) in the background."""
-        from ctsma.errors import ConfigError
-
-        params = params or AnalysisParameters()
-        if not Path(configPath).is_file():
-            raise ConfigError(f"training configuration not found: {configPath}")
-        if kind not in cli_args.TRAINING_KINDS:
-            raise ConfigError(f"training kind must be one of {', '.join(cli_args.TRAINING_KINDS)}")
-        work = self.newWorkDir("train")
-        return self.startCli("training", cli_args.train(kind, Path(configPath), Path(outDir)), work, Path(outDir),
-                             loader=None, env=params.env())
 
     def lastResultDir(self) -> Path | None:
         """The output folder of the last successful analysis (for the report export)."""

@@ -61,8 +61,14 @@ def report(ct: Path, infer_dir: Path, out: Path, subject: str = "") -> list[str]
 TRAINING_KINDS = ("student", "teacher", "baseline")
 
 
-def train(kind: str, config: Path, out: Path) -> list[str]:
-    """``ctsma train KIND --config C --out DIR`` (KIND: student, teacher or baseline)."""
+def train(kind: str, config: Path, out: Path, store: Path | None = None) -> list[str]:
+    """``ctsma train KIND --config C --out DIR [--store STORE]`` (KIND: student, teacher or baseline)."""
     if kind not in TRAINING_KINDS:
         raise ValueError(f"training kind must be one of {TRAINING_KINDS}")
-    return ["train", kind, "--config", str(config), "--out", str(out)]
+    args = ["train", kind, "--config", str(config), "--out", str(out)]
+    return args + (["--store", str(store)] if store is not None else [])
+
+
+def dataset_build(manifest: Path, out: Path) -> list[str]:
+    """``ctsma dataset build --manifest M --out STORE``: the patch store a training reads."""
+    return ["dataset", "build", "--manifest", str(manifest), "--out", str(out)]

@@ -19,9 +19,10 @@ class RunMonitor:
     the progress bar and the stage label. ``onFinished(status, run)`` is called once at the end.
     """
 
-    def __init__(self, logic, progressBar, stageLabel, actionButtons, onFinished):
+    def __init__(self, logic, progressBar, stageLabel, actionButtons, onFinished, onPoll=None):
         import qt
 
+        self.onPoll = onPoll  # called with every status (live details such as training epochs)
         self.logic = logic
         self.progressBar = progressBar
         self.stageLabel = stageLabel
@@ -62,6 +63,8 @@ class RunMonitor:
             self.progressBar.value = int(round(100 * status.fraction))
         if status.stage:
             self.stageLabel.text = f"{status.stage}: {status.message}" if status.message else status.stage
+        if self.onPoll is not None:
+            self.onPoll(status)
         if status.finished:
             self._end(status)
 

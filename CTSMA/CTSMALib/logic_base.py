@@ -64,6 +64,8 @@ class Run:
     status: RunStatus | None = None
     outputs: dict = field(default_factory=dict)  # role -> node, filled when the run succeeds
     load_error: str = ""
+    then: Callable[["Run"], "Run"] | None = None  # started when this run succeeds (e.g. dataset -> train)
+    info: dict = field(default_factory=dict)  # what the Logic wants to remember about the run
 
     @property
     def nodes(self) -> list:
@@ -108,15 +110,19 @@ class CliLogic(ScriptedLoadableModuleLogic):
         return self.run is not None and (self.run.status is None or not self.run.status.finished)
 
     def startCli(self, label: str, args: list[str], work_dir: Path, out_dir: Path,
-                 loader: Callable[[Run], dict] | None = None, env: dict[str, str] | None = None) -> Run:
+                 loader: Callable[[Run], dict] | None = None, env: dict[str, str] | None = None,
+                 python: str | None = None, wrapper: Callable[[list], list] | None = None,
+                 then: Callable[[Run], Run] | None = None) -> Run:
         """Start ``ctsma <args>`` in the background; on success ``loader(run)`` puts the outputs in
-        the scene and returns them as ``{role: node}``."""
+        the scene and returns them as ``{role: node}``, then ``then(run)`` may start the next step.
+        ``python`` and ``wrapper`` choose another interpreter and a command template."""
         if self.isRunning():
             raise RuntimeError(f"'{self.run.label}' is still running: cancel it or wait until it ends")
         runner = self.runnerFactory()
-        runner.start_ctsma(list(map(str, args)), work_dir, env=env)
+        extra = {k: v for k, v in (("python", python), ("wrapper", wrapper)) if v}
+        runner.start_ctsma(list(map(str, args)), work_dir, env=env, **extra)
         self.run = Run(label=label, args=list(map(str, args)), work_dir=Path(work_dir), out_dir=Path(out_dir),
-                       loader=loader, runner=runner)
+                       loader=loader, runner=runner, then=then)
         return self.run
 
     def poll(self) -> RunStatus | None:
@@ -135,6 +141,14 @@ class CliLogic(ScriptedLoadableModuleLogic):
                 status.last_error = f"could not load the results of {run.label}: {exc}"
                 run.load_error = status.last_error
         run.status = status
+        if status.state == DONE and run.then is not None:
+            try:
+                run.then(run)  # the next step becomes the current run
+            except Exception as exc:  # noqa: BLE001 - reported like a failed run
+                status.state = FAILED
+                status.last_error = f"could not start the step after {run.label}: {exc}"
+                return status
+            return self.poll()
         return status
 
     def wait(self, timeout: float | None = None, interval: float = 0.1) -> RunStatus | None:

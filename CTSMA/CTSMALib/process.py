@@ -127,10 +127,16 @@ class ProcessRunner:
         return self
 
     def start_ctsma(self, args: list[str], work_dir: str | os.PathLike, env: dict[str, str] | None = None,
-                    python: str | None = None):
-        """Start ``ctsma <args>`` in ``work_dir`` (progress in ``work_dir/progress.jsonl``)."""
+                    python: str | None = None, wrapper=None):
+        """Start ``ctsma <args>`` in ``work_dir`` (progress in ``work_dir/progress.jsonl``).
+
+        ``python`` picks another interpreter (a user's environment); ``wrapper(command) -> command``
+        turns the argument list into another one (a cluster or remote template)."""
         progress = Path(work_dir) / "progress.jsonl"
-        return self.start(ctsma_command(args, progress, python), work_dir, progress, env=env)
+        command = ctsma_command(args, progress, python)
+        if wrapper is not None:
+            command = list(wrapper(command))
+        return self.start(command, work_dir, progress, env=env)
 
     # -- following ------------------------------------------------------------------------
     def is_running(self) -> bool:

@@ -69,12 +69,13 @@ class CTSMARegistrationLogic(CliLogic):
         args = cli_args.register(mr, ct, out, preset=params.preset, ct_bones=bones, threads=params.threads,
                                  extra=params.extra())
         names = {"mr": mrVolume.GetName(), "ct": ctVolume.GetName()}
-        return self.startCli("registration", args, work, out, loader=lambda run: self.loadOutputs(run.out_dir, names),
-                             env=params.env())
+        return self.startCli("registration", args, work, out, env=params.env(),
+                             loader=lambda run: self.loadOutputs(run.out_dir, names, under=ctVolume))
 
-    def loadOutputs(self, out_dir: Path, names: dict | None = None) -> dict:
+    def loadOutputs(self, out_dir: Path, names: dict | None = None, under=None) -> dict:
         """Put the registration outputs of ``out_dir`` into the scene; returns ``{role: node}``
-        with the roles ``transform``, ``mr_in_ct``, ``qa`` and (when synthesis ran) ``pseudo_ct``."""
+        with the roles ``transform``, ``mr_in_ct``, ``qa`` and (when synthesis ran) ``pseudo_ct``.
+        They go in a folder under the study of ``under`` (the CT) in the subject hierarchy."""
         import SimpleITK as sitk
 
         from . import scene_bridge as sb
@@ -96,5 +97,19 @@ class CTSMARegistrationLogic(CliLogic):
                                                           self.scene, name=f"{names['mr']} pseudo-CT")
             out["qa"] = sb.table_to_node(qa_rows(qa), self.scene, name=f"{names['mr']} registration QA",
                                          units={"seconds": "s"})
-            sb.put_in_folder(self.scene, out.values(), "CT-SMA registration")
+            sb.put_in_folder(self.scene, out.values(), "CT-SMA registration", under=under)
         return out
+
+    # -- checking the alignment ------------------------------------------------------------
+    def showAlignment(self, ctVolume, mrInCtVolume, opacity: float = 0.5) -> int:
+        """Fade view: CT in the background, MR in CT in the foreground at ``opacity``, in every
+        slice view; returns how many views were set."""
+        from .views import show_fade
+
+        return show_fade(self.scene, ctVolume, mrInCtVolume, opacity)
+
+    def showCheckerboard(self, ctVolume, mrInCtVolume, squareMm: float = 10.0):
+        """A CT/MR checkerboard volume, shown in the slice views; returns its node."""
+        from .views import checkerboard_volume
+
+        return checkerboard_volume(self.scene, ctVolume, mrInCtVolume, squareMm)

@@ -31,23 +31,44 @@ __all__ = [
     "transform_point_ras", "set_grid_interpolation", "reapply_grid_interpolation",
     "labelmap_to_segmentation_node", "segmentation_node_to_labelmap", "segment_label_values",
     "table_to_node", "node_to_dataframe",
-    "put_in_folder", "save_scene_mrb", "load_scene_mrb",
+    "put_in_folder", "study_item_of", "save_scene_mrb", "load_scene_mrb",
 ]
 
 
-def put_in_folder(scene, nodes, folder_name: str) -> int:
+def study_item_of(scene, node) -> int:
+    """The subject-hierarchy study (else patient) item above ``node``; the scene item if none.
+
+    A CT loaded from DICOM sits under its patient and study; results placed under that item
+    appear with the CT in the Data module."""
+    import slicer
+
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    scene_item = sh.GetSceneItemID()
+    item = sh.GetItemByDataNode(node) if node is not None else 0
+    found = {}
+    while item and item != scene_item:
+        level = sh.GetItemLevel(item)
+        if level in ("Study", "Patient") and level not in found:
+            found[level] = item
+        item = sh.GetItemParent(item)
+    return found.get("Study") or found.get("Patient") or scene_item
+
+
+def put_in_folder(scene, nodes, folder_name: str, under=None) -> int:
     """Place nodes under a subject-hierarchy folder (created if needed); returns the folder item.
 
+    ``under`` is a node (e.g. the CT): the folder then goes under that node's study, or patient,
+    in the subject hierarchy (see :func:`study_item_of`); otherwise at the top of the scene.
     Outside the application, subject-hierarchy items are not created automatically, so each
     node gets one here.
     """
     import slicer
 
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-    scene_item = sh.GetSceneItemID()
-    folder = sh.GetItemChildWithName(scene_item, folder_name)
+    parent = study_item_of(scene, under) if under is not None else sh.GetSceneItemID()
+    folder = sh.GetItemChildWithName(parent, folder_name)
     if not folder:
-        folder = sh.CreateFolderItem(scene_item, folder_name)
+        folder = sh.CreateFolderItem(parent, folder_name)
     for node in nodes:
         if node is None:
             continue
