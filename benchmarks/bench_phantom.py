@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/bench_phantom.py [--n 16] [--workers 2] [--cohort DIR]
-                                                 [--auc-knees 0] [--skip-speed] [--json FILE]
+                                                 [--auc-knees 0] [--skip-speed | --speed-only] [--json FILE]
 
 1. Speed/memory: one knee at the demo and at the full preset, each in a fresh single-threaded
    process (wall and CPU seconds, peak resident memory). The first knee of a process includes
@@ -147,6 +147,7 @@ def main() -> int:
     ap.add_argument("--cohort", default="/tmp/ctsma_phantom_bench")
     ap.add_argument("--auc-knees", type=int, default=0, help="extra truth-only knees for the AUC estimate")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--speed-only", action="store_true", help="only the speed/memory part")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "phantom.json"))
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -158,6 +159,9 @@ def main() -> int:
     report: dict = {"machine": {"cpus": os.cpu_count(), "load_average_start": os.getloadavg()}}
     if not a.skip_speed:
         report["speed"] = {p: speed(p) for p in ("demo", "full")}
+    if a.speed_only:
+        print(json.dumps(report, indent=2))
+        return 0
     t0 = time.perf_counter()
     generate_cohort(make_settings("demo"), a.n, a.seed, a.cohort, workers=a.workers)
     report["cohort"] = {"n": a.n, "seed": a.seed, "folder": a.cohort, "seconds": time.perf_counter() - t0}
