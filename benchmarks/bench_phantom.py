@@ -160,6 +160,8 @@ def main() -> int:
     if not a.skip_speed:
         report["speed"] = {p: speed(p) for p in ("demo", "full")}
     if a.speed_only:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
         return 0
     t0 = time.perf_counter()
