@@ -54,6 +54,9 @@ def _set_grid_interpolation(vtk_transform, interpolation: str) -> int:
             vtk_transform.SetInterpolationModeToCubic()
         return 1
     if isinstance(vtk_transform, vtk.vtkGeneralTransform):
+        # A composite read from an ITK file lists its parts only once updated: without this, the
+        # grid inside a (rigid + displacement field) composite kept Slicer's cubic default.
+        vtk_transform.Update()
         for i in range(vtk_transform.GetNumberOfConcatenatedTransforms()):
             count += _set_grid_interpolation(vtk_transform.GetConcatenatedTransform(i), interpolation)
     return count
