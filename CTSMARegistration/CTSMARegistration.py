@@ -27,7 +27,7 @@ UI_WIDGETS = {
     "mrVolumeSelector": "qMRMLNodeComboBox", "ctVolumeSelector": "qMRMLNodeComboBox",
     "boneSegmentationSelector": "qMRMLNodeComboBox", "presetComboBox": "QComboBox",
     "advancedCollapsibleButton": "ctkCollapsibleButton", "threadsSpinBox": "QSpinBox",
-    "extraArgsLineEdit": "QLineEdit", "keepWorkDirCheckBox": "QCheckBox",
+    "extraArgsLineEdit": "QLineEdit", "keepWorkDirCheckBox": "QCheckBox", "resampleMrCheckBox": "QCheckBox",
     "applyButton": "QPushButton", "progressBar": "QProgressBar", "stageLabel": "QLabel",
     "outputTransformSelector": "qMRMLNodeComboBox", "pseudoCtSelector": "qMRMLNodeComboBox",
     "mrInCtSelector": "qMRMLNodeComboBox", "qaTableSelector": "qMRMLNodeComboBox",
@@ -58,6 +58,7 @@ class CTSMARegistrationParameterNode:
     threads: Annotated[int, Minimum(0)] = 0
     extraArgs: str = ""
     keepWorkDir: bool = False
+    resampleMr: bool = True
     outputTransform: vtkMRMLTransformNode
     pseudoCtVolume: vtkMRMLScalarVolumeNode
     mrInCtVolume: vtkMRMLScalarVolumeNode
@@ -146,8 +147,8 @@ class CTSMARegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def onFade(self, value) -> None:
         p = self._parameterNode
-        if p and p.ctVolume and p.mrInCtVolume:
-            self.logic.showAlignment(p.ctVolume, p.mrInCtVolume, value)
+        if p and p.ctVolume and (p.mrInCtVolume or p.mrVolume):
+            self.logic.showAlignment(p.ctVolume, p.mrInCtVolume or p.mrVolume, value)
 
     def onCheckerboard(self) -> None:
         p = self._parameterNode
@@ -165,7 +166,7 @@ class CTSMARegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
             ensureDependencies("CT-SMA Registration")
             params = RegistrationParameters(preset=p.preset, threads=p.threads, extraArgs=p.extraArgs,
-                                            keepWorkDir=p.keepWorkDir)
+                                            keepWorkDir=p.keepWorkDir, resampleMr=p.resampleMr)
             self.logic.startRegistration(p.mrVolume, p.ctVolume, p.boneSegmentation, params)
             self.monitor.begin(self.ui.applyButton)
 
@@ -177,8 +178,8 @@ class CTSMARegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             p.mrInCtVolume = run.outputs.get("mr_in_ct")
             p.pseudoCtVolume = run.outputs.get("pseudo_ct")
             p.qaTable = run.outputs.get("qa")
-            if p.mrInCtVolume:  # fade view: CT background, MR in CT foreground (the slider moves between them)
-                self.logic.showAlignment(p.ctVolume, p.mrInCtVolume, p.fadeOpacity)
+            if p.mrInCtVolume or not p.resampleMr:  # fade view: CT background, MR (in CT space) foreground
+                self.logic.showAlignment(p.ctVolume, p.mrInCtVolume or p.mrVolume, p.fadeOpacity)
                 slicer.util.resetSliceViews()
         if run is not None:
             self.logic.cleanupRun(keep_outputs=p.keepWorkDir or status.state == "failed")

@@ -290,3 +290,18 @@ def test_results_without_a_study_go_to_the_top_of_the_scene(mrml_scene, tmp_path
     patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "P")
     sh.CreateItem(patient, ct)  # patient but no study: the patient is used
     assert sb.study_item_of(mrml_scene, ct) == patient
+
+
+def test_registration_can_place_the_mr_under_the_transform_instead_of_resampling(mrml_scene, knee, tmp_path):
+    from CTSMALib import flows
+    from CTSMALib.parameters import RegistrationParameters
+    from CTSMALib.registration_logic import CTSMARegistrationLogic
+
+    TrueRegistration.row = knee
+    ct, mr = _load(mrml_scene, knee["ct"], "CT"), _load(mrml_scene, knee["mr"], "MR")
+    logic = CTSMARegistrationLogic(runner_factory=TrueRegistration, work_root=tmp_path)
+    out = flows.registration_flow(logic, mr, ct, RegistrationParameters(resampleMr=False),
+                                  landmarks_csv=knee["landmarks"])
+    assert "mr_in_ct" not in out and mrml_scene.GetFirstNodeByName("MR in CT") is None
+    assert mr.GetParentTransformNode() is out["transform"]  # Slicer shows the MR in CT space through it
+    assert out["landmark_errors_mm"].max() < 1e-3

@@ -124,7 +124,7 @@ def registration_flow(logic, mr, ct, params=None, landmarks_csv=None, timeout: f
     logic.startRegistration(mr, ct, params=params)
     run = finish(logic, "registration", timeout, on_wait)
     out = dict(run.outputs)
-    for role in ("transform", "mr_in_ct", "qa"):
+    for role in ("transform", "qa") + (("mr_in_ct",) if params is None or params.resampleMr else ()):
         if out.get(role) is None:
             raise FlowError(f"the registration loaded no {role}")
     if landmarks_csv is not None:

@@ -30,6 +30,7 @@ class RegistrationParameters:
     threads: int = 0  # 0 = let the command decide
     extraArgs: str = ""  # advanced: extra 'ctsma register' options, e.g. "--model synth.safetensors"
     keepWorkDir: bool = False
+    resampleMr: bool = True  # load "MR in CT"; False: put the MR volume under the transform instead
 
     def env(self) -> dict[str, str]:
         return _thread_env(self.threads)

@@ -70,12 +70,15 @@ class CTSMARegistrationLogic(CliLogic):
                                  extra=params.extra())
         names = {"mr": mrVolume.GetName(), "ct": ctVolume.GetName()}
         return self.startCli("registration", args, work, out, env=params.env(),
-                             loader=lambda run: self.loadOutputs(run.out_dir, names, under=ctVolume))
+                             loader=lambda run: self.loadOutputs(run.out_dir, names, under=ctVolume,
+                                                                 mrVolume=None if params.resampleMr else mrVolume))
 
-    def loadOutputs(self, out_dir: Path, names: dict | None = None, under=None) -> dict:
+    def loadOutputs(self, out_dir: Path, names: dict | None = None, under=None, mrVolume=None) -> dict:
         """Put the registration outputs of ``out_dir`` into the scene; returns ``{role: node}``
         with the roles ``transform``, ``mr_in_ct``, ``qa`` and (when synthesis ran) ``pseudo_ct``.
-        They go in a folder under the study of ``under`` (the CT) in the subject hierarchy."""
+        They go in a folder under the study of ``under`` (the CT) in the subject hierarchy.
+        Given ``mrVolume``, no resampled copy is loaded: that MR is placed under the transform
+        (shown in CT space by Slicer) and no ``mr_in_ct`` role is returned."""
         import SimpleITK as sitk
 
         from . import scene_bridge as sb
@@ -90,14 +93,17 @@ class CTSMARegistrationLogic(CliLogic):
         with rollback_on_error(self.scene):  # all or nothing
             out["transform"] = sb.read_transform_file(out_dir / OUTPUTS["transform"], self.scene,
                                                       name=f"{names['ct']} to {names['mr']} transform")
-            out["mr_in_ct"] = sb.sitk_to_volume_node(sitk.ReadImage(str(out_dir / OUTPUTS["mr_in_ct"])),
-                                                     self.scene, name=f"{names['mr']} in CT")
+            if mrVolume is None:
+                out["mr_in_ct"] = sb.sitk_to_volume_node(sitk.ReadImage(str(out_dir / OUTPUTS["mr_in_ct"])),
+                                                         self.scene, name=f"{names['mr']} in CT")
             if (out_dir / OUTPUTS["pseudo_ct"]).exists():
                 out["pseudo_ct"] = sb.sitk_to_volume_node(sitk.ReadImage(str(out_dir / OUTPUTS["pseudo_ct"])),
                                                           self.scene, name=f"{names['mr']} pseudo-CT")
             out["qa"] = sb.table_to_node(qa_rows(qa), self.scene, name=f"{names['mr']} registration QA",
                                          units={"seconds": "s"})
             sb.put_in_folder(self.scene, out.values(), "CT-SMA registration", under=under)
+        if mrVolume is not None:  # last, so that a failed load leaves the MR as it was
+            mrVolume.SetAndObserveTransformNodeID(out["transform"].GetID())
         return out
 
     # -- checking the alignment ------------------------------------------------------------
