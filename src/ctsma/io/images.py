@@ -55,6 +55,8 @@ def read_image(path: str | os.PathLike, *, what: str = "image", pixel_type=sitk.
         raise InputImageError(f"{what} not found: {path}")
     if max_voxels is None:  # the environment is read at call time, so a caller (or test) may change it
         max_voxels = int(os.environ.get("CTSMA_MAX_VOXELS", DEFAULT_MAX_VOXELS))
+    warn_display = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's console warnings: the checks here say it better
     try:
         if path.is_dir():
             reader = _dicom_reader(path, what)
@@ -90,6 +92,8 @@ def read_image(path: str | os.PathLike, *, what: str = "image", pixel_type=sitk.
         reason = next((ln for ln in reversed(reason) if ln.strip()), "unknown reason")
         raise InputImageError(f"cannot read {what} {path}: the file is corrupted or not an image "
                               f"({reason.strip()[:200]})") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn_display)
     if img.GetDimension() == 4:
         img = _squeeze_4d(img, what, path.name)
     return check_image(img, what=f"{what} {path.name}", pixel_type=pixel_type, allow_2d=allow_2d)
