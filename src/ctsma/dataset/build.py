@@ -354,8 +354,9 @@ def build_dataset(manifest: str | os.PathLike, out: str | os.PathLike, settings:
     root = Path(manifest).resolve().parent
     if subjects:
         table = table[table["subject"].isin(subjects)]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from ..io import ensure_writable_dir
+
+    out = ensure_writable_dir(out)  # a clear error for an unusable output folder
     shard_dir = out / ".shards"
     shard_dir.mkdir(exist_ok=True)
     reg = Path(registrations).resolve() if registrations else None

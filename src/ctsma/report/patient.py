@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,7 +17,7 @@ import SimpleITK as sitk
 
 from .. import PARAMETERS, ROIS, __version__
 from ..errors import UserError
-from ..io import safe_join
+from ..io import ensure_writable_dir, safe_join
 from ..io.images import check_same_geometry
 from . import patient_figures
 from .document import Document, Figure, Heading, PageBreak, Paragraph, Table
@@ -221,6 +220,6 @@ def write_patient_report(out_pdf, *, ct: sitk.Image, rois: sitk.Image, maps: Map
                                  subject=subject)
     footer = ("DEMO MODEL \u2013 NOT FOR CLINICAL USE" if is_demo(provenance) else RESEARCH_NOTICE)
     data = render_pdf(doc, footer=footer)
-    os.makedirs(out_pdf.parent, exist_ok=True)
+    ensure_writable_dir(out_pdf.parent)  # a clear error for an unusable output folder
     write_outputs({out_pdf: data})
     return out_pdf
