@@ -74,6 +74,8 @@ def _train(args) -> int:
         _check_folds(args)
     if not str(args.out).endswith(".safetensors"):
         raise UserError(f"the model file name must end with .safetensors: {args.out}")
+    from ..io import ensure_writable_dir
+    ensure_writable_dir(Path(args.out).parent)  # before any work
     patches = use_parameter_columns(args.patches, args.prefix)
     model = diagnosis.train(patches, args.labels, args.aggregator, seed=args.seed,
                             folds=None if args.no_cv else args.folds, source=args.source)

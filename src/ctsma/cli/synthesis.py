@@ -38,6 +38,9 @@ def train_cmd(args: argparse.Namespace) -> int:
     if args.threads:
         overrides["threads"] = args.threads
     cfg = load_train_config(args.preset, overrides)
+    from ..io.atomic import ensure_writable_dir
+    from pathlib import Path
+    ensure_writable_dir(Path(args.out).parent)  # before any work
     df = _rows(args)
     pairs = []
     for r in df.to_dict("records"):
