@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from .. import progress
-from ..io import ensure_writable_dir, read_image, write_image, write_json
+from ..io import ensure_writable_dir, read_image, staged_outputs, write_image, write_json
 
 
 def add_parser(sub) -> None:
@@ -52,19 +52,23 @@ def run(args) -> int:
         bones, info = segment_bones(ct, settings, return_info=True)
         report["bones_from"] = "automatic"
         report["bone_segmentation"] = info
-    write_image(bones, out / "bones.nii.gz")
-    write_seg_nrrd(bones, out / "bones.seg.nrrd", kind="bones")
+    # compute everything before writing anything (a failed ROI placement must not leave bones behind)
+    rois = rinfo = None
     if not args.no_rois:
         progress.info("placing subchondral ROIs ...")
         rois, rinfo = subchondral_rois(ct, bones, side=args.side, start_mm=args.start_mm, end_mm=args.end_mm,
                                        return_info=True)
-        write_image(rois, out / "rois.nii.gz")
-        write_seg_nrrd(rois, out / "rois.seg.nrrd", kind="rois")
         report["rois"] = rinfo
-        if args.figure:
-            from ..segmentation.figure import render_rois
-            render_rois(ct, bones, rois, out / "rois.png", info=rinfo)
     report["seconds"] = time.time() - t0
-    write_json(out / "segmentation.json", report)
+    with staged_outputs(out) as stage:
+        write_image(bones, stage / "bones.nii.gz")
+        write_seg_nrrd(bones, stage / "bones.seg.nrrd", kind="bones")
+        if rois is not None:
+            write_image(rois, stage / "rois.nii.gz")
+            write_seg_nrrd(rois, stage / "rois.seg.nrrd", kind="rois")
+            if args.figure:
+                from ..segmentation.figure import render_rois
+                render_rois(ct, bones, rois, stage / "rois.png", info=rinfo)
+        write_json(stage / "segmentation.json", report)
     progress.info(f"wrote {out}/bones.nii.gz" + ("" if args.no_rois else " and rois.nii.gz"))
     return 0
