@@ -57,8 +57,16 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be at least 1")
     threads = args.threads or os.cpu_count() or 1
+    from ..io.memory import check_memory, header_voxels
+    check_memory(header_voxels(args.image), "morphometry", what=os.path.basename(args.image))  # before reading
     out = ensure_writable_dir(args.out)
     img = read_image(args.image, what="image")
+    if args.modality == "ct":  # a crop inside bone may lack air/fat, so implausible HU only warn here
+        from ..io.images import check_ct_intensities
+        try:
+            check_ct_intensities(img, what="image")
+        except UserError as exc:
+            warnings.warn(f"{exc} (continuing because --modality ct was given)", stacklevel=1)
     mask = None
     if args.mask:
         m_img = read_image(args.mask, what="ROI mask")

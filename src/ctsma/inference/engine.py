@@ -32,7 +32,7 @@ import SimpleITK as sitk
 from .. import PARAMETER_FILE_NAMES, PARAMETER_UNITS, PARAMETERS, ROIS, progress
 from ..errors import InputImageError, UserError
 from ..io import read_image, write_image, write_json
-from ..io.atomic import staged_outputs
+from ..io.atomic import ensure_writable_dir, staged_outputs
 from ..io.images import check_ct_intensities
 from ..resources import resource_path
 from .maps import blend_maps, roi_table
@@ -137,7 +137,10 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     s = settings or InferSettings()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    from ..io.memory import check_memory, header_voxels
+    check_memory(header_voxels(ct_path), "infer", what=f"CT {Path(ct_path).name}")  # before reading the pixels
     ct = read_image(ct_path, what="CT")
+    ensure_writable_dir(out_dir)  # refuse an unwritable output folder before any work
     warns = check_ct(ct)
     for w in warns:
         warnings.warn(w, stacklevel=2)
