@@ -731,3 +731,87 @@ def test_fuzz_config_loader_text(text, tmp_path_factory):
         load_config(path, TrainConfig)
     except ConfigError:
         pass
+
+
+# -- the Slicer module logics ----------------------------------------------------------------------------------------
+class InProcessRunner:
+    """Runs the logic's ``ctsma`` command line in this process (the real command line, no subprocess)."""
+
+    def start_ctsma(self, args, work_dir, env=None, **_):
+        import contextlib
+        import io
+
+        self.args = list(args)
+        assert all(isinstance(a, str) for a in self.args)  # an argument list, never a shell string
+        buf = io.StringIO()
+        with contextlib.redirect_stderr(buf):
+            self.rc = cli_main(["--quiet", *self.args])
+        self.err = buf.getvalue()
+
+    def poll(self):
+        from CTSMALib.process import DONE, FAILED, RunStatus
+
+        lines = [ln for ln in self.err.splitlines() if ln.strip()]
+        return RunStatus(state=DONE if self.rc == 0 else FAILED, returncode=self.rc,
+                         last_error=lines[-1] if lines and self.rc else "")
+
+    cancel = poll
+
+
+LOGIC_CASES = {  # case -> (volume to give as the CT, expected error)
+    "nonfinite": ("nonfinite", "non-finite voxels"),
+    "image_2d": ("image_2d", "is 2D"),
+    "mr_as_ct": ("mr", "not plausible Hounsfield units"),
+}
+
+
+@pytest.mark.mrml
+@pytest.mark.parametrize("start", ["startBoneSegmentation", "startAnalysis", "startRegistration"])
+@pytest.mark.parametrize("case", [*LOGIC_CASES, "no_volume", "no_image_data", "missing_model", "tampered_model"])
+def test_module_logics_reject_bad_volumes(start, case, models, mrml_scene, tmp_path):
+    from CTSMALib.analysis_logic import CTSMALogic
+    from CTSMALib.parameters import AnalysisParameters
+    from CTSMALib.registration_logic import CTSMARegistrationLogic
+    from CTSMALib.volumes import sitk_to_volume_node
+
+    def node(key, name):
+        img = sitk.ReadImage(str(models[key]))
+        if img.GetDimension() == 2:
+            img = sitk.JoinSeries([img])  # a one-slice volume, as Slicer holds a 2D image
+        return sitk_to_volume_node(img, mrml_scene, name=name)
+
+    reg = start == "startRegistration"
+    logic = (CTSMARegistrationLogic if reg else CTSMALogic)(runner_factory=InProcessRunner, work_root=tmp_path)
+    mr = node("mr", "MR")
+    if case in ("missing_model", "tampered_model") and start != "startAnalysis":
+        pytest.skip("not applicable: only the analysis takes a model file")
+    if case == "no_volume":
+        with pytest.raises(InputImageError, match="select"):
+            logic.startRegistration(mr, None) if reg else getattr(logic, start)(None)
+        return
+    if case == "no_image_data":
+        empty = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+        with pytest.raises(InputImageError, match="no image data|select"):
+            logic.startRegistration(mr, empty) if reg else getattr(logic, start)(empty)
+        return
+    if case == "missing_model":
+        with pytest.raises(ModelFileError, match="not found"):
+            logic.startAnalysis(node("ct", "CT"), AnalysisParameters(modelPath=str(tmp_path / "none.safetensors")))
+        return
+    if case == "tampered_model":
+        logic.startAnalysis(node("ct", "CT"), AnalysisParameters(modelPath=str(models["model_tampered/student"])))
+        expect = "failed its checksum"
+    else:
+        key, expect = LOGIC_CASES[case]
+        ct = node(key, "CT")
+        if reg:
+            from CTSMALib.parameters import RegistrationParameters
+            logic.startRegistration(mr, ct, params=RegistrationParameters(preset="nosynth"))
+        elif start == "startAnalysis":
+            logic.startAnalysis(ct, AnalysisParameters(modelPath=str(models["student"])))
+        else:
+            logic.startBoneSegmentation(ct)
+    status = logic.wait(timeout=60)
+    assert status.state == "failed" and status.returncode == 2
+    assert re.match(r"ctsma \w+: error: ", status.last_error) and re.search(expect, status.last_error), status
+    assert not logic.run.outputs and not _files_under(logic.run.out_dir)
