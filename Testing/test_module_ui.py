@@ -233,6 +233,8 @@ _BUILT = {
                             bones=Path("b.nii"), rois=Path("r.nii"), side="R"),
     "report": cli_args.report(Path("ct.nii"), Path("res"), Path("out"), subject="knee 1"),
     "train": cli_args.train("student", Path("c.yaml"), Path("out")),
+    "train (store)": cli_args.train("baseline", Path("c.yaml"), Path("out"), store=Path("store")),
+    "dataset": cli_args.dataset_build(Path("cohort/manifest.csv"), Path("out/store")),
 }
 
 

@@ -144,9 +144,17 @@ def ensureDependencies(requester: str = "CT-SMA", backend: str = "auto", plan: I
     if plan.pip:
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as fh:
             fh.write(plan.constraints())
-        with slicer.util.displayPythonShell() if hasattr(slicer.util, "displayPythonShell") else _nothing():
-            slicer.util.pip_install(plan.pip + ["-c", fh.name])  # progress shows in the Python console
-        Path(fh.name).unlink(missing_ok=True)
+        args = plan.pip + ["-c", fh.name]
+        try:
+            with slicer.util.displayPythonShell() if hasattr(slicer.util, "displayPythonShell") else _nothing():
+                try:  # Slicer >= 5.10: uv with Slicer's core constraints; the user has already agreed
+                    import slicer.packaging
+
+                    slicer.packaging.pip_install(args, interactive=False)
+                except ImportError:  # older Slicer
+                    slicer.util.pip_install(args)  # progress shows in the Python console
+        finally:
+            Path(fh.name).unlink(missing_ok=True)
     still = plan_installation()
     if still.pip:
         raise RuntimeError("these packages could not be installed: " + ", ".join(still.pip) +
