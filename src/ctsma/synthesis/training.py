@@ -151,7 +151,7 @@ def shift_tolerant_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Ten
     return torch.stack(losses, 1).min(1).values.mean()
 
 
-def _train_steps(net, sampler, cfg, steps, lr, device, deadline, stage) -> list[float]:
+def _train_steps(net, sampler, cfg, steps, lr, device, deadline, stage, min_steps: int = 0) -> list[float]:
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.15)
     net.train()
@@ -164,7 +164,7 @@ def _train_steps(net, sampler, cfg, steps, lr, device, deadline, stage) -> list[
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline and len(losses) >= min_steps:
             break
     net.eval()
     return losses
@@ -206,7 +206,7 @@ def train(pairs: Sequence[tuple[sitk.Image, sitk.Image, sitk.Image | None]], cfg
     net = UNet25D(cfg.in_slices, cfg.base, cfg.depth).to(device)
     t1 = time.monotonic()
     losses1 = _train_steps(net, PatchSampler(prepared, cfg, rng), cfg, cfg.iterations, cfg.learning_rate, device,
-                           deadline, "synthesis: training round 1")
+                           deadline, "synthesis: training round 1", min_steps=cfg.iterations // 3)
     timings["round1_s"] = time.monotonic() - t1
     meta = {"architecture": arch, "normalisation": DEFAULT_NORMALISATION,
             "working_spacing_mm": cfg.working_spacing_mm, "planes": list(cfg.planes),
@@ -233,6 +233,7 @@ def train(pairs: Sequence[tuple[sitk.Image, sitk.Image, sitk.Image | None]], cfg
     timings["total_s"] = time.monotonic() - t0
     timings["total_cpu_s"] = time.process_time() - cpu0  # CPU time of this process (all its threads)
     meta["training"].update({"timings": timings, "steps_round1": len(losses1), "steps_round2": len(losses2),
+                             "initial_loss_round1": float(np.mean(losses1[:10])) if losses1 else None,
                              "final_loss_round1": float(np.mean(losses1[-20:])) if losses1 else None,
                              "final_loss_round2": float(np.mean(losses2[-20:])) if losses2 else None,
                              "stopped_by_time_limit": time.monotonic() > deadline})
