@@ -31,7 +31,7 @@ def knee(tmp_path_factory) -> dict:
     files = {k: out / row[k] for k in ("ct", "mr", "ct_bones", "ct_rois")}
     lab = sitk.ReadImage(str(files["ct_bones"]))
     files["bones_only"] = out / "bones_only.nii.gz"
-    sitk.WriteImage(sitk.Threshold(lab, 0, 9, 0), str(files["bones_only"]))  # drop cartilage labels (>= 10)
+    sitk.WriteImage(sitk.Threshold(lab, 0, 9, 0), str(files["bones_only"]))  # without the cartilage labels (>= 10)
     return files | {"side": row["side"], "dir": out}
 
 
@@ -127,7 +127,7 @@ def test_infer_refuses_tampered_model(knee, constant_student, tmp_path, capsys):
 def test_batch_mode_resumes_and_reports_failures(knee, constant_student, tmp_path):
     manifest = tmp_path / "cts.csv"
     pd.DataFrame({"subject": ["good", "bad"], "ct": [str(knee["ct"]), str(knee["mr"])],
-                  "ct_bones": [str(knee["ct_bones"]), ""]}).to_csv(manifest, index=False)
+                  "ct_bones": [str(knee["ct_bones"]), ""]}).to_csv(manifest, index=False)  # with cartilage (>= 10)
     out = tmp_path / "batch"
     rc = _run(manifest, "--out", out, "--model", constant_student, "--side", knee["side"])
     assert rc == 1  # one case failed, and said so

@@ -255,13 +255,26 @@ def _labels(ctx: Context) -> pd.DataFrame:
     return ctx.cohort()[["subject", "oa", "kl_grade", "severity"]].assign(subject=lambda x: x.subject.astype(str))
 
 
+def _analysable_labels(ctx: Context, tables: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict]:
+    """Labels of the knees that have valid patches in every source (e.g. not excluded by registration QA)."""
+    labels = _labels(ctx)
+    keep = set(labels.subject)
+    for t in tables.values():
+        keep &= set(t.subject)
+    dropped = sorted(set(labels.subject) - keep)
+    if dropped:
+        progress.info(f"  diagnosis: {len(dropped)} knee(s) without valid patches in every source are left out: "
+                      + ", ".join(dropped))
+    return labels[labels.subject.isin(keep)].reset_index(drop=True), dropped
+
+
 # ------------------------------------------------------------------ diagnosis
 def diagnosis(ctx: Context, d: Path) -> dict:
     from .. import diagnosis as dx
     from ..diagnosis import report as dxreport
 
     tables = _oof_tables(ctx)
-    labels = _labels(ctx)
+    labels, dropped = _analysable_labels(ctx, tables)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         block, results = dx.compare_sources(tables, labels, ctx.s.aggregators, ctx.s.diagnosis_folds, ctx.s.seed,
@@ -270,7 +283,8 @@ def diagnosis(ctx: Context, d: Path) -> dict:
     dxreport.write_table(block, d)
     dxreport.write_roc_plots(results, d)
     dxreport.write_oof(results, d / "oof_predictions.csv")
-    return {"auc": {k: v.get("auc") for k, v in block.items()}}
+    return {"auc": {k: v.get("auc") for k, v in block.items()}, "n_knees": int(len(labels)),
+            "knees_without_patches": dropped}
 
 
 # ------------------------------------------------------------------ inference on one held-out knee
@@ -291,7 +305,7 @@ def inference(ctx: Context, d: Path) -> dict:
 
     subject = inference_subject(ctx)
     tables = _oof_tables(ctx)
-    labels = _labels(ctx)
+    labels, _ = _analysable_labels(ctx, tables)
     others = tables["student_distilled"]
     others = others[others.subject != subject]
     with warnings.catch_warnings():

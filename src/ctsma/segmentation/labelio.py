@@ -38,6 +38,10 @@ _ALIASES = {"femur": ("femur", "femoral", "femur_left", "femur_right"), "tibia":
             "LTP": ("ltp", "lateral tibial plateau", "lateral_tibial_plateau")}
 
 
+OTHER_TISSUES_FROM = 10
+"""Label values from 10 up mark cartilage and other non-bone tissues (project label convention)."""
+
+
 def _table(kind: str) -> dict[str, int]:
     if kind == "bones":
         return dict(BONES)
@@ -113,6 +117,13 @@ def read_user_labels(path: str | os.PathLike, reference: sitk.Image, kind: str =
         if not np.issubdtype(arr.dtype, np.integer) and not np.all(np.equal(np.mod(arr, 1), 0)):
             raise InputImageError(f"{what} {path.name} is not a label image (it has non-integer values)")
         values = set(np.unique(arr).astype(int).tolist()) - {0}
+        if kind == "bones" and any(v >= OTHER_TISSUES_FROM for v in values):
+            # the label convention puts cartilage and other tissues at 10 and up: they are not bones
+            keep = np.where(sitk.GetArrayFromImage(lab) >= OTHER_TISSUES_FROM, 0, sitk.GetArrayFromImage(lab))
+            cleaned = sitk.GetImageFromArray(keep.astype(np.uint8))
+            cleaned.CopyInformation(lab)
+            lab = cleaned
+            values = {v for v in values if v < OTHER_TISSUES_FROM}
         bad = sorted(values - set(table.values()))
         if bad:
             raise InputImageError(f"{what} {path.name} has label value(s) {bad[:6]}; CT-SMA expects "
