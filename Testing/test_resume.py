@@ -1,9 +1,8 @@
 """Kill and resume: a long stage killed with SIGKILL mid-run (no clean-up of any kind), then run again,
 gives the same result as an uninterrupted run, and leaves no partial file behind.
 
-Covered here: the phantom cohort and batch inference (the command line in a subprocess). Training has its
-own SIGKILL test in test_train.py; the dataset builder and the registration cohort resume from per-subject
-shards (test_dataset_build.py, test_registration.py). See docs/reliability.md.
+Covered here, each through the command line in a subprocess: the phantom cohort, the registration cohort, the
+dataset builder and batch inference. Training has its own SIGKILL test in test_train.py. See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -151,3 +150,64 @@ def test_batch_inference_killed_mid_cohort_resumes_to_the_uninterrupted_result(c
                 for m in (sa, sb):
                     m.pop("seconds"), m.pop("ct"), m["model"].pop("path", None)
                 assert sa == sb
+
+
+def test_registration_cohort_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
+    from ctsma.config import read_mapping
+    from ctsma.registration.synthetic import make_knee_pair
+    from ctsma.resources import resource_path
+
+    pair = make_knee_pair(3)
+    rows = ["subject,mr,ct,ct_bones"]
+    for s in ("kA", "kB"):
+        for name in ("mr", "ct", "ct_bones"):
+            sitk.WriteImage(getattr(pair, name), str(tmp_path / f"{s}_{name}.nii.gz"))
+        rows.append(f"{s},{s}_mr.nii.gz,{s}_ct.nii.gz,{s}_ct_bones.nii.gz")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    preset = read_mapping(resource_path("Presets", "registration", "nosynth.json"))
+    preset.update(threads=1, deformable={"enabled": False}, per_bone={"enabled": False},
+                  rigid={**preset.get("rigid", {}), "iterations": 10})
+    (tmp_path / "preset.json").write_text(json.dumps(preset))
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    args = ("register", "--manifest", tmp_path / "manifest.csv", "--preset", tmp_path / "preset.json")
+    res = subprocess.run(_ctsma(*args, "--out", ref), env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    killed = _kill_when(_ctsma(*args, "--out", run), lambda: (run / "kA" / "qa.json").is_file())
+    assert killed and not (run / "kB" / "qa.json").exists()
+    res = subprocess.run(_ctsma(*args, "--out", run), env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    summary = pd.read_csv(run / "cohort_0of1.csv")
+    assert list(summary.status) == ["skipped (done before)", "done"]
+    _no_partials(run)
+    pts = [tuple(map(float, p)) for p in pair.landmarks[:, 1:4]]
+    for s in ("kA", "kB"):
+        ta = sitk.ReadTransform(str(ref / s / "transform_ct_to_mr.h5"))
+        tb = sitk.ReadTransform(str(run / s / "transform_ct_to_mr.h5"))
+        np.testing.assert_allclose([ta.TransformPoint(p) for p in pts], [tb.TransformPoint(p) for p in pts],
+                                   atol=1e-9)
+        _same_image(ref / s / "mr_in_ct.nii.gz", run / s / "mr_in_ct.nii.gz")
+
+
+def test_dataset_build_killed_mid_run_resumes_to_the_uninterrupted_result(cohort, tmp_path):
+    import h5py
+
+    cfg = tmp_path / "ds.yaml"
+    cfg.write_text(json.dumps(dict(max_per_roi=4, stride_mm=3.0, mr_size=16, truth=False, min_per_roi=1,
+                                   quality=False, transform_column="transform_ct_to_mr")))
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    args = ("dataset", "build", "--manifest", cohort / "manifest.csv", "--config", cfg)
+    res = subprocess.run(_ctsma(*args, "--out", ref), env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    killed = _kill_when(_ctsma(*args, "--out", run), lambda: any((run / ".shards").glob("*.npz")))
+    assert killed and not (run / "patches.h5").exists()
+    shard = next((run / ".shards").glob("*.npz"))
+    done_before = shard.stat().st_mtime_ns
+    res = subprocess.run(_ctsma(*args, "--out", run), env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert shard.stat().st_mtime_ns == done_before  # the finished subject was reused, not rebuilt
+    _no_partials(run)
+    pd.testing.assert_frame_equal(pd.read_csv(ref / "patches.csv"), pd.read_csv(run / "patches.csv"))
+    with h5py.File(ref / "patches.h5", "r") as a, h5py.File(run / "patches.h5", "r") as b:
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k][()], b[k][()], err_msg=k)
