@@ -186,3 +186,12 @@ def test_output_path_that_is_a_file_refused(tmp_path):
         ensure_writable_dir(f)
     with pytest.raises(UserError):
         ensure_writable_dir(f / "sub")
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        p = write_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o644
