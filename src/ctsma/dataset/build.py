@@ -33,6 +33,7 @@ from .. import PARAMETERS, ROIS, progress
 from ..config import setting, to_dict
 from ..errors import InputImageError, UserError
 from ..io import read_image, safe_join, write_json
+from ..io.images import check_ct_intensities
 from ..io.atomic import atomic_path
 from .sampling import cut, inside_fraction, roi_centres
 
@@ -197,6 +198,7 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
     transform, tsource = load_transform(row, root, s, registrations)
     try:
         ct = read_image(_path(root, row.get("ct")) or Path("<missing ct>"), what=f"CT of {subject}")
+        check_ct_intensities(ct, what=f"CT of {subject}")  # an MR in the ct column would give garbage patches
         mr = read_image(_path(root, row.get("mr")) or Path("<missing mr>"), what=f"MR of {subject}")
     except InputImageError as exc:
         raise SubjectExcluded(str(exc)) from None
