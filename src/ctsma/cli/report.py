@@ -100,6 +100,8 @@ def run_patient(args) -> int:
         raise UserError(f"{d} is not a folder; give the output folder of 'ctsma infer'")
     ct = read_image(args.ct, what="CT")
     rois = read_image(d / "rois.nii.gz", what="ROI label image", pixel_type=sitk.sitkUInt8)
+    if not sitk.GetArrayViewFromImage(rois).any():
+        raise UserError(f"the ROI label image {d / 'rois.nii.gz'} is empty: nothing to report (rerun 'ctsma infer')")
     maps = {p: _read_map(d / "maps" / f"{f}.nii.gz", p)
             for p, f in PARAMETER_FILE_NAMES.items() if (d / "maps" / f"{f}.nii.gz").exists()}
     roi_table = _read_csv(d / "roi_table.csv", "ROI table", ["roi", "parameter", "mean"])
