@@ -96,6 +96,13 @@ def inp(tmp_path_factory) -> dict:
     p["seg_mismatch"] = d / "bones_small.nii.gz"
     sitk.WriteImage(_img(np.zeros_like(bones)), str(d / "empty.nii.gz"))
     p["empty_roi"] = d / "empty.nii.gz"
+    rois = np.zeros_like(bones)
+    rois[10:12, 8:14, 8:12], rois[10:12, 8:14, 12:16] = 1, 2
+    rois[7:9, 8:14, 8:12], rois[7:9, 8:14, 12:16] = 3, 4
+    sitk.WriteImage(_img(rois), str(d / "rois.nii.gz"))
+    p["rois"] = d / "rois.nii.gz"
+    sitk.WriteTransform(sitk.Transform(3, sitk.sitkIdentity), str(d / "identity.tfm"))
+    p["identity"] = d / "identity.tfm"
     # bad images
     p["missing"] = d / "no_such_ct.nii.gz"
     sitk.WriteImage(_img(ct), str(d / "plain.nii"))
@@ -328,8 +335,10 @@ def _synthesis_train(case, inp, out):
                               _config(inp, "syn_range", {"working_spacing_mm": 0})], match="working_spacing_mm"),
         "out_not_writable": Cell(["synthesis", "train", "--manifest", good, "--preset", "demo", "--out",
                                   inp["not_writable"] / "s.safetensors"], match="output folder|cannot (create|write)"),
-    }.get(case) or NA("bone labels only help the training; an empty one is refused by the registration mask"
-                      if case == "empty_roi" else "trains a model; reads none")
+        "empty_roi": Cell(argv(_manifest(inp, "syn_empty", [{"subject": "a", "mr": inp["mr"], "ct": inp["ct"],
+                                                              "ct_bones": inp["empty_roi"]}])),
+                          match="no voxels for femur, tibia"),
+    }.get(case) or NA("trains a model; reads none")
 
 
 def _dataset(case, inp, out):
@@ -338,6 +347,18 @@ def _dataset(case, inp, out):
 
     if case == "missing":
         return Cell(argv(inp["missing"].with_suffix(".csv")), match="not found")
+    row = {"subject": "a", "side": "R", "ct": inp["ct"], "mr": inp["mr"], "transform_ct_to_mr": inp["identity"],
+           "ct_rois": inp["rois"]}
+    bad = {"mr_as_ct": {"ct": inp["mr"]}, "seg_mismatch": {"ct_rois": inp["seg_mismatch"]},
+           "empty_roi": {"ct_rois": inp["empty_roi"]}}
+    if case in IMAGE_MESSAGES or case in bad:
+        m = _manifest(inp, f"ds_{case}", [{**row, **bad.get(case, {"ct": inp.get(case)})}])
+        match = IMAGE_MESSAGES.get(case) or {"mr_as_ct": "Hounsfield", "seg_mismatch": MISMATCH,
+                                             "empty_roi": "empty|no voxels|no patch"}[case]
+        if case == "huge":  # the memory budget stops the whole build, not just the subject
+            return Cell(argv(m, "--transform-column", "transform_ct_to_mr"), match=match)
+        return Cell(argv(m, "--transform-column", "transform_ct_to_mr"),
+                    match=r"no subject could be used; reasons: a: .*(" + match + ")")
     good = _manifest(inp, "ds_good", [{"subject": "a", "side": "R", "ct": inp["ct"], "mr": inp["mr"]}])
     if case == "config_unknown":
         return Cell(argv(good, "--config", inp["config_unknown"]), match="no_such_setting")
@@ -400,6 +421,8 @@ def _demo(case, inp, out):
         return Cell(["demo", "--out", out, "--n", "2"], match=r"\bn\b")
     if case == "out_not_writable":
         return Cell(["demo", "--out", inp["not_writable"]], match="output folder|cannot create")
+    if case == "missing":
+        return Cell(["demo", "--out", out, "--config", inp["missing"].with_suffix(".yaml")], match="not found")
     return NA(NO_IMAGE + "; it generates its own phantom")
 
 
@@ -435,6 +458,7 @@ def _report_patient(case, inp, out):
         return cell
     return {
         "mr_as_ct": NA("the CT is only displayed; its analysis (infer) already refused an MR"),
+        "empty_roi": Cell(["report", "patient", inp["ct"], inp["infer_empty"], "--out", out], match="empty"),
         "seg_mismatch": Cell(["report", "patient", inp["ct"], inp["infer_mismatch"], "--out", out],
                              match=MISMATCH),
         "out_not_writable": Cell(["report", "patient", inp["ct"], inp["infer_dir"], "--out", inp["not_writable"]],
@@ -493,7 +517,8 @@ def models(inp):
              "Tb.Sp": 0.7, "Tb.N": 1.2} for s in ("k1", "k2") for r in ("MFC", "LFC", "MTP", "LTP")]
     inp["patches"] = _manifest(inp, "patches", rows)
     # infer output folders for 'report patient'
-    for name, rois in (("infer_dir", inp["bones"]), ("infer_mismatch", inp["seg_mismatch"])):
+    for name, rois in (("infer_dir", inp["bones"]), ("infer_mismatch", inp["seg_mismatch"]),
+                       ("infer_empty", inp["empty_roi"])):
         d = inp["dir"] / name
         d.mkdir()
         (d / "rois.nii.gz").write_bytes(Path(rois).read_bytes())
