@@ -61,12 +61,16 @@ def header_voxels(path: str | os.PathLike) -> int | None:
     path = Path(path)
     if not path.is_file():
         return None  # DICOM folders and missing files: read_image reports those itself
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # read_image reports any problem in one line
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
     except RuntimeError:
         return None  # a corrupt file: read_image gives the clear message
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     return int(np.prod(reader.GetSize(), dtype=np.int64))
 
 
