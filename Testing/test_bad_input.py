@@ -367,8 +367,7 @@ def _dataset(case, inp, out):
     if case == "out_not_writable":
         return Cell(["dataset", "build", "--manifest", good, "--out", inp["not_writable"]],
                     match="output folder|cannot create")
-    return NA("per-subject images are checked when the subject is processed; a bad subject is excluded and "
-              "named in the summary (see the dataset tests)")
+    return NA(NO_MODEL)
 
 
 def _phantom(case, inp, out):
