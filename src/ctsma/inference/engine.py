@@ -51,6 +51,10 @@ class InferSettings:
     batch_size: int = 256
     side: str | None = None
     min_roi_fraction: float = 0.3
+    segmentation_spacing_mm: tuple = (0.7, 0.7, 1.0)
+    """Bones and ROIs are found on a copy of the CT at this coarsest (x, y, z) spacing when the CT is finer (a
+    512x512x300 clinical CT is 4x smaller then), and their labels are resampled back to the CT grid; the patches
+    are always cut from the full-resolution CT."""
 
 
 def default_model_path(must_exist: bool = True) -> Path:
@@ -151,11 +155,13 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     timings["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
+    seg_ct = _coarse_copy(ct, s.segmentation_spacing_mm)
     if segmentation:
         bones = read_user_labels(segmentation, ct, kind="bones")
         bones_from = str(segmentation)
     else:
-        bones = segment_bones(ct)
+        coarse_bones = segment_bones(seg_ct)
+        bones = _to_grid(coarse_bones, ct)
         bones_from = "automatic"
     timings["bones"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -163,7 +169,8 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         rois = read_user_labels(rois_path, ct, kind="rois")
         rois_from = str(rois_path)
     else:
-        rois = subchondral_rois(ct, bones, side=s.side)
+        seg_bones = coarse_bones if not segmentation else _to_grid(bones, seg_ct)
+        rois = _to_grid(subchondral_rois(seg_ct, seg_bones, side=s.side), ct)
         rois_from = "automatic"
     roi_arr = sitk.GetArrayFromImage(rois)
     if not roi_arr.any():
@@ -237,10 +244,10 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     with staged_outputs(out_dir) as stage:
         for j, p in enumerate(PARAMETERS):
             f = PARAMETER_FILE_NAMES[p]
-            write_image(_full_map(val_maps[j], box, shape, ct), stage / "maps" / f"{f}.nii.gz")
-            write_image(_full_map(unc_maps[j], box, shape, ct), stage / "uncertainty" / f"{f}.nii.gz")
-        write_image(rois, stage / "rois.nii.gz")
-        write_image(bones, stage / "bones.nii.gz")
+            write_image(_full_map(val_maps[j], box, shape, ct), stage / "maps" / f"{f}.nii.gz", level=1)
+            write_image(_full_map(unc_maps[j], box, shape, ct), stage / "uncertainty" / f"{f}.nii.gz", level=1)
+        write_image(rois, stage / "rois.nii.gz", level=1)
+        write_image(bones, stage / "bones.nii.gz", level=1)
         table.to_csv(stage / "roi_table.csv", index=False)
         patch_rows.to_csv(stage / "patches.csv", index=False)
         timings["write"] = time.perf_counter() - t
@@ -248,6 +255,33 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         summary["seconds"] = timings
         write_json(stage / "summary.json", summary)
     return summary
+
+
+def _coarse_copy(ct: sitk.Image, spacing_xyz) -> sitk.Image:
+    """``ct`` itself, or a smoothed copy resampled to at least ``spacing_xyz`` mm (same field of view)."""
+    sp = np.asarray(ct.GetSpacing(), float)
+    target = np.maximum(sp, np.asarray(spacing_xyz, float))
+    if np.allclose(target, sp):
+        return ct
+    size = np.maximum(1, np.round(np.asarray(ct.GetSize()) * sp / target)).astype(int)
+    ref = sitk.Image([int(v) for v in size], sitk.sitkFloat32)
+    ref.SetSpacing(tuple(float(v) for v in target))
+    ref.SetDirection(ct.GetDirection())
+    # keep the physical extent: first voxel centre moves by half the change of voxel size
+    d = np.asarray(ct.GetDirection(), float).reshape(3, 3)
+    ref.SetOrigin(tuple(np.asarray(ct.GetOrigin()) + d @ ((target - sp) / 2)))
+    # Linear resampling without anti-aliasing: bones are far larger than a voxel, and smoothing the full-size
+    # CT first would cost more than the segmentation saves.
+    smooth = ct
+    return sitk.Resample(smooth, ref, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
+
+
+def _to_grid(labels: sitk.Image, ref: sitk.Image) -> sitk.Image:
+    """Nearest-neighbour copy of a label image on ``ref``'s grid (itself when the grids already agree)."""
+    if labels.GetSize() == ref.GetSize() and np.allclose(labels.GetSpacing(), ref.GetSpacing()) and \
+            np.allclose(labels.GetOrigin(), ref.GetOrigin()):
+        return labels
+    return sitk.Resample(labels, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
 
 
 class progress_stage:

@@ -248,9 +248,9 @@ def check_ct_intensities(img: sitk.Image, *, what: str = "CT") -> None:
             "stored without its rescale slope/intercept?")
 
 
-def write_image(img: sitk.Image, path: str | os.PathLike, *, compress: bool = True) -> Path:
-    """Write an image atomically (temporary file, then rename)."""
+def write_image(img: sitk.Image, path: str | os.PathLike, *, compress: bool = True, level: int = -1) -> Path:
+    """Write an image atomically (temporary file, then rename); ``level`` 1 compresses fastest."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        sitk.WriteImage(img, str(tmp), compress)
+        sitk.WriteImage(img, str(tmp), compress, level)
     return path
