@@ -63,7 +63,8 @@ def _envelope_1d(f, ids, n, h2, d_out, a_out, v, zb):
 def _power_pass_py(d, a, nz, ny, nx, axis, h2):
     n = (nz, ny, nx)[axis]
     m = (ny * nx, nz * nx, nz * ny)[axis]
-    for t in numba.prange(m):
+    for t_ in numba.prange(m):
+        t = np.int64(t_)  # parfor indices are unsigned: uint64 // int64 would type as float64
         f = np.empty(n)
         ids = np.empty(n, np.int32)
         dout = np.empty(n)
