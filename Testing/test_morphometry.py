@@ -106,3 +106,13 @@ def test_parallel_power_labels_equal_serial():
     a2, d2 = power_labels((10, 11, 12), dsq, 1.0, 0.5, 0.5, False)
     np.testing.assert_array_equal(a1, a2)
     np.testing.assert_allclose(d1, d2)
+
+
+def test_threaded_local_thickness_equals_single_thread():
+    """The threaded painter compiles (unsigned parfor indices) and gives the single-thread map."""
+    from ctsma.morphometry import local_thickness
+
+    rng = np.random.default_rng(1)
+    b = rng.random((24, 26, 28)) > 0.6
+    np.testing.assert_allclose(local_thickness(b, (0.5, 0.4, 0.4), threads=2),
+                               local_thickness(b, (0.5, 0.4, 0.4), threads=1), rtol=1e-6)

@@ -271,7 +271,8 @@ def _paint_blocks_py(phase, out, counts, items, cz, cy, cx, rad, val, sz, sy, sx
     nz, ny, nx = phase.shape
     nbz, nby, nbx = (nz + B - 1) // B, (ny + B - 1) // B, (nx + B - 1) // B
     W = B + 1
-    for k in numba.prange(nbz * nby * nbx):
+    for k_ in numba.prange(nbz * nby * nbx):
+        k = np.int64(k_)  # parfor indices are unsigned: mixed with int64 they would type as float64
         bz, rem = divmod(k, nby * nbx)
         by, bx = divmod(rem, nbx)
         z_a, y_a, x_a = bz * B, by * B, bx * B

@@ -1,0 +1,53 @@
+"""Benchmark: automatic bones and subchondral ROIs against the phantom's truth, over a whole cohort.
+
+Two modes: `native` (on the CT grid, as `ctsma segment` does) and `infer` (on the 0.7 x 0.7 x 1.0 mm copy that
+`ctsma infer` uses for speed, labels resampled back). Targets (issue 6): femur and tibia Dice >= 0.95, ROI Dice >= 0.85.
+
+    .venv/bin/python benchmarks/bench_segmentation.py [COHORT_DIR]     # default: demo_out/phantom (from `make demo`)
+"""
+
+import sys
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import SimpleITK as sitk
+
+from ctsma import ROIS
+from ctsma.inference.engine import InferSettings, _coarse_copy, _to_grid
+from ctsma.segmentation import segment_bones, subchondral_rois
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dice(a, b, v) -> float:
+    return 2 * ((a == v) & (b == v)).sum() / max(1, (a == v).sum() + (b == v).sum())
+
+
+def main() -> None:
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "demo_out" / "phantom"
+    m = pd.read_csv(root / "manifest.csv")
+    rows = []
+    for r in m.itertuples():
+        ct = sitk.ReadImage(str(root / r.ct), sitk.sitkFloat32)
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(root / r.ct_rois)))
+        tb = sitk.GetArrayFromImage(sitk.ReadImage(str(root / r.ct_bones)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for mode in ("native", "infer"):
+                c = ct if mode == "native" else _coarse_copy(ct, InferSettings().segmentation_spacing_mm)
+                b = segment_bones(c)
+                ro = subchondral_rois(c, b, side=r.side)
+                a = sitk.GetArrayFromImage(_to_grid(ro, ct))
+                ab = sitk.GetArrayFromImage(_to_grid(b, ct))
+                rows.append({"subject": r.subject, "mode": mode, **{k: dice(a, truth, v) for k, v in ROIS.items()},
+                             "femur": dice(ab, tb, 1), "tibia": dice(ab, tb, 2)})
+    df = pd.DataFrame(rows)
+    out = ROOT / "benchmarks" / "results" / "bench_segmentation.csv"
+    df.to_csv(out, index=False)
+    print(df.drop(columns="subject").groupby("mode").agg(["mean", "min"]).round(3).T)
+    print(f"per-knee values: {out}")
+
+
+if __name__ == "__main__":
+    main()
