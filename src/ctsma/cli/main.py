@@ -18,7 +18,8 @@ from .. import __version__, progress
 from ..errors import UserError
 
 # Subcommand modules, in the order shown by --help. Only working subcommands are listed.
-SUBCOMMANDS: list[str] = ["segment", "dataset", "phantom", "diagnose", "synthesis", "register", "report", "train", "evaluate", "infer", "morphometry", "demo"]
+SUBCOMMANDS: list[str] = ["phantom", "morphometry", "synthesis", "register", "segment", "dataset", "train",
+                           "evaluate", "diagnose", "infer", "report", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
