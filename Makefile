@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.ctsma-installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv bench clean-venv
+.PHONY: demo test venv clean-venv
 
 venv: $(STAMP)
 
