@@ -148,10 +148,16 @@ def registration(ctx: Context, d: Path) -> dict:
 
 
 # ------------------------------------------------------------------ dataset
-def dataset(ctx: Context, d: Path) -> dict:
-    from ..dataset.build import BuildSettings, build_dataset
+def dataset_settings(ctx: Context):
+    from ..dataset.build import BuildSettings
 
-    summary = build_dataset(ctx.manifest, d / "store", BuildSettings(seed=ctx.s.seed),
+    return BuildSettings(seed=ctx.s.seed)
+
+
+def dataset(ctx: Context, d: Path) -> dict:
+    from ..dataset.build import build_dataset
+
+    summary = build_dataset(ctx.manifest, d / "store", dataset_settings(ctx),
                             registrations=ctx.out / "registration" / "cohort")
     return {"n_patches": summary.get("n_patches"), "n_subjects": summary.get("n_subjects"),
             "excluded": summary.get("excluded", {})}
