@@ -155,7 +155,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     timings["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    seg_ct = _coarse_copy(ct, s.segmentation_spacing_mm)
+    seg_ct = None if (segmentation and rois_path) else _coarse_copy(ct, s.segmentation_spacing_mm)
     if segmentation:
         bones = read_user_labels(segmentation, ct, kind="bones")
         bones_from = str(segmentation)
