@@ -15,7 +15,7 @@ from .settings import DemoSettings
 
 def run_demo(out_dir, settings: DemoSettings | None = None) -> dict:
     s = settings or DemoSettings()
-    out = ensure_writable_dir(out_dir)
+    out = ensure_writable_dir(out_dir).resolve()  # configs resolve relative paths against their own folder
     ctx = stages.Context(out, s)
     cohort_key = {"n": s.n, "seed": s.seed, "preset": s.phantom_preset}
     runner = StageRunner(out)
