@@ -35,7 +35,7 @@ from ..errors import InputImageError, UserError
 from ..io import read_image, safe_join, write_json
 from ..io.images import check_ct_intensities
 from ..io.atomic import atomic_path
-from .sampling import cut, inside_fraction, roi_centres
+from .sampling import cut, inside_fraction, relative_positions, roi_centres
 
 log = logging.getLogger(__name__)
 SHARD_VERSION = 1
@@ -267,13 +267,8 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
         elif any(f"true_{r}_{p}" in row for r in ROIS for p in PARAMETERS):
             true_par = {p: np.array([float(row.get(f"true_{n}_{p}", np.nan)) for n in labels]) for p in PARAMETERS}
             true_source = "manifest per-ROI truth"
-    # rel: centre relative to the centroid of its bone's two ROIs (RAS mm)
     ras = centres * np.array([-1.0, -1.0, 1.0])
-    rel = np.zeros_like(ras)
-    for group in (("MFC", "LFC"), ("MTP", "LTP")):
-        sel = np.isin(labels, group)
-        if sel.any():
-            rel[sel] = ras[sel] - ras[sel].mean(0)
+    rel = relative_positions(centres, labels)  # the same function as CT-only inference
     rows = []
     for i, name in enumerate(labels):
         r = {"subject": subject, "roi": name, "centre_x": ras[i, 0], "centre_y": ras[i, 1], "centre_z": ras[i, 2],

@@ -114,3 +114,15 @@ def inside_fraction(image: sitk.Image, centres: np.ndarray, extent_mm: float, tr
             n_in += bool(np.all(idx >= -0.5) and np.all(idx <= size - 0.5))
         out[i] = n_in / len(corners)
     return out
+
+
+def relative_positions(centres_lps: np.ndarray, roi_names) -> np.ndarray:
+    """Patch centres relative to the centroid of their bone's two ROIs, in RAS mm (as in the patch dataset)."""
+    ras = np.asarray(centres_lps, float) * np.array([-1.0, -1.0, 1.0])
+    rel = np.zeros_like(ras)
+    names = np.asarray(roi_names)
+    for group in (("MFC", "LFC"), ("MTP", "LTP")):
+        sel = np.isin(names, group)
+        if sel.any():
+            rel[sel] = ras[sel] - ras[sel].mean(0)
+    return rel

@@ -90,18 +90,6 @@ def check_ct(ct: sitk.Image) -> list[str]:
     return warns
 
 
-def relative_positions(centres_lps: np.ndarray, roi_names) -> np.ndarray:
-    """Patch centres relative to the centroid of their bone's two ROIs, in RAS mm (as in the patch dataset)."""
-    ras = np.asarray(centres_lps, float) * np.array([-1.0, -1.0, 1.0])
-    rel = np.zeros_like(ras)
-    names = np.asarray(roi_names)
-    for group in (("MFC", "LFC"), ("MTP", "LTP")):
-        sel = np.isin(names, group)
-        if sel.any():
-            rel[sel] = ras[sel] - ras[sel].mean(0)
-    return rel
-
-
 def predict_with_tta(model, patches: np.ndarray, masks: np.ndarray | None, flips, batch_size: int,
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and SD of the predictions over flipped copies of each patch (parameters are flip-invariant)."""
@@ -133,7 +121,7 @@ def _full_map(crop: np.ndarray, box, shape, ref: sitk.Image) -> sitk.Image:
 def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=None, settings: InferSettings | None = None,
           diagnosis_path=None, subject: str | None = None) -> dict:
     """Analyse one knee CT and write the contract outputs to ``out_dir``; returns the summary."""
-    from ..dataset.sampling import cut, roi_centres
+    from ..dataset.sampling import cut, relative_positions, roi_centres
     from ..models.export import describe, load_student
     from ..segmentation import segment_bones, subchondral_rois
     from ..segmentation.labelio import read_user_labels
