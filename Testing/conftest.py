@@ -12,7 +12,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import os
+
 import pytest
+from hypothesis import settings as _hyp_settings
+
+# The fuzz tests are derandomised by default, so a CI run is repeatable; ``CTSMA_FUZZ=deep`` draws new random
+# examples on each run, to go looking for failures (a case found that way is then pinned as a plain test).
+_hyp_settings.register_profile("ci", derandomize=True)
+_hyp_settings.register_profile("deep", derandomize=False)
+_hyp_settings.load_profile("deep" if os.environ.get("CTSMA_FUZZ") == "deep" else "ci")
 
 REPO = Path(__file__).resolve().parent.parent
 for _module_dir in ("CTSMA", "CTSMARegistration"):

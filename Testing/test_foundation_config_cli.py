@@ -46,6 +46,7 @@ def test_config_defaults_and_nested(tmp_path):
     ({"loss": "huber"}, "not one of l1, mse"),
     ({"amp": "yes"}, "true or false"),
     ({"optim": {"lr": float("nan")}}, "finite"),
+    ({"epochs": float("inf")}, "finite"),
     ({"stages": 3}, "must be a list"),
 ])
 def test_config_refuses_bad_values_naming_the_key(data, match):

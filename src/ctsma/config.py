@@ -121,11 +121,11 @@ def _coerce(tp: Any, value: Any, meta: Mapping, key: str):
     if tp in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, not {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be finite, not {value!r}")
         if tp is int and float(value) != int(value):
             raise ConfigError(f"{key} must be a whole number, not {value!r}")
         value = tp(value)
-        if not math.isfinite(value):
-            raise ConfigError(f"{key} must be finite, not {value!r}")
         lo, hi = meta.get("lo"), meta.get("hi")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise ConfigError(f"{key} = {value!r} is out of range [{lo if lo is not None else '-inf'}, "
