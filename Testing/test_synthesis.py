@@ -151,3 +151,36 @@ def test_cli_synthesis_apply_and_register_errors(trained, tmp_path, capsys):
     assert rc == 2 and "transform_ct_to_mr" in capsys.readouterr().err
     assert not (tmp_path / "q.json").exists()
     assert json.loads(json.dumps(read_metadata(path)))["kind"] == "synthesis"
+
+
+def test_make_pair_normalises_the_mr_by_its_own_scale():
+    """Regression: the MR scale was read through a NumPy view of a freed temporary image (random values)."""
+    from ctsma.synthesis.model import mr_scale
+    from ctsma.synthesis.training import make_pair
+
+    p = make_knee_pair(3, ct_size=(40, 40, 40), mr_size=(44, 44, 40))
+    cfg = load_train_config("demo", {"working_spacing_mm": 1.5, "patch": 16})
+    tf = sitk.AffineTransform(3)
+    tf.SetMatrix(p.global_matrix[:3, :3].ravel().tolist())
+    tf.SetTranslation(p.global_matrix[:3, 3].tolist())
+    pairs = [make_pair(p.mr, p.ct, tf, cfg, 10) for _ in range(3)]
+    scale = mr_scale(sitk.GetArrayFromImage(resample_isotropic(p.mr, 1.5)))
+    ref = sitk.GetArrayFromImage(sitk.Resample(p.mr, resample_isotropic(p.ct, 1.5), tf,
+                                               sitk.sitkLinear, -1.0, sitk.sitkFloat32))
+    inside = ref >= 0
+    expected = np.clip(ref[inside] / scale, 0, 2)
+    for pair in pairs:
+        got = pair.mr[10:-10, 10:-10, 10:-10][inside]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert 0.5 < np.percentile(expected, 99) <= 2.0
+
+
+def test_a_collapsed_model_is_refused_not_saved(monkeypatch):
+    import ctsma.synthesis.training as tr
+
+    pairs = [make_knee_pair(s, ct_size=(40, 40, 40), mr_size=(44, 44, 40)) for s in (0,)]
+    cfg = load_train_config("demo", {"iterations": 3, "refine_iterations": 0, "patch": 16, "batch": 2,
+                                     "base": 4, "threads": 1, "working_spacing_mm": 1.5, "min_valid": 0.5})
+    monkeypatch.setattr(tr.SynthesisModel, "apply", lambda self, mr, planes=None: resample_isotropic(mr, 1.5) * 0 - 1000.0)
+    with pytest.raises(tr.UserError, match="pseudo-CT is flat"):
+        train([(p.mr, p.ct, p.ct_bones) for p in pairs], cfg)

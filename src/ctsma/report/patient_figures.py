@@ -97,7 +97,7 @@ def maps_figure(ct: sitk.Image, rois: sitk.Image, maps: Mapping[str, sitk.Image]
     present = [(n, v) for n, v in ROIS.items() if (lab == v).any()]
     if not present:
         return None
-    map_arrs = {p: sitk.GetArrayViewFromImage(_resampled(maps[p], ct, float("nan"))) for p in params}
+    map_arrs = {p: sitk.GetArrayFromImage(_resampled(maps[p], ct, float("nan"))) for p in params}  # copies: views of temporaries dangle
     in_roi = lab > 0
     limits = {}
     for p in params:

@@ -81,7 +81,8 @@ def _pad(arr: np.ndarray, m: int, value: float) -> np.ndarray:
 def make_pair(mr: sitk.Image, ct: sitk.Image, transform: sitk.Transform, cfg: TrainConfig, margin: int) -> Pair:
     """Resample the MR through ``transform`` onto the CT's isotropic working grid."""
     ref = resample_isotropic(ct, cfg.working_spacing_mm, default=-1000.0)
-    scale = mr_scale(sitk.GetArrayViewFromImage(resample_isotropic(mr, cfg.working_spacing_mm)))
+    # a copy, not a view: a view of the temporary image would read freed memory (a random scale)
+    scale = mr_scale(sitk.GetArrayFromImage(resample_isotropic(mr, cfg.working_spacing_mm)))
     mr_w = sitk.GetArrayFromImage(sitk.Resample(mr, ref, transform, sitk.sitkLinear, -1.0, sitk.sitkFloat32))
     valid = mr_w >= 0
     mr_n = np.where(valid, np.clip(mr_w / max(scale, 1e-6), 0, DEFAULT_NORMALISATION["mr_clip"]), 0).astype(np.float32)
@@ -170,6 +171,14 @@ def _train_steps(net, sampler, cfg, steps, lr, device, deadline, stage, min_step
     return losses
 
 
+def _flat_output_hu(model: SynthesisModel, mr: sitk.Image, min_sd_hu: float = 25.0) -> float | None:
+    """The pseudo-CT's SD inside the MR body when it is below ``min_sd_hu`` (a collapsed model), else None."""
+    arr = sitk.GetArrayFromImage(resample_isotropic(mr, float(model.meta["working_spacing_mm"])))
+    body = arr > 0.05 * float(arr.max())
+    sd = float(np.std(sitk.GetArrayFromImage(model.apply(mr))[body])) if body.any() else 0.0
+    return sd if sd < min_sd_hu else None
+
+
 def train(pairs: Sequence[tuple[sitk.Image, sitk.Image, sitk.Image | None]], cfg: TrainConfig | None = None,
           *, names: Sequence[str] | None = None) -> SynthesisModel:
     """Train a synthesis model on (MR, CT, CT bone labels or None) pairs; no true transform is used."""
@@ -230,6 +239,11 @@ def train(pairs: Sequence[tuple[sitk.Image, sitk.Image, sitk.Image | None]], cfg
                                cfg.learning_rate * 0.5, device, deadline, "synthesis: training round 2")
         timings["round2_s"] = time.monotonic() - t3
         model = SynthesisModel(net.cpu(), meta)
+    flat = _flat_output_hu(model, pairs[0][0])
+    if flat is not None:
+        raise UserError(f"synthesis training failed: the trained model's pseudo-CT is flat (SD {flat:.0f} HU inside "
+                        "the MR's body), so it cannot guide registration; check that the MR and CT pairs show the "
+                        "same knee, or train longer (iterations)")
     timings["total_s"] = time.monotonic() - t0
     timings["total_cpu_s"] = time.process_time() - cpu0  # CPU time of this process (all its threads)
     meta["training"].update({"timings": timings, "steps_round1": len(losses1), "steps_round2": len(losses2),
