@@ -54,10 +54,11 @@ class BuildSettings:
                               help="manifest: the ct_rois (else ct_bones) column when present; auto: always segment")
     transform_column: str = setting("", help="manifest column with the CT->MR transform; empty: registered")
     min_bone_dice: float = setting(0.6, lo=0.0, hi=1.0, help="registration QA: least femur/tibia Dice")
-    mr_threshold: str = setting("otsu-patch", choices=("otsu-knee", "otsu-patch"),
-                                help="MR binarisation: one Otsu threshold per patch (ROI voxels; default: on the demo "
-                                     "phantom its parameters agree better with the truth, r 0.73/0.71 vs 0.55/0.64 "
-                                     "for BV/TV/Tb.Th, benchmarks/bench_mr_reference.py) or one per knee")
+    mr_threshold: str = setting("bvf", choices=("bvf", "otsu-knee", "otsu-patch"),
+                                help="MR reference binarisation: bvf (default; volume-conserving binarisation of the "
+                                     "partial-volume bone fraction on a 2x finer grid, per patch), otsu-patch (one Otsu "
+                                     "threshold per patch) or otsu-knee (one per knee); on the demo phantom bvf agrees "
+                                     "best with the true microstructure (benchmarks/bench_mr_reference.py)")
     truth: bool = setting(True, help="compute true parameters where the phantom can regenerate its truth")
     truth_spacing_mm: float = setting(0.0625, lo=0.01, hi=2.0, help="grid of the true microstructure (mm)")
     truth_extent_mm: float = setting(4.0, lo=0.5, hi=64.0, help="edge of the central cube measured for truth (mm)")
@@ -191,6 +192,38 @@ def true_patches(knee_dir: Path, transform: sitk.Transform, centres: np.ndarray,
 
 
 # ---------------------------------------------------------------- one subject
+MR_BINARISATIONS = {
+    "bvf": "bvf: partial-volume bone volume fraction (1 - MR / marrow level: 99th percentile of the patch's ROI, at "
+           "least 0.8 of the knee's), 2x supersampled, "
+           "thresholded so that binary BV/TV = mean fraction (ctsma.morphometry.bvf_binarise)",
+    "otsu-patch": "otsu-patch: bone = normalised MR < the patch's Otsu threshold (bone dark)",
+    "otsu-knee": "otsu-knee: bone = normalised MR < the knee's Otsu threshold (bone dark)",
+}
+
+
+def mr_reference_binary(mr_p: np.ndarray, mr_m: np.ndarray, method: str, spacing_mm: float):
+    """Bone of MR patches ``(n, z, y, x)`` for the reference morphometry: ``(bone, masks, spacing_zyx, threshold)``.
+
+    ``bvf`` returns patches on a 2x finer grid (and the matching masks and spacing). The patches are
+    normalised per knee (marrow about 1), so a patch's marrow level may not fall below 0.8 (the bias field's
+    range): a patch whose ROI part lies on a plate would otherwise take bone for marrow.
+    """
+    from skimage.filters import threshold_otsu
+
+    from ..morphometry import bvf_binarise
+
+    sp = (spacing_mm,) * 3
+    if method == "bvf":
+        out = [bvf_binarise(p, m > 0 if m.any() else None, supersample=2, min_marrow_level=0.8)[:2] for p, m in zip(mr_p, mr_m)]
+        return (np.stack([b for b, _ in out]), np.stack([r for _, r in out]).astype(np.uint8),
+                tuple(v / 2 for v in sp), float("nan"))
+    if method == "otsu-knee":
+        thr = float(threshold_otsu(mr_p[mr_m > 0])) if mr_m.any() else float(threshold_otsu(mr_p))
+        return mr_p < thr, mr_m, sp, thr
+    bone = np.stack([p < threshold_otsu(p[m > 0] if m.any() else p) for p, m in zip(mr_p, mr_m)])
+    return bone, mr_m, sp, float("nan")
+
+
 def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path | None,
                   rng: np.random.Generator) -> dict:
     """All patches of one knee: arrays and table rows (a shard). Raises :class:`SubjectExcluded`."""
@@ -231,17 +264,10 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
     scale = float(np.percentile(mr_p[mr_m > 0], 99.5)) if mr_m.any() else float(np.percentile(mr_p, 99.5))
     scale = scale if scale > 0 else 1.0
     mr_p = mr_p / scale
-    from skimage.filters import threshold_otsu
-    if s.mr_threshold == "otsu-knee":
-        thr = float(threshold_otsu(mr_p[mr_m > 0])) if mr_m.any() else float(threshold_otsu(mr_p))
-        bone = mr_p < thr
-    else:
-        bone = np.stack([p < threshold_otsu(p[m > 0] if m.any() else p) for p, m in zip(mr_p, mr_m)])
-        thr = float("nan")
-    mr_sp = (s.extent_mm / s.mr_size,) * 3
+    bone, bone_masks, mr_sp, thr = mr_reference_binary(mr_p, mr_m, s.mr_threshold, s.extent_mm / s.mr_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mr_par = measure_batch(bone, mr_sp, masks=mr_m)
+        mr_par = measure_batch(bone, mr_sp, masks=bone_masks)
     true_par, true_source = None, ""
     if s.truth and s.truth_max_per_roi > 0:
         knee_dir = (_path(root, row.get("ct")) or root).parent
@@ -385,7 +411,7 @@ def build_dataset(manifest: str | os.PathLike, out: str | os.PathLike, settings:
     splits = assign_splits(list(shards), s)
     attrs = {"ct_spacing_mm": s.extent_mm / s.ct_size, "mr_spacing_mm": s.extent_mm / s.mr_size,
              "extent_mm": s.extent_mm, "mr_normalisation": "MR / 99.5th percentile of the knee's MR in its ROI patches",
-             "mr_binarisation": f"{s.mr_threshold}: bone = normalised MR < Otsu threshold (bone dark)",
+             "mr_binarisation": MR_BINARISATIONS[s.mr_threshold],
              "mr_parameters": "ctsma.morphometry.measure_batch inside the ROI part of the MR patch; Tb.N = 1/(Tb.Th+Tb.Sp)",
              "centre_frame": "RAS mm in CT space", "patch_frame": "axis-aligned LPS cube in CT space",
              "settings": to_dict(s), "excluded": excluded,

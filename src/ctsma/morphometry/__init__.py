@@ -9,11 +9,11 @@ image supplies them. See ``docs/morphometry.md``.
 """
 
 from .api import measure, measure_batch
-from .binarise import binarise
+from .binarise import binarise, bvf_binarise
 from .maps import sliding_window_maps
 from .parameters import MorphometryWarning, measure_binary
 from .thickness import CONVENTIONS, local_thickness
 from .validate import MorphometryError
 
-__all__ = ["local_thickness", "measure", "measure_batch", "binarise", "measure_binary", "sliding_window_maps",
+__all__ = ["local_thickness", "measure", "measure_batch", "binarise", "bvf_binarise", "measure_binary", "sliding_window_maps",
            "MorphometryError", "MorphometryWarning", "CONVENTIONS"]
