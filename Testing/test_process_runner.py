@@ -331,7 +331,7 @@ def test_analysis_logic_loads_segmentations_maps_and_tables(mrml_scene, tmp_path
     logic.cleanupRun(keep_outputs=True)
     report = logic.startReportExport(run.out_dir, tmp_path / "reports", subject="knee")
     assert report.runner.args == ["report", "patient", str(run.work_dir / "ct.nii"), str(run.out_dir),
-                                  "--out", str(tmp_path / "reports"), "--subject", "knee"]
+                                  "--out", str(tmp_path / "reports"), "--format", "both", "--subject", "knee"]
     logic.wait(timeout=60)
 
 

@@ -1,4 +1,4 @@
-"""Study report (HTML + PDF), patient report (PDF) and README snippet, on realistic synthetic inputs.
+"""Study report (HTML + PDF), patient report (PDF + HTML) and README snippet, on realistic synthetic inputs.
 
 The inputs come from :mod:`ctsma.report.synthetic` (a metrics dict with a few nulls, held-out predictions,
 ROC scores, a cohort manifest, and a small knee-like CT with ROI labels and parameter maps).
@@ -6,8 +6,10 @@ ROC scores, a cohort manifest, and a small knee-like CT with ROI labels and para
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import struct
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -18,11 +20,11 @@ import SimpleITK as sitk
 
 from ctsma.errors import InputImageError, UserError
 from ctsma.io import write_json
-from ctsma.report import (PUBLISHED_ICC, patient_report_path, synthetic, write_patient_report, write_readme_snippet,
-                          write_study_report)
+from ctsma.report import (PATIENT_REPORT_FORMATS, PUBLISHED_ICC, patient_report_path, synthetic, write_patient_report,
+                          write_readme_snippet, write_study_report)
 from ctsma.report import patient as patient_mod
 from ctsma.report import study as study_mod
-from ctsma.report.format import DASH, fmt_ci, fmt_sig, fmt_with_ci, safe_file_stem
+from ctsma.report.format import DASH, fmt_ci, fmt_sig, fmt_with_ci, safe_file_stem, unit_label
 from ctsma.report.slices import coronal, display_axes
 
 HOSTILE = '<script>alert("x")</script>'
@@ -43,14 +45,19 @@ class _Collect(HTMLParser):
         self.tags: list[str] = []
         self.cells: list[str] = []
         self.rows: list[list[str]] = []
+        self.tables: list[list[list[str]]] = []  # the rows of each table
         self.text: list[str] = []
         self.img_src: list[str] = []
         self._cell: list[str] | None = None
 
     def handle_starttag(self, tag, attrs):
         self.tags.append(tag)
+        if tag == "table":
+            self.tables.append([])
         if tag == "tr":
             self.rows.append([])
+            if self.tables:
+                self.tables[-1].append(self.rows[-1])
         if tag in ("td", "th"):
             self._cell = []
         if tag == "img":
@@ -142,6 +149,9 @@ def test_patient_report_path_stays_inside_the_run_folder(tmp_path):
     p = patient_report_path(tmp_path, "../../../tmp/evil")
     assert p.parent == (tmp_path / "report").resolve()
     assert p.name == "patient_tmp_evil.pdf"
+    assert patient_report_path(tmp_path, "../../../tmp/evil", "html") == p.with_suffix(".html")
+    with pytest.raises(UserError, match="unknown patient report format"):
+        patient_report_path(tmp_path, "K007", "docx")
 
 
 # -- study report ------------------------------------------------------------------------------------------
@@ -315,8 +325,14 @@ def test_patient_report_with_missing_parts(tmp_path, knee):
 
 def test_patient_report_user_errors(tmp_path, knee):
     ct, rois, maps = knee
-    with pytest.raises(UserError, match="must end in .pdf"):
-        write_patient_report(tmp_path / "p.html", **_patient_kwargs(knee))
+    with pytest.raises(UserError, match="must end in .pdf or .html"):
+        write_patient_report(tmp_path / "p.htm", **_patient_kwargs(knee))
+    with pytest.raises(UserError, match="must end in .html"):
+        write_patient_report({"pdf": tmp_path / "p.pdf", "html": tmp_path / "p.pdf"}, **_patient_kwargs(knee))
+    with pytest.raises(UserError, match="unknown patient report format"):
+        write_patient_report({"docx": tmp_path / "p.docx"}, **_patient_kwargs(knee))
+    with pytest.raises(UserError, match="no patient report format"):
+        write_patient_report({}, **_patient_kwargs(knee))
     shifted = sitk.Image(rois)
     shifted.SetOrigin((1.0, 2.0, 3.0))
     with pytest.raises(InputImageError, match="geometry"):
@@ -339,6 +355,108 @@ def test_failed_patient_report_leaves_no_partial_file(tmp_path, knee, monkeypatc
         write_patient_report(path, **_patient_kwargs(knee))
     assert path.read_bytes() == before  # the previous report is untouched
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+# -- patient report as HTML: the same document as the PDF, rendered by html_render ---------------------------
+@pytest.fixture(scope="module")
+def patient_pair(tmp_path_factory, knee):
+    """Both formats of one report, for a demo model, with a hostile subject ID and provenance text."""
+    out = tmp_path_factory.mktemp("patient")
+    paths = {f: patient_report_path(out, HOSTILE, f) for f in PATIENT_REPORT_FORMATS}
+    prov = dict(synthetic.provenance(demo=True), trained_on=HOSTILE)
+    kw = _patient_kwargs(knee, subject=HOSTILE, provenance=prov)
+    assert write_patient_report(paths, **kw) == paths
+    return paths, kw
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    return struct.unpack(">II", png[16:24])
+
+
+def test_patient_report_pdf_and_html_are_written_side_by_side(patient_pair):
+    paths, _ = patient_pair
+    assert paths["pdf"].name == "patient_script_alert_x_script.pdf"
+    assert paths["html"] == paths["pdf"].with_suffix(".html")
+    assert sorted(p.name for p in paths["pdf"].parent.iterdir()) == sorted(p.name for p in paths.values())
+    assert page_count(paths["pdf"].read_bytes()) == 3
+    text = paths["html"].read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</body></html>")
+    assert '<tr class="group shade">' in text  # row groups shaded as in the PDF ("Shaded: ..." notes hold)
+
+
+def test_patient_html_holds_the_roi_table_of_the_pdf(patient_pair, monkeypatch):
+    paths, kw = patient_pair
+    doc = parse_html(paths["html"].read_text(encoding="utf-8"))
+    roi = [t for t in doc.tables if t and "z-score" in t[0]]
+    assert len(roi) == 1
+    head, *rows = roi[0]
+    assert head[:2] == ["ROI", "Parameter"] and len(rows) == 16
+    rois, last = [], ""
+    for r in rows:
+        last = r[0] or last
+        rois.append(last)
+    assert sorted(set(rois)) == sorted(["MFC", "LFC", "MTP", "LTP"]) and all(rois.count(r) == 4 for r in set(rois))
+    assert {r[1] for r in rows} == {unit_label(p) for p in ("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N")}
+    assert all(re.fullmatch(r"[+-]\d+\.\d\d", r[7]) for r in rows)  # every ROI and parameter has a z-score
+    # the same rows as the document the PDF is rendered from (figures skipped: only the table is compared)
+    for name in ("maps_figure", "overview_figure"):
+        monkeypatch.setattr(patient_mod.patient_figures, name, lambda *a, **k: None)
+    table = [b for b in patient_mod.build_patient_document(**kw).blocks
+             if type(b).__name__ == "Table" and "z-score" in b.columns][0]
+    assert rows == [list(r) for r in table.rows]
+    assert ["OA probability", "73 %"] in doc.rows and ["Cross-validated AUC", "0.870 [0.790, 0.930]"] in doc.rows
+
+
+def test_patient_html_is_self_contained_with_png_figures(patient_pair):
+    paths, _ = patient_pair
+    text = paths["html"].read_text(encoding="utf-8")
+    doc = parse_html(text)
+    assert len(doc.img_src) == 3  # probability bar, ROI overview, parameter maps
+    for src in doc.img_src:
+        assert src.startswith("data:image/png;base64,")
+        w, h = _png_size(base64.b64decode(src.split(",", 1)[1], validate=True))
+        assert w > 50 and h > 20
+    assert re.search(r'(?:src|href)\s*=\s*"(?!data:image/png;base64,|#)', text) is None
+    assert not {"script", "link", "iframe", "object"} & set(doc.tags)
+    assert "url(" not in text and "@import" not in text
+
+
+def test_patient_html_escapes_user_strings_and_shows_the_demo_notice(patient_pair, knee, tmp_path, monkeypatch):
+    paths, kw = patient_pair
+    text = paths["html"].read_text(encoding="utf-8")
+    doc = parse_html(text)
+    assert "script" not in doc.tags and HOSTILE not in text and html_escaped(HOSTILE) in text
+    assert f"Subject {HOSTILE}" in "".join(doc.text)  # the subtitle shows the ID as text
+    assert ["Trained on", HOSTILE] in doc.rows  # provenance
+    body = "".join(doc.text)
+    assert patient_mod.DEMO_NOTICE in body and '<p class="warning">NOT FOR CLINICAL USE.' in text
+    assert "DEMO MODEL \u2013 NOT FOR CLINICAL USE" in body  # the footer, as on every PDF page
+    # a non-demo model: no notice, the research-software footer
+    for name in ("maps_figure", "overview_figure"):
+        monkeypatch.setattr(patient_mod.patient_figures, name, lambda *a, **k: None)
+    out = write_patient_report(tmp_path / "p.html", **dict(kw, provenance=synthetic.provenance(demo=False)))
+    assert out == tmp_path / "p.html" and [p.name for p in tmp_path.iterdir()] == ["p.html"]
+    body = "".join(parse_html(out.read_text(encoding="utf-8")).text)
+    assert "NOT FOR CLINICAL USE" not in body and patient_mod.RESEARCH_NOTICE in body
+
+
+def test_failed_patient_html_leaves_the_previous_pair_untouched(tmp_path, knee, monkeypatch):
+    paths = {f: patient_report_path(tmp_path, "K007", f) for f in PATIENT_REPORT_FORMATS}
+    paths["pdf"].parent.mkdir(parents=True)
+    before = {f: f"previous {f} report".encode() for f in paths}
+    for f, p in paths.items():
+        p.write_bytes(before[f])
+    for name in ("maps_figure", "overview_figure"):
+        monkeypatch.setattr(patient_mod.patient_figures, name, lambda *a, **k: None)
+
+    def boom(*a, **k):
+        raise RuntimeError("forced failure while rendering the HTML")
+    monkeypatch.setattr(patient_mod, "render_html", boom)
+    with pytest.raises(RuntimeError, match="forced"):
+        write_patient_report(paths, **_patient_kwargs(knee))
+    assert {f: p.read_bytes() for f, p in paths.items()} == before
+    assert sorted(p.name for p in paths["pdf"].parent.iterdir()) == sorted(p.name for p in paths.values())
 
 
 def test_maps_on_another_grid_are_resampled(tmp_path, knee):

@@ -65,11 +65,33 @@ def test_report_patient_cli(tmp_path, monkeypatch):
     assert main(["--quiet", "report", "patient", str(tmp_path / "ct.nii.gz"), str(d)]) == 0
     out = d / "report" / "patient_K_9.pdf"  # subject ID sanitised, inside the folder
     assert out.read_bytes().startswith(b"%PDF-")
+    html = out.with_suffix(".html").read_text(encoding="utf-8")  # both formats by default
+    assert html.startswith("<!DOCTYPE html>") and "Subject ../K 9" in html and "NOT FOR CLINICAL USE" in html
+    assert sorted(p.name for p in (d / "report").iterdir()) == ["patient_K_9.html", "patient_K_9.pdf"]
     from ctsma.report import patient_figures
     monkeypatch.setattr(patient_figures, "maps_figure", lambda *a: None)  # drawn once above is enough
     assert main(["--quiet", "report", "patient", str(tmp_path / "ct.nii.gz"), str(d), "--subject", "S1",
                  "--out", str(tmp_path / "run")]) == 0
-    assert (tmp_path / "run" / "report" / "patient_S1.pdf").exists()
+    assert sorted(p.name for p in (tmp_path / "run" / "report").iterdir()) == ["patient_S1.html", "patient_S1.pdf"]
+
+
+@pytest.mark.parametrize("fmt", ["pdf", "html"])
+def test_report_patient_cli_format_option(tmp_path, monkeypatch, fmt):
+    from ctsma.report import patient_figures
+    for name in ("maps_figure", "overview_figure"):  # the figures are covered above and in test_report.py
+        monkeypatch.setattr(patient_figures, name, lambda *a: None)
+    d = _infer_dir(tmp_path)
+    assert main(["--quiet", "report", "patient", str(tmp_path / "ct.nii.gz"), str(d), "--subject", "S1",
+                 "--format", fmt]) == 0
+    assert [p.name for p in (d / "report").iterdir()] == [f"patient_S1.{fmt}"]
+    head = (d / "report" / f"patient_S1.{fmt}").read_bytes()[:15]
+    assert head.startswith(b"%PDF-" if fmt == "pdf" else b"<!DOCTYPE html>")
+
+
+def test_report_patient_cli_refuses_an_unknown_format(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["report", "patient", str(tmp_path / "ct.nii.gz"), str(tmp_path), "--format", "docx"])
+    assert exc.value.code == 2 and "invalid choice: 'docx'" in capsys.readouterr().err
 
 
 def test_report_patient_cli_user_errors(tmp_path, capsys):

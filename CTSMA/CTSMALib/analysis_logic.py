@@ -149,7 +149,7 @@ class CTSMALogic(TrainingMixin, CliLogic):
 
     # -- report ---------------------------------------------------------------
     def startReportExport(self, resultDir: Path, outDir: Path, subject: str = "") -> Run:
-        """PDF report of an analysis: ``outDir/report/patient_<subject>.pdf``."""
+        """PDF and HTML report of an analysis: ``outDir/report/patient_<subject>.pdf`` and ``.html``."""
         from ctsma.errors import UserError
 
         resultDir = Path(resultDir) if resultDir else None

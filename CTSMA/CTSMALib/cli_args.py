@@ -53,8 +53,9 @@ def infer(ct: Path, out: Path, model: str = "", device: str = "auto", bones: Pat
 
 
 def report(ct: Path, infer_dir: Path, out: Path, subject: str = "") -> list[str]:
-    """``ctsma report patient CT INFER_DIR --out DIR`` writes ``DIR/report/patient_<subject>.pdf``."""
-    args = ["report", "patient", str(ct), str(infer_dir), "--out", str(out)]
+    """``ctsma report patient CT INFER_DIR --out DIR --format both`` writes ``DIR/report/patient_<subject>.pdf``
+    and ``.html``."""
+    args = ["report", "patient", str(ct), str(infer_dir), "--out", str(out), "--format", "both"]
     return args + (["--subject", subject] if subject else [])
 
 

@@ -80,10 +80,11 @@ def analysis_flow(logic, ct, side: str = "auto", report_dir=None, timeout: float
         logic.cleanupRun(keep_outputs=True)
         logic.startReportExport(run.out_dir, Path(report_dir), subject=ct.GetName())
         finish(logic, "report export", timeout, on_wait)
-        pdfs = sorted(Path(report_dir).glob("report/patient_*.pdf"))
-        if not pdfs:
-            raise FlowError(f"the report export wrote no patient_*.pdf under {report_dir}/report")
-        out["report"] = pdfs[-1]
+        for fmt in ("pdf", "html"):
+            files = sorted(Path(report_dir).glob(f"report/patient_*.{fmt}"))
+            if not files:
+                raise FlowError(f"the report export wrote no patient_*.{fmt} under {report_dir}/report")
+            out["report" if fmt == "pdf" else "report_html"] = files[-1]
     return out
 
 

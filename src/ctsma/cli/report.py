@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="render the study report (HTML + PDF) or a patient report (PDF)")
+    p = sub.add_parser("report", help="render the study report or a patient report (HTML + PDF)")
     rsub = p.add_subparsers(dest="report_command", metavar="KIND")
     s = rsub.add_parser("study", help="RUN_DIR/report/study.html and study.pdf from metrics.json")
     s.add_argument("run_dir", metavar="RUN_DIR", help="run folder; the report goes to RUN_DIR/report/")
@@ -20,13 +20,15 @@ def add_parser(sub) -> None:
     s.add_argument("--readme-snippet", default=None, metavar="DIR",
                    help="also write key_table.md and key_figure.png to DIR")
     s.set_defaults(func=run_study)
-    q = rsub.add_parser("patient", help="patient_<subject>.pdf from a CT and its 'ctsma infer' output folder")
+    q = rsub.add_parser("patient", help="patient_<subject>.pdf and .html from a CT and its 'ctsma infer' output folder")
     q.add_argument("ct", metavar="CT", help="the CT image (NIfTI, NRRD, MHA or DICOM folder)")
     q.add_argument("infer_dir", metavar="INFER_DIR", help="output folder of 'ctsma infer' for this CT")
     q.add_argument("--subject", default=None, help="subject ID (default: from summary.json, else the CT's name)")
     q.add_argument("--reference", default=None,
                    help="CSV of non-OA reference ranges: roi, parameter, mean, sd (default: from summary.json)")
-    q.add_argument("--out", default=None, help="run folder; the PDF goes to OUT/report/ (default: INFER_DIR)")
+    q.add_argument("--out", default=None, help="run folder; the report goes to OUT/report/ (default: INFER_DIR)")
+    q.add_argument("--format", choices=("pdf", "html", "both"), default="both",
+                   help="report format(s) to write (default: both, from one rendering of the content)")
     q.set_defaults(func=run_patient)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -93,7 +95,7 @@ def run_patient(args) -> int:
     from .. import PARAMETER_FILE_NAMES, progress
     from ..errors import UserError
     from ..io import read_image
-    from ..report import patient_report_path, write_patient_report
+    from ..report import PATIENT_REPORT_FORMATS, patient_report_path, write_patient_report
 
     d = Path(args.infer_dir)
     if not d.is_dir():
@@ -123,9 +125,10 @@ def run_patient(args) -> int:
     else:
         reference = None
     subject = args.subject or summary.get("subject") or Path(str(args.ct).rstrip("/")).name.split(".")[0]
-    out = patient_report_path(args.out or d, subject)
+    formats = PATIENT_REPORT_FORMATS if args.format == "both" else (args.format,)
+    out = {f: patient_report_path(args.out or d, subject, f) for f in formats}
     write_patient_report(out, ct=ct, rois=rois, maps=maps, roi_table=roi_table, reference_ranges=reference,
                          diagnosis=diagnosis, provenance=provenance if isinstance(provenance, dict) else None,
                          subject=subject)
-    progress.info(f"patient report: {out}")
+    progress.info("patient report: " + " and ".join(str(p) for p in out.values()))
     return 0

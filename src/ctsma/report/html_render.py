@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 
+from .. import __version__
 from .document import Document, Figure, Heading, PageBreak, Paragraph, Table
 
 _CSS = """
@@ -30,6 +31,7 @@ td.R{text-align:right}td.C{text-align:center}td.L{text-align:left}
 tr.published td{font-style:italic;background:#fbf4e6;color:#6b4e16}
 tr.truth td{background:#eef6ee}
 tr.group td{border-top:2px solid #c9d6e3}
+tr.shade td{background:#f3f6f9}
 .tnote{font-size:.8em;color:#5b6670;margin:.1em 0 1em 0}
 p.note{font-size:.88em;color:#5b6670}
 p.warning{background:#fdecea;border-left:5px solid #c0392b;padding:.6em 1em;font-weight:600;color:#7b1f16}
@@ -44,7 +46,10 @@ def _e(s) -> str:
 
 
 def render_html(doc: Document, *, footer: str = "") -> str:
-    """The whole document as an HTML5 string (UTF-8, every text escaped)."""
+    """The whole document as an HTML5 string (UTF-8, every text escaped).
+
+    The footer reads "CT-SMA <version> · ``footer``", as every page footer of :func:`.pdf_render.render_pdf`.
+    """
     out: list[str] = []
     sections = [b for b in doc.blocks if isinstance(b, Heading) and b.level == 1]
     out.append(f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -79,8 +84,8 @@ def render_html(doc: Document, *, footer: str = "") -> str:
             continue
         else:  # pragma: no cover - a programming error
             raise TypeError(f"unknown block {type(b).__name__}")
-    if footer:
-        out.append(f"<footer>{_e(footer)}</footer>")
+    foot = f"CT-SMA {__version__}" + (f" \u00b7 {footer}" if footer else "")
+    out.append(f"<footer>{_e(foot)}</footer>")
     out.append("</body></html>\n")
     return "\n".join(out)
 
@@ -90,8 +95,13 @@ def _table(t: Table) -> str:
     if t.caption:
         parts.append(f"<caption>{_e(t.caption)}</caption>")
     parts.append("<thead><tr>" + "".join(f"<th>{_e(c)}</th>" for c in t.columns) + "</tr></thead><tbody>")
+    shaded = False
     for row, kind in zip(t.rows, t.row_kinds):
-        cls = f' class="{_e(kind)}"' if kind else ""
+        shaded ^= kind == "group"  # every "group" row toggles the shading of the rows below it, as in the PDF
+        classes = [kind] if kind else []
+        if shaded and kind not in ("published", "truth"):
+            classes.append("shade")
+        cls = f' class="{_e(" ".join(classes))}"' if classes else ""
         parts.append(f"<tr{cls}>" + "".join(f'<td class="{_e(a)}">{_e(c)}</td>'
                                             for c, a in zip(row, t.align)) + "</tr>")
     parts.append("</tbody></table>")

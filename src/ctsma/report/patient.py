@@ -1,8 +1,10 @@
-"""The patient report: ``DIR/report/patient_<subject>.pdf``.
+"""The patient report: ``DIR/report/patient_<subject>.pdf`` and ``.html``.
 
 Parameter maps over coronal CT slices for each ROI, the ROI table with the training cohort's non-OA
 reference ranges and z-scores, the OA probability and severity with the model's cross-validated
 performance, and the model's provenance, with a "not for clinical use" notice for the demo model.
+The content is built once as a :class:`~.document.Document` (:func:`build_patient_document`) and rendered
+to each requested format, so the PDF and the HTML always hold the same content.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 import pandas as pd
 import SimpleITK as sitk
@@ -22,9 +24,12 @@ from ..io.images import check_same_geometry
 from . import patient_figures
 from .document import Document, Figure, Heading, PageBreak, Paragraph, Table
 from .format import AGGREGATOR_LABELS, DASH, as_float, fmt, fmt_ci, fmt_int, fmt_sig, get, safe_file_stem, unit_label
+from .html_render import render_html
 from .pdf_render import render_pdf
 from .writing import write_outputs
 
+PATIENT_REPORT_FORMATS = ("pdf", "html")
+"""The formats of the patient report; each is written as ``patient_<subject>.<format>``."""
 ROI_TABLE_COLUMNS = ("roi", "parameter", "mean", "sd", "median", "iqr", "n_patches")
 REFERENCE_COLUMNS = ("roi", "parameter", "mean", "sd")
 Z_FLAG = 2.0
@@ -45,9 +50,16 @@ _PROVENANCE_LABELS = {"model": "Model", "name": "Model", "version": "Model versi
                       "ctsma_version": "CT-SMA version"}
 
 
-def patient_report_path(run_dir, subject: Any) -> Path:
-    """``run_dir/report/patient_<subject>.pdf`` with the subject ID sanitised and kept inside ``run_dir``."""
-    return safe_join(run_dir, "report", f"patient_{safe_file_stem(subject)}.pdf")
+def _check_format(fmt: Any) -> str:
+    if fmt not in PATIENT_REPORT_FORMATS:
+        raise UserError(f"unknown patient report format {fmt!r}; expected one of {', '.join(PATIENT_REPORT_FORMATS)}")
+    return fmt
+
+
+def patient_report_path(run_dir, subject: Any, fmt: str = "pdf") -> Path:
+    """``run_dir/report/patient_<subject>.<fmt>`` (``fmt``: ``pdf`` or ``html``) with the subject ID sanitised
+    and kept inside ``run_dir``."""
+    return safe_join(run_dir, "report", f"patient_{safe_file_stem(subject)}.{_check_format(fmt)}")
 
 
 def is_demo(provenance: Mapping[str, Any] | None) -> bool:
@@ -197,29 +209,60 @@ def build_patient_document(*, ct: sitk.Image, rois: sitk.Image, maps: Mapping[st
     return doc
 
 
-def write_patient_report(out_pdf, *, ct: sitk.Image, rois: sitk.Image, maps: Mapping[str, sitk.Image],
+PathOrPaths = Union[str, Path, Mapping[str, Union[str, Path]]]
+
+
+def _targets(out: PathOrPaths) -> dict[str, Path]:
+    """``{format: path}`` from one path (its suffix is the format) or a mapping; checked before any work."""
+    if isinstance(out, Mapping):
+        if not out:
+            raise UserError("no patient report format was asked for")
+        targets = {_check_format(f): Path(p) for f, p in out.items()}
+    else:
+        path = Path(out)
+        fmt = path.suffix.lower().lstrip(".")
+        if fmt not in PATIENT_REPORT_FORMATS:
+            raise UserError(f"patient report path {path} must end in "
+                            + " or ".join(f".{f}" for f in PATIENT_REPORT_FORMATS))
+        targets = {fmt: path}
+    for fmt, path in targets.items():
+        if path.suffix.lower() != f".{fmt}":
+            raise UserError(f"patient report path {path} must end in .{fmt} for the {fmt.upper()} report")
+        if path.is_dir():
+            raise UserError(f"patient report path {path} is a folder")
+    return targets
+
+
+def _render(doc: Document, fmt: str, footer: str) -> bytes:
+    return render_pdf(doc, footer=footer) if fmt == "pdf" else render_html(doc, footer=footer).encode("utf-8")
+
+
+def write_patient_report(out: PathOrPaths, *, ct: sitk.Image, rois: sitk.Image, maps: Mapping[str, sitk.Image],
                          roi_table: pd.DataFrame | None, reference_ranges: pd.DataFrame | None,
                          diagnosis: Mapping[str, Any] | None, provenance: Mapping[str, Any] | None,
-                         subject: str | None = None) -> Path:
-    """Write the patient report PDF to ``out_pdf`` atomically and return its path.
+                         subject: str | None = None) -> Path | dict[str, Path]:
+    """Write the patient report atomically and return its path(s).
 
-    Use :func:`patient_report_path` for the contract name ``DIR/report/patient_<subject>.pdf``.
+    ``out``: one path, whose suffix (``.pdf`` or ``.html``) is the format, and then the path is returned;
+    or ``{format: path}`` for several formats (e.g. ``{f: patient_report_path(run_dir, subject, f) for f in
+    PATIENT_REPORT_FORMATS}``), and then ``{format: Path}`` is returned. The document is built once and rendered to
+    every format in memory before anything is written; then all files are written or none
+    (:func:`.writing.write_outputs`). Use :func:`patient_report_path` for the contract names
+    ``DIR/report/patient_<subject>.<format>``.
+
     ``maps``: parameter → map image (NaN outside the ROIs; resampled to the CT's grid if needed).
     ``roi_table``: columns ``roi, parameter, mean, sd, median, iqr, n_patches``. ``reference_ranges``:
     columns ``roi, parameter, mean, sd`` (non-OA knees of the training cohort). ``diagnosis``: dict with
     ``oa_probability``, ``severity`` and the model's cross-validated performance (``auc``, ``auc_ci``, ...)
     or None. ``provenance``: dict (``model``, ``version``, ``trained_on``, ``demo``, ...).
     """
-    out_pdf = Path(out_pdf)
-    if out_pdf.suffix.lower() != ".pdf":
-        raise UserError(f"patient report path {out_pdf} must end in .pdf")
-    if out_pdf.is_dir():
-        raise UserError(f"patient report path {out_pdf} is a folder")
+    targets = _targets(out)
     doc = build_patient_document(ct=ct, rois=rois, maps=maps, roi_table=roi_table,
                                  reference_ranges=reference_ranges, diagnosis=diagnosis, provenance=provenance,
                                  subject=subject)
     footer = ("DEMO MODEL \u2013 NOT FOR CLINICAL USE" if is_demo(provenance) else RESEARCH_NOTICE)
-    data = render_pdf(doc, footer=footer)
-    ensure_writable_dir(out_pdf.parent)  # a clear error for an unusable output folder
-    write_outputs({out_pdf: data})
-    return out_pdf
+    files = {path: _render(doc, fmt, footer) for fmt, path in targets.items()}
+    for folder in dict.fromkeys(p.parent for p in files):
+        ensure_writable_dir(folder)  # a clear error for an unusable output folder
+    write_outputs(files)
+    return targets if isinstance(out, Mapping) else next(iter(targets.values()))

@@ -363,7 +363,7 @@ def write_study_report(metrics, out_dir, *, cohort: pd.DataFrame | None = None,
     doc = build_study_document(metrics, cohort=cohort, predictions=predictions, roc=roc, timings=timings,
                                figures_dir=figures_dir, title=title)
     footer = "study report \u00b7 digital phantom data"
-    html_text = render_html(doc, footer=f"CT-SMA {__version__} \u00b7 {footer}")
+    html_text = render_html(doc, footer=footer)
     pdf_bytes = render_pdf(doc, footer=footer)
     report_dir = ensure_writable_dir(safe_join(out_dir, "report"))
     paths = {"html": safe_join(report_dir, "study.html"), "pdf": safe_join(report_dir, "study.pdf")}

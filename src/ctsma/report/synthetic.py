@@ -169,14 +169,14 @@ def provenance(demo: bool = True) -> dict:
 
 
 def main(argv=None) -> int:  # pragma: no cover - a preview tool
-    from .patient import patient_report_path, write_patient_report
+    from .patient import PATIENT_REPORT_FORMATS, patient_report_path, write_patient_report
     from .readme import write_readme_snippet
     from .study import write_study_report
     out = (argv or sys.argv[1:] or ["report-preview"])[0]
     print(write_study_report(metrics(), out, cohort=cohort(), predictions=predictions(), roc=roc()))
     ct, rois, maps = knee()
-    path = patient_report_path(out, "K007")
-    print(write_patient_report(path, ct=ct, rois=rois, maps=maps, roi_table=roi_table(rois, maps),
+    paths = {f: patient_report_path(out, "K007", f) for f in PATIENT_REPORT_FORMATS}
+    print(write_patient_report(paths, ct=ct, rois=rois, maps=maps, roi_table=roi_table(rois, maps),
                                reference_ranges=reference_ranges(), diagnosis=diagnosis(), provenance=provenance(),
                                subject="K007"))
     print(write_readme_snippet(metrics(), f"{out}/readme"))
