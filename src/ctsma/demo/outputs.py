@@ -70,10 +70,11 @@ def reference_ranges(ctx: Context, exclude: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def patient_report(ctx: Context) -> Path:
+def patient_report(ctx: Context) -> dict[str, Path]:
+    """The held-out knee's patient report, PDF and HTML: ``{format: path}``."""
     from ..io import read_image
     from ..report import write_patient_report
-    from ..report.patient import patient_report_path
+    from ..report.patient import PATIENT_REPORT_FORMATS, patient_report_path
 
     subject = inference_subject(ctx)
     d = ctx.out / "inference" / subject
@@ -96,7 +97,7 @@ def patient_report(ctx: Context) -> Path:
     prov = {"model": summary["model"].get("path"), "version": summary["model"].get("ctsma_version"),
             "trained_on": f"{summary['model'].get('trained_on')} phantom knees (cross-fitting fold that held "
                           f"{subject} out)", "demo": True, "role": summary["model"].get("role")}
-    out = patient_report_path(ctx.out, subject)
+    out = {f: patient_report_path(ctx.out, subject, f) for f in PATIENT_REPORT_FORMATS}
     return write_patient_report(out, ct=ct, rois=rois, maps=maps, roi_table=pd.read_csv(d / "roi_table.csv"),
                                 reference_ranges=reference_ranges(ctx, subject), diagnosis=dx, provenance=prov,
                                 subject=subject)
@@ -141,5 +142,5 @@ def report(ctx: Context, d: Path, timings: dict) -> dict:
     pr = patient_report(ctx)
     snip = write_readme_snippet(metrics, d)
     mrb = scene(ctx)
-    return {"study": [str(p) for p in paths.values()], "patient": str(pr), "scene": str(mrb) if mrb else None,
+    return {"study": [str(p) for p in paths.values()], "patient": {f: str(p) for f, p in pr.items()}, "scene": str(mrb) if mrb else None,
             "readme_snippet": {k: str(v) for k, v in snip.items() if v}}
