@@ -572,9 +572,14 @@ def p_marker_exists(inp) -> bool:
 
 # -- memory guard --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv", [["morphometry", "{ct}", "--modality", "ct", "--out", "{out}"],
-                                  ["infer", "{ct}", "--model", "{student}", "--out", "{out}"]],
+                                  ["infer", "{ct}", "--model", "{student}", "--segmentation", "{bones}", "--rois",
+                                   "{rois}", "--side", "L", "--out", "{out}"]],
                          ids=["morphometry", "infer"])
-def test_memory_guard_refuses_up_front_naming_the_budget(argv, models, tmp_path, capsys, monkeypatch):
+def test_memory_guard_chunks_over_the_budget_and_refuses_below_one_slab(argv, models, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Over the whole-volume estimate the stage runs in z-slabs (same outputs); under even the smallest slab it
+    is refused up front, naming the budget. Testing/test_morphometry_slabs.py and test_inference.py check the
+    slab results in depth."""
     from ctsma.io.memory import BYTES_PER_VOXEL, check_memory, estimate_bytes, header_voxels
 
     n = header_voxels(models["ct"])
@@ -582,16 +587,34 @@ def test_memory_guard_refuses_up_front_naming_the_budget(argv, models, tmp_path,
     stage = argv[0]
     need = estimate_bytes(n, stage)
     assert need == n * BYTES_PER_VOXEL[stage]
-    monkeypatch.setenv("CTSMA_MEMORY_GB", str(need / 2 / 1e9))  # half of what the stage needs
+
+    def run(out):
+        names = {"ct": models["ct"], "out": out, "student": models["student"], "bones": models["bones"],
+                 "rois": models["rois"]}
+        return cli_main(["--quiet", *[a.format(**names) for a in argv]])
+
+    monkeypatch.setenv("CTSMA_MEMORY_GB", str(need * 2 / 1e9))
+    assert check_memory(n, stage) == need
+    capsys.readouterr()
+    rc_whole, err_whole = run(tmp_path / "whole"), capsys.readouterr().err
+    monkeypatch.setenv("CTSMA_MEMORY_GB", str(need * 0.85 / 1e9))  # under the estimate: z-slabs, not a refusal
+    rc_slabs, err_slabs = run(tmp_path / "slabs"), capsys.readouterr().err
+    if stage == "morphometry":
+        assert rc_whole == rc_slabs == 0, err_slabs
+        whole = json.loads((tmp_path / "whole" / "morphometry.json").read_text())
+        part = json.loads((tmp_path / "slabs" / "morphometry.json").read_text())
+        assert "slabs" in part and all(part[k] == whole[k] for k in ("BV/TV", "Tb.Th", "Tb.Sp", "Conn.D"))
+    else:  # this tiny CT's ROIs are thinner than a patch: past the guard, both runs stop at the same point
+        # (Testing/test_inference.py runs inference in z-slabs end to end)
+        assert rc_whole == rc_slabs == 2 and err_slabs == err_whole and "no patch fits" in err_slabs
+    monkeypatch.setenv("CTSMA_MEMORY_GB", str(need / 50 / 1e9))  # not even one slab
     out = tmp_path / "out"
-    rc = cli_main(["--quiet", *[a.format(ct=models["ct"], out=out, student=models["student"]) for a in argv]])
+    rc = run(out)
     err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" not in err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert re.search(rf"ctsma {stage}: error: {stage} of .* needs about [\d.]+ GB, over the memory budget of "
                      r"[\d.]+ GB \(set CTSMA_MEMORY_GB", err), err
     assert not out.exists()  # refused before the output folder was even created
-    monkeypatch.setenv("CTSMA_MEMORY_GB", str(need * 2 / 1e9))
-    assert check_memory(n, stage) == need
     for bad in ("lots", "-1"):
         monkeypatch.setenv("CTSMA_MEMORY_GB", bad)
         with pytest.raises(UserError, match="CTSMA_MEMORY_GB must be"):

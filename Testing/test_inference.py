@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +142,57 @@ def test_batch_mode_resumes_and_reports_failures(knee, constant_student, tmp_pat
     # shards split the cohort
     _run(manifest, "--out", tmp_path / "s1", "--model", constant_student, "--shard", "1/2")
     assert json.loads((tmp_path / "s1" / "batch_status_1of2.json").read_text())[0]["subject"] == "bad"
+
+
+def test_infer_over_the_memory_budget_blends_in_z_slabs_with_the_same_outputs(knee, tmp_path, monkeypatch, capsys):
+    """Under a budget below the whole-CT estimate the maps are blended and streamed slab by slab (demo model:
+    varied predictions), every output equal to the whole run's; below the smallest slab the CT is refused."""
+    args = (knee["ct"], "--side", knee["side"], "--segmentation", knee["bones_only"])
+    assert _run(*args, "--out", tmp_path / "whole") == 0
+    n = int(np.prod(sitk.ReadImage(str(knee["ct"])).GetSize()))
+    monkeypatch.setenv("CTSMA_MEMORY_GB", str(20 * n / 1e9))  # estimate 32 B/voxel; 16 for reading and segmenting
+    capsys.readouterr()
+    assert cli_main(["infer", *map(str, args), "--out", str(tmp_path / "part")]) == 0
+    err = capsys.readouterr().err
+    summary = json.loads((tmp_path / "part" / "summary.json").read_text())
+    n_slabs = len(re.findall(r"^maps slab \d+/\d+: planes \d+-\d+$", err, re.M))
+    assert summary["slab_planes"] >= 1 and n_slabs > 1, err
+    for folder in ("maps", "uncertainty"):
+        for p in PARAMETERS:
+            a = sitk.ReadImage(str(tmp_path / "whole" / folder / f"{PARAMETER_FILE_NAMES[p]}.nii.gz"))
+            b = sitk.ReadImage(str(tmp_path / "part" / folder / f"{PARAMETER_FILE_NAMES[p]}.nii.gz"))
+            for get in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection", "GetPixelIDValue"):
+                assert getattr(a, get)() == getattr(b, get)()
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(b), sitk.GetArrayFromImage(a))
+    assert np.ptp(sitk.GetArrayFromImage(a)[sitk.GetArrayFromImage(a) > 0]) > 0  # not a constant map
+    for name in ("roi_table.csv", "patches.csv"):
+        assert (tmp_path / "part" / name).read_text() == (tmp_path / "whole" / name).read_text()
+    for name in ("rois.nii.gz", "bones.nii.gz"):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "part" / name))),
+                                      sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "whole" / name))))
+    monkeypatch.setenv("CTSMA_MEMORY_GB", str(8 * n / 1e9))  # below reading and segmenting the CT
+    rc = _run(*args, "--out", tmp_path / "refused")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "z-slabs" in lines[0] and "CTSMA_MEMORY_GB" in lines[0], lines
+    assert not (tmp_path / "refused").exists()
+
+
+def test_infer_releases_the_ct_during_roi_placement_over_the_budget(knee, tmp_path, monkeypatch):
+    """When bones and ROIs are found on a coarse copy, a run over the budget releases the CT's pixels meanwhile
+    and reads them again for the patches: the outputs are those of the whole run."""
+    from ctsma.inference.engine import InferSettings, infer
+
+    s = InferSettings(side=knee["side"], segmentation_spacing_mm=(1.2, 1.2, 1.5))  # coarser than this CT
+    infer(knee["ct"], tmp_path / "whole", settings=s)
+    n = int(np.prod(sitk.ReadImage(str(knee["ct"])).GetSize()))
+    monkeypatch.setenv("CTSMA_MEMORY_GB", str(20 * n / 1e9))
+    import ctsma.inference.engine as engine
+    reads = []
+    real_read = engine.read_image
+    monkeypatch.setattr(engine, "read_image", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    summary = infer(knee["ct"], tmp_path / "part", settings=s)
+    assert summary["slab_planes"] >= 1 and len(reads) == 2  # read, released, read again for the patches
+    for name in ("rois.nii.gz", "bones.nii.gz", "maps/tbth.nii.gz", "uncertainty/bvtv.nii.gz"):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "part" / name))),
+                                      sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "whole" / name))))
+    assert (tmp_path / "part" / "patches.csv").read_text() == (tmp_path / "whole" / "patches.csv").read_text()

@@ -63,3 +63,22 @@ def test_roi_table_statistics():
     assert row["median"] == pytest.approx(2.5) and row["iqr"] == pytest.approx(1.5) and row["n_patches"] == 4
     assert t[t.roi == "LFC"]["n_patches"].eq(0).all() and t[t.roi == "LFC"]["mean"].isna().all()
     assert np.isnan(t[(t.roi == "MTP") & (t.parameter == "Tb.N")]["sd"].iloc[0])
+
+
+def test_blending_in_z_slabs_equals_the_whole_blend():
+    """``ctsma infer`` over its memory budget blends slab by slab: the planes must be the whole maps' bit for bit."""
+    rois = _rois()
+    rois[14:19, 3:25, 5:30] = 4  # an ROI whose voxels partly lie beyond every window: the nearest-patch fill
+    sp = (1.0, 0.5, 0.5)
+    c, lab = patch_centres(rois, sp, stride_mm=3.0)
+    c = c[lab != 4]  # LTP gets only two far patches, so most of it is filled from the nearest one
+    lab = lab[lab != 4]
+    extra = np.argwhere(rois == 4)[[0, -1]]
+    c, lab = np.concatenate([c, extra]), np.concatenate([lab, [4, 4]]).astype(np.int16)
+    vals = np.random.default_rng(0).uniform(0.1, 2.0, (len(c), 4)).astype(np.float32)
+    whole = blend_maps(rois.shape, sp, rois, c, lab, vals, extent_mm=4.0)
+    assert np.isfinite(whole[:, rois == 4]).all()
+    for step in (1, 3, 7):
+        parts = [blend_maps(rois.shape, sp, rois, c, lab, vals, extent_mm=4.0, z_range=(z, min(z + step, 20)))
+                 for z in range(0, 20, step)]
+        np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)

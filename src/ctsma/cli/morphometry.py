@@ -12,7 +12,9 @@ def add_parser(subparsers) -> None:
         "morphometry", help="trabecular bone parameters (BV/TV, Tb.Th, Tb.Sp, Tb.N, BS/BV, Conn.D) of an image",
         description="Measure trabecular bone microstructure in an image (binary, or grey-level CT/micro-CT/MR "
                     "binarised here) inside an optional ROI mask. Writes DIR/morphometry.json; optionally the "
-                    "local-thickness maps and sliding-window parameter maps as NIfTI in the image's geometry.")
+                    "local-thickness maps and sliding-window parameter maps as NIfTI in the image's geometry. "
+                    "Over the memory budget (CTSMA_MEMORY_GB) the image is measured in z-slabs, with the same "
+                    "results.")
     p.add_argument("image", help="3D image (NIfTI, NRRD, MHA or a DICOM folder)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
     p.add_argument("--mask", metavar="M", help="ROI mask on the same grid (non-zero = inside); default: whole image")
@@ -42,6 +44,34 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _memory_per_voxel(args) -> tuple[float, float]:
+    """(peak before the slabs, held during the slabs) in bytes per input voxel of a z-slab run."""
+    from ..io.memory import PREPARE_BYTES_PER_VOXEL, RESIDENT_BYTES_PER_VOXEL
+    prep = PREPARE_BYTES_PER_VOXEL["morphometry"]  # image, 0/1 check or a global threshold's copy, ROI, bone
+    if args.modality != "binary":
+        prep += 4.0  # the float32 working copy and the ROI's values for the threshold
+    if args.method == "local":
+        prep += 24.0  # the Gaussian local means (float32 arrays of the image's size)
+    if args.n4:
+        prep += 24.0  # N4's corrected image and bias field
+    resident = RESIDENT_BYTES_PER_VOXEL["morphometry"]
+    if args.window is not None:
+        resident += 8.0  # the two thickness maps, kept for the sliding windows
+    return prep, resident
+
+
+def _min_slab_bytes(args, size_xyz) -> int:
+    """The smallest useful slab: one core plane and the smallest halo (distances of one voxel), on a whole plane."""
+    from ..io.memory import plane_voxels
+    from ..morphometry.slabs import halo_planes, slab_bytes
+    a = plane_voxels(size_xyz)
+    halo, extra = halo_planes(1e-12, 1.0, args.thickness_method)  # distances of a voxel or less
+    need = slab_bytes(a, 1, halo, extra)
+    if args.window is not None:
+        need = max(need, (args.stride + 2 * (args.window // 2 + 1)) * a * 64.0)
+    return int(need)
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import SimpleITK as sitk
@@ -57,8 +87,15 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be at least 1")
     threads = args.threads or os.cpu_count() or 1
-    from ..io.memory import check_memory, header_voxels
-    check_memory(header_voxels(args.image), "morphometry", what=os.path.basename(args.image))  # before reading
+    from ..io.memory import header_size, plan_memory
+    size = header_size(args.image)
+    n_vox = None if size is None else int(np.prod(size, dtype=np.int64))
+    # before reading: the whole image if it fits the budget, else z-slabs if the smallest one fits, else refuse
+    prep, resident = _memory_per_voxel(args)
+    plan = plan_memory(n_vox, "morphometry", what=os.path.basename(args.image),
+                       min_slab_bytes=_min_slab_bytes(args, size) if size else 0,
+                       prepare_per_voxel=prep, resident_per_voxel=resident)
+    created = not os.path.exists(args.out)
     out = ensure_writable_dir(args.out)
     img = read_image(args.image, what="image")
     if args.modality == "ct":  # a crop inside bone may lack air/fat, so implausible HU only warn here
@@ -71,8 +108,9 @@ def run(args: argparse.Namespace) -> int:
     if args.mask:
         m_img = read_image(args.mask, what="ROI mask")
         check_same_geometry(img, m_img, what_a="image", what_b="ROI mask")
-        mask = sitk.GetArrayFromImage(m_img) != 0
-    arr = sitk.GetArrayFromImage(img)
+        mask = sitk.GetArrayViewFromImage(m_img) != 0
+        del m_img
+    arr = sitk.GetArrayViewFromImage(img) if plan.chunked else sitk.GetArrayFromImage(img)
     spacing_zyx = tuple(img.GetSpacing())[::-1]
     threshold = args.threshold
     if threshold not in (None, "otsu"):
@@ -83,11 +121,30 @@ def run(args: argparse.Namespace) -> int:
     progress.info(f"binarising ({args.modality}, {args.method})")
     bone, info = binarise(arr, spacing_zyx, mask, modality=args.modality, threshold=threshold, method=args.method,
                           n4=args.n4, window_mm=args.window_mm, smooth_sigma_vox=args.smooth_sigma)
+    if plan.chunked:
+        from ..io.memory import Geometry
+        geom = Geometry.of(img)
+        del arr, img  # only the binary image and the ROI are kept
+        try:
+            res, files = _measure_in_slabs(args, bone, mask, spacing_zyx, geom, plan, threads, out)
+        except BaseException:
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # a refusal after reading leaves nothing behind
+            raise
+        res["binarisation"] = info
+        res["image"] = os.path.abspath(args.image)
+        res["mask"] = os.path.abspath(args.mask) if args.mask else None
+        res["files"] = files
+        write_json(out / "morphometry.json", res)
+        progress.info(f"BV/TV {res['BV/TV']:.4f}  Tb.Th {res['Tb.Th']:.4f} mm  Tb.Sp {res['Tb.Sp']:.4f} mm  "
+                      f"Tb.N {res['Tb.N']:.4f} /mm  -> {out / 'morphometry.json'}")
+        return 0
     progress.info("local thickness of bone and marrow")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MorphometryWarning)
         res, maps = measure_binary(bone, spacing_zyx, mask, convention=args.convention, spheres=args.spheres,
-                                   threads=threads, method=args.thickness_method, return_maps=True)
+                                   threads=threads, method=args.thickness_method, return_maps=True,
+                                   slabs="auto" if plan.n_voxels is None else "never")
     for w in caught:
         warnings.warn(str(w.message), MorphometryWarning, stacklevel=1)
     res["binarisation"] = info
@@ -116,3 +173,72 @@ def run(args: argparse.Namespace) -> int:
     progress.info(f"BV/TV {res['BV/TV']:.4f}  Tb.Th {res['Tb.Th']:.4f} mm  Tb.Sp {res['Tb.Sp']:.4f} mm  "
                   f"Tb.N {res['Tb.N']:.4f} /mm  -> {out / 'morphometry.json'}")
     return 0
+
+
+def _measure_in_slabs(args, bone, mask, spacing_zyx, geom, plan, threads, out):
+    """The z-slab run: thickness maps streamed to disk slab by slab; returns (result, files)."""
+    import contextlib
+
+    import numpy as np
+
+    from .. import PARAMETER_FILE_NAMES, progress
+    from ..io.memory import Geometry, gb, plane_voxels, streamed_nifti
+    from ..morphometry import MorphometryWarning
+    from ..morphometry.maps import sliding_window_chunks, window_chunk_planes
+    from ..morphometry.parameters import slab_budget_error
+    from ..morphometry.slabs import ArraySink, SlabMemoryError, StreamSink, TeeSink, measure_in_slabs
+
+    name = os.path.basename(args.image)
+    progress.info(f"{name} needs about {gb(plan.need)} GB at once, over the memory budget of {gb(plan.budget)} GB: "
+                  "measuring in z-slabs")
+    roi = mask if mask is not None else np.ones(bone.shape, bool)
+
+    def report(done, total, message):
+        progress.emit("morphometry slabs", done, total, message)
+        progress.info(message)
+
+    files: dict = {}
+    with contextlib.ExitStack() as stack:
+        writers = {}
+        if args.maps:
+            for key, fname in (("thickness", "tbth_map.nii.gz"), ("separation", "tbsp_map.nii.gz")):
+                writers[key] = stack.enter_context(streamed_nifti(out / fname, geom, level=6))
+                files[key + "_map"] = fname
+        keep = ArraySink(bone.shape) if args.window is not None else None
+        stream = StreamSink(writers)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MorphometryWarning)
+            try:
+                res = measure_in_slabs(bone, roi, spacing_zyx, convention=args.convention, spheres=args.spheres,
+                                       threads=threads, method=args.thickness_method, slab_budget=plan.slab_budget,
+                                       sink=TeeSink(stream, keep), report=report)
+            except SlabMemoryError as exc:
+                raise slab_budget_error(exc, name, plan.n_voxels, plan.budget, plan.resident) from None
+        for w in caught:
+            warnings.warn(str(w.message), MorphometryWarning, stacklevel=1)
+        stream.finish()
+        if args.window is not None:
+            chunk = window_chunk_planes(plan.slab_budget, plane_voxels(geom.size), args.window, args.stride)
+            if chunk < 1:
+                from ..errors import MemoryBudgetError
+                from ..io.memory import budget_message
+                need = plan.resident + (args.stride + 2 * (args.window // 2 + 1)) * plane_voxels(geom.size) * 64
+                raise MemoryBudgetError(budget_message("morphometry", name, plan.n_voxels, int(need), plan.budget,
+                                                       f"sliding windows of {args.window} voxels in z-chunks"))
+            progress.info(f"sliding-window maps (window {args.window}, stride {args.stride} voxels), "
+                          f"{chunk} output planes at a time")
+            st = args.stride
+            wgeom = Geometry(tuple(-(-n // st) for n in geom.size), tuple(float(s) * st for s in geom.spacing),
+                             geom.origin, geom.direction)
+            wwriters = {}
+            for key in ("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N"):
+                fname = f"maps/{PARAMETER_FILE_NAMES[key]}.nii.gz"
+                wwriters[key] = stack.enter_context(streamed_nifti(out / fname, wgeom, level=6))
+                files[key] = fname
+            for _, _, chunk_maps in sliding_window_chunks(bone, spacing_zyx, args.window, args.stride, roi,
+                                                          thickness_maps=keep.maps, z_chunk=chunk):
+                for key, arr_map in chunk_maps.items():
+                    wwriters[key].write(arr_map)
+            res["window_voxels"] = args.window
+            res["stride_voxels"] = args.stride
+    return res, files

@@ -12,6 +12,12 @@ Outputs (contract, ``ctsma infer CT --out DIR``)::
 All files are first written to a hidden staging folder inside DIR and moved into place only when the
 whole analysis has succeeded, so a failed run leaves no partial output.
 
+Memory: when the estimate from the CT's header (``ctsma.io.memory``) is over the budget, the CT's pixels are
+released while bones and ROIs are found on the coarse copy (read again for the patches) and once the patches
+are cut, and the maps are blended in z-slabs of the ROI box and streamed to their files plane by plane; every
+output is the same bit for bit. Only when even reading and segmenting the CT, or a one-plane slab, would not
+fit is the CT refused, before its pixels are read.
+
 Background: the maps hold :data:`BACKGROUND` (0) outside the ROIs, with ``rois.nii.gz > 0`` as the mask.
 NaN would be the natural marker, but ITK's NIfTI reader (ITK 5.4, hence SimpleITK and Slicer) silently
 reads NaN voxels as 0, so a NaN background would look different to different readers; 0 is explicit
@@ -129,9 +135,15 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     s = settings or InferSettings()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    from ..io.memory import check_memory, header_voxels
-    check_memory(header_voxels(ct_path), "infer", what=f"CT {Path(ct_path).name}")  # before reading the pixels
+    from ..io.memory import SLAB_BYTES_PER_VOXEL, Geometry, gb, header_size, plan_memory, plane_voxels
+    hdr = header_size(ct_path)
+    plan = plan_memory(None if hdr is None else int(np.prod(hdr, dtype=np.int64)), "infer",
+                       what=f"CT {Path(ct_path).name}",  # before reading the pixels
+                       min_slab_bytes=int(SLAB_BYTES_PER_VOXEL["infer"] * plane_voxels(hdr)) if hdr else 0)
     ct = read_image(ct_path, what="CT")
+    if plan.chunked:
+        progress.info(f"the CT needs about {gb(plan.need)} GB at once, over the memory budget of {gb(plan.budget)} GB: "
+                      "maps are blended and written in z-slabs")
     ensure_writable_dir(out_dir)  # refuse an unwritable output folder before any work
     warns = check_ct(ct)
     for w in warns:
@@ -147,9 +159,15 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     if segmentation:
         bones = read_user_labels(segmentation, ct, kind="bones")
         bones_from = str(segmentation)
-    else:
+    # over the budget, the CT's pixels are released while bones and ROIs are found on the coarse copy, and read
+    # again for the patches (the ROI placement is the peak of a whole-CT run)
+    released = plan.chunked and not rois_path and seg_ct is not None and seg_ct is not ct
+    grid = Geometry.of(ct) if released else ct
+    if released:
+        ct = None
+    if not segmentation:
         coarse_bones = segment_bones(seg_ct)
-        bones = _to_grid(coarse_bones, ct)
+        bones = None if released else _to_grid(coarse_bones, grid)
         bones_from = "automatic"
     timings["bones"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -158,8 +176,13 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         rois_from = str(rois_path)
     else:
         seg_bones = coarse_bones if not segmentation else _to_grid(bones, seg_ct)
-        rois = _to_grid(subchondral_rois(seg_ct, seg_bones, side=s.side), ct)
+        rois = _to_grid(subchondral_rois(seg_ct, seg_bones, side=s.side), grid)
         rois_from = "automatic"
+    if released:
+        if bones is None:
+            bones = _to_grid(coarse_bones, grid)
+        seg_ct = coarse_bones = seg_bones = None  # noqa: F841
+        ct = read_image(ct_path, what="CT")
     roi_arr = sitk.GetArrayFromImage(rois)
     if not roi_arr.any():
         raise InputImageError("the subchondral ROIs are empty: no femoral condyle or tibial plateau was found "
@@ -185,6 +208,11 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     if "mask" in inp["channels"]:
         mk = cut(rois, centres, size, extent, interpolator=sitk.sitkNearestNeighbor, pixel_type=sitk.sitkUInt8)
         masks = (mk == labels[:, None, None, None]).astype(np.float32)[:, None]
+    cidx = np.rint([ct.TransformPhysicalPointToContinuousIndex(tuple(map(float, c))) for c in centres]
+                   ).astype(int)[:, ::-1]
+    if plan.chunked:  # the CT's pixels are not needed any more: keep its grid only
+        ct = Geometry.of(ct)
+        seg_ct = coarse_bones = seg_bones = None  # noqa: F841 - releases the coarse copies
     timings["patches"] = time.perf_counter() - t
     t = time.perf_counter()
     flips = FLIPS_TTA if s.tta else FLIPS_DEFAULT
@@ -194,14 +222,13 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
 
     t = time.perf_counter()
     sp_zyx = tuple(reversed(ct.GetSpacing()))
-    cidx = np.rint([ct.TransformPhysicalPointToContinuousIndex(tuple(map(float, c))) for c in centres]
-                   ).astype(int)[:, ::-1]
     margin = np.ceil(extent / 2 / np.asarray(sp_zyx)).astype(int)
     box = _crop_box(roi_arr, margin)
     lo = np.array([b.start for b in box])
     crop_rois = roi_arr[box]
-    val_maps = blend_maps(crop_rois.shape, sp_zyx, crop_rois, cidx - lo, labels, mean, extent)
-    unc_maps = blend_maps(crop_rois.shape, sp_zyx, crop_rois, cidx - lo, labels, sd, extent)
+    if not plan.chunked:
+        val_maps = blend_maps(crop_rois.shape, sp_zyx, crop_rois, cidx - lo, labels, mean, extent)
+        unc_maps = blend_maps(crop_rois.shape, sp_zyx, crop_rois, cidx - lo, labels, sd, extent)
     table = roi_table(mean, labels)
     rel = relative_positions(centres, names)
     subject = subject or _subject_name(ct_path)
@@ -230,10 +257,15 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     t = time.perf_counter()
     shape = roi_arr.shape
     with staged_outputs(out_dir) as stage:
-        for j, p in enumerate(PARAMETERS):
-            f = PARAMETER_FILE_NAMES[p]
-            write_image(_full_map(val_maps[j], box, shape, ct), stage / "maps" / f"{f}.nii.gz", level=1)
-            write_image(_full_map(unc_maps[j], box, shape, ct), stage / "uncertainty" / f"{f}.nii.gz", level=1)
+        if plan.chunked:
+            planes = max(1, int(plan.slab_budget // (SLAB_BYTES_PER_VOXEL["infer"] * plane_voxels(ct.GetSize()))))
+            summary["slab_planes"] = _write_maps_in_slabs(stage, ct, crop_rois, box, shape, sp_zyx, cidx - lo, labels,
+                                                          mean, sd, extent, planes)
+        else:
+            for j, p in enumerate(PARAMETERS):
+                f = PARAMETER_FILE_NAMES[p]
+                write_image(_full_map(val_maps[j], box, shape, ct), stage / "maps" / f"{f}.nii.gz", level=1)
+                write_image(_full_map(unc_maps[j], box, shape, ct), stage / "uncertainty" / f"{f}.nii.gz", level=1)
         write_image(rois, stage / "rois.nii.gz", level=1)
         write_image(bones, stage / "bones.nii.gz", level=1)
         table.to_csv(stage / "roi_table.csv", index=False)
@@ -243,6 +275,41 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         summary["seconds"] = timings
         write_json(stage / "summary.json", summary)
     return summary
+
+
+def _write_maps_in_slabs(stage: Path, geom, crop_rois, box, shape, sp_zyx, centres, labels, mean, sd, extent,
+                         planes: int) -> int:
+    """Blend the value and uncertainty maps ``planes`` z-planes of the ROI box at a time and stream them to their
+    files (the same voxels as :func:`_full_map` of the whole blend); returns the slab size used."""
+    import contextlib
+
+    from ..io.memory import streamed_nifti
+
+    nz = crop_rois.shape[0]
+    total = -(-nz // planes)
+    with contextlib.ExitStack() as stack:
+        writers = {}
+        for kind in ("maps", "uncertainty"):
+            for p in PARAMETERS:
+                path = stage / kind / f"{PARAMETER_FILE_NAMES[p]}.nii.gz"
+                writers[kind, p] = stack.enter_context(streamed_nifti(path, geom, level=1))
+        for w in writers.values():
+            w.write_zeros(box[0].start)
+        for i, z0 in enumerate(range(0, nz, planes)):
+            z1 = min(z0 + planes, nz)
+            for kind, values in (("maps", mean), ("uncertainty", sd)):
+                blended = blend_maps(crop_rois.shape, sp_zyx, crop_rois, centres, labels, values, extent, z_range=(z0, z1))
+                for j, p in enumerate(PARAMETERS):
+                    full = np.full((z1 - z0,) + tuple(shape[1:]), BACKGROUND, np.float32)
+                    full[:, box[1], box[2]] = np.nan_to_num(blended[j], nan=BACKGROUND)
+                    writers[kind, p].write(full)
+                del blended
+            progress.emit("infer maps", i + 1, total, f"maps slab {i + 1}/{total}: planes "
+                          f"{box[0].start + z0}-{box[0].start + z1 - 1}")
+            progress.info(f"maps slab {i + 1}/{total}: planes {box[0].start + z0}-{box[0].start + z1 - 1}")
+        for w in writers.values():
+            w.write_zeros(shape[0])
+    return planes
 
 
 def _coarse_copy(ct: sitk.Image, spacing_xyz) -> sitk.Image:
@@ -264,12 +331,15 @@ def _coarse_copy(ct: sitk.Image, spacing_xyz) -> sitk.Image:
     return sitk.Resample(smooth, ref, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
 
 
-def _to_grid(labels: sitk.Image, ref: sitk.Image) -> sitk.Image:
-    """Nearest-neighbour copy of a label image on ``ref``'s grid (itself when the grids already agree)."""
-    if labels.GetSize() == ref.GetSize() and np.allclose(labels.GetSpacing(), ref.GetSpacing()) and \
+def _to_grid(labels: sitk.Image, ref) -> sitk.Image:
+    """Nearest-neighbour copy of a label image on ``ref``'s grid (itself when the grids already agree); ``ref`` is
+    an image or a :class:`ctsma.io.memory.Geometry` (only its grid is used)."""
+    if labels.GetSize() == tuple(ref.GetSize()) and np.allclose(labels.GetSpacing(), ref.GetSpacing()) and \
             np.allclose(labels.GetOrigin(), ref.GetOrigin()):
         return labels
-    return sitk.Resample(labels, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.Resample(labels, [int(v) for v in ref.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor,
+                         tuple(ref.GetOrigin()), tuple(ref.GetSpacing()), tuple(ref.GetDirection()), 0,
+                         sitk.sitkUInt8)
 
 
 class progress_stage:

@@ -47,43 +47,53 @@ def _gaussian_window(half: np.ndarray, spacing: np.ndarray, sigma_mm: float) -> 
 
 
 def blend_maps(shape, spacing_zyx, rois: np.ndarray, centres: np.ndarray, centre_labels: np.ndarray,
-               values: np.ndarray, extent_mm: float, sigma_mm: float | None = None) -> np.ndarray:
+               values: np.ndarray, extent_mm: float, sigma_mm: float | None = None, z_range=None) -> np.ndarray:
     """Blend per-patch values (N,P) into P voxel maps (P,z,y,x); NaN outside the ROIs.
 
     Each patch spreads its value over its physical extent with a Gaussian weight (sigma defaults to a
     quarter of the extent); a voxel's value is the weighted mean of the patches of its own ROI that
     cover it, and ROI voxels covered by none take their nearest patch's value.
+
+    ``z_range=(z0, z1)`` computes only the planes ``z0:z1`` of the maps (``rois`` and ``centres`` still
+    describe the whole ``shape``): the result equals those planes of the whole maps bit for bit, since each
+    voxel sums the same patches in the same order; this is how ``ctsma infer`` works in z-slabs.
     """
     spacing = np.asarray(spacing_zyx, float)
     values = np.asarray(values, np.float32)
     n_par = values.shape[1]
+    z0, z1 = (0, int(shape[0])) if z_range is None else (int(z_range[0]), int(z_range[1]))
+    sub = (z1 - z0,) + tuple(shape[1:])
     half = np.maximum(0, np.floor(extent_mm / 2 / spacing).astype(int))
     win = _gaussian_window(half, spacing, sigma_mm or extent_mm / 4)
-    num = np.zeros((n_par,) + tuple(shape), np.float32)
-    den = np.zeros(tuple(shape), np.float32)
-    shape_a = np.asarray(shape)
+    num = np.zeros((n_par,) + sub, np.float32)
+    den = np.zeros(sub, np.float32)
+    rois_sub = rois[z0:z1]
+    off = np.array([z0, 0, 0])
+    lim = np.array([z1, shape[1], shape[2]])
     for c, lab, v in zip(centres, centre_labels, values):
         lo = c - half
         hi = c + half + 1
-        clo = np.maximum(lo, 0)
-        chi = np.minimum(hi, shape_a)
-        sl = tuple(slice(a, b) for a, b in zip(clo, chi))
+        clo = np.maximum(lo, off)
+        chi = np.minimum(hi, lim)
+        if np.any(chi <= clo):
+            continue  # the patch does not reach these planes
+        sl = tuple(slice(a - o, b - o) for a, b, o in zip(clo, chi, off))
         wsl = tuple(slice(a - l, b - l) for a, b, l in zip(clo, chi, lo))
-        w = win[wsl] * (rois[sl] == lab)
+        w = win[wsl] * (rois_sub[sl] == lab)
         den[sl] += w
         num[(slice(None),) + sl] += w[None] * v[:, None, None, None]
-    out = np.full((n_par,) + tuple(shape), np.nan, np.float32)
-    inside = rois > 0
+    out = np.full((n_par,) + sub, np.nan, np.float32)
+    inside = rois_sub > 0
     covered = inside & (den > 0)
     out[:, covered] = num[:, covered] / den[covered]
     missing = inside & ~covered
     if missing.any() and len(centres):
-        for lab in np.unique(rois[missing]):
+        for lab in np.unique(rois_sub[missing]):
             sel = np.flatnonzero(centre_labels == lab)
-            vox = np.argwhere(missing & (rois == lab))
+            vox = np.argwhere(missing & (rois_sub == lab))
             if len(sel) == 0:
                 continue
-            d = (((vox[:, None, :] - centres[None, sel, :]) * spacing) ** 2).sum(-1)
+            d = ((((vox + off)[:, None, :] - centres[None, sel, :]) * spacing) ** 2).sum(-1)
             nearest = sel[np.argmin(d, axis=1)]
             out[:, vox[:, 0], vox[:, 1], vox[:, 2]] = values[nearest].T
     return out

@@ -16,7 +16,8 @@ from .validate import MorphometryError, check_binary, check_convention, check_sp
 def measure(image, spacing_zyx=None, mask=None, *, modality: str = "binary", threshold=None,
             method: str = "global", n4: bool = False, convention: str = "default", spheres: str = "roi",
             histogram_bins=DEFAULT_BINS, smooth_sigma_vox: float = 0.0, window_mm: float | None = None,
-            threads: int = 1, thickness_method: str = "fast", return_maps: bool = False, **binarise_kw):
+            threads: int = 1, thickness_method: str = "fast", return_maps: bool = False, slabs="auto",
+            progress=None, **binarise_kw):
     """Trabecular parameters of ``image`` inside ``mask``.
 
     ``image`` is a (z, y, x) array (then ``spacing_zyx`` in mm is required) or a SimpleITK image (spacing
@@ -29,6 +30,9 @@ def measure(image, spacing_zyx=None, mask=None, *, modality: str = "binary", thr
     Tb.N.plate, convention, binarisation, spacing, roi_voxels, histograms`` (lengths in mm, Tb.N in 1/mm,
     Conn.D in 1/mm³). Undefined values (e.g. Tb.Sp of an all-bone ROI) are NaN with a warning.
     With ``return_maps=True`` it returns ``(result, {"thickness", "separation", "bone"})``.
+
+    Over the memory budget (``CTSMA_MEMORY_GB``) the local thickness is computed in z-slabs with the same
+    results; ``slabs`` and ``progress`` are passed to :func:`~.parameters.measure_binary`.
     """
     arr, sp = _as_array(image, spacing_zyx)
     sp = check_spacing(sp)
@@ -38,7 +42,8 @@ def measure(image, spacing_zyx=None, mask=None, *, modality: str = "binary", thr
     bone, info = binarise(arr, sp, mask, modality=modality, threshold=threshold, method=method, n4=n4,
                           smooth_sigma_vox=smooth_sigma_vox, window_mm=window_mm, **binarise_kw)
     out = measure_binary(bone, sp, mask, convention=convention, spheres=spheres, histogram_bins=histogram_bins,
-                         threads=threads, method=thickness_method, return_maps=return_maps)
+                         threads=threads, method=thickness_method, return_maps=return_maps, slabs=slabs,
+                         progress=progress)
     res, maps = out if return_maps else (out, None)
     res["binarisation"] = info
     if return_maps:

@@ -39,15 +39,20 @@ def sliding_window_maps(bone, spacing_zyx, window, stride=1, mask=None, *, conve
         raise MorphometryError(f"window {tuple(win)} and stride {tuple(st)} must be positive voxel counts")
     if thickness_maps is None:
         _, thickness_maps = measure_binary(b, sp, roi, convention=convention, surface=False, return_maps=True)
+    return _window_maps(b, roi, thickness_maps["thickness"], thickness_maps["separation"], win, st, min_roi_fraction)
+
+
+def _window_maps(b, roi, th_map, sp_map, win, st, min_roi_fraction, z_first=0, n_out=None):
+    """The maps of the windows centred on planes ``z_first, z_first + st[0], ...`` (``n_out`` of them) of ``b``."""
     bone_roi = b & roi
     marrow = roi & ~b
     n_roi = _box_sum(roi, win)
     n_b = _box_sum(bone_roi, win)
     n_m = n_roi - n_b
-    s_th = _box_sum(np.where(bone_roi, thickness_maps["thickness"], 0), win)
-    s_sp = _box_sum(np.where(marrow, thickness_maps["separation"], 0), win)
-    sub = tuple(slice(0, None, int(s)) for s in st)
-    n_roi, n_b, n_m, s_th, s_sp = (x[sub] for x in (n_roi, n_b, n_m, s_th, s_sp))
+    s_th = _box_sum(np.where(bone_roi, th_map, 0), win)
+    s_sp = _box_sum(np.where(marrow, sp_map, 0), win)
+    sub = (slice(int(z_first), None, int(st[0])), slice(0, None, int(st[1])), slice(0, None, int(st[2])))
+    n_roi, n_b, n_m, s_th, s_sp = (x[sub][:n_out] for x in (n_roi, n_b, n_m, s_th, s_sp))
     ok = n_roi >= min_roi_fraction * float(np.prod(win)) - 1e-6
     with np.errstate(invalid="ignore", divide="ignore"):
         bvtv = np.where(ok, n_b / n_roi, np.nan)
@@ -56,6 +61,42 @@ def sliding_window_maps(bone, spacing_zyx, window, stride=1, mask=None, *, conve
         tbn = 1.0 / (th + sep)
     return {"BV/TV": bvtv.astype(np.float32), "Tb.Th": th.astype(np.float32), "Tb.Sp": sep.astype(np.float32),
             "Tb.N": tbn.astype(np.float32)}
+
+
+def window_chunk_planes(slab_budget: float, plane_voxels: int, window, stride, bytes_per_voxel: float = 64.0) -> int:
+    """Output planes per chunk of :func:`sliding_window_chunks` that fit ``slab_budget`` bytes (0 if none)."""
+    w = int(np.broadcast_to(np.asarray(window, int), (3,))[0])
+    s = int(np.broadcast_to(np.asarray(stride, int), (3,))[0])
+    planes = int(slab_budget // (plane_voxels * bytes_per_voxel)) - 2 * (w // 2 + 1)
+    return max(0, planes // s)
+
+
+def sliding_window_chunks(bone, spacing_zyx, window, stride=1, mask=None, *, thickness_maps, z_chunk: int,
+                          min_roi_fraction: float = 0.5):
+    """:func:`sliding_window_maps` in chunks of ``z_chunk`` output planes: yields ``(o0, o1, maps)``.
+
+    Each chunk filters only the planes its windows reach (half a window beyond its sample planes), so the
+    working memory is that of a slab. Values equal the whole-image maps up to the rounding of the box filter's
+    running sums (float64, then stored as float32).
+    """
+    b = check_binary(bone, "binary bone image")
+    check_spacing(spacing_zyx)
+    roi = check_mask(mask, b.shape)
+    win = np.broadcast_to(np.asarray(window, int), (3,)).copy()
+    st = np.broadcast_to(np.asarray(stride, int), (3,)).copy()
+    if (win < 1).any() or (st < 1).any():
+        raise MorphometryError(f"window {tuple(win)} and stride {tuple(st)} must be positive voxel counts")
+    z_chunk = max(1, int(z_chunk))
+    nz = b.shape[0]
+    n_out = -(-nz // int(st[0]))
+    reach = int(win[0]) // 2 + 1
+    th, sp_map = thickness_maps["thickness"], thickness_maps["separation"]
+    for o0 in range(0, n_out, z_chunk):
+        o1 = min(o0 + z_chunk, n_out)
+        zc0, zc1 = o0 * int(st[0]), (o1 - 1) * int(st[0])
+        lo, hi = max(zc0 - reach, 0), min(zc1 + reach + 1, nz)
+        yield o0, o1, _window_maps(b[lo:hi], roi[lo:hi], th[lo:hi], sp_map[lo:hi], win, st, min_roi_fraction,
+                                   z_first=zc0 - lo, n_out=o1 - o0)
 
 
 def map_to_image(arr: np.ndarray, reference, stride=1):

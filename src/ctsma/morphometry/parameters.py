@@ -8,6 +8,9 @@
 * ``BS/BV``: area of a marching-cubes mesh of the bone in the ROI (scikit-image, in mm) over bone volume.
 * ``Conn.D``: (1 - χ) / TV, with χ the Euler characteristic of the 26-connected bone in the ROI
   (scikit-image), no edge correction.
+
+A volume whose whole-image estimate exceeds the memory budget is measured in z-slabs (:mod:`.slabs`), with the
+same results (``slabs`` argument of :func:`measure_binary`).
 """
 
 from __future__ import annotations
@@ -71,9 +74,36 @@ def euler_characteristic(bone_roi: np.ndarray) -> int:
     return int(euler_number(np.ascontiguousarray(bone_roi[sl]), connectivity=3))
 
 
+def _slab_setting(slabs, n_voxels: int, extra_resident: float = 0.0):
+    """None (whole image), or ``(slab_budget, slab_planes, budget, resident)`` for :func:`.slabs.measure_in_slabs`."""
+    from .validate import MorphometryError
+    if isinstance(slabs, str) and slabs == "never":
+        return None
+    if isinstance(slabs, str) and slabs == "auto":
+        from ..io.memory import RESIDENT_BYTES_PER_VOXEL, estimate_bytes, memory_budget_bytes
+        budget = memory_budget_bytes()
+        if estimate_bytes(n_voxels, "morphometry") <= budget:
+            return None
+        resident = n_voxels * (RESIDENT_BYTES_PER_VOXEL["morphometry"] + extra_resident)
+        return max(0.0, budget - resident), None, budget, resident
+    if isinstance(slabs, (int, np.integer)) and not isinstance(slabs, bool) and slabs >= 1:
+        return None, int(slabs), None, 0.0
+    raise MorphometryError(f"slabs must be 'auto', 'never' or a positive number of planes, got {slabs!r}")
+
+
+def slab_budget_error(exc, what: str, n_voxels: int, budget: float, resident: float):
+    """The one-line :class:`MemoryBudgetError` for a :class:`.slabs.SlabMemoryError`."""
+    from ..errors import MemoryBudgetError
+    from ..io.memory import budget_message
+    return MemoryBudgetError(budget_message(
+        "morphometry", what, n_voxels, int(resident + exc.need), int(budget),
+        f"in z-slabs of at least {exc.planes} planes: {exc.phase} distances reach {exc.distance_mm:.2f} mm"))
+
+
 def measure_binary(bone: np.ndarray, spacing_zyx, mask=None, *, convention: str = "default",
                    spheres: str = "roi", histogram_bins=DEFAULT_BINS, surface: bool = True,
-                   threads: int = 1, method: str = "fast", return_maps: bool = False):
+                   threads: int = 1, method: str = "fast", return_maps: bool = False, slabs="auto",
+                   progress=None):
     """All parameters of a binary bone image inside an ROI; see :func:`ctsma.morphometry.measure`.
 
     ``spheres="roi"`` confines the spheres to the ROI (outside the ROI is neither bone nor marrow);
@@ -81,6 +111,11 @@ def measure_binary(bone: np.ndarray, spacing_zyx, mask=None, *, convention: str 
     peer figures on a cube minus a margin). Returns the result dict, and with ``return_maps`` also
     ``{"thickness": map_mm, "separation": map_mm}`` over the whole grid. ``method`` is the local-thickness
     method (``fast`` or ``exact``, see :func:`ctsma.morphometry.local_thickness`).
+
+    ``slabs``: ``"auto"`` (default) measures in z-slabs when the whole-image estimate exceeds the memory budget
+    (``CTSMA_MEMORY_GB``, see :mod:`ctsma.io.memory`), ``"never"`` never does, a number forces slabs of that
+    many core planes. The results are the same (see :mod:`.slabs`); the result then has a ``slabs`` entry.
+    ``progress(done, total, message)`` is called after each slab.
     """
     bone = check_binary(bone, "binary bone image")
     sp = check_spacing(spacing_zyx)
@@ -89,6 +124,17 @@ def measure_binary(bone: np.ndarray, spacing_zyx, mask=None, *, convention: str 
     if spheres not in ("roi", "image"):
         from .validate import MorphometryError
         raise MorphometryError(f"spheres must be 'roi' or 'image', got {spheres!r}")
+    plan = _slab_setting(slabs, bone.size, 8.0 if return_maps else 0.0)
+    if plan is not None:
+        from .slabs import ArraySink, SlabMemoryError, measure_in_slabs
+        sink = ArraySink(bone.shape) if return_maps else None
+        try:
+            res = measure_in_slabs(bone, roi, sp, convention=convention, spheres=spheres,
+                                   histogram_bins=histogram_bins, surface=surface, threads=threads, method=method,
+                                   slab_budget=plan[0], slab_planes=plan[1], sink=sink, report=progress)
+        except SlabMemoryError as exc:
+            raise slab_budget_error(exc, "image", bone.size, plan[2], plan[3]) from None
+        return (res, sink.maps) if return_maps else res
     n_roi = int(np.count_nonzero(roi))
     bone_roi = bone & roi
     marrow_roi = roi & ~bone

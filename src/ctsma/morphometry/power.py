@@ -18,8 +18,12 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True)
-def _envelope_1d(f, ids, n, h2, d_out, a_out, v, zb):
-    """Lower envelope of parabolas h2*(q-j)^2 + f[j] (f = inf: no parabola); min value and its id."""
+def _envelope_1d(f, ids, n, h2, d_out, a_out, v, zb, o):
+    """Lower envelope of parabolas h2*(q-j)^2 + f[j] (f = inf: no parabola); min value and its id.
+
+    ``o`` is the index of ``f[0]`` in the whole column: the breakpoints are computed at the positions
+    ``o + q``, so a slab of a column gives bit for bit the values and labels of the whole column.
+    """
     k = -1
     for q in range(n):
         if not np.isfinite(f[q]):
@@ -32,7 +36,9 @@ def _envelope_1d(f, ids, n, h2, d_out, a_out, v, zb):
             continue
         while True:
             p = v[k]
-            s = ((f[q] + h2 * q * q) - (f[p] + h2 * p * p)) / (2.0 * h2 * (q - p))
+            qo = q + o
+            po = p + o
+            s = ((f[q] + h2 * qo * qo) - (f[p] + h2 * po * po)) / (2.0 * h2 * (qo - po))
             if s <= zb[k] and k > 0:
                 k -= 1
                 continue
@@ -53,14 +59,14 @@ def _envelope_1d(f, ids, n, h2, d_out, a_out, v, zb):
         return
     j = 0
     for q in range(n):
-        while zb[j + 1] < q:
+        while zb[j + 1] < q + o:
             j += 1
         p = v[j]
         d_out[q] = h2 * (q - p) * (q - p) + f[p]
         a_out[q] = ids[p]
 
 
-def _power_pass_py(d, a, nz, ny, nx, axis, h2):
+def _power_pass_py(d, a, nz, ny, nx, axis, h2, o):
     n = (nz, ny, nx)[axis]
     m = (ny * nx, nz * nx, nz * ny)[axis]
     for t_ in numba.prange(m):
@@ -80,7 +86,7 @@ def _power_pass_py(d, a, nz, ny, nx, axis, h2):
         for q in range(n):
             f[q] = d[base + q * step]
             ids[q] = a[base + q * step]
-        _envelope_1d(f, ids, n, h2, dout, aout, v, zb)
+        _envelope_1d(f, ids, n, h2, dout, aout, v, zb, o)
         for q in range(n):
             d[base + q * step] = dout[q]
             a[base + q * step] = aout[q]
@@ -105,12 +111,16 @@ def _init(dsq_flat):
     return d, a
 
 
-def power_labels(shape, dsq_flat, sz, sy, sx, parallel=False):
-    """For every voxel, the flat index of the phase voxel whose ball minimises the power distance, and that distance."""
+def power_labels(shape, dsq_flat, sz, sy, sx, parallel=False, z0=0):
+    """For every voxel, the flat index of the phase voxel whose ball minimises the power distance, and that distance.
+
+    ``z0`` is the index of the first plane in the whole image when ``shape`` is a z-slab of it (see
+    :mod:`.slabs`): the z pass then does the whole image's arithmetic, so ties break the same way.
+    """
     nz, ny, nx = shape
     d, a = _init(dsq_flat)
     run = _power_pass_par if parallel else _power_pass
-    run(d, a, nz, ny, nx, 2, sx * sx)
-    run(d, a, nz, ny, nx, 1, sy * sy)
-    run(d, a, nz, ny, nx, 0, sz * sz)
+    run(d, a, nz, ny, nx, 2, sx * sx, 0)
+    run(d, a, nz, ny, nx, 1, sy * sy, 0)
+    run(d, a, nz, ny, nx, 0, sz * sz, int(z0))
     return a, d

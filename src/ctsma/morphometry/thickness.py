@@ -380,13 +380,22 @@ _paint_blocks_serial = numba.njit(cache=True, nogil=True)(_paint_blocks_py)
 _paint_blocks_parallel = numba.njit(cache=True, nogil=True, parallel=True)(_paint_blocks_py)
 
 
-def _paint(phase, dsq, order_idx, order_val, sz, sy, sx, parallel=False):
-    """Local thickness map: every phase voxel takes the value of the first sphere (in the given order) containing it."""
+def _paint(phase, dsq, order_idx, order_val, sz, sy, sx, parallel=False, z_range=None):
+    """Local thickness map: every phase voxel takes the value of the first sphere (in the given order) containing it.
+
+    ``z_range=(lo, hi)`` paints only the planes ``lo:hi`` (the map returned has those planes), with the spheres
+    that reach them: each voxel gets the same value as in the whole map.
+    """
     nz, ny, nx = phase.shape
     cz = (order_idx // (nx * ny)).astype(np.int64)
     cy = ((order_idx // nx) % ny).astype(np.int64)
     cx = (order_idx % nx).astype(np.int64)
     rad = np.sqrt(dsq.ravel()[order_idx].astype(np.float64)) * (1.0 - 1e-6)
+    if z_range is not None:
+        lo, hi = int(z_range[0]), int(z_range[1])
+        keep = np.maximum(np.maximum(lo - cz, cz - (hi - 1)), 0) * sz < rad  # the open ball meets the planes
+        cz, cy, cx, rad, order_val = cz[keep] - lo, cy[keep], cx[keep], rad[keep], order_val[keep]
+        phase = phase[lo:hi]
     counts, items = _block_lists(phase.shape, cz, cy, cx, rad, sz, sy, sx, BLOCK)
     out = np.zeros(phase.shape, np.float32)
     paint = _paint_blocks_parallel if parallel else _paint_blocks_serial
@@ -451,19 +460,25 @@ def _used_labels(a, phase_flat):
     return np.nonzero(used)[0]
 
 
-def _thickness_from_dsq(b, dsq, sp, convention, method="fast", threads=1):
+def _thickness_from_dsq(b, dsq, sp, convention, method="fast", threads=1, *, r2_max=None, z0=0, z_range=None):
+    """Local thickness map of phase ``b`` from its squared distance map ``dsq``.
+
+    For a z-slab of a larger image (:mod:`.slabs`), ``r2_max`` is the whole image's largest squared distance
+    (it sizes the exact method's containment table), ``z0`` the slab's first plane in the image and
+    ``z_range`` the planes of the slab to paint (the map returned has only those).
+    """
     sz, sy, sx = (float(x) for x in sp)
     if method == "exact":
-        s_tab, cm_tab, r2_valid = _table((sz, sy, sx), float(dsq.max()), REACH)
+        s_tab, cm_tab, r2_valid = _table((sz, sy, sx), float(dsq.max()) if r2_max is None else float(r2_max), REACH)
         offs, kind, dist = _neighbours(sp, REACH)
         idx, val = _ridge_values(dsq, sz, sy, sx, convention == "default", s_tab, cm_tab, r2_valid, offs, kind, dist)
     else:
         from .power import power_labels
-        a, _ = power_labels(b.shape, dsq.ravel(), sz, sy, sx, threads > 1)
+        a, _ = power_labels(b.shape, dsq.ravel(), sz, sy, sx, threads > 1, z0)
         idx = _used_labels(a, b.ravel())
         val = _values_at(dsq, idx, sz, sy, sx, convention == "default")
     order = np.argsort(-val)
-    return _paint(b, dsq, idx[order], val[order], sz, sy, sx, parallel=threads > 1)
+    return _paint(b, dsq, idx[order], val[order], sz, sy, sx, parallel=threads > 1, z_range=z_range)
 
 
 _TABLES: dict = {}
