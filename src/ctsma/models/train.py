@@ -98,6 +98,8 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*The number of training batches.*")
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen teacher
+        # Lightning's own use of a torch API that torch deprecated: nothing a user can act on
+        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
         if resume:
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
