@@ -52,7 +52,7 @@ class CTSMA(ScriptedLoadableModule):  # noqa: F405
         self.parent.contributors = ["CT-SMA developers"]
         self.parent.helpText = _("Subchondral trabecular bone microstructure analysis of the knee from clinical CT: "
                                  "bone segmentation, subchondral ROIs, BV/TV, Tb.Th, Tb.Sp and Tb.N maps and an "
-                                 "ROI table, with a PDF report. See docs/slicer.md in the CT-SMA repository.")
+                                 "ROI table, with a PDF and HTML report. See docs/slicer.md in the CT-SMA repository.")
         self.parent.acknowledgementText = _("CT-SMA: knowledge distilled from high-resolution MR into clinical CT.")
         slicer.app.connect("startupCompleted()", register_sample_data)  # 'CT-SMA phantom knee' in Sample Data
 
