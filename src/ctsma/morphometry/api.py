@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .binarise import binarise, _as_array
-from .parameters import DEFAULT_BINS, MorphometryWarning, measure_binary, phase_thickness
+from .parameters import DEFAULT_BINS, MorphometryWarning, measure_binary, phase_pair_thickness
 from .validate import MorphometryError, check_binary, check_convention, check_spacing
 
 
@@ -65,10 +65,11 @@ def _one_patch(bone: np.ndarray, roi: np.ndarray | None, sp, convention: str, me
     if n_roi == 0:
         return (np.nan,) * 4
     n_b = int(np.count_nonzero(roi_b))
-    bvtv = n_b / n_roi
-    th = float(phase_thickness(roi_b, sp, convention, 1, method)[roi_b].mean(dtype=np.float64)) if n_b else np.nan
     n_m = n_roi - n_b
-    sep = float(phase_thickness(marrow, sp, convention, 1, method)[marrow].mean(dtype=np.float64)) if n_m else np.nan
+    bvtv = n_b / n_roi
+    th_map, sp_map = phase_pair_thickness(roi_b, marrow, sp, convention, 1, method)  # one distance transform
+    th = float(th_map[roi_b].mean(dtype=np.float64)) if n_b else np.nan
+    sep = float(sp_map[marrow].mean(dtype=np.float64)) if n_m else np.nan
     tbn = 1.0 / (th + sep) if np.isfinite(th) and np.isfinite(sep) else np.nan
     return bvtv, th, sep, tbn
 
