@@ -12,6 +12,10 @@ Prints tables and writes benchmarks/results/bench_morphometry.json.
   --ormir, ~5 min) on the same binary image, side by side, with wall and CPU time and peak memory.
 * Batch: patches of 64^3 from a Gaussian random field (BV/TV 0.25, Tb.Th ~3 and Tb.Sp ~6 voxels, like
   BFFE MR at 0.2-0.3 mm) through measure_batch.
+* Where the time goes: CPU time of each stage of the fast local thickness (distance transform, reduced medial
+  axis, sphere values, sort, painting) on the cube and per batch patch, one thread.
+* ORMIR-XCT (--ormir) runs in voxel units (its sphere margin is 0.5 in the unit of the voxel size it is given)
+  and the agreement of the BoneJ-convention results with it is recorded (target: within 3 %).
 """
 
 from __future__ import annotations
@@ -133,9 +137,9 @@ if which == "porespy":
 elif which == "localthickness":
     import localthickness as lt
     th = 2 * lt.local_thickness(b) * h; sp = 2 * lt.local_thickness(~b) * h
-else:
+else:  # in voxel units: ORMIR adds its sphere margin rd_extra = 0.5 in the unit of the voxel size given
     from ormir_xct.core.util.hildebrand_thickness import compute_local_thickness_from_mask as f
-    th = f(b, h); sp = f(~b, h)
+    th = f(b, 1.0) * h; sp = f(~b, 1.0) * h
 wall, cpu = time.time() - t0, time.process_time() - c0
 print(json.dumps({"Tb.Th": float(th[b & roi].mean()), "Tb.Sp": float(sp[~b & roi].mean()), "wall_s": wall,
                   "cpu_s": cpu, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}))
@@ -177,6 +181,8 @@ def real_bone(peers, ormir):
     b, sp = lhdl_binary()
     h = sp[0]
     res = {"BV/TV_whole": float(b.mean()), "spacing_mm": h}
+    stage_times([(b[:40, :40, :40], ~b[:40, :40, :40])], sp)  # compile
+    res["cpu_s_by_stage_default_fast_1thr"] = stage_times([(b, ~b)], sp)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lhdl.npy"
         np.save(path, b)
@@ -190,6 +196,49 @@ def real_bone(peers, ormir):
                 print(f"  peer {which} ...", flush=True)
                 res[f"peer/{which}"] = _run(PEER_CODE, [path, which, h], PEERS)
     return res
+
+
+def ormir_agreement(rb):
+    """Relative differences of the BoneJ-convention results from ORMIR-XCT's (a continuous-radius peer)."""
+    peer = rb.get("peer/ormir", {})
+    if "Tb.Th" not in peer:
+        return None
+    out = {"peer": {k: peer[k] for k in ("Tb.Th", "Tb.Sp")}, "tolerance": 0.03}
+    for key in ("ctsma/bonej/fast/1thr", "ctsma/bonej/exact/1thr"):
+        ours = rb.get(key, {})
+        if "Tb.Th" in ours:
+            rel = {p: ours[p] / peer[p] - 1.0 for p in ("Tb.Th", "Tb.Sp")}
+            out[key] = {"rel_diff": rel, "within": all(abs(v) <= 0.03 for v in rel.values())}
+    return out
+
+
+def stage_times(pairs, sp, convention="default"):
+    """CPU seconds of each stage of the fast local thickness, summed over (bone, marrow) pairs (one thread)."""
+    from ctsma.morphometry.paint import descending_order, paint
+    from ctsma.morphometry.power import reduced_axis
+    from ctsma.morphometry.thickness import _values_at, distance_sq_pair
+    t = dict.fromkeys(("distance transform (edt, both phases)", "reduced medial axis (power diagram)",
+                       "sphere values", "sort", "painting"), 0.0)
+    keys = list(t)
+    clock = time.process_time
+    for bone, marrow in pairs:
+        c0 = clock()
+        d = distance_sq_pair(bone, marrow, sp)
+        t[keys[0]] += clock() - c0
+        for ph in (bone, marrow):
+            dsq = np.where(ph, d, np.float32(0))
+            c = [clock()]
+            idx = reduced_axis(ph.shape, dsq.ravel(), ph.ravel(), *sp)
+            c.append(clock())
+            val = _values_at(dsq, idx, *sp, convention == "default")
+            c.append(clock())
+            order = descending_order(val)
+            c.append(clock())
+            paint(ph, dsq, idx[order], val[order], *sp)
+            c.append(clock())
+            for k, a, b in zip(keys[1:], c, c[1:]):
+                t[k] += b - a
+    return t
 
 
 # ----------------------------------------------------------------------------------------- batch
@@ -208,6 +257,9 @@ def batch(quick):
         out[f"{workers}_workers"] = {"patches": n, "wall_s": wall, "cpu_s": cpu, "patches_per_s": n / wall,
                                      "patches_per_cpu_s": n / cpu,
                                      "mean": {k: float(np.nanmean(v)) for k, v in r.items()}}
+    k = min(n, 20)
+    stages = stage_times([(q, ~q) for q in p[:k]], (0.3, 0.3, 0.3))
+    out["cpu_ms_per_patch_by_stage"] = {s_: 1e3 * v / k for s_, v in stages.items()}
     return out
 
 
@@ -239,7 +291,7 @@ def main():
         result["lhdl"] = rb
         print(f"{'implementation':>28} {'Tb.Th':>7} {'Tb.Sp':>7} {'wall s':>7} {'cpu s':>7} {'peak GB':>7}")
         for k, v in rb.items():
-            if isinstance(v, dict):
+            if k.startswith(("ctsma/", "peer/")):
                 if "error" in v:
                     print(f"{k:>28} error: {v['error']}")
                     continue
@@ -250,13 +302,25 @@ def main():
             best = min(v["wall_s"] for k, v in rb.items() if k.startswith("ctsma/default/fast") and "wall_s" in v)
             result["speedup_vs_porespy_wall"] = ps["wall_s"] / best
             print(f"speed-up of ctsma default/fast over porespy bf (wall, side by side): {ps['wall_s'] / best:.1f}x")
+        print("ctsma default/fast, 1 thread, CPU s by stage: " +
+              ", ".join(f"{k} {v:.2f}" for k, v in rb["cpu_s_by_stage_default_fast_1thr"].items()))
+        agree = ormir_agreement(rb)
+        if agree:
+            result["ormir_agreement"] = agree
+            for key, v in agree.items():
+                if key.startswith("ctsma/"):
+                    print(f"{key} vs ORMIR-XCT: Tb.Th {100 * v['rel_diff']['Tb.Th']:+.2f} %, "
+                          f"Tb.Sp {100 * v['rel_diff']['Tb.Sp']:+.2f} % (within 3 %: {v['within']})")
     else:
         print(f"(skipping the LHDL cube: {LHDL} not found)")
 
     print("== batch: 64^3 patches ==", flush=True)
     result["batch"] = batch(args.quick)
     for k, v in result["batch"].items():
-        print(f"{k}: {v['patches_per_s']:.1f} patches/s wall, {v['patches_per_cpu_s']:.1f} patches per CPU-second")
+        if k.endswith("_workers"):
+            print(f"{k}: {v['patches_per_s']:.1f} patches/s wall, {v['patches_per_cpu_s']:.1f} patches per CPU-second")
+    print("CPU ms per patch by stage: " +
+          ", ".join(f"{k} {v:.1f}" for k, v in result["batch"]["cpu_ms_per_patch_by_stage"].items()))
     result["machine"]["loadavg_at_end"] = os.getloadavg()
     result["peak_rss_gb_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -94,6 +94,21 @@ def _column(d, a, base, step, n, f, ids, qs):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
+def _column_balls(dsq, base, step, n, f, ids, qs):
+    """The first pass's parabolas: one per phase voxel (``dsq > 0``), ``-dsq`` labelled by its flat index."""
+    k = 0
+    for q in range(n):
+        i = base + q * step
+        x = dsq[i]
+        if x > 0:
+            f[k] = -x
+            ids[k] = i
+            qs[k] = q
+            k += 1
+    return k
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def _base_step(t, axis, ny, nx):
     if axis == 2:
         return t * nx, 1
@@ -105,11 +120,15 @@ def _base_step(t, axis, ny, nx):
 CHUNKS = 64  # the columns of a pass are shared out in this many chunks (each allocates its buffers once)
 
 
-def _power_pass_py(d, a, nz, ny, nx, axis, h2, o, phase, used):
-    """One pass along ``axis``: every column's lower envelope. With ``used`` (the last pass) the values are not
-    written back; instead ``used[label]`` is set for the label of every ``phase`` voxel."""
+def _power_pass_py(d, a, nz, ny, nx, axis, h2, o, dsq, phase, used):
+    """One pass along ``axis``: every column's lower envelope, written to ``d`` (values) and ``a`` (labels).
+
+    The first pass (``dsq`` non-empty) reads its parabolas from the squared distances; the others from ``d``
+    and ``a``. In the last pass (``used`` non-empty) the values are not written back; instead ``used[label]``
+    is set for the label of every ``phase`` voxel."""
     n = (nz, ny, nx)[axis]
     m = (ny * nx, nz * nx, nz * ny)[axis]
+    first = dsq.shape[0] > 0
     last = used.shape[0] > 0
     nchunks = min(m, CHUNKS)
     for c_ in numba.prange(nchunks):
@@ -124,7 +143,10 @@ def _power_pass_py(d, a, nz, ny, nx, axis, h2, o, phase, used):
         owner = np.empty(n + 1, np.int64)
         for t in range(c * m // nchunks, (c + 1) * m // nchunks):
             base, step = _base_step(t, axis, ny, nx)
-            k = _column(d, a, base, step, n, f, ids, qs)
+            if first:
+                k = _column_balls(dsq, base, step, n, f, ids, qs)
+            else:
+                k = _column(d, a, base, step, n, f, ids, qs)
             if k == 0:
                 if not last:
                     for q in range(n):
@@ -150,33 +172,19 @@ _power_pass = numba.njit(cache=True, nogil=True)(_power_pass_py)
 _power_pass_par = numba.njit(cache=True, nogil=True, parallel=True)(_power_pass_py)
 
 
-@numba.njit(cache=True, nogil=True)
-def _init(dsq_flat):
-    n = dsq_flat.shape[0]
-    d = np.empty(n, np.float32)
-    a = np.empty(n, np.int32)
-    for i in range(n):
-        if dsq_flat[i] > 0:
-            d[i] = -dsq_flat[i]
-            a[i] = i
-        else:
-            d[i] = np.inf
-            a[i] = -1
-    return d, a
-
-
 def _passes(shape, dsq_flat, sz, sy, sx, parallel, z0, phase=None):
     nz, ny, nx = shape
-    d, a = _init(dsq_flat)
+    d = np.empty(dsq_flat.shape[0], np.float32)
+    a = np.empty(dsq_flat.shape[0], np.int32)
     run = _power_pass_par if parallel else _power_pass
-    none_b, none_u = np.zeros(0, np.bool_), np.zeros(0, np.bool_)
-    run(d, a, nz, ny, nx, 2, sx * sx, 0, none_b, none_u)
-    run(d, a, nz, ny, nx, 1, sy * sy, 0, none_b, none_u)
+    none_f, none_b = np.zeros(0, np.float32), np.zeros(0, np.bool_)
+    run(d, a, nz, ny, nx, 2, sx * sx, 0, np.ascontiguousarray(dsq_flat, np.float32), none_b, none_b)
+    run(d, a, nz, ny, nx, 1, sy * sy, 0, none_f, none_b, none_b)
     if phase is None:
-        run(d, a, nz, ny, nx, 0, sz * sz, int(z0), none_b, none_u)
+        run(d, a, nz, ny, nx, 0, sz * sz, int(z0), none_f, none_b, none_b)
         return a, d
     used = np.zeros(d.shape[0], np.bool_)
-    run(d, a, nz, ny, nx, 0, sz * sz, int(z0), phase, used)
+    run(d, a, nz, ny, nx, 0, sz * sz, int(z0), none_f, phase, used)
     return np.flatnonzero(used)
 
 

@@ -33,7 +33,7 @@ import edt
 import numba
 import numpy as np
 
-from .paint import paint
+from .paint import descending_order, paint
 
 CONVENTIONS = ("default", "bonej")
 
@@ -305,42 +305,6 @@ def _values_at(dsq, idx, sz, sy, sx, default_conv):
         r = math.sqrt(dsq[z, y, x])
         val[i] = 2.0 * (_default_radius(dsq, z, y, x, r, hs, olens) if default_conv else r)
     return val
-
-
-@numba.njit(cache=True, nogil=True)
-def descending_order(val):
-    """Permutation that sorts float32 ``val`` in descending order: an LSD radix sort of the bit patterns.
-
-    Linear time, several times faster than ``np.argsort`` on the sphere lists; equal values may come in
-    another order than argsort's, which does not change any map (a voxel takes the first, i.e. the largest,
-    value of the spheres containing it, and equal values are equal).
-    """
-    n = val.shape[0]
-    bits = val.view(np.int32)
-    key = np.empty(n, np.int64)
-    for i in range(n):
-        b = np.int64(bits[i]) & 0xFFFFFFFF
-        up = b ^ 0xFFFFFFFF if b >= 0x80000000 else b | 0x80000000  # ascending with the float value
-        key[i] = 0xFFFFFFFF - up
-    order = np.arange(n)
-    key2 = np.empty(n, np.int64)
-    order2 = np.empty(n, np.int64)
-    count = np.empty(2049, np.int64)
-    for shift in (0, 11, 22):
-        count[:] = 0
-        for i in range(n):
-            count[((key[i] >> shift) & 2047) + 1] += 1
-        for k in range(1, 2049):
-            count[k] += count[k - 1]
-        for i in range(n):
-            k = (key[i] >> shift) & 2047
-            j = count[k]
-            count[k] = j + 1
-            key2[j] = key[i]
-            order2[j] = order[i]
-        key, key2 = key2, key
-        order, order2 = order2, order
-    return order
 
 
 def _thickness_from_dsq(b, dsq, sp, convention, method="fast", threads=1, *, r2_max=None, z0=0, z_range=None):
