@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -53,7 +54,7 @@ class TrainConfig:
 PRESETS = {
     "default": {},
     "demo": {"iterations": 600, "refine_iterations": 200, "batch": 12, "base": 12, "patch": 32,
-             "learning_rate": 3e-3, "max_minutes": 2.0},
+             "learning_rate": 3e-3, "max_minutes": 10.0},
 }
 
 
@@ -251,4 +252,9 @@ def train(pairs: Sequence[tuple[sitk.Image, sitk.Image, sitk.Image | None]], cfg
                              "final_loss_round1": float(np.mean(losses1[-20:])) if losses1 else None,
                              "final_loss_round2": float(np.mean(losses2[-20:])) if losses2 else None,
                              "stopped_by_time_limit": time.monotonic() > deadline})
+    short = len(losses1) < cfg.iterations or len(losses2) < cfg.refine_iterations
+    if short:
+        warnings.warn(f"synthesis training reached its {cfg.max_minutes:g}-minute limit after {len(losses1)}/"
+                      f"{cfg.iterations} + {len(losses2)}/{cfg.refine_iterations} steps (a busy machine?): the model "
+                      "may be undertrained; raise max_minutes or train on a quieter machine", stacklevel=2)
     return model
