@@ -378,45 +378,68 @@ def _paint_direct(phase, out, cz, cy, cx, kind, val, start, cdz, cdy, ch):
 DIRECT_MAX = 40  # paint directly when the balls' bounding boxes hold at most this many voxels per phase voxel
 
 
+@numba.njit(cache=True, nogil=True)
 def _box_voxels(rad, sz, sy, sx):
-    """Voxels (rows when ``sx`` is 0) of each ball's bounding box."""
+    """Voxels (rows when ``sx`` is 0) of the balls' bounding boxes, summed."""
     n = (2 * np.floor(rad / sz) + 1) * (2 * np.floor(rad / sy) + 1)
-    return n * (2 * np.floor(rad / sx) + 1) if sx else n
+    if sx:
+        n *= 2 * np.floor(rad / sx) + 1
+    return n.sum()
 
 
+@numba.njit(cache=True, nogil=True)
 def sphere_arrays(shape, order_idx, dsq_flat):
     """Centres (z, y, x) and radii (mm, shrunk by 1e-6 so that voxel centres on a sphere are outside) of balls."""
     nz, ny, nx = shape
-    cz = (order_idx // (nx * ny)).astype(np.int64)
-    cy = ((order_idx // nx) % ny).astype(np.int64)
-    cx = (order_idx % nx).astype(np.int64)
+    cz = order_idx // (nx * ny)
+    cy = (order_idx // nx) % ny
+    cx = order_idx % nx
     rad = np.sqrt(dsq_flat[order_idx].astype(np.float64)) * (1.0 - 1e-6)
     return cz, cy, cx, rad
+
+
+@numba.njit(cache=True, nogil=True)
+def paint_serial(phase, dsq_flat, order_idx, order_val, sz, sy, sx, lo, hi):
+    """:func:`paint` on one thread, planes ``lo:hi``; one compiled call that runs without the GIL."""
+    d2 = dsq_flat[order_idx]
+    cz, cy, cx, rad = sphere_arrays(phase.shape, order_idx, dsq_flat)
+    val = order_val.astype(np.float32)
+    if lo > 0 or hi < phase.shape[0]:
+        keep = np.maximum(np.maximum(lo - cz, cz - (hi - 1)), 0) * sz < rad  # the open ball meets the planes
+        cz, cy, cx, rad, val, d2 = cz[keep] - lo, cy[keep], cx[keep], rad[keep], val[keep], d2[keep]
+    ph = phase[lo:hi]
+    out = np.zeros(ph.shape, np.float32)
+    n_phase = max(1, np.count_nonzero(ph))
+    if _box_voxels(rad, sz, sy, sx) <= DIRECT_MAX * n_phase:
+        radii, kind = _radius_kinds(d2, rad)
+        if _box_voxels(radii, sz, sy, 0.0) <= n_phase / 2:  # the chord tables stay small (< 12 B/voxel)
+            start, cdz, cdy, ch = _chords(radii, sz, sy, sx)
+            _paint_direct(ph, out, cz, cy, cx, kind, val, start, cdz, cdy, ch)
+            return out
+    counts, items = block_lists(ph.shape, cz, cy, cx, rad, sz, sy, sx, BLOCK)
+    _paint_blocks_serial(ph, out, counts, items, cz, cy, cx, rad, val, sz, sy, sx, BLOCK)
+    return out
 
 
 def paint(phase, dsq, order_idx, order_val, sz, sy, sx, parallel=False, z_range=None):
     """Local thickness map: every phase voxel takes the value of the first sphere (in the given order) containing it.
 
     ``z_range=(lo, hi)`` paints only the planes ``lo:hi`` (the map returned has those planes), with the spheres
-    that reach them: each voxel gets the same value as in the whole map. Small spheres are painted one after
-    the other (:func:`_paint_direct`), larger ones block by block; both give the same map.
+    that reach them: each voxel gets the same value as in the whole map. On one thread, small spheres are
+    painted one after the other (:func:`_paint_direct`), larger ones block by block (both give the same map);
+    ``parallel`` paints the blocks on numba's threads.
     """
-    d2 = dsq.ravel()[order_idx]
+    lo, hi = (0, phase.shape[0]) if z_range is None else (int(z_range[0]), int(z_range[1]))
+    order_idx = np.ascontiguousarray(order_idx, np.int64)
+    if not parallel:
+        return paint_serial(phase, dsq.ravel(), order_idx, order_val, float(sz), float(sy), float(sx), lo, hi)
     cz, cy, cx, rad = sphere_arrays(phase.shape, order_idx, dsq.ravel())
-    order_val = order_val.astype(np.float32)
+    val = order_val.astype(np.float32)
     if z_range is not None:
-        lo, hi = int(z_range[0]), int(z_range[1])
         keep = np.maximum(np.maximum(lo - cz, cz - (hi - 1)), 0) * sz < rad  # the open ball meets the planes
-        cz, cy, cx, rad, order_val, d2 = cz[keep] - lo, cy[keep], cx[keep], rad[keep], order_val[keep], d2[keep]
-        phase = phase[lo:hi]
-    out = np.zeros(phase.shape, np.float32)
-    n_phase = max(1, np.count_nonzero(phase))
-    if not parallel and _box_voxels(rad, sz, sy, sx).sum() <= DIRECT_MAX * n_phase:
-        radii, kind = _radius_kinds(d2, rad)
-        if _box_voxels(radii, sz, sy, 0.0).sum() <= n_phase / 2:  # the chord tables stay small (< 12 B/voxel)
-            _paint_direct(phase, out, cz, cy, cx, kind, order_val, *_chords(radii, sz, sy, sx))
-            return out
-    counts, items = block_lists(phase.shape, cz, cy, cx, rad, sz, sy, sx, BLOCK)
-    run = _paint_blocks_parallel if parallel else _paint_blocks_serial
-    run(phase, out, counts, items, cz, cy, cx, rad, order_val, sz, sy, sx, BLOCK)
+        cz, cy, cx, rad, val = cz[keep] - lo, cy[keep], cx[keep], rad[keep], val[keep]
+    ph = phase[lo:hi]
+    out = np.zeros(ph.shape, np.float32)
+    counts, items = block_lists(ph.shape, cz, cy, cx, rad, sz, sy, sx, BLOCK)
+    _paint_blocks_parallel(ph, out, counts, items, cz, cy, cx, rad, val, sz, sy, sx, BLOCK)
     return out

@@ -172,6 +172,20 @@ _power_pass = numba.njit(cache=True, nogil=True)(_power_pass_py)
 _power_pass_par = numba.njit(cache=True, nogil=True, parallel=True)(_power_pass_py)
 
 
+@numba.njit(cache=True, nogil=True)
+def reduced_axis_serial(shape, dsq_flat, phase_flat, sz, sy, sx, z0):
+    """:func:`reduced_axis` on one thread, as one compiled call (no GIL between the passes)."""
+    nz, ny, nx = shape
+    d = np.empty(dsq_flat.shape[0], np.float32)
+    a = np.empty(dsq_flat.shape[0], np.int32)
+    none_f, none_b = np.zeros(0, np.float32), np.zeros(0, np.bool_)
+    _power_pass(d, a, nz, ny, nx, 2, sx * sx, 0, dsq_flat, none_b, none_b)
+    _power_pass(d, a, nz, ny, nx, 1, sy * sy, 0, none_f, none_b, none_b)
+    used = np.zeros(d.shape[0], np.bool_)
+    _power_pass(d, a, nz, ny, nx, 0, sz * sz, z0, none_f, phase_flat, used)
+    return np.nonzero(used)[0]
+
+
 def _passes(shape, dsq_flat, sz, sy, sx, parallel, z0, phase=None):
     nz, ny, nx = shape
     d = np.empty(dsq_flat.shape[0], np.float32)
@@ -202,4 +216,8 @@ def reduced_axis(shape, dsq_flat, phase_flat, sz, sy, sx, parallel=False, z0=0):
 
     The same set as ``np.unique(power_labels(...)[0][phase_flat])``, without writing the last pass's labels.
     """
-    return _passes(shape, dsq_flat, sz, sy, sx, parallel, z0, np.ascontiguousarray(phase_flat, np.bool_))
+    phase_flat = np.ascontiguousarray(phase_flat, np.bool_)
+    if not parallel:
+        return reduced_axis_serial(tuple(int(n) for n in shape), np.ascontiguousarray(dsq_flat, np.float32),
+                                   phase_flat, float(sz), float(sy), float(sx), int(z0))
+    return _passes(shape, dsq_flat, sz, sy, sx, parallel, z0, phase_flat)

@@ -33,7 +33,8 @@ import edt
 import numba
 import numpy as np
 
-from .paint import descending_order, paint
+from .paint import descending_order, paint, paint_serial
+from .power import reduced_axis, reduced_axis_serial
 
 CONVENTIONS = ("default", "bonej")
 
@@ -307,6 +308,16 @@ def _values_at(dsq, idx, sz, sy, sx, default_conv):
     return val
 
 
+@numba.njit(cache=True, nogil=True)
+def _fast_map(b, dsq, sz, sy, sx, default_conv, z0, lo, hi):
+    """The ``fast`` method's map on one thread (planes ``lo:hi``), as one compiled call that holds no GIL:
+    several patches then run side by side on Python threads."""
+    idx = reduced_axis_serial(b.shape, dsq.ravel(), b.ravel(), sz, sy, sx, z0)
+    val = _values_at(dsq, idx, sz, sy, sx, default_conv)
+    order = descending_order(val)
+    return paint_serial(b, dsq.ravel(), idx[order], val[order], sz, sy, sx, lo, hi)
+
+
 def _thickness_from_dsq(b, dsq, sp, convention, method="fast", threads=1, *, r2_max=None, z0=0, z_range=None):
     """Local thickness map of phase ``b`` from its squared distance map ``dsq``.
 
@@ -319,9 +330,12 @@ def _thickness_from_dsq(b, dsq, sp, convention, method="fast", threads=1, *, r2_
         s_tab, cm_tab, r2_valid = _table((sz, sy, sx), float(dsq.max()) if r2_max is None else float(r2_max), REACH)
         offs, kind, dist = _neighbours(sp, REACH)
         idx, val = _ridge_values(dsq, sz, sy, sx, convention == "default", s_tab, cm_tab, r2_valid, offs, kind, dist)
+    elif threads <= 1:
+        lo, hi = (0, b.shape[0]) if z_range is None else (int(z_range[0]), int(z_range[1]))
+        return _fast_map(np.ascontiguousarray(b, np.bool_), np.ascontiguousarray(dsq, np.float32), sz, sy, sx,
+                         convention == "default", int(z0), lo, hi)
     else:
-        from .power import reduced_axis
-        idx = reduced_axis(b.shape, dsq.ravel(), b.ravel(), sz, sy, sx, threads > 1, z0)
+        idx = reduced_axis(b.shape, dsq.ravel(), b.ravel(), sz, sy, sx, True, z0)
         val = _values_at(dsq, idx, sz, sy, sx, convention == "default")
     order = descending_order(val)
     return paint(b, dsq, idx[order], val[order], sz, sy, sx, parallel=threads > 1, z_range=z_range)
