@@ -115,6 +115,14 @@ def slab_budget_error(exc, what: str, n_voxels: int, budget: float, resident: fl
         f"in z-slabs of at least {exc.planes} planes: {exc.phase} distances reach {exc.distance_mm:.2f} mm"))
 
 
+def describe_run(res: dict, convention: str, method: str, spheres: str, sp, n_roi: int, n_bone: int,
+                 voxel_mm3: float) -> None:
+    """The run's settings and counts in a result dict (shared by the whole-image and the z-slab paths)."""
+    res.update({"convention": convention, "thickness_method": method, "spheres": spheres,
+                "spacing": [sp[2], sp[1], sp[0]], "spacing_order": "x,y,z (mm)", "roi_voxels": n_roi,
+                "bone_voxels": n_bone, "TV_mm3": n_roi * voxel_mm3})
+
+
 def measure_binary(bone: np.ndarray, spacing_zyx, mask=None, *, convention: str = "default",
                    spheres: str = "roi", histogram_bins=DEFAULT_BINS, surface: bool = True,
                    threads: int = 1, method: str = "fast", return_maps: bool = False, slabs="auto",
@@ -186,14 +194,7 @@ def measure_binary(bone: np.ndarray, spacing_zyx, mask=None, *, convention: str 
     else:
         res["BS/BV"] = float("nan")
     res["Conn.D"] = (1 - euler_characteristic(bone_roi)) / (n_roi * voxel_mm3) if n_bone else float("nan")
-    res["convention"] = convention
-    res["thickness_method"] = method
-    res["spheres"] = spheres
-    res["spacing"] = [sp[2], sp[1], sp[0]]
-    res["spacing_order"] = "x,y,z (mm)"
-    res["roi_voxels"] = n_roi
-    res["bone_voxels"] = n_bone
-    res["TV_mm3"] = n_roi * voxel_mm3
+    describe_run(res, convention, method, spheres, sp, n_roi, n_bone, voxel_mm3)
     bins_th = bins_sp = histogram_bins
     res["histograms"] = {"Tb.Th": _histogram(th_vals[np.isfinite(th_vals)], bins_th),
                          "Tb.Sp": _histogram(sp_vals[np.isfinite(sp_vals)], bins_sp)}

@@ -275,7 +275,7 @@ def measure_in_slabs(bone: np.ndarray, roi: np.ndarray, spacing_zyx, *, conventi
     core (region box ``ys, xs``; zero elsewhere), in z order per key. ``report(done, total, message)`` is
     called after each slab.
     """
-    from .parameters import TBN_FORMULA, MorphometryWarning, _crop_to, _histogram
+    from .parameters import TBN_FORMULA, MorphometryWarning, _crop_to, _histogram, describe_run
 
     sp = tuple(float(s) for s in spacing_zyx)
     if slab_budget is None and slab_planes is None:
@@ -348,14 +348,7 @@ def measure_in_slabs(bone: np.ndarray, roi: np.ndarray, spacing_zyx, *, conventi
     else:
         res["BS/BV"] = float("nan")
     res["Conn.D"] = (1 - chi) / (n_roi * voxel_mm3) if n_bone else float("nan")
-    res["convention"] = convention
-    res["thickness_method"] = method
-    res["spheres"] = spheres
-    res["spacing"] = [sp[2], sp[1], sp[0]]
-    res["spacing_order"] = "x,y,z (mm)"
-    res["roi_voxels"] = n_roi
-    res["bone_voxels"] = n_bone
-    res["TV_mm3"] = n_roi * voxel_mm3
+    describe_run(res, convention, method, spheres, sp, n_roi, n_bone, voxel_mm3)
     res["histograms"] = {"Tb.Th": summaries["bone"]["hist"], "Tb.Sp": summaries["marrow"]["hist"]}
     res["slabs"] = {"slabs": total, "surface_slab_planes": n_surf,
                     **{ph.name: {"core_planes": core, "halo_planes": halo, "distance_planes": extra,
