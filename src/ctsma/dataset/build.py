@@ -214,7 +214,8 @@ def mr_reference_binary(mr_p: np.ndarray, mr_m: np.ndarray, method: str, spacing
 
     sp = (spacing_mm,) * 3
     if method == "bvf":
-        out = [bvf_binarise(p, m > 0 if m.any() else None, supersample=2, min_marrow_level=0.8)[:2] for p, m in zip(mr_p, mr_m)]
+        out = [bvf_binarise(p, m > 0 if m.any() else None, supersample=2, min_marrow_level=0.8)[:2]
+               for p, m in zip(mr_p, mr_m)]
         return (np.stack([b for b, _ in out]), np.stack([r for _, r in out]).astype(np.uint8),
                 tuple(v / 2 for v in sp), float("nan"))
     if method == "otsu-knee":
