@@ -55,10 +55,10 @@ class BuildSettings:
     transform_column: str = setting("", help="manifest column with the CT->MR transform; empty: registered")
     min_bone_dice: float = setting(0.6, lo=0.0, hi=1.0, help="registration QA: least femur/tibia Dice")
     mr_threshold: str = setting("bvf", choices=("bvf", "otsu-knee", "otsu-patch"),
-                                help="MR reference binarisation: bvf (default; volume-conserving binarisation of the "
-                                     "partial-volume bone fraction on a 2x finer grid, per patch), otsu-patch (one Otsu "
-                                     "threshold per patch) or otsu-knee (one per knee); on the demo phantom bvf agrees "
-                                     "best with the true microstructure (benchmarks/bench_mr_reference.py)")
+                                help="MR reference binarisation: bvf (default; volume-conserving binarisation of "
+                                     "the partial-volume bone fraction on a 2x finer grid, per patch), otsu-patch "
+                                     "(one Otsu threshold per patch) or otsu-knee (one per knee); on the demo phantom "
+                                     "bvf agrees best with the true microstructure (benchmarks/bench_mr_reference.py)")
     truth: bool = setting(True, help="compute true parameters where the phantom can regenerate its truth")
     truth_spacing_mm: float = setting(0.0625, lo=0.01, hi=2.0, help="grid of the true microstructure (mm)")
     truth_extent_mm: float = setting(4.0, lo=0.5, hi=64.0, help="edge of the central cube measured for truth (mm)")

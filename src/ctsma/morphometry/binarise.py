@@ -159,8 +159,8 @@ def bvf_binarise(image: np.ndarray, mask: np.ndarray | None = None, *, supersamp
     at the quantile that makes the binary BV/TV inside the ROI equal the mean BVF. Where voxels are about
     a trabecula wide, a binary threshold (Otsu) misplaces edges by up to a voxel; the volume fraction is
     what partial volume keeps. ``min_marrow_level`` keeps a ROI that holds almost no marrow (a patch on a
-    plate) from taking bone for marrow: the marrow level is not set below it. Returns ``(bone, roi, info)`` on the supersampled grid: the caller divides
-    the spacing by ``supersample``.
+    plate) from taking bone for marrow: the marrow level is not set below it. Returns ``(bone, roi, info)``
+    on the supersampled grid: the caller divides the spacing by ``supersample``.
     """
     arr = check_volume(image).astype(np.float32)
     roi = check_mask(mask, arr.shape)
