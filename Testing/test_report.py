@@ -502,3 +502,18 @@ def test_readme_snippet(tmp_path, metrics):
     md2 = p2["table"].read_text(encoding="utf-8")
     assert "a\\|b&lt;i&gt;, MLP | 0.500 |" in md2 and p2["figure"] is None
     assert not (tmp_path / "r2" / "key_figure.png").exists()
+
+
+def test_patient_diagnosis_table_shows_readable_rows_only(tmp_path, knee):
+    """The diagnosis record of the demo (as `infer` writes it) carries bookkeeping keys; the report hides them."""
+    from ctsma.report.patient import _diagnosis_section
+
+    dx = {"oa_probability": 0.2, "severity": 0.35, "auc": 0.932, "auc_ci": [0.83, 1.0], "auc_se": 0.053,
+          "auc_ci_method": "DeLong", "precision": 0.9, "recall": 0.9, "n": 23, "n_oa": 11, "folds": 5, "seed": 0,
+          "seconds": 4.7, "auc_diff_vs_student_baseline": 0.02, "p_auc_vs_student_baseline": 0.3}
+    table = next(b for b in _diagnosis_section(dx) if hasattr(b, "rows"))
+    labels = {r[0]: r[1] for r in table.rows}
+    wanted = {"Precision", "Recall", "Patients in the cross-validation", "of which OA", "Cross-validation folds"}
+    assert wanted <= set(labels)
+    assert labels["Cross-validation folds"] == "5" and labels["Patients in the cross-validation"] == "23"
+    assert not any(k in " ".join(labels) for k in ("seed", "auc se", "seconds", "p auc", "auc diff", "method"))

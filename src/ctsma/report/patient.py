@@ -44,7 +44,11 @@ _DIAGNOSIS_LABELS = {"severity": "Severity (model estimate)", "threshold": "Deci
                      "severity_r2": "Severity R\u00b2 (cross-validated)", "accuracy": "Accuracy",
                      "sensitivity": "Sensitivity", "specificity": "Specificity", "f1": "F1", "brier": "Brier score",
                      "n_train": "Training patients", "model": "Model", "aggregator": "Aggregator",
-                     "source": "Parameters from"}
+                     "source": "Parameters from", "precision": "Precision", "recall": "Recall",
+                     "n": "Patients in the cross-validation", "n_oa": "of which OA", "folds": "Cross-validation folds"}
+# bookkeeping of the cross-validation record that a reader of a patient report does not need
+_DIAGNOSIS_HIDDEN = ("auc_ci", "auc_se", "auc_ci_method", "seed", "seconds", "roc")
+_INTEGER_KEYS = ("n", "folds")
 _PROVENANCE_LABELS = {"model": "Model", "name": "Model", "version": "Model version", "trained_on": "Trained on",
                       "demo": "Demonstration model", "created": "Created", "sha256": "SHA-256",
                       "ctsma_version": "CT-SMA version"}
@@ -98,7 +102,7 @@ def _diagnosis_section(diagnosis: Mapping[str, Any] | None) -> list:
             rows.append([_DIAGNOSIS_LABELS[k], fmt(diagnosis[k], 2)])
             kinds.append("")
     for k, v in diagnosis.items():
-        if k in ("oa_probability", "severity", "threshold", "auc_ci"):
+        if k in ("oa_probability", "severity", "threshold") + _DIAGNOSIS_HIDDEN or k.startswith(("p_auc", "auc_diff")):
             continue
         label = _DIAGNOSIS_LABELS.get(k, str(k).replace("_", " "))
         if k == "auc":
@@ -107,7 +111,7 @@ def _diagnosis_section(diagnosis: Mapping[str, Any] | None) -> list:
         elif k == "aggregator":
             rows.append([label, AGGREGATOR_LABELS.get(str(v), _text(v))])
         elif as_float(v) is not None and not isinstance(v, bool):
-            rows.append([label, fmt_int(v) if k.startswith("n_") or k == "n" else fmt(v)])
+            rows.append([label, fmt_int(v) if k.startswith("n_") or k in _INTEGER_KEYS else fmt(v)])
         else:
             rows.append([label, _text(v)])
         kinds.append("group" if len(kinds) == len(rows) - 1 and kinds.count("group") == 0 else "")
