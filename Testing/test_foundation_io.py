@@ -57,6 +57,27 @@ def test_truncated_file_is_a_user_error(tmp_path, suffix, compress):
         read_image(p)
 
 
+@pytest.mark.parametrize("offset", [1.0e12, float("inf"), float("nan"), -5.0, 4.0e6])
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_corrupted_nifti_data_offset_is_a_user_error(tmp_path, offset, suffix):
+    """Found by the deep fuzz run: a corrupted vox_offset made the payload check allocate or overflow."""
+    import gzip
+    import struct
+
+    p = tmp_path / "a.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.float32)), str(p), False)
+    data = bytearray(p.read_bytes())
+    data[108:112] = struct.pack("<f", offset)
+    out = tmp_path / f"b{suffix}"
+    out.write_bytes(gzip.compress(bytes(data)) if suffix.endswith(".gz") else bytes(data))
+    try:
+        read_image(out)
+    except InputImageError as exc:
+        assert "corrupted" in str(exc) or "truncated" in str(exc)
+    else:
+        raise AssertionError("a NIfTI whose data offset lies beyond its end was accepted")
+
+
 def test_garbage_file_is_a_user_error(tmp_path):
     p = tmp_path / "x.nrrd"
     p.write_bytes(b"NRRD0004\nthis is not a header\n\x00\x01")

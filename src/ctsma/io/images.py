@@ -126,10 +126,19 @@ def _check_nifti_payload(path: Path, what: str) -> None:
             dims = struct.unpack(endian + "8h", hdr[40:56])
             datatype, bitpix = struct.unpack(endian + "2h", hdr[70:74])
             _check_nifti_geometry(hdr, endian, dims, path, what)
-            vox_offset = int(struct.unpack(endian + "f", hdr[108:112])[0]) or 352
+            raw_offset = struct.unpack(endian + "f", hdr[108:112])[0]
+            if not np.isfinite(raw_offset) or not 0 <= raw_offset < 2**40:
+                raise InputImageError(f"cannot read {what} {path}: the NIfTI header is corrupted "
+                                      f"(data offset vox_offset = {raw_offset})")
+            vox_offset = int(raw_offset) or 352
             n_vox = int(np.prod([max(1, d) for d in dims[1:1 + max(1, dims[0])]], dtype=np.int64))
             expected = n_vox * bitpix // 8
-            fh.read(max(0, vox_offset - 348))
+            skip = max(0, vox_offset - 348)
+            while skip > 0:  # in chunks: a corrupted offset must end in "truncated", not in a huge allocation
+                step = fh.read(min(1 << 24, skip))
+                if not step:
+                    break
+                skip -= len(step)
             dtype = _NIFTI_FLOAT_TYPES.get(datatype)
             got, bad, carry = 0, 0, b""
             item = bitpix // 8 if bitpix else 1
