@@ -56,6 +56,12 @@ def track(iterable: Iterable[T], stage: str, total: int | None = None, unit: str
     bar.close()
 
 
+def step(stage: str, done: int, total: int, message: str) -> None:
+    """One step of work done in a loop of its own: a status line for people and the JSON-lines event."""
+    emit(stage, done, total, message)
+    info(message)
+
+
 def info(message: str) -> None:
     """A one-line status message for people (stderr), unless quiet."""
     if not _quiet:

@@ -182,20 +182,18 @@ def _measure_in_slabs(args, bone, mask, spacing_zyx, geom, plan, threads, out):
     import numpy as np
 
     from .. import PARAMETER_FILE_NAMES, progress
-    from ..io.memory import Geometry, gb, plane_voxels, streamed_nifti
+    from ..io.memory import Geometry, plane_voxels, streamed_nifti
     from ..morphometry import MorphometryWarning
     from ..morphometry.maps import sliding_window_chunks, window_chunk_planes
     from ..morphometry.parameters import slab_budget_error
     from ..morphometry.slabs import ArraySink, SlabMemoryError, StreamSink, TeeSink, measure_in_slabs
 
     name = os.path.basename(args.image)
-    progress.info(f"{name} needs about {gb(plan.need)} GB at once, over the memory budget of {gb(plan.budget)} GB: "
-                  "measuring in z-slabs")
+    progress.info(plan.slab_notice(name, "measuring in z-slabs"))
     roi = mask if mask is not None else np.ones(bone.shape, bool)
 
     def report(done, total, message):
-        progress.emit("morphometry slabs", done, total, message)
-        progress.info(message)
+        progress.step("morphometry slabs", done, total, message)
 
     files: dict = {}
     with contextlib.ExitStack() as stack:

@@ -135,15 +135,14 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     s = settings or InferSettings()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    from ..io.memory import SLAB_BYTES_PER_VOXEL, Geometry, gb, header_size, plan_memory, plane_voxels
+    from ..io.memory import SLAB_BYTES_PER_VOXEL, Geometry, header_size, plan_memory, plane_voxels
     hdr = header_size(ct_path)
     plan = plan_memory(None if hdr is None else int(np.prod(hdr, dtype=np.int64)), "infer",
                        what=f"CT {Path(ct_path).name}",  # before reading the pixels
                        min_slab_bytes=int(SLAB_BYTES_PER_VOXEL["infer"] * plane_voxels(hdr)) if hdr else 0)
     ct = read_image(ct_path, what="CT")
     if plan.chunked:
-        progress.info(f"the CT needs about {gb(plan.need)} GB at once, over the memory budget of {gb(plan.budget)} GB: "
-                      "maps are blended and written in z-slabs")
+        progress.info(plan.slab_notice("the CT", "maps are blended and written in z-slabs"))
     ensure_writable_dir(out_dir)  # refuse an unwritable output folder before any work
     warns = check_ct(ct)
     for w in warns:
@@ -304,9 +303,8 @@ def _write_maps_in_slabs(stage: Path, geom, crop_rois, box, shape, sp_zyx, centr
                     full[:, box[1], box[2]] = np.nan_to_num(blended[j], nan=BACKGROUND)
                     writers[kind, p].write(full)
                 del blended
-            progress.emit("infer maps", i + 1, total, f"maps slab {i + 1}/{total}: planes "
-                          f"{box[0].start + z0}-{box[0].start + z1 - 1}")
-            progress.info(f"maps slab {i + 1}/{total}: planes {box[0].start + z0}-{box[0].start + z1 - 1}")
+            progress.step("infer maps", i + 1, total,
+                          f"maps slab {i + 1}/{total}: planes {box[0].start + z0}-{box[0].start + z1 - 1}")
         for w in writers.values():
             w.write_zeros(shape[0])
     return planes

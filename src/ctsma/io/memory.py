@@ -150,6 +150,11 @@ class MemoryPlan:
         """Bytes left for one slab's work in a chunked run."""
         return max(0, self.budget - self.resident)
 
+    def slab_notice(self, what: str, how: str) -> str:
+        """The status line of a chunked run: ``what`` needs this much at once, so it runs ``how``."""
+        return (f"{what} needs about {gb(self.need)} GB at once, over the memory budget of {gb(self.budget)} GB: "
+                f"{how}")
+
 
 def gb(n_bytes: float) -> str:
     """Bytes as GB for messages: two decimals, four below 0.1 GB (so small budgets do not all read 0.00)."""
