@@ -30,7 +30,7 @@ ok = np.flatnonzero(np.isfinite(t[[f"true_{p}" for p in P]].to_numpy()).all(1))
 mr, masks = store.read("mr", ok)[:, 0], store.read("mr_mask", ok)[:, 0]
 truth = t.iloc[ok][[f"true_{p}" for p in P]].to_numpy()
 subjects = t["subject"].astype(str).to_numpy()[ok]
-spacing = float(store.attrs.get("mr_spacing_mm", 0.25)) if hasattr(store, "attrs") else 0.25
+spacing = float(store.attrs["mr_spacing_mm"])
 
 
 def score(bone, sp, m):
