@@ -49,12 +49,11 @@ def test_roi_agreement_with_phantom(knee):
     for src in (bones, segment_bones(ct)):
         r = sitk.GetArrayFromImage(subchondral_rois(ct, src, side=side))
         d = {k: dice(r == v, t == v) for k, v in ROIS.items()}
-        # measured over 3 knees (seed 1): per ROI 0.72-0.90, mean 0.83: BELOW the 0.85 target (see
-        # docs/segmentation.md); these bounds guard against regressions
-        assert np.mean(list(d.values())) >= 0.78 and min(d.values()) >= 0.68, d
-        # and each ROI lies near the phantom's: centroids within 6 mm (ours follow the femur-tibia contact, which can sit
-        # a few mm posterior to the phantom's fixed plateau ellipses)
+        # measured on this knee (seed 1, P0000): true bones 0.83/0.87/0.94/0.96, automatic 0.87/0.88/0.92/0.97
+        # (MFC/LFC/MTP/LTP); over the 24-knee demo cohort see docs/segmentation.md
+        assert np.mean(list(d.values())) >= 0.86 and min(d.values()) >= 0.80, d
+        # and each ROI lies near the phantom's: centroids within 3 mm
         for v in ROIS.values():
             c1 = np.argwhere(r == v).mean(0) * np.array(ct.GetSpacing()[::-1])
             c2 = np.argwhere(t == v).mean(0) * np.array(ct.GetSpacing()[::-1])
-            assert np.linalg.norm(c1 - c2) < 6.0
+            assert np.linalg.norm(c1 - c2) < 3.0

@@ -4,6 +4,11 @@ Two modes: `native` (on the CT grid, as `ctsma segment` does) and `infer` (on th
 `ctsma infer` uses for speed, labels resampled back). Targets (issue 6): femur and tibia Dice >= 0.95, ROI Dice >= 0.85.
 
     .venv/bin/python benchmarks/bench_segmentation.py [COHORT_DIR]     # default: demo_out/phantom (from `make demo`)
+
+A held-out cohort (a seed the ROI definition was never looked at on), as reported in docs/segmentation.md:
+
+    .venv/bin/ctsma phantom --n 12 --seed 101 --preset demo --out heldout_101
+    .venv/bin/python benchmarks/bench_segmentation.py heldout_101    # -> results/bench_segmentation_heldout_101.csv
 """
 
 import sys
@@ -43,7 +48,8 @@ def main() -> None:
                 rows.append({"subject": r.subject, "mode": mode, **{k: dice(a, truth, v) for k, v in ROIS.items()},
                              "femur": dice(ab, tb, 1), "tibia": dice(ab, tb, 2)})
     df = pd.DataFrame(rows)
-    out = ROOT / "benchmarks" / "results" / "bench_segmentation.csv"
+    name = "bench_segmentation.csv" if len(sys.argv) < 2 else f"bench_segmentation_{root.name}.csv"
+    out = ROOT / "benchmarks" / "results" / name
     df.to_csv(out, index=False)
     print(df.drop(columns="subject").groupby("mode").agg(["mean", "min"]).round(3).T)
     print(f"per-knee values: {out}")

@@ -46,6 +46,10 @@ class RoiSettings:
                                      help="femoral footprint: the contact ellipse, or its bounding box narrowed "
                                           "antero-posteriorly (the phantom's box-shaped condyle ROIs)")
     box_ap_fraction: float = setting(0.71, lo=0.1, hi=1.0, help="AP narrowing of the femoral box footprint")
+    condyle_height: float = setting(0.30, lo=0.02, hi=2.0,
+                                    help="femoral ROIs: up to this height above each condyle's lowest surface "
+                                         "point, as a fraction of the tibial plateau's half-width (0.30 x 37 mm "
+                                         "= 11 mm): the distal, load-bearing part of the condyle")
     contact_margin_mm: float = setting(6.0, lo=0.1, hi=40.0,
                                        help="load-bearing surface: joint gap within this of the compartment's "
                                             "narrowest gap (mm)")
@@ -89,14 +93,13 @@ def _notch_x(xs: np.ndarray) -> float:
     return float(0.5 * (edges[a + j] + edges[a + k + 1]))
 
 
-def _band(own: np.ndarray, other: np.ndarray, sp, s: RoiSettings) -> tuple[np.ndarray, np.ndarray]:
-    """Voxels of ``own`` in the depth band, and the joint gap (mm) at each one's nearest surface point.
+def _band(own: np.ndarray, other: np.ndarray, sp, s: RoiSettings, contact_mm: float | None) -> np.ndarray:
+    """Voxels of ``own`` whose depth below its surface is in ``[start_mm, end_mm]``.
 
-    The gap is the distance from the nearest outside voxel (the surface point) to ``other``; voxels whose gap
-    exceeds ``contact_mm`` are dropped.
+    With ``contact_mm``, also only those whose nearest surface point (the nearest outside voxel) lies within
+    ``contact_mm`` of ``other``: the surface that faces the other bone.
     """
     depth, idx = ndi.distance_transform_edt(own, sampling=sp, return_indices=True)
-    gap_field = ndi.distance_transform_edt(~other, sampling=sp)
     # the surface lies half a voxel step before the nearest outside voxel centre: subtract that step, taken
     # along the direction to it (0.5 * slice thickness under a plateau imaged in axial slices)
     cand = own & (depth > 0)
@@ -108,95 +111,167 @@ def _band(own: np.ndarray, other: np.ndarray, sp, s: RoiSettings) -> tuple[np.nd
     depth = depth.astype(np.float32)
     depth[cand] -= half
     band = own & (depth >= s.start_mm) & (depth <= s.end_mm)
-    gap = np.full(own.shape, np.inf, np.float32)
-    gap[band] = gap_field[idx[0][band], idx[1][band], idx[2][band]]
-    band &= gap <= s.contact_mm
-    return band, gap
+    if contact_mm is not None:
+        gap_field = ndi.distance_transform_edt(~other, sampling=sp)
+        band[band] = gap_field[idx[0][band], idx[1][band], idx[2][band]] <= contact_mm
+    return band
 
 
-def _footprints(f: np.ndarray, t: np.ndarray, ref: sitk.Image, box, medial: np.ndarray, sp, s: RoiSettings):
-    """Load-bearing footprints, as (z, y, x) masks of whole columns along the superior-inferior axis.
+def _below_condyle_height(cols: "_Columns", col_medial, medial, height_mm: float) -> np.ndarray:
+    """Voxels of the box at most ``height_mm`` above their compartment's lowest femoral surface point (along the
+    superior-inferior image axis): the distal, load-bearing part of each condyle."""
+    ok = cols.has_f & cols.has_t & (cols.f_low > cols.t_high)
+    shape = [1, 1, 1]
+    shape[cols.ax] = cols.n
+    zi = np.arange(cols.n) if cols.up > 0 else np.arange(cols.n)[::-1]
+    zi = zi.reshape(shape)
+    keep = np.ones(medial.shape, bool)
+    for col_sel, vox_sel in ((col_medial, medial), (~col_medial, ~medial)):
+        if (ok & col_sel).any():
+            low = int(cols.f_low[ok & col_sel].min())          # lowest voxel; the surface lies half a step below
+            keep &= ~(vox_sel & ((zi - low + 0.5) * cols.sp_ax > height_mm))
+    return keep
+
+
+class _Columns:
+    """The box's columns along the superior-inferior image axis, bottom to top: each column's lowest femur and
+    highest tibia index, and its LPS (x, y) at the plateau's level."""
+
+    def __init__(self, f: np.ndarray, t: np.ndarray, ref: sitk.Image, box, sp):
+        self.ax = ax = axial_axis(ref)
+        d = np.asarray(ref.GetDirection(), float).reshape(3, 3)
+        self.up = np.sign(d[2, 2 - ax]) or 1.0           # +1 if the index along ``ax`` grows towards superior
+        fa, ta = (np.moveaxis(v, ax, 0) for v in (f, t))
+        if self.up < 0:
+            fa, ta = fa[::-1], ta[::-1]
+        self.n = n = fa.shape[0]
+        self.has_f, self.has_t = fa.any(0), ta.any(0)
+        self.f_low = np.where(self.has_f, np.argmax(fa, 0), n)                     # first femur voxel from below
+        self.t_high = np.where(self.has_t, n - 1 - np.argmax(ta[::-1], 0), -1)     # last tibia voxel from below
+        self.sp_ax = sp[ax]
+        self.pitch = max(s for k, s in enumerate(sp) if k != ax)   # column spacing (mm)
+        top = int(self.t_high.max())
+        level = top if self.up > 0 else n - 1 - top
+        self.px, self.py = _column_xy(self.has_t.shape, ref, box, ax, level)
+        self.shape3 = fa.shape
+
+    def to_volume(self, cols: np.ndarray) -> np.ndarray:
+        """A column mask broadcast to the box's (z, y, x) volume."""
+        v = np.broadcast_to(cols[None], self.shape3)
+        if self.up < 0:
+            v = v[::-1]
+        return np.moveaxis(v, 0, self.ax)
+
+
+def _femoral_footprint(cols: _Columns, frame: PlateauFrame, col_medial: np.ndarray, s: RoiSettings):
+    """Load-bearing femoral footprint as a column mask, and each compartment's narrowest joint gap (mm).
 
     For every column through both bones, the vertical joint gap is the distance from the femur's lowest voxel to
     the tibia's highest one below it. In each compartment (medial, lateral) the footprint is where that gap is
     within ``contact_margin_mm`` of its narrowest value: the contact area under load (for a condyle of radii
-    a, b the area where its height above the lowest point is below the margin).
+    a, b the area where its height above the lowest point is below the margin). With the ``box`` footprint it is
+    that area's bounding box in the plateau's frame, narrowed antero-posteriorly to ``box_ap_fraction``.
     """
-    ax = axial_axis(ref)
-    d = np.asarray(ref.GetDirection(), float).reshape(3, 3)
-    up = np.sign(d[2, 2 - ax]) or 1.0            # +1 if the index along ``ax`` grows towards superior
-    fa, ta, ma = (np.moveaxis(v, ax, 0) for v in (f, t, medial))
-    if up < 0:
-        fa, ta, ma = fa[::-1], ta[::-1], ma[::-1]
-    n = fa.shape[0]
-    has_f, has_t = fa.any(0), ta.any(0)
-    f_low = np.where(has_f, np.argmax(fa, 0), n)                       # first femur voxel from below
-    t_high = np.where(has_t, n - 1 - np.argmax(ta[::-1], 0), -1)      # last tibia voxel from below
-    ok = has_f & has_t & (f_low > t_high)
-    gap = np.where(ok, (f_low - t_high - 1) * sp[ax], np.inf)
-    col_medial = np.take_along_axis(ma, np.clip(f_low, 0, n - 1)[None], 0)[0]
+    ok = cols.has_f & cols.has_t & (cols.f_low > cols.t_high)
+    gap = np.where(ok, (cols.f_low - cols.t_high - 1) * cols.sp_ax, np.inf)
+    pu, pv = frame.coords(cols.px, cols.py)
     foot = np.zeros(gap.shape, bool)
     gaps = {}
     for name, side in (("medial", col_medial), ("lateral", ~col_medial)):
         g = gap[ok & side]
-        if g.size:
-            gaps[name] = float(g.min())
-            contact = ok & side & (gap <= g.min() + s.contact_margin_mm)
-            if s.femoral_footprint == "box" and contact.sum() > 4:
-                # the contact ellipse's bounding box, narrowed antero-posteriorly to ``box_ap_fraction``
-                rows, cols_ = np.nonzero(contact)
-                lo = np.array([rows.min(), cols_.min()], float)
-                hi = np.array([rows.max(), cols_.max()], float)
-                c, h = 0.5 * (lo + hi), 0.5 * (hi - lo) + 0.5
-                h[_ap_axis(ref, ax)] *= s.box_ap_fraction
-                rr, cc = np.indices(contact.shape)
-                contact = ok & side & (np.abs(rr - c[0]) <= h[0]) & (np.abs(cc - c[1]) <= h[1])
-            foot |= contact
-
-    def to_volume(cols):
-        v = np.broadcast_to(cols[None], fa.shape)
-        if up < 0:
-            v = v[::-1]
-        return np.moveaxis(v, 0, ax)
-
-    foot_t = foot
-    if s.tibial_footprint == "plateau":
-        foot_t = _plateau_footprint(ta, t_high, has_t, ref, box, ax, up, sp)
-    return to_volume(foot), to_volume(foot_t), gaps
+        if not g.size:
+            continue
+        gaps[name] = float(g.min())
+        contact = ok & side & (gap <= g.min() + s.contact_margin_mm)
+        if s.femoral_footprint == "box" and contact.sum() > 4:
+            cu, cv = pu[contact], pv[contact]
+            lo = np.array([cu.min(), cv.min()])
+            hi = np.array([cu.max(), cv.max()])
+            c, h = 0.5 * (lo + hi), 0.5 * (hi - lo) + 0.5 * cols.pitch
+            h[1] *= s.box_ap_fraction
+            contact = ok & side & (np.abs(pu - c[0]) <= h[0]) & (np.abs(pv - c[1]) <= h[1])
+        foot |= contact
+    return foot, gaps
 
 
-def _ap_axis(ref: sitk.Image, ax: int) -> int:
-    """Which of the two in-plane axes (after moving the axial axis first) is closest to LPS y (anterior-posterior)."""
-    d = np.asarray(ref.GetDirection(), float).reshape(3, 3)
-    others = [k for k in (0, 1, 2) if k != ax]                # numpy axes, in order
-    return int(np.argmax([abs(d[1, 2 - k]) for k in others]))
+@dataclass
+class PlateauFrame:
+    """The tibial plateau's own in-plane frame, in LPS mm: its centre, medio-lateral axis ``u`` (unit, +x-ish),
+    antero-posterior axis ``v`` and the half-width/half-depth of its equivalent ellipse (the ellipse with the same
+    second moments as the plateau's footprint)."""
+    centre: np.ndarray
+    u: np.ndarray
+    v: np.ndarray
+    half_width: float
+    half_depth: float
+    tilt_deg: float
+
+    def coords(self, px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(u, v) coordinates (mm) of LPS points (px, py) in this frame."""
+        dx, dy = px - self.centre[0], py - self.centre[1]
+        return dx * self.u[0] + dy * self.u[1], dx * self.v[0] + dy * self.v[1]
 
 
-def _plateau_footprint(ta, t_high, has_t, ref, box, ax, up, sp) -> np.ndarray:
-    """Columns of the central region of each hemi-plateau: an ellipse centred at +-0.51 of the plateau's
-    half-width from its centre, with semi-axes 0.27 x half-width and 0.6 x half-depth (the digital phantom's
-    definition, which scales with the imaged plateau)."""
-    n = ta.shape[0]
-    top = t_high.max()
-    plateau = has_t & (t_high >= top - int(np.ceil(12.0 / sp[ax])))
-    if plateau.sum() < 20:
-        return np.zeros_like(plateau)
-    # LPS (x, y) of every column, taken at the plateau's top level; back to the (z, y, x) order of the box
-    cols = np.argwhere(np.ones(plateau.shape, bool))
-    level = top if up > 0 else n - 1 - top
+def _column_xy(shape2d, ref, box, ax, level) -> tuple[np.ndarray, np.ndarray]:
+    """LPS x and y (mm) of every column (2-D array over the two in-plane axes), taken at axial index ``level``."""
+    cols = np.argwhere(np.ones(shape2d, bool))
     idx = np.insert(cols, 0, level, axis=1)               # (axial, other, other) as in np.moveaxis(.., ax, 0)
     order = [1, 2]
     order.insert(ax, 0)                                   # position of each original axis in ``idx``
-    full = idx[:, order]
-    pts = index_to_lps(ref, full + np.array([b.start for b in box]))
-    px, py = pts[:, 0].reshape(plateau.shape), pts[:, 1].reshape(plateau.shape)
-    xs, ys = px[plateau], py[plateau]
-    x0, x1 = np.percentile(xs, [1, 99])
-    y0, y1 = np.percentile(ys, [1, 99])
-    xc, yc, hx, hy = 0.5 * (x0 + x1), 0.5 * (y0 + y1), 0.5 * (x1 - x0), 0.5 * (y1 - y0)
-    out = np.zeros(plateau.shape, bool)
+    pts = index_to_lps(ref, idx[:, order] + np.array([b.start for b in box]))
+    return pts[:, 0].reshape(shape2d), pts[:, 1].reshape(shape2d)
+
+
+def plateau_frame(t_high, has_t, px, py, sp_ax: float) -> PlateauFrame | None:
+    """The plateau's frame from the tibia's top surface (``t_high``: index of each column's highest tibia voxel).
+
+    The plateau is the set of columns whose top lies within 3 mm below a plane fitted robustly to the column tops
+    (least squares, refitted on columns within -3..+1.5 mm of the previous fit: the tibial eminence above the
+    plane and a fibula or rim below it drop out); its centre and axes are the centroid and principal axes of that
+    footprint, its half-axes twice the square roots of the principal variances (exact for an elliptic plateau).
+    Returns ``None`` when too few columns reach the top.
+    """
+    h = t_high * sp_ax
+    cand = has_t & (t_high >= t_high.max() - int(np.ceil(12.0 / sp_ax)))
+    if cand.sum() < 20:
+        return None
+    A = np.c_[px[cand], py[cand], np.ones(int(cand.sum()))]
+    hc = h[cand]
+    keep = np.ones(len(hc), bool)
+    coef = np.array([0.0, 0.0, np.median(hc)])
+    for _ in range(6):
+        coef = np.linalg.lstsq(A[keep], hc[keep], rcond=None)[0]
+        res = hc - A @ coef
+        new = (res >= -3.0) & (res <= 1.5)
+        if new.sum() < 20 or np.array_equal(new, keep):
+            break
+        keep = new
+    res = hc - A @ coef
+    on = res >= -3.0
+    xs, ys = A[on, 0], A[on, 1]
+    c = np.array([xs.mean(), ys.mean()])
+    lam, vec = np.linalg.eigh(np.cov(np.vstack([xs - c[0], ys - c[1]])))
+    u = vec[:, 1]
+    if lam[1] < 1.1 * lam[0] or abs(u[0]) < np.cos(np.radians(35.0)):
+        u = np.array([1.0, 0.0])                         # round or implausibly rotated plateau: the image x axis
+        var_u = float(np.var(xs))
+        var_v = float(np.var(ys))
+    else:
+        u = u * np.sign(u[0])
+        var_u, var_v = float(lam[1]), float(lam[0])
+    v = np.array([-u[1], u[0]])
+    tilt = float(np.degrees(np.arctan(np.hypot(coef[0], coef[1]))))
+    return PlateauFrame(c, u, v, 2.0 * np.sqrt(var_u), 2.0 * np.sqrt(var_v), tilt)
+
+
+def _plateau_footprint(frame: PlateauFrame, pu, pv, has_t) -> np.ndarray:
+    """Columns of the central region of each hemi-plateau: an ellipse centred at +-0.51 of the plateau's
+    half-width from its centre along its medio-lateral axis, with semi-axes 0.27 x half-width and 0.6 x
+    half-depth (the digital phantom's definition, which scales with the imaged plateau)."""
+    out = np.zeros(pu.shape, bool)
+    hw, hd = frame.half_width, frame.half_depth
     for sign in (-1.0, 1.0):
-        e = ((px - (xc + sign * 0.51 * hx)) / (0.27 * hx)) ** 2 + ((py - yc) / (0.6 * hy)) ** 2
+        e = ((pu - sign * 0.51 * hw) / (0.27 * hw)) ** 2 + (pv / (0.6 * hd)) ** 2
         out |= (e < 1.0) & has_t
     return out
 
@@ -243,24 +318,34 @@ def subchondral_rois(ct_image: sitk.Image, bones: sitk.Image, side: str | None =
     pad = [int(np.ceil(margin / d)) for d in sp]
     box = tuple(slice(max(0, b.start - p), min(n, b.stop + p)) for b, p, n in zip(box, pad, lab.shape))
     f, t = femur[box], tibia[box]
-    band_f, gap_f = _band(f, t, sp, s)
-    band_t, gap_t = _band(t, f, sp, s)
+    band_f = _band(f, t, sp, s, None)         # the femur's band is bounded by the condyle height instead
+    band_t = _band(t, f, sp, s, s.contact_mm)
     out = np.zeros(lab.shape, np.uint8)
     if not band_f.any() or not band_t.any():
         raise InputImageError("no load-bearing surface found between femur and tibia (is the joint in view and "
                               f"are the bones within {s.contact_mm:g} mm of each other?)")
     offset = np.array([b.start for b in box])
-    fz = np.argwhere(band_f)
-    fx = index_to_lps(bones, fz[:: max(1, len(fz) // 50000)] + offset)[:, 0]
-    split_x = _notch_x(fx)
-    medial_sign = 1.0 if side_used == "R" else -1.0
-    # x of every voxel in the box (LPS): the grid may be rotated, so compute from the geometry per voxel
+    cols = _Columns(f, t, bones, box, sp)
+    frame = plateau_frame(cols.t_high, cols.has_t, cols.px, cols.py, cols.sp_ax)
+    if frame is None:      # no plateau reaches the top (a tibia cut by the field of view): image axes, no tibial ROI
+        c = np.array([cols.px[cols.has_t].mean(), cols.py[cols.has_t].mean()])
+        frame = PlateauFrame(c, np.array([1.0, 0.0]), np.array([0.0, 1.0]), 0.0, 0.0, 0.0)
+    # medio-lateral coordinate u of every voxel in the box (the grid may be oblique: from the geometry per voxel)
     zyx = np.indices(f.shape).reshape(3, -1).T + offset
-    xs = index_to_lps(bones, zyx)[:, 0].reshape(f.shape)
-    medial = (xs - split_x) * medial_sign > 0
+    pts = index_to_lps(bones, zyx)
+    vu = frame.coords(pts[:, 0], pts[:, 1])[0].reshape(f.shape)
+    split_u = _notch_x(vu[band_f][:: max(1, int(band_f.sum()) // 50000)])
+    medial_sign = 1.0 if side_used == "R" else -1.0     # u points to +x (the patient's left)
+    medial = (vu - split_u) * medial_sign > 0
+    pu, pv = frame.coords(cols.px, cols.py)
+    col_medial = (pu - split_u) * medial_sign > 0
+    foot_f, gaps = _femoral_footprint(cols, frame, col_medial, s)
+    foot_t = foot_f if s.tibial_footprint == "contact" else (
+        _plateau_footprint(frame, pu, pv, cols.has_t) if frame.half_width > 0 else np.zeros_like(foot_f))
+    band_f &= _below_condyle_height(cols, col_medial, medial, s.condyle_height * (frame.half_width or 37.0))
     sub = out[box]
-    fp_f, fp_t, gaps = _footprints(f, t, bones, box, medial, sp, s)
-    for band, fp, (m_lab, l_lab) in ((band_f, fp_f, ("MFC", "LFC")), (band_t, fp_t, ("MTP", "LTP"))):
+    for band, fp, (m_lab, l_lab) in ((band_f, cols.to_volume(foot_f), ("MFC", "LFC")),
+                                     (band_t, cols.to_volume(foot_t), ("MTP", "LTP"))):
         sub[band & fp & medial] = ROIS[m_lab]
         sub[band & fp & ~medial] = ROIS[l_lab]
     result = like(out, bones)
@@ -268,7 +353,11 @@ def subchondral_rois(ct_image: sitk.Image, bones: sitk.Image, side: str | None =
         return result
     voxel_ml = float(np.prod(sp)) / 1000.0
     info = {"side": side_used, "side_from": "metadata" if side else "anatomy (fibula)", "anatomical_side": anat,
-            "split_x_mm": split_x, "start_mm": s.start_mm, "end_mm": s.end_mm, "contact_mm": s.contact_mm,
+            "split_u_mm": split_u,
+            "plateau": {"centre_lps_mm": [float(v) for v in frame.centre], "ml_axis": [float(v) for v in frame.u],
+                        "half_width_mm": frame.half_width, "half_depth_mm": frame.half_depth,
+                        "tilt_deg": frame.tilt_deg}, "start_mm": s.start_mm, "end_mm": s.end_mm, "contact_mm": s.contact_mm,
             "contact_margin_mm": s.contact_margin_mm, "narrowest_gap_mm": gaps,
+            "condyle_height_mm": s.condyle_height * (frame.half_width or 37.0),
             "roi_ml": {k: float((out == v).sum() * voxel_ml) for k, v in ROIS.items()}}
     return result, info
