@@ -149,6 +149,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(store, tmp_path):
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert not (tmp_path / "killed" / "student_baseline.safetensors").exists()
     assert [e["epoch"] for e in _epochs(tmp_path / "killed", "student_baseline")] == [1, 2]
+    import torch
+    # last.ckpt holds the last finished epoch (the second, index 1) whether or not it improved the validation loss
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1
     resumed = train("baseline", load_train_config(killed), resume=True)
     straight = train("baseline", load_train_config(tiny(store.dir, tmp_path / "straight", optim={"max_epochs": 4})))
     a, ma = load_model(resumed)
@@ -175,3 +178,48 @@ def test_resume_without_checkpoint_and_cli_errors(store, tmp_path, capsys):
     assert main(["evaluate", "--config", str(cfg), "--out", str(tmp_path / "e"), "--set", "optim.max_epochs=2",
                  "--store", str(store.dir), "--models", str(tmp_path / "none")]) == 2
     assert "no trained models" in capsys.readouterr().err
+
+
+def test_precise_batchnorm_sets_the_statistics_of_the_current_weights(store):
+    """After recalibration over every training patch in one batch, each BatchNorm's running mean and variance
+    are exactly the (unbiased) statistics of its input over those patches, whatever stale values it held."""
+    import torch
+
+    from ctsma.dataset.loader import PatchDataset, make_loader
+    from ctsma.models.lightning import PreciseBatchNorm
+
+    idx = np.arange(len(store.table))
+    ds = PatchDataset(store, idx, augment=False, target="mr", target_mean=np.zeros(4), target_sd=np.ones(4))
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(1, 3, 3, padding=1, bias=False)
+    bn = torch.nn.BatchNorm3d(3)
+    net = torch.nn.Sequential(conv, bn, torch.nn.ReLU(), torch.nn.Conv3d(3, 2, 1), torch.nn.BatchNorm3d(2))
+    for m in (bn, net[4]):
+        m.running_mean.fill_(7.0)
+        m.running_var.fill_(0.01)
+    net.eval()
+    PreciseBatchNorm(ds, "ct", max_patches=len(ds), batch_size=len(ds)).recalibrate(net, torch.device("cpu"))
+    assert not net.training and bn.momentum == 0.1          # the mode and the momentum are restored
+    with torch.no_grad():
+        h = conv(next(iter(make_loader(ds, len(ds), shuffle=False)))["ct"])
+    mean = h.mean(dim=(0, 2, 3, 4))
+    var = h.var(dim=(0, 2, 3, 4), unbiased=True)
+    assert torch.allclose(bn.running_mean, mean, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(bn.running_var, var, rtol=1e-4, atol=1e-6)
+
+
+def test_last_checkpoint_is_the_last_epoch_even_when_it_did_not_improve(store, tmp_path):
+    """--resume restarts from the last finished epoch, not from the best one: with a validation loss that only
+    gets worse, best.ckpt stays at the first epoch and last.ckpt follows every epoch."""
+    import pytorch_lightning as pl
+    import torch
+
+    class Worse(pl.Callback):                 # the monitored value rises every epoch
+        def on_validation_end(self, trainer, pl_module):      # runs before the checkpoint callbacks
+            trainer.callback_metrics["val_loss"] = torch.tensor(float(trainer.current_epoch))
+
+    cfg = load_train_config(tiny(store.dir, tmp_path, optim={"max_epochs": 3}))
+    train("baseline", cfg, callbacks=[Worse()])
+    ck = tmp_path / "student_baseline" / "checkpoints"
+    load = lambda p: torch.load(p, map_location="cpu", weights_only=True)["epoch"]  # noqa: E731
+    assert load(ck / "best.ckpt") == 0 and load(ck / "last.ckpt") == 2

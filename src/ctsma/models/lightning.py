@@ -54,6 +54,11 @@ class PatchDataModule(pl.LightningDataModule):
                   ram_budget_bytes=c.ram_budget_gb * 1e9)
         self.train_ds = PatchDataset(store, self.split.train, augment=c.augment, **kw)
         self.val_ds = PatchDataset(store, self.split.val, augment=False, **kw)
+        self._kw = kw
+
+    def bn_dataset(self) -> PatchDataset:
+        """The training patches without augmentation (for :class:`PreciseBatchNorm`)."""
+        return PatchDataset(self.store, self.split.train, augment=False, **self._kw)
 
     def _rank(self):
         t = getattr(self, "trainer", None)
@@ -158,6 +163,49 @@ class RegressionModule(pl.LightningModule):
         else:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sch, "interval": "epoch"}}
+
+
+class PreciseBatchNorm(pl.Callback):
+    """Before every validation, the BatchNorm running statistics are recomputed with the current weights over up
+    to ``max_patches`` training patches (a fixed, seeded subset, without augmentation).
+
+    The running averages that BatchNorm keeps during training mix statistics from many earlier weights; with the
+    demo's short epochs (about 25 steps) and a high learning rate they lag far behind the weights, so the
+    validation loss in eval mode jumped by 10-100x from epoch to epoch, early stopping and the best-checkpoint
+    choice followed that noise, and the frozen teacher handed the distilled student features normalised with
+    stale statistics. Recomputing the statistics ("precise BN", Wu & Johnson 2021, "Rethinking 'Batch' in
+    BatchNorm") makes the validation loss, the checkpoint and the exported model use the statistics of the
+    weights they hold. Training steps are unaffected (they normalise with batch statistics).
+    """
+
+    def __init__(self, dataset: PatchDataset, modality: str, max_patches: int, batch_size: int = 128, seed: int = 0):
+        self.dataset, self.modality = dataset, modality
+        self.max_patches, self.batch_size, self.seed = int(max_patches), int(batch_size), int(seed)
+
+    @torch.no_grad()
+    def recalibrate(self, net: torch.nn.Module, device) -> None:
+        bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not bns or self.max_patches <= 0 or len(self.dataset) == 0:
+            return
+        was_training = net.training
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None              # a cumulative average over the batches below
+        net.train()
+        seen = 0
+        for b in make_loader(self.dataset, self.batch_size, shuffle=True, seed=self.seed):
+            net(b[self.modality].to(device))
+            seen += int(b[self.modality].shape[0])
+            if seen >= self.max_patches:
+                break
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        net.train(was_training)
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.recalibrate(pl_module.net, pl_module.device)
 
 
 class JsonlProgress(pl.Callback):

@@ -76,7 +76,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-    from .lightning import JsonlProgress, PatchDataModule, RegressionModule
+    from .lightning import JsonlProgress, PatchDataModule, PreciseBatchNorm, RegressionModule
 
     if which not in ROLE_OF:
         raise UserError(f"unknown model '{which}'; train teacher, student or baseline")
@@ -133,9 +133,15 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     if teacher_tensors is not None:
         module.teacher.load_state_dict(teacher_tensors)
 
-    ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_last=True,
-                              save_top_k=1, enable_version_counter=False)
-    callbacks = [ckpt_cb, JsonlProgress(run_dir / "progress.jsonl", role, optim["max_epochs"])] + list(callbacks or [])
+    ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1,
+                              enable_version_counter=False)
+    # the state after every epoch, for --resume. (Lightning's save_last=True writes last.ckpt only when the best
+    # checkpoint changes, so a run killed after an epoch that did not improve would resume from an older state.)
+    last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False)
+    callbacks = [ckpt_cb, last_cb, JsonlProgress(run_dir / "progress.jsonl", role, optim["max_epochs"])] + list(callbacks or [])
+    if cfg.optim.precise_bn:
+        callbacks.insert(0, PreciseBatchNorm(dm.bn_dataset(), module.modality, cfg.optim.precise_bn,
+                                             seed=cfg.trainer.seed))
     if cfg.optim.patience:
         callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=cfg.optim.patience))
     show_bar = cfg.trainer.progress_bar and not getattr(progress, "_quiet", False)  # `ctsma --quiet` hides it
