@@ -28,6 +28,27 @@ def test_stages_are_cached_and_invalidated_downstream(tmp_path):
     calls.clear()
     StageRunner(tmp_path).run_all(stages(2))  # a changed: a, b and c rerun
     assert calls == ["a", "b", "c"]
+    calls.clear()
+    StageRunner(tmp_path, code="other code").run_all(stages(2))  # new code: everything reruns
+    assert calls == ["a", "b", "c"]
+
+
+def test_code_fingerprint_follows_the_sources(tmp_path):
+    from ctsma.pipeline import code_fingerprint
+
+    (tmp_path / "resources" / "Configs").mkdir(parents=True)
+    (tmp_path / "stage.py").write_text("x = 1\n")
+    (tmp_path / "resources" / "Configs" / "demo.yaml").write_text("a: 1\n")
+    a = code_fingerprint(tmp_path)
+    assert len(a) == 16 and a == code_fingerprint(tmp_path)
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "stage.cpython.pyc").write_bytes(b"compiled")
+    assert code_fingerprint(tmp_path) == a                   # caches do not count
+    (tmp_path / "resources" / "Configs" / "demo.yaml").write_text("a: 2\n")
+    b = code_fingerprint(tmp_path)
+    (tmp_path / "stage.py").write_text("x = 2\n")
+    assert len({a, b, code_fingerprint(tmp_path)}) == 3      # a config or a source edit changes it
+    assert code_fingerprint() != a                           # the installed package has its own
 
 
 def test_failed_stage_is_not_marked_done(tmp_path):

@@ -4,7 +4,9 @@ A stage is a function that writes its outputs under ``<out>/<stage name>/`` and 
 JSON-able summary. When it finishes, a marker ``<out>/.stages/<name>.json`` records the summary,
 the run time and a hash of the settings that the stage depends on. A rerun skips every stage
 whose marker matches its settings, so an interrupted run resumes at the first unfinished stage,
-and changing one setting reruns only the stages that depend on it (and those after it).
+and changing one setting reruns only the stages that depend on it (and those after it). A runner made with
+``code=code_fingerprint()`` also reruns everything after the package's code or shipped configs changed, so an
+updated installation never reports results that older code produced.
 """
 
 from __future__ import annotations
@@ -26,6 +28,19 @@ def settings_hash(settings: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def code_fingerprint(root: Path | None = None) -> str:
+    """A short hash of the ``ctsma`` package's Python sources and shipped configs (what a stage's result depends on
+    beside its settings); ``root`` is the package folder (default: this installation's)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(list(root.rglob("*.py")) + list((root / "resources" / "Configs").rglob("*.yaml"))):
+        if "__pycache__" in f.parts:
+            continue
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class Stage:
     name: str
@@ -42,12 +57,13 @@ class StageRunner:
     timings: dict[str, float] = field(default_factory=dict)
     summaries: dict[str, dict] = field(default_factory=dict)
     cached: dict[str, bool] = field(default_factory=dict)
+    code: str = ""      # e.g. code_fingerprint(): a different value reruns every stage
 
     def marker(self, name: str) -> Path:
         return Path(self.out_dir) / ".stages" / f"{name}.json"
 
     def run_all(self, stages: list[Stage]) -> dict[str, dict]:
-        upstream = ""
+        upstream = self.code
         n = len(stages)
         for i, st in enumerate(stages, 1):
             key = settings_hash({"settings": st.settings, "upstream": upstream})

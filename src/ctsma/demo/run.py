@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import progress
 from ..io import ensure_writable_dir
-from ..pipeline import Stage, StageRunner
+from ..pipeline import Stage, StageRunner, code_fingerprint
 from . import stages
 from .outputs import report
 from .settings import DemoSettings
@@ -18,7 +18,7 @@ def run_demo(out_dir, settings: DemoSettings | None = None) -> dict:
     out = ensure_writable_dir(out_dir).resolve()  # configs resolve relative paths against their own folder
     ctx = stages.Context(out, s)
     cohort_key = {"n": s.n, "seed": s.seed, "preset": s.phantom_preset}
-    runner = StageRunner(out)
+    runner = StageRunner(out, code=code_fingerprint())
     plan = [
         Stage("phantom", lambda d: stages.phantom(ctx, d), cohort_key, "generate the phantom cohort"),
         Stage("synthesis", lambda d: stages.synthesis(ctx, d), {"knees": s.synthesis_knees},
