@@ -151,7 +151,9 @@ def registration(ctx: Context, d: Path) -> dict:
 def dataset_settings(ctx: Context):
     from ..dataset.build import BuildSettings
 
-    return BuildSettings(seed=ctx.s.seed)
+    # ROIs from the automatic bone segmentation of each CT, as for a new patient: the phantom's own ROI labels
+    # (the manifest's ct_rois) are ground truth and only score the segmentation
+    return BuildSettings(seed=ctx.s.seed, roi_source="auto")
 
 
 def dataset(ctx: Context, d: Path) -> dict:

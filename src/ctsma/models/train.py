@@ -138,7 +138,8 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     # the state after every epoch, for --resume. (Lightning's save_last=True writes last.ckpt only when the best
     # checkpoint changes, so a run killed after an epoch that did not improve would resume from an older state.)
     last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False)
-    callbacks = [ckpt_cb, last_cb, JsonlProgress(run_dir / "progress.jsonl", role, optim["max_epochs"])] + list(callbacks or [])
+    extra = list(callbacks or [])
+    callbacks = [ckpt_cb, last_cb, JsonlProgress(run_dir / "progress.jsonl", role, optim["max_epochs"])] + extra
     if cfg.optim.precise_bn:
         callbacks.insert(0, PreciseBatchNorm(dm.bn_dataset(), module.modality, cfg.optim.precise_bn,
                                              seed=cfg.trainer.seed))

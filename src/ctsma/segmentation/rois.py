@@ -238,7 +238,6 @@ def plateau_frame(t_high, has_t, px, py, sp_ax: float) -> PlateauFrame | None:
     A = np.c_[px[cand], py[cand], np.ones(int(cand.sum()))]
     hc = h[cand]
     keep = np.ones(len(hc), bool)
-    coef = np.array([0.0, 0.0, np.median(hc)])
     for _ in range(6):
         coef = np.linalg.lstsq(A[keep], hc[keep], rcond=None)[0]
         res = hc - A @ coef
