@@ -218,8 +218,16 @@ def test_last_checkpoint_is_the_last_epoch_even_when_it_did_not_improve(store, t
         def on_validation_end(self, trainer, pl_module):      # runs before the checkpoint callbacks
             trainer.callback_metrics["val_loss"] = torch.tensor(float(trainer.current_epoch))
 
-    cfg = load_train_config(tiny(store.dir, tmp_path, optim={"max_epochs": 3}))
-    train("baseline", cfg, callbacks=[Worse()])
-    ck = tmp_path / "student_baseline" / "checkpoints"
-    load = lambda p: torch.load(p, map_location="cpu", weights_only=True)["epoch"]  # noqa: E731
-    assert load(ck / "best.ckpt") == 0 and load(ck / "last.ckpt") == 2
+    for select in ("best", "last"):
+        run = tmp_path / select
+        cfg = load_train_config(tiny(store.dir, run, optim={"max_epochs": 3, "select": select}))
+        model_file = train("baseline", cfg, callbacks=[Worse()])
+        ck = run / "student_baseline" / "checkpoints"
+        state = {w: torch.load(ck / f"{w}.ckpt", map_location="cpu", weights_only=True) for w in ("best", "last")}
+        assert state["best"]["epoch"] == 0 and state["last"]["epoch"] == 2
+        # optim.select picks the exported weights: the best validation epoch, or the last one
+        weights, meta = load_model(model_file)
+        for w in ("best", "last"):
+            same = all(torch.equal(torch.as_tensor(weights[k]), state[w]["state_dict"][f"net.{k}"]) for k in weights)
+            assert same == (w == select), (select, w)
+        assert meta["metrics"]["exported"] == ("last epoch" if select == "last" else "best validation epoch")

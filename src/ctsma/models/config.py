@@ -62,6 +62,8 @@ class OptimConfig:
     gamma: float = setting(0.5, lo=0.0, hi=1.0)
     loss: str = setting("mse", choices=("mse", "l1", "huber"), help="regression loss on normalised targets")
     grad_clip: float = setting(5.0, lo=0.0, hi=1e6, help="gradient norm clip; 0 disables")
+    select: str = setting("best", choices=("best", "last"),
+                          help="exported weights: the epoch with the lowest validation loss, or the last epoch")
     precise_bn: int = setting(2048, lo=0, hi=10_000_000,
                               help="before each validation, recompute BatchNorm statistics over this many training "
                                    "patches (no augmentation) with the current weights; 0: keep the running averages")

@@ -166,12 +166,13 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     if not trainer.is_global_zero:
         return model_file
 
-    best = Path(ckpt_cb.best_model_path) if ckpt_cb.best_model_path else last
+    best = Path(ckpt_cb.best_model_path) if ckpt_cb.best_model_path and cfg.optim.select == "best" else last
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
     module.cpu().eval()
     metrics = validation_metrics(module, dm)
     metrics["best_epoch"] = _best_epoch(run_dir)
+    metrics["exported"] = "last epoch" if best == last else "best validation epoch"
     metrics["epochs_run"] = int(trainer.current_epoch)
     store_sum = store.summary()
     training = {"store": str(store.dir), "store_summary": {k: store_sum.get(k) for k in
