@@ -56,6 +56,27 @@ def phase_pair_thickness(bone: np.ndarray, marrow: np.ndarray, spacing_zyx, conv
     return th, _thickness_from_dsq(marrow, d, spacing_zyx, convention, method, threads)
 
 
+def spacing_parameters(res: dict, phases: dict, *, stacklevel: int) -> None:
+    """Tb.Th and Tb.Sp (mean and SD of the bone and marrow local thickness) and Tb.N, by its stated formula
+    (1/(Tb.Th+Tb.Sp)) and by the plate model (BV/TV / Tb.Th), into ``res`` (which holds BV/TV).
+
+    ``phases`` maps ``bone`` and ``marrow`` to ``(n voxels, all finite, mean, sd)``. A phase without voxels or
+    without a boundary gives NaN with a warning (``stacklevel`` as seen from this function).
+    """
+    for key, name in (("Tb.Th", "bone"), ("Tb.Sp", "marrow")):
+        n, finite, mean, sd = phases[name]
+        if n and finite:
+            res[key], res[key + ".sd"] = mean, sd
+        else:
+            why = f"the ROI has no {name} voxels" if not n else f"the {name} phase has no boundary"
+            warnings.warn(f"{key} is undefined (NaN): {why}", MorphometryWarning, stacklevel=stacklevel)
+            res[key] = res[key + ".sd"] = float("nan")
+    th, sep = res["Tb.Th"], res["Tb.Sp"]
+    res["Tb.N"] = 1.0 / (th + sep) if np.isfinite(th) and np.isfinite(sep) else float("nan")
+    res["Tb.N.formula"] = TBN_FORMULA
+    res["Tb.N.plate"] = res["BV/TV"] / th if np.isfinite(th) and th > 0 else float("nan")
+
+
 def _crop_to(mask: np.ndarray, pad: int = 1):
     """Bounding box of ``mask`` grown by ``pad`` voxels (a tuple of slices)."""
     idx = np.nonzero(mask.any(axis=(1, 2)))[0], np.nonzero(mask.any(axis=(0, 2)))[0], np.nonzero(mask.any(axis=(0, 1)))[0]
@@ -176,18 +197,12 @@ def measure_binary(bone: np.ndarray, spacing_zyx, mask=None, *, convention: str 
         th_map, sp_map = phase_pair_thickness(bone, ~bone, sp, convention, threads, method)
     th_vals = th_map[bone_roi]
     sp_vals = sp_map[marrow_roi]
-    for key, vals, what in (("Tb.Th", th_vals, "bone"), ("Tb.Sp", sp_vals, "marrow")):
-        if vals.size and np.isfinite(vals).all():
-            res[key] = float(vals.mean(dtype=np.float64))
-            res[key + ".sd"] = float(vals.std(dtype=np.float64))
-        else:
-            why = f"the ROI has no {what} voxels" if not vals.size else f"the {what} phase has no boundary"
-            warnings.warn(f"{key} is undefined (NaN): {why}", MorphometryWarning, stacklevel=2)
-            res[key] = res[key + ".sd"] = float("nan")
-    th, sep = res["Tb.Th"], res["Tb.Sp"]
-    res["Tb.N"] = 1.0 / (th + sep) if np.isfinite(th) and np.isfinite(sep) else float("nan")
-    res["Tb.N.formula"] = TBN_FORMULA
-    res["Tb.N.plate"] = res["BV/TV"] / th if np.isfinite(th) and th > 0 else float("nan")
+    phases = {}
+    for name, vals in (("bone", th_vals), ("marrow", sp_vals)):
+        finite = bool(np.isfinite(vals).all())
+        phases[name] = (vals.size, finite, float(vals.mean(dtype=np.float64)) if vals.size and finite else None,
+                        float(vals.std(dtype=np.float64)) if vals.size and finite else None)
+    spacing_parameters(res, phases, stacklevel=3)
     if surface and n_bone:
         area = bone_surface(bone_roi, sp)
         res["BS/BV"] = area / (n_bone * voxel_mm3)

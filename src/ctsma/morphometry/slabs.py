@@ -52,7 +52,6 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-import warnings
 from typing import Callable
 
 import numpy as np
@@ -275,7 +274,7 @@ def measure_in_slabs(bone: np.ndarray, roi: np.ndarray, spacing_zyx, *, conventi
     core (region box ``ys, xs``; zero elsewhere), in z order per key. ``report(done, total, message)`` is
     called after each slab.
     """
-    from .parameters import TBN_FORMULA, MorphometryWarning, _crop_to, _histogram, describe_run
+    from .parameters import _crop_to, _histogram, describe_run, spacing_parameters
 
     sp = tuple(float(s) for s in spacing_zyx)
     if slab_budget is None and slab_planes is None:
@@ -328,18 +327,8 @@ def measure_in_slabs(bone: np.ndarray, roi: np.ndarray, spacing_zyx, *, conventi
             summaries[ph.name] = s
     n_bone = summaries["bone"]["n"]
     res["BV/TV"] = n_bone / n_roi
-    for key, name, what in (("Tb.Th", "bone", "bone"), ("Tb.Sp", "marrow", "marrow")):
-        s = summaries[name]
-        if s["n"] and s["finite"]:
-            res[key], res[key + ".sd"] = s["mean"], s["sd"]
-        else:
-            why = f"the ROI has no {what} voxels" if not s["n"] else f"the {what} phase has no boundary"
-            warnings.warn(f"{key} is undefined (NaN): {why}", MorphometryWarning, stacklevel=3)
-            res[key] = res[key + ".sd"] = float("nan")
-    th, sep = res["Tb.Th"], res["Tb.Sp"]
-    res["Tb.N"] = 1.0 / (th + sep) if np.isfinite(th) and np.isfinite(sep) else float("nan")
-    res["Tb.N.formula"] = TBN_FORMULA
-    res["Tb.N.plate"] = res["BV/TV"] / th if np.isfinite(th) and th > 0 else float("nan")
+    spacing_parameters(res, {k: (v["n"], v["finite"], v.get("mean"), v.get("sd")) for k, v in summaries.items()},
+                       stacklevel=4)
     area, chi = surface_and_euler(bone, roi, roi_box, sp, n_surf, surface=surface and n_bone > 0)
     if surface and n_bone:
         if n_bone == bone.size:  # all bone: the whole-image run reports no surface
