@@ -120,7 +120,7 @@ def _band(own: np.ndarray, other: np.ndarray, sp, s: RoiSettings, contact_mm: fl
 def _below_condyle_height(cols: "_Columns", col_medial, medial, height_mm: float) -> np.ndarray:
     """Voxels of the box at most ``height_mm`` above their compartment's lowest femoral surface point (along the
     superior-inferior image axis): the distal, load-bearing part of each condyle."""
-    ok = cols.has_f & cols.has_t & (cols.f_low > cols.t_high)
+    ok = cols.joint
     shape = [1, 1, 1]
     shape[cols.ax] = cols.n
     zi = np.arange(cols.n) if cols.up > 0 else np.arange(cols.n)[::-1]
@@ -148,6 +148,7 @@ class _Columns:
         self.has_f, self.has_t = fa.any(0), ta.any(0)
         self.f_low = np.where(self.has_f, np.argmax(fa, 0), n)                     # first femur voxel from below
         self.t_high = np.where(self.has_t, n - 1 - np.argmax(ta[::-1], 0), -1)     # last tibia voxel from below
+        self.joint = self.has_f & self.has_t & (self.f_low > self.t_high)   # columns through femur above tibia
         self.sp_ax = sp[ax]
         self.pitch = max(s for k, s in enumerate(sp) if k != ax)   # column spacing (mm)
         top = int(self.t_high.max())
@@ -163,8 +164,9 @@ class _Columns:
         return np.moveaxis(v, 0, self.ax)
 
 
-def _femoral_footprint(cols: _Columns, frame: PlateauFrame, col_medial: np.ndarray, s: RoiSettings):
+def _femoral_footprint(cols: _Columns, pu: np.ndarray, pv: np.ndarray, col_medial: np.ndarray, s: RoiSettings):
     """Load-bearing femoral footprint as a column mask, and each compartment's narrowest joint gap (mm).
+    ``pu``, ``pv``: each column's coordinates (mm) in the plateau frame.
 
     For every column through both bones, the vertical joint gap is the distance from the femur's lowest voxel to
     the tibia's highest one below it. In each compartment (medial, lateral) the footprint is where that gap is
@@ -172,9 +174,8 @@ def _femoral_footprint(cols: _Columns, frame: PlateauFrame, col_medial: np.ndarr
     a, b the area where its height above the lowest point is below the margin). With the ``box`` footprint it is
     that area's bounding box in the plateau's frame, narrowed antero-posteriorly to ``box_ap_fraction``.
     """
-    ok = cols.has_f & cols.has_t & (cols.f_low > cols.t_high)
+    ok = cols.joint
     gap = np.where(ok, (cols.f_low - cols.t_high - 1) * cols.sp_ax, np.inf)
-    pu, pv = frame.coords(cols.px, cols.py)
     foot = np.zeros(gap.shape, bool)
     gaps = {}
     for name, side in (("medial", col_medial), ("lateral", ~col_medial)):
@@ -338,7 +339,7 @@ def subchondral_rois(ct_image: sitk.Image, bones: sitk.Image, side: str | None =
     medial = (vu - split_u) * medial_sign > 0
     pu, pv = frame.coords(cols.px, cols.py)
     col_medial = (pu - split_u) * medial_sign > 0
-    foot_f, gaps = _femoral_footprint(cols, frame, col_medial, s)
+    foot_f, gaps = _femoral_footprint(cols, pu, pv, col_medial, s)
     foot_t = foot_f if s.tibial_footprint == "contact" else (
         _plateau_footprint(frame, pu, pv, cols.has_t) if frame.half_width > 0 else np.zeros_like(foot_f))
     band_f &= _below_condyle_height(cols, col_medial, medial, s.condyle_height * (frame.half_width or 37.0))
