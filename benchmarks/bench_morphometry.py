@@ -13,7 +13,7 @@ Prints tables and writes benchmarks/results/bench_morphometry.json.
 * Batch: patches of 64^3 from a Gaussian random field (BV/TV 0.25, Tb.Th ~3 and Tb.Sp ~6 voxels, like
   BFFE MR at 0.2-0.3 mm) through measure_batch.
 * Where the time goes: CPU time of each stage of the fast local thickness (distance transform, reduced medial
-  axis, sphere values, sort, painting) on the cube and per batch patch, one thread.
+  axis, sphere values, sort, painting) on the cube, and of each stage of the batch kernel per patch, one thread.
 * ORMIR-XCT (--ormir) runs as plain Hildebrand (oversample=False, skeletonize=False: every phase voxel a sphere
   centre, radius to the nearest background voxel centre, i.e. BoneJ's rule; these settings reproduce the peer
   figures in ../shared/data/real/README.md) in voxel units, and the agreement of the BoneJ-convention results with
@@ -234,7 +234,7 @@ def stage_times(pairs, sp, convention="default"):
             c = [clock()]
             idx = reduced_axis(ph.shape, dsq.ravel(), ph.ravel(), *sp)
             c.append(clock())
-            val = _values_at(dsq, idx, *sp, convention == "default")
+            val = _values_at(np.sqrt(dsq), idx, *sp, convention == "default")
             c.append(clock())
             order = descending_order(val)
             c.append(clock())
@@ -262,9 +262,49 @@ def batch(quick):
                                      "patches_per_cpu_s": n / cpu,
                                      "mean": {k: float(np.nanmean(v)) for k, v in r.items()}}
     k = min(n, 20)
-    stages = stage_times([(q, ~q) for q in p[:k]], (0.3, 0.3, 0.3))
+    stages = batch_stage_times(p[:k], (0.3, 0.3, 0.3))
     out["cpu_ms_per_patch_by_stage"] = {s_: 1e3 * v / k for s_, v in stages.items()}
     return out
+
+
+def batch_stage_times(patches, sp):
+    """CPU seconds of each stage of measure_batch's kernel (ctsma.morphometry.batch), summed over patches."""
+    from ctsma.morphometry.batch import _labels, _split_phase, _total
+    from ctsma.morphometry.distance import edtsq_labels
+    from ctsma.morphometry.paint import descending_order, paint_serial
+    from ctsma.morphometry.power import reduced_axis
+    from ctsma.morphometry.thickness import _values_at
+    keys = ("labels", "distance transform (both phases, one call)", "reduced medial axis (both phases, one call)",
+            "phase split", "sphere values", "sort", "painting", "means")
+    t = dict.fromkeys(keys, 0.0)
+    clock = time.process_time
+    whole = np.ones(patches.shape[1:], bool)
+    for q in patches:
+        c = [clock()]
+        lab, _, _ = _labels(q, whole)
+        c.append(clock())
+        d = edtsq_labels(lab, *sp)
+        c.append(clock())
+        idx = reduced_axis(lab.shape, d.ravel(), lab.ravel() > 0, *sp)
+        c.append(clock())
+        for i, k in enumerate(keys[:3]):
+            t[k] += c[i + 1] - c[i]
+        rt = np.sqrt(d)
+        for label in (2, 1):
+            c = [clock()]
+            phase, own, ii = _split_phase(lab, rt, idx, label)
+            c.append(clock())
+            val = _values_at(own, ii, *sp, True)
+            c.append(clock())
+            order = descending_order(val)
+            c.append(clock())
+            th = paint_serial(phase, d.ravel(), ii[order], val[order], *sp, 0, lab.shape[0])
+            c.append(clock())
+            _total(th)
+            c.append(clock())
+            for i, k in enumerate(keys[3:]):
+                t[k] += c[i + 1] - c[i]
+    return t
 
 
 def main():

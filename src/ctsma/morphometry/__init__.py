@@ -8,7 +8,8 @@ Lengths are in mm, arrays are (z, y, x) and spacings are given as (z, y, x) in m
 image supplies them. See ``docs/morphometry.md``.
 """
 
-from .api import measure, measure_batch
+from .api import measure
+from .batch import measure_batch
 from .binarise import binarise, bvf_binarise
 from .maps import sliding_window_maps
 from .parameters import MorphometryWarning, measure_binary

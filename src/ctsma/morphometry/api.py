@@ -1,16 +1,10 @@
-"""Public entry points: :func:`measure` (one image, every parameter) and :func:`measure_batch` (many patches)."""
+"""Public entry point :func:`measure`: every parameter of one image (many patches: :mod:`.batch`)."""
 
 from __future__ import annotations
 
-import os
-import warnings
-from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
-
 from .binarise import binarise, _as_array
-from .parameters import DEFAULT_BINS, MorphometryWarning, measure_binary, phase_pair_thickness
-from .validate import MorphometryError, check_binary, check_convention, check_spacing
+from .parameters import DEFAULT_BINS, measure_binary
+from .validate import check_convention, check_spacing
 
 
 def measure(image, spacing_zyx=None, mask=None, *, modality: str = "binary", threshold=None,
@@ -50,71 +44,3 @@ def measure(image, spacing_zyx=None, mask=None, *, modality: str = "binary", thr
         maps["bone"] = bone
         return res, maps
     return res
-
-
-BATCH_KEYS = ("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N")
-
-
-def _one_patch(bone: np.ndarray, roi: np.ndarray | None, sp, convention: str, method: str):
-    if roi is None:
-        roi_b, marrow = bone, ~bone
-        n_roi = bone.size
-    else:
-        roi_b, marrow = bone & roi, roi & ~bone
-        n_roi = int(np.count_nonzero(roi))
-    if n_roi == 0:
-        return (np.nan,) * 4
-    n_b = int(np.count_nonzero(roi_b))
-    n_m = n_roi - n_b
-    bvtv = n_b / n_roi
-    th_map, sp_map = phase_pair_thickness(roi_b, marrow, sp, convention, 1, method)  # one distance transform
-    th = float(th_map[roi_b].mean(dtype=np.float64)) if n_b else np.nan
-    sep = float(sp_map[marrow].mean(dtype=np.float64)) if n_m else np.nan
-    tbn = 1.0 / (th + sep) if np.isfinite(th) and np.isfinite(sep) else np.nan
-    return bvtv, th, sep, tbn
-
-
-def measure_batch(binary_patches, spacing_zyx, masks=None, convention: str = "default",
-                  workers: int | None = None, method: str = "fast") -> dict[str, np.ndarray]:
-    """BV/TV, Tb.Th, Tb.Sp and Tb.N (1/(Tb.Th+Tb.Sp)) of each of N binary patches (N, z, y, x).
-
-    Spheres are confined to each patch (and to its mask, if ``masks`` (N, z, y, x) is given). Returns a
-    dict of float64 arrays of length N; a patch whose ROI is empty, all bone or all marrow gets NaN where a
-    value is undefined, with one warning for the batch. ``workers`` threads (default: the CPU count, at
-    most 8) share the patches; the numba kernels release the GIL.
-    """
-    p = np.asarray(binary_patches)
-    if p.ndim != 4:
-        raise MorphometryError(f"binary_patches must be 4D (N, z, y, x), got shape {p.shape}")
-    sp = check_spacing(spacing_zyx)
-    check_convention(convention)
-    n = p.shape[0]
-    if p.dtype != bool:
-        p = check_binary(p.reshape(n * p.shape[1], *p.shape[2:]), "binary patches").reshape(p.shape)
-    m = None
-    if masks is not None:
-        m = np.asarray(masks)
-        if m.shape != p.shape:
-            raise MorphometryError(f"masks have shape {m.shape} but the patches have {p.shape}")
-        m = m != 0
-    out = {k: np.full(n, np.nan) for k in BATCH_KEYS}
-    if n == 0:
-        return out
-    workers = workers or min(os.cpu_count() or 1, 8)
-
-    def job(i):
-        return i, _one_patch(p[i], None if m is None else m[i], sp, convention, method)
-
-    if workers > 1 and n > 1:
-        with ThreadPoolExecutor(max_workers=workers) as ex:
-            results = list(ex.map(job, range(n)))
-    else:
-        results = [job(i) for i in range(n)]
-    for i, vals in results:
-        for k, v in zip(BATCH_KEYS, vals):
-            out[k][i] = v
-    bad = int(np.count_nonzero(~np.isfinite(out["Tb.N"])))
-    if bad:
-        warnings.warn(f"{bad} of {n} patches have an empty, all-bone or all-marrow ROI; their undefined "
-                      "parameters are NaN", MorphometryWarning, stacklevel=2)
-    return out

@@ -33,8 +33,8 @@ import edt
 import numba
 import numpy as np
 
-from .paint import descending_order, paint, paint_serial
-from .power import reduced_axis, reduced_axis_serial
+from .paint import descending_order, paint
+from .power import reduced_axis
 
 CONVENTIONS = ("default", "bonej")
 
@@ -127,7 +127,7 @@ def _level_lengths(hs):
 
 
 @numba.njit(cache=True, nogil=True)
-def _default_radius(dsq, z, y, x, r, hs, olens):
+def _default_radius(rt, z, y, x, r, hs, olens):
     """Bias-corrected radius (mm) of the sphere at ridge voxel (z, y, x) whose distance is ``r``.
 
     * ``delta`` (sub-voxel apex): along each axis on which the voxel is a local maximum, a tent of unit
@@ -140,10 +140,11 @@ def _default_radius(dsq, z, y, x, r, hs, olens):
       ``beta`` is 0. The ridge of a plate is level along in-plane lattice directions: a voxel with at
       least two such directions (of the 13 of its 26-neighbourhood) is plate-like.
 
-    ``olens`` are the 13 direction lengths (:func:`_level_lengths`). The square roots stay float32 like
-    ``dsq`` (so do the differences taken with ``r``): the arithmetic, and so every value, is unchanged.
+    ``rt`` is the phase's distance map (mm, float32: the square roots of the squared distances, taken once for
+    the whole map) and ``olens`` the 13 direction lengths (:func:`_level_lengths`). The differences taken with
+    ``r`` stay float32.
     """
-    nz, ny, nx = dsq.shape
+    nz, ny, nx = rt.shape
     pos = (z, y, x)
     dims = (nz, ny, nx)
     dmax = 0.0
@@ -156,14 +157,14 @@ def _default_radius(dsq, z, y, x, r, hs, olens):
         if p - 1 < 0 or p + 1 >= dims[ax]:
             continue
         if ax == 0:
-            lo = math.sqrt(dsq[z - 1, y, x])
-            hi = math.sqrt(dsq[z + 1, y, x])
+            lo = rt[z - 1, y, x]
+            hi = rt[z + 1, y, x]
         elif ax == 1:
-            lo = math.sqrt(dsq[z, y - 1, x])
-            hi = math.sqrt(dsq[z, y + 1, x])
+            lo = rt[z, y - 1, x]
+            hi = rt[z, y + 1, x]
         else:
-            lo = math.sqrt(dsq[z, y, x - 1])
-            hi = math.sqrt(dsq[z, y, x + 1])
+            lo = rt[z, y, x - 1]
+            hi = rt[z, y, x + 1]
         slope = (r - min(lo, hi)) / hs[ax]  # gradient component of the distance (unitless)
         if slope > 0:
             g2 += slope * slope
@@ -175,6 +176,7 @@ def _default_radius(dsq, z, y, x, r, hs, olens):
                 dmax = dk
     n_level = 0
     i = -1
+    interior = 0 < z < nz - 1 and 0 < y < ny - 1 and 0 < x < nx - 1
     for a in range(0, 2):
         for b in range(-1, 2):
             for c in range(-1, 2):
@@ -184,16 +186,20 @@ def _default_radius(dsq, z, y, x, r, hs, olens):
                 if n_level >= 2:
                     break  # plate-like already
                 z1, y1, x1, z2, y2, x2 = z + a, y + b, x + c, z - a, y - b, x - c
+                if interior:
+                    if abs(2.0 * r - rt[z1, y1, x1] - rt[z2, y2, x2]) < LEVEL * olens[i]:
+                        n_level += 1
+                    continue
                 in1 = 0 <= z1 < nz and 0 <= y1 < ny and 0 <= x1 < nx
                 in2 = 0 <= z2 < nz and 0 <= y2 < ny and 0 <= x2 < nx
                 if not (in1 or in2):
                     continue
                 if in1 and in2:
-                    drop = 2.0 * r - math.sqrt(dsq[z1, y1, x1]) - math.sqrt(dsq[z2, y2, x2])
+                    drop = 2.0 * r - rt[z1, y1, x1] - rt[z2, y2, x2]
                 elif in1:  # at the image border: assume symmetry
-                    drop = 2.0 * (r - math.sqrt(dsq[z1, y1, x1]))
+                    drop = 2.0 * (r - rt[z1, y1, x1])
                 else:
-                    drop = 2.0 * (r - math.sqrt(dsq[z2, y2, x2]))
+                    drop = 2.0 * (r - rt[z2, y2, x2])
                 if abs(drop) < LEVEL * olens[i]:
                     n_level += 1
     if n_level >= 2:  # plate-like
@@ -217,6 +223,7 @@ def _ridge_values(dsq, sz, sy, sx, default_conv, s_tab, cm_tab, r2_valid, offs, 
     idx = np.empty(n, np.int64)
     val = np.empty(n, np.float32)
     thr = np.empty(cm_tab.shape[0], np.float64)
+    rt = np.sqrt(dsq)
     nnb = offs.shape[0]
     olens = _level_lengths(hs)
     m = 0
@@ -253,7 +260,7 @@ def _ridge_values(dsq, sz, sy, sx, default_conv, s_tab, cm_tab, r2_valid, offs, 
                         break
                 if not ridge:
                     continue
-                val[m] = 2.0 * (_default_radius(dsq, z, y, x, r, hs, olens) if default_conv else r)
+                val[m] = 2.0 * (_default_radius(rt, z, y, x, r, hs, olens) if default_conv else r)
                 idx[m] = (z * ny + y) * nx + x
                 m += 1
     return idx[:m], val[:m]
@@ -292,30 +299,20 @@ def local_thickness(binary: np.ndarray, spacing_zyx=(1.0, 1.0, 1.0), convention:
 
 
 @numba.njit(cache=True, nogil=True)
-def _values_at(dsq, idx, sz, sy, sx, default_conv):
-    """Diameter (mm) that the ball at each flat index gives, in the chosen convention."""
-    nz, ny, nx = dsq.shape
+def _values_at(rt, idx, sz, sy, sx, default_conv):
+    """Diameter (mm) that the ball at each flat index gives, in the chosen convention (``rt``: distance map, mm)."""
+    nz, ny, nx = rt.shape
     hs = (sz, sy, sx)
     olens = _level_lengths(hs)
     val = np.empty(idx.shape[0], np.float32)
     for i in range(idx.shape[0]):
-        f = idx[i]
-        x = f % nx
-        y = (f // nx) % ny
-        z = f // (nx * ny)
-        r = math.sqrt(dsq[z, y, x])
-        val[i] = 2.0 * (_default_radius(dsq, z, y, x, r, hs, olens) if default_conv else r)
+        row = np.uint64(idx[i]) // np.uint64(nx)  # unsigned: no floor-division sign fix-ups
+        x = idx[i] - np.int64(row) * nx
+        z = np.int64(row // np.uint64(ny))
+        y = np.int64(row) - z * ny
+        r = rt[z, y, x]
+        val[i] = 2.0 * (_default_radius(rt, z, y, x, r, hs, olens) if default_conv else r)
     return val
-
-
-@numba.njit(cache=True, nogil=True)
-def _fast_map(b, dsq, sz, sy, sx, default_conv, z0, lo, hi):
-    """The ``fast`` method's map on one thread (planes ``lo:hi``), as one compiled call that holds no GIL:
-    several patches then run side by side on Python threads."""
-    idx = reduced_axis_serial(b.shape, dsq.ravel(), b.ravel(), sz, sy, sx, z0)
-    val = _values_at(dsq, idx, sz, sy, sx, default_conv)
-    order = descending_order(val)
-    return paint_serial(b, dsq.ravel(), idx[order], val[order], sz, sy, sx, lo, hi)
 
 
 def _thickness_from_dsq(b, dsq, sp, convention, method="fast", threads=1, *, r2_max=None, z0=0, z_range=None):
@@ -330,13 +327,9 @@ def _thickness_from_dsq(b, dsq, sp, convention, method="fast", threads=1, *, r2_
         s_tab, cm_tab, r2_valid = _table((sz, sy, sx), float(dsq.max()) if r2_max is None else float(r2_max), REACH)
         offs, kind, dist = _neighbours(sp, REACH)
         idx, val = _ridge_values(dsq, sz, sy, sx, convention == "default", s_tab, cm_tab, r2_valid, offs, kind, dist)
-    elif threads <= 1:
-        lo, hi = (0, b.shape[0]) if z_range is None else (int(z_range[0]), int(z_range[1]))
-        return _fast_map(np.ascontiguousarray(b, np.bool_), np.ascontiguousarray(dsq, np.float32), sz, sy, sx,
-                         convention == "default", int(z0), lo, hi)
     else:
-        idx = reduced_axis(b.shape, dsq.ravel(), b.ravel(), sz, sy, sx, True, z0)
-        val = _values_at(dsq, idx, sz, sy, sx, convention == "default")
+        idx = reduced_axis(b.shape, dsq.ravel(), b.ravel(), sz, sy, sx, threads > 1, z0)
+        val = _values_at(np.sqrt(dsq), idx, sz, sy, sx, convention == "default")
     order = descending_order(val)
     return paint(b, dsq, idx[order], val[order], sz, sy, sx, parallel=threads > 1, z_range=z_range)
 

@@ -1,0 +1,98 @@
+"""Batch morphometry: the compiled two-phase kernel against the edt package and the one-image path."""
+
+import warnings
+
+import edt
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ctsma.morphometry import MorphometryWarning, local_thickness, measure_batch
+from ctsma.morphometry.distance import edtsq_labels
+
+SPACINGS = [(1.0, 1.0, 1.0), (0.3, 0.3, 0.3), (0.7, 0.4, 0.25), (0.125, 0.333, 0.5)]
+
+
+def _field(rng, shape, sigma, fraction):
+    f = ndimage.gaussian_filter(rng.normal(size=shape), sigma)
+    return f > np.quantile(f, fraction)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_label_distance_transform_is_edt_bit_for_bit(seed):
+    """Random shapes (down to one voxel thick), spacings, labels 0/1/2 and single-label images."""
+    rng = np.random.default_rng(seed)
+    for trial in range(8):
+        shape = tuple(int(n) for n in rng.integers(1, 28, 3))
+        sp = tuple(float(s) for s in rng.choice([0.125, 0.25, 0.3, 0.333, 0.4, 0.7, 1.0], 3))
+        bone = _field(rng, shape, rng.uniform(0.5, 2.0), rng.uniform(0.1, 0.9))
+        roi = rng.random(shape) > rng.choice([0.0, 0.05, 0.4])
+        lab = ((bone & roi).astype(np.uint8) * 2 + (roi & ~bone).astype(np.uint8))
+        if trial == 0:
+            lab = bone.astype(np.uint8)  # one label and background
+        if trial == 1:
+            lab = np.ones(shape, np.uint8)  # one label everywhere: no boundary, inf
+        ours = edtsq_labels(lab, *sp)
+        ref = edt.edtsq(lab, anisotropy=sp, black_border=False)
+        assert ours.dtype == np.float32 and ours.shape == lab.shape
+        np.testing.assert_array_equal(ours, ref, err_msg=f"shape {shape}, spacing {sp}")
+
+
+def _one_patch(bone, roi, sp, convention):
+    """The one-image path: each phase's local-thickness map on its own, spheres confined to the ROI."""
+    b, m = bone & roi, roi & ~bone
+    th = local_thickness(b, sp, convention)[b].mean(dtype=np.float64) if b.any() else np.nan
+    sep = local_thickness(m, sp, convention)[m].mean(dtype=np.float64) if m.any() else np.nan
+    return b.sum() / roi.sum(), th, sep
+
+
+@pytest.mark.parametrize("sp", SPACINGS)
+@pytest.mark.parametrize("convention", ["default", "bonej"])
+def test_batch_kernel_matches_one_image_path_with_masks(sp, convention):
+    rng = np.random.default_rng(11)
+    p = np.stack([_field(rng, (24, 26, 22), 1.3, f) for f in (0.5, 0.75, 0.3, 0.6)])
+    m = np.ones(p.shape, bool)
+    m[1, :, :, :7] = False  # a cut ROI
+    z, y, x = np.ogrid[:24, :26, :22]
+    m[2] = (z - 12) ** 2 + (y - 13) ** 2 + (x - 11) ** 2 < 81  # a ball inside the patch
+    out = measure_batch(p, sp, masks=m, convention=convention, workers=2)
+    for i in range(len(p)):
+        bvtv, th, sep = _one_patch(p[i], m[i], sp, convention)
+        assert out["BV/TV"][i] == bvtv
+        assert out["Tb.Th"][i] == pytest.approx(th, rel=1e-12)
+        assert out["Tb.Sp"][i] == pytest.approx(sep, rel=1e-12)
+        assert out["Tb.N"][i] == pytest.approx(1.0 / (th + sep), rel=1e-12)
+
+
+def test_batch_threads_equal_one_thread_and_exact_method_agrees():
+    rng = np.random.default_rng(5)
+    p = np.stack([_field(rng, (20, 20, 20), 1.2, 0.7) for _ in range(5)])
+    one = measure_batch(p, (0.3, 0.3, 0.3), workers=1)
+    two = measure_batch(p, (0.3, 0.3, 0.3), workers=2)
+    exact = measure_batch(p, (0.3, 0.3, 0.3), workers=2, method="exact")
+    for k in one:
+        np.testing.assert_array_equal(one[k], two[k])
+        np.testing.assert_allclose(one[k], exact[k], rtol=0.03)
+    for k in ("Tb.Th", "Tb.Sp"):  # the fast method paints the reduced medial axis only: never above exact
+        assert np.all(one[k] <= exact[k] * (1 + 1e-12))
+
+
+def test_batch_degenerate_patches_give_nan_with_one_warning():
+    p = np.zeros((5, 8, 8, 8), bool)
+    m = np.ones(p.shape, bool)
+    p[0] = True                     # all bone, no ROI cut: no boundary anywhere
+    p[1, :4] = True
+    m[1, 4:] = False                # the ROI is all bone, but bounded: Tb.Th defined, Tb.Sp not
+    m[2] = False                    # empty ROI
+    p[3, 2:5] = True                # ordinary
+    # p[4]: all marrow
+    with pytest.warns(MorphometryWarning, match="4 of 5 patches"):
+        out = measure_batch(p, (0.5, 0.5, 0.5), masks=m)
+    assert out["BV/TV"][0] == 1.0 and np.isnan(out["Tb.Th"][0]) and np.isnan(out["Tb.Sp"][0])
+    assert out["BV/TV"][1] == 1.0 and out["Tb.Th"][1] > 0 and np.isnan(out["Tb.Sp"][1])
+    assert np.isnan(out["BV/TV"][2]) and np.isnan(out["Tb.N"][2])
+    assert out["Tb.Th"][3] == pytest.approx(1.5) and np.isfinite(out["Tb.N"][3])
+    assert out["BV/TV"][4] == 0.0 and np.isnan(out["Tb.Th"][4]) and np.isnan(out["Tb.Sp"][4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        measure_batch(p[3:4], (0.5, 0.5, 0.5))  # nothing undefined: no warning
