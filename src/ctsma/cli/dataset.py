@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
                    help="use this manifest column's transform file instead (e.g. transform_ct_to_mr on the phantom)")
     b.add_argument("--config", default=None, help="YAML/JSON build settings (see docs/dataset.md)")
     b.add_argument("--stride-mm", type=float, default=None, help="patch-centre grid spacing in the ROIs (4)")
-    b.add_argument("--max-per-roi", type=int, default=None, help="most patches per ROI and subject (24)")
+    b.add_argument("--max-per-roi", type=int, default=None, help="most patches per ROI and subject (16)")
     b.add_argument("--extent-mm", type=float, default=None, help="patch edge in mm (8)")
     b.add_argument("--folds", type=int, default=None, help="patient-level folds (5)")
     b.add_argument("--seed", type=int, default=None, help="random seed (0)")
