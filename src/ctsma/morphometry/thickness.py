@@ -176,7 +176,6 @@ def _default_radius(rt, z, y, x, r, hs, olens):
                 dmax = dk
     n_level = 0
     i = -1
-    interior = 0 < z < nz - 1 and 0 < y < ny - 1 and 0 < x < nx - 1
     for a in range(0, 2):
         for b in range(-1, 2):
             for c in range(-1, 2):
@@ -186,10 +185,6 @@ def _default_radius(rt, z, y, x, r, hs, olens):
                 if n_level >= 2:
                     break  # plate-like already
                 z1, y1, x1, z2, y2, x2 = z + a, y + b, x + c, z - a, y - b, x - c
-                if interior:
-                    if abs(2.0 * r - rt[z1, y1, x1] - rt[z2, y2, x2]) < LEVEL * olens[i]:
-                        n_level += 1
-                    continue
                 in1 = 0 <= z1 < nz and 0 <= y1 < ny and 0 <= x1 < nx
                 in2 = 0 <= z2 < nz and 0 <= y2 < ny and 0 <= x2 < nx
                 if not (in1 or in2):
@@ -306,10 +301,10 @@ def _values_at(rt, idx, sz, sy, sx, default_conv):
     olens = _level_lengths(hs)
     val = np.empty(idx.shape[0], np.float32)
     for i in range(idx.shape[0]):
-        row = np.uint64(idx[i]) // np.uint64(nx)  # unsigned: no floor-division sign fix-ups
-        x = idx[i] - np.int64(row) * nx
-        z = np.int64(row // np.uint64(ny))
-        y = np.int64(row) - z * ny
+        f = idx[i]
+        x = f % nx
+        y = (f // nx) % ny
+        z = f // (nx * ny)
         r = rt[z, y, x]
         val[i] = 2.0 * (_default_radius(rt, z, y, x, r, hs, olens) if default_conv else r)
     return val
