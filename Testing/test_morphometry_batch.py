@@ -1,5 +1,6 @@
 """Batch morphometry: the compiled two-phase kernel against the edt package and the one-image path."""
 
+import importlib.metadata
 import warnings
 
 import edt
@@ -10,6 +11,7 @@ from scipy import ndimage
 from ctsma.morphometry import MorphometryWarning, local_thickness, measure_batch
 from ctsma.morphometry.distance import edtsq_labels
 
+EDT_VERSION = importlib.metadata.version("edt")
 SPACINGS = [(1.0, 1.0, 1.0), (0.3, 0.3, 0.3), (0.7, 0.4, 0.25), (0.125, 0.333, 0.5)]
 
 
@@ -35,7 +37,10 @@ def test_label_distance_transform_is_edt_bit_for_bit(seed):
         ours = edtsq_labels(lab, *sp)
         ref = edt.edtsq(lab, anisotropy=sp, black_border=False)
         assert ours.dtype == np.float32 and ours.shape == lab.shape
-        np.testing.assert_array_equal(ours, ref, err_msg=f"shape {shape}, spacing {sp}")
+        if EDT_VERSION.startswith("3.1."):  # the arithmetic reproduced is that of edt 3.1
+            np.testing.assert_array_equal(ours, ref, err_msg=f"shape {shape}, spacing {sp}")
+        else:  # another edt release may round differently: the same distances to float32 precision
+            np.testing.assert_allclose(ours, ref, rtol=1e-6, err_msg=f"shape {shape}, spacing {sp}")
 
 
 def _one_patch(bone, roi, sp, convention):
@@ -56,12 +61,13 @@ def test_batch_kernel_matches_one_image_path_with_masks(sp, convention):
     z, y, x = np.ogrid[:24, :26, :22]
     m[2] = (z - 12) ** 2 + (y - 13) ** 2 + (x - 11) ** 2 < 81  # a ball inside the patch
     out = measure_batch(p, sp, masks=m, convention=convention, workers=2)
+    rel = 1e-12 if EDT_VERSION.startswith("3.1.") else 1e-3  # same distances bit for bit: same maps
     for i in range(len(p)):
         bvtv, th, sep = _one_patch(p[i], m[i], sp, convention)
         assert out["BV/TV"][i] == bvtv
-        assert out["Tb.Th"][i] == pytest.approx(th, rel=1e-12)
-        assert out["Tb.Sp"][i] == pytest.approx(sep, rel=1e-12)
-        assert out["Tb.N"][i] == pytest.approx(1.0 / (th + sep), rel=1e-12)
+        assert out["Tb.Th"][i] == pytest.approx(th, rel=rel)
+        assert out["Tb.Sp"][i] == pytest.approx(sep, rel=rel)
+        assert out["Tb.N"][i] == pytest.approx(1.0 / (th + sep), rel=rel)
 
 
 def test_batch_threads_equal_one_thread_and_exact_method_agrees():

@@ -7,8 +7,8 @@ another label (label 0 included), label 0 gets 0, and a label with no other labe
 
 Why a second implementation of a library function: ``edt`` holds the GIL for the whole call, so the patches of
 :func:`~ctsma.morphometry.measure_batch` could not share the cores while one of them was in its distance
-transform (a quarter of a patch's time). Compiled with ``nogil`` inside the batch kernel, the patches run
-side by side on threads. Everything else (whole images, z-slabs) keeps using ``edt``; the suite checks that
+transform (a third of a patch's time). Compiled with ``nogil``, it runs on one thread while other patches
+run on the others. Everything else (whole images, z-slabs) keeps using ``edt``; the suite checks that
 both give identical arrays on random label images of random shapes and spacings.
 
 Algorithm (as in ``edt``): a first pass along x writes each voxel's distance to the end of its run of equal
