@@ -35,7 +35,7 @@ from .. import BONES
 from ..config import setting
 from ..errors import InputImageError
 from ..io.images import check_image
-from .geometry import axial_axis, edt_inside, index_to_lps, like, spacing_zyx
+from .geometry import axial_axis, edt_inside, fill_holes, index_to_lps, like, spacing_zyx
 
 
 class NoKneeFoundError(InputImageError):
@@ -71,7 +71,7 @@ def _fill(mask: np.ndarray, axial: int) -> np.ndarray:
     idx = [slice(None)] * 3
     idx[axial] = 1
     st2[tuple(idx)] = ndi.generate_binary_structure(2, 1)
-    return ndi.binary_fill_holes(ndi.binary_fill_holes(mask, structure=st2))
+    return fill_holes(fill_holes(mask, st2))
 
 
 def bone_mask(ct: np.ndarray, threshold_hu: float, axial: int = 0, spacing=(1.0, 1.0, 1.0),

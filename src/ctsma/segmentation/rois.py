@@ -30,7 +30,7 @@ from .. import BONES, ROIS
 from ..config import setting
 from ..errors import InputImageError, UserError
 from ..io.images import check_image, check_same_geometry
-from .geometry import axial_axis, index_to_lps, like, spacing_zyx
+from .geometry import axial_axis, edt_inside, index_to_lps, like, spacing_zyx
 
 
 @dataclass
@@ -310,8 +310,8 @@ def subchondral_rois(ct_image: sitk.Image, bones: sitk.Image, side: str | None =
                               "side given; pass the side (L or R) from the scan's metadata")
     # crop to the joint: bone within contact_mm + end_mm of the other bone
     margin = s.contact_mm + s.end_mm + 3.0
-    near = (ndi.distance_transform_edt(~tibia, sampling=sp) <= margin) & femur
-    near |= (ndi.distance_transform_edt(~femur, sampling=sp) <= margin) & tibia
+    near = (edt_inside(~tibia, sp) <= margin) & femur  # `edt`: several times faster than scipy on the whole CT
+    near |= (edt_inside(~femur, sp) <= margin) & tibia
     if not near.any():
         raise InputImageError(f"femur and tibia are more than {margin:.0f} mm apart; no joint to place ROIs on")
     box = ndi.find_objects(near.astype(np.uint8))[0]
