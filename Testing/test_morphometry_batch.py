@@ -120,3 +120,8 @@ def test_batch_on_real_bone_crop_matches_one_image_path():
         assert out["BV/TV"][i] == bvtv
         assert out["Tb.Th"][i] == pytest.approx(th, rel=rel) and out["Tb.Sp"][i] == pytest.approx(sep, rel=rel)
     assert 0.15 < np.mean(out["Tb.Th"]) < 0.4 and 0.3 < np.mean(out["Tb.Sp"]) < 1.0  # trabecular bone, in mm
+
+
+def test_label_distance_transform_of_an_empty_image():
+    for shape in ((3, 3, 0), (0, 3, 3), (3, 0, 3)):
+        assert edtsq_labels(np.zeros(shape, np.uint8), 1.0, 1.0, 1.0).shape == shape

@@ -295,3 +295,11 @@ def test_fill_holes_equals_scipy(plane_axis):
     assert filled[4, 4, 4] and not filled[0].any()
     shell[3:6, 3:6, 0:6] = False
     assert not fill_holes(shell)[4, 4, 4]
+
+
+def test_fill_holes_takes_any_mask_dtype_and_falls_back_for_other_structures():
+    cube = np.ones((5, 5, 5), np.uint8)
+    cube[2, 2, 2] = 0
+    assert fill_holes(cube).all()  # a uint8 mask is a mask, not bits to invert
+    big = np.ones((5, 5, 5), bool)  # a 5x5x5 structure: scipy's own fill
+    np.testing.assert_array_equal(fill_holes(cube.astype(bool), big), ndi.binary_fill_holes(cube.astype(bool), big))

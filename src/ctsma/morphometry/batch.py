@@ -5,8 +5,8 @@ throughput. With the default ``fast`` method a patch (:func:`_patch`) is a few c
 releases the GIL, and the patches are shared out over threads (two workers on two cores: about twice one).
 Per patch:
 
-* one distance transform for both phases (:func:`.distance.edtsq_labels`, bit for bit the ``edt`` package's,
-  which holds the GIL);
+* one distance transform for both phases (:func:`.distance.edtsq_labels`: bit for bit what the ``edt`` package
+  gives, without holding the GIL as ``edt`` does);
 * one reduced medial axis for both phases (:func:`.power.reduced_axis` on the two-phase distance map).
   A phase voxel's power distance to its own phase's balls is negative (at most minus its own squared distance),
   and to any ball of the other phase it is >= 0 (the voxel lies outside that ball). So every voxel is labelled
@@ -130,7 +130,7 @@ def measure_batch(binary_patches, spacing_zyx, masks=None, convention: str = "de
     Spheres are confined to each patch (and to its mask, if ``masks`` (N, z, y, x) is given). Returns a
     dict of float64 arrays of length N; a patch whose ROI is empty, all bone or all marrow gets NaN where a
     value is undefined, with one warning for the batch. ``workers`` threads (default: the CPU count, at
-    most 8) share the patches; each patch runs without the GIL.
+    most 8) share the patches; with the ``fast`` method each patch runs without the GIL.
     """
     p = np.asarray(binary_patches)
     if p.ndim != 4:

@@ -1,9 +1,10 @@
 """Squared distance transform of a label image, compiled, bit for bit the ``edt`` package's.
 
-:func:`edtsq_labels` reproduces ``edt.edtsq(labels, anisotropy, black_border=False)`` (seung-lab's
-multi-label transform, version 3.1) operation for operation, in float32 storage and float64 envelope arithmetic
-as it does: every voxel of a non-zero label gets its squared distance (mm²) to the nearest voxel centre of
-another label (label 0 included), label 0 gets 0, and a label with no other label in the image gets ``inf``.
+:func:`edtsq_labels` reproduces ``edt.edtsq(labels, anisotropy, black_border=False)`` (seung-lab's multi-label
+transform, version 3.1, the one ``constraints.txt`` pins) operation for operation, in float32 storage and float64
+envelope arithmetic as it does: every voxel of a non-zero label gets its squared distance (mm²) to the nearest
+voxel centre of another label (label 0 included), label 0 gets 0, and a label with no other label in the image
+gets ``inf``. Another ``edt`` release may round differently; the distances then agree to float32 precision.
 
 Why a second implementation of a library function: ``edt`` holds the GIL for the whole call, so the patches of
 :func:`~ctsma.morphometry.measure_batch` could not share the cores while one of them was in its distance
@@ -153,6 +154,8 @@ def edtsq_labels(lab, sz, sy, sx):
     nz, ny, nx = lab.shape
     lf = lab.ravel()
     w = np.empty(lf.shape[0], np.float32)
+    if lf.shape[0] == 0:
+        return w.reshape(lab.shape)
     nmax = max(nz, ny)
     ff = np.empty(nmax)
     v = np.empty(nmax, np.int64)

@@ -218,7 +218,7 @@ def _ridge_values(dsq, sz, sy, sx, default_conv, s_tab, cm_tab, r2_valid, offs, 
     idx = np.empty(n, np.int64)
     val = np.empty(n, np.float32)
     thr = np.empty(cm_tab.shape[0], np.float64)
-    rt = np.sqrt(dsq)
+    rt = np.sqrt(dsq) if default_conv else np.empty((0, 0, 0), np.float32)  # the distances, for the correction
     nnb = offs.shape[0]
     olens = _level_lengths(hs)
     m = 0

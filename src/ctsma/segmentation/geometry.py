@@ -64,11 +64,15 @@ def fill_holes(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndar
     scipy fills by dilating the background from outside the array, one voxel layer per pass. Here the background
     is labelled once (``ndimage.label``, same ``structure``) and every component that does not reach the array's
     border is a hole. Only the faces that ``structure`` connects across count as border: with an in-plane
-    structure, the first and last slices do not (as in scipy).
+    structure, the first and last slices do not (as in scipy). Structures other than a symmetric 3 × ... × 3 one
+    go to scipy.
     """
     from scipy import ndimage as ndi
 
+    mask = np.asarray(mask, bool)
     st = ndi.generate_binary_structure(mask.ndim, 1) if structure is None else np.asarray(structure, bool)
+    if st.shape != (3,) * mask.ndim or not np.array_equal(st, st[(slice(None, None, -1),) * mask.ndim]):
+        return ndi.binary_fill_holes(mask, structure=st)
     lab, n = ndi.label(~mask, st)
     outside = np.zeros(n + 1, bool)
     outside[0] = True  # label 0 is the mask itself
