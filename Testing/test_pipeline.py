@@ -66,3 +66,24 @@ def test_failed_stage_is_not_marked_done(tmp_path):
     r = StageRunner(tmp_path)
     r.run_all(st)
     assert r.cached == {"ok": True, "flaky": False}
+
+
+def test_changed_stage_starts_empty_and_interrupted_stage_resumes(tmp_path):
+    """A stage's own resumable work (files in its folder) is reused only under the same key."""
+    seen = []
+
+    def run(d):
+        seen.append(sorted(p.name for p in d.iterdir()))
+        (d / "piece.txt").write_text("done")
+        if state["fail"]:
+            raise RuntimeError("killed")
+        return {}
+
+    state = {"fail": True}
+    with pytest.raises(RuntimeError):
+        StageRunner(tmp_path).run_all([Stage("s", run, {"x": 1})])
+    state["fail"] = False
+    StageRunner(tmp_path).run_all([Stage("s", run, {"x": 1})])   # interrupted: resumes with its piece
+    StageRunner(tmp_path).run_all([Stage("s", run, {"x": 2})])   # other settings: starts empty
+    StageRunner(tmp_path, code="new").run_all([Stage("s", run, {"x": 2})])  # new code: starts empty
+    assert seen == [[], ["piece.txt"], [], []]

@@ -6,13 +6,16 @@ the run time and a hash of the settings that the stage depends on. A rerun skips
 whose marker matches its settings, so an interrupted run resumes at the first unfinished stage,
 and changing one setting reruns only the stages that depend on it (and those after it). A runner made with
 ``code=code_fingerprint()`` also reruns everything after the package's code or shipped configs changed, so an
-updated installation never reports results that older code produced.
+updated installation never reports results that older code produced. A stage that reruns because its key changed
+starts from an empty folder (its own resumable work, made with other settings or code, is not reused); a stage
+that was interrupted resumes in its folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,19 +74,23 @@ class StageRunner:
             prev = ", ".join(f"{k} {v:.0f} s" for k, v in self.timings.items())
             label = st.title or st.name
             mk = self.marker(st.name)
-            if mk.is_file():
-                rec = json.loads(mk.read_text())
-                if rec.get("key") == key:
-                    self.timings[st.name] = float(rec["seconds"])
-                    self.summaries[st.name] = rec.get("summary", {})
-                    self.cached[st.name] = True
-                    progress.info(f"[{i}/{n}] {label}: done earlier ({rec['seconds']:.0f} s), skipped")
-                    progress.emit("demo", i, n, f"{st.name} (cached)")
-                    continue
+            rec = json.loads(mk.read_text()) if mk.is_file() else None
+            if rec is not None and rec.get("key") == key and "seconds" in rec:
+                self.timings[st.name] = float(rec["seconds"])
+                self.summaries[st.name] = rec.get("summary", {})
+                self.cached[st.name] = True
+                progress.info(f"[{i}/{n}] {label}: done earlier ({rec['seconds']:.0f} s), skipped")
+                progress.emit("demo", i, n, f"{st.name} (cached)")
+                continue
             progress.info(f"[{i}/{n}] {label} ..." + (f"   (so far: {prev})" if prev else ""))
             progress.emit("demo", i - 1, n, st.name)
             stage_dir = Path(self.out_dir) / st.name
+            if rec is not None and rec.get("key") != key and stage_dir.is_dir():
+                # made with other settings or code: the stage's own resumable work (knees, registrations, dataset
+                # shards) must not be reused, so it starts empty
+                shutil.rmtree(stage_dir)
             stage_dir.mkdir(parents=True, exist_ok=True)
+            write_json(mk, {"key": key, "started": time.time()})  # interrupted: the next run resumes in stage_dir
             t0 = time.perf_counter()
             summary = st.run(stage_dir) or {}
             seconds = time.perf_counter() - t0
