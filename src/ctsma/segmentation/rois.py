@@ -342,7 +342,8 @@ def subchondral_rois(ct_image: sitk.Image, bones: sitk.Image, side: str | None =
     foot_f, gaps = _femoral_footprint(cols, pu, pv, col_medial, s)
     foot_t = foot_f if s.tibial_footprint == "contact" else (
         _plateau_footprint(frame, pu, pv, cols.has_t) if frame.half_width > 0 else np.zeros_like(foot_f))
-    band_f &= _below_condyle_height(cols, col_medial, medial, s.condyle_height * (frame.half_width or 37.0))
+    condyle_mm = s.condyle_height * (frame.half_width or 37.0)   # 37 mm: a typical plateau half-width
+    band_f &= _below_condyle_height(cols, col_medial, medial, condyle_mm)
     sub = out[box]
     for band, fp, (m_lab, l_lab) in ((band_f, cols.to_volume(foot_f), ("MFC", "LFC")),
                                      (band_t, cols.to_volume(foot_t), ("MTP", "LTP"))):
@@ -358,6 +359,6 @@ def subchondral_rois(ct_image: sitk.Image, bones: sitk.Image, side: str | None =
                         "half_width_mm": frame.half_width, "half_depth_mm": frame.half_depth,
                         "tilt_deg": frame.tilt_deg}, "start_mm": s.start_mm, "end_mm": s.end_mm, "contact_mm": s.contact_mm,
             "contact_margin_mm": s.contact_margin_mm, "narrowest_gap_mm": gaps,
-            "condyle_height_mm": s.condyle_height * (frame.half_width or 37.0),
+            "condyle_height_mm": condyle_mm,
             "roi_ml": {k: float((out == v).sum() * voxel_ml) for k, v in ROIS.items()}}
     return result, info
