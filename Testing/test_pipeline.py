@@ -87,3 +87,32 @@ def test_changed_stage_starts_empty_and_interrupted_stage_resumes(tmp_path):
     StageRunner(tmp_path).run_all([Stage("s", run, {"x": 2})])   # other settings: starts empty
     StageRunner(tmp_path, code="new").run_all([Stage("s", run, {"x": 2})])  # new code: starts empty
     assert seen == [[], ["piece.txt"], [], []]
+
+
+def test_demo_training_config_by_name_or_path(tmp_path):
+    from ctsma.demo.settings import DemoSettings
+    from ctsma.demo.stages import train_config_path
+    from ctsma.errors import ConfigError
+    from ctsma.models import load_train_config
+
+    demo = load_train_config(train_config_path(DemoSettings()))
+    gpu = load_train_config(train_config_path(DemoSettings(train_config="gpu")))
+    assert demo.student_net.widths == [16, 16, 32, 48] and demo.trainer.accelerator == "cpu"
+    # the measured GPU configuration: the demo's schedule, the larger networks, the GPU when there is one
+    assert gpu.student_net.widths == [32, 64, 128, 256] and gpu.student_net.blocks == 2
+    assert gpu.trainer.accelerator == "auto" and gpu.optim.max_epochs == demo.optim.max_epochs
+    assert gpu.optim.select == "last" and gpu.data.batch_size == demo.data.batch_size
+    own = tmp_path / "mine.yaml"
+    own.write_text("optim: {max_epochs: 3}\n")
+    assert load_train_config(train_config_path(DemoSettings(train_config=str(own)))).optim.max_epochs == 3
+    with pytest.raises(ConfigError, match="no such file"):
+        train_config_path(DemoSettings(train_config=str(tmp_path / "missing.yaml")))
+
+
+def test_demo_with_a_missing_training_config_stops_before_its_first_stage(tmp_path):
+    from ctsma.demo import DemoSettings, run_demo
+    from ctsma.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no such file"):
+        run_demo(tmp_path / "out", DemoSettings(train_config=str(tmp_path / "missing.yaml")))
+    assert not (tmp_path / "out" / "phantom").exists()

@@ -231,3 +231,36 @@ def test_last_checkpoint_is_the_last_epoch_even_when_it_did_not_improve(store, t
             same = all(torch.equal(torch.as_tensor(weights[k]), state[w]["state_dict"][f"net.{k}"]) for k in weights)
             assert same == (w == select), (select, w)
         assert meta["metrics"]["exported"] == ("last epoch" if select == "last" else "best validation epoch")
+
+
+@pytest.mark.parametrize("has_gpu,bf16,accelerator,precision,expected", [
+    (False, False, "cpu", "auto", "32-true"),
+    (False, False, "auto", "auto", "32-true"),
+    (True, True, "auto", "auto", "bf16-mixed"),   # Ampere and later
+    (True, False, "gpu", "auto", "16-mixed"),     # an older GPU: fp16 with loss scaling
+    (True, True, "gpu", "32", "32-true"),
+    (True, True, "cpu", "auto", "32-true"),
+    (True, False, "gpu", "bf16-mixed", "bf16-mixed"),
+])
+def test_precision_follows_the_hardware(monkeypatch, has_gpu, bf16, accelerator, precision, expected):
+    import torch
+
+    from ctsma.models.train import _precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: has_gpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    cfg = load_train_config(None, {"trainer": {"accelerator": accelerator, "precision": precision}})
+    assert _precision(cfg) == expected
+
+
+def test_gpu_or_half_precision_without_a_gpu_is_a_clear_error(monkeypatch):
+    import torch
+
+    from ctsma.errors import ConfigError
+    from ctsma.models.train import _precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        _precision(load_train_config(None, {"trainer": {"accelerator": "gpu"}}))
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        _precision(load_train_config(None, {"trainer": {"accelerator": "cpu", "precision": "16-mixed"}}))

@@ -19,6 +19,7 @@ def run_demo(out_dir, settings: DemoSettings | None = None) -> dict:
     ctx = stages.Context(out, s)
     cohort_key = {"n": s.n, "seed": s.seed, "preset": s.phantom_preset}
     runner = StageRunner(out, code=code_fingerprint())
+    train_config = stages.train_config_path(s)  # a missing file stops the demo before its first stage
     plan = [
         Stage("phantom", lambda d: stages.phantom(ctx, d), cohort_key, "generate the phantom cohort"),
         Stage("synthesis", lambda d: stages.synthesis(ctx, d), {"knees": s.synthesis_knees},
@@ -27,7 +28,8 @@ def run_demo(out_dir, settings: DemoSettings | None = None) -> dict:
               {"preset": s.registration_preset, "variants": s.variant_knees}, "register every MR to its CT"),
         Stage("dataset", lambda d: stages.dataset(ctx, d), stages.dataset_settings(ctx).__dict__,
               "build the paired patch dataset"),
-        Stage("training", lambda d: stages.training(ctx, d), {"folds": s.folds, "config": s.train_config},
+        Stage("training", lambda d: stages.training(ctx, d),
+              {"folds": s.folds, "config": s.train_config, "config_text": train_config.read_text()},
               f"train teacher, distilled and baseline students ({s.folds}-fold cross-fitting)"),
         Stage("evaluation", lambda d: stages.evaluation(ctx, d), None, "evaluate on held-out patients"),
         Stage("diagnosis", lambda d: stages.diagnosis(ctx, d),

@@ -19,6 +19,7 @@ class DemoSettings:
     variant_knees: int = setting(3, lo=0, hi=10_000,
                                  help="unseen knees on which the registration variants are compared")
     folds: int = setting(3, lo=2, hi=20, help="patient-level cross-fitting folds for teacher/students")
-    train_config: str = setting("demo", help="training config: 'demo' (Resources/Configs/demo.yaml) or a YAML path")
+    train_config: str = setting("demo", help="training config: 'demo' (Resources/Configs/demo.yaml, CPU-sized), "
+                                "'gpu' (gpu.yaml: 50x larger networks, for a GPU) or a YAML path")
     diagnosis_folds: int = setting(5, lo=2, hi=20)
     aggregators: list[str] = setting(["transformer", "mlp", "logistic"])

@@ -166,11 +166,27 @@ def dataset(ctx: Context, d: Path) -> dict:
 
 
 # ------------------------------------------------------------------ training (cross-fitting)
-def fold_config(ctx: Context, fold: int):
-    from ..models import load_train_config
+SHIPPED_TRAIN_CONFIGS = ("demo", "gpu")
+
+
+def train_config_path(s: DemoSettings) -> Path:
+    """``train_config``: a shipped config by name (``demo``: CPU-sized, ``gpu``: the wider networks) or a YAML path."""
+    from ..errors import ConfigError
     from ..resources import resource_path
 
-    path = resource_path("Configs", "demo.yaml") if ctx.s.train_config == "demo" else Path(ctx.s.train_config)
+    if s.train_config in SHIPPED_TRAIN_CONFIGS:
+        return resource_path("Configs", f"{s.train_config}.yaml")
+    path = Path(s.train_config).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"train_config: no such file {path} (or name a shipped config: "
+                          f"{', '.join(SHIPPED_TRAIN_CONFIGS)})")
+    return path
+
+
+def fold_config(ctx: Context, fold: int):
+    from ..models import load_train_config
+
+    path = train_config_path(ctx.s)
     over = {"data": {"store": str(ctx.out / "dataset" / "store"), "k_folds": ctx.s.folds, "fold": fold,
                      "use_stored_split": False, "split_seed": ctx.s.seed},
             "output": {"dir": str(ctx.out / "training" / f"fold{fold}")},

@@ -77,7 +77,7 @@ class TrainerConfig:
     num_nodes: int = setting(1, lo=1, hi=4096)
     strategy: str = setting("auto", choices=("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"))
     precision: str = setting("auto", choices=("auto", "32", "16-mixed", "bf16-mixed"),
-                             help="auto: 16-mixed on GPU, 32 on CPU")
+                             help="auto: bf16-mixed on a GPU that has it, else 16-mixed; 32 on CPU")
     threads: int = setting(0, lo=0, hi=1024, help="torch CPU threads; 0 leaves the default")
     progress_bar: bool = setting(True)
     deterministic: bool = setting(False, help="torch deterministic algorithms: on a CPU this disables oneDNN "

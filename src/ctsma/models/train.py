@@ -59,8 +59,8 @@ def _precision(cfg) -> str:
     gpu = t.accelerator == "gpu" or (t.accelerator == "auto" and torch.cuda.is_available())
     if t.accelerator == "gpu" and not torch.cuda.is_available():
         raise ConfigError("trainer.accelerator is 'gpu' but no CUDA GPU is available; use 'cpu' or 'auto'")
-    if t.precision == "auto":
-        return "16-mixed" if gpu else "32-true"
+    if t.precision == "auto":  # bf16 needs no loss scaling; GPUs before Ampere fall back to fp16
+        return ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if gpu else "32-true"
     if t.precision != "32" and not gpu:
         raise ConfigError(f"trainer.precision {t.precision} needs a GPU; use 32 or auto on a CPU")
     return "32-true" if t.precision == "32" else t.precision
