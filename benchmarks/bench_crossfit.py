@@ -2,11 +2,14 @@
 
     .venv/bin/python benchmarks/bench_crossfit.py --store demo_out/dataset/store [--config FILE]
                      [--set KEY=VALUE ...] [--folds 3] [--seed 0] [--work DIR] [--tag NAME]
+                     [--labels demo_out/phantom/manifest.csv]
 
 Runs exactly what the demo's training and evaluation stages run (``ctsma.demo.stages``: K-fold patient-level
 cross-fitting of teacher, distilled and baseline students, pooled out-of-fold ICC against the MR reference and
 the truth, and the paired bootstrap of the distillation gain), but with the config given (default: the demo's),
-so a larger configuration or a GPU can be compared with the demo's on the same patches. Prints a table and
+so a larger configuration or a GPU can be compared with the demo's on the same patches. With ``--labels`` (a
+cohort manifest with ``subject, oa, kl_grade, severity``) it also runs the demo's diagnosis stage on the
+out-of-fold predictions (the three aggregators, AUCs and the DeLong p of distilled vs baseline). Prints a table and
 writes ``benchmarks/results/bench_crossfit[_<tag>].json`` with per-stage times and the device used.
 
 To move a store to a machine where the float32 store is too large to copy, ``--pack FILE`` writes it with the
@@ -41,6 +44,7 @@ ap.add_argument("--work", default="/tmp/ctsma_bench_crossfit")
 ap.add_argument("--tag", default="")
 ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
 ap.add_argument("--pack", default=None, help="write the store, quantised, to this .h5 file and stop")
+ap.add_argument("--labels", default=None, help="cohort manifest with OA labels: also run the diagnosis stage")
 a = ap.parse_args()
 
 MR_STEP = 1 / 170.0
@@ -61,6 +65,10 @@ def pack(store_dir: Path, dest: Path) -> None:
             g.attrs[k] = v
         g.attrs["_csv"] = (store_dir / "patches.csv").read_text()
         g.attrs["_summary"] = (store_dir / "summary.json").read_text()
+        if a.labels:  # the few label columns the diagnosis stage reads
+            import pandas as pd
+
+            g.attrs["_labels"] = pd.read_csv(a.labels)[["subject", "oa", "kl_grade", "severity"]].to_csv(index=False)
     print(f"packed {store_dir} into {dest} ({dest.stat().st_size / 2**20:.1f} MiB)")
 
 
@@ -78,6 +86,8 @@ def unpack(src: Path, store_dir: Path) -> None:
                 f.attrs[k] = v
         (store_dir / "patches.csv").write_text(g.attrs["_csv"])
         (store_dir / "summary.json").write_text(g.attrs["_summary"])
+        if "_labels" in g.attrs:
+            (store_dir / "labels.csv").write_text(g.attrs["_labels"])
 
 
 if a.pack:
@@ -102,6 +112,12 @@ if src.is_file():
     unpack(src, work / "dataset" / "store")
 else:
     (work / "dataset" / "store").symlink_to(src.resolve())
+labels = Path(a.labels) if a.labels else work / "dataset" / "store" / "labels.csv"
+if labels.is_file():  # the diagnosis stage reads the labels from the cohort manifest
+    (work / "phantom").mkdir()
+    shutil.copy(labels, work / "phantom" / "manifest.csv")
+elif a.labels:
+    sys.exit(f"no labels file at {labels}")
 
 cfg_path = resource_path("Configs", "demo.yaml") if a.config == "demo" else Path(a.config)
 cfg = yaml.safe_load(Path(cfg_path).read_text())
@@ -119,7 +135,10 @@ res = {"store": str(src), "config": str(cfg_path), "overrides": a.set, "folds": 
        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
        "config_used": cfg, "seconds": {}}
-for name, fn in (("training", stages.training), ("evaluation", stages.evaluation)):
+plan = [("training", stages.training), ("evaluation", stages.evaluation)]
+if labels.is_file():
+    plan.append(("diagnosis", stages.diagnosis))
+for name, fn in plan:
     t = time.perf_counter()
     (work / name).mkdir(exist_ok=True)
     out = fn(ctx, work / name)
@@ -138,6 +157,13 @@ for s, row in res["icc21"].items():
     print(f"{s:<20}" + "".join(f"{row[p]:8.3f}" for p in PARAMETERS) + f"{res['mean_icc21'][s]:8.3f}")
 g = res["distillation_gain"]
 print(f"distillation gain {g['mean_icc21_diff']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]")
+if labels.is_file():
+    dx = json.loads((work / "diagnosis" / "diagnosis_metrics.json").read_text())
+    res["diagnosis"] = {k: {m: v.get(m) for m in ("auc", "auc_ci", "f1", "severity_mae", "severity_r2",
+                                                  "p_auc_vs_student_baseline") if m in v} for k, v in dx.items()}
+    for k, v in res["diagnosis"].items():
+        p = v.get("p_auc_vs_student_baseline")
+        print(f"AUC {k:<30} {v['auc']:.3f}" + (f"  (vs baseline: DeLong p {p:.2f})" if p is not None else ""))
 out = Path(a.results) / f"bench_crossfit{'_' + a.tag if a.tag else ''}.json"
 out.parent.mkdir(parents=True, exist_ok=True)
 out.write_text(json.dumps(res, indent=1, default=str))
