@@ -8,15 +8,17 @@ only r is meaningful: MR-derived values are apparent, on another scale). For com
 means are formed from the out-of-fold patch predictions of the demo's evaluation (no maps): the difference
 between the two rows is what the sliding-window maps themselves add or lose.
 
-    .venv/bin/python benchmarks/bench_roi_agreement.py [DEMO_DIR]     # default demo_out (from `make demo`)
+    .venv/bin/python benchmarks/bench_roi_agreement.py [DEMO_DIR] [--tag NAME]   # default demo_out (`make demo`)
 
-Writes ``benchmarks/results/bench_roi_agreement.json``.
+Writes ``benchmarks/results/bench_roi_agreement[_<tag>].json``. DEMO_DIR needs the demo's ``phantom``,
+``dataset/store``, ``training/fold*`` and ``evaluation`` folders (``bench_crossfit.py``'s work folder with a
+``phantom`` link beside them also serves).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import tempfile
 import time
 import warnings
@@ -49,7 +51,11 @@ def icc_table(a: pd.DataFrame, b: pd.DataFrame) -> dict:
 
 
 def main() -> None:
-    demo = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "demo_out").resolve()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("demo", nargs="?", default=str(ROOT / "demo_out"))
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args()
+    demo = Path(a.demo).resolve()
     ctx = Context(demo, DemoSettings())
     store = PatchStore(demo / "dataset" / "store")
     t = store.table.copy()
@@ -90,7 +96,7 @@ def main() -> None:
     res = {"demo": str(demo), "n_knees": int(maps.subject.nunique()), "seconds_per_knee": round(float(np.mean(secs)), 1),
            "maps_vs_mr": icc_table(maps, mr), "patch_oof_vs_mr": icc_table(patch, mr),
            "maps_vs_truth": icc_table(maps, truth), "mr_vs_truth": icc_table(mr, truth)}
-    out = ROOT / "benchmarks" / "results" / "bench_roi_agreement.json"
+    out = ROOT / "benchmarks" / "results" / f"bench_roi_agreement{'_' + a.tag if a.tag else ''}.json"
     out.write_text(json.dumps(res, indent=1))
     for k in ("maps_vs_mr", "patch_oof_vs_mr", "maps_vs_truth", "mr_vs_truth"):
         print(f"{k:16s} ICC(2,1) mean {res[k]['mean_icc21']:.3f}  " +
