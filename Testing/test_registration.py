@@ -143,6 +143,25 @@ def test_per_bone_stage_beats_global_rigid(pair, full_result):
     assert tre(full_result.transform, pair).mean() < 0.6 * tre(rigid.transform, pair).mean()
 
 
+def test_mr_bone_labels_only_score_the_registration(pair, full_result):
+    """MR bone labels (on the phantom: ground truth) make the QA's bone Dice exact and nothing else: with wrong
+    labels, or none, the transform is the same."""
+    shifted = sitk.Image(pair.mr_bones)
+    shifted.SetOrigin((np.asarray(shifted.GetOrigin()) + [15.0, -10.0, 8.0]).tolist())  # labels in the wrong place
+    shifted = sitk.Resample(shifted, pair.mr_bones, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    preset = load_preset("default", FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrong = register(pair.mr, pair.ct, preset=preset, ct_bones=pair.ct_bones, pseudo_ct=pair.pseudo_ct_ideal,
+                         mr_bones=shifted)
+        none = register(pair.mr, pair.ct, preset=preset, ct_bones=pair.ct_bones, pseudo_ct=pair.pseudo_ct_ideal)
+    pts = pair.landmarks[:, 1:4].tolist()
+    ref = np.array([full_result.transform.TransformPoint(q) for q in pts])
+    for other in (wrong, none):
+        assert np.array_equal(np.array([other.transform.TransformPoint(q) for q in pts]), ref)
+    assert wrong.bone_dice["mean"] < full_result.bone_dice["mean"] - 0.2  # the QA scores the labels it was given
+
+
 def test_a_stage_that_makes_the_metric_worse_is_rejected(pair, monkeypatch):
     real = st.linear_stage
 

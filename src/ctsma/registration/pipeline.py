@@ -79,15 +79,14 @@ def automatic_bones(ct: sitk.Image) -> sitk.Image:
         return threshold_bones(ct)
 
 
-def _mr_labels(mr_bones, pseudo_ct) -> sitk.Image | None:
-    if mr_bones is not None:
-        return sitk.Cast(mr_bones, sitk.sitkUInt8)
-    if pseudo_ct is not None:
-        try:
-            return threshold_bones(pseudo_ct, what="pseudo-CT")
-        except InputImageError:
-            return None
-    return None
+def _pseudo_ct_bones(pseudo_ct) -> sitk.Image | None:
+    """Femur/tibia labels thresholded from the pseudo-CT, or None (no pseudo-CT, or no bone found in it)."""
+    if pseudo_ct is None:
+        return None
+    try:
+        return threshold_bones(pseudo_ct, what="pseudo-CT")
+    except InputImageError:
+        return None
 
 
 def _dice(ct_bones, mr_labels, transform, names) -> dict:
@@ -132,7 +131,10 @@ def register(mr: sitk.Image, ct: sitk.Image, *, preset: Preset | str = "default"
                                       "or use a preset with \"use_synthesis\": false")
             pseudo_ct = synthesis(mr)
         moving = check_image(pseudo_ct, what="pseudo-CT")
-    mr_labels = _mr_labels(mr_bones, pseudo_ct)
+    # the bone-centroid initialisation uses only what registration sees (the pseudo-CT's bones); MR bone labels,
+    # when given, only make the QA's bone Dice exact (on the phantom they are ground truth)
+    pseudo_bones = _pseudo_ct_bones(pseudo_ct)
+    mr_labels = sitk.Cast(mr_bones, sitk.sitkUInt8) if mr_bones is not None else pseudo_bones
 
     masks = {n: label_mask(ct_bones, [n]) for n in names}
     union = label_mask(ct_bones, names)
@@ -176,8 +178,8 @@ def register(mr: sitk.Image, ct: sitk.Image, *, preset: Preset | str = "default"
 
         def do_init(_metric):
             if method == "bone_centroid":
-                if mr_labels is not None:
-                    return st.init_translation(union, label_mask(mr_labels, names))
+                if pseudo_bones is not None:
+                    return st.init_translation(union, label_mask(pseudo_bones, names))
                 warnings.warn("no bones found in the pseudo-CT; initialising from body centroids instead",
                               stacklevel=2)
                 return st.init_translation(body_mask(ct, is_ct=True), body_mask(moving, is_ct=True))
