@@ -116,3 +116,25 @@ def test_demo_with_a_missing_training_config_stops_before_its_first_stage(tmp_pa
     with pytest.raises(ConfigError, match="no such file"):
         run_demo(tmp_path / "out", DemoSettings(train_config=str(tmp_path / "missing.yaml")))
     assert not (tmp_path / "out" / "phantom").exists()
+
+
+def test_demo_registers_like_for_new_patients(tmp_path):
+    """The demo's registration gets the images and the MR bone labels (QA only), never the phantom's CT labels or
+    any other ground truth: it segments the CT itself."""
+    import pandas as pd
+
+    from ctsma.demo.settings import DemoSettings
+    from ctsma.demo.stages import Context, _registration_manifest
+    from ctsma.registration.cohort import read_manifest
+
+    (tmp_path / "phantom").mkdir()
+    pd.DataFrame({"subject": ["P0", "P1"], "side": ["L", "R"], "oa": [0, 1], "mr": ["P0/mr.nii.gz", "P1/mr.nii.gz"],
+                  "ct": ["P0/ct.nii.gz", "P1/ct.nii.gz"], "ct_bones": ["P0/cb.nii.gz", "P1/cb.nii.gz"],
+                  "mr_bones": ["P0/mb.nii.gz", "P1/mb.nii.gz"], "ct_rois": ["P0/r.nii.gz", "P1/r.nii.gz"],
+                  "transform_ct_to_mr": ["P0/t.h5", "P1/t.h5"], "landmarks": ["P0/l.csv", "P1/l.csv"]}
+                 ).to_csv(tmp_path / "phantom" / "manifest.csv", index=False)
+    ctx = Context(tmp_path, DemoSettings())
+    man = read_manifest(_registration_manifest(ctx, ["P1"], tmp_path / "reg.csv"))
+    assert list(man.columns) == ["subject", "mr", "ct", "mr_bones"]
+    assert man.subject.tolist() == ["P1"]
+    assert man.ct[0] == str((tmp_path / "phantom" / "P1" / "ct.nii.gz").resolve())

@@ -45,14 +45,15 @@ class Context:
         return sorted(self.cohort().subject)[: self.s.synthesis_knees]
 
 
-def _abs_manifest(ctx: Context, subjects, path: Path) -> Path:
+def _registration_manifest(ctx: Context, subjects, path: Path) -> Path:
+    """The cohort manifest as registration sees it, as for new patients: the images, the MR bone labels (they only
+    score the QA's bone Dice) and no CT bone labels (the CT is segmented automatically), with absolute paths."""
     df = ctx.cohort()
-    df = df[df.subject.isin(subjects)].copy()
-    for col in ("ct", "mr", "ct_bones", "mr_bones", "ct_rois", "mr_rois", "transform_ct_to_mr", "landmarks",
-                "ct_tissues", "mr_tissues", "metadata"):
+    df = df[df.subject.isin(subjects)].drop(columns=["ct_bones"], errors="ignore")
+    for col in ("ct", "mr", "mr_bones"):
         if col in df.columns:
             df[col] = [str((ctx.manifest.parent / p).resolve()) for p in df[col]]
-    df.to_csv(path, index=False)
+    df[["subject", *(c for c in ("mr", "ct", "mr_bones") if c in df.columns)]].to_csv(path, index=False)
     return path
 
 
@@ -121,7 +122,8 @@ def registration(ctx: Context, d: Path) -> dict:
 
     model = ctx.out / "synthesis" / "synthesis.safetensors"
     preset = load_preset(ctx.s.registration_preset)
-    table = run_cohort(ctx.manifest, d / "cohort", preset=preset, model_path=str(model), jobs=ctx.s.workers)
+    man = _registration_manifest(ctx, ctx.cohort().subject, d / "manifest.csv")
+    table = run_cohort(man, d / "cohort", preset=preset, model_path=str(model), jobs=ctx.s.workers)
     unseen = [s for s in sorted(ctx.cohort().subject) if s not in set(ctx.synthesis_subjects())]
     errs, per = _tre(ctx, d / "cohort", unseen)
     result = {"full": {"tre_mean_mm": float(errs.mean()), "tre_p95_mm": float(np.percentile(errs, 95)),
@@ -129,7 +131,7 @@ def registration(ctx: Context, d: Path) -> dict:
                        "n_landmarks": int(errs.size)}}
     sub = unseen[: ctx.s.variant_knees]
     if sub:
-        man = _abs_manifest(ctx, sub, d / "variants_manifest.csv")
+        man = _registration_manifest(ctx, sub, d / "variants_manifest.csv")
         errs_full, _ = _tre(ctx, d / "cohort", sub)
         result["full"]["tre_mean_mm_variant_knees"] = float(errs_full.mean())
         for name, over in REGISTRATION_VARIANTS.items():
