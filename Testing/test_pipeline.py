@@ -118,9 +118,9 @@ def test_demo_with_a_missing_training_config_stops_before_its_first_stage(tmp_pa
     assert not (tmp_path / "out" / "phantom").exists()
 
 
-def test_demo_registers_like_for_new_patients(tmp_path):
-    """The demo's registration gets the images and the MR bone labels (QA only), never the phantom's CT labels or
-    any other ground truth: it segments the CT itself."""
+def test_demo_registers_like_for_new_patients(tmp_path, monkeypatch):
+    """The demo's registration gets the two images and no ground truth of the phantom (no CT or MR bone labels,
+    transforms or ROIs): it segments the CT and the pseudo-CT itself, for its masks and its QA."""
     import pandas as pd
 
     from ctsma.demo.settings import DemoSettings
@@ -135,6 +135,22 @@ def test_demo_registers_like_for_new_patients(tmp_path):
                  ).to_csv(tmp_path / "phantom" / "manifest.csv", index=False)
     ctx = Context(tmp_path, DemoSettings())
     man = read_manifest(_registration_manifest(ctx, ["P1"], tmp_path / "reg.csv"))
-    assert list(man.columns) == ["subject", "mr", "ct", "mr_bones"]
+    assert list(man.columns) == ["subject", "mr", "ct"]
     assert man.subject.tolist() == ["P1"]
     assert man.ct[0] == str((tmp_path / "phantom" / "P1" / "ct.nii.gz").resolve())
+
+    # and the registration stage registers the cohort from that manifest, not from the phantom's
+    import ctsma.registration.cohort as cohort
+    from ctsma.demo import stages
+
+    class Seen(Exception):
+        pass
+
+    def fake_run_cohort(manifest, out, **kw):
+        raise Seen(list(pd.read_csv(manifest).columns))
+
+    monkeypatch.setattr(cohort, "run_cohort", fake_run_cohort)
+    (tmp_path / "registration").mkdir()
+    with pytest.raises(Seen) as seen:
+        stages.registration(ctx, tmp_path / "registration")
+    assert seen.value.args[0] == ["subject", "mr", "ct"]

@@ -233,22 +233,24 @@ def test_last_checkpoint_is_the_last_epoch_even_when_it_did_not_improve(store, t
         assert meta["metrics"]["exported"] == ("last epoch" if select == "last" else "best validation epoch")
 
 
-@pytest.mark.parametrize("has_gpu,bf16,accelerator,precision,expected", [
-    (False, False, "cpu", "auto", "32-true"),
-    (False, False, "auto", "auto", "32-true"),
-    (True, True, "auto", "auto", "bf16-mixed"),   # Ampere and later
-    (True, False, "gpu", "auto", "16-mixed"),     # an older GPU: fp16 with loss scaling
-    (True, True, "gpu", "32", "32-true"),
-    (True, True, "cpu", "auto", "32-true"),
-    (True, False, "gpu", "bf16-mixed", "bf16-mixed"),
+@pytest.mark.parametrize("has_gpu,major,accelerator,precision,expected", [
+    (False, 0, "cpu", "auto", "32-true"),
+    (False, 0, "auto", "auto", "32-true"),
+    (True, 8, "auto", "auto", "bf16-mixed"),   # Ampere (8.0)
+    (True, 9, "gpu", "auto", "bf16-mixed"),    # Hopper
+    (True, 7, "gpu", "auto", "16-mixed"),      # V100/T4 (7.x): bf16 only emulated, so fp16 with loss scaling
+    (True, 9, "gpu", "32", "32-true"),
+    (True, 9, "cpu", "auto", "32-true"),
+    (True, 7, "gpu", "bf16-mixed", "bf16-mixed"),  # asked for explicitly
 ])
-def test_precision_follows_the_hardware(monkeypatch, has_gpu, bf16, accelerator, precision, expected):
+def test_precision_follows_the_hardware(monkeypatch, has_gpu, major, accelerator, precision, expected):
     import torch
 
     from ctsma.models.train import _precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: has_gpu)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (major, 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # as torch says on a V100 (emulated)
     cfg = load_train_config(None, {"trainer": {"accelerator": accelerator, "precision": precision}})
     assert _precision(cfg) == expected
 

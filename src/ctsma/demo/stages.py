@@ -46,14 +46,14 @@ class Context:
 
 
 def _registration_manifest(ctx: Context, subjects, path: Path) -> Path:
-    """The cohort manifest as registration sees it, as for new patients: the images, the MR bone labels (they only
-    score the QA's bone Dice) and no CT bone labels (the CT is segmented automatically), with absolute paths."""
+    """The cohort manifest as registration sees it, as for new patients: the two images and nothing of the phantom's
+    ground truth (registration segments the CT and the pseudo-CT itself, for its masks, its initialisation and the
+    bone Dice of its QA, which the dataset's quality gate reads), with absolute paths."""
     df = ctx.cohort()
-    df = df[df.subject.isin(subjects)].drop(columns=["ct_bones"], errors="ignore")
-    for col in ("ct", "mr", "mr_bones"):
-        if col in df.columns:
-            df[col] = [str((ctx.manifest.parent / p).resolve()) for p in df[col]]
-    df[["subject", *(c for c in ("mr", "ct", "mr_bones") if c in df.columns)]].to_csv(path, index=False)
+    df = df[df.subject.isin(subjects)][["subject", "mr", "ct"]].copy()
+    for col in ("mr", "ct"):
+        df[col] = [str((ctx.manifest.parent / p).resolve()) for p in df[col]]
+    df.to_csv(path, index=False)
     return path
 
 

@@ -60,10 +60,16 @@ def _precision(cfg) -> str:
     if t.accelerator == "gpu" and not torch.cuda.is_available():
         raise ConfigError("trainer.accelerator is 'gpu' but no CUDA GPU is available; use 'cpu' or 'auto'")
     if t.precision == "auto":  # bf16 needs no loss scaling; GPUs before Ampere fall back to fp16
-        return ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if gpu else "32-true"
+        return ("bf16-mixed" if _native_bf16() else "16-mixed") if gpu else "32-true"
     if t.precision != "32" and not gpu:
         raise ConfigError(f"trainer.precision {t.precision} needs a GPU; use 32 or auto on a CPU")
     return "32-true" if t.precision == "32" else t.precision
+
+
+def _native_bf16() -> bool:
+    """Whether the GPU computes bf16 natively (compute capability 8.0, Ampere, and later). torch's own
+    ``is_bf16_supported`` also says yes for older cards that only emulate it."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
 def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchStore | None = None,

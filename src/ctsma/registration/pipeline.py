@@ -80,11 +80,12 @@ def automatic_bones(ct: sitk.Image) -> sitk.Image:
 
 
 def _pseudo_ct_bones(pseudo_ct) -> sitk.Image | None:
-    """Femur/tibia labels thresholded from the pseudo-CT, or None (no pseudo-CT, or no bone found in it)."""
+    """Bone labels of the pseudo-CT by the CT segmentation (threshold fallback), or None (no pseudo-CT, or no bone
+    found in it). The threshold alone fails where femur and tibia touch at the pseudo-CT's resolution."""
     if pseudo_ct is None:
         return None
     try:
-        return threshold_bones(pseudo_ct, what="pseudo-CT")
+        return automatic_bones(pseudo_ct)
     except InputImageError:
         return None
 
@@ -180,9 +181,9 @@ def register(mr: sitk.Image, ct: sitk.Image, *, preset: Preset | str = "default"
             if method == "bone_centroid":
                 if pseudo_bones is not None:
                     return st.init_translation(union, label_mask(pseudo_bones, names))
-                warnings.warn("no bones found in the pseudo-CT; initialising from body centroids instead",
-                              stacklevel=2)
-                return st.init_translation(body_mask(ct, is_ct=True), body_mask(moving, is_ct=True))
+                why = "no bones found in the pseudo-CT" if pseudo_ct is not None else "no pseudo-CT to find bones in"
+                warnings.warn(f"{why}; initialising from body centroids instead", stacklevel=2)
+                return st.init_translation(body_mask(ct, is_ct=True), body_mask(moving, is_ct=preset.use_synthesis))
             if method == "body_centroid":
                 return st.init_translation(body_mask(ct, is_ct=True), body_mask(moving, is_ct=preset.use_synthesis))
             c_ct = np.asarray(ct.TransformContinuousIndexToPhysicalPoint((np.asarray(ct.GetSize()) - 1) / 2))
