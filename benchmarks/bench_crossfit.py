@@ -36,7 +36,7 @@ import yaml
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--store", required=True, help="patch store folder, or a file written by --pack")
-ap.add_argument("--config", default="demo", help="'demo' or a training YAML")
+ap.add_argument("--config", default="demo", help="a shipped training config ('demo', 'gpu') or a YAML path")
 ap.add_argument("--set", action="append", default=[], help="KEY.SUB=VALUE override of the config (YAML value)")
 ap.add_argument("--folds", type=int, default=3)
 ap.add_argument("--seed", type=int, default=0)
@@ -91,6 +91,8 @@ def unpack(src: Path, store_dir: Path) -> None:
 
 
 if a.pack:
+    if not (Path(a.store) / "patches.h5").is_file():
+        sys.exit(f"no patch store at {a.store}")
     pack(Path(a.store), Path(a.pack))
     sys.exit(0)
 
@@ -99,15 +101,23 @@ import torch  # noqa: E402
 from ctsma import PARAMETERS  # noqa: E402
 from ctsma.demo import stages  # noqa: E402
 from ctsma.demo.settings import DemoSettings  # noqa: E402
-from ctsma.resources import resource_path  # noqa: E402
+from ctsma.errors import ConfigError  # noqa: E402
 
-work = Path(a.work)
-if work.exists():
-    shutil.rmtree(work)
-(work / "dataset").mkdir(parents=True)
+try:
+    cfg_path = stages.train_config_path(DemoSettings(train_config=a.config))
+except ConfigError as e:
+    sys.exit(str(e))
 src = Path(a.store)
 if not src.exists():
     sys.exit(f"no patch store at {src}")
+if a.labels and not Path(a.labels).is_file():
+    sys.exit(f"no labels file at {a.labels}")
+work = Path(a.work)
+if work.exists():
+    if any(work.iterdir()) and not (work / "config.yaml").is_file():
+        sys.exit(f"--work {work} is not empty and is not a work folder of this benchmark: choose another")
+    shutil.rmtree(work)
+(work / "dataset").mkdir(parents=True)
 if src.is_file():
     unpack(src, work / "dataset" / "store")
 else:
@@ -116,10 +126,7 @@ labels = Path(a.labels) if a.labels else work / "dataset" / "store" / "labels.cs
 if labels.is_file():  # the diagnosis stage reads the labels from the cohort manifest
     (work / "phantom").mkdir()
     shutil.copy(labels, work / "phantom" / "manifest.csv")
-elif a.labels:
-    sys.exit(f"no labels file at {labels}")
 
-cfg_path = resource_path("Configs", "demo.yaml") if a.config == "demo" else Path(a.config)
 cfg = yaml.safe_load(Path(cfg_path).read_text())
 for kv in a.set:
     key, _, value = kv.partition("=")

@@ -10,9 +10,9 @@ between the two rows is what the sliding-window maps themselves add or lose.
 
     .venv/bin/python benchmarks/bench_roi_agreement.py [DEMO_DIR] [--tag NAME]   # default demo_out (`make demo`)
 
-Writes ``benchmarks/results/bench_roi_agreement[_<tag>].json``. DEMO_DIR needs the demo's ``phantom``,
-``dataset/store``, ``training/fold*`` and ``evaluation`` folders (``bench_crossfit.py``'s work folder with a
-``phantom`` link beside them also serves).
+Writes ``benchmarks/results/bench_roi_agreement[_<tag>].json``. DEMO_DIR is a finished demo's output folder (its
+``phantom``, ``dataset/store``, ``training/fold*`` and ``evaluation``); ``--seed`` and ``--folds`` must be the
+demo's (0 and 3 by default). A knee whose fold model was trained on it is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ctsma.dataset.store import PatchStore
 from ctsma.demo.settings import DemoSettings
 from ctsma.demo.stages import Context, fold_config
 from ctsma.inference.engine import InferSettings, infer
+from ctsma.modelfile import read_metadata
 from ctsma.stats import icc21, pearson_r
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +55,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("demo", nargs="?", default=str(ROOT / "demo_out"))
     ap.add_argument("--tag", default="")
+    ap.add_argument("--seed", type=int, default=0, help="the demo's seed (its patient split)")
+    ap.add_argument("--folds", type=int, default=3, help="the demo's cross-fitting folds")
     a = ap.parse_args()
     demo = Path(a.demo).resolve()
-    ctx = Context(demo, DemoSettings())
+    ctx = Context(demo, DemoSettings(seed=a.seed, folds=a.folds))
     store = PatchStore(demo / "dataset" / "store")
     t = store.table.copy()
     t["subject"] = t["subject"].astype(str)
@@ -75,6 +78,11 @@ def main() -> None:
             split = store.patient_split(c.test_fraction, c.val_fraction, k=c.k_folds, fold=f, seed=c.split_seed,
                                         use_stored=False)
             model = demo / "training" / f"fold{f}" / "student_distilled.safetensors"
+            trained_on = read_metadata(model).get("training", {}).get("split", {})
+            leak = set(split.subjects["test"]) & (set(trained_on.get("train", [])) | set(trained_on.get("val", [])))
+            if leak:
+                raise SystemExit(f"{model} was trained on {sorted(leak)}, which fold {f} holds out: give the demo's "
+                                 "--seed and --folds")
             for s in sorted(split.subjects["test"]):
                 t0 = time.perf_counter()
                 with warnings.catch_warnings():

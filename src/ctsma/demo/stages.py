@@ -15,7 +15,6 @@ Honest evaluation on the phantom, by construction:
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
