@@ -266,3 +266,13 @@ def test_gpu_or_half_precision_without_a_gpu_is_a_clear_error(monkeypatch):
         _precision(load_train_config(None, {"trainer": {"accelerator": "gpu"}}))
     with pytest.raises(ConfigError, match="needs a GPU"):
         _precision(load_train_config(None, {"trainer": {"accelerator": "cpu", "precision": "16-mixed"}}))
+
+
+def test_a_model_trained_on_a_test_patient_is_refused():
+    from ctsma.evaluation.regression import check_held_out
+
+    meta = {"training": {"split": {"train": ["P1", "P2"], "val": ["P3"], "test": ["P4"]}}}
+    check_held_out("m.safetensors", meta, ["P4", "P5"])
+    for seen in ("P2", "P3"):  # training and validation patients are both refused
+        with pytest.raises(UserError, match="m.safetensors was trained on 1 of the test patients"):
+            check_held_out("m.safetensors", meta, ["P4", seen])

@@ -98,15 +98,22 @@ if a.pack:
 
 import torch  # noqa: E402
 
+from types import SimpleNamespace  # noqa: E402
+
 from ctsma import PARAMETERS  # noqa: E402
+from ctsma.cli.train import overrides_from  # noqa: E402
+from ctsma.config import to_dict  # noqa: E402
 from ctsma.demo import stages  # noqa: E402
 from ctsma.demo.settings import DemoSettings  # noqa: E402
 from ctsma.errors import ConfigError  # noqa: E402
+from ctsma.models import load_train_config  # noqa: E402
 
-try:
+try:  # the config with its overrides, checked as `ctsma train --set` checks them (unknown keys refused)
     cfg_path = stages.train_config_path(DemoSettings(train_config=a.config))
+    cfg = to_dict(load_train_config(cfg_path, overrides_from(SimpleNamespace(set=a.set))))
 except ConfigError as e:
     sys.exit(str(e))
+cfg.pop("base_dir")  # the work folder's copy resolves nothing relative: the demo sets every path
 src = Path(a.store)
 if not src.exists():
     sys.exit(f"no patch store at {src}")
@@ -127,14 +134,6 @@ if labels.is_file():  # the diagnosis stage reads the labels from the cohort man
     (work / "phantom").mkdir()
     shutil.copy(labels, work / "phantom" / "manifest.csv")
 
-cfg = yaml.safe_load(Path(cfg_path).read_text())
-for kv in a.set:
-    key, _, value = kv.partition("=")
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[leaf] = yaml.safe_load(value)
 (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 ctx = stages.Context(work, DemoSettings(folds=a.folds, seed=a.seed, train_config=str(work / "config.yaml")))

@@ -31,6 +31,8 @@ from ctsma import PARAMETERS, ROIS
 from ctsma.dataset.store import PatchStore
 from ctsma.demo.settings import DemoSettings
 from ctsma.demo.stages import Context, fold_config
+from ctsma.errors import UserError
+from ctsma.evaluation.regression import check_held_out
 from ctsma.inference.engine import InferSettings, infer
 from ctsma.modelfile import read_metadata
 from ctsma.stats import icc21, pearson_r
@@ -78,11 +80,10 @@ def main() -> None:
             split = store.patient_split(c.test_fraction, c.val_fraction, k=c.k_folds, fold=f, seed=c.split_seed,
                                         use_stored=False)
             model = demo / "training" / f"fold{f}" / "student_distilled.safetensors"
-            trained_on = read_metadata(model).get("training", {}).get("split", {})
-            leak = set(split.subjects["test"]) & (set(trained_on.get("train", [])) | set(trained_on.get("val", [])))
-            if leak:
-                raise SystemExit(f"{model} was trained on {sorted(leak)}, which fold {f} holds out: give the demo's "
-                                 "--seed and --folds")
+            try:
+                check_held_out(model, read_metadata(model), split.subjects["test"])
+            except UserError as e:
+                raise SystemExit(f"{e} (fold {f}: give the demo's --seed and --folds)") from None
             for s in sorted(split.subjects["test"]):
                 t0 = time.perf_counter()
                 with warnings.catch_warnings():

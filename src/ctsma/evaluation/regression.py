@@ -98,6 +98,15 @@ def ct_direct(store: PatchStore, idx: np.ndarray, threshold_hu: float = 0.0) -> 
                  "failed_patches": failed, "tb_n": "1/(Tb.Th+Tb.Sp)"}
 
 
+def check_held_out(path: Path, meta: dict, subjects) -> None:
+    """Refuse a model (file ``path``, metadata ``meta``) that was trained or validated on any of ``subjects``."""
+    split = (meta.get("training") or {}).get("split") or {}
+    leak = set(subjects) & (set(split.get("train", [])) | set(split.get("val", [])))
+    if leak:
+        raise UserError(f"{Path(path).name} was trained on {len(leak)} of the test patients "
+                        f"(e.g. {sorted(leak)[0]}): evaluate with the split used for training")
+
+
 def predict_sources(cfg, store: PatchStore, idx: np.ndarray, *, names: dict | None = None) -> tuple[dict, dict]:
     """Predictions (n,4, physical units) of every available source on store rows ``idx``; and provenance."""
     from ..models.export import load_parameter_model
@@ -112,11 +121,7 @@ def predict_sources(cfg, store: PatchStore, idx: np.ndarray, *, names: dict | No
         if not path.is_file():
             continue
         model, meta = load_parameter_model(path)
-        train_split = (meta.get("training") or {}).get("split") or {}
-        leak = test_subjects & (set(train_split.get("train", [])) | set(train_split.get("val", [])))
-        if leak:
-            raise UserError(f"{path.name} was trained on {len(leak)} of the test patients "
-                            f"(e.g. {sorted(leak)[0]}): evaluate with the split used for training")
+        check_held_out(path, meta, test_subjects)
         mod = meta["input"]["modality"]
         masks = store.read(f"{mod}_mask", idx) if "mask" in meta["input"]["channels"] else None
         preds[source] = model.predict(store.read(mod, idx), masks)
