@@ -216,3 +216,20 @@ def test_atomic_files_get_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(p.stat().st_mode) == 0o644
+
+
+def test_stale_partials_of_a_killed_atomic_write_are_removed(tmp_path):
+    from ctsma.io.atomic import atomic_path, remove_stale_partials
+
+    target = tmp_path / "P0000.npz"
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"done")
+    import fnmatch
+
+    assert fnmatch.fnmatch(tmp.name, ".P0000.*.partial.npz")  # the temporary names atomic_path uses
+    left = tmp_path / ".P0000.k1lled.partial.npz"  # what a write killed before its rename leaves
+    left.write_bytes(b"half")
+    other = tmp_path / ".P0001.abc.partial.npz"  # another file's temporary: not ours to remove
+    other.write_bytes(b"other")
+    remove_stale_partials(target)
+    assert not left.exists() and other.exists() and target.read_bytes() == b"done"

@@ -34,7 +34,7 @@ from ..config import setting, to_dict
 from ..errors import InputImageError, UserError
 from ..io import read_image, safe_join, write_json
 from ..io.images import check_ct_intensities
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_path, remove_stale_partials
 from .sampling import cut, inside_fraction, relative_positions, roi_centres
 
 log = logging.getLogger(__name__)
@@ -314,6 +314,7 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
 def _write_shard(path: Path, shard: dict, key: str) -> None:
     meta = json.dumps({"rows": shard["rows"], "warnings": shard["warnings"], "info": shard["info"], "key": key},
                       default=float)
+    remove_stale_partials(path)  # a run killed while writing this shard left its temporary file
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, ct=shard["ct"], mr=shard["mr"], ct_mask=shard["ct_mask"], mr_mask=shard["mr_mask"],

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from glob import escape as glob_escape
 from typing import Any, Iterator
 
 import numpy as np
@@ -64,6 +65,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def remove_stale_partials(path: str | os.PathLike) -> None:
+    """Delete the temporary files that an interrupted :func:`atomic_path` write of ``path`` left beside it (a
+    SIGKILL gives it no chance to clean up). Call it before rewriting ``path`` in a resumed run that is the
+    only writer of ``path``."""
+    path = Path(path)
+    stem, suffix = _split_suffix(path.name)
+    for left in path.parent.glob(f".{glob_escape(stem)}.*.partial{glob_escape(suffix)}"):
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            left.unlink()
 
 
 @contextlib.contextmanager
