@@ -198,9 +198,12 @@ def test_dataset_build_killed_mid_run_resumes_to_the_uninterrupted_result(cohort
     args = ("dataset", "build", "--manifest", cohort / "manifest.csv", "--config", cfg)
     res = subprocess.run(_ctsma(*args, "--out", ref), env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    killed = _kill_when(_ctsma(*args, "--out", run), lambda: any((run / ".shards").glob("*.npz")))
+    def finished_shards():  # not the hidden temporary of a shard being written
+        return [p for p in (run / ".shards").glob("*.npz") if not p.name.startswith(".")]
+
+    killed = _kill_when(_ctsma(*args, "--out", run), lambda: bool(finished_shards()))
     assert killed and not (run / "patches.h5").exists()
-    shard = next((run / ".shards").glob("*.npz"))
+    shard = finished_shards()[0]
     done_before = shard.stat().st_mtime_ns
     res = subprocess.run(_ctsma(*args, "--out", run), env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
