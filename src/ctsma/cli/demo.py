@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
                     "and evaluate OA diagnosis, run CT-only inference on a held-out knee, and write metrics.json, "
                     "the study and patient reports and a Slicer scene. Finished stages are cached: a rerun resumes.")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
-    p.add_argument("--n", type=int, help="knees in the cohort (default 24)")
+    p.add_argument("--n", type=int, help="knees in the cohort (default 36)")
     p.add_argument("--seed", type=int, help="cohort seed (default 0)")
     p.add_argument("--workers", type=int, help="parallel processes (default 2)")
     p.add_argument("--folds", type=int, help="cross-fitting folds for the CNNs (default 3)")

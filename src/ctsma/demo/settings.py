@@ -9,7 +9,7 @@ from ..config import setting
 
 @dataclass
 class DemoSettings:
-    n: int = setting(24, lo=8, hi=10_000, help="knees in the phantom cohort")
+    n: int = setting(36, lo=8, hi=10_000, help="knees in the phantom cohort")
     seed: int = setting(0, lo=0, hi=2**31 - 1, help="seed of the cohort (and of every later stage)")
     workers: int = setting(2, lo=1, hi=256, help="parallel processes for phantom and registration")
     phantom_preset: str = setting("demo", choices=("demo", "full"))
