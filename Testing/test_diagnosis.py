@@ -193,3 +193,37 @@ def test_cli_train_evaluate_predict(cohort, tmp_path, capsys, monkeypatch):
     assert climain.main(["diagnose", "train", "--patches", str(tmp_path / "store.csv"), "--labels",
                          str(tmp_path / "labels.csv"), "--out", str(model)]) == 2
     assert "patch store table" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("agg", ["transformer", "mlp"])
+def test_ensemble_averages_members_and_member0_is_the_single_network(cohort, tmp_path, agg):
+    """``members: 3`` predicts the mean of three networks that differ only in their seed; member 0 is exactly the
+    network of ``members: 1`` with the same seed, and each member alone is the single network of its seed."""
+    table, labels = cohort
+    knees = dg.build_kneeset(table, labels).subset(np.arange(24))
+    short = {"steps": 10} if agg == "transformer" else {"epochs": 10}
+    ens = dg.make_aggregator(agg, {**short, "members": 3}).fit(knees, seed=5)
+    singles = [dg.make_aggregator(agg, {**short, "members": 1}).fit(knees, seed=5 + 1000 * i) for i in range(3)]
+    outs = [s.predict(knees) for s in singles]
+    prob, sev = ens.predict(knees)
+    np.testing.assert_allclose(prob, np.mean([o[0] for o in outs], axis=0), rtol=1e-5)
+    np.testing.assert_allclose(sev, np.mean([o[1] for o in outs], axis=0), rtol=1e-5)
+    assert not np.allclose(outs[0][0], outs[1][0])       # the members differ
+    # the members round-trip through the tensors of a model file
+    back = dg.make_aggregator(agg, {**short}).load_tensors(ens.tensors())
+    assert back.config["members"] == 3
+    np.testing.assert_allclose(back.predict(knees)[0], prob, rtol=1e-6)
+
+
+def test_single_network_file_from_before_ensembles_loads(cohort):
+    """Files written before ensembles store one network as ``net.<parameter>``: they load as one member."""
+    table, labels = cohort
+    knees = dg.build_kneeset(table, labels).subset(np.arange(24))
+    single = dg.make_aggregator("mlp", {"epochs": 10, "members": 1}).fit(knees, seed=2)
+    legacy = {k.replace("net.0.", "net.", 1): v for k, v in single.tensors().items()}
+    assert not any(k.startswith("net.0.") for k in legacy)
+    back = dg.make_aggregator("mlp", {"epochs": 10}).load_tensors(legacy)
+    assert back.config["members"] == 1
+    np.testing.assert_allclose(back.predict(knees)[0], single.predict(knees)[0], rtol=1e-6)
+    with pytest.raises(KeyError, match="members"):
+        dg.make_aggregator("mlp").load_tensors({k: v for k, v in single.tensors().items() if not k.startswith("net.")})

@@ -23,11 +23,14 @@ import numpy as np
 from .data import KneeSet, Normaliser, ROI_MEAN_FEATURES, ROI_ORDER
 
 AGGREGATORS = ("transformer", "mlp", "logistic")
+MEMBER_SEED_STEP = 1000  # seed offset between ensemble members (folds use seed + k, k < folds)
 
 DEFAULTS = {
     "transformer": {"d_model": 32, "heads": 4, "layers": 1, "ff": 64, "dropout": 0.1, "steps": 200,
-                    "batch": 16, "lr": 3e-3, "weight_decay": 0.05, "max_tokens": 24, "severity_weight": 0.5},
-    "mlp": {"hidden": 32, "dropout": 0.1, "epochs": 200, "lr": 3e-3, "weight_decay": 1e-2, "severity_weight": 0.5},
+                    "batch": 16, "lr": 3e-3, "weight_decay": 0.05, "max_tokens": 24, "severity_weight": 0.5,
+                    "members": 5},
+    "mlp": {"hidden": 32, "dropout": 0.1, "epochs": 200, "lr": 3e-3, "weight_decay": 1e-2, "severity_weight": 0.5,
+            "members": 5},
     "logistic": {"C": 1.0, "ridge_alpha": 1.0},
 }
 
@@ -208,32 +211,38 @@ class TorchAggregator(Aggregator):
         return net(*_pad_tokens(feats, rois, idx, self.config["max_tokens"], rng))
 
     def fit(self, knees, seed=0):
+        """Train ``members`` networks that differ only in their seed (``seed + MEMBER_SEED_STEP * i``; member 0
+        is the single network of ``members: 1``); :meth:`predict` averages their outputs."""
+        self.norm = Normaliser.fit(knees)
+        inputs = self._inputs(knees)
+        self.nets = [self._fit_one(knees, inputs, seed + MEMBER_SEED_STEP * i) for i in range(self.config["members"])]
+        return self
+
+    def _fit_one(self, knees, inputs, seed):
         import torch
         import torch.nn.functional as F
 
         cfg = self.config
-        self.norm = Normaliser.fit(knees)
-        inputs = self._inputs(knees)
         y = torch.from_numpy(knees.oa.astype(np.float32))
         sev, known = _severity_target(knees, self.norm)
         sev, known = torch.from_numpy(sev), torch.from_numpy(known)
         rng = np.random.default_rng(seed)
         with _torch_threads(1):
             torch.manual_seed(seed)
-            self.net = _build_net(self.kind, cfg)
-            opt = torch.optim.AdamW(self.net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+            net = _build_net(self.kind, cfg)
+            opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
             n = len(knees)
             batch = cfg.get("batch", n)
             # the transformer's training length is a number of optimisation steps, so that small cohorts
             # (few batches per epoch) still train to convergence
             epochs = cfg["epochs"] if "epochs" in cfg else max(1, -(-cfg["steps"] // -(-n // batch)))
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-            self.net.train()
+            net.train()
             for _ in range(epochs):
                 order = rng.permutation(n)
                 for s in range(0, n, batch):
                     idx = order[s:s + batch]
-                    logit, sev_hat = self._forward(self.net, inputs, idx, rng)
+                    logit, sev_hat = self._forward(net, inputs, idx, rng)
                     loss = F.binary_cross_entropy_with_logits(logit, y[idx])
                     k = known[idx]
                     if k.any():
@@ -242,31 +251,52 @@ class TorchAggregator(Aggregator):
                     loss.backward()
                     opt.step()
                 sched.step()
-        return self
+        net.eval()
+        return net
 
     def predict(self, knees):
+        """OA probability and severity: the mean over the ensemble's members."""
         import torch
 
         inputs = self._inputs(knees)
-        self.net.eval()
         probs, sevs = [], []
         with _torch_threads(1), torch.no_grad():
-            for s in range(0, len(knees), 32):
-                idx = np.arange(s, min(s + 32, len(knees)))
-                logit, sev_hat = self._forward(self.net, inputs, idx)
-                probs.append(torch.sigmoid(logit).numpy())
-                sevs.append(sev_hat.numpy())
-        return (np.concatenate(probs).astype(float),
-                np.concatenate(sevs).astype(float) * self.norm.sev_std + self.norm.sev_mean)
+            for net in self.nets:
+                net.eval()
+                for s in range(0, len(knees), 32):
+                    idx = np.arange(s, min(s + 32, len(knees)))
+                    logit, sev_hat = self._forward(net, inputs, idx)
+                    probs.append(torch.sigmoid(logit).numpy())
+                    sevs.append(sev_hat.numpy())
+        m = len(self.nets)
+        prob = np.concatenate(probs).astype(float).reshape(m, len(knees)).mean(0)
+        sev = np.concatenate(sevs).astype(float).reshape(m, len(knees)).mean(0)
+        return prob, sev * self.norm.sev_std + self.norm.sev_mean
 
     def tensors(self):
-        return {**self.norm.to_tensors(), **{f"net.{k}": v for k, v in self.net.state_dict().items()}}
+        return {**self.norm.to_tensors(),
+                **{f"net.{i}.{k}": v for i, net in enumerate(self.nets) for k, v in net.state_dict().items()}}
 
     def load_tensors(self, t):
+        """Members are stored as ``net.<i>.<parameter>``; a file written before ensembles (``net.<parameter>``,
+        one network) loads as a single member."""
         self.norm = Normaliser.from_tensors(t)
-        self.net = _build_net(self.kind, self.config)
-        self.net.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("net.")})
-        self.net.eval()
+        per_member: dict[int, dict] = {}
+        for k, v in t.items():
+            if not k.startswith("net."):
+                continue
+            head, _, rest = k[4:].partition(".")
+            i, name = (int(head), rest) if head.isdigit() else (0, k[4:])
+            per_member.setdefault(i, {})[name] = v
+        if sorted(per_member) != list(range(len(per_member))) or not per_member:
+            raise KeyError("network members are missing")
+        self.config["members"] = len(per_member)
+        self.nets = []
+        for i in range(len(per_member)):
+            net = _build_net(self.kind, self.config)
+            net.load_state_dict(per_member[i])
+            net.eval()
+            self.nets.append(net)
         return self
 
 
