@@ -4,6 +4,9 @@
   an encoding of its position relative to the bone); a learnt classification token is read out by two
   heads, the OA logit and the severity score (the published method regresses MOAKS the same way).
 - ``mlp``: a small two-head MLP on the 16 ROI means (4 ROIs × 4 parameters).
+- Both neural aggregators are ensembles of ``members`` networks that differ only in their seed; a prediction is
+  the mean of the members' probabilities and severities (one network's AUC moves with its initialisation alone by
+  up to ±0.03 on the demo cohort; see docs/diagnosis.md).
 - ``logistic``: L2 logistic regression on the ROI means, with ridge regression for severity
   (scikit-learn for fitting; the coefficients are stored as tensors and applied with numpy).
 
