@@ -178,13 +178,14 @@ def register(mr: sitk.Image, ct: sitk.Image, *, preset: Preset | str = "default"
             method = "bone_centroid" if preset.use_synthesis else "body_centroid"
 
         def do_init(_metric):
-            if method == "bone_centroid":
+            how = method
+            if how == "bone_centroid":
                 if pseudo_bones is not None:
                     return st.init_translation(union, label_mask(pseudo_bones, names))
                 why = "no bones found in the pseudo-CT" if pseudo_ct is not None else "no pseudo-CT to find bones in"
                 warnings.warn(f"{why}; initialising from body centroids instead", stacklevel=2)
-                return st.init_translation(body_mask(ct, is_ct=True), body_mask(moving, is_ct=preset.use_synthesis))
-            if method == "body_centroid":
+                how = "body_centroid"
+            if how == "body_centroid":
                 return st.init_translation(body_mask(ct, is_ct=True), body_mask(moving, is_ct=preset.use_synthesis))
             c_ct = np.asarray(ct.TransformContinuousIndexToPhysicalPoint((np.asarray(ct.GetSize()) - 1) / 2))
             c_mr = np.asarray(moving.TransformContinuousIndexToPhysicalPoint((np.asarray(moving.GetSize()) - 1) / 2))
