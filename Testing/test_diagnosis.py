@@ -227,3 +227,9 @@ def test_single_network_file_from_before_ensembles_loads(cohort):
     np.testing.assert_allclose(back.predict(knees)[0], single.predict(knees)[0], rtol=1e-6)
     with pytest.raises(KeyError, match="members"):
         dg.make_aggregator("mlp").load_tensors({k: v for k, v in single.tensors().items() if not k.startswith("net.")})
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, "3", True])
+def test_ensemble_size_must_be_a_positive_whole_number(bad):
+    with pytest.raises(UserError, match="'members' must be a whole number"):
+        dg.make_aggregator("transformer", {"members": bad})

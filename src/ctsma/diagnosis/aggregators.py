@@ -312,5 +312,8 @@ def make_aggregator(kind: str, config: dict | None = None) -> Aggregator:
     unknown = set(config or {}) - set(DEFAULTS[kind])
     if unknown:
         raise UserError(f"unknown {kind} setting(s): {', '.join(sorted(unknown))}")
+    members = (config or {}).get("members", 1)
+    if isinstance(members, bool) or not isinstance(members, (int, np.integer)) or members < 1:
+        raise UserError(f"{kind} setting 'members' must be a whole number of networks, at least 1 (got {members!r})")
     cls = LogisticAggregator if kind == "logistic" else TorchAggregator
     return cls(kind, dict(config or {}))
