@@ -154,3 +154,20 @@ def test_demo_registers_like_for_new_patients(tmp_path, monkeypatch):
     with pytest.raises(Seen) as seen:
         stages.registration(ctx, tmp_path / "registration")
     assert seen.value.args[0] == ["subject", "mr", "ct"]
+
+
+def test_small_cohorts_get_fewer_diagnosis_folds_and_too_few_knees_a_clear_error(tmp_path):
+    import pandas as pd
+
+    from ctsma.demo import stages
+    from ctsma.demo.settings import DemoSettings
+    from ctsma.errors import UserError
+
+    ctx = stages.Context(tmp_path, DemoSettings(diagnosis_folds=5))
+    labels = lambda n_oa, n_no: pd.DataFrame({"subject": [f"P{i}" for i in range(n_oa + n_no)],  # noqa: E731
+                                              "oa": [1] * n_oa + [0] * n_no})
+    assert stages.diagnosis_folds(ctx, labels(20, 16)) == 5
+    assert stages.diagnosis_folds(ctx, labels(3, 5)) == 3      # the smallest demo cohort (n = 8, seed 5)
+    assert stages.diagnosis_folds(ctx, labels(6, 2)) == 2
+    with pytest.raises(UserError, match="at least 2 of each"):
+        stages.diagnosis_folds(ctx, labels(1, 7))

@@ -294,22 +294,39 @@ def _analysable_labels(ctx: Context, tables: dict[str, pd.DataFrame]) -> tuple[p
 
 
 # ------------------------------------------------------------------ diagnosis
+def diagnosis_folds(ctx: Context, labels: pd.DataFrame) -> int:
+    """The diagnosis cross-validation's folds: ``diagnosis_folds``, or fewer when a small cohort has fewer knees
+    with (or without) OA than that (each fold needs one of each); a clear error below 2."""
+    from ..errors import UserError
+
+    smallest = int(min((labels.oa == 1).sum(), (labels.oa == 0).sum()))
+    if smallest < 2:
+        raise UserError(f"the cohort has {int((labels.oa == 1).sum())} analysable knee(s) with OA and "
+                        f"{int((labels.oa == 0).sum())} without: the diagnosis needs at least 2 of each "
+                        "(use a larger --n)")
+    if smallest < ctx.s.diagnosis_folds:
+        progress.info(f"  diagnosis: {smallest}-fold cross-validation instead of {ctx.s.diagnosis_folds}: the "
+                      f"cohort has only {smallest} knees in its smaller class")
+    return min(ctx.s.diagnosis_folds, smallest)
+
+
 def diagnosis(ctx: Context, d: Path) -> dict:
     from .. import diagnosis as dx
     from ..diagnosis import report as dxreport
 
     tables = _oof_tables(ctx)
     labels, dropped = _analysable_labels(ctx, tables)
+    folds = diagnosis_folds(ctx, labels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        block, results = dx.compare_sources(tables, labels, ctx.s.aggregators, ctx.s.diagnosis_folds, ctx.s.seed,
+        block, results = dx.compare_sources(tables, labels, ctx.s.aggregators, folds, ctx.s.seed,
                                             pairs=[("student_distilled", "student_baseline")])
     write_json(d / "diagnosis_metrics.json", block)
     dxreport.write_table(block, d)
     dxreport.write_roc_plots(results, d)
     dxreport.write_oof(results, d / "oof_predictions.csv")
     return {"auc": {k: v.get("auc") for k, v in block.items()}, "n_knees": int(len(labels)),
-            "knees_without_patches": dropped}
+            "folds": folds, "knees_without_patches": dropped}
 
 
 # ------------------------------------------------------------------ inference on one held-out knee
@@ -333,10 +350,11 @@ def inference(ctx: Context, d: Path) -> dict:
     labels, _ = _analysable_labels(ctx, tables)
     others = tables["student_distilled"]
     others = others[others.subject != subject]
+    labels = labels[labels.subject != subject]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = dx.train(others, labels[labels.subject != subject], "transformer", seed=ctx.s.seed,
-                         folds=ctx.s.diagnosis_folds, source="student_distilled")
+        model = dx.train(others, labels, "transformer", seed=ctx.s.seed, folds=diagnosis_folds(ctx, labels),
+                         source="student_distilled")
     dpath = dx.save(model, d / "diagnosis_model.safetensors")
     row = ctx.cohort().set_index("subject").loc[subject]
     student = ctx.out / "training" / "fold0" / "student_distilled.safetensors"
