@@ -196,3 +196,15 @@ def test_infer_releases_the_ct_during_roi_placement_over_the_budget(knee, tmp_pa
         np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "part" / name))),
                                       sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "whole" / name))))
     assert (tmp_path / "part" / "patches.csv").read_text() == (tmp_path / "whole" / "patches.csv").read_text()
+
+
+def test_infer_tells_the_side_of_a_phantom_knee_from_its_fused_fibular_head(knee, constant_student, tmp_path):
+    """The phantom's fibular head abuts the tibia, so the segmentation fuses them: without --side the side comes
+    from the lobe the head leaves on the tibia, with a warning kept in the summary; --side is recorded as such."""
+    assert _run(knee["ct"], "--out", tmp_path / "a", "--model", constant_student) == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["side"] == knee["side"] and summary["side_from"] == "anatomy (fibular head fused to the tibia)"
+    assert any("shape of the proximal tibia" in w for w in summary["warnings"])
+    assert _run(knee["ct"], "--out", tmp_path / "b", "--model", constant_student, "--side", knee["side"]) == 0
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["side_from"] == "metadata" and not summary["warnings"]

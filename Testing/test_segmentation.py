@@ -164,6 +164,23 @@ def test_laterality_needs_fibula_or_side(knee_r):
     assert sitk.GetArrayFromImage(subchondral_rois(ct, no_fib, side="R")).max() == 4
 
 
+@pytest.mark.parametrize("side", ["R", "L"])
+def test_laterality_from_a_fibular_head_fused_to_the_tibia(side):
+    """Where the segmentation merged the fibular head into the tibia (as on the phantom's CTs), the posterolateral
+    lobe it leaves tells the side, with a warning; the tibia alone tells nothing."""
+    ct, truth = analytic_knee(side=side)
+    t = sitk.GetArrayFromImage(truth)
+    fused = sitk.GetImageFromArray(np.where(t == 4, 2, t).astype(np.uint8))
+    fused.CopyInformation(truth)
+    assert knee_side(sitk.GetArrayFromImage(fused), fused) == side
+    with pytest.warns(UserWarning, match="shape of the proximal tibia"):
+        rois, info = subchondral_rois(ct, fused, return_info=True)
+    assert info["side"] == side and info["side_from"] == "anatomy (fibular head fused to the tibia)"
+    # the same ROIs as with the fibula labelled: medial and lateral are where they belong
+    ref = sitk.GetArrayFromImage(subchondral_rois(ct, truth))
+    assert dice(sitk.GetArrayFromImage(rois) == ROIS["MTP"], ref == ROIS["MTP"]) > 0.95
+
+
 def test_seg_nrrd_and_user_labels_round_trip(tmp_path, knee_r):
     ct, truth = knee_r
     p = write_seg_nrrd(truth, tmp_path / "bones.seg.nrrd", kind="bones")

@@ -170,13 +170,22 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         bones_from = "automatic"
     timings["bones"] = time.perf_counter() - t
     t = time.perf_counter()
+    side_info = {"side": s.side, "side_from": "metadata" if s.side else None}
     if rois_path:
         rois = read_user_labels(rois_path, ct, kind="rois")
         rois_from = str(rois_path)
     else:
         seg_bones = coarse_bones if not segmentation else _to_grid(bones, seg_ct)
-        rois = _to_grid(subchondral_rois(seg_ct, seg_bones, side=s.side), grid)
+        with warnings.catch_warnings(record=True) as caught:   # a side told by a weak cue: kept in the summary
+            warnings.simplefilter("always")
+            roi_img, roi_info = subchondral_rois(seg_ct, seg_bones, side=s.side, return_info=True)
+        for w in caught:
+            if issubclass(w.category, UserWarning):
+                warns.append(str(w.message))
+            warnings.warn(w.message, w.category, stacklevel=2)
+        rois = _to_grid(roi_img, grid)
         rois_from = "automatic"
+        side_info = {"side": roi_info["side"], "side_from": roi_info["side_from"]}
     if released:
         if bones is None:
             bones = _to_grid(coarse_bones, grid)
@@ -247,7 +256,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         "model": {"path": str(model_path), **describe(meta),
                   "demo": bool(meta.get("demo", False) or model_path == default_model_path(must_exist=False))},
         "n_patches": int(len(names)), "stride_mm": s.stride_mm, "tta_passes": len(flips), "device": device,
-        "bones_from": bones_from, "rois_from": rois_from, "warnings": warns,
+        "bones_from": bones_from, "rois_from": rois_from, **side_info, "warnings": warns,
         "uncertainty": "standard deviation of the predictions over flipped copies of each patch",
         "background": BACKGROUND, "mask": "rois.nii.gz > 0",
     }
