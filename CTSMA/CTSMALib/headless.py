@@ -60,6 +60,8 @@ class HeadlessSlicer:
         if cache_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="ctsma-mrml-")
             cache_dir = self._tmp.name
+            # our own throw-away folder: mark it as a cache that the cache manager may clean (else it warns)
+            (Path(cache_dir) / ".slicer-cache").touch()
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
 
@@ -128,8 +130,9 @@ class HeadlessSlicer:
                 else:
                     setattr(self._slicer, key, value)
             self._saved_globals = None
-        for logic in self.logics.values():
-            logic.SetMRMLScene(None)
+        for name, logic in self.logics.items():
+            if name != "Segmentations":  # it looks up the subject hierarchy of the new scene and warns on None;
+                logic.SetMRMLScene(None)  # it is released with this object, the scene being cleared already
         self.data_io_logic.SetAndObserveDataIOManager(None)
         self.remote_io.SetMRMLScene(None)
         self.app_logic.SetMRMLScene(None)
