@@ -189,3 +189,16 @@ def test_cli_dataset(cohort, tmp_path):
     assert rc == 0 and PatchStore(tmp_path / "o").subjects == ["k1"]
     assert main(["--quiet", "dataset", "build", "--manifest", str(tmp_path / "none.csv"), "--out",
                  str(tmp_path / "x")]) == 2
+
+
+def test_parallel_build_gives_the_same_store(cohort, tmp_path):
+    """Subjects built in two processes give the store that one process gives, patch for patch."""
+    root, _, _ = cohort
+    s = BuildSettings(transform_column="transform_ct_to_mr", **SMALL)
+    build_dataset(root / "manifest.csv", tmp_path / "one", s)
+    build_dataset(root / "manifest.csv", tmp_path / "two", s, workers=2)
+    a, b = PatchStore(tmp_path / "one"), PatchStore(tmp_path / "two")
+    pd.testing.assert_frame_equal(a.table, b.table)
+    idx = np.arange(len(a))
+    for k in ("ct", "mr", "ct_mask", "mr_mask"):
+        np.testing.assert_array_equal(a.read(k, idx), b.read(k, idx))

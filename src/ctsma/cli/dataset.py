@@ -23,6 +23,7 @@ def add_parser(sub) -> None:
                    help="ROIs from the manifest's ct_rois column (default) or always automatic")
     b.add_argument("--no-truth", action="store_true", help="skip the phantom's true parameters")
     b.add_argument("--subjects", nargs="*", default=None, help="only these subjects")
+    b.add_argument("--workers", type=int, default=1, help="subjects built in parallel processes (default 1)")
     b.set_defaults(func=run)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -31,6 +32,7 @@ def run(args) -> int:
     from .. import progress
     from ..config import load_config
     from ..dataset.build import BuildSettings, build_dataset
+    from ..errors import UserError
 
     over = {k: v for k, v in (("stride_mm", args.stride_mm), ("max_per_roi", args.max_per_roi),
                               ("extent_mm", args.extent_mm), ("folds", args.folds), ("seed", args.seed),
@@ -38,8 +40,11 @@ def run(args) -> int:
             if v is not None}
     if args.no_truth:
         over["truth"] = False
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
     s = load_config(args.config, BuildSettings, overrides=over)
-    summary = build_dataset(args.manifest, args.out, s, registrations=args.registrations, subjects=args.subjects)
+    summary = build_dataset(args.manifest, args.out, s, registrations=args.registrations, subjects=args.subjects,
+                            workers=args.workers)
     progress.info(f"{summary['n_patches']} patches from {summary['n_subjects']} subjects in {args.out}"
                   + (f"; excluded {len(summary['excluded'])}: " + ", ".join(summary["excluded"])
                      if summary["excluded"] else ""))

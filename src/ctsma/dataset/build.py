@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,8 +227,9 @@ def mr_reference_binary(mr_p: np.ndarray, mr_m: np.ndarray, method: str, spacing
 
 
 def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path | None,
-                  rng: np.random.Generator) -> dict:
-    """All patches of one knee: arrays and table rows (a shard). Raises :class:`SubjectExcluded`."""
+                  rng: np.random.Generator, threads: int | None = None) -> dict:
+    """All patches of one knee: arrays and table rows (a shard). Raises :class:`SubjectExcluded`.
+    ``threads``: morphometry threads (default: the CPU count)."""
     from ..morphometry import measure_batch
 
     subject = str(row["subject"])
@@ -268,7 +270,7 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
     bone, bone_masks, mr_sp, thr = mr_reference_binary(mr_p, mr_m, s.mr_threshold, s.extent_mm / s.mr_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mr_par = measure_batch(bone, mr_sp, masks=bone_masks)
+        mr_par = measure_batch(bone, mr_sp, masks=bone_masks, workers=threads)
     true_par, true_source = None, ""
     if s.truth and s.truth_max_per_roi > 0:
         knee_dir = (_path(root, row.get("ct")) or root).parent
@@ -285,7 +287,7 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
                       pixel_type=sitk.sitkUInt8) == roi_val[pick])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                tp = measure_batch(tb, (s.truth_extent_mm / tb.shape[1],) * 3, masks=tm)
+                tp = measure_batch(tb, (s.truth_extent_mm / tb.shape[1],) * 3, masks=tm, workers=threads)
             true_par = {p: np.full(len(labels), np.nan) for p in PARAMETERS}
             for p in PARAMETERS:
                 true_par[p][pick] = tp[p]
@@ -369,9 +371,29 @@ def read_manifest(path: str | os.PathLike):
     return table
 
 
+def _build_shard(row: dict, root: Path, s: BuildSettings, registrations: Path | None, path: Path, key: str,
+                 threads: int | None = None) -> str | None:
+    """Build one subject's shard and write it to ``path``; the reason it was excluded, or None. The subject's
+    random stream depends only on the seed and its name, so the order and the process do not matter."""
+    subject = str(row["subject"])
+    rng = np.random.default_rng([s.seed, int(hashlib.sha1(subject.encode()).hexdigest()[:8], 16)])
+    try:
+        shard = build_subject(row, root, s, registrations, rng, threads)
+    except SubjectExcluded as exc:
+        return str(exc)
+    _write_shard(path, shard, key)
+    return None
+
+
+def _init_worker(threads: int) -> None:
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, threads))
+
+
 def build_dataset(manifest: str | os.PathLike, out: str | os.PathLike, settings: BuildSettings | None = None, *,
-                  registrations: str | os.PathLike | None = None, subjects: list[str] | None = None) -> dict:
-    """Build (or resume) the patch store in ``out``; returns the summary dict (also in ``out/summary.json``)."""
+                  registrations: str | os.PathLike | None = None, subjects: list[str] | None = None,
+                  workers: int = 1) -> dict:
+    """Build (or resume) the patch store in ``out``; returns the summary dict (also in ``out/summary.json``).
+    ``workers`` processes build the subjects' shards in parallel (the store is the same for any number)."""
     from .store import PatchStore
 
     s = settings or BuildSettings()
@@ -388,23 +410,43 @@ def build_dataset(manifest: str | os.PathLike, out: str | os.PathLike, settings:
     shard_dir.mkdir(exist_ok=True)
     reg = Path(registrations).resolve() if registrations else None
     key = settings_hash(s, {"registrations": str(reg), "manifest": str(Path(manifest).resolve())})
-    shards, excluded, warns = {}, {}, []
+    loaded, excluded, warns = {}, {}, []
     rows = table.to_dict("records")
-    for row in progress.track(rows, "dataset: subjects", total=len(rows), unit="knee"):
+    paths = {str(r["subject"]): safe_join(shard_dir, f"{r['subject']}.npz") for r in rows}
+    todo = []
+    for row in rows:
         subject = str(row["subject"])
-        path = safe_join(shard_dir, f"{subject}.npz")
-        shard = _read_shard(path, key) if path.is_file() else None
+        shard = _read_shard(paths[subject], key) if paths[subject].is_file() else None
         if shard is None:
-            rng = np.random.default_rng([s.seed, int(hashlib.sha1(subject.encode()).hexdigest()[:8], 16)])
-            try:
-                shard = build_subject(row, root, s, reg, rng)
-            except SubjectExcluded as exc:
-                excluded[subject] = str(exc)
-                log.warning("excluded %s: %s", subject, exc)
-                progress.info(f"excluded {subject}: {exc}")
-                continue
-            _write_shard(path, shard, key)
-        shards[subject] = shard
+            todo.append(row)
+        else:
+            loaded[subject] = shard
+    if loaded and todo:
+        progress.info(f"dataset: {len(loaded)} of {len(rows)} knees already done, {len(todo)} to build")
+    jobs = max(1, min(int(workers), len(todo)))
+
+    def finished(subject: str, reason: str | None) -> None:
+        shard = _read_shard(paths[subject], key) if reason is None else None
+        if shard is not None:
+            loaded[subject] = shard
+        else:
+            reason = reason or f"its patches could not be read back from {paths[subject]}"
+            excluded[subject] = reason
+            log.warning("excluded %s: %s", subject, reason)
+            progress.info(f"excluded {subject}: {reason}")
+
+    if jobs == 1:
+        for row in progress.track(todo, "dataset: subjects", total=len(todo), unit="knee"):
+            finished(str(row["subject"]), _build_shard(row, root, s, reg, paths[str(row["subject"])], key))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(threads,)) as ex:
+            futs = {ex.submit(_build_shard, row, root, s, reg, paths[str(row["subject"])], key, threads):
+                    str(row["subject"]) for row in todo}
+            for f in progress.track(as_completed(futs), "dataset: subjects", total=len(futs), unit="knee"):
+                finished(futs[f], f.result())
+    shards = {str(r["subject"]): loaded[str(r["subject"])] for r in rows if str(r["subject"]) in loaded}
+    for shard in shards.values():  # in manifest order, whatever order the workers finished in
         for w in shard["warnings"]:
             warnings.warn(w, stacklevel=2)
             warns.append(w)

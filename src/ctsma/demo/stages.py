@@ -161,7 +161,7 @@ def dataset(ctx: Context, d: Path) -> dict:
     from ..dataset.build import build_dataset
 
     summary = build_dataset(ctx.manifest, d / "store", dataset_settings(ctx),
-                            registrations=ctx.out / "registration" / "cohort")
+                            registrations=ctx.out / "registration" / "cohort", workers=ctx.s.workers)
     return {"n_patches": summary.get("n_patches"), "n_subjects": summary.get("n_subjects"),
             "excluded": summary.get("excluded", {})}
 
