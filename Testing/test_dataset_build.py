@@ -192,7 +192,17 @@ def test_cli_dataset(cohort, tmp_path):
 
 
 def test_parallel_build_gives_the_same_store(cohort, tmp_path):
-    """Subjects built in two processes give the store that one process gives, patch for patch."""
+    """Subjects built in two processes give the store that one process gives, patch for patch, also after this
+    process ran numba's parallel code: the workers are spawned, since numba documents a fork from a process using
+    its OpenMP layer as unsafe (forked workers were killed so in one full run of this suite)."""
+    import numba
+
+    from ctsma.morphometry import local_thickness
+
+    block = np.zeros((40, 40, 40), bool)
+    block[10:30, 10:30, 15:20] = True
+    local_thickness(block, threads=2)
+    assert numba.threading_layer() in ("omp", "tbb", "workqueue")  # a parallel region has run here
     root, _, _ = cohort
     s = BuildSettings(transform_column="transform_ct_to_mr", **SMALL)
     build_dataset(root / "manifest.csv", tmp_path / "one", s)

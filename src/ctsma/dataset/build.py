@@ -439,8 +439,13 @@ def build_dataset(manifest: str | os.PathLike, out: str | os.PathLike, settings:
         for row in progress.track(todo, "dataset: subjects", total=len(todo), unit="knee"):
             finished(str(row["subject"]), _build_shard(row, root, s, reg, paths[str(row["subject"])], key))
     else:
+        import multiprocessing
+
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(threads,)) as ex:
+        # spawned, not forked: a fork from a process that has run numba's OpenMP layer is killed (in a Python session
+        # that measured morphometry first, say), and a forked worker would share all of the caller's memory
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(threads,)) as ex:
             futs = {ex.submit(_build_shard, row, root, s, reg, paths[str(row["subject"])], key, threads):
                     str(row["subject"]) for row in todo}
             for f in progress.track(as_completed(futs), "dataset: subjects", total=len(futs), unit="knee"):
