@@ -119,6 +119,10 @@ def test_build_with_given_transforms(cohort, tmp_path):
     assert np.allclose(t["true_BV/TV"], 1 / 3)   # per-ROI manifest truth (no phantom metadata here)
     info = json.loads((tmp_path / "ds" / "summary.json").read_text())
     assert set(info["patches_per_subject_roi"]) == {"k0", "k1", "k2"}
+    # each knee's CT resolution is recorded (for the student's model file): the analytic knee is blurred by a
+    # 0.7-mm Gaussian on a 1-mm grid
+    res = json.loads(store.attrs["subject_info"])["k0"]["ct_resolution"]
+    assert res["spacing_mm"] == [1.0, 1.0, 1.0] and res["inplane_edge_sigma_mm"] == pytest.approx(0.7, rel=0.15)
     assert (tmp_path / "ds" / "quality" / "patch_pairs.png").stat().st_size > 1000
 
 

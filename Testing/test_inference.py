@@ -208,3 +208,47 @@ def test_infer_tells_the_side_of_a_phantom_knee_from_its_fused_fibular_head(knee
     assert _run(knee["ct"], "--out", tmp_path / "b", "--model", constant_student, "--side", knee["side"]) == 0
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["side_from"] == "metadata" and not summary["warnings"]
+
+
+def _student_with_reference(path: Path, sigma_mm: float, slice_mm: float) -> Path:
+    """A student with random weights (its outputs follow the patches) whose file records training CTs of in-plane
+    edge sigma ``sigma_mm`` and slice spacing ``slice_mm``."""
+    torch.manual_seed(1)
+    net = PatchRegressor(2, 16, widths=(4, 8, 8, 8), head_hidden=8)
+    meta = build_meta("student_distilled", net, modality="ct", spacing_mm=0.5, extent_mm=8.0, masks=True,
+                      intensity_offset=0.0, intensity_scale=1000.0, target="mr", y_mean=np.full(4, 0.5),
+                      y_sd=np.full(4, 0.1), training={}, metrics={},
+                      ct_reference={"inplane_edge_sigma_mm": sigma_mm, "slice_spacing_mm": slice_mm})
+    return export_model(path, net, meta)
+
+
+def test_a_ct_sharper_than_the_training_cts_is_blurred_to_them_before_the_patches(knee, tmp_path):
+    from ctsma.harmonise import inplane_edge_sigma
+
+    ct = sitk.ReadImage(str(knee["ct"]))
+    est = inplane_edge_sigma(ct)["sigma_mm"]
+    dz = ct.GetSpacing()[2]
+    common = ("--segmentation", knee["bones_only"], "--side", knee["side"])
+    model = _student_with_reference(tmp_path / "ref.safetensors", est + 0.25, dz)
+    assert _run(knee["ct"], "--out", tmp_path / "a", "--model", model, *common) == 0
+    a = json.loads((tmp_path / "a" / "summary.json").read_text())
+    res = a["ct_resolution"]
+    assert res["inplane_edge_sigma_mm"] == pytest.approx(est, abs=1e-3)
+    assert res["model_inplane_edge_sigma_mm"] == pytest.approx(est + 0.25)
+    assert res["harmonisation_blur_mm"] == pytest.approx(np.sqrt((est + 0.25) ** 2 - est ** 2), rel=0.15)
+    assert res["inplane_edge_sigma_after_mm"] == pytest.approx(est + 0.25, abs=0.006) and not a["warnings"]
+    assert _run(knee["ct"], "--out", tmp_path / "b", "--model", model, "--no-harmonise", *common) == 0
+    b = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert b["ct_resolution"]["harmonisation_blur_mm"] == 0
+    assert len(b["warnings"]) == 1 and "sharper in-plane" in b["warnings"][0]
+    # the same patches, cut from the blurred CT in the first run only
+    pa, pb = pd.read_csv(tmp_path / "a" / "patches.csv"), pd.read_csv(tmp_path / "b" / "patches.csv")
+    assert pa[["centre_x", "centre_y", "centre_z"]].equals(pb[["centre_x", "centre_y", "centre_z"]])
+    assert not pa[list(PARAMETERS)].equals(pb[list(PARAMETERS)])      # (a random net: small differences)
+    # a softer CT than the training CTs, with other slices: used as it is, with two warnings
+    soft = _student_with_reference(tmp_path / "soft.safetensors", est / 2, dz * 2)
+    assert _run(knee["ct"], "--out", tmp_path / "c", "--model", soft, *common) == 0
+    c = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert c["ct_resolution"]["harmonisation_blur_mm"] == 0
+    assert len(c["warnings"]) == 2 and "softer in-plane" in c["warnings"][0] and "slice spacing" in c["warnings"][1]
+    assert pd.read_csv(tmp_path / "c" / "patches.csv")[list(PARAMETERS)].equals(pb[list(PARAMETERS)])

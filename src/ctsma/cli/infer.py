@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tta", action="store_true", help="8 flipped copies per patch instead of 4 (slower, smoother "
                    "estimates and uncertainty)")
     p.add_argument("--side", choices=("L", "R"), help="knee side, if the anatomy cannot tell")
+    p.add_argument("--no-harmonise", dest="harmonise", action="store_false",
+                   help="do not blur a CT that is sharper in-plane than the model's training CTs to their "
+                        "sharpness (default: match it; see docs/inference.md)")
     p.add_argument("--shard", help="batch mode: process shard i of N (i/N, from 0), for cluster job arrays")
     p.set_defaults(func=run)
 
@@ -43,7 +46,8 @@ def run(args) -> int:
         raise UserError(f"CT not found: {args.ct}")
     if args.stride <= 0 or args.stride > 50:
         raise UserError(f"--stride must be in (0, 50] mm, not {args.stride}")
-    s = InferSettings(stride_mm=args.stride, tta=args.tta, device=args.device, side=args.side)
+    s = InferSettings(stride_mm=args.stride, tta=args.tta, device=args.device, side=args.side,
+                      harmonise=args.harmonise)
     if is_batch_input(args.ct):
         if args.segmentation or args.rois:
             raise UserError("--segmentation/--rois apply to one CT; in batch mode give a 'ct_bones' manifest column")

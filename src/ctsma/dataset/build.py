@@ -240,6 +240,9 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
         mr = read_image(_path(root, row.get("mr")) or Path("<missing mr>"), what=f"MR of {subject}")
     except InputImageError as exc:
         raise SubjectExcluded(str(exc)) from None
+    from ..harmonise import inplane_edge_sigma
+
+    ct_res = inplane_edge_sigma(ct)  # recorded per knee: the model file gets the training CTs' median
     try:
         rois, rsource = load_rois(row, root, ct, s)
     except UserError as exc:
@@ -309,7 +312,9 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
     return {"ct": ct_p[:, None], "mr": mr_p[:, None].astype(np.float32), "ct_mask": ct_m[:, None],
             "mr_mask": mr_m[:, None], "rows": rows, "warnings": warn,
             "info": {"transform": tsource, "rois": rsource, "mr_scale": scale, "mr_threshold": thr,
-                     "true_source": true_source}}
+                     "true_source": true_source,
+                     "ct_resolution": {"inplane_edge_sigma_mm": None if ct_res is None else ct_res["sigma_mm"],
+                                       "spacing_mm": [float(v) for v in ct.GetSpacing()]}}}
 
 
 # ---------------------------------------------------------------- shards

@@ -37,6 +37,7 @@ import SimpleITK as sitk
 
 from .. import PARAMETER_FILE_NAMES, PARAMETER_UNITS, PARAMETERS, ROIS, progress
 from ..errors import InputImageError, UserError
+from ..harmonise import blur_inplane, inplane_edge_sigma, matching_blur
 from ..io import read_image, write_image, write_json
 from ..io.atomic import ensure_writable_dir, staged_outputs
 from ..io.images import check_ct_intensities
@@ -44,6 +45,9 @@ from ..resources import resource_path
 from .maps import blend_maps, roi_table
 
 MAX_SLICE_MM = 2.0
+SOFTER_FACTOR = 1.15   # in-plane edge sigma over the model's reference above which a CT is called softer
+SLICE_RATIO = 1.25     # slice spacing ratio to the model's training CTs beyond which a warning is given
+MATCH_TOLERANCE_MM = 0.02  # a CT sharper than the model's reference by less than this is used as it is
 BACKGROUND = 0.0
 FLIPS_DEFAULT = ((), (0,), (1,), (2,))
 FLIPS_TTA = ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))
@@ -57,6 +61,9 @@ class InferSettings:
     batch_size: int = 256
     side: str | None = None
     min_roi_fraction: float = 0.3
+    harmonise: bool = True
+    """Blur a CT that is sharper in-plane than the model's training CTs to their sharpness before cutting patches
+    (:mod:`ctsma.harmonise`); a softer CT or another slice spacing gets a warning."""
     segmentation_spacing_mm: tuple = (0.7, 0.7, 1.0)
     """Bones and ROIs are found on a copy of the CT at this coarsest (x, y, z) spacing when the CT is finer (a
     512x512x300 clinical CT is 4x smaller then), and their labels are resampled back to the CT grid; the patches
@@ -109,6 +116,56 @@ def predict_with_tta(model, patches: np.ndarray, masks: np.ndarray | None, flips
     return p.mean(0), (p.std(0, ddof=1) if len(preds) > 1 else np.zeros_like(p[0]))
 
 
+def ct_resolution(ct: sitk.Image, meta: dict, harmonise: bool = True) -> tuple[dict, list[str]]:
+    """The CT's in-plane sharpness against the model's training CTs: (summary block, warnings). The block's
+    ``harmonisation_blur_mm`` is the in-plane Gaussian sigma that the patches are cut after (0: none)."""
+    ref = (meta.get("input") or {}).get("ct_reference") or {}
+    est = inplane_edge_sigma(ct)
+    dz, ref_dz = float(ct.GetSpacing()[2]), ref.get("slice_spacing_mm")
+    info = {"inplane_edge_sigma_mm": None if est is None else round(est["sigma_mm"], 4),
+            "model_inplane_edge_sigma_mm": ref.get("inplane_edge_sigma_mm"), "slice_spacing_mm": dz,
+            "model_slice_spacing_mm": ref_dz, "harmonisation_blur_mm": 0.0}
+    warns = []
+    if not ref:
+        info["note"] = "the model file records no training-CT resolution, so the CT is used as it is"
+        return info, warns
+    r = float(ref["inplane_edge_sigma_mm"])
+    if est is None:
+        warns.append("the CT's in-plane sharpness could not be measured (no clean air/body edge in the field of "
+                     "view), so it is not matched to the model's training CTs")
+    else:
+        e = est["sigma_mm"]
+        if harmonise:
+            match = matching_blur(ct, r, sigma_mm=e, tolerance_mm=MATCH_TOLERANCE_MM)
+            if match["blur_mm"] > 0:
+                info["harmonisation_blur_mm"] = round(match["blur_mm"], 4)
+                info["inplane_edge_sigma_after_mm"] = round(match["sigma_after_mm"], 4)
+        if e > SOFTER_FACTOR * r:
+            warns.append(f"the CT is softer in-plane than the model's training CTs (edge sigma {e:.2f} mm against "
+                         f"{r:.2f} mm; a smoother kernel or larger voxels): BV/TV and Tb.Th read low on such CTs "
+                         "(docs/inference.md, 'Other scanners')")
+        elif not harmonise and e < r - MATCH_TOLERANCE_MM:
+            warns.append(f"the CT is sharper in-plane than the model's training CTs (edge sigma {e:.2f} mm against "
+                         f"{r:.2f} mm) and --no-harmonise is set: BV/TV and Tb.Th read high on such CTs")
+    if ref_dz and not (1 / SLICE_RATIO <= dz / ref_dz <= SLICE_RATIO):
+        warns.append(f"the CT's slice spacing ({dz:.2f} mm) differs from the model's training CTs ({ref_dz:.2f} mm); "
+                     "the through-plane resolution cannot be matched, and estimates shift with it "
+                     "(docs/inference.md, 'Other scanners')")
+    return info, warns
+
+
+def _harmonised(ct: sitk.Image, roi_arr: np.ndarray, extent_mm: float, blur_mm: float) -> sitk.Image:
+    """The part of the CT that the patches are cut from (ROI box plus half a patch), blurred in-plane by
+    ``blur_mm``; the margin also holds the blur's reach, so no patch sees the box's edge."""
+    sp = np.asarray(ct.GetSpacing())[::-1]  # z, y, x
+    reach = np.array([0.0, 4 * blur_mm, 4 * blur_mm])
+    box = _crop_box(roi_arr, np.ceil((extent_mm / 2 + reach) / sp).astype(int) + 2)
+    sub = ct[box[2].start:box[2].stop, box[1].start:box[1].stop, box[0].start:box[0].stop]
+    img = sitk.GetImageFromArray(blur_inplane(sitk.GetArrayViewFromImage(sub), ct.GetSpacing()[:2], blur_mm))
+    img.CopyInformation(sub)
+    return img
+
+
 def _crop_box(rois: np.ndarray, margin: np.ndarray) -> tuple[slice, ...]:
     idx = np.argwhere(rois > 0)
     lo = np.maximum(idx.min(0) - margin, 0)
@@ -149,6 +206,10 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         warnings.warn(w, stacklevel=2)
     model_path = Path(model_path) if model_path else default_model_path()
     model, meta = load_student(model_path)
+    resolution, res_warns = ct_resolution(ct, meta, s.harmonise)
+    for w in res_warns:
+        warnings.warn(w, stacklevel=2)
+    warns += res_warns
     device = _device(s.device)
     model.to(device)
     timings["load"] = time.perf_counter() - t0
@@ -211,7 +272,10 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
                               "check the ROIs or use a smaller --stride")
     centres = np.concatenate(centres)
     labels = np.array([ROIS[n] for n in names], np.int16)
-    patches = cut(ct, centres, size, extent, default=-1000.0)[:, None]
+    blur = resolution["harmonisation_blur_mm"]
+    source = _harmonised(ct, roi_arr, extent, blur) if blur > 0 else ct
+    patches = cut(source, centres, size, extent, default=-1000.0)[:, None]
+    del source
     masks = None
     if "mask" in inp["channels"]:
         mk = cut(rois, centres, size, extent, interpolator=sitk.sitkNearestNeighbor, pixel_type=sitk.sitkUInt8)
@@ -256,7 +320,8 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         "model": {"path": str(model_path), **describe(meta),
                   "demo": bool(meta.get("demo", False) or model_path == default_model_path(must_exist=False))},
         "n_patches": int(len(names)), "stride_mm": s.stride_mm, "tta_passes": len(flips), "device": device,
-        "bones_from": bones_from, "rois_from": rois_from, **side_info, "warnings": warns,
+        "bones_from": bones_from, "rois_from": rois_from, **side_info, "ct_resolution": resolution,
+        "warnings": warns,
         "uncertainty": "standard deviation of the predictions over flipped copies of each patch",
         "background": BACKGROUND, "mask": "rois.nii.gz > 0",
     }

@@ -1,0 +1,150 @@
+"""CT in-plane sharpness from the air/body edge, exact in-plane blur, and matching a CT to a model's training CTs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import special
+
+from ctsma.harmonise import blur_inplane, inplane_edge_sigma, matching_blur, training_reference
+from ctsma.inference.engine import _harmonised, ct_resolution
+
+
+def leg(sigma_mm: float, spacing=(0.6, 0.6, 1.0), noise_hu=20.0, seed=0, radius=45.0) -> sitk.Image:
+    """A body cylinder (40 HU) along z in air (-1000 HU) whose boundary is a Gaussian-blurred step of ``sigma_mm``
+    (the error function, point-sampled at the voxel centres), with white noise."""
+    n = (int(150 / spacing[0]), int(150 / spacing[1]), 24)
+    x = (np.arange(n[0]) - n[0] / 2 + 0.31) * spacing[0]
+    y = (np.arange(n[1]) - n[1] / 2 + 0.17) * spacing[1]
+    r = np.hypot(x[None, :], y[:, None])                  # a round section: edges at every angle
+    body = 0.5 * (1 + special.erf((radius - r) / (math.sqrt(2) * sigma_mm)))
+    arr = -1000.0 + 1040.0 * body
+    arr = np.repeat(arr[None], n[2], 0) + np.random.default_rng(seed).normal(0, noise_hu, (n[2], n[1], n[0]))
+    img = sitk.GetImageFromArray(np.round(arr).astype(np.int16))
+    img.SetSpacing(spacing)
+    return img
+
+
+@pytest.mark.parametrize("sigma", [0.3, 0.45, 0.7])
+@pytest.mark.parametrize("spacing", [(0.6, 0.6, 1.0), (0.4, 0.5, 0.7)])
+def test_edge_sigma_of_an_analytic_blurred_body(sigma, spacing):
+    est = inplane_edge_sigma(leg(sigma, spacing))
+    assert est is not None and est["n_edges"] >= 500
+    assert est["sigma_mm"] == pytest.approx(sigma, rel=0.05)
+    assert est["sigma_x_mm"] == pytest.approx(est["sigma_y_mm"], rel=0.08)
+
+
+def test_blur_adds_in_quadrature_and_is_an_exact_gaussian():
+    img = leg(0.35)
+    arr = sitk.GetArrayFromImage(img)
+    e0 = inplane_edge_sigma(img)["sigma_mm"]
+    for b in (0.2, 0.4):
+        out = sitk.GetImageFromArray(np.round(blur_inplane(arr, img.GetSpacing()[:2], b)).astype(np.int16))
+        out.CopyInformation(img)
+        assert inplane_edge_sigma(out)["sigma_mm"] == pytest.approx(math.hypot(e0, b), rel=0.04)
+    # an impulse becomes a Gaussian of the asked variance along x and y, none along z; the sum is kept
+    imp = np.zeros((5, 41, 41), np.float32)
+    imp[2, 20, 20] = 1.0
+    g = blur_inplane(imp, (0.5, 0.4), 1.2)
+    assert g.sum() == pytest.approx(1.0, abs=1e-5) and np.all(g[[0, 1, 3, 4]] == 0)
+    xs, ys = (np.arange(41) - 20) * 0.5, (np.arange(41) - 20) * 0.4
+    assert (g[2].sum(0) * xs ** 2).sum() == pytest.approx(1.2 ** 2, rel=1e-3)
+    assert (g[2].sum(1) * ys ** 2).sum() == pytest.approx(1.2 ** 2, rel=1e-3)
+    # nothing wraps around: a step stays a step away from it, at the borders too (within the ringing of a
+    # Gaussian transfer function cut at the Nyquist frequency: under 1 % of the step)
+    step = np.zeros((1, 8, 60), np.float32)
+    step[..., 30:] = 100.0
+    s = blur_inplane(step, (0.5, 0.5), 0.5)
+    assert np.allclose(s[..., :25], 0, atol=1.0) and np.allclose(s[..., -25:], 100, atol=1.0)
+    assert s[0, 0, 29] == pytest.approx(100 * 0.5 * (1 + special.erf(-0.25 / (math.sqrt(2) * 0.5))), abs=2)
+    assert np.array_equal(blur_inplane(arr[:2], (0.6, 0.6), 0.0), arr[:2].astype(np.float32))
+
+
+def test_no_air_edge_gives_none():
+    inside = sitk.GetImageFromArray(np.random.default_rng(0).normal(40, 20, (10, 80, 80)).astype(np.int16))
+    assert inplane_edge_sigma(inside) is None
+
+
+@pytest.mark.parametrize("sigma", [0.12, 0.25])
+def test_matching_blur_brings_the_edge_to_the_reference(sigma):
+    ct = leg(sigma)
+    m = matching_blur(ct, 0.40)
+    assert m["sigma_mm"] == pytest.approx(sigma, rel=0.1) and m["sigma_after_mm"] == pytest.approx(0.40, abs=0.006)
+    assert m["blur_mm"] == pytest.approx(math.sqrt(0.40 ** 2 - sigma ** 2), rel=0.05)
+    # the whole CT blurred by it measures as the reference too
+    out = sitk.GetImageFromArray(blur_inplane(sitk.GetArrayViewFromImage(ct), ct.GetSpacing()[:2], m["blur_mm"]))
+    out.CopyInformation(ct)
+    assert inplane_edge_sigma(out)["sigma_mm"] == pytest.approx(0.40, abs=0.01)
+
+
+def test_matching_blur_leaves_close_softer_or_unmeasurable_cts_alone():
+    ct = leg(0.39)
+    assert matching_blur(ct, 0.40)["blur_mm"] == 0.0                     # within the tolerance
+    assert matching_blur(ct, 0.30)["blur_mm"] == 0.0                     # softer: cannot be sharpened
+    inside = sitk.GetImageFromArray(np.random.default_rng(0).normal(40, 20, (10, 80, 80)).astype(np.int16))
+    m = matching_blur(inside, 0.40)
+    assert m["blur_mm"] == 0.0 and m["sigma_mm"] is None
+
+
+def test_training_reference_from_the_store_attributes():
+    info = {f"k{i}": {"ct_resolution": {"inplane_edge_sigma_mm": s, "spacing_mm": [0.6, 0.6, dz]}}
+            for i, (s, dz) in enumerate([(0.36, 1.0), (0.38, 1.0), (0.40, 1.25), (None, 1.0)])}
+    ref = training_reference(json.dumps(info), ["k0", "k1", "k2", "k3", "unknown"])
+    assert ref["inplane_edge_sigma_mm"] == pytest.approx(0.38) and ref["n_ct"] == 3
+    assert ref["inplane_edge_sigma_range_mm"] == pytest.approx([0.36, 0.40]) and ref["slice_spacing_mm"] == 1.0
+    assert training_reference(info, ["k0"])["inplane_edge_sigma_mm"] == pytest.approx(0.36)
+    assert training_reference({}, ["k0"]) is None and training_reference(None, ["k0"]) is None
+
+
+def _meta(sigma, dz=1.0):
+    return {"input": {"ct_reference": {"inplane_edge_sigma_mm": sigma, "slice_spacing_mm": dz}}}
+
+
+def test_ct_resolution_decides_blur_and_warnings():
+    ct = leg(0.25)
+    est = inplane_edge_sigma(ct)["sigma_mm"]
+    info, warns = ct_resolution(ct, _meta(0.40))                 # sharper than the training CTs: matched
+    assert info["harmonisation_blur_mm"] == pytest.approx(math.sqrt(0.4 ** 2 - est ** 2), abs=1e-4) and not warns
+    info, warns = ct_resolution(ct, _meta(0.40), harmonise=False)
+    assert info["harmonisation_blur_mm"] == 0 and len(warns) == 1 and "sharper" in warns[0]
+    info, warns = ct_resolution(ct, _meta(0.18))                 # softer: a warning, no blur
+    assert info["harmonisation_blur_mm"] == 0 and len(warns) == 1 and "softer" in warns[0]
+    info, warns = ct_resolution(ct, _meta(est, dz=2.0))          # other slice spacing: a warning
+    assert info["harmonisation_blur_mm"] == 0 and len(warns) == 1 and "slice spacing" in warns[0]
+    info, warns = ct_resolution(ct, {"input": {}})               # an older model: used as it is, said so
+    assert info["harmonisation_blur_mm"] == 0 and not warns and "no training-CT resolution" in info["note"]
+    assert info["inplane_edge_sigma_mm"] == pytest.approx(est, abs=1e-4)
+
+
+def test_the_harmonised_crop_equals_the_whole_ct_blurred_where_patches_are_cut():
+    ct = leg(0.25)
+    rois = np.zeros(sitk.GetArrayViewFromImage(ct).shape, np.uint8)
+    rois[10:14, 100:130, 110:140] = 1
+    sub = _harmonised(ct, rois, 8.0, 0.3)
+    whole = blur_inplane(sitk.GetArrayViewFromImage(ct), ct.GetSpacing()[:2], 0.3)
+    lo = np.rint(ct.TransformPhysicalPointToContinuousIndex(sub.GetOrigin())).astype(int)[::-1]
+    a = sitk.GetArrayViewFromImage(sub)
+    # the part within half a patch (4 mm) of the ROIs
+    inner = (slice(max(10 - 4, 0) - lo[0], 14 + 4 - lo[0]),
+             slice(100 - 7 - lo[1], 130 + 7 - lo[1]), slice(110 - 7 - lo[2], 140 + 7 - lo[2]))
+    full = whole[lo[0]:lo[0] + a.shape[0], lo[1]:lo[1] + a.shape[1], lo[2]:lo[2] + a.shape[2]]
+    # equal but for the far tail of the band-limited kernel (the crop's edges are padded, the whole CT's are not):
+    # well under the 20-HU noise
+    np.testing.assert_allclose(a[inner], full[inner], atol=0.5)
+    assert np.abs(a[inner] - full[inner]).mean() < 0.1
+
+
+def test_only_a_ct_model_file_carries_the_reference():
+    from ctsma.models.export import build_meta
+    from ctsma.models.networks import PatchRegressor
+
+    net = PatchRegressor(1, 16, widths=(4, 8, 8, 8), head_hidden=8)
+    ref = {"inplane_edge_sigma_mm": 0.31, "slice_spacing_mm": 1.0}
+    kw = dict(spacing_mm=0.5, extent_mm=8.0, masks=False, intensity_offset=0.0, intensity_scale=1.0, target="mr",
+              y_mean=np.zeros(4), y_sd=np.ones(4), training={}, metrics={}, ct_reference=ref)
+    assert build_meta("student_distilled", net, modality="ct", **kw)["input"]["ct_reference"] == ref
+    assert "ct_reference" not in build_meta("teacher", net, modality="mr", **kw)["input"]

@@ -1,0 +1,149 @@
+"""How do the CT-only estimates move when the CT scanner settings change?  (held-out phantom settings)
+
+The same knees (a cohort seed the demo never used, so new patients for the shipped demo model) are simulated
+with the demo's CT settings and with CT settings the model never saw: more noise, a sharper or a softer
+reconstruction kernel, finer or thicker voxels. The microstructure, the MR and the truth of a knee depend only on
+the cohort seed and the knee's index, so only the CT differs between settings. ``ctsma infer`` runs on each CT
+(automatic bones and ROIs, default model, default settings), and its ROI means are compared
+
+* with the same knee's ROI means under the demo's CT settings: ICC(2,1) (do two scanners give the same value?)
+  and the mean difference in units of the parameter's SD across knees and ROIs (a systematic shift);
+* with the phantom's true ROI values: Pearson r (the MR-derived values the model learns are apparent, on another
+  scale, so only r is meaningful against the truth).
+
+Each setting runs twice: as ``ctsma infer`` does by default (a CT sharper in-plane than the model's training CTs is
+blurred to their sharpness, :mod:`ctsma.harmonise`) and with ``--no-harmonise`` (the CT as it is).
+
+    .venv/bin/python benchmarks/bench_ct_shift.py [--n 8] [--seed 101] [--model FILE] [--work DIR] [--tag NAME]
+
+Writes ``benchmarks/results/bench_ct_shift[_<tag>].json``. The phantoms go to ``--work`` (default a temporary
+folder, removed at the end; about 18 MB per knee and setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from ctsma import PARAMETERS, ROIS
+from ctsma.inference.engine import InferSettings, default_model_path, infer
+from ctsma.stats import icc21, pearson_r
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# CT settings (phantom overrides); "demo" is the training distribution
+SETTINGS = {
+    "demo": {},
+    "noise_x2": {"ct_noise_hu": 44.0},
+    "sharp_kernel": {"ct_psf_fwhm_mm": [0.6, 0.6, 1.0]},
+    "soft_kernel": {"ct_psf_fwhm_mm": [1.2, 1.2, 1.7]},
+    "fine_voxels": {"ct_spacing": [0.4, 0.4, 0.7], "ct_psf_fwhm_mm": [0.7, 0.7, 1.0]},
+    "thick_slices": {"ct_spacing": [0.6, 0.6, 1.5], "ct_psf_fwhm_mm": [0.9, 0.9, 1.8]},
+}
+
+
+def make_cohort(work: Path, name: str, over: dict, n: int, seed: int, workers: int) -> Path:
+    out = work / name
+    if (out / "manifest.csv").is_file():
+        return out
+    cfg = work / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump(over or {"ct_noise_hu": 22.0}))
+    subprocess.run([str(Path(sys.executable).parent / "ctsma"), "phantom", "--n", str(n), "--seed", str(seed), "--out", str(out),
+                    "--workers", str(workers), "--config", str(cfg)], check=True)
+    return out
+
+
+def roi_means(cohort: Path, model: Path, tmp: Path, harmonise: bool) -> tuple[pd.DataFrame, list]:
+    man = pd.read_csv(cohort / "manifest.csv", dtype={"subject": str})
+    rows, res = [], []
+    for r in man.itertuples():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            summ = infer(cohort / r.ct, tmp / r.subject, model_path=model,
+                         settings=InferSettings(side=r.side, harmonise=harmonise), diagnosis_path=None,
+                         subject=r.subject)
+        res.append(summ["ct_resolution"])
+        tab = pd.read_csv(tmp / r.subject / "roi_table.csv")
+        rows += [{"subject": r.subject, "roi": t.roi, "parameter": t.parameter, "value": t.mean}
+                 for t in tab.itertuples()]
+    return pd.DataFrame(rows), res
+
+
+def compare(a: pd.DataFrame, b: pd.DataFrame) -> dict:
+    m = a.merge(b, on=["subject", "roi", "parameter"], suffixes=("_a", "_b"))
+    out = {}
+    for p in PARAMETERS:
+        s = m[m.parameter == p].dropna()
+        x, y = s["value_a"].to_numpy(), s["value_b"].to_numpy()
+        out[p] = {"icc21": round(float(icc21(x, y).value), 3), "pearson_r": round(float(pearson_r(x, y)), 3),
+                  "shift_sd": round(float(np.mean(y - x) / np.std(x, ddof=1)), 3), "n": int(len(s))}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=101, help="cohort seed (not the demo's 0)")
+    ap.add_argument("--model", default=None, help="student model file (default: the shipped demo model)")
+    ap.add_argument("--work", default=None, help="keep the phantoms here (default: a temporary folder)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args()
+    model = Path(a.model) if a.model else default_model_path()
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="ctshift_"))
+    work.mkdir(parents=True, exist_ok=True)
+    res = {"model": str(model.relative_to(ROOT) if model.is_relative_to(ROOT) else model), "seed": a.seed,
+           "n_knees": a.n, "settings": SETTINGS, "results": {}}
+    try:
+        means, truth = {}, None
+        for name, over in SETTINGS.items():
+            t0 = time.perf_counter()
+            cohort = make_cohort(work, name, over, a.n, a.seed, a.workers)
+            if truth is None:
+                man = pd.read_csv(cohort / "manifest.csv", dtype={"subject": str}).set_index("subject")
+                truth = pd.DataFrame([{"subject": s, "roi": r, "parameter": p, "value": man.loc[s, f"true_{r}_{p}"]}
+                                      for s in man.index for r in ROIS for p in PARAMETERS])
+            block = {}
+            for mode, harm in (("harmonised", True), ("as_is", False)):
+                with tempfile.TemporaryDirectory() as tmp:
+                    means[name, mode], res_info = roi_means(cohort, model, Path(tmp), harm)
+                b = {"vs_truth": compare(truth, means[name, mode])}
+                if name != "demo":
+                    b["vs_demo_settings"] = compare(means["demo", mode], means[name, mode])
+                if harm:
+                    b["inplane_edge_sigma_mm"] = [x["inplane_edge_sigma_mm"] for x in res_info]
+                    b["harmonisation_blur_mm"] = [x["harmonisation_blur_mm"] for x in res_info]
+                block[mode] = b
+            block["seconds"] = round(time.perf_counter() - t0, 1)
+            res["results"][name] = block
+            print(name, json.dumps(block), flush=True)
+    finally:
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
+    out = ROOT / "benchmarks" / "results" / f"bench_ct_shift{'_' + a.tag if a.tag else ''}.json"
+    out.write_text(json.dumps(res, indent=1))
+    print(f"{'setting':26s} " + " ".join(f"{p:>26s}" for p in PARAMETERS))
+    for name, bb in res["results"].items():
+        for mode in ("as_is", "harmonised"):
+            b, cells = bb[mode], []
+            for p in PARAMETERS:
+                r = b["vs_truth"][p]["pearson_r"]
+                d = b.get("vs_demo_settings", {}).get(p)
+                cells.append(f"r {r:.2f}" + (f" ICC {d['icc21']:.2f} {d['shift_sd']:+.2f} SD" if d else " " * 19))
+            print(f"{name + ' ' + mode:26s} " + " ".join(f"{c:>26s}" for c in cells))
+    print("written", out)
+
+
+if __name__ == "__main__":
+    main()
