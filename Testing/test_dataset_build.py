@@ -216,3 +216,25 @@ def test_parallel_build_gives_the_same_store(cohort, tmp_path):
     idx = np.arange(len(a))
     for k in ("ct", "mr", "ct_mask", "mr_mask"):
         np.testing.assert_array_equal(a.read(k, idx), b.read(k, idx))
+
+
+def test_ct_edge_sigma_blurs_every_ct_to_one_sharpness(cohort, tmp_path):
+    root, tx, ct = cohort
+    base = dict(SMALL, transform_column="transform_ct_to_mr", max_per_roi=3)
+    build_dataset(root / "manifest.csv", tmp_path / "as_is", BuildSettings(**base), subjects=["k0"])
+    with pytest.warns(UserWarning, match="softer in-plane"):   # the analytic CT (0.7 mm) is softer than 0.3 mm
+        build_dataset(root / "manifest.csv", tmp_path / "soft", BuildSettings(**base, ct_edge_sigma_mm=0.3),
+                      subjects=["k0"])
+    build_dataset(root / "manifest.csv", tmp_path / "matched", BuildSettings(**base, ct_edge_sigma_mm=1.0),
+                  subjects=["k0"])
+    res = json.loads(PatchStore(tmp_path / "matched").attrs["subject_info"])["k0"]["ct_resolution"]
+    assert res["inplane_edge_sigma_raw_mm"] == pytest.approx(0.7, rel=0.15)
+    assert res["inplane_edge_sigma_mm"] == pytest.approx(1.0, abs=0.006)
+    assert res["harmonisation_blur_mm"] == pytest.approx(np.sqrt(1.0 - res["inplane_edge_sigma_raw_mm"] ** 2), rel=0.1)
+    a, m = PatchStore(tmp_path / "as_is"), PatchStore(tmp_path / "matched")
+    assert a.table[["centre_x", "centre_y", "centre_z"]].equals(m.table[["centre_x", "centre_y", "centre_z"]])
+    ca, cm = a.read("ct", np.arange(len(a))), m.read("ct", np.arange(len(m)))
+    assert np.abs(np.diff(cm, axis=-1)).mean() < 0.9 * np.abs(np.diff(ca, axis=-1)).mean()  # smoother in-plane
+    assert np.abs(cm.mean() - ca.mean()) < 0.02 * np.abs(ca).mean()                        # same HU on average
+    np.testing.assert_array_equal(PatchStore(tmp_path / "soft").read("ct", np.arange(len(a))), ca)
+    assert a.table["mr_BV/TV"].equals(m.table["mr_BV/TV"])                                 # the MR is untouched

@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 from scipy import special
 
-from ctsma.harmonise import blur_inplane, inplane_edge_sigma, matching_blur, training_reference
-from ctsma.inference.engine import _harmonised, ct_resolution
+from ctsma.harmonise import blur_inplane, blurred_crop, inplane_edge_sigma, matching_blur, training_reference
+from ctsma.inference.engine import ct_resolution
 
 
 def leg(sigma_mm: float, spacing=(0.6, 0.6, 1.0), noise_hu=20.0, seed=0, radius=45.0) -> sitk.Image:
@@ -124,7 +124,7 @@ def test_the_harmonised_crop_equals_the_whole_ct_blurred_where_patches_are_cut()
     ct = leg(0.25)
     rois = np.zeros(sitk.GetArrayViewFromImage(ct).shape, np.uint8)
     rois[10:14, 100:130, 110:140] = 1
-    sub = _harmonised(ct, rois, 8.0, 0.3)
+    sub = blurred_crop(ct, rois, 8.0, 0.3)
     whole = blur_inplane(sitk.GetArrayViewFromImage(ct), ct.GetSpacing()[:2], 0.3)
     lo = np.rint(ct.TransformPhysicalPointToContinuousIndex(sub.GetOrigin())).astype(int)[::-1]
     a = sitk.GetArrayViewFromImage(sub)

@@ -176,6 +176,22 @@ def matching_blur(ct: sitk.Image, reference_mm: float, *, tolerance_mm: float = 
     return out
 
 
+def blurred_crop(ct: sitk.Image, mask: np.ndarray, extent_mm: float, blur_mm: float) -> sitk.Image:
+    """The part of ``ct`` that patches of ``extent_mm`` centred in ``mask`` (a (z, y, x) array on the CT grid) are
+    cut from, blurred in-plane by ``blur_mm`` (float32). The margin holds half a patch, the blur's reach and 2
+    voxels, so no patch sees the crop's edge; only the crop is blurred, which keeps a clinical CT's memory low."""
+    sp = np.asarray(ct.GetSpacing())[::-1]  # z, y, x
+    reach = np.array([0.0, 4 * blur_mm, 4 * blur_mm])
+    margin = np.ceil((extent_mm / 2 + reach) / sp).astype(int) + 2
+    idx = np.argwhere(mask > 0)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + margin + 1, mask.shape)
+    sub = ct[int(lo[2]):int(hi[2]), int(lo[1]):int(hi[1]), int(lo[0]):int(hi[0])]
+    img = sitk.GetImageFromArray(blur_inplane(sitk.GetArrayViewFromImage(sub), ct.GetSpacing()[:2], blur_mm))
+    img.CopyInformation(sub)
+    return img
+
+
 def training_reference(subject_info: dict | None, subjects) -> dict | None:
     """The student's CT reference from the dataset's per-knee records (``subject_info[s]["ct_resolution"]``) of its
     training knees: the median in-plane edge sigma and slice spacing; None when no knee has a record.
@@ -193,4 +209,4 @@ def training_reference(subject_info: dict | None, subjects) -> dict | None:
             "estimator": "ctsma.harmonise.inplane_edge_sigma (error-function fits to air/body edges along x and y)"}
 
 
-__all__ = ["inplane_edge_sigma", "blur_inplane", "matching_blur", "training_reference"]
+__all__ = ["inplane_edge_sigma", "blur_inplane", "matching_blur", "blurred_crop", "training_reference"]

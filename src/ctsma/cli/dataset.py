@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
     b.add_argument("--no-truth", action="store_true", help="skip the phantom's true parameters")
     b.add_argument("--subjects", nargs="*", default=None, help="only these subjects")
     b.add_argument("--workers", type=int, default=1, help="subjects built in parallel processes (default 1)")
+    b.add_argument("--ct-edge-sigma-mm", type=float, default=None, metavar="MM",
+                   help="blur every CT in-plane to this edge sigma before cutting patches (0: as they are; see "
+                        "docs/dataset.md)")
     b.set_defaults(func=run)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -36,7 +39,8 @@ def run(args) -> int:
 
     over = {k: v for k, v in (("stride_mm", args.stride_mm), ("max_per_roi", args.max_per_roi),
                               ("extent_mm", args.extent_mm), ("folds", args.folds), ("seed", args.seed),
-                              ("roi_source", args.rois), ("transform_column", args.transform_column))
+                              ("roi_source", args.rois), ("transform_column", args.transform_column),
+                              ("ct_edge_sigma_mm", args.ct_edge_sigma_mm))
             if v is not None}
     if args.no_truth:
         over["truth"] = False

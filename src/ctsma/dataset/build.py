@@ -70,6 +70,11 @@ class BuildSettings:
     test_fraction: float = setting(0.2, lo=0.0, hi=0.9, help="share of patients held out as test")
     val_fraction: float = setting(0.2, lo=0.0, hi=0.9, help="share of the other patients used for validation")
     seed: int = setting(0, lo=0, hi=2**31 - 1, help="random seed (centre subsets, splits)")
+    ct_edge_sigma_mm: float = setting(0.0, lo=0.0, hi=3.0,
+                                      help="blur each CT in-plane to this edge sigma (mm, ctsma.harmonise) before "
+                                           "cutting its patches; 0: use the CTs as they are. Set it at least as soft "
+                                           "as the cohort's softest CT protocol: the student then sees one sharpness, "
+                                           "and inference matches any CT up to it")
     quality: bool = setting(True, help="render quality figures (patch pairs, parameter histograms)")
 
 
@@ -240,14 +245,29 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
         mr = read_image(_path(root, row.get("mr")) or Path("<missing mr>"), what=f"MR of {subject}")
     except InputImageError as exc:
         raise SubjectExcluded(str(exc)) from None
-    from ..harmonise import inplane_edge_sigma
+    from ..harmonise import blurred_crop, inplane_edge_sigma, matching_blur
 
     ct_res = inplane_edge_sigma(ct)  # recorded per knee: the model file gets the training CTs' median
+    sigma = None if ct_res is None else ct_res["sigma_mm"]
+    resolution = {"inplane_edge_sigma_mm": sigma, "spacing_mm": [float(v) for v in ct.GetSpacing()]}
     try:
         rois, rsource = load_rois(row, root, ct, s)
     except UserError as exc:
         raise SubjectExcluded(f"no ROIs: {exc}") from None
-    centres, labels, warn = [], [], []
+    ct_src, warn = ct, []
+    if s.ct_edge_sigma_mm > 0:
+        if sigma is None:
+            raise SubjectExcluded("its in-plane sharpness cannot be measured (no clean air/body edge in the field "
+                                  "of view), so it cannot be matched to ct_edge_sigma_mm")
+        match = matching_blur(ct, s.ct_edge_sigma_mm, sigma_mm=sigma)
+        resolution.update(inplane_edge_sigma_raw_mm=sigma, harmonisation_blur_mm=match["blur_mm"],
+                          inplane_edge_sigma_mm=match["sigma_after_mm"])
+        if match["blur_mm"] > 0:
+            ct_src = blurred_crop(ct, sitk.GetArrayViewFromImage(rois), s.extent_mm, match["blur_mm"])
+        elif sigma > s.ct_edge_sigma_mm + 0.02:
+            warn.append(f"{subject}: its CT is softer in-plane (edge sigma {sigma:.2f} mm) than ct_edge_sigma_mm "
+                        f"({s.ct_edge_sigma_mm:.2f} mm) and is used as it is")
+    centres, labels = [], []
     for name, value in ROIS.items():
         c, n_valid = roi_centres(rois, value, s.stride_mm, s.extent_mm, s.min_roi_fraction, s.max_per_roi, rng)
         if len(c):
@@ -259,7 +279,8 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
     centres = np.concatenate(centres) if labels else np.zeros((0, 3))
     if not len(centres):
         raise SubjectExcluded("no valid patch centre in any ROI (ROIs empty, or the MR does not cover them)")
-    ct_p = cut(ct, centres, s.ct_size, s.extent_mm, default=-1000.0)
+    ct_p = cut(ct_src, centres, s.ct_size, s.extent_mm, default=-1000.0)
+    del ct_src
     mr_p = cut(mr, centres, s.mr_size, s.extent_mm, transform=transform)
     roi_val = np.array([ROIS[n] for n in labels], np.uint8)[:, None, None, None]
     ct_m = (cut(rois, centres, s.ct_size, s.extent_mm, interpolator=sitk.sitkNearestNeighbor,
@@ -313,8 +334,7 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
             "mr_mask": mr_m[:, None], "rows": rows, "warnings": warn,
             "info": {"transform": tsource, "rois": rsource, "mr_scale": scale, "mr_threshold": thr,
                      "true_source": true_source,
-                     "ct_resolution": {"inplane_edge_sigma_mm": None if ct_res is None else ct_res["sigma_mm"],
-                                       "spacing_mm": [float(v) for v in ct.GetSpacing()]}}}
+                     "ct_resolution": resolution}}
 
 
 # ---------------------------------------------------------------- shards

@@ -37,7 +37,7 @@ import SimpleITK as sitk
 
 from .. import PARAMETER_FILE_NAMES, PARAMETER_UNITS, PARAMETERS, ROIS, progress
 from ..errors import InputImageError, UserError
-from ..harmonise import blur_inplane, inplane_edge_sigma, matching_blur
+from ..harmonise import blurred_crop, inplane_edge_sigma, matching_blur
 from ..io import read_image, write_image, write_json
 from ..io.atomic import ensure_writable_dir, staged_outputs
 from ..io.images import check_ct_intensities
@@ -154,18 +154,6 @@ def ct_resolution(ct: sitk.Image, meta: dict, harmonise: bool = True) -> tuple[d
     return info, warns
 
 
-def _harmonised(ct: sitk.Image, roi_arr: np.ndarray, extent_mm: float, blur_mm: float) -> sitk.Image:
-    """The part of the CT that the patches are cut from (ROI box plus half a patch), blurred in-plane by
-    ``blur_mm``; the margin also holds the blur's reach, so no patch sees the box's edge."""
-    sp = np.asarray(ct.GetSpacing())[::-1]  # z, y, x
-    reach = np.array([0.0, 4 * blur_mm, 4 * blur_mm])
-    box = _crop_box(roi_arr, np.ceil((extent_mm / 2 + reach) / sp).astype(int) + 2)
-    sub = ct[box[2].start:box[2].stop, box[1].start:box[1].stop, box[0].start:box[0].stop]
-    img = sitk.GetImageFromArray(blur_inplane(sitk.GetArrayViewFromImage(sub), ct.GetSpacing()[:2], blur_mm))
-    img.CopyInformation(sub)
-    return img
-
-
 def _crop_box(rois: np.ndarray, margin: np.ndarray) -> tuple[slice, ...]:
     idx = np.argwhere(rois > 0)
     lo = np.maximum(idx.min(0) - margin, 0)
@@ -273,7 +261,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     centres = np.concatenate(centres)
     labels = np.array([ROIS[n] for n in names], np.int16)
     blur = resolution["harmonisation_blur_mm"]
-    source = _harmonised(ct, roi_arr, extent, blur) if blur > 0 else ct
+    source = blurred_crop(ct, roi_arr, extent, blur) if blur > 0 else ct
     patches = cut(source, centres, size, extent, default=-1000.0)[:, None]
     del source
     masks = None
