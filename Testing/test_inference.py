@@ -252,3 +252,22 @@ def test_a_ct_sharper_than_the_training_cts_is_blurred_to_them_before_the_patche
     assert c["ct_resolution"]["harmonisation_blur_mm"] == 0
     assert len(c["warnings"]) == 2 and "softer in-plane" in c["warnings"][0] and "slice spacing" in c["warnings"][1]
     assert pd.read_csv(tmp_path / "c" / "patches.csv")[list(PARAMETERS)].equals(pb[list(PARAMETERS)])
+
+
+def test_patient_report_from_a_real_infer_folder(knee, constant_student, tmp_path, monkeypatch):
+    """`ctsma report patient` on what `infer` writes: the OA probability and the model's CV metrics land in their
+    rows (no raw JSON), the provenance is readable, and the analysis notes carry infer's warnings."""
+    from ctsma.report import patient_figures
+
+    for name in ("maps_figure", "overview_figure"):  # the text is what matters here
+        monkeypatch.setattr(patient_figures, name, lambda *a, **k: None)
+    out = tmp_path / "run"
+    assert _run(knee["ct"], "--out", out, "--model", constant_student) == 0  # side from anatomy: a warning
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["oa_probability"] is not None and summary["warnings"]
+    assert cli_main(["--quiet", "report", "patient", str(knee["ct"]), str(out), "--format", "html"]) == 0
+    html = next((out / "report").glob("*.html")).read_text(encoding="utf-8")
+    assert f"{summary['oa_probability']:.2f}" in html or f"{100 * summary['oa_probability']:.0f}" in html
+    assert "cv_metrics" not in html and "{&quot;" not in html and '{"' not in html
+    assert "Analysis notes" in html and "Knee side" in html and "docs/" not in html
+    assert "Role" in html and "student_distilled" in html   # (this test model records no training knees)

@@ -517,3 +517,26 @@ def test_patient_diagnosis_table_shows_readable_rows_only(tmp_path, knee):
     assert wanted <= set(labels)
     assert labels["Cross-validation folds"] == "5" and labels["Patients in the cross-validation"] == "23"
     assert not any(k in " ".join(labels) for k in ("seed", "auc se", "seconds", "p auc", "auc diff", "method"))
+
+
+def test_patient_report_lists_the_analysis_notes(knee, monkeypatch):
+    for name in ("maps_figure", "overview_figure"):
+        monkeypatch.setattr(patient_mod.patient_figures, name, lambda *a, **k: None)
+    summary = {"warnings": ["knee side R inferred from the shape of the proximal tibia"],
+               "ct_resolution": {"inplane_edge_sigma_mm": 0.12, "model_inplane_edge_sigma_mm": 0.31,
+                                 "harmonisation_blur_mm": 0.285}}
+    notes = patient_mod.analysis_notes(summary)
+    assert notes[0] == "Knee side R inferred from the shape of the proximal tibia."   # a report sentence
+    assert "blurred in-plane by 0.285 mm" in notes[1]
+    assert patient_mod.analysis_notes({"warnings": ["the CT is softer (docs/inference.md, 'Other scanners')"]}) \
+        == ["The CT is softer."]                                                        # no pointer into the docs
+    assert "0.120 mm against 0.310 mm" in notes[1]
+    doc = patient_mod.build_patient_document(**_patient_kwargs(knee), notes=notes)
+    heads = [b.text for b in doc.blocks if type(b).__name__ == "Heading"]
+    paras = [b.text for b in doc.blocks if type(b).__name__ == "Paragraph"]
+    assert "Analysis notes" in heads and all(n in paras for n in notes)
+    # nothing to note: no section
+    assert patient_mod.analysis_notes({"warnings": [], "ct_resolution": {"harmonisation_blur_mm": 0.0}}) == []
+    assert patient_mod.analysis_notes(None) == []
+    doc = patient_mod.build_patient_document(**_patient_kwargs(knee), notes=[])
+    assert "Analysis notes" not in [b.text for b in doc.blocks if type(b).__name__ == "Heading"]

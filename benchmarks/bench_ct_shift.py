@@ -9,7 +9,9 @@ the cohort seed and the knee's index, so only the CT differs between settings. `
 * with the same knee's ROI means under the demo's CT settings: ICC(2,1) (do two scanners give the same value?)
   and the mean difference in units of the parameter's SD across knees and ROIs (a systematic shift);
 * with the phantom's true ROI values: Pearson r (the MR-derived values the model learns are apparent, on another
-  scale, so only r is meaningful against the truth).
+  scale, so only r is meaningful against the truth);
+* and the knee's OA probability from the shipped diagnosis model (or ``--diagnosis-model``): the mean absolute
+  change against the demo's CT settings, and how many knees change sides of 0.5.
 
 Each setting runs twice: as ``ctsma infer`` does by default (a CT sharper in-plane than the model's training CTs is
 blurred to their sharpness, :mod:`ctsma.harmonise`) and with ``--no-harmonise`` (the CT as it is).
@@ -37,7 +39,7 @@ import pandas as pd
 import yaml
 
 from ctsma import PARAMETERS, ROIS
-from ctsma.inference.engine import InferSettings, default_model_path, infer
+from ctsma.inference.engine import InferSettings, default_diagnosis_path, default_model_path, infer
 from ctsma.stats import icc21, pearson_r
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,16 +66,16 @@ def make_cohort(work: Path, name: str, over: dict, n: int, seed: int, workers: i
     return out
 
 
-def roi_means(cohort: Path, model: Path, tmp: Path, harmonise: bool) -> tuple[pd.DataFrame, list]:
+def roi_means(cohort: Path, model: Path, tmp: Path, harmonise: bool, diagnosis) -> tuple[pd.DataFrame, list]:
     man = pd.read_csv(cohort / "manifest.csv", dtype={"subject": str})
     rows, res = [], []
     for r in man.itertuples():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             summ = infer(cohort / r.ct, tmp / r.subject, model_path=model,
-                         settings=InferSettings(side=r.side, harmonise=harmonise), diagnosis_path=None,
+                         settings=InferSettings(side=r.side, harmonise=harmonise), diagnosis_path=diagnosis,
                          subject=r.subject)
-        res.append(summ["ct_resolution"])
+        res.append({**summ["ct_resolution"], "subject": r.subject, "oa_probability": summ.get("oa_probability")})
         tab = pd.read_csv(tmp / r.subject / "roi_table.csv")
         rows += [{"subject": r.subject, "roi": t.roi, "parameter": t.parameter, "value": t.mean}
                  for t in tab.itertuples()]
@@ -96,6 +98,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--seed", type=int, default=101, help="cohort seed (not the demo's 0)")
     ap.add_argument("--model", default=None, help="student model file (default: the shipped demo model)")
+    ap.add_argument("--diagnosis-model", default=None, help="diagnosis model file (default: the shipped one)")
     ap.add_argument("--work", default=None, help="keep the phantoms here (default: a temporary folder)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tag", default="")
@@ -106,7 +109,8 @@ def main() -> None:
     res = {"model": str(model.relative_to(ROOT) if model.is_relative_to(ROOT) else model), "seed": a.seed,
            "n_knees": a.n, "settings": SETTINGS, "results": {}}
     try:
-        means, truth = {}, None
+        means, probs, truth = {}, {}, None
+        diagnosis = default_diagnosis_path() if a.diagnosis_model is None else Path(a.diagnosis_model)
         for name, over in SETTINGS.items():
             t0 = time.perf_counter()
             cohort = make_cohort(work, name, over, a.n, a.seed, a.workers)
@@ -117,10 +121,16 @@ def main() -> None:
             block = {}
             for mode, harm in (("harmonised", True), ("as_is", False)):
                 with tempfile.TemporaryDirectory() as tmp:
-                    means[name, mode], res_info = roi_means(cohort, model, Path(tmp), harm)
+                    means[name, mode], res_info = roi_means(cohort, model, Path(tmp), harm, diagnosis)
                 b = {"vs_truth": compare(truth, means[name, mode])}
+                probs[name, mode] = np.array([x["oa_probability"] for x in res_info], dtype=float)
+                b["oa_probability"] = [round(float(p), 3) for p in probs[name, mode]]
                 if name != "demo":
                     b["vs_demo_settings"] = compare(means["demo", mode], means[name, mode])
+                    d = probs[name, mode] - probs["demo", mode]
+                    b["oa_probability_vs_demo_settings"] = {
+                        "mean_abs_change": round(float(np.mean(np.abs(d))), 3), "mean_change": round(float(d.mean()), 3),
+                        "calls_changed": int(np.sum((probs[name, mode] >= 0.5) != (probs["demo", mode] >= 0.5)))}
                 if harm:
                     b["inplane_edge_sigma_mm"] = [x["inplane_edge_sigma_mm"] for x in res_info]
                     b["harmonisation_blur_mm"] = [x["harmonisation_blur_mm"] for x in res_info]
@@ -141,7 +151,10 @@ def main() -> None:
                 r = b["vs_truth"][p]["pearson_r"]
                 d = b.get("vs_demo_settings", {}).get(p)
                 cells.append(f"r {r:.2f}" + (f" ICC {d['icc21']:.2f} {d['shift_sd']:+.2f} SD" if d else " " * 19))
-            print(f"{name + ' ' + mode:26s} " + " ".join(f"{c:>26s}" for c in cells))
+            o = b.get("oa_probability_vs_demo_settings")
+            print(f"{name + ' ' + mode:26s} " + " ".join(f"{c:>26s}" for c in cells)
+                  + (f"   OA prob. |change| {o['mean_abs_change']:.2f}, calls changed {o['calls_changed']}/{a.n}"
+                     if o else ""))
     print("written", out)
 
 

@@ -96,6 +96,7 @@ def run_patient(args) -> int:
     from ..errors import UserError
     from ..io import read_image
     from ..report import PATIENT_REPORT_FORMATS, patient_report_path, write_patient_report
+    from ..report.patient import inputs_from_summary
 
     d = Path(args.infer_dir)
     if not d.is_dir():
@@ -113,10 +114,7 @@ def run_patient(args) -> int:
             summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
         except ValueError as exc:
             raise UserError(f"cannot read {d / 'summary.json'}: {exc}") from None
-    provenance = summary.get("provenance") or summary.get("model")
-    diagnosis = summary.get("diagnosis")
-    if not isinstance(diagnosis, dict):
-        diagnosis = {k: summary[k] for k in ("oa_probability", "severity", "auc", "auc_ci") if k in summary} or None
+    inputs = inputs_from_summary(summary)
     if args.reference:
         reference = _read_csv(args.reference, "reference ranges", ["roi", "parameter", "mean", "sd"])
     elif isinstance(summary.get("reference_ranges"), list):
@@ -128,7 +126,6 @@ def run_patient(args) -> int:
     formats = PATIENT_REPORT_FORMATS if args.format == "both" else (args.format,)
     out = {f: patient_report_path(args.out or d, subject, f) for f in formats}
     write_patient_report(out, ct=ct, rois=rois, maps=maps, roi_table=roi_table, reference_ranges=reference,
-                         diagnosis=diagnosis, provenance=provenance if isinstance(provenance, dict) else None,
-                         subject=subject)
+                         subject=subject, **inputs)
     progress.info("patient report: " + " and ".join(str(p) for p in out.values()))
     return 0

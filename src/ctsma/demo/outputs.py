@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from .. import PARAMETER_FILE_NAMES, PARAMETERS, ROIS
+from .. import PARAMETER_FILE_NAMES, PARAMETERS
 from ..io import write_json
 from .stages import Context, _labels, _oof_tables, inference_subject
 
@@ -74,7 +74,7 @@ def patient_report(ctx: Context) -> dict[str, Path]:
     """The held-out knee's patient report, PDF and HTML: ``{format: path}``."""
     from ..io import read_image
     from ..report import write_patient_report
-    from ..report.patient import PATIENT_REPORT_FORMATS, patient_report_path
+    from ..report.patient import PATIENT_REPORT_FORMATS, inputs_from_summary, patient_report_path
 
     subject = inference_subject(ctx)
     d = ctx.out / "inference" / subject
@@ -90,17 +90,13 @@ def patient_report(ctx: Context) -> dict[str, Path]:
         img = sitk.GetImageFromArray(a)
         img.CopyInformation(m)
         maps[p] = img
-    cv = (summary.get("diagnosis") or {}).get("cv_metrics") or {}
-    dx = None
-    if summary.get("oa_probability") is not None:
-        dx = {"oa_probability": summary["oa_probability"], "severity": summary.get("severity"), **cv}
-    prov = {"model": summary["model"].get("path"), "version": summary["model"].get("ctsma_version"),
-            "trained_on": f"{summary['model'].get('trained_on')} phantom knees (cross-fitting fold that held "
-                          f"{subject} out)", "demo": True, "role": summary["model"].get("role")}
+    inputs = inputs_from_summary(summary)
+    inputs["provenance"] = {**(inputs["provenance"] or {}), "demo": True,
+                            "trained_on": f"{summary['model'].get('trained_on')} phantom knees (the cross-fitting "
+                                          f"fold that held {subject} out)"}
     out = {f: patient_report_path(ctx.out, subject, f) for f in PATIENT_REPORT_FORMATS}
     return write_patient_report(out, ct=ct, rois=rois, maps=maps, roi_table=pd.read_csv(d / "roi_table.csv"),
-                                reference_ranges=reference_ranges(ctx, subject), diagnosis=dx, provenance=prov,
-                                subject=subject)
+                                reference_ranges=reference_ranges(ctx, subject), subject=subject, **inputs)
 
 
 def _slicer_lib() -> bool:

@@ -136,6 +136,9 @@ def predict(model: ParameterModel, ct_patches, masks=None, batch_size: int = 256
 
 def describe(meta: dict) -> dict[str, Any]:
     """A short provenance record of a model (for reports and summary.json)."""
+    training = meta.get("training") or {}
+    split = training.get("split") or {}
+    learnt = len(split.get("train") or []) + len(split.get("val") or [])  # the knees it learnt from (not its test)
     return {"role": meta.get("role"), "ctsma_version": meta.get("ctsma_version"), "target": meta.get("target"),
             "input": meta.get("input"), "metrics": meta.get("metrics"),
-            "trained_on": (meta.get("training") or {}).get("store_summary", {}).get("n_subjects")}
+            "trained_on": learnt or (training.get("store_summary") or {}).get("n_subjects")}

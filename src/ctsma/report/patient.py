@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 from pathlib import Path
 from typing import Any, Mapping, Union
 
@@ -51,7 +52,8 @@ _DIAGNOSIS_HIDDEN = ("auc_ci", "auc_se", "auc_ci_method", "seed", "seconds", "ro
 _INTEGER_KEYS = ("n", "folds")
 _PROVENANCE_LABELS = {"model": "Model", "name": "Model", "version": "Model version", "trained_on": "Trained on",
                       "demo": "Demonstration model", "created": "Created", "sha256": "SHA-256",
-                      "ctsma_version": "CT-SMA version"}
+                      "ctsma_version": "CT-SMA version", "role": "Role", "target": "Learns",
+                      "training CTs": "Training CTs"}
 
 
 def _check_format(fmt: Any) -> str:
@@ -87,6 +89,63 @@ def _text(v: Any, limit: int = 160) -> str:
     else:
         s = str(v)
     return s if len(s) <= limit else s[: limit - 1] + "\u2026"
+
+
+def _sentence(text: Any) -> str:
+    """A warning as a report sentence: capitalised, without its pointer into the documentation."""
+    t = re.sub(r"\s*\(docs/[^)]*\)", "", str(text)).strip()
+    t = t[:1].upper() + t[1:]
+    return t if t.endswith(".") else t + "."
+
+
+def analysis_notes(summary: Mapping[str, Any] | None) -> list[str]:
+    """The notes of an analysis for the report, from ``ctsma infer``'s ``summary.json``: its warnings (the knee's
+    side told from anatomy, a CT unlike the model's training CTs, ...), then what was done to the CT."""
+    if not isinstance(summary, Mapping):
+        return []
+    notes = [_sentence(w) for w in summary.get("warnings") or []]
+    res = summary.get("ct_resolution") or {}
+    blur = as_float(res.get("harmonisation_blur_mm"))
+    if blur:
+        notes.append(f"The CT was sharper in-plane than the model's training CTs (edge sigma "
+                     f"{fmt_sig(res.get('inplane_edge_sigma_mm'))} mm against "
+                     f"{fmt_sig(res.get('model_inplane_edge_sigma_mm'))} mm); it was blurred in-plane by "
+                     f"{fmt_sig(blur)} mm before the analysis to match them.")
+    return notes
+
+
+def inputs_from_summary(summary: Mapping[str, Any] | None) -> dict:
+    """``diagnosis``, ``provenance`` and ``notes`` of a patient report from ``ctsma infer``'s ``summary.json``
+    (the keyword arguments of :func:`write_patient_report` that the summary holds)."""
+    summary = summary if isinstance(summary, Mapping) else {}
+    diag = summary.get("diagnosis") if isinstance(summary.get("diagnosis"), Mapping) else {}
+    if summary.get("oa_probability") is not None:      # infer: the values on top, the model's CV metrics below
+        cv = diag.get("cv_metrics") if isinstance(diag.get("cv_metrics"), Mapping) else {}
+        diagnosis = {**{k: summary[k] for k in ("auc", "auc_ci") if k in summary}, **cv,
+                     "oa_probability": summary["oa_probability"], "severity": summary.get("severity")}
+    elif "oa_probability" in diag:
+        diagnosis = dict(diag)
+    else:
+        diagnosis = None
+    prov = summary.get("provenance")
+    if not isinstance(prov, Mapping):
+        model = summary.get("model") if isinstance(summary.get("model"), Mapping) else {}
+        ref = (model.get("input") or {}).get("ct_reference") or {}
+        prov = {"model": model.get("path"), "role": model.get("role"), "ctsma_version": model.get("ctsma_version"),
+                "target": {"mr": "MR-derived reference parameters", "true": "true microstructure (phantom)"}.get(
+                    model.get("target"), model.get("target")),
+                "trained_on": f"{model['trained_on']} knees" if model.get("trained_on") else None,
+                "training CTs": (f"in-plane edge sigma {fmt_sig(ref.get('inplane_edge_sigma_mm'))} mm, slices "
+                                 f"{fmt_sig(ref.get('slice_spacing_mm'))} mm" if ref else None),
+                "demo": model.get("demo")}
+        prov = {k: v for k, v in prov.items() if v is not None} or None
+    return {"diagnosis": diagnosis, "provenance": dict(prov) if prov else None, "notes": analysis_notes(summary)}
+
+
+def _notes_section(notes) -> list:
+    if not notes:
+        return []
+    return [Heading("Analysis notes")] + [Paragraph(str(n), "note") for n in notes]
 
 
 def _diagnosis_section(diagnosis: Mapping[str, Any] | None) -> list:
@@ -186,7 +245,8 @@ def _provenance_section(provenance: Mapping[str, Any] | None) -> list:
 def build_patient_document(*, ct: sitk.Image, rois: sitk.Image, maps: Mapping[str, sitk.Image],
                            roi_table: pd.DataFrame | None, reference_ranges: pd.DataFrame | None,
                            diagnosis: Mapping[str, Any] | None, provenance: Mapping[str, Any] | None,
-                           subject: str | None = None) -> Document:
+                           subject: str | None = None, notes=None) -> Document:
+    """``notes``: lines under *Analysis notes* (:func:`analysis_notes` of the inference summary); none: no section."""
     check_same_geometry(ct, rois, what_a="CT", what_b="ROI label image")
     subject = subject if subject is not None else get(provenance, "subject")
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -194,7 +254,7 @@ def build_patient_document(*, ct: sitk.Image, rois: sitk.Image, maps: Mapping[st
     doc = Document("CT-SMA patient report", subtitle=sub)
     if is_demo(provenance):
         doc.add(Paragraph(DEMO_NOTICE, "warning"))
-    doc.add(*_diagnosis_section(diagnosis), *_roi_section(roi_table, reference_ranges))
+    doc.add(*_diagnosis_section(diagnosis), *_notes_section(notes), *_roi_section(roi_table, reference_ranges))
     doc.add(PageBreak(), Heading("Parameter maps"))
     ov = patient_figures.overview_figure(ct, rois)
     mp = patient_figures.maps_figure(ct, rois, maps or {})
@@ -244,7 +304,7 @@ def _render(doc: Document, fmt: str, footer: str) -> bytes:
 def write_patient_report(out: PathOrPaths, *, ct: sitk.Image, rois: sitk.Image, maps: Mapping[str, sitk.Image],
                          roi_table: pd.DataFrame | None, reference_ranges: pd.DataFrame | None,
                          diagnosis: Mapping[str, Any] | None, provenance: Mapping[str, Any] | None,
-                         subject: str | None = None) -> Path | dict[str, Path]:
+                         subject: str | None = None, notes=None) -> Path | dict[str, Path]:
     """Write the patient report atomically and return its path(s).
 
     ``out``: one path, whose suffix (``.pdf`` or ``.html``) is the format, and then the path is returned;
@@ -263,7 +323,7 @@ def write_patient_report(out: PathOrPaths, *, ct: sitk.Image, rois: sitk.Image, 
     targets = _targets(out)
     doc = build_patient_document(ct=ct, rois=rois, maps=maps, roi_table=roi_table,
                                  reference_ranges=reference_ranges, diagnosis=diagnosis, provenance=provenance,
-                                 subject=subject)
+                                 subject=subject, notes=notes)
     footer = ("DEMO MODEL \u2013 NOT FOR CLINICAL USE" if is_demo(provenance) else RESEARCH_NOTICE)
     files = {path: _render(doc, fmt, footer) for fmt, path in targets.items()}
     for folder in dict.fromkeys(p.parent for p in files):
