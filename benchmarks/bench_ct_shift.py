@@ -40,9 +40,10 @@ import yaml
 
 from ctsma import PARAMETERS, ROIS
 from ctsma.inference.engine import InferSettings, default_diagnosis_path, default_model_path, infer
-from ctsma.stats import icc21, pearson_r
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_roi_agreement import icc_table  # noqa: E402
 
 # CT settings (phantom overrides); "demo" is the training distribution
 SETTINGS = {
@@ -83,13 +84,12 @@ def roi_means(cohort: Path, model: Path, tmp: Path, harmonise: bool, diagnosis) 
 
 
 def compare(a: pd.DataFrame, b: pd.DataFrame) -> dict:
+    """ICC(2,1) and r of the ROI means (the ROI-agreement benchmark's table), and the mean shift b - a in SDs of a."""
+    out = icc_table(a, b)
     m = a.merge(b, on=["subject", "roi", "parameter"], suffixes=("_a", "_b"))
-    out = {}
     for p in PARAMETERS:
         s = m[m.parameter == p].dropna()
-        x, y = s["value_a"].to_numpy(), s["value_b"].to_numpy()
-        out[p] = {"icc21": round(float(icc21(x, y).value), 3), "pearson_r": round(float(pearson_r(x, y)), 3),
-                  "shift_sd": round(float(np.mean(y - x) / np.std(x, ddof=1)), 3), "n": int(len(s))}
+        out[p]["shift_sd"] = round(float((s.value_b - s.value_a).mean() / s.value_a.std(ddof=1)), 3)
     return out
 
 
