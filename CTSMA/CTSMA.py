@@ -26,7 +26,7 @@ from CTSMALib.settings import MachineSettings, QSettingsStore
 # Every widget this file uses, with its class in Resources/UI/CTSMA.ui (checked by tests).
 UI_WIDGETS = {
     "ctVolumeSelector": "qMRMLNodeComboBox", "boneSegmentationSelector": "qMRMLNodeComboBox", "createRoisButton": "QPushButton",
-    "roiSegmentationSelector": "qMRMLNodeComboBox", "segmentBonesButton": "QPushButton", "kneeSideComboBox": "QComboBox", "modelPathLineEdit": "ctkPathLineEdit", "deviceComboBox": "QComboBox",
+    "roiSegmentationSelector": "qMRMLNodeComboBox", "segmentBonesButton": "QPushButton", "kneeSideComboBox": "QComboBox", "modelPathLineEdit": "ctkPathLineEdit", "deviceComboBox": "QComboBox", "matchSharpnessCheckBox": "QCheckBox",
     "runButton": "QPushButton", "progressBar": "QProgressBar", "stageLabel": "QLabel",
     "outputTableSelector": "qMRMLNodeComboBox", "reportDirButton": "ctkDirectoryButton",
     "exportReportButton": "QPushButton", "trainingCollapsibleButton": "ctkCollapsibleButton",
@@ -65,6 +65,7 @@ class CTSMAParameterNode:
     kneeSide: Annotated[str, Choice(list(SIDES))] = "auto"
     modelPath: Path
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    matchSharpness: bool = True
     outputTable: vtkMRMLTableNode
     reportDir: Path
     trainingKind: Annotated[str, Choice(list(TRAINING_KINDS))] = "student"
@@ -115,8 +116,7 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
     def enter(self) -> None:
         self.initializeParameterNode()
 
-    def exit(self) -> None:
-        # Stop GUI updates from the parameter node; a run keeps going and its results still land.
+    def exit(self) -> None:  # GUI updates from the parameter node stop; a run goes on and its results still land
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -186,7 +186,7 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
 
     def _params(self) -> AnalysisParameters:
         p = self._parameterNode
-        return AnalysisParameters(modelPath=_path(p.modelPath), device=p.device, side=p.kneeSide)
+        return AnalysisParameters(modelPath=_path(p.modelPath), device=p.device, side=p.kneeSide, matchSharpness=p.matchSharpness)
 
     def _action(self, button, handler) -> None:
         if self.monitor.isBusy():  # the active button reads "Cancel"

@@ -231,6 +231,7 @@ _BUILT = {
     "segment (rois)": cli_args.create_rois(Path("ct.nii"), Path("bones.nii"), Path("out"), side="L"),
     "infer": cli_args.infer(Path("ct.nii"), Path("out"), model="m.safetensors", device="cpu",
                             bones=Path("b.nii"), rois=Path("r.nii"), side="R"),
+    "infer (as it is)": cli_args.infer(Path("ct.nii"), Path("out"), match_sharpness=False),
     "report": cli_args.report(Path("ct.nii"), Path("res"), Path("out"), subject="knee 1"),
     "train": cli_args.train("student", Path("c.yaml"), Path("out")),
     "train (store)": cli_args.train("baseline", Path("c.yaml"), Path("out"), store=Path("store")),
@@ -247,6 +248,8 @@ def test_module_command_lines_parse_with_the_real_cli(label):
 
     parsed = build_parser().parse_args(["--progress-jsonl", "p.jsonl", *args])
     assert parsed.command == args[0] and getattr(parsed, "func", None) is not None
+    if args[0] == "infer":  # the module's "Match a sharper CT" box reaches infer's setting
+        assert parsed.harmonise is (label == "infer")
 
 
 # -- Logic headless --------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ class CTSMALogic(TrainingMixin, CliLogic):
                 if roiSegmentation is not None else None)
         out = work / "out"
         args = cli_args.infer(ct, out, model=params.modelPath, device=params.device, bones=bones, rois=rois,
-                              side=params.side)
+                              side=params.side, match_sharpness=params.matchSharpness)
         name = ctVolume.GetName()
         return self.startCli("analysis", args, work, out, env=params.env(),
                              loader=lambda run: self.loadAnalysisOutputs(run.out_dir, name, under=ctVolume))

@@ -38,9 +38,11 @@ def create_rois(ct: Path, bones: Path, out: Path, side: str = "auto") -> list[st
 
 
 def infer(ct: Path, out: Path, model: str = "", device: str = "auto", bones: Path | None = None,
-          rois: Path | None = None, side: str = "auto") -> list[str]:
+          rois: Path | None = None, side: str = "auto", match_sharpness: bool = True) -> list[str]:
     """``ctsma infer CT --out DIR`` writes maps, ROI/bone labels, roi_table.csv and summary.json."""
     args = ["infer", str(ct), "--out", str(out), "--device", device]
+    if not match_sharpness:
+        args += ["--no-harmonise"]
     if model:
         args += ["--model", model]
     if bones is not None:

@@ -46,6 +46,7 @@ class AnalysisParameters:
     modelPath: str = ""  # "" = the model shipped with the extension
     device: str = "auto"
     side: str = "auto"  # knee side; "auto": from anatomy (the fibula is lateral)
+    matchSharpness: bool = True  # blur a CT sharper than the model's training CTs to them (ctsma infer's default)
     threads: int = 0
     keepWorkDir: bool = False
 
