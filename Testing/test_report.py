@@ -538,5 +538,7 @@ def test_patient_report_lists_the_analysis_notes(knee, monkeypatch):
     # nothing to note: no section
     assert patient_mod.analysis_notes({"warnings": [], "ct_resolution": {"harmonisation_blur_mm": 0.0}}) == []
     assert patient_mod.analysis_notes(None) == []
+    assert patient_mod.analysis_notes({"oa_probability": None, "diagnosis": {"message": "the knee has no valid "
+                                       "patches"}}) == ["No OA probability: the knee has no valid patches."]
     doc = patient_mod.build_patient_document(**_patient_kwargs(knee), notes=[])
     assert "Analysis notes" not in [b.text for b in doc.blocks if type(b).__name__ == "Heading"]

@@ -104,6 +104,9 @@ def analysis_notes(summary: Mapping[str, Any] | None) -> list[str]:
     if not isinstance(summary, Mapping):
         return []
     notes = [_sentence(w) for w in summary.get("warnings") or []]
+    diag = summary.get("diagnosis") if isinstance(summary.get("diagnosis"), Mapping) else {}
+    if summary.get("oa_probability") is None and diag.get("message"):  # a model ran, but gave no probability
+        notes.append(_sentence(f"no OA probability: {diag['message']}"))
     res = summary.get("ct_resolution") or {}
     blur = as_float(res.get("harmonisation_blur_mm"))
     if blur:
