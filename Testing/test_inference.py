@@ -271,3 +271,24 @@ def test_patient_report_from_a_real_infer_folder(knee, constant_student, tmp_pat
     assert "cv_metrics" not in html and "{&quot;" not in html and '{"' not in html
     assert "Analysis notes" in html and "Knee side" in html and "docs/" not in html
     assert "Role" in html and "student_distilled" in html   # (this test model records no training knees)
+
+
+def test_a_thin_roi_gets_patches_with_less_of_it_and_a_warning(knee, constant_student, tmp_path):
+    """Patches hold at least half of their ROI, as in training; an ROI too thin for that (here MFC, 2 slices of
+    1.5 mm under 8-mm patches: at most 38 %) takes patches holding at least 30 % of it, with a warning."""
+    rois = sitk.ReadImage(str(knee["ct_rois"]))
+    arr = sitk.GetArrayFromImage(rois)
+    z, y, x = np.argwhere(arr == ROIS["MFC"]).mean(0).round().astype(int)
+    arr[arr == ROIS["MFC"]] = 0
+    arr[z:z + 2, y - 10:y + 10, x - 10:x + 10] = ROIS["MFC"]
+    thin = sitk.GetImageFromArray(arr)
+    thin.CopyInformation(rois)
+    sitk.WriteImage(thin, str(tmp_path / "thin.nii.gz"))
+    out = tmp_path / "run"
+    assert _run(knee["ct"], "--out", out, "--model", constant_student, "--side", knee["side"],
+                "--segmentation", knee["bones_only"], "--rois", tmp_path / "thin.nii.gz") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    table = pd.read_csv(out / "roi_table.csv").groupby("roi").n_patches.first()
+    assert table["MFC"] > 0 and all(table[r] > 0 for r in ROIS)
+    assert [w for w in summary["warnings"] if w.startswith("ROI MFC is thin")]
+    assert not [w for w in summary["warnings"] if w.startswith(("ROI LFC", "ROI MTP", "ROI LTP"))]

@@ -48,6 +48,7 @@ MAX_SLICE_MM = 2.0
 SOFTER_FACTOR = 1.15   # in-plane edge sigma over the model's reference above which a CT is called softer
 SLICE_RATIO = 1.25     # slice spacing ratio to the model's training CTs beyond which a warning is given
 MATCH_TOLERANCE_MM = 0.02  # a CT sharper than the model's reference by less than this is used as it is
+THIN_ROI_FRACTION = 0.3    # least ROI share of a patch for an ROI too thin for InferSettings.min_roi_fraction
 BACKGROUND = 0.0
 FLIPS_DEFAULT = ((), (0,), (1,), (2,))
 FLIPS_TTA = ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))
@@ -60,7 +61,10 @@ class InferSettings:
     device: str = "auto"
     batch_size: int = 256
     side: str | None = None
-    min_roi_fraction: float = 0.3
+    min_roi_fraction: float = 0.5
+    """Least share of a patch cube inside its ROI: the training dataset's rule (``BuildSettings.min_roi_fraction``),
+    so that the student sees patches like those it learnt from. An ROI with no such patch (a thin one) takes
+    patches with at least :data:`THIN_ROI_FRACTION` of it, with a warning."""
     harmonise: bool = True
     """Blur a CT that is sharper in-plane than the model's training CTs to their sharpness before cutting patches
     (:mod:`ctsma.harmonise`); a softer CT or another slice spacing gets a warning."""
@@ -253,6 +257,14 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     centres, names = [], []
     for name, value in ROIS.items():
         c, _ = roi_centres(rois, value, s.stride_mm, extent, s.min_roi_fraction, 10 ** 7, rng)
+        if not len(c) and s.min_roi_fraction > THIN_ROI_FRACTION:  # a thin ROI: patches with less of it
+            c, _ = roi_centres(rois, value, s.stride_mm, extent, THIN_ROI_FRACTION, 10 ** 7, rng)
+            if len(c):
+                msg = (f"ROI {name} is thin: no patch holds {s.min_roi_fraction:.0%} of it, as the training patches "
+                       f"did; its {len(c)} patches hold at least {THIN_ROI_FRACTION:.0%}, so its values are less "
+                       "reliable")
+                warnings.warn(msg, stacklevel=2)
+                warns.append(msg)
         centres.append(c)
         names += [name] * len(c)
     if not names:
