@@ -222,7 +222,7 @@ def _student_with_reference(path: Path, sigma_mm: float, slice_mm: float) -> Pat
     return export_model(path, net, meta)
 
 
-def test_a_ct_sharper_than_the_training_cts_is_blurred_to_them_before_the_patches(knee, tmp_path):
+def test_a_ct_sharper_than_the_training_cts_is_blurred_to_them_before_the_patches(knee, tmp_path, capsys):
     from ctsma.harmonise import inplane_edge_sigma
 
     ct = sitk.ReadImage(str(knee["ct"]))
@@ -237,6 +237,9 @@ def test_a_ct_sharper_than_the_training_cts_is_blurred_to_them_before_the_patche
     assert res["model_inplane_edge_sigma_mm"] == pytest.approx(est + 0.25)
     assert res["harmonisation_blur_mm"] == pytest.approx(np.sqrt((est + 0.25) ** 2 - est ** 2), rel=0.15)
     assert res["inplane_edge_sigma_after_mm"] == pytest.approx(est + 0.25, abs=0.006) and not a["warnings"]
+    assert cli_main(["infer", str(knee["ct"]), "--out", str(tmp_path / "a2"), "--model", str(model),
+                     *map(str, common)]) == 0
+    assert "blurred in-plane by" in capsys.readouterr().err          # the command line says so too
     assert _run(knee["ct"], "--out", tmp_path / "b", "--model", model, "--no-harmonise", *common) == 0
     b = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert b["ct_resolution"]["harmonisation_blur_mm"] == 0

@@ -63,6 +63,11 @@ def run(args) -> int:
     summary = infer(args.ct, args.out, model_path=args.model, segmentation=args.segmentation, rois_path=args.rois,
                     settings=s, diagnosis_path=args.diagnosis_model)
     progress.info(f"{summary['n_patches']} patches in {summary['seconds']['total']:.1f} s; outputs in {args.out}")
+    res = summary.get("ct_resolution") or {}
+    if res.get("harmonisation_blur_mm"):
+        progress.info(f"  CT sharper in-plane than the model's training CTs (edge sigma "
+                      f"{res['inplane_edge_sigma_mm']:.2f} mm against {res['model_inplane_edge_sigma_mm']:.2f} mm): "
+                      f"blurred in-plane by {res['harmonisation_blur_mm']:.2f} mm to match them")
     for r in summary["roi_table"]:
         if r["parameter"] == "BV/TV":
             progress.info(f"  {r['roi']}: BV/TV {r['mean']:.3f} (n={r['n_patches']})")
