@@ -25,9 +25,12 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage, special
 
+from .segmentation.geometry import crop_box
+
 AIR_HU, AIR_MAX_HU, BODY_MIN_HU = -500.0, -900.0, -300.0
 MIN_EDGES = 50
 MIN_COS = 0.7   # profiles at most 45 degrees off the edge normal
+MATCH_TOLERANCE_MM = 0.02  # a CT sharper than a reference by less than this is used as it is
 
 
 def _fit_steps(x: np.ndarray, y: np.ndarray, iters: int = 30) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -147,7 +150,7 @@ def blur_inplane(arr: np.ndarray, spacing_xy, sigma_mm: float) -> np.ndarray:
     return out
 
 
-def matching_blur(ct: sitk.Image, reference_mm: float, *, tolerance_mm: float = 0.02,
+def matching_blur(ct: sitk.Image, reference_mm: float, *, tolerance_mm: float = MATCH_TOLERANCE_MM,
                   sigma_mm: float | None = None) -> dict:
     """The in-plane Gaussian sigma (mm) after which the CT's edge sigma equals ``reference_mm``.
 
@@ -182,11 +185,8 @@ def blurred_crop(ct: sitk.Image, mask: np.ndarray, extent_mm: float, blur_mm: fl
     voxels, so no patch sees the crop's edge; only the crop is blurred, which keeps a clinical CT's memory low."""
     sp = np.asarray(ct.GetSpacing())[::-1]  # z, y, x
     reach = np.array([0.0, 4 * blur_mm, 4 * blur_mm])
-    margin = np.ceil((extent_mm / 2 + reach) / sp).astype(int) + 2
-    idx = np.argwhere(mask > 0)
-    lo = np.maximum(idx.min(0) - margin, 0)
-    hi = np.minimum(idx.max(0) + margin + 1, mask.shape)
-    sub = ct[int(lo[2]):int(hi[2]), int(lo[1]):int(hi[1]), int(lo[0]):int(hi[0])]
+    bz, by, bx = crop_box(mask, np.ceil((extent_mm / 2 + reach) / sp).astype(int) + 2)
+    sub = ct[bx, by, bz]
     img = sitk.GetImageFromArray(blur_inplane(sitk.GetArrayViewFromImage(sub), ct.GetSpacing()[:2], blur_mm))
     img.CopyInformation(sub)
     return img

@@ -245,7 +245,7 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
         mr = read_image(_path(root, row.get("mr")) or Path("<missing mr>"), what=f"MR of {subject}")
     except InputImageError as exc:
         raise SubjectExcluded(str(exc)) from None
-    from ..harmonise import blurred_crop, inplane_edge_sigma, matching_blur
+    from ..harmonise import MATCH_TOLERANCE_MM, blurred_crop, inplane_edge_sigma, matching_blur
 
     ct_res = inplane_edge_sigma(ct)  # recorded per knee: the model file gets the training CTs' median
     sigma = None if ct_res is None else ct_res["sigma_mm"]
@@ -264,7 +264,7 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
                           inplane_edge_sigma_mm=match["sigma_after_mm"])
         if match["blur_mm"] > 0:
             ct_src = blurred_crop(ct, sitk.GetArrayViewFromImage(rois), s.extent_mm, match["blur_mm"])
-        elif sigma > s.ct_edge_sigma_mm + 0.02:
+        elif sigma > s.ct_edge_sigma_mm + MATCH_TOLERANCE_MM:
             warn.append(f"{subject}: its CT is softer in-plane (edge sigma {sigma:.2f} mm) than ct_edge_sigma_mm "
                         f"({s.ct_edge_sigma_mm:.2f} mm) and is used as it is")
     centres, labels = [], []

@@ -37,17 +37,17 @@ import SimpleITK as sitk
 
 from .. import PARAMETER_FILE_NAMES, PARAMETER_UNITS, PARAMETERS, ROIS, progress
 from ..errors import InputImageError, UserError
-from ..harmonise import blurred_crop, inplane_edge_sigma, matching_blur
+from ..harmonise import MATCH_TOLERANCE_MM, blurred_crop, inplane_edge_sigma, matching_blur
 from ..io import read_image, write_image, write_json
 from ..io.atomic import ensure_writable_dir, staged_outputs
 from ..io.images import check_ct_intensities
 from ..resources import resource_path
+from ..segmentation.geometry import crop_box
 from .maps import blend_maps, roi_table
 
 MAX_SLICE_MM = 2.0
 SOFTER_FACTOR = 1.15   # in-plane edge sigma over the model's reference above which a CT is called softer
 SLICE_RATIO = 1.25     # slice spacing ratio to the model's training CTs beyond which a warning is given
-MATCH_TOLERANCE_MM = 0.02  # a CT sharper than the model's reference by less than this is used as it is
 THIN_ROI_FRACTION = 0.3    # least ROI share of a patch for an ROI too thin for InferSettings.min_roi_fraction
 BACKGROUND = 0.0
 FLIPS_DEFAULT = ((), (0,), (1,), (2,))
@@ -140,7 +140,7 @@ def ct_resolution(ct: sitk.Image, meta: dict, harmonise: bool = True) -> tuple[d
     else:
         e = est["sigma_mm"]
         if harmonise:
-            match = matching_blur(ct, r, sigma_mm=e, tolerance_mm=MATCH_TOLERANCE_MM)
+            match = matching_blur(ct, r, sigma_mm=e)
             if match["blur_mm"] > 0:
                 info["harmonisation_blur_mm"] = round(match["blur_mm"], 4)
                 info["inplane_edge_sigma_after_mm"] = round(match["sigma_after_mm"], 4)
@@ -156,13 +156,6 @@ def ct_resolution(ct: sitk.Image, meta: dict, harmonise: bool = True) -> tuple[d
                      "the through-plane resolution cannot be matched, and estimates shift with it "
                      "(docs/inference.md, 'Other scanners')")
     return info, warns
-
-
-def _crop_box(rois: np.ndarray, margin: np.ndarray) -> tuple[slice, ...]:
-    idx = np.argwhere(rois > 0)
-    lo = np.maximum(idx.min(0) - margin, 0)
-    hi = np.minimum(idx.max(0) + margin + 1, rois.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
 def _full_map(crop: np.ndarray, box, shape, ref: sitk.Image) -> sitk.Image:
@@ -295,7 +288,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     t = time.perf_counter()
     sp_zyx = tuple(reversed(ct.GetSpacing()))
     margin = np.ceil(extent / 2 / np.asarray(sp_zyx)).astype(int)
-    box = _crop_box(roi_arr, margin)
+    box = crop_box(roi_arr, margin)
     lo = np.array([b.start for b in box])
     crop_rois = roi_arr[box]
     if not plan.chunked:

@@ -83,3 +83,11 @@ def fill_holes(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndar
         for end in (0, -1):
             outside[np.unique(np.take(lab, end, axis=ax))] = True
     return mask | ~outside[lab]
+
+
+def crop_box(mask: np.ndarray, margin) -> tuple[slice, ...]:
+    """The bounding box of ``mask``'s nonzero voxels grown by ``margin`` voxels per axis (clipped to the array)."""
+    idx = np.argwhere(mask > 0)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + margin + 1, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
