@@ -1,4 +1,5 @@
-"""CT in-plane sharpness from the air/body edge, exact in-plane blur, and matching a CT to a model's training CTs."""
+"""CT in-plane sharpness from the air/body edge, through-plane sharpness from the slices, exact Gaussian blur, and
+matching a CT to a model's training CTs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 import SimpleITK as sitk
 from scipy import special
 
-from ctsma.harmonise import blur_inplane, blurred_crop, inplane_edge_sigma, matching_blur, training_reference
+from ctsma.harmonise import (FWHM_PER_SIGMA, blurred_crop, gaussian_blur, inplane_edge_sigma, inplane_target,
+                             interpolation_variance, matching_blur, slice_thickness, through_plane_blur,
+                             through_plane_sigma, training_reference)
 from ctsma.inference.engine import ct_resolution
 
 
@@ -43,13 +46,13 @@ def test_blur_adds_in_quadrature_and_is_an_exact_gaussian():
     arr = sitk.GetArrayFromImage(img)
     e0 = inplane_edge_sigma(img)["sigma_mm"]
     for b in (0.2, 0.4):
-        out = sitk.GetImageFromArray(np.round(blur_inplane(arr, img.GetSpacing()[:2], b)).astype(np.int16))
+        out = sitk.GetImageFromArray(np.round(gaussian_blur(arr, img.GetSpacing()[:2], b)).astype(np.int16))
         out.CopyInformation(img)
         assert inplane_edge_sigma(out)["sigma_mm"] == pytest.approx(math.hypot(e0, b), rel=0.04)
     # an impulse becomes a Gaussian of the asked variance along x and y, none along z; the sum is kept
     imp = np.zeros((5, 41, 41), np.float32)
     imp[2, 20, 20] = 1.0
-    g = blur_inplane(imp, (0.5, 0.4), 1.2)
+    g = gaussian_blur(imp, (0.5, 0.4), 1.2)
     assert g.sum() == pytest.approx(1.0, abs=1e-5) and np.all(g[[0, 1, 3, 4]] == 0)
     xs, ys = (np.arange(41) - 20) * 0.5, (np.arange(41) - 20) * 0.4
     assert (g[2].sum(0) * xs ** 2).sum() == pytest.approx(1.2 ** 2, rel=1e-3)
@@ -58,10 +61,17 @@ def test_blur_adds_in_quadrature_and_is_an_exact_gaussian():
     # Gaussian transfer function cut at the Nyquist frequency: under 1 % of the step)
     step = np.zeros((1, 8, 60), np.float32)
     step[..., 30:] = 100.0
-    s = blur_inplane(step, (0.5, 0.5), 0.5)
+    s = gaussian_blur(step, (0.5, 0.5), 0.5)
     assert np.allclose(s[..., :25], 0, atol=1.0) and np.allclose(s[..., -25:], 100, atol=1.0)
     assert s[0, 0, 29] == pytest.approx(100 * 0.5 * (1 + special.erf(-0.25 / (math.sqrt(2) * 0.5))), abs=2)
-    assert np.array_equal(blur_inplane(arr[:2], (0.6, 0.6), 0.0), arr[:2].astype(np.float32))
+    assert np.array_equal(gaussian_blur(arr[:2], (0.6, 0.6), 0.0), arr[:2].astype(np.float32))
+    # along z: the same exact Gaussian, at the slice spacing, and nothing in-plane
+    imp = np.zeros((41, 5, 5), np.float32)
+    imp[20, 2, 2] = 1.0
+    g = gaussian_blur(imp, (0.5, 0.5, 0.7), 0.0, 1.5)
+    zs = (np.arange(41) - 20) * 0.7
+    assert g.sum() == pytest.approx(1.0, abs=1e-5) and np.all(g[:, [0, 1, 3, 4]] == 0)
+    assert (g[:, 2, 2] * zs ** 2).sum() == pytest.approx(1.5 ** 2, rel=1e-3)
 
 
 def test_no_air_edge_gives_none():
@@ -76,7 +86,7 @@ def test_matching_blur_brings_the_edge_to_the_reference(sigma):
     assert m["sigma_mm"] == pytest.approx(sigma, rel=0.1) and m["sigma_after_mm"] == pytest.approx(0.40, abs=0.006)
     assert m["blur_mm"] == pytest.approx(math.sqrt(0.40 ** 2 - sigma ** 2), rel=0.05)
     # the whole CT blurred by it measures as the reference too
-    out = sitk.GetImageFromArray(blur_inplane(sitk.GetArrayViewFromImage(ct), ct.GetSpacing()[:2], m["blur_mm"]))
+    out = sitk.GetImageFromArray(gaussian_blur(sitk.GetArrayViewFromImage(ct), ct.GetSpacing()[:2], m["blur_mm"]))
     out.CopyInformation(ct)
     assert inplane_edge_sigma(out)["sigma_mm"] == pytest.approx(0.40, abs=0.01)
 
@@ -90,18 +100,71 @@ def test_matching_blur_leaves_close_softer_or_unmeasurable_cts_alone():
     assert m["blur_mm"] == 0.0 and m["sigma_mm"] is None
 
 
+def test_linear_interpolation_variance_and_the_inplane_target():
+    # the variance of the interpolation kernel (weights 1-u, u at distances u*h, (1-u)*h), averaged over u
+    h, u = 0.7, np.linspace(0, 1, 100001)
+    assert interpolation_variance(h) == pytest.approx(np.mean(u * (1 - u)) * h ** 2, rel=1e-4)
+    # finer pixels than the training CTs' interpolate less, so they are matched to a softer edge
+    assert inplane_target(0.3, 0.6, 0.4) == pytest.approx(math.sqrt(0.09 + (0.36 - 0.16) / 6))
+    assert inplane_target(0.3, 0.6, 0.6) == pytest.approx(0.3)
+    assert inplane_target(0.3, 0.6, 0.8) < 0.3
+    assert inplane_target(0.3, None, 0.4) == 0.3                  # older model files: the edge sigma alone
+
+
+def test_through_plane_sigma_and_matching_blur():
+    # nominal thickness = FWHM of the slice profile, plus linear interpolation between slices (variance h^2 / 6)
+    assert through_plane_sigma(1.0, 1.0) == pytest.approx(math.sqrt((1 / FWHM_PER_SIGMA) ** 2 + 1 / 6))
+    assert FWHM_PER_SIGMA == pytest.approx(2.3548, abs=1e-4)
+    own, ref = through_plane_sigma(0.7, 0.7), through_plane_sigma(1.0, 1.0)
+    b = through_plane_blur(0.7, 0.7, 1.0, 1.0)
+    assert b == pytest.approx(math.sqrt(ref ** 2 - own ** 2)) and 0.4 < b < 0.45
+    assert through_plane_blur(1.0, 1.0, 1.0, 1.0) == 0.0          # the same slices
+    assert through_plane_blur(1.5, 1.5, 1.0, 1.0) == 0.0          # thicker slices cannot be sharpened
+    assert through_plane_blur(1.0, 0.5, 1.0, 1.0) > 0.0           # overlapping slices: less interpolation blur
+
+
+def test_slice_thickness_from_dicom_or_spacing(tmp_path):
+    from ctsma.io.images import read_image
+
+    img = leg(0.4, spacing=(0.6, 0.6, 0.8))
+    assert slice_thickness(img) == (pytest.approx(0.8), "slice spacing")
+    img.SetMetaData("0018|0050", "1.25 ")
+    assert slice_thickness(img) == (pytest.approx(1.25), "DICOM SliceThickness")
+    img.SetMetaData("0018|0050", "n/a")                            # unreadable: the spacing
+    assert slice_thickness(img)[1] == "slice spacing"
+    # a DICOM series whose slices are 0.8 mm apart and 1.5 mm thick (overlapping reconstruction)
+    vol = sitk.Cast(leg(0.4, spacing=(0.6, 0.6, 0.8))[60:190, 60:190, :6], sitk.sitkInt16)
+    w = sitk.ImageFileWriter()
+    w.KeepOriginalImageUIDOn()
+    for k in range(vol.GetDepth()):
+        sl = vol[:, :, k]
+        for tag, value in (("0008|0060", "CT"), ("0018|0050", "1.5"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"),
+                           ("0020|0032", "\\".join(f"{v:f}" for v in vol.TransformIndexToPhysicalPoint((0, 0, k)))),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0020|0013", str(k + 1)),
+                           ("0028|1052", "0"), ("0028|1053", "1")):
+            sl.SetMetaData(tag, value)
+        w.SetFileName(str(tmp_path / f"s{k:02d}.dcm"))
+        w.Execute(sl)
+    ct = read_image(tmp_path, what="CT")
+    assert ct.GetSpacing()[2] == pytest.approx(0.8, abs=1e-3)
+    assert slice_thickness(ct) == (pytest.approx(1.5), "DICOM SliceThickness")
+
+
 def test_training_reference_from_the_store_attributes():
     info = {f"k{i}": {"ct_resolution": {"inplane_edge_sigma_mm": s, "spacing_mm": [0.6, 0.6, dz]}}
             for i, (s, dz) in enumerate([(0.36, 1.0), (0.38, 1.0), (0.40, 1.25), (None, 1.0)])}
+    info["k1"]["ct_resolution"]["slice_thickness_mm"] = 2.0      # older records have no thickness: their spacing
     ref = training_reference(json.dumps(info), ["k0", "k1", "k2", "k3", "unknown"])
     assert ref["inplane_edge_sigma_mm"] == pytest.approx(0.38) and ref["n_ct"] == 3
     assert ref["inplane_edge_sigma_range_mm"] == pytest.approx([0.36, 0.40]) and ref["slice_spacing_mm"] == 1.0
+    assert ref["slice_thickness_mm"] == pytest.approx(1.125)       # median of 1.0, 2.0, 1.25, 1.0
+    assert ref["inplane_spacing_mm"] == pytest.approx(0.6)
     assert training_reference(info, ["k0"])["inplane_edge_sigma_mm"] == pytest.approx(0.36)
     assert training_reference({}, ["k0"]) is None and training_reference(None, ["k0"]) is None
 
 
-def _meta(sigma, dz=1.0):
-    return {"input": {"ct_reference": {"inplane_edge_sigma_mm": sigma, "slice_spacing_mm": dz}}}
+def _meta(sigma, dz=1.0, **more):
+    return {"input": {"ct_reference": {"inplane_edge_sigma_mm": sigma, "slice_spacing_mm": dz, **more}}}
 
 
 def test_ct_resolution_decides_blur_and_warnings():
@@ -113,8 +176,22 @@ def test_ct_resolution_decides_blur_and_warnings():
     assert info["harmonisation_blur_mm"] == 0 and len(warns) == 1 and "sharper" in warns[0]
     info, warns = ct_resolution(ct, _meta(0.18))                 # softer: a warning, no blur
     assert info["harmonisation_blur_mm"] == 0 and len(warns) == 1 and "softer" in warns[0]
-    info, warns = ct_resolution(ct, _meta(est, dz=2.0))          # other slice spacing: a warning
-    assert info["harmonisation_blur_mm"] == 0 and len(warns) == 1 and "slice spacing" in warns[0]
+    info, warns = ct_resolution(ct, _meta(est, dz=2.0))          # thinner slices: blurred along z to match
+    assert info["harmonisation_blur_mm"] == 0 and not warns
+    assert info["through_plane_blur_mm"] == pytest.approx(through_plane_blur(1.0, 1.0, 2.0, 2.0), abs=1e-4)
+    assert info["slice_thickness_source"] == "slice spacing" and info["model_slice_thickness_mm"] == 2.0
+    info, warns = ct_resolution(ct, _meta(est, dz=2.0), harmonise=False)
+    assert info["through_plane_blur_mm"] == 0 and len(warns) == 1 and "thinner" in warns[0]
+    info, warns = ct_resolution(ct, _meta(est, dz=0.5))          # thicker slices: a warning, no blur
+    assert info["through_plane_blur_mm"] == 0 and len(warns) == 1 and "thicker" in warns[0]
+    info, warns = ct_resolution(ct, _meta(est, dz=1.1))          # slightly thinner: matched, no warning
+    assert not warns
+    assert info["through_plane_blur_mm"] == pytest.approx(through_plane_blur(1.0, 1.0, 1.1, 1.1), abs=1e-4)
+    # training CTs with coarser pixels (0.8 against 0.6 mm): their patches are softer, so this CT is blurred more
+    info, warns = ct_resolution(ct, _meta(0.40, inplane_spacing_mm=0.8))
+    target = math.sqrt(0.4 ** 2 + (0.8 ** 2 - 0.6 ** 2) / 6)
+    assert info["target_inplane_edge_sigma_mm"] == pytest.approx(target, abs=1e-4) and not warns
+    assert info["harmonisation_blur_mm"] == pytest.approx(math.sqrt(target ** 2 - est ** 2), abs=1e-4)
     info, warns = ct_resolution(ct, {"input": {}})               # an older model: used as it is, said so
     assert info["harmonisation_blur_mm"] == 0 and not warns and "no training-CT resolution" in info["note"]
     assert info["inplane_edge_sigma_mm"] == pytest.approx(est, abs=1e-4)
@@ -125,7 +202,7 @@ def test_the_harmonised_crop_equals_the_whole_ct_blurred_where_patches_are_cut()
     rois = np.zeros(sitk.GetArrayViewFromImage(ct).shape, np.uint8)
     rois[10:14, 100:130, 110:140] = 1
     sub = blurred_crop(ct, rois, 8.0, 0.3)
-    whole = blur_inplane(sitk.GetArrayViewFromImage(ct), ct.GetSpacing()[:2], 0.3)
+    whole = gaussian_blur(sitk.GetArrayViewFromImage(ct), ct.GetSpacing()[:2], 0.3)
     lo = np.rint(ct.TransformPhysicalPointToContinuousIndex(sub.GetOrigin())).astype(int)[::-1]
     a = sitk.GetArrayViewFromImage(sub)
     # the part within half a patch (4 mm) of the ROIs

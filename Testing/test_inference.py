@@ -248,13 +248,23 @@ def test_a_ct_sharper_than_the_training_cts_is_blurred_to_them_before_the_patche
     pa, pb = pd.read_csv(tmp_path / "a" / "patches.csv"), pd.read_csv(tmp_path / "b" / "patches.csv")
     assert pa[["centre_x", "centre_y", "centre_z"]].equals(pb[["centre_x", "centre_y", "centre_z"]])
     assert not pa[list(PARAMETERS)].equals(pb[list(PARAMETERS)])      # (a random net: small differences)
-    # a softer CT than the training CTs, with other slices: used as it is, with two warnings
-    soft = _student_with_reference(tmp_path / "soft.safetensors", est / 2, dz * 2)
+    # a softer CT than the training CTs, with thicker slices: used as it is, with two warnings
+    soft = _student_with_reference(tmp_path / "soft.safetensors", est / 2, dz / 2)
     assert _run(knee["ct"], "--out", tmp_path / "c", "--model", soft, *common) == 0
     c = json.loads((tmp_path / "c" / "summary.json").read_text())
-    assert c["ct_resolution"]["harmonisation_blur_mm"] == 0
-    assert len(c["warnings"]) == 2 and "softer in-plane" in c["warnings"][0] and "slice spacing" in c["warnings"][1]
+    assert c["ct_resolution"]["harmonisation_blur_mm"] == c["ct_resolution"]["through_plane_blur_mm"] == 0
+    assert len(c["warnings"]) == 2 and "softer in-plane" in c["warnings"][0] and "thicker" in c["warnings"][1]
     assert pd.read_csv(tmp_path / "c" / "patches.csv")[list(PARAMETERS)].equals(pb[list(PARAMETERS)])
+    # thinner slices than the training CTs': blurred along z only, said on the command line
+    thin = _student_with_reference(tmp_path / "thin.safetensors", est, dz * 2)
+    assert cli_main(["infer", str(knee["ct"]), "--out", str(tmp_path / "d"), "--model", str(thin),
+                     *map(str, common)]) == 0
+    assert "blurred along z by" in capsys.readouterr().err
+    d = json.loads((tmp_path / "d" / "summary.json").read_text())["ct_resolution"]
+    assert d["harmonisation_blur_mm"] == 0 and d["through_plane_blur_mm"] > 0.3
+    pd_ = pd.read_csv(tmp_path / "d" / "patches.csv")
+    assert pd_[["centre_x", "centre_y", "centre_z"]].equals(pb[["centre_x", "centre_y", "centre_z"]])
+    assert not pd_[list(PARAMETERS)].equals(pb[list(PARAMETERS)])
 
 
 def test_patient_report_from_a_real_infer_folder(knee, constant_student, tmp_path, monkeypatch):

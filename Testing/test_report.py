@@ -531,6 +531,13 @@ def test_patient_report_lists_the_analysis_notes(knee, monkeypatch):
     assert patient_mod.analysis_notes({"warnings": ["the CT is softer (docs/inference.md, 'Other scanners')"]}) \
         == ["The CT is softer."]                                                        # no pointer into the docs
     assert "0.120 mm against 0.310 mm" in notes[1]
+    # the target allowing for pixel sizes, and a blur along z for thinner slices
+    more = patient_mod.analysis_notes({"ct_resolution": {
+        "inplane_edge_sigma_mm": 0.26, "model_inplane_edge_sigma_mm": 0.31, "target_inplane_edge_sigma_mm": 0.36,
+        "harmonisation_blur_mm": 0.25, "slice_thickness_mm": 0.7, "model_slice_thickness_mm": 1.0,
+        "through_plane_blur_mm": 0.42}})
+    assert len(more) == 2 and "0.260 mm against 0.360 mm" in more[0]
+    assert "(0.700 mm against 1.00 mm)" in more[1] and "blurred along z by 0.420 mm" in more[1]
     doc = patient_mod.build_patient_document(**_patient_kwargs(knee), notes=notes)
     heads = [b.text for b in doc.blocks if type(b).__name__ == "Heading"]
     paras = [b.text for b in doc.blocks if type(b).__name__ == "Paragraph"]

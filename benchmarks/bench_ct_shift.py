@@ -17,6 +17,7 @@ Each setting runs twice: as ``ctsma infer`` does by default (a CT sharper in-pla
 blurred to their sharpness, :mod:`ctsma.harmonise`) and with ``--no-harmonise`` (the CT as it is).
 
     .venv/bin/python benchmarks/bench_ct_shift.py [--n 8] [--seed 101] [--model FILE] [--work DIR] [--tag NAME]
+    .venv/bin/python benchmarks/bench_ct_shift.py --settings validation --seed 202 --tag validation
 
 Writes ``benchmarks/results/bench_ct_shift[_<tag>].json``. The phantoms go to ``--work`` (default a temporary
 folder, removed at the end; about 18 MB per knee and setting).
@@ -53,6 +54,14 @@ SETTINGS = {
     "soft_kernel": {"ct_psf_fwhm_mm": [1.2, 1.2, 1.7]},
     "fine_voxels": {"ct_spacing": [0.4, 0.4, 0.7], "ct_psf_fwhm_mm": [0.7, 0.7, 1.0]},
     "thick_slices": {"ct_spacing": [0.6, 0.6, 1.5], "ct_psf_fwhm_mm": [0.9, 0.9, 1.8]},
+}
+# A second set, fixed before it was run, to check the through-plane and pixel-size matching (added after the first
+# set's fine-voxel results) on settings and knees it was not developed on: --settings validation --seed 202
+VALIDATION = {
+    "demo": {},
+    "fine_pixels": {"ct_spacing": [0.4, 0.4, 1.0]},                                   # pixel size alone
+    "thin_slices": {"ct_spacing": [0.6, 0.6, 0.6], "ct_psf_fwhm_mm": [0.9, 0.9, 1.0]},  # slices alone
+    "fine_voxels_b": {"ct_spacing": [0.45, 0.45, 0.8], "ct_psf_fwhm_mm": [0.8, 0.8, 1.1]},
 }
 
 
@@ -102,16 +111,19 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="keep the phantoms here (default: a temporary folder)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--settings", choices=("protocols", "validation"), default="protocols",
+                    help="the CT settings: the first set, or the validation set (see VALIDATION)")
     a = ap.parse_args()
+    settings = SETTINGS if a.settings == "protocols" else VALIDATION
     model = Path(a.model) if a.model else default_model_path()
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="ctshift_"))
     work.mkdir(parents=True, exist_ok=True)
     res = {"model": str(model.relative_to(ROOT) if model.is_relative_to(ROOT) else model), "seed": a.seed,
-           "n_knees": a.n, "settings": SETTINGS, "results": {}}
+           "n_knees": a.n, "settings": settings, "results": {}}
     try:
         means, probs, truth = {}, {}, None
         diagnosis = default_diagnosis_path() if a.diagnosis_model is None else Path(a.diagnosis_model)
-        for name, over in SETTINGS.items():
+        for name, over in settings.items():
             t0 = time.perf_counter()
             cohort = make_cohort(work, name, over, a.n, a.seed, a.workers)
             if truth is None:
@@ -134,6 +146,7 @@ def main() -> None:
                 if harm:
                     b["inplane_edge_sigma_mm"] = [x["inplane_edge_sigma_mm"] for x in res_info]
                     b["harmonisation_blur_mm"] = [x["harmonisation_blur_mm"] for x in res_info]
+                    b["through_plane_blur_mm"] = [x["through_plane_blur_mm"] for x in res_info]
                 block[mode] = b
             block["seconds"] = round(time.perf_counter() - t0, 1)
             res["results"][name] = block

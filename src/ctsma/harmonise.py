@@ -1,4 +1,4 @@
-"""In-plane resolution of a CT, estimated from the image, and matching it to a model's training CTs.
+"""CT resolution (in-plane from the image, through-plane from the header), matched to a model's training CTs.
 
 A student reads the texture of blurred trabecular bone, so its estimates depend on the sharpness of the CT's
 reconstruction: measured on held-out phantom knees, a sharper kernel shifts BV/TV and Tb.Th by 1.6 and 2.8
@@ -8,9 +8,17 @@ fitted with an error-function step (a Gaussian-blurred edge), each fitted sigma 
 the profile and the edge's normal (from Gaussian derivatives), and the median is the CT's in-plane edge sigma
 in mm. The dataset build records it for every training CT, the training writes the cohort's median into
 the student's model file, and inference blurs a sharper CT in-plane to that value (an exact Gaussian, applied in
-the Fourier domain) before cutting patches. A softer CT cannot be sharpened: it gets a warning. The through-plane
-resolution has no such edge in a knee CT (the body boundary runs along z), so it is not estimated; a slice spacing
-unlike the training CTs' gets a warning.
+the Fourier domain) before cutting patches. The patches are cut by linear interpolation, which blurs too, the more
+the coarser the grid (variance spacing^2 / 6, averaged over where a sample falls between voxels), so the value a CT
+is matched to allows for the difference between its pixel size and the training CTs' (:func:`inplane_target`).
+A softer CT cannot be sharpened: it gets a warning.
+
+The through-plane resolution has no such edge in a knee CT (the body boundary runs along z), so it comes from the
+header: the nominal slice thickness, which by its IEC definition is the FWHM of the slice sensitivity profile
+(DICOM SliceThickness where the image was read from DICOM, else the slice spacing, i.e. contiguous slices), plus
+the linear interpolation that cuts the patches (a triangle kernel of one slice spacing, variance spacing^2 / 6).
+A CT with thinner slices than the training CTs is blurred along z by the Gaussian that brings this through-plane
+sigma to theirs (:func:`through_plane_blur`); one with thicker slices gets a warning.
 
 The fit uses point samples, so for edges much sharper than a voxel (sigma below about 0.3 voxel) it reads low; the
 same estimator is used on training and test CTs, and the docs give its measured behaviour.
@@ -25,12 +33,14 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage, special
 
+from .io.images import SLICE_THICKNESS_TAG
 from .segmentation.geometry import crop_box
 
 AIR_HU, AIR_MAX_HU, BODY_MIN_HU = -500.0, -900.0, -300.0
 MIN_EDGES = 50
 MIN_COS = 0.7   # profiles at most 45 degrees off the edge normal
 MATCH_TOLERANCE_MM = 0.02  # a CT sharper than a reference by less than this is used as it is
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
 def _fit_steps(x: np.ndarray, y: np.ndarray, iters: int = 30) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -130,13 +140,16 @@ def inplane_edge_sigma(ct: sitk.Image) -> dict | None:
     return _edge_sigma(_sample_slices(ct), ct.GetSpacing())
 
 
-def blur_inplane(arr: np.ndarray, spacing_xy, sigma_mm: float) -> np.ndarray:
-    """``arr`` (z, y, x) blurred along x and y by an exact Gaussian of ``sigma_mm`` (Fourier domain; the edges are
-    padded with their own values, so nothing wraps around). Returns float32."""
+def gaussian_blur(arr: np.ndarray, spacing, sigma_mm: float, sigma_z_mm: float = 0.0) -> np.ndarray:
+    """``arr`` (z, y, x) blurred along x and y by an exact Gaussian of ``sigma_mm``, and along z by one of
+    ``sigma_z_mm``, in the Fourier domain; ``spacing`` is (x, y) or (x, y, z) in mm (z needed for a z blur). The
+    edges are padded with their own values, so nothing wraps around. Returns float32."""
     out = np.asarray(arr, np.float32)
-    if sigma_mm <= 0:
+    axes = [(2, spacing[0], sigma_mm), (1, spacing[1], sigma_mm)]
+    axes = [(a, h, sg) for a, h, sg in axes if sg > 0] + ([(0, spacing[2], sigma_z_mm)] if sigma_z_mm > 0 else [])
+    if not axes:
         return out.copy()
-    for axis, h in ((2, spacing_xy[0]), (1, spacing_xy[1])):
+    for axis, h, sigma_mm in axes:
         pad = int(math.ceil(5 * sigma_mm / h)) + 1
         widths = [(0, 0)] * 3
         widths[axis] = (pad, pad)
@@ -168,7 +181,7 @@ def matching_blur(ct: sitk.Image, reference_mm: float, *, tolerance_mm: float = 
     need = math.sqrt(reference_mm ** 2 - sigma_mm ** 2)
     b = need
     for _ in range(4):
-        est = _edge_sigma(blur_inplane(arr, sp[:2], b), sp)
+        est = _edge_sigma(gaussian_blur(arr, sp[:2], b), sp)
         if est is None:
             break
         out.update(blur_mm=b, sigma_after_mm=est["sigma_mm"])
@@ -179,34 +192,86 @@ def matching_blur(ct: sitk.Image, reference_mm: float, *, tolerance_mm: float = 
     return out
 
 
-def blurred_crop(ct: sitk.Image, mask: np.ndarray, extent_mm: float, blur_mm: float) -> sitk.Image:
+def blurred_crop(ct: sitk.Image, mask: np.ndarray, extent_mm: float, blur_mm: float,
+                 blur_z_mm: float = 0.0) -> sitk.Image:
     """The part of ``ct`` that patches of ``extent_mm`` centred in ``mask`` (a (z, y, x) array on the CT grid) are
-    cut from, blurred in-plane by ``blur_mm`` (float32). The margin holds half a patch, the blur's reach and 2
-    voxels, so no patch sees the crop's edge; only the crop is blurred, which keeps a clinical CT's memory low."""
+    cut from, blurred in-plane by ``blur_mm`` and along z by ``blur_z_mm`` (float32). The margin holds half a
+    patch, the blur's reach and 2 voxels, so no patch sees the crop's edge; only the crop is blurred, which keeps
+    a clinical CT's memory low."""
     sp = np.asarray(ct.GetSpacing())[::-1]  # z, y, x
-    reach = np.array([0.0, 4 * blur_mm, 4 * blur_mm])
+    reach = np.array([4 * blur_z_mm, 4 * blur_mm, 4 * blur_mm])
     bz, by, bx = crop_box(mask, np.ceil((extent_mm / 2 + reach) / sp).astype(int) + 2)
     sub = ct[bx, by, bz]
-    img = sitk.GetImageFromArray(blur_inplane(sitk.GetArrayViewFromImage(sub), ct.GetSpacing()[:2], blur_mm))
+    img = sitk.GetImageFromArray(gaussian_blur(sitk.GetArrayViewFromImage(sub), ct.GetSpacing(), blur_mm, blur_z_mm))
     img.CopyInformation(sub)
     return img
 
 
+def interpolation_variance(spacing_mm: float) -> float:
+    """The variance (mm^2) that linear interpolation between samples ``spacing_mm`` apart adds to an image, averaged
+    over where the new sample falls (a triangle kernel of half-width one spacing): spacing^2 / 6."""
+    return spacing_mm ** 2 / 6.0
+
+
+def inplane_target(reference_mm: float, reference_spacing_mm: float | None, spacing_mm: float) -> float:
+    """The in-plane edge sigma at which patches cut from a CT of in-plane pixel size ``spacing_mm`` are as sharp as
+    those cut from training CTs of edge sigma ``reference_mm`` and pixel size ``reference_spacing_mm`` (``None``,
+    from a model file that does not record it: ``reference_mm`` itself)."""
+    if not reference_spacing_mm:
+        return reference_mm
+    return math.sqrt(max(reference_mm ** 2 + interpolation_variance(reference_spacing_mm)
+                         - interpolation_variance(spacing_mm), 1e-6))
+
+
+def slice_thickness(ct: sitk.Image) -> tuple[float, str]:
+    """The CT's nominal slice thickness in mm and where it came from: DICOM SliceThickness when the image carries
+    it (:func:`ctsma.io.images.read_image` keeps it from a DICOM series), else the slice spacing."""
+    if ct.HasMetaDataKey(SLICE_THICKNESS_TAG):
+        try:
+            t = float(ct.GetMetaData(SLICE_THICKNESS_TAG).strip().split("\\")[0])
+        except ValueError:
+            t = math.nan
+        if math.isfinite(t) and t > 0:
+            return t, "DICOM SliceThickness"
+    return float(ct.GetSpacing()[2]), "slice spacing"
+
+
+def through_plane_sigma(thickness_mm: float, spacing_mm: float) -> float:
+    """The through-plane Gaussian sigma (mm) of patches cut from slices of this nominal thickness (the FWHM of the
+    slice sensitivity profile) and spacing (linear interpolation: variance spacing^2 / 6)."""
+    return math.sqrt((thickness_mm / FWHM_PER_SIGMA) ** 2 + interpolation_variance(spacing_mm))
+
+
+def through_plane_blur(thickness_mm: float, spacing_mm: float, ref_thickness_mm: float, ref_spacing_mm: float,
+                       tolerance_mm: float = MATCH_TOLERANCE_MM) -> float:
+    """The Gaussian sigma (mm) along z that brings a CT's through-plane sigma to that of the reference slices;
+    0 when it is within ``tolerance_mm`` of it or softer (thicker slices cannot be sharpened)."""
+    own, ref = through_plane_sigma(thickness_mm, spacing_mm), through_plane_sigma(ref_thickness_mm, ref_spacing_mm)
+    return math.sqrt(ref ** 2 - own ** 2) if own < ref - tolerance_mm else 0.0
+
+
 def training_reference(subject_info: dict | None, subjects) -> dict | None:
     """The student's CT reference from the dataset's per-knee records (``subject_info[s]["ct_resolution"]``) of its
-    training knees: the median in-plane edge sigma and slice spacing; None when no knee has a record.
+    training knees: the median in-plane edge sigma, pixel size, slice spacing and slice thickness; None when no
+    knee has a record.
     ``subject_info`` may be the JSON text a patch store keeps in its attributes."""
     if isinstance(subject_info, (str, bytes)):
         subject_info = json.loads(subject_info)
     recs = [((subject_info or {}).get(str(s)) or {}).get("ct_resolution") or {} for s in subjects]
     sig = [r["inplane_edge_sigma_mm"] for r in recs if r.get("inplane_edge_sigma_mm") is not None]
     dz = [r["spacing_mm"][2] for r in recs if r.get("spacing_mm")]
+    thick = [r.get("slice_thickness_mm") or r["spacing_mm"][2] for r in recs if r.get("spacing_mm")]
+    pix = [(r["spacing_mm"][0] + r["spacing_mm"][1]) / 2 for r in recs if r.get("spacing_mm")]
     if not sig:
         return None
     return {"inplane_edge_sigma_mm": float(np.median(sig)),
             "inplane_edge_sigma_range_mm": [float(np.min(sig)), float(np.max(sig))],
-            "slice_spacing_mm": float(np.median(dz)) if dz else None, "n_ct": len(sig),
+            "inplane_spacing_mm": float(np.median(pix)) if pix else None,
+            "slice_spacing_mm": float(np.median(dz)) if dz else None,
+            "slice_thickness_mm": float(np.median(thick)) if thick else None, "n_ct": len(sig),
             "estimator": "ctsma.harmonise.inplane_edge_sigma (error-function fits to air/body edges along x and y)"}
 
 
-__all__ = ["inplane_edge_sigma", "blur_inplane", "matching_blur", "blurred_crop", "training_reference"]
+__all__ = ["inplane_edge_sigma", "gaussian_blur", "matching_blur", "blurred_crop", "interpolation_variance",
+           "inplane_target", "slice_thickness",
+           "through_plane_sigma", "through_plane_blur", "training_reference"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 
@@ -29,8 +28,8 @@ def add_parser(sub) -> None:
                    "estimates and uncertainty)")
     p.add_argument("--side", choices=("L", "R"), help="knee side, if the anatomy cannot tell")
     p.add_argument("--no-harmonise", dest="harmonise", action="store_false",
-                   help="do not blur a CT that is sharper in-plane than the model's training CTs to their "
-                        "sharpness (default: match it; see docs/inference.md)")
+                   help="do not blur a CT that is sharper than the model's training CTs (in-plane, or with "
+                        "thinner slices) to their sharpness (default: match it; see docs/inference.md)")
     p.add_argument("--shard", help="batch mode: process shard i of N (i/N, from 0), for cluster job arrays")
     p.set_defaults(func=run)
 
@@ -66,8 +65,12 @@ def run(args) -> int:
     res = summary.get("ct_resolution") or {}
     if res.get("harmonisation_blur_mm"):
         progress.info(f"  CT sharper in-plane than the model's training CTs (edge sigma "
-                      f"{res['inplane_edge_sigma_mm']:.2f} mm against {res['model_inplane_edge_sigma_mm']:.2f} mm): "
+                      f"{res['inplane_edge_sigma_mm']:.2f} mm against {res['target_inplane_edge_sigma_mm']:.2f} mm): "
                       f"blurred in-plane by {res['harmonisation_blur_mm']:.2f} mm to match them")
+    if res.get("through_plane_blur_mm"):
+        progress.info(f"  CT slices thinner than the model's training CTs' ({res['slice_thickness_mm']:.2f} mm, "
+                      f"{res['slice_spacing_mm']:.2f} mm apart, against {res['model_slice_thickness_mm']:.2f} mm): "
+                      f"blurred along z by {res['through_plane_blur_mm']:.2f} mm to match them")
     for r in summary["roi_table"]:
         if r["parameter"] == "BV/TV":
             progress.info(f"  {r['roi']}: BV/TV {r['mean']:.3f} (n={r['n_patches']})")

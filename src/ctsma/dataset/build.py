@@ -245,11 +245,12 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
         mr = read_image(_path(root, row.get("mr")) or Path("<missing mr>"), what=f"MR of {subject}")
     except InputImageError as exc:
         raise SubjectExcluded(str(exc)) from None
-    from ..harmonise import MATCH_TOLERANCE_MM, blurred_crop, inplane_edge_sigma, matching_blur
+    from ..harmonise import MATCH_TOLERANCE_MM, blurred_crop, inplane_edge_sigma, matching_blur, slice_thickness
 
     ct_res = inplane_edge_sigma(ct)  # recorded per knee: the model file gets the training CTs' median
     sigma = None if ct_res is None else ct_res["sigma_mm"]
-    resolution = {"inplane_edge_sigma_mm": sigma, "spacing_mm": [float(v) for v in ct.GetSpacing()]}
+    resolution = {"inplane_edge_sigma_mm": sigma, "spacing_mm": [float(v) for v in ct.GetSpacing()],
+                  "slice_thickness_mm": slice_thickness(ct)[0]}
     try:
         rois, rsource = load_rois(row, root, ct, s)
     except UserError as exc:

@@ -37,7 +37,8 @@ import SimpleITK as sitk
 
 from .. import PARAMETER_FILE_NAMES, PARAMETER_UNITS, PARAMETERS, ROIS, progress
 from ..errors import InputImageError, UserError
-from ..harmonise import MATCH_TOLERANCE_MM, blurred_crop, inplane_edge_sigma, matching_blur
+from ..harmonise import (MATCH_TOLERANCE_MM, blurred_crop, inplane_edge_sigma, inplane_target, matching_blur,
+                         slice_thickness, through_plane_blur, through_plane_sigma)
 from ..io import read_image, write_image, write_json
 from ..io.atomic import ensure_writable_dir, staged_outputs
 from ..io.images import check_ct_intensities
@@ -47,7 +48,7 @@ from .maps import blend_maps, roi_table
 
 MAX_SLICE_MM = 2.0
 SOFTER_FACTOR = 1.15   # in-plane edge sigma over the model's reference above which a CT is called softer
-SLICE_RATIO = 1.25     # slice spacing ratio to the model's training CTs beyond which a warning is given
+SLICE_RATIO = 1.25     # through-plane sigma ratio to the model's training CTs beyond which a warning is given
 THIN_ROI_FRACTION = 0.3    # least ROI share of a patch for an ROI too thin for InferSettings.min_roi_fraction
 BACKGROUND = 0.0
 FLIPS_DEFAULT = ((), (0,), (1,), (2,))
@@ -66,8 +67,9 @@ class InferSettings:
     so that the student sees patches like those it learnt from. An ROI with no such patch (a thin one) takes
     patches with at least :data:`THIN_ROI_FRACTION` of it, with a warning."""
     harmonise: bool = True
-    """Blur a CT that is sharper in-plane than the model's training CTs to their sharpness before cutting patches
-    (:mod:`ctsma.harmonise`); a softer CT or another slice spacing gets a warning."""
+    """Blur a CT that is sharper than the model's training CTs to their sharpness before cutting patches, in-plane
+    (measured edge sigma) and through-plane (thinner slices; :mod:`ctsma.harmonise`); a softer CT or thicker
+    slices get a warning."""
     segmentation_spacing_mm: tuple = (0.7, 0.7, 1.0)
     """Bones and ROIs are found on a copy of the CT at this coarsest (x, y, z) spacing when the CT is finer (a
     512x512x300 clinical CT is 4x smaller then), and their labels are resampled back to the CT grid; the patches
@@ -121,19 +123,26 @@ def predict_with_tta(model, patches: np.ndarray, masks: np.ndarray | None, flips
 
 
 def ct_resolution(ct: sitk.Image, meta: dict, harmonise: bool = True) -> tuple[dict, list[str]]:
-    """The CT's in-plane sharpness against the model's training CTs: (summary block, warnings). The block's
-    ``harmonisation_blur_mm`` is the in-plane Gaussian sigma that the patches are cut after (0: none)."""
+    """The CT's sharpness against the model's training CTs: (summary block, warnings). The block's
+    ``harmonisation_blur_mm`` and ``through_plane_blur_mm`` are the in-plane and through-plane Gaussian sigmas
+    that the patches are cut after (0: none)."""
     ref = (meta.get("input") or {}).get("ct_reference") or {}
     est = inplane_edge_sigma(ct)
     dz, ref_dz = float(ct.GetSpacing()[2]), ref.get("slice_spacing_mm")
+    thick, thick_source = slice_thickness(ct)
+    ref_thick = ref.get("slice_thickness_mm") or ref_dz  # files written before thickness was recorded: spacing
+    pixel = (ct.GetSpacing()[0] + ct.GetSpacing()[1]) / 2
     info = {"inplane_edge_sigma_mm": None if est is None else round(est["sigma_mm"], 4),
-            "model_inplane_edge_sigma_mm": ref.get("inplane_edge_sigma_mm"), "slice_spacing_mm": dz,
-            "model_slice_spacing_mm": ref_dz, "harmonisation_blur_mm": 0.0}
+            "model_inplane_edge_sigma_mm": ref.get("inplane_edge_sigma_mm"), "pixel_size_mm": pixel,
+            "model_pixel_size_mm": ref.get("inplane_spacing_mm"), "slice_spacing_mm": dz,
+            "model_slice_spacing_mm": ref_dz, "slice_thickness_mm": thick, "slice_thickness_source": thick_source,
+            "model_slice_thickness_mm": ref_thick, "harmonisation_blur_mm": 0.0, "through_plane_blur_mm": 0.0}
     warns = []
     if not ref:
         info["note"] = "the model file records no training-CT resolution, so the CT is used as it is"
         return info, warns
-    r = float(ref["inplane_edge_sigma_mm"])
+    r = inplane_target(float(ref["inplane_edge_sigma_mm"]), ref.get("inplane_spacing_mm"), pixel)
+    info["target_inplane_edge_sigma_mm"] = round(r, 4)  # the reference, allowing for the pixel sizes
     if est is None:
         warns.append("the CT's in-plane sharpness could not be measured (no clean air/body edge in the field of "
                      "view), so it is not matched to the model's training CTs")
@@ -151,10 +160,19 @@ def ct_resolution(ct: sitk.Image, meta: dict, harmonise: bool = True) -> tuple[d
         elif not harmonise and e < r - MATCH_TOLERANCE_MM:
             warns.append(f"the CT is sharper in-plane than the model's training CTs (edge sigma {e:.2f} mm against "
                          f"{r:.2f} mm) and --no-harmonise is set: BV/TV and Tb.Th read high on such CTs")
-    if ref_dz and not (1 / SLICE_RATIO <= dz / ref_dz <= SLICE_RATIO):
-        warns.append(f"the CT's slice spacing ({dz:.2f} mm) differs from the model's training CTs ({ref_dz:.2f} mm); "
-                     "the through-plane resolution cannot be matched, and estimates shift with it "
-                     "(docs/inference.md, 'Other scanners')")
+    if ref_dz:
+        z_own, z_ref = through_plane_sigma(thick, dz), through_plane_sigma(ref_thick, ref_dz)
+        info["through_plane_sigma_mm"], info["model_through_plane_sigma_mm"] = round(z_own, 4), round(z_ref, 4)
+        if harmonise:
+            info["through_plane_blur_mm"] = round(through_plane_blur(thick, dz, ref_thick, ref_dz), 4)
+        if z_own > SLICE_RATIO * z_ref:
+            warns.append(f"the CT's slices ({thick:.2f} mm thick, {dz:.2f} mm apart) are thicker than the model's "
+                         f"training CTs' ({ref_thick:.2f} mm, {ref_dz:.2f} mm apart) and cannot be sharpened: "
+                         "estimates shift with the through-plane resolution (docs/inference.md, 'Other scanners')")
+        elif not harmonise and z_own * SLICE_RATIO < z_ref:
+            warns.append(f"the CT's slices ({thick:.2f} mm thick, {dz:.2f} mm apart) are thinner than the model's "
+                         f"training CTs' ({ref_thick:.2f} mm, {ref_dz:.2f} mm apart) and --no-harmonise is set: "
+                         "estimates shift with the through-plane resolution (docs/inference.md, 'Other scanners')")
     return info, warns
 
 
@@ -265,8 +283,8 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
                               "check the ROIs or use a smaller --stride")
     centres = np.concatenate(centres)
     labels = np.array([ROIS[n] for n in names], np.int16)
-    blur = resolution["harmonisation_blur_mm"]
-    source = blurred_crop(ct, roi_arr, extent, blur) if blur > 0 else ct
+    blur, zblur = resolution["harmonisation_blur_mm"], resolution["through_plane_blur_mm"]
+    source = blurred_crop(ct, roi_arr, extent, blur, zblur) if blur > 0 or zblur > 0 else ct
     patches = cut(source, centres, size, extent, default=-1000.0)[:, None]
     del source
     masks = None

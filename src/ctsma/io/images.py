@@ -18,6 +18,8 @@ from ..errors import InputImageError, MemoryBudgetError
 from .atomic import atomic_path
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+SLICE_THICKNESS_TAG = "0018|0050"  # DICOM SliceThickness (ctsma.harmonise)
+KEPT_DICOM_TAGS = (SLICE_THICKNESS_TAG,)  # kept on an image read from a DICOM series
 
 DEFAULT_MAX_VOXELS = int(os.environ.get("CTSMA_MAX_VOXELS", 2_000_000_000 // 4))
 """Default size limit for an input image (voxels), from the memory budget (float32: 2 GB)."""
@@ -55,6 +57,7 @@ def read_image(path: str | os.PathLike, *, what: str = "image", pixel_type=sitk.
         raise InputImageError(f"{what} not found: {path}")
     if max_voxels is None:  # the environment is read at call time, so a caller (or test) may change it
         max_voxels = int(os.environ.get("CTSMA_MAX_VOXELS", DEFAULT_MAX_VOXELS))
+    keep = {}
     warn_display = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's console warnings: the checks here say it better
     try:
@@ -65,6 +68,7 @@ def read_image(path: str | os.PathLike, *, what: str = "image", pixel_type=sitk.
             first.SetFileName(reader.GetFileNames()[0])
             first.ReadImageInformation()
             n_vox = int(np.prod(first.GetSize())) * n_files
+            keep = {k: first.GetMetaData(k) for k in KEPT_DICOM_TAGS if first.HasMetaDataKey(k)}
         else:
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
@@ -96,7 +100,10 @@ def read_image(path: str | os.PathLike, *, what: str = "image", pixel_type=sitk.
         sitk.ProcessObject.SetGlobalWarningDisplay(warn_display)
     if img.GetDimension() == 4:
         img = _squeeze_4d(img, what, path.name)
-    return check_image(img, what=f"{what} {path.name}", pixel_type=pixel_type, allow_2d=allow_2d)
+    img = check_image(img, what=f"{what} {path.name}", pixel_type=pixel_type, allow_2d=allow_2d)
+    for k, v in keep.items():
+        img.SetMetaData(k, v)
+    return img
 
 
 _NIFTI_FLOAT_TYPES = {16: np.float32, 64: np.float64}

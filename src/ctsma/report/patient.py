@@ -112,8 +112,15 @@ def analysis_notes(summary: Mapping[str, Any] | None) -> list[str]:
     if blur:
         notes.append(f"The CT was sharper in-plane than the model's training CTs (edge sigma "
                      f"{fmt_sig(res.get('inplane_edge_sigma_mm'))} mm against "
-                     f"{fmt_sig(res.get('model_inplane_edge_sigma_mm'))} mm); it was blurred in-plane by "
+                     f"{fmt_sig(res.get('target_inplane_edge_sigma_mm', res.get('model_inplane_edge_sigma_mm')))} mm); "
+                     "it was blurred in-plane by "
                      f"{fmt_sig(blur)} mm before the analysis to match them.")
+    zblur = as_float(res.get("through_plane_blur_mm"))
+    if zblur:
+        notes.append(f"The CT's slices were thinner than the model's training CTs' "
+                     f"({fmt_sig(res.get('slice_thickness_mm'))} mm against "
+                     f"{fmt_sig(res.get('model_slice_thickness_mm'))} mm); it was blurred along z by "
+                     f"{fmt_sig(zblur)} mm before the analysis to match them.")
     return notes
 
 
