@@ -101,26 +101,49 @@ def test_matching_blur_leaves_close_softer_or_unmeasurable_cts_alone():
 
 
 def test_linear_interpolation_variance_and_the_inplane_target():
-    # the variance of the interpolation kernel (weights 1-u, u at distances u*h, (1-u)*h), averaged over u
-    h, u = 0.7, np.linspace(0, 1, 100001)
-    assert interpolation_variance(h) == pytest.approx(np.mean(u * (1 - u)) * h ** 2, rel=1e-4)
+    # 16 samples 0.5 mm apart around a voxel centre: on 0.5-mm voxels every sample is half-way (u = 1/2), on 1-mm
+    # voxels a quarter of the way (u = 1/4, 3/4), on 0.25-mm voxels on a voxel; variance u (1 - u) h^2
+    assert interpolation_variance(0.5) == pytest.approx(0.25 * 0.25)
+    assert interpolation_variance(1.0) == pytest.approx(0.1875)
+    assert interpolation_variance(0.25) == pytest.approx(0.0, abs=1e-12)
+    # where positions spread evenly, about the uniform average h^2 / 6
+    for h in (0.6, 0.7, 0.9):
+        assert interpolation_variance(h) == pytest.approx(h ** 2 / 6, rel=0.1)
+    # the same kernel as SimpleITK's linear resampling, which cuts the patches: a unit impulse resampled onto the
+    # patch's samples spreads over them with exactly this variance (summed over the impulse's positions)
+    h, step, n = 0.7, 0.5, 16
+    var = []
+    for k in range(40):
+        line = np.zeros(40, np.float32)
+        line[k] = 1.0
+        img = sitk.GetImageFromArray(line[None, None, :])
+        img.SetSpacing((h, 1.0, 1.0))
+        centre = 20 * h
+        ref = sitk.Image(n, 1, 1, sitk.sitkFloat32)
+        ref.SetSpacing((step, 1.0, 1.0))
+        ref.SetOrigin((centre - (n / 2 - 0.5) * step, 0.0, 0.0))
+        w = sitk.GetArrayFromImage(sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear))[0, 0]
+        pos = ref.GetOrigin()[0] + step * np.arange(n)
+        var.append(w * (pos - k * h) ** 2)
+    assert np.sum(var) / n == pytest.approx(interpolation_variance(h), rel=1e-4)
     # finer pixels than the training CTs' interpolate less, so they are matched to a softer edge
-    assert inplane_target(0.3, 0.6, 0.4) == pytest.approx(math.sqrt(0.09 + (0.36 - 0.16) / 6))
+    assert inplane_target(0.3, 0.6, 0.4) == pytest.approx(
+        math.sqrt(0.09 + interpolation_variance(0.6) - interpolation_variance(0.4)))
     assert inplane_target(0.3, 0.6, 0.6) == pytest.approx(0.3)
-    assert inplane_target(0.3, 0.6, 0.8) < 0.3
+    assert inplane_target(0.3, 0.6, 0.4) > 0.3 > inplane_target(0.3, 0.6, 0.8)
     assert inplane_target(0.3, None, 0.4) == 0.3                  # older model files: the edge sigma alone
 
 
 def test_through_plane_sigma_and_matching_blur():
-    # nominal thickness = FWHM of the slice profile, plus linear interpolation between slices (variance h^2 / 6)
-    assert through_plane_sigma(1.0, 1.0) == pytest.approx(math.sqrt((1 / FWHM_PER_SIGMA) ** 2 + 1 / 6))
+    # nominal thickness = FWHM of the slice profile, plus linear interpolation between the slices
+    assert through_plane_sigma(1.0, 1.0) == pytest.approx(math.sqrt((1 / FWHM_PER_SIGMA) ** 2 + 0.1875))
     assert FWHM_PER_SIGMA == pytest.approx(2.3548, abs=1e-4)
     own, ref = through_plane_sigma(0.7, 0.7), through_plane_sigma(1.0, 1.0)
-    b = through_plane_blur(0.7, 0.7, 1.0, 1.0)
-    assert b == pytest.approx(math.sqrt(ref ** 2 - own ** 2)) and 0.4 < b < 0.45
-    assert through_plane_blur(1.0, 1.0, 1.0, 1.0) == 0.0          # the same slices
-    assert through_plane_blur(1.5, 1.5, 1.0, 1.0) == 0.0          # thicker slices cannot be sharpened
-    assert through_plane_blur(1.0, 0.5, 1.0, 1.0) > 0.0           # overlapping slices: less interpolation blur
+    assert through_plane_blur(own, ref) == pytest.approx(math.sqrt(ref ** 2 - own ** 2))
+    assert 0.4 < through_plane_blur(own, ref) < 0.5
+    assert through_plane_blur(ref, ref) == 0.0                    # the same slices
+    assert through_plane_blur(through_plane_sigma(1.5, 1.5), ref) == 0.0   # thicker: cannot be sharpened
+    assert through_plane_sigma(1.0, 0.5) < ref                    # overlapping slices: less interpolation blur
 
 
 def test_slice_thickness_from_dicom_or_spacing(tmp_path):
@@ -178,7 +201,8 @@ def test_ct_resolution_decides_blur_and_warnings():
     assert info["harmonisation_blur_mm"] == 0 and len(warns) == 1 and "softer" in warns[0]
     info, warns = ct_resolution(ct, _meta(est, dz=2.0))          # thinner slices: blurred along z to match
     assert info["harmonisation_blur_mm"] == 0 and not warns
-    assert info["through_plane_blur_mm"] == pytest.approx(through_plane_blur(1.0, 1.0, 2.0, 2.0), abs=1e-4)
+    assert info["through_plane_blur_mm"] == pytest.approx(
+        through_plane_blur(through_plane_sigma(1.0, 1.0), through_plane_sigma(2.0, 2.0)), abs=1e-4)
     assert info["slice_thickness_source"] == "slice spacing" and info["model_slice_thickness_mm"] == 2.0
     info, warns = ct_resolution(ct, _meta(est, dz=2.0), harmonise=False)
     assert info["through_plane_blur_mm"] == 0 and len(warns) == 1 and "thinner" in warns[0]
@@ -186,10 +210,21 @@ def test_ct_resolution_decides_blur_and_warnings():
     assert info["through_plane_blur_mm"] == 0 and len(warns) == 1 and "thicker" in warns[0]
     info, warns = ct_resolution(ct, _meta(est, dz=1.1))          # slightly thinner: matched, no warning
     assert not warns
-    assert info["through_plane_blur_mm"] == pytest.approx(through_plane_blur(1.0, 1.0, 1.1, 1.1), abs=1e-4)
+    assert info["through_plane_blur_mm"] == pytest.approx(
+        through_plane_blur(through_plane_sigma(1.0, 1.0), through_plane_sigma(1.1, 1.1)), abs=1e-4)
+    # a thickness the caller knows (a NIfTI from DICOM): 2-mm slices 1 mm apart are as soft as the training CTs'
+    info, warns = ct_resolution(ct, _meta(est, dz=2.0), slice_thickness_mm=2.0)
+    assert info["slice_thickness_source"] == "given" and info["through_plane_blur_mm"] > 0   # less interpolation
+    assert info["through_plane_sigma_mm"] == pytest.approx(through_plane_sigma(2.0, 1.0), abs=1e-4)
+    # slices that are not axial (a sagittal acquisition): nothing is matched, with a warning
+    sag = sitk.Image(ct)
+    sag.SetDirection((0, 0, 1, 1, 0, 0, 0, 1, 0))
+    info, warns = ct_resolution(sag, _meta(0.40, dz=2.0))
+    assert info["harmonisation_blur_mm"] == info["through_plane_blur_mm"] == 0
+    assert len(warns) == 1 and "not axial" in warns[0]
     # training CTs with coarser pixels (0.8 against 0.6 mm): their patches are softer, so this CT is blurred more
     info, warns = ct_resolution(ct, _meta(0.40, inplane_spacing_mm=0.8))
-    target = math.sqrt(0.4 ** 2 + (0.8 ** 2 - 0.6 ** 2) / 6)
+    target = math.sqrt(0.4 ** 2 + interpolation_variance(0.8) - interpolation_variance(0.6))
     assert info["target_inplane_edge_sigma_mm"] == pytest.approx(target, abs=1e-4) and not warns
     assert info["harmonisation_blur_mm"] == pytest.approx(math.sqrt(target ** 2 - est ** 2), abs=1e-4)
     info, warns = ct_resolution(ct, {"input": {}})               # an older model: used as it is, said so
@@ -197,12 +232,13 @@ def test_ct_resolution_decides_blur_and_warnings():
     assert info["inplane_edge_sigma_mm"] == pytest.approx(est, abs=1e-4)
 
 
-def test_the_harmonised_crop_equals_the_whole_ct_blurred_where_patches_are_cut():
+@pytest.mark.parametrize("blur_z", [0.0, 1.5])
+def test_the_harmonised_crop_equals_the_whole_ct_blurred_where_patches_are_cut(blur_z):
     ct = leg(0.25)
     rois = np.zeros(sitk.GetArrayViewFromImage(ct).shape, np.uint8)
     rois[10:14, 100:130, 110:140] = 1
-    sub = blurred_crop(ct, rois, 8.0, 0.3)
-    whole = gaussian_blur(sitk.GetArrayViewFromImage(ct), ct.GetSpacing()[:2], 0.3)
+    sub = blurred_crop(ct, rois, 8.0, 0.3, blur_z)
+    whole = gaussian_blur(sitk.GetArrayViewFromImage(ct), ct.GetSpacing(), 0.3, blur_z)
     lo = np.rint(ct.TransformPhysicalPointToContinuousIndex(sub.GetOrigin())).astype(int)[::-1]
     a = sitk.GetArrayViewFromImage(sub)
     # the part within half a patch (4 mm) of the ROIs

@@ -265,6 +265,15 @@ def test_a_ct_sharper_than_the_training_cts_is_blurred_to_them_before_the_patche
     pd_ = pd.read_csv(tmp_path / "d" / "patches.csv")
     assert pd_[["centre_x", "centre_y", "centre_z"]].equals(pb[["centre_x", "centre_y", "centre_z"]])
     assert not pd_[list(PARAMETERS)].equals(pb[list(PARAMETERS)])
+    # a thickness given on the command line (a NIfTI exported from DICOM): 2 x the slice spacing, as thick as the
+    # training CTs' slices but less interpolated, so it is still blurred a little; nonsense is refused
+    assert cli_main(["infer", str(knee["ct"]), "--out", str(tmp_path / "e"), "--model", str(thin),
+                     "--slice-thickness", str(2 * dz), *map(str, common)]) == 0
+    e = json.loads((tmp_path / "e" / "summary.json").read_text())["ct_resolution"]
+    assert e["slice_thickness_source"] == "given" and 0 < e["through_plane_blur_mm"] < d["through_plane_blur_mm"]
+    capsys.readouterr()
+    assert cli_main(["infer", str(knee["ct"]), "--out", str(tmp_path / "f"), "--slice-thickness", "nan"]) == 2
+    assert "--slice-thickness must be" in capsys.readouterr().err and not (tmp_path / "f").exists()
 
 
 def test_patient_report_from_a_real_infer_folder(knee, constant_student, tmp_path, monkeypatch):

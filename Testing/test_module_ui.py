@@ -232,6 +232,7 @@ _BUILT = {
     "infer": cli_args.infer(Path("ct.nii"), Path("out"), model="m.safetensors", device="cpu",
                             bones=Path("b.nii"), rois=Path("r.nii"), side="R"),
     "infer (as it is)": cli_args.infer(Path("ct.nii"), Path("out"), match_sharpness=False),
+    "infer (DICOM thickness)": cli_args.infer(Path("ct.nii"), Path("out"), slice_thickness=1.25),
     "report": cli_args.report(Path("ct.nii"), Path("res"), Path("out"), subject="knee 1"),
     "train": cli_args.train("student", Path("c.yaml"), Path("out")),
     "train (store)": cli_args.train("baseline", Path("c.yaml"), Path("out"), store=Path("store")),
@@ -249,7 +250,8 @@ def test_module_command_lines_parse_with_the_real_cli(label):
     parsed = build_parser().parse_args(["--progress-jsonl", "p.jsonl", *args])
     assert parsed.command == args[0] and getattr(parsed, "func", None) is not None
     if args[0] == "infer":  # the module's "Match a sharper CT" box reaches infer's setting
-        assert parsed.harmonise is (label == "infer")
+        assert parsed.harmonise is (label != "infer (as it is)")
+        assert parsed.slice_thickness == (1.25 if label == "infer (DICOM thickness)" else None)
 
 
 # -- Logic headless --------------------------------------------------------------------------------

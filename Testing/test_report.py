@@ -11,7 +11,6 @@ import json
 import re
 import struct
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -538,6 +537,9 @@ def test_patient_report_lists_the_analysis_notes(knee, monkeypatch):
         "through_plane_blur_mm": 0.42}})
     assert len(more) == 2 and "0.260 mm against 0.360 mm" in more[0]
     assert "(0.700 mm against 1.00 mm)" in more[1] and "blurred along z by 0.420 mm" in more[1]
+    ref = {"inplane_edge_sigma_mm": 0.309, "inplane_spacing_mm": 0.6, "slice_spacing_mm": 1.0}
+    prov = patient_mod.inputs_from_summary({"model": {"path": "m", "input": {"ct_reference": ref}}})["provenance"]
+    assert prov["training CTs"] == "in-plane edge sigma 0.309 mm, pixels 0.600 mm, slices 1.00 mm thick, 1.00 mm apart"
     doc = patient_mod.build_patient_document(**_patient_kwargs(knee), notes=notes)
     heads = [b.text for b in doc.blocks if type(b).__name__ == "Heading"]
     paras = [b.text for b in doc.blocks if type(b).__name__ == "Paragraph"]

@@ -161,6 +161,31 @@ def test_volume_rejects_non_scalar_images(mrml_scene):
         sb.sitk_to_volume_node(sitk.Image([4, 4, 4], sitk.sitkVectorFloat32, 3), mrml_scene)
 
 
+def test_dicom_slice_thickness_of_a_volume_node(mrml_scene):
+    """The analysis passes the DICOM SliceThickness of the CT's series on (the exported NIfTI loses it); a node
+    not loaded from DICOM, or a database without the value, gives None (infer then uses the slice spacing)."""
+    from CTSMALib.volumes import dicom_slice_thickness
+
+    class Database:  # the two calls of Slicer's ctkDICOMDatabase that are used, on a fixed table
+        def __init__(self, values):
+            self.values = values
+
+        def fileForInstance(self, uid):
+            return f"/dicom/{uid}.dcm"
+
+        def fileValue(self, path, tag):
+            return self.values.get((path, tag), "")
+
+    node = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    db = Database({("/dicom/1.2.3.dcm", "0018,0050"): "1.25"})
+    assert dicom_slice_thickness(node, db) is None                         # not from DICOM
+    node.SetAttribute("DICOM.instanceUIDs", "1.2.3 1.2.4")
+    assert dicom_slice_thickness(node, db) == pytest.approx(1.25)          # the first instance's value
+    for bad in ("", "n/a", "0", "-1", "nan"):
+        assert dicom_slice_thickness(node, Database({("/dicom/1.2.3.dcm", "0018,0050"): bad})) is None
+    assert dicom_slice_thickness(node, None) is None                       # no database (headless)
+
+
 # -- transforms --------------------------------------------------------------------------------
 def _linear_transforms():
     euler = sitk.Euler3DTransform((1.0, 2.0, 3.0), 0.1, -0.2, 0.3, (4.0, -5.0, 6.0))

@@ -12,6 +12,7 @@ from . import cli_args
 from .logic_base import CliLogic, Run
 from .parameters import AnalysisParameters
 from .scene_utils import rollback_on_error
+from .volumes import dicom_slice_thickness
 from .training_logic import TrainingMixin
 
 FOLDER = "CT-SMA results"
@@ -77,7 +78,8 @@ class CTSMALogic(TrainingMixin, CliLogic):
                 if roiSegmentation is not None else None)
         out = work / "out"
         args = cli_args.infer(ct, out, model=params.modelPath, device=params.device, bones=bones, rois=rois,
-                              side=params.side, match_sharpness=params.matchSharpness)
+                              side=params.side, match_sharpness=params.matchSharpness,
+                              slice_thickness=dicom_slice_thickness(ctVolume))
         name = ctVolume.GetName()
         return self.startCli("analysis", args, work, out, env=params.env(),
                              loader=lambda run: self.loadAnalysisOutputs(run.out_dir, name, under=ctVolume))

@@ -38,11 +38,15 @@ def create_rois(ct: Path, bones: Path, out: Path, side: str = "auto") -> list[st
 
 
 def infer(ct: Path, out: Path, model: str = "", device: str = "auto", bones: Path | None = None,
-          rois: Path | None = None, side: str = "auto", match_sharpness: bool = True) -> list[str]:
-    """``ctsma infer CT --out DIR`` writes maps, ROI/bone labels, roi_table.csv and summary.json."""
+          rois: Path | None = None, side: str = "auto", match_sharpness: bool = True,
+          slice_thickness: float | None = None) -> list[str]:
+    """``ctsma infer CT --out DIR`` writes maps, ROI/bone labels, roi_table.csv and summary.json;
+    ``slice_thickness``: the CT's DICOM SliceThickness, which the exported file does not carry."""
     args = ["infer", str(ct), "--out", str(out), "--device", device]
     if not match_sharpness:
         args += ["--no-harmonise"]
+    if slice_thickness:
+        args += ["--slice-thickness", f"{slice_thickness:g}"]
     if model:
         args += ["--model", model]
     if bones is not None:

@@ -9,6 +9,8 @@ anisotropic and left-handed (det < 0) grids all map exactly.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ctsma.errors import InputImageError, UserError
@@ -106,3 +108,24 @@ def volume_node_to_sitk(node, world: bool = True):
     image.SetDirection(direction)
     image.SetOrigin(origin)
     return image
+
+
+def dicom_slice_thickness(volume_node, database=None) -> float | None:
+    """The DICOM SliceThickness (mm) of the series a volume node was loaded from, or None when the node did not come
+    from DICOM or the database cannot tell. Slicer's DICOM loader keeps the instance UIDs in the node attribute
+    ``DICOM.instanceUIDs``; ``database`` is Slicer's DICOM database (``slicer.dicomDatabase`` by default)."""
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if not uids:
+        return None
+    if database is None:
+        try:
+            import slicer
+        except ImportError:
+            return None
+        database = getattr(slicer, "dicomDatabase", None)
+    try:
+        value = database.fileValue(database.fileForInstance(uids[0]), "0018,0050")
+        thickness = float(str(value).split("\\")[0])
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return thickness if math.isfinite(thickness) and thickness > 0 else None

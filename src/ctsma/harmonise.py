@@ -9,14 +9,14 @@ the profile and the edge's normal (from Gaussian derivatives), and the median is
 in mm. The dataset build records it for every training CT, the training writes the cohort's median into
 the student's model file, and inference blurs a sharper CT in-plane to that value (an exact Gaussian, applied in
 the Fourier domain) before cutting patches. The patches are cut by linear interpolation, which blurs too, the more
-the coarser the grid (variance spacing^2 / 6, averaged over where a sample falls between voxels), so the value a CT
-is matched to allows for the difference between its pixel size and the training CTs' (:func:`inplane_target`).
+the coarser the grid (:func:`interpolation_variance`), so the value a CT is matched to allows for the difference
+between its pixel size and the training CTs' (:func:`inplane_target`).
 A softer CT cannot be sharpened: it gets a warning.
 
 The through-plane resolution has no such edge in a knee CT (the body boundary runs along z), so it comes from the
 header: the nominal slice thickness, which by its IEC definition is the FWHM of the slice sensitivity profile
 (DICOM SliceThickness where the image was read from DICOM, else the slice spacing, i.e. contiguous slices), plus
-the linear interpolation that cuts the patches (a triangle kernel of one slice spacing, variance spacing^2 / 6).
+the linear interpolation between slices that cuts the patches.
 A CT with thinner slices than the training CTs is blurred along z by the Gaussian that brings this through-plane
 sigma to theirs (:func:`through_plane_blur`); one with thicker slices gets a warning.
 
@@ -41,6 +41,7 @@ MIN_EDGES = 50
 MIN_COS = 0.7   # profiles at most 45 degrees off the edge normal
 MATCH_TOLERANCE_MM = 0.02  # a CT sharper than a reference by less than this is used as it is
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+PATCH = (0.5, 16)  # (sample step mm, samples per side) of the students' CT patches; a model file gives its own
 
 
 def _fit_steps(x: np.ndarray, y: np.ndarray, iters: int = 30) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -207,20 +208,28 @@ def blurred_crop(ct: sitk.Image, mask: np.ndarray, extent_mm: float, blur_mm: fl
     return img
 
 
-def interpolation_variance(spacing_mm: float) -> float:
-    """The variance (mm^2) that linear interpolation between samples ``spacing_mm`` apart adds to an image, averaged
-    over where the new sample falls (a triangle kernel of half-width one spacing): spacing^2 / 6."""
-    return spacing_mm ** 2 / 6.0
+def interpolation_variance(spacing_mm: float, patch: tuple[float, int] = PATCH) -> float:
+    """The variance (mm^2) that linear interpolation adds to the samples of a patch, averaged over them.
+
+    ``patch`` is (sample step in mm, samples per side) of patches centred on voxel centres of a grid ``spacing_mm``
+    apart, as :func:`ctsma.dataset.sampling.roi_centres` places them. A sample a fraction u of the way between two
+    voxels gets weights 1 - u and u, a kernel of variance u (1 - u) spacing^2. Where the samples fall repeats on such
+    a grid, so the mean is exact: close to spacing^2 / 6 (positions spread evenly) in general, but 1.5 times that for
+    0.5-mm samples on 0.5-mm voxels (every sample half-way) and 0 on 0.25-mm voxels (none between voxels)."""
+    step, n = patch
+    u = np.mod((np.arange(n) + 0.5 - n / 2) * step / spacing_mm, 1.0)
+    return float(np.mean(u * (1.0 - u))) * spacing_mm ** 2
 
 
-def inplane_target(reference_mm: float, reference_spacing_mm: float | None, spacing_mm: float) -> float:
+def inplane_target(reference_mm: float, reference_spacing_mm: float | None, spacing_mm: float,
+                   patch: tuple[float, int] = PATCH) -> float:
     """The in-plane edge sigma at which patches cut from a CT of in-plane pixel size ``spacing_mm`` are as sharp as
     those cut from training CTs of edge sigma ``reference_mm`` and pixel size ``reference_spacing_mm`` (``None``,
     from a model file that does not record it: ``reference_mm`` itself)."""
     if not reference_spacing_mm:
         return reference_mm
-    return math.sqrt(max(reference_mm ** 2 + interpolation_variance(reference_spacing_mm)
-                         - interpolation_variance(spacing_mm), 1e-6))
+    return math.sqrt(max(reference_mm ** 2 + interpolation_variance(reference_spacing_mm, patch)
+                         - interpolation_variance(spacing_mm, patch), 1e-6))
 
 
 def slice_thickness(ct: sitk.Image) -> tuple[float, str]:
@@ -236,18 +245,16 @@ def slice_thickness(ct: sitk.Image) -> tuple[float, str]:
     return float(ct.GetSpacing()[2]), "slice spacing"
 
 
-def through_plane_sigma(thickness_mm: float, spacing_mm: float) -> float:
+def through_plane_sigma(thickness_mm: float, spacing_mm: float, patch: tuple[float, int] = PATCH) -> float:
     """The through-plane Gaussian sigma (mm) of patches cut from slices of this nominal thickness (the FWHM of the
-    slice sensitivity profile) and spacing (linear interpolation: variance spacing^2 / 6)."""
-    return math.sqrt((thickness_mm / FWHM_PER_SIGMA) ** 2 + interpolation_variance(spacing_mm))
+    slice sensitivity profile) and spacing (the linear interpolation between them, :func:`interpolation_variance`)."""
+    return math.sqrt((thickness_mm / FWHM_PER_SIGMA) ** 2 + interpolation_variance(spacing_mm, patch))
 
 
-def through_plane_blur(thickness_mm: float, spacing_mm: float, ref_thickness_mm: float, ref_spacing_mm: float,
-                       tolerance_mm: float = MATCH_TOLERANCE_MM) -> float:
-    """The Gaussian sigma (mm) along z that brings a CT's through-plane sigma to that of the reference slices;
-    0 when it is within ``tolerance_mm`` of it or softer (thicker slices cannot be sharpened)."""
-    own, ref = through_plane_sigma(thickness_mm, spacing_mm), through_plane_sigma(ref_thickness_mm, ref_spacing_mm)
-    return math.sqrt(ref ** 2 - own ** 2) if own < ref - tolerance_mm else 0.0
+def through_plane_blur(sigma_mm: float, reference_mm: float, tolerance_mm: float = MATCH_TOLERANCE_MM) -> float:
+    """The Gaussian sigma (mm) along z that brings a through-plane sigma to the reference one; 0 when it is within
+    ``tolerance_mm`` of it or above (thicker slices cannot be sharpened)."""
+    return math.sqrt(reference_mm ** 2 - sigma_mm ** 2) if sigma_mm < reference_mm - tolerance_mm else 0.0
 
 
 def training_reference(subject_info: dict | None, subjects) -> dict | None:

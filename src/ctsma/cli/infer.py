@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-harmonise", dest="harmonise", action="store_false",
                    help="do not blur a CT that is sharper than the model's training CTs (in-plane, or with "
                         "thinner slices) to their sharpness (default: match it; see docs/inference.md)")
+    p.add_argument("--slice-thickness", type=float, metavar="MM",
+                   help="the CT's nominal slice thickness, when its file does not say (a NIfTI converted from DICOM, "
+                        "say; default: DICOM SliceThickness for a DICOM folder, else the slice spacing)")
     p.add_argument("--shard", help="batch mode: process shard i of N (i/N, from 0), for cluster job arrays")
     p.set_defaults(func=run)
 
@@ -45,8 +48,10 @@ def run(args) -> int:
         raise UserError(f"CT not found: {args.ct}")
     if args.stride <= 0 or args.stride > 50:
         raise UserError(f"--stride must be in (0, 50] mm, not {args.stride}")
+    if args.slice_thickness is not None and not 0 < args.slice_thickness <= 20:
+        raise UserError(f"--slice-thickness must be in (0, 20] mm, not {args.slice_thickness}")
     s = InferSettings(stride_mm=args.stride, tta=args.tta, device=args.device, side=args.side,
-                      harmonise=args.harmonise)
+                      harmonise=args.harmonise, slice_thickness_mm=args.slice_thickness)
     if is_batch_input(args.ct):
         if args.segmentation or args.rois:
             raise UserError("--segmentation/--rois apply to one CT; in batch mode give a 'ct_bones' manifest column")

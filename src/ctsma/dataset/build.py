@@ -39,7 +39,7 @@ from ..io.atomic import atomic_path, remove_stale_partials
 from .sampling import cut, inside_fraction, relative_positions, roi_centres
 
 log = logging.getLogger(__name__)
-SHARD_VERSION = 1
+SHARD_VERSION = 2  # 2: the per-knee CT record holds the slice thickness
 
 
 @dataclass

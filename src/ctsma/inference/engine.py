@@ -37,7 +37,7 @@ import SimpleITK as sitk
 
 from .. import PARAMETER_FILE_NAMES, PARAMETER_UNITS, PARAMETERS, ROIS, progress
 from ..errors import InputImageError, UserError
-from ..harmonise import (MATCH_TOLERANCE_MM, blurred_crop, inplane_edge_sigma, inplane_target, matching_blur,
+from ..harmonise import (MATCH_TOLERANCE_MM, PATCH, blurred_crop, inplane_edge_sigma, inplane_target, matching_blur,
                          slice_thickness, through_plane_blur, through_plane_sigma)
 from ..io import read_image, write_image, write_json
 from ..io.atomic import ensure_writable_dir, staged_outputs
@@ -49,6 +49,7 @@ from .maps import blend_maps, roi_table
 MAX_SLICE_MM = 2.0
 SOFTER_FACTOR = 1.15   # in-plane edge sigma over the model's reference above which a CT is called softer
 SLICE_RATIO = 1.25     # through-plane sigma ratio to the model's training CTs beyond which a warning is given
+AXIAL_COS = 0.9        # |cos| between the slice axis and the patient's z below which a CT is not axial
 THIN_ROI_FRACTION = 0.3    # least ROI share of a patch for an ROI too thin for InferSettings.min_roi_fraction
 BACKGROUND = 0.0
 FLIPS_DEFAULT = ((), (0,), (1,), (2,))
@@ -70,6 +71,9 @@ class InferSettings:
     """Blur a CT that is sharper than the model's training CTs to their sharpness before cutting patches, in-plane
     (measured edge sigma) and through-plane (thinner slices; :mod:`ctsma.harmonise`); a softer CT or thicker
     slices get a warning."""
+    slice_thickness_mm: float | None = None
+    """The CT's nominal slice thickness (mm) when the file does not carry it (a NIfTI exported from DICOM, say);
+    ``None``: DICOM SliceThickness for a DICOM series, else the slice spacing."""
     segmentation_spacing_mm: tuple = (0.7, 0.7, 1.0)
     """Bones and ROIs are found on a copy of the CT at this coarsest (x, y, z) spacing when the CT is finer (a
     512x512x300 clinical CT is 4x smaller then), and their labels are resampled back to the CT grid; the patches
@@ -122,14 +126,18 @@ def predict_with_tta(model, patches: np.ndarray, masks: np.ndarray | None, flips
     return p.mean(0), (p.std(0, ddof=1) if len(preds) > 1 else np.zeros_like(p[0]))
 
 
-def ct_resolution(ct: sitk.Image, meta: dict, harmonise: bool = True) -> tuple[dict, list[str]]:
+def ct_resolution(ct: sitk.Image, meta: dict, harmonise: bool = True,
+                  slice_thickness_mm: float | None = None) -> tuple[dict, list[str]]:
     """The CT's sharpness against the model's training CTs: (summary block, warnings). The block's
     ``harmonisation_blur_mm`` and ``through_plane_blur_mm`` are the in-plane and through-plane Gaussian sigmas
-    that the patches are cut after (0: none)."""
-    ref = (meta.get("input") or {}).get("ct_reference") or {}
+    that the patches are cut after (0: none). ``slice_thickness_mm``: the CT's nominal slice thickness when the
+    caller knows it (else DICOM SliceThickness or the slice spacing, :func:`ctsma.harmonise.slice_thickness`)."""
+    inp = meta.get("input") or {}
+    ref = inp.get("ct_reference") or {}
+    patch = (float(inp.get("spacing_mm", PATCH[0])), int(inp.get("patch_size", PATCH[1])))
     est = inplane_edge_sigma(ct)
     dz, ref_dz = float(ct.GetSpacing()[2]), ref.get("slice_spacing_mm")
-    thick, thick_source = slice_thickness(ct)
+    thick, thick_source = (slice_thickness_mm, "given") if slice_thickness_mm else slice_thickness(ct)
     ref_thick = ref.get("slice_thickness_mm") or ref_dz  # files written before thickness was recorded: spacing
     pixel = (ct.GetSpacing()[0] + ct.GetSpacing()[1]) / 2
     info = {"inplane_edge_sigma_mm": None if est is None else round(est["sigma_mm"], 4),
@@ -141,7 +149,13 @@ def ct_resolution(ct: sitk.Image, meta: dict, harmonise: bool = True) -> tuple[d
     if not ref:
         info["note"] = "the model file records no training-CT resolution, so the CT is used as it is"
         return info, warns
-    r = inplane_target(float(ref["inplane_edge_sigma_mm"]), ref.get("inplane_spacing_mm"), pixel)
+    if abs(ct.GetDirection()[8]) < AXIAL_COS:
+        info["note"] = "the CT's slices are not axial, so its sharpness is not matched to the model's training CTs"
+        warns.append("the CT's slices are not axial (its slice axis is more than 25 degrees off the patient's "
+                     "head-foot axis), so its sharpness is not matched to the model's training CTs' "
+                     "(docs/inference.md, 'Other scanners')")
+        return info, warns
+    r = inplane_target(float(ref["inplane_edge_sigma_mm"]), ref.get("inplane_spacing_mm"), pixel, patch)
     info["target_inplane_edge_sigma_mm"] = round(r, 4)  # the reference, allowing for the pixel sizes
     if est is None:
         warns.append("the CT's in-plane sharpness could not be measured (no clean air/body edge in the field of "
@@ -161,10 +175,10 @@ def ct_resolution(ct: sitk.Image, meta: dict, harmonise: bool = True) -> tuple[d
             warns.append(f"the CT is sharper in-plane than the model's training CTs (edge sigma {e:.2f} mm against "
                          f"{r:.2f} mm) and --no-harmonise is set: BV/TV and Tb.Th read high on such CTs")
     if ref_dz:
-        z_own, z_ref = through_plane_sigma(thick, dz), through_plane_sigma(ref_thick, ref_dz)
+        z_own, z_ref = through_plane_sigma(thick, dz, patch), through_plane_sigma(ref_thick, ref_dz, patch)
         info["through_plane_sigma_mm"], info["model_through_plane_sigma_mm"] = round(z_own, 4), round(z_ref, 4)
         if harmonise:
-            info["through_plane_blur_mm"] = round(through_plane_blur(thick, dz, ref_thick, ref_dz), 4)
+            info["through_plane_blur_mm"] = round(through_plane_blur(z_own, z_ref), 4)
         if z_own > SLICE_RATIO * z_ref:
             warns.append(f"the CT's slices ({thick:.2f} mm thick, {dz:.2f} mm apart) are thicker than the model's "
                          f"training CTs' ({ref_thick:.2f} mm, {ref_dz:.2f} mm apart) and cannot be sharpened: "
@@ -209,7 +223,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         warnings.warn(w, stacklevel=2)
     model_path = Path(model_path) if model_path else default_model_path()
     model, meta = load_student(model_path)
-    resolution, res_warns = ct_resolution(ct, meta, s.harmonise)
+    resolution, res_warns = ct_resolution(ct, meta, s.harmonise, s.slice_thickness_mm)
     for w in res_warns:
         warnings.warn(w, stacklevel=2)
     warns += res_warns

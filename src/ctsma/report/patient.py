@@ -145,8 +145,11 @@ def inputs_from_summary(summary: Mapping[str, Any] | None) -> dict:
                 "target": {"mr": "MR-derived reference parameters", "true": "true microstructure (phantom)"}.get(
                     model.get("target"), model.get("target")),
                 "trained_on": f"{model['trained_on']} knees" if model.get("trained_on") else None,
-                "training CTs": (f"in-plane edge sigma {fmt_sig(ref.get('inplane_edge_sigma_mm'))} mm, slices "
-                                 f"{fmt_sig(ref.get('slice_spacing_mm'))} mm" if ref else None),
+                "training CTs": (f"in-plane edge sigma {fmt_sig(ref.get('inplane_edge_sigma_mm'))} mm"
+                                 + (f", pixels {fmt_sig(ref['inplane_spacing_mm'])} mm"
+                                    if ref.get("inplane_spacing_mm") else "")
+                                 + f", slices {fmt_sig(ref.get('slice_thickness_mm') or ref.get('slice_spacing_mm'))}"
+                                 f" mm thick, {fmt_sig(ref.get('slice_spacing_mm'))} mm apart" if ref else None),
                 "demo": model.get("demo")}
         prov = {k: v for k, v in prov.items() if v is not None} or None
     return {"diagnosis": diagnosis, "provenance": dict(prov) if prov else None, "notes": analysis_notes(summary)}
