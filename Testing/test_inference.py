@@ -142,6 +142,16 @@ def test_batch_mode_resumes_and_reports_failures(knee, constant_student, tmp_pat
     # shards split the cohort
     _run(manifest, "--out", tmp_path / "s1", "--model", constant_student, "--shard", "1/2")
     assert json.loads((tmp_path / "s1" / "batch_status_1of2.json").read_text())[0]["subject"] == "bad"
+    # a manifest may give each CT's slice thickness (NIfTI files converted from DICOM lose it); nonsense is refused
+    thick = tmp_path / "thick.csv"
+    pd.DataFrame({"subject": ["good", "other"], "ct": [str(knee["ct"])] * 2,
+                  "slice_thickness": [2.5, None]}).to_csv(thick, index=False)
+    assert _run(thick, "--out", tmp_path / "t", "--model", constant_student, "--side", knee["side"]) == 0
+    res = [json.loads((tmp_path / "t" / k / "summary.json").read_text())["ct_resolution"] for k in ("good", "other")]
+    assert (res[0]["slice_thickness_mm"], res[0]["slice_thickness_source"]) == (2.5, "given")
+    assert res[1]["slice_thickness_source"] == "slice spacing"
+    pd.DataFrame({"ct": [str(knee["ct"])], "slice_thickness": ["1 mm"]}).to_csv(thick, index=False)
+    assert _run(thick, "--out", tmp_path / "u", "--model", constant_student) == 2
 
 
 def test_infer_over_the_memory_budget_blends_in_z_slabs_with_the_same_outputs(knee, tmp_path, monkeypatch, capsys):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +24,8 @@ def is_batch_input(path: Path) -> bool:
 
 
 def list_cases(path: Path) -> pd.DataFrame:
-    """Rows with ``subject``, ``ct`` and optional ``ct_bones`` (absolute paths)."""
+    """Rows with ``subject``, ``ct`` and optional ``ct_bones`` (absolute paths) and ``slice_thickness`` (mm, the CT's
+    nominal slice thickness where its file does not carry it; empty: from the file)."""
     if path.suffix.lower() == ".csv":
         if not path.is_file():
             raise InputImageError(f"manifest not found: {path}")
@@ -34,6 +37,13 @@ def list_cases(path: Path) -> pd.DataFrame:
             df["ct_bones"] = [str((path.parent / p).resolve()) if isinstance(p, str) and p else "" for p in df.ct_bones]
         if "subject" not in df.columns:
             df["subject"] = [_subject_name(p) for p in df["ct"]]
+        if "slice_thickness" in df.columns:
+            t = pd.to_numeric(df["slice_thickness"], errors="coerce")
+            bad = df["slice_thickness"].notna() & ~((t > 0) & (t <= 20))
+            if bad.any():
+                raise UserError(f"manifest {path.name}: slice_thickness must be a thickness in (0, 20] mm or empty; "
+                                f"rows {[int(k) + 2 for k in df.index[bad]][:5]} are not")
+            df["slice_thickness"] = t
     else:
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
         df = pd.DataFrame({"subject": [_subject_name(p) for p in files], "ct": [str(p) for p in files]})
@@ -57,8 +67,10 @@ def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=No
             continue
         try:
             seg = getattr(row, "ct_bones", "") or None
-            infer(row.ct, d, model_path=model_path, segmentation=seg, settings=settings,
-                  diagnosis_path=diagnosis_path, subject=str(row.subject))
+            thick = getattr(row, "slice_thickness", math.nan)
+            infer(row.ct, d, model_path=model_path, segmentation=seg, diagnosis_path=diagnosis_path,
+                  settings=replace(settings, slice_thickness_mm=thick) if math.isfinite(thick) else settings,
+                  subject=str(row.subject))
             status.append({"subject": row.subject, "status": "ok", "message": ""})
         except UserError as exc:  # one bad case must not stop a cohort
             status.append({"subject": row.subject, "status": "failed", "message": str(exc)})
