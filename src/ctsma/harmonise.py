@@ -280,5 +280,4 @@ def training_reference(subject_info: dict | None, subjects) -> dict | None:
 
 
 __all__ = ["inplane_edge_sigma", "gaussian_blur", "matching_blur", "blurred_crop", "interpolation_variance",
-           "inplane_target", "slice_thickness",
-           "through_plane_sigma", "through_plane_blur", "training_reference"]
+           "inplane_target", "slice_thickness", "through_plane_sigma", "through_plane_blur", "training_reference"]
