@@ -9,6 +9,7 @@ means are formed from the out-of-fold patch predictions of the demo's evaluation
 between the two rows is what the sliding-window maps themselves add or lose.
 
     .venv/bin/python benchmarks/bench_roi_agreement.py [DEMO_DIR] [--tag NAME]   # default demo_out (`make demo`)
+    .venv/bin/python benchmarks/bench_roi_agreement.py --mr-store STORE --tag all_positions
 
 Writes ``benchmarks/results/bench_roi_agreement[_<tag>].json``. DEMO_DIR is a finished demo's output folder (its
 ``phantom``, ``dataset/store``, ``training/fold*`` and ``evaluation``); ``--seed`` and ``--folds`` must be the
@@ -53,12 +54,23 @@ def icc_table(a: pd.DataFrame, b: pd.DataFrame) -> dict:
     return out
 
 
+def mr_roi_means(table: pd.DataFrame) -> pd.DataFrame:
+    """The mean MR reference of each (knee, ROI)'s patches in a patch store's table, long format."""
+    return (table.assign(subject=table["subject"].astype(str))
+            .melt(id_vars=["subject", "roi"], value_vars=[f"mr_{p}" for p in PARAMETERS], var_name="parameter")
+            .assign(parameter=lambda d: d.parameter.str[3:]).groupby(["subject", "roi", "parameter"], as_index=False)
+            .value.mean())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("demo", nargs="?", default=str(ROOT / "demo_out"))
     ap.add_argument("--tag", default="")
     ap.add_argument("--seed", type=int, default=0, help="the demo's seed (its patient split)")
     ap.add_argument("--folds", type=int, default=3, help="the demo's cross-fitting folds")
+    ap.add_argument("--mr-store", help="a patch store of the same cohort without the per-ROI cap (`ctsma dataset "
+                    "build --rois auto --max-per-roi 1000 --no-truth`, the demo's registrations): MR ROI means over "
+                    "every patch position of each ROI, the ROI the maps cover, as a second reference")
     a = ap.parse_args()
     demo = Path(a.demo).resolve()
     ctx = Context(demo, DemoSettings(seed=a.seed, folds=a.folds))
@@ -66,10 +78,8 @@ def main() -> None:
     t = store.table.copy()
     t["subject"] = t["subject"].astype(str)
     cohort = ctx.cohort().set_index("subject")
-    # MR-derived ROI means (all patches of the knee's ROI) and the phantom's true ROI values
-    mr = (t.melt(id_vars=["subject", "roi"], value_vars=[f"mr_{p}" for p in PARAMETERS], var_name="parameter")
-          .assign(parameter=lambda d: d.parameter.str[3:]).groupby(["subject", "roi", "parameter"], as_index=False)
-          .value.mean())
+    # MR-derived ROI means (the store's patches of the knee's ROI: at most 16, a random subset) and the true values
+    mr = mr_roi_means(t)
     truth = pd.DataFrame([{"subject": s, "roi": r, "parameter": p, "value": cohort.loc[s, f"true_{r}_{p}"]}
                           for s in cohort.index for r in ROIS for p in PARAMETERS
                           if f"true_{r}_{p}" in cohort.columns])
@@ -105,9 +115,17 @@ def main() -> None:
     res = {"demo": str(demo), "n_knees": int(maps.subject.nunique()), "seconds_per_knee": round(float(np.mean(secs)), 1),
            "maps_vs_mr": icc_table(maps, mr), "patch_oof_vs_mr": icc_table(patch, mr),
            "maps_vs_truth": icc_table(maps, truth), "mr_vs_truth": icc_table(mr, truth)}
+    if a.mr_store:
+        full_table = PatchStore(a.mr_store).table
+        full = mr_roi_means(full_table)
+        res.update(mr_store=str(a.mr_store), patches_per_roi_all_positions=round(float(
+                   full_table.groupby(["subject", "roi"]).size().mean()), 1),
+                   patches_per_roi_store=round(float(t.groupby(["subject", "roi"]).size().mean()), 1),
+                   maps_vs_mr_all_positions=icc_table(maps, full), patch_oof_vs_mr_all_positions=icc_table(patch, full),
+                   mr_all_positions_vs_truth=icc_table(full, truth), mr_store_vs_mr_all_positions=icc_table(mr, full))
     out = ROOT / "benchmarks" / "results" / f"bench_roi_agreement{'_' + a.tag if a.tag else ''}.json"
     out.write_text(json.dumps(res, indent=1))
-    for k in ("maps_vs_mr", "patch_oof_vs_mr", "maps_vs_truth", "mr_vs_truth"):
+    for k in [k for k in res if isinstance(res[k], dict) and "mean_icc21" in res[k]]:
         print(f"{k:16s} ICC(2,1) mean {res[k]['mean_icc21']:.3f}  " +
               "  ".join(f"{p} {res[k][p]['icc21']:.3f} (r {res[k][p]['pearson_r']:.2f})" for p in PARAMETERS))
     print("written", out)
