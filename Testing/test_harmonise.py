@@ -15,6 +15,7 @@ from ctsma.harmonise import (FWHM_PER_SIGMA, blurred_crop, gaussian_blur, inplan
                              interpolation_variance, matching_blur, slice_thickness, through_plane_blur,
                              through_plane_sigma, training_reference)
 from ctsma.inference.engine import ct_resolution
+from dicom_series import write_ct_series
 
 
 def leg(sigma_mm: float, spacing=(0.6, 0.6, 1.0), noise_hu=20.0, seed=0, radius=45.0) -> sitk.Image:
@@ -132,6 +133,7 @@ def test_linear_interpolation_variance_and_the_inplane_target():
     assert inplane_target(0.3, 0.6, 0.6) == pytest.approx(0.3)
     assert inplane_target(0.3, 0.6, 0.4) > 0.3 > inplane_target(0.3, 0.6, 0.8)
     assert inplane_target(0.3, None, 0.4) == 0.3                  # older model files: the edge sigma alone
+    assert inplane_target(0.3, 0.6, 1.5) is None                  # 1.5-mm pixels alone blur more than that
 
 
 def test_through_plane_sigma_and_matching_blur():
@@ -156,18 +158,7 @@ def test_slice_thickness_from_dicom_or_spacing(tmp_path):
     img.SetMetaData("0018|0050", "n/a")                            # unreadable: the spacing
     assert slice_thickness(img)[1] == "slice spacing"
     # a DICOM series whose slices are 0.8 mm apart and 1.5 mm thick (overlapping reconstruction)
-    vol = sitk.Cast(leg(0.4, spacing=(0.6, 0.6, 0.8))[60:190, 60:190, :6], sitk.sitkInt16)
-    w = sitk.ImageFileWriter()
-    w.KeepOriginalImageUIDOn()
-    for k in range(vol.GetDepth()):
-        sl = vol[:, :, k]
-        for tag, value in (("0008|0060", "CT"), ("0018|0050", "1.5"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"),
-                           ("0020|0032", "\\".join(f"{v:f}" for v in vol.TransformIndexToPhysicalPoint((0, 0, k)))),
-                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0020|0013", str(k + 1)),
-                           ("0028|1052", "0"), ("0028|1053", "1")):
-            sl.SetMetaData(tag, value)
-        w.SetFileName(str(tmp_path / f"s{k:02d}.dcm"))
-        w.Execute(sl)
+    write_ct_series(leg(0.4, spacing=(0.6, 0.6, 0.8))[60:190, 60:190, :6], tmp_path, thickness_mm=1.5)
     ct = read_image(tmp_path, what="CT")
     assert ct.GetSpacing()[2] == pytest.approx(0.8, abs=1e-3)
     assert slice_thickness(ct) == (pytest.approx(1.5), "DICOM SliceThickness")
@@ -176,7 +167,7 @@ def test_slice_thickness_from_dicom_or_spacing(tmp_path):
 def test_training_reference_from_the_store_attributes():
     info = {f"k{i}": {"ct_resolution": {"inplane_edge_sigma_mm": s, "spacing_mm": [0.6, 0.6, dz]}}
             for i, (s, dz) in enumerate([(0.36, 1.0), (0.38, 1.0), (0.40, 1.25), (None, 1.0)])}
-    info["k1"]["ct_resolution"]["slice_thickness_mm"] = 2.0      # older records have no thickness: their spacing
+    info["k1"]["ct_resolution"]["slice_thickness_mm"] = 2.0      # k1 records one; the others (older) use their spacing
     ref = training_reference(json.dumps(info), ["k0", "k1", "k2", "k3", "unknown"])
     assert ref["inplane_edge_sigma_mm"] == pytest.approx(0.38) and ref["n_ct"] == 3
     assert ref["inplane_edge_sigma_range_mm"] == pytest.approx([0.36, 0.40]) and ref["slice_spacing_mm"] == 1.0
@@ -227,6 +218,10 @@ def test_ct_resolution_decides_blur_and_warnings():
     target = math.sqrt(0.4 ** 2 + interpolation_variance(0.8) - interpolation_variance(0.6))
     assert info["target_inplane_edge_sigma_mm"] == pytest.approx(target, abs=1e-4) and not warns
     assert info["harmonisation_blur_mm"] == pytest.approx(math.sqrt(target ** 2 - est ** 2), abs=1e-4)
+    # pixels so coarse that no kernel could match (training CTs: 0.2-mm pixels, edge sigma 0.1 mm): a warning
+    info, warns = ct_resolution(ct, _meta(0.10, inplane_spacing_mm=0.2))
+    assert info["target_inplane_edge_sigma_mm"] is None and info["harmonisation_blur_mm"] == 0
+    assert len(warns) == 1 and "too coarse" in warns[0]
     info, warns = ct_resolution(ct, {"input": {}})               # an older model: used as it is, said so
     assert info["harmonisation_blur_mm"] == 0 and not warns and "no training-CT resolution" in info["note"]
     assert info["inplane_edge_sigma_mm"] == pytest.approx(est, abs=1e-4)

@@ -19,6 +19,7 @@ from ctsma.models.export import build_meta, export_model
 from ctsma.models.networks import PatchRegressor
 from ctsma.phantom import generate_cohort, make_settings
 
+from dicom_series import write_ct_series
 from test_phantom import TINY
 
 CONSTANT = np.array([0.31, 0.22, 0.64, 1.17])
@@ -123,6 +124,27 @@ def test_infer_refuses_tampered_model(knee, constant_student, tmp_path, capsys):
     bad.write_bytes(bytes(data))
     assert _run(knee["ct"], "--out", tmp_path / "run", "--model", bad) == 2
     assert "checksum" in capsys.readouterr().err
+
+
+def test_a_dicom_series_gives_what_the_same_ct_as_nifti_gives(knee, tmp_path):
+    """A DICOM folder (the scanner's export) is read with its geometry and SliceThickness and analysed exactly as
+    the same CT in NIfTI; a folder without a DICOM series is refused."""
+    ct = sitk.ReadImage(str(knee["ct"]))
+    write_ct_series(ct, tmp_path / "dicom", thickness_mm=ct.GetSpacing()[2])
+    common = ("--segmentation", knee["bones_only"], "--side", knee["side"])
+    assert _run(knee["ct"], "--out", tmp_path / "nii", *common) == 0
+    assert _run(tmp_path / "dicom", "--out", tmp_path / "dcm", *common) == 0
+    a, b = (pd.read_csv(tmp_path / d / "roi_table.csv") for d in ("nii", "dcm"))
+    pd.testing.assert_frame_equal(a, b)
+    res = json.loads((tmp_path / "dcm" / "summary.json").read_text())["ct_resolution"]
+    assert res["slice_thickness_source"] == "DICOM SliceThickness"
+    assert res["slice_thickness_mm"] == pytest.approx(ct.GetSpacing()[2])
+    nii = sitk.ReadImage(str(tmp_path / "nii" / "maps" / os.listdir(tmp_path / "nii" / "maps")[0]))
+    dcm = sitk.ReadImage(str(tmp_path / "dcm" / "maps" / os.listdir(tmp_path / "nii" / "maps")[0]))
+    assert np.allclose(nii.GetOrigin(), dcm.GetOrigin(), atol=1e-3) and nii.GetSize() == dcm.GetSize()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    assert _run(tmp_path / "empty", "--out", tmp_path / "e") == 2
 
 
 def test_batch_mode_resumes_and_reports_failures(knee, constant_student, tmp_path):

@@ -222,14 +222,16 @@ def interpolation_variance(spacing_mm: float, patch: tuple[float, int] = PATCH) 
 
 
 def inplane_target(reference_mm: float, reference_spacing_mm: float | None, spacing_mm: float,
-                   patch: tuple[float, int] = PATCH) -> float:
+                   patch: tuple[float, int] = PATCH) -> float | None:
     """The in-plane edge sigma at which patches cut from a CT of in-plane pixel size ``spacing_mm`` are as sharp as
     those cut from training CTs of edge sigma ``reference_mm`` and pixel size ``reference_spacing_mm`` (``None``,
-    from a model file that does not record it: ``reference_mm`` itself)."""
+    from a model file that does not record it: ``reference_mm`` itself). ``None`` when the CT's pixels alone blur
+    its patches more than the training CTs' patches are blurred: no edge sigma would do."""
     if not reference_spacing_mm:
         return reference_mm
-    return math.sqrt(max(reference_mm ** 2 + interpolation_variance(reference_spacing_mm, patch)
-                         - interpolation_variance(spacing_mm, patch), 1e-6))
+    var = (reference_mm ** 2 + interpolation_variance(reference_spacing_mm, patch)
+           - interpolation_variance(spacing_mm, patch))
+    return math.sqrt(var) if var > 0 else None
 
 
 def slice_thickness(ct: sitk.Image) -> tuple[float, str]:

@@ -156,8 +156,13 @@ def ct_resolution(ct: sitk.Image, meta: dict, harmonise: bool = True,
                      "(docs/inference.md, 'Other scanners')")
         return info, warns
     r = inplane_target(float(ref["inplane_edge_sigma_mm"]), ref.get("inplane_spacing_mm"), pixel, patch)
-    info["target_inplane_edge_sigma_mm"] = round(r, 4)  # the reference, allowing for the pixel sizes
-    if est is None:
+    info["target_inplane_edge_sigma_mm"] = None if r is None else round(r, 4)  # allowing for the pixel sizes
+    if r is None:
+        warns.append(f"the CT's pixels ({pixel:.2f} mm) are too coarse for the model's training CTs "
+                     f"({float(ref['inplane_spacing_mm']):.2f} mm): its patches are softer in-plane than theirs "
+                     "whatever its kernel, and BV/TV and Tb.Th read low on such CTs (docs/inference.md, "
+                     "'Other scanners')")
+    elif est is None:
         warns.append("the CT's in-plane sharpness could not be measured (no clean air/body edge in the field of "
                      "view), so it is not matched to the model's training CTs")
     else:
