@@ -203,8 +203,7 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
         self.logic.startBoneSegmentation(self._parameterNode.ctVolume, self._params())
 
     def onCreateRois(self) -> None:
-        p = self._parameterNode
-        self.logic.startRoiCreation(p.ctVolume, p.boneSegmentation, self._params())
+        self.logic.startRoiCreation(self._parameterNode.ctVolume, self._parameterNode.boneSegmentation, self._params())
 
     def onRun(self) -> None:
         p = self._parameterNode
@@ -241,6 +240,7 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
                     setattr(p, name, out[role])
             if "table" in out:
                 self.lastResultDir = run.out_dir  # kept for the report export
+                self.ui.stageLabel.text += self.logic.notesText(out)
                 slicer.util.setSliceViewerLayers(background=p.ctVolume, foreground=out.get("Tb.Th"),
                                                  foregroundOpacity=0.6)
         model = self.logic.trainedModel() if status.state == "done" else None

@@ -287,7 +287,9 @@ class FakeInfer(ProcessRunner):
             with open(out + "/roi_table.csv", "w") as fh:
                 fh.write("roi,parameter,mean,sd,median,iqr,n_patches\\n")
                 fh.write("MFC,Tb.Th,0.21,0.02,0.2,0.03,12\\nMTP,Tb.N,1.4,0.1,1.4,0.2,9\\n")
-            json.dump({"oa_probability": 0.7, "severity": 2.1, "auc": 0.81}, open(out + "/summary.json", "w"))
+            json.dump({"oa_probability": 0.7, "severity": 2.1, "auc": 0.81, "warnings": ["the knee side R was "
+                       "inferred from the anatomy"], "ct_resolution": {"through_plane_blur_mm": 0.42,
+                       "slice_thickness_mm": 0.7, "model_slice_thickness_mm": 1.0}}, open(out + "/summary.json", "w"))
         """
         return self.start(_script(body) + list(args), work_dir, progress, env=env)
 
@@ -326,6 +328,11 @@ def test_analysis_logic_loads_segmentations_maps_and_tables(mrml_scene, tmp_path
     assert table["unit"].tolist() == ["mm", "1/mm"] and table["n_patches"].tolist() == [12, 9]
     diag, _ = sb.node_to_dataframe(out["diagnosis"])
     assert diag.to_dict("records") == [{"oa_probability": 0.7, "severity": 2.1, "auc": 0.81}]
+    notes, _ = sb.node_to_dataframe(out["notes"])  # the report's analysis notes, in the scene and the status line
+    assert notes["note"].tolist()[0] == "The knee side R was inferred from the anatomy."
+    assert "blurred along z by 0.420 mm" in notes["note"].tolist()[1]
+    assert logic.notesText(out) == " 2 analysis notes: see the table 'knee analysis notes'."
+    assert logic.notesText({}) == ""
     assert logic.lastResultDir() == run.out_dir
     # the report of that analysis: 'ctsma report patient CT INFER_DIR --out DIR'
     logic.cleanupRun(keep_outputs=True)

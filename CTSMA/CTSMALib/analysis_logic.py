@@ -103,7 +103,8 @@ class CTSMALogic(TrainingMixin, CliLogic):
         """Maps, ROI/bone segmentations and the ROI table of ``ctsma infer`` into the scene.
 
         Returns ``{role: node}``: one role per parameter map present (``BV/TV`` ...), ``bones``,
-        ``rois``, ``table`` and, when the summary has a diagnosis, ``diagnosis``."""
+        ``rois``, ``table``, when the summary has a diagnosis ``diagnosis``, and when it has warnings or the CT was
+        matched to the model's training CTs ``notes`` (the patient report's *Analysis notes*)."""
         import SimpleITK as sitk
 
         from . import scene_bridge as sb
@@ -146,8 +147,21 @@ class CTSMALogic(TrainingMixin, CliLogic):
                 diag = {k: data[k] for k in ("oa_probability", "severity", "auc") if data.get(k) is not None}
                 if diag:
                     out["diagnosis"] = sb.table_to_node([diag], self.scene, name=f"{name} diagnosis")
+                from ctsma.report.patient import analysis_notes  # the report's sentences: warnings, CT matching
+
+                notes = analysis_notes(data)
+                if notes:
+                    out["notes"] = sb.table_to_node(pd.DataFrame({"note": notes}), self.scene,
+                                                    name=f"{name} analysis notes")
             sb.put_in_folder(self.scene, out.values(), FOLDER, under=under)
         return out
+
+    @staticmethod
+    def notesText(outputs: dict) -> str:
+        """For the status line after an analysis: how many notes it left (warnings, CT matching), or nothing."""
+        node = outputs.get("notes")
+        n = 0 if node is None else node.GetNumberOfRows()
+        return f" {n} analysis note{'s' * (n != 1)}: see the table '{node.GetName()}'." if n else ""
 
     # -- report ---------------------------------------------------------------
     def startReportExport(self, resultDir: Path, outDir: Path, subject: str = "") -> Run:
