@@ -75,6 +75,21 @@ def test_blur_adds_in_quadrature_and_is_an_exact_gaussian():
     assert (g[:, 2, 2] * zs ** 2).sum() == pytest.approx(1.5 ** 2, rel=1e-3)
 
 
+def test_padding_outside_the_reconstruction_circle_is_not_an_edge():
+    """Scanners write -3024 (or -2048) outside the reconstruction circle; where that circle cuts the body, the cut
+    is not the air/body edge and must not count (it would read 0.27 mm for this 0.45-mm edge)."""
+    img = leg(0.45)
+    a = sitk.GetArrayFromImage(img)
+    sp = img.GetSpacing()
+    x = (np.arange(a.shape[2]) - a.shape[2] / 2 + 0.31) * sp[0]
+    y = (np.arange(a.shape[1]) - a.shape[1] / 2 + 0.17) * sp[1]
+    a[:, np.hypot(x[None, :] + 35.0, y[:, None]) > 70.0] = -3024     # a circle that cuts the body on one side
+    padded = sitk.GetImageFromArray(a)
+    padded.CopyInformation(img)
+    est = inplane_edge_sigma(padded)
+    assert est["sigma_mm"] == pytest.approx(0.45, rel=0.05) and est["sigma_x_mm"] == pytest.approx(0.45, rel=0.05)
+
+
 def test_no_air_edge_gives_none():
     inside = sitk.GetImageFromArray(np.random.default_rng(0).normal(40, 20, (10, 80, 80)).astype(np.int16))
     assert inplane_edge_sigma(inside) is None

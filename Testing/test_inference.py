@@ -147,6 +147,33 @@ def test_a_dicom_series_gives_what_the_same_ct_as_nifti_gives(knee, tmp_path):
     assert _run(tmp_path / "empty", "--out", tmp_path / "e") == 2
 
 
+def test_padding_outside_the_reconstruction_circle_changes_nothing(knee, tmp_path):
+    """A clinical CT holds -3024 HU outside its reconstruction circle: it is analysed as the same CT with air there
+    (it was refused as 'not plausible Hounsfield units' before); padding alone is refused."""
+    from ctsma.errors import InputImageError
+    from ctsma.io.images import check_ct_intensities
+
+    ct = sitk.ReadImage(str(knee["ct"]))
+    a = sitk.GetArrayFromImage(ct)
+    ny, nx = a.shape[1:]
+    yy, xx = np.mgrid[:ny, :nx]
+    outside = np.hypot(yy - (ny - 1) / 2, xx - (nx - 1) / 2) > min(nx, ny) / 2
+    assert not (a[:, outside] > -500).any()                           # the circle leaves the leg whole
+    a[:, outside] = -3024
+    padded = sitk.GetImageFromArray(a)
+    padded.CopyInformation(ct)
+    sitk.WriteImage(padded, str(tmp_path / "padded.nii.gz"))
+    common = ("--segmentation", knee["bones_only"], "--side", knee["side"])
+    assert _run(knee["ct"], "--out", tmp_path / "a", *common) == 0
+    assert _run(tmp_path / "padded.nii.gz", "--out", tmp_path / "b", *common) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a" / "roi_table.csv"),
+                                  pd.read_csv(tmp_path / "b" / "roi_table.csv"))
+    with pytest.raises(InputImageError, match="padding only"):
+        check_ct_intensities(sitk.Image(8, 8, 8, sitk.sitkInt16) - 3024)
+    with pytest.raises(InputImageError, match="not plausible"):                # an MR is still no CT
+        check_ct_intensities(sitk.ReadImage(str(knee["mr"])))
+
+
 def test_batch_mode_resumes_and_reports_failures(knee, constant_student, tmp_path):
     manifest = tmp_path / "cts.csv"
     pd.DataFrame({"subject": ["good", "bad"], "ct": [str(knee["ct"]), str(knee["mr"])],

@@ -33,7 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage, special
 
-from .io.images import SLICE_THICKNESS_TAG
+from .io.images import PADDING_HU, SLICE_THICKNESS_TAG
 from .segmentation.geometry import crop_box
 
 AIR_HU, AIR_MAX_HU, BODY_MIN_HU = -500.0, -900.0, -300.0
@@ -98,8 +98,8 @@ def _profiles(arr: np.ndarray, cos: np.ndarray, axis: int, half: int, limit: int
     flip = prof[:, 0] > prof[:, -1]
     prof[flip] = prof[flip, ::-1]
     step = prof[:, -1] - prof[:, 0]
-    clean = (prof[:, :2].max(1) < AIR_MAX_HU) & (prof[:, -2:].min(1) > BODY_MIN_HU) \
-        & (np.diff(prof, axis=1).min(1) > -0.15 * step) & (c > MIN_COS)
+    clean = (prof[:, :2].max(1) < AIR_MAX_HU) & (prof.min(1) >= PADDING_HU) & (prof[:, -2:].min(1) > BODY_MIN_HU) \
+        & (np.diff(prof, axis=1).min(1) > -0.15 * step) & (c > MIN_COS)  # (padding to body: a cut, not an edge)
     return prof[clean][:limit], c[clean][:limit]
 
 

@@ -36,7 +36,7 @@ from ..errors import InputImageError, UserError
 from ..io import read_image, safe_join, write_json
 from ..io.images import check_ct_intensities
 from ..io.atomic import atomic_path, remove_stale_partials
-from .sampling import cut, inside_fraction, relative_positions, roi_centres
+from .sampling import cut, cut_ct, inside_fraction, relative_positions, roi_centres
 
 log = logging.getLogger(__name__)
 SHARD_VERSION = 2  # 2: the per-knee CT record holds the slice thickness
@@ -280,7 +280,7 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
     centres = np.concatenate(centres) if labels else np.zeros((0, 3))
     if not len(centres):
         raise SubjectExcluded("no valid patch centre in any ROI (ROIs empty, or the MR does not cover them)")
-    ct_p = cut(ct_src, centres, s.ct_size, s.extent_mm, default=-1000.0)
+    ct_p = cut_ct(ct_src, centres, s.ct_size, s.extent_mm)
     del ct_src
     mr_p = cut(mr, centres, s.mr_size, s.extent_mm, transform=transform)
     roi_val = np.array([ROIS[n] for n in labels], np.uint8)[:, None, None, None]

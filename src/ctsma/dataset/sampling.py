@@ -73,6 +73,15 @@ def cut(image: sitk.Image, centres: np.ndarray, size: int, extent_mm: float, *,
     return out
 
 
+def cut_ct(ct: sitk.Image, centres: np.ndarray, size: int, extent_mm: float) -> np.ndarray:
+    """CT patches as the students see them, in training and inference alike: :func:`cut` (air outside the image)
+    floored at :data:`ctsma.io.images.AIR_FLOOR_HU`, so padding outside a scanner's reconstruction circle
+    (-2048, -3024 HU) reads as air."""
+    from ..io.images import AIR_FLOOR_HU
+
+    return np.maximum(cut(ct, centres, size, extent_mm, default=-1000.0), np.float32(AIR_FLOOR_HU))
+
+
 def _cut_same_space(image: sitk.Image, centres: np.ndarray, size: int, extent_mm: float, *, order: int,
                     default: float, dtype) -> np.ndarray:
     """:func:`cut` without a transform, vectorised over all patches (scipy map_coordinates; same result as

@@ -206,7 +206,7 @@ def _full_map(crop: np.ndarray, box, shape, ref: sitk.Image) -> sitk.Image:
 def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=None, settings: InferSettings | None = None,
           diagnosis_path=None, subject: str | None = None) -> dict:
     """Analyse one knee CT and write the contract outputs to ``out_dir``; returns the summary."""
-    from ..dataset.sampling import cut, relative_positions, roi_centres
+    from ..dataset.sampling import cut, cut_ct, relative_positions, roi_centres
     from ..models.export import describe, load_student
     from ..segmentation import segment_bones, subchondral_rois
     from ..segmentation.labelio import read_user_labels
@@ -304,7 +304,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     labels = np.array([ROIS[n] for n in names], np.int16)
     blur, zblur = resolution["harmonisation_blur_mm"], resolution["through_plane_blur_mm"]
     source = blurred_crop(ct, roi_arr, extent, blur, zblur) if blur > 0 or zblur > 0 else ct
-    patches = cut(source, centres, size, extent, default=-1000.0)[:, None]
+    patches = cut_ct(source, centres, size, extent)[:, None]
     del source
     masks = None
     if "mask" in inp["channels"]:

@@ -18,6 +18,8 @@ from ..errors import InputImageError, MemoryBudgetError
 from .atomic import atomic_path
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+PADDING_HU = -1500.0  # below this a CT voxel is padding (outside the reconstruction circle: -2048, -3024, ...)
+AIR_FLOOR_HU = -1024.0  # CT patches are floored here, as 12-bit CT stores air (and the phantom's CTs are clipped)
 SLICE_THICKNESS_TAG = "0018|0050"  # DICOM SliceThickness (ctsma.harmonise)
 KEPT_DICOM_TAGS = (SLICE_THICKNESS_TAG,)  # kept on an image read from a DICOM series
 
@@ -252,10 +254,14 @@ def check_same_geometry(a: sitk.Image, b: sitk.Image, *, what_a: str = "image", 
 def check_ct_intensities(img: sitk.Image, *, what: str = "CT") -> None:
     """Refuse an image whose intensities are not plausible Hounsfield units (an MR given as CT).
 
-    A CT in HU has air or fat well below zero and bone well above; MR magnitudes are never negative.
+    A CT in HU has air or fat well below zero and bone well above; MR magnitudes are never negative. Padding
+    (below :data:`PADDING_HU`: what scanners write outside the reconstruction circle) is left out.
     """
     arr = sitk.GetArrayViewFromImage(img)
     sample = arr.ravel()[:: max(1, arr.size // 2_000_000)]
+    sample = sample[sample >= PADDING_HU]
+    if not sample.size:
+        raise InputImageError(f"{what} holds padding only (every voxel below {PADDING_HU:.0f} HU)")
     lo, hi = np.percentile(sample, [0.5, 99.9])
     if lo >= -50 or hi < 150 or hi > 5000 or lo < -1100:
         raise InputImageError(
