@@ -164,6 +164,7 @@ def test_through_plane_sigma_and_matching_blur():
 
 
 def test_slice_thickness_from_dicom_or_spacing(tmp_path):
+    from ctsma.errors import InputImageError
     from ctsma.io.images import read_image
 
     img = leg(0.4, spacing=(0.6, 0.6, 0.8))
@@ -177,6 +178,10 @@ def test_slice_thickness_from_dicom_or_spacing(tmp_path):
     ct = read_image(tmp_path, what="CT")
     assert ct.GetSpacing()[2] == pytest.approx(0.8, abs=1e-3)
     assert slice_thickness(ct) == (pytest.approx(1.5), "DICOM SliceThickness")
+    # a series with a slice missing is refused (ITK would read it as evenly spaced, every structure misplaced)
+    (tmp_path / "s002.dcm").unlink()
+    with pytest.raises(InputImageError, match="missing, duplicated or unevenly spaced"):
+        read_image(tmp_path, what="CT")
 
 
 def test_training_reference_from_the_store_attributes():

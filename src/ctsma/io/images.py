@@ -71,6 +71,7 @@ def read_image(path: str | os.PathLike, *, what: str = "image", pixel_type=sitk.
             first.ReadImageInformation()
             n_vox = int(np.prod(first.GetSize())) * n_files
             keep = {k: first.GetMetaData(k) for k in KEPT_DICOM_TAGS if first.HasMetaDataKey(k)}
+            reader.MetaDataDictionaryArrayUpdateOn()  # each slice's position, for the check after reading
         else:
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
@@ -89,6 +90,8 @@ def read_image(path: str | os.PathLike, *, what: str = "image", pixel_type=sitk.
                 f"{what} {path.name} has {n_vox:,} voxels, over the memory budget of {max_voxels:,} voxels "
                 "(set CTSMA_MAX_VOXELS to raise the limit, or crop the image)")
         img = reader.Execute()
+        if path.is_dir():
+            _check_slice_positions(reader, img, f"{what} {path.name}")
         if not path.is_dir() and path.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti_payload(path, what)
     except (InputImageError, MemoryBudgetError):
@@ -106,6 +109,25 @@ def read_image(path: str | os.PathLike, *, what: str = "image", pixel_type=sitk.
     for k, v in keep.items():
         img.SetMetaData(k, v)
     return img
+
+
+def _check_slice_positions(reader: sitk.ImageSeriesReader, img: sitk.Image, what: str) -> None:
+    """Refuse a DICOM series with missing, duplicated or unevenly spaced slices: ITK reads it as if evenly spaced
+    (with the warnings silenced here), which would put every structure at the wrong height."""
+    n = len(reader.GetFileNames())
+    try:
+        pos = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
+    except (RuntimeError, ValueError):
+        return  # no ImagePositionPatient: nothing to check against
+    if n < 3 or pos.shape != (n, 3):
+        return
+    normal = np.asarray(img.GetDirection()).reshape(3, 3)[:, 2]
+    gaps = np.diff(np.sort(pos @ normal))
+    step = float(np.median(gaps))
+    if step <= 0 or np.abs(gaps - step).max() > max(0.01, 0.05 * step):
+        raise InputImageError(
+            f"{what} has missing, duplicated or unevenly spaced slices (gaps {gaps.min():.3g} to {gaps.max():.3g} "
+            f"mm between {n} slices); export the whole series, or resample it to even slices first")
 
 
 _NIFTI_FLOAT_TYPES = {16: np.float32, 64: np.float64}
