@@ -153,6 +153,12 @@ def test_ct_intensity_check_separates_ct_from_mr():
     mr = rng.uniform(0, 800, (20, 20, 20)).astype(np.float32)
     with pytest.raises(InputImageError, match="Hounsfield"):
         check_ct_intensities(sitk.GetImageFromArray(mr))
+    # real CTs that are still CTs: low-dose noise in air (SD 60 HU), a metal implant on an extended HU scale
+    noisy = ct + rng.normal(0, 60, ct.shape).astype(np.float32)
+    check_ct_intensities(sitk.GetImageFromArray(noisy))
+    metal = ct.copy()
+    metal[9:11, 9:11, 5:15] = 25000.0
+    check_ct_intensities(sitk.GetImageFromArray(metal))
 
 
 def test_atomic_path_leaves_old_file_on_failure(tmp_path):

@@ -285,7 +285,7 @@ def check_ct_intensities(img: sitk.Image, *, what: str = "CT") -> None:
     if not sample.size:
         raise InputImageError(f"{what} holds padding only (every voxel below {PADDING_HU:.0f} HU)")
     lo, hi = np.percentile(sample, [0.5, 99.9])
-    if lo >= -50 or hi < 150 or hi > 5000 or lo < -1100:
+    if lo >= -50 or hi < 150:  # (noisy air below -1100 HU and metal above 5000 HU are real CTs too)
         raise InputImageError(
             f"{what} intensities ({lo:.0f} to {hi:.0f}) are not plausible Hounsfield units "
             "(expected air/fat below -100 HU and bone above +150 HU); is this an MR, or a CT "
