@@ -57,3 +57,34 @@ def test_roi_agreement_with_phantom(knee):
             c1 = np.argwhere(r == v).mean(0) * np.array(ct.GetSpacing()[::-1])
             c2 = np.argwhere(t == v).mean(0) * np.array(ct.GetSpacing()[::-1])
             assert np.linalg.norm(c1 - c2) < 3.0
+
+
+def test_a_ct_of_both_knees_needs_the_side_and_then_labels_that_knee(knee):
+    """A CT of both knees: without a side the segmentation refuses to choose; with one it labels that knee only
+    (the patient's left knee lies at +x in LPS) as it labels the knee alone."""
+    from ctsma.segmentation import BothKneesError, segment_bones
+
+    ct, _, _, side = knee
+    a = sitk.GetArrayFromImage(ct)
+    # the knee and its mirror image (the other knee), placed where a patient's knees lie: the left one at +x
+    halves = [a, a[:, :, ::-1]] if side == "R" else [a[:, :, ::-1], a]
+    both = sitk.GetImageFromArray(np.concatenate(halves, axis=2))
+    both.SetSpacing(ct.GetSpacing())
+    shift = 0.0 if side == "R" else a.shape[2] * ct.GetSpacing()[0]
+    both.SetOrigin(tuple(np.array(ct.GetOrigin()) - np.array([shift, 0.0, 0.0])))
+    with pytest.raises(BothKneesError, match="both knees"):
+        segment_bones(both)
+    alone = sitk.GetArrayFromImage(segment_bones(ct))
+    nx = a.shape[2]
+    own = slice(0, nx) if side == "R" else slice(nx, 2 * nx)
+    for pick, expect_own in ((side, True), ("L" if side == "R" else "R", False)):
+        lab = sitk.GetArrayFromImage(segment_bones(both, side=pick))
+        inside = lab[:, :, own]
+        outside = np.delete(lab, np.arange(2 * nx)[own], axis=2)
+        if expect_own:   # the same knee, labelled as when alone; nothing on the other one
+            assert not outside.any()
+            assert dice(inside == BONES["femur"], alone == BONES["femur"]) > 0.99
+            assert dice(inside == BONES["tibia"], alone == BONES["tibia"]) > 0.99
+        else:            # the other knee: its mirror image
+            assert not inside.any()
+            assert dice(outside[:, :, ::-1] == BONES["femur"], alone == BONES["femur"]) > 0.95

@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--stride", type=float, default=4.0, metavar="MM", help="patch-centre spacing in mm (default 4)")
     p.add_argument("--tta", action="store_true", help="8 flipped copies per patch instead of 4 (slower, smoother "
                    "estimates and uncertainty)")
-    p.add_argument("--side", choices=("L", "R"), help="knee side, if the anatomy cannot tell")
+    p.add_argument("--side", choices=("L", "R"), help="knee side, if the anatomy cannot tell; in a CT of both "
+                   "knees, the knee to analyse")
     p.add_argument("--no-harmonise", dest="harmonise", action="store_false",
                    help="do not blur a CT that is sharper than the model's training CTs (in-plane, or with "
                         "thinner slices) to their sharpness (default: match it; see docs/inference.md)")

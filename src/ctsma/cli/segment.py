@@ -49,7 +49,7 @@ def run(args) -> int:
         over = {} if args.threshold_hu is None else {"threshold_hu": args.threshold_hu}
         settings = load_config(None, BoneSegmentationSettings, overrides=over)
         progress.info("segmenting bones ...")
-        bones, info = segment_bones(ct, settings, return_info=True)
+        bones, info = segment_bones(ct, settings, return_info=True, side=args.side)
         report["bones_from"] = "automatic"
         report["bone_segmentation"] = info
     # compute everything before writing anything (a failed ROI placement must not leave bones behind)

@@ -151,12 +151,12 @@ def load_rois(row: dict, root: Path, ct: sitk.Image, s: BuildSettings) -> tuple[
     if s.roi_source == "manifest" and p is not None:
         return read_user_labels(p, ct, "rois"), "manifest ct_rois"
     bp = _path(root, row.get("ct_bones")) if s.roi_source == "manifest" else None
+    side = row.get("side")
+    side = str(side) if isinstance(side, str) and side.strip().upper()[:1] in ("L", "R") else None
     if bp is not None:
         bones, src = read_user_labels(bp, ct, "bones"), "manifest ct_bones + subchondral_rois"
     else:
-        bones, src = segment_bones(ct), "segment_bones + subchondral_rois"
-    side = row.get("side")
-    side = str(side) if isinstance(side, str) and side.strip().upper()[:1] in ("L", "R") else None
+        bones, src = segment_bones(ct, side=side), "segment_bones + subchondral_rois"
     return subchondral_rois(ct, bones, side=side), src
 
 

@@ -248,7 +248,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     if released:
         ct = None
     if not segmentation:
-        coarse_bones = segment_bones(seg_ct)
+        coarse_bones = segment_bones(seg_ct, side=s.side)
         bones = None if released else _to_grid(coarse_bones, grid)
         bones_from = "automatic"
     timings["bones"] = time.perf_counter() - t

@@ -70,11 +70,16 @@ def check_mr_intensities(mr: sitk.Image) -> None:
 
 def automatic_bones(ct: sitk.Image) -> sitk.Image:
     """CT bone labels when none are given: ``ctsma.segmentation``, else the threshold fallback."""
+    from ..segmentation.bones import BothKneesError
+
     try:
         from ..segmentation import segment_bones
         return segment_bones(ct)
     except ImportError:  # pragma: no cover - segmentation ships with the package
         return threshold_bones(ct)
+    except BothKneesError as exc:  # both knees' thresholded bones would pull the MR's knee half-way
+        raise InputImageError(str(exc).split(";")[0] + "; give the bones of the knee the MR shows (--ct-bones), "
+                              "or crop the CT to that knee") from None
     except InputImageError:
         return threshold_bones(ct)
 

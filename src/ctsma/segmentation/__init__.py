@@ -5,9 +5,9 @@
 automatic one through :func:`read_user_labels`. See docs/segmentation.md.
 """
 
-from .bones import BoneSegmentationSettings, NoKneeFoundError, segment_bones
+from .bones import BoneSegmentationSettings, BothKneesError, NoKneeFoundError, segment_bones
 from .labelio import labels_from_segments, read_user_labels, write_seg_nrrd
 from .rois import LateralityError, RoiSettings, knee_side, subchondral_rois
 
 __all__ = ["segment_bones", "subchondral_rois", "BoneSegmentationSettings", "RoiSettings", "NoKneeFoundError",
-           "LateralityError", "knee_side", "read_user_labels", "labels_from_segments", "write_seg_nrrd"]
+           "BothKneesError", "LateralityError", "knee_side", "read_user_labels", "labels_from_segments", "write_seg_nrrd"]

@@ -137,6 +137,32 @@ def _stacked_pair(parts: list[_Part], s: BoneSegmentationSettings) -> tuple[_Par
     return best
 
 
+BOTH_KNEES_MM = 100.0  # femur centroids this far apart in x (LPS) are two knees, not one
+
+
+class BothKneesError(InputImageError):
+    """The CT shows both knees and no side was given to choose one."""
+
+
+def _choose_knee(parts: list[_Part], s: BoneSegmentationSettings, side: str | None) -> tuple[_Part, _Part] | None:
+    """:func:`_stacked_pair`, or, when the CT shows both knees, the pair of the knee on ``side`` (the patient's
+    left knee lies at +x in LPS); without a side a CT of both knees is refused rather than one chosen silently."""
+    pair = _stacked_pair(parts, s)
+    if pair is None:
+        return None
+    other = _stacked_pair([p for p in parts if p.label not in (pair[0].label, pair[1].label)
+                           and abs(p.centroid[0] - pair[0].centroid[0]) > BOTH_KNEES_MM], s)
+    if other is None:
+        return pair
+    if not side or side.strip().upper()[:1] not in ("L", "R"):
+        xs = sorted((pair[0].centroid[0], other[0].centroid[0]))
+        raise BothKneesError(f"the CT shows both knees (femurs at x = {xs[0]:.0f} and {xs[1]:.0f} mm); give the "
+                             "knee to analyse with --side R or L (the patient's right knee lies at -x, on the "
+                             "image's left in radiological display), or crop the CT to one knee")
+    left = pair if pair[0].centroid[0] > other[0].centroid[0] else other
+    return left if side.strip().upper()[:1] == "L" else (other if left is pair else pair)
+
+
 def _describe(parts: list[_Part]) -> str:
     if not parts:
         return "no bone above the threshold"
@@ -177,12 +203,12 @@ def _split(markers: np.ndarray, dist: np.ndarray, label: int, r0: float, s: Bone
     return False
 
 
-def find_markers(mask: np.ndarray, img: sitk.Image, s: BoneSegmentationSettings):
+def find_markers(mask: np.ndarray, img: sitk.Image, s: BoneSegmentationSettings, side: str | None = None):
     """Eroded-bone markers, with touching bones split by deeper erosion.
 
     Femur and tibia touching across a narrowed joint make one marker; it is eroded deeper until it falls
     apart into an upper and a lower bone. The same is tried on the femur (for a touching patella) and the
-    tibia (for a touching fibula) when those were not found.
+    tibia (for a touching fibula) when those were not found. A CT of both knees takes the knee on ``side``.
     Returns ``(marker_labels, parts, bones: dict name -> _Part or None, dist)``.
     """
     sp = spacing_zyx(img)
@@ -191,7 +217,7 @@ def find_markers(mask: np.ndarray, img: sitk.Image, s: BoneSegmentationSettings)
     markers, n = ndi.label(dist > s.erosion_mm)
     markers = markers.astype(np.int32)
     parts = _parts(markers, n, img, voxel_ml, s.min_marker_ml)
-    pair = _stacked_pair(parts, s)
+    pair = _choose_knee(parts, s, side)
     if pair is None:
         # only a knee-sized structure can be a femur and tibia stuck together (a pelvis is far wider)
         cands = [p for p in sorted(parts, key=lambda p: -p.ml)[:2] if p.width_x < s.max_knee_width_mm]
@@ -199,7 +225,7 @@ def find_markers(mask: np.ndarray, img: sitk.Image, s: BoneSegmentationSettings)
             if _split(markers, dist, cand.label, s.erosion_mm, s, img, voxel_ml,
                       lambda pieces: _stacked_pair(pieces, s) is not None):
                 parts = _parts(markers, int(markers.max()), img, voxel_ml, s.min_marker_ml)
-                pair = _stacked_pair(parts, s)
+                pair = _choose_knee(parts, s, side)
                 break
     if pair is None:
         return markers, parts, None, dist
@@ -218,7 +244,7 @@ def find_markers(mask: np.ndarray, img: sitk.Image, s: BoneSegmentationSettings)
 
         if _split(markers, dist, bones[host].label, s.erosion_mm, s, img, voxel_ml, accept):
             parts = _parts(markers, int(markers.max()), img, voxel_ml, s.min_marker_ml)
-            pair = _stacked_pair(parts, s)
+            pair = _choose_knee(parts, s, side)
             if pair is None:  # cannot happen in practice: the host's largest piece keeps its place
                 return markers, parts, None, dist
             bones = _classify(parts, pair)
@@ -248,10 +274,11 @@ def _classify(parts: list[_Part], pair: tuple[_Part, _Part]) -> dict[str, _Part]
 
 
 def segment_bones(ct_image: sitk.Image, settings: BoneSegmentationSettings | None = None, *,
-                  return_info: bool = False):
+                  return_info: bool = False, side: str | None = None):
     """Label femur=1, tibia=2, patella=3, fibula=4 on a knee CT (HU); returns a UInt8 image in the CT's geometry.
 
-    Raises :class:`NoKneeFoundError` when the image shows no femur above a tibia. With ``return_info`` also
+    Raises :class:`NoKneeFoundError` when the image shows no femur above a tibia, and :class:`BothKneesError`
+    when it shows both knees and ``side`` ("L"/"R", the knee to label) is not given. With ``return_info`` also
     returns a dict (bones found with volumes in mL, joint height, erosion used).
     """
     s = settings or BoneSegmentationSettings()
@@ -259,7 +286,7 @@ def segment_bones(ct_image: sitk.Image, settings: BoneSegmentationSettings | Non
     ct = sitk.GetArrayViewFromImage(ct_image)
     mask, edge = bone_mask(ct, s.threshold_hu, axial_axis(ct_image), spacing_zyx(ct_image),
                            s.edge_hu if s.edge_hu > 0 else None, return_edge=True)
-    markers, parts, bones, dist = find_markers(mask, ct_image, s)
+    markers, parts, bones, dist = find_markers(mask, ct_image, s, side)
     if bones is None:
         raise NoKneeFoundError(f"no knee joint found in the CT (no femur above a tibia); {_describe(parts)}. "
                                "Is this a knee CT? Give a bone segmentation with --bones to override")
