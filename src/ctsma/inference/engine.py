@@ -415,18 +415,27 @@ def _write_maps_in_slabs(stage: Path, geom, crop_rois, box, shape, sp_zyx, centr
 
 
 def _coarse_copy(ct: sitk.Image, spacing_xyz) -> sitk.Image:
-    """``ct`` itself, or a smoothed copy resampled to at least ``spacing_xyz`` mm (same field of view)."""
+    """``ct`` itself, or a copy resampled to at least ``spacing_xyz`` mm over the same field of view.
+
+    The coarse grid is anchored in patient space (its voxel centres at whole multiples of its spacing along the
+    image axes), not on the CT's first voxel: the same knee in a larger or shifted field of view is then sampled
+    at the same points, so its bones, ROIs and estimates do not depend on where the field of view starts (with the
+    grid anchored on the first voxel, padding a phantom CT with air changed its patch count from 80 to 92)."""
     sp = np.asarray(ct.GetSpacing(), float)
     target = np.maximum(sp, np.asarray(spacing_xyz, float))
     if np.allclose(target, sp):
         return ct
-    size = np.maximum(1, np.round(np.asarray(ct.GetSize()) * sp / target)).astype(int)
+    d = np.asarray(ct.GetDirection(), float).reshape(3, 3)
+    lo = d.T @ np.asarray(ct.GetOrigin(), float) - sp / 2            # the field of view, along the image axes
+    hi = lo + np.asarray(ct.GetSize()) * sp
+    first = np.ceil((lo + target / 2) / target - 1e-6) * target      # first lattice centre whose voxel fits
+    same = np.isclose(target, sp)
+    first[same] = (lo + sp / 2)[same]                                  # an axis kept as it is: the CT's own grid
+    size = np.maximum(1, np.floor((hi - target / 2 - first) / target + 1e-6).astype(int) + 1)
     ref = sitk.Image([int(v) for v in size], sitk.sitkFloat32)
     ref.SetSpacing(tuple(float(v) for v in target))
     ref.SetDirection(ct.GetDirection())
-    # keep the physical extent: first voxel centre moves by half the change of voxel size
-    d = np.asarray(ct.GetDirection(), float).reshape(3, 3)
-    ref.SetOrigin(tuple(np.asarray(ct.GetOrigin()) + d @ ((target - sp) / 2)))
+    ref.SetOrigin(tuple(d @ first))
     # Linear resampling without anti-aliasing: bones are far larger than a voxel, and smoothing the full-size
     # CT first would cost more than the segmentation saves.
     smooth = ct
