@@ -1,7 +1,7 @@
 """CT resolution (in-plane from the image, through-plane from the header), matched to a model's training CTs.
 
 A student reads the texture of blurred trabecular bone, so its estimates depend on the sharpness of the CT's
-reconstruction: measured on held-out phantom knees, a sharper kernel shifts BV/TV and Tb.Th by 1.6 and 2.8
+reconstruction: measured on held-out phantom knees, a sharper kernel shifts BV/TV and Tb.Th by 1.6 and 2.7
 between-knee SDs (``benchmarks/bench_ct_shift.py``). The in-plane sharpness is measured here on the air/body
 boundary, the one strong, simple edge that every knee CT has: profiles along x and along y that cross it are each
 fitted with an error-function step (a Gaussian-blurred edge), each fitted sigma is scaled by the cosine between
