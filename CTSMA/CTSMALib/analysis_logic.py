@@ -12,8 +12,8 @@ from . import cli_args
 from .logic_base import CliLogic, Run
 from .parameters import AnalysisParameters
 from .scene_utils import rollback_on_error
-from .volumes import dicom_slice_thickness
 from .training_logic import TrainingMixin
+from .volumes import dicom_slice_thickness
 
 FOLDER = "CT-SMA results"
 
