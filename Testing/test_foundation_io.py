@@ -159,6 +159,10 @@ def test_ct_intensity_check_separates_ct_from_mr():
     metal = ct.copy()
     metal[9:11, 9:11, 5:15] = 25000.0
     check_ct_intensities(sitk.GetImageFromArray(metal))
+    # a CT whose rescale intercept was applied twice (every value 1024 HU low): its air reads as padding, and what
+    # is left has no soft tissue near 0 HU
+    with pytest.raises(InputImageError, match="applied twice"):
+        check_ct_intensities(sitk.GetImageFromArray(ct + rng.normal(0, 10, ct.shape).astype(np.float32) - 1024))
 
 
 def test_atomic_path_leaves_old_file_on_failure(tmp_path):

@@ -168,6 +168,12 @@ def test_padding_outside_the_reconstruction_circle_changes_nothing(knee, tmp_pat
     assert _run(tmp_path / "padded.nii.gz", "--out", tmp_path / "b", *common) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a" / "roi_table.csv"),
                                   pd.read_csv(tmp_path / "b" / "roi_table.csv"))
+    # patches that reach padding read it as air, as the training patches do (floored at -1024 HU)
+    from ctsma.dataset.sampling import cut, cut_ct
+
+    centre = np.array([padded.TransformIndexToPhysicalPoint((1, 1, a.shape[0] // 2))], float)  # a corner: padding
+    assert cut(padded, centre, 16, 8.0, default=-1000.0).min() == -3024
+    assert cut_ct(padded, centre, 16, 8.0).min() == -1024
     with pytest.raises(InputImageError, match="padding only"):
         check_ct_intensities(sitk.Image(8, 8, 8, sitk.sitkInt16) - 3024)
     with pytest.raises(InputImageError, match="not plausible"):                # an MR is still no CT

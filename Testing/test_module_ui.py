@@ -228,6 +228,7 @@ _BUILT = {
                                   ct_bones=Path("b.nii"), threads=2,
                                   extra=["--model", "synth.safetensors"]),
     "segment (bones)": cli_args.segment_bones(Path("ct.nii"), Path("out")),
+    "segment (bones of the left knee)": cli_args.segment_bones(Path("ct.nii"), Path("out"), side="L"),
     "segment (rois)": cli_args.create_rois(Path("ct.nii"), Path("bones.nii"), Path("out"), side="L"),
     "infer": cli_args.infer(Path("ct.nii"), Path("out"), model="m.safetensors", device="cpu",
                             bones=Path("b.nii"), rois=Path("r.nii"), side="R"),

@@ -320,3 +320,23 @@ def test_fill_holes_takes_any_mask_dtype_and_falls_back_for_other_structures():
     assert fill_holes(cube).all()  # a uint8 mask is a mask, not bits to invert
     big = np.ones((5, 5, 5), bool)  # a 5x5x5 structure: scipy's own fill
     np.testing.assert_array_equal(fill_holes(cube.astype(bool), big), ndi.binary_fill_holes(cube.astype(bool), big))
+
+
+def test_both_knees_are_found_even_when_one_knees_bones_touch():
+    """In a CT of both knees, an arthritic knee's femur and tibia may come out as one piece (a narrowed joint):
+    the second knee is still seen (any big piece far away in x), the side picks the parts of one knee, and no
+    side is refused."""
+    import numpy as np
+
+    from ctsma.segmentation.bones import BothKneesError, _one_knee, _Part
+
+    def part(label, ml, x, z):
+        return _Part(label, int(ml * 1000), ml, np.array([x, 0.0, z]), z - 30, z + 30, 70.0)
+
+    right = [part(1, 300.0, -90.0, 40.0), part(2, 250.0, -90.0, -40.0), part(3, 20.0, -95.0, 10.0)]  # separate
+    left = [part(4, 520.0, 90.0, 0.0)]                                    # femur and tibia touching: one piece
+    with pytest.raises(BothKneesError, match="both knees"):
+        _one_knee(right + left, None)
+    assert [p.label for p in _one_knee(right + left, "L")] == [4]        # the patient's left knee lies at +x
+    assert [p.label for p in _one_knee(right + left, "R")] == [1, 2, 3]
+    assert _one_knee(right, None) == right                                # one knee: nothing to choose

@@ -40,7 +40,7 @@ class CTSMALogic(TrainingMixin, CliLogic):
         work = self.newWorkDir("segment")
         ct = self._exportCt(ctVolume, work)
         out = work / "out"
-        args = cli_args.segment_bones(ct, out)
+        args = cli_args.segment_bones(ct, out, side=params.side)
         name = ctVolume.GetName()
         return self.startCli("bone segmentation", args, work, out, env=params.env(),
                              loader=lambda run: self.loadLabelOutput(run.out_dir / "bones.nii.gz", "bones",

@@ -25,9 +25,11 @@ def register(mr: Path, ct: Path, out: Path, preset: str = "", ct_bones: Path | N
     return args + list(extra or [])
 
 
-def segment_bones(ct: Path, out: Path) -> list[str]:
-    """``ctsma segment CT --out DIR --no-rois`` writes ``DIR/bones.nii.gz``."""
-    return ["segment", str(ct), "--out", str(out), "--no-rois"]
+def segment_bones(ct: Path, out: Path, side: str = "auto") -> list[str]:
+    """``ctsma segment CT --out DIR --no-rois`` writes ``DIR/bones.nii.gz``; ``side`` (L/R) picks the knee in a CT
+    of both knees."""
+    args = ["segment", str(ct), "--out", str(out), "--no-rois"]
+    return args + (["--side", side] if side in ("L", "R") else [])
 
 
 def create_rois(ct: Path, bones: Path, out: Path, side: str = "auto") -> list[str]:

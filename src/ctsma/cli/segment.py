@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--bones", default=None,
                    help="use this bone segmentation instead of the automatic one (label image or .seg.nrrd)")
     p.add_argument("--side", choices=("L", "R"), default=None,
-                   help="knee side from metadata (default: from anatomy, the fibula is lateral)")
+                   help="knee side from metadata (default: from anatomy, the fibula is lateral); in a CT of both "
+                        "knees, the knee to segment")
     p.add_argument("--start-mm", type=float, default=None, help="ROI band start depth below the surface (1.0)")
     p.add_argument("--end-mm", type=float, default=None, help="ROI band end depth below the surface (6.0)")
     p.add_argument("--threshold-hu", type=float, default=None, help="bone threshold in HU (250)")

@@ -428,18 +428,21 @@ def _coarse_copy(ct: sitk.Image, spacing_xyz) -> sitk.Image:
     d = np.asarray(ct.GetDirection(), float).reshape(3, 3)
     lo = d.T @ np.asarray(ct.GetOrigin(), float) - sp / 2            # the field of view, along the image axes
     hi = lo + np.asarray(ct.GetSize()) * sp
-    first = np.ceil((lo + target / 2) / target - 1e-6) * target      # first lattice centre whose voxel fits
+    # lattice centres whose voxels cover the whole field of view (the outermost ones reach past it by less than a
+    # voxel and take the nearest CT value), so every CT voxel gets a label back
+    first = np.floor((lo + target / 2) / target + 1e-6) * target
+    last = np.ceil((hi - target / 2) / target - 1e-6) * target
     same = np.isclose(target, sp)
-    first[same] = (lo + sp / 2)[same]                                  # an axis kept as it is: the CT's own grid
-    size = np.maximum(1, np.floor((hi - target / 2 - first) / target + 1e-6).astype(int) + 1)
+    first[same], last[same] = (lo + sp / 2)[same], (hi - sp / 2)[same]  # an axis kept as it is: the CT's own grid
+    size = np.maximum(1, np.round((last - first) / target).astype(int) + 1)
     ref = sitk.Image([int(v) for v in size], sitk.sitkFloat32)
     ref.SetSpacing(tuple(float(v) for v in target))
     ref.SetDirection(ct.GetDirection())
     ref.SetOrigin(tuple(d @ first))
     # Linear resampling without anti-aliasing: bones are far larger than a voxel, and smoothing the full-size
     # CT first would cost more than the segmentation saves.
-    smooth = ct
-    return sitk.Resample(smooth, ref, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
+    return sitk.Resample(ct, ref, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkFloat32,
+                         useNearestNeighborExtrapolator=True)
 
 
 def _to_grid(labels: sitk.Image, ref) -> sitk.Image:

@@ -144,23 +144,29 @@ class BothKneesError(InputImageError):
     """The CT shows both knees and no side was given to choose one."""
 
 
-def _choose_knee(parts: list[_Part], s: BoneSegmentationSettings, side: str | None) -> tuple[_Part, _Part] | None:
-    """:func:`_stacked_pair`, or, when the CT shows both knees, the pair of the knee on ``side`` (the patient's
-    left knee lies at +x in LPS); without a side a CT of both knees is refused rather than one chosen silently."""
-    pair = _stacked_pair(parts, s)
-    if pair is None:
-        return None
-    other = _stacked_pair([p for p in parts if p.label not in (pair[0].label, pair[1].label)
-                           and abs(p.centroid[0] - pair[0].centroid[0]) > BOTH_KNEES_MM], s)
-    if other is None:
-        return pair
+def _one_knee(parts: list[_Part], side: str | None) -> list[_Part]:
+    """The parts of one knee. A CT of both knees has big parts (a tenth of the largest or more) more than
+    :data:`BOTH_KNEES_MM` apart in x, whether or not a knee's femur and tibia touch; it keeps the parts on ``side``
+    (the patient's left knee lies at +x in LPS), and without a side it is refused rather than one chosen silently."""
+    if not parts:
+        return parts
+    ref = max(parts, key=lambda p: p.ml)
+    far = [p for p in parts if p.ml >= 0.1 * ref.ml and abs(p.centroid[0] - ref.centroid[0]) > BOTH_KNEES_MM]
+    if not far:
+        return parts
+    mid = 0.5 * (ref.centroid[0] + float(np.mean([p.centroid[0] for p in far])))
     if not side or side.strip().upper()[:1] not in ("L", "R"):
-        xs = sorted((pair[0].centroid[0], other[0].centroid[0]))
-        raise BothKneesError(f"the CT shows both knees (femurs at x = {xs[0]:.0f} and {xs[1]:.0f} mm); give the "
+        xs = sorted((ref.centroid[0], float(np.mean([p.centroid[0] for p in far]))))
+        raise BothKneesError(f"the CT shows both knees (bones at x = {xs[0]:.0f} and {xs[1]:.0f} mm); give the "
                              "knee to analyse with --side R or L (the patient's right knee lies at -x, on the "
                              "image's left in radiological display), or crop the CT to one knee")
-    left = pair if pair[0].centroid[0] > other[0].centroid[0] else other
-    return left if side.strip().upper()[:1] == "L" else (other if left is pair else pair)
+    left = side.strip().upper()[:1] == "L"
+    return [p for p in parts if (p.centroid[0] > mid) == left]
+
+
+def _choose_knee(parts: list[_Part], s: BoneSegmentationSettings, side: str | None) -> tuple[_Part, _Part] | None:
+    """:func:`_stacked_pair` of one knee's parts (:func:`_one_knee`)."""
+    return _stacked_pair(_one_knee(parts, side), s)
 
 
 def _describe(parts: list[_Part]) -> str:
@@ -220,7 +226,7 @@ def find_markers(mask: np.ndarray, img: sitk.Image, s: BoneSegmentationSettings,
     pair = _choose_knee(parts, s, side)
     if pair is None:
         # only a knee-sized structure can be a femur and tibia stuck together (a pelvis is far wider)
-        cands = [p for p in sorted(parts, key=lambda p: -p.ml)[:2] if p.width_x < s.max_knee_width_mm]
+        cands = [p for p in sorted(_one_knee(parts, side), key=lambda p: -p.ml)[:2] if p.width_x < s.max_knee_width_mm]
         for cand in cands:
             if _split(markers, dist, cand.label, s.erosion_mm, s, img, voxel_ml,
                       lambda pieces: _stacked_pair(pieces, s) is not None):
