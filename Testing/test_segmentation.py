@@ -340,3 +340,6 @@ def test_both_knees_are_found_even_when_one_knees_bones_touch():
     assert [p.label for p in _one_knee(right + left, "L")] == [4]        # the patient's left knee lies at +x
     assert [p.label for p in _one_knee(right + left, "R")] == [1, 2, 3]
     assert _one_knee(right, None) == right                                # one knee: nothing to choose
+    pelvis = [part(5, 500.0, 0.0, 0.0)]
+    pelvis[0].width_x = 290.0                                            # too wide for a knee: no "both knees"
+    assert _one_knee(pelvis + [part(6, 100.0, 110.0, -60.0), part(7, 100.0, -110.0, -60.0)], None)[0] is pelvis[0]

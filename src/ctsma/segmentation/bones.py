@@ -144,15 +144,17 @@ class BothKneesError(InputImageError):
     """The CT shows both knees and no side was given to choose one."""
 
 
-def _one_knee(parts: list[_Part], side: str | None) -> list[_Part]:
-    """The parts of one knee. A CT of both knees has big parts (a tenth of the largest or more) more than
-    :data:`BOTH_KNEES_MM` apart in x, whether or not a knee's femur and tibia touch; it keeps the parts on ``side``
-    (the patient's left knee lies at +x in LPS), and without a side it is refused rather than one chosen silently."""
+def _one_knee(parts: list[_Part], side: str | None, max_width_mm: float = 140.0) -> list[_Part]:
+    """The parts of one knee. A CT of both knees has knee-sized parts (narrower than ``max_width_mm``, a tenth of the
+    largest or more) more than :data:`BOTH_KNEES_MM` apart in x, whether or not a knee's femur and tibia touch; it
+    keeps the parts on ``side`` (the patient's left knee lies at +x in LPS), and without a side it is refused
+    rather than one chosen silently. A pelvis (wider) is not taken for two knees."""
     if not parts:
         return parts
     ref = max(parts, key=lambda p: p.ml)
-    far = [p for p in parts if p.ml >= 0.1 * ref.ml and abs(p.centroid[0] - ref.centroid[0]) > BOTH_KNEES_MM]
-    if not far:
+    far = [p for p in parts if p.ml >= 0.1 * ref.ml and abs(p.centroid[0] - ref.centroid[0]) > BOTH_KNEES_MM
+           and p.width_x < max_width_mm]
+    if not far or ref.width_x >= max_width_mm:
         return parts
     mid = 0.5 * (ref.centroid[0] + float(np.mean([p.centroid[0] for p in far])))
     if not side or side.strip().upper()[:1] not in ("L", "R"):
@@ -166,7 +168,7 @@ def _one_knee(parts: list[_Part], side: str | None) -> list[_Part]:
 
 def _choose_knee(parts: list[_Part], s: BoneSegmentationSettings, side: str | None) -> tuple[_Part, _Part] | None:
     """:func:`_stacked_pair` of one knee's parts (:func:`_one_knee`)."""
-    return _stacked_pair(_one_knee(parts, side), s)
+    return _stacked_pair(_one_knee(parts, side, s.max_knee_width_mm), s)
 
 
 def _describe(parts: list[_Part]) -> str:
@@ -226,7 +228,8 @@ def find_markers(mask: np.ndarray, img: sitk.Image, s: BoneSegmentationSettings,
     pair = _choose_knee(parts, s, side)
     if pair is None:
         # only a knee-sized structure can be a femur and tibia stuck together (a pelvis is far wider)
-        cands = [p for p in sorted(_one_knee(parts, side), key=lambda p: -p.ml)[:2] if p.width_x < s.max_knee_width_mm]
+        one = _one_knee(parts, side, s.max_knee_width_mm)
+        cands = [p for p in sorted(one, key=lambda p: -p.ml)[:2] if p.width_x < s.max_knee_width_mm]
         for cand in cands:
             if _split(markers, dist, cand.label, s.erosion_mm, s, img, voxel_ml,
                       lambda pieces: _stacked_pair(pieces, s) is not None):
