@@ -105,6 +105,28 @@ def test_model_file_round_trip_and_physical_units(tmp_path):
         model.predict(np.zeros((2, 1, 8, 8, 8)))
 
 
+def test_flip_averaging_is_the_mean_and_sd_over_flipped_copies(tmp_path):
+    """``predict_flips``: one copy is ``predict`` with SD 0; four copies are the mean and SD (ddof 1) of the
+    predictions of the patch flipped along no axis and each axis, whatever the patch array's layout."""
+    from ctsma.models.export import FLIPS_BY_COUNT, FLIPS_DEFAULT
+
+    path, _ = _student_file(tmp_path)
+    model, _ = load_student(path)
+    x = np.random.default_rng(1).normal(300, 200, (6, 16, 16, 16)).astype(np.float32)
+    one, sd1 = model.predict_flips(x, flips=FLIPS_BY_COUNT[1])
+    np.testing.assert_array_equal(one, model.predict(x))
+    assert not sd1.any()
+    copies = np.stack([model.predict(x), model.predict(x[:, ::-1].copy()), model.predict(x[:, :, ::-1].copy()),
+                       model.predict(x[:, :, :, ::-1].copy())])
+    mean, sd = model.predict_flips(x, flips=FLIPS_DEFAULT)
+    np.testing.assert_allclose(mean, copies.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sd, copies.std(0, ddof=1), rtol=1e-9, atol=1e-15)
+    assert (sd > 0).all()                                    # an untrained network is not flip-invariant
+    mean5, _ = model.predict_flips(x[:, None], flips=FLIPS_DEFAULT)   # (N, 1, D, D, D) flips the same axes
+    np.testing.assert_array_equal(mean5, mean)
+    assert len(FLIPS_BY_COUNT[8]) == 8 and len(set(FLIPS_BY_COUNT[8])) == 8
+
+
 def test_wrong_or_altered_model_files_rejected(tmp_path):
     path, net = _student_file(tmp_path)
     with pytest.raises(ModelFileError, match="'student' model"):

@@ -98,7 +98,19 @@ def test_evaluate_writes_contract_metrics(trained, tmp_path):
     assert g["ci"][0] <= g["mean_icc21_diff"] <= g["ci"][1]
     assert g["mean_icc21_diff"] == pytest.approx(m["regression"]["student_distilled"]["mean_icc21"]
                                                  - m["regression"]["student_baseline"]["mean_icc21"], abs=1e-9)
-    assert m["regression_info"]["level"] == "patch"
+    assert m["regression_info"]["level"] == "patch" and m["regression_info"]["flips"] == 4
+    # the predictions scored are those of `ctsma infer`: the mean over the four flipped copies of each patch
+    from ctsma.models.export import FLIPS_DEFAULT, load_parameter_model
+    from ctsma.models.train import run_paths
+    from ctsma.dataset.store import PatchStore
+
+    st, c = PatchStore(cfg.data.store), cfg.data
+    idx = st.patient_split(c.test_fraction, c.val_fraction, seed=c.split_seed, use_stored=c.use_stored_split).test
+    pred = pd.read_csv(tmp_path / "regression_predictions.csv")
+    assert len(pred) == len(idx)
+    model, _ = load_parameter_model(run_paths(cfg, "student_distilled")[1])
+    mean, _ = model.predict_flips(st.read("ct", idx), None, FLIPS_DEFAULT)
+    np.testing.assert_allclose(pred[[f"student_distilled_{p}" for p in PARAMETERS]].to_numpy(), mean, rtol=1e-6)
     assert (tmp_path / "regression_table.csv").is_file() and (tmp_path / "plots" / "scatter.png").is_file()
     assert (tmp_path / "plots" / "bland_altman_vs_truth.png").stat().st_size > 1000
 

@@ -246,7 +246,7 @@ def evaluation(ctx: Context, d: Path) -> dict:
     res["regression_info"] = {"level": "patch", "design": f"{ctx.s.folds}-fold patient-level cross-fitting: every "
                               "prediction comes from a model that never saw that patient",
                               "n_patients": int(len(set(subjects))), "n_patches": int(len(idx)),
-                              "ct_direct": ct_info}
+                              "flips": fold_config(ctx, 0).evaluate.flips, "ct_direct": ct_info}
     write_outputs(d, res, ref, truth if has_truth else None, preds, subjects)
     np.save(d / "oof_index.npy", idx)
     return {"mean_icc21": {k: v.get("mean_icc21") for k, v in res["regression"].items()},

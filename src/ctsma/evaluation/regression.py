@@ -108,8 +108,10 @@ def check_held_out(path: Path, meta: dict, subjects) -> None:
 
 
 def predict_sources(cfg, store: PatchStore, idx: np.ndarray, *, names: dict | None = None) -> tuple[dict, dict]:
-    """Predictions (n,4, physical units) of every available source on store rows ``idx``; and provenance."""
-    from ..models.export import load_parameter_model
+    """Predictions (n,4, physical units) of every available source on store rows ``idx``; and provenance.
+    Each prediction is the mean over ``cfg.evaluate.flips`` flipped copies of the patch, as ``ctsma infer``
+    predicts, so the evaluation scores the values that inference reports."""
+    from ..models.export import FLIPS_BY_COUNT, load_parameter_model
     from ..models.train import run_paths
 
     preds, prov = {}, {}
@@ -124,7 +126,7 @@ def predict_sources(cfg, store: PatchStore, idx: np.ndarray, *, names: dict | No
         check_held_out(path, meta, test_subjects)
         mod = meta["input"]["modality"]
         masks = store.read(f"{mod}_mask", idx) if "mask" in meta["input"]["channels"] else None
-        preds[source] = model.predict(store.read(mod, idx), masks)
+        preds[source] = model.predict_flips(store.read(mod, idx), masks, FLIPS_BY_COUNT[cfg.evaluate.flips])[0]
         prov[source] = {"file": str(path), "role": meta.get("role"), "sha256": meta.get("_sha256"),
                         "target": meta.get("target"), "val_metrics": meta.get("metrics")}
     return preds, prov
@@ -177,7 +179,8 @@ def evaluate(cfg, out_dir: str | Path, *, store: PatchStore | None = None, ablat
                                               "mean_icc21": block["mean_icc21"],
                                               "icc21": {q: block[q]["icc21"] for q in PARAMETERS}}
     result["regression_info"] = {"level": "patch", "note": LEVEL_NOTE, "n_patients": len(split.subjects["test"]),
-                                 "n_patches": int(len(idx)), "test_subjects": split.subjects["test"],
+                                 "n_patches": int(len(idx)), "flips": cfg.evaluate.flips,
+                                 "test_subjects": split.subjects["test"],
                                  "reference": "MR morphometry (store columns mr_<param>)", "models": prov,
                                  "store": str(store.dir), "units": {p: PARAMETER_UNITS[p] for p in PARAMETERS}}
     write_outputs(out_dir, result, ref, truth if has_truth else None, preds, subjects, plots=cfg.evaluate.plots)

@@ -42,6 +42,7 @@ from ..harmonise import (MATCH_TOLERANCE_MM, PATCH, blurred_crop, inplane_edge_s
 from ..io import read_image, write_image, write_json
 from ..io.atomic import ensure_writable_dir, staged_outputs
 from ..io.images import check_ct_intensities
+from ..models.export import FLIPS_DEFAULT, FLIPS_TTA
 from ..resources import resource_path
 from ..segmentation.geometry import crop_box
 from .maps import blend_maps, roi_table
@@ -52,8 +53,6 @@ SLICE_RATIO = 1.25     # through-plane sigma ratio to the model's training CTs b
 AXIAL_COS = 0.9        # |cos| between the slice axis and the patient's z below which a CT is not axial
 THIN_ROI_FRACTION = 0.3    # least ROI share of a patch for an ROI too thin for InferSettings.min_roi_fraction
 BACKGROUND = 0.0
-FLIPS_DEFAULT = ((), (0,), (1,), (2,))
-FLIPS_TTA = ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))
 
 
 @dataclass
@@ -111,19 +110,6 @@ def check_ct(ct: sitk.Image) -> list[str]:
         warns.append(f"the CT has {max(sp):.2f} mm voxels along one axis (> {MAX_SLICE_MM} mm slices); "
                      "estimates from such thick slices are less reliable than the model's validation suggests")
     return warns
-
-
-def predict_with_tta(model, patches: np.ndarray, masks: np.ndarray | None, flips, batch_size: int,
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and SD of the predictions over flipped copies of each patch (parameters are flip-invariant)."""
-    preds = []
-    for axes in flips:
-        x = np.flip(patches, axis=tuple(a + 2 for a in axes)) if axes else patches
-        m = None if masks is None else (np.flip(masks, axis=tuple(a + 2 for a in axes)) if axes else masks)
-        preds.append(model.predict(np.ascontiguousarray(x), None if m is None else np.ascontiguousarray(m),
-                                   batch_size=batch_size))
-    p = np.stack(preds)
-    return p.mean(0), (p.std(0, ddof=1) if len(preds) > 1 else np.zeros_like(p[0]))
 
 
 def ct_resolution(ct: sitk.Image, meta: dict, harmonise: bool = True,
@@ -319,7 +305,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     t = time.perf_counter()
     flips = FLIPS_TTA if s.tta else FLIPS_DEFAULT
     with progress_stage("infer", len(flips)):
-        mean, sd = predict_with_tta(model, patches, masks, flips, s.batch_size)
+        mean, sd = model.predict_flips(patches, masks, flips, s.batch_size)
     timings["predict"] = time.perf_counter() - t
 
     t = time.perf_counter()

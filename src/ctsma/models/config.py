@@ -96,6 +96,8 @@ class EvaluateConfig:
     ct_threshold_hu: float = setting(0.0, lo=-2000.0, hi=5000.0,
                                      help="'ct_direct' bone threshold in HU; 0: Otsu over the test patches")
     plots: bool = setting(True)
+    flips: int = setting(4, choices=(1, 4, 8), help="flipped copies averaged per patch: 4 as `ctsma infer` does "
+                         "(8 as `infer --tta`; 1: none)")
     ablations: list[dict] = setting([], help="student variants: [{name: s1, distill: {stages: [...], weights: [...]}}]")
 
 

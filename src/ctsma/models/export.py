@@ -28,6 +28,11 @@ from ..modelfile import load_model, save_model
 from .networks import PatchRegressor, build_network
 
 META_VERSION = 1
+# Flipped copies of a patch for test-time augmentation (axes of the (D, H, W) patch). The parameters are invariant
+# under flips, so the mean over copies is the estimate and their SD a measure of the network's instability.
+FLIPS_DEFAULT = ((), (0,), (1,), (2,))     # `ctsma infer` and the evaluation
+FLIPS_TTA = ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))  # `ctsma infer --tta`
+FLIPS_BY_COUNT = {1: ((),), 4: FLIPS_DEFAULT, 8: FLIPS_TTA}
 
 
 class ParameterModel(nn.Module):
@@ -70,6 +75,20 @@ class ParameterModel(nn.Module):
         out = [self(torch.from_numpy(x[i:i + batch_size]).to(dev)).float().cpu().numpy()
                for i in range(0, len(x), batch_size)]
         return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 4))
+
+    def predict_flips(self, patches, masks=None, flips=FLIPS_DEFAULT, batch_size: int = 256,
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and SD (ddof 1; zeros for one copy) of :meth:`predict` over flipped copies of each patch."""
+        x = np.asarray(patches)
+        m = None if masks is None else np.asarray(masks)
+        preds = []
+        for axes in flips:
+            ax = tuple(a + x.ndim - 3 for a in axes)
+            xf = np.ascontiguousarray(np.flip(x, axis=ax)) if axes else x
+            mf = None if m is None else (np.ascontiguousarray(np.flip(m, axis=ax)) if axes else m)
+            preds.append(self.predict(xf, mf, batch_size=batch_size))
+        p = np.stack(preds)
+        return p.mean(0), (p.std(0, ddof=1) if len(preds) > 1 else np.zeros_like(p[0]))
 
 
 def build_meta(role: str, net: PatchRegressor, *, modality: str, spacing_mm: float, extent_mm: float, masks: bool,
