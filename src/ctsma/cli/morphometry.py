@@ -40,6 +40,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--window", type=int, default=None, metavar="VOX",
                    help="also write sliding-window maps maps/{bvtv,tbth,tbsp,tbn}.nii.gz with this window (voxels)")
     p.add_argument("--stride", type=int, default=1, metavar="VOX", help="sampling step of the sliding-window maps")
+    p.add_argument("--shape", action="store_true",
+                   help="also the structure model index (SMI) and the degree of anisotropy (DA, MIL fabric)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: all CPU cores)")
     p.set_defaults(func=run)
 
@@ -131,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
             if created and out.is_dir() and not any(out.iterdir()):
                 out.rmdir()  # a refusal after reading leaves nothing behind
             raise
+        if args.shape:
+            from ..morphometry.parameters import shape_not_in_slabs
+            res.update(shape_not_in_slabs(stacklevel=1))
         res["binarisation"] = info
         res["image"] = os.path.abspath(args.image)
         res["mask"] = os.path.abspath(args.mask) if args.mask else None
@@ -144,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("always", MorphometryWarning)
         res, maps = measure_binary(bone, spacing_zyx, mask, convention=args.convention, spheres=args.spheres,
                                    threads=threads, method=args.thickness_method, return_maps=True,
-                                   slabs="auto" if plan.n_voxels is None else "never")
+                                   slabs="auto" if plan.n_voxels is None else "never", shape=args.shape)
     for w in caught:
         warnings.warn(str(w.message), MorphometryWarning, stacklevel=1)
     res["binarisation"] = info
@@ -172,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / "morphometry.json", res)
     progress.info(f"BV/TV {res['BV/TV']:.4f}  Tb.Th {res['Tb.Th']:.4f} mm  Tb.Sp {res['Tb.Sp']:.4f} mm  "
                   f"Tb.N {res['Tb.N']:.4f} /mm  -> {out / 'morphometry.json'}")
+    if args.shape:
+        progress.info(f"SMI {res['SMI']:.3f}  DA {res['DA']:.3f}")
     return 0
 
 

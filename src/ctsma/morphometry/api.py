@@ -11,7 +11,7 @@ def measure(image, spacing_zyx=None, mask=None, *, modality: str = "binary", thr
             method: str = "global", n4: bool = False, convention: str = "default", spheres: str = "roi",
             histogram_bins=DEFAULT_BINS, smooth_sigma_vox: float = 0.0, window_mm: float | None = None,
             threads: int = 1, thickness_method: str = "fast", return_maps: bool = False, slabs="auto",
-            progress=None, **binarise_kw):
+            progress=None, shape: bool = False, **binarise_kw):
     """Trabecular parameters of ``image`` inside ``mask``.
 
     ``image`` is a (z, y, x) array (then ``spacing_zyx`` in mm is required) or a SimpleITK image (spacing
@@ -23,6 +23,8 @@ def measure(image, spacing_zyx=None, mask=None, *, modality: str = "binary", thr
     Returns a dict with ``BV/TV, Tb.Th, Tb.Sp, Tb.N, BS/BV, Conn.D, Tb.Th.sd, Tb.Sp.sd, Tb.N.formula,
     Tb.N.plate, convention, binarisation, spacing, roi_voxels, histograms`` (lengths in mm, Tb.N in 1/mm,
     Conn.D in 1/mm³). Undefined values (e.g. Tb.Sp of an all-bone ROI) are NaN with a warning.
+    ``shape=True`` adds the structure model index ``SMI`` and the degree of anisotropy ``DA`` (with
+    ``DA.main_direction``), see :mod:`.shape`.
     With ``return_maps=True`` it returns ``(result, {"thickness", "separation", "bone"})``.
 
     Over the memory budget (``CTSMA_MEMORY_GB``) the local thickness is computed in z-slabs with the same
@@ -37,7 +39,7 @@ def measure(image, spacing_zyx=None, mask=None, *, modality: str = "binary", thr
                           smooth_sigma_vox=smooth_sigma_vox, window_mm=window_mm, **binarise_kw)
     out = measure_binary(bone, sp, mask, convention=convention, spheres=spheres, histogram_bins=histogram_bins,
                          threads=threads, method=thickness_method, return_maps=return_maps, slabs=slabs,
-                         progress=progress)
+                         progress=progress, shape=shape)
     res, maps = out if return_maps else (out, None)
     res["binarisation"] = info
     if return_maps:

@@ -136,6 +136,14 @@ def slab_budget_error(exc, what: str, n_voxels: int, budget: float, resident: fl
         f"in z-slabs of at least {exc.planes} planes: {exc.phase} distances reach {exc.distance_mm:.2f} mm"))
 
 
+def shape_not_in_slabs(stacklevel: int) -> dict:
+    """SMI and DA of a z-slab run: NaN, with a warning (they need the whole interface mesh at once)."""
+    warnings.warn("SMI and DA are not computed in z-slabs (they need the whole bone surface mesh, which does not "
+                  "fit the memory budget): NaN; crop the image to the ROI or raise CTSMA_MEMORY_GB",
+                  MorphometryWarning, stacklevel=stacklevel)
+    return {"SMI": float("nan"), "DA": float("nan"), "DA.main_direction": None}
+
+
 def describe_run(res: dict, convention: str, method: str, spheres: str, sp, n_roi: int, n_bone: int,
                  voxel_mm3: float) -> None:
     """The run's settings and counts in a result dict (shared by the whole-image and the z-slab paths)."""
@@ -147,8 +155,11 @@ def describe_run(res: dict, convention: str, method: str, spheres: str, sp, n_ro
 def measure_binary(bone: np.ndarray, spacing_zyx, mask=None, *, convention: str = "default",
                    spheres: str = "roi", histogram_bins=DEFAULT_BINS, surface: bool = True,
                    threads: int = 1, method: str = "fast", return_maps: bool = False, slabs="auto",
-                   progress=None):
+                   progress=None, shape: bool = False):
     """All parameters of a binary bone image inside an ROI; see :func:`ctsma.morphometry.measure`.
+
+    ``shape=True`` adds ``SMI``, ``DA`` and ``DA.main_direction`` (:mod:`.shape`); in z-slabs they are NaN with a
+    warning, since they need the whole interface mesh.
 
     ``spheres="roi"`` confines the spheres to the ROI (outside the ROI is neither bone nor marrow);
     ``"image"`` fits them in the whole image and only averages inside the ROI (the protocol of the
@@ -178,6 +189,8 @@ def measure_binary(bone: np.ndarray, spacing_zyx, mask=None, *, convention: str 
                                    slab_budget=plan[0], slab_planes=plan[1], sink=sink, report=progress)
         except SlabMemoryError as exc:
             raise slab_budget_error(exc, "image", bone.size, plan[2], plan[3]) from None
+        if shape:
+            res.update(shape_not_in_slabs(stacklevel=3))
         return (res, sink.maps) if return_maps else res
     n_roi = int(np.count_nonzero(roi))
     bone_roi = bone & roi
@@ -209,6 +222,12 @@ def measure_binary(bone: np.ndarray, spacing_zyx, mask=None, *, convention: str 
     else:
         res["BS/BV"] = float("nan")
     res["Conn.D"] = (1 - euler_characteristic(bone_roi)) / (n_roi * voxel_mm3) if n_bone else float("nan")
+    if shape:
+        from .shape import shape_parameters
+        res.update(shape_parameters(bone, roi, sp))
+        if not np.isfinite(res["SMI"]):
+            warnings.warn("SMI and DA are undefined (NaN): the ROI holds no bone-marrow interface",
+                          MorphometryWarning, stacklevel=2)
     describe_run(res, convention, method, spheres, sp, n_roi, n_bone, voxel_mm3)
     bins_th = bins_sp = histogram_bins
     res["histograms"] = {"Tb.Th": _histogram(th_vals[np.isfinite(th_vals)], bins_th),
