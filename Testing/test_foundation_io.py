@@ -243,3 +243,33 @@ def test_stale_partials_of_a_killed_atomic_write_are_removed(tmp_path):
     other.write_bytes(b"other")
     remove_stale_partials(target)
     assert not left.exists() and other.exists() and target.read_bytes() == b"done"
+
+
+def test_staged_outputs_move_the_completion_marker_last_and_clear_killed_stagings(tmp_path, monkeypatch):
+    """A run killed while its files are moved must not leave a folder that looks complete (resume trusts
+    ``summary.json``), and the staging folder of a killed run is removed by the next one."""
+    import os
+    from pathlib import Path
+
+    from ctsma.io.atomic import remove_stale_staging, staged_outputs
+
+    out = tmp_path / "P0000"
+    out.mkdir()
+    stale = out / ".staging-k1lled"
+    (stale / "maps").mkdir(parents=True)
+    (stale / "maps" / "bvtv.nii.gz").write_bytes(b"half")
+    (out / "notes.txt").write_text("the user's own file")
+    moved = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (moved.append(Path(b).relative_to(out).as_posix()),
+                                                      real_replace(a, b)))
+    with staged_outputs(out) as stage:
+        for name in ("summary.json", "uncertainty/tbn.nii.gz", "maps/bvtv.nii.gz", "roi_table.csv"):
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            (stage / name).write_text(name)
+    assert moved[-1] == "summary.json" and sorted(moved[:-1]) == moved[:-1] and len(moved) == 4
+    assert not stale.exists() and not list(out.glob(".staging-*"))
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    (out / ".staging-left").mkdir()
+    remove_stale_staging(out)
+    assert not list(out.glob(".staging-*")) and (out / "summary.json").is_file()

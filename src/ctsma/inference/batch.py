@@ -12,6 +12,7 @@ import pandas as pd
 from .. import progress
 from ..errors import InputImageError, UserError
 from ..io import ensure_writable_dir, safe_join, write_json
+from ..io.atomic import COMPLETION_MARKER, remove_stale_staging
 from ..io.images import IMAGE_SUFFIXES
 from .engine import InferSettings, _subject_name, infer
 
@@ -62,7 +63,8 @@ def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=No
     status = []
     for row in progress.track(list(cases.itertuples(index=False)), "infer (batch)", unit="knee"):
         d = safe_join(out, str(row.subject))
-        if (d / "summary.json").is_file():
+        if (d / COMPLETION_MARKER).is_file():
+            remove_stale_staging(d)   # a run killed after its last move, before its clean-up
             status.append({"subject": row.subject, "status": "done earlier", "message": ""})
             continue
         try:

@@ -166,18 +166,37 @@ def safe_join(root: str | os.PathLike, *parts: str) -> Path:
     return target
 
 
+STAGING_PREFIX = ".staging-"
+COMPLETION_MARKER = "summary.json"   # written last by staged_outputs: its presence means the folder is complete
+
+
+def remove_stale_staging(out_dir: str | os.PathLike) -> None:
+    """Delete the staging folders that a killed :func:`staged_outputs` left in ``out_dir`` (SIGKILL gives it no
+    chance to clean up). Only one run writes a given output folder at a time, so any staging folder found before
+    a run starts, or beside a complete result, is stale."""
+    for left in Path(out_dir).glob(f"{STAGING_PREFIX}*"):
+        if left.is_dir() and not left.is_symlink():
+            shutil.rmtree(left, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_outputs(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a hidden staging folder inside ``out_dir``; on success move its files into ``out_dir``.
 
     Unlike :func:`atomic_dir`, files already in ``out_dir`` that the run does not produce are kept
-    (a user's own files are never deleted). On an exception nothing of the run is left behind.
+    (a user's own files are never deleted). On an exception nothing of the run is left behind. The completion
+    marker (:data:`COMPLETION_MARKER`, e.g. ``summary.json`` of ``ctsma infer``) is moved last, so a run killed
+    while the files are being moved never leaves a folder that looks complete; staging folders of killed runs
+    are removed first.
     """
     out = ensure_writable_dir(out_dir)
-    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    remove_stale_staging(out)
+    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     try:
         yield stage
-        for src in sorted(p for p in stage.rglob("*") if p.is_file()):
+        files = sorted((p for p in stage.rglob("*") if p.is_file()),
+                       key=lambda p: (p.relative_to(stage) == Path(COMPLETION_MARKER), str(p)))
+        for src in files:
             dst = out / src.relative_to(stage)
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dst)
