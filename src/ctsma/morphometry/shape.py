@@ -86,7 +86,7 @@ def taubin_smooth(verts, faces, passes: int = SMOOTHING[0], lam: float = SMOOTHI
 
 
 def _face_geometry(verts, faces):
-    """Per-face area vector (outward unit normal × area)."""
+    """Per-face area vector: the outward normal, as long as the face's area (mm²)."""
     a, b, c = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
     return 0.5 * np.cross(b - a, c - a)
 
@@ -126,8 +126,8 @@ def degree_of_anisotropy(verts, faces, keep) -> tuple[float, np.ndarray]:
     for start in range(0, len(fv), FACE_CHUNK):      # ∝ intercepts per mm along each direction
         p += np.abs(fv[start:start + FACE_CHUNK] @ v.T).sum(axis=0)
     p = p / p.max()
-    x, y, z = v.T
-    design = np.column_stack([x * x, y * y, z * z, 2 * x * y, 2 * x * z, 2 * y * z])
+    a, b, c = v.T      # components along the mesh axes, (z, y, x) like the vertices
+    design = np.column_stack([a * a, b * b, c * c, 2 * a * b, 2 * a * c, 2 * b * c])
     m6, *_ = np.linalg.lstsq(design, p * p, rcond=None)
     m = np.array([[m6[0], m6[3], m6[4]], [m6[3], m6[1], m6[5]], [m6[4], m6[5], m6[2]]])
     lam, vec = np.linalg.eigh(m)
