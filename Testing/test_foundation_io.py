@@ -247,29 +247,48 @@ def test_stale_partials_of_a_killed_atomic_write_are_removed(tmp_path):
 
 def test_staged_outputs_move_the_completion_marker_last_and_clear_killed_stagings(tmp_path, monkeypatch):
     """A run killed while its files are moved must not leave a folder that looks complete (resume trusts
-    ``summary.json``), and the staging folder of a killed run is removed by the next one."""
+    ``summary.json``), and the staging folder of a killed run is removed by the next one, while the staging
+    folders of live runs and of other machines are left alone."""
     import os
+    import socket
+    import subprocess
+    import sys
     from pathlib import Path
 
     from ctsma.io.atomic import remove_stale_staging, staged_outputs
 
     out = tmp_path / "P0000"
     out.mkdir()
-    stale = out / ".staging-k1lled"
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()            # a pid that has just ended
+    stale = out / f".staging-{dead}@{host}.k1lled"
     (stale / "maps").mkdir(parents=True)
     (stale / "maps" / "bvtv.nii.gz").write_bytes(b"half")
+    live = out / f".staging-{os.getpid()}@{host}.running"     # this process: alive
+    elsewhere = out / f".staging-{dead}@another-host.example.org.abc"
+    user = out / ".staging-notes"                             # not a name staged_outputs makes
+    for d in (live, elsewhere, user):
+        d.mkdir()
     (out / "notes.txt").write_text("the user's own file")
+    (out / "summary.json").write_text("old run")              # a rerun into a finished folder
     moved = []
     real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda a, b: (moved.append(Path(b).relative_to(out).as_posix()),
-                                                      real_replace(a, b)))
+
+    def replace(a, b):
+        assert not (out / "summary.json").exists() or Path(b).name == "summary.json"   # old marker gone first
+        moved.append(Path(b).relative_to(out).as_posix())
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
     with staged_outputs(out) as stage:
+        assert stage.name.startswith(f".staging-{os.getpid()}@{host}.")
         for name in ("summary.json", "uncertainty/tbn.nii.gz", "maps/bvtv.nii.gz", "roi_table.csv"):
             (stage / name).parent.mkdir(parents=True, exist_ok=True)
             (stage / name).write_text(name)
     assert moved[-1] == "summary.json" and sorted(moved[:-1]) == moved[:-1] and len(moved) == 4
-    assert not stale.exists() and not list(out.glob(".staging-*"))
+    assert (out / "summary.json").read_text() == "summary.json"
+    assert not stale.exists() and live.is_dir() and elsewhere.is_dir() and user.is_dir()
     assert (out / "notes.txt").read_text() == "the user's own file"
-    (out / ".staging-left").mkdir()
     remove_stale_staging(out)
-    assert not list(out.glob(".staging-*")) and (out / "summary.json").is_file()
+    assert live.is_dir() and elsewhere.is_dir() and user.is_dir()

@@ -127,6 +127,30 @@ def test_flip_averaging_is_the_mean_and_sd_over_flipped_copies(tmp_path):
     assert len(FLIPS_BY_COUNT[8]) == 8 and len(set(FLIPS_BY_COUNT[8])) == 8
 
 
+def test_flip_averaging_flips_the_mask_with_the_patch(tmp_path):
+    """A model with a mask channel: every flipped copy flips patch and mask together, in either array layout."""
+    from ctsma.models.export import FLIPS_DEFAULT
+
+    torch.manual_seed(0)
+    net = PatchRegressor(2, 16, (4, 4, 8, 8))
+    meta = build_meta("student_distilled", net, modality="ct", spacing_mm=0.5, extent_mm=8, masks=True,
+                      intensity_offset=300, intensity_scale=600, target="mr", y_mean=(0.3, 0.2, 0.5, 1.5),
+                      y_sd=(0.1, 0.05, 0.1, 0.3), training={"n": 1}, metrics={"val_loss": 0.5})
+    model, _ = load_student(export_model(tmp_path / "m.safetensors", net, meta))
+    rng = np.random.default_rng(2)
+    x = rng.normal(300, 200, (5, 16, 16, 16)).astype(np.float32)
+    m = np.zeros_like(x)
+    m[:, :5, :9, 3:] = 1.0                                   # an asymmetric mask: a wrong flip changes the output
+    copies = [model.predict(np.flip(x, ax).copy() if ax else x, np.flip(m, ax).copy() if ax else m)
+              for ax in ((), (1,), (2,), (3,))]
+    want = np.mean(copies, axis=0)
+    for xs, ms in ((x, m), (x[:, None], m), (x, m[:, None]), (x[:, None], m[:, None])):
+        np.testing.assert_allclose(model.predict_flips(xs, ms, FLIPS_DEFAULT)[0], want, rtol=1e-12)
+    unflipped_mask = np.mean([model.predict(np.flip(x, ax).copy() if ax else x, m) for ax in ((), (1,), (2,), (3,))],
+                             axis=0)
+    assert not np.allclose(unflipped_mask, want)             # the test can tell a mask left unflipped
+
+
 def test_wrong_or_altered_model_files_rejected(tmp_path):
     path, net = _student_file(tmp_path)
     with pytest.raises(ModelFileError, match="'student' model"):

@@ -91,6 +91,25 @@ def test_measure_adds_shape_on_request_and_nan_without_interface():
     assert np.isnan(inside["SMI"]) and np.isnan(inside["DA"]) and inside["DA.main_direction"] is None
 
 
+@pytest.mark.parametrize("shift", [0, 1])
+def test_roi_without_marrow_or_without_bone_is_nan_whatever_lies_beside_it(shift):
+    """Only the interface inside the ROI counts: bone that touches an empty ROI from outside, or marrow that
+    touches an all-bone ROI from outside, gives no SMI or DA (for either voxel parity of the boundary)."""
+    z, y, x = _grid(24)
+    bone = np.zeros(z.shape, bool)
+    bone[:, :, 12 + shift:] = True
+    empty = np.zeros(z.shape, bool)
+    empty[4:20, 4:20, 4:12 + shift] = True                 # marrow only, bone right beside it
+    full = np.zeros(z.shape, bool)
+    full[4:20, 4:20, 12 + shift:20] = True                 # bone only, marrow right beside it
+    for roi in (empty, full):
+        r = shape_parameters(bone, roi, ISO)
+        assert np.isnan(r["SMI"]) and np.isnan(r["DA"]) and r["DA.main_direction"] is None
+    both = empty | full                                    # the interface inside: a plate's face, SMI 0, DA 1
+    r = shape_parameters(bone, both, ISO)
+    assert r["SMI"] == pytest.approx(0.0, abs=0.05) and r["DA"] > 0.99
+
+
 def test_slabs_give_nan_shape_with_a_warning():
     z, y, x = _grid(24)
     with pytest.warns(MorphometryWarning, match="not computed in z-slabs"):

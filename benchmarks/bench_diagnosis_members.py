@@ -5,8 +5,8 @@
 For each cohort and source, the 5-fold patient-level cross-validation of the diagnosis is repeated with ``--inits``
 initialisations (fold k of initialisation j trains with seed ``seed + k + 1000 j``, the seeds of ensemble member j),
 the folds staying those of the cohort's seed. Reported: the AUC of every single network's out-of-fold
-probabilities, and the AUC of the mean probability of consecutive triples (initialisations 0-2, 3-5, ...), which
-is exactly what ``members: 3`` predicts. This is how the default ``members: 3`` was chosen, on development
+probabilities, and the AUC of the mean probability of consecutive triples (initialisations 0-2, 3-5, ...). The
+first triple is exactly what ``members: 3`` predicts; the others are ensembles of the same kind with other seeds. This is how the default ``members: 3`` was chosen, on development
 cohorts only:
 
 * ``--demo DIR``: a ``ctsma demo`` output folder (its out-of-fold student parameters and the phantom labels), e.g.

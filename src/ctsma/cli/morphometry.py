@@ -94,9 +94,11 @@ def run(args: argparse.Namespace) -> int:
     n_vox = None if size is None else int(np.prod(size, dtype=np.int64))
     # before reading: the whole image if it fits the budget, else z-slabs if the smallest one fits, else refuse
     prep, resident = _memory_per_voxel(args)
+    from ..morphometry.shape import BYTES_PER_VOXEL as SHAPE_BYTES
     plan = plan_memory(n_vox, "morphometry", what=os.path.basename(args.image),
                        min_slab_bytes=_min_slab_bytes(args, size) if size else 0,
-                       prepare_per_voxel=prep, resident_per_voxel=resident)
+                       prepare_per_voxel=prep, resident_per_voxel=resident,
+                       extra_whole_per_voxel=SHAPE_BYTES if args.shape else 0.0)
     created = not os.path.exists(args.out)
     out = ensure_writable_dir(args.out)
     img = read_image(args.image, what="image")

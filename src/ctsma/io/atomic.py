@@ -10,7 +10,9 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from glob import escape as glob_escape
@@ -168,14 +170,33 @@ def safe_join(root: str | os.PathLike, *parts: str) -> Path:
 
 STAGING_PREFIX = ".staging-"
 COMPLETION_MARKER = "summary.json"   # written last by staged_outputs: its presence means the folder is complete
+_STAGING_NAME = re.compile(r"^\.staging-(\d+)@(.+)\.[A-Za-z0-9_]+$")
+
+
+def _staging_prefix() -> str:
+    """``.staging-<pid>@<host>.``: whose staging folder it is, so that only a dead run's folder is ever removed."""
+    return f"{STAGING_PREFIX}{os.getpid()}@{socket.gethostname()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def remove_stale_staging(out_dir: str | os.PathLike) -> None:
-    """Delete the staging folders that a killed :func:`staged_outputs` left in ``out_dir`` (SIGKILL gives it no
-    chance to clean up). Only one run writes a given output folder at a time, so any staging folder found before
-    a run starts, or beside a complete result, is stale."""
+    """Delete the staging folders that killed :func:`staged_outputs` runs left in ``out_dir`` (SIGKILL gives them no
+    chance to clean up): those whose run, named in the folder, was on this machine and is no longer alive. Folders
+    of live runs, of other machines (a shared file system) and any other name are left alone."""
+    host = socket.gethostname()
     for left in Path(out_dir).glob(f"{STAGING_PREFIX}*"):
-        if left.is_dir() and not left.is_symlink():
+        m = _STAGING_NAME.match(left.name)
+        if (m and m.group(2) == host and not _pid_alive(int(m.group(1))) and left.is_dir()
+                and not left.is_symlink()):
             shutil.rmtree(left, ignore_errors=True)
 
 
@@ -185,17 +206,20 @@ def staged_outputs(out_dir: str | os.PathLike) -> Iterator[Path]:
 
     Unlike :func:`atomic_dir`, files already in ``out_dir`` that the run does not produce are kept
     (a user's own files are never deleted). On an exception nothing of the run is left behind. The completion
-    marker (:data:`COMPLETION_MARKER`, e.g. ``summary.json`` of ``ctsma infer``) is moved last, so a run killed
-    while the files are being moved never leaves a folder that looks complete; staging folders of killed runs
-    are removed first.
+    marker (:data:`COMPLETION_MARKER`, ``summary.json`` of ``ctsma infer``) is moved last, and an older one is
+    removed before the first move, so a run killed while the files are being moved never leaves a folder that
+    looks complete; staging folders of killed runs on this machine are removed first.
     """
     out = ensure_writable_dir(out_dir)
     remove_stale_staging(out)
-    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    stage = Path(tempfile.mkdtemp(prefix=_staging_prefix(), dir=out))
     try:
         yield stage
         files = sorted((p for p in stage.rglob("*") if p.is_file()),
                        key=lambda p: (p.relative_to(stage) == Path(COMPLETION_MARKER), str(p)))
+        if (stage / COMPLETION_MARKER).is_file():
+            with contextlib.suppress(FileNotFoundError):
+                (out / COMPLETION_MARKER).unlink()   # a rerun into a finished folder: incomplete until it ends
         for src in files:
             dst = out / src.relative_to(stage)
             dst.parent.mkdir(parents=True, exist_ok=True)

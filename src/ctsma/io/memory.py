@@ -169,18 +169,20 @@ def budget_message(stage: str, what: str, n_voxels: int, need: int, budget: int,
 
 
 def plan_memory(n_voxels: int | None, stage: str, *, what: str = "image", min_slab_bytes: int = 0,
-                prepare_per_voxel: float | None = None, resident_per_voxel: float | None = None) -> MemoryPlan:
+                prepare_per_voxel: float | None = None, resident_per_voxel: float | None = None,
+                extra_whole_per_voxel: float = 0.0) -> MemoryPlan:
     """Decide, from the header's voxel count, whether ``stage`` runs whole or in z-slabs; refuse if neither fits.
 
     ``min_slab_bytes`` is the cost of the smallest useful slab (the caller knows its plane size and halo);
     ``prepare_per_voxel`` and ``resident_per_voxel`` override :data:`PREPARE_BYTES_PER_VOXEL` and
-    :data:`RESIDENT_BYTES_PER_VOXEL` (e.g. a heavier binarisation). Raises :class:`MemoryBudgetError` when even
+    :data:`RESIDENT_BYTES_PER_VOXEL` (e.g. a heavier binarisation); ``extra_whole_per_voxel`` adds to the whole-image
+    estimate what only a whole-image run computes (morphometry's SMI and DA). Raises :class:`MemoryBudgetError` when even
     the preparation, or the resident arrays plus that slab, exceed the budget.
     """
     budget = memory_budget_bytes()
     if n_voxels is None:
         return MemoryPlan(stage, None, budget, None)
-    need = estimate_bytes(n_voxels, stage)
+    need = estimate_bytes(n_voxels, stage) + int(n_voxels * extra_whole_per_voxel)
     if need <= budget:
         return MemoryPlan(stage, n_voxels, budget, need)
     prep = PREPARE_BYTES_PER_VOXEL[stage] if prepare_per_voxel is None else float(prepare_per_voxel)

@@ -82,10 +82,10 @@ class ParameterModel(nn.Module):
         x = np.asarray(patches)
         m = None if masks is None else np.asarray(masks)
         preds = []
-        for axes in flips:
-            ax = tuple(a + x.ndim - 3 for a in axes)
-            xf = np.ascontiguousarray(np.flip(x, axis=ax)) if axes else x
-            mf = None if m is None else (np.ascontiguousarray(np.flip(m, axis=ax)) if axes else m)
+        for axes in flips:   # the last three axes of each array are the patch's (either may have a channel axis)
+            xf = np.ascontiguousarray(np.flip(x, axis=tuple(a + x.ndim - 3 for a in axes))) if axes else x
+            mf = m if m is None or not axes else np.ascontiguousarray(np.flip(m, axis=tuple(a + m.ndim - 3
+                                                                                            for a in axes)))
             preds.append(self.predict(xf, mf, batch_size=batch_size))
         p = np.stack(preds)
         return p.mean(0), (p.std(0, ddof=1) if len(preds) > 1 else np.zeros_like(p[0]))

@@ -110,15 +110,16 @@ def euler_characteristic(bone_roi: np.ndarray) -> int:
     return int(euler_number(np.ascontiguousarray(bone_roi[sl]), connectivity=3))
 
 
-def _slab_setting(slabs, n_voxels: int, extra_resident: float = 0.0):
-    """None (whole image), or ``(slab_budget, slab_planes, budget, resident)`` for :func:`.slabs.measure_in_slabs`."""
+def _slab_setting(slabs, n_voxels: int, extra_resident: float = 0.0, extra_whole: float = 0.0):
+    """None (whole image), or ``(slab_budget, slab_planes, budget, resident)`` for :func:`.slabs.measure_in_slabs`.
+    ``extra_whole``: bytes per voxel that only a whole-image run needs (SMI and DA)."""
     from .validate import MorphometryError
     if isinstance(slabs, str) and slabs == "never":
         return None
     if isinstance(slabs, str) and slabs == "auto":
         from ..io.memory import RESIDENT_BYTES_PER_VOXEL, estimate_bytes, memory_budget_bytes
         budget = memory_budget_bytes()
-        if estimate_bytes(n_voxels, "morphometry") <= budget:
+        if estimate_bytes(n_voxels, "morphometry") + n_voxels * extra_whole <= budget:
             return None
         resident = n_voxels * (RESIDENT_BYTES_PER_VOXEL["morphometry"] + extra_resident)
         return max(0.0, budget - resident), None, budget, resident
@@ -179,7 +180,8 @@ def measure_binary(bone: np.ndarray, spacing_zyx, mask=None, *, convention: str 
     if spheres not in ("roi", "image"):
         from .validate import MorphometryError
         raise MorphometryError(f"spheres must be 'roi' or 'image', got {spheres!r}")
-    plan = _slab_setting(slabs, bone.size, 8.0 if return_maps else 0.0)
+    from .shape import BYTES_PER_VOXEL as SHAPE_BYTES
+    plan = _slab_setting(slabs, bone.size, 8.0 if return_maps else 0.0, SHAPE_BYTES if shape else 0.0)
     if plan is not None:
         from .slabs import ArraySink, SlabMemoryError, measure_in_slabs
         sink = ArraySink(bone.shape) if return_maps else None
