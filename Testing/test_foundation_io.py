@@ -292,3 +292,14 @@ def test_staged_outputs_move_the_completion_marker_last_and_clear_killed_staging
     assert (out / "notes.txt").read_text() == "the user's own file"
     remove_stale_staging(out)
     assert live.is_dir() and elsewhere.is_dir() and user.is_dir()
+
+
+def test_staging_liveness_never_signals_a_process_on_windows(monkeypatch):
+    """``os.kill(pid, 0)`` terminates the process on Windows: there the check must not call it at all."""
+    import os
+
+    from ctsma.io import atomic
+
+    monkeypatch.setattr(atomic.os, "name", "nt")
+    monkeypatch.setattr(atomic.os, "kill", lambda *a: (_ for _ in ()).throw(AssertionError("os.kill called")))
+    assert atomic._pid_alive(os.getpid() + 10 ** 6)
