@@ -45,6 +45,8 @@ def test_noise_free_beats_noisy_source_with_paired_test(cohort):
     for k in ("auc", "auc_ci", "accuracy", "sensitivity", "specificity", "f1", "brier", "severity_mae",
               "severity_r2", "precision", "recall", "n"):
         assert k in good
+    assert good["config"] == dg.make_aggregator("logistic").config   # the settings used are recorded
+    assert dg.make_aggregator("transformer").config["members"] == 3  # neural aggregators: ensembles by default
     # both sources were evaluated on the very same folds
     pd.testing.assert_series_equal(results["student_distilled/logistic"].oof["fold"],
                                    results["student_baseline/logistic"].oof["fold"])

@@ -551,3 +551,28 @@ def test_patient_report_lists_the_analysis_notes(knee, monkeypatch):
                                        "patches"}}) == ["No OA probability: the knee has no valid patches."]
     doc = patient_mod.build_patient_document(**_patient_kwargs(knee), notes=[])
     assert "Analysis notes" not in [b.text for b in doc.blocks if type(b).__name__ == "Heading"]
+
+
+def test_study_report_states_the_flips_and_the_ensemble_sizes(tmp_path, metrics):
+    """The tables' notes say how the numbers were made when metrics.json records it (evaluation flips, diagnosis
+    ensemble sizes), and say nothing when it does not."""
+    import copy
+
+    m = copy.deepcopy(metrics)
+    m.setdefault("regression_info", {})["flips"] = 4
+    for key, block in m["diagnosis"].items():
+        if key.endswith("/transformer") or key.endswith("/mlp"):
+            block["config"] = {"members": 3}
+        elif key.endswith("/logistic"):
+            block["config"] = {"C": 1.0}
+    text = write_study_report(m, tmp_path / "with")["html"].read_text(encoding="utf-8")
+    assert "mean over 4 flipped copies" in text
+    assert "ensembles of networks that differ only in their seed (the mean of their probabilities): " in text
+    assert "Transformer 3" in text and "MLP 3" in text and "Logistic 3" not in text
+    plain = copy.deepcopy(metrics)
+    plain.get("regression_info", {}).pop("flips", None)
+    for block in plain.get("diagnosis", {}).values():
+        if isinstance(block, dict):
+            block.pop("config", None)
+    text = write_study_report(plain, tmp_path / "without")["html"].read_text(encoding="utf-8")
+    assert "flipped copies" not in text and "ensembles of networks" not in text

@@ -111,7 +111,7 @@ def compare_sources(tables: Mapping[str, object], labels, aggregators: Sequence[
 
     ``tables`` maps a source name (student_distilled, student_baseline, mr_reference, truth, ...) to its
     patch table. Returns ``(diagnosis_block, results)``: the block maps ``"<source>/<aggregator>"`` to
-    its metrics; for each ``(a, b)`` in ``pairs`` present in ``tables``, the entry of ``a`` gains
+    its metrics (with the aggregator's ``config``, e.g. its ``members``); for each ``(a, b)`` in ``pairs`` present in ``tables``, the entry of ``a`` gains
     ``auc_diff_vs_<b>``, ``auc_diff_ci_vs_<b>`` and ``p_auc_vs_<b>`` (two-sided DeLong test of the paired AUCs).
     Every labelled knee must have valid patches in every table (else a clear error names the knees), so all
     sources are evaluated on the same patients and folds and the comparison is paired.
@@ -125,7 +125,7 @@ def compare_sources(tables: Mapping[str, object], labels, aggregators: Sequence[
             r = cross_validate(None, None, agg, folds, seed, source=src, knees=knees,
                                config=(configs or {}).get(agg))
             results[f"{src}/{agg}"] = r
-            block[f"{src}/{agg}"] = dict(r.metrics, seconds=r.seconds)
+            block[f"{src}/{agg}"] = dict(r.metrics, seconds=r.seconds, config=dict(r.config))
     for a, b in pairs:
         for agg in aggregators:
             ka, kb = f"{a}/{agg}", f"{b}/{agg}"

@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import pandas as pd
 
 from .. import PARAMETERS, ROIS, __version__, progress
@@ -196,7 +195,8 @@ def _regression(m: Mapping[str, Any]) -> list:
                "The teacher predicts from MR patches; the other sources from CT. \"vs phantom truth\" scores the "
                "same predictions against the phantom's true microstructure.",
                f"Published ICCs ({PUBLISHED_LABEL}, CT-SMA): per parameter from the 2023 preprint, the mean "
-               "(0.742) from the 2026 journal paper; the ICC type was not stated there."]))
+               "(0.742) from the 2026 journal paper; the ICC type was not stated there.",
+               *_flips_note(m)]))
     g = get(m, "distillation_gain")
     if isinstance(g, Mapping):
         out.append(Paragraph(f"Distillation gain (distilled \u2212 baseline mean ICC(2,1)): "
@@ -222,6 +222,28 @@ def _scatter(predictions: Mapping[str, pd.DataFrame] | None) -> list:
                                "identity) and Bland\u2013Altman plot (bottom; solid: bias, dashed: 95 % limits "
                                f"of agreement). Colours: ROI.{note}", 0.98))
     return out if n else out + [Paragraph("The prediction tables were empty.", "note")]
+
+
+def _flips_note(m: Mapping[str, Any]) -> list[str]:
+    """How each patch prediction was formed (evaluation's ``regression_info.flips``), when recorded."""
+    n = get(m, "regression_info", "flips")
+    if not isinstance(n, int) or n < 2:
+        return []
+    return [f"Each patch prediction is the mean over {n} flipped copies of the patch, as CT-only inference "
+            "reports it."]
+
+
+def _members_note(diag: Mapping[str, Any], keys) -> list[str]:
+    """The neural aggregators' ensemble sizes, when recorded."""
+    sizes = {}
+    for k in keys:
+        members = get(diag, k, "config", "members")
+        if isinstance(members, int):
+            sizes.setdefault(diagnosis_label(k)[1], members)
+    if not sizes:
+        return []
+    return ["Neural aggregators are ensembles of networks that differ only in their seed (the mean of their "
+            "probabilities): " + ", ".join(f"{a} {n}" for a, n in sizes.items()) + "."]
 
 
 def _diagnosis(m: Mapping[str, Any], roc) -> list:
@@ -261,7 +283,8 @@ def _diagnosis(m: Mapping[str, Any], roc) -> list:
                             "their severity is the MOAKS score, ours the phantom's severity. Phantom-truth rows "
                             "(green) use the true microstructure as input: the best any parameter estimate can do.",
                             "Published aggregator AUCs on CT-SMA parameters (journal Table 7): " +
-                            ", ".join(f"{k} {v:.3f}" for k, v in PUBLISHED_AGGREGATOR_AUC.items()) + "."]))
+                            ", ".join(f"{k} {v:.3f}" for k, v in PUBLISHED_AGGREGATOR_AUC.items()) + ".",
+                            *_members_note(diag, keys)]))
     if keys:
         extra = []
         for k in keys:
