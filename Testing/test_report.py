@@ -186,6 +186,10 @@ def test_study_html_holds_the_formatted_values(study, metrics):
                         f"{d['auc']:.3f} [{d['auc_ci'][0]:.3f}, {d['auc_ci'][1]:.3f}]",
                         f"{d['severity_mae']:.3f}", f"{d['severity_r2']:.3f}"]
     assert by_row[("Direct CT morphometry", "Logistic")][7] == DASH
+    further = next(t for t in doc.tables if t and t[0][-1] == "p vs baseline")   # the DeLong p beside the AUC
+    p_rows = {tuple(r[:2]): r[-1] for r in further[1:]}
+    assert p_rows[("CT-SMA student (distilled)", "Transformer")] == fmt_sig(d["p_auc_vs_student_baseline"], 2)
+    assert p_rows[("CT student, no distillation", "Transformer")] == DASH
     pub = by_row[("CT-SMA (distilled) (published, clinical cohort)", "Transformer")]
     assert pub[2:] == ["0.863", "0.903", "0.879", "0.883", "0.893", "0.881"]
     assert ("total", "1 h 13 min") in {tuple(r[:2]) for r in doc.rows}  # timings incl. the extra stage
