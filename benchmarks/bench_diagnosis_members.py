@@ -38,7 +38,6 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from ctsma import PARAMETERS  # noqa: E402
 from ctsma.diagnosis import build_kneeset, make_aggregator  # noqa: E402
 from ctsma.diagnosis.evaluation import fold_assignment  # noqa: E402
 from ctsma.diagnosis.synthetic import measured, synthetic_cohort  # noqa: E402
@@ -50,23 +49,14 @@ FOLDS = 5
 
 
 def demo_tables(root: Path) -> tuple[dict, pd.DataFrame, int]:
-    from ctsma.dataset.store import PatchStore
+    """The two students' out-of-fold patch tables and the labels, exactly as the demo's diagnosis stage reads them."""
+    from ctsma.demo.settings import DemoSettings
+    from ctsma.demo.stages import Context, _labels, _oof_tables
 
-    store = PatchStore(root / "dataset" / "store")
-    idx = np.load(root / "evaluation" / "oof_index.npy")
-    pred = pd.read_csv(root / "evaluation" / "regression_predictions.csv")
-    base = store.table.iloc[idx][["subject", "roi", "rel_x", "rel_y", "rel_z"]].reset_index(drop=True)
-    base["subject"] = base["subject"].astype(str)
-    labels = pd.read_csv(root / "phantom" / "manifest.csv")[["subject", "oa", "kl_grade", "severity"]]
-    labels["subject"] = labels["subject"].astype(str)
-    tables = {}
-    for src in ("student_distilled", "student_baseline"):
-        t = base.copy()
-        for p in PARAMETERS:
-            t[p] = pred[f"{src}_{p}"].to_numpy()
-        tables[src] = t[np.isfinite(t[list(PARAMETERS)]).all(axis=1)].reset_index(drop=True)
     seed = int(json.loads((root / "metrics.json").read_text())["demo"]["settings"]["seed"])
-    return tables, labels, seed
+    ctx = Context(root, DemoSettings(seed=seed))
+    tables = _oof_tables(ctx)
+    return {k: tables[k] for k in ("student_distilled", "student_baseline")}, _labels(ctx), seed
 
 
 def study(table, labels, seed: int) -> dict:

@@ -246,12 +246,6 @@ def _members_note(diag: Mapping[str, Any], keys) -> list[str]:
             "probabilities): " + ", ".join(f"{a} {n}" for a, n in sizes.items()) + "."]
 
 
-def _p_vs_baseline(d: Mapping[str, Any]) -> Any:
-    """The DeLong p of an entry's AUC against the baseline student's (``p_auc_vs_student_baseline`` in the
-    diagnosis block, :func:`ctsma.diagnosis.compare_sources`); None for entries without one."""
-    return get(d, "p_auc_vs_student_baseline")
-
-
 def _diagnosis(m: Mapping[str, Any], roc) -> list:
     out: list = [Heading("OA diagnosis and severity")]
     diag = get(m, "diagnosis")
@@ -297,7 +291,7 @@ def _diagnosis(m: Mapping[str, Any], roc) -> list:
             d = diag[k]
             src, agg = diagnosis_label(k)
             extra.append([src, agg, fmt(get(d, "accuracy")), fmt(get(d, "sensitivity")), fmt(get(d, "specificity")),
-                          fmt(get(d, "brier")), fmt_int(get(d, "n")), fmt_sig(_p_vs_baseline(d), 2)])
+                          fmt(get(d, "brier")), fmt_int(get(d, "n")), fmt_sig(get(d, "p_auc_vs_student_baseline"), 2)])
         out.append(Table(["Parameters from", "Aggregator", "Accuracy", "Sensitivity", "Specificity", "Brier score",
                           "n", "p vs baseline"], extra, align=["L", "L"] + ["R"] * 6,
                          caption="Further classification metrics"))
