@@ -7,7 +7,7 @@ import pytest
 
 from ctsma import PARAMETERS
 from ctsma.dataset import PatchStore, PatchStoreError
-from ctsma.dataset.loader import CT_OFFSET_HU, CT_SCALE_HU, EpochBatchSampler, PatchDataset, make_loader
+from ctsma.dataset.loader import CT_OFFSET_HU, CT_SCALE_HU, EpochBatchSampler, PatchDataset, _draw_flips, make_loader
 from ctsma.dataset.synthetic import make_patch, plate_model
 
 
@@ -129,6 +129,36 @@ def test_loader_batches_are_paired_deterministic_and_augmented_together(tmp_path
     r0 = {i for b, _ in EpochBatchSampler(n, 4, shuffle=True, rank=0, world_size=2) for i in b}
     r1 = {i for b, _ in EpochBatchSampler(n, 4, shuffle=True, rank=1, world_size=2) for i in b}
     assert not r0 & r1 and len(r0 | r1) == n
+
+
+def test_loader_mask_channel_follows_its_image_through_every_flip_and_permutation(tmp_path):
+    # a reference written sample by sample: normalise, stack image and mask, flip the drawn axes, permute
+    rng = np.random.default_rng(4)
+    n = 40
+    mr = rng.normal(size=(n, 1, 8, 8, 8)).astype(np.float32)
+    ct = (rng.normal(size=(n, 1, 4, 4, 4)) * 300 + 100).astype(np.float32)
+    mr_mask = (rng.random(mr.shape) < 0.5).astype(np.uint8)
+    ct_mask = (rng.random(ct.shape) < 0.5).astype(np.uint8)
+    w = PatchStore.create(tmp_path / "s", 4, 8)
+    w.append(ct, mr, ct_mask, mr_mask, _rows(n, list("abcd")))
+    s = w.finalize()
+    ds = PatchDataset(s, np.arange(n), masks=True, augment=True)
+    idx = np.array([5, 3, 17, 0, 39, 22, 8, 11, 30, 2, 14, 27])
+    for b in range(12):
+        seed = (7, 1, b, 0)
+        batch = ds[(idx, seed)]
+        flips, perm = _draw_flips(len(idx), np.random.default_rng(seed))
+        for name, img, mask, (off, scale) in (("ct", ct, ct_mask, (CT_OFFSET_HU, CT_SCALE_HU)),
+                                              ("mr", mr, mr_mask, (0.0, 1.0))):
+            for k, i in enumerate(idx):
+                x = np.concatenate([(img[i] - np.float32(off)) / np.float32(scale), mask[i].astype(np.float32)])
+                for ax in range(3):
+                    if flips[k, ax]:
+                        x = np.flip(x, axis=1 + ax)
+                np.testing.assert_array_equal(batch[name][k].numpy(), x.transpose(0, *(1 + perm)))
+    plain = ds[(idx, None)]  # no seed: no augmentation, image then mask
+    np.testing.assert_array_equal(plain["mr"].numpy()[:, 1], mr_mask[idx, 0])
+    np.testing.assert_allclose(plain["ct"].numpy()[:, 0], (ct[idx, 0] - CT_OFFSET_HU) / CT_SCALE_HU, rtol=1e-6)
 
 
 def test_plate_model_on_parallel_plates():

@@ -22,20 +22,38 @@ CT_OFFSET_HU, CT_SCALE_HU = 300.0, 600.0
 """CT patches are fed to networks as (HU - 300) / 600 (stored in the model file)."""
 
 
-def _flip_batch(arrays: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
-    """The same random flips and axis permutation per sample for every array (keeps CT and MR paired)."""
-    n = arrays[0].shape[0]
+def _draw_flips(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample flips (n, 3) of the three spatial axes and one axis permutation for the batch."""
     flips = rng.random((n, 3)) < 0.5
     perm = rng.permutation(3) if rng.random() < 0.5 else np.arange(3)
-    out = []
-    for a in arrays:
-        a = a.copy()
-        for ax in range(3):
-            sel = flips[:, ax]
-            if sel.any():
-                a[sel] = np.flip(a[sel], axis=2 + ax)
-        a = np.ascontiguousarray(a.transpose(0, 1, *(2 + perm)))
-        out.append(a)
+    return flips, perm
+
+
+def _assemble(parts: list[tuple[np.ndarray, float, float]], flips=None, perm=None) -> np.ndarray:
+    """One float32 batch (n, C, D, H, W) from ``(array, offset, scale)`` parts stacked on the channel axis, each
+    written as ``(array - offset) / scale``; with ``flips`` every sample is flipped on its axes ``flips[i]`` and
+    then the batch is permuted by ``perm``. Each part is gathered once per flip pattern and written once (the
+    batches are memory-bound: an intermediate copy per step would cost as much as the network's step)."""
+    n = parts[0][0].shape[0]
+    spatial = parts[0][0].shape[2:]
+    order = (0, 1, 2) if perm is None else tuple(int(i) for i in perm)
+    out = np.empty((n, sum(a.shape[1] for a, _, _ in parts), *(spatial[i] for i in order)), np.float32)
+    if flips is None:
+        groups = [(slice(None), (False, False, False))]
+    else:
+        codes = flips @ np.array([4, 2, 1])
+        groups = [(np.flatnonzero(codes == c), (bool(c & 4), bool(c & 2), bool(c & 1))) for c in np.unique(codes)]
+    c0 = 0
+    for a, offset, scale in parts:
+        c1 = c0 + a.shape[1]
+        for sel, code in groups:
+            block = a[sel][(slice(None), slice(None)) + tuple(slice(None, None, -1) if f else slice(None)
+                                                               for f in code)]
+            block = block.transpose(0, 1, *(2 + i for i in order)).astype(np.float32)
+            if offset or scale != 1.0:
+                block = (block - offset) / scale
+            out[sel, c0:c1] = block
+        c0 = c1
     return out
 
 
@@ -69,17 +87,14 @@ class PatchDataset(Dataset):
     def __getitem__(self, item) -> dict:
         idx, seed = item if isinstance(item, tuple) else (item, None)
         idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
-        arrays = []
+        flips, perm = _draw_flips(len(idx), np.random.default_rng(seed)) if self.augment and seed is not None \
+            else (None, None)
+        out = {}
         for m in self.modalities:
-            a = self.store.read(m, idx).astype(np.float32, copy=False)
-            if m == "ct":
-                a = (a - CT_OFFSET_HU) / CT_SCALE_HU
+            parts = [(self.store.read(m, idx), *((CT_OFFSET_HU, CT_SCALE_HU) if m == "ct" else (0.0, 1.0)))]
             if self.masks:
-                a = np.concatenate([a, self.store.read(f"{m}_mask", idx).astype(np.float32)], axis=1)
-            arrays.append(a)
-        if self.augment and seed is not None:
-            arrays = _flip_batch(arrays, np.random.default_rng(seed))
-        out = {m: torch.from_numpy(np.ascontiguousarray(a)) for m, a in zip(self.modalities, arrays)}
+                parts.append((self.store.read(f"{m}_mask", idx), 0.0, 1.0))
+            out[m] = torch.from_numpy(_assemble(parts, flips, perm))
         out["y"] = torch.from_numpy(self.y_all[idx])
         out["index"] = torch.from_numpy(idx)
         return out
