@@ -118,11 +118,24 @@ def test_no_validation_patients_is_a_clear_error(store, tmp_path):
     cfg = load_train_config(tiny(store.dir, tmp_path, data={"val_fraction": 0.0}))
     with pytest.raises(UserError, match="no validation patients"):
         train("baseline", cfg)
+    assert not any(tmp_path.iterdir())  # nothing written: no empty run folder left behind
 
 
 def test_student_without_teacher_is_a_clear_error(store, tmp_path):
     with pytest.raises(UserError, match="needs a trained teacher"):
         train("student", load_train_config(tiny(store.dir, tmp_path)))
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_user_error_keeps_the_previous_run(store, tmp_path):
+    # an earlier run's checkpoints and logs survive a rerun that stops on a user error before training
+    old = tmp_path / "student_baseline"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "checkpoints" / "last.ckpt").write_bytes(b"earlier run")
+    for bad in ({"data": {"val_fraction": 0.0}}, {"data": {"store": str(tmp_path / "no_store")}}):
+        with pytest.raises(UserError):
+            train("baseline", load_train_config(tiny(store.dir, tmp_path, **bad)))
+        assert (old / "checkpoints" / "last.ckpt").read_bytes() == b"earlier run"
 
 
 def test_nan_loss_stops_with_its_cause(store, tmp_path, monkeypatch):

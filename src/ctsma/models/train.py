@@ -94,9 +94,6 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     last = ckpt_dir / "last.ckpt"
     if resume and not last.is_file():
         raise UserError(f"--resume: no checkpoint to resume from at {last}")
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)  # a fresh run replaces this role's previous checkpoints and logs
-    ensure_writable_dir(run_dir)  # a clear error for an unusable output folder
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
@@ -139,6 +136,11 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     module = RegressionModule(role, arch, optim, to_dict(cfg.distill), teacher_arch, dm.y_sd.tolist())
     if teacher_tensors is not None:
         module.teacher.load_state_dict(teacher_tensors)
+    precision = _precision(cfg)
+    # only now, with the store, split, teacher and device checked: a user error leaves the folder as it was
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # a fresh run replaces this role's previous checkpoints and logs
+    ensure_writable_dir(run_dir)  # a clear error for an unusable output folder
 
     ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1,
                               enable_version_counter=False)
@@ -158,7 +160,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     loggers = [CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tb", version="")]
     trainer = pl.Trainer(
         max_epochs=optim["max_epochs"], accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-        num_nodes=cfg.trainer.num_nodes, strategy=cfg.trainer.strategy, precision=_precision(cfg),
+        num_nodes=cfg.trainer.num_nodes, strategy=cfg.trainer.strategy, precision=precision,
         callbacks=callbacks, logger=loggers, deterministic=cfg.trainer.deterministic,
         enable_progress_bar=show_bar, enable_model_summary=False, num_sanity_val_steps=0,
         gradient_clip_val=cfg.optim.grad_clip or None, use_distributed_sampler=False, log_every_n_steps=1,
