@@ -556,7 +556,7 @@ def test_bad_input_matrix(entry, case, models, tmp_path, capsys, monkeypatch, re
         lines = [ln for ln in err.splitlines() if ln.startswith(f"ctsma {cmd}: error: ")]
         assert rc == 2 and len(lines) == 1, f"rc={rc}, stderr={err!r}"
         assert re.search(cell.match, lines[0]), lines[0]
-        assert not _files_under(out), f"left behind: {_files_under(out)}"
+        assert not out.exists(), f"left behind: {out} ({_files_under(out)})"
     elif cell.expect == "warning":  # documented warning: the run goes on
         assert rc == 0, err
         assert any(re.search(cell.match, str(w.message)) for w in recwarn), [str(w.message) for w in recwarn]

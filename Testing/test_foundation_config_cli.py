@@ -134,3 +134,17 @@ def test_every_subcommand_has_help(name, capsys):
 def test_installed_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "ctsma.cli.main", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"ctsma {__version__}"
+
+
+def test_a_failed_command_removes_the_output_folders_it_created(tmp_path, capsys):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "Resources" / "Configs" / "demo.yaml"
+    argv = ["--quiet", "evaluate", "--config", str(config), "--store", str(tmp_path / "no_store"), "--out"]
+    assert main([*argv, str(tmp_path / "new" / "deeper" / "out")]) == 2  # fails after creating the folders
+    assert "patch store folder not found" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"  # a folder that existed before the run is the user's: it stays, and so does its content
+    (kept / "sub").mkdir(parents=True)
+    assert main([*argv, str(kept)]) == 2
+    assert (kept / "sub").is_dir()

@@ -13,6 +13,7 @@ import importlib
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from .. import __version__, progress
 from ..errors import UserError
@@ -42,6 +43,28 @@ def _format_warning(message, category, filename, lineno, line=None):  # noqa: AR
     return f"warning: {message}\n"
 
 
+def _new_output_root(args) -> Path | None:
+    """The topmost folder that ``--out`` would create (None when it exists already)."""
+    out = getattr(args, "out", None)
+    if not isinstance(out, (str, Path)) or not str(out):
+        return None
+    path = Path(out).absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _remove_if_empty(root: Path | None) -> None:
+    """Remove ``root`` when the failed command left nothing but empty folders in it (never a file)."""
+    if root is None or not root.is_dir() or any(p.is_file() or p.is_symlink() for p in root.rglob("*")):
+        return
+    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        d.rmdir()
+    root.rmdir()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -52,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
     if not args.debug:
         warnings.formatwarning = _format_warning
+    new_root = _new_output_root(args)
     try:
         rc = args.func(args)
     except UserError as exc:
+        _remove_if_empty(new_root)  # an output folder this run created for nothing is not left behind
         if args.debug:
             raise
         print(f"ctsma {args.command}: error: {exc}", file=sys.stderr)
