@@ -10,7 +10,8 @@ first triple is exactly what ``members: 3`` predicts; the others are ensembles o
 cohorts only:
 
 * ``--demo DIR``: a ``ctsma demo`` output folder (its out-of-fold student parameters and the phantom labels), e.g.
-  the seed-1 cohort; never the README's cohort for a decision;
+  the seed-1 cohort; never the README's cohort for a decision. A ``bench_crossfit.py --labels`` work folder works
+  too, with ``--seed`` (the cohort seed its folds used);
 * ``--synthetic``: ``ctsma.diagnosis.synthetic`` cohorts of 36 knees, cohort seeds 11-13, noise 0.5 and 1.0.
 
 Writes benchmarks/results/bench_diagnosis_members.json.
@@ -31,6 +32,8 @@ ap.add_argument("--demo", nargs="*", default=[], help="ctsma demo output folders
 ap.add_argument("--synthetic", action="store_true")
 ap.add_argument("--inits", type=int, default=9, help="initialisations per source (a multiple of 3)")
 ap.add_argument("--aggregator", default="transformer")
+ap.add_argument("--seed", type=int, default=None,
+                help="cohort seed of --demo folders without a metrics.json (a bench_crossfit.py --labels work folder)")
 ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_diagnosis_members.json"))
 a = ap.parse_args()
 
@@ -53,7 +56,12 @@ def demo_tables(root: Path) -> tuple[dict, pd.DataFrame, int]:
     from ctsma.demo.settings import DemoSettings
     from ctsma.demo.stages import Context, _labels, _oof_tables
 
-    seed = int(json.loads((root / "metrics.json").read_text())["demo"]["settings"]["seed"])
+    if (root / "metrics.json").is_file():
+        seed = int(json.loads((root / "metrics.json").read_text())["demo"]["settings"]["seed"])
+    elif a.seed is not None:
+        seed = a.seed
+    else:
+        sys.exit(f"{root} has no metrics.json (not a finished ctsma demo folder): give its cohort seed with --seed")
     ctx = Context(root, DemoSettings(seed=seed))
     tables = _oof_tables(ctx)
     return {k: tables[k] for k in ("student_distilled", "student_baseline")}, _labels(ctx), seed
