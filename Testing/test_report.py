@@ -279,9 +279,9 @@ def test_failed_study_report_leaves_no_files(tmp_path, monkeypatch, metrics):
     assert not (tmp_path / "report").exists() or list((tmp_path / "report").iterdir()) == []
 
 
-def test_failure_between_the_two_writes_removes_the_first(tmp_path):
+def test_a_folder_in_the_way_of_the_second_file_stops_before_the_first(tmp_path):
     (tmp_path / "report" / "study.pdf").mkdir(parents=True)  # the PDF cannot replace a folder
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="is a folder"):
         write_study_report({}, tmp_path)
     assert [p.name for p in (tmp_path / "report").iterdir()] == ["study.pdf"]
     assert (tmp_path / "report" / "study.pdf").is_dir()

@@ -72,10 +72,8 @@ def _train(args) -> int:
 
     if not args.no_cv:
         _check_folds(args)
-    if not str(args.out).endswith(".safetensors"):
-        raise UserError(f"the model file name must end with .safetensors: {args.out}")
-    from ..io import ensure_writable_dir
-    ensure_writable_dir(Path(args.out).parent)  # before any work
+    from ..io import ensure_output_file
+    ensure_output_file(args.out, (".safetensors",))  # before any work
     patches = use_parameter_columns(args.patches, args.prefix)
     model = diagnosis.train(patches, args.labels, args.aggregator, seed=args.seed,
                             folds=None if args.no_cv else args.folds, source=args.source)
@@ -120,6 +118,10 @@ def _evaluate(args) -> int:
             raise UserError(f"--compare takes A:B (two source names), got {c!r}")
         pairs.append((a, b))
     sources = _parse_sources(args.patches)
+    unknown = sorted({n for pair in pairs for n in pair} - set(sources)) if args.compare else []
+    if unknown:
+        raise UserError(f"--compare names {', '.join(unknown)}, which --patches does not give "
+                        f"(sources: {', '.join(sources)})")
     for item in args.prefix:
         name, sep, prefix = item.partition("=")
         if not sep or name not in sources:
@@ -143,10 +145,13 @@ def _evaluate(args) -> int:
 
 def _predict(args) -> int:
     from .. import diagnosis
-    from ..io import atomic_path, write_json
+    from ..io import atomic_path, ensure_output_file, write_json
 
     from ..diagnosis.data import use_parameter_columns
 
+    if args.out:  # the table; its JSON twin goes beside it as <name>.json
+        ensure_output_file(args.out, (".csv",))
+        ensure_output_file(Path(args.out).with_suffix(".json"))
     model = diagnosis.load(args.model)
     df = diagnosis.predict(model, use_parameter_columns(args.patches, args.prefix))
     cols = ["subject", "n_patches", "oa_probability", "severity", "message"]

@@ -86,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.window is not None and args.window < 1 or args.stride < 1:
         raise UserError("--window and --stride must be positive numbers of voxels")
+    if args.smooth_sigma < 0:
+        raise UserError(f"--smooth-sigma must be 0 (no smoothing) or a positive number of voxels, "
+                        f"got {args.smooth_sigma}")
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be at least 1")
     threads = args.threads or os.cpu_count() or 1
@@ -102,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     created = not os.path.exists(args.out)
     out = ensure_writable_dir(args.out)
     img = read_image(args.image, what="image")
+    if args.window is not None and np.prod([min(1.0, n / args.window) for n in img.GetSize()]) < 0.5:
+        raise UserError(f"--window {args.window} is too large for the image ({' x '.join(map(str, img.GetSize()))} "
+                        "voxels): no window would hold half of its voxels in the image, so every map value is empty")
     if args.modality == "ct":  # a crop inside bone may lack air/fat, so implausible HU only warn here
         from ..io.images import check_ct_intensities
         try:

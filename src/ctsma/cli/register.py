@@ -27,6 +27,9 @@ def run(args: argparse.Namespace) -> int:
     from ..progress import info
     from ..registration.presets import load_preset
 
+    for flag, value in (("--jobs", args.jobs), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     preset = load_preset(args.preset, {"threads": args.threads} if args.threads else None)
     model_path = _model_path(args, preset)
     out = ensure_writable_dir(args.out)

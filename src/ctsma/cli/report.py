@@ -67,6 +67,17 @@ def run_study(args) -> int:
         df = _read_csv(args.roc, "ROC", ["key", "y_true", "y_score"])
         roc = {str(k): {"y_true": g["y_true"].to_numpy(), "y_score": g["y_score"].to_numpy()}
                for k, g in df.groupby("key", sort=False)}
+    if args.figures and not Path(args.figures).is_dir():
+        from ..errors import UserError
+        raise UserError(f"--figures: {args.figures} is not a folder of PNG figures")
+    if args.readme_snippet:  # checked before the study report is replaced
+        from ..errors import UserError
+        from ..io import ensure_writable_dir
+
+        snip_dir = ensure_writable_dir(args.readme_snippet)
+        for name in ("key_table.md", "key_figure.png"):
+            if (snip_dir / name).is_dir():
+                raise UserError(f"--readme-snippet: {snip_dir / name} is a folder; it would be overwritten by a file")
     paths = write_study_report(metrics, run_dir, cohort=cohort, predictions=predictions, roc=roc,
                                figures_dir=args.figures)
     progress.info(f"study report: {paths['html']} and {paths['pdf']}")

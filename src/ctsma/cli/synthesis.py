@@ -38,9 +38,8 @@ def train_cmd(args: argparse.Namespace) -> int:
     if args.threads:
         overrides["threads"] = args.threads
     cfg = load_train_config(args.preset, overrides)
-    from ..io.atomic import ensure_writable_dir
-    from pathlib import Path
-    ensure_writable_dir(Path(args.out).parent)  # before any work
+    from ..io.atomic import ensure_output_file
+    ensure_output_file(args.out, (".safetensors",))  # before any work
     df = _rows(args)
     pairs = []
     for r in df.to_dict("records"):
@@ -55,20 +54,23 @@ def train_cmd(args: argparse.Namespace) -> int:
 
 
 def apply_cmd(args: argparse.Namespace) -> int:
-    from ..io.images import read_image, write_image
+    from ..io.atomic import ensure_output_file
+    from ..io.images import IMAGE_SUFFIXES, read_image, write_image
     from ..synthesis.model import SynthesisModel
 
+    ensure_output_file(args.out, IMAGE_SUFFIXES)  # before any work
     model = SynthesisModel.load(args.model)
     write_image(model.apply(read_image(args.mr, what="MR")), args.out)
     return 0
 
 
 def evaluate_cmd(args: argparse.Namespace) -> int:
-    from ..io.atomic import write_json
+    from ..io.atomic import ensure_output_file, write_json
     from ..progress import info
     from ..synthesis.model import SynthesisModel
     from ..synthesis.quality import evaluate_manifest
 
+    ensure_output_file(args.out, (".json",))  # before any work
     model = SynthesisModel.load(args.model)
     res = evaluate_manifest(_rows(args), model)
     write_json(args.out, res)

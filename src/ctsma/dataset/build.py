@@ -428,6 +428,9 @@ def build_dataset(manifest: str | os.PathLike, out: str | os.PathLike, settings:
     table = read_manifest(manifest)
     root = Path(manifest).resolve().parent
     if subjects:
+        unknown = sorted(set(map(str, subjects)) - set(table["subject"].astype(str)))
+        if unknown:
+            raise UserError(f"--subjects: {', '.join(unknown[:10])} not in the manifest {Path(manifest).name}")
         table = table[table["subject"].isin(subjects)]
     from ..io import ensure_writable_dir
 

@@ -14,7 +14,7 @@ from ..errors import InputImageError, UserError
 from ..io import ensure_writable_dir, safe_join, write_json
 from ..io.atomic import COMPLETION_MARKER, remove_stale_staging
 from ..io.images import IMAGE_SUFFIXES
-from .engine import InferSettings, _subject_name, infer
+from .engine import InferSettings, _subject_name, default_model_path, infer, load_diagnosis
 
 
 def is_batch_input(path: Path) -> bool:
@@ -30,7 +30,10 @@ def list_cases(path: Path) -> pd.DataFrame:
     if path.suffix.lower() == ".csv":
         if not path.is_file():
             raise InputImageError(f"manifest not found: {path}")
-        df = pd.read_csv(path, dtype={"subject": str})
+        try:
+            df = pd.read_csv(path, dtype={"subject": str})
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise UserError(f"manifest {path.name} is not a readable CSV table: {str(exc).splitlines()[0]}") from None
         if "ct" not in df.columns:
             raise UserError(f"manifest {path.name} has no 'ct' column")
         df["ct"] = [str((path.parent / p).resolve()) for p in df["ct"]]
@@ -59,6 +62,10 @@ def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=No
     cases = list_cases(Path(source))
     i, n = shard
     cases = cases.iloc[i::n]
+    from ..models.export import load_student
+
+    load_student(Path(model_path) if model_path else default_model_path())  # a bad model stops the batch here,
+    load_diagnosis(diagnosis_path)                                           # not once per case
     out = ensure_writable_dir(out_dir)
     status = []
     for row in progress.track(list(cases.itertuples(index=False)), "infer (batch)", unit="knee"):

@@ -214,6 +214,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         warnings.warn(w, stacklevel=2)
     model_path = Path(model_path) if model_path else default_model_path()
     model, meta = load_student(model_path)
+    diagnosis_model = load_diagnosis(diagnosis_path)
     resolution, res_warns = ct_resolution(ct, meta, s.harmonise, s.slice_thickness_mm)
     for w in res_warns:
         warnings.warn(w, stacklevel=2)
@@ -328,7 +329,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         patch_rows[f"{p}.sd"] = sd[:, j]
     timings["maps"] = time.perf_counter() - t
 
-    diagnosis = _diagnose(patch_rows, diagnosis_path, subject)
+    diagnosis = _diagnose(patch_rows, diagnosis_model, subject)
     summary = {
         "subject": subject, "ct": str(ct_path),
         "roi_table": table.to_dict(orient="records"),
@@ -465,13 +466,23 @@ def _subject_name(path) -> str:
     return name
 
 
-def _diagnose(patch_rows: pd.DataFrame, diagnosis_path, subject: str) -> dict:
+def load_diagnosis(diagnosis_path):
+    """(path, model) of the diagnosis model ``infer`` will use, or (None, None): loaded before any work, so that a
+    bad ``--diagnosis-model`` stops the run at once."""
     path = Path(diagnosis_path) if diagnosis_path else default_diagnosis_path()
+    if path is None:
+        return None, None
+    from .. import diagnosis
+
+    return path, diagnosis.load(path)
+
+
+def _diagnose(patch_rows: pd.DataFrame, loaded, subject: str) -> dict:
+    path, model = loaded
     if path is None:
         return {"diagnosis": None, "diagnosis_note": "no diagnosis model available"}
     from .. import diagnosis
 
-    model = diagnosis.load(path)
     pred = diagnosis.predict(model, patch_rows, subjects=[subject]).iloc[0]
     cv = model.cv_metrics or {}
     prob = float(pred["oa_probability"]) if pd.notna(pred["oa_probability"]) else None

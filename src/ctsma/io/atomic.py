@@ -53,16 +53,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     On an exception the temporary file is removed and ``path`` is left untouched.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"output {path} is a folder; give a file name")
     _make_parent(path)
     stem, suffix = _split_suffix(path.name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{suffix}", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{suffix}", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         if tmp_path.exists():  # mkstemp makes 0600 files: give the result the permissions of a normal file
             os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, path)
+        try:
+            os.replace(tmp_path, path)
+        except OSError as exc:
+            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -152,6 +160,18 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
             pass
     except OSError as exc:
         raise UserError(f"output folder {path} is not writable: {exc.strerror or exc}") from None
+    return path
+
+
+def ensure_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] = ()) -> Path:
+    """Check, before any work, that a result file can be written at ``path``: not a folder, a writable parent
+    folder (created if needed) and, with ``suffixes``, one of those endings."""
+    path = Path(path)
+    if suffixes and not any(path.name.lower().endswith(s) for s in suffixes):
+        raise UserError(f"output {path}: the file name must end with {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise UserError(f"output {path} is a folder; give a file name")
+    ensure_writable_dir(path.parent)
     return path
 
 

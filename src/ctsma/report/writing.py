@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Mapping
 
-from ..io import atomic_path
+from ..errors import UserError
+from ..io import ensure_writable_dir
 
 
 def _umask() -> int:
@@ -17,20 +19,46 @@ def _umask() -> int:
 
 
 def write_outputs(files: Mapping[Path, bytes]) -> None:
-    """Write every file atomically; if one fails, remove the ones this call already wrote.
-
-    The content is rendered before this is called, so a rendering error never touches the disk;
-    this guards the remaining case of a failure between two renames (disk full, permissions).
-    """
-    done: list[Path] = []
+    """Write every file, all or nothing: each is written in full under a temporary name first (a folder in the way,
+    an unwritable place or a full disk stops the call before any target changes), then all are renamed into place;
+    a failure among the renames puts the earlier versions back."""
+    staged: list[tuple[Path, Path]] = []
     try:
         for path, data in files.items():
-            with atomic_path(path) as tmp:
-                Path(tmp).write_bytes(data)
+            path = Path(path)
+            if path.is_dir():
+                raise UserError(f"output {path} is a folder; give a file name")
+            ensure_writable_dir(path.parent)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+                staged.append((Path(tmp), path))
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
                 os.chmod(tmp, 0o666 & ~_umask())  # reports are for sharing; mkstemp makes them private
-            done.append(Path(path))
-    except BaseException:
-        for p in done:
+            except OSError as exc:
+                raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+        backups: list[tuple[Path, Path]] = []
+        moved: list[Path] = []
+        try:
+            for tmp, path in staged:
+                if path.exists():
+                    bak = path.with_name(f".{path.name}.bak-{os.getpid()}")
+                    os.replace(path, bak)
+                    backups.append((bak, path))
+                os.replace(tmp, path)
+                moved.append(path)
+        except BaseException:
+            for path in moved:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            for bak, path in backups:
+                with contextlib.suppress(OSError):
+                    os.replace(bak, path)
+            raise
+        for bak, _ in backups:
             with contextlib.suppress(OSError):
-                os.unlink(p)
-        raise
+                os.unlink(bak)
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
