@@ -226,6 +226,13 @@ def test_atomic_files_get_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(p.stat().st_mode) == 0o644
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "knee") as d:  # a multi-file output (a phantom knee, a registration)
+            (d / "x.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "knee").stat().st_mode) == 0o755
 
 
 def test_stale_partials_of_a_killed_atomic_write_are_removed(tmp_path):
