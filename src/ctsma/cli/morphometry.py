@@ -102,7 +102,6 @@ def run(args: argparse.Namespace) -> int:
                        min_slab_bytes=_min_slab_bytes(args, size) if size else 0,
                        prepare_per_voxel=prep, resident_per_voxel=resident,
                        extra_whole_per_voxel=SHAPE_BYTES if args.shape else 0.0)
-    created = not os.path.exists(args.out)
     out = ensure_writable_dir(args.out)
     img = read_image(args.image, what="image")
     if args.window is not None and np.prod([min(1.0, n / args.window) for n in img.GetSize()]) < 0.5:
@@ -135,12 +134,7 @@ def run(args: argparse.Namespace) -> int:
         from ..io.memory import Geometry
         geom = Geometry.of(img)
         del arr, img  # only the binary image and the ROI are kept
-        try:
-            res, files = _measure_in_slabs(args, bone, mask, spacing_zyx, geom, plan, threads, out)
-        except BaseException:
-            if created and out.is_dir() and not any(out.iterdir()):
-                out.rmdir()  # a refusal after reading leaves nothing behind
-            raise
+        res, files = _measure_in_slabs(args, bone, mask, spacing_zyx, geom, plan, threads, out)
         if args.shape:
             from ..morphometry.parameters import shape_not_in_slabs
             res.update(shape_not_in_slabs(stacklevel=1))

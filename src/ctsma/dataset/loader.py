@@ -47,13 +47,14 @@ def _assemble(parts: list[tuple[np.ndarray, float, float]], flips=None, perm=Non
     c0 = 0
     for a, offset, scale in parts:
         c1 = c0 + a.shape[1]
-        for sel, code in groups:
-            block = a[sel][(slice(None), slice(None)) + tuple(slice(None, None, -1) if f else slice(None)
-                                                               for f in code)]
-            block = block.transpose(0, 1, *(2 + i for i in order)).astype(np.float32)
-            if offset or scale != 1.0:
-                block = (block - offset) / scale
-            out[sel, c0:c1] = block
+        for sel, code in groups:  # a flipped, permuted view of the group, converted as it is written
+            view = a[sel][(slice(None), slice(None)) + tuple(slice(None, None, -1) if f else slice(None)
+                                                              for f in code)]
+            out[sel, c0:c1] = view.transpose(0, 1, *(2 + i for i in order))
+        if offset or scale != 1.0:  # in place, in float32 as before
+            dst = out[:, c0:c1]
+            dst -= np.float32(offset)
+            dst /= np.float32(scale)
         c0 = c1
     return out
 

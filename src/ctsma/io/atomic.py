@@ -40,6 +40,12 @@ def _make_parent(path: Path) -> None:
         raise UserError(f"cannot create output folder {path.parent}: {exc.strerror or exc}") from None
 
 
+def _not_a_folder(path: Path) -> Path:
+    if path.is_dir():
+        raise UserError(f"output {path} is a folder; give a file name")
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -52,9 +58,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     On an exception the temporary file is removed and ``path`` is left untouched.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"output {path} is a folder; give a file name")
+    path = _not_a_folder(Path(path))
     _make_parent(path)
     stem, suffix = _split_suffix(path.name)
     try:
@@ -170,9 +174,7 @@ def ensure_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] = ()) 
     path = Path(path)
     if suffixes and not any(path.name.lower().endswith(s) for s in suffixes):
         raise UserError(f"output {path}: the file name must end with {' or '.join(suffixes)}")
-    if path.is_dir():
-        raise UserError(f"output {path} is a folder; give a file name")
-    ensure_writable_dir(path.parent)
+    ensure_writable_dir(_not_a_folder(path).parent)
     return path
 
 

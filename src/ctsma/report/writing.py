@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..errors import UserError
-from ..io import ensure_writable_dir
+from ..io import ensure_output_file
 
 
 def _umask() -> int:
@@ -25,10 +25,7 @@ def write_outputs(files: Mapping[Path, bytes]) -> None:
     staged: list[tuple[Path, Path]] = []
     try:
         for path, data in files.items():
-            path = Path(path)
-            if path.is_dir():
-                raise UserError(f"output {path} is a folder; give a file name")
-            ensure_writable_dir(path.parent)
+            path = ensure_output_file(path)
             try:
                 fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
                 staged.append((Path(tmp), path))
