@@ -98,7 +98,6 @@ def test_evaluate_writes_contract_metrics(trained, tmp_path):
     assert g["mean_icc21_diff"] == pytest.approx(m["regression"]["student_distilled"]["mean_icc21"]
                                                  - m["regression"]["student_baseline"]["mean_icc21"], abs=1e-9)
     assert m["regression_info"]["level"] == "patch" and m["regression_info"]["flips"] == 4
-    assert "regression_uncalibrated" not in m                 # the default config does not calibrate
     # the predictions scored are those of `ctsma infer`: the mean over the four flipped copies of each patch
     from ctsma.models.export import FLIPS_DEFAULT, load_parameter_model
     from ctsma.models.train import run_paths
@@ -113,48 +112,6 @@ def test_evaluate_writes_contract_metrics(trained, tmp_path):
     np.testing.assert_allclose(pred[[f"student_distilled_{p}" for p in PARAMETERS]].to_numpy(), mean, rtol=1e-6)
     assert (tmp_path / "regression_table.csv").is_file() and (tmp_path / "plots" / "scatter.png").is_file()
     assert (tmp_path / "plots" / "bland_altman_vs_truth.png").stat().st_size > 1000
-
-
-def test_variance_calibration_is_fitted_on_the_validation_patients(trained, store, tmp_path):
-    """``calibration.method: variance``: the exported model's flip-averaged predictions on its validation patients
-    have the reference's mean and SD, with Pearson r unchanged; the same weights as without calibration."""
-    from ctsma.models.export import FLIPS_DEFAULT
-
-    cfg0, _, files = trained
-    cfg = load_train_config(tiny(store.dir, tmp_path, calibration={"method": "variance"}))
-    model, meta = load_student(train("baseline", cfg))
-    cal = meta["calibration"]
-    assert cal["method"] == "variance" and cal["fitted_on"] == "validation patients" and cal["flips"] == 4
-    assert cal["n_patients"] == len(meta["training"]["split"]["val"])
-    val = np.flatnonzero(np.isin(store.table["subject"], meta["training"]["split"]["val"]))
-    assert cal["n_patches"] == len(val)
-    ref = store.targets("mr")[val]
-    raw = model.predict_flips(store.read("ct", val), None, FLIPS_DEFAULT, calibrated=False)[0]
-    out = model.predict_flips(store.read("ct", val), None, FLIPS_DEFAULT)[0]
-    plain = load_student(files["baseline"])[0]              # the default config: no calibration, same training
-    np.testing.assert_allclose(plain.predict(store.read("ct", val)), model.predict(store.read("ct", val),
-                                                                                   calibrated=False), rtol=1e-6)
-    assert load_student(files["baseline"])[1]["calibration"]["method"] == "none"
-    for j, p in enumerate(PARAMETERS):
-        if p not in cal["calibrated"]:
-            continue
-        assert out[:, j].mean() == pytest.approx(ref[:, j].mean(), rel=1e-6)
-        assert out[:, j].std() == pytest.approx(ref[:, j].std(), rel=1e-6)
-        assert np.corrcoef(out[:, j], ref[:, j])[0, 1] == pytest.approx(np.corrcoef(raw[:, j], ref[:, j])[0, 1])
-    assert "BV/TV" in cal["calibrated"]
-    # the evaluation scores the calibrated predictions and reports the networks' own estimates beside them
-    from ctsma.evaluation.regression import evaluate
-
-    res = evaluate(cfg, tmp_path / "eval")
-    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    cal_b, raw_b = m["regression"]["student_baseline"], m["regression_uncalibrated"]["student_baseline"]
-    ref_plain = evaluate(cfg0, tmp_path / "eval_plain", ablations=False)["regression"]["student_baseline"]
-    for p in PARAMETERS:
-        assert raw_b[p]["icc21"] == pytest.approx(ref_plain[p]["icc21"], abs=1e-6)   # = the uncalibrated model
-        assert cal_b[p]["pearson_r"] == pytest.approx(raw_b[p]["pearson_r"], abs=1e-9)
-    assert set(m["regression_uncalibrated"]) == {"student_baseline"}                # ct_direct has no calibration
-    assert "mr_reference, uncalibrated" in set(pd.read_csv(tmp_path / "eval" / "regression_table.csv")["against"])
-    assert res["regression_info"]["models"]["student_baseline"]["calibration"]["method"] == "variance"
 
 
 def test_no_validation_patients_is_a_clear_error(store, tmp_path):

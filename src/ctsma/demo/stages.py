@@ -212,31 +212,26 @@ def training(ctx: Context, d: Path) -> dict:
 def evaluation(ctx: Context, d: Path) -> dict:
     from ..dataset.store import PatchStore
     from ..evaluation.regression import (SOURCES, agreement_block, ct_direct, distillation_gain,
-                                         predict_sources, uncalibrated, write_outputs)
+                                         predict_sources, write_outputs)
 
     store = PatchStore(ctx.out / "dataset" / "store")
-    all_idx, preds, raw = [], {}, {}
+    all_idx, preds = [], {}
     for f in range(ctx.s.folds):
         cfg = fold_config(ctx, f)
         c = cfg.data
         split = store.patient_split(c.test_fraction, c.val_fraction, k=c.k_folds, fold=f, seed=c.split_seed,
                                     use_stored=False)
-        p, prov = predict_sources(cfg, store, split.test)  # refuses a model trained on any of these patients
+        p, _ = predict_sources(cfg, store, split.test)  # refuses a model trained on any of these patients
         all_idx.append(split.test)
         for k, v in p.items():
             preds.setdefault(k, []).append(v)
-        for k, v in uncalibrated(p, prov).items():
-            raw.setdefault(k, []).append(v)
     idx = np.concatenate(all_idx)
     preds = {k: np.concatenate(v) for k, v in preds.items()}
-    raw = {k: np.concatenate(v) for k, v in raw.items() if len(v) == ctx.s.folds}
     preds["ct_direct"], ct_info = ct_direct(store, idx)
     subjects = store.table["subject"].astype(str).to_numpy()[idx]
     ref = store.targets("mr")[idx]
     truth = store.targets("true")[idx]
     res = {"regression": {s: agreement_block(ref, preds[s], subjects) for s in SOURCES if s in preds}}
-    if raw:
-        res["regression_uncalibrated"] = {s: agreement_block(ref, raw[s], subjects) for s in SOURCES if s in raw}
     has_truth = bool(np.isfinite(truth).all(axis=1).sum() >= 3)
     if has_truth:
         res["regression_vs_truth"] = {s: agreement_block(truth, preds[s], subjects) for s in SOURCES if s in preds}
@@ -244,10 +239,6 @@ def evaluation(ctx: Context, d: Path) -> dict:
     n_boot = fold_config(ctx, 0).evaluate.n_boot
     res["distillation_gain"] = distillation_gain(ref, preds["student_distilled"], preds["student_baseline"],
                                                  subjects, n_boot=n_boot, seed=ctx.s.seed)
-    if {"student_distilled", "student_baseline"} <= set(raw):
-        res["distillation_gain_uncalibrated"] = distillation_gain(ref, raw["student_distilled"],
-                                                                  raw["student_baseline"], subjects, n_boot=n_boot,
-                                                                  seed=ctx.s.seed)
     if has_truth:
         res["distillation_gain_vs_truth"] = distillation_gain(truth, preds["student_distilled"],
                                                               preds["student_baseline"], subjects,

@@ -128,18 +128,8 @@ def predict_sources(cfg, store: PatchStore, idx: np.ndarray, *, names: dict | No
         masks = store.read(f"{mod}_mask", idx) if "mask" in meta["input"]["channels"] else None
         preds[source] = model.predict_flips(store.read(mod, idx), masks, FLIPS_BY_COUNT[cfg.evaluate.flips])[0]
         prov[source] = {"file": str(path), "role": meta.get("role"), "sha256": meta.get("_sha256"),
-                        "target": meta.get("target"), "val_metrics": meta.get("metrics"),
-                        "calibration": meta.get("calibration")}
+                        "target": meta.get("target"), "val_metrics": meta.get("metrics")}
     return preds, prov
-
-
-def uncalibrated(preds: dict, prov: dict) -> dict:
-    """The networks' own estimates behind calibrated predictions (source → (n, 4)), for the calibrated sources of
-    :func:`predict_sources`' output: the evaluation reports them beside the calibrated ones."""
-    from ..models import calibration as calib
-
-    return {s: calib.invert(preds[s], prov[s]["calibration"]) for s in preds
-            if s in prov and calib.is_calibrated(prov[s].get("calibration"))}
 
 
 def evaluate(cfg, out_dir: str | Path, *, store: PatchStore | None = None, ablations: bool = True) -> dict:
@@ -167,9 +157,6 @@ def evaluate(cfg, out_dir: str | Path, *, store: PatchStore | None = None, ablat
     has_truth = bool(np.isfinite(truth).all(axis=1).sum() >= 3)
 
     result = {"regression": {s: agreement_block(ref, preds[s], subjects) for s in SOURCES if s in preds}}
-    raw = uncalibrated(preds, prov)
-    if raw:
-        result["regression_uncalibrated"] = {s: agreement_block(ref, raw[s], subjects) for s in SOURCES if s in raw}
     if has_truth:
         result["regression_vs_truth"] = {s: agreement_block(truth, preds[s], subjects) for s in SOURCES if s in preds}
         result["regression_vs_truth"]["mr_reference"] = agreement_block(truth, ref, subjects)
@@ -177,10 +164,6 @@ def evaluate(cfg, out_dir: str | Path, *, store: PatchStore | None = None, ablat
         result["distillation_gain"] = distillation_gain(ref, preds["student_distilled"], preds["student_baseline"],
                                                         subjects, n_boot=cfg.evaluate.n_boot,
                                                         seed=cfg.trainer.seed)
-        if {"student_distilled", "student_baseline"} <= set(raw):
-            result["distillation_gain_uncalibrated"] = distillation_gain(
-                ref, raw["student_distilled"], raw["student_baseline"], subjects, n_boot=cfg.evaluate.n_boot,
-                seed=cfg.trainer.seed)
         if has_truth:
             result["distillation_gain_vs_truth"] = distillation_gain(
                 truth, preds["student_distilled"], preds["student_baseline"], subjects,
@@ -216,19 +199,16 @@ def write_outputs(out_dir: Path, result: dict, ref, truth, preds: dict, subjects
             merged = json.loads(mpath.read_text())
         except json.JSONDecodeError:
             merged = {}
-    for k in ("regression_vs_truth", "distillation_gain_vs_truth", "ablations", "regression_uncalibrated",
-              "distillation_gain_uncalibrated"):
+    for k in ("regression_vs_truth", "distillation_gain_vs_truth", "ablations"):
         merged.pop(k, None)
     merged.update(result)
     write_json(mpath, merged)
     rows = []
-    against = {"regression": "mr_reference", "regression_uncalibrated": "mr_reference, uncalibrated",
-               "regression_vs_truth": "truth"}
-    for block_name in against:
+    for block_name in ("regression", "regression_vs_truth"):
         for source, block in result.get(block_name, {}).items():
             for p in PARAMETERS:
                 b = block[p]
-                rows.append({"against": against[block_name], "source": source,
+                rows.append({"against": "mr_reference" if block_name == "regression" else "truth", "source": source,
                              "parameter": p, "icc21": b.get("icc21"), "icc21_lo": (b.get("icc21_ci") or [None])[0],
                              "icc21_hi": (b.get("icc21_ci") or [None, None])[1], "icc31": b.get("icc31"),
                              "pearson_r": b.get("pearson_r"), "mae": b.get("mae"), "ba_bias": b.get("ba_bias"),
@@ -259,10 +239,7 @@ def _f(v, nd=3):
 
 def markdown_table(result: dict) -> str:
     lines = [f"Regression agreement ({LEVEL_NOTE}).", ""]
-    for block_name, title in (("regression", "against the MR reference"),
-                              ("regression_uncalibrated", "against the MR reference, the networks' own estimates "
-                               "(before the agreement calibration)"),
-                              ("regression_vs_truth", "against the truth")):
+    for block_name, title in (("regression", "against the MR reference"), ("regression_vs_truth", "against the truth")):
         if block_name not in result:
             continue
         lines += [f"### {title}", "", "| source | parameter | ICC(2,1) [95% CI] | ICC(3,1) | r | MAE | BA bias [LoA] | patients/patches |",
@@ -281,9 +258,6 @@ def markdown_table(result: dict) -> str:
     if g:
         lines.append(f"Distillation gain (mean ICC(2,1), distilled − baseline): {_f(g['mean_icc21_diff'])} "
                      f"[{_f(g['ci'][0])}, {_f(g['ci'][1])}], paired bootstrap over patients (n={g['n_boot']}).")
-    g = result.get("distillation_gain_uncalibrated")
-    if g:
-        lines.append(f"Before the calibration: {_f(g['mean_icc21_diff'])} [{_f(g['ci'][0])}, {_f(g['ci'][1])}].")
     for name, a in (result.get("ablations") or {}).items():
         lines.append(f"- ablation {name}: mean ICC(2,1) {_f(a['mean_icc21'])} ({a['overrides']})")
     return "\n".join(lines) + "\n"

@@ -70,15 +70,6 @@ class OptimConfig:
 
 
 @dataclass
-class CalibrationConfig:
-    method: str = setting("none", choices=("none", "variance"),
-                          help="variance: map each output so that its mean and SD on the validation patients match "
-                               "the reference's (removes the squared-error loss's shrinkage; see docs/training.md)")
-    min_r: float = setting(0.2, lo=0.0, hi=1.0, help="leave a parameter uncalibrated when its validation "
-                           "predictions correlate with the reference less than this")
-
-
-@dataclass
 class TrainerConfig:
     seed: int = setting(0, lo=0, hi=2**31 - 1)
     accelerator: str = setting("cpu", choices=("cpu", "gpu", "auto"), help="auto: GPU when present")
@@ -117,7 +108,6 @@ class TrainConfig:
     student_net: NetConfig = field(default_factory=NetConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

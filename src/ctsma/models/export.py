@@ -9,8 +9,6 @@ unpickles nothing). ``kind`` is ``teacher`` (MR input) or ``student`` (CT input)
     parameters    ["BV/TV", "Tb.Th", "Tb.Sp", "Tb.N"];  units {param: unit}
     target        "mr" (MR morphometry reference) or "true" (phantom truth)
     target_normalisation  {"mean": [4], "sd": [4]} of the TRAINING patients (outputs = z·sd + mean)
-    calibration   the agreement calibration fitted on the validation patients (see models.calibration): outputs =
-                  intercept + slope · (z·sd + mean); absent in version-1 files (identity)
     training      store summary, subjects per split, config, epochs, seed
     metrics       validation metrics at the exported (best) checkpoint
 """
@@ -27,11 +25,9 @@ from torch import nn
 from .. import PARAMETER_UNITS, PARAMETERS
 from ..errors import ModelFileError, UserError
 from ..modelfile import load_model, save_model
-from . import calibration as calib
 from .networks import PatchRegressor, build_network
 
-META_VERSION = 2            # 2: adds `calibration`; version-1 files (no calibration) still load
-READABLE_META_VERSIONS = (1, 2)
+META_VERSION = 1
 # Flipped copies of a patch for test-time augmentation (axes of the (D, H, W) patch). The parameters are invariant
 # under flips, so the mean over copies is the estimate and their SD a measure of the network's instability.
 FLIPS_DEFAULT = ((), (0,), (1,), (2,))     # `ctsma infer` and the evaluation
@@ -54,19 +50,16 @@ class ParameterModel(nn.Module):
         self.scale = float(inp["intensity_scale"])
         self.use_mask = "mask" in inp["channels"]
         self.patch_size = int(inp["patch_size"])
-        self.calibration = meta.get("calibration")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: (n, C, D, D, D) raw intensities (+ mask channel); returns (n, 4) in physical units, before the
-        calibration (which :meth:`predict` applies)."""
+        """``x``: (n, C, D, D, D) raw intensities (+ mask channel); returns (n, 4) in physical units."""
         x = x.clone()
         x[:, 0] = (x[:, 0] - self.offset) / self.scale
         return self.net(x) * self.y_sd + self.y_mean
 
     @torch.no_grad()
-    def predict(self, patches, masks=None, batch_size: int = 256, calibrated: bool = True) -> np.ndarray:
-        """(N,1,D,D,D) or (N,D,D,D) raw patches (HU for CT) → (N,4) float64 in physical units (order PARAMETERS).
-        ``calibrated=False`` returns the network's squared-error estimate, without the model's calibration."""
+    def predict(self, patches, masks=None, batch_size: int = 256) -> np.ndarray:
+        """(N,1,D,D,D) or (N,D,D,D) raw patches (HU for CT) → (N,4) float64 in physical units (order PARAMETERS)."""
         x = np.asarray(patches, dtype=np.float32)
         if x.ndim == 4:
             x = x[:, None]
@@ -81,11 +74,10 @@ class ParameterModel(nn.Module):
         dev = self.y_mean.device
         out = [self(torch.from_numpy(x[i:i + batch_size]).to(dev)).float().cpu().numpy()
                for i in range(0, len(x), batch_size)]
-        pred = np.concatenate(out).astype(np.float64) if out else np.zeros((0, 4))
-        return calib.apply(pred, self.calibration) if calibrated else pred
+        return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 4))
 
     def predict_flips(self, patches, masks=None, flips=FLIPS_DEFAULT, batch_size: int = 256,
-                      calibrated: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                      ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and SD (ddof 1; zeros for one copy) of :meth:`predict` over flipped copies of each patch."""
         x = np.asarray(patches)
         m = None if masks is None else np.asarray(masks)
@@ -94,15 +86,14 @@ class ParameterModel(nn.Module):
             xf = np.ascontiguousarray(np.flip(x, axis=tuple(a + x.ndim - 3 for a in axes))) if axes else x
             mf = m if m is None or not axes else np.ascontiguousarray(np.flip(m, axis=tuple(a + m.ndim - 3
                                                                                             for a in axes)))
-            preds.append(self.predict(xf, mf, batch_size=batch_size, calibrated=calibrated))
+            preds.append(self.predict(xf, mf, batch_size=batch_size))
         p = np.stack(preds)
         return p.mean(0), (p.std(0, ddof=1) if len(preds) > 1 else np.zeros_like(p[0]))
 
 
 def build_meta(role: str, net: PatchRegressor, *, modality: str, spacing_mm: float, extent_mm: float, masks: bool,
                intensity_offset: float, intensity_scale: float, target: str, y_mean, y_sd,
-               training: dict, metrics: dict, ct_reference: dict | None = None,
-               calibration: dict | None = None) -> dict:
+               training: dict, metrics: dict, ct_reference: dict | None = None) -> dict:
     """``ct_reference``: the training CTs' resolution (:func:`ctsma.harmonise.training_reference`), which CT-only
     inference matches a sharper CT to; students only."""
     inp = {"modality": modality, "patch_size": net.arch["input_size"], "spacing_mm": float(spacing_mm),
@@ -115,8 +106,7 @@ def build_meta(role: str, net: PatchRegressor, *, modality: str, spacing_mm: flo
             "parameters": list(PARAMETERS), "units": {p: PARAMETER_UNITS[p] for p in PARAMETERS},
             "target": target, "target_normalisation": {"mean": [float(v) for v in y_mean],
                                                        "sd": [float(v) for v in y_sd]},
-            "training": training, "metrics": metrics,
-            "calibration": calibration or calib.identity("not fitted")}
+            "training": training, "metrics": metrics}
 
 
 def export_model(path: str | Path, net: PatchRegressor, meta: dict) -> Path:
@@ -129,12 +119,11 @@ def load_parameter_model(path: str | Path, kind: str | None = None) -> tuple[Par
     tensors, meta = load_model(path, kind=kind)
     name = Path(path).name
     try:
-        if meta.get("meta_version") not in READABLE_META_VERSIONS:
+        if meta.get("meta_version") != META_VERSION:
             raise ModelFileError(f"{name} has regression-model metadata version {meta.get('meta_version')}; "
-                                 f"this CT-SMA reads versions {', '.join(map(str, READABLE_META_VERSIONS))}")
+                                 f"this CT-SMA reads {META_VERSION}")
         if list(meta["parameters"]) != list(PARAMETERS):
             raise ModelFileError(f"{name} predicts {meta['parameters']}, not {list(PARAMETERS)}")
-        _check_calibration(name, meta.get("calibration"))
         net = build_network(meta["arch"])
         missing, unexpected = net.load_state_dict(tensors, strict=False)
         if missing or unexpected:
@@ -147,19 +136,6 @@ def load_parameter_model(path: str | Path, kind: str | None = None) -> tuple[Par
         raise ModelFileError(f"{name} weights do not fit its architecture: {str(exc).splitlines()[0]}") from None
     model.eval()
     return model, meta
-
-
-def _check_calibration(name: str, cal) -> None:
-    if cal is None:
-        return
-    try:
-        slope, intercept = np.asarray(cal["slope"], float), np.asarray(cal["intercept"], float)
-    except (KeyError, TypeError, ValueError):
-        raise ModelFileError(f"{name} has a damaged calibration record") from None
-    if slope.shape != (len(PARAMETERS),) or intercept.shape != (len(PARAMETERS),) \
-            or not (np.isfinite(slope).all() and np.isfinite(intercept).all() and (slope > 0).all()):
-        raise ModelFileError(f"{name} has an invalid calibration (needs {len(PARAMETERS)} finite positive slopes "
-                             "and finite intercepts)")
 
 
 def load_student(path: str | Path) -> tuple[ParameterModel, dict]:

@@ -202,31 +202,10 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
                           intensity_offset=CT_OFFSET_HU, intensity_scale=CT_SCALE_HU, target=cfg.data.target,
                           y_mean=dm.y_mean, y_sd=dm.y_sd, training=training, metrics=metrics,
                           ct_reference=training_reference(store.attrs.get("subject_info"), dm.split.subjects["train"]))
-    meta["calibration"] = fit_calibration(module.net, meta, store, dm, cfg)
     export_model(model_file, module.net, meta)
     progress.info(f"{role}: wrote {model_file} (validation MAE "
                   + ", ".join(f"{p} {metrics['val_mae'][p]:.4g}" for p in PARAMETERS) + ")")
     return model_file
-
-
-def fit_calibration(net, meta: dict, store: PatchStore, dm, cfg: TrainConfig) -> dict:
-    """The agreement calibration (:mod:`ctsma.models.calibration`) of ``net`` on the validation patients, from the
-    predictions that inference and evaluation make (mean over ``evaluate.flips`` flipped copies)."""
-    from . import calibration as calib
-    from .export import FLIPS_BY_COUNT, ParameterModel
-
-    if cfg.calibration.method == "none":
-        return calib.identity("calibration.method is none")
-    idx = dm.split.val
-    mod = meta["input"]["modality"]
-    masks = store.read(f"{mod}_mask", idx) if cfg.data.masks else None
-    model = ParameterModel(net, meta)
-    pred = model.predict_flips(store.read(mod, idx), masks, FLIPS_BY_COUNT[cfg.evaluate.flips], calibrated=False)[0]
-    subjects = store.table["subject"].astype(str).to_numpy()[idx]
-    cal = calib.fit(pred, store.targets(cfg.data.target)[idx], subjects, method=cfg.calibration.method,
-                    min_r=cfg.calibration.min_r)
-    cal["flips"] = cfg.evaluate.flips
-    return cal
 
 
 def _read_csv(path: Path):
