@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import UserError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("report", help="render the study report or a patient report (HTML + PDF)")
@@ -36,7 +38,6 @@ def add_parser(sub) -> None:
 def _read_csv(path, what: str, columns):
     import pandas as pd
 
-    from ..errors import UserError
     try:
         df = pd.read_csv(path)
     except FileNotFoundError:
@@ -68,10 +69,8 @@ def run_study(args) -> int:
         roc = {str(k): {"y_true": g["y_true"].to_numpy(), "y_score": g["y_score"].to_numpy()}
                for k, g in df.groupby("key", sort=False)}
     if args.figures and not Path(args.figures).is_dir():
-        from ..errors import UserError
         raise UserError(f"--figures: {args.figures} is not a folder of PNG figures")
     if args.readme_snippet:  # checked before the study report is replaced
-        from ..errors import UserError
         from ..io import ensure_writable_dir
 
         snip_dir = ensure_writable_dir(args.readme_snippet)
@@ -104,7 +103,6 @@ def run_patient(args) -> int:
     import SimpleITK as sitk
 
     from .. import PARAMETER_FILE_NAMES, progress
-    from ..errors import UserError
     from ..io import read_image
     from ..report import PATIENT_REPORT_FORMATS, patient_report_path, write_patient_report
     from ..report.patient import inputs_from_summary

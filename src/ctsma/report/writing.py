@@ -10,12 +10,7 @@ from typing import Mapping
 
 from ..errors import UserError
 from ..io import ensure_output_file
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+from ..io.atomic import _umask
 
 
 def write_outputs(files: Mapping[Path, bytes]) -> None:
