@@ -247,6 +247,29 @@ def test_result_does_not_depend_on_where_the_knee_sits(knee_r, bones_r):
     assert np.array_equal(a, sitk.GetArrayFromImage(bones_r[0]))
 
 
+def test_bones_and_rois_found_in_the_bone_box_equal_those_of_the_whole_ct(knee_r, bones_r):
+    """segment_bones works on the bone's bounding box grown by a margin of air (a clinical knee CT is mostly air
+    and soft tissue): the labels and edge threshold are those of the whole CT, and padding the CT with air in-plane
+    changes neither the bones nor the ROIs (not along z: the knee's shafts run out of the field of view there, and
+    air below them would be a bone end)."""
+    from ctsma.segmentation import bones as bones_mod
+
+    pad = [25, 30, 0]
+    ct = sitk.ConstantPad(knee_r[0], pad, pad, -1000.0)
+    arr = sitk.GetArrayViewFromImage(ct)
+    box = bones_mod._bone_box(arr, bones_mod.BoneSegmentationSettings().threshold_hu)
+    assert box is not None and all(b.stop - b.start < n for b, n in zip(box[1:], arr.shape[1:]))  # smaller in-plane
+    got, info = segment_bones(ct, return_info=True)
+    whole, _, edge = bones_mod._segment(ct, bones_mod.BoneSegmentationSettings(), None)
+    assert np.array_equal(sitk.GetArrayFromImage(got), whole)
+    assert info["edge_hu"] == edge == bones_r[1]["edge_hu"]
+    inner = tuple(slice(p, n - p) for p, n in zip(pad[::-1], arr.shape))
+    assert np.array_equal(whole[inner], sitk.GetArrayFromImage(bones_r[0]))
+    rois = sitk.GetArrayFromImage(subchondral_rois(ct, got))
+    assert np.array_equal(rois[inner], sitk.GetArrayFromImage(subchondral_rois(knee_r[0], bones_r[0])))
+    assert rois.any() and not rois[:, :pad[1]].any() and not rois[:, :, :pad[0]].any()
+
+
 def test_plateau_frame_recovers_a_rotated_tilted_plateau():
     """An elliptic plateau (37 x 25 mm, rotated 12 deg about the vertical, tilted 4 deg) with a 3-mm eminence and a
     fibula head 6 mm below it: its centre, axes and tilt come back; the eminence and the fibula do not bias them."""

@@ -282,6 +282,9 @@ def _classify(parts: list[_Part], pair: tuple[_Part, _Part]) -> dict[str, _Part]
     return out
 
 
+BOX_MARGIN_VOXELS = 4  # air kept around the bone's bounding box: more than any neighbourhood the steps look at
+
+
 def segment_bones(ct_image: sitk.Image, settings: BoneSegmentationSettings | None = None, *,
                   return_info: bool = False, side: str | None = None):
     """Label femur=1, tibia=2, patella=3, fibula=4 on a knee CT (HU); returns a UInt8 image in the CT's geometry.
@@ -289,9 +292,50 @@ def segment_bones(ct_image: sitk.Image, settings: BoneSegmentationSettings | Non
     Raises :class:`NoKneeFoundError` when the image shows no femur above a tibia, and :class:`BothKneesError`
     when it shows both knees and ``side`` ("L"/"R", the knee to label) is not given. With ``return_info`` also
     returns a dict (bones found with volumes in mL, joint height, erosion used).
+
+    The work is done on the bounding box of the voxels above ``threshold_hu`` grown by
+    :data:`BOX_MARGIN_VOXELS` (a clinical knee CT is mostly air and soft tissue): every step gives there what it
+    gives on the whole CT, because nothing outside the box is bone and the margin is wider than the
+    neighbourhoods they look at (the suite checks the labels are the same).
     """
     s = settings or BoneSegmentationSettings()
     ct_image = check_image(ct_image, what="CT", pixel_type=sitk.sitkFloat32)
+    box = _bone_box(sitk.GetArrayViewFromImage(ct_image), s.threshold_hu)
+    sub = ct_image if box is None else ct_image[box[2], box[1], box[0]]  # SimpleITK slices are (x, y, z)
+    lab, bones, edge = _segment(sub, s, side)
+    if box is not None:
+        full = np.zeros(sitk.GetArrayViewFromImage(ct_image).shape, np.uint8)
+        full[box] = lab
+        lab = full
+    result = like(lab, ct_image)
+    if not return_info:
+        return result
+    voxel_ml = float(np.prod(ct_image.GetSpacing())) / 1000.0
+    info = {"bones": {k: float((lab == BONES[k]).sum() * voxel_ml) for k in bones},
+            "joint_z_mm": 0.5 * (bones["femur"].z_lo + bones["tibia"].z_hi), "threshold_hu": s.threshold_hu,
+            "edge_hu": edge}
+    return result, info
+
+
+def _bone_box(ct: np.ndarray, threshold_hu: float) -> tuple[slice, slice, slice] | None:
+    """(z, y, x) slices of the voxels above ``threshold_hu`` grown by :data:`BOX_MARGIN_VOXELS`, or None when
+    that is the whole image or there is no such voxel (the whole image is then segmented, and says why not)."""
+    hot = ct > threshold_hu
+    found = []
+    for ax in range(3):
+        other = tuple(a for a in range(3) if a != ax)
+        idx = np.flatnonzero(hot.any(axis=other))
+        if not len(idx):
+            return None
+        found.append(slice(max(0, int(idx[0]) - BOX_MARGIN_VOXELS),
+                           min(ct.shape[ax], int(idx[-1]) + 1 + BOX_MARGIN_VOXELS)))
+    if all(b.start == 0 and b.stop == n for b, n in zip(found, ct.shape)):
+        return None
+    return tuple(found)  # type: ignore[return-value]
+
+
+def _segment(ct_image: sitk.Image, s: BoneSegmentationSettings, side: str | None):
+    """:func:`segment_bones` on the image as it is: (uint8 (z, y, x) labels, bones found, edge threshold)."""
     ct = sitk.GetArrayViewFromImage(ct_image)
     mask, edge = bone_mask(ct, s.threshold_hu, axial_axis(ct_image), spacing_zyx(ct_image),
                            s.edge_hu if s.edge_hu > 0 else None, return_edge=True)
@@ -315,10 +359,4 @@ def segment_bones(ct_image: sitk.Image, settings: BoneSegmentationSettings | Non
         if n:
             keep = np.unique(cc[(seeds == v) & (cc > 0)])
             out[np.isin(cc, keep[keep > 0])] = v
-    result = like(out, ct_image)
-    if not return_info:
-        return result
-    voxel_ml = float(np.prod(ct_image.GetSpacing())) / 1000.0
-    info = {"bones": {k: float((out == BONES[k]).sum() * voxel_ml) for k in bones},
-            "joint_z_mm": 0.5 * (bones["femur"].z_lo + bones["tibia"].z_hi), "threshold_hu": s.threshold_hu, "edge_hu": edge}
-    return result, info
+    return out, bones, edge

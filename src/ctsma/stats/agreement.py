@@ -17,7 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as _st
+
+
+def _st():
+    """scipy.stats, imported on first use: it takes about a second to import, and ``ctsma infer`` (which loads
+    the diagnosis package) needs none of it."""
+    from scipy import stats
+
+    return stats
 
 
 @dataclass(frozen=True)
@@ -69,20 +76,20 @@ def icc(ratings, y=None, *, kind: str = "2,1", alpha: float = 0.05) -> ICCResult
     q = 1 - alpha / 2
     with np.errstate(divide="ignore", invalid="ignore"):
         F = msr / mse
-        p = float(_st.f.sf(F, df1, df2))
+        p = float(_st().f.sf(F, df1, df2))
         if kind == "3,1":
             value = (msr - mse) / (msr + (k - 1) * mse)
-            fl = F / _st.f.ppf(q, df1, df2)
-            fu = F * _st.f.ppf(q, df2, df1)
+            fl = F / _st().f.ppf(q, df1, df2)
+            fu = F * _st().f.ppf(q, df2, df1)
             ci = ((fl - 1) / (fl + k - 1), (fu - 1) / (fu + k - 1))
         elif kind == "2,1":
             value = (msr - mse) / (msr + (k - 1) * mse + k * (msc - mse) / n)
             aa = k * value / (n * (1 - value))
             bb = 1 + k * value * (n - 1) / (n * (1 - value))
             v = (aa * msc + bb * mse) ** 2 / ((aa * msc) ** 2 / (k - 1) + (bb * mse) ** 2 / df2)
-            fs = _st.f.ppf(q, df1, v)
+            fs = _st().f.ppf(q, df1, v)
             lo = n * (msr - fs * mse) / (fs * (k * msc + (k * n - k - n) * mse) + n * msr)
-            fs2 = _st.f.ppf(q, v, df1)
+            fs2 = _st().f.ppf(q, v, df1)
             hi = n * (fs2 * msr - mse) / (k * msc + (k * n - k - n) * mse + n * fs2 * msr)
             ci = (lo, hi)
         else:
@@ -114,7 +121,7 @@ def pearson_r(reference, measured) -> float:
     r, m = _pair(reference, measured)
     if r.size < 3 or np.ptp(r) == 0 or np.ptp(m) == 0:
         return float("nan")
-    return float(_st.pearsonr(r, m)[0])
+    return float(_st().pearsonr(r, m)[0])
 
 
 def mae(reference, measured) -> float:

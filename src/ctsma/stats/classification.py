@@ -12,7 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as _st
+
+
+def _st():
+    """scipy.stats, imported on first use: it takes about a second to import, and ``ctsma infer`` (which loads
+    the diagnosis package) needs none of it."""
+    from scipy import stats
+
+    return stats
 
 
 @dataclass(frozen=True)
@@ -54,9 +61,9 @@ def _structural_components(pos: np.ndarray, neg: np.ndarray):
     """AUCs (k,), V10 (k, m) and V01 (k, n) for k score rows by mid-ranks (Sun & Xu 2014)."""
     m, n = pos.shape[1], neg.shape[1]
     both = np.concatenate([pos, neg], axis=1)
-    r_all = _st.rankdata(both, axis=1)
-    r_pos = _st.rankdata(pos, axis=1)
-    r_neg = _st.rankdata(neg, axis=1)
+    r_all = _st().rankdata(both, axis=1)
+    r_pos = _st().rankdata(pos, axis=1)
+    r_neg = _st().rankdata(neg, axis=1)
     v10 = (r_all[:, :m] - r_pos) / n            # P(score_neg < x_i) + 0.5 P(=)
     v01 = 1.0 - (r_all[:, m:] - r_neg) / m      # P(score_pos > y_j) + 0.5 P(=)
     return v10.mean(axis=1), v10, v01
@@ -74,7 +81,7 @@ def auc_delong(y_true, scores, *, alpha: float = 0.05) -> AUCResult:
     pos, neg = _split(y_true, scores)
     aucs, v10, v01 = _structural_components(pos, neg)
     se = float(np.sqrt(max(_covariance(v10, v01)[0, 0], 0.0)))
-    z = _st.norm.ppf(1 - alpha / 2)
+    z = _st().norm.ppf(1 - alpha / 2)
     a = float(aucs[0])
     return AUCResult(a, (max(0.0, a - z * se), min(1.0, a + z * se)), se, pos.shape[1], neg.shape[1])
 
@@ -87,12 +94,12 @@ def delong_test(y_true, scores_a, scores_b, *, alpha: float = 0.05) -> DeLongTes
     var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
     diff = float(aucs[0] - aucs[1])
     se = float(np.sqrt(max(var, 0.0)))
-    zq = _st.norm.ppf(1 - alpha / 2)
+    zq = _st().norm.ppf(1 - alpha / 2)
     if se == 0.0:
         z, p = (0.0, 1.0) if diff == 0 else (float(np.sign(diff) * np.inf), 0.0)
     else:
         z = diff / se
-        p = float(2 * _st.norm.sf(abs(z)))
+        p = float(2 * _st().norm.sf(abs(z)))
     return DeLongTest(float(aucs[0]), float(aucs[1]), diff, (diff - zq * se, diff + zq * se), float(z), p)
 
 
