@@ -400,3 +400,55 @@ def test_a_thin_roi_gets_patches_with_less_of_it_and_a_warning(knee, constant_st
     assert table["MFC"] > 0 and all(table[r] > 0 for r in ROIS)
     assert [w for w in summary["warnings"] if w.startswith("ROI MFC is thin")]
     assert not [w for w in summary["warnings"] if w.startswith(("ROI LFC", "ROI MTP", "ROI LTP"))]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_labels_copied_to_the_ct_grid_equal_a_whole_grid_resampling(seed):
+    """_to_grid resamples only around the labels' box and pastes it into zeros: the same voxels as ITK's
+    nearest-neighbour resampling of the whole grid, on oblique grids and labels that reach past the field of view.
+    Where a CT voxel centre lies exactly half-way between label voxels (commensurate grids, made common here on
+    purpose) either neighbour is nearest, and floating-point rounding in ITK's scan-line stepping picks one: there
+    it must be one of the neighbours' labels."""
+    from ctsma.inference.engine import _to_grid
+
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(-0.4, 0.4) if seed % 2 else 0.0
+    c, s = np.cos(a), np.sin(a)
+    direction = (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)
+    coarse = sitk.Image([40, 36, 30], sitk.sitkUInt8)
+    coarse.SetSpacing((0.7, 0.7, 1.0))
+    coarse.SetOrigin(tuple(rng.choice([0.0, 0.35, -12.25], 3)))
+    coarse.SetDirection(direction)
+    arr = np.zeros((30, 36, 40), np.uint8)
+    lo = rng.integers(0, 15, 3)
+    arr[lo[0]:lo[0] + 12, lo[1]:lo[1] + 15, lo[2]:lo[2] + 20] = rng.integers(0, 5, (12, 15, 20))
+    if seed == 5:
+        arr[:, :, -3:] = 4  # labels on the coarse grid's last columns: past the fine grid's field of view
+    lab = sitk.GetImageFromArray(arr)
+    lab.CopyInformation(coarse)
+    fine = sitk.Image([60, 55, 41], sitk.sitkUInt8)
+    fine.SetSpacing((0.4, 0.45, 0.7))
+    fine.SetOrigin(tuple(np.asarray(coarse.GetOrigin()) + rng.choice([0.0, 0.15, 0.2, -0.35], 3)))
+    fine.SetDirection(direction if seed != 4 else (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    want = sitk.Resample(lab, fine.GetSize(), sitk.Transform(), sitk.sitkNearestNeighbor, fine.GetOrigin(),
+                         fine.GetSpacing(), fine.GetDirection(), 0, sitk.sitkUInt8)
+    got = sitk.GetArrayFromImage(_to_grid(lab, fine))
+    want = sitk.GetArrayFromImage(want)
+    assert want.any()
+    ijk = np.indices(want.shape).reshape(3, -1)[::-1].T  # (x, y, z) indices of every fine voxel
+    d_f, d_l = (np.asarray(im.GetDirection()).reshape(3, 3) for im in (fine, lab))
+    pts = np.asarray(fine.GetOrigin()) + (ijk * np.asarray(fine.GetSpacing())) @ d_f.T
+    ci = ((pts - np.asarray(lab.GetOrigin())) @ d_l) / np.asarray(lab.GetSpacing())  # continuous (x, y, z)
+    tie = (np.abs(ci - np.floor(ci) - 0.5) < 1e-6).any(1).reshape(want.shape)
+    assert np.array_equal(got[~tie], want[~tie])
+    padded = np.pad(arr, 1)
+    for (z, y, x), c in zip(np.argwhere(tie), ci[tie.ravel()]):
+        lo = np.floor(c).astype(int) + 1  # (x, y, z) in the padded array
+        near = padded[lo[2]:lo[2] + 2, lo[1]:lo[1] + 2, lo[0]:lo[0] + 2] if (lo >= 0).all() else np.zeros(1)
+        assert got[z, y, x] in near
+    img = _to_grid(lab, fine)
+    assert img.GetOrigin() == fine.GetOrigin() and img.GetSpacing() == fine.GetSpacing()
+    assert img.GetDirection() == fine.GetDirection()
+    empty = sitk.Image(lab.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(lab)
+    assert not sitk.GetArrayViewFromImage(_to_grid(empty, fine)).any()

@@ -12,7 +12,7 @@ from scipy import ndimage as ndi
 from ctsma import BONES, ROIS
 from ctsma.segmentation import (NoKneeFoundError, LateralityError, knee_side, labels_from_segments,
                                 read_user_labels, segment_bones, subchondral_rois, write_seg_nrrd)
-from ctsma.segmentation.geometry import fill_holes, index_to_lps, lps_to_index
+from ctsma.segmentation.geometry import crop_box, fill_holes, index_to_lps, lps_to_index
 
 DATA = Path(__file__).parent / "data"
 
@@ -335,6 +335,27 @@ def test_fill_holes_equals_scipy(plane_axis):
     assert filled[4, 4, 4] and not filled[0].any()
     shell[3:6, 3:6, 0:6] = False
     assert not fill_holes(shell)[4, 4, 4]
+
+
+@pytest.mark.parametrize("margin", [0, 3, (1, 0, 7)])
+def test_crop_box_is_the_grown_bounding_box(margin):
+    """crop_box (from the mask's projections) against the bounding box of np.argwhere, clipped at the borders."""
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        mask = np.zeros((30, 25, 40), np.uint8)
+        lo = rng.integers(0, [30, 25, 40])
+        hi = lo + rng.integers(1, 12, 3)
+        mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = rng.integers(0, 3, size=mask[lo[0]:hi[0], lo[1]:hi[1],
+                                                                                   lo[2]:hi[2]].shape)
+        if not mask.any():
+            continue
+        idx = np.argwhere(mask > 0)
+        m = np.broadcast_to(np.asarray(margin), (3,))
+        want = tuple(slice(max(a - k, 0), min(b + k + 1, n)) for a, b, k, n in
+                     zip(idx.min(0), idx.max(0), m, mask.shape))
+        assert crop_box(mask, margin) == want
+    with pytest.raises(ValueError):
+        crop_box(np.zeros((4, 4, 4)), 1)
 
 
 def test_fill_holes_takes_any_mask_dtype_and_falls_back_for_other_structures():

@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from ..segmentation.geometry import index_to_lps, spacing_zyx
+from ..segmentation.geometry import crop_box, index_to_lps, spacing_zyx
 
 
 def roi_centres(rois: sitk.Image, label: int, stride_mm: float, extent_mm: float, min_fraction: float,
@@ -26,9 +26,8 @@ def roi_centres(rois: sitk.Image, label: int, stride_mm: float, extent_mm: float
     if not arr.any():
         return np.zeros((0, 3)), 0
     sp = np.asarray(spacing_zyx(rois))
-    box = ndi.find_objects(arr.astype(np.uint8))[0]
     half = np.ceil(0.5 * extent_mm / sp).astype(int)
-    box = tuple(slice(max(0, b.start - h), min(n, b.stop + h)) for b, h, n in zip(box, half, arr.shape))
+    box = crop_box(arr, half)
     sub = arr[box].astype(np.float32)
     size = np.maximum(1, np.round(extent_mm / sp).astype(int))
     frac = ndi.uniform_filter(sub, size=tuple(size), mode="constant")

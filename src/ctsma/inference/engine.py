@@ -452,13 +452,37 @@ def _coarse_copy(ct: sitk.Image, spacing_xyz) -> sitk.Image:
 
 def _to_grid(labels: sitk.Image, ref) -> sitk.Image:
     """Nearest-neighbour copy of a label image on ``ref``'s grid (itself when the grids already agree); ``ref`` is
-    an image or a :class:`ctsma.io.memory.Geometry` (only its grid is used)."""
+    an image or a :class:`ctsma.io.memory.Geometry` (only its grid is used).
+
+    Only the part of ``ref``'s grid around the labels' bounding box is resampled, and pasted into an image of
+    zeros: the other voxels' nearest label voxels lie outside that box, where every label is 0. The voxels
+    resampled are those of a whole-grid resampling (the suite compares them), at a fraction of the time on a
+    clinical CT, where the labels fill a few percent of the field of view."""
     if labels.GetSize() == tuple(ref.GetSize()) and np.allclose(labels.GetSpacing(), ref.GetSpacing()) and \
             np.allclose(labels.GetOrigin(), ref.GetOrigin()):
         return labels
-    return sitk.Resample(labels, [int(v) for v in ref.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor,
-                         tuple(ref.GetOrigin()), tuple(ref.GetSpacing()), tuple(ref.GetDirection()), 0,
-                         sitk.sitkUInt8)
+    size = [int(v) for v in ref.GetSize()]
+    out = sitk.Image(size, sitk.sitkUInt8)
+    out.SetSpacing(tuple(ref.GetSpacing()))
+    out.SetOrigin(tuple(ref.GetOrigin()))
+    out.SetDirection(tuple(ref.GetDirection()))
+    arr = sitk.GetArrayViewFromImage(labels)
+    if not arr.any():
+        return out
+    box = crop_box(arr, 1)[::-1]  # (x, y, z), a label voxel of margin
+    corners = [labels.TransformContinuousIndexToPhysicalPoint([float(b.start - 0.5 if k else b.stop - 0.5)
+                                                               for b, k in zip(box, bits)])
+               for bits in np.ndindex(2, 2, 2)]
+    ci = np.array([out.TransformPhysicalPointToContinuousIndex(c) for c in corners])
+    lo = np.clip(np.floor(ci.min(0)).astype(int) - 1, 0, size)
+    hi = np.clip(np.ceil(ci.max(0)).astype(int) + 2, 0, size)
+    if np.any(hi <= lo):
+        return out  # the labels lie outside ref's field of view
+    part = sitk.Resample(labels, [int(v) for v in hi - lo], sitk.Transform(), sitk.sitkNearestNeighbor,
+                         out.TransformIndexToPhysicalPoint([int(v) for v in lo]), tuple(ref.GetSpacing()),
+                         tuple(ref.GetDirection()), 0, sitk.sitkUInt8)
+    out[int(lo[0]):int(hi[0]), int(lo[1]):int(hi[1]), int(lo[2]):int(hi[2])] = part  # pasted in place
+    return out
 
 
 class progress_stage:

@@ -35,7 +35,7 @@ from .. import BONES
 from ..config import setting
 from ..errors import InputImageError
 from ..io.images import check_image
-from .geometry import axial_axis, edt_inside, fill_holes, index_to_lps, like, spacing_zyx
+from .geometry import axial_axis, crop_box, edt_inside, fill_holes, index_to_lps, like, spacing_zyx
 
 
 class NoKneeFoundError(InputImageError):
@@ -321,17 +321,12 @@ def _bone_box(ct: np.ndarray, threshold_hu: float) -> tuple[slice, slice, slice]
     """(z, y, x) slices of the voxels above ``threshold_hu`` grown by :data:`BOX_MARGIN_VOXELS`, or None when
     that is the whole image or there is no such voxel (the whole image is then segmented, and says why not)."""
     hot = ct > threshold_hu
-    found = []
-    for ax in range(3):
-        other = tuple(a for a in range(3) if a != ax)
-        idx = np.flatnonzero(hot.any(axis=other))
-        if not len(idx):
-            return None
-        found.append(slice(max(0, int(idx[0]) - BOX_MARGIN_VOXELS),
-                           min(ct.shape[ax], int(idx[-1]) + 1 + BOX_MARGIN_VOXELS)))
-    if all(b.start == 0 and b.stop == n for b, n in zip(found, ct.shape)):
+    if not hot.any():
         return None
-    return tuple(found)  # type: ignore[return-value]
+    box = crop_box(hot, BOX_MARGIN_VOXELS)
+    if all(b.start == 0 and b.stop == n for b, n in zip(box, ct.shape)):
+        return None
+    return box  # type: ignore[return-value]
 
 
 def _segment(ct_image: sitk.Image, s: BoneSegmentationSettings, side: str | None):
