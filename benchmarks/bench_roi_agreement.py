@@ -10,6 +10,7 @@ between the two rows is what the sliding-window maps themselves add or lose.
 
     .venv/bin/python benchmarks/bench_roi_agreement.py [DEMO_DIR] [--tag NAME]   # default demo_out (`make demo`)
     .venv/bin/python benchmarks/bench_roi_agreement.py --mr-store STORE --tag all_positions
+    .venv/bin/python benchmarks/bench_roi_agreement.py DEMO_DIR --stride 2 --tta --tag stride2_tta
 
 Writes ``benchmarks/results/bench_roi_agreement[_<tag>].json``. DEMO_DIR is a finished demo's output folder (its
 ``phantom``, ``dataset/store``, ``training/fold*`` and ``evaluation``); ``--seed`` and ``--folds`` must be the
@@ -68,6 +69,8 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--seed", type=int, default=0, help="the demo's seed (its patient split)")
     ap.add_argument("--folds", type=int, default=3, help="the demo's cross-fitting folds")
+    ap.add_argument("--stride", type=float, default=None, help="infer's --stride (mm; default: infer's)")
+    ap.add_argument("--tta", action="store_true", help="infer's --tta (8 flips instead of 4)")
     ap.add_argument("--mr-store", help="a patch store of the same cohort without the per-ROI cap (`ctsma dataset "
                     "build --rois auto --max-per-roi 1000 --no-truth`, the demo's registrations): MR ROI means over "
                     "every patch position of each ROI, the ROI the maps cover, as a second reference")
@@ -83,6 +86,13 @@ def main() -> None:
     truth = pd.DataFrame([{"subject": s, "roi": r, "parameter": p, "value": cohort.loc[s, f"true_{r}_{p}"]}
                           for s in cohort.index for r in ROIS for p in PARAMETERS
                           if f"true_{r}_{p}" in cohort.columns])
+    extra = {"tta": True} if a.tta else {}
+    if a.stride:
+        extra["stride_mm"] = a.stride
+
+    def settings(side: str) -> InferSettings:
+        return InferSettings(side=side, **extra)
+
     rows, secs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for f in range(ctx.s.folds):
@@ -99,7 +109,7 @@ def main() -> None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     infer(ctx.manifest.parent / cohort.loc[s, "ct"], Path(tmp) / s, model_path=model,
-                          settings=InferSettings(side=str(cohort.loc[s, "side"])), diagnosis_path=None, subject=s)
+                          settings=settings(str(cohort.loc[s, "side"])), diagnosis_path=None, subject=s)
                 secs.append(time.perf_counter() - t0)
                 tab = pd.read_csv(Path(tmp) / s / "roi_table.csv")
                 rows += [{"subject": s, "roi": r.roi, "parameter": r.parameter, "value": r.mean}
@@ -112,7 +122,8 @@ def main() -> None:
     base = t.iloc[idx][["subject", "roi"]].reset_index(drop=True)
     patch = pd.concat([base.assign(parameter=p, value=pred[f"student_distilled_{p}"].to_numpy()) for p in PARAMETERS])
     patch = patch.groupby(["subject", "roi", "parameter"], as_index=False).value.mean()
-    res = {"demo": str(demo), "n_knees": int(maps.subject.nunique()), "seconds_per_knee": round(float(np.mean(secs)), 1),
+    res = {"demo": str(demo), "infer_settings": {k: v for k, v in vars(settings("L")).items() if k != "side"},
+           "n_knees": int(maps.subject.nunique()), "seconds_per_knee": round(float(np.mean(secs)), 1),
            "maps_vs_mr": icc_table(maps, mr), "patch_oof_vs_mr": icc_table(patch, mr),
            "maps_vs_truth": icc_table(maps, truth), "mr_vs_truth": icc_table(mr, truth)}
     if a.mr_store:

@@ -52,7 +52,7 @@ SOFTER_FACTOR = 1.15   # in-plane edge sigma over the model's reference above wh
 SLICE_RATIO = 1.25     # through-plane sigma ratio to the model's training CTs beyond which a warning is given
 AXIAL_COS = 0.9        # |cos| between the slice axis and the patient's z below which a CT is not axial
 THIN_ROI_FRACTION = 0.3    # least ROI share of a patch for an ROI too thin for InferSettings.min_roi_fraction
-BACKGROUND = 0.0
+BACKGROUND = 0.0  # the maps outside the ROIs (_MapCanvas starts from a zero-filled image)
 
 
 @dataclass
@@ -187,9 +187,7 @@ class _MapCanvas:
     instead of eight, and no full-size copy each (the box is the same for every map)."""
 
     def __init__(self, ref: sitk.Image, box):
-        self.img = sitk.Image([int(v) for v in ref.GetSize()], sitk.sitkFloat32)  # zero-filled
-        if BACKGROUND != 0:  # pragma: no cover - the background is 0 (see the module docstring)
-            self.img += BACKGROUND
+        self.img = sitk.Image([int(v) for v in ref.GetSize()], sitk.sitkFloat32)  # zero-filled: BACKGROUND is 0
         self.img.CopyInformation(ref)
         self.box = box
         self.index = [int(b.start) for b in reversed(box)]  # SimpleITK index order (x, y, z)
@@ -456,8 +454,9 @@ def _to_grid(labels: sitk.Image, ref) -> sitk.Image:
 
     Only the part of ``ref``'s grid around the labels' bounding box is resampled, and pasted into an image of
     zeros: the other voxels' nearest label voxels lie outside that box, where every label is 0. The voxels
-    resampled are those of a whole-grid resampling (the suite compares them), at a fraction of the time on a
-    clinical CT, where the labels fill a few percent of the field of view."""
+    resampled are those of a whole-grid resampling, at a fraction of the time on a clinical CT, where the labels
+    fill a few percent of the field of view. Only a CT voxel centre exactly half-way between label voxels may take
+    the other neighbour, as floating-point rounding decides there (the suite compares both ways)."""
     if labels.GetSize() == tuple(ref.GetSize()) and np.allclose(labels.GetSpacing(), ref.GetSpacing()) and \
             np.allclose(labels.GetOrigin(), ref.GetOrigin()):
         return labels

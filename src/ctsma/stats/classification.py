@@ -13,13 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-def _st():
-    """scipy.stats, imported on first use: it takes about a second to import, and ``ctsma infer`` (which loads
-    the diagnosis package) needs none of it."""
-    from scipy import stats
-
-    return stats
+from ._scipy import scipy_stats as _st
 
 
 @dataclass(frozen=True)
