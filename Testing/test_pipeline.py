@@ -1,5 +1,7 @@
 """Cached stage runner: skip finished stages, rerun changed ones and everything after them."""
 
+from pathlib import Path
+
 import pytest
 
 from ctsma.pipeline import Stage, StageRunner
@@ -171,3 +173,47 @@ def test_small_cohorts_get_fewer_diagnosis_folds_and_too_few_knees_a_clear_error
     assert stages.diagnosis_folds(ctx, labels(6, 2)) == 2
     with pytest.raises(UserError, match="at least 2 of each"):
         stages.diagnosis_folds(ctx, labels(1, 7))
+
+
+def _fake_training(which, cfg, threads):
+    """Stands in for one training in train_side_by_side's worker processes: records when it ran."""
+    import json
+    import time
+
+    from ctsma.errors import UserError
+
+    if [cfg["fold"], which] == cfg.get("fail"):
+        raise UserError(f"training {which} of fold {cfg['fold']} failed")
+    start = time.time()
+    time.sleep(0.6 if which == "teacher" else 0.3)
+    rec = {"start": start, "end": time.time(), "threads": threads}
+    Path(cfg["log"], f"{cfg['fold']}_{which}.json").write_text(json.dumps(rec))
+    return rec["end"] - start
+
+
+def test_demo_trainings_side_by_side_wait_for_their_teacher_and_stop_on_an_error(tmp_path):
+    """The demo's CPU trainings run two at a time in spawned processes, one torch thread each on two cores; a
+    fold's student starts only after its teacher has finished, and a failed training stops the stage with its
+    error."""
+    import json
+    import os
+
+    from ctsma.demo.stages import train_side_by_side
+    from ctsma.errors import UserError
+
+    cfgs = [{"fold": f, "log": str(tmp_path)} for f in range(3)]
+    order = train_side_by_side(cfgs, 2, job=_fake_training)
+    assert sorted(order) == sorted((f, w) for f in range(3) for w in ("teacher", "student", "baseline"))
+    rec = {tuple(p.stem.split("_")): json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert len(rec) == 9
+    for f in range(3):
+        assert rec[str(f), "student"]["start"] >= rec[str(f), "teacher"]["end"]
+    for r in rec.values():  # never more than two at once
+        assert sum(o["start"] <= r["start"] < o["end"] for o in rec.values()) <= 2
+        assert r["threads"] == max(1, (os.cpu_count() or 1) // 2)
+    assert order.index((0, "student")) < order.index((2, "baseline"))  # a ready student goes first
+
+    bad = [{"fold": f, "log": str(tmp_path / "bad"), "fail": [1, "baseline"]} for f in range(3)]
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(UserError, match="baseline of fold 1 failed"):
+        train_side_by_side(bad, 2, job=_fake_training)
