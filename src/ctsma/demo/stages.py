@@ -221,7 +221,7 @@ def _train_job(which: str, cfg, threads: int) -> float:
     """One training in a worker process; returns its seconds."""
     import time
 
-    from ..models import train
+    from ..models.train import train  # not ``..models``: in a worker that has trained once, that name is the module
 
     cfg.trainer.threads = threads
     t = time.perf_counter()
