@@ -202,3 +202,16 @@ def test_group_norm_variant_rebuilds_from_its_arch():
     twin.load_state_dict(net.state_dict())
     x = torch.randn(2, 1, 16, 16, 16)
     assert torch.allclose(net(x), twin(x)) and not any(isinstance(m, torch.nn.BatchNorm3d) for m in twin.modules())
+
+
+def test_models_train_stays_the_function_after_the_submodule_is_imported():
+    """``ctsma.models.train`` is the training function, not its submodule of the same name, however the submodule
+    is imported (a lazy wrapper was replaced by the submodule after its first call)."""
+    import importlib
+
+    import ctsma.models as models
+
+    importlib.import_module("ctsma.models.train")
+    from ctsma.models import train
+
+    assert callable(models.train) and train is models.train and train.__module__ == "ctsma.models.train"

@@ -208,7 +208,7 @@ def training(ctx: Context, d: Path) -> dict:
     if workers > 1 and all(c.trainer.accelerator == "cpu" for c in cfgs):
         train_side_by_side(cfgs, workers)
     else:
-        from ..models import train
+        from ..models.train import train
 
         for f, cfg in enumerate(cfgs):
             for which in ("teacher", "student", "baseline"):
@@ -221,7 +221,7 @@ def _train_job(which: str, cfg, threads: int) -> float:
     """One training in a worker process; returns its seconds."""
     import time
 
-    from ..models.train import train  # not ``..models``: in a worker that has trained once, that name is the module
+    from ..models.train import train
 
     cfg.trainer.threads = threads
     t = time.perf_counter()

@@ -11,12 +11,9 @@ Heavy imports (Lightning) happen only when training.
 
 from .config import TrainConfig, load_train_config
 from .export import ParameterModel, load_student, load_teacher, predict
+# The function and its submodule share the name ``train``. Imported here, once, the package's ``train`` is the
+# function for good: a lazy wrapper that imported the submodule on its first call was replaced by the submodule
+# itself, so a second ``ctsma.models.train(...)`` in the same process failed (found by the demo's training workers).
+from .train import train
 
 __all__ = ["TrainConfig", "load_train_config", "ParameterModel", "load_student", "load_teacher", "predict", "train"]
-
-
-def train(which, cfg, **kw):
-    """See :func:`ctsma.models.train.train`."""
-    from .train import train as _train
-
-    return _train(which, cfg, **kw)
