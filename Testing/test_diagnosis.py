@@ -195,6 +195,11 @@ def test_cli_train_evaluate_predict(cohort, tmp_path, capsys, monkeypatch):
     assert climain.main(["diagnose", "train", "--patches", str(tmp_path / "store.csv"), "--labels",
                          str(tmp_path / "labels.csv"), "--out", str(model)]) == 2
     assert "patch store table" in capsys.readouterr().err
+    for action in ("evaluate", "train"):
+        assert climain.main(["diagnose", action, "--patches", str(tmp_path / "p.csv"), "--labels",
+                             str(tmp_path / "labels.csv"), "--workers", "0", "--out", str(tmp_path / "w0")]) == 2
+        assert "--workers must be at least 1, got 0" in capsys.readouterr().err
+        assert not (tmp_path / "w0").exists()
 
 
 @pytest.mark.parametrize("agg", ["transformer", "mlp"])
@@ -235,3 +240,24 @@ def test_single_network_file_from_before_ensembles_loads(cohort):
 def test_ensemble_size_must_be_a_positive_whole_number(bad):
     with pytest.raises(UserError, match="'members' must be a whole number"):
         dg.make_aggregator("transformer", {"members": bad})
+
+
+def test_cross_validations_in_parallel_processes_give_the_same_results(cohort):
+    """``workers`` trains the folds of the (source, aggregator) cross-validations in spawned processes: the same
+    numbers in the same order as one after the other (every network trains on one thread either way)."""
+    table, labels = cohort
+    tables = {"student_distilled": table, "student_baseline": syn.measured(table, 1.0, seed=2)}
+    cfgs = {"transformer": {"steps": 20, "members": 1}, "mlp": {"epochs": 20, "members": 1}}
+    runs = [dg.compare_sources(tables, labels, ["logistic", "transformer", "mlp"], folds=3, seed=0, configs=cfgs,
+                               workers=w) for w in (1, 2)]
+    (b1, r1), (b2, r2) = runs
+    assert list(b1) == list(b2) == [f"{s}/{a}" for s in tables for a in ("logistic", "transformer", "mlp")]
+    for k in b1:
+        assert {m: v for m, v in b1[k].items() if m != "seconds"} == {m: v for m, v in b2[k].items() if m != "seconds"}
+        pd.testing.assert_frame_equal(r1[k].oof, r2[k].oof)
+    one = dg.cross_validate(table, labels, "transformer", folds=3, seed=0, config=cfgs["transformer"], workers=2)
+    pd.testing.assert_frame_equal(one.oof, r1["student_distilled/transformer"].oof)
+    model = dg.train(table, labels, "mlp", folds=3, seed=0, config=cfgs["mlp"], workers=2)
+    assert model.cv_metrics == {m: v for m, v in b1["student_distilled/mlp"].items()
+                                if m not in ("seconds", "config", "auc_diff_vs_student_baseline",
+                                             "auc_diff_ci_vs_student_baseline", "p_auc_vs_student_baseline")}

@@ -22,6 +22,8 @@ def add_parser(subparsers) -> None:
         q.add_argument("--labels", required=True, metavar="CSV", help="per-knee labels: subject, oa, severity")
         q.add_argument("--folds", type=int, default=5, help="patient-level cross-validation folds (default 5)")
         q.add_argument("--seed", type=int, default=0, help="random seed for folds and training (default 0)")
+        q.add_argument("--workers", type=int, default=1, help="cross-validation folds trained in this many "
+                       "parallel processes (default 1; the results are the same)")
 
     t = sub.add_parser("train", help="cross-validate, then train on all knees and save the model")
     t.add_argument("--patches", required=True, metavar="CSV", help="patch table")
@@ -63,6 +65,8 @@ def add_parser(subparsers) -> None:
 def _check_folds(args) -> None:
     if args.folds < 2:
         raise UserError(f"--folds must be at least 2, got {args.folds}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
 
 
 def _train(args) -> int:
@@ -76,7 +80,7 @@ def _train(args) -> int:
     ensure_output_file(args.out, (".safetensors",))  # before any work
     patches = use_parameter_columns(args.patches, args.prefix)
     model = diagnosis.train(patches, args.labels, args.aggregator, seed=args.seed,
-                            folds=None if args.no_cv else args.folds, source=args.source)
+                            folds=None if args.no_cv else args.folds, source=args.source, workers=args.workers)
     diagnosis.save(model, args.out)
     cv = model.cv_metrics
     if cv:
@@ -128,7 +132,8 @@ def _evaluate(args) -> int:
             raise UserError(f"--prefix takes SOURCE=PREFIX for a source named in --patches, got {item!r}")
         sources[name] = use_parameter_columns(sources[name], prefix, what=f"patch table of {name}")
     out = ensure_writable_dir(args.out)
-    block, results = diagnosis.compare_sources(sources, args.labels, aggs, args.folds, args.seed, pairs=pairs)
+    block, results = diagnosis.compare_sources(sources, args.labels, aggs, args.folds, args.seed, pairs=pairs,
+                                               workers=args.workers)
     write_json(out / "metrics.json", {"diagnosis": block, "diagnosis_settings": {
         "folds": args.folds, "seed": args.seed, "aggregators": {a: diagnosis.DEFAULTS[a] for a in aggs},
         "compare": [f"{a}:{b}" for a, b in pairs]}})

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from ..errors import InputImageError, UserError
 from ..io import read_image, safe_join, write_json
 from ..io.images import check_ct_intensities
 from ..io.atomic import atomic_path, remove_stale_partials
+from ..processes import worker_pool
 from .sampling import cut, cut_ct, inside_fraction, relative_positions, roi_centres
 
 log = logging.getLogger(__name__)
@@ -468,13 +469,10 @@ def build_dataset(manifest: str | os.PathLike, out: str | os.PathLike, settings:
         for row in progress.track(todo, "dataset: subjects", total=len(todo), unit="knee"):
             finished(str(row["subject"]), _build_shard(row, root, s, reg, paths[str(row["subject"])], key))
     else:
-        import multiprocessing
-
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        # spawned, not forked: a fork from a process that has run numba's OpenMP layer is killed (in a Python session
-        # that measured morphometry first, say), and a forked worker would share all of the caller's memory
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(threads,)) as ex:
+        # spawned (worker_pool), not forked: a fork from a process that has run numba's OpenMP layer is killed (in a
+        # Python session that measured morphometry first, say), and a forked worker would share the caller's memory
+        with worker_pool(jobs, initializer=_init_worker, initargs=(threads,)) as ex:
             futs = {ex.submit(_build_shard, row, root, s, reg, paths[str(row["subject"])], key, threads):
                     str(row["subject"]) for row in todo}
             for f in progress.track(as_completed(futs), "dataset: subjects", total=len(futs), unit="knee"):

@@ -235,17 +235,16 @@ def train_side_by_side(cfgs: list, workers: int, job=_train_job) -> list[tuple[i
     teacher has finished, and before any other waiting training. Returns the (fold, model) order of completion.
     The first training that fails stops the others and its error is raised. ``job(which, cfg, threads)`` runs one
     training (injected by the tests)."""
-    import multiprocessing
     import os
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from ..processes import worker_pool
 
     n = len(cfgs)
     threads = max(1, (os.cpu_count() or 1) // workers)
     ready = [(f, which) for f in range(n) for which in ("teacher", "baseline")]
     running, finished = {}, []
-    # spawned, as the dataset's workers: a fork would share the caller's memory and its numba/OpenMP state
-    ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    try:
+    with worker_pool(workers) as ex:
         while ready or running:
             while ready and len(running) < workers:
                 f, which = ready.pop(0)
@@ -259,12 +258,6 @@ def train_side_by_side(cfgs: list, workers: int, job=_train_job) -> list[tuple[i
                 progress.info(f"  fold {f + 1}/{n}: {which} finished in {secs:.0f} s")
                 if which == "teacher":
                     ready.insert(0, (f, "student"))
-    except BaseException:
-        for proc in list(getattr(ex, "_processes", {}).values()):  # the others would run on for minutes
-            proc.terminate()
-        ex.shutdown(wait=False, cancel_futures=True)
-        raise
-    ex.shutdown()
     return finished
 
 
@@ -380,7 +373,7 @@ def diagnosis(ctx: Context, d: Path) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         block, results = dx.compare_sources(tables, labels, ctx.s.aggregators, folds, ctx.s.seed,
-                                            pairs=[("student_distilled", "student_baseline")])
+                                            pairs=[("student_distilled", "student_baseline")], workers=ctx.s.workers)
     write_json(d / "diagnosis_metrics.json", block)
     dxreport.write_table(block, d)
     dxreport.write_roc_plots(results, d)
@@ -414,7 +407,7 @@ def inference(ctx: Context, d: Path) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = dx.train(others, labels, "transformer", seed=ctx.s.seed, folds=diagnosis_folds(ctx, labels),
-                         source="student_distilled")
+                         source="student_distilled", workers=ctx.s.workers)
     dpath = dx.save(model, d / "diagnosis_model.safetensors")
     row = ctx.cohort().set_index("subject").loc[subject]
     student = ctx.out / "training" / "fold0" / "student_distilled.safetensors"

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .. import stats
+from .. import progress, stats
 from ..errors import UserError
 from ..progress import track
 from .aggregators import make_aggregator
@@ -76,56 +76,114 @@ def score(oa, prob, severity=None, severity_pred=None) -> dict:
     return out
 
 
-def cross_validate(patch_table, labels, aggregator: str = "transformer", folds: int = DEFAULT_FOLDS,
-                   seed: int = DEFAULT_SEED, *, source: str = "", config: dict | None = None,
-                   knees: KneeSet | None = None) -> CVResult:
-    """Patient-level stratified k-fold CV of one aggregator on one patch table.
-
-    Returns per-patient out-of-fold OA probabilities and severities (``result.oof``) and the metrics
-    (``result.metrics``: auc, auc_ci, accuracy, sensitivity, specificity, f1, brier, severity_mae,
-    severity_r2, precision, recall, n, ...). Normalisation is fitted inside each training fold.
-    """
+def _fold_job(aggregator: str, config: dict | None, train: KneeSet, test: KneeSet, seed: int):
+    """Fit on one fold's training knees, predict its test knees: (probabilities, severities, seconds)."""
     t0 = time.perf_counter()
-    knees = knees if knees is not None else build_kneeset(patch_table, labels)
+    model = make_aggregator(aggregator, config).fit(train, seed=seed)
+    prob, sev = model.predict(test)
+    return prob, sev, time.perf_counter() - t0
+
+
+def _fold_jobs(knees: KneeSet, aggregator: str, folds: int, seed: int, config: dict | None):
+    """The fold assignment and one :func:`_fold_job` argument tuple per fold (fold ``k`` trains with ``seed + k``)."""
     assign = fold_assignment(knees, folds, seed)
+    return assign, [(aggregator, config, knees.subset(np.flatnonzero(assign != k)),
+                     knees.subset(np.flatnonzero(assign == k)), seed + k) for k in range(folds)]
+
+
+def _cv_result(knees: KneeSet, assign, outs, aggregator, folds, seed, source, config, seconds) -> CVResult:
     prob = np.full(len(knees), np.nan)
     sev = np.full(len(knees), np.nan)
-    for k in track(range(folds), f"diagnosis CV {source + '/' if source else ''}{aggregator}", total=folds,
-                   unit="fold"):
-        train, test = np.flatnonzero(assign != k), np.flatnonzero(assign == k)
-        model = make_aggregator(aggregator, config).fit(knees.subset(train), seed=seed + k)
-        prob[test], sev[test] = model.predict(knees.subset(test))
+    for k, (p, s, _) in enumerate(outs):
+        test = np.flatnonzero(assign == k)
+        prob[test], sev[test] = p, s
     oof = pd.DataFrame({"subject": knees.subjects, "fold": assign, "oa": knees.oa, "severity": knees.severity,
                         "oa_probability": prob, "severity_pred": sev})
     metrics = score(knees.oa, prob, knees.severity, sev)
     metrics.update({"folds": folds, "seed": seed})
     cfg = make_aggregator(aggregator, config).config
-    return CVResult(source, aggregator, oof, metrics, folds, seed, time.perf_counter() - t0, cfg)
+    return CVResult(source, aggregator, oof, metrics, folds, seed, seconds, cfg)
+
+
+def cross_validate(patch_table, labels, aggregator: str = "transformer", folds: int = DEFAULT_FOLDS,
+                   seed: int = DEFAULT_SEED, *, source: str = "", config: dict | None = None,
+                   knees: KneeSet | None = None, workers: int = 1) -> CVResult:
+    """Patient-level stratified k-fold CV of one aggregator on one patch table.
+
+    Returns per-patient out-of-fold OA probabilities and severities (``result.oof``) and the metrics
+    (``result.metrics``: auc, auc_ci, accuracy, sensitivity, specificity, f1, brier, severity_mae,
+    severity_r2, precision, recall, n, ...). Normalisation is fitted inside each training fold. ``workers`` > 1
+    trains the folds in that many spawned processes; every network trains on one thread either way, so the
+    results are the same.
+    """
+    from ..processes import run_jobs
+
+    t0 = time.perf_counter()
+    knees = knees if knees is not None else build_kneeset(patch_table, labels)
+    assign, jobs = _fold_jobs(knees, aggregator, folds, seed, config)
+    if workers > 1:
+        outs = run_jobs(_fold_job, jobs, workers)
+    else:
+        outs = [_fold_job(*job) for job in track(jobs, f"diagnosis CV {source + '/' if source else ''}{aggregator}",
+                                                 total=folds, unit="fold")]
+    return _cv_result(knees, assign, outs, aggregator, folds, seed, source, config, time.perf_counter() - t0)
+
+
+AGGREGATOR_COST = ("transformer", "mlp", "logistic")  # slowest first: the order in which parallel jobs start
 
 
 def compare_sources(tables: Mapping[str, object], labels, aggregators: Sequence[str] = ("transformer", "mlp",
                     "logistic"), folds: int = DEFAULT_FOLDS, seed: int = DEFAULT_SEED, *,
                     pairs: Sequence[tuple[str, str]] = (("student_distilled", "student_baseline"),),
-                    configs: Mapping[str, dict] | None = None) -> tuple[dict, dict[str, CVResult]]:
+                    configs: Mapping[str, dict] | None = None, workers: int = 1) -> tuple[dict, dict[str, CVResult]]:
     """Cross-validate every aggregator on every source with the same patient folds.
 
     ``tables`` maps a source name (student_distilled, student_baseline, mr_reference, truth, ...) to its
     patch table. Returns ``(diagnosis_block, results)``: the block maps ``"<source>/<aggregator>"`` to
-    its metrics (with the aggregator's ``config``, e.g. its ``members``); for each ``(a, b)`` in ``pairs`` present in ``tables``, the entry of ``a`` gains
-    ``auc_diff_vs_<b>``, ``auc_diff_ci_vs_<b>`` and ``p_auc_vs_<b>`` (two-sided DeLong test of the paired AUCs).
-    Every labelled knee must have valid patches in every table (else a clear error names the knees), so all
-    sources are evaluated on the same patients and folds and the comparison is paired.
+    its metrics (with the aggregator's ``config``, e.g. its ``members``, and ``seconds``: the wall time of the
+    cross-validation, or with ``workers`` > 1 the summed time of its folds); for each ``(a, b)`` in ``pairs``
+    present in ``tables``, the entry of ``a`` gains ``auc_diff_vs_<b>``, ``auc_diff_ci_vs_<b>`` and
+    ``p_auc_vs_<b>`` (two-sided DeLong test of the paired AUCs). Every labelled knee must have valid patches in
+    every table (else a clear error names the knees), so all sources are evaluated on the same patients and folds
+    and the comparison is paired. ``workers`` > 1 trains all the folds of all the cross-validations in that many
+    spawned processes, slowest aggregator first; every network trains on one thread either way, so the results
+    are the same.
     """
+    from ..processes import run_jobs
+
     lab = read_table(labels, "labels")
     knees_by_source = {s: build_kneeset(t, lab) for s, t in tables.items()}
+    keys = [(src, agg) for src in knees_by_source for agg in aggregators]
+    finished: dict[tuple[str, str], CVResult] = {}
+    if workers > 1:
+        rank = {a: i for i, a in enumerate(AGGREGATOR_COST)}
+        plan = {(src, agg): _fold_jobs(knees_by_source[src], agg, folds, seed, (configs or {}).get(agg))
+                for src, agg in sorted(keys, key=lambda k: rank.get(k[1], 0))}
+        flat = [(key, job) for key, (_, jobs) in plan.items() for job in jobs]
+        outs: dict[int, tuple] = {}
+
+        def done(i: int, out) -> None:  # a cross-validation is assembled once its last fold is in
+            outs[i] = out
+            src, agg = key = flat[i][0]
+            mine = [j for j, (k, _) in enumerate(flat) if k == key]
+            if all(j in outs for j in mine):
+                r = _cv_result(knees_by_source[src], plan[key][0], [outs[j] for j in mine], agg, folds, seed, src,
+                               (configs or {}).get(agg), sum(outs[j][2] for j in mine))
+                finished[key] = r
+                progress.info(f"  diagnosis CV {src}/{agg}: AUC {r.metrics['auc']:.3f} ({r.seconds:.0f} s in "
+                              f"{folds} folds)")
+
+        run_jobs(_fold_job, [job for _, job in flat], workers, on_done=done)
+    else:
+        for src, agg in keys:
+            finished[src, agg] = cross_validate(None, None, agg, folds, seed, source=src, knees=knees_by_source[src],
+                                                config=(configs or {}).get(agg))
     results: dict[str, CVResult] = {}
     block: dict[str, dict] = {}
-    for src, knees in knees_by_source.items():
-        for agg in aggregators:
-            r = cross_validate(None, None, agg, folds, seed, source=src, knees=knees,
-                               config=(configs or {}).get(agg))
-            results[f"{src}/{agg}"] = r
-            block[f"{src}/{agg}"] = dict(r.metrics, seconds=r.seconds, config=dict(r.config))
+    for src, agg in keys:
+        r = finished[src, agg]
+        results[f"{src}/{agg}"] = r
+        block[f"{src}/{agg}"] = dict(r.metrics, seconds=r.seconds, config=dict(r.config))
     for a, b in pairs:
         for agg in aggregators:
             ka, kb = f"{a}/{agg}", f"{b}/{agg}"

@@ -35,12 +35,15 @@ class DiagnosisModel:
 
 
 def train(patch_table, labels, aggregator: str = "transformer", *, seed: int = DEFAULT_SEED,
-          folds: int | None = DEFAULT_FOLDS, source: str = "", config: dict | None = None) -> DiagnosisModel:
-    """Cross-validate (unless ``folds`` is None), then fit on all labelled knees."""
+          folds: int | None = DEFAULT_FOLDS, source: str = "", config: dict | None = None,
+          workers: int = 1) -> DiagnosisModel:
+    """Cross-validate (unless ``folds`` is None; its folds in ``workers`` processes), then fit on all labelled
+    knees."""
     knees = build_kneeset(patch_table, labels)
     cv = None
     if folds:
-        cv = cross_validate(None, None, aggregator, folds, seed, source=source, knees=knees, config=config)
+        cv = cross_validate(None, None, aggregator, folds, seed, source=source, knees=knees, config=config,
+                            workers=workers)
     agg = make_aggregator(aggregator, config).fit(knees, seed=seed)
     meta = {
         "aggregator": aggregator, "config": agg.config, "source": source, "seed": seed,

@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import SimpleITK as sitk
 from .. import PARAMETERS, ROIS, progress
 from ..errors import InputImageError, UserError
 from ..io import atomic_dir, ensure_writable_dir, write_json, write_text
+from ..processes import worker_pool
 from .anatomy import BONE_NAMES, TISSUES, KneeModel
 from .imaging import simulate_ct, simulate_mr
 from .pose import bone_jacobians, build_transform, ct_grid, map_points
@@ -188,7 +189,7 @@ def generate_cohort(settings: PhantomSettings, n: int, seed: int, out, workers: 
             for i in progress.track(todo, "phantom", total=len(todo), unit="knee"):
                 rows[i] = generate_knee(settings, seed, i, out)
         else:
-            with ProcessPoolExecutor(max_workers=min(int(workers), len(todo))) as ex:
+            with worker_pool(min(int(workers), len(todo))) as ex:
                 futs = {ex.submit(_run_one, (sd, int(seed), i, str(out))): i for i in todo}
                 for f in progress.track(as_completed(futs), "phantom", total=len(todo), unit="knee"):
                     rows[futs[f]] = f.result()

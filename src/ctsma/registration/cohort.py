@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +21,7 @@ import pandas as pd
 from .. import progress
 from ..errors import ConfigError, InputImageError, UserError
 from ..io.atomic import safe_join, write_text
+from ..processes import worker_pool
 
 _WORKER: dict = {}
 
@@ -136,7 +137,7 @@ def run_cohort(manifest: str | Path, out: str | Path, *, preset, model_path: str
         for row, target in progress.track(todo, "register cohort", total=len(todo), unit="knee"):
             records.append(_run_one(row, target))
     else:
-        with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(preset_dict, model_path, threads)) as ex:
+        with worker_pool(jobs, initializer=_init_worker, initargs=(preset_dict, model_path, threads)) as ex:
             futures = [ex.submit(_run_one, row, target) for row, target in todo]
             for fut in progress.track(as_completed(futures), "register cohort", total=len(futures), unit="knee"):
                 records.append(fut.result())

@@ -1,0 +1,70 @@
+"""Work shared out over spawned worker processes: :func:`worker_pool` and :func:`run_jobs`.
+
+Used where a stage is many independent single-threaded (or thread-starved) jobs, such as the demo's CNN trainings
+and the diagnosis cross-validations: two such jobs side by side on two cores take about half the time of one after
+the other. Workers are spawned, not forked: a forked worker inherits the caller's memory and the state of its
+thread pools (OpenMP, ITK, torch) and of a CUDA context, and can hang in it (the demo's registration stage did, on a
+GPU machine, after the synthesis had trained on the GPU). The first job that fails stops the others (they could run on for minutes) and its error is raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Any, Callable, Iterator, Sequence
+
+
+def _init_worker(quiet: bool, jsonl_path: str | None, initializer: Callable[..., Any] | None, initargs: tuple) -> None:
+    if quiet:
+        from . import progress
+
+        progress.configure(jsonl_path=jsonl_path or "", quiet=True)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, quiet: bool = False, initializer: Callable[..., Any] | None = None,
+                initargs: tuple = ()) -> Iterator[ProcessPoolExecutor]:
+    """A pool of ``workers`` spawned processes; on any error inside the block its workers are terminated.
+
+    ``quiet``: the workers show no progress bars or status lines (the caller reports the jobs as they finish);
+    they still write the machine-readable progress file of the caller, if one is configured. ``initializer(
+    *initargs)`` runs once in each worker (a module-level function)."""
+    from . import progress
+
+    ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                             initargs=(quiet, progress._jsonl_path, initializer, initargs))
+    try:
+        yield ex
+    except BaseException:
+        for proc in list((getattr(ex, "_processes", None) or {}).values()):
+            proc.terminate()
+        ex.shutdown(wait=False, cancel_futures=True)
+        raise
+    ex.shutdown()
+
+
+def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int,
+             on_done: Callable[[int, Any], None] | None = None) -> list:
+    """``[fn(*job) for job in jobs]``, computed by ``workers`` spawned processes (in this process when ``workers``
+    is 1 or there is one job). Jobs are started in the order given, so put the longest first. ``on_done(i,
+    result)`` is called in this process as each job finishes. ``fn`` must be importable (a module-level function)."""
+    results: list = [None] * len(jobs)
+    if workers <= 1 or len(jobs) <= 1:
+        for i, job in enumerate(jobs):
+            results[i] = fn(*job)
+            if on_done:
+                on_done(i, results[i])
+        return results
+    with worker_pool(min(workers, len(jobs)), quiet=True) as ex:
+        running = {ex.submit(fn, *job): i for i, job in enumerate(jobs)}
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                i = running.pop(fut)
+                results[i] = fut.result()  # a job's error stops the others here
+                if on_done:
+                    on_done(i, results[i])
+    return results
