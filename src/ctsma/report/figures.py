@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .. import PARAMETERS, ROIS
+from .. import PARAMETERS
 from .format import AGGREGATOR_LABELS, as_float, get, source_label, unit_label
 from .published import PUBLISHED_ICC, PUBLISHED_LABEL, PUBLISHED_MEAN_ICC
 
