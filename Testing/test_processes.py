@@ -63,3 +63,37 @@ def test_the_package_starts_its_worker_processes_in_one_place():
     users = sorted(str(f.relative_to(root)) for f in root.rglob("*.py")
                    if "ProcessPoolExecutor(" in f.read_text(encoding="utf-8"))
     assert users == ["processes.py"]
+
+
+def _worker_settings():
+    import warnings
+
+    from ctsma import progress
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn("from a worker", UserWarning)
+    return progress._quiet, progress._jsonl_path, len(caught)
+
+
+def test_workers_start_with_the_callers_progress_and_warning_settings(tmp_path):
+    """Forked workers inherited the caller's --quiet, --progress-jsonl and warning filters; spawned ones are given
+    them."""
+    import warnings
+
+    from ctsma import progress
+
+    old = progress._quiet, progress._jsonl_path
+    try:
+        progress.configure(jsonl_path=str(tmp_path / "p.jsonl"), quiet=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = run_jobs(_worker_settings, [(), ()], 2)
+        assert out == [(True, str(tmp_path / "p.jsonl"), 0)] * 2
+        progress.configure(jsonl_path="", quiet=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            from ctsma.processes import worker_pool
+            with worker_pool(1) as ex:
+                assert ex.submit(_worker_settings).result() == (False, None, 1)
+    finally:
+        progress.configure(jsonl_path=old[1] or "", quiet=old[0])

@@ -3,8 +3,10 @@
 Used where a stage is many independent single-threaded (or thread-starved) jobs, such as the demo's CNN trainings
 and the diagnosis cross-validations: two such jobs side by side on two cores take about half the time of one after
 the other. Workers are spawned, not forked: a forked worker inherits the caller's memory and the state of its
-thread pools (OpenMP, ITK, torch) and of a CUDA context, and can hang in it (the demo's registration stage did, on a
-GPU machine, after the synthesis had trained on the GPU). The first job that fails stops the others (they could run on for minutes) and its error is raised.
+thread pools (OpenMP, ITK, torch) and of a CUDA context, and can hang in it (the demo's registration stage did, on
+a GPU machine, after the synthesis had trained on the GPU). A spawned worker starts with the caller's progress
+settings (quiet or not, the JSON-lines file) and warning filters. The first job that fails stops the others (they
+could run on for minutes) and its error is raised.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Iterator, Sequence
 
 
-def _init_worker(quiet: bool, jsonl_path: str | None, initializer: Callable[..., Any] | None, initargs: tuple) -> None:
-    if quiet:
-        from . import progress
+def _init_worker(quiet: bool, jsonl_path: str | None, filters: list, initializer: Callable[..., Any] | None,
+                 initargs: tuple) -> None:
+    import warnings
 
-        progress.configure(jsonl_path=jsonl_path or "", quiet=True)
+    from . import progress
+
+    progress.configure(jsonl_path=jsonl_path or "", quiet=quiet)
+    warnings.filters[:] = filters
+    getattr(warnings, "_filters_mutated", lambda: None)()  # CPython's cache of the filters
     if initializer is not None:
         initializer(*initargs)
 
@@ -29,13 +35,17 @@ def worker_pool(workers: int, quiet: bool = False, initializer: Callable[..., An
                 initargs: tuple = ()) -> Iterator[ProcessPoolExecutor]:
     """A pool of ``workers`` spawned processes; on any error inside the block its workers are terminated.
 
-    ``quiet``: the workers show no progress bars or status lines (the caller reports the jobs as they finish);
-    they still write the machine-readable progress file of the caller, if one is configured. ``initializer(
-    *initargs)`` runs once in each worker (a module-level function)."""
+    The workers show progress as the caller does (no bars or status lines when it is quiet), write to its
+    machine-readable progress file, if one is configured, and filter warnings as it does when the pool starts.
+    ``quiet``: no bars or status lines in the workers either way (the caller reports the jobs as they finish).
+    ``initializer(*initargs)`` runs once in each worker (a module-level function)."""
+    import warnings
+
     from . import progress
 
     ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                             initargs=(quiet, progress._jsonl_path, initializer, initargs))
+                             initargs=(quiet or progress._quiet, progress._jsonl_path, list(warnings.filters),
+                                       initializer, initargs))
     try:
         yield ex
     except BaseException:
