@@ -242,14 +242,25 @@ def test_ensemble_size_must_be_a_positive_whole_number(bad):
         dg.make_aggregator("transformer", {"members": bad})
 
 
-def test_cross_validations_in_parallel_processes_give_the_same_results(cohort):
+def test_cross_validations_in_parallel_processes_give_the_same_results(cohort, tmp_path):
     """``workers`` trains the folds of the (source, aggregator) cross-validations in spawned processes: the same
     numbers in the same order as one after the other (every network trains on one thread either way)."""
     table, labels = cohort
     tables = {"student_distilled": table, "student_baseline": syn.measured(table, 1.0, seed=2)}
     cfgs = {"transformer": {"steps": 20, "members": 1}, "mlp": {"epochs": 20, "members": 1}}
-    runs = [dg.compare_sources(tables, labels, ["logistic", "transformer", "mlp"], folds=3, seed=0, configs=cfgs,
-                               workers=w) for w in (1, 2)]
+    from ctsma import progress
+
+    runs = [dg.compare_sources(tables, labels, ["logistic", "transformer", "mlp"], folds=3, seed=0, configs=cfgs)]
+    old = progress._jsonl_path
+    progress.configure(jsonl_path=str(tmp_path / "progress.jsonl"))
+    try:
+        runs.append(dg.compare_sources(tables, labels, ["logistic", "transformer", "mlp"], folds=3, seed=0,
+                                       configs=cfgs, workers=2))
+    finally:
+        progress.configure(jsonl_path=old or "")
+    events = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["done"], e["total"]) for e in events] == [("diagnosis cross-validations", i, 6)
+                                                                     for i in range(1, 7)]
     (b1, r1), (b2, r2) = runs
     assert list(b1) == list(b2) == [f"{s}/{a}" for s in tables for a in ("logistic", "transformer", "mlp")]
     for k in b1:

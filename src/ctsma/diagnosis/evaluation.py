@@ -170,7 +170,8 @@ def compare_sources(tables: Mapping[str, object], labels, aggregators: Sequence[
                 r = _cv_result(knees_by_source[src], plan[key][0], [outs[j] for j in mine], agg, folds, seed, src,
                                (configs or {}).get(agg), sum(outs[j][2] for j in mine))
                 finished[key] = r
-                progress.info(f"  diagnosis CV {src}/{agg}: AUC {r.metrics['auc']:.3f} ({r.seconds:.0f} s in "
+                progress.step("diagnosis cross-validations", len(finished), len(plan),
+                              f"  diagnosis CV {src}/{agg}: AUC {r.metrics['auc']:.3f} ({r.seconds:.0f} s in "
                               f"{folds} folds)")
 
         run_jobs(_fold_job, [job for _, job in flat], workers, on_done=done)
