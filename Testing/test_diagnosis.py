@@ -266,7 +266,14 @@ def test_cross_validations_in_parallel_processes_give_the_same_results(cohort, t
     for k in b1:
         assert {m: v for m, v in b1[k].items() if m != "seconds"} == {m: v for m, v in b2[k].items() if m != "seconds"}
         pd.testing.assert_frame_equal(r1[k].oof, r2[k].oof)
-    one = dg.cross_validate(table, labels, "transformer", folds=3, seed=0, config=cfgs["transformer"], workers=2)
+    progress.configure(jsonl_path=str(tmp_path / "cv.jsonl"))
+    try:
+        one = dg.cross_validate(table, labels, "transformer", folds=3, seed=0, config=cfgs["transformer"], workers=2)
+    finally:
+        progress.configure(jsonl_path=old or "")
+    events = [json.loads(line) for line in (tmp_path / "cv.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["done"], e["total"]) for e in events] == [("diagnosis CV transformer", i, 3)
+                                                                     for i in (1, 2, 3)]
     pd.testing.assert_frame_equal(one.oof, r1["student_distilled/transformer"].oof)
     model = dg.train(table, labels, "mlp", folds=3, seed=0, config=cfgs["mlp"], workers=2)
     assert model.cv_metrics == {m: v for m, v in b1["student_distilled/mlp"].items()

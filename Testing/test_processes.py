@@ -30,18 +30,32 @@ def test_jobs_run_side_by_side_and_come_back_in_order():
     seen = []
     out = run_jobs(_job, [(i, 0.8 if i < 2 else 0.1) for i in range(5)], 2, on_done=lambda i, r: seen.append(i))
     assert [r["i"] for r in out] == list(range(5))
-    assert sorted(seen) == list(range(5)) and seen != []
+    assert sorted(seen) == list(range(5))
     assert len({r["pid"] for r in out}) == 2 and os.getpid() not in {r["pid"] for r in out}
     assert out[1]["start"] < out[0]["end"]              # the two long jobs overlapped
     for r in out:                                        # never more than two at once
         assert sum(o["start"] <= r["start"] < o["end"] for o in out) <= 2
 
 
-def test_one_worker_runs_in_this_process_and_a_failure_is_raised():
+def test_one_worker_runs_in_this_process_and_a_failure_stops_the_others():
+    import multiprocessing
+
     out = run_jobs(_job, [(0, 0.0), (1, 0.0)], 1)
     assert {r["pid"] for r in out} == {os.getpid()}
+    t0 = time.time()
     with pytest.raises(UserError, match="job 1 failed"):
         run_jobs(_job, [(0, 0.2), (1, 0.0, True), (2, 30.0), (3, 30.0)], 2)
+    assert time.time() - t0 < 15                         # the 30-s jobs were stopped, not waited for
+    assert multiprocessing.active_children() == []
+
+
+def _die():
+    os._exit(3)
+
+
+def test_a_worker_that_dies_gives_a_clear_error():
+    with pytest.raises(UserError, match="worker process stopped before its work was done.*__main__"):
+        run_jobs(_die, [(), ()], 2)
 
 
 def test_workers_are_spawned_not_forked():
@@ -92,6 +106,8 @@ def test_workers_start_with_the_callers_progress_and_warning_settings(tmp_path):
         progress.configure(jsonl_path="", quiet=False)
         with warnings.catch_warnings():
             warnings.simplefilter("always")
+            # a warning class of the caller's script cannot be sent to a worker: that filter stays behind
+            warnings.filterwarnings("ignore", category=type("ScriptWarning", (UserWarning,), {"__module__": "__main__"}))
             from ctsma.processes import worker_pool
             with worker_pool(1) as ex:
                 assert ex.submit(_worker_settings).result() == (False, None, 1)

@@ -258,3 +258,16 @@ def test_cohort_shards_resume_and_report(tmp_path, pair):
     assert (out / "cohort_0of2.csv").is_file()
     again = run_cohort(tmp_path / "manifest.csv", out, preset=preset, shard=(0, 2))
     assert again.status.iloc[0].startswith("skipped")
+
+
+def test_cohort_workers_with_a_damaged_model_give_its_clear_error(tmp_path):
+    """With --jobs > 1 the synthesis model is checked before the workers start: its one-line error, not a broken
+    worker pool (each worker would fail to load it)."""
+    from ctsma.errors import ModelFileError
+    from ctsma.registration.presets import load_preset
+
+    (tmp_path / "model.safetensors").write_bytes(b"not a model")
+    (tmp_path / "manifest.csv").write_text("subject,mr,ct\nA,a_mr.nii.gz,a_ct.nii.gz\nB,b_mr.nii.gz,b_ct.nii.gz\n")
+    with pytest.raises(ModelFileError):
+        run_cohort(tmp_path / "manifest.csv", tmp_path / "out", preset=load_preset("demo"),
+                   model_path=str(tmp_path / "model.safetensors"), jobs=2)

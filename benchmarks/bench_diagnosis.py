@@ -68,8 +68,11 @@ def main():
                          "block": block}
         print(f"{w} worker(s): {by_workers[w]['wall_s']:.1f} s wall", flush=True)
     ref = next(iter(by_workers.values()))["block"]
-    same = all({k: {m: v for m, v in b["block"][k].items() if m != "seconds"} for k in b["block"]}
-               == {k: {m: v for m, v in ref[k].items() if m != "seconds"} for k in ref} for b in by_workers.values())
+    def numbers(block):  # JSON text: NaN equals NaN
+        return json.dumps({k: {m: v for m, v in block[k].items() if m != "seconds"} for k in block}, sort_keys=True,
+                          default=float)
+
+    same = all(numbers(b["block"]) == numbers(ref) for b in by_workers.values())
     cv_total, cv_cpu = by_workers[min(by_workers)]["wall_s"], by_workers[min(by_workers)]["cpu_s_this_process"]
     t1, c1 = time.perf_counter(), time.process_time()
     train(tables[next(iter(tables))], labels, "transformer", seed=a.seed, folds=None)

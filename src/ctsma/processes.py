@@ -14,7 +14,14 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterator, Sequence
+
+from .errors import UserError
+
+BROKEN = ("a worker process stopped before its work was done (killed, out of memory, or it could not start: a "
+          "Python script that runs CT-SMA's parallel work must start it under `if __name__ == \"__main__\":`, "
+          "because each worker imports the script)")
 
 
 def _init_worker(quiet: bool, jsonl_path: str | None, filters: list, initializer: Callable[..., Any] | None,
@@ -43,15 +50,21 @@ def worker_pool(workers: int, quiet: bool = False, initializer: Callable[..., An
 
     from . import progress
 
+    # a filter whose warning class lives in the caller's __main__ (a script, a notebook) cannot reach a worker
+    filters = [f for f in warnings.filters if getattr(f[2], "__module__", "") != "__main__"]
     ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                             initargs=(quiet or progress._quiet, progress._jsonl_path, list(warnings.filters),
-                                       initializer, initargs))
+                             initargs=(quiet or progress._quiet, progress._jsonl_path, filters, initializer, initargs))
     try:
         yield ex
-    except BaseException:
-        for proc in list((getattr(ex, "_processes", None) or {}).values()):
+    except BaseException as exc:
+        procs = list((getattr(ex, "_processes", None) or {}).values())
+        for proc in procs:
             proc.terminate()
         ex.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            proc.join(5)
+        if isinstance(exc, BrokenProcessPool):
+            raise UserError(BROKEN) from exc
         raise
     ex.shutdown()
 

@@ -11,7 +11,8 @@ from ..config import setting
 class DemoSettings:
     n: int = setting(36, lo=8, hi=10_000, help="knees in the phantom cohort")
     seed: int = setting(0, lo=0, hi=2**31 - 1, help="seed of the cohort (and of every later stage)")
-    workers: int = setting(2, lo=1, hi=256, help="parallel processes for phantom and registration")
+    workers: int = setting(2, lo=1, hi=256,
+                           help="parallel processes (phantom, registration, dataset, CPU training, diagnosis)")
     phantom_preset: str = setting("demo", choices=("demo", "full"))
     synthesis_knees: int = setting(6, lo=2, hi=10_000,
                                    help="knees used to train the MR->pseudo-CT model; TRE is reported on the others")

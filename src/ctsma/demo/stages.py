@@ -231,10 +231,10 @@ def _train_job(which: str, cfg, threads: int) -> float:
 
 def train_side_by_side(cfgs: list, workers: int, job=_train_job) -> list[tuple[int, str]]:
     """Train every fold's teacher, student and baseline (``cfgs``: one training config per fold) in ``workers``
-    spawned processes with ``cpu_count // workers`` torch threads each; a student is started only after its fold's
-    teacher has finished, and before any other waiting training. Returns the (fold, model) order of completion.
-    The first training that fails stops the others and its error is raised. ``job(which, cfg, threads)`` runs one
-    training (injected by the tests)."""
+    spawned processes with ``cpu_count // workers`` torch threads each: the teachers first, then the baselines; a
+    student is started only after its fold's teacher has finished, and before any other waiting training. Returns
+    the (fold, model) order of completion. The first training that fails stops the others and its error is raised.
+    ``job(which, cfg, threads)`` runs one training (injected by the tests)."""
     import os
     from concurrent.futures import FIRST_COMPLETED, wait
 
@@ -242,7 +242,9 @@ def train_side_by_side(cfgs: list, workers: int, job=_train_job) -> list[tuple[i
 
     n = len(cfgs)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    ready = [(f, which) for f in range(n) for which in ("teacher", "baseline")]
+    # every teacher before any baseline: a teacher unlocks its student, the longest training (distillation runs the
+    # teacher too), and the baselines fill the end, so that no student is left running alone (docs/demo.md)
+    ready = [(f, "teacher") for f in range(n)] + [(f, "baseline") for f in range(n)]
     running, finished = {}, []
     with worker_pool(workers) as ex:
         while ready or running:

@@ -121,11 +121,13 @@ def cross_validate(patch_table, labels, aggregator: str = "transformer", folds: 
     t0 = time.perf_counter()
     knees = knees if knees is not None else build_kneeset(patch_table, labels)
     assign, jobs = _fold_jobs(knees, aggregator, folds, seed, config)
+    stage = f"diagnosis CV {source + '/' if source else ''}{aggregator}"
     if workers > 1:
-        outs = run_jobs(_fold_job, jobs, workers)
+        done = []
+        outs = run_jobs(_fold_job, jobs, workers, on_done=lambda i, out: (done.append(i), progress.step(
+            stage, len(done), folds, f"  {stage}: fold {i + 1} of {folds} done ({out[2]:.0f} s)")))
     else:
-        outs = [_fold_job(*job) for job in track(jobs, f"diagnosis CV {source + '/' if source else ''}{aggregator}",
-                                                 total=folds, unit="fold")]
+        outs = [_fold_job(*job) for job in track(jobs, stage, total=folds, unit="fold")]
     return _cv_result(knees, assign, outs, aggregator, folds, seed, source, config, time.perf_counter() - t0)
 
 

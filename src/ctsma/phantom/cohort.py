@@ -151,7 +151,9 @@ def _done(out: Path, sid: str, shash: str, seed: int) -> dict | None:
 
 
 def generate_cohort(settings: PhantomSettings, n: int, seed: int, out, workers: int = 1) -> Path:
-    """Generate (or resume) a cohort of ``n`` knees in ``out``; returns the manifest path."""
+    """Generate (or resume) a cohort of ``n`` knees in ``out``; returns the manifest path. With ``workers`` > 1 the
+    knees are made in spawned worker processes: a Python script that calls this must do so under
+    ``if __name__ == "__main__":``, because each worker imports the script."""
     if int(n) < 1:
         raise UserError(f"--n must be at least 1 (got {n})")
     if int(seed) < 0:

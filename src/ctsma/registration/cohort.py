@@ -113,7 +113,10 @@ def _run_one(row: dict, out_dir: str) -> dict:
 
 def run_cohort(manifest: str | Path, out: str | Path, *, preset, model_path: str | None = None,
                shard: tuple[int, int] = (0, 1), jobs: int = 1, limit: int | None = None) -> pd.DataFrame:
-    """Register the manifest's pairs of one shard into ``out``; returns (and writes) the shard summary."""
+    """Register the manifest's pairs of one shard into ``out``; returns (and writes) the shard summary.
+
+    With ``jobs`` > 1 the pairs are registered in spawned worker processes: a Python script that calls this must do
+    so under ``if __name__ == "__main__":``, because each worker imports the script."""
     df = read_manifest(manifest)
     i, n = shard
     rows = df.iloc[i::n]
@@ -137,6 +140,10 @@ def run_cohort(manifest: str | Path, out: str | Path, *, preset, model_path: str
         for row, target in progress.track(todo, "register cohort", total=len(todo), unit="knee"):
             records.append(_run_one(row, target))
     else:
+        if model_path:  # a damaged model file: its clear error here, not a broken worker pool
+            from ..synthesis.model import SynthesisModel
+
+            SynthesisModel.load(model_path)
         with worker_pool(jobs, initializer=_init_worker, initargs=(preset_dict, model_path, threads)) as ex:
             futures = [ex.submit(_run_one, row, target) for row, target in todo]
             for fut in progress.track(as_completed(futures), "register cohort", total=len(futures), unit="knee"):
