@@ -52,8 +52,9 @@ def worker_pool(workers: int, quiet: bool = False, initializer: Callable[..., An
 
     # a filter whose warning class lives in the caller's __main__ (a script, a notebook) cannot reach a worker
     filters = [f for f in warnings.filters if getattr(f[2], "__module__", "") != "__main__"]
+    jsonl_path, caller_quiet = progress.settings()
     ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                             initargs=(quiet or progress._quiet, progress._jsonl_path, filters, initializer, initargs))
+                             initargs=(quiet or caller_quiet, jsonl_path, filters, initializer, initargs))
     try:
         yield ex
     except BaseException as exc:

@@ -30,6 +30,11 @@ def configure(jsonl_path: str | None = None, quiet: bool | None = None) -> None:
         _quiet = quiet
 
 
+def settings() -> tuple[str | None, bool]:
+    """The current JSON-lines file (or None) and whether bars are hidden, e.g. to hand to worker processes."""
+    return _jsonl_path, _quiet
+
+
 def emit(stage: str, done: int, total: int, message: str = "", **extra) -> None:
     """Append one progress event to the JSON-lines file, if one is configured."""
     if not _jsonl_path:

@@ -470,8 +470,6 @@ def build_dataset(manifest: str | os.PathLike, out: str | os.PathLike, settings:
             finished(str(row["subject"]), _build_shard(row, root, s, reg, paths[str(row["subject"])], key))
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        # spawned (worker_pool), not forked: a fork from a process that has run numba's OpenMP layer is killed (in a
-        # Python session that measured morphometry first, say), and a forked worker would share the caller's memory
         with worker_pool(jobs, initializer=_init_worker, initargs=(threads,)) as ex:
             futs = {ex.submit(_build_shard, row, root, s, reg, paths[str(row["subject"])], key, threads):
                     str(row["subject"]) for row in todo}

@@ -124,8 +124,12 @@ def cross_validate(patch_table, labels, aggregator: str = "transformer", folds: 
     stage = f"diagnosis CV {source + '/' if source else ''}{aggregator}"
     if workers > 1:
         done = []
-        outs = run_jobs(_fold_job, jobs, workers, on_done=lambda i, out: (done.append(i), progress.step(
-            stage, len(done), folds, f"  {stage}: fold {i + 1} of {folds} done ({out[2]:.0f} s)")))
+
+        def report(i: int, out) -> None:
+            done.append(i)
+            progress.step(stage, len(done), folds, f"  {stage}: fold {i + 1} of {folds} done ({out[2]:.0f} s)")
+
+        outs = run_jobs(_fold_job, jobs, workers, on_done=report)
     else:
         outs = [_fold_job(*job) for job in track(jobs, stage, total=folds, unit="fold")]
     return _cv_result(knees, assign, outs, aggregator, folds, seed, source, config, time.perf_counter() - t0)
@@ -162,12 +166,15 @@ def compare_sources(tables: Mapping[str, object], labels, aggregators: Sequence[
         plan = {(src, agg): _fold_jobs(knees_by_source[src], agg, folds, seed, (configs or {}).get(agg))
                 for src, agg in sorted(keys, key=lambda k: rank.get(k[1], 0))}
         flat = [(key, job) for key, (_, jobs) in plan.items() for job in jobs]
+        indices: dict[tuple[str, str], list[int]] = {}
+        for j, (key, _) in enumerate(flat):
+            indices.setdefault(key, []).append(j)
         outs: dict[int, tuple] = {}
 
         def done(i: int, out) -> None:  # a cross-validation is assembled once its last fold is in
             outs[i] = out
             src, agg = key = flat[i][0]
-            mine = [j for j, (k, _) in enumerate(flat) if k == key]
+            mine = indices[key]
             if all(j in outs for j in mine):
                 r = _cv_result(knees_by_source[src], plan[key][0], [outs[j] for j in mine], agg, folds, seed, src,
                                (configs or {}).get(agg), sum(outs[j][2] for j in mine))
