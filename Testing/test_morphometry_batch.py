@@ -36,6 +36,10 @@ def test_label_distance_transform_is_edt_bit_for_bit(seed):
             lab = bone.astype(np.uint8)  # one label and background
         if trial == 1:
             lab = np.ones(shape, np.uint8)  # one label everywhere: no boundary, inf
+        if trial == 2:  # long runs (the windowed passes try offsets up to the column length) and a lone boundary
+            shape = tuple(int(n) for n in rng.integers(40, 70, 3))
+            lab = np.ones(shape, np.uint8)
+            lab[tuple(int(rng.integers(0, n)) for n in shape)] = 2
         ours = edtsq_labels(lab, *sp)
         ref = edt.edtsq(lab, anisotropy=sp, black_border=False)
         assert ours.dtype == np.float32 and ours.shape == lab.shape

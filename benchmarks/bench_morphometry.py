@@ -1,7 +1,7 @@
 """Benchmark of the morphometry engine: accuracy on analytic structures, real bone vs peers, speed, batch.
 
-Run:  .venv/bin/python benchmarks/bench_morphometry.py [--quick] [--no-peers] [--ormir]
-Prints tables and writes benchmarks/results/bench_morphometry.json.
+Run:  .venv/bin/python benchmarks/bench_morphometry.py [--quick] [--no-peers] [--ormir] [--only PART ...] [--tag T]
+Prints tables and writes benchmarks/results/bench_morphometry[_T].json (PART: accuracy, lhdl, batch).
 
 * Accuracy: plates (axis-aligned and oblique, with their marrow: period 2t + 4), circular rods (axis-aligned
   and oblique) and spheres of known diameter, at several sizes, isotropic and anisotropic spacing, each at
@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ctsma.morphometry import local_thickness, measure_batch, measure_binary  # noqa: E402
+from ctsma.morphometry import local_thickness, measure_batch  # noqa: E402
 
 LHDL = ROOT.parent / "shared" / "data" / "real" / "lhdl_3155_D_4_bc_trabecular_uCT_200cube_19.5um.nii.gz"
 PEERS = ROOT / ".peers" / "bin" / "python"
@@ -312,12 +312,31 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer phantoms and patches")
     ap.add_argument("--no-peers", action="store_true", help="skip the peer tools")
     ap.add_argument("--ormir", action="store_true", help="also run ORMIR-XCT on the cube (several minutes)")
+    ap.add_argument("--only", nargs="+", choices=("accuracy", "lhdl", "batch"), default=("accuracy", "lhdl", "batch"),
+                    help="run only these parts")
+    ap.add_argument("--tag", default="", help="suffix of the result file (bench_morphometry_<tag>.json)")
     args = ap.parse_args()
+    out = OUT.with_name(f"bench_morphometry_{args.tag}.json") if args.tag else OUT
     load = os.getloadavg()
     result = {"machine": {"cpus": os.cpu_count(), "loadavg_at_start": load}, "date": time.strftime("%Y-%m-%d %H:%M")}
 
+    if "accuracy" in args.only:
+        report_accuracy(result, args.quick)
+    if "lhdl" in args.only:
+        report_lhdl(result, args)
+    if "batch" in args.only:
+        report_batch(result, args.quick)
+    result["machine"]["loadavg_at_end"] = os.getloadavg()
+    result["peak_rss_gb_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"load average start {load[0]:.1f}, end {result['machine']['loadavg_at_end'][0]:.1f} on "
+          f"{os.cpu_count()} CPUs; wrote {out}")
+
+
+def report_accuracy(result, quick):
     print("== accuracy on analytic structures (errors in voxels) ==", flush=True)
-    acc = accuracy(args.quick)
+    acc = accuracy(quick)
     result["accuracy"] = acc
     print(f"{'spacing':>16} {'structure':>14} {'param':>6} {'truth':>6} {'conv':>8} {'mean':>7} {'worst':>7}  pass")
     for r in acc:
@@ -329,6 +348,8 @@ def main():
         print(f"{conv}: mean error within tolerance in {sum(r['pass_mean'] for r in rr)}/{len(rr)} cases, "
               f"every position within tolerance in {sum(r['pass_all'] for r in rr)}/{len(rr)}")
 
+
+def report_lhdl(result, args):
     if LHDL.exists():
         print("== LHDL cube (mm) ==", flush=True)
         rb = real_bone(not args.no_peers, args.ormir)
@@ -358,19 +379,15 @@ def main():
     else:
         print(f"(skipping the LHDL cube: {LHDL} not found)")
 
+
+def report_batch(result, quick):
     print("== batch: 64^3 patches ==", flush=True)
-    result["batch"] = batch(args.quick)
+    result["batch"] = batch(quick)
     for k, v in result["batch"].items():
         if k.endswith("_workers"):
             print(f"{k}: {v['patches_per_s']:.1f} patches/s wall, {v['patches_per_cpu_s']:.1f} patches per CPU-second")
     print("CPU ms per patch by stage: " +
           ", ".join(f"{k} {v:.1f}" for k, v in result["batch"]["cpu_ms_per_patch_by_stage"].items()))
-    result["machine"]["loadavg_at_end"] = os.getloadavg()
-    result["peak_rss_gb_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=1))
-    print(f"load average start {load[0]:.1f}, end {result['machine']['loadavg_at_end'][0]:.1f} on "
-          f"{os.cpu_count()} CPUs; wrote {OUT}")
 
 
 if __name__ == "__main__":

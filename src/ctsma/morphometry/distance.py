@@ -1,26 +1,30 @@
 """Squared distance transform of a label image, compiled, bit for bit the ``edt`` package's.
 
-:func:`edtsq_labels` reproduces ``edt.edtsq(labels, anisotropy, black_border=False)`` (seung-lab's multi-label
-transform, version 3.1, the one ``constraints.txt`` pins) operation for operation, in float32 storage and float64
-envelope arithmetic as it does: every voxel of a non-zero label gets its squared distance (mm²) to the nearest
-voxel centre of another label (label 0 included), label 0 gets 0, and a label with no other label in the image
-gets ``inf``. Another ``edt`` release may round differently; the distances then agree to float32 precision.
+:func:`edtsq_labels` gives what ``edt.edtsq(labels, anisotropy, black_border=False)`` gives (seung-lab's multi-label
+transform, version 3.1, the one ``constraints.txt`` pins), bit for bit, in float32 storage and float64 arithmetic as
+it does: every voxel of a non-zero label gets its squared distance (mm²) to the nearest voxel centre of another label
+(label 0 included), label 0 gets 0, and a label with no other label in the image gets ``inf``. Another ``edt``
+release may round differently; the distances then agree to float32 precision.
 
 Why a second implementation of a library function: ``edt`` holds the GIL for the whole call, so the patches of
 :func:`~ctsma.morphometry.measure_batch` could not share the cores while one of them was in its distance
-transform (a third of a patch's time). Compiled with ``nogil``, it runs on one thread while other patches
-run on the others. Everything else (whole images, z-slabs) keeps using ``edt``; the suite checks that
-both give identical arrays on random label images of random shapes and spacings.
+transform; and on the small patches of a batch (64³, distances of a few voxels) a windowed minimum that the
+compiler vectorises is about three times faster than the lower envelope of parabolas. Compiled with ``nogil``, it
+runs on one thread while other patches run on the others. Everything else (whole images, z-slabs, where distances
+can span hundreds of voxels) keeps using ``edt``; the suite checks that both give identical arrays on random label
+images of random shapes and spacings.
 
-Algorithm (as in ``edt``): a first pass along x writes each voxel's distance to the end of its run of equal
-labels by two scans (Rosenfeld & Pfaltz), then one lower-envelope-of-parabolas pass along y and one along z
-(Felzenszwalb & Huttenlocher 2012), each over the runs of one label with the run's ends as zero-distance
-borders except at the image border, which is not a boundary.
+Algorithm: a first pass along x writes each voxel's distance to the end of its run of equal labels by two scans
+(Rosenfeld & Pfaltz), as ``edt`` does. The passes along y and z then take, for each voxel, the least of the
+previous pass's value at q (same label) or 0 (another label) plus the squared offset to q, over offsets of
+increasing length until the squared offset reaches the largest value still to improve in the row
+(:func:`_window_pass`): the minimum that ``edt``'s lower envelope of parabolas (Felzenszwalb & Huttenlocher
+2012) finds, each run's ends acting as zero-distance borders except at the image border, which is not a
+boundary. Its cost grows with the distances (a row of long runs tries every offset), so it suits patches, not
+whole images.
 """
 
 from __future__ import annotations
-
-import math
 
 import numba
 import numpy as np
@@ -53,96 +57,56 @@ def _x_pass(w, lab, rows, n, a):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _run_envelope(w, b0, step, ln, w2, left, right, ff, v, ranges, s1, owner):
-    """Lower envelope of one run's parabolas, written back; ``left``/``right``: the run ends at another label.
+def _offer(d, s, l1, l2, c64, c32):
+    """``d = min(d, c + s)`` where the labels agree and ``min(d, c)`` where they differ (one row, vectorised)."""
+    for i in range(d.shape[0]):
+        f = np.float32(c64 + np.float64(s[i])) if l1[i] == l2[i] else c32
+        d[i] = min(d[i], f)
 
-    Runs of one and two voxels (over a quarter of the runs in trabecular bone) take shortcuts that do the
-    general loop's arithmetic for those lengths.
-    """
-    if ln == 1:
-        if left or right:
-            w[b0] = min(w[b0], np.float32(w2))
-        return
-    if ln == 2:
-        f0, f1 = float(w[b0]), float(w[b0 + step])
-        s = (f1 - f0 + w2) / (2.0 * w2)  # j = 1 against v = 0: factor1 = w2, factor2 = 1
-        a0 = np.float32(w2 + f1) if s < 0.0 else w[b0]  # q = 0 lies right of the breakpoint: parabola 1
-        a1 = w[b0 + step] if s < 1.0 else np.float32(w2 + f0)
-        if left:
-            a0 = min(a0, np.float32(w2))
-            a1 = min(a1, np.float32(w2 * 4.0))
-        if right:
-            a0 = min(a0, np.float32(w2 * 4.0))
-            a1 = min(a1, np.float32(w2))
-        w[b0] = a0
-        w[b0 + step] = a1
-        return
-    for j in range(ln):
-        ff[j] = w[b0 + j * step]
-    # Each parabola is first compared with its predecessor (the stack top when it arrives): those breakpoints
-    # are computed up front, in a loop the compiler vectorises (factor1 = w2, factor2 = 2j - 1).
-    for j in range(1, ln):
-        s1[j] = (ff[j] - ff[j - 1] + w2 * float(2 * j - 1)) / (2.0 * w2)
-    k = 0
-    v[0] = 0
-    ranges[0] = -np.inf
-    rk = -np.inf
-    for j in range(1, ln):
-        s = s1[j]
-        if k > 0 and s <= rk:  # the top is hidden: pop until the new parabola crosses the envelope
-            while True:
-                k -= 1
-                vk = v[k]
-                rk = ranges[k]
-                f1 = float(j - vk) * w2
-                f2 = float(j + vk)
-                s = (ff[j] - ff[vk] + f1 * f2) / (2.0 * f1)
-                if not (k > 0 and s <= rk):
-                    break
-        k += 1
-        v[k] = j
-        ranges[k] = s
-        rk = s
-    # Segment of each position without a data-dependent while: segment i starts at the first integer above
-    # ranges[i] (clamped to the run), and the running maximum of the starts gives each position's segment.
-    for j in range(ln + 1):
-        owner[j] = -1
-    owner[0] = 0
-    for i in range(1, k + 1):
-        t = min(max(ranges[i], -1.0), float(ln))
-        owner[min(int(math.floor(t)) + 1, ln)] = i
-    i = 0
-    for j in range(ln):
-        i = max(i, owner[j])
-        dj = float(j - v[i])
-        val = np.float32(w2 * (dj * dj) + ff[v[i]])
-        if left:
-            e = float(j + 1)
-            val = min(val, np.float32(w2 * (e * e)))
-        if right:
-            e = float(ln - j)
-            val = min(val, np.float32(w2 * (e * e)))
-        w[b0 + j * step] = val
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _row_max(d):
+    m = np.float32(0.0)
+    for i in range(d.shape[0]):
+        m = max(m, d[i])
+    return m
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _parabolic_pass(w, lab, nz, ny, nx, axis, w2, ff, v, ranges, s1, owner):
-    """One pass along ``axis`` (1: y, 0: z) over every column's runs of one non-zero label."""
-    n = (nz, ny, nx)[axis]
-    m = nz * nx if axis == 1 else ny * nx
+def _window_pass(src, dst, lab, nz, ny, nx, axis, w2):
+    """One pass along ``axis`` (1: y, 0: z): ``dst[p] = min over q of src_L(q) + w2 (p - q)^2`` on each column.
+
+    ``src_L(q)`` is ``src[q]`` where q has p's label and 0 where it has another (a voxel of another label is a
+    boundary at distance ``|p - q|``). The offsets ``o = |p - q|`` are tried in increasing order, a whole row
+    (y pass) or plane (z pass) of p at a time so that the inner loop runs along x and vectorises, and the loop
+    stops once ``w2 o^2`` reaches the row's largest current value (no later offset can lower any of them).
+    Same values, bit for bit, as ``edt``'s lower envelope of each run's parabolas with the run ends as zero
+    borders: the minimum of the same float64 sums, each rounded to float32.
+    """
+    n = nz if axis == 0 else ny
+    plane = nx if axis == 1 else ny * nx
     step = nx if axis == 1 else ny * nx
-    for t in range(m):
-        base = (t // nx) * ny * nx + t % nx if axis == 1 else t
-        seg = lab[base]
-        last = 0
-        for i in range(1, n + 1):
-            s = lab[base + i * step] if i < n else seg
-            if i < n and s == seg:
-                continue
-            if seg != 0:
-                _run_envelope(w, base + last * step, step, i - last, w2, last > 0, i < n, ff, v, ranges, s1, owner)
-            seg = s
-            last = i
+    outer = nz if axis == 1 else 1
+    for zo in range(outer):
+        base0 = zo * ny * nx if axis == 1 else 0
+        for p in range(n):
+            bp = base0 + p * step
+            d = dst[bp:bp + plane]
+            d[:] = src[bp:bp + plane]
+            l1 = lab[bp:bp + plane]
+            dmax = _row_max(d)
+            for o in range(1, n):
+                c64 = w2 * float(o * o)
+                c32 = np.float32(c64)
+                if c32 >= dmax:
+                    break
+                if p - o >= 0:
+                    bq = bp - o * step
+                    _offer(d, src[bq:bq + plane], l1, lab[bq:bq + plane], c64, c32)
+                if p + o < n:
+                    bq = bp + o * step
+                    _offer(d, src[bq:bq + plane], l1, lab[bq:bq + plane], c64, c32)
+                dmax = _row_max(d)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -156,16 +120,11 @@ def edtsq_labels(lab, sz, sy, sx):
     w = np.empty(lf.shape[0], np.float32)
     if lf.shape[0] == 0:
         return w.reshape(lab.shape)
-    nmax = max(nz, ny)
-    ff = np.empty(nmax)
-    v = np.empty(nmax, np.int64)
-    ranges = np.empty(nmax + 1)
-    s1 = np.empty(nmax)
-    owner = np.empty(nmax + 1, np.int64)
+    t = np.empty(lf.shape[0], np.float32)
     _x_pass(w, lf, nz * ny, nx, np.float32(sx))
     fy, fz = np.float32(sy), np.float32(sz)
-    _parabolic_pass(w, lf, nz, ny, nx, 1, float(fy * fy), ff, v, ranges, s1, owner)
-    _parabolic_pass(w, lf, nz, ny, nx, 0, float(fz * fz), ff, v, ranges, s1, owner)
+    _window_pass(w, t, lf, nz, ny, nx, 1, float(fy * fy))
+    _window_pass(t, w, lf, nz, ny, nx, 0, float(fz * fz))
     for i in range(w.shape[0]):
         if w[i] >= FLT_MAX:
             w[i] = np.inf
