@@ -184,3 +184,21 @@ def test_a_collapsed_model_is_refused_not_saved(monkeypatch):
     monkeypatch.setattr(tr.SynthesisModel, "apply", lambda self, mr, planes=None: resample_isotropic(mr, 1.5) * 0 - 1000.0)
     with pytest.raises(tr.UserError, match="pseudo-CT is flat"):
         train([(p.mr, p.ct, p.ct_bones) for p in pairs], cfg)
+
+
+def test_pairing_registers_on_one_thread_each_the_same_in_workers_and_in_process(tmp_path):
+    """Mattes MI on several ITK threads gives run-to-run differences; pair_transforms runs each registration on
+    one thread, so two workers and this process give identical transforms, and ITK's thread count is restored."""
+    from ctsma.synthesis.training import pair_transforms
+
+    pairs = [(p.mr, p.ct, p.ct_bones) for p in (make_knee_pair(s, ct_size=(40, 40, 40), mr_size=(44, 44, 40))
+                                                for s in (0, 1))]
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    pts = [(x, y, z) for x in (-15.0, 15.0) for y in (-15.0, 15.0) for z in (-10.0, 10.0)]
+    runs = []
+    for workers in (2, 1):
+        tfs = pair_transforms(pairs, "pairing", workers, "test pairing")
+        runs.append(np.array([[tf.TransformPoint(p) for p in pts] for tf in tfs]))
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert np.abs(runs[0] - np.array(pts)[None]).max() > 0.1  # they registered (not identities)

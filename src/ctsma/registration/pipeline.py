@@ -227,6 +227,12 @@ def register(mr: sitk.Image, ct: sitk.Image, *, preset: Preset | str = "default"
     return result
 
 
+def register_transform(mr: sitk.Image, ct: sitk.Image, preset: Preset | str, ct_bones: sitk.Image | None = None,
+                       pseudo_ct: sitk.Image | None = None) -> sitk.Transform:
+    """:func:`register`'s CT→MR transform alone: a module-level function that worker processes can run."""
+    return register(mr, ct, preset=preset, ct_bones=ct_bones, pseudo_ct=pseudo_ct).transform
+
+
 def overlap_fraction(fixed: sitk.Image, mask: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
                      n: int = 2000, seed: int = 0) -> float:
     """Share of (up to ``n`` random) mask points of the fixed grid that ``transform`` maps inside ``moving``."""
