@@ -97,7 +97,8 @@ def add_parser(subparsers) -> None:
     t.add_argument("--out", required=True, help="model file to write (.safetensors)")
     t.add_argument("--preset", default="default", help="training preset (default, demo) or a YAML/JSON file")
     t.add_argument("--max-minutes", type=float, help="time limit for training (stops early)")
-    t.add_argument("--threads", type=int, default=0, help="CPU threads (0: up to 4)")
+    t.add_argument("--threads", type=int, default=0, help="torch threads, and pairing registrations run side by side "
+                                                          "(each on one ITK thread); 0: the cores, at most 4")
     t.set_defaults(func=train_cmd)
     a = sub.add_parser("apply", help="pseudo-CT of one MR")
     a.add_argument("mr", help="MR image")

@@ -9,7 +9,7 @@ release may round differently; the distances then agree to float32 precision.
 Why a second implementation of a library function: ``edt`` holds the GIL for the whole call, so the patches of
 :func:`~ctsma.morphometry.measure_batch` could not share the cores while one of them was in its distance
 transform; and on the small patches of a batch (64³, distances of a few voxels) a windowed minimum that the
-compiler vectorises is about three times faster than the lower envelope of parabolas. Compiled with ``nogil``, it
+compiler vectorises is about twice as fast as the lower envelope of parabolas. Compiled with ``nogil``, it
 runs on one thread while other patches run on the others. Everything else (whole images, z-slabs, where distances
 can span hundreds of voxels) keeps using ``edt``; the suite checks that both give identical arrays on random label
 images of random shapes and spacings.

@@ -47,7 +47,8 @@ class TrainConfig:
     pairing_preset: str = setting("pairing", help="registration preset for round 1 (no synthesis)")
     refine_preset: str = setting("pairing_pct", help="registration preset for round 2 (pseudo-CT)")
     max_minutes: float = setting(10.0, lo=0.1, hi=10_000, help="time limit; training stops early at it")
-    threads: int = setting(0, lo=0, hi=256, help="torch/ITK threads (0: all cores)")
+    threads: int = setting(0, lo=0, hi=256, help="torch threads, and pairing registrations run side by side "
+                                                 "(each on one ITK thread); 0: the cores, at most 4")
     seed: int = setting(0, lo=0, hi=2**31 - 1)
 
 
