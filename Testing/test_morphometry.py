@@ -1,7 +1,5 @@
 """Morphometry engine: analytic structures with known truth, conventions, API contract, errors."""
 
-import warnings
-
 import numpy as np
 import pytest
 
@@ -108,6 +106,36 @@ def test_parallel_power_labels_equal_serial():
     np.testing.assert_allclose(d1, d2)
 
 
+@pytest.mark.parametrize("sp", [(1.0, 1.0, 1.0), (0.3, 0.3, 0.3), (0.7, 0.4, 0.25)])
+def test_sphere_values_interior_path_is_the_general_one_bit_for_bit(sp):
+    """_values_at takes a border-free path for balls off the image border: same values as _default_radius."""
+    import edt
+    import numba
+    from scipy import ndimage
+
+    from ctsma.morphometry.thickness import _default_radius, _level_lengths, _values_at
+
+    @numba.njit
+    def general(rt, idx, hs):
+        nz, ny, nx = rt.shape
+        olens = _level_lengths(hs)
+        out = np.empty(idx.shape[0], np.float32)
+        for i in range(idx.shape[0]):
+            f = idx[i]
+            z, y, x = f // (nx * ny), (f // nx) % ny, f % nx
+            out[i] = 2.0 * _default_radius(rt, z, y, x, rt[z, y, x], hs, olens)
+        return out
+
+    rng = np.random.default_rng(5)
+    for shape in [(20, 23, 17), (3, 30, 30), (12, 12, 12)]:
+        f = ndimage.gaussian_filter(rng.normal(size=shape), 1.5)
+        b = f > np.quantile(f, 0.6)
+        rt = np.sqrt(edt.edtsq(b.astype(np.uint8), anisotropy=sp, black_border=False)).astype(np.float32)
+        idx = np.flatnonzero(b)  # every phase voxel: border and interior, plates, rods and blobs
+        assert np.array_equal(_values_at(rt, idx, *sp, True), general(rt, idx, tuple(sp)))
+        assert np.array_equal(_values_at(rt, idx, *sp, False), 2.0 * rt.ravel()[idx])
+
+
 def test_threaded_local_thickness_equals_single_thread():
     """The threaded painter compiles (unsigned parfor indices) and gives the single-thread map."""
     from ctsma.morphometry import local_thickness
@@ -116,6 +144,33 @@ def test_threaded_local_thickness_equals_single_thread():
     b = rng.random((24, 26, 28)) > 0.6
     np.testing.assert_allclose(local_thickness(b, (0.5, 0.4, 0.4), threads=2),
                                local_thickness(b, (0.5, 0.4, 0.4), threads=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.8])
+def test_direct_painter_gives_the_block_painters_map(fraction):
+    """The direct painter (one sphere after the other, whole planes of finished rows skipped) and the block
+    painter paint the same voxels with the same values; rows wider and planes taller than one bit word."""
+    from scipy import ndimage
+
+    from ctsma.morphometry.paint import _chords, _paint_direct, _radius_kinds, paint, sphere_arrays
+    from ctsma.morphometry.power import reduced_axis
+    from ctsma.morphometry.thickness import _values_at, distance_sq
+
+    rng = np.random.default_rng(7)
+    f = ndimage.gaussian_filter(rng.normal(size=(14, 70, 45)), 1.2)
+    b = f > np.quantile(f, fraction)
+    sp = (0.5, 0.3, 0.4)
+    dsq = distance_sq(b, sp)
+    idx = reduced_axis(b.shape, dsq.ravel(), b.ravel(), *sp)
+    val = _values_at(np.sqrt(dsq), idx, *sp, True)
+    order = np.argsort(-val, kind="stable")
+    cz, cy, cx, rad = sphere_arrays(b.shape, idx[order], dsq.ravel())
+    radii, kind = _radius_kinds(dsq.ravel()[idx[order]], rad)
+    direct = np.zeros(b.shape, np.float32)
+    _paint_direct(b, direct, cz, cy, cx, kind, val[order], *_chords(radii, *sp))
+    blocks = paint(b, dsq, idx[order], val[order], *sp, parallel=True)
+    assert np.count_nonzero(direct) == np.count_nonzero(b)
+    np.testing.assert_array_equal(direct, blocks)
 
 
 def _partial_volume_mr(thick_mm, period_mm, voxel_mm=0.3, fine_mm=0.01, n=40, noise=0.0, seed=0):

@@ -277,9 +277,11 @@ def _row_words(phase):
     words = np.zeros((nz, ny, nw), np.int64)
     for z in range(nz):
         for y in range(ny):
-            for x in range(nx):
-                if phase[z, y, x]:
-                    words[z, y, x // WORD] |= 1 << (x % WORD)
+            for w in range(nw):
+                m = np.int64(0)
+                for x in range(w * WORD, min(nx, (w + 1) * WORD)):  # branch-free: phase voxels are unpredictable
+                    m |= np.int64(phase[z, y, x]) << (x - w * WORD)
+                words[z, y, w] = m
     return words
 
 
