@@ -112,18 +112,55 @@ def containment_table(spacing_zyx, r2_max: float, reach: int = 1):
 
 
 @numba.njit(cache=True, nogil=True)
-def _level_lengths(hs):
-    """Lengths of the 13 lattice directions (one of each +-o pair) in :func:`_default_radius`'s order."""
-    out = np.empty(13)
+def _level_dirs():
+    """The 13 lattice directions (a, b, c) of the 26-neighbourhood, one of each +-o pair, in
+    :func:`_default_radius`'s order."""
+    out = np.empty((13, 3), np.int64)
     i = 0
     for a in range(0, 2):
         for b in range(-1, 2):
             for c in range(-1, 2):
                 if a == 0 and (b < 0 or (b == 0 and c <= 0)):
                     continue
-                out[i] = math.sqrt((a * hs[0]) ** 2 + (b * hs[1]) ** 2 + (c * hs[2]) ** 2)
+                out[i, 0], out[i, 1], out[i, 2] = a, b, c
                 i += 1
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _level_lengths(hs):
+    """Lengths (mm) of the 13 directions of :func:`_level_dirs`."""
+    dirs = _level_dirs()
+    out = np.empty(13)
+    for i in range(13):
+        out[i] = math.sqrt((dirs[i, 0] * hs[0]) ** 2 + (dirs[i, 1] * hs[1]) ** 2 + (dirs[i, 2] * hs[2]) ** 2)
+    return out
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _axis_terms(lo, hi, r, h, tol, g2, b2, dn2, dmax):
+    """One axis's share of :func:`_default_radius`'s terms, from the distances ``lo``, ``hi`` on either side:
+    the gradient (``g2``, ``b2``) and, where the voxel is a local maximum, the apex offset (``dn2``, ``dmax``)."""
+    slope = (r - min(lo, hi)) / h  # gradient component of the distance (unitless)
+    if slope > 0:
+        g2 += slope * slope
+        b2 += (slope * h) ** 2
+    if lo <= r + tol and hi <= r + tol:
+        dk = abs(hi - lo) / 2.0
+        dn2 += dk * dk
+        if dk > dmax:
+            dmax = dk
+    return g2, b2, dn2, dmax
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _corrected(r, plate, g2, b2, dn2, dmax, hs):
+    """:func:`_default_radius`'s result from its terms: the plate or the point-like correction."""
+    if plate:
+        # half a voxel along the normal, estimated from the distance's gradient components
+        beta = 0.5 * math.sqrt(b2 / g2) if g2 > 0 else 0.5 * min(hs[0], min(hs[1], hs[2]))
+        return r + dmax - beta
+    return r + math.sqrt(dn2)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -165,15 +202,7 @@ def _default_radius(rt, z, y, x, r, hs, olens):
         else:
             lo = rt[z, y, x - 1]
             hi = rt[z, y, x + 1]
-        slope = (r - min(lo, hi)) / hs[ax]  # gradient component of the distance (unitless)
-        if slope > 0:
-            g2 += slope * slope
-            b2 += (slope * hs[ax]) ** 2
-        if lo <= r + tol and hi <= r + tol:
-            dk = abs(hi - lo) / 2.0
-            dn2 += dk * dk
-            if dk > dmax:
-                dmax = dk
+        g2, b2, dn2, dmax = _axis_terms(lo, hi, r, hs[ax], tol, g2, b2, dn2, dmax)
     n_level = 0
     i = -1
     for a in range(0, 2):
@@ -197,11 +226,7 @@ def _default_radius(rt, z, y, x, r, hs, olens):
                     drop = 2.0 * (r - rt[z2, y2, x2])
                 if abs(drop) < LEVEL * olens[i]:
                     n_level += 1
-    if n_level >= 2:  # plate-like
-        # half a voxel along the normal, estimated from the distance's gradient components
-        beta = 0.5 * math.sqrt(b2 / g2) if g2 > 0 else 0.5 * min(hs[0], min(hs[1], hs[2]))
-        return r + dmax - beta
-    return r + math.sqrt(dn2)
+    return _corrected(r, n_level >= 2, g2, b2, dn2, dmax, hs)  # n_level >= 2: plate-like
 
 
 @numba.njit(cache=True, nogil=True)
@@ -306,26 +331,15 @@ def _interior_radius(rf, f, r, hs, st, doff, dlim, tol):
     g2 = 0.0
     b2 = 0.0
     for ax in range(3):
-        lo = rf[f - st[ax]]
-        hi = rf[f + st[ax]]
-        slope = (r - min(lo, hi)) / hs[ax]
-        if slope > 0:
-            g2 += slope * slope
-            b2 += (slope * hs[ax]) ** 2
-        if lo <= r + tol and hi <= r + tol:
-            dk = abs(hi - lo) / 2.0
-            dn2 += dk * dk
-            if dk > dmax:
-                dmax = dk
+        g2, b2, dn2, dmax = _axis_terms(rf[f - st[ax]], rf[f + st[ax]], r, hs[ax], tol, g2, b2, dn2, dmax)
     n_level = 0
     for i in range(13):
         drop = 2.0 * r - rf[f + doff[i]] - rf[f - doff[i]]
         if abs(drop) < dlim[i]:
             n_level += 1
             if n_level >= 2:  # plate-like
-                beta = 0.5 * math.sqrt(b2 / g2) if g2 > 0 else 0.5 * min(hs[0], min(hs[1], hs[2]))
-                return r + dmax - beta
-    return r + math.sqrt(dn2)
+                break
+    return _corrected(r, n_level >= 2, g2, b2, dn2, dmax, hs)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -344,17 +358,9 @@ def _values_at(rt, idx, sz, sy, sx, default_conv):
         return val
     rf = np.ascontiguousarray(rt).ravel()
     st = (ny * nx, nx, 1)
-    doff = np.empty(13, np.int64)
-    dlim = np.empty(13)
-    k = 0
-    for a in range(0, 2):
-        for b in range(-1, 2):
-            for c in range(-1, 2):
-                if a == 0 and (b < 0 or (b == 0 and c <= 0)):
-                    continue  # one of each +-o pair, as in _default_radius
-                doff[k] = a * ny * nx + b * nx + c
-                dlim[k] = LEVEL * olens[k]
-                k += 1
+    dirs = _level_dirs()
+    doff = dirs[:, 0] * (ny * nx) + dirs[:, 1] * nx + dirs[:, 2]
+    dlim = LEVEL * olens
     tol = 1e-4 * min(hs[0], min(hs[1], hs[2]))
     for i in range(idx.shape[0]):
         f = idx[i]
