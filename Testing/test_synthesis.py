@@ -186,7 +186,7 @@ def test_a_collapsed_model_is_refused_not_saved(monkeypatch):
         train([(p.mr, p.ct, p.ct_bones) for p in pairs], cfg)
 
 
-def test_pairing_registers_on_one_thread_each_the_same_in_workers_and_in_process(tmp_path):
+def test_pairing_registers_on_one_thread_each_the_same_in_workers_and_in_process():
     """Mattes MI on several ITK threads gives run-to-run differences; pair_transforms runs each registration on
     one thread, so two workers and this process give identical transforms, and ITK's thread count is restored."""
     from ctsma.synthesis.training import pair_transforms

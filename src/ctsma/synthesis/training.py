@@ -212,7 +212,12 @@ def pair_transforms(pairs, preset: str, workers: int, stage: str, pseudo_cts=Non
 
 def train(pairs: Sequence[tuple[sitk.Image, sitk.Image, sitk.Image | None]], cfg: TrainConfig | None = None,
           *, names: Sequence[str] | None = None) -> SynthesisModel:
-    """Train a synthesis model on (MR, CT, CT bone labels or None) pairs; no true transform is used."""
+    """Train a synthesis model on (MR, CT, CT bone labels or None) pairs; no true transform is used.
+
+    With more than one thread (``cfg.threads``; 0: the cores, at most 4) the pairing registrations run in spawned
+    worker processes (:func:`pair_transforms`): a Python script that calls this must do so under
+    ``if __name__ == "__main__":``, because each worker imports the script.
+    """
     cfg = cfg or TrainConfig()
     if cfg.in_slices % 2 == 0:
         raise UserError("in_slices must be odd (a centre slice and its neighbours)")
