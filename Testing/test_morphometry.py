@@ -148,8 +148,8 @@ def test_threaded_local_thickness_equals_single_thread():
 
 @pytest.mark.parametrize("fraction", [0.3, 0.6, 0.8])
 def test_direct_painter_gives_the_block_painters_map(fraction):
-    """The direct painter (one sphere after the other, whole planes of finished rows skipped) and the block
-    painter paint the same voxels with the same values; rows wider and planes taller than one bit word."""
+    """The direct painter (one sphere after the other, branch-free row bit masks) and the block painter paint the
+    same voxels with the same values; rows wider and planes taller than one bit word."""
     from scipy import ndimage
 
     from ctsma.morphometry.paint import _chords, _paint_direct, _radius_kinds, paint, sphere_arrays
