@@ -16,6 +16,7 @@ the binary BV/TV equals the mean BVF ("volume conserving").
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from scipy import ndimage
 
@@ -136,6 +137,47 @@ def _as_array(image, spacing_zyx):
     return np.asarray(image), spacing_zyx
 
 
+@numba.njit(cache=True, nogil=True)
+def _linear_axis(a, k):
+    """``a`` (float64, 3D) supersampled ``k`` times along its last axis, linear, grid-centred, edge-clamped."""
+    n0, n1, n = a.shape
+    m = k * n
+    lo, hi, w = np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m)
+    for j in range(m):
+        c = (j + 0.5) / k - 0.5
+        i0 = int(np.floor(c))
+        w[j] = c - i0
+        lo[j], hi[j] = min(max(i0, 0), n - 1), min(max(i0 + 1, 0), n - 1)
+    out = np.empty((n0, n1, m))
+    for p in range(n0):
+        for q in range(n1):
+            for j in range(m):
+                out[p, q, j] = (1.0 - w[j]) * a[p, q, lo[j]] + w[j] * a[p, q, hi[j]]
+    return out
+
+
+def upsample_linear(image: np.ndarray, k: int) -> np.ndarray:
+    """``image`` (3D) on a ``k`` times finer grid: trilinear, voxel centres at ``(i + 0.5) / k - 0.5``, edges
+    clamped; float32. The same map as ``scipy.ndimage.zoom(image, k, order=1, mode="nearest", grid_mode=True)``,
+    computed one axis at a time (about 15 times faster on 32³ patches). For ``k`` 2 and 4 the weights are exact
+    binary fractions, so both give the same float32 values bit for bit (tested); other ``k`` agree within
+    rounding."""
+    a = np.asarray(image, np.float64)
+    for _ in range(3):  # x, then y, then z: each pass supersamples the last axis and rotates it to the front
+        a = np.moveaxis(_linear_axis(np.ascontiguousarray(a), int(k)), 2, 0)
+    return a.astype(np.float32)
+
+
+def upsample_nearest(image: np.ndarray, k: int) -> np.ndarray:
+    """``image`` on a ``k`` times finer grid, nearest neighbour: every voxel repeated ``k`` times per axis
+    (exactly ``scipy.ndimage.zoom(image, k, order=0, mode="nearest", grid_mode=True)``: a fine centre
+    ``(i + 0.5) / k - 0.5`` never lies half-way between two coarse ones)."""
+    out = np.asarray(image)
+    for ax in range(out.ndim):
+        out = np.repeat(out, int(k), axis=ax)
+    return out
+
+
 def _top_fraction(image: np.ndarray, values: np.ndarray, fraction: float) -> tuple[np.ndarray, float]:
     """``image`` above the level that keeps ``fraction`` of ``values``; a group of equal values at the level
     goes in or out as a whole, whichever lands nearer the fraction."""
@@ -177,8 +219,8 @@ def bvf_binarise(image: np.ndarray, mask: np.ndarray | None = None, *, supersamp
                                f"({bone_level:.4g}): not a bone-dark MR, or an empty ROI")
     bvf = np.clip((marrow - arr) / (marrow - bone_level), 0.0, 1.0)
     if supersample > 1:
-        bvf = ndimage.zoom(bvf, supersample, order=1, mode="nearest", grid_mode=True)
-        roi = ndimage.zoom(roi.astype(np.uint8), supersample, order=0, mode="nearest", grid_mode=True) > 0
+        bvf = upsample_linear(bvf, supersample)
+        roi = upsample_nearest(roi, supersample)
     values = bvf[roi]
     fraction = float(values.mean())
     bone, thr = _top_fraction(bvf, values, fraction)
