@@ -47,8 +47,6 @@ ap.add_argument("--tag", default="")
 ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
 ap.add_argument("--pack", default=None, help="write the store, quantised, to this .h5 file and stop")
 ap.add_argument("--labels", default=None, help="cohort manifest with OA labels: also run the diagnosis stage")
-a = ap.parse_args()
-
 MR_STEP = 1 / 170.0
 
 
@@ -109,87 +107,94 @@ def unpack(src: Path, store_dir: Path) -> None:
             (store_dir / "labels.csv").write_text(g.attrs["_labels"])
 
 
-if a.pack:
-    if not (Path(a.store) / "patches.h5").is_file():
-        sys.exit(f"no patch store at {a.store}")
-    pack(Path(a.store), Path(a.pack))
-    sys.exit(0)
+def main() -> None:
+    """The benchmark (under the __main__ guard: the demo's training stage spawns worker processes, and each
+    imports this script)."""
+    import torch
 
-import torch  # noqa: E402
+    from types import SimpleNamespace
 
-from types import SimpleNamespace  # noqa: E402
+    from ctsma import PARAMETERS
+    from ctsma.cli.train import overrides_from
+    from ctsma.config import to_dict
+    from ctsma.demo import stages
+    from ctsma.demo.settings import DemoSettings
+    from ctsma.errors import ConfigError
+    from ctsma.models import load_train_config
 
-from ctsma import PARAMETERS  # noqa: E402
-from ctsma.cli.train import overrides_from  # noqa: E402
-from ctsma.config import to_dict  # noqa: E402
-from ctsma.demo import stages  # noqa: E402
-from ctsma.demo.settings import DemoSettings  # noqa: E402
-from ctsma.errors import ConfigError  # noqa: E402
-from ctsma.models import load_train_config  # noqa: E402
+    try:  # the config with its overrides, checked as `ctsma train --set` checks them (unknown keys refused)
+        cfg_path = stages.train_config_path(DemoSettings(train_config=a.config))
+        cfg = to_dict(load_train_config(cfg_path, overrides_from(SimpleNamespace(set=a.set))))
+    except ConfigError as e:
+        sys.exit(str(e))
+    cfg.pop("base_dir")  # the work folder's copy resolves nothing relative: the demo sets every path
+    src = Path(a.store)
+    if not src.exists():
+        sys.exit(f"no patch store at {src}")
+    if a.labels and not Path(a.labels).is_file():
+        sys.exit(f"no labels file at {a.labels}")
+    work = Path(a.work)
+    if work.exists():
+        if any(work.iterdir()) and not (work / "config.yaml").is_file():
+            sys.exit(f"--work {work} is not empty and is not a work folder of this benchmark: choose another")
+        shutil.rmtree(work)
+    (work / "dataset").mkdir(parents=True)
+    if src.is_file():
+        unpack(src, work / "dataset" / "store")
+    else:
+        (work / "dataset" / "store").symlink_to(src.resolve())
+    labels = Path(a.labels) if a.labels else work / "dataset" / "store" / "labels.csv"
+    if labels.is_file():  # the diagnosis stage reads the labels from the cohort manifest
+        (work / "phantom").mkdir()
+        shutil.copy(labels, work / "phantom" / "manifest.csv")
 
-try:  # the config with its overrides, checked as `ctsma train --set` checks them (unknown keys refused)
-    cfg_path = stages.train_config_path(DemoSettings(train_config=a.config))
-    cfg = to_dict(load_train_config(cfg_path, overrides_from(SimpleNamespace(set=a.set))))
-except ConfigError as e:
-    sys.exit(str(e))
-cfg.pop("base_dir")  # the work folder's copy resolves nothing relative: the demo sets every path
-src = Path(a.store)
-if not src.exists():
-    sys.exit(f"no patch store at {src}")
-if a.labels and not Path(a.labels).is_file():
-    sys.exit(f"no labels file at {a.labels}")
-work = Path(a.work)
-if work.exists():
-    if any(work.iterdir()) and not (work / "config.yaml").is_file():
-        sys.exit(f"--work {work} is not empty and is not a work folder of this benchmark: choose another")
-    shutil.rmtree(work)
-(work / "dataset").mkdir(parents=True)
-if src.is_file():
-    unpack(src, work / "dataset" / "store")
-else:
-    (work / "dataset" / "store").symlink_to(src.resolve())
-labels = Path(a.labels) if a.labels else work / "dataset" / "store" / "labels.csv"
-if labels.is_file():  # the diagnosis stage reads the labels from the cohort manifest
-    (work / "phantom").mkdir()
-    shutil.copy(labels, work / "phantom" / "manifest.csv")
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
-(work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    ctx = stages.Context(work, DemoSettings(folds=a.folds, seed=a.seed, train_config=str(work / "config.yaml")))
+    res = {"store": str(src), "config": str(cfg_path), "overrides": a.set, "folds": a.folds, "seed": a.seed,
+           "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                       "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+           "config_used": cfg, "seconds": {}}
+    plan = [("training", stages.training), ("evaluation", stages.evaluation)]
+    if labels.is_file():
+        plan.append(("diagnosis", stages.diagnosis))
+    for name, fn in plan:
+        t = time.perf_counter()
+        (work / name).mkdir(exist_ok=True)
+        out = fn(ctx, work / name)
+        res["seconds"][name] = round(time.perf_counter() - t, 1)
+        print(f"{name}: {res['seconds'][name]} s", flush=True)
+    metrics = json.loads((work / "evaluation" / "metrics.json").read_text())
+    res["mean_icc21"] = {s: b.get("mean_icc21") for s, b in metrics["regression"].items()}
+    res["icc21"] = {s: {p: b[p]["icc21"] for p in PARAMETERS} for s, b in metrics["regression"].items()}
+    if "regression_vs_truth" in metrics:
+        res["mean_icc21_vs_truth"] = {s: b.get("mean_icc21") for s, b in metrics["regression_vs_truth"].items()}
+    res["distillation_gain"] = metrics["distillation_gain"]
+    res["distillation_gain_vs_truth"] = metrics.get("distillation_gain_vs_truth")
 
-ctx = stages.Context(work, DemoSettings(folds=a.folds, seed=a.seed, train_config=str(work / "config.yaml")))
-res = {"store": str(src), "config": str(cfg_path), "overrides": a.set, "folds": a.folds, "seed": a.seed,
-       "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                   "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-       "config_used": cfg, "seconds": {}}
-plan = [("training", stages.training), ("evaluation", stages.evaluation)]
-if labels.is_file():
-    plan.append(("diagnosis", stages.diagnosis))
-for name, fn in plan:
-    t = time.perf_counter()
-    (work / name).mkdir(exist_ok=True)
-    out = fn(ctx, work / name)
-    res["seconds"][name] = round(time.perf_counter() - t, 1)
-    print(f"{name}: {res['seconds'][name]} s", flush=True)
-metrics = json.loads((work / "evaluation" / "metrics.json").read_text())
-res["mean_icc21"] = {s: b.get("mean_icc21") for s, b in metrics["regression"].items()}
-res["icc21"] = {s: {p: b[p]["icc21"] for p in PARAMETERS} for s, b in metrics["regression"].items()}
-if "regression_vs_truth" in metrics:
-    res["mean_icc21_vs_truth"] = {s: b.get("mean_icc21") for s, b in metrics["regression_vs_truth"].items()}
-res["distillation_gain"] = metrics["distillation_gain"]
-res["distillation_gain_vs_truth"] = metrics.get("distillation_gain_vs_truth")
+    print(f"{'source':<20}" + "".join(f"{p:>8}" for p in PARAMETERS) + f"{'mean':>8}")
+    for s, row in res["icc21"].items():
+        print(f"{s:<20}" + "".join(f"{row[p]:8.3f}" for p in PARAMETERS) + f"{res['mean_icc21'][s]:8.3f}")
+    g = res["distillation_gain"]
+    print(f"distillation gain {g['mean_icc21_diff']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]")
+    if labels.is_file():
+        dx = json.loads((work / "diagnosis" / "diagnosis_metrics.json").read_text())
+        res["diagnosis"] = {k: {m: v.get(m) for m in ("auc", "auc_ci", "f1", "severity_mae", "severity_r2",
+                                                      "p_auc_vs_student_baseline") if m in v} for k, v in dx.items()}
+        for k, v in res["diagnosis"].items():
+            p = v.get("p_auc_vs_student_baseline")
+            print(f"AUC {k:<30} {v['auc']:.3f}" + (f"  (vs baseline: DeLong p {p:.2f})" if p is not None else ""))
+    out = Path(a.results) / f"bench_crossfit{'_' + a.tag if a.tag else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=str))
+    print(f"wrote {out}")
 
-print(f"{'source':<20}" + "".join(f"{p:>8}" for p in PARAMETERS) + f"{'mean':>8}")
-for s, row in res["icc21"].items():
-    print(f"{s:<20}" + "".join(f"{row[p]:8.3f}" for p in PARAMETERS) + f"{res['mean_icc21'][s]:8.3f}")
-g = res["distillation_gain"]
-print(f"distillation gain {g['mean_icc21_diff']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]")
-if labels.is_file():
-    dx = json.loads((work / "diagnosis" / "diagnosis_metrics.json").read_text())
-    res["diagnosis"] = {k: {m: v.get(m) for m in ("auc", "auc_ci", "f1", "severity_mae", "severity_r2",
-                                                  "p_auc_vs_student_baseline") if m in v} for k, v in dx.items()}
-    for k, v in res["diagnosis"].items():
-        p = v.get("p_auc_vs_student_baseline")
-        print(f"AUC {k:<30} {v['auc']:.3f}" + (f"  (vs baseline: DeLong p {p:.2f})" if p is not None else ""))
-out = Path(a.results) / f"bench_crossfit{'_' + a.tag if a.tag else ''}.json"
-out.parent.mkdir(parents=True, exist_ok=True)
-out.write_text(json.dumps(res, indent=1, default=str))
-print(f"wrote {out}")
+
+if __name__ == "__main__":
+    a = ap.parse_args()
+    if a.pack:
+        if not (Path(a.store) / "patches.h5").is_file():
+            sys.exit(f"no patch store at {a.store}")
+        pack(Path(a.store), Path(a.pack))
+        sys.exit(0)
+    main()
