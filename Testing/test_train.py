@@ -257,6 +257,34 @@ def test_last_checkpoint_is_the_last_epoch_even_when_it_did_not_improve(store, t
         assert meta["metrics"]["exported"] == ("last epoch" if select == "last" else "best validation epoch")
 
 
+def test_validating_every_n_epochs_exports_the_same_model(store, tmp_path):
+    """optim.val_every only skips monitoring: the training steps never read the BatchNorm running statistics nor
+    the validation, and the last epoch is always validated (precise BatchNorm recomputed from scratch), so the
+    exported model is the every-epoch run's bit for bit. Skipped epochs log no validation figures."""
+    import torch
+
+    files = {}
+    for every in (1, 2):
+        run = tmp_path / f"every{every}"
+        cfg = load_train_config(tiny(store.dir, run, optim={"val_every": every}))
+        files[every] = [train(w, cfg) for w in ("teacher", "student", "baseline")]  # the student reads its teacher
+        for role in ("teacher", "student_distilled", "student_baseline"):
+            ep = _epochs(run, role)
+            assert [e["epoch"] for e in ep] == [1, 2, 3, 4, 5]
+            validated = [e["epoch"] for e in ep if e["val_loss"] is not None]
+            assert validated == ([1, 2, 3, 4, 5] if every == 1 else [2, 4, 5])
+            assert all(all(v is None for v in e["val_mae"].values()) for e in ep if e["val_loss"] is None)
+            log = pd.read_csv(run / role / "logs" / "metrics.csv").dropna(subset=["val_loss"])
+            assert sorted(log["epoch"] + 1) == validated
+            last = torch.load(run / role / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+            assert last["epoch"] == 4
+    for f1, f2 in zip(files[1], files[2]):
+        a, ma = load_model(f1)
+        b, mb = load_model(f2)
+        assert a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+        assert ma["metrics"]["val_mae"] == mb["metrics"]["val_mae"]
+
+
 @pytest.mark.parametrize("has_gpu,major,accelerator,precision,expected", [
     (False, 0, "cpu", "auto", "32-true"),
     (False, 0, "auto", "auto", "32-true"),

@@ -67,6 +67,9 @@ class OptimConfig:
     precise_bn: int = setting(2048, lo=0, hi=10_000_000,
                               help="before each validation, recompute BatchNorm statistics over this many training "
                                    "patches (no augmentation) with the current weights; 0: keep the running averages")
+    val_every: int = setting(1, lo=1, hi=100_000,
+                             help="validate (and recompute precise BatchNorm) every N epochs and after the last one; "
+                                  "early stopping's patience counts validations")
 
 
 @dataclass

@@ -208,12 +208,26 @@ class PreciseBatchNorm(pl.Callback):
             self.recalibrate(pl_module.net, pl_module.device)
 
 
+class ValidateLastEpoch(pl.Callback):
+    """With validation every N epochs (``optim.val_every``), also validate after the last epoch: the exported model
+    then always has the precise BatchNorm statistics of its own weights, and its validation loss is logged."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs:
+            trainer.check_val_every_n_epoch = 1
+
+
 class JsonlProgress(pl.Callback):
     """One JSON line per epoch in ``path`` (for the Slicer launcher), plus ``ctsma.progress`` events."""
 
     def __init__(self, path: Path, role: str, max_epochs: int):
         self.path, self.role, self.max_epochs = Path(path), role, max_epochs
         self.t0 = time.time()
+        self.validated = -1  # the last epoch (0-based) whose validation ran
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.validated = trainer.current_epoch
 
     def _write(self, rec: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
@@ -228,6 +242,8 @@ class JsonlProgress(pl.Callback):
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+        if self.validated != trainer.current_epoch:  # not validated this epoch (optim.val_every): no stale values
+            m = {k: v for k, v in m.items() if not k.startswith("val_")}
         rec = {"event": "epoch", "role": self.role, "epoch": trainer.current_epoch + 1, "max_epochs": self.max_epochs,
                "train_loss": m.get("train_loss"), "val_loss": m.get("val_loss"),
                "val_mae": {p: m.get(f"val_mae_{p}") for p in PARAMETERS},

@@ -83,7 +83,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-    from .lightning import JsonlProgress, PatchDataModule, PreciseBatchNorm, RegressionModule
+    from .lightning import JsonlProgress, PatchDataModule, PreciseBatchNorm, RegressionModule, ValidateLastEpoch
 
     if which not in ROLE_OF:
         raise UserError(f"unknown model '{which}'; train teacher, student or baseline")
@@ -146,9 +146,12 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
                               enable_version_counter=False)
     # the state after every epoch, for --resume. (Lightning's save_last=True writes last.ckpt only when the best
     # checkpoint changes, so a run killed after an epoch that did not improve would resume from an older state.)
-    last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False)
+    last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False,
+                              save_on_train_epoch_end=True)  # also after the epochs that optim.val_every skips
     extra = list(callbacks or [])
     callbacks = [ckpt_cb, last_cb, JsonlProgress(run_dir / "progress.jsonl", role, optim["max_epochs"])] + extra
+    if optim["val_every"] > 1:
+        callbacks.append(ValidateLastEpoch())
     if cfg.optim.precise_bn:
         callbacks.insert(0, PreciseBatchNorm(dm.bn_dataset(), module.modality, cfg.optim.precise_bn,
                                              seed=cfg.trainer.seed))
@@ -164,6 +167,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
         callbacks=callbacks, logger=loggers, deterministic=cfg.trainer.deterministic,
         enable_progress_bar=show_bar, enable_model_summary=False, num_sanity_val_steps=0,
         gradient_clip_val=cfg.optim.grad_clip or None, use_distributed_sampler=False, log_every_n_steps=1,
+        check_val_every_n_epoch=optim["val_every"],
         default_root_dir=run_dir)
     progress.info(f"training {role} on {len(dm.split.train)} patches of {len(dm.split.subjects['train'])} patients "
                   f"(validation: {len(dm.split.subjects['val'])} patients)")
