@@ -28,7 +28,7 @@ def run(crossfit_work: str, fold: int, every: int, out: str) -> dict:
     from ctsma.demo.settings import DemoSettings
     from ctsma.models import load_train_config, train
 
-    work = Path(crossfit_work)
+    work = Path(crossfit_work).resolve()  # the config written under ``out`` must not hold relative paths
     seed = int(yaml.safe_load((work / "config.yaml").read_text())["trainer"]["seed"])
     ctx = stages.Context(work, DemoSettings(folds=3, seed=seed, train_config=str(work / "config.yaml")))
     d = to_dict(stages.fold_config(ctx, fold))
@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/ctsma_bench_val_every")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args()
+    if a.every < 2:
+        ap.error("--every must be at least 2 (it is compared with validating every epoch)")
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as ex:
         futs = {e: ex.submit(run, a.crossfit_work, a.fold, e, f"{a.out}/every{e}") for e in (1, a.every)}
         res = {e: f.result() for e, f in futs.items()}

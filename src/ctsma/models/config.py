@@ -69,7 +69,8 @@ class OptimConfig:
                                    "patches (no augmentation) with the current weights; 0: keep the running averages")
     val_every: int = setting(1, lo=1, hi=100_000,
                              help="validate (and recompute precise BatchNorm) every N epochs and after the last one; "
-                                  "early stopping's patience counts validations")
+                                  "early stopping's patience counts validations, and select=best picks among the "
+                                  "validated epochs (with select=last and patience 0 the model does not change)")
 
 
 @dataclass
