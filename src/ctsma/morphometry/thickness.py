@@ -111,29 +111,19 @@ def containment_table(spacing_zyx, r2_max: float, reach: int = 1):
     return s, cm, r2_valid
 
 
-@numba.njit(cache=True, nogil=True)
-def _level_dirs():
-    """The 13 lattice directions (a, b, c) of the 26-neighbourhood, one of each +-o pair, in
-    :func:`_default_radius`'s order."""
-    out = np.empty((13, 3), np.int64)
-    i = 0
-    for a in range(0, 2):
-        for b in range(-1, 2):
-            for c in range(-1, 2):
-                if a == 0 and (b < 0 or (b == 0 and c <= 0)):
-                    continue
-                out[i, 0], out[i, 1], out[i, 2] = a, b, c
-                i += 1
-    return out
+# The 13 lattice directions (a, b, c) of the 26-neighbourhood, one of each +-o pair, in the order every loop over
+# them uses (a numba compile-time constant)
+LEVEL_DIRS = np.array([(a, b, c) for a in range(0, 2) for b in range(-1, 2) for c in range(-1, 2)
+                       if not (a == 0 and (b < 0 or (b == 0 and c <= 0)))], np.int64)
 
 
 @numba.njit(cache=True, nogil=True)
 def _level_lengths(hs):
-    """Lengths (mm) of the 13 directions of :func:`_level_dirs`."""
-    dirs = _level_dirs()
+    """Lengths (mm) of the 13 directions of ``LEVEL_DIRS``."""
     out = np.empty(13)
     for i in range(13):
-        out[i] = math.sqrt((dirs[i, 0] * hs[0]) ** 2 + (dirs[i, 1] * hs[1]) ** 2 + (dirs[i, 2] * hs[2]) ** 2)
+        a, b, c = LEVEL_DIRS[i, 0], LEVEL_DIRS[i, 1], LEVEL_DIRS[i, 2]
+        out[i] = math.sqrt((a * hs[0]) ** 2 + (b * hs[1]) ** 2 + (c * hs[2]) ** 2)
     return out
 
 
@@ -204,28 +194,23 @@ def _default_radius(rt, z, y, x, r, hs, olens):
             hi = rt[z, y, x + 1]
         g2, b2, dn2, dmax = _axis_terms(lo, hi, r, hs[ax], tol, g2, b2, dn2, dmax)
     n_level = 0
-    i = -1
-    for a in range(0, 2):
-        for b in range(-1, 2):
-            for c in range(-1, 2):
-                if a == 0 and (b < 0 or (b == 0 and c <= 0)):
-                    continue  # one of each +-o pair
-                i += 1
-                if n_level >= 2:
-                    break  # plate-like already
-                z1, y1, x1, z2, y2, x2 = z + a, y + b, x + c, z - a, y - b, x - c
-                in1 = 0 <= z1 < nz and 0 <= y1 < ny and 0 <= x1 < nx
-                in2 = 0 <= z2 < nz and 0 <= y2 < ny and 0 <= x2 < nx
-                if not (in1 or in2):
-                    continue
-                if in1 and in2:
-                    drop = 2.0 * r - rt[z1, y1, x1] - rt[z2, y2, x2]
-                elif in1:  # at the image border: assume symmetry
-                    drop = 2.0 * (r - rt[z1, y1, x1])
-                else:
-                    drop = 2.0 * (r - rt[z2, y2, x2])
-                if abs(drop) < LEVEL * olens[i]:
-                    n_level += 1
+    for i in range(13):
+        a, b, c = LEVEL_DIRS[i, 0], LEVEL_DIRS[i, 1], LEVEL_DIRS[i, 2]
+        z1, y1, x1, z2, y2, x2 = z + a, y + b, x + c, z - a, y - b, x - c
+        in1 = 0 <= z1 < nz and 0 <= y1 < ny and 0 <= x1 < nx
+        in2 = 0 <= z2 < nz and 0 <= y2 < ny and 0 <= x2 < nx
+        if not (in1 or in2):
+            continue
+        if in1 and in2:
+            drop = 2.0 * r - rt[z1, y1, x1] - rt[z2, y2, x2]
+        elif in1:  # at the image border: assume symmetry
+            drop = 2.0 * (r - rt[z1, y1, x1])
+        else:
+            drop = 2.0 * (r - rt[z2, y2, x2])
+        if abs(drop) < LEVEL * olens[i]:
+            n_level += 1
+            if n_level >= 2:
+                break  # plate-like
     return _corrected(r, n_level >= 2, g2, b2, dn2, dmax, hs)  # n_level >= 2: plate-like
 
 
@@ -324,7 +309,7 @@ def _interior_radius(rf, f, r, hs, st, doff, dlim, tol):
 
     The same arithmetic in the same order, so the same value bit for bit; no bounds tests and no 3-D index
     arithmetic. ``st``: the flat strides of z, y, x; ``doff``: the 13 directions' flat offsets and ``dlim`` their
-    level limits (``LEVEL`` times their lengths), in :func:`_level_lengths`'s order.
+    level limits (``LEVEL`` times their lengths), in ``LEVEL_DIRS``'s order.
     """
     dmax = 0.0
     dn2 = 0.0
@@ -358,8 +343,7 @@ def _values_at(rt, idx, sz, sy, sx, default_conv):
         return val
     rf = np.ascontiguousarray(rt).ravel()
     st = (ny * nx, nx, 1)
-    dirs = _level_dirs()
-    doff = dirs[:, 0] * (ny * nx) + dirs[:, 1] * nx + dirs[:, 2]
+    doff = LEVEL_DIRS[:, 0] * (ny * nx) + LEVEL_DIRS[:, 1] * nx + LEVEL_DIRS[:, 2]
     dlim = LEVEL * olens
     tol = 1e-4 * min(hs[0], min(hs[1], hs[2]))
     for i in range(idx.shape[0]):
