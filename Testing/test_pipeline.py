@@ -148,10 +148,10 @@ def test_demo_registers_like_for_new_patients(tmp_path, monkeypatch):
     class Seen(Exception):
         pass
 
-    def fake_run_cohort(manifest, out, **kw):
-        raise Seen(list(pd.read_csv(manifest).columns))
+    def fake_run_cohorts(cohorts, **kw):
+        raise Seen(list(pd.read_csv(cohorts[0].manifest).columns))
 
-    monkeypatch.setattr(cohort, "run_cohort", fake_run_cohort)
+    monkeypatch.setattr(cohort, "run_cohorts", fake_run_cohorts)
     (tmp_path / "registration").mkdir()
     with pytest.raises(Seen) as seen:
         stages.registration(ctx, tmp_path / "registration")

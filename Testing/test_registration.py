@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from ctsma.errors import ConfigError, InputImageError
 from ctsma.registration import blend, load_preset, preset_names, register, variant, write_outputs
 from ctsma.registration import stages as st
-from ctsma.registration.cohort import parse_shard, run_cohort
+from ctsma.registration.cohort import Cohort, parse_shard, run_cohort, run_cohorts
 from ctsma.registration.synthetic import make_knee_pair
 
 # A fast preset for tests: same stages as the default, fewer iterations, no B-spline.
@@ -258,6 +258,40 @@ def test_cohort_shards_resume_and_report(tmp_path, pair):
     assert (out / "cohort_0of2.csv").is_file()
     again = run_cohort(tmp_path / "manifest.csv", out, preset=preset, shard=(0, 2))
     assert again.status.iloc[0].startswith("skipped")
+
+
+def _transform_values(path):
+    t = sitk.CompositeTransform(sitk.ReadTransform(str(path)))
+    return [np.asarray(f(t.GetNthTransform(i))) for i in range(t.GetNumberOfTransforms())
+            for f in (lambda x: x.GetParameters(), lambda x: x.GetFixedParameters())]
+
+
+def test_several_cohorts_in_one_pool_give_each_cohorts_own_results(tmp_path, pair):
+    """The demo registers the cohort and its variants in one pool of workers: every pair gets its own cohort's
+    preset, output folder and summary, and the same transform as a cohort run on its own."""
+    rows = ["subject,mr,ct"]
+    for s in ("kA", "kB"):
+        for name in ("mr", "ct"):
+            sitk.WriteImage(getattr(pair, name), str(tmp_path / f"{s}_{name}.nii.gz"))
+        rows.append(f"{s},{s}_mr.nii.gz,{s}_ct.nii.gz")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    man = tmp_path / "manifest.csv"
+    fast = {**FAST, "rigid": {"iterations": 10}, "per_bone": {"enabled": False}}
+    rigid = load_preset("nosynth", fast)
+    affine = load_preset("nosynth", {**fast, "affine": {"enabled": True, "iterations": 10}})
+    both = run_cohorts([Cohort(man, tmp_path / "rigid", rigid), Cohort(man, tmp_path / "affine", affine, limit=1)],
+                       jobs=2)
+    assert [list(t.subject) for t in both] == [["kA", "kB"], ["kA"]]
+    assert all((t.status == "done").all() for t in both)
+    assert (tmp_path / "rigid" / "cohort_0of1.csv").is_file() and (tmp_path / "affine" / "cohort_0of1.csv").is_file()
+    assert not (tmp_path / "affine" / "kB").exists()
+    stages = {d: [s["name"] for s in json.loads((tmp_path / d / "kA" / "qa.json").read_text())["stages"]]
+              for d in ("rigid", "affine")}
+    assert "affine" in stages["affine"] and "affine" not in stages["rigid"]
+    alone = run_cohort(man, tmp_path / "alone", preset=affine, limit=1)
+    assert list(alone.status) == ["done"]
+    a, b = (_transform_values(tmp_path / d / "kA" / "transform_ct_to_mr.h5") for d in ("affine", "alone"))
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def test_cohort_workers_with_a_damaged_model_give_its_clear_error(tmp_path):

@@ -116,27 +116,30 @@ def _seconds(reg_dir: Path, subjects) -> float:
 
 
 def registration(ctx: Context, d: Path) -> dict:
-    from ..registration.cohort import run_cohort
+    """Every knee with the demo preset, and the first ``variant_knees`` unseen knees with each variant, all in one
+    pool of workers (the variants' shorter registrations last, so that they fill the end)."""
+    from ..registration.cohort import Cohort, run_cohorts
     from ..registration.presets import load_preset
 
     model = ctx.out / "synthesis" / "synthesis.safetensors"
-    preset = load_preset(ctx.s.registration_preset)
     man = _registration_manifest(ctx, ctx.cohort().subject, d / "manifest.csv")
-    table = run_cohort(man, d / "cohort", preset=preset, model_path=str(model), jobs=ctx.s.workers)
     unseen = [s for s in sorted(ctx.cohort().subject) if s not in set(ctx.synthesis_subjects())]
+    sub = unseen[: ctx.s.variant_knees]
+    cohorts = [Cohort(man, d / "cohort", load_preset(ctx.s.registration_preset))]
+    if sub:
+        vman = _registration_manifest(ctx, sub, d / "variants_manifest.csv")
+        cohorts += [Cohort(vman, d / "variants" / name, load_preset(ctx.s.registration_preset, over))
+                    for name, over in REGISTRATION_VARIANTS.items()]
+    table = run_cohorts(cohorts, model_path=str(model), jobs=ctx.s.workers)[0]
     errs, per = _tre(ctx, d / "cohort", unseen)
     result = {"full": {"tre_mean_mm": float(errs.mean()), "tre_p95_mm": float(np.percentile(errs, 95)),
                        "seconds_per_knee": _seconds(d / "cohort", unseen), "n_knees": len(per),
                        "n_landmarks": int(errs.size)}}
-    sub = unseen[: ctx.s.variant_knees]
     if sub:
-        man = _registration_manifest(ctx, sub, d / "variants_manifest.csv")
         errs_full, _ = _tre(ctx, d / "cohort", sub)
         result["full"]["tre_mean_mm_variant_knees"] = float(errs_full.mean())
-        for name, over in REGISTRATION_VARIANTS.items():
+        for name in REGISTRATION_VARIANTS:
             vd = d / "variants" / name
-            run_cohort(man, vd, preset=load_preset(ctx.s.registration_preset, over), model_path=str(model),
-                       jobs=ctx.s.workers)
             e, _ = _tre(ctx, vd, sub)
             if e.size:
                 result[name] = {"tre_mean_mm": float(e.mean()), "tre_p95_mm": float(np.percentile(e, 95)),

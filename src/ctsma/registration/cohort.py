@@ -14,7 +14,9 @@ import os
 import time
 import warnings
 from concurrent.futures import as_completed
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -63,17 +65,28 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def _init_worker(preset_dict: dict, model_path: str | None, threads: int) -> None:
+def _init_worker(model_path: str | None, threads: int) -> None:
     import SimpleITK as sitk
     import torch
 
     from ..synthesis.model import SynthesisModel
-    from .presets import load_preset
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, threads))
     torch.set_num_threads(max(1, threads))
-    _WORKER["preset"] = load_preset(preset_dict)
     _WORKER["model"] = SynthesisModel.load(model_path) if model_path else None
+    _WORKER["presets"] = {}
+
+
+def _preset(preset_dict: dict):
+    """The job's preset, built once per worker (the jobs of one cohort share it)."""
+    import json
+
+    from .presets import load_preset
+
+    key = json.dumps(preset_dict, sort_keys=True)
+    if key not in _WORKER["presets"]:
+        _WORKER["presets"][key] = load_preset(preset_dict)
+    return _WORKER["presets"][key]
 
 
 def register_files(mr_path: str, ct_path: str, out_dir: str | Path, *, preset, model=None,
@@ -95,12 +108,12 @@ def register_files(mr_path: str, ct_path: str, out_dir: str | Path, *, preset, m
     return write_outputs(result, mr, ct, out_dir, extra_qa={"inputs": {"mr": str(mr_path), "ct": str(ct_path)}})
 
 
-def _run_one(row: dict, out_dir: str) -> dict:
+def _run_one(row: dict, out_dir: str, preset_dict: dict) -> dict:
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            qa = register_files(row["mr"], row["ct"], out_dir, preset=_WORKER["preset"], model=_WORKER["model"],
+            qa = register_files(row["mr"], row["ct"], out_dir, preset=_preset(preset_dict), model=_WORKER["model"],
                                 ct_bones_path=row.get("ct_bones") or None, mr_bones_path=row.get("mr_bones") or None)
         rejected = [s["name"] for s in qa["stages"] if not s["kept"]]
         return {"subject": row["subject"], "status": "done", "seconds": round(time.perf_counter() - t0, 2),
@@ -111,44 +124,70 @@ def _run_one(row: dict, out_dir: str) -> dict:
                 "bone_dice_mean": None, "rejected_stages": "", "warnings": 0, "error": str(exc)}
 
 
+@dataclass
+class Cohort:
+    """One cohort for :func:`run_cohorts`: a manifest, its output folder, a preset, and which of its rows."""
+    manifest: str | Path
+    out: str | Path
+    preset: Any
+    shard: tuple[int, int] = (0, 1)
+    limit: int | None = None
+
+
 def run_cohort(manifest: str | Path, out: str | Path, *, preset, model_path: str | None = None,
                shard: tuple[int, int] = (0, 1), jobs: int = 1, limit: int | None = None) -> pd.DataFrame:
     """Register the manifest's pairs of one shard into ``out``; returns (and writes) the shard summary.
 
     With ``jobs`` > 1 the pairs are registered in spawned worker processes: a Python script that calls this must do
     so under ``if __name__ == "__main__":``, because each worker imports the script."""
-    df = read_manifest(manifest)
-    i, n = shard
-    rows = df.iloc[i::n]
-    if limit:
-        rows = rows.iloc[:limit]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    todo, records = [], []
-    for row in rows.to_dict("records"):
-        target = safe_join(out, row["subject"])
-        if (target / "qa.json").is_file():
-            records.append({"subject": row["subject"], "status": "skipped (done before)", "seconds": 0.0,
-                            "bone_dice_mean": None, "rejected_stages": "", "warnings": 0, "error": ""})
-        else:
-            todo.append((row, str(target)))
+    return run_cohorts([Cohort(manifest, out, preset, shard, limit)], model_path=model_path, jobs=jobs)[0]
+
+
+def run_cohorts(cohorts: Sequence[Cohort], *, model_path: str | None = None, jobs: int = 1) -> list[pd.DataFrame]:
+    """:func:`run_cohort` for several cohorts (e.g. one manifest under several presets) with one pool of workers:
+    the pairs of all of them are registered in the order given (put the slowest cohort first), so no worker idles
+    at the end of one cohort while the other finishes its last pair, and the workers start (and load the synthesis
+    model) once. Each pair's result is that of :func:`run_cohort` with the same threads. Returns the summaries."""
+    todo, records, summaries = [], [], []
+    for k, c in enumerate(cohorts):
+        df = read_manifest(c.manifest)
+        i, n = c.shard
+        rows = df.iloc[i::n]
+        if c.limit:
+            rows = rows.iloc[:c.limit]
+        out = Path(c.out)
+        out.mkdir(parents=True, exist_ok=True)
+        records.append([])
+        preset_dict = c.preset.to_dict()
+        for row in rows.to_dict("records"):
+            target = safe_join(out, row["subject"])
+            if (target / "qa.json").is_file():
+                records[k].append({"subject": row["subject"], "status": "skipped (done before)", "seconds": 0.0,
+                                   "bone_dice_mean": None, "rejected_stages": "", "warnings": 0, "error": ""})
+            else:
+                todo.append((k, len(records[k]), row, str(target), preset_dict))
+                records[k].append(None)
     jobs = max(1, min(jobs, len(todo) or 1))
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    preset_dict = preset.to_dict()
     if jobs == 1:
-        _init_worker(preset_dict, model_path, threads)
-        for row, target in progress.track(todo, "register cohort", total=len(todo), unit="knee"):
-            records.append(_run_one(row, target))
+        _init_worker(model_path, threads)
+        for k, j, row, target, preset_dict in progress.track(todo, "register cohort", total=len(todo), unit="knee"):
+            records[k][j] = _run_one(row, target, preset_dict)
     else:
         if model_path:  # a damaged model file: its clear error here, not a broken worker pool
             from ..synthesis.model import SynthesisModel
 
             SynthesisModel.load(model_path)
-        with worker_pool(jobs, initializer=_init_worker, initargs=(preset_dict, model_path, threads)) as ex:
-            futures = [ex.submit(_run_one, row, target) for row, target in todo]
+        with worker_pool(jobs, initializer=_init_worker, initargs=(model_path, threads)) as ex:
+            futures = {ex.submit(_run_one, row, target, preset_dict): (k, j)
+                       for k, j, row, target, preset_dict in todo}
             for fut in progress.track(as_completed(futures), "register cohort", total=len(futures), unit="knee"):
-                records.append(fut.result())
-    summary = pd.DataFrame(records, columns=["subject", "status", "seconds", "bone_dice_mean", "rejected_stages",
-                                             "warnings", "error"])
-    write_text(out / f"cohort_{i}of{n}.csv", summary.to_csv(index=False))
-    return summary
+                k, j = futures[fut]
+                records[k][j] = fut.result()
+    for c, recs in zip(cohorts, records):
+        summary = pd.DataFrame(recs, columns=["subject", "status", "seconds", "bone_dice_mean", "rejected_stages",
+                                              "warnings", "error"])
+        i, n = c.shard
+        write_text(Path(c.out) / f"cohort_{i}of{n}.csv", summary.to_csv(index=False))
+        summaries.append(summary)
+    return summaries
