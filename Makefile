@@ -14,10 +14,17 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
+# The numerical core is installed first, so that its numba kernels compile (python -m ctsma.jit, about half a
+# minute of one core) while pip installs the rest on the other core; no later process compiles them again.
+CORE := numpy scipy numba edt SimpleITK pyyaml tqdm
+
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt $(CORE)
+	@PYTHONPATH=src $(PY) -m ctsma.jit & jit=$$!; \
+	  $(PY) -m pip install --quiet -c constraints.txt -e '.[test]' || { kill $$jit; exit 1; }; \
+	  wait $$jit
 	@touch $(STAMP)
 
 demo: $(STAMP)
