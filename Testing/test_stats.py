@@ -49,6 +49,18 @@ def test_icc_analytic_cases():
         stats.icc(tab, kind="1,1")
 
 
+def test_icc_value_alone_is_the_same_number():
+    """The bootstraps take the value without the CI: the same float, bit for bit, for both kinds and with NaNs."""
+    rng = np.random.default_rng(5)
+    for n, noise in ((40, 0.5), (200, 2.0), (7, 0.05)):
+        ref, meas = _paired(n, int(n), noise, 0.4)
+        meas[rng.integers(0, n)] = np.nan
+        for kind in ("2,1", "3,1"):
+            assert stats.icc_value(ref, meas, kind=kind) == stats.icc(ref, meas, kind=kind).value
+    with pytest.raises(ValueError, match="unknown ICC kind"):
+        stats.icc_value(ref, meas, kind="1,1")
+
+
 def test_pearson_mae_bland_altman():
     ref = np.array([1.0, 2, 3, 4, 5])
     meas = np.array([1.5, 2.5, 3.0, 4.5, 6.0])

@@ -52,7 +52,7 @@ def mean_icc21(ref: np.ndarray, pred: np.ndarray) -> float:
     vals = []
     for j in range(len(PARAMETERS)):
         ok = np.isfinite(ref[:, j]) & np.isfinite(pred[:, j])
-        vals.append(stats.icc21(ref[ok, j], pred[ok, j]).value)
+        vals.append(stats.icc_value(ref[ok, j], pred[ok, j], kind="2,1"))
     return float(np.mean(vals))
 
 

@@ -9,13 +9,13 @@ Every function takes plain arrays and returns plain floats (or small frozen data
 drop straight into ``metrics.json`` via :func:`ctsma.io.write_json`.
 """
 
-from .agreement import ICCResult, icc, icc21, icc31, pearson_r, mae, bland_altman, agreement_summary
+from .agreement import ICCResult, icc, icc21, icc31, icc_value, pearson_r, mae, bland_altman, agreement_summary
 from .bootstrap import BootstrapResult, cluster_bootstrap, cluster_bootstrap_diff
 from .classification import (AUCResult, DeLongTest, auc_delong, delong_test, binary_metrics, brier_score,
                              regression_metrics, r2_score)
 
 __all__ = [
-    "ICCResult", "icc", "icc21", "icc31", "pearson_r", "mae", "bland_altman", "agreement_summary",
+    "ICCResult", "icc", "icc21", "icc31", "icc_value", "pearson_r", "mae", "bland_altman", "agreement_summary",
     "BootstrapResult", "cluster_bootstrap", "cluster_bootstrap_diff",
     "AUCResult", "DeLongTest", "auc_delong", "delong_test", "binary_metrics", "brier_score",
     "regression_metrics", "r2_score",

@@ -57,6 +57,24 @@ def _mean_squares(a: np.ndarray) -> tuple[float, float, float]:
     return ss_rows / (n - 1), ss_cols / (k - 1), ss_err / ((n - 1) * (k - 1))
 
 
+def _icc_value(kind: str, msr, msc, mse, n: int, k: int):
+    if kind == "3,1":
+        return (msr - mse) / (msr + (k - 1) * mse)
+    if kind == "2,1":
+        return (msr - mse) / (msr + (k - 1) * mse + k * (msc - mse) / n)
+    raise ValueError(f"unknown ICC kind {kind!r}; use '2,1' or '3,1'")
+
+
+def icc_value(ratings, y=None, *, kind: str = "2,1") -> float:
+    """:func:`icc`'s value alone, the same number, without the confidence interval and p-value (whose F-distribution
+    quantiles take most of the time): for bootstraps, which recompute the ICC thousands of times."""
+    a = _as_table(ratings, y)
+    n, k = a.shape
+    msr, msc, mse = _mean_squares(a)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(_icc_value(kind, msr, msc, mse, n, k))
+
+
 def icc(ratings, y=None, *, kind: str = "2,1", alpha: float = 0.05) -> ICCResult:
     """ICC of an ``(n, k)`` table (or of two arrays ``ratings`` and ``y``), ``kind`` "2,1" or "3,1".
 
@@ -71,13 +89,12 @@ def icc(ratings, y=None, *, kind: str = "2,1", alpha: float = 0.05) -> ICCResult
     with np.errstate(divide="ignore", invalid="ignore"):
         F = msr / mse
         p = float(_st().f.sf(F, df1, df2))
+        value = _icc_value(kind, msr, msc, mse, n, k)
         if kind == "3,1":
-            value = (msr - mse) / (msr + (k - 1) * mse)
             fl = F / _st().f.ppf(q, df1, df2)
             fu = F * _st().f.ppf(q, df2, df1)
             ci = ((fl - 1) / (fl + k - 1), (fu - 1) / (fu + k - 1))
-        elif kind == "2,1":
-            value = (msr - mse) / (msr + (k - 1) * mse + k * (msc - mse) / n)
+        else:  # "2,1" (_icc_value refused any other kind)
             aa = k * value / (n * (1 - value))
             bb = 1 + k * value * (n - 1) / (n * (1 - value))
             v = (aa * msc + bb * mse) ** 2 / ((aa * msc) ** 2 / (k - 1) + (bb * mse) ** 2 / df2)
@@ -86,8 +103,6 @@ def icc(ratings, y=None, *, kind: str = "2,1", alpha: float = 0.05) -> ICCResult
             fs2 = _st().f.ppf(q, v, df1)
             hi = n * (fs2 * msr - mse) / (k * msc + (k * n - k - n) * mse + n * fs2 * msr)
             ci = (lo, hi)
-        else:
-            raise ValueError(f"unknown ICC kind {kind!r}; use '2,1' or '3,1'")
     return ICCResult(kind, float(value), (float(ci[0]), float(ci[1])), float(F), float(df1), float(df2), p, n, k)
 
 
