@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from ctsma import PARAMETERS
 from ctsma.dataset.synthetic import make_synthetic_store
@@ -74,6 +75,9 @@ def test_learning_happens_and_outputs_are_written(trained, store):
     dmeta = load_student(files["student"])[1]
     assert dmeta["role"] == "student_distilled" and dmeta["training"]["teacher"]["sha256"]
     assert set(dmeta["training"]["split"]["test"]).isdisjoint(dmeta["training"]["split"]["train"])
+    # where it was trained: the resolved device and precision, not the config's "auto"
+    assert dmeta["training"]["hardware"] == {"device": "cpu", "processes": 1, "precision": "32-true",
+                                             "torch": torch.__version__}
 
 
 def test_evaluate_writes_contract_metrics(trained, tmp_path):

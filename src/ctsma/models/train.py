@@ -67,6 +67,14 @@ def _precision(cfg) -> str:
     return "32-true" if t.precision == "32" else t.precision
 
 
+def _hardware(trainer, precision: str) -> dict:
+    """Where the model was trained, for its file: device (with the GPU's name), processes, precision, torch."""
+    dev = trainer.strategy.root_device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    return {"device": dev.type if name is None else f"{dev.type} ({name})", "processes": int(trainer.world_size),
+            "precision": precision, "torch": torch.__version__}
+
+
 def _native_bf16() -> bool:
     """Whether the GPU computes bf16 natively (compute capability 8.0, Ampere, and later). torch's own
     ``is_bf16_supported`` also says yes for older cards that only emulate it."""
@@ -192,7 +200,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
                                                           ("n_patches", "n_subjects", "parameters", "attrs")},
                 "split": dm.split.subjects, "n_train_patches": int(len(dm.split.train)),
                 "n_val_patches": int(len(dm.split.val)), "config": to_dict(cfg), "seed": cfg.trainer.seed,
-                "seconds": round(time.time() - t0, 1),
+                "seconds": round(time.time() - t0, 1), "hardware": _hardware(trainer, precision),
                 "teacher": (None if teacher_meta is None else {"file": str(teacher_path(cfg)),
                                                               "sha256": teacher_meta.get("_sha256")})}
     if role == "teacher":
