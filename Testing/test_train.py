@@ -335,16 +335,16 @@ def test_a_model_trained_on_a_test_patient_is_refused():
             check_held_out("m.safetensors", meta, ["P4", seen])
 
 
-def test_demo_trainings_side_by_side_write_every_model(store, tmp_path):
-    """The demo's side-by-side training with real trainings: two folds' teacher, student and baseline in two worker
-    processes (so each worker trains several models), every model file written and loadable, each student distilled
-    from its own fold's teacher."""
-    from ctsma.demo.stages import train_side_by_side
+def test_demo_trainings_in_lanes_write_every_model(store, tmp_path):
+    """The demo's lanes with real trainings: two folds' teacher, student and baseline, one worker process per fold
+    (so each worker trains three models), every model file written and loadable, each student distilled from its
+    own fold's teacher."""
+    from ctsma.demo.stages import train_in_lanes
     from ctsma.modelfile import read_metadata
 
     cfgs = [load_train_config(tiny(store.dir, tmp_path / f"fold{f}", optim={"max_epochs": 1},
                                    data={"k_folds": 2, "fold": f, "use_stored_split": False})) for f in range(2)]
-    order = train_side_by_side(cfgs, 2)
+    order = train_in_lanes(cfgs, 2)
     assert sorted(order) == sorted((f, w) for f in range(2) for w in ("teacher", "student", "baseline"))
     for f in range(2):
         for name in ("teacher", "student_distilled", "student_baseline"):

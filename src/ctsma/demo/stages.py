@@ -201,15 +201,15 @@ def fold_config(ctx: Context, fold: int):
 def training(ctx: Context, d: Path) -> dict:
     """Teacher, distilled student and baseline of every fold.
 
-    On a CPU with ``workers`` > 1 the trainings run in that many processes side by side, with the cores shared out
-    as torch threads (one each on two cores): the demo's small 3D CNNs use a second thread poorly (a training step
-    takes about as long with two as with one), so two single-threaded trainings side by side do the nine in about
-    60 % of the time one two-threaded training after the other takes (docs/demo.md). A student starts once its
-    fold's teacher is written. With a GPU they run one after the other."""
+    On a CPU with ``workers`` > 1 each fold is a lane (teacher, then its distilled student, then the baseline) in a
+    process of its own, all lanes at once (at most ``2 × workers``), with the cores shared out as torch threads (one
+    each when there are more lanes than cores): the demo's small 3D CNNs use a second thread poorly, and three
+    single-threaded lanes on two cores keep both cores busy to the end, where two workers taking the nine trainings
+    one by one left one core idle while the last training ran alone (docs/demo.md). With a GPU they run one after
+    the other."""
     cfgs = [fold_config(ctx, f) for f in range(ctx.s.folds)]
-    workers = min(ctx.s.workers, 2 * ctx.s.folds)
-    if workers > 1 and all(c.trainer.accelerator == "cpu" for c in cfgs):
-        train_side_by_side(cfgs, workers)
+    if ctx.s.workers > 1 and all(c.trainer.accelerator == "cpu" for c in cfgs):
+        train_in_lanes(cfgs, ctx.s.workers)
     else:
         from ..models.train import train
 
@@ -220,8 +220,11 @@ def training(ctx: Context, d: Path) -> dict:
     return {f"fold{f}": str(d / f"fold{f}") for f in range(ctx.s.folds)}
 
 
+LANE = ("teacher", "student", "baseline")  # the student needs its fold's teacher; the baseline needs nothing
+
+
 def _train_job(which: str, cfg, threads: int) -> float:
-    """One training in a worker process; returns its seconds."""
+    """One training; returns its seconds."""
     import time
 
     from ..models.train import train
@@ -232,37 +235,39 @@ def _train_job(which: str, cfg, threads: int) -> float:
     return time.perf_counter() - t
 
 
-def train_side_by_side(cfgs: list, workers: int, job=_train_job) -> list[tuple[int, str]]:
-    """Train every fold's teacher, student and baseline (``cfgs``: one training config per fold) in ``workers``
-    spawned processes with ``cpu_count // workers`` torch threads each: the teachers first, then the baselines; a
-    student is started only after its fold's teacher has finished, and before any other waiting training. Returns
-    the (fold, model) order of completion. The first training that fails stops the others and its error is raised.
-    ``job(which, cfg, threads)`` runs one training (injected by the tests)."""
+def _lane(fold: int, n: int, cfg, threads: int, job) -> list[tuple[str, float]]:
+    """One fold's trainings in order, in a worker process; returns (model, seconds) of each."""
+    done = []
+    for which in LANE:
+        progress.info(f"  fold {fold + 1}/{n}: {which} (started)")
+        secs = job(which, cfg, threads)
+        progress.info(f"  fold {fold + 1}/{n}: {which} finished in {secs:.0f} s")
+        done.append((which, secs))
+    return done
+
+
+def train_in_lanes(cfgs: list, workers: int, job=_train_job) -> list[tuple[int, str]]:
+    """Train every fold's teacher, student and baseline (``cfgs``: one training config per fold): one spawned process
+    per fold, up to ``2 × workers`` at once, each with ``cpu_count // processes`` torch threads (at least 1), each
+    running its fold's teacher, student and baseline in that order. Returns the (fold, model) pairs in the order the
+    lanes finished. The first training that fails stops the others and its error is raised. ``job(which, cfg,
+    threads)`` runs one training (injected by the tests)."""
     import os
     from concurrent.futures import FIRST_COMPLETED, wait
 
     from ..processes import worker_pool
 
     n = len(cfgs)
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    # every teacher before any baseline: a teacher unlocks its student, the longest training (distillation runs the
-    # teacher too), and the baselines fill the end, so that no student is left running alone (docs/demo.md)
-    ready = [(f, "teacher") for f in range(n)] + [(f, "baseline") for f in range(n)]
-    running, finished = {}, []
-    with worker_pool(workers) as ex:
-        while ready or running:
-            while ready and len(running) < workers:
-                f, which = ready.pop(0)
-                progress.info(f"  fold {f + 1}/{n}: {which} (started; {len(finished)}/{3 * n} done)")
-                running[ex.submit(job, which, cfgs[f], threads)] = (f, which)
+    processes = max(1, min(n, 2 * workers))
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    finished: list[tuple[int, str]] = []
+    with worker_pool(processes) as ex:  # not quiet: each lane reports its trainings as they start and finish
+        running = {ex.submit(_lane, f, n, cfg, threads, job): f for f, cfg in enumerate(cfgs)}
+        while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
-                f, which = running.pop(fut)
-                secs = fut.result()  # a training's error stops the stage here
-                finished.append((f, which))
-                progress.info(f"  fold {f + 1}/{n}: {which} finished in {secs:.0f} s")
-                if which == "teacher":
-                    ready.insert(0, (f, "student"))
+                f = running.pop(fut)
+                finished.extend((f, which) for which, _ in fut.result())  # a training's error stops the stage here
     return finished
 
 
