@@ -17,15 +17,13 @@ import SimpleITK as sitk
 from ctsma import PARAMETERS, ROIS
 from ctsma.cli.main import main as cli_main
 from ctsma.errors import ConfigError, UserError
+from ctsma.jit import TINY_KNEE as TINY  # a phantom knee that builds in a few seconds
 from ctsma.phantom import generate_cohort, generate_knee, knee_model, load_manifest, make_settings, truth_binary
 from ctsma.phantom.cohort import FILES
 from ctsma.phantom.pose import euler_matrix
 from ctsma.phantom.subject import micro_design, sample_subject
 
 # Small, coarse settings so a knee takes about a second; the physics is the same as the presets.
-TINY = {"mr_spacing": [0.9, 0.45, 0.45], "mr_fov": [84.0, 66.0, 30.0], "mr_subsample_mm": 0.3,
-        "ct_spacing": [1.0, 1.0, 1.5], "ct_fov": [150.0, 150.0, 48.0], "ct_subsample_mm": 0.5,
-        "truth_spacing": 0.05, "truth_patch_mm": 1.6, "truth_patches_per_roi": 1, "field_spacing": 4.0}
 
 
 def sha(p: Path) -> str:

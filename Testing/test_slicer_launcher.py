@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from CTSMALib.process import CANCELLED, DONE, FAILED, ProcessRunner, ctsma_command
+from ctsma.jit import TINY_KNEE as TINY  # a phantom knee that builds in a few seconds
 
 # -- cluster / remote command templates ------------------------------------------------------------
 CMD = ctsma_command(["train", "student", "--config", "my configs/it's.yaml", "--out", "run;rm -rf x"],
@@ -319,9 +320,6 @@ def test_torch_backend_choice_and_this_environment_needs_nothing():
 
 
 # -- sample data ------------------------------------------------------------------------------------
-TINY = {"mr_spacing": [0.9, 0.45, 0.45], "mr_fov": [84.0, 66.0, 30.0], "mr_subsample_mm": 0.3,
-        "ct_spacing": [1.0, 1.0, 1.5], "ct_fov": [150.0, 150.0, 48.0], "ct_subsample_mm": 0.5,
-        "truth_spacing": 0.05, "truth_patch_mm": 1.6, "truth_patches_per_roi": 1, "field_spacing": 4.0}
 
 
 @pytest.mark.mrml

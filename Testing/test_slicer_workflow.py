@@ -18,14 +18,12 @@ import pytest
 import SimpleITK as sitk
 
 from ctsma import PARAMETER_FILE_NAMES, PARAMETERS, ROIS
+from ctsma.jit import TINY_KNEE as TINY  # a phantom knee that builds in a few seconds
 
 from CTSMALib.process import DONE, ProcessRunner
 
 pytestmark = pytest.mark.mrml
 
-TINY = {"mr_spacing": [0.9, 0.45, 0.45], "mr_fov": [84.0, 66.0, 30.0], "mr_subsample_mm": 0.3,
-        "ct_spacing": [1.0, 1.0, 1.5], "ct_fov": [150.0, 150.0, 48.0], "ct_subsample_mm": 0.5,
-        "truth_spacing": 0.05, "truth_patch_mm": 1.6, "truth_patches_per_roi": 1, "field_spacing": 4.0}
 
 
 @pytest.fixture(scope="module")

@@ -48,12 +48,12 @@ def main() -> int:
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "checks": {}, "seconds": {}}
     store = make_synthetic_store(out / "store", n_subjects=20, patches_per_subject=64)
     cfg = a.config
-    common = ["--config", cfg, "--store", store.dir, "--out", out / "run", "--set", f"optim.max_epochs={a.epochs}",
-              "--set", "optim.val_every=2", "--set", "trainer.progress_bar=false"]
+    opts = ["--config", cfg, "--store", store.dir, "--set", f"optim.max_epochs={a.epochs}", "--set", "optim.val_every=2",
+            "--set", "trainer.progress_bar=false"]
     checks = res["checks"]
     for which, role in (("teacher", "teacher"), ("student", "student_distilled"), ("baseline", "student_baseline")):
         t = time.perf_counter()
-        p = ctsma("train", which, *common)
+        p = ctsma("train", which, *opts, "--out", out / "run")
         res["seconds"][which] = round(time.perf_counter() - t, 1)
         checks[f"{which}_exit_0"] = p.returncode == 0
         if p.returncode:
@@ -82,8 +82,7 @@ def main() -> int:
         res["evaluate_stderr"] = p.stderr[-3000:]
     # kill a teacher mid-run (after its first checkpoint) and resume it
     rdir = out / "resume"
-    cmd = [sys.executable, "-m", "ctsma.cli.main", "train", "teacher", *map(str, common[:4]), "--out", str(rdir),
-           *map(str, common[6:])]
+    cmd = [sys.executable, "-m", "ctsma.cli.main", "train", "teacher", *map(str, opts), "--out", str(rdir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     last = rdir / "teacher" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300

@@ -16,7 +16,6 @@ so running this is never required, only faster.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 
@@ -26,10 +25,11 @@ TINY_KNEE = {"mr_spacing": [0.9, 0.45, 0.45], "mr_fov": [84.0, 66.0, 30.0], "mr_
              "truth_spacing": 0.05, "truth_patch_mm": 1.6, "truth_patches_per_roi": 1, "field_spacing": 4.0}
 
 
-def _phantom(tmp: str) -> None:
+def _phantom() -> None:
     from .phantom import generate_knee, make_settings
 
-    generate_knee(make_settings("demo", TINY_KNEE), 0, 0, tmp)
+    with tempfile.TemporaryDirectory(prefix="ctsma_jit_") as tmp:
+        generate_knee(make_settings("demo", TINY_KNEE), 0, 0, tmp)
 
 
 def _mr_reference() -> None:
@@ -58,8 +58,7 @@ def _local_thickness() -> None:
     local_thickness(bone, (0.5, 0.5, 0.5))
 
 
-STEPS = (("phantom knee", _phantom), ("MR reference", lambda tmp: _mr_reference()),
-         ("local thickness", lambda tmp: _local_thickness()))
+STEPS = (("phantom knee", _phantom), ("MR reference", _mr_reference), ("local thickness", _local_thickness))
 
 
 def warm_up(report=print) -> dict[str, float]:
@@ -67,11 +66,11 @@ def warm_up(report=print) -> dict[str, float]:
     import warnings
 
     seconds = {}
-    with tempfile.TemporaryDirectory(prefix="ctsma_jit_") as tmp, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random inputs give the warnings a user would see for such data
         for name, step in STEPS:
             t = time.perf_counter()
-            step(tmp)
+            step()
             seconds[name] = time.perf_counter() - t
             report(f"ctsma.jit: {name}: {seconds[name]:.1f} s")
     return seconds
@@ -79,4 +78,3 @@ def warm_up(report=print) -> dict[str, float]:
 
 if __name__ == "__main__":
     warm_up()
-    sys.exit(0)

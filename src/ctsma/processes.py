@@ -71,10 +71,12 @@ def worker_pool(workers: int, quiet: bool = False, initializer: Callable[..., An
 
 
 def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int,
-             on_done: Callable[[int, Any], None] | None = None) -> list:
+             on_done: Callable[[int, Any], None] | None = None, quiet: bool = True) -> list:
     """``[fn(*job) for job in jobs]``, computed by ``workers`` spawned processes (in this process when ``workers``
     is 1 or there is one job). Jobs are started in the order given, so put the longest first. ``on_done(i,
-    result)`` is called in this process as each job finishes. ``fn`` must be importable (a module-level function)."""
+    result)`` is called in this process as each job finishes. ``fn`` must be importable (a module-level function).
+    ``quiet``: the workers show no progress (the caller reports the jobs as they finish); ``False`` lets each job
+    report its own steps."""
     results: list = [None] * len(jobs)
     if workers <= 1 or len(jobs) <= 1:
         for i, job in enumerate(jobs):
@@ -82,7 +84,7 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int,
             if on_done:
                 on_done(i, results[i])
         return results
-    with worker_pool(min(workers, len(jobs)), quiet=True) as ex:
+    with worker_pool(min(workers, len(jobs)), quiet=quiet) as ex:
         running = {ex.submit(fn, *job): i for i, job in enumerate(jobs)}
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)

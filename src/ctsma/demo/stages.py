@@ -253,21 +253,16 @@ def train_in_lanes(cfgs: list, workers: int, job=_train_job) -> list[tuple[int, 
     lanes finished. The first training that fails stops the others and its error is raised. ``job(which, cfg,
     threads)`` runs one training (injected by the tests)."""
     import os
-    from concurrent.futures import FIRST_COMPLETED, wait
 
-    from ..processes import worker_pool
+    from ..processes import run_jobs
 
     n = len(cfgs)
     processes = max(1, min(n, 2 * workers))
     threads = max(1, (os.cpu_count() or 1) // processes)
     finished: list[tuple[int, str]] = []
-    with worker_pool(processes) as ex:  # not quiet: each lane reports its trainings as they start and finish
-        running = {ex.submit(_lane, f, n, cfg, threads, job): f for f, cfg in enumerate(cfgs)}
-        while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done:
-                f = running.pop(fut)
-                finished.extend((f, which) for which, _ in fut.result())  # a training's error stops the stage here
+    # not quiet: each lane reports its trainings as they start and finish
+    run_jobs(_lane, [(f, n, cfg, threads, job) for f, cfg in enumerate(cfgs)], processes,
+             on_done=lambda f, lane: finished.extend((f, which) for which, _ in lane), quiet=False)
     return finished
 
 

@@ -74,19 +74,6 @@ def _init_worker(model_path: str | None, threads: int) -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, threads))
     torch.set_num_threads(max(1, threads))
     _WORKER["model"] = SynthesisModel.load(model_path) if model_path else None
-    _WORKER["presets"] = {}
-
-
-def _preset(preset_dict: dict):
-    """The job's preset, built once per worker (the jobs of one cohort share it)."""
-    import json
-
-    from .presets import load_preset
-
-    key = json.dumps(preset_dict, sort_keys=True)
-    if key not in _WORKER["presets"]:
-        _WORKER["presets"][key] = load_preset(preset_dict)
-    return _WORKER["presets"][key]
 
 
 def register_files(mr_path: str, ct_path: str, out_dir: str | Path, *, preset, model=None,
@@ -108,12 +95,12 @@ def register_files(mr_path: str, ct_path: str, out_dir: str | Path, *, preset, m
     return write_outputs(result, mr, ct, out_dir, extra_qa={"inputs": {"mr": str(mr_path), "ct": str(ct_path)}})
 
 
-def _run_one(row: dict, out_dir: str, preset_dict: dict) -> dict:
+def _run_one(row: dict, out_dir: str, preset) -> dict:
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            qa = register_files(row["mr"], row["ct"], out_dir, preset=_preset(preset_dict), model=_WORKER["model"],
+            qa = register_files(row["mr"], row["ct"], out_dir, preset=preset, model=_WORKER["model"],
                                 ct_bones_path=row.get("ct_bones") or None, mr_bones_path=row.get("mr_bones") or None)
         rejected = [s["name"] for s in qa["stages"] if not s["kept"]]
         return {"subject": row["subject"], "status": "done", "seconds": round(time.perf_counter() - t0, 2),
@@ -158,29 +145,27 @@ def run_cohorts(cohorts: Sequence[Cohort], *, model_path: str | None = None, job
         out = Path(c.out)
         out.mkdir(parents=True, exist_ok=True)
         records.append([])
-        preset_dict = c.preset.to_dict()
         for row in rows.to_dict("records"):
             target = safe_join(out, row["subject"])
             if (target / "qa.json").is_file():
                 records[k].append({"subject": row["subject"], "status": "skipped (done before)", "seconds": 0.0,
                                    "bone_dice_mean": None, "rejected_stages": "", "warnings": 0, "error": ""})
             else:
-                todo.append((k, len(records[k]), row, str(target), preset_dict))
+                todo.append((k, len(records[k]), row, str(target), c.preset))
                 records[k].append(None)
     jobs = max(1, min(jobs, len(todo) or 1))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     if jobs == 1:
         _init_worker(model_path, threads)
-        for k, j, row, target, preset_dict in progress.track(todo, "register cohort", total=len(todo), unit="knee"):
-            records[k][j] = _run_one(row, target, preset_dict)
+        for k, j, row, target, preset in progress.track(todo, "register cohort", total=len(todo), unit="knee"):
+            records[k][j] = _run_one(row, target, preset)
     else:
         if model_path:  # a damaged model file: its clear error here, not a broken worker pool
             from ..synthesis.model import SynthesisModel
 
             SynthesisModel.load(model_path)
         with worker_pool(jobs, initializer=_init_worker, initargs=(model_path, threads)) as ex:
-            futures = {ex.submit(_run_one, row, target, preset_dict): (k, j)
-                       for k, j, row, target, preset_dict in todo}
+            futures = {ex.submit(_run_one, row, target, preset): (k, j) for k, j, row, target, preset in todo}
             for fut in progress.track(as_completed(futures), "register cohort", total=len(futures), unit="knee"):
                 k, j = futures[fut]
                 records[k][j] = fut.result()
