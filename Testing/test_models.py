@@ -28,6 +28,54 @@ def test_teacher_and_student_feature_maps_align():
         assert (fs[name].shape[1], fs[name].shape[2]) == s.feature_shapes()[name]
 
 
+def test_conv_stem_keeps_the_feature_maps_and_round_trips_through_a_model_file(tmp_path):
+    """``stem="conv"``: two 3³ stride-2 convolutions for the MR 32³ (one for the CT 16³, as ``patchify``), the
+    same feature-map sizes as the default stem, recorded in the model file and rebuilt from it."""
+    from ctsma.models.networks import build_network
+
+    torch.manual_seed(0)
+    t = PatchRegressor(1, 32, (4, 8, 8, 12), stem="conv")
+    convs = [m for m in t.stem if isinstance(m, torch.nn.Conv3d)]
+    assert [(c.kernel_size, c.stride) for c in convs] == [((3, 3, 3), (2, 2, 2))] * 2
+    _, ft = t(torch.randn(2, 1, 32, 32, 32), return_features=True)
+    default = PatchRegressor(1, 32, (4, 8, 8, 12))
+    assert [c.kernel_size for c in default.stem if isinstance(c, torch.nn.Conv3d)] == [(4, 4, 4)]
+    assert "stem" not in default.arch                        # older model files, without the key, read the same
+    for name in ("stem", "stage1", "stage2", "stage3"):
+        assert (ft[name].shape[1], ft[name].shape[2]) == t.feature_shapes()[name] == default.feature_shapes()[name]
+    s = PatchRegressor(1, 16, (4, 8, 8, 12), stem="conv")    # CT 16³: one stride-2 step either way
+    assert str(s.stem) == str(PatchRegressor(1, 16, (4, 8, 8, 12)).stem)
+    assert build_network(t.arch).arch == t.arch == {**default.arch, "stem": "conv"}
+    meta = build_meta("teacher", t, modality="mr", spacing_mm=0.25, extent_mm=8, masks=False, intensity_offset=0,
+                      intensity_scale=1, target="mr", y_mean=(0.3, 0.2, 0.5, 1.5), y_sd=(0.1, 0.05, 0.1, 0.3),
+                      training={"n": 1}, metrics={"val_loss": 0.5})
+    path = export_model(tmp_path / "t.safetensors", t, meta)
+    model, got = load_teacher(path)
+    assert got["arch"]["stem"] == "conv"
+    x = np.random.default_rng(0).random((3, 32, 32, 32)).astype(np.float32)
+    t.eval()
+    with torch.no_grad():
+        want = t(torch.from_numpy(x[:, None])).numpy() * np.array([0.1, 0.05, 0.1, 0.3]) + [0.3, 0.2, 0.5, 1.5]
+    np.testing.assert_allclose(model.predict(x), want, rtol=1e-5, atol=1e-6)
+    # a stem this version does not know is a clear model-file error, not a traceback
+    from ctsma.modelfile import load_model
+    tensors, meta = load_model(path)
+    meta.pop("_sha256")
+    meta["arch"]["stem"] = "pyramid"
+    bad = save_model(tmp_path / "bad.safetensors", tensors, meta, kind="teacher")
+    with pytest.raises(ModelFileError, match="cannot build.*pyramid"):
+        load_teacher(bad)
+    with pytest.raises(ValueError, match="power of two"):
+        PatchRegressor(1, 24, (4, 8, 8, 12), stem="conv")
+
+
+def test_stem_is_a_config_setting():
+    cfg = load_train_config(None, {"teacher_net": {"stem": "conv"}})
+    assert cfg.teacher_net.stem == "conv" and cfg.student_net.stem == "patchify"
+    with pytest.raises(ConfigError):
+        load_train_config(None, {"teacher_net": {"stem": "pyramid"}})
+
+
 @pytest.mark.parametrize("loss", ["l1", "mse", "attention"])
 def test_distillation_loss_zero_for_matching_features_and_trainable(loss):
     torch.manual_seed(0)

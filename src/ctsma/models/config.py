@@ -38,6 +38,10 @@ class NetConfig:
     head_hidden: int = setting(32, lo=0, hi=4096, help="hidden units of the regression head (0: linear)")
     norm: str = setting("batch", choices=("batch", "group"),
                         help="BatchNorm (default: better validation loss on the phantom store) or GroupNorm")
+    stem: str = setting("patchify", choices=("patchify", "conv"),
+                        help="how a 32³ MR patch is brought to 8³: one 4³ convolution of stride 4, or two 3³ "
+                             "convolutions of stride 2 (a better teacher at about twice its training time; the same "
+                             "for the CT student's 16³); docs/training.md")
 
 
 @dataclass

@@ -134,6 +134,8 @@ def load_parameter_model(path: str | Path, kind: str | None = None) -> tuple[Par
         raise ModelFileError(f"{name} lacks metadata field {exc}; it is not a CT-SMA regression model") from None
     except RuntimeError as exc:
         raise ModelFileError(f"{name} weights do not fit its architecture: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:  # an architecture this CT-SMA does not know (e.g. a stem of a later version)
+        raise ModelFileError(f"{name} declares an architecture this CT-SMA cannot build: {exc}") from None
     model.eval()
     return model, meta
 

@@ -2,7 +2,9 @@
 
 Both are the same small residual network: a stem at the input resolution, three residual stages, global average
 pooling and a small head. The stem brings any input to 8³ (the student's CT 16³: 3³ convolution, stride 2; the
-teacher's MR 32³: non-overlapping 4³ patches, stride 4, so the first layer still sees every fine voxel), then
+teacher's MR 32³: non-overlapping 4³ patches, stride 4, so the first layer still sees every fine voxel; or, with
+``stem="conv"``, 3³ convolutions of stride 2 until 8³, which read the fine structure better at about twice the
+cost: docs/training.md, *A stronger teacher*), then
 stages of stride 1, 2, 2 give 8³, 4³, 2³. Teacher and student feature maps therefore have the same spatial size
 at every stage (stem, stage1..3) and distillation only needs a channel adapter. All compute runs at 8³ and
 below, which is what lets the demo train on a 2-core CPU (3D convolutions over 16³-32³ maps with few channels
@@ -53,6 +55,30 @@ def stem_kernel(stride: int) -> tuple[int, int]:
     return (3, 1) if stride <= 2 else (stride, 0)
 
 
+STEMS = ("patchify", "conv")
+
+
+def make_stem(in_channels: int, width: int, input_size: int, kind: str, norm: str) -> nn.Sequential:
+    """The layers that bring a patch of ``input_size``³ to 8³ with ``width`` channels.
+
+    ``patchify``: one convolution (:func:`stem_kernel`); ``conv``: 3³ convolutions of stride 2 (with norm and ReLU
+    after each) until 8³, the same as ``patchify`` when one step is enough (CT 16³)."""
+    if kind not in STEMS:
+        raise ValueError(f"unknown stem {kind!r}; use one of {STEMS}")
+    s0 = stem_stride(input_size)
+    if kind == "patchify" or s0 <= 2:
+        k, pad = stem_kernel(s0)
+        return nn.Sequential(nn.Conv3d(in_channels, width, k, s0, pad, bias=False), make_norm(norm, width),
+                             nn.ReLU(inplace=True))
+    if s0 & (s0 - 1):
+        raise ValueError(f"a 'conv' stem needs an input size of 8 times a power of two, got {input_size}")
+    layers, cin = [], in_channels
+    while s0 > 1:
+        layers += [nn.Conv3d(cin, width, 3, 2, 1, bias=False), make_norm(norm, width), nn.ReLU(inplace=True)]
+        cin, s0 = width, s0 // 2
+    return nn.Sequential(*layers)
+
+
 def strides_for(input_size: int) -> tuple[int, int, int]:  # noqa: ARG001 - same for all inputs after the stem
     return (1, 2, 2)
 
@@ -61,16 +87,15 @@ class PatchRegressor(nn.Module):
     """Patch → (n, 4) normalised parameters; ``forward(x, return_features=True)`` also returns stage features."""
 
     def __init__(self, in_channels: int, input_size: int, widths=(16, 16, 32, 48), blocks: int = 1,
-                 head_hidden: int = 32, n_outputs: int = 4, norm: str = "batch"):
+                 head_hidden: int = 32, n_outputs: int = 4, norm: str = "batch", stem: str = "patchify"):
         super().__init__()
         self.arch = {"in_channels": int(in_channels), "input_size": int(input_size), "widths": [int(w) for w in widths],
                      "blocks": int(blocks), "head_hidden": int(head_hidden), "n_outputs": int(n_outputs),
                      "norm": norm}
+        if stem != "patchify":  # recorded only when not the default, so older model files read the same
+            self.arch["stem"] = stem
         w0, w1, w2, w3 = widths
-        s0 = stem_stride(input_size)
-        k, pad = stem_kernel(s0)
-        self.stem = nn.Sequential(nn.Conv3d(in_channels, w0, k, s0, pad, bias=False), make_norm(norm, w0),
-                                  nn.ReLU(inplace=True))
+        self.stem = make_stem(in_channels, w0, input_size, stem, norm)
         stages = []
         cin = w0
         for cout, s in zip((w1, w2, w3), strides_for(input_size)):
@@ -106,7 +131,8 @@ class PatchRegressor(nn.Module):
 def build_network(arch: dict) -> PatchRegressor:
     """A network from its ``arch`` record (as stored in the model file)."""
     return PatchRegressor(arch["in_channels"], arch["input_size"], arch["widths"], arch["blocks"],
-                          arch["head_hidden"], arch.get("n_outputs", 4), arch.get("norm", "batch"))
+                          arch["head_hidden"], arch.get("n_outputs", 4), arch.get("norm", "batch"),
+                          arch.get("stem", "patchify"))
 
 
 def count_parameters(model: nn.Module) -> int:
