@@ -15,8 +15,8 @@ would and writes what it checked to DIR/gpu_check.json (exit status 1 if a check
   ten maps agree (largest difference of a map relative to its range, at most 1e-3: the GPU's convolutions round
   otherwise), and the OA probability agrees to 1e-3; each run's seconds.
 * ``demo``: ``ctsma demo --n N --workers W`` end to end (synthesis and inference on the GPU, the demo's CNNs on
-  the CPU as its config says). Checks: it finishes with ``metrics.json``, the study report and the scene; the
-  stage seconds.
+  the CPU as its config says). Checks: it finishes with ``metrics.json``, the study report and the scene (where
+  slicer-core is installed; the demo skips it otherwise); the stage seconds.
 """
 
 from __future__ import annotations
@@ -191,8 +191,11 @@ def check_demo(a, out: Path, res: dict) -> None:
     res["demo_stage_seconds"] = m.get("timing")
     res["demo_mean_icc21"] = {k: v.get("mean_icc21") for k, v in m.get("regression", {}).items()}
     res["demo_files"] = sorted(str(f.relative_to(d)) for f in d.glob("*/*") if f.suffix in (".pdf", ".mrb", ".html"))
+    from ctsma.demo.outputs import _slicer_lib
+
+    res["demo_scene_expected"] = _slicer_lib()  # without slicer-core the demo skips the scene, with a warning
     checks["demo_outputs_written"] = "report/study.pdf" in res["demo_files"] and \
-        any(f.startswith("scene/") and f.endswith(".mrb") for f in res["demo_files"])
+        any(f.startswith("scene/") and f.endswith(".mrb") for f in res["demo_files"]) == res["demo_scene_expected"]
 
 
 if __name__ == "__main__":
