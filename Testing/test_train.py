@@ -14,7 +14,7 @@ import torch
 
 from ctsma import PARAMETERS
 from ctsma.dataset.synthetic import make_synthetic_store
-from ctsma.errors import UserError
+from ctsma.errors import ConfigError, UserError
 from ctsma.modelfile import load_model
 from ctsma.models import load_student, load_train_config, train
 
@@ -123,6 +123,21 @@ def test_no_validation_patients_is_a_clear_error(store, tmp_path):
     with pytest.raises(UserError, match="no validation patients"):
         train("baseline", cfg)
     assert not any(tmp_path.iterdir())  # nothing written: no empty run folder left behind
+
+
+def test_conv_stem_teacher_trains_and_a_stem_that_cannot_fit_is_a_config_error(store, tmp_path):
+    from ctsma.dataset.store import PatchStore
+    from ctsma.models import load_teacher
+
+    cfg = load_train_config(tiny(store.dir, tmp_path / "ok", teacher_net={"stem": "conv"}, optim={"max_epochs": 2}))
+    model, meta = load_teacher(train("teacher", cfg))
+    assert meta["arch"]["stem"] == "conv" and len([m for m in model.net.stem if isinstance(m, torch.nn.Conv3d)]) == 2
+    odd = PatchStore(store.dir)
+    odd.mr_shape = (24, 24, 24)                              # MR patches of 24³ cannot be halved down to 8³
+    bad = tmp_path / "bad"
+    with pytest.raises(ConfigError, match="teacher_net: a 'conv' stem needs an input size"):
+        train("teacher", load_train_config(tiny(store.dir, bad, teacher_net={"stem": "conv"})), store=odd)
+    assert not bad.exists() or not any(bad.iterdir())
 
 
 def test_student_without_teacher_is_a_clear_error(store, tmp_path):
