@@ -37,6 +37,7 @@ import csv
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -125,8 +126,9 @@ def main():
     t0 = time.perf_counter()
     jobs = [(str(phantom / s / "metadata.json"), v, str(a.work / v / s / "mr.nii.gz"))
             for v in VARIANTS for s in subjects if v != "original" or s == subjects[0]]
-    jobs = [j for j in jobs if not Path(j[2]).is_file()]
-    reused = len(jobs) < len(VARIANTS) * len(subjects) - len(subjects) + 1
+    todo = [j for j in jobs if not Path(j[2]).is_file()]
+    reused = len(todo) < len(jobs)
+    jobs = todo
     print(f"simulating {len(jobs)} MR images ...", flush=True)
     run_jobs(simulate_variant, jobs, a.workers)
     same = np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(a.work / "original" / subjects[0] / "mr.nii.gz"))),
@@ -136,11 +138,8 @@ def main():
         raise SystemExit("the phantom code no longer regenerates the demo's MR; rerun the demo first")
     t_sim = time.perf_counter() - t0
 
-    class Ctx:  # what dataset_settings reads
-        class s:
-            pass
-    Ctx.s.seed = seed
-    settings = dataclasses.replace(dataset_settings(Ctx), truth=False)
+    demo = SimpleNamespace(s=SimpleNamespace(seed=seed))  # the part of the demo's context that dataset_settings reads
+    settings = dataclasses.replace(dataset_settings(demo), truth=False)
     tables = {}
     for v in VARIANTS:
         store = a.work / v / "store"
