@@ -65,8 +65,22 @@ def test_conv_stem_keeps_the_feature_maps_and_round_trips_through_a_model_file(t
     bad = save_model(tmp_path / "bad.safetensors", tensors, meta, kind="teacher")
     with pytest.raises(ModelFileError, match="cannot build.*pyramid"):
         load_teacher(bad)
-    with pytest.raises(ValueError, match="power of two"):
-        PatchRegressor(1, 24, (4, 8, 8, 12), stem="conv")
+    for size in (24, 34, 37):                                 # 34 and 37 would halve to 9 or 10, not 8
+        with pytest.raises(ValueError, match="power of two"):
+            PatchRegressor(1, size, (4, 8, 8, 12), stem="conv")
+    meta["arch"]["widths"] = 16                              # a malformed record: also a model-file error
+    bad = save_model(tmp_path / "bad2.safetensors", tensors, meta, kind="teacher")
+    with pytest.raises(ModelFileError, match="cannot build"):
+        load_teacher(bad)
+
+
+@pytest.mark.parametrize("size,stem", [(16, "patchify"), (17, "patchify"), (15, "patchify"), (24, "patchify"),
+                                       (33, "patchify"), (32, "conv"), (64, "conv"), (17, "conv")])
+def test_declared_feature_shapes_are_the_real_ones(size, stem):
+    """Distillation sizes its adapters from ``feature_shapes``: it must match the network at any patch size."""
+    net = PatchRegressor(1, size, (4, 4, 8, 8), stem=stem)
+    _, feats = net(torch.randn(2, 1, size, size, size), return_features=True)
+    assert {k: (v.shape[1], v.shape[2]) for k, v in feats.items()} == net.feature_shapes()
 
 
 def test_stem_is_a_config_setting():

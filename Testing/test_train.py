@@ -132,6 +132,14 @@ def test_conv_stem_teacher_trains_and_a_stem_that_cannot_fit_is_a_config_error(s
     cfg = load_train_config(tiny(store.dir, tmp_path / "ok", teacher_net={"stem": "conv"}, optim={"max_epochs": 2}))
     model, meta = load_teacher(train("teacher", cfg))
     assert meta["arch"]["stem"] == "conv" and len([m for m in model.net.stem if isinstance(m, torch.nn.Conv3d)]) == 2
+    student, smeta = load_student(train("student", cfg))    # distillation matches the conv teacher's feature maps
+    assert smeta["role"] == "student_distilled" and np.isfinite(student.predict(store.read("ct", [0, 1]))).all()
+    # resuming that teacher with the other stem is refused before anything changes, not a Lightning traceback
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "ok").rglob("*") if p.is_file()}
+    other = load_train_config(tiny(store.dir, tmp_path / "ok", optim={"max_epochs": 2}))
+    with pytest.raises(ConfigError, match="--resume: .* holds another network"):
+        train("teacher", other, resume=True)
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "ok").rglob("*") if p.is_file()}
     odd = PatchStore(store.dir)
     odd.mr_shape = (24, 24, 24)                              # MR patches of 24³ cannot be halved down to 8³
     bad = tmp_path / "bad"

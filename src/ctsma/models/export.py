@@ -124,7 +124,10 @@ def load_parameter_model(path: str | Path, kind: str | None = None) -> tuple[Par
                                  f"this CT-SMA reads {META_VERSION}")
         if list(meta["parameters"]) != list(PARAMETERS):
             raise ModelFileError(f"{name} predicts {meta['parameters']}, not {list(PARAMETERS)}")
-        net = build_network(meta["arch"])
+        try:
+            net = build_network(meta["arch"])
+        except (ValueError, TypeError) as exc:  # an architecture this CT-SMA does not know or a malformed record
+            raise ModelFileError(f"{name} declares an architecture this CT-SMA cannot build: {exc}") from None
         missing, unexpected = net.load_state_dict(tensors, strict=False)
         if missing or unexpected:
             raise ModelFileError(f"{name} does not match its declared architecture "
@@ -134,8 +137,6 @@ def load_parameter_model(path: str | Path, kind: str | None = None) -> tuple[Par
         raise ModelFileError(f"{name} lacks metadata field {exc}; it is not a CT-SMA regression model") from None
     except RuntimeError as exc:
         raise ModelFileError(f"{name} weights do not fit its architecture: {str(exc).splitlines()[0]}") from None
-    except ValueError as exc:  # an architecture this CT-SMA does not know (e.g. a stem of a later version)
-        raise ModelFileError(f"{name} declares an architecture this CT-SMA cannot build: {exc}") from None
     model.eval()
     return model, meta
 

@@ -70,13 +70,25 @@ def make_stem(in_channels: int, width: int, input_size: int, kind: str, norm: st
         k, pad = stem_kernel(s0)
         return nn.Sequential(nn.Conv3d(in_channels, width, k, s0, pad, bias=False), make_norm(norm, width),
                              nn.ReLU(inplace=True))
-    if s0 & (s0 - 1):
+    if input_size % STEM_SIZE or s0 & (s0 - 1):
         raise ValueError(f"a 'conv' stem needs an input size of 8 times a power of two, got {input_size}")
     layers, cin = [], in_channels
     while s0 > 1:
         layers += [nn.Conv3d(cin, width, 3, 2, 1, bias=False), make_norm(norm, width), nn.ReLU(inplace=True)]
         cin, s0 = width, s0 // 2
     return nn.Sequential(*layers)
+
+
+def stem_output_size(input_size: int, kind: str = "patchify") -> int:
+    """Edge of the stem's output, as :func:`make_stem` builds it (3³ kernels with padding 1 round up, non-overlapping
+    patches round down)."""
+    s0 = stem_stride(input_size)
+    if kind == "patchify" and s0 > 2:
+        return input_size // s0
+    n = input_size
+    for _ in range(1 if s0 <= 2 else s0.bit_length() - 1):
+        n = (n + s0 - 1) // s0 if s0 <= 2 else (n + 1) // 2
+    return n
 
 
 def strides_for(input_size: int) -> tuple[int, int, int]:  # noqa: ARG001 - same for all inputs after the stem
@@ -110,7 +122,7 @@ class PatchRegressor(nn.Module):
 
     def feature_shapes(self) -> dict[str, tuple[int, int]]:
         """Stage name → (channels, spatial size)."""
-        n = self.arch["input_size"] // stem_stride(self.arch["input_size"])
+        n = stem_output_size(self.arch["input_size"], self.arch.get("stem", "patchify"))
         out = {"stem": (self.arch["widths"][0], n)}
         for name, w, s in zip(STAGES[1:], self.arch["widths"][1:], strides_for(n)):
             n = (n + s - 1) // s  # padding 1, kernel 3

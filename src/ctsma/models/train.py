@@ -148,6 +148,8 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     module = RegressionModule(role, arch, optim, to_dict(cfg.distill), teacher_arch, dm.y_sd.tolist())
     if teacher_tensors is not None:
         module.teacher.load_state_dict(teacher_tensors)
+    if resume:
+        _check_resumable(last, module)
     precision = _precision(cfg)
     # only now, with the store, split, teacher and device checked: a user error leaves the folder as it was
     if not resume and run_dir.exists():
@@ -222,6 +224,17 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     progress.info(f"{role}: wrote {model_file} (validation MAE "
                   + ", ".join(f"{p} {metrics['val_mae'][p]:.4g}" for p in PARAMETERS) + ")")
     return model_file
+
+
+def _check_resumable(ckpt: Path, module) -> None:
+    """Refuse, before anything is written, a checkpoint whose weights do not fit the network this config builds
+    (e.g. ``--resume`` after changing ``widths`` or ``stem``), which Lightning would report as a traceback."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True).get("state_dict", {})
+    mine = module.state_dict()
+    if set(state) != set(mine) or any(tuple(state[k].shape) != tuple(v.shape) for k, v in mine.items()):
+        raise ConfigError(f"--resume: {ckpt} holds another network than this config describes (were teacher_net, "
+                          "student_net or distill changed?); resume with the run's own settings, or train anew "
+                          "without --resume")
 
 
 def _read_csv(path: Path):
