@@ -7,7 +7,8 @@ scan-rescan reliability of the reference bounds the agreement any CT model can r
 For every knee of a finished demo run, the knee's MR is simulated again from the phantom's own model (same
 anatomy, microstructure, pose and MR grid, so the registrations and patch positions of the demo still hold):
 
-* ``original``: the knee's own random stream (a check: the image must equal the demo's ``mr.nii.gz``);
+* ``original``: the knee's own random stream (a check: every knee's image must equal the demo's ``mr.nii.gz``, and
+  the store built from them the demo's store);
 * ``rescan``: another random stream, i.e. new Rician noise and a new smooth bias field, as in a second scan
   without repositioning;
 * ``snr1000``: the knee's own stream (the same bias field) with the noise 45 times lower (SNR 1000 instead of
@@ -102,6 +103,15 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict:
             "cv_percent": round(float(100 * np.std(a - b, ddof=1) / np.sqrt(2) / np.mean(np.r_[a, b])), 2)}
 
 
+def _no_nan(x):
+    """NaN as null, so that the file is valid JSON."""
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_no_nan(v) for v in x]
+    return None if isinstance(x, float) and x != x else x
+
+
 def main():
     import dataclasses
 
@@ -123,19 +133,25 @@ def main():
     phantom, reg = a.demo / "phantom", a.demo / "registration" / "cohort"
     subjects = [r["subject"] for r in csv.DictReader(open(phantom / "manifest.csv", newline=""))]
     seed = a.seed if a.seed is not None else json.loads((phantom / subjects[0] / "metadata.json").read_text())["seed"]
+    stamp = {"demo": str(a.demo.resolve()), "seed": seed, "subjects": subjects}
+    stamp_path = a.work / "work_of.json"
+    if stamp_path.is_file() and json.loads(stamp_path.read_text()) != stamp:
+        raise SystemExit(f"{a.work} holds the outputs of another demo ({stamp_path}); give another --work")
+    a.work.mkdir(parents=True, exist_ok=True)
+    stamp_path.write_text(json.dumps(stamp))
     t0 = time.perf_counter()
     jobs = [(str(phantom / s / "metadata.json"), v, str(a.work / v / s / "mr.nii.gz"))
-            for v in VARIANTS for s in subjects if v != "original" or s == subjects[0]]
+            for v in VARIANTS for s in subjects]
     todo = [j for j in jobs if not Path(j[2]).is_file()]
     reused = len(todo) < len(jobs)
-    jobs = todo
-    print(f"simulating {len(jobs)} MR images ...", flush=True)
-    run_jobs(simulate_variant, jobs, a.workers)
-    same = np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(a.work / "original" / subjects[0] / "mr.nii.gz"))),
-                          sitk.GetArrayFromImage(sitk.ReadImage(str(phantom / subjects[0] / "mr.nii.gz"))))
-    print(f"regenerated MR of {subjects[0]} equals the demo's: {same}", flush=True)
-    if not same:
-        raise SystemExit("the phantom code no longer regenerates the demo's MR; rerun the demo first")
+    print(f"simulating {len(todo)} MR images ...", flush=True)
+    run_jobs(simulate_variant, todo, a.workers)
+    differ = [s for s in subjects if not np.array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(a.work / "original" / s / "mr.nii.gz"))),
+        sitk.GetArrayFromImage(sitk.ReadImage(str(phantom / s / "mr.nii.gz"))))]
+    print(f"regenerated MRs equal to the demo's: {len(subjects) - len(differ)} of {len(subjects)}", flush=True)
+    if differ:
+        raise SystemExit(f"the phantom code no longer regenerates the demo's MR of {differ[:3]}; rerun the demo first")
     t_sim = time.perf_counter() - t0
 
     demo = SimpleNamespace(s=SimpleNamespace(seed=seed))  # the part of the demo's context that dataset_settings reads
@@ -155,8 +171,17 @@ def main():
         t["subject"] = t["subject"].astype(str)
         tables[v] = t.set_index(key)
     base = tables["original"]
-    res = {"demo": str(a.demo), "seed": seed, "knees": len(subjects), "simulate_s": round(t_sim, 1),
-           "total_s": round(t_all, 1), "reused_earlier_outputs_of_work_dir": bool(reused),
+    demo_table = PatchStore(a.demo / "dataset" / "store").table
+    demo_table["subject"] = demo_table["subject"].astype(str)
+    demo_table = demo_table.set_index(key)
+    cols = [f"mr_{p}" for p in PARAMETERS]
+    same_store = bool(demo_table.index.equals(base.index) and demo_table[cols].equals(base[cols]))
+    print(f"the rebuilt original store equals the demo's (patches and MR references): {same_store}", flush=True)
+    res = {"demo": str(a.demo), "seed": seed, "knees": len(subjects),
+           "regenerated_mr_equals_demo": f"{len(subjects)} of {len(subjects)} knees",
+           "rebuilt_original_store_equals_demo_store": same_store,
+           "reused_earlier_outputs_of_work_dir": bool(reused),
+           "simulate_s": None if reused else round(t_sim, 1), "total_s": None if reused else round(t_all, 1),
            "patches": {v: int(len(t)) for v, t in tables.items()}}
     for v in ("rescan", "snr1000"):
         m = base.join(tables[v].add_suffix("_b"), how="inner")
@@ -167,7 +192,7 @@ def main():
             ra, rb = roi[f"mr_{p}"].to_numpy(float), roi[f"mr_{p}_b"].to_numpy(float)
             out[p] = {"patches": agreement(pa, pb), "roi_means": agreement(ra, rb)}
         for level in ("patches", "roi_means") if v == "rescan" else ():
-            rel = np.array([max(out[p][level]["pearson_r"], 0.0) for p in PARAMETERS])
+            rel = np.clip([out[p][level]["pearson_r"] for p in PARAMETERS], 0.0, 1.0)  # NaN stays NaN (null)
             out[f"{level}_bound"] = {
                 "sqrt_rel": dict(zip(PARAMETERS, np.round(np.sqrt(rel), 3).tolist())),
                 "mean_sqrt_rel": round(float(np.sqrt(rel).mean()), 3),
@@ -175,7 +200,7 @@ def main():
                 "mean_two_rel_over_one_plus_rel": round(float((2 * rel / (1 + rel)).mean()), 3)}
     name = f"bench_mr_reliability{'_' + a.tag if a.tag else ''}.json"
     path = ROOT / "benchmarks" / "results" / name
-    path.write_text(json.dumps(res, indent=1) + "\n")
+    path.write_text(json.dumps(_no_nan(res), indent=1) + "\n")
     for v in ("rescan", "snr1000"):
         o = res[f"original_vs_{v}"]
         print(f"original vs {v} ({o['matched_patches']} patches): " + ", ".join(

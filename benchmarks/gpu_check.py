@@ -156,19 +156,23 @@ def check_infer(a, out: Path, res: dict) -> None:
         runs.append((d, summary))
     (d0, s0), (d1, s1) = runs
     t0, t1 = pd.read_csv(d0 / "roi_table.csv"), pd.read_csv(d1 / "roi_table.csv")
-    rel = float(np.max(np.abs(t0["mean"] - t1["mean"]) / np.maximum(np.abs(t1["mean"]), 1e-9)))
+    a0, a1 = t0["mean"].to_numpy(float), t1["mean"].to_numpy(float)
+    same_nan = bool(np.array_equal(np.isnan(a0), np.isnan(a1)))
+    rel = float(np.nanmax(np.abs(a0 - a1) / np.maximum(np.abs(a1), 1e-9))) if np.isfinite(a1).any() else 0.0
     res["infer_roi_table_max_rel_diff"] = rel
-    checks["infer_roi_tables_agree"] = list(t0["roi"]) == list(t1["roi"]) and rel <= 1e-3
+    checks["infer_roi_tables_agree"] = list(t0["roi"]) == list(t1["roi"]) and same_nan and rel <= 1e-3
     worst = 0.0
     maps = sorted(p.relative_to(d1) for p in d1.rglob("*.nii.gz"))
     for m in maps:
         x = sitk.GetArrayFromImage(sitk.ReadImage(str(d0 / m))).astype(np.float64)
         y = sitk.GetArrayFromImage(sitk.ReadImage(str(d1 / m))).astype(np.float64)
         fin = np.isfinite(y)
-        span = float(np.ptp(y[fin])) if fin.any() else 0.0
-        same_nan = bool(np.array_equal(np.isfinite(x), fin))
-        diff = float(np.max(np.abs(x[fin] - y[fin]))) / span if span and same_nan else (0.0 if same_nan else np.inf)
-        worst = max(worst, diff)
+        if not np.array_equal(np.isfinite(x), fin):
+            worst = np.inf
+            continue
+        if fin.any():  # relative to the map's range (absolute for a constant map)
+            span = float(np.ptp(y[fin]))
+            worst = max(worst, float(np.max(np.abs(x[fin] - y[fin]))) / (span or 1.0))
     res["infer_maps"] = [str(m) for m in maps]
     res["infer_map_max_diff_over_range"] = worst
     checks["infer_maps_agree"] = len(maps) >= 10 and worst <= 1e-3
