@@ -79,18 +79,6 @@ def make_stem(in_channels: int, width: int, input_size: int, kind: str, norm: st
     return nn.Sequential(*layers)
 
 
-def stem_output_size(input_size: int, kind: str = "patchify") -> int:
-    """Edge of the stem's output, as :func:`make_stem` builds it (3³ kernels with padding 1 round up, non-overlapping
-    patches round down)."""
-    s0 = stem_stride(input_size)
-    if kind == "patchify" and s0 > 2:
-        return input_size // s0
-    n = input_size
-    for _ in range(1 if s0 <= 2 else s0.bit_length() - 1):
-        n = (n + s0 - 1) // s0 if s0 <= 2 else (n + 1) // 2
-    return n
-
-
 def strides_for(input_size: int) -> tuple[int, int, int]:  # noqa: ARG001 - same for all inputs after the stem
     return (1, 2, 2)
 
@@ -122,7 +110,9 @@ class PatchRegressor(nn.Module):
 
     def feature_shapes(self) -> dict[str, tuple[int, int]]:
         """Stage name → (channels, spatial size)."""
-        n = stem_output_size(self.arch["input_size"], self.arch.get("stem", "patchify"))
+        n = self.arch["input_size"]
+        for conv in (m for m in self.stem if isinstance(m, nn.Conv3d)):  # the stem as built, whatever its kind
+            n = (n + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
         out = {"stem": (self.arch["widths"][0], n)}
         for name, w, s in zip(STAGES[1:], self.arch["widths"][1:], strides_for(n)):
             n = (n + s - 1) // s  # padding 1, kernel 3
