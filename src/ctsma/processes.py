@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterator, Sequence
@@ -62,8 +63,13 @@ def worker_pool(workers: int, quiet: bool = False, initializer: Callable[..., An
         for proc in procs:
             proc.terminate()
         ex.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + 5
         for proc in procs:
             proc.join(5)
+            # the pool's own thread may reap the process first, and until it records the exit code the process
+            # still counts as alive (multiprocessing.active_children): wait for that too
+            while proc.exitcode is None and time.monotonic() < deadline:
+                time.sleep(0.01)
         if isinstance(exc, BrokenProcessPool):
             raise UserError(BROKEN) from exc
         raise
