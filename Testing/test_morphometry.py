@@ -123,7 +123,7 @@ def test_sphere_values_interior_path_is_the_general_one_bit_for_bit(sp):
         for i in range(idx.shape[0]):
             f = idx[i]
             z, y, x = f // (nx * ny), (f // nx) % ny, f % nx
-            out[i] = 2.0 * _default_radius(rt, z, y, x, rt[z, y, x], hs, olens)
+            out[i] = 2.0 * _default_radius(rt, z, y, x, rt[z, y, x], hs, olens, np.float32(1.0))
         return out
 
     rng = np.random.default_rng(5)
@@ -164,7 +164,7 @@ def test_direct_painter_gives_the_block_painters_map(fraction):
     idx = reduced_axis(b.shape, dsq.ravel(), b.ravel(), *sp)
     val = _values_at(np.sqrt(dsq), idx, *sp, True)
     order = np.argsort(-val, kind="stable")
-    cz, cy, cx, rad = sphere_arrays(b.shape, idx[order], dsq.ravel())
+    cz, cy, cx, rad = sphere_arrays(b.shape, idx[order], dsq.ravel()[idx[order]])
     radii, kind = _radius_kinds(dsq.ravel()[idx[order]], rad)
     direct = np.zeros(b.shape, np.float32)
     _paint_direct(b, direct, cz, cy, cx, kind, val[order], *_chords(radii, *sp))

@@ -269,13 +269,13 @@ def batch(quick):
 
 def batch_stage_times(patches, sp):
     """CPU seconds of each stage of measure_batch's kernel (ctsma.morphometry.batch), summed over patches."""
-    from ctsma.morphometry.batch import _labels, _split_phase, _total
+    from ctsma.morphometry.batch import _labels, _signed_distances
     from ctsma.morphometry.distance import edtsq_labels
-    from ctsma.morphometry.paint import descending_order, paint_serial
+    from ctsma.morphometry.paint import descending_order, paint_sum
     from ctsma.morphometry.power import reduced_axis
-    from ctsma.morphometry.thickness import _values_at
+    from ctsma.morphometry.thickness import _values_signed
     keys = ("labels", "distance transform (both phases, one call)", "reduced medial axis (both phases, one call)",
-            "phase split", "sphere values", "sort", "painting", "means")
+            "signed distances", "phase balls", "sphere values", "sort", "painting (sum)")
     t = dict.fromkeys(keys, 0.0)
     clock = time.process_time
     whole = np.ones(patches.shape[1:], bool)
@@ -287,22 +287,21 @@ def batch_stage_times(patches, sp):
         c.append(clock())
         idx = reduced_axis(lab.shape, d.ravel(), lab.ravel() > 0, *sp)
         c.append(clock())
-        for i, k in enumerate(keys[:3]):
+        s = _signed_distances(lab, d)
+        c.append(clock())
+        for i, k in enumerate(keys[:4]):
             t[k] += c[i + 1] - c[i]
-        rt = np.sqrt(d)
         for label in (2, 1):
             c = [clock()]
-            phase, own, ii = _split_phase(lab, rt, idx, label)
+            ii = idx[lab.ravel()[idx] == label]
             c.append(clock())
-            val = _values_at(own, ii, *sp, True)
+            val = _values_signed(s, ii, *sp, True, np.float32(1.0 if label == 2 else -1.0))
             c.append(clock())
             order = descending_order(val)
             c.append(clock())
-            th = paint_serial(phase, d.ravel(), ii[order], val[order], *sp, 0, lab.shape[0])
+            paint_sum(lab, label, d.ravel(), ii[order], val[order], *sp)
             c.append(clock())
-            _total(th)
-            c.append(clock())
-            for i, k in enumerate(keys[3:]):
+            for i, k in enumerate(keys[4:]):
                 t[k] += c[i + 1] - c[i]
     return t
 

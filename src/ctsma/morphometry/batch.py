@@ -14,7 +14,9 @@ Per patch:
   equally near balls could be broken otherwise than in two separate transforms; the suite checks the means
   against :func:`~ctsma.morphometry.local_thickness` to 1e-12;
 * then, per phase, the sphere values, their order and the painting, as in :func:`.thickness._thickness_from_dsq`,
-  and the mean over the phase's voxels.
+  and the mean over the phase's voxels. Both phases read one signed distance map (the marrow's distances
+  negative) and the label image, and the painter sums the values it paints instead of writing a map
+  (:func:`.paint.paint_sum`, the map's sum bit for bit).
 
 Values are those of :func:`~ctsma.morphometry.measure` on each patch alone (spheres confined to the patch and its
 ROI). ``method="exact"`` takes the general path (:func:`.parameters.phase_pair_thickness`) patch by patch.
@@ -30,10 +32,10 @@ import numba
 import numpy as np
 
 from .distance import edtsq_labels
-from .paint import descending_order, paint_serial
+from .paint import descending_order, paint_sum
 from .parameters import MorphometryWarning, phase_pair_thickness
 from .power import reduced_axis
-from .thickness import _values_at
+from .thickness import _values_signed
 from .validate import MorphometryError, check_binary, check_convention, check_spacing
 
 BATCH_KEYS = ("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N")
@@ -57,37 +59,28 @@ def _labels(bone, roi):
 
 
 @numba.njit(cache=True, nogil=True)
-def _split_phase(lab, rt, axis_idx, label):
-    """Phase ``label``'s mask, its own distance map (0 elsewhere) and its balls among ``axis_idx``."""
-    phase = np.empty(lab.shape, np.bool_)
-    own = np.empty(lab.shape, np.float32)
-    lf, pf, of, rf = lab.ravel(), phase.ravel(), own.ravel(), rt.ravel()
-    for i in range(lf.shape[0]):  # branch-free (vectorised): rt is finite, so rt * 0 is 0
-        pf[i] = lf[i] == label
-        of[i] = rf[i] * np.float32(pf[i])
+def _signed_distances(lab, d):
+    """The distance map (mm, float32) with the marrow's distances negative: both phases' own maps in one array
+    (:func:`.thickness._own` reads either)."""
+    s = np.empty(lab.shape, np.float32)
+    lf, df, sf = lab.ravel(), d.ravel(), s.ravel()
+    for i in range(lf.shape[0]):  # branch-free (vectorised)
+        sf[i] = np.sqrt(df[i]) * np.float32(2 * (lf[i] >> 1) - 1)  # label 2: +1; 1 (and 0, distance 0): -1
+    return s
+
+
+@numba.njit(cache=True, nogil=True)
+def _phase_mean(lab, d, s, axis_idx, label, n, sz, sy, sx, default_conv):
+    """Mean local thickness (mm) over the ``n`` voxels of phase ``label``, from the two-phase maps (``s``: the signed
+    distances)."""
+    lf = lab.ravel()
     keep = np.empty(axis_idx.shape[0], np.bool_)
     for i in range(axis_idx.shape[0]):
         keep[i] = lf[axis_idx[i]] == label
-    return phase, own, axis_idx[keep]
-
-
-@numba.njit(cache=True, nogil=True)
-def _total(th):
-    """Sum (float64) of a map that is 0 outside its phase: the sum over the phase's voxels."""
-    total = 0.0
-    for v in th.ravel():
-        total += v
-    return total
-
-
-@numba.njit(cache=True, nogil=True)
-def _phase_mean(lab, d, rt, axis_idx, label, n, sz, sy, sx, default_conv):
-    """Mean local thickness (mm) over the ``n`` voxels of phase ``label``, from the two-phase maps."""
-    phase, own, idx = _split_phase(lab, rt, axis_idx, label)
-    val = _values_at(own, idx, sz, sy, sx, default_conv)
+    idx = axis_idx[keep]
+    val = _values_signed(s, idx, sz, sy, sx, default_conv, np.float32(1.0 if label == 2 else -1.0))
     order = descending_order(val)
-    th = paint_serial(phase, d.ravel(), idx[order], val[order], sz, sy, sx, 0, lab.shape[0])
-    return _total(th) / n
+    return paint_sum(lab, label, d.ravel(), idx[order], val[order], sz, sy, sx) / n
 
 
 def _patch(bone, roi, sz, sy, sx, default_conv):
@@ -105,9 +98,9 @@ def _patch(bone, roi, sz, sy, sx, default_conv):
         return bvtv, nan, nan
     d = edtsq_labels(lab, sz, sy, sx)
     axis_idx = reduced_axis(lab.shape, d.ravel(), lab.ravel() > 0, sz, sy, sx)
-    rt = np.sqrt(d)
-    th = _phase_mean(lab, d, rt, axis_idx, 2, n_b, sz, sy, sx, default_conv) if n_b else nan
-    sp = _phase_mean(lab, d, rt, axis_idx, 1, n_m, sz, sy, sx, default_conv) if n_m else nan
+    s = _signed_distances(lab, d)
+    th = _phase_mean(lab, d, s, axis_idx, 2, n_b, sz, sy, sx, default_conv) if n_b else nan
+    sp = _phase_mean(lab, d, s, axis_idx, 1, n_m, sz, sy, sx, default_conv) if n_m else nan
     return bvtv, th, sp
 
 

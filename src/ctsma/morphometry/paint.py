@@ -30,7 +30,9 @@ import math
 
 import numba
 import numpy as np
+from numba import types
 from numba.cpython.unsafe.numbers import leading_zeros, trailing_zeros
+from numba.extending import intrinsic
 
 BLOCK = 16  # edge (voxels) of the painter's blocks; at most 62 (a row is one int64 bit mask)
 CULL = 1.0 + 1e-9  # a box is skipped only when clearly outside a ball: rounding never drops a voxel
@@ -50,6 +52,14 @@ def _low(m):
 @numba.njit(cache=True, nogil=True, inline="always")
 def _high(m):
     return np.int64(63 - leading_zeros(m))
+
+
+@intrinsic
+def _popcount(typingctx, m):
+    """Number of set bits of an int64 (LLVM's ``ctpop``; numba has no public one)."""
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+    return types.int64(types.int64), codegen
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -270,18 +280,20 @@ WORD = 32  # bits of a row word in the direct painter (any x interval's mask is 
 
 
 @numba.njit(cache=True, nogil=True)
-def _row_words(phase):
-    """Bit masks of the phase voxels, WORD per int64 word along x: shape (nz, ny, ceil(nx / WORD))."""
-    nz, ny, nx = phase.shape
+def _row_words(lab, label):
+    """Bit masks of the voxels where ``lab == label``, WORD per int64 word along x: shape (nz * ny, ceil(nx / WORD)
+    + 1), one row of words per (z, y) row, and a last word of 0 in each row (so that a chord's next word always
+    exists). A boolean phase is ``lab = phase.view(np.uint8)``, ``label = 1``."""
+    nz, ny, nx = lab.shape
     nw = (nx + WORD - 1) // WORD
-    words = np.zeros((nz, ny, nw), np.int64)
+    words = np.zeros((nz * ny, nw + 1), np.int64)
     for z in range(nz):
         for y in range(ny):
             for w in range(nw):
                 m = np.int64(0)
                 for x in range(w * WORD, min(nx, (w + 1) * WORD)):  # branch-free: phase voxels are unpredictable
-                    m |= np.int64(phase[z, y, x]) << (x - w * WORD)
-                words[z, y, w] = m
+                    m |= np.int64(lab[z, y, x] == label) << (x - w * WORD)
+                words[z * ny + y, w] = m
     return words
 
 
@@ -325,21 +337,147 @@ def _chords(radii, sz, sy, sx):
     return start, dz_, dy_, h_
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _hash(b, size):
+    """Slot of the int32 ``b`` in a table of ``size`` (a power of two): a multiplicative hash's high bits (squared
+    distances that differ by a power of 4 share their low bits)."""
+    return ((np.int64(b) & 0xFFFFFFFF) * 0x9E3779B1 >> 16) & (size - 1)
+
+
+@numba.njit(cache=True, nogil=True)
+def _rehash(keys, slot, size):
+    """The table (``keys``, ``slot``) re-inserted into one of ``size`` slots."""
+    keys2 = np.zeros(size, np.int32)
+    slot2 = np.full(size, -1, np.int64)
+    for j in range(keys.shape[0]):
+        if slot[j] >= 0:
+            h = _hash(keys[j], size)
+            while slot2[h] >= 0:
+                h = (h + 1) & (size - 1)
+            keys2[h] = keys[j]
+            slot2[h] = slot[j]
+    return keys2, slot2
+
+
 @numba.njit(cache=True, nogil=True)
 def _radius_kinds(d2, rad):
-    """Distinct radii and each ball's index among them; a ball's radius is a function of its float32 squared
-    distance ``d2``, so the balls are grouped by a linear-time sort of ``d2``."""
-    order = descending_order(d2)
-    kind = np.empty(d2.shape[0], np.int64)
-    radii = np.empty(d2.shape[0])
-    k = -1
-    for j in range(order.shape[0]):
-        i = order[j]
-        if j == 0 or d2[i] != d2[order[j - 1]]:
-            k += 1
-            radii[k] = rad[i]
-        kind[i] = k
-    return radii[:k + 1], kind
+    """Distinct radii and each ball's index among them. A ball's radius is a function of its float32 squared
+    distance ``d2``, so the balls are grouped by the bit pattern of ``d2`` in an open-addressing hash table, in
+    the order of their first ball (the radii are few: lattice distances)."""
+    n = d2.shape[0]
+    bits = d2.view(np.int32)
+    kind = np.empty(n, np.int64)
+    radii = np.empty(n)
+    size = 1024
+    keys = np.zeros(size, np.int32)
+    slot = np.full(size, -1, np.int64)
+    k = 0
+    for i in range(n):
+        b = bits[i]
+        h = _hash(b, size)
+        while True:
+            found = slot[h]
+            if found < 0:  # a new radius
+                keys[h] = b
+                slot[h] = k
+                radii[k] = rad[i]
+                found = k
+                k += 1
+                if 2 * k > size:  # keep the table at most half full
+                    size *= 4
+                    keys, slot = _rehash(keys, slot, size)
+                break
+            if keys[h] == b:
+                break
+            h = (h + 1) & (size - 1)
+        kind[i] = found
+    return radii[:k], kind
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _take(todo, row, w, lo, hi):
+    """Mark the unassigned voxels of bits ``lo..hi`` of word ``w`` of ``row`` as painted; returns them (a mask).
+    Branch-free: a word with none of them is written back unchanged."""
+    m = todo[row, w]
+    hit = m & _bits(lo, hi)
+    todo[row, w] = m ^ hit
+    return hit
+
+
+@numba.njit(cache=True, nogil=True)
+def _direct(todo, left, out, cz, cy, cx, kind, val, start, cdz, cdy, ch, ny, nx):
+    """:func:`_paint_direct`'s loop on the row bit masks ``todo`` (:func:`_row_words`) of ``left`` unassigned voxels.
+
+    Writes each painted voxel's value into ``out`` (nz, ny, nx), or, when ``out`` is empty, only counts them: returns
+    the sum (float64) of the values painted, in both cases. Balls whose chords all lie inside the image (the
+    most) take the chords' row offsets in the row-major ``todo`` from a table and skip the bounds tests. Without a
+    map to write the loop has no data-dependent branch but the rare chord that crosses a word boundary: trabecular
+    bone makes such branches unpredictable, and mispredicted ones cost more than the bit operations."""
+    write = out.size > 0
+    nk = start.shape[0] - 1
+    ext_z = np.zeros(nk, np.int64)  # per radius: the largest |dz|, |dy| and half-width of its chords
+    ext_y = np.zeros(nk, np.int64)
+    ext_x = np.zeros(nk, np.int64)
+    roff = np.empty(cdz.shape[0], np.int64)
+    for k in range(nk):
+        for c in range(start[k], start[k + 1]):
+            ext_z[k] = max(ext_z[k], abs(cdz[c]))
+            ext_y[k] = max(ext_y[k], abs(cdy[c]))
+            ext_x[k] = max(ext_x[k], ch[c])
+            roff[c] = cdz[c] * ny + cdy[c]
+    nz = todo.shape[0] // ny if ny > 0 else 0
+    total = 0.0
+    for i in range(cz.shape[0]):
+        if left == 0:
+            break
+        z0, y0, x0, k = cz[i], cy[i], cx[i], kind[i]
+        v = val[i]
+        vd = np.float64(v)
+        inside = (z0 - ext_z[k] >= 0 and z0 + ext_z[k] < nz and y0 - ext_y[k] >= 0 and y0 + ext_y[k] < ny
+                  and x0 - ext_x[k] >= 0 and x0 + ext_x[k] < nx)
+        r0 = z0 * ny + y0
+        painted = 0
+        if inside and not write and 2 * ext_x[k] < WORD:  # every chord within two words: no branch at all
+            for c in range(start[k], start[k + 1]):
+                row = r0 + roff[c]
+                xa = x0 - ch[c]
+                wa = xa // WORD
+                lo = xa - wa * WORD
+                hi = lo + 2 * ch[c]  # < 2 WORD - 1
+                hit = _take(todo, row, wa, lo, min(hi, WORD - 1))
+                m2 = todo[row, wa + 1]  # bits 0..hi - WORD of the next word, none when hi < WORD
+                hit2 = m2 & ((np.int64(1) << max(hi - WORD + 1, 0)) - 1)
+                todo[row, wa + 1] = m2 ^ hit2
+                painted += _popcount(hit) + _popcount(hit2)
+            left -= painted
+            total += vd * painted
+            continue
+        for c in range(start[k], start[k + 1]):
+            if inside:
+                row = r0 + roff[c]
+                xa, xb = x0 - ch[c], x0 + ch[c]
+            else:
+                z = z0 + cdz[c]
+                y = y0 + cdy[c]
+                if z < 0 or z >= nz or y < 0 or y >= ny:
+                    continue
+                row = z * ny + y
+                xa, xb = max(0, x0 - ch[c]), min(nx - 1, x0 + ch[c])
+                if xa > xb:
+                    continue
+            wa, wb = xa // WORD, xb // WORD
+            for w in range(wa, wb + 1):
+                base = w * WORD
+                hit = _take(todo, row, w, max(xa, base) - base, min(xb, base + WORD - 1) - base)
+                painted += _popcount(hit)
+                if write:
+                    z, y = z0 + cdz[c], y0 + cdy[c]
+                    while hit:
+                        out[z, y, base + _low(hit)] = v
+                        hit &= hit - 1
+        left -= painted
+        total += vd * painted
+    return total
 
 
 @numba.njit(cache=True, nogil=True)
@@ -352,29 +490,8 @@ def _paint_direct(phase, out, cz, cy, cx, kind, val, start, cdz, cdy, ch):
     structures, small patches).
     """
     nz, ny, nx = phase.shape
-    todo = _row_words(phase)
-    left = np.count_nonzero(phase)
-    for i in range(cz.shape[0]):
-        if left == 0:
-            break
-        z0, y0, x0, k, v = cz[i], cy[i], cx[i], kind[i], val[i]
-        for c in range(start[k], start[k + 1]):
-            z = z0 + cdz[c]
-            y = y0 + cdy[c]
-            if z < 0 or z >= nz or y < 0 or y >= ny:
-                continue
-            xa, xb = max(0, x0 - ch[c]), min(nx - 1, x0 + ch[c])
-            for w in range(xa // WORD, xb // WORD + 1 if xa <= xb else 0):
-                base = w * WORD
-                m = todo[z, y, w]
-                hit = m & _bits(max(xa, base) - base, min(xb, base + WORD - 1) - base)
-                if hit == 0:
-                    continue
-                todo[z, y, w] = m ^ hit
-                while hit:
-                    out[z, y, base + _low(hit)] = v
-                    hit &= hit - 1
-                    left -= 1
+    todo = _row_words(phase.view(np.uint8), 1)
+    _direct(todo, np.count_nonzero(phase), out, cz, cy, cx, kind, val, start, cdz, cdy, ch, ny, nx)
 
 
 DIRECT_MAX = 40  # paint directly when the balls' bounding boxes hold at most this many voxels per phase voxel
@@ -390,21 +507,49 @@ def _box_voxels(rad, sz, sy, sx):
 
 
 @numba.njit(cache=True, nogil=True)
-def sphere_arrays(shape, order_idx, dsq_flat):
-    """Centres (z, y, x) and radii (mm, shrunk by 1e-6 so that voxel centres on a sphere are outside) of balls."""
+def sphere_arrays(shape, order_idx, d2):
+    """Centres (z, y, x) and radii (mm, shrunk by 1e-6 so that voxel centres on a sphere are outside) of the balls
+    at the flat indices ``order_idx``, whose squared distances are ``d2``.
+
+    The flat indices are unravelled with floating-point reciprocals instead of integer divisions (several times
+    cheaper): ``(f + 0.5) / n`` is at least ``0.5 / n`` from an integer and its rounding error is far below that
+    for any ``f < 2**51``, so its floor is ``f // n`` exactly."""
     nz, ny, nx = shape
-    cz = order_idx // (nx * ny)
-    cy = (order_idx // nx) % ny
-    cx = order_idx % nx
-    rad = np.sqrt(dsq_flat[order_idx].astype(np.float64)) * (1.0 - 1e-6)
+    n = order_idx.shape[0]
+    cz = np.empty(n, np.int64)
+    cy = np.empty(n, np.int64)
+    cx = np.empty(n, np.int64)
+    rad = np.empty(n)
+    nyx = ny * nx
+    inv_yx, inv_x = 1.0 / nyx, 1.0 / nx
+    for i in range(n):
+        f = order_idx[i]
+        z = np.int64((f + 0.5) * inv_yx)
+        rem = f - z * nyx
+        y = np.int64((rem + 0.5) * inv_x)
+        cz[i], cy[i], cx[i] = z, y, rem - y * nx
+        rad[i] = math.sqrt(np.float64(d2[i])) * (1.0 - 1e-6)
     return cz, cy, cx, rad
+
+
+@numba.njit(cache=True, nogil=True)
+def _direct_tables(d2, rad, n_phase, sz, sy, sx):
+    """The direct painter's radius kinds and chord tables, or an empty ``start`` when the block painter should paint
+    (balls too large for the direct painter to be the faster, or chord tables that would be large)."""
+    if _box_voxels(rad, sz, sy, sx) <= DIRECT_MAX * n_phase:
+        radii, kind = _radius_kinds(d2, rad)
+        if _box_voxels(radii, sz, sy, 0.0) <= n_phase / 2:  # the chord tables stay small (< 12 B/voxel)
+            start, cdz, cdy, ch = _chords(radii, sz, sy, sx)
+            return kind, start, cdz, cdy, ch
+    e = np.zeros(0, np.int64)
+    return e, e, e, e, e
 
 
 @numba.njit(cache=True, nogil=True)
 def paint_serial(phase, dsq_flat, order_idx, order_val, sz, sy, sx, lo, hi):
     """:func:`paint` on one thread, planes ``lo:hi``; one compiled call that runs without the GIL."""
     d2 = dsq_flat[order_idx]
-    cz, cy, cx, rad = sphere_arrays(phase.shape, order_idx, dsq_flat)
+    cz, cy, cx, rad = sphere_arrays(phase.shape, order_idx, d2)
     val = order_val.astype(np.float32)
     if lo > 0 or hi < phase.shape[0]:
         keep = np.maximum(np.maximum(lo - cz, cz - (hi - 1)), 0) * sz < rad  # the open ball meets the planes
@@ -412,15 +557,47 @@ def paint_serial(phase, dsq_flat, order_idx, order_val, sz, sy, sx, lo, hi):
     ph = phase[lo:hi]
     out = np.zeros(ph.shape, np.float32)
     n_phase = max(1, np.count_nonzero(ph))
-    if _box_voxels(rad, sz, sy, sx) <= DIRECT_MAX * n_phase:
-        radii, kind = _radius_kinds(d2, rad)
-        if _box_voxels(radii, sz, sy, 0.0) <= n_phase / 2:  # the chord tables stay small (< 12 B/voxel)
-            start, cdz, cdy, ch = _chords(radii, sz, sy, sx)
-            _paint_direct(ph, out, cz, cy, cx, kind, val, start, cdz, cdy, ch)
-            return out
+    kind, start, cdz, cdy, ch = _direct_tables(d2, rad, n_phase, sz, sy, sx)
+    if start.shape[0]:
+        _paint_direct(ph, out, cz, cy, cx, kind, val, start, cdz, cdy, ch)
+        return out
     counts, items = block_lists(ph.shape, cz, cy, cx, rad, sz, sy, sx, BLOCK)
     _paint_blocks_serial(ph, out, counts, items, cz, cy, cx, rad, val, sz, sy, sx, BLOCK)
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def paint_sum(lab, label, dsq_flat, order_idx, order_val, sz, sy, sx):
+    """The sum (float64) of the map :func:`paint_serial` paints on the voxels of ``lab == label`` with these spheres,
+    without writing the map where the direct painter paints (it counts each row word's newly painted bits). The
+    values are float32, all multiples of the smallest one's unit in the last place, so every partial sum is exact in
+    float64 while (voxels) x (largest value / smallest value) < 2**29 (a 64³ patch: any ratio up to 2,048), and then
+    the sum does not depend on its order: it is the map's sum bit for bit."""
+    d2 = dsq_flat[order_idx]
+    cz, cy, cx, rad = sphere_arrays(lab.shape, order_idx, d2)
+    val = order_val.astype(np.float32)
+    nz, ny, nx = lab.shape
+    todo = _row_words(lab, label)
+    left = 0
+    for r in range(todo.shape[0]):
+        for w in range(todo.shape[1]):
+            left += _popcount(todo[r, w])
+    kind, start, cdz, cdy, ch = _direct_tables(d2, rad, max(1, left), sz, sy, sx)
+    if start.shape[0]:
+        return _direct(todo, left, np.zeros((0, 0, 0), np.float32), cz, cy, cx, kind, val, start, cdz, cdy, ch,
+                       ny, nx)
+    phase = np.empty(lab.shape, np.bool_)
+    for z in range(nz):
+        for y in range(ny):
+            for x in range(nx):
+                phase[z, y, x] = lab[z, y, x] == label
+    out = np.zeros(lab.shape, np.float32)
+    counts, items = block_lists(lab.shape, cz, cy, cx, rad, sz, sy, sx, BLOCK)
+    _paint_blocks_serial(phase, out, counts, items, cz, cy, cx, rad, val, sz, sy, sx, BLOCK)
+    total = 0.0
+    for v in out.ravel():
+        total += v
+    return total
 
 
 def paint(phase, dsq, order_idx, order_val, sz, sy, sx, parallel=False, z_range=None):
@@ -435,7 +612,7 @@ def paint(phase, dsq, order_idx, order_val, sz, sy, sx, parallel=False, z_range=
     order_idx = np.ascontiguousarray(order_idx, np.int64)
     if not parallel:
         return paint_serial(phase, dsq.ravel(), order_idx, order_val, float(sz), float(sy), float(sx), lo, hi)
-    cz, cy, cx, rad = sphere_arrays(phase.shape, order_idx, dsq.ravel())
+    cz, cy, cx, rad = sphere_arrays(phase.shape, order_idx, dsq.ravel()[order_idx])
     val = order_val.astype(np.float32)
     if z_range is not None:
         keep = np.maximum(np.maximum(lo - cz, cz - (hi - 1)), 0) * sz < rad  # the open ball meets the planes

@@ -128,6 +128,16 @@ def _level_lengths(hs):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
+def _own(v, sgn):
+    """A distance map's value for one phase: ``sgn`` (float32 +1 or -1) times ``v``, and 0 where that is negative.
+
+    With ``sgn = 1`` on a map of one phase (distances >= 0) this is ``v`` itself. On a signed map of two phases
+    (one phase's distances positive, the other's negative) it reads one phase's own map, the other phase as 0,
+    without building that map (:mod:`.batch`)."""
+    return max(v * sgn, np.float32(0.0))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def _axis_terms(lo, hi, r, h, tol, g2, b2, dn2, dmax):
     """One axis's share of :func:`_default_radius`'s terms, from the distances ``lo``, ``hi`` on either side:
     the gradient (``g2``, ``b2``) and, where the voxel is a local maximum, the apex offset (``dn2``, ``dmax``)."""
@@ -154,7 +164,7 @@ def _corrected(r, plate, g2, b2, dn2, dmax, hs):
 
 
 @numba.njit(cache=True, nogil=True)
-def _default_radius(rt, z, y, x, r, hs, olens):
+def _default_radius(rt, z, y, x, r, hs, olens, sgn):
     """Bias-corrected radius (mm) of the sphere at ridge voxel (z, y, x) whose distance is ``r``.
 
     * ``delta`` (sub-voxel apex): along each axis on which the voxel is a local maximum, a tent of unit
@@ -168,8 +178,8 @@ def _default_radius(rt, z, y, x, r, hs, olens):
       least two such directions (of the 13 of its 26-neighbourhood) is plate-like.
 
     ``rt`` is the phase's distance map (mm, float32: the square roots of the squared distances, taken once for
-    the whole map) and ``olens`` the 13 direction lengths (:func:`_level_lengths`). The differences taken with
-    ``r`` stay float32.
+    the whole map), read through :func:`_own` with ``sgn``, and ``olens`` the 13 direction lengths
+    (:func:`_level_lengths`). The differences taken with ``r`` stay float32.
     """
     nz, ny, nx = rt.shape
     pos = (z, y, x)
@@ -184,14 +194,14 @@ def _default_radius(rt, z, y, x, r, hs, olens):
         if p - 1 < 0 or p + 1 >= dims[ax]:
             continue
         if ax == 0:
-            lo = rt[z - 1, y, x]
-            hi = rt[z + 1, y, x]
+            lo = _own(rt[z - 1, y, x], sgn)
+            hi = _own(rt[z + 1, y, x], sgn)
         elif ax == 1:
-            lo = rt[z, y - 1, x]
-            hi = rt[z, y + 1, x]
+            lo = _own(rt[z, y - 1, x], sgn)
+            hi = _own(rt[z, y + 1, x], sgn)
         else:
-            lo = rt[z, y, x - 1]
-            hi = rt[z, y, x + 1]
+            lo = _own(rt[z, y, x - 1], sgn)
+            hi = _own(rt[z, y, x + 1], sgn)
         g2, b2, dn2, dmax = _axis_terms(lo, hi, r, hs[ax], tol, g2, b2, dn2, dmax)
     n_level = 0
     for i in range(13):
@@ -202,11 +212,11 @@ def _default_radius(rt, z, y, x, r, hs, olens):
         if not (in1 or in2):
             continue
         if in1 and in2:
-            drop = 2.0 * r - rt[z1, y1, x1] - rt[z2, y2, x2]
+            drop = 2.0 * r - _own(rt[z1, y1, x1], sgn) - _own(rt[z2, y2, x2], sgn)
         elif in1:  # at the image border: assume symmetry
-            drop = 2.0 * (r - rt[z1, y1, x1])
+            drop = 2.0 * (r - _own(rt[z1, y1, x1], sgn))
         else:
-            drop = 2.0 * (r - rt[z2, y2, x2])
+            drop = 2.0 * (r - _own(rt[z2, y2, x2], sgn))
         if abs(drop) < LEVEL * olens[i]:
             n_level += 1
             if n_level >= 2:
@@ -265,7 +275,7 @@ def _ridge_values(dsq, sz, sy, sx, default_conv, s_tab, cm_tab, r2_valid, offs, 
                         break
                 if not ridge:
                     continue
-                val[m] = 2.0 * (_default_radius(rt, z, y, x, r, hs, olens) if default_conv else r)
+                val[m] = 2.0 * (_default_radius(rt, z, y, x, r, hs, olens, np.float32(1.0)) if default_conv else r)
                 idx[m] = (z * ny + y) * nx + x
                 m += 1
     return idx[:m], val[:m]
@@ -304,7 +314,7 @@ def local_thickness(binary: np.ndarray, spacing_zyx=(1.0, 1.0, 1.0), convention:
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _interior_radius(rf, f, r, hs, st, doff, dlim, tol):
+def _interior_radius(rf, f, r, hs, st, doff, dlim, tol, sgn):
     """:func:`_default_radius` of a voxel whose 26 neighbours all lie in the image, on the flat map ``rf``.
 
     The same arithmetic in the same order, so the same value bit for bit; no bounds tests and no 3-D index
@@ -316,10 +326,11 @@ def _interior_radius(rf, f, r, hs, st, doff, dlim, tol):
     g2 = 0.0
     b2 = 0.0
     for ax in range(3):
-        g2, b2, dn2, dmax = _axis_terms(rf[f - st[ax]], rf[f + st[ax]], r, hs[ax], tol, g2, b2, dn2, dmax)
+        g2, b2, dn2, dmax = _axis_terms(_own(rf[f - st[ax]], sgn), _own(rf[f + st[ax]], sgn), r, hs[ax], tol, g2, b2,
+                                        dn2, dmax)
     n_level = 0
     for i in range(13):
-        drop = 2.0 * r - rf[f + doff[i]] - rf[f - doff[i]]
+        drop = 2.0 * r - _own(rf[f + doff[i]], sgn) - _own(rf[f - doff[i]], sgn)
         if abs(drop) < dlim[i]:
             n_level += 1
             if n_level >= 2:  # plate-like
@@ -332,30 +343,39 @@ def _values_at(rt, idx, sz, sy, sx, default_conv):
     """Diameter (mm) that the ball at each flat index gives, in the chosen convention (``rt``: distance map, mm).
 
     Balls off the image border take :func:`_interior_radius`, the others :func:`_default_radius`."""
+    return _values_signed(rt, idx, sz, sy, sx, default_conv, np.float32(1.0))
+
+
+@numba.njit(cache=True, nogil=True)
+def _values_signed(rt, idx, sz, sy, sx, default_conv, sgn):
+    """:func:`_values_at` on the map ``rt`` read through :func:`_own` with ``sgn`` (float32 +1 or -1): on a signed
+    map of two phases, the values of the balls of the phase whose distances have the sign ``sgn``."""
     nz, ny, nx = rt.shape
     hs = (sz, sy, sx)
     olens = _level_lengths(hs)
     val = np.empty(idx.shape[0], np.float32)
+    rf = np.ascontiguousarray(rt).ravel()
     if not default_conv:
         for i in range(idx.shape[0]):
-            f = idx[i]
-            val[i] = 2.0 * rt[f // (nx * ny), (f // nx) % ny, f % nx]
+            val[i] = 2.0 * _own(rf[idx[i]], sgn)
         return val
-    rf = np.ascontiguousarray(rt).ravel()
     st = (ny * nx, nx, 1)
     doff = LEVEL_DIRS[:, 0] * (ny * nx) + LEVEL_DIRS[:, 1] * nx + LEVEL_DIRS[:, 2]
     dlim = LEVEL * olens
     tol = 1e-4 * min(hs[0], min(hs[1], hs[2]))
+    nyx = ny * nx
+    inv_yx, inv_x = 1.0 / nyx, 1.0 / nx
     for i in range(idx.shape[0]):
         f = idx[i]
-        x = f % nx
-        y = (f // nx) % ny
-        z = f // (nx * ny)
-        r = rf[f]
+        z = np.int64((f + 0.5) * inv_yx)  # f // (ny nx) exactly, without an integer division (paint.sphere_arrays)
+        rem = f - z * nyx
+        y = np.int64((rem + 0.5) * inv_x)
+        x = rem - y * nx
+        r = _own(rf[f], sgn)
         if 0 < z < nz - 1 and 0 < y < ny - 1 and 0 < x < nx - 1:
-            val[i] = 2.0 * _interior_radius(rf, f, r, hs, st, doff, dlim, tol)
+            val[i] = 2.0 * _interior_radius(rf, f, r, hs, st, doff, dlim, tol, sgn)
         else:
-            val[i] = 2.0 * _default_radius(rt, z, y, x, r, hs, olens)
+            val[i] = 2.0 * _default_radius(rt, z, y, x, r, hs, olens, sgn)
     return val
 
 
