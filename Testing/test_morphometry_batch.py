@@ -129,3 +129,82 @@ def test_batch_on_real_bone_crop_matches_one_image_path():
 def test_label_distance_transform_of_an_empty_image():
     for shape in ((3, 3, 0), (0, 3, 3), (3, 0, 3)):
         assert edtsq_labels(np.zeros(shape, np.uint8), 1.0, 1.0, 1.0).shape == shape
+
+
+@pytest.mark.parametrize("sp", [(0.3, 0.3, 0.3), (0.7, 0.4, 0.25)])
+@pytest.mark.parametrize("sigma", [1.0, 4.0])  # thin structures (direct painter) and wide ones (block painter)
+def test_painted_sum_is_the_maps_sum_bit_for_bit(sp, sigma):
+    """paint_sum counts each row word's newly painted bits instead of writing a map: the same sum, exactly, as the
+    map paint_serial paints, on labelled phases (other label and outside the ROI unpainted), rows wider than a
+    bit word, for both painters."""
+    from ctsma.morphometry.paint import DIRECT_MAX, _box_voxels, descending_order, paint_serial, paint_sum
+    from ctsma.morphometry.power import reduced_axis
+    from ctsma.morphometry.thickness import _values_at
+
+    rng = np.random.default_rng(3)
+    bone = _field(rng, (18, 40, 75), sigma, 0.6)
+    roi = np.ones(bone.shape, bool)
+    roi[:, :, :9] = False
+    lab = ((bone & roi).astype(np.uint8) * 2 + (roi & ~bone).astype(np.uint8))
+    d = edtsq_labels(lab, *sp)
+    axis = reduced_axis(lab.shape, d.ravel(), lab.ravel() > 0, *sp)
+    painters = set()
+    for label in (2, 1):
+        phase = lab == label
+        own = np.where(phase, d, 0).astype(np.float32)
+        idx = axis[lab.ravel()[axis] == label]
+        val = _values_at(np.sqrt(own), idx, *sp, True)
+        order = descending_order(val)
+        ii, vv = idx[order], val[order]
+        ref = paint_serial(phase, d.ravel(), ii, vv, *sp, 0, lab.shape[0])
+        assert np.count_nonzero(ref) == phase.sum()  # every phase voxel painted
+        assert paint_sum(lab, label, d.ravel(), ii, vv, *sp) == ref.astype(np.float64).sum(dtype=np.float64)
+        rad = np.sqrt(d.ravel()[ii].astype(np.float64))
+        painters.add(bool(_box_voxels(rad, *sp) <= DIRECT_MAX * phase.sum()))
+    assert painters == ({True} if sigma == 1.0 else {False})  # wide structures: the block painter
+
+
+def test_signed_distance_values_are_each_phases_own():
+    """One signed map (marrow negative) read with the phase's sign gives the values of that phase's own map."""
+    from ctsma.morphometry.batch import _labels, _signed_distances
+    from ctsma.morphometry.thickness import _values_at, _values_signed
+
+    rng = np.random.default_rng(8)
+    bone = _field(rng, (20, 22, 25), 1.2, 0.7)
+    roi = rng.random(bone.shape) > 0.05
+    for sp in [(0.3, 0.3, 0.3), (0.5, 0.3, 0.4)]:
+        lab, _, _ = _labels(bone, roi)
+        d = edtsq_labels(lab, *sp)
+        s = _signed_distances(lab, d)
+        for label, sign in ((2, 1.0), (1, -1.0)):
+            own = np.sqrt(np.where(lab == label, d, 0)).astype(np.float32)
+            idx = np.flatnonzero(lab.ravel() == label)
+            for default in (True, False):
+                np.testing.assert_array_equal(_values_signed(s, idx, *sp, default, np.float32(sign)),
+                                              _values_at(own, idx, *sp, default))
+
+
+def test_descending_order_is_a_stable_sort_whatever_the_spread():
+    """The radix sort sorts only the digits the values' spread needs: the stable descending order in every case
+    (one pass, two, three for a spread over all float32, ties, one value, none)."""
+    from ctsma.morphometry.paint import descending_order
+
+    rng = np.random.default_rng(0)
+    cases = [rng.uniform(0.3, 3.0, 3000), rng.uniform(1.0, 1.001, 500), np.round(rng.uniform(0, 4, 2000), 1),
+             rng.uniform(-1e30, 1e30, 2000), np.full(50, 2.5), np.array([1.0]), np.zeros(0)]
+    for v in cases:
+        v = v.astype(np.float32)
+        np.testing.assert_array_equal(descending_order(v), np.argsort(-v, kind="stable"))
+
+
+def test_radius_kinds_group_equal_squared_distances():
+    """Balls are grouped by their squared distance's bit pattern (hash table, grown past its first size)."""
+    from ctsma.morphometry.paint import _radius_kinds
+
+    rng = np.random.default_rng(1)
+    for n_distinct in (1, 7, 600, 5000):
+        d2 = rng.choice(rng.uniform(0.01, 9.0, n_distinct).astype(np.float32), 20000)
+        rad = np.sqrt(d2.astype(np.float64))
+        radii, kind = _radius_kinds(d2, rad)
+        assert len(radii) == len(np.unique(d2))
+        np.testing.assert_array_equal(radii[kind], rad)  # each ball's kind holds its own radius

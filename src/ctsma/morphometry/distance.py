@@ -29,26 +29,26 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+CHUNK = 256  # voxels per stretch of a plane in the z pass: each stretch stops at its own largest distance
 FLT_MAX = np.float32(np.finfo(np.float32).max)  # ``edt`` stands in FLT_MAX for inf during the parabolic passes
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _x_pass(w, lab, rows, n, a):
     """Squared 1-D distance (float32, ``a`` mm per voxel) to the end of each voxel's run, per row of ``n`` voxels."""
+    zero = np.float32(0.0)
     for t in range(rows):
         base = t * n
-        seg = lab[base]
-        w[base] = np.float32(0.0) if seg == 0 else np.float32(np.inf)
-        for i in range(1, n):
+        prev = lab[base]
+        w[base] = zero if prev == 0 else np.float32(np.inf)
+        for i in range(1, n):  # selects, not branches: the labels of trabecular bone are unpredictable
             s = lab[base + i]
-            if s == 0:
-                w[base + i] = 0.0
-            elif s == seg:
-                w[base + i] = w[base + i - 1] + a
-            else:
-                w[base + i] = a
-                w[base + i - 1] = a if lab[base + i - 1] != 0 else np.float32(0.0)
-                seg = s
+            before = w[base + i - 1]
+            # the run goes on (after label 0, whose distance is 0, that gives a as well); a new label's first voxel
+            # is at a, and the last voxel of the run it ends, unless label 0, is at a too
+            w[base + i - 1] = a if (s != prev and s != 0 and prev != 0) else before
+            w[base + i] = zero if s == 0 else (before + a if s == prev else a)
+            prev = s
         for i in range(n - 2, -1, -1):
             w[base + i] = min(w[base + i], w[base + i + 1] + a)
         for i in range(n):
@@ -78,8 +78,10 @@ def _window_pass(src, dst, lab, nz, ny, nx, axis, w2):
 
     ``src_L(q)`` is ``src[q]`` where q has p's label and 0 where it has another (a voxel of another label is a
     boundary at distance ``|p - q|``). The offsets ``o = |p - q|`` are tried in increasing order, a whole row
-    (y pass) or plane (z pass) of p at a time so that the inner loop runs along x and vectorises, and the loop
-    stops once ``w2 o^2`` reaches the row's largest current value (no later offset can lower any of them).
+    (y pass) or a stretch of whole rows of about ``CHUNK`` voxels (z pass) of p at a time so that the inner loop
+    runs along x and vectorises, and the loop stops once ``w2 o^2`` reaches the stretch's largest current value
+    (no later offset can lower any of them; a stretch rather than the whole plane, so that one far voxel does not
+    keep a whole plane trying offsets).
     Same values, bit for bit, as ``edt``'s lower envelope of each run's parabolas with the run ends as zero
     borders: the minimum of the same float64 sums, each rounded to float32.
     """
@@ -87,26 +89,29 @@ def _window_pass(src, dst, lab, nz, ny, nx, axis, w2):
     plane = nx if axis == 1 else ny * nx
     step = nx if axis == 1 else ny * nx
     outer = nz if axis == 1 else 1
+    width = max(nx, (CHUNK // nx) * nx) if axis == 0 else nx  # the z pass: whole rows, about CHUNK voxels at a time
     for zo in range(outer):
         base0 = zo * ny * nx if axis == 1 else 0
         for p in range(n):
-            bp = base0 + p * step
-            d = dst[bp:bp + plane]
-            d[:] = src[bp:bp + plane]
-            l1 = lab[bp:bp + plane]
-            dmax = _row_max(d)
-            for o in range(1, n):
-                c64 = w2 * float(o * o)
-                c32 = np.float32(c64)
-                if c32 >= dmax:
-                    break
-                if p - o >= 0:
-                    bq = bp - o * step
-                    _offer(d, src[bq:bq + plane], l1, lab[bq:bq + plane], c64, c32)
-                if p + o < n:
-                    bq = bp + o * step
-                    _offer(d, src[bq:bq + plane], l1, lab[bq:bq + plane], c64, c32)
+            for c0 in range(0, plane, width):
+                bp = base0 + p * step + c0
+                m = min(width, plane - c0)
+                d = dst[bp:bp + m]
+                d[:] = src[bp:bp + m]
+                l1 = lab[bp:bp + m]
                 dmax = _row_max(d)
+                for o in range(1, n):
+                    c64 = w2 * float(o * o)
+                    c32 = np.float32(c64)
+                    if c32 >= dmax:
+                        break
+                    if p - o >= 0:
+                        bq = bp - o * step
+                        _offer(d, src[bq:bq + m], l1, lab[bq:bq + m], c64, c32)
+                    if p + o < n:
+                        bq = bp + o * step
+                        _offer(d, src[bq:bq + m], l1, lab[bq:bq + m], c64, c32)
+                    dmax = _row_max(d)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")

@@ -18,8 +18,11 @@ voxels per phase voxel) they are painted one after the other over the whole imag
 (:func:`_paint_direct`): the row intervals of each distinct radius are tabulated once, and each ball applies
 its radius's table to bit masks of the unassigned voxels. Same intervals, same order, so the same map.
 
-The sphere order itself comes from :func:`descending_order`, a radix sort of the values (ties may be
-ordered differently from ``np.argsort``, which cannot change a map: tied spheres write the same value).
+Where only the mean of a map is wanted (the batch, :mod:`.batch`), :func:`paint_sum` runs the same painter without
+writing the map: it adds each row word's newly painted bits times the sphere's value, the map's sum bit for bit.
+
+The sphere order itself comes from :func:`descending_order`, a stable radix sort of the values (tied spheres write
+the same value, so their order could not change a map anyway).
 
 Hand-written (numba): no maintained library paints balls of continuous radius with anisotropic spacing.
 """
@@ -68,39 +71,54 @@ def _gap(c, lo, hi):
     return max(0, max(lo - c, c - hi))
 
 
+RADIX_BITS = 13  # digit of the radix sort: two passes sort values that span up to 8 binades (a factor of 256)
+
+
 @numba.njit(cache=True, nogil=True)
 def descending_order(val):
     """Permutation that sorts float32 ``val`` in descending order: an LSD radix sort of the bit patterns.
 
-    Linear time, several times faster than ``np.argsort`` on the sphere lists; equal values may come in
-    another order than argsort's, which does not change any map (a voxel takes the first, i.e. the largest,
-    value of the spheres containing it, and equal values are equal).
+    Linear time, several times faster than ``np.argsort`` on the sphere lists; stable (equal values keep their
+    input order: ``np.argsort(-val, kind="stable")``, tested). The keys are taken relative to the smallest, so only
+    the digits that the values' spread needs are sorted (a stable sort of the same keys gives the same permutation
+    whatever the digits).
     """
     n = val.shape[0]
     bits = val.view(np.int32)
     key = np.empty(n, np.int64)
+    kmin = np.int64(0xFFFFFFFF)
+    kmax = np.int64(0)
     for i in range(n):
         b = np.int64(bits[i]) & 0xFFFFFFFF
         up = b ^ 0xFFFFFFFF if b >= 0x80000000 else b | 0x80000000  # ascending with the float value
-        key[i] = 0xFFFFFFFF - up
+        k = 0xFFFFFFFF - up
+        key[i] = k
+        kmin = min(kmin, k)
+        kmax = max(kmax, k)
+    for i in range(n):
+        key[i] -= kmin
+    span = kmax - kmin if n else 0
     order = np.arange(n)
     key2 = np.empty(n, np.int64)
     order2 = np.empty(n, np.int64)
-    count = np.empty(2049, np.int64)
-    for shift in (0, 11, 22):
+    nb = 1 << RADIX_BITS
+    count = np.empty(nb + 1, np.int64)
+    shift = 0
+    while span >> shift:
         count[:] = 0
         for i in range(n):
-            count[((key[i] >> shift) & 2047) + 1] += 1
-        for k in range(1, 2049):
+            count[((key[i] >> shift) & (nb - 1)) + 1] += 1
+        for k in range(1, nb + 1):
             count[k] += count[k - 1]
         for i in range(n):
-            k = (key[i] >> shift) & 2047
+            k = (key[i] >> shift) & (nb - 1)
             j = count[k]
             count[k] = j + 1
             key2[j] = key[i]
             order2[j] = order[i]
         key, key2 = key2, key
         order, order2 = order2, order
+        shift += RADIX_BITS
     return order
 
 
