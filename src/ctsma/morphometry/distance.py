@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.cpython.unsafe.numbers import viewer
 
 CHUNK = 256  # voxels per stretch of a plane in the z pass: each stretch stops at its own largest distance
 FLT_MAX = np.float32(np.finfo(np.float32).max)  # ``edt`` stands in FLT_MAX for inf during the parabolic passes
@@ -66,10 +67,13 @@ def _offer(d, s, l1, l2, c64, c32):
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _row_max(d):
-    m = np.float32(0.0)
-    for i in range(d.shape[0]):
-        m = max(m, d[i])
-    return m
+    """The largest of ``d`` (float32, >= 0, no NaN). Taken over the bit patterns, which order non-negative floats
+    as their values: an integer maximum vectorises, a float one does not (the compiler keeps its NaN rules)."""
+    bits = d.view(np.int32)
+    m = np.int32(0)
+    for i in range(bits.shape[0]):
+        m = max(m, bits[i])
+    return viewer(m, numba.float32)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")

@@ -553,12 +553,17 @@ def sphere_arrays(shape, order_idx, d2):
 @numba.njit(cache=True, nogil=True)
 def _direct_tables(d2, rad, n_phase, sz, sy, sx):
     """The direct painter's radius kinds and chord tables, or an empty ``start`` when the block painter should paint
-    (balls too large for the direct painter to be the faster, or chord tables that would be large)."""
-    if _box_voxels(rad, sz, sy, sx) <= DIRECT_MAX * n_phase:
-        radii, kind = _radius_kinds(d2, rad)
-        if _box_voxels(radii, sz, sy, 0.0) <= n_phase / 2:  # the chord tables stay small (< 12 B/voxel)
-            start, cdz, cdy, ch = _chords(radii, sz, sy, sx)
-            return kind, start, cdz, cdy, ch
+    (balls too large for the direct painter to be the faster, or chord tables that would be large). Either painter
+    gives the same map, so this choice only decides the speed. The balls' bounding boxes are summed per radius (one
+    box per distinct radius, times its balls)."""
+    radii, kind = _radius_kinds(d2, rad)
+    per_kind = np.zeros(radii.shape[0])
+    for i in range(kind.shape[0]):
+        per_kind[kind[i]] += 1.0
+    boxes = (2 * np.floor(radii / sz) + 1) * (2 * np.floor(radii / sy) + 1) * (2 * np.floor(radii / sx) + 1)
+    if (boxes * per_kind).sum() <= DIRECT_MAX * n_phase and _box_voxels(radii, sz, sy, 0.0) <= n_phase / 2:
+        start, cdz, cdy, ch = _chords(radii, sz, sy, sx)  # (the second test keeps the chord tables < 12 B/voxel)
+        return kind, start, cdz, cdy, ch
     e = np.zeros(0, np.int64)
     return e, e, e, e, e
 
