@@ -123,7 +123,7 @@ def test_sphere_values_interior_path_is_the_general_one_bit_for_bit(sp):
         for i in range(idx.shape[0]):
             f = idx[i]
             z, y, x = f // (nx * ny), (f // nx) % ny, f % nx
-            out[i] = 2.0 * _default_radius(rt, z, y, x, rt[z, y, x], hs, olens, np.float32(1.0))
+            out[i] = 2.0 * _default_radius(rt, z, y, x, rt[z, y, x], hs, olens)
         return out
 
     rng = np.random.default_rng(5)

@@ -164,7 +164,7 @@ def _corrected(r, plate, g2, b2, dn2, dmax, hs):
 
 
 @numba.njit(cache=True, nogil=True)
-def _default_radius(rt, z, y, x, r, hs, olens, sgn):
+def _default_radius(rt, z, y, x, r, hs, olens):
     """Bias-corrected radius (mm) of the sphere at ridge voxel (z, y, x) whose distance is ``r``.
 
     * ``delta`` (sub-voxel apex): along each axis on which the voxel is a local maximum, a tent of unit
@@ -178,8 +178,8 @@ def _default_radius(rt, z, y, x, r, hs, olens, sgn):
       least two such directions (of the 13 of its 26-neighbourhood) is plate-like.
 
     ``rt`` is the phase's distance map (mm, float32: the square roots of the squared distances, taken once for
-    the whole map), read through :func:`_own` with ``sgn``, and ``olens`` the 13 direction lengths
-    (:func:`_level_lengths`). The differences taken with ``r`` stay float32.
+    the whole map) and ``olens`` the 13 direction lengths (:func:`_level_lengths`). The differences taken with
+    ``r`` stay float32. :func:`_values_at` computes the same values on the flat map, faster (tested against this).
     """
     nz, ny, nx = rt.shape
     pos = (z, y, x)
@@ -194,14 +194,14 @@ def _default_radius(rt, z, y, x, r, hs, olens, sgn):
         if p - 1 < 0 or p + 1 >= dims[ax]:
             continue
         if ax == 0:
-            lo = _own(rt[z - 1, y, x], sgn)
-            hi = _own(rt[z + 1, y, x], sgn)
+            lo = rt[z - 1, y, x]
+            hi = rt[z + 1, y, x]
         elif ax == 1:
-            lo = _own(rt[z, y - 1, x], sgn)
-            hi = _own(rt[z, y + 1, x], sgn)
+            lo = rt[z, y - 1, x]
+            hi = rt[z, y + 1, x]
         else:
-            lo = _own(rt[z, y, x - 1], sgn)
-            hi = _own(rt[z, y, x + 1], sgn)
+            lo = rt[z, y, x - 1]
+            hi = rt[z, y, x + 1]
         g2, b2, dn2, dmax = _axis_terms(lo, hi, r, hs[ax], tol, g2, b2, dn2, dmax)
     n_level = 0
     for i in range(13):
@@ -212,11 +212,11 @@ def _default_radius(rt, z, y, x, r, hs, olens, sgn):
         if not (in1 or in2):
             continue
         if in1 and in2:
-            drop = 2.0 * r - _own(rt[z1, y1, x1], sgn) - _own(rt[z2, y2, x2], sgn)
+            drop = 2.0 * r - rt[z1, y1, x1] - rt[z2, y2, x2]
         elif in1:  # at the image border: assume symmetry
-            drop = 2.0 * (r - _own(rt[z1, y1, x1], sgn))
+            drop = 2.0 * (r - rt[z1, y1, x1])
         else:
-            drop = 2.0 * (r - _own(rt[z2, y2, x2], sgn))
+            drop = 2.0 * (r - rt[z2, y2, x2])
         if abs(drop) < LEVEL * olens[i]:
             n_level += 1
             if n_level >= 2:
@@ -275,7 +275,7 @@ def _ridge_values(dsq, sz, sy, sx, default_conv, s_tab, cm_tab, r2_valid, offs, 
                         break
                 if not ridge:
                     continue
-                val[m] = 2.0 * (_default_radius(rt, z, y, x, r, hs, olens, np.float32(1.0)) if default_conv else r)
+                val[m] = 2.0 * (_default_radius(rt, z, y, x, r, hs, olens) if default_conv else r)
                 idx[m] = (z * ny + y) * nx + x
                 m += 1
     return idx[:m], val[:m]
