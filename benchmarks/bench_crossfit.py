@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmarks/bench_crossfit.py --store demo_out/dataset/store [--config FILE]
                      [--set KEY=VALUE ...] [--folds 3] [--seed 0] [--work DIR] [--tag NAME]
-                     [--labels demo_out/phantom/manifest.csv]
+                     [--labels demo_out/phantom/manifest.csv] [--train-seed N]
 
 Runs exactly what the demo's training and evaluation stages run (``ctsma.demo.stages``: K-fold patient-level
 cross-fitting of teacher, distilled and baseline students, pooled out-of-fold ICC against the MR reference and
 the truth, and the paired bootstrap of the distillation gain), but with the config given (default: the demo's),
-so a larger configuration or a GPU can be compared with the demo's on the same patches. With ``--labels`` (a
+so a larger configuration or a GPU can be compared with the demo's on the same patches. ``--train-seed N`` trains
+with another seed (network initialisation, batches, augmentation) on the same folds, which ``--seed`` sets: several
+such runs measure the spread that training alone gives, or an ensemble of their out-of-fold predictions
+(``benchmarks/bench_ensemble.py``). With ``--labels`` (a
 cohort manifest with ``subject, oa, kl_grade, severity``) it also runs the demo's diagnosis stage on the
 out-of-fold predictions (the three aggregators, AUCs and the DeLong p of distilled vs baseline). Prints a table and
 writes ``benchmarks/results/bench_crossfit[_<tag>].json`` with per-stage times and the device used.
@@ -47,6 +50,8 @@ ap.add_argument("--tag", default="")
 ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
 ap.add_argument("--pack", default=None, help="write the store, quantised, to this .h5 file and stop")
 ap.add_argument("--labels", default=None, help="cohort manifest with OA labels: also run the diagnosis stage")
+ap.add_argument("--train-seed", type=int, default=None,
+                help="training seed (default: --seed, as the demo); the folds stay those of --seed")
 MR_STEP = 1 / 170.0
 
 
@@ -151,7 +156,17 @@ def main() -> None:
     (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     ctx = stages.Context(work, DemoSettings(folds=a.folds, seed=a.seed, train_config=str(work / "config.yaml")))
+    if a.train_seed is not None:  # the demo trains with its cohort seed; keep its folds, change only the training
+        demo_fold_config = stages.fold_config
+
+        def fold_config(c, fold):
+            cfg_f = demo_fold_config(c, fold)
+            cfg_f.trainer.seed = a.train_seed
+            return cfg_f
+
+        stages.fold_config = fold_config
     res = {"store": str(src), "config": str(cfg_path), "overrides": a.set, "folds": a.folds, "seed": a.seed,
+           "train_seed": a.seed if a.train_seed is None else a.train_seed,
            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
            "config_used": cfg, "seconds": {}}
