@@ -137,7 +137,7 @@ def test_painted_sum_is_the_maps_sum_bit_for_bit(sp, sigma):
     """paint_sum counts each row word's newly painted bits instead of writing a map: the same sum, exactly, as the
     map paint_serial paints, on labelled phases (other label and outside the ROI unpainted), rows wider than a
     bit word, for both painters."""
-    from ctsma.morphometry.paint import DIRECT_MAX, _box_voxels, descending_order, paint_serial, paint_sum
+    from ctsma.morphometry.paint import _direct_tables, descending_order, paint_serial, paint_sum
     from ctsma.morphometry.power import reduced_axis
     from ctsma.morphometry.thickness import _values_at
 
@@ -159,8 +159,9 @@ def test_painted_sum_is_the_maps_sum_bit_for_bit(sp, sigma):
         ref = paint_serial(phase, d.ravel(), ii, vv, *sp, 0, lab.shape[0])
         assert np.count_nonzero(ref) == phase.sum()  # every phase voxel painted
         assert paint_sum(lab, label, d.ravel(), ii, vv, *sp) == ref.astype(np.float64).sum(dtype=np.float64)
-        rad = np.sqrt(d.ravel()[ii].astype(np.float64))
-        painters.add(bool(_box_voxels(rad, *sp) <= DIRECT_MAX * phase.sum()))
+        d2 = d.ravel()[ii]
+        rad = np.sqrt(d2.astype(np.float64)) * (1.0 - 1e-6)
+        painters.add(bool(_direct_tables(d2, rad, int(phase.sum()), *sp)[1].shape[0]))  # the direct painter
     assert painters == ({True} if sigma == 1.0 else {False})  # wide structures: the block painter
 
 

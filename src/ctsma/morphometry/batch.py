@@ -16,7 +16,8 @@ Per patch:
 * then, per phase, the sphere values, their order and the painting, as in :func:`.thickness._thickness_from_dsq`,
   and the mean over the phase's voxels. Both phases read one signed distance map (the marrow's distances
   negative) and the label image, and the painter sums the values it paints instead of writing a map
-  (:func:`.paint.paint_sum`, the map's sum bit for bit).
+  (:func:`.paint.paint_sum`: the map's sum bit for bit on any patch whose voxel count times the ratio of its largest
+  to its smallest non-zero value is below 2**29, far beyond a patch's ratios).
 
 Values are those of :func:`~ctsma.morphometry.measure` on each patch alone (spheres confined to the patch and its
 ROI). ``method="exact"`` takes the general path (:func:`.parameters.phase_pair_thickness`) patch by patch.

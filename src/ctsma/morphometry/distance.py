@@ -17,8 +17,8 @@ images of random shapes and spacings.
 Algorithm: a first pass along x writes each voxel's distance to the end of its run of equal labels by two scans
 (Rosenfeld & Pfaltz), as ``edt`` does. The passes along y and z then take, for each voxel, the least of the
 previous pass's value at q (same label) or 0 (another label) plus the squared offset to q, over offsets of
-increasing length until the squared offset reaches the largest value still to improve in the row
-(:func:`_window_pass`): the minimum that ``edt``'s lower envelope of parabolas (Felzenszwalb & Huttenlocher
+increasing length until the squared offset reaches the largest value still to improve in the row (y) or in a
+stretch of rows (z) (:func:`_window_pass`): the minimum that ``edt``'s lower envelope of parabolas (Felzenszwalb & Huttenlocher
 2012) finds, each run's ends acting as zero-distance borders except at the image border, which is not a
 boundary. Its cost grows with the distances (a row of long runs tries every offset), so it suits patches, not
 whole images.

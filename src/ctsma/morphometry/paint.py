@@ -18,8 +18,9 @@ voxels per phase voxel) they are painted one after the other over the whole imag
 (:func:`_paint_direct`): the row intervals of each distinct radius are tabulated once, and each ball applies
 its radius's table to bit masks of the unassigned voxels. Same intervals, same order, so the same map.
 
-Where only the mean of a map is wanted (the batch, :mod:`.batch`), :func:`paint_sum` runs the same painter without
-writing the map: it adds each row word's newly painted bits times the sphere's value, the map's sum bit for bit.
+Where only the mean of a map is wanted (the batch, :mod:`.batch`), :func:`paint_sum` runs the direct painter without
+writing the map: it adds the number of voxels each sphere newly paints times its value, the map's sum bit for bit
+(within the bound its docstring gives).
 
 The sphere order itself comes from :func:`descending_order`, a stable radix sort of the values (tied spheres write
 the same value, so their order could not change a map anyway).
@@ -539,7 +540,7 @@ def sphere_arrays(shape, order_idx, d2):
     cx = np.empty(n, np.int64)
     rad = np.empty(n)
     nyx = ny * nx
-    inv_yx, inv_x = 1.0 / nyx, 1.0 / nx
+    inv_yx, inv_x = (1.0 / nyx, 1.0 / nx) if nyx else (0.0, 0.0)
     for i in range(n):
         f = order_idx[i]
         z = np.int64((f + 0.5) * inv_yx)
@@ -593,9 +594,10 @@ def paint_serial(phase, dsq_flat, order_idx, order_val, sz, sy, sx, lo, hi):
 def paint_sum(lab, label, dsq_flat, order_idx, order_val, sz, sy, sx):
     """The sum (float64) of the map :func:`paint_serial` paints on the voxels of ``lab == label`` with these spheres,
     without writing the map where the direct painter paints (it counts each row word's newly painted bits). The
-    values are float32, all multiples of the smallest one's unit in the last place, so every partial sum is exact in
-    float64 while (voxels) x (largest value / smallest value) < 2**29 (a 64³ patch: any ratio up to 2,048), and then
-    the sum does not depend on its order: it is the map's sum bit for bit."""
+    values are float32, all multiples of the unit in the last place of the smallest in magnitude, so every partial
+    sum is exact in float64 while (voxels) x (largest / smallest non-zero |value|) < 2**29 (a 64³ patch: any ratio up
+    to 2,048), and then the sum does not depend on its order: it is the map's sum bit for bit. Where the block
+    painter paints (wide spheres), it paints the map and sums it."""
     d2 = dsq_flat[order_idx]
     cz, cy, cx, rad = sphere_arrays(lab.shape, order_idx, d2)
     val = order_val.astype(np.float32)

@@ -377,7 +377,7 @@ def _values_signed(rt, idx, sz, sy, sx, default_conv, sgn):
     dlim = LEVEL * olens
     tol = 1e-4 * min(hs[0], min(hs[1], hs[2]))
     nyx = ny * nx
-    inv_yx, inv_x = 1.0 / nyx, 1.0 / nx
+    inv_yx, inv_x = (1.0 / nyx, 1.0 / nx) if nyx else (0.0, 0.0)
     for i in range(idx.shape[0]):
         f = idx[i]
         z = np.int64((f + 0.5) * inv_yx)  # f // (ny nx) exactly, without an integer division (paint.sphere_arrays)
