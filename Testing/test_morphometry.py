@@ -34,6 +34,27 @@ def test_anisotropic_spacing_plates_in_mm():
         assert np.allclose(lt[b], t * sp[axis], rtol=1e-5)
 
 
+@pytest.mark.parametrize("sp", [(1.0, 0.3, 0.3), (0.3, 0.1, 0.25), (0.6, 0.3, 0.3)])
+def test_default_thickness_never_below_the_finest_spacing_at_anisotropic_spacing(sp):
+    """A structure one voxel thin along a fine axis, whose distance gradient at the ridge points along a coarse
+    axis, got a plate correction of half the coarse spacing: thickness near 0 or negative (down to -0.4 mm at
+    (1.0, 0.3, 0.3) mm before the bound). The ridge voxel itself belongs to the structure, so the diameter is at
+    least the finest spacing; one-voxel structures along the finest axis reach that bound."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    f = ndimage.gaussian_filter(rng.normal(size=(30, 40, 40)), (0.7, 1.0, 1.0))
+    b = f > np.quantile(f, 0.7)
+    for phase in (b, ~b):
+        lt = local_thickness(phase, sp)[phase]
+        assert lt.min() >= min(sp) * (1 - 1e-6)
+        assert np.isclose(lt.min(), min(sp), rtol=1e-5)  # thin structures exist and sit on the bound
+    # a plate one voxel thick along the finest axis reads that voxel, whatever the other spacings
+    plate = np.zeros((12, 12, 12), bool)
+    plate[:, :, 6] = True
+    assert np.allclose(local_thickness(plate, sp)[plate], sp[2], rtol=1e-5)
+
+
 def test_sphere_default_within_half_voxel():
     n = 28
     z, y, x = np.mgrid[:n, :n, :n]

@@ -62,6 +62,7 @@ def distance_sq_pair(first: np.ndarray, second: np.ndarray, spacing_zyx, *, thre
                      parallel=max(1, int(threads)))
 
 
+BETA_SLACK = 1e-3  # (of the finest spacing) the plate correction's bound applies only beyond rounding
 REACH = 1  # ridge test against the 26-neighbourhood (a larger reach removed < 1 % more voxels)
 LEVEL = 0.5  # |second difference| / length below which a lattice direction counts as level (in-plane)
 
@@ -155,10 +156,21 @@ def _axis_terms(lo, hi, r, h, tol, g2, b2, dn2, dmax):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _corrected(r, plate, g2, b2, dn2, dmax, hs):
-    """:func:`_default_radius`'s result from its terms: the plate or the point-like correction."""
+    """:func:`_default_radius`'s result from its terms: the plate or the point-like correction.
+
+    The plate correction is bounded: the ridge voxel itself belongs to the structure, so along any direction the
+    structure's boundary lies at least half the finest spacing from its centre, and ``r - beta`` may not fall
+    below that. Unbounded, a structure one voxel thin along a fine axis at anisotropic spacing, whose distance
+    gradient at the ridge points along a coarse axis, got a ``beta`` of half the coarse spacing and a local
+    thickness near 0 or negative. At isotropic spacing ``beta`` is half the spacing and ``r`` at least the
+    spacing, so the bound never applies there (``BETA_SLACK`` keeps rounding from applying it)."""
     if plate:
+        hmin = min(hs[0], min(hs[1], hs[2]))
         # half a voxel along the normal, estimated from the distance's gradient components
-        beta = 0.5 * math.sqrt(b2 / g2) if g2 > 0 else 0.5 * min(hs[0], min(hs[1], hs[2]))
+        beta = 0.5 * math.sqrt(b2 / g2) if g2 > 0 else 0.5 * hmin
+        lim = r - 0.5 * hmin
+        if beta > lim + BETA_SLACK * hmin:
+            beta = lim
         return r + dmax - beta
     return r + math.sqrt(dn2)
 
