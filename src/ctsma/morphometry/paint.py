@@ -518,35 +518,45 @@ DIRECT_MAX = 40  # paint directly when the balls' bounding boxes hold at most th
 
 @numba.njit(cache=True, nogil=True)
 def _box_voxels(rad, sz, sy, sx):
-    """Voxels (rows when ``sx`` is 0) of the balls' bounding boxes, summed."""
+    """Voxels (rows when ``sx`` is 0) of the bounding box of a ball of each radius."""
     n = (2 * np.floor(rad / sz) + 1) * (2 * np.floor(rad / sy) + 1)
     if sx:
         n *= 2 * np.floor(rad / sx) + 1
-    return n.sum()
+    return n
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def unravel_reciprocals(ny, nx):
+    """What :func:`unravel` needs for an image of ``ny`` rows of ``nx`` voxels per plane."""
+    nyx = ny * nx
+    return (nyx, nx, 1.0 / nyx, 1.0 / nx) if nyx else (nyx, nx, 0.0, 0.0)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def unravel(f, rec):
+    """(z, y, x) of the flat index ``f``, ``rec`` from :func:`unravel_reciprocals`: floating-point reciprocals
+    instead of integer divisions (several times cheaper). ``(f + 0.5) / n`` is at least ``0.5 / n`` from an integer
+    and its rounding error is far below that for any ``f < 2**51``, so its floor is ``f // n`` exactly."""
+    nyx, nx, inv_yx, inv_x = rec
+    z = np.int64((f + 0.5) * inv_yx)
+    rem = f - z * nyx
+    y = np.int64((rem + 0.5) * inv_x)
+    return z, y, rem - y * nx
 
 
 @numba.njit(cache=True, nogil=True)
 def sphere_arrays(shape, order_idx, d2):
     """Centres (z, y, x) and radii (mm, shrunk by 1e-6 so that voxel centres on a sphere are outside) of the balls
-    at the flat indices ``order_idx``, whose squared distances are ``d2``.
-
-    The flat indices are unravelled with floating-point reciprocals instead of integer divisions (several times
-    cheaper): ``(f + 0.5) / n`` is at least ``0.5 / n`` from an integer and its rounding error is far below that
-    for any ``f < 2**51``, so its floor is ``f // n`` exactly."""
+    at the flat indices ``order_idx``, whose squared distances are ``d2``."""
     nz, ny, nx = shape
     n = order_idx.shape[0]
     cz = np.empty(n, np.int64)
     cy = np.empty(n, np.int64)
     cx = np.empty(n, np.int64)
     rad = np.empty(n)
-    nyx = ny * nx
-    inv_yx, inv_x = (1.0 / nyx, 1.0 / nx) if nyx else (0.0, 0.0)
+    rec = unravel_reciprocals(ny, nx)
     for i in range(n):
-        f = order_idx[i]
-        z = np.int64((f + 0.5) * inv_yx)
-        rem = f - z * nyx
-        y = np.int64((rem + 0.5) * inv_x)
-        cz[i], cy[i], cx[i] = z, y, rem - y * nx
+        cz[i], cy[i], cx[i] = unravel(order_idx[i], rec)
         rad[i] = math.sqrt(np.float64(d2[i])) * (1.0 - 1e-6)
     return cz, cy, cx, rad
 
@@ -561,8 +571,8 @@ def _direct_tables(d2, rad, n_phase, sz, sy, sx):
     per_kind = np.zeros(radii.shape[0])
     for i in range(kind.shape[0]):
         per_kind[kind[i]] += 1.0
-    boxes = (2 * np.floor(radii / sz) + 1) * (2 * np.floor(radii / sy) + 1) * (2 * np.floor(radii / sx) + 1)
-    if (boxes * per_kind).sum() <= DIRECT_MAX * n_phase and _box_voxels(radii, sz, sy, 0.0) <= n_phase / 2:
+    boxes = (_box_voxels(radii, sz, sy, sx) * per_kind).sum()
+    if boxes <= DIRECT_MAX * n_phase and _box_voxels(radii, sz, sy, 0.0).sum() <= n_phase / 2:
         start, cdz, cdy, ch = _chords(radii, sz, sy, sx)  # (the second test keeps the chord tables < 12 B/voxel)
         return kind, start, cdz, cdy, ch
     e = np.zeros(0, np.int64)
@@ -611,11 +621,7 @@ def paint_sum(lab, label, dsq_flat, order_idx, order_val, sz, sy, sx):
     if start.shape[0]:
         return _direct(todo, left, np.zeros((0, 0, 0), np.float32), cz, cy, cx, kind, val, start, cdz, cdy, ch,
                        ny, nx)
-    phase = np.empty(lab.shape, np.bool_)
-    for z in range(nz):
-        for y in range(ny):
-            for x in range(nx):
-                phase[z, y, x] = lab[z, y, x] == label
+    phase = lab == label
     out = np.zeros(lab.shape, np.float32)
     counts, items = block_lists(lab.shape, cz, cy, cx, rad, sz, sy, sx, BLOCK)
     _paint_blocks_serial(phase, out, counts, items, cz, cy, cx, rad, val, sz, sy, sx, BLOCK)

@@ -33,7 +33,7 @@ import edt
 import numba
 import numpy as np
 
-from .paint import descending_order, paint
+from .paint import descending_order, paint, unravel, unravel_reciprocals
 from .power import reduced_axis
 
 CONVENTIONS = ("default", "bonej")
@@ -191,49 +191,10 @@ def _default_radius(rt, z, y, x, r, hs, olens):
 
     ``rt`` is the phase's distance map (mm, float32: the square roots of the squared distances, taken once for
     the whole map) and ``olens`` the 13 direction lengths (:func:`_level_lengths`). The differences taken with
-    ``r`` stay float32. :func:`_values_at` computes the same values on the flat map, faster (tested against this).
+    ``r`` stay float32. The arithmetic is :func:`_flat_radius`'s, on the flattened map.
     """
     nz, ny, nx = rt.shape
-    pos = (z, y, x)
-    dims = (nz, ny, nx)
-    dmax = 0.0
-    dn2 = 0.0
-    g2 = 0.0
-    b2 = 0.0
-    tol = 1e-4 * min(hs[0], min(hs[1], hs[2]))
-    for ax in range(3):
-        p = pos[ax]
-        if p - 1 < 0 or p + 1 >= dims[ax]:
-            continue
-        if ax == 0:
-            lo = rt[z - 1, y, x]
-            hi = rt[z + 1, y, x]
-        elif ax == 1:
-            lo = rt[z, y - 1, x]
-            hi = rt[z, y + 1, x]
-        else:
-            lo = rt[z, y, x - 1]
-            hi = rt[z, y, x + 1]
-        g2, b2, dn2, dmax = _axis_terms(lo, hi, r, hs[ax], tol, g2, b2, dn2, dmax)
-    n_level = 0
-    for i in range(13):
-        a, b, c = LEVEL_DIRS[i, 0], LEVEL_DIRS[i, 1], LEVEL_DIRS[i, 2]
-        z1, y1, x1, z2, y2, x2 = z + a, y + b, x + c, z - a, y - b, x - c
-        in1 = 0 <= z1 < nz and 0 <= y1 < ny and 0 <= x1 < nx
-        in2 = 0 <= z2 < nz and 0 <= y2 < ny and 0 <= x2 < nx
-        if not (in1 or in2):
-            continue
-        if in1 and in2:
-            drop = 2.0 * r - rt[z1, y1, x1] - rt[z2, y2, x2]
-        elif in1:  # at the image border: assume symmetry
-            drop = 2.0 * (r - rt[z1, y1, x1])
-        else:
-            drop = 2.0 * (r - rt[z2, y2, x2])
-        if abs(drop) < LEVEL * olens[i]:
-            n_level += 1
-            if n_level >= 2:
-                break  # plate-like
-    return _corrected(r, n_level >= 2, g2, b2, dn2, dmax, hs)  # n_level >= 2: plate-like
+    return _flat_radius(rt.ravel(), (z * ny + y) * nx + x, z, y, x, r, (nz, ny, nx), hs, olens, np.float32(1.0))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -326,10 +287,12 @@ def local_thickness(binary: np.ndarray, spacing_zyx=(1.0, 1.0, 1.0), convention:
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _border_radius(rf, f, z, y, x, r, dims, hs, st, dlim, tol, sgn):
-    """:func:`_default_radius` of a voxel on the image border, on the flat map ``rf``: the same arithmetic in the
-    same order, so the same value bit for bit, with flat offsets (``st``: the strides of z, y, x) and the 13
-    directions' level limits ``dlim`` (``LEVEL`` times their lengths)."""
+def _flat_radius(rf, f, z, y, x, r, dims, hs, olens, sgn):
+    """:func:`_default_radius` of the voxel at flat index ``f`` = (z, y, x) of the flat map ``rf`` (shape ``dims``,
+    read through :func:`_own` with ``sgn``), with the bounds tests that voxels on the image border need."""
+    nz, ny, nx = dims
+    st = (ny * nx, nx, 1)
+    tol = 1e-4 * min(hs[0], min(hs[1], hs[2]))
     dmax = 0.0
     dn2 = 0.0
     g2 = 0.0
@@ -340,7 +303,6 @@ def _border_radius(rf, f, z, y, x, r, dims, hs, st, dlim, tol, sgn):
             continue
         g2, b2, dn2, dmax = _axis_terms(_own(rf[f - st[ax]], sgn), _own(rf[f + st[ax]], sgn), r, hs[ax], tol, g2, b2,
                                         dn2, dmax)
-    nz, ny, nx = dims
     n_level = 0
     for i in range(13):
         a, b, c = LEVEL_DIRS[i, 0], LEVEL_DIRS[i, 1], LEVEL_DIRS[i, 2]
@@ -355,7 +317,7 @@ def _border_radius(rf, f, z, y, x, r, dims, hs, st, dlim, tol, sgn):
             drop = 2.0 * (r - _own(rf[f + off], sgn))
         else:
             drop = 2.0 * (r - _own(rf[f - off], sgn))
-        if abs(drop) < dlim[i]:
+        if abs(drop) < LEVEL * olens[i]:
             n_level += 1
             if n_level >= 2:
                 break  # plate-like
@@ -367,7 +329,7 @@ def _values_at(rt, idx, sz, sy, sx, default_conv):
     """Diameter (mm) that the ball at each flat index gives, in the chosen convention (``rt``: distance map, mm).
 
     Every ball gets :func:`_default_radius`'s value, bit for bit, computed on the flat map: balls off the image
-    border without bounds tests, the others by :func:`_border_radius`."""
+    border without bounds tests, the others by :func:`_flat_radius`."""
     return _values_signed(rt, idx, sz, sy, sx, default_conv, np.float32(1.0))
 
 
@@ -388,14 +350,10 @@ def _values_signed(rt, idx, sz, sy, sx, default_conv, sgn):
     doff = LEVEL_DIRS[:, 0] * (ny * nx) + LEVEL_DIRS[:, 1] * nx + LEVEL_DIRS[:, 2]
     dlim = LEVEL * olens
     tol = 1e-4 * min(hs[0], min(hs[1], hs[2]))
-    nyx = ny * nx
-    inv_yx, inv_x = (1.0 / nyx, 1.0 / nx) if nyx else (0.0, 0.0)
+    rec = unravel_reciprocals(ny, nx)
     for i in range(idx.shape[0]):
         f = idx[i]
-        z = np.int64((f + 0.5) * inv_yx)  # f // (ny nx) exactly, without an integer division (paint.sphere_arrays)
-        rem = f - z * nyx
-        y = np.int64((rem + 0.5) * inv_x)
-        x = rem - y * nx
+        z, y, x = unravel(f, rec)
         r = _own(rf[f], sgn)
         if 0 < z < nz - 1 and 0 < y < ny - 1 and 0 < x < nx - 1:
             # _default_radius's arithmetic in the same order (the same value bit for bit), without bounds tests or
@@ -416,7 +374,7 @@ def _values_signed(rt, idx, sz, sy, sx, default_conv, sgn):
                         break
             val[i] = 2.0 * _corrected(r, n_level >= 2, g2, b2, dn2, dmax, hs)
         else:
-            val[i] = 2.0 * _border_radius(rf, f, z, y, x, r, (nz, ny, nx), hs, st, dlim, tol, sgn)
+            val[i] = 2.0 * _flat_radius(rf, f, z, y, x, r, (nz, ny, nx), hs, olens, sgn)
     return val
 
 
