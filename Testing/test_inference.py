@@ -296,15 +296,17 @@ def test_infer_tells_the_side_of_a_phantom_knee_from_its_fused_fibular_head(knee
     assert summary["side_from"] == "metadata" and not summary["warnings"]
 
 
-def _student_with_reference(path: Path, sigma_mm: float, slice_mm: float) -> Path:
+def _student_with_reference(path: Path, sigma_mm: float, slice_mm: float, intensity: dict | None = None) -> Path:
     """A student with random weights (its outputs follow the patches) whose file records training CTs of in-plane
-    edge sigma ``sigma_mm`` and slice spacing ``slice_mm``."""
+    edge sigma ``sigma_mm`` and slice spacing ``slice_mm`` (and, with ``intensity``, their knees' bone
+    intensity)."""
     torch.manual_seed(1)
     net = PatchRegressor(2, 16, widths=(4, 8, 8, 8), head_hidden=8)
     meta = build_meta("student_distilled", net, modality="ct", spacing_mm=0.5, extent_mm=8.0, masks=True,
                       intensity_offset=0.0, intensity_scale=1000.0, target="mr", y_mean=np.full(4, 0.5),
                       y_sd=np.full(4, 0.1), training={}, metrics={},
-                      ct_reference={"inplane_edge_sigma_mm": sigma_mm, "slice_spacing_mm": slice_mm})
+                      ct_reference={"inplane_edge_sigma_mm": sigma_mm, "slice_spacing_mm": slice_mm},
+                      ct_intensity=intensity)
     return export_model(path, net, meta)
 
 
@@ -360,6 +362,28 @@ def test_a_ct_sharper_than_the_training_cts_is_blurred_to_them_before_the_patche
     capsys.readouterr()
     assert cli_main(["infer", str(knee["ct"]), "--out", str(tmp_path / "f"), "--slice-thickness", "nan"]) == 2
     assert "--slice-thickness must be" in capsys.readouterr().err and not (tmp_path / "f").exists()
+
+
+def test_a_ct_whose_bone_is_unlike_the_training_knees_gets_a_warning(knee, tmp_path):
+    common = ("--segmentation", knee["bones_only"], "--side", knee["side"])
+    model = _student_with_reference(tmp_path / "m.safetensors", 0.3, 1.0)
+    assert _run(knee["ct"], "--out", tmp_path / "a", "--model", model, *common) == 0
+    a = json.loads((tmp_path / "a" / "summary.json").read_text())
+    value = a["ct_intensity"]["knee_hu"]     # a model without the record: the value, nothing compared
+    assert a["ct_intensity"]["model_reference"] is None and not [w for w in a["warnings"] if "training knees" in w]
+    patches = pd.read_csv(tmp_path / "a" / "patches.csv")
+    assert len(patches) == a["n_patches"] and 0 < value < 1500
+    for name, rng_hu, warned in (("in", [value - 50, value + 30], False), ("far", [value - 400, value - 300], True)):
+        path = _student_with_reference(tmp_path / f"{name}.safetensors", 0.3, 1.0,
+                                       intensity={"knee_mean_hu": float(np.mean(rng_hu)), "knee_sd_hu": 20.0,
+                                                  "knee_range_hu": rng_hu, "n_knees": 7})
+        assert _run(knee["ct"], "--out", tmp_path / name, "--model", path, *common) == 0
+        b = json.loads((tmp_path / name / "summary.json").read_text())
+        assert b["ct_intensity"]["knee_hu"] == pytest.approx(value) and b["ct_intensity"]["model_knee_range_hu"] == rng_hu
+        told = [w for w in b["warnings"] if "brighter than the model's training knees" in w]
+        assert len(told) == (1 if warned else 0)
+        # the warning changes nothing else
+        assert pd.read_csv(tmp_path / name / "patches.csv").equals(patches)
 
 
 def test_patient_report_from_a_real_infer_folder(knee, constant_student, tmp_path, monkeypatch):

@@ -207,6 +207,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
           diagnosis_path=None, subject: str | None = None) -> dict:
     """Analyse one knee CT and write the contract outputs to ``out_dir``; returns the summary."""
     from ..dataset.sampling import cut, cut_ct, relative_positions, roi_centres
+    from .intensity import intensity_check
     from ..models.export import describe, load_student
     from ..segmentation import segment_bones, subchondral_rois
     from ..segmentation.labelio import read_user_labels
@@ -307,6 +308,10 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     source = blurred_crop(ct, roi_arr, extent, blur, zblur) if blur > 0 or zblur > 0 else ct
     patches = cut_ct(source, centres, size, extent)[:, None]
     del source
+    intensity, int_warns = intensity_check(patches, inp.get("ct_intensity"))
+    for w in int_warns:
+        warnings.warn(w, stacklevel=2)
+    warns += int_warns
     masks = None
     if "mask" in inp["channels"]:
         mk = cut(rois, centres, size, extent, interpolator=sitk.sitkNearestNeighbor, pixel_type=sitk.sitkUInt8)
@@ -352,6 +357,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
                   "demo": bool(meta.get("demo", False) or model_path == default_model_path(must_exist=False))},
         "n_patches": int(len(names)), "stride_mm": s.stride_mm, "tta_passes": len(flips), "device": device,
         "bones_from": bones_from, "rois_from": rois_from, **side_info, "ct_resolution": resolution,
+        "ct_intensity": intensity,
         "warnings": warns,
         "uncertainty": "standard deviation of the predictions over flipped copies of each patch",
         "background": BACKGROUND, "mask": "rois.nii.gz > 0",

@@ -93,15 +93,20 @@ class ParameterModel(nn.Module):
 
 def build_meta(role: str, net: PatchRegressor, *, modality: str, spacing_mm: float, extent_mm: float, masks: bool,
                intensity_offset: float, intensity_scale: float, target: str, y_mean, y_sd,
-               training: dict, metrics: dict, ct_reference: dict | None = None) -> dict:
+               training: dict, metrics: dict, ct_reference: dict | None = None,
+               ct_intensity: dict | None = None) -> dict:
     """``ct_reference``: the training CTs' resolution (:func:`ctsma.harmonise.training_reference`), which CT-only
-    inference matches a sharper CT to; students only."""
+    inference matches a sharper CT to; ``ct_intensity``: the training knees' bone intensity
+    (:func:`ctsma.inference.intensity.training_intensity`), which CT-only inference compares a CT with; students
+    only."""
     inp = {"modality": modality, "patch_size": net.arch["input_size"], "spacing_mm": float(spacing_mm),
            "extent_mm": float(extent_mm), "channels": ["image", "mask"] if masks else ["image"],
            "intensity_offset": float(intensity_offset), "intensity_scale": float(intensity_scale),
            "intensity_units": "HU" if modality == "ct" else "normalised MR"}
     if modality == "ct" and ct_reference:
         inp["ct_reference"] = ct_reference
+    if modality == "ct" and ct_intensity:
+        inp["ct_intensity"] = ct_intensity
     return {"meta_version": META_VERSION, "role": role, "arch": net.arch, "input": inp,
             "parameters": list(PARAMETERS), "units": {p: PARAMETER_UNITS[p] for p in PARAMETERS},
             "target": target, "target_normalisation": {"mean": [float(v) for v in y_mean],

@@ -337,7 +337,9 @@ def _segment(ct_image: sitk.Image, s: BoneSegmentationSettings, side: str | None
     markers, parts, bones, dist = find_markers(mask, ct_image, s, side)
     if bones is None:
         raise NoKneeFoundError(f"no knee joint found in the CT (no femur above a tibia); {_describe(parts)}. "
-                               "Is this a knee CT? Give a bone segmentation with --bones to override")
+                               "Is this a knee CT? A bone label image given instead of the automatic segmentation "
+                               "overrides this (ctsma infer --segmentation, ctsma register --ct-bones, "
+                               "ctsma segment --bones)")
     seeds = np.zeros(markers.shape, np.uint8)
     for name, p in bones.items():
         seeds[markers == p.label] = BONES[name]
