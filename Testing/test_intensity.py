@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctsma.inference.intensity import MARGIN, intensity_check, knee_intensity, training_intensity
+from ctsma.inference.intensity import (MARGIN, intensity_check, knee_intensity, patch_means, store_patch_means,
+                                      training_intensity)
 
 
 def _knee(rng, level, n=30):
@@ -25,13 +26,23 @@ def test_training_record_from_the_training_knees_only():
     levels = {"a": 400, "b": 500, "c": 600, "d": 5000}  # d: a test knee, which must not enter the record
     patches = np.concatenate([_knee(rng, v) for v in levels.values()])
     subjects = np.repeat(list(levels), 30)
-    rec = training_intensity(patches, subjects, ["a", "b", "c"])
+    means = patch_means(patches)
+    rec = training_intensity(means, subjects, ["a", "b", "c"])
     per_knee = [knee_intensity(patches[subjects == s]) for s in "abc"]
     assert rec["n_knees"] == 3 and rec["knee_mean_hu"] == pytest.approx(np.mean(per_knee))
     assert rec["knee_sd_hu"] == pytest.approx(np.std(per_knee, ddof=1))
     assert rec["knee_range_hu"] == pytest.approx([min(per_knee), max(per_knee)])
-    assert training_intensity(patches, subjects, ["a", "b"]) is None  # too few knees for a spread
-    assert training_intensity(patches, subjects, ["a", "b", "x"]) is None  # a knee without patches counts for nothing
+    assert training_intensity(means, subjects, ["a", "b"]) is None  # too few knees for a spread
+    assert training_intensity(means, subjects, ["a", "b", "x"]) is None  # a knee without patches counts for nothing
+
+
+def test_store_patch_means_read_in_chunks_equal_one_read(tmp_path):
+    from ctsma.dataset.synthetic import make_synthetic_store
+
+    store = make_synthetic_store(tmp_path / "store", n_subjects=3, patches_per_subject=7)
+    idx = np.array([20, 3, 4, 5, 11, 0])
+    np.testing.assert_array_equal(store_patch_means(store, idx, chunk=4), patch_means(store.read("ct", idx)))
+    assert store_patch_means(store, np.zeros(0, int)).shape == (0,)
 
 
 def test_a_ct_outside_the_widened_training_range_gets_a_warning():

@@ -75,10 +75,11 @@ def test_learning_happens_and_outputs_are_written(trained, store):
     dmeta = load_student(files["student"])[1]
     assert dmeta["role"] == "student_distilled" and dmeta["training"]["teacher"]["sha256"]
     # the students record their training knees' bone intensity (the teacher, an MR model, does not)
-    from ctsma.inference.intensity import training_intensity
+    from ctsma.inference.intensity import patch_means, training_intensity
     train_knees = dmeta["training"]["split"]["train"]
     rows = np.flatnonzero(np.isin(store.table["subject"], train_knees))
-    expected = training_intensity(store.read("ct", rows), store.table["subject"].to_numpy()[rows], train_knees)
+    expected = training_intensity(patch_means(store.read("ct", rows)), store.table["subject"].to_numpy()[rows],
+                                  train_knees)
     assert dmeta["input"]["ct_intensity"] == expected and expected["n_knees"] == len(train_knees)  # JSON keeps floats
     assert "ct_intensity" not in load_model(files["teacher"])[1]["input"]
     assert set(dmeta["training"]["split"]["test"]).isdisjoint(dmeta["training"]["split"]["train"])

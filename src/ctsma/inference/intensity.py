@@ -19,27 +19,42 @@ MARGIN = 0.5  # of the training knees' range, on either side of it, beyond which
 ESTIMATOR = "median over the knee's patches of each patch's mean HU (the whole cube, as the model reads it)"
 
 
+def patch_means(patches: np.ndarray) -> np.ndarray:
+    """Each patch's mean HU over its cube, for patches (n, ...)."""
+    p = np.asarray(patches)
+    return p.reshape(len(p), -1).mean(axis=1, dtype=np.float64)
+
+
 def knee_intensity(patches: np.ndarray) -> float:
     """The knee's median patch mean (HU) of its CT patches ``patches`` (n, ...)."""
-    p = np.asarray(patches, np.float64)
-    return float(np.median(p.reshape(len(p), -1).mean(axis=1)))
+    return float(np.median(patch_means(patches)))
 
 
-def training_intensity(ct_patches: np.ndarray, subjects, train_subjects) -> dict | None:
+def training_intensity(means: np.ndarray, subjects, train_subjects) -> dict | None:
     """The record a student's model file keeps (``input.ct_intensity``): the mean, SD and range over its training
-    knees of :func:`knee_intensity`. ``ct_patches`` (n, ...) and ``subjects`` (n,) are the store's CT patches and
-    their knees; None when fewer than 3 training knees have patches (no spread to compare with)."""
+    knees of :func:`knee_intensity`. ``means`` (n,) are :func:`patch_means` of the store's CT patches and
+    ``subjects`` (n,) their knees; None when fewer than 3 training knees have patches (no spread to compare
+    with)."""
+    means = np.asarray(means, np.float64)
     subjects = np.asarray(subjects).astype(str)
     values = []
     for s in sorted({str(x) for x in train_subjects}):
-        sel = np.flatnonzero(subjects == s)
-        if len(sel):
-            values.append(knee_intensity(ct_patches[sel]))
+        sel = subjects == s
+        if sel.any():
+            values.append(float(np.median(means[sel])))
     if len(values) < 3:
         return None
     v = np.asarray(values)
     return {"knee_mean_hu": float(v.mean()), "knee_sd_hu": float(v.std(ddof=1)),
             "knee_range_hu": [float(v.min()), float(v.max())], "n_knees": len(v), "estimator": ESTIMATOR}
+
+
+def store_patch_means(store, indices, chunk: int = 4096) -> np.ndarray:
+    """:func:`patch_means` of a patch store's CT patches ``indices``, read in chunks (a large store's CT patches
+    need not fit in memory at once)."""
+    idx = np.asarray(indices, dtype=np.int64)
+    return np.concatenate([patch_means(store.read("ct", idx[i:i + chunk])) for i in range(0, len(idx), chunk)]
+                          or [np.zeros(0)])
 
 
 def intensity_check(patches: np.ndarray, reference: dict | None) -> tuple[dict, list[str]]:
@@ -68,4 +83,4 @@ def intensity_check(patches: np.ndarray, reference: dict | None) -> tuple[dict, 
                   "bone's HU (docs/inference.md, 'Bone intensity')"]
 
 
-__all__ = ["MARGIN", "knee_intensity", "training_intensity", "intensity_check"]
+__all__ = ["MARGIN", "patch_means", "knee_intensity", "training_intensity", "store_patch_means", "intensity_check"]

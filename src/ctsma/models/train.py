@@ -27,7 +27,7 @@ from ..dataset.loader import CT_OFFSET_HU, CT_SCALE_HU, PatchDataset, make_loade
 from ..dataset.store import PatchStore
 from ..errors import ConfigError, ModelFileError, UserError
 from ..harmonise import training_reference
-from ..inference.intensity import training_intensity
+from ..inference.intensity import store_patch_means, training_intensity
 from ..io import ensure_writable_dir
 from .config import TrainConfig, resolve
 from .export import build_meta, export_model, load_teacher
@@ -221,7 +221,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
                           intensity_offset=CT_OFFSET_HU, intensity_scale=CT_SCALE_HU, target=cfg.data.target,
                           y_mean=dm.y_mean, y_sd=dm.y_sd, training=training, metrics=metrics,
                           ct_reference=training_reference(store.attrs.get("subject_info"), dm.split.subjects["train"]),
-                          ct_intensity=training_intensity(store.read("ct", dm.split.train),
+                          ct_intensity=training_intensity(store_patch_means(store, dm.split.train),
                                                           store.table["subject"].to_numpy()[dm.split.train],
                                                           dm.split.subjects["train"]))
     export_model(model_file, module.net, meta)
