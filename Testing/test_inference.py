@@ -210,6 +210,7 @@ def test_batch_mode_resumes_and_reports_failures(knee, constant_student, tmp_pat
     assert rc == 1  # one case failed, and said so
     status = json.loads((out / "batch_status_0of1.json").read_text())
     assert [s["status"] for s in status] == ["ok", "failed"] and "Hounsfield" in status[1]["message"]
+    assert not (out / "bad").exists()  # no empty folder for the failed case: its reason is in the status file
     mtime = os.path.getmtime(out / "good" / "summary.json")
     _run(manifest, "--out", out, "--model", constant_student, "--side", knee["side"])
     assert os.path.getmtime(out / "good" / "summary.json") == mtime  # finished knee not redone

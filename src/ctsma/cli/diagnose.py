@@ -61,6 +61,11 @@ def add_parser(subparsers) -> None:
     r.set_defaults(func=_predict)
 
 
+def _check_seed(args) -> None:
+    if not 0 <= args.seed < 2 ** 32:
+        raise UserError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+
+
 def _check_folds(args) -> None:
     if args.folds < 2:
         raise UserError(f"--folds must be at least 2, got {args.folds}")
@@ -73,6 +78,7 @@ def _train(args) -> int:
     from ..diagnosis.data import use_parameter_columns
     from ..progress import info
 
+    _check_seed(args)
     if not args.no_cv:
         _check_folds(args)
     from ..io import ensure_output_file
@@ -109,6 +115,7 @@ def _evaluate(args) -> int:
     from ..io import ensure_writable_dir, write_json
     from ..progress import info
 
+    _check_seed(args)
     _check_folds(args)
     aggs = [a.strip() for a in args.aggregators.split(",") if a.strip()]
     bad = [a for a in aggs if a not in AGG_CHOICES]
@@ -157,7 +164,10 @@ def _predict(args) -> int:
         ensure_output_file(args.out, (".csv",))
         ensure_output_file(Path(args.out).with_suffix(".json"))
     model = diagnosis.load(args.model)
-    df = diagnosis.predict(model, use_parameter_columns(args.patches, args.prefix))
+    table = use_parameter_columns(args.patches, args.prefix)
+    if not len(table):
+        raise UserError(f"{args.patches} has no patch rows to predict from")
+    df = diagnosis.predict(model, table)
     cols = ["subject", "n_patches", "oa_probability", "severity", "message"]
     cv = model.cv_metrics
     perf = (f"model: {model.metadata.get('aggregator')} trained on {model.metadata.get('n_train')} knees"

@@ -47,7 +47,7 @@ def run(args) -> int:
 
     if not args.ct.exists():
         raise UserError(f"CT not found: {args.ct}")
-    if args.stride <= 0 or args.stride > 50:
+    if not 0 < args.stride <= 50:  # (NaN fails this too)
         raise UserError(f"--stride must be in (0, 50] mm, not {args.stride}")
     if args.slice_thickness is not None and not 0 < args.slice_thickness <= 20:
         raise UserError(f"--slice-thickness must be in (0, 20] mm, not {args.slice_thickness}")

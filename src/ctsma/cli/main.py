@@ -65,16 +65,41 @@ def _remove_if_empty(root: Path | None) -> None:
     root.rmdir()
 
 
+def _check_common(args) -> None:
+    """Refuse, before any work, an empty ``--out`` (it would write into the current folder) and a
+    ``--progress-jsonl`` file that cannot be appended to."""
+    out = getattr(args, "out", None)
+    if isinstance(out, str) and not out.strip():
+        raise UserError("--out is empty; name an output path")
+    path = args.progress_jsonl
+    if path:
+        p = Path(path)
+        if p.is_dir():
+            raise UserError(f"--progress-jsonl {path} is a folder; name a file")
+        if not p.parent.is_dir():
+            raise UserError(f"--progress-jsonl {path}: folder {p.parent} does not exist")
+        try:
+            with open(p, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise UserError(f"--progress-jsonl {path} cannot be written: {exc.strerror or exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    progress.configure(jsonl_path=args.progress_jsonl, quiet=args.quiet)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
     if not args.debug:
         warnings.formatwarning = _format_warning
+    try:
+        _check_common(args)
+    except UserError as exc:
+        print(f"ctsma {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    progress.configure(jsonl_path=args.progress_jsonl, quiet=args.quiet)
     new_root = _new_output_root(args)
     try:
         rc = args.func(args)
@@ -84,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ctsma {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception:
+        _remove_if_empty(new_root)  # a defect: its traceback is shown, but no empty folder is left
+        raise
     except KeyboardInterrupt:
         print(f"ctsma {args.command}: interrupted; finished outputs are kept and a rerun resumes", file=sys.stderr)
         return 130

@@ -7,6 +7,10 @@ import os
 import warnings
 
 
+MAX_SMOOTH_VOX = 10.0  # a Gaussian pre-smoothing wider than this many voxels would wipe out any trabecula
+MAX_THREADS = 256
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "morphometry", help="trabecular bone parameters (BV/TV, Tb.Th, Tb.Sp, Tb.N, BS/BV, Conn.D) of an image",
@@ -86,11 +90,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.window is not None and args.window < 1 or args.stride < 1:
         raise UserError("--window and --stride must be positive numbers of voxels")
-    if args.smooth_sigma < 0:
-        raise UserError(f"--smooth-sigma must be 0 (no smoothing) or a positive number of voxels, "
+    if not (0 <= args.smooth_sigma <= MAX_SMOOTH_VOX):
+        raise UserError(f"--smooth-sigma must be 0 (no smoothing) or a number of voxels up to {MAX_SMOOTH_VOX:g}, "
                         f"got {args.smooth_sigma}")
-    if args.threads is not None and args.threads < 1:
-        raise UserError("--threads must be at least 1")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise UserError(f"--threads must be between 1 and {MAX_THREADS}, got {args.threads}")
     threads = args.threads or os.cpu_count() or 1
     from ..io.memory import header_size, plan_memory
     size = header_size(args.image)
@@ -104,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
                        extra_whole_per_voxel=SHAPE_BYTES if args.shape else 0.0)
     out = ensure_writable_dir(args.out)
     img = read_image(args.image, what="image")
+    if args.window_mm is not None:
+        extent = max(n * h for n, h in zip(img.GetSize(), img.GetSpacing()))
+        if not (np.isfinite(args.window_mm) and 0 < args.window_mm <= extent):
+            raise UserError(f"--window-mm must be a width in mm, above 0 and at most the image's extent "
+                            f"({extent:.1f} mm), got {args.window_mm}")
     if args.window is not None and np.prod([min(1.0, n / args.window) for n in img.GetSize()]) < 0.5:
         raise UserError(f"--window {args.window} is too large for the image ({' x '.join(map(str, img.GetSize()))} "
                         "voxels): no window would hold half of its voxels in the image, so every map value is empty")

@@ -30,7 +30,11 @@ def overrides_from(args) -> dict:
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: {value!r} is not a YAML value "
+                              f"({str(exc).splitlines()[0]}; a list is written [a, b])") from None
     if getattr(args, "store", None):
         over.setdefault("data", {})["store"] = str(_abs(args.store))
     if getattr(args, "out", None):

@@ -125,7 +125,7 @@ def load_transform(row: dict, root: Path, s: BuildSettings, registrations: Path 
         p = _path(root, row.get(s.transform_column))
         if p is None or not p.is_file():
             raise SubjectExcluded(f"no transform file in column {s.transform_column!r} ({p})")
-        return sitk.ReadTransform(str(p)), f"column {s.transform_column}"
+        return _read_transform(p), f"column {s.transform_column}"
     folder = _path(root, row.get("registration"))
     if folder is None and registrations is not None:
         folder = safe_join(registrations, subject)
@@ -139,10 +139,23 @@ def load_transform(row: dict, root: Path, s: BuildSettings, registrations: Path 
         qa = json.loads(qfile.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise SubjectExcluded(f"unreadable registration QA {qfile}: {exc}") from None
-    problem = registration_qa_problem(qa, s.min_bone_dice)
+    try:
+        problem = registration_qa_problem(qa, s.min_bone_dice)
+    except (AttributeError, TypeError, ValueError, KeyError):  # not the layout ctsma register writes
+        raise SubjectExcluded(f"registration QA {qfile} is not a QA record of 'ctsma register' "
+                              "(expected an object with 'stages' and 'bone_dice' per bone)") from None
     if problem:
         raise SubjectExcluded(problem)
-    return sitk.ReadTransform(str(tfile)), f"registered ({folder})"
+    return _read_transform(tfile), f"registered ({folder})"
+
+
+def _read_transform(path: Path) -> sitk.Transform:
+    """An ITK transform file, or the subject excluded with the reason (a damaged or foreign file)."""
+    try:
+        return sitk.ReadTransform(str(path))
+    except RuntimeError:
+        raise SubjectExcluded(f"unreadable transform {path}: not an ITK transform file "
+                              "(ctsma register writes transform_ct_to_mr.h5)") from None
 
 
 def load_rois(row: dict, root: Path, ct: sitk.Image, s: BuildSettings) -> tuple[sitk.Image, str]:

@@ -250,7 +250,11 @@ class PatchStore:
         import h5py
 
         if self._h5 is None or self._h5_pid != os.getpid():  # reopen in forked loader workers
-            self._h5 = h5py.File(self.dir / H5_NAME, "r")
+            try:
+                self._h5 = h5py.File(self.dir / H5_NAME, "r")
+            except OSError as exc:  # truncated or not HDF5
+                raise PatchStoreError(f"{self.dir / H5_NAME} is damaged or not an HDF5 file "
+                                      f"({str(exc).splitlines()[0][:120]}); rebuild the store") from None
             self._h5_pid = os.getpid()
         return self._h5
 
@@ -296,7 +300,11 @@ class PatchStore:
         # h5py's fancy (point) selection is slow; read each run of consecutive rows as one slice instead
         breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
         runs = np.split(uniq, breaks)
-        data = np.concatenate([ds[r[0]:r[-1] + 1] for r in runs]) if len(runs) > 1 else ds[uniq[0]:uniq[-1] + 1]
+        try:
+            data = np.concatenate([ds[r[0]:r[-1] + 1] for r in runs]) if len(runs) > 1 else ds[uniq[0]:uniq[-1] + 1]
+        except OSError as exc:  # a store truncated after it was opened
+            raise PatchStoreError(f"{self.dir / H5_NAME} cannot be read ({str(exc).splitlines()[0][:120]}); "
+                                  "rebuild the store") from None
         out = np.empty_like(data[inv])
         out[order] = data[inv]
         return out

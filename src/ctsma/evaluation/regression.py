@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import PARAMETERS, PARAMETER_UNITS, progress, stats
 from ..dataset.store import PatchStore
-from ..errors import UserError
+from ..errors import ModelFileError, UserError
 from ..io.atomic import atomic_path, write_json, write_text
 
 SOURCES = ("teacher", "student_distilled", "student_baseline", "ct_direct")
@@ -107,6 +107,9 @@ def check_held_out(path: Path, meta: dict, subjects) -> None:
                         f"(e.g. {sorted(leak)[0]}): evaluate with the split used for training")
 
 
+ROLES = ("teacher", "student_distilled", "student_baseline")
+
+
 def predict_sources(cfg, store: PatchStore, idx: np.ndarray, *, names: dict | None = None) -> tuple[dict, dict]:
     """Predictions (n,4, physical units) of every available source on store rows ``idx``; and provenance.
     Each prediction is the mean over ``cfg.evaluate.flips`` flipped copies of the patch, as ``ctsma infer``
@@ -123,6 +126,9 @@ def predict_sources(cfg, store: PatchStore, idx: np.ndarray, *, names: dict | No
         if not path.is_file():
             continue
         model, meta = load_parameter_model(path)
+        if source in ROLES and meta.get("role") != source:  # e.g. a teacher file copied over a student's name
+            raise ModelFileError(f"{path.name} holds a '{meta.get('role')}' model, not the {source} its name says; "
+                                 "evaluation would report it under the wrong name")
         check_held_out(path, meta, test_subjects)
         mod = meta["input"]["modality"]
         masks = store.read(f"{mod}_mask", idx) if "mask" in meta["input"]["channels"] else None

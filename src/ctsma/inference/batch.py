@@ -36,6 +36,9 @@ def list_cases(path: Path) -> pd.DataFrame:
             raise UserError(f"manifest {path.name} is not a readable CSV table: {str(exc).splitlines()[0]}") from None
         if "ct" not in df.columns:
             raise UserError(f"manifest {path.name} has no 'ct' column")
+        empty = [int(k) + 2 for k, p in zip(df.index, df["ct"]) if not (isinstance(p, str) and p.strip())]
+        if empty:
+            raise UserError(f"manifest {path.name}: the 'ct' cell is empty in rows {empty[:5]}")
         df["ct"] = [str((path.parent / p).resolve()) for p in df["ct"]]
         if "ct_bones" in df.columns:
             df["ct_bones"] = [str((path.parent / p).resolve()) if isinstance(p, str) and p else "" for p in df.ct_bones]
@@ -74,6 +77,7 @@ def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=No
             remove_stale_staging(d)   # a run killed after its last move, before its clean-up
             status.append({"subject": row.subject, "status": "done earlier", "message": ""})
             continue
+        existed = d.exists()
         try:
             seg = getattr(row, "ct_bones", "") or None
             thick = getattr(row, "slice_thickness", math.nan)
@@ -83,6 +87,8 @@ def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=No
             status.append({"subject": row.subject, "status": "ok", "message": ""})
         except UserError as exc:  # one bad case must not stop a cohort
             status.append({"subject": row.subject, "status": "failed", "message": str(exc)})
+            if not existed and d.is_dir() and not any(d.iterdir()):
+                d.rmdir()  # no empty case folder for a case that failed: its reason is in the status file
     table = pd.DataFrame(status, columns=["subject", "status", "message"])
     write_json(out / f"batch_status_{i}of{n}.json", json.loads(table.to_json(orient="records")))
     return table

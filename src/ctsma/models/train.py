@@ -13,6 +13,7 @@ and the model file ``<output.dir>/<role><name>.safetensors`` (see :mod:`ctsma.mo
 from __future__ import annotations
 
 import logging
+import pickle
 import shutil
 import time
 import warnings
@@ -233,7 +234,11 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
 def _check_resumable(ckpt: Path, module) -> None:
     """Refuse, before anything is written, a checkpoint whose weights do not fit the network this config builds
     (e.g. ``--resume`` after changing ``widths`` or ``stem``), which Lightning would report as a traceback."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=True).get("state_dict", {})
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True).get("state_dict", {})
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # truncated or damaged
+        raise ModelFileError(f"--resume: checkpoint {ckpt} is damaged ({str(exc).splitlines()[0][:120]}); train "
+                             "anew without --resume") from None
     mine = module.state_dict()
     if set(state) != set(mine) or any(tuple(state[k].shape) != tuple(v.shape) for k, v in mine.items()):
         raise ConfigError(f"--resume: {ckpt} holds another network than this config describes (were teacher_net, "

@@ -84,7 +84,11 @@ def binarise(image, spacing_zyx=None, mask=None, *, modality: str = "microct", t
     if method == "global":
         if threshold is None or threshold == "otsu":
             from skimage.filters import threshold_otsu
-            thr = float(threshold_otsu(inside))
+            try:
+                thr = float(threshold_otsu(inside))
+            except ValueError:  # skimage: "Too many bins for data range" (values a few float steps apart)
+                raise MorphometryError(f"the image's values inside the ROI span too small a range to threshold "
+                                       f"({float(inside.min()):.6g} to {float(inside.max()):.6g})") from None
             info["method"] = "global-otsu"
         else:
             thr = _number(threshold)

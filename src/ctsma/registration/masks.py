@@ -31,7 +31,7 @@ def validate_bones(bones: sitk.Image, ref: sitk.Image, *, names=("femur", "tibia
 
 
 def read_bone_labels(path, ct: sitk.Image, *, what: str = "CT bone labels") -> sitk.Image:
-    """Bone labels for ``ct`` from a file: a ``.seg.nrrd`` through ``ctsma.segmentation``, or a label image
+    """Bone labels for ``ct`` (the MR when ``what`` starts with "MR") from a file: a ``.seg.nrrd`` through ``ctsma.segmentation``, or a label image
     whose values 1-4 are bones (values from 10 up, cartilage and other tissues, are ignored)."""
     from ..io.images import read_image
 
@@ -39,7 +39,7 @@ def read_bone_labels(path, ct: sitk.Image, *, what: str = "CT bone labels") -> s
         from ..segmentation import read_user_labels
         return read_user_labels(path, ct, kind="bones")
     img = read_image(path, what=what, pixel_type=sitk.sitkUInt8)
-    check_same_geometry(ct, img, what_a="CT", what_b=what)
+    check_same_geometry(ct, img, what_a="MR" if what.startswith("MR") else "CT", what_b=what)
     arr = sitk.GetArrayFromImage(img)
     arr[arr > max(BONES.values())] = 0
     out = sitk.GetImageFromArray(arr)

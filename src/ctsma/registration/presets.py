@@ -108,7 +108,23 @@ def load_preset(name_or_path: str | Path | Mapping | None = "default",
                 raise ConfigError(f"unknown registration preset {str(name_or_path)!r} "
                                   f"(shipped: {', '.join(preset_names())}; or give a JSON file)")
             base = read_mapping(path)
-    return load_config(base, Preset, overrides=dict(overrides or {}))
+    return check_preset(load_config(base, Preset, overrides=dict(overrides or {})))
+
+
+def check_preset(p: Preset) -> Preset:
+    """Refuse settings that are each in range but do not fit together: per-level lists of different lengths, and
+    bones that :data:`ctsma.BONES` does not name."""
+    from .. import BONES
+
+    for name in ("rigid", "affine", "per_bone", "deformable"):
+        stage = getattr(p, name)
+        if len(stage.shrink) != len(stage.smooth_mm) or not stage.shrink:
+            raise ConfigError(f"{name}.shrink ({len(stage.shrink)} levels) and {name}.smooth_mm "
+                              f"({len(stage.smooth_mm)} levels) must give one value per resolution level each")
+    unknown = [b for b in p.per_bone.bones if b not in BONES]
+    if unknown:
+        raise ConfigError(f"per_bone.bones: unknown bone(s) {unknown}; use names of {sorted(BONES)}")
+    return p
 
 
 def variant(preset: Preset, **changes: Any) -> Preset:

@@ -320,8 +320,11 @@ def subchondral_rois(ct_image: sitk.Image, bones: sitk.Image, side: str | None =
     """
     s = settings or RoiSettings()
     if start_mm is not None or end_mm is not None:
-        s = dataclasses.replace(s, start_mm=s.start_mm if start_mm is None else float(start_mm),
-                                end_mm=s.end_mm if end_mm is None else float(end_mm))
+        from ..config import load_config
+        # through the settings' own checks (ranges, NaN), as a config file's values go
+        s = load_config(None, RoiSettings, overrides={**dataclasses.asdict(s),
+                                                      "start_mm": s.start_mm if start_mm is None else float(start_mm),
+                                                      "end_mm": s.end_mm if end_mm is None else float(end_mm)})
     if not 0 <= s.start_mm < s.end_mm:
         raise UserError(f"ROI depths must satisfy 0 <= start < end (got start {s.start_mm} mm, end {s.end_mm} mm)")
     bones = check_image(bones, what="bone segmentation", pixel_type=sitk.sitkUInt8)

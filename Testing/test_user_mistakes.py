@@ -1,0 +1,180 @@
+"""User mistakes found by an adversarial audit of the command line (twentieth session): each gives one clear line
+and exit code 2 (or excludes the one subject, with the reason), never a traceback, and leaves no output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ctsma.cli.main import main as cli_main
+from ctsma.errors import ConfigError, ModelFileError, UserError
+
+MODELS = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+CONFIGS = MODELS.parent / "Configs"
+
+
+def _cli(capsys, *args) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = cli_main(["--quiet", *map(str, args)])
+    err = capsys.readouterr().err
+    return rc, err
+
+
+@pytest.fixture()
+def ct_crop(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    img = sitk.GetImageFromArray((rng.random((12, 14, 16)) * 1500 - 200).astype(np.float32))
+    img.SetSpacing((0.3, 0.3, 0.3))
+    path = tmp_path / "crop.nii.gz"
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--smooth-sigma=inf"], "--smooth-sigma must be"),
+    (["--smooth-sigma=1e9"], "--smooth-sigma must be"),
+    (["--smooth-sigma=nan"], "--smooth-sigma must be"),
+    (["--method", "local", "--window-mm=1e9"], "--window-mm must be"),
+    (["--method", "local", "--window-mm=nan"], "--window-mm must be"),
+    (["--threads=100000"], "--threads must be between"),
+])
+def test_morphometry_options_out_of_range(capsys, tmp_path, ct_crop, option, message):
+    out = tmp_path / "m"
+    rc, err = _cli(capsys, "morphometry", ct_crop, "--modality", "ct", *option, "--out", out)
+    assert rc == 2 and message in err and "Traceback" not in err and not out.exists()
+
+
+def test_otsu_on_values_a_few_float_steps_apart_is_a_clear_error():
+    from ctsma.morphometry import binarise
+    from ctsma.morphometry.validate import MorphometryError
+
+    arr = np.full((6, 6, 6), 762.128, np.float32)
+    arr[0, 0, 0] = np.nextafter(np.float32(762.128), np.float32(800))
+    with pytest.raises(MorphometryError, match="too small a range to threshold"):
+        binarise(arr, (1.0, 1.0, 1.0), None, modality="ct")
+
+
+def test_infer_manifest_with_an_empty_ct_cell_and_a_nan_stride(capsys, tmp_path, ct_crop):
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"subject": ["a", "b"], "ct": [str(ct_crop), None]}).to_csv(manifest, index=False)
+    rc, err = _cli(capsys, "infer", manifest, "--out", tmp_path / "o")
+    assert rc == 2 and "'ct' cell is empty in rows [3]" in err and not (tmp_path / "o").exists()
+    rc, err = _cli(capsys, "infer", ct_crop, "--stride", "nan", "--out", tmp_path / "o")
+    assert rc == 2 and "--stride must be" in err
+
+
+def test_progress_file_that_cannot_be_written_is_refused_up_front(capsys, tmp_path, ct_crop):
+    for bad, message in ((tmp_path, "is a folder"), (tmp_path / "nope" / "p.jsonl", "does not exist")):
+        rc, err = _cli(capsys, "--progress-jsonl", bad, "morphometry", ct_crop, "--modality", "ct",
+                       "--out", tmp_path / "o")
+        assert rc == 2 and message in err and not (tmp_path / "o").exists()
+
+
+def test_train_set_value_that_is_not_yaml(capsys, tmp_path):
+    rc, err = _cli(capsys, "train", "teacher", "--config", CONFIGS / "demo.yaml", "--store", tmp_path,
+                   "--set", "distill.stages=[stage1",
+                   "--out", tmp_path / "run")
+    assert rc == 2 and "is not a YAML value" in err and "a list is written [a, b]" in err
+
+
+def test_diagnose_seed_out_of_range_and_a_table_without_rows(capsys, tmp_path):
+    table = tmp_path / "p.csv"
+    table.write_text("subject,roi,p_BV/TV,p_Tb.Th,p_Tb.Sp,p_Tb.N\n")
+    rc, err = _cli(capsys, "diagnose", "evaluate", "--patches", table, "--labels", table, "--prefix", "p_",
+                   "--seed=-1", "--out", tmp_path / "dx")
+    assert rc == 2 and "--seed must be between 0 and 2**32 - 1" in err and not (tmp_path / "dx").exists()
+    rc, err = _cli(capsys, "diagnose", "predict", "--model", MODELS / "diagnosis_demo.safetensors",
+                   "--patches", table, "--prefix", "p_")
+    assert rc == 2 and "has no patch rows" in err
+
+
+def test_registration_presets_whose_settings_do_not_fit_together():
+    from ctsma.registration.presets import load_preset
+
+    with pytest.raises(ConfigError, match=r"rigid.shrink \(3 levels\) and rigid.smooth_mm \(2 levels\)"):
+        load_preset(None, {"rigid": {"shrink": [4, 2, 1], "smooth_mm": [1.0, 0.0]}})
+    with pytest.raises(ConfigError, match=r"unknown bone\(s\) \['humerus'\]"):
+        load_preset(None, {"per_bone": {"bones": ["femur", "humerus"]}})
+    assert load_preset("default").per_bone.bones == ["femur", "tibia"]
+
+
+def test_subchondral_roi_depths_go_through_the_settings_checks():
+    from ctsma.segmentation import subchondral_rois
+
+    img = sitk.Image(8, 8, 8, sitk.sitkInt16)
+    with pytest.raises(ConfigError, match="end_mm must be finite"):
+        subchondral_rois(img, sitk.Image(8, 8, 8, sitk.sitkUInt8), end_mm=float("inf"))
+    with pytest.raises(ConfigError, match=r"out of range \[0.5, 40.0\]"):
+        subchondral_rois(img, sitk.Image(8, 8, 8, sitk.sitkUInt8), end_mm=1e9)
+
+
+def test_dataset_build_excludes_a_subject_with_a_foreign_qa_record_or_a_damaged_transform(tmp_path):
+    from ctsma.dataset.build import BuildSettings, SubjectExcluded, load_transform
+
+    reg = tmp_path / "reg" / "P0000"
+    reg.mkdir(parents=True)
+    sitk.WriteTransform(sitk.TranslationTransform(3, (1.0, 0.0, 0.0)), str(reg / "transform_ct_to_mr.h5"))
+    for qa in ({"bone_dice": 0.9}, [1, 2], {"stages": "rigid"}):
+        (reg / "qa.json").write_text(json.dumps(qa))
+        with pytest.raises(SubjectExcluded, match="is not a QA record of 'ctsma register'"):
+            load_transform({"subject": "P0000"}, tmp_path, BuildSettings(), tmp_path / "reg")
+    (reg / "qa.json").write_text(json.dumps({"bone_dice": {"femur": 0.95, "tibia": 0.93}}))
+    assert load_transform({"subject": "P0000"}, tmp_path, BuildSettings(), tmp_path / "reg")[0] is not None
+    (reg / "transform_ct_to_mr.h5").write_text("subject,roi\n")
+    with pytest.raises(SubjectExcluded, match="not an ITK transform file"):
+        load_transform({"subject": "P0000"}, tmp_path, BuildSettings(), tmp_path / "reg")
+
+
+def test_a_damaged_store_and_a_damaged_checkpoint_are_clear_errors(tmp_path):
+    from ctsma.dataset.store import PatchStore, PatchStoreError
+    from ctsma.dataset.synthetic import make_synthetic_store
+    from ctsma.models.networks import PatchRegressor
+    from ctsma.models.train import _check_resumable
+
+    store = make_synthetic_store(tmp_path / "store", n_subjects=3, patches_per_subject=2)
+    h5 = store.dir / "patches.h5"
+    h5.write_bytes(h5.read_bytes()[:1000])
+    with pytest.raises(PatchStoreError, match="damaged or not an HDF5 file|cannot be read"):
+        PatchStore(store.dir).read("ct", np.arange(6))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "patches.csv").write_bytes((store.dir / "patches.csv").read_bytes())
+    (other / "patches.h5").write_bytes(b"not hdf5")
+    with pytest.raises(PatchStoreError, match="damaged or not an HDF5 file"):
+        PatchStore(other)
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:20])
+    with pytest.raises(ModelFileError, match="is damaged"):
+        _check_resumable(ckpt, PatchRegressor(1, 16, widths=(4, 8, 8, 8), head_hidden=8))
+
+
+def test_evaluate_refuses_a_model_file_under_another_role_s_name(tmp_path):
+    """A teacher copied over the distilled student's file would be scored and reported as the student."""
+    import shutil
+
+    from ctsma.dataset.synthetic import make_synthetic_store
+    from ctsma.evaluation.regression import predict_sources
+    from ctsma.models import load_train_config
+    from ctsma.models.export import build_meta, export_model
+    from ctsma.models.networks import PatchRegressor
+
+    store = make_synthetic_store(tmp_path / "store", n_subjects=4, patches_per_subject=3)
+    run = tmp_path / "run"
+    run.mkdir()
+    net = PatchRegressor(1, store.mr_shape[0], widths=(4, 8, 8, 8), head_hidden=8)
+    meta = build_meta("teacher", net, modality="mr", spacing_mm=0.25, extent_mm=8.0, masks=False, intensity_offset=0,
+                      intensity_scale=1, target="mr", y_mean=np.zeros(4), y_sd=np.ones(4), training={}, metrics={})
+    export_model(run / "teacher.safetensors", net, meta)
+    cfg = load_train_config(CONFIGS / "demo.yaml", {"data": {"store": str(store.dir)}, "output": {"dir": str(run)}})
+    preds, _ = predict_sources(cfg, store, np.arange(3))
+    assert set(preds) == {"teacher"}
+    shutil.copy(run / "teacher.safetensors", run / "student_distilled.safetensors")
+    with pytest.raises(UserError, match="holds a 'teacher' model, not the student_distilled"):
+        predict_sources(cfg, store, np.arange(3))
