@@ -76,6 +76,14 @@ def test_progress_file_that_cannot_be_written_is_refused_up_front(capsys, tmp_pa
         assert rc == 2 and message in err and not (tmp_path / "o").exists()
 
 
+def test_an_empty_out_is_refused_whatever_the_option_s_type(capsys, tmp_path, ct_crop, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # it would have written here
+    for args in (["infer", ct_crop, "--out", ""], ["morphometry", ct_crop, "--modality", "ct", "--out="]):
+        rc, err = _cli(capsys, *args)
+        assert rc == 2 and "--out is empty" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop.nii.gz"]
+
+
 def test_train_set_value_that_is_not_yaml(capsys, tmp_path):
     rc, err = _cli(capsys, "train", "teacher", "--config", CONFIGS / "demo.yaml", "--store", tmp_path,
                    "--set", "distill.stages=[stage1",

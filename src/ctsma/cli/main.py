@@ -65,11 +65,12 @@ def _remove_if_empty(root: Path | None) -> None:
     root.rmdir()
 
 
-def _check_common(args) -> None:
-    """Refuse, before any work, an empty ``--out`` (it would write into the current folder) and a
-    ``--progress-jsonl`` file that cannot be appended to."""
-    out = getattr(args, "out", None)
-    if isinstance(out, str) and not out.strip():
+def _check_common(args, argv: list[str]) -> None:
+    """Refuse, before any work, an empty ``--out`` (it would write into the current folder; read from the command
+    line itself, since a path-typed option turns "" into ".") and a ``--progress-jsonl`` file that cannot be
+    appended to."""
+    given = [v for k, v in zip(argv, argv[1:]) if k == "--out"] + [a[6:] for a in argv if a.startswith("--out=")]
+    if any(not v.strip() for v in given):
         raise UserError("--out is empty; name an output path")
     path = args.progress_jsonl
     if path:
@@ -87,6 +88,7 @@ def _check_common(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         warnings.formatwarning = _format_warning
     try:
-        _check_common(args)
+        _check_common(args, argv)
     except UserError as exc:
         print(f"ctsma {args.command}: error: {exc}", file=sys.stderr)
         return 2

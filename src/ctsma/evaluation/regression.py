@@ -107,13 +107,11 @@ def check_held_out(path: Path, meta: dict, subjects) -> None:
                         f"(e.g. {sorted(leak)[0]}): evaluate with the split used for training")
 
 
-ROLES = ("teacher", "student_distilled", "student_baseline")
-
-
 def predict_sources(cfg, store: PatchStore, idx: np.ndarray, *, names: dict | None = None) -> tuple[dict, dict]:
     """Predictions (n,4, physical units) of every available source on store rows ``idx``; and provenance.
     Each prediction is the mean over ``cfg.evaluate.flips`` flipped copies of the patch, as ``ctsma infer``
     predicts, so the evaluation scores the values that inference reports."""
+    from ..models.config import ROLES
     from ..models.export import FLIPS_BY_COUNT, load_parameter_model
     from ..models.train import run_paths
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config import load_config, setting
 
 STAGES = ("stem", "stage1", "stage2", "stage3")
+ROLES = ("teacher", "student_distilled", "student_baseline")  # what a trained model file is (its metadata's role)
 
 
 @dataclass

@@ -14,10 +14,10 @@ from .. import PARAMETERS, progress
 from ..dataset.loader import PatchDataset, make_loader
 from ..dataset.store import PatchStore
 from ..errors import UserError
+from .config import ROLES
 from .distill import FeatureDistillation, regression_loss
 from .networks import PatchRegressor, build_network
 
-ROLES = ("teacher", "student_distilled", "student_baseline")
 
 
 class TrainingDivergedError(UserError):
