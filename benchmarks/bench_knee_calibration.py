@@ -45,12 +45,15 @@ from ctsma.stats.agreement import icc_value  # noqa: E402
 
 PARAMS = ("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N")
 SOURCES = ("student_distilled", "student_baseline")
+CORTEX_COLS = ["femur_tissue_hu", "tibia_tissue_hu", "femur_width_mm", "tibia_width_mm"]
 FEATURE_SETS = {
     "oracle: bone and marrow HU": ["true_bone_hu", "true_marrow_hu"],
     "oracle: bone HU": ["true_bone_hu"],
     "oracle: marrow HU": ["true_marrow_hu"],
     "CT: cortical peak (all99.9)": ["all99.9"],
     "CT: in1, in50, all99.9": ["in1", "in50", "all99.9"],
+    "CT: cortical fit": CORTEX_COLS,
+    "CT: cortical fit, in1, in50": CORTEX_COLS + ["in1", "in50"],
 }
 INNER_VOXELS = 4
 
@@ -59,6 +62,7 @@ def knee_features(run: Path) -> pd.DataFrame:
     import SimpleITK as sitk
     from scipy import ndimage
 
+    from ctsma.inference.cortex import cortical_shell
     from ctsma.phantom.settings import from_dict
     from ctsma.phantom.subject import sample_subject
     from ctsma.segmentation.bones import segment_bones
@@ -67,19 +71,53 @@ def knee_features(run: Path) -> pd.DataFrame:
     manifest = pd.read_csv(run / "phantom" / "manifest.csv", dtype={"subject": str})
     for i, subject in enumerate(manifest["subject"]):
         meta = json.loads((run / "phantom" / subject / "metadata.json").read_text())
-        materials = sample_subject(from_dict(meta["settings"]), meta["seed"], meta["index"])["materials"]["ct"]
+        truth = sample_subject(from_dict(meta["settings"]), meta["seed"], meta["index"])
+        materials, cortex = truth["materials"]["ct"], truth["anatomy"]["cortex"]
         img = sitk.ReadImage(str(run / "phantom" / subject / "ct.nii.gz"))
         ct = sitk.GetArrayViewFromImage(img).astype(np.float32)
-        labels = sitk.GetArrayFromImage(segment_bones(img, side=manifest["side"].iloc[i]))
+        labels_img = segment_bones(img, side=manifest["side"].iloc[i])
+        labels = sitk.GetArrayFromImage(labels_img)
         bone = (labels == 1) | (labels == 2)
         inner = ndimage.binary_erosion(bone, iterations=INNER_VOXELS)
-        row = {"subject": subject, "true_bone_hu": materials["bone"], "true_marrow_hu": materials["marrow"]}
+        row = {"subject": subject, "true_bone_hu": materials["bone"], "true_marrow_hu": materials["marrow"],
+               "true_femur_cortex_mm": float(cortex[0]), "true_tibia_cortex_mm": float(cortex[1])}
         for q in (1, 50):
             row[f"in{q}"] = float(np.percentile(ct[inner], q))
         row["all99.9"] = float(np.percentile(ct[bone], 99.9))
+        shell = cortical_shell(img, labels_img, {"femur": 1, "tibia": 2})
+        for b in ("femur", "tibia"):
+            row[f"{b}_tissue_hu"], row[f"{b}_width_mm"] = shell[b]["tissue_hu"], shell[b]["width_mm"]
         rows.append(row)
-        print(f"  {subject}: " + ", ".join(f"{k} {v:.0f}" for k, v in row.items() if k != "subject"), flush=True)
+        print(f"  {subject}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "subject"), flush=True)
     return pd.DataFrame(rows).set_index("subject")
+
+
+def truth_recovery(feats: pd.DataFrame) -> dict:
+    """How well the CT-only features give the true tissue values: Pearson r of each fitted cortical value with its
+    truth, and the leave-one-knee-out r of a linear prediction of the true bone HU from each CT feature set."""
+    def loo_r(cols, target):
+        x = np.c_[np.ones(len(feats)), feats[cols].to_numpy(float)]
+        y = feats[target].to_numpy(float)
+        pred = np.empty(len(y))
+        for i in range(len(y)):
+            m = np.arange(len(y)) != i
+            b, *_ = np.linalg.lstsq(x[m], y[m], rcond=None)
+            pred[i] = x[i] @ b
+        return float(np.corrcoef(pred, y)[0, 1])
+
+    def r(a, b):
+        return float(np.corrcoef(feats[a], feats[b])[0, 1])
+
+    out = {"r": {f"{b}_tissue_hu vs true_bone_hu": r(f"{b}_tissue_hu", "true_bone_hu") for b in ("femur", "tibia")}
+           | {f"{b}_width_mm vs true_{b}_cortex_mm": r(f"{b}_width_mm", f"true_{b}_cortex_mm") for b in ("femur", "tibia")}
+           | {"all99.9 vs true_bone_hu": r("all99.9", "true_bone_hu")},
+           "loo_r_true_bone_hu": {name: loo_r(cols, "true_bone_hu") for name, cols in FEATURE_SETS.items()
+                                  if name.startswith("CT")},
+           "loo_r_true_marrow_hu": {name: loo_r(cols, "true_marrow_hu") for name, cols in FEATURE_SETS.items()
+                                    if name.startswith("CT")}}
+    for k, v in out.items():
+        print(f"{k}: " + ", ".join(f"{n} {x:.2f}" for n, x in v.items()))
+    return out
 
 
 def folds_of(run: Path, k: int, seed: int):
@@ -130,6 +168,7 @@ def main() -> None:
             par: {c: float(np.corrcoef(pred[f"{src}_{par}"] - pred[f"mr_{par}"],
                                        feats.loc[pred["subject"], c])[0, 1]) for c in ("true_bone_hu", "true_marrow_hu")}
             for par in PARAMS}
+    result["truth_recovery"] = truth_recovery(feats)
     feats_rows = {"none": None, **FEATURE_SETS}
     print(f"{'features':32s} {'source':18s} {'patches: BV/TV Tb.Th Tb.Sp Tb.N mean':>40s}   ROI means: ... mean")
     for name, cols in feats_rows.items():
