@@ -365,3 +365,16 @@ def test_analysis_logic_refuses_bad_inputs_with_user_errors(mrml_scene, tmp_path
     with pytest.raises(ConfigError, match="training kind"):
         logic.startTraining("teachers", tmp_path / "c.yaml", tmp_path / "train")
     assert logic.run is None
+
+
+@pytest.mark.mrml
+def test_a_work_folder_that_cannot_be_created_is_a_clear_error(mrml_scene, tmp_path):
+    from CTSMALib.registration_logic import CTSMARegistrationLogic
+    from ctsma.errors import UserError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    logic = CTSMARegistrationLogic(work_root=blocker / "work")
+    with pytest.raises(UserError, match="cannot create a work folder in .*a_file"):
+        logic.newWorkDir("register")
+    assert CTSMARegistrationLogic(work_root=tmp_path / "work").newWorkDir("register").is_dir()

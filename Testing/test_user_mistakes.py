@@ -186,3 +186,72 @@ def test_evaluate_refuses_a_model_file_under_another_role_s_name(tmp_path):
     shutil.copy(run / "teacher.safetensors", run / "student_distilled.safetensors")
     with pytest.raises(UserError, match="holds a 'teacher' model, not the student_distilled"):
         predict_sources(cfg, store, np.arange(3))
+
+
+# --- options that other settings make meaningless are refused, not silently ignored (twenty-first session) ---
+
+@pytest.mark.parametrize("option, message", [
+    (["--threshold", "0.5"], "--threshold binarise a grey-level image"),
+    (["--n4", "--smooth-sigma", "1"], "--n4, --smooth-sigma binarise a grey-level image"),
+    (["--method", "local"], "--method local binarise a grey-level image"),
+])
+def test_morphometry_grey_level_options_on_a_binary_image(capsys, tmp_path, ct_crop, option, message):
+    out = tmp_path / "m"
+    rc, err = _cli(capsys, "morphometry", ct_crop, *option, "--out", out)
+    assert rc == 2 and message in err and "--modality ct" in err and not out.exists()
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--modality", "ct", "--window-mm", "4"], "--window-mm is the width of the local mean"),
+    (["--modality", "ct", "--stride", "2"], "--stride is the step of the sliding-window maps"),
+])
+def test_morphometry_options_of_another_method(capsys, tmp_path, ct_crop, option, message):
+    out = tmp_path / "m"
+    rc, err = _cli(capsys, "morphometry", ct_crop, *option, "--out", out)
+    assert rc == 2 and message in err and not out.exists()
+
+
+def test_register_options_of_the_other_mode(capsys, tmp_path, ct_crop):
+    out = tmp_path / "r"
+    for option in (["--shard", "0/2"], ["--limit", "3"], ["--jobs", "2"]):
+        rc, err = _cli(capsys, "register", ct_crop, ct_crop, "--preset", "nosynth", *option, "--out", out)
+        assert rc == 2 and f"{option[0]} apply to cohort mode only" in err and not out.exists()
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text(f"subject,mr,ct\nk1,{ct_crop},{ct_crop}\n")
+    rc, err = _cli(capsys, "register", "--manifest", manifest, "--preset", "nosynth", "--ct-bones", ct_crop,
+                   "--out", out)
+    assert rc == 2 and "--ct-bones apply to one pair" in err and "ct_bones / mr_bones columns" in err
+    assert not out.exists()
+
+
+def test_dataset_manifest_side_that_is_not_left_or_right(tmp_path):
+    from ctsma.dataset.build import read_manifest
+
+    path = tmp_path / "m.csv"
+    path.write_text("subject,ct,mr,side\nk1,a.nii,b.nii,left\nk2,a.nii,b.nii,\nk3,a.nii,b.nii,X\n")
+    with pytest.raises(UserError, match="side 'X' of subject k3 is not L or R"):
+        read_manifest(path)
+    path.write_text("subject,ct,mr,side\nk1,a.nii,b.nii,left\nk2,a.nii,b.nii,\nk3,a.nii,b.nii, R\n")
+    assert list(read_manifest(path)["subject"]) == ["k1", "k2", "k3"]
+
+
+def test_an_empty_config_file_warns_that_every_setting_is_a_default(tmp_path):
+    from ctsma.config import load_config
+    from ctsma.demo.settings import DemoSettings
+
+    path = tmp_path / "demo.yaml"
+    path.write_text("# every line a comment\n")
+    with pytest.warns(UserWarning, match="holds no settings"):
+        cfg = load_config(path, DemoSettings)
+    assert cfg == DemoSettings()
+
+
+def test_register_refuses_bone_labels_that_are_not_integers(capsys, tmp_path, ct_crop):
+    ct = sitk.ReadImage(str(ct_crop))
+    soft = sitk.GetImageFromArray(np.random.default_rng(1).random(ct.GetSize()[::-1]).astype(np.float32) * 2)
+    soft.CopyInformation(ct)  # a probability map: truncated to labels it would move every bone edge
+    path = tmp_path / "bones.nii.gz"
+    sitk.WriteImage(soft, str(path))
+    out = tmp_path / "r"
+    rc, err = _cli(capsys, "register", ct_crop, ct_crop, "--preset", "nosynth", "--ct-bones", path, "--out", out)
+    assert rc == 2 and "is not a label image (it has non-integer values)" in err and not out.exists()

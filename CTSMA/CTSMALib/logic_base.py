@@ -101,9 +101,15 @@ class CliLogic(ScriptedLoadableModuleLogic):
 
     def newWorkDir(self, label: str) -> Path:
         """A fresh folder for one run (under ``workRoot`` or the system temporary folder)."""
+        from ctsma.errors import UserError
+
         root = self.workRoot or Path(tempfile.gettempdir()) / "CTSMA"
-        root.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"{label}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=root))
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            return Path(tempfile.mkdtemp(prefix=f"{label}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=root))
+        except OSError as exc:  # below a file, read-only, full disk: the user's choice of folder, not a defect
+            raise UserError(f"cannot create a work folder in {root}: {exc.strerror or exc}; "
+                            "choose another work folder") from None
 
     # -- runs -----------------------------------------------------------------------------
     def isRunning(self) -> bool:

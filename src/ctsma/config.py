@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
@@ -51,7 +52,8 @@ def read_mapping(path: str | Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"cannot parse config {path.name}: {first}") from None
-    if data is None:
+    if data is None:  # an empty file, or one of comments only: say so, as a wrong file would look the same
+        warnings.warn(f"config {path.name} holds no settings: every setting takes its default", stacklevel=2)
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {path.name} must hold a mapping of settings, not {type(data).__name__}")

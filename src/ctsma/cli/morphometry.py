@@ -50,6 +50,23 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _check_ignored(args) -> None:
+    """Refuse options that the other settings make meaningless (they would be silently ignored)."""
+    from ..errors import UserError
+
+    if args.modality == "binary":
+        grey = [f for f, on in (("--threshold", args.threshold is not None), ("--method local", args.method != "global"),
+                                ("--window-mm", args.window_mm is not None), ("--n4", args.n4),
+                                ("--smooth-sigma", args.smooth_sigma > 0)) if on]
+        if grey:
+            raise UserError(f"{', '.join(grey)} binarise a grey-level image, but --modality binary (the default) takes "
+                            "the image as bone = 1; give --modality ct, microct or mr")
+    if args.window_mm is not None and args.method != "local":
+        raise UserError("--window-mm is the width of the local mean of --method local; add --method local or drop it")
+    if args.stride != 1 and args.window is None:
+        raise UserError("--stride is the step of the sliding-window maps: give --window too")
+
+
 def _memory_per_voxel(args) -> tuple[float, float]:
     """(peak before the slabs, held during the slabs) in bytes per input voxel of a z-slab run."""
     from ..io.memory import PREPARE_BYTES_PER_VOXEL, RESIDENT_BYTES_PER_VOXEL
@@ -95,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
                         f"got {args.smooth_sigma}")
     if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
         raise UserError(f"--threads must be between 1 and {MAX_THREADS}, got {args.threads}")
+    _check_ignored(args)
     threads = args.threads or os.cpu_count() or 1
     from ..io.memory import header_size, plan_memory
     size = header_size(args.image)

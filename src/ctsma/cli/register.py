@@ -30,6 +30,17 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--jobs", args.jobs), ("--limit", args.limit)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    # an option of the other mode would be silently ignored: refuse it instead
+    if args.manifest:
+        given = [f for f, v in (("--ct-bones", args.ct_bones), ("--mr-bones", args.mr_bones)) if v]
+        if given:
+            raise UserError(f"{' and '.join(given)} apply to one pair; with --manifest give each subject's labels "
+                            "in the manifest's ct_bones / mr_bones columns")
+    else:
+        given = [f for f, v in (("--shard", args.shard), ("--limit", args.limit)) if v is not None] \
+            + (["--jobs"] if args.jobs != 1 else [])
+        if given:
+            raise UserError(f"{', '.join(given)} apply to cohort mode only (--manifest CSV)")
     preset = load_preset(args.preset, {"threads": args.threads} if args.threads else None)
     model_path = _model_path(args, preset)
     out = ensure_writable_dir(args.out)

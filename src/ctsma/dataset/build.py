@@ -408,6 +408,13 @@ def read_manifest(path: str | os.PathLike):
     if table["subject"].duplicated().any():
         raise UserError(f"manifest {path.name} lists a subject twice: "
                         f"{table['subject'][table['subject'].duplicated()].iloc[0]}")
+    if "side" in table:  # L/R (or left/right); empty: read from the anatomy. Anything else would be ignored.
+        side = table["side"].fillna("").astype(str).str.strip()
+        bad = side[(side != "") & ~side.str.upper().str[:1].isin(["L", "R"])]
+        if len(bad):
+            raise UserError(f"manifest {path.name}: side {bad.iloc[0]!r} of subject "
+                            f"{table['subject'][bad.index[0]]} is not L or R (leave it empty to read it from the "
+                            "anatomy)")
     return table
 
 

@@ -9,6 +9,8 @@ segmentation: it cannot split bones that touch at the image resolution.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -38,10 +40,13 @@ def read_bone_labels(path, ct: sitk.Image, *, what: str = "CT bone labels") -> s
     if str(path).lower().endswith(".seg.nrrd"):
         from ..segmentation import read_user_labels
         return read_user_labels(path, ct, kind="bones")
-    img = read_image(path, what=what, pixel_type=sitk.sitkUInt8)
+    img = read_image(path, what=what, pixel_type=None)
     check_same_geometry(ct, img, what_a="MR" if what.startswith("MR") else "CT", what_b=what)
     arr = sitk.GetArrayFromImage(img)
-    arr[arr > max(BONES.values())] = 0
+    if not np.issubdtype(arr.dtype, np.integer) and not np.array_equal(arr, np.round(arr)):
+        # a probability map or a resampled label image: truncating it would silently move the bones' edges
+        raise InputImageError(f"{what} {Path(path).name} is not a label image (it has non-integer values)")
+    arr = np.where((arr < 0) | (arr > max(BONES.values())), 0, arr).astype(np.uint8)
     out = sitk.GetImageFromArray(arr)
     out.CopyInformation(img)
     return out
