@@ -255,3 +255,28 @@ def test_register_refuses_bone_labels_that_are_not_integers(capsys, tmp_path, ct
     out = tmp_path / "r"
     rc, err = _cli(capsys, "register", ct_crop, ct_crop, "--preset", "nosynth", "--ct-bones", path, "--out", out)
     assert rc == 2 and "is not a label image (it has non-integer values)" in err and not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["segment", "missing_ct.nii.gz", "--end-mm", "-3"], "--end-mm -3.0 is out of range [0.5, 40.0]"),
+    (["segment", "missing_ct.nii.gz", "--end-mm", "inf"], "--end-mm must be finite"),
+    (["segment", "missing_ct.nii.gz", "--start-mm", "7"], "--start-mm must be below --end-mm (got 7.0 and 6.0)"),
+    (["segment", "missing_ct.nii.gz", "--threshold-hu", "nan"], "--threshold-hu must be finite"),
+    (["demo", "--n", "3"], "--n 3 is out of range [8, 10000]"),
+    (["register", "missing_mr.nii.gz", "missing_ct.nii.gz", "--preset", "nosynth", "--threads", "-2"],
+     "--threads -2 is out of range"),
+    (["dataset", "build", "--manifest", "missing.csv", "--stride-mm", "-1"], "--stride-mm -1.0 is out of range"),
+])
+def test_option_errors_name_the_option_and_come_before_any_work(capsys, tmp_path, argv, message):
+    """A value given by an option is checked before the images are read (they do not exist here), and the error
+    names the option typed, not the config key behind it."""
+    out = tmp_path / "o"
+    rc, err = _cli(capsys, *argv, "--out", out)
+    assert rc == 2 and message in err and "_mm" not in err and not out.exists()
+
+
+def test_a_config_file_value_keeps_its_key_in_the_error(capsys, tmp_path):
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text("n: 3\n")
+    rc, err = _cli(capsys, "demo", "--config", cfg, "--out", tmp_path / "o")
+    assert rc == 2 and "n = 3 is out of range" in err and "--n" not in err

@@ -109,7 +109,8 @@ def truth_recovery(feats: pd.DataFrame) -> dict:
         return float(np.corrcoef(feats[a], feats[b])[0, 1])
 
     out = {"r": {f"{b}_tissue_hu vs true_bone_hu": r(f"{b}_tissue_hu", "true_bone_hu") for b in ("femur", "tibia")}
-           | {f"{b}_width_mm vs true_{b}_cortex_mm": r(f"{b}_width_mm", f"true_{b}_cortex_mm") for b in ("femur", "tibia")}
+           | {f"{b}_width_mm vs true_{b}_cortex_mm": r(f"{b}_width_mm", f"true_{b}_cortex_mm")
+              for b in ("femur", "tibia")}
            | {"all99.9 vs true_bone_hu": r("all99.9", "true_bone_hu")},
            "loo_r_true_bone_hu": {name: loo_r(cols, "true_bone_hu") for name, cols in FEATURE_SETS.items()
                                   if name.startswith("CT")},

@@ -36,17 +36,20 @@ def run(args) -> int:
     from ..config import load_config
     from ..dataset.build import BuildSettings, build_dataset
     from ..errors import UserError
+    from .options import given, named_as_options
 
-    over = {k: v for k, v in (("stride_mm", args.stride_mm), ("max_per_roi", args.max_per_roi),
-                              ("extent_mm", args.extent_mm), ("folds", args.folds), ("seed", args.seed),
-                              ("roi_source", args.rois), ("transform_column", args.transform_column),
-                              ("ct_edge_sigma_mm", args.ct_edge_sigma_mm))
-            if v is not None}
+    over, names = given((("stride_mm", "--stride-mm", args.stride_mm),
+                         ("max_per_roi", "--max-per-roi", args.max_per_roi),
+                         ("extent_mm", "--extent-mm", args.extent_mm), ("folds", "--folds", args.folds),
+                         ("seed", "--seed", args.seed), ("roi_source", "--rois", args.rois),
+                         ("transform_column", "--transform-column", args.transform_column),
+                         ("ct_edge_sigma_mm", "--ct-edge-sigma-mm", args.ct_edge_sigma_mm)))
     if args.no_truth:
         over["truth"] = False
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
-    s = load_config(args.config, BuildSettings, overrides=over)
+    with named_as_options(names):
+        s = load_config(args.config, BuildSettings, overrides=over)
     summary = build_dataset(args.manifest, args.out, s, registrations=args.registrations, subjects=args.subjects,
                             workers=args.workers)
     progress.info(f"{summary['n_patches']} patches from {summary['n_subjects']} subjects in {args.out}"

@@ -26,9 +26,12 @@ def run(args) -> int:
     from ..demo import DemoSettings, run_demo
     from ..demo.run import print_summary
 
-    over = {k: v for k, v in (("n", args.n), ("seed", args.seed), ("workers", args.workers), ("folds", args.folds))
-            if v is not None}
-    s = load_config(args.config, DemoSettings, overrides=over)
+    from .options import given, named_as_options
+
+    over, names = given((("n", "--n", args.n), ("seed", "--seed", args.seed), ("workers", "--workers", args.workers),
+                         ("folds", "--folds", args.folds)))
+    with named_as_options(names):
+        s = load_config(args.config, DemoSettings, overrides=over)
     summaries = run_demo(args.out, s)
     print_summary(args.out, summaries)
     return 0

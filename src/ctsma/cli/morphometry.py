@@ -55,7 +55,8 @@ def _check_ignored(args) -> None:
     from ..errors import UserError
 
     if args.modality == "binary":
-        grey = [f for f, on in (("--threshold", args.threshold is not None), ("--method local", args.method != "global"),
+        grey = [f for f, on in (("--threshold", args.threshold is not None),
+                                ("--method local", args.method != "global"),
                                 ("--window-mm", args.window_mm is not None), ("--n4", args.n4),
                                 ("--smooth-sigma", args.smooth_sigma > 0)) if on]
         if grey:

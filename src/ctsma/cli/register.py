@@ -41,7 +41,10 @@ def run(args: argparse.Namespace) -> int:
             + (["--jobs"] if args.jobs != 1 else [])
         if given:
             raise UserError(f"{', '.join(given)} apply to cohort mode only (--manifest CSV)")
-    preset = load_preset(args.preset, {"threads": args.threads} if args.threads else None)
+    from .options import named_as_options
+
+    with named_as_options({"threads": "--threads"} if args.threads else {}):
+        preset = load_preset(args.preset, {"threads": args.threads} if args.threads else None)
     model_path = _model_path(args, preset)
     out = ensure_writable_dir(args.out)
     if args.manifest:

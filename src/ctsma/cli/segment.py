@@ -34,10 +34,22 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..config import load_config
+    from ..errors import UserError
     from ..io.images import check_ct_intensities
     from ..segmentation import (BoneSegmentationSettings, read_user_labels, segment_bones, subchondral_rois,
                                 write_seg_nrrd)
 
+    from ..segmentation.rois import RoiSettings
+    from .options import given, named_as_options
+
+    # every option through its settings' checks before any work (the segmentation takes a while)
+    bone_over, bone_names = given((("threshold_hu", "--threshold-hu", args.threshold_hu),))
+    roi_over, roi_names = given((("start_mm", "--start-mm", args.start_mm), ("end_mm", "--end-mm", args.end_mm)))
+    with named_as_options({**bone_names, **roi_names}):
+        settings = load_config(None, BoneSegmentationSettings, overrides=bone_over)
+        roi_settings = load_config(None, RoiSettings, overrides=roi_over)
+    if not args.no_rois and not 0 <= roi_settings.start_mm < roi_settings.end_mm:
+        raise UserError(f"--start-mm must be below --end-mm (got {roi_settings.start_mm} and {roi_settings.end_mm})")
     out = ensure_writable_dir(args.out)
     ct = read_image(args.ct, what="CT")
     check_ct_intensities(ct)
@@ -47,8 +59,6 @@ def run(args) -> int:
         bones = read_user_labels(args.bones, ct, "bones")
         report["bones_from"] = str(args.bones)
     else:
-        over = {} if args.threshold_hu is None else {"threshold_hu": args.threshold_hu}
-        settings = load_config(None, BoneSegmentationSettings, overrides=over)
         progress.info("segmenting bones ...")
         bones, info = segment_bones(ct, settings, return_info=True, side=args.side)
         report["bones_from"] = "automatic"
@@ -57,8 +67,7 @@ def run(args) -> int:
     rois = rinfo = None
     if not args.no_rois:
         progress.info("placing subchondral ROIs ...")
-        rois, rinfo = subchondral_rois(ct, bones, side=args.side, start_mm=args.start_mm, end_mm=args.end_mm,
-                                       return_info=True)
+        rois, rinfo = subchondral_rois(ct, bones, side=args.side, settings=roi_settings, return_info=True)
         report["rois"] = rinfo
     report["seconds"] = time.time() - t0
     with staged_outputs(out) as stage:

@@ -32,12 +32,12 @@ def train_cmd(args: argparse.Namespace) -> int:
     from ..registration.masks import read_bone_labels
     from ..synthesis.training import load_train_config, train
 
-    overrides = {}
-    if args.max_minutes:
-        overrides["max_minutes"] = args.max_minutes
-    if args.threads:
-        overrides["threads"] = args.threads
-    cfg = load_train_config(args.preset, overrides)
+    from .options import given, named_as_options
+
+    overrides, names = given((("max_minutes", "--max-minutes", args.max_minutes or None),
+                              ("threads", "--threads", args.threads or None)))
+    with named_as_options(names):
+        cfg = load_train_config(args.preset, overrides)
     from ..io.atomic import ensure_output_file
     ensure_output_file(args.out, (".safetensors",))  # before any work
     df = _rows(args)
