@@ -211,7 +211,7 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
 
     def onExportReport(self) -> None:
         p = self._parameterNode
-        self.logic.startReportExport(self.lastResultDir, Path(_path(p.reportDir)), subject=p.ctVolume.GetName())
+        self.logic.startReportExport(self.lastResultDir, Path(_path(p.reportDir)), subject=p.ctVolume)
 
     def onStartTraining(self) -> None:
         p, s = self._parameterNode, self.settings

@@ -18,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from CTSMALib.process import CANCELLED, DONE, FAILED, RUNNING, ProcessRunner, ctsma_command
+from ctsma.errors import UserError
 
 
 def _script(body: str) -> list[str]:
@@ -227,7 +228,7 @@ def test_cancelled_and_failed_runs_add_no_nodes(mrml_scene, tmp_path):
     mr, ct = _volume(mrml_scene, "MR", 1), _volume(mrml_scene, "CT", 2)
     n_nodes = mrml_scene.GetNumberOfNodes()
     logic.startRegistration(mr, ct)
-    with pytest.raises(RuntimeError, match="still running"):
+    with pytest.raises(UserError, match="still running"):
         logic.startRegistration(mr, ct)
     status = logic.cancel()
     assert status.state == CANCELLED and not logic.isRunning()

@@ -18,6 +18,9 @@ from .volumes import dicom_slice_thickness
 FOLDER = "CT-SMA results"
 
 
+SUBJECT_FILE = "subject.txt"  # in an analysis's work folder: the name of the CT volume it analysed
+
+
 class CTSMALogic(TrainingMixin, CliLogic):
     """Runs the CT-SMA analysis of a knee CT and loads the results into the scene."""
 
@@ -27,6 +30,9 @@ class CTSMALogic(TrainingMixin, CliLogic):
 
         if ctVolume is None:
             raise InputImageError("select a CT volume first")
+        if not (hasattr(ctVolume, "IsA") and ctVolume.IsA("vtkMRMLScalarVolumeNode")):
+            name = ctVolume.GetName() if hasattr(ctVolume, "GetName") else str(ctVolume)
+            raise InputImageError(f"'{name}' is not a volume: select the CT volume")
         if ctVolume.GetImageData() is None:
             raise InputImageError(f"volume '{ctVolume.GetName()}' has no image data")
 
@@ -37,14 +43,15 @@ class CTSMALogic(TrainingMixin, CliLogic):
     # -- bone segmentation ---------------------------------------------------------------
     def startBoneSegmentation(self, ctVolume, params: AnalysisParameters | None = None) -> Run:
         params = params or AnalysisParameters()
-        work = self.newWorkDir("segment")
-        ct = self._exportCt(ctVolume, work)
-        out = work / "out"
-        args = cli_args.segment_bones(ct, out, side=params.side)
-        name = ctVolume.GetName()
-        return self.startCli("bone segmentation", args, work, out, env=params.env(),
-                             loader=lambda run: self.loadLabelOutput(run.out_dir / "bones.nii.gz", "bones",
-                                                                     f"{name} bones", under=ctVolume))
+        self._checkCt(ctVolume)
+        with self.preparing("segment") as work:
+            ct = self._exportCt(ctVolume, work)
+            out = work / "out"
+            args = cli_args.segment_bones(ct, out, side=params.side)
+            name = ctVolume.GetName()
+            return self.startCli("bone segmentation", args, work, out, env=params.env(), inputs=[ctVolume],
+                                 loader=lambda run: self.loadLabelOutput(run.out_dir / "bones.nii.gz", "bones",
+                                                                         f"{name} bones", under=ctVolume))
 
     # -- subchondral ROIs ----------------------------------------------------------------
     def startRoiCreation(self, ctVolume, boneSegmentation, params: AnalysisParameters | None = None) -> Run:
@@ -53,14 +60,16 @@ class CTSMALogic(TrainingMixin, CliLogic):
         params = params or AnalysisParameters()
         if boneSegmentation is None:
             raise InputImageError("segment the bones first (or select a bone segmentation)")
-        work = self.newWorkDir("rois")
-        ct = self._exportCt(ctVolume, work)
-        bones = self.exportSegmentation(boneSegmentation, work / "bones.nii", ctVolume)
-        out = work / "out"
-        name = ctVolume.GetName()
-        return self.startCli("ROI creation", cli_args.create_rois(ct, bones, out, side=params.side), work, out, env=params.env(),
-                             loader=lambda run: self.loadLabelOutput(run.out_dir / "rois.nii.gz", "rois",
-                                                                     f"{name} subchondral ROIs", under=ctVolume))
+        self._checkCt(ctVolume)
+        with self.preparing("rois") as work:
+            ct = self._exportCt(ctVolume, work)
+            bones = self.exportSegmentation(boneSegmentation, work / "bones.nii", ctVolume, kind="bones")
+            out = work / "out"
+            name = ctVolume.GetName()
+            return self.startCli("ROI creation", cli_args.create_rois(ct, bones, out, side=params.side), work, out,
+                                 env=params.env(), inputs=[ctVolume, boneSegmentation],
+                                 loader=lambda run: self.loadLabelOutput(run.out_dir / "rois.nii.gz", "rois",
+                                                                         f"{name} subchondral ROIs", under=ctVolume))
 
     # -- analysis ------------------------------------------------------------------------
     def startAnalysis(self, ctVolume, params: AnalysisParameters | None = None, boneSegmentation=None,
@@ -70,19 +79,22 @@ class CTSMALogic(TrainingMixin, CliLogic):
         params = params or AnalysisParameters()
         if params.modelPath and not Path(params.modelPath).exists():
             raise ModelFileError(f"model file not found: {params.modelPath}")
-        work = self.newWorkDir("infer")
-        ct = self._exportCt(ctVolume, work)
-        bones = (self.exportSegmentation(boneSegmentation, work / "bones.nii", ctVolume)
-                 if boneSegmentation is not None else None)
-        rois = (self.exportSegmentation(roiSegmentation, work / "rois.nii", ctVolume)
-                if roiSegmentation is not None else None)
-        out = work / "out"
-        args = cli_args.infer(ct, out, model=params.modelPath, device=params.device, bones=bones, rois=rois,
-                              side=params.side, match_sharpness=params.matchSharpness,
-                              slice_thickness=dicom_slice_thickness(ctVolume))
-        name = ctVolume.GetName()
-        return self.startCli("analysis", args, work, out, env=params.env(),
-                             loader=lambda run: self.loadAnalysisOutputs(run.out_dir, name, under=ctVolume))
+        self._checkCt(ctVolume)
+        with self.preparing("infer") as work:
+            ct = self._exportCt(ctVolume, work)
+            bones = (self.exportSegmentation(boneSegmentation, work / "bones.nii", ctVolume, kind="bones")
+                     if boneSegmentation is not None else None)
+            rois = (self.exportSegmentation(roiSegmentation, work / "rois.nii", ctVolume, kind="rois")
+                    if roiSegmentation is not None else None)
+            out = work / "out"
+            args = cli_args.infer(ct, out, model=params.modelPath, device=params.device, bones=bones, rois=rois,
+                                  side=params.side, match_sharpness=params.matchSharpness,
+                                  slice_thickness=dicom_slice_thickness(ctVolume))
+            name = ctVolume.GetName()
+            (work / SUBJECT_FILE).write_text(name, encoding="utf-8")  # whose CT this is, for the report
+            inputs = [n for n in (ctVolume, boneSegmentation, roiSegmentation) if n is not None]
+            return self.startCli("analysis", args, work, out, env=params.env(), inputs=inputs,
+                                 loader=lambda run: self.loadAnalysisOutputs(run.out_dir, name, under=ctVolume))
 
     def loadLabelOutput(self, path: Path, kind: str, name: str, under=None) -> dict:
         """A bone ("bones") or ROI ("rois") label image as a named segmentation, in the results
@@ -164,9 +176,14 @@ class CTSMALogic(TrainingMixin, CliLogic):
         return f" {n} analysis note{'s' * (n != 1)}: see the table '{node.GetName()}'." if n else ""
 
     # -- report ---------------------------------------------------------------
-    def startReportExport(self, resultDir: Path, outDir: Path, subject: str = "") -> Run:
-        """PDF and HTML report of an analysis: ``outDir/report/patient_<subject>.pdf`` and ``.html``."""
+    def startReportExport(self, resultDir: Path, outDir: Path, subject="") -> Run:
+        """PDF and HTML report of an analysis: ``outDir/report/patient_<subject>.pdf`` and ``.html``. ``subject``:
+        the selected CT volume node or its name ("" or None: the name of the CT that was analysed)."""
         from ctsma.errors import UserError
+
+        if subject is not None and not isinstance(subject, str):
+            subject = subject.GetName()
+        subject = subject or ""
 
         resultDir = Path(resultDir) if resultDir else None
         if resultDir is None or not (resultDir / "summary.json").exists():
@@ -174,9 +191,14 @@ class CTSMALogic(TrainingMixin, CliLogic):
         ct = resultDir.parent / "ct.nii"  # the CT exported for that analysis
         if not ct.exists():
             raise UserError(f"the analysed CT is gone from {resultDir.parent}: run the analysis again")
-        work = self.newWorkDir("report")
-        args = cli_args.report(ct, resultDir, Path(outDir), subject=subject)
-        return self.startCli("report export", args, work, Path(outDir) / "report", loader=None)
+        recorded = resultDir.parent / SUBJECT_FILE
+        analysed = recorded.read_text(encoding="utf-8") if recorded.exists() else ""
+        if subject and analysed and subject != analysed:
+            raise UserError(f"the last analysis was of '{analysed}', not of the selected '{subject}': run the "
+                            f"analysis of '{subject}' first, or select '{analysed}'")
+        with self.preparing("report") as work:
+            args = cli_args.report(ct, resultDir, Path(outDir), subject=subject or analysed)
+            return self.startCli("report export", args, work, Path(outDir) / "report", loader=None)
 
     def lastResultDir(self) -> Path | None:
         """The output folder of the last successful analysis (for the report export)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -66,6 +67,7 @@ class Run:
     load_error: str = ""
     then: Callable[["Run"], "Run"] | None = None  # started when this run succeeds (e.g. dataset -> train)
     info: dict = field(default_factory=dict)  # what the Logic wants to remember about the run
+    inputs: list = field(default_factory=list)  # the scene nodes it reads: results load only while they are there
 
     @property
     def nodes(self) -> list:
@@ -111,6 +113,25 @@ class CliLogic(ScriptedLoadableModuleLogic):
             raise UserError(f"cannot create a work folder in {root}: {exc.strerror or exc}; "
                             "choose another work folder") from None
 
+    @contextmanager
+    def preparing(self, label: str):
+        """A fresh work folder for a run about to start (see :meth:`newWorkDir`), removed again, with the inputs
+        exported into it, when anything fails before the run starts: a refused start leaves no patient data
+        behind."""
+        self._checkIdle()
+        work = self.newWorkDir(label)
+        try:
+            yield work
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    def _checkIdle(self) -> None:
+        from ctsma.errors import UserError
+
+        if self.isRunning():
+            raise UserError(f"'{self.run.label}' is still running: cancel it or wait until it ends")
+
     # -- runs -----------------------------------------------------------------------------
     def isRunning(self) -> bool:
         return self.run is not None and (self.run.status is None or not self.run.status.finished)
@@ -118,17 +139,16 @@ class CliLogic(ScriptedLoadableModuleLogic):
     def startCli(self, label: str, args: list[str], work_dir: Path, out_dir: Path,
                  loader: Callable[[Run], dict] | None = None, env: dict[str, str] | None = None,
                  python: str | None = None, wrapper: Callable[[list], list] | None = None,
-                 then: Callable[[Run], Run] | None = None) -> Run:
+                 then: Callable[[Run], Run] | None = None, inputs: list | None = None) -> Run:
         """Start ``ctsma <args>`` in the background; on success ``loader(run)`` puts the outputs in
         the scene and returns them as ``{role: node}``, then ``then(run)`` may start the next step.
         ``python`` and ``wrapper`` choose another interpreter and a command template."""
-        if self.isRunning():
-            raise RuntimeError(f"'{self.run.label}' is still running: cancel it or wait until it ends")
+        self._checkIdle()
         runner = self.runnerFactory()
         extra = {k: v for k, v in (("python", python), ("wrapper", wrapper)) if v}
         runner.start_ctsma(list(map(str, args)), work_dir, env=env, **extra)
         self.run = Run(label=label, args=list(map(str, args)), work_dir=Path(work_dir), out_dir=Path(out_dir),
-                       loader=loader, runner=runner, then=then)
+                       loader=loader, runner=runner, then=then, inputs=list(inputs or []))
         return self.run
 
     def poll(self) -> RunStatus | None:
@@ -139,7 +159,14 @@ class CliLogic(ScriptedLoadableModuleLogic):
         if run.status is not None and run.status.finished:
             return run.status
         status = run.runner.poll()
-        if status.state == DONE and run.loader is not None:
+        gone = [n for n in run.inputs if n.GetScene() is not self.scene or not self.scene.IsNodePresent(n)]
+        if status.state == DONE and run.loader is not None and gone:
+            # the scene was closed or an input removed while the run went on: its results belong to no node here
+            status.state = FAILED
+            status.last_error = (f"'{gone[0].GetName()}' was removed from the scene while {run.label} ran: its "
+                                 "results were not loaded")
+            run.load_error = status.last_error
+        elif status.state == DONE and run.loader is not None:
             try:
                 run.outputs = dict(run.loader(run))
             except Exception as exc:  # noqa: BLE001 - reported to the user as a failed run
@@ -190,15 +217,27 @@ class CliLogic(ScriptedLoadableModuleLogic):
         """Write a volume node (world geometry, LPS) for the command line to read."""
         from ctsma.io import write_image
 
-        from .volumes import volume_node_to_sitk
+        from .volumes import check_writable_geometry, volume_node_to_sitk
 
-        return write_image(volume_node_to_sitk(node), path, compress=False)
+        image = volume_node_to_sitk(node)
+        check_writable_geometry(image, node.GetName())
+        return write_image(image, path, compress=False)
 
-    def exportSegmentation(self, node, path: Path, reference_volume_node=None) -> Path:
-        """Write a segmentation node as a label image with its label values."""
+    def exportSegmentation(self, node, path: Path, reference_volume_node=None, kind: str | None = None) -> Path:
+        """Write a segmentation node as a label image: CT-SMA's bone or ROI values, read from the segment names,
+        for a ``kind`` (``"bones"``, ``"rois"``), else the segments' own label values."""
+        from ctsma.errors import InputImageError
         from ctsma.io import write_image
 
         from .segmentations import segmentation_node_to_labelmap
 
-        image, _ = segmentation_node_to_labelmap(node, reference_volume_node)
+        name = node.GetName() if hasattr(node, "GetName") else str(node)
+        if not (hasattr(node, "IsA") and node.IsA("vtkMRMLSegmentationNode")):
+            raise InputImageError(f"'{name}' is not a segmentation: select a segmentation node (a label map "
+                                  "becomes one in the Data module: right-click, Convert labelmap to segmentation)")
+        if node.GetScene() is not self.scene or not self.scene.IsNodePresent(node):
+            raise InputImageError(f"segmentation '{name}' is no longer in the scene: select another")
+        if node.GetSegmentation().GetNumberOfSegments() == 0:
+            raise InputImageError(f"segmentation '{name}' has no segments: draw or load them first")
+        image, _ = segmentation_node_to_labelmap(node, reference_volume_node, kind)
         return write_image(image, path, compress=False)

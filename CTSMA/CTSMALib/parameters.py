@@ -22,6 +22,10 @@ def _thread_env(threads: int) -> dict[str, str]:
             "MKL_NUM_THREADS": n}
 
 
+# options of 'ctsma register' that the module sets, or that belong to cohort mode: refused in the extra options
+MODULE_OPTIONS = ("--out", "--ct-bones", "--preset", "--threads", "--manifest", "--shard", "--jobs", "--limit")
+
+
 @dataclass
 class RegistrationParameters:
     """Options of a CTSMARegistration run. ``preset`` "" means the command line's default."""
@@ -36,7 +40,19 @@ class RegistrationParameters:
         return _thread_env(self.threads)
 
     def extra(self) -> list[str]:
-        return shlex.split(self.extraArgs) if self.extraArgs.strip() else []
+        """The extra options as arguments; a line that does not split, or an option the module sets itself, is a
+        :class:`ConfigError` (a second ``--out`` would send the results where the module does not look)."""
+        from ctsma.errors import ConfigError
+
+        try:
+            args = shlex.split(self.extraArgs) if self.extraArgs.strip() else []
+        except ValueError as exc:
+            raise ConfigError(f"extra options {self.extraArgs!r}: {exc}") from None
+        owned = [a.split("=")[0] for a in args if a.split("=")[0] in MODULE_OPTIONS]
+        if owned:
+            raise ConfigError(f"extra options: {owned[0]} is set by the module itself (use its own field, or the "
+                              "command line for cohort options)")
+        return args
 
 
 @dataclass

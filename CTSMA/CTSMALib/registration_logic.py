@@ -60,18 +60,25 @@ class CTSMARegistrationLogic(CliLogic):
         if params.preset and params.preset not in self.presetNames():
             raise InputImageError(f"unknown registration preset '{params.preset}'; "
                                   f"available: {', '.join(self.presetNames()) or 'none'}")
-        work = self.newWorkDir("register")
-        mr = self.exportVolume(mrVolume, work / "mr.nii")
-        ct = self.exportVolume(ctVolume, work / "ct.nii")
-        bones = (self.exportSegmentation(boneSegmentation, work / "ct_bones.nii", ctVolume)
-                 if boneSegmentation is not None else None)
-        out = work / "out"
-        args = cli_args.register(mr, ct, out, preset=params.preset, ct_bones=bones, threads=params.threads,
-                                 extra=params.extra())
-        names = {"mr": mrVolume.GetName(), "ct": ctVolume.GetName()}
-        return self.startCli("registration", args, work, out, env=params.env(),
-                             loader=lambda run: self.loadOutputs(run.out_dir, names, under=ctVolume,
-                                                                 mrVolume=None if params.resampleMr else mrVolume))
+        if not params.resampleMr and mrVolume.GetParentTransformNode() is not None:
+            # the result is a transform for the MR as exported (its transforms applied); put above the MR's own
+            # transform, it would move the MR by that transform a second time
+            raise InputImageError(f"the MR '{mrVolume.GetName()}' is under a transform: harden it first (Data "
+                                  "module: right-click, Harden transform), or load the MR resampled into the CT")
+        extra = params.extra()  # before any work: a mistake there is the user's, not a failed run
+        inputs = [n for n in (mrVolume, ctVolume, boneSegmentation) if n is not None]
+        with self.preparing("register") as work:
+            mr = self.exportVolume(mrVolume, work / "mr.nii")
+            ct = self.exportVolume(ctVolume, work / "ct.nii")
+            bones = (self.exportSegmentation(boneSegmentation, work / "ct_bones.nii", ctVolume, kind="bones")
+                     if boneSegmentation is not None else None)
+            out = work / "out"
+            args = cli_args.register(mr, ct, out, preset=params.preset, ct_bones=bones, threads=params.threads,
+                                     extra=extra)
+            names = {"mr": mrVolume.GetName(), "ct": ctVolume.GetName()}
+            return self.startCli("registration", args, work, out, env=params.env(), inputs=inputs,
+                                 loader=lambda run: self.loadOutputs(run.out_dir, names, under=ctVolume,
+                                                                     mrVolume=None if params.resampleMr else mrVolume))
 
     def loadOutputs(self, out_dir: Path, names: dict | None = None, under=None, mrVolume=None) -> dict:
         """Put the registration outputs of ``out_dir`` into the scene; returns ``{role: node}``

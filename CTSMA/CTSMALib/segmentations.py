@@ -70,46 +70,106 @@ def labelmap_to_segmentation_node(label_image, scene, names: dict[int, str] | No
     return node
 
 
-def segment_label_values(node) -> dict[str, int]:
-    """Segment ID -> label value (from the CT-SMA tag, else the segment's order + 1)."""
+def segment_label_values(node, kind: str | None = None) -> dict[str, int]:
+    """Segment ID -> label value.
+
+    Without ``kind``: the CT-SMA tag, else the segment's order + 1 (a segmentation of any content). With ``kind``
+    (``"bones"`` or ``"rois"``) the values are CT-SMA's, read from the segment names (:func:`_values_by_name`):
+    a segment's position in the list or a tag left from another kind says nothing about what it holds."""
     import vtk
 
     seg = node.GetSegmentation()
+    if kind is not None:
+        return _values_by_name(node, kind)
     out = {}
     for i in range(seg.GetNumberOfSegments()):
         seg_id = seg.GetNthSegmentID(i)
         tag = vtk.reference("")
         found = seg.GetSegment(seg_id).GetTag(LABEL_TAG, tag)
-        out[seg_id] = int(str(tag)) if found and str(tag).strip() else i + 1
+        try:
+            out[seg_id] = int(str(tag)) if found and str(tag).strip() else i + 1
+        except ValueError:
+            out[seg_id] = i + 1  # a tag that is not a number (edited by hand): as an untagged segment
     return out
 
 
-def segmentation_node_to_labelmap(node, reference_volume_node=None):
+def _values_by_name(node, kind: str) -> dict[str, int]:
+    """CT-SMA label values of a bone or ROI segmentation, from its segment names.
+
+    Segments named for ``kind`` (``femur``, ``tibia``, ... or ``MFC``, ``LFC``, ..., with common aliases) get their
+    value, several segments of one name share it, and other segments are left out with a warning. A segmentation
+    whose every segment is named for the other kind (the ROIs chosen as the bones, or the reverse) is refused. One
+    with no known name, such as a label image imported into Slicer (its segments named from a colour table), keeps
+    the label values it was imported with when they are all CT-SMA values of ``kind``, with a warning."""
+    import warnings
+
+    from ctsma.errors import InputImageError
+    from ctsma.segmentation.labelio import value_for_name
+
+    table = BONES if kind == "bones" else ROIS
+    other = "rois" if kind == "bones" else "bones"
+    what = {"bones": "bone", "rois": "subchondral ROI"}
+    seg = node.GetSegmentation()
+    ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
+    names = {sid: seg.GetSegment(sid).GetName() or "" for sid in ids}
+    known = {sid: value_for_name(n, kind) for sid, n in names.items()}
+    known = {sid: v for sid, v in known.items() if v is not None}
+    expected = ", ".join(f"{k}={v}" for k, v in table.items())
+    if known:
+        left = [names[sid] for sid in ids if sid not in known]
+        if left:
+            warnings.warn(f"segmentation '{node.GetName()}': segment(s) {', '.join(map(repr, left))} are not "
+                          f"{what[kind]}s ({expected}); left out", stacklevel=3)
+        return known
+    if ids and all(value_for_name(n, other) is not None for n in names.values()):
+        raise InputImageError(f"segmentation '{node.GetName()}' holds {what[other]}s ({', '.join(names.values())}), "
+                              f"not {what[kind]}s: select the {what[kind]} segmentation")
+    imported = {sid: int(seg.GetSegment(sid).GetLabelValue()) for sid in ids}
+    if ids and set(imported.values()) <= set(table.values()):
+        warnings.warn(f"segmentation '{node.GetName()}' has no segment named {' / '.join(table)}: its label values "
+                      f"are taken as they were imported ({expected})", stacklevel=3)
+        return imported
+    raise InputImageError(f"no segment of '{node.GetName()}' is named {' / '.join(table)} (it has "
+                          f"{', '.join(map(repr, names.values())) or 'no segments'}): name its segments so in the "
+                          "Segment Editor")
+
+
+def segmentation_node_to_labelmap(node, reference_volume_node=None, kind: str | None = None):
     """A segmentation node as a SimpleITK label image (LPS) plus ``{label value: segment name}``.
 
     With ``reference_volume_node`` the label image has that volume's grid; otherwise the
-    smallest grid holding every segment. Label values come from :func:`segment_label_values`.
+    smallest grid holding every segment. Label values come from :func:`segment_label_values` (by name for a
+    ``kind``, ``"bones"`` or ``"rois"``).
     """
-    values = segment_label_values(node)
+    values = segment_label_values(node, kind)
     seg = node.GetSegmentation()
     names = {v: seg.GetSegment(sid).GetName() for sid, v in values.items()}
     with _scratch(node.GetScene(), keep=[node]):
-        image = _export(node, values, names, reference_volume_node)
+        image = _export(node, values, reference_volume_node)
     return image, names
 
 
-def _export(node, values, names, reference_volume_node):
+def _export(node, values, reference_volume_node):
     import slicer
+    import SimpleITK as sitk
     import vtk
 
     scene = node.GetScene()
-    # A colour table whose entry names are the segment names makes the export use our label values.
+    seg = node.GetSegmentation()
+    # A colour table whose entry names are the segment names makes the export write each segment at its name's
+    # entry. A table holds one name per entry, so segments of different names that share a label value (aliases,
+    # "femur" and "Femoral") get entries of their own, mapped to the value afterwards.
+    name_of = {sid: seg.GetSegment(sid).GetName() for sid in values}
+    entry = {n: i + 1 for i, n in enumerate(dict.fromkeys(name_of.values()))}
+    to_value = np.zeros(len(entry) + 1, np.int64)
+    for sid, value in values.items():
+        to_value[entry[name_of[sid]]] = value
     lut = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "ctsma_tmp_lut")
     lut.SetTypeToUser()
-    lut.SetNumberOfColors(max(values.values(), default=0) + 1)
+    lut.SetNumberOfColors(len(entry) + 1)
     lut.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
-    for value, seg_name in names.items():
-        lut.SetColor(value, seg_name, *default_color(value), 1.0)
+    for seg_name, i in entry.items():
+        lut.SetColor(i, seg_name, *default_color(i), 1.0)
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "ctsma_tmp_export")
     ids = vtk.vtkStringArray()
     for sid in values:
@@ -119,4 +179,9 @@ def _export(node, values, names, reference_volume_node):
         node, ids, labelmap, reference_volume_node, mode, lut)
     if not ok:
         raise RuntimeError(f"Slicer could not export segmentation '{node.GetName()}' to a label image")
-    return volume_node_to_sitk(labelmap)
+    exported = volume_node_to_sitk(labelmap)
+    arr = sitk.GetArrayFromImage(exported).astype(np.int64)
+    dtype = np.uint8 if to_value.max() < 256 else np.uint16
+    out = sitk.GetImageFromArray(to_value[np.clip(arr, 0, len(to_value) - 1)].astype(dtype))
+    out.CopyInformation(exported)
+    return out

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import cli_args
 from .logic_base import Run
 from .parameters import AnalysisParameters
-from .process import CANCELLED, DONE, RUNNING, RunStatus
+from .process import CANCELLED, DONE, FAILED, RUNNING, RunStatus
 from .training import CT_MODEL_KINDS, ROLE_OF_KIND, TrainingLog, data_kind, find_run_dir, wrap_command
 
 
@@ -54,7 +54,11 @@ class TrainingMixin:
             raise UserError("with a cluster command, give a patch store: build it first on the cluster with "
                             "'ctsma dataset build --manifest M --out STORE'")
         outDir = Path(outDir)
-        outDir.mkdir(parents=True, exist_ok=True)
+        self._checkIdle()
+        try:
+            outDir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in the way, no permission: the user's choice of folder
+            raise UserError(f"cannot create the training output folder {outDir}: {exc.strerror or exc}") from None
         role = ROLE_OF_KIND[kind]
         info = {"kind": kind, "since": time.time(), "remote": bool(clusterTemplate),
                 "offsets": {str(p): p.stat().st_size for p in outDir.glob(f"{role}*/progress.jsonl")}}
@@ -103,6 +107,13 @@ class TrainingMixin:
             status.message = progress.message()
             if progress.fraction is not None:
                 status.fraction = progress.fraction
+        if not run.info.get("remote") and status.state == DONE and progress is None:
+            # the process ended well but never trained (a 'Python' that is not one, a wrapper that did nothing)
+            status.state = FAILED
+            status.last_error = ("the training process ended without writing a training log: check the training "
+                                 "Python in the module's settings")
+            run.status = status
+            return status
         if run.info.get("remote") and status.state == DONE and not (progress and progress.ended):
             # the submission returned; the job goes on elsewhere: keep following its log
             status.state = RUNNING

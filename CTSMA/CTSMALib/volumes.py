@@ -97,8 +97,15 @@ def volume_node_to_sitk(node, world: bool = True):
     import slicer
     import SimpleITK as sitk
 
-    if node is None or node.GetImageData() is None:
-        raise InputImageError("the selected volume has no image data: load or select another volume")
+    if node is None:
+        raise InputImageError("no volume selected: load or select a volume")
+    if not (hasattr(node, "IsA") and node.IsA("vtkMRMLScalarVolumeNode")):
+        name = node.GetName() if hasattr(node, "GetName") else str(node)
+        raise InputImageError(f"'{name}' is not a scalar volume: select a volume")
+    data = node.GetImageData()
+    if data is None or data.GetPointData() is None or data.GetPointData().GetScalars() is None \
+            or min(data.GetDimensions()) < 1:
+        raise InputImageError(f"volume '{node.GetName()}' has no voxels: load or select another volume")
     array = slicer.util.arrayFromVolume(node)
     if array.ndim != 3:
         raise InputImageError(f"volume '{node.GetName()}' is not a 3D scalar volume")
@@ -108,6 +115,17 @@ def volume_node_to_sitk(node, world: bool = True):
     image.SetDirection(direction)
     image.SetOrigin(origin)
     return image
+
+
+def check_writable_geometry(image, name: str) -> None:
+    """Refuse a volume whose grid is sheared (a sheared or non-uniformly scaled parent transform, or a hardened
+    one). An image in memory can hold such a grid, but an image file holds rotations only: writing it for the
+    command line would silently straighten the grid, which would then analyse other positions than the scene
+    shows."""
+    d = np.reshape(image.GetDirection(), (3, 3))
+    if not np.allclose(d.T @ d, np.eye(3), atol=1e-4):
+        raise InputImageError(f"volume '{name}' has a sheared grid (under or hardened from a transform that shears "
+                              "it): resample it (Resample Scalar/Vector/DWI Volume) first")
 
 
 def dicom_slice_thickness(volume_node, database=None) -> float | None:
