@@ -109,6 +109,9 @@ def test_swapped_selectors_and_odd_nodes_are_refused_before_any_work(mrml_scene,
     unnamed.GetSegmentation().GetNthSegment(0).SetLabelValue(7)
     with pytest.raises(InputImageError, match="no segment of 'unnamed' is named femur"):
         logic.startRoiCreation(ct, unnamed)
+    mrml_scene.RemoveNode(ct)
+    with pytest.raises(InputImageError, match="volume 'CT' is no longer in the scene"):
+        logic.startBoneSegmentation(ct)
     assert not any((tmp_path / "work").glob("*")), "a refused start left a work folder (with the patient's CT)"
 
 

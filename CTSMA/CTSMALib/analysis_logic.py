@@ -33,6 +33,7 @@ class CTSMALogic(TrainingMixin, CliLogic):
         if not (hasattr(ctVolume, "IsA") and ctVolume.IsA("vtkMRMLScalarVolumeNode")):
             name = ctVolume.GetName() if hasattr(ctVolume, "GetName") else str(ctVolume)
             raise InputImageError(f"'{name}' is not a volume: select the CT volume")
+        self.checkInScene(ctVolume)
         if ctVolume.GetImageData() is None:
             raise InputImageError(f"volume '{ctVolume.GetName()}' has no image data")
 

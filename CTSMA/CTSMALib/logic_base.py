@@ -126,6 +126,13 @@ class CliLogic(ScriptedLoadableModuleLogic):
             shutil.rmtree(work, ignore_errors=True)
             raise
 
+    def checkInScene(self, node, what: str = "volume") -> None:
+        """Refuse a node that is no longer in this logic's scene (removed, or left from a closed scene)."""
+        from ctsma.errors import InputImageError
+
+        if node.GetScene() is not self.scene or not self.scene.IsNodePresent(node):
+            raise InputImageError(f"{what} '{node.GetName()}' is no longer in the scene: select another")
+
     def _checkIdle(self) -> None:
         from ctsma.errors import UserError
 
@@ -235,8 +242,7 @@ class CliLogic(ScriptedLoadableModuleLogic):
         if not (hasattr(node, "IsA") and node.IsA("vtkMRMLSegmentationNode")):
             raise InputImageError(f"'{name}' is not a segmentation: select a segmentation node (a label map "
                                   "becomes one in the Data module: right-click, Convert labelmap to segmentation)")
-        if node.GetScene() is not self.scene or not self.scene.IsNodePresent(node):
-            raise InputImageError(f"segmentation '{name}' is no longer in the scene: select another")
+        self.checkInScene(node, "segmentation")
         if node.GetSegmentation().GetNumberOfSegments() == 0:
             raise InputImageError(f"segmentation '{name}' has no segments: draw or load them first")
         image, _ = segmentation_node_to_labelmap(node, reference_volume_node, kind)

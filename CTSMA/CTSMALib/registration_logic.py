@@ -57,6 +57,8 @@ class CTSMARegistrationLogic(CliLogic):
             raise InputImageError("select both an MR volume and a CT volume")
         if mrVolume is ctVolume:
             raise InputImageError("the MR and CT volumes must be different volumes")
+        self.checkInScene(mrVolume, "MR volume")
+        self.checkInScene(ctVolume, "CT volume")
         if params.preset and params.preset not in self.presetNames():
             raise InputImageError(f"unknown registration preset '{params.preset}'; "
                                   f"available: {', '.join(self.presetNames()) or 'none'}")
