@@ -221,3 +221,31 @@ def test_training_mistakes(tmp_path, mrml_scene):
     logic.startTraining("teacher", config, tmp_path / "out", data=str(store))
     status = logic.poll()
     assert status.state == FAILED and "without writing a training log" in status.last_error
+
+
+def test_only_the_last_analysis_keeps_its_copy_of_the_ct(mrml_scene, ct, tmp_path):
+    from CTSMALib.analysis_logic import CTSMALogic
+    from CTSMALib.parameters import AnalysisParameters
+    from CTSMALib.process import DONE, RunStatus
+
+    class Quick:
+        def start_ctsma(self, args, work_dir, env=None, **_):
+            pass
+
+        def poll(self):
+            return RunStatus(state=DONE)
+
+    logic = CTSMALogic(runner_factory=Quick, work_root=tmp_path)
+
+    def analyse(**kw):
+        run = logic.startAnalysis(ct, AnalysisParameters(**kw))
+        run.loader = None
+        logic.poll()
+        return run.work_dir
+
+    first = analyse()
+    assert (first / "ct.nii").exists()
+    second = analyse()
+    assert not first.exists() and (second / "ct.nii").exists()  # the report reads the last one
+    third = analyse(keepWorkDir=True)
+    assert second.exists() and third.exists()

@@ -4,6 +4,7 @@ report export and training, each a ``ctsma`` subcommand run in a background proc
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from ctsma import PARAMETER_FILE_NAMES, PARAMETER_UNITS
@@ -81,6 +82,11 @@ class CTSMALogic(TrainingMixin, CliLogic):
         if params.modelPath and not Path(params.modelPath).exists():
             raise ModelFileError(f"model file not found: {params.modelPath}")
         self._checkCt(ctVolume)
+        self._checkIdle()
+        if not params.keepWorkDir:  # the last analysis's folder (a copy of its CT) served its report: remove it
+            for old in getattr(self, "_analysisDirs", []):
+                shutil.rmtree(old, ignore_errors=True)
+            self._analysisDirs = []
         with self.preparing("infer") as work:
             ct = self._exportCt(ctVolume, work)
             bones = (self.exportSegmentation(boneSegmentation, work / "bones.nii", ctVolume, kind="bones")
@@ -94,8 +100,10 @@ class CTSMALogic(TrainingMixin, CliLogic):
             name = ctVolume.GetName()
             (work / SUBJECT_FILE).write_text(name, encoding="utf-8")  # whose CT this is, for the report
             inputs = [n for n in (ctVolume, boneSegmentation, roiSegmentation) if n is not None]
-            return self.startCli("analysis", args, work, out, env=params.env(), inputs=inputs,
-                                 loader=lambda run: self.loadAnalysisOutputs(run.out_dir, name, under=ctVolume))
+            run = self.startCli("analysis", args, work, out, env=params.env(), inputs=inputs,
+                                loader=lambda run: self.loadAnalysisOutputs(run.out_dir, name, under=ctVolume))
+        self._analysisDirs = [*getattr(self, "_analysisDirs", []), work]
+        return run
 
     def loadLabelOutput(self, path: Path, kind: str, name: str, under=None) -> dict:
         """A bone ("bones") or ROI ("rois") label image as a named segmentation, in the results
