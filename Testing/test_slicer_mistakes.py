@@ -245,6 +245,9 @@ def test_only_the_last_analysis_keeps_its_copy_of_the_ct(mrml_scene, ct, tmp_pat
 
     first = analyse()
     assert (first / "ct.nii").exists()
+    with pytest.raises(InputImageError, match="has no segments"):  # a refused start removes nothing
+        logic.startAnalysis(ct, roiSegmentation=mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "e"))
+    assert (first / "ct.nii").exists()
     second = analyse()
     assert not first.exists() and (second / "ct.nii").exists()  # the report reads the last one
     third = analyse(keepWorkDir=True)

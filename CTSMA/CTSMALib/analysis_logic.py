@@ -82,11 +82,6 @@ class CTSMALogic(TrainingMixin, CliLogic):
         if params.modelPath and not Path(params.modelPath).exists():
             raise ModelFileError(f"model file not found: {params.modelPath}")
         self._checkCt(ctVolume)
-        self._checkIdle()
-        if not params.keepWorkDir:  # the last analysis's folder (a copy of its CT) served its report: remove it
-            for old in getattr(self, "_analysisDirs", []):
-                shutil.rmtree(old, ignore_errors=True)
-            self._analysisDirs = []
         with self.preparing("infer") as work:
             ct = self._exportCt(ctVolume, work)
             bones = (self.exportSegmentation(boneSegmentation, work / "bones.nii", ctVolume, kind="bones")
@@ -102,7 +97,12 @@ class CTSMALogic(TrainingMixin, CliLogic):
             inputs = [n for n in (ctVolume, boneSegmentation, roiSegmentation) if n is not None]
             run = self.startCli("analysis", args, work, out, env=params.env(), inputs=inputs,
                                 loader=lambda run: self.loadAnalysisOutputs(run.out_dir, name, under=ctVolume))
-        self._analysisDirs = [*getattr(self, "_analysisDirs", []), work]
+        earlier = getattr(self, "_analysisDirs", [])
+        if not params.keepWorkDir:  # the last analysis's folder (a copy of its CT) served its report: remove it
+            for folder in earlier:
+                shutil.rmtree(folder, ignore_errors=True)
+            earlier = []
+        self._analysisDirs = [*earlier, work]
         return run
 
     def loadLabelOutput(self, path: Path, kind: str, name: str, under=None) -> dict:
