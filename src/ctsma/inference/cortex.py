@@ -49,6 +49,7 @@ MIN_PEAK_HU = 600.0  # a profile whose peak is lower crossed no cortex (a joint 
 OUTER_HU = (-300.0, 250.0)  # the outer end of a kept profile: soft tissue, not another bone or air
 NORMAL_SMOOTH_MM = 1.0
 LATERAL_MM = 0.75  # voxels this close to a normal line sample its profile
+CHUNK = 1000  # profiles whose voxels are binned at once
 FIELDS = ("tissue_hu", "width_mm", "inner_hu", "outer_hu", "peak_hu", "n_profiles")
 
 
@@ -88,8 +89,8 @@ def mean_profile(ct: np.ndarray, bone: np.ndarray, spacing_zyx, *, seed: int = 0
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     b = bone[box]
     img = np.asarray(ct[box], np.float32)
-    sd = ndi.distance_transform_edt(~b, sampling=sp) - ndi.distance_transform_edt(b, sampling=sp)
-    g = np.stack(np.gradient(ndi.gaussian_filter(sd, NORMAL_SMOOTH_MM / sp), *sp))
+    sd = (ndi.distance_transform_edt(~b, sampling=sp) - ndi.distance_transform_edt(b, sampling=sp)).astype(np.float32)
+    g = np.stack(np.gradient(ndi.gaussian_filter(sd, NORMAL_SMOOTH_MM / sp), *sp))  # float32: a bone's box is large
     gn = np.linalg.norm(g, axis=0) + 1e-12
     surface = b & ~ndi.binary_erosion(b, border_value=1)  # a bone cut by the field of view has no surface there
     cand = np.argwhere(surface & (np.abs(g[0]) / gn < MAX_NORMAL_Z))
@@ -130,16 +131,20 @@ def _edge_spread(img, cand, n, peak_at, sp, u):
     wy, wx = int(math.ceil(reach / sp[1])) + 1, int(math.ceil(reach / sp[2])) + 1
     dy, dx = (d.ravel() for d in np.mgrid[-wy:wy + 1, -wx:wx + 1])
     oy, ox = dy * sp[1], dx * sp[2]
-    along = oy[None, :] * n[:, 1:2] + ox[None, :] * n[:, 2:3]  # (profiles, offsets) mm
-    lateral2 = oy[None, :] ** 2 + ox[None, :] ** 2 - along ** 2
-    pos = along - peak_at[:, None]
-    yy, xx = cand[:, 1:2] + dy[None, :], cand[:, 2:3] + dx[None, :]
-    use = ((lateral2 < LATERAL_MM ** 2) & (pos > u[0] - BIN_MM / 2) & (pos < u[-1] + BIN_MM / 2)
-           & (yy >= 0) & (yy < img.shape[1]) & (xx >= 0) & (xx < img.shape[2]))
-    vals = img[np.broadcast_to(cand[:, 0:1], yy.shape)[use], yy[use], xx[use]].astype(np.float64)
-    b = np.clip(np.rint((pos[use] - u[0]) / BIN_MM).astype(np.int64), 0, len(u) - 1)
-    count = np.bincount(b, minlength=len(u))
-    total = np.bincount(b, vals, minlength=len(u))
+    count = np.zeros(len(u))
+    total = np.zeros(len(u))
+    for i in range(0, len(cand), CHUNK):  # (profiles, offsets) arrays a chunk at a time: tens of MB, not GB
+        c, nn, pk = cand[i:i + CHUNK], n[i:i + CHUNK], peak_at[i:i + CHUNK]
+        along = oy[None, :] * nn[:, 1:2] + ox[None, :] * nn[:, 2:3]  # mm
+        lateral2 = oy[None, :] ** 2 + ox[None, :] ** 2 - along ** 2
+        pos = along - pk[:, None]
+        yy, xx = c[:, 1:2] + dy[None, :], c[:, 2:3] + dx[None, :]
+        use = ((lateral2 < LATERAL_MM ** 2) & (pos > u[0] - BIN_MM / 2) & (pos < u[-1] + BIN_MM / 2)
+               & (yy >= 0) & (yy < img.shape[1]) & (xx >= 0) & (xx < img.shape[2]))
+        vals = img[np.broadcast_to(c[:, 0:1], yy.shape)[use], yy[use], xx[use]].astype(np.float64)
+        b = np.clip(np.rint((pos[use] - u[0]) / BIN_MM).astype(np.int64), 0, len(u) - 1)
+        count += np.bincount(b, minlength=len(u))
+        total += np.bincount(b, vals, minlength=len(u))
     with np.errstate(invalid="ignore", divide="ignore"):
         return total / count
 
