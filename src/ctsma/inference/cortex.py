@@ -14,8 +14,9 @@ between an inner level ``I`` and an outer level ``S``, blurred by a Gaussian of 
 with ``s`` the CT's in-plane blur, by default measured from the CT's own air/body edge
 (:func:`ctsma.harmonise.inplane_edge_sigma`). Only surface points whose normal lies within ``MAX_NORMAL_Z`` of the
 axial plane are used, so that the in-plane blur applies (the axial plane is the image's slices, whatever its
-direction cosines); where the field of view cuts a bone, the cut is not surface. On rendered cylinders (partial volume, PSF, noise) it recovers ``B`` within 15 HU and ``c`` within
-0.02 mm, also with anisotropic pixels or a bone cut by the image's edge (Testing/test_cortex.py).
+direction cosines); where the field of view cuts a bone, the cut is not surface. On rendered cylinders (partial
+volume, PSF, noise) it recovers ``B`` within 15 HU and ``c`` within 0.02 mm, also with anisotropic pixels, a bone
+cut by the image's edge or a bone that ends inside the field of view (Testing/test_cortex.py).
 
 On real anatomy the slab is a model of a curved, irregular shell under a segmentation's surface, so the values are
 biased (on the phantom the width reads 0.16-0.42 mm wide and the tissue HU 300-800 HU low, most of all on the
