@@ -25,6 +25,8 @@ SUBJECT_FILE = "subject.txt"  # in an analysis's work folder: the name of the CT
 class CTSMALogic(TrainingMixin, CliLogic):
     """Runs the CT-SMA analysis of a knee CT and loads the results into the scene."""
 
+    _analysisDirs: tuple = ()  # work folders of this logic's analyses still on disk (the last one: for the report)
+
     # -- inputs ----------------------------------------------------------------------------
     def _checkCt(self, ctVolume):
         from ctsma.errors import InputImageError
@@ -39,8 +41,7 @@ class CTSMALogic(TrainingMixin, CliLogic):
             raise InputImageError(f"volume '{ctVolume.GetName()}' has no image data")
 
     def _exportCt(self, ctVolume, work: Path) -> Path:
-        self._checkCt(ctVolume)
-        return self.exportVolume(ctVolume, work / "ct.nii")
+        return self.exportVolume(ctVolume, work / "ct.nii")  # checked (_checkCt) before its work folder was made
 
     # -- bone segmentation ---------------------------------------------------------------
     def startBoneSegmentation(self, ctVolume, params: AnalysisParameters | None = None) -> Run:
@@ -97,12 +98,12 @@ class CTSMALogic(TrainingMixin, CliLogic):
             inputs = [n for n in (ctVolume, boneSegmentation, roiSegmentation) if n is not None]
             run = self.startCli("analysis", args, work, out, env=params.env(), inputs=inputs,
                                 loader=lambda run: self.loadAnalysisOutputs(run.out_dir, name, under=ctVolume))
-        earlier = getattr(self, "_analysisDirs", [])
+        earlier = self._analysisDirs
         if not params.keepWorkDir:  # the last analysis's folder (a copy of its CT) served its report: remove it
             for folder in earlier:
                 shutil.rmtree(folder, ignore_errors=True)
-            earlier = []
-        self._analysisDirs = [*earlier, work]
+            earlier = ()
+        self._analysisDirs = (*earlier, work)
         return run
 
     def loadLabelOutput(self, path: Path, kind: str, name: str, under=None) -> dict:

@@ -130,8 +130,11 @@ class CliLogic(ScriptedLoadableModuleLogic):
         """Refuse a node that is no longer in this logic's scene (removed, or left from a closed scene)."""
         from ctsma.errors import InputImageError
 
-        if node.GetScene() is not self.scene or not self.scene.IsNodePresent(node):
+        if not self._inScene(node):
             raise InputImageError(f"{what} '{node.GetName()}' is no longer in the scene: select another")
+
+    def _inScene(self, node) -> bool:
+        return node.GetScene() is self.scene and bool(self.scene.IsNodePresent(node))
 
     def _checkIdle(self) -> None:
         from ctsma.errors import UserError
@@ -166,7 +169,7 @@ class CliLogic(ScriptedLoadableModuleLogic):
         if run.status is not None and run.status.finished:
             return run.status
         status = run.runner.poll()
-        gone = [n for n in run.inputs if n.GetScene() is not self.scene or not self.scene.IsNodePresent(n)]
+        gone = [n for n in run.inputs if not self._inScene(n)]
         if status.state == DONE and run.loader is not None and gone:
             # the scene was closed or an input removed while the run went on: its results belong to no node here
             status.state = FAILED

@@ -36,6 +36,7 @@ def read_bone_labels(path, ct: sitk.Image, *, what: str = "CT bone labels") -> s
     """Bone labels for ``ct`` (the MR when ``what`` starts with "MR") from a file: a ``.seg.nrrd`` through ``ctsma.segmentation``, or a label image
     whose values 1-4 are bones (values from 10 up, cartilage and other tissues, are ignored)."""
     from ..io.images import read_image
+    from ..segmentation.labelio import check_integer_labels
 
     if str(path).lower().endswith(".seg.nrrd"):
         from ..segmentation import read_user_labels
@@ -43,9 +44,7 @@ def read_bone_labels(path, ct: sitk.Image, *, what: str = "CT bone labels") -> s
     img = read_image(path, what=what, pixel_type=None)
     check_same_geometry(ct, img, what_a="MR" if what.startswith("MR") else "CT", what_b=what)
     arr = sitk.GetArrayFromImage(img)
-    if not np.issubdtype(arr.dtype, np.integer) and not np.array_equal(arr, np.round(arr)):
-        # a probability map or a resampled label image: truncating it would silently move the bones' edges
-        raise InputImageError(f"{what} {Path(path).name} is not a label image (it has non-integer values)")
+    check_integer_labels(arr, f"{what} {Path(path).name}")
     arr = np.where((arr < 0) | (arr > max(BONES.values())), 0, arr).astype(np.uint8)
     out = sitk.GetImageFromArray(arr)
     out.CopyInformation(img)

@@ -50,6 +50,13 @@ def _table(kind: str) -> dict[str, int]:
     raise ValueError(f"kind must be 'bones' or 'rois', not {kind!r}")
 
 
+def check_integer_labels(arr: np.ndarray, what: str) -> None:
+    """Refuse label values that are not integers: a probability map or a label image resampled with linear
+    interpolation, which a cast to labels would silently truncate (moving every edge)."""
+    if not np.issubdtype(arr.dtype, np.integer) and not np.all(np.equal(np.mod(arr, 1), 0)):
+        raise InputImageError(f"{what} is not a label image (it has non-integer values)")
+
+
 def value_for_name(name: str, kind: str) -> int | None:
     """CT-SMA label value for a segment name (case-insensitive, common aliases), or None."""
     key = re.sub(r"\s+", " ", name.strip().lower())
@@ -114,8 +121,7 @@ def read_user_labels(path: str | os.PathLike, reference: sitk.Image, kind: str =
     else:
         lab = read_image(path, what=what, pixel_type=None)
         arr = sitk.GetArrayViewFromImage(lab)
-        if not np.issubdtype(arr.dtype, np.integer) and not np.all(np.equal(np.mod(arr, 1), 0)):
-            raise InputImageError(f"{what} {path.name} is not a label image (it has non-integer values)")
+        check_integer_labels(arr, f"{what} {path.name}")
         values = set(np.unique(arr).astype(int).tolist()) - {0}
         if kind == "bones" and any(v >= OTHER_TISSUES_FROM for v in values):
             # the label convention puts cartilage and other tissues at 10 and up: they are not bones
