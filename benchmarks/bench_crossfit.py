@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_crossfit.py --store demo_out/dataset/store [--config FILE]
                      [--set KEY=VALUE ...] [--folds 3] [--seed 0] [--work DIR] [--tag NAME]
-                     [--labels demo_out/phantom/manifest.csv] [--train-seed N]
+                     [--labels demo_out/phantom/manifest.csv] [--train-seed N] [--eval-store STORE]
 
 Runs exactly what the demo's training and evaluation stages run (``ctsma.demo.stages``: K-fold patient-level
 cross-fitting of teacher, distilled and baseline students, pooled out-of-fold ICC against the MR reference and
@@ -14,6 +14,12 @@ such runs measure the spread that training alone gives, or an ensemble of their 
 cohort manifest with ``subject, oa, kl_grade, severity``) it also runs the demo's diagnosis stage on the
 out-of-fold predictions (the three aggregators, AUCs and the DeLong p of distilled vs baseline). Prints a table and
 writes ``benchmarks/results/bench_crossfit[_<tag>].json`` with per-stage times and the device used.
+
+``--eval-store STORE`` also scores the trained models on another store of the same knees (e.g. the demo's store,
+when the models were trained on a denser one built with ``ctsma dataset build --stride-mm 2 --max-per-roi 64``): the
+same folds, each knee predicted by the models that held it out (``predict_sources`` refuses any other), the patch-level
+ICC(2,1), the distillation gain and the ICC of the knee-ROI means of the patches. Two training stores are then
+compared on the same held-out patches.
 
 To move a store to a machine where the float32 store is too large to copy, ``--pack FILE`` writes it with the
 MR patches quantised to 8 bits (step 1/170 of the knee-normalised intensity, up to 1.5: a rounding error of SD
@@ -50,6 +56,7 @@ ap.add_argument("--tag", default="")
 ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
 ap.add_argument("--pack", default=None, help="write the store, quantised, to this .h5 file and stop")
 ap.add_argument("--labels", default=None, help="cohort manifest with OA labels: also run the diagnosis stage")
+ap.add_argument("--eval-store", default=None, help="also score the models on this store's held-out patches")
 ap.add_argument("--train-seed", type=int, default=None,
                 help="training seed (default: --seed, as the demo); the folds stay those of --seed")
 MR_STEP = 1 / 170.0
@@ -112,6 +119,56 @@ def unpack(src: Path, store_dir: Path) -> None:
             (store_dir / "labels.csv").write_text(g.attrs["_labels"])
 
 
+def _r3(v):
+    return None if v is None else round(float(v), 3)
+
+
+def score_on_store(ctx, store_dir: Path) -> dict:
+    """The cross-fitted models of ``ctx`` on another store's held-out patches: patch ICC(2,1), gain, ROI means."""
+    import pandas as pd
+
+    from ctsma import PARAMETERS
+    from ctsma.dataset.store import PatchStore
+    from ctsma.demo import stages
+    from ctsma.evaluation.regression import agreement_block, distillation_gain, predict_sources
+    from ctsma.stats import icc21
+
+    store = PatchStore(store_dir)
+    idx, preds = [], {}
+    for f in range(ctx.s.folds):
+        cfg = stages.fold_config(ctx, f)
+        c = cfg.data
+        split = store.patient_split(c.test_fraction, c.val_fraction, k=c.k_folds, fold=f, seed=c.split_seed,
+                                    use_stored=False)
+        p, _ = predict_sources(cfg, store, split.test)  # refuses a model trained on any of these knees
+        idx.append(split.test)
+        for k, v in p.items():
+            preds.setdefault(k, []).append(v)
+    idx = np.concatenate(idx)
+    preds = {k: np.concatenate(v) for k, v in preds.items()}
+    subjects = store.table["subject"].astype(str).to_numpy()[idx]
+    ref = store.targets("mr")[idx]
+    out = {"store": str(store_dir), "n_patches": int(len(idx)), "icc21": {}, "roi_means_icc21": {}}
+    keys = store.table.iloc[idx][["subject", "roi"]].astype(str).reset_index(drop=True)
+    for s, pred in preds.items():
+        b = agreement_block(ref, pred, subjects)
+        out["icc21"][s] = {**{p: _r3(b[p]["icc21"]) for p in PARAMETERS}, "mean": _r3(b["mean_icc21"])}
+        m = pd.concat([keys, pd.DataFrame(pred, columns=PARAMETERS),
+                       pd.DataFrame(ref, columns=[f"ref {p}" for p in PARAMETERS])], axis=1)
+        m = m.groupby(["subject", "roi"]).mean()
+        roi = {p: round(float(icc21(m[p].to_numpy(), m[f"ref {p}"].to_numpy()).value), 3) for p in PARAMETERS}
+        out["roi_means_icc21"][s] = {**roi, "mean": round(float(np.mean(list(roi.values()))), 3)}
+    g = distillation_gain(ref, preds["student_distilled"], preds["student_baseline"], subjects,
+                          n_boot=stages.fold_config(ctx, 0).evaluate.n_boot, seed=ctx.s.seed)
+    out["distillation_gain"] = {"mean_icc21_diff": g["mean_icc21_diff"], "ci": g["ci"]}
+    print(f"on {store_dir} ({len(idx)} held-out patches): ICC(2,1) per patch / of knee-ROI means")
+    for s in out["icc21"]:
+        print(f"  {s:<20}" + "".join(f"{out['icc21'][s][p] or float('nan'):8.3f}" for p in (*PARAMETERS, "mean"))
+              + "   ROI " + "".join(f"{out['roi_means_icc21'][s][p]:7.3f}" for p in (*PARAMETERS, "mean")))
+    print(f"  distillation gain {g['mean_icc21_diff']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]")
+    return out
+
+
 def main() -> None:
     """The benchmark (under the __main__ guard: the demo's training stage spawns worker processes, and each
     imports this script)."""
@@ -138,6 +195,8 @@ def main() -> None:
         sys.exit(f"no patch store at {src}")
     if a.labels and not Path(a.labels).is_file():
         sys.exit(f"no labels file at {a.labels}")
+    if a.eval_store and not (Path(a.eval_store) / "patches.h5").is_file():
+        sys.exit(f"no patch store at {a.eval_store}")
     work = Path(a.work)
     if work.exists():
         if any(work.iterdir()) and not (work / "config.yaml").is_file():
@@ -199,6 +258,8 @@ def main() -> None:
         for k, v in res["diagnosis"].items():
             p = v.get("p_auc_vs_student_baseline")
             print(f"AUC {k:<30} {v['auc']:.3f}" + (f"  (vs baseline: DeLong p {p:.2f})" if p is not None else ""))
+    if a.eval_store:
+        res["eval_store"] = score_on_store(ctx, Path(a.eval_store))
     out = Path(a.results) / f"bench_crossfit{'_' + a.tag if a.tag else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=str))
