@@ -130,22 +130,11 @@ def score_on_store(ctx, store_dir: Path) -> dict:
     from ctsma import PARAMETERS
     from ctsma.dataset.store import PatchStore
     from ctsma.demo import stages
-    from ctsma.evaluation.regression import agreement_block, distillation_gain, predict_sources
+    from ctsma.evaluation.regression import agreement_block, distillation_gain
     from ctsma.stats import icc21
 
     store = PatchStore(store_dir)
-    idx, preds = [], {}
-    for f in range(ctx.s.folds):
-        cfg = stages.fold_config(ctx, f)
-        c = cfg.data
-        split = store.patient_split(c.test_fraction, c.val_fraction, k=c.k_folds, fold=f, seed=c.split_seed,
-                                    use_stored=False)
-        p, _ = predict_sources(cfg, store, split.test)  # refuses a model trained on any of these knees
-        idx.append(split.test)
-        for k, v in p.items():
-            preds.setdefault(k, []).append(v)
-    idx = np.concatenate(idx)
-    preds = {k: np.concatenate(v) for k, v in preds.items()}
+    idx, preds = stages.oof_predictions(ctx, store)  # each knee by the fold models that held it out
     subjects = store.table["subject"].astype(str).to_numpy()[idx]
     ref = store.targets("mr")[idx]
     out = {"store": str(store_dir), "n_patches": int(len(idx)), "icc21": {}, "roi_means_icc21": {}}

@@ -267,12 +267,12 @@ def train_in_lanes(cfgs: list, workers: int, job=_train_job) -> list[tuple[int, 
 
 
 # ------------------------------------------------------------------ evaluation (pooled out-of-fold)
-def evaluation(ctx: Context, d: Path) -> dict:
-    from ..dataset.store import PatchStore
-    from ..evaluation.regression import (SOURCES, agreement_block, ct_direct, distillation_gain,
-                                         predict_sources, write_outputs)
+def oof_predictions(ctx: Context, store) -> tuple[np.ndarray, dict]:
+    """Every knee's patches in ``store`` predicted by the models of the fold that held that knee out: the store rows
+    (fold by fold) and each source's predictions (n, 4) in that order. ``store`` may be another store of the same
+    knees than the one the models trained on (``benchmarks/bench_crossfit.py --eval-store``)."""
+    from ..evaluation.regression import predict_sources
 
-    store = PatchStore(ctx.out / "dataset" / "store")
     all_idx, preds = [], {}
     for f in range(ctx.s.folds):
         cfg = fold_config(ctx, f)
@@ -283,8 +283,15 @@ def evaluation(ctx: Context, d: Path) -> dict:
         all_idx.append(split.test)
         for k, v in p.items():
             preds.setdefault(k, []).append(v)
-    idx = np.concatenate(all_idx)
-    preds = {k: np.concatenate(v) for k, v in preds.items()}
+    return np.concatenate(all_idx), {k: np.concatenate(v) for k, v in preds.items()}
+
+
+def evaluation(ctx: Context, d: Path) -> dict:
+    from ..dataset.store import PatchStore
+    from ..evaluation.regression import SOURCES, agreement_block, ct_direct, distillation_gain, write_outputs
+
+    store = PatchStore(ctx.out / "dataset" / "store")
+    idx, preds = oof_predictions(ctx, store)
     preds["ct_direct"], ct_info = ct_direct(store, idx)
     subjects = store.table["subject"].astype(str).to_numpy()[idx]
     ref = store.targets("mr")[idx]
