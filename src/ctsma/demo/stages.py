@@ -270,7 +270,7 @@ def train_in_lanes(cfgs: list, workers: int, job=_train_job) -> list[tuple[int, 
 def oof_predictions(ctx: Context, store) -> tuple[np.ndarray, dict]:
     """Every knee's patches in ``store`` predicted by the models of the fold that held that knee out: the store rows
     (fold by fold) and each source's predictions (n, 4) in that order. ``store`` may be another store of the same
-    knees than the one the models trained on (``benchmarks/bench_crossfit.py --eval-store``)."""
+    knees as the one the models trained on (``benchmarks/bench_crossfit.py --eval-store``)."""
     from ..evaluation.regression import predict_sources
 
     all_idx, preds = [], {}
