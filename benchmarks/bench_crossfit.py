@@ -123,6 +123,10 @@ def _r3(v):
     return None if v is None else round(float(v), 3)
 
 
+def _nan(v):
+    return float("nan") if v is None else v
+
+
 def score_on_store(ctx, store_dir: Path) -> dict:
     """The cross-fitted models of ``ctx`` on another store's held-out patches: patch ICC(2,1), gain, ROI means."""
     import pandas as pd
@@ -152,7 +156,7 @@ def score_on_store(ctx, store_dir: Path) -> dict:
     out["distillation_gain"] = {"mean_icc21_diff": g["mean_icc21_diff"], "ci": g["ci"]}
     print(f"on {store_dir} ({len(idx)} held-out patches): ICC(2,1) per patch / of knee-ROI means")
     for s in out["icc21"]:
-        print(f"  {s:<20}" + "".join(f"{out['icc21'][s][p] or float('nan'):8.3f}" for p in (*PARAMETERS, "mean"))
+        print(f"  {s:<20}" + "".join(f"{_nan(out['icc21'][s][p]):8.3f}" for p in (*PARAMETERS, "mean"))
               + "   ROI " + "".join(f"{out['roi_means_icc21'][s][p]:7.3f}" for p in (*PARAMETERS, "mean")))
     print(f"  distillation gain {g['mean_icc21_diff']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]")
     return out
