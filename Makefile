@@ -14,8 +14,8 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-# The numerical core is installed first, so that its numba kernels compile (python -m ctsma.jit, about half a
-# minute of one core) while pip installs the rest on the other core; no later process compiles them again.
+# The numerical core is installed first, so that its numba kernels compile (python -m ctsma.jit, 40-50 s
+# of one core) while pip installs the rest on the other core; no later process compiles them again.
 CORE := numpy scipy numba edt SimpleITK pyyaml tqdm
 
 $(STAMP): pyproject.toml constraints.txt

@@ -131,6 +131,22 @@ def test_every_subcommand_has_help(name, capsys):
     assert "usage: ctsma " + name in capsys.readouterr().out
 
 
+def test_global_options_work_after_the_command(tmp_path, capsys):
+    from ctsma.cli.main import hoist_global_options
+
+    assert hoist_global_options(["infer", "ct.nii", "--debug", "--progress-jsonl", "p.jsonl", "--out", "o"]) == \
+        ["--debug", "--progress-jsonl", "p.jsonl", "infer", "ct.nii", "--out", "o"]
+    assert hoist_global_options(["dataset", "build", "--progress-jsonl=p", "--quiet", "--", "--debug"]) == \
+        ["--progress-jsonl=p", "--quiet", "dataset", "build", "--", "--debug"]
+    # a user mistake with --debug after the command: the traceback instead of the one-line error
+    log = tmp_path / "events.jsonl"
+    with pytest.raises(Exception, match="not found"):
+        main(["morphometry", str(tmp_path / "none.nii.gz"), "--out", str(tmp_path / "o"), "--debug"])
+    assert main(["morphometry", str(tmp_path / "none.nii.gz"), "--out", str(tmp_path / "o"),
+                 "--progress-jsonl", str(log)]) == 2
+    assert "not found" in capsys.readouterr().err and log.is_file()
+
+
 def test_installed_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "ctsma.cli.main", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"ctsma {__version__}"

@@ -89,6 +89,13 @@ def test_infer_writes_the_contract_outputs(knee, constant_student, tmp_path):
     assert summary["model"]["role"] == "student_distilled" and summary["bones_from"] != "automatic"
     patches = pd.read_csv(out / "patches.csv")
     assert len(patches) == summary["n_patches"] and {"rel_x", "rel_y", "rel_z", *PARAMETERS} <= set(patches.columns)
+    # the centres are RAS, as the summary says: flipped to LPS, each lies in its own ROI of rois.nii.gz
+    assert summary["centre_frame"].startswith("RAS")
+    rois = sitk.ReadImage(str(out / "rois.nii.gz"))
+    labels = {"MFC": 1, "LFC": 2, "MTP": 3, "LTP": 4}
+    inside = [rois[rois.TransformPhysicalPointToIndex((-r.centre_x, -r.centre_y, r.centre_z))] == labels[r.roi]
+              for r in patches.itertuples()]
+    assert np.mean(inside) > 0.9
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 

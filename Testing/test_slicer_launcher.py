@@ -183,7 +183,7 @@ def test_a_manifest_is_turned_into_a_patch_store_first(train_setup, tmp_path):
     logic, config, _, out = train_setup
     manifest = tmp_path / "cohort" / "manifest.csv"
     manifest.parent.mkdir()
-    manifest.write_text("subject,ct,mr\nP0,ct.nii.gz,mr.nii.gz\n")
+    manifest.write_text("subject,ct,mr,registration\nP0,ct.nii.gz,mr.nii.gz,reg/P0\n")
     first = logic.startTraining("student", config, out, data=manifest)
     assert first.args == ["dataset", "build", "--manifest", str(manifest.resolve()), "--out",
                           str((out / "store").resolve())]
@@ -236,6 +236,10 @@ def test_training_inputs_are_checked_before_anything_starts(train_setup, tmp_pat
     manifest.write_text("subject\n")
     with pytest.raises(UserError, match="cluster"):
         logic.startTraining("student", config, out, data=manifest, clusterTemplate="ssh h {cmd}")
+    # a manifest without registrations would exclude every knee once the build had started
+    manifest.write_text("subject,ct,mr,transform_ct_to_mr\nP0,ct.nii.gz,mr.nii.gz,t.h5\n")
+    with pytest.raises(UserError, match="no 'registration' column"):
+        logic.startTraining("student", config, out, data=manifest)
     assert logic.run is None and FakeTrain.commands == []
 
 

@@ -60,6 +60,28 @@ def data_kind(path) -> str:
                     f"manifest .csv; '{path}' is neither")
 
 
+def check_training_manifest(path) -> None:
+    """A cohort manifest that the module turns into a patch store must say where each knee's registration is.
+
+    ``ctsma dataset build`` cuts the MR patch at the registered position, and the module passes it no other
+    source of transforms, so without a ``registration`` column every knee would be excluded after the build had
+    started."""
+    import csv
+
+    from ctsma.errors import UserError
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read the cohort manifest {Path(path).name}: {exc}") from None
+    if "registration" not in [h.strip() for h in header]:
+        raise UserError(f"the cohort manifest {Path(path).name} has no 'registration' column: add one naming each "
+                        "knee's 'ctsma register' output folder (relative to the manifest), or build a patch store "
+                        "with 'ctsma dataset build --manifest M --registrations REGDIR --out STORE' and choose "
+                        "that folder")
+
+
 @dataclass
 class EpochRecord:
     epoch: int

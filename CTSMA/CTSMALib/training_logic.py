@@ -20,7 +20,8 @@ from . import cli_args
 from .logic_base import Run
 from .parameters import AnalysisParameters
 from .process import CANCELLED, DONE, FAILED, RUNNING, RunStatus
-from .training import CT_MODEL_KINDS, ROLE_OF_KIND, TrainingLog, data_kind, find_run_dir, wrap_command
+from .training import (CT_MODEL_KINDS, ROLE_OF_KIND, TrainingLog, check_training_manifest, data_kind,
+                       find_run_dir, wrap_command)
 
 
 class TrainingMixin:
@@ -53,6 +54,8 @@ class TrainingMixin:
         if kindOfData == "manifest" and clusterTemplate:
             raise UserError("with a cluster command, give a patch store: build it first on the cluster with "
                             "'ctsma dataset build --manifest M --out STORE'")
+        if kindOfData == "manifest":
+            check_training_manifest(data)
         outDir = Path(outDir)
         self._checkIdle()
         try:

@@ -3,7 +3,8 @@
 Each subcommand lives in its own module of this package and exposes
 ``add_parser(subparsers)``, which registers the subparser and sets ``func``.
 A user error (:class:`ctsma.errors.UserError`) prints one line and exits with code 2;
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. The global options (``--debug``, ``--quiet``, ``--progress-jsonl``) may
+stand before or after the command.
 """
 
 from __future__ import annotations
@@ -86,9 +87,34 @@ def _check_common(args, argv: list[str]) -> None:
             raise UserError(f"--progress-jsonl {path} cannot be written: {exc.strerror or exc}") from None
 
 
+GLOBAL_FLAGS = ("--debug", "--quiet")
+GLOBAL_VALUED = ("--progress-jsonl",)
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """``argv`` with the global options moved to the front, so that ``ctsma infer CT --out D --debug`` works as
+    ``ctsma --debug infer CT --out D`` does (argparse reads them only before the command). A literal ``--`` ends
+    the search."""
+    front, rest, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            rest += argv[i:]
+            break
+        if a in GLOBAL_FLAGS or any(a.startswith(f"{g}=") for g in GLOBAL_VALUED):
+            front.append(a)
+        elif a in GLOBAL_VALUED and i + 1 < len(argv):
+            front += argv[i:i + 2]
+            i += 1
+        else:
+            rest.append(a)
+        i += 1
+    return front + rest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = hoist_global_options(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

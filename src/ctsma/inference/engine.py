@@ -361,6 +361,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         "warnings": warns,
         "uncertainty": "standard deviation of the predictions over flipped copies of each patch",
         "background": BACKGROUND, "mask": "rois.nii.gz > 0",
+        "centre_frame": "RAS mm in CT space",  # patches.csv's centre_x/y/z, as in a patch store's summary
     }
     summary.update(diagnosis)
 
