@@ -99,6 +99,52 @@ def test_infer_writes_the_contract_outputs(knee, constant_student, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_infer_feeds_the_model_the_ct_patches_it_was_trained_on(knee, tmp_path):
+    """What `infer` reports per patch is the student's prediction on the patch a training would have cut at that
+    centre (SimpleITK resampling of the CT, air floored, and the patch's own ROI as the mask channel), averaged over
+    the default flips; the ROI table summarises those patches and the OA probability is the diagnosis model's on
+    them. A student with random weights, so that every input difference shows."""
+    from ctsma import diagnosis
+    from ctsma.dataset.sampling import patch_reference
+    from ctsma.inference.engine import default_diagnosis_path
+    from ctsma.io.images import AIR_FLOOR_HU
+    from ctsma.models.export import FLIPS_DEFAULT, load_student
+
+    torch.manual_seed(2)
+    net = PatchRegressor(2, 16, widths=(4, 8, 8, 8), head_hidden=8)
+    meta = build_meta("student_distilled", net, modality="ct", spacing_mm=0.5, extent_mm=8.0, masks=True,
+                      intensity_offset=0.0, intensity_scale=1000.0, target="mr", y_mean=CONSTANT,
+                      y_sd=np.full(4, 30.0), training={}, metrics={})  # a wide scale: outputs vary by ~0.01
+    path = export_model(tmp_path / "random.safetensors", net, meta)
+    out = tmp_path / "run"
+    assert _run(knee["ct"], "--out", out, "--model", path, "--segmentation", knee["bones_only"],
+                "--side", knee["side"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ct_resolution"]["harmonisation_blur_mm"] == 0  # no reference in the model file: no blur
+    patches = pd.read_csv(out / "patches.csv", dtype={"subject": str})
+    ct, rois = sitk.ReadImage(str(knee["ct"])), sitk.ReadImage(str(out / "rois.nii.gz"))
+    n = len(patches)
+    x, m = np.empty((n, 1, 16, 16, 16), np.float32), np.empty((n, 1, 16, 16, 16), np.float32)
+    for i, r in enumerate(patches.itertuples()):
+        ref = patch_reference((-r.centre_x, -r.centre_y, r.centre_z), 16, 8.0)  # RAS -> LPS
+        x[i, 0] = np.maximum(sitk.GetArrayFromImage(sitk.Resample(ct, ref, sitk.Transform(), sitk.sitkLinear,
+                                                                  -1000.0, sitk.sitkFloat32)), AIR_FLOOR_HU)
+        m[i, 0] = sitk.GetArrayFromImage(sitk.Resample(rois, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                                       sitk.sitkUInt8)) == ROIS[r.roi]
+    model, _ = load_student(path)
+    mean, sd = model.predict_flips(x, m, FLIPS_DEFAULT)
+    assert np.ptp(mean, axis=0).min() > 3e-3  # the patches differ, and so do the predictions
+    np.testing.assert_allclose(patches[list(PARAMETERS)].to_numpy(), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(patches[[f"{p}.sd" for p in PARAMETERS]].to_numpy(), sd, rtol=1e-3, atol=1e-5)
+    table = pd.read_csv(out / "roi_table.csv")
+    for t in table.itertuples():
+        v = patches.loc[patches.roi == t.roi, t.parameter]
+        assert t.n_patches == len(v) and t.mean == pytest.approx(v.mean(), rel=1e-9)
+        assert t.median == pytest.approx(v.median(), rel=1e-9) and t.sd == pytest.approx(v.std(ddof=1), rel=1e-6)
+    pred = diagnosis.predict(diagnosis.load(default_diagnosis_path()), patches, subjects=[summary["subject"]])
+    assert summary["oa_probability"] == pytest.approx(float(pred.iloc[0]["oa_probability"]), rel=1e-9)
+
+
 def test_infer_refuses_an_mr_and_writes_nothing(knee, constant_student, tmp_path, capsys):
     out = tmp_path / "run"
     assert _run(knee["mr"], "--out", out, "--model", constant_student) == 2
@@ -258,7 +304,9 @@ def test_infer_over_the_memory_budget_blends_in_z_slabs_with_the_same_outputs(kn
             for get in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection", "GetPixelIDValue"):
                 assert getattr(a, get)() == getattr(b, get)()
             np.testing.assert_array_equal(sitk.GetArrayFromImage(b), sitk.GetArrayFromImage(a))
-    assert np.ptp(sitk.GetArrayFromImage(a)[sitk.GetArrayFromImage(a) > 0]) > 0  # not a constant map
+    for p in PARAMETERS:  # the demo model's maps vary (so the equalities above compare real values)
+        m = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "whole" / "maps" / f"{PARAMETER_FILE_NAMES[p]}.nii.gz")))
+        assert np.ptp(m[np.isfinite(m) & (m > 0)]) > 0, p
     for name in ("roi_table.csv", "patches.csv"):
         assert (tmp_path / "part" / name).read_text() == (tmp_path / "whole" / name).read_text()
     for name in ("rois.nii.gz", "bones.nii.gz"):

@@ -84,7 +84,11 @@ def cut_ct(ct: sitk.Image, centres: np.ndarray, size: int, extent_mm: float) -> 
 def _cut_same_space(image: sitk.Image, centres: np.ndarray, size: int, extent_mm: float, *, order: int,
                     default: float, dtype) -> np.ndarray:
     """:func:`cut` without a transform, vectorised over all patches (scipy map_coordinates; same result as
-    SimpleITK's linear / nearest-neighbour resampling, far fewer calls)."""
+    SimpleITK's linear / nearest-neighbour resampling, far fewer calls).
+
+    As in ITK, a point is inside the image when its continuous index lies in [-0.5, size - 0.5) along every axis,
+    and the interpolation clamps its neighbours to the edge voxels there; scipy's ``constant`` mode alone would
+    give ``default`` in the outer half voxel."""
     from ..segmentation.geometry import lps_to_index
 
     n = len(centres)
@@ -96,13 +100,16 @@ def _cut_same_space(image: sitk.Image, centres: np.ndarray, size: int, extent_mm
     zz, yy, xx = np.meshgrid(off, off, off, indexing="ij")
     grid = np.stack([xx.ravel(), yy.ravel(), zz.ravel()], -1)            # LPS offsets (x, y, z), z slowest
     arr = sitk.GetArrayViewFromImage(image)
+    hi = np.asarray(arr.shape, float)[:, None] - 1.0
     step = max(1, 2_000_000 // grid.shape[0])
     for a in range(0, n, step):
         pts = (centres[a:a + step, None, :] + grid[None]).reshape(-1, 3)
         idx = lps_to_index(image, pts).T                                  # (3, m) in (z, y, x)
+        inside = np.all((idx >= -0.5) & (idx < hi + 0.5), axis=0)
         if order == 0:
             idx = np.floor(idx + 0.5)
-        vals = ndi.map_coordinates(arr, idx, order=order, mode="constant", cval=default, prefilter=False)
+        vals = ndi.map_coordinates(arr, np.clip(idx, 0.0, hi), order=order, mode="nearest", prefilter=False)
+        vals[~inside] = default
         out[a:a + step] = vals.reshape(-1, size, size, size).astype(dtype, copy=False)
     return out
 
