@@ -266,3 +266,30 @@ def test_bvf_binarisation_refusals_and_marrow_floor():
     plate[::2] = 0.1
     assert bvf_binarise(plate, min_marrow_level=0.8)[0].mean() >= 0.9  # its mean fraction is 0.91
     assert bvf_binarise(plate)[0].mean() <= 0.5
+
+
+def test_bs_bv_of_a_box_plate_and_conn_d_of_bars_and_a_ring():
+    """Analytic BS/BV and Conn.D in physical units (anisotropic spacing, so the voxel volume and the mesh's
+    spacing both count). A 60 x 60 x 4-voxel box has BS/BV = (2 L^2 + 4 L t) / (L^2 t); marching cubes on a binary
+    box bevels its edges (a 45-degree chamfer half a voxel wide), so the mesh is about 2 % smaller. Conn.D is
+    (1 - chi) / TV: three separate bars have chi = 3, a square ring chi = 0."""
+    sp = (0.5, 0.8, 0.8)  # z, y, x mm
+    b = np.zeros((12, 66, 66), bool)
+    b[4:8, 3:63, 3:63] = True  # t = 4 voxels (2 mm) along z, L = 60 voxels (48 mm)
+    res = measure(b, sp)
+    t_mm, l_mm = 4 * sp[0], 60 * sp[1]
+    box = (2 * l_mm ** 2 + 4 * l_mm * t_mm) / (l_mm ** 2 * t_mm)
+    assert res["BS/BV"] == pytest.approx(box, rel=0.03) and res["BS/BV"] < box
+    tv = b.size * np.prod(sp)
+    assert res["Conn.D"] == pytest.approx((1 - 1) / tv, abs=1e-12)  # one simply connected body: chi = 1
+    bars = np.zeros((20, 20, 20), bool)
+    for x in (3, 9, 15):
+        bars[2:18, 8:11, x:x + 2] = True
+    assert measure(bars, sp)["Conn.D"] == pytest.approx((1 - 3) / (bars.size * np.prod(sp)))
+    ring = np.zeros((20, 20, 20), bool)
+    ring[8:11, 3:17, 3:17] = True
+    ring[8:11, 6:14, 6:14] = False  # a square ring, 3 voxels wide: one tunnel
+    assert measure(ring, sp)["Conn.D"] == pytest.approx(1 / (ring.size * np.prod(sp)))
+    corner = np.zeros((12, 12, 12), bool)  # two cubes that touch at one corner: one 26-connected body
+    corner[2:6, 2:6, 2:6] = corner[6:10, 6:10, 6:10] = True
+    assert measure(corner, sp)["Conn.D"] == pytest.approx(0.0, abs=1e-12)

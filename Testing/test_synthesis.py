@@ -191,14 +191,23 @@ def test_pairing_registers_on_one_thread_each_the_same_in_workers_and_in_process
     one thread, so two workers and this process give identical transforms, and ITK's thread count is restored."""
     from ctsma.synthesis.training import pair_transforms
 
-    pairs = [(p.mr, p.ct, p.ct_bones) for p in (make_knee_pair(s, ct_size=(40, 40, 40), mr_size=(44, 44, 40))
-                                                for s in (0, 1))]
+    knees = [make_knee_pair(s, ct_size=(40, 40, 40), mr_size=(44, 44, 40)) for s in (0, 1)]
+    pairs = [(p.mr, p.ct, p.ct_bones) for p in knees]
     before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     pts = [(x, y, z) for x in (-15.0, 15.0) for y in (-15.0, 15.0) for z in (-10.0, 10.0)]
-    runs = []
+    runs, tfs = [], []
     for workers in (2, 1):
         tfs = pair_transforms(pairs, "pairing", workers, "test pairing")
         runs.append(np.array([[tf.TransformPoint(p) for p in pts] for tf in tfs]))
         assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
     np.testing.assert_array_equal(runs[0], runs[1])
     assert np.abs(runs[0] - np.array(pts)[None]).max() > 0.1  # they registered (not identities)
+    # ... accurately: over the bone voxels, within a millimetre of the pairs' true motion (measured 0.26-0.48 mm,
+    # against 2.8-3.3 mm without registration)
+    for tf, knee in zip(tfs, knees):
+        lab = sitk.GetArrayFromImage(knee.ct_bones)
+        kji = np.argwhere((lab == 1) | (lab == 2))[::5]
+        p = np.array([knee.ct.TransformIndexToPhysicalPoint(tuple(int(v) for v in q[::-1])) for q in kji])
+        got = np.array([tf.TransformPoint(tuple(q)) for q in p])
+        err = np.linalg.norm(got - knee.ct_to_mr(p, lab[tuple(kji.T)]), axis=1)
+        assert err.mean() < 1.0, err.mean()
