@@ -320,3 +320,34 @@ def test_cohort_workers_with_a_damaged_model_give_its_clear_error(tmp_path):
     with pytest.raises(ModelFileError):
         run_cohort(tmp_path / "manifest.csv", tmp_path / "out", preset=load_preset("demo"),
                    model_path=str(tmp_path / "model.safetensors"), jobs=2)
+
+
+def _rigid_fit_rms(transform, pair, bone: int) -> float:
+    """RMS (mm) by which ``transform`` departs from its best rigid fit (Kabsch) over ``bone``'s CT voxels."""
+    lab = sitk.GetArrayFromImage(pair.ct_bones)
+    kji = np.argwhere(lab == bone)[::3]
+    p = np.array([pair.ct.TransformIndexToPhysicalPoint(tuple(int(v) for v in q[::-1])) for q in kji])
+    q = np.array([transform.TransformPoint(tuple(x)) for x in p])
+    pc, qc = p - p.mean(0), q - q.mean(0)
+    u, _, vt = np.linalg.svd(pc.T @ qc)
+    r = vt.T @ np.diag([1.0, 1.0, np.sign(np.linalg.det(vt.T @ u.T))]) @ u.T
+    return float(np.sqrt(((qc - pc @ r.T) ** 2).sum(1).mean()))
+
+
+def test_the_deformable_stage_deforms_and_keeps_each_bone_rigid(pair):
+    """The B-spline stage (on in the default preset): it moves points (the bones bend when `bone_rigidity` is 0),
+    and with the default rigidity each bone's part of the final transform is rigid to a hundredth of a millimetre
+    while the landmarks stay sub-millimetre (measured: RMS 0.0007 / 0.0000 mm and TRE 0.26 mm, against 0.14 / 0.30
+    mm and 0.35 mm unconstrained)."""
+    results = {}
+    for rigidity in (1.0, 0.0):
+        de = {"enabled": True, "iterations": 10, "mesh_mm": 20.0, "bone_rigidity": rigidity}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results[rigidity] = register(pair.mr, pair.ct, preset=load_preset("default", {**FAST, "deformable": de}),
+                                         ct_bones=pair.ct_bones, pseudo_ct=pair.pseudo_ct_ideal)
+    stages = {s.name: s for s in results[1.0].stages}
+    assert "deformable" in stages and stages["deformable"].kept
+    assert max(_rigid_fit_rms(results[1.0].transform, pair, b) for b in (1, 2)) < 0.01
+    assert max(_rigid_fit_rms(results[0.0].transform, pair, b) for b in (1, 2)) > 0.05
+    assert tre(results[1.0].transform, pair).mean() < 0.5
