@@ -269,6 +269,15 @@ def test_batch_mode_resumes_and_reports_failures(knee, constant_student, tmp_pat
     assert os.path.getmtime(out / "good" / "summary.json") == mtime  # finished knee not redone
     status = json.loads((out / "batch_status_0of1.json").read_text())
     assert status[0]["status"] == "done earlier"
+    # a rerun with other settings redoes the finished knee instead of keeping results it did not ask for
+    _run(manifest, "--out", out, "--model", constant_student, "--side", knee["side"], "--stride", "6")
+    status = json.loads((out / "batch_status_0of1.json").read_text())
+    assert status[0]["status"] == "ok" and "redone" in status[0]["message"]
+    assert json.loads((out / "good" / "summary.json").read_text())["stride_mm"] == 6.0
+    # a manifest with a header only is a mistake, not an empty success
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("ct\n")
+    assert _run(header_only, "--out", tmp_path / "h", "--model", constant_student) == 2 and not (tmp_path / "h").exists()
     # shards split the cohort
     _run(manifest, "--out", tmp_path / "s1", "--model", constant_student, "--shard", "1/2")
     assert json.loads((tmp_path / "s1" / "batch_status_1of2.json").read_text())[0]["subject"] == "bad"
@@ -532,3 +541,24 @@ def test_labels_copied_to_the_ct_grid_equal_a_whole_grid_resampling(seed):
     empty = sitk.Image(lab.GetSize(), sitk.sitkUInt8)
     empty.CopyInformation(lab)
     assert not sitk.GetArrayViewFromImage(_to_grid(empty, fine)).any()
+
+
+def test_no_oa_probability_from_an_incomplete_set_of_rois(knee, constant_student, tmp_path):
+    """ROIs that leave a compartment without patches (here the femoral ones erased, as ROIs from another knee or a
+    partial segmentation would) still give maps and a table for the rest, but no OA probability: the diagnosis
+    model learnt from all four compartments."""
+    rois = sitk.ReadImage(str(knee["ct_rois"]))
+    arr = sitk.GetArrayFromImage(rois)
+    arr[(arr == ROIS["MFC"]) | (arr == ROIS["LFC"])] = 0
+    tibial = sitk.GetImageFromArray(arr)
+    tibial.CopyInformation(rois)
+    sitk.WriteImage(tibial, str(tmp_path / "tibial.nii.gz"))
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="no OA probability: ROI.s. MFC, LFC have no patch"):
+        assert _run(knee["ct"], "--out", out, "--model", constant_student, "--rois", tmp_path / "tibial.nii.gz",
+                    "--side", knee["side"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["oa_probability"] is None and "MFC, LFC" in summary["diagnosis"]["message"]
+    table = pd.read_csv(out / "roi_table.csv")
+    assert (table[table.roi.isin(["MTP", "LTP"])].n_patches > 0).all()
+    assert (table[table.roi.isin(["MFC", "LFC"])].n_patches == 0).all()

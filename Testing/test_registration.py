@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from ctsma.errors import ConfigError, InputImageError
 from ctsma.registration import blend, load_preset, preset_names, register, variant, write_outputs
 from ctsma.registration import stages as st
-from ctsma.registration.cohort import Cohort, parse_shard, run_cohort, run_cohorts
+from ctsma.registration.cohort import Cohort, cohort_request, parse_shard, run_cohort, run_cohorts
 from ctsma.registration.synthetic import make_knee_pair
 
 # A fast preset for tests: same stages as the default, fewer iterations, no B-spline.
@@ -273,6 +273,16 @@ def test_cohort_shards_resume_and_report(tmp_path, pair):
     assert (out / "cohort_0of2.csv").is_file()
     again = run_cohort(tmp_path / "manifest.csv", out, preset=preset, shard=(0, 2))
     assert again.status.iloc[0].startswith("skipped")
+    # another preset into the same folder: the subject is redone, not kept from the first preset
+    other = load_preset("nosynth", {**FAST, "rigid": {"iterations": 12}, "per_bone": {"enabled": False}})
+    redone = run_cohort(tmp_path / "manifest.csv", out, preset=other, shard=(0, 2))
+    assert redone.status.iloc[0] == "done" and "redone" in redone.note.iloc[0]
+    qa = json.loads((out / "kA" / "qa.json").read_text())
+    assert qa["request"]["preset_hash"] != json.loads(json.dumps(cohort_request({}, preset, None)))["preset_hash"]
+    # a manifest with a header only is refused
+    (tmp_path / "empty.csv").write_text("mr,ct\n")
+    with pytest.raises(InputImageError, match="no rows"):
+        run_cohort(tmp_path / "empty.csv", tmp_path / "e", preset=preset)
 
 
 def _transform_values(path):

@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         _remove_if_empty(new_root)  # a defect: its traceback is shown, but no empty folder is left
         raise
     except KeyboardInterrupt:
+        _remove_if_empty(new_root)
         print(f"ctsma {args.command}: interrupted; finished outputs are kept and a rerun resumes", file=sys.stderr)
         return 130
     return int(rc or 0)

@@ -14,7 +14,7 @@ from ..errors import InputImageError, UserError
 from ..io import ensure_writable_dir, safe_join, write_json
 from ..io.atomic import COMPLETION_MARKER, remove_stale_staging
 from ..io.images import IMAGE_SUFFIXES
-from .engine import InferSettings, _subject_name, default_model_path, infer, load_diagnosis
+from .engine import InferSettings, _subject_name, default_model_path, infer, load_diagnosis, request_record
 
 
 def is_batch_input(path: Path) -> bool:
@@ -36,6 +36,8 @@ def list_cases(path: Path) -> pd.DataFrame:
             raise UserError(f"manifest {path.name} is not a readable CSV table: {str(exc).splitlines()[0]}") from None
         if "ct" not in df.columns:
             raise UserError(f"manifest {path.name} has no 'ct' column")
+        if df.empty:
+            raise UserError(f"manifest {path.name} has no rows")
         empty = [int(k) + 2 for k, p in zip(df.index, df["ct"]) if not (isinstance(p, str) and p.strip())]
         if empty:
             raise UserError(f"manifest {path.name}: the 'ct' cell is empty in rows {empty[:5]}")
@@ -59,6 +61,15 @@ def list_cases(path: Path) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def _earlier_request(case_dir: Path) -> dict | None:
+    """The request record of a finished case (None when its summary is missing, unreadable or from a version
+    that did not record it: such a case is redone)."""
+    try:
+        return json.loads((case_dir / "summary.json").read_text(encoding="utf-8")).get("request")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=None, settings: InferSettings,
               diagnosis_path=None) -> pd.DataFrame:
     """Analyse every case of this shard into ``out_dir/<subject>/``; finished cases are skipped on rerun."""
@@ -67,24 +78,27 @@ def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=No
     cases = cases.iloc[i::n]
     from ..models.export import load_student
 
-    load_student(Path(model_path) if model_path else default_model_path())  # a bad model stops the batch here,
-    load_diagnosis(diagnosis_path)                                           # not once per case
+    _, meta = load_student(Path(model_path) if model_path else default_model_path())  # a bad model stops the batch
+    diagnosis = load_diagnosis(diagnosis_path)                                         # here, not once per case
     out = ensure_writable_dir(out_dir)
     status = []
     for row in progress.track(list(cases.itertuples(index=False)), "infer (batch)", unit="knee"):
         d = safe_join(out, str(row.subject))
+        seg = getattr(row, "ct_bones", "") or None
+        thick = getattr(row, "slice_thickness", math.nan)
+        case_settings = replace(settings, slice_thickness_mm=thick) if math.isfinite(thick) else settings
+        note = ""
         if (d / COMPLETION_MARKER).is_file():
             remove_stale_staging(d)   # a run killed after its last move, before its clean-up
-            status.append({"subject": row.subject, "status": "done earlier", "message": ""})
-            continue
+            if _earlier_request(d) == request_record(row.ct, meta, case_settings, seg, None, diagnosis[0]):
+                status.append({"subject": row.subject, "status": "done earlier", "message": ""})
+                continue
+            note = "redone: its earlier results came from another CT, model or settings"
         existed = d.exists()
         try:
-            seg = getattr(row, "ct_bones", "") or None
-            thick = getattr(row, "slice_thickness", math.nan)
             infer(row.ct, d, model_path=model_path, segmentation=seg, diagnosis_path=diagnosis_path,
-                  settings=replace(settings, slice_thickness_mm=thick) if math.isfinite(thick) else settings,
-                  subject=str(row.subject))
-            status.append({"subject": row.subject, "status": "ok", "message": ""})
+                  settings=case_settings, subject=str(row.subject))
+            status.append({"subject": row.subject, "status": "ok", "message": note})
         except UserError as exc:  # one bad case must not stop a cohort
             status.append({"subject": row.subject, "status": "failed", "message": str(exc)})
             if not existed and d.is_dir() and not any(d.iterdir()):

@@ -26,6 +26,7 @@ and lies outside the physical range of every parameter inside bone.
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -77,6 +78,20 @@ class InferSettings:
     """Bones and ROIs are found on a copy of the CT at this coarsest (x, y, z) spacing when the CT is finer (a
     512x512x300 clinical CT is 4x smaller then), and their labels are resampled back to the CT grid; the patches
     are always cut from the full-resolution CT."""
+
+
+def request_record(ct_path, model_meta: dict, s: InferSettings, segmentation, rois_path, diagnosis_path) -> dict:
+    """What a run was asked to do (inputs, model, settings that change the outputs): batch mode redoes a finished
+    case whose record differs, instead of keeping its results from other settings."""
+    from dataclasses import asdict
+
+    def path(p):
+        return str(Path(p).resolve()) if p else None
+
+    settings = {k: v for k, v in asdict(s).items() if k not in ("device", "batch_size")}
+    return json.loads(json.dumps({"ct": path(ct_path), "segmentation": path(segmentation), "rois": path(rois_path),
+                                  "model_sha256": model_meta.get("_sha256"), "diagnosis_model": path(diagnosis_path),
+                                  "settings": settings}, default=str))
 
 
 def default_model_path(must_exist: bool = True) -> Path:
@@ -362,6 +377,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         "uncertainty": "standard deviation of the predictions over flipped copies of each patch",
         "background": BACKGROUND, "mask": "rois.nii.gz > 0",
         "centre_frame": "RAS mm in CT space",  # patches.csv's centre_x/y/z, as in a patch store's summary
+        "request": request_record(ct_path, meta, s, segmentation, rois_path, diagnosis_model[0]),
     }
     summary.update(diagnosis)
 
@@ -530,6 +546,15 @@ def _diagnose(patch_rows: pd.DataFrame, loaded, subject: str) -> dict:
     if path is None:
         return {"diagnosis": None, "diagnosis_note": "no diagnosis model available"}
     from .. import diagnosis
+
+    missing = [r for r in ROIS if not (patch_rows["roi"] == r).any()]
+    if missing:  # the models learnt from knees with all four compartments: a probability from fewer is not theirs
+        message = (f"ROI(s) {', '.join(missing)} have no patch, and the diagnosis model reads all four; check the "
+                   "ROIs")
+        warnings.warn(f"no OA probability: {message}", stacklevel=3)
+        return {"oa_probability": None, "severity": None, "auc": (model.cv_metrics or {}).get("auc"),
+                "diagnosis": {"model": str(path), "aggregator": model.metadata.get("aggregator"), "message": message,
+                              "cv_metrics": model.cv_metrics or {}}}
 
     pred = diagnosis.predict(model, patch_rows, subjects=[subject]).iloc[0]
     cv = model.cv_metrics or {}

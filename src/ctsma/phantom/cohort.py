@@ -171,6 +171,8 @@ def generate_cohort(settings: PhantomSettings, n: int, seed: int, out, workers: 
         if old.get("settings_hash") != shash or old.get("seed") != seed:
             raise UserError(f"{out} holds a phantom cohort made with other settings or seed; "
                             "choose another --out folder or delete it")
+    elif (out / "manifest.csv").exists():  # someone's own manifest, not a cohort of ours: never overwrite it
+        raise UserError(f"{out} holds a manifest.csv that no phantom run wrote; choose another --out folder")
     write_json(info_path, {"generator_version": GENERATOR_VERSION, "seed": int(seed), "n": int(n),
                            "settings_hash": shash, "settings": settings_dict(settings)})
     for leftover in out.glob(".P*.partial"):  # from an interrupted run: never a finished knee

@@ -10,6 +10,7 @@ summarises that shard.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -54,6 +55,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if missing:
         raise InputImageError(f"manifest {path.name} lacks column(s) {', '.join(missing)} "
                               f"(has: {', '.join(df.columns)})")
+    if df.empty:
+        raise InputImageError(f"manifest {path.name} has no rows")
     if "subject" not in df.columns:
         df["subject"] = [f"row{i:04d}" for i in range(len(df))]
     if df["subject"].duplicated().any():
@@ -77,7 +80,8 @@ def _init_worker(model_path: str | None, threads: int) -> None:
 
 
 def register_files(mr_path: str, ct_path: str, out_dir: str | Path, *, preset, model=None,
-                   ct_bones_path: str | None = None, mr_bones_path: str | None = None) -> dict:
+                   ct_bones_path: str | None = None, mr_bones_path: str | None = None,
+                   request: dict | None = None) -> dict:
     """Read, register and write one pair (the work of ``ctsma register MR CT``); returns its QA record."""
     from ..io.images import read_image
     from .pipeline import register, write_outputs
@@ -92,23 +96,47 @@ def register_files(mr_path: str, ct_path: str, out_dir: str | Path, *, preset, m
         from .masks import read_bone_labels
         mr_bones = read_bone_labels(mr_bones_path, mr, what="MR bone labels")
     result = register(mr, ct, preset=preset, ct_bones=ct_bones, synthesis=model, mr_bones=mr_bones)
-    return write_outputs(result, mr, ct, out_dir, extra_qa={"inputs": {"mr": str(mr_path), "ct": str(ct_path)}})
+    extra = {"inputs": {"mr": str(mr_path), "ct": str(ct_path)}}
+    if request is not None:
+        extra["request"] = request
+    return write_outputs(result, mr, ct, out_dir, extra_qa=extra)
 
 
-def _run_one(row: dict, out_dir: str, preset) -> dict:
+def cohort_request(row: dict, preset, model_path: str | None) -> dict:
+    """What registering one manifest row was asked to do (images, preset, synthesis model): a rerun skips a subject
+    whose ``qa.json`` records the same request and redoes one made from other inputs or settings."""
+    from dataclasses import asdict, is_dataclass
+
+    from ..pipeline import settings_hash
+
+    return {**{k: row.get(k) or None for k in ("mr", "ct", "ct_bones", "mr_bones")},
+            "preset": getattr(preset, "name", None),
+            "preset_hash": settings_hash(asdict(preset) if is_dataclass(preset) else preset),
+            "synthesis_model": str(Path(model_path).resolve()) if model_path else None}
+
+
+def _earlier_request(target: Path) -> dict | None:
+    try:
+        return json.loads((target / "qa.json").read_text(encoding="utf-8")).get("request")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _run_one(row: dict, out_dir: str, preset, request: dict | None = None, note: str = "") -> dict:
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             qa = register_files(row["mr"], row["ct"], out_dir, preset=preset, model=_WORKER["model"],
-                                ct_bones_path=row.get("ct_bones") or None, mr_bones_path=row.get("mr_bones") or None)
+                                ct_bones_path=row.get("ct_bones") or None, mr_bones_path=row.get("mr_bones") or None,
+                                request=request)
         rejected = [s["name"] for s in qa["stages"] if not s["kept"]]
         return {"subject": row["subject"], "status": "done", "seconds": round(time.perf_counter() - t0, 2),
                 "bone_dice_mean": qa.get("bone_dice", {}).get("mean"), "rejected_stages": ";".join(rejected),
-                "warnings": len(caught), "error": ""}
+                "warnings": len(caught), "error": "", "note": note}
     except UserError as exc:
         return {"subject": row["subject"], "status": "failed", "seconds": round(time.perf_counter() - t0, 2),
-                "bone_dice_mean": None, "rejected_stages": "", "warnings": 0, "error": str(exc)}
+                "bone_dice_mean": None, "rejected_stages": "", "warnings": 0, "error": str(exc), "note": note}
 
 
 @dataclass
@@ -147,31 +175,38 @@ def run_cohorts(cohorts: Sequence[Cohort], *, model_path: str | None = None, job
         records.append([])
         for row in rows.to_dict("records"):
             target = safe_join(out, row["subject"])
+            request = cohort_request(row, c.preset, model_path)
+            note = ""
             if (target / "qa.json").is_file():
-                records[k].append({"subject": row["subject"], "status": "skipped (done before)", "seconds": 0.0,
-                                   "bone_dice_mean": None, "rejected_stages": "", "warnings": 0, "error": ""})
-            else:
-                todo.append((k, len(records[k]), row, str(target), c.preset))
-                records[k].append(None)
+                if _earlier_request(target) == request:
+                    records[k].append({"subject": row["subject"], "status": "skipped (done before)", "seconds": 0.0,
+                                       "bone_dice_mean": None, "rejected_stages": "", "warnings": 0, "error": "",
+                                       "note": ""})
+                    continue
+                note = "redone: its earlier registration came from other images, preset or synthesis model"
+            todo.append((k, len(records[k]), row, str(target), c.preset, request, note))
+            records[k].append(None)
     jobs = max(1, min(jobs, len(todo) or 1))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     if jobs == 1:
         _init_worker(model_path, threads)
-        for k, j, row, target, preset in progress.track(todo, "register cohort", total=len(todo), unit="knee"):
-            records[k][j] = _run_one(row, target, preset)
+        for k, j, row, target, preset, request, note in progress.track(todo, "register cohort", total=len(todo),
+                                                                       unit="knee"):
+            records[k][j] = _run_one(row, target, preset, request, note)
     else:
         if model_path:  # a damaged model file: its clear error here, not a broken worker pool
             from ..synthesis.model import SynthesisModel
 
             SynthesisModel.load(model_path)
         with worker_pool(jobs, initializer=_init_worker, initargs=(model_path, threads)) as ex:
-            futures = {ex.submit(_run_one, row, target, preset): (k, j) for k, j, row, target, preset in todo}
+            futures = {ex.submit(_run_one, row, target, preset, request, note): (k, j)
+                       for k, j, row, target, preset, request, note in todo}
             for fut in progress.track(as_completed(futures), "register cohort", total=len(futures), unit="knee"):
                 k, j = futures[fut]
                 records[k][j] = fut.result()
     for c, recs in zip(cohorts, records):
         summary = pd.DataFrame(recs, columns=["subject", "status", "seconds", "bone_dice_mean", "rejected_stages",
-                                              "warnings", "error"])
+                                              "warnings", "error", "note"])
         i, n = c.shard
         write_text(Path(c.out) / f"cohort_{i}of{n}.csv", summary.to_csv(index=False))
         summaries.append(summary)
