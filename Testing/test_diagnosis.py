@@ -98,6 +98,10 @@ def test_too_few_patients_per_class_is_a_clear_error(cohort):
     keep = lab[lab["oa"] == 0].index.tolist() + lab[lab["oa"] == 1].index[:3].tolist()
     with pytest.raises(UserError, match="too few patients per class.*3 with OA"):
         dg.cross_validate(table, lab.loc[keep], "logistic", folds=5)
+    only_oa = lab[lab["oa"] == 1]  # without cross-validation too, every aggregator needs both classes
+    for agg in ("logistic", "mlp"):
+        with pytest.raises(UserError, match=r"only one class \(\d+ knees with OA, 0 without\)"):
+            dg.train(table, only_oa, agg, folds=None)
 
 
 def test_knee_without_valid_patches(cohort, tmp_path):

@@ -135,6 +135,14 @@ def test_cli_synthesis_apply_and_register_errors(trained, tmp_path, capsys):
                  "--out", str(tmp_path / "pct.nii.gz")]) == 0
     pct = sitk.ReadImage(str(tmp_path / "pct.nii.gz"))
     assert pct.GetSpacing() == pytest.approx((1.5, 1.5, 1.5))
+    # a CT given as the MR, and an output that would overwrite the input: refused, the input untouched
+    before = (tmp_path / "mr.nii.gz").read_bytes()
+    for src, out in (("ct.nii.gz", "pct2.nii.gz"), ("mr.nii.gz", "mr.nii.gz")):
+        assert main(["--quiet", "synthesis", "apply", str(tmp_path / src), "--model", str(path),
+                     "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert "not from a CT" in err and "also an input" in err and not (tmp_path / "pct2.nii.gz").exists()
+    assert (tmp_path / "mr.nii.gz").read_bytes() == before
     # MR and CT swapped: one clear line, exit code 2
     rc = main(["--quiet", "register", str(tmp_path / "ct.nii.gz"), str(tmp_path / "mr.nii.gz"), "--out",
                str(tmp_path / "reg"), "--model", str(path)])

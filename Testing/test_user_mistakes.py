@@ -280,3 +280,24 @@ def test_a_config_file_value_keeps_its_key_in_the_error(capsys, tmp_path):
     cfg.write_text("n: 3\n")
     rc, err = _cli(capsys, "demo", "--config", cfg, "--out", tmp_path / "o")
     assert rc == 2 and "n = 3 is out of range" in err and "--n" not in err
+
+
+def test_zero_limits_a_foreign_metrics_file_and_a_foreign_manifest_are_refused(capsys, tmp_path):
+    """0 is no 'no limit': `synthesis train --limit 0` and `--max-minutes 0` are refused before any work; a JSON
+    file with none of the study report's blocks is not a metrics file; a phantom run never overwrites a
+    manifest.csv that it did not write."""
+    (tmp_path / "m.csv").write_text("subject,mr,ct\nk,mr.nii.gz,ct.nii.gz\n")
+    for opt in (["--limit", "0"], ["--max-minutes", "0"]):
+        assert cli_main(["--quiet", "synthesis", "train", "--manifest", str(tmp_path / "m.csv"), *opt,
+                         "--out", str(tmp_path / "s.safetensors")]) == 2
+        assert opt[0] in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({"oa_probability": 0.3, "roi_table": []}))
+    assert cli_main(["--quiet", "report", "study", str(tmp_path / "run")]) == 2
+    assert "none of the blocks" in capsys.readouterr().err and not (tmp_path / "run" / "report").exists()
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "manifest.csv").write_text("subject,ct\nmy_knee,ct.nii.gz\n")
+    assert cli_main(["--quiet", "phantom", "--n", "1", "--out", str(own)]) == 2
+    assert "no phantom run wrote" in capsys.readouterr().err
+    assert (own / "manifest.csv").read_text() == "subject,ct\nmy_knee,ct.nii.gz\n"

@@ -73,6 +73,15 @@ def _check_common(args, argv: list[str]) -> None:
     given = [v for k, v in zip(argv, argv[1:]) if k == "--out"] + [a[6:] for a in argv if a.startswith("--out=")]
     if any(not v.strip() for v in given):
         raise UserError("--out is empty; name an output path")
+    out = getattr(args, "out", None)
+    if isinstance(out, (str, Path)) and str(out):
+        target = Path(out).resolve()
+        for key, value in vars(args).items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for v in values:
+                if key != "out" and isinstance(v, (str, Path)) and str(v) and Path(v).is_file() \
+                        and Path(v).resolve() == target:
+                    raise UserError(f"--out {out} is also an input of this command; choose another output path")
     path = args.progress_jsonl
     if path:
         p = Path(path)

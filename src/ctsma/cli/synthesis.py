@@ -19,7 +19,9 @@ def _rows(args):
         df = df[df.subject.isin(wanted)]
     if args.exclude:
         df = df[~df.subject.isin([s.strip() for s in args.exclude.split(",")])]
-    if args.limit:
+    if args.limit is not None:
+        if args.limit < 1:
+            raise UserError(f"--limit must be at least 1 (got {args.limit})")
         df = df.iloc[: args.limit]
     if not len(df):
         raise UserError("no pairs selected from the manifest")
@@ -34,7 +36,7 @@ def train_cmd(args: argparse.Namespace) -> int:
 
     from .options import given, named_as_options
 
-    overrides, names = given((("max_minutes", "--max-minutes", args.max_minutes or None),
+    overrides, names = given((("max_minutes", "--max-minutes", args.max_minutes),
                               ("threads", "--threads", args.threads or None)))
     with named_as_options(names):
         cfg = load_train_config(args.preset, overrides)
@@ -58,9 +60,13 @@ def apply_cmd(args: argparse.Namespace) -> int:
     from ..io.images import IMAGE_SUFFIXES, read_image, write_image
     from ..synthesis.model import SynthesisModel
 
+    from ..registration.pipeline import check_mr_intensities
+
     ensure_output_file(args.out, IMAGE_SUFFIXES)  # before any work
     model = SynthesisModel.load(args.model)
-    write_image(model.apply(read_image(args.mr, what="MR")), args.out)
+    mr = read_image(args.mr, what="MR")
+    check_mr_intensities(mr, "synthesis makes a pseudo-CT from an MR (bone dark), not from a CT")
+    write_image(model.apply(mr), args.out)
     return 0
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .. import PARAMETERS, PARAMETER_UNITS
-from ..errors import ModelFileError
+from ..errors import ModelFileError, UserError
 from ..modelfile import load_model, save_model
 from .aggregators import AGGREGATORS, Aggregator, make_aggregator
 from .data import ROI_ORDER, build_kneeset, check_patch_table, knees_without_patches
@@ -40,6 +40,10 @@ def train(patch_table, labels, aggregator: str = "transformer", *, seed: int = D
     """Cross-validate (unless ``folds`` is None; its folds in ``workers`` processes), then fit on all labelled
     knees."""
     knees = build_kneeset(patch_table, labels)
+    n_oa = int(np.sum(knees.oa))
+    if n_oa in (0, len(knees)):  # a classifier needs both classes, with or without cross-validation
+        raise UserError(f"the labels hold only one class ({n_oa} knees with OA, {len(knees) - n_oa} without); "
+                        "a diagnosis model needs both")
     cv = None
     if folds:
         cv = cross_validate(None, None, aggregator, folds, seed, source=source, knees=knees, config=config,

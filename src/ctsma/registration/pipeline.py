@@ -59,13 +59,13 @@ class RegistrationResult:
                 "settings": self.preset.to_dict()}
 
 
-def check_mr_intensities(mr: sitk.Image) -> None:
-    """Refuse an MR that looks like a CT in HU (strongly negative air)."""
+def check_mr_intensities(mr: sitk.Image, hint: str = "give the MR first and the CT second") -> None:
+    """Refuse an MR that looks like a CT in HU: a magnitude MR is never negative, while a CT's air (-1000) and fat
+    (about -100) are; ``hint`` ends the message. A normalised MR (z-scores) stays far above -50."""
     arr = sitk.GetArrayViewFromImage(mr)
     lo = float(np.percentile(arr.ravel()[:: max(1, arr.size // 1_000_000)], 0.5))
-    if lo < -200:
-        raise InputImageError(f"MR intensities go down to {lo:.0f}, like a CT in Hounsfield units; "
-                              "give the MR first and the CT second")
+    if lo < -50:
+        raise InputImageError(f"MR intensities go down to {lo:.0f}, like a CT in Hounsfield units; {hint}")
 
 
 def automatic_bones(ct: sitk.Image) -> sitk.Image:

@@ -56,6 +56,9 @@ def load_metrics(metrics: Mapping[str, Any] | str | os.PathLike) -> Mapping[str,
             raise UserError(f"cannot read metrics file {p}: {exc}") from None
         if not isinstance(data, dict):
             raise UserError(f"metrics file {p} does not hold a JSON object")
+        if not any(k in data for k in ("regression", "diagnosis", "registration")):
+            raise UserError(f"metrics file {p} has none of the blocks a study report shows (regression, diagnosis, "
+                            "registration); give the metrics.json of 'ctsma evaluate' or 'ctsma demo'")
         return data
     raise TypeError(f"metrics must be a mapping or a path, got {type(metrics).__name__}")
 
