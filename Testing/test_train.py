@@ -184,6 +184,25 @@ def test_nan_loss_stops_with_its_cause(store, tmp_path, monkeypatch):
         train("baseline", load_train_config(tiny(store.dir, tmp_path)))
 
 
+def test_ctrl_c_in_training_reaches_the_caller_as_an_interrupt(store, tmp_path):
+    """Lightning answers Ctrl-C with its clean-up and a silent sys.exit(1); `train` gives the caller the
+    KeyboardInterrupt instead (the command line then says it was interrupted and exits with 130), with Ctrl-C
+    working again, and the last checkpoint is there to resume from."""
+    import signal
+
+    import pytorch_lightning as pl
+
+    class CtrlC(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.current_epoch == 1:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train("baseline", load_train_config(tiny(store.dir, tmp_path)), callbacks=[CtrlC()])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert list(tmp_path.rglob("last.ckpt"))
+
+
 KILL = """
 import json, os, signal, sys
 import pytorch_lightning as pl

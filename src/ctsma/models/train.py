@@ -189,7 +189,15 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
                   f"(validation: {len(dm.split.subjects['val'])} patients)")
     csv_log = run_dir / "logs" / "metrics.csv"
     before = _read_csv(csv_log) if resume else None  # Lightning's CSV logger rewrites the file on resume
-    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into a silent sys.exit(1) after its clean-up, and ignores
+            import signal        # SIGINT from then on: give the caller its KeyboardInterrupt and Ctrl-C back
+
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt from None
+        raise
     if before is not None and trainer.is_global_zero:
         _prepend_log(csv_log, before)
     if not trainer.is_global_zero:
