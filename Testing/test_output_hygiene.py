@@ -177,3 +177,43 @@ def test_option_values_that_would_be_ignored_are_refused(tmp_path, capsys, comma
     assert match in _err_line(capsys, command)
     assert not (tmp_path / "mo").exists()
     assert not (tmp_path / "report").exists() and not (tmp_path / "ds").exists() and not (tmp_path / "ev").exists()
+
+
+def test_a_rerun_with_other_options_leaves_no_file_of_the_earlier_run(tmp_path, capsys):
+    """Rerunning a command into the folder of an earlier run removes the outputs of its own that this run does not
+    write again (maps without --maps, ROIs after --no-rois, a pseudo-CT under a preset without synthesis), so no
+    file in the folder belongs to another run; files that are not the command's stay."""
+    from ctsma.io.atomic import remove_stale_outputs
+    from ctsma.registration import load_preset, register
+    from ctsma.registration.pipeline import write_outputs as write_registration
+    from ctsma.registration.synthetic import make_knee_pair
+
+    rng = np.random.default_rng(0)
+    img = sitk.GetImageFromArray((rng.random((24, 24, 24)) > 0.6).astype(np.uint8))
+    sitk.WriteImage(img, str(tmp_path / "bin.nii.gz"))
+    out = tmp_path / "m"
+    assert main(["--quiet", "morphometry", str(tmp_path / "bin.nii.gz"), "--out", str(out), "--maps",
+                 "--window", "5", "--stride", "4"]) == 0
+    assert (out / "tbth_map.nii.gz").is_file() and (out / "maps" / "bvtv.nii.gz").is_file()
+    (out / "notes.txt").write_text("mine")
+    assert main(["--quiet", "morphometry", str(tmp_path / "bin.nii.gz"), "--out", str(out)]) == 0
+    assert not (out / "tbth_map.nii.gz").exists() and not list((out / "maps").glob("*.nii.gz"))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "morphometry.json").is_file()
+    # registration: a pseudo-CT of an earlier preset goes when this run has none
+    pair = make_knee_pair(1, ct_size=(40, 40, 40), mr_size=(44, 44, 40))
+    fast = {"threads": 1, "rigid": {"iterations": 5}, "per_bone": {"enabled": False},
+            "deformable": {"enabled": False}}
+    reg = tmp_path / "r"
+    write_registration(register(pair.mr, pair.ct, preset=load_preset("default", fast), ct_bones=pair.ct_bones,
+                                pseudo_ct=pair.pseudo_ct_ideal), pair.mr, pair.ct, reg)
+    assert (reg / "pseudo_ct_in_ct.nii.gz").is_file()
+    qa = write_registration(register(pair.mr, pair.ct, preset=load_preset("nosynth", fast), ct_bones=pair.ct_bones),
+                            pair.mr, pair.ct, reg)
+    assert "pseudo_ct_in_ct" not in qa["files"]
+    assert not (reg / "pseudo_ct_in_ct.nii.gz").exists() and not (reg / "checkerboard_pseudo_ct.png").exists()
+    # the helper never touches what is not the command's, nor what this run wrote
+    (tmp_path / "x").mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / "x" / name).write_text(name)
+    assert remove_stale_outputs(tmp_path / "x", ("a.txt", "b.txt"), ["b.txt"]) == ["a.txt"]
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["b.txt", "c.txt"]

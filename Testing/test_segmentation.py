@@ -236,6 +236,10 @@ def test_cli_segment(tmp_path, knee_r):
         assert (tmp_path / "o" / f).is_file()
     rois = sitk.ReadImage(str(tmp_path / "o" / "rois.nii.gz"))
     assert set(np.unique(sitk.GetArrayFromImage(rois))) == {0, 1, 2, 3, 4}
+    # a rerun with --no-rois into the same folder leaves no ROIs of the earlier run beside its bones
+    assert main(["--quiet", "segment", str(tmp_path / "ct.nii.gz"), "--out", str(tmp_path / "o"), "--no-rois"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["bones.nii.gz", "bones.seg.nrrd",
+                                                                    "segmentation.json"]
     hip = sitk.ReadImage(str(DATA / "hip_ct_crop_3mm.nii.gz"))
     sitk.WriteImage(hip, str(tmp_path / "hip.nii.gz"))
     assert main(["--quiet", "segment", str(tmp_path / "hip.nii.gz"), "--out", str(tmp_path / "h")]) == 2

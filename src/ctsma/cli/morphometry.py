@@ -9,6 +9,9 @@ import warnings
 
 MAX_SMOOTH_VOX = 10.0  # a Gaussian pre-smoothing wider than this many voxels would wipe out any trabecula
 MAX_THREADS = 256
+# what this command can write beside morphometry.json; a rerun removes those it does not write again
+MORPHOMETRY_OUTPUTS = ("tbth_map.nii.gz", "tbsp_map.nii.gz",
+                       *(f"maps/{n}.nii.gz" for n in ("bvtv", "tbth", "tbsp", "tbn")))
 
 
 def add_parser(subparsers) -> None:
@@ -103,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import PARAMETER_FILE_NAMES, progress
     from ..errors import UserError
     from ..io import check_same_geometry, ensure_writable_dir, read_image, write_image, write_json
+    from ..io.atomic import remove_stale_outputs
     from ..morphometry import MorphometryWarning, binarise, measure_binary, sliding_window_maps
     from ..morphometry.maps import map_to_image
 
@@ -170,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
         res["image"] = os.path.abspath(args.image)
         res["mask"] = os.path.abspath(args.mask) if args.mask else None
         res["files"] = files
+        remove_stale_outputs(out, MORPHOMETRY_OUTPUTS, files.values())
         write_json(out / "morphometry.json", res)
         progress.info(f"BV/TV {res['BV/TV']:.4f}  Tb.Th {res['Tb.Th']:.4f} mm  Tb.Sp {res['Tb.Sp']:.4f} mm  "
                       f"Tb.N {res['Tb.N']:.4f} /mm  -> {out / 'morphometry.json'}")
@@ -204,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
         res["window_voxels"] = args.window
         res["stride_voxels"] = args.stride
     res["files"] = files
+    remove_stale_outputs(out, MORPHOMETRY_OUTPUTS, files.values())
     write_json(out / "morphometry.json", res)
     progress.info(f"BV/TV {res['BV/TV']:.4f}  Tb.Th {res['Tb.Th']:.4f} mm  Tb.Sp {res['Tb.Sp']:.4f} mm  "
                   f"Tb.N {res['Tb.N']:.4f} /mm  -> {out / 'morphometry.json'}")

@@ -12,6 +12,9 @@ import time
 
 from .. import progress
 from ..io import ensure_writable_dir, read_image, staged_outputs, write_image, write_json
+from ..io.atomic import remove_stale_outputs
+
+SEGMENT_OUTPUTS = ("bones.nii.gz", "bones.seg.nrrd", "rois.nii.gz", "rois.seg.nrrd", "rois.png", "segmentation.json")
 
 
 def add_parser(sub) -> None:
@@ -80,5 +83,7 @@ def run(args) -> int:
                 from ..segmentation.figure import render_rois
                 render_rois(ct, bones, rois, stage / "rois.png", info=rinfo)
         write_json(stage / "segmentation.json", report)
+        produced = [str(f.relative_to(stage)) for f in stage.rglob("*") if f.is_file()]
+    remove_stale_outputs(out, SEGMENT_OUTPUTS, produced)  # e.g. an earlier run's ROIs after --no-rois
     progress.info(f"wrote {out}/bones.nii.gz" + ("" if args.no_rois else " and rois.nii.gz"))
     return 0

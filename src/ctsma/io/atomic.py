@@ -227,6 +227,20 @@ def remove_stale_staging(out_dir: str | os.PathLike) -> None:
             shutil.rmtree(left, ignore_errors=True)
 
 
+def remove_stale_outputs(out_dir: str | os.PathLike, owned, produced) -> list[str]:
+    """Remove from ``out_dir`` the files among ``owned`` (relative names of what this command can write) that this
+    run did not write (``produced``): a rerun into the folder of an earlier run with other options (or another
+    image) must not leave that run's files beside its own. Other files (a user's) are never touched. Returns the
+    names removed."""
+    out, gone = Path(out_dir), []
+    for name in sorted(set(owned) - set(produced)):
+        p = out / name
+        if p.is_file():
+            p.unlink()
+            gone.append(name)
+    return gone
+
+
 @contextlib.contextmanager
 def staged_outputs(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a hidden staging folder inside ``out_dir``; on success move its files into ``out_dir``.

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from .. import BONES, __version__
 from ..errors import InputImageError
-from ..io.atomic import atomic_path, write_json
+from ..io.atomic import atomic_path, remove_stale_outputs, write_json
 from ..io.images import check_ct_intensities, check_image, write_image
 from . import stages as st
 from .masks import body_mask, dice, dilate_mm, label_mask, threshold_bones, validate_bones
@@ -309,6 +309,8 @@ def write_outputs(result: RegistrationResult, mr: sitk.Image, ct: sitk.Image, ou
         files["checkerboard_pseudo_ct"] = "checkerboard_pseudo_ct.png"
     checkerboard_png(ct, mr_in_ct, out / "checkerboard_mr.png", mr_like=True)
     files["checkerboard_mr"] = "checkerboard_mr.png"
+    # an earlier run's pseudo-CT files (of another preset or pair) must not stay beside this run's outputs
+    remove_stale_outputs(out, ("pseudo_ct_in_ct.nii.gz", "checkerboard_pseudo_ct.png"), files.values())
     qa = result.qa()
     qa["files"] = files
     if extra_qa:
