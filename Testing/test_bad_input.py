@@ -122,7 +122,7 @@ def inp(tmp_path_factory) -> dict:
     p["zero_spacing"] = _patch_nifti(d / "plain.nii", d / "zero_spacing.nii", {80: struct.pack("<f", 0.0)})
     p["negative_spacing"] = _patch_nifti(d / "plain.nii", d / "negative_spacing.nii", {84: struct.pack("<f", -0.5)})
     p["sheared"] = _patch_nifti(d / "plain.nii", d / "sheared.nii", {296: struct.pack("<f", 0.25)})  # srow_y[0]
-    hdr = (f"NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: 3000 3000 3000\n"
+    hdr = ("NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: 3000 3000 3000\n"
            "space directions: (0.1,0,0) (0,0.1,0) (0,0,0.1)\nkinds: domain domain domain\nendian: little\n"
            "encoding: raw\nspace origin: (0,0,0)\n\n")
     (d / "huge.nrrd").write_text(hdr)  # 27e9 voxels declared, no payload: must be refused from the header
@@ -757,7 +757,7 @@ def test_fuzz_config_loader_mapping(data):
     from ctsma.dataset.build import BuildSettings
 
     try:
-        cfg = load_config(data, BuildSettings)
+        load_config(data, BuildSettings)
     except ConfigError as exc:
         assert str(exc)
         return

@@ -217,3 +217,25 @@ def test_a_rerun_with_other_options_leaves_no_file_of_the_earlier_run(tmp_path, 
         (tmp_path / "x" / name).write_text(name)
     assert remove_stale_outputs(tmp_path / "x", ("a.txt", "b.txt"), ["b.txt"]) == ["a.txt"]
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["b.txt", "c.txt"]
+
+
+def test_an_interrupted_registration_leaves_none_of_its_files(tmp_path, monkeypatch):
+    """Ctrl-C while a registration writes its outputs (here at its last picture): the subject's folder holds
+    nothing of the run, so no half-written registration sits beside finished ones in a cohort."""
+    from ctsma.registration import load_preset, register
+    from ctsma.registration import pipeline
+    from ctsma.registration.synthetic import make_knee_pair
+
+    pair = make_knee_pair(1, ct_size=(40, 40, 40), mr_size=(44, 44, 40))
+    res = register(pair.mr, pair.ct, preset=load_preset("nosynth", {"threads": 1, "rigid": {"iterations": 5},
+                                                                    "per_bone": {"enabled": False},
+                                                                    "deformable": {"enabled": False}}),
+                   ct_bones=pair.ct_bones)
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "checkerboard_png", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.write_outputs(res, pair.mr, pair.ct, tmp_path / "P0001")
+    assert not [p for p in (tmp_path / "P0001").rglob("*")]

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from ctsma import PARAMETER_FILE_NAMES, PARAMETERS, ROIS
+from ctsma import PARAMETERS, ROIS
 from ctsma.jit import TINY_KNEE as TINY  # a phantom knee that builds in a few seconds
 
 from CTSMALib.process import DONE, ProcessRunner
@@ -215,7 +215,6 @@ def test_analysis_outputs_follow_the_ct_and_survive_a_scene_bundle(mrml_scene, k
     from CTSMALib import scene_bridge as sb
     from CTSMALib.analysis_logic import CTSMALogic
     from CTSMALib.headless import HeadlessSlicer
-    from CTSMALib.parameters import AnalysisParameters
 
     TrueAnalysis.row = knee
     ct = _load(mrml_scene, knee["ct"], "Knee CT")

@@ -242,12 +242,13 @@ def remove_stale_outputs(out_dir: str | os.PathLike, owned, produced) -> list[st
 
 
 @contextlib.contextmanager
-def staged_outputs(out_dir: str | os.PathLike) -> Iterator[Path]:
+def staged_outputs(out_dir: str | os.PathLike, marker: str = COMPLETION_MARKER) -> Iterator[Path]:
     """Yield a hidden staging folder inside ``out_dir``; on success move its files into ``out_dir``.
 
     Unlike :func:`atomic_dir`, files already in ``out_dir`` that the run does not produce are kept
     (a user's own files are never deleted). On an exception nothing of the run is left behind. The completion
-    marker (:data:`COMPLETION_MARKER`, ``summary.json`` of ``ctsma infer``) is moved last, and an older one is
+    ``marker`` (default :data:`COMPLETION_MARKER`, ``summary.json`` of ``ctsma infer``; ``qa.json`` of a
+    registration) is moved last, and an older one is
     removed before the first move, so a run killed while the files are being moved never leaves a folder that
     looks complete; staging folders of killed runs on this machine are removed first.
     """
@@ -257,10 +258,10 @@ def staged_outputs(out_dir: str | os.PathLike) -> Iterator[Path]:
     try:
         yield stage
         files = sorted((p for p in stage.rglob("*") if p.is_file()),
-                       key=lambda p: (p.relative_to(stage) == Path(COMPLETION_MARKER), str(p)))
-        if (stage / COMPLETION_MARKER).is_file():
+                       key=lambda p: (p.relative_to(stage) == Path(marker), str(p)))
+        if (stage / marker).is_file():
             with contextlib.suppress(FileNotFoundError):
-                (out / COMPLETION_MARKER).unlink()   # a rerun into a finished folder: incomplete until it ends
+                (out / marker).unlink()   # a rerun into a finished folder: incomplete until it ends
         for src in files:
             dst = out / src.relative_to(stage)
             dst.parent.mkdir(parents=True, exist_ok=True)

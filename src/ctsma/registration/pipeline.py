@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from .. import BONES, __version__
 from ..errors import InputImageError
-from ..io.atomic import atomic_path, remove_stale_outputs, write_json
+from ..io.atomic import atomic_path, remove_stale_outputs, staged_outputs, write_json
 from ..io.images import check_ct_intensities, check_image, write_image
 from . import stages as st
 from .masks import body_mask, dice, dilate_mm, label_mask, threshold_bones, validate_bones
@@ -293,27 +293,27 @@ def checkerboard_png(ct: sitk.Image, warped: sitk.Image, path: Path, *, mr_like:
 
 def write_outputs(result: RegistrationResult, mr: sitk.Image, ct: sitk.Image, out_dir: str | Path, *,
                   extra_qa: dict | None = None) -> dict:
-    """Write the contract files into ``out_dir`` (each atomically; ``qa.json`` last marks completion)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "transform_ct_to_mr.h5") as tmp:
-        sitk.WriteTransform(result.transform, str(tmp))
-    mr_in_ct = resample_to_ct(mr, ct, result.transform, 0.0)
-    write_image(mr_in_ct, out / "mr_in_ct.nii.gz")
-    files = {"transform": "transform_ct_to_mr.h5", "mr_in_ct": "mr_in_ct.nii.gz"}
-    if result.pseudo_ct is not None:
-        pct = resample_to_ct(result.pseudo_ct, ct, result.transform, -1000.0)
-        write_image(pct, out / "pseudo_ct_in_ct.nii.gz")
-        files["pseudo_ct_in_ct"] = "pseudo_ct_in_ct.nii.gz"
-        checkerboard_png(ct, pct, out / "checkerboard_pseudo_ct.png", mr_like=False)
-        files["checkerboard_pseudo_ct"] = "checkerboard_pseudo_ct.png"
-    checkerboard_png(ct, mr_in_ct, out / "checkerboard_mr.png", mr_like=True)
-    files["checkerboard_mr"] = "checkerboard_mr.png"
-    # an earlier run's pseudo-CT files (of another preset or pair) must not stay beside this run's outputs
-    remove_stale_outputs(out, ("pseudo_ct_in_ct.nii.gz", "checkerboard_pseudo_ct.png"), files.values())
-    qa = result.qa()
-    qa["files"] = files
-    if extra_qa:
-        qa.update(extra_qa)
-    write_json(out / "qa.json", qa)
+    """Write the contract files into ``out_dir``: all written in a staging folder, then moved in with ``qa.json``
+    (which marks completion) last, so an interrupted run leaves none of its files, and an earlier run's
+    pseudo-CT files that this run does not replace are removed."""
+    with staged_outputs(out_dir, marker="qa.json") as stage:
+        with atomic_path(stage / "transform_ct_to_mr.h5") as tmp:
+            sitk.WriteTransform(result.transform, str(tmp))
+        mr_in_ct = resample_to_ct(mr, ct, result.transform, 0.0)
+        write_image(mr_in_ct, stage / "mr_in_ct.nii.gz")
+        files = {"transform": "transform_ct_to_mr.h5", "mr_in_ct": "mr_in_ct.nii.gz"}
+        if result.pseudo_ct is not None:
+            pct = resample_to_ct(result.pseudo_ct, ct, result.transform, -1000.0)
+            write_image(pct, stage / "pseudo_ct_in_ct.nii.gz")
+            files["pseudo_ct_in_ct"] = "pseudo_ct_in_ct.nii.gz"
+            checkerboard_png(ct, pct, stage / "checkerboard_pseudo_ct.png", mr_like=False)
+            files["checkerboard_pseudo_ct"] = "checkerboard_pseudo_ct.png"
+        checkerboard_png(ct, mr_in_ct, stage / "checkerboard_mr.png", mr_like=True)
+        files["checkerboard_mr"] = "checkerboard_mr.png"
+        qa = result.qa()
+        qa["files"] = files
+        if extra_qa:
+            qa.update(extra_qa)
+        write_json(stage / "qa.json", qa)
+    remove_stale_outputs(out_dir, ("pseudo_ct_in_ct.nii.gz", "checkerboard_pseudo_ct.png"), files.values())
     return qa
