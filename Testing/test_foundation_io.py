@@ -310,3 +310,27 @@ def test_staging_liveness_never_signals_a_process_on_windows(monkeypatch):
     monkeypatch.setattr(atomic.os, "name", "nt")
     monkeypatch.setattr(atomic.os, "kill", lambda *a: (_ for _ in ()).throw(AssertionError("os.kill called")))
     assert atomic._pid_alive(os.getpid() + 10 ** 6)
+
+
+def test_a_dicom_folder_with_two_series_of_equal_size_is_refused(tmp_path):
+    """The largest series is read (with a warning) when sizes differ; two of the same size leave no rule to choose,
+    so the user is asked to separate them."""
+    import shutil
+
+    from dicom_series import write_ct_series
+
+    from ctsma.io import read_image
+
+    vol = sitk.GetImageFromArray(np.full((6, 12, 12), 40, np.int16))
+    both = tmp_path / "both"
+    both.mkdir()
+    for uid, n in (("1.2.3.4.1", 6), ("1.2.3.4.2", 6)):
+        write_ct_series(vol[:, :, :n], tmp_path / uid, series_uid=uid)
+        for f in (tmp_path / uid).iterdir():
+            shutil.move(str(f), both / f"{uid}_{f.name}")
+    with pytest.raises(InputImageError, match=r"2 DICOM series of 6 files each \(1\.2\.3\.4\.1, 1\.2\.3\.4\.2\)"):
+        read_image(both, what="CT")
+    for f in both.glob("1.2.3.4.2_s00[4-5].dcm"):  # now the second is smaller: the first is read, with a warning
+        f.unlink()
+    with pytest.warns(UserWarning, match="using the largest \\(1.2.3.4.1, 6 files\\)"):
+        assert read_image(both, what="CT").GetSize() == (12, 12, 6)

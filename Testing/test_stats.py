@@ -129,6 +129,9 @@ def test_delong_test_for_correlated_aucs():
     assert t2.z == pytest.approx(-t.z) and t2.p == pytest.approx(t.p)
     # a monotone transform does not change the AUC
     assert stats.delong_test(y, good, np.exp(good)).p == 1.0
+    # different AUCs with no spread to test against (perfect against constant scores, 4 knees): undefined, not 0
+    flat = stats.delong_test([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], [0.5, 0.5, 0.5, 0.5])
+    assert flat.diff == 0.5 and np.isnan(flat.p) and np.isnan(flat.z)
     # the variance of the difference is brute-force checked
     _, a10, a01 = _brute_auc_components(y, good)
     _, b10, b01 = _brute_auc_components(y, poor)

@@ -191,9 +191,9 @@ def test_evaluate_refuses_a_model_file_under_another_role_s_name(tmp_path):
 # --- options that other settings make meaningless are refused, not silently ignored (twenty-first session) ---
 
 @pytest.mark.parametrize("option, message", [
-    (["--threshold", "0.5"], "--threshold binarise a grey-level image"),
-    (["--n4", "--smooth-sigma", "1"], "--n4, --smooth-sigma binarise a grey-level image"),
-    (["--method", "local"], "--method local binarise a grey-level image"),
+    (["--threshold", "0.5"], "--threshold applies to binarising a grey-level image"),
+    (["--n4", "--smooth-sigma", "1"], "--n4, --smooth-sigma apply to binarising a grey-level image"),
+    (["--method", "local"], "--method local applies to binarising a grey-level image"),
 ])
 def test_morphometry_grey_level_options_on_a_binary_image(capsys, tmp_path, ct_crop, option, message):
     out = tmp_path / "m"

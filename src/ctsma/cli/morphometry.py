@@ -63,8 +63,9 @@ def _check_ignored(args) -> None:
                                 ("--window-mm", args.window_mm is not None), ("--n4", args.n4),
                                 ("--smooth-sigma", args.smooth_sigma > 0)) if on]
         if grey:
-            raise UserError(f"{', '.join(grey)} binarise a grey-level image, but --modality binary (the default) takes "
-                            "the image as bone = 1; give --modality ct, microct or mr")
+            raise UserError(f"{', '.join(grey)} {'applies' if len(grey) == 1 else 'apply'} to binarising a grey-level "
+                            "image, but --modality binary (the default) takes the image as bone = 1; give --modality "
+                            "ct, microct or mr")
     if args.window_mm is not None and args.method != "local":
         raise UserError("--window-mm is the width of the local mean of --method local; add --method local or drop it")
     if args.stride != 1 and args.window is None:

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     for s in qa["stages"]:
         dice = s["bone_dice"].get("mean") if s["bone_dice"] else None
         info(f"  {s['name']:<11} {s['metric']:<12} {s['metric_before']:.4f} -> {s['metric_after']:.4f} "
-             f"{'kept' if s['kept'] else 'REJECTED'}  dice {dice if dice is None else round(dice, 3)}  "
+             f"{'kept' if s['kept'] else 'REJECTED'}  dice {'-' if dice is None else round(dice, 3)}  "
              f"{s['seconds']:.1f} s")
     info(f"registered in {qa['total_seconds']:.1f} s; outputs in {Path(out)}")
     return 0

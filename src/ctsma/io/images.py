@@ -37,6 +37,10 @@ def _dicom_reader(folder: Path, what: str) -> sitk.ImageSeriesReader:
         raise InputImageError(f"{what} {folder} is a folder with no DICOM series in it")
     files_by_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
     sid = max(files_by_series, key=lambda s: len(files_by_series[s]))
+    tied = [s for s in files_by_series if len(files_by_series[s]) == len(files_by_series[sid])]
+    if len(tied) > 1:  # no rule would choose between them: the user must
+        raise InputImageError(f"{what} {folder} holds {len(tied)} DICOM series of {len(files_by_series[sid])} files "
+                              f"each ({', '.join(sorted(tied))}); put the one to analyse in a folder of its own")
     if len(series) > 1:
         warnings.warn(f"{folder} holds {len(series)} DICOM series; using the largest ({sid}, "
                       f"{len(files_by_series[sid])} files)", stacklevel=3)

@@ -89,8 +89,8 @@ def delong_test(y_true, scores_a, scores_b, *, alpha: float = 0.05) -> DeLongTes
     diff = float(aucs[0] - aucs[1])
     se = float(np.sqrt(max(var, 0.0)))
     zq = _st().norm.ppf(1 - alpha / 2)
-    if se == 0.0:
-        z, p = (0.0, 1.0) if diff == 0 else (float(np.sign(diff) * np.inf), 0.0)
+    if se == 0.0:  # no spread to test against: equal AUCs are p = 1; different ones leave the test undefined
+        z, p = (0.0, 1.0) if diff == 0 else (float("nan"), float("nan"))
     else:
         z = diff / se
         p = float(2 * _st().norm.sf(abs(z)))
