@@ -186,6 +186,17 @@ def test_evaluate_refuses_a_model_file_under_another_role_s_name(tmp_path):
     shutil.copy(run / "teacher.safetensors", run / "student_distilled.safetensors")
     with pytest.raises(UserError, match="holds a 'teacher' model, not the student_distilled"):
         predict_sources(cfg, store, np.arange(3))
+    # a diagnosis model under the teacher's name is named for what it is
+    (run / "student_distilled.safetensors").unlink()
+    shutil.copy(Path(__file__).resolve().parents[1] / "Resources" / "Models" / "diagnosis_demo.safetensors",
+                run / "teacher.safetensors")
+    with pytest.raises(ModelFileError, match="is a 'diagnosis' model, not a teacher or student"):
+        predict_sources(cfg, store, np.arange(3))
+    # and a synthesis training preset that does not exist lists those that do
+    from ctsma.synthesis.training import load_train_config as synthesis_config
+
+    with pytest.raises(ConfigError, match="unknown synthesis training preset 'bogus' \\(shipped: default, demo"):
+        synthesis_config("bogus")
 
 
 # --- options that other settings make meaningless are refused, not silently ignored (twenty-first session) ---

@@ -124,6 +124,9 @@ def load_parameter_model(path: str | Path, kind: str | None = None) -> tuple[Par
     tensors, meta = load_model(path, kind=kind)
     name = Path(path).name
     try:
+        if meta.get("kind") not in (None, "teacher", "student"):  # a diagnosis or synthesis model under another name
+            raise ModelFileError(f"{name} is a '{meta.get('kind')}' model, not a teacher or student (parameter "
+                                 "regression) model")
         if meta.get("meta_version") != META_VERSION:
             raise ModelFileError(f"{name} has regression-model metadata version {meta.get('meta_version')}; "
                                  f"this CT-SMA reads {META_VERSION}")

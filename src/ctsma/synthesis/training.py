@@ -15,6 +15,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 
 from .. import __version__, progress
 from ..config import load_config, setting
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from .model import DEFAULT_NORMALISATION, PLANES, SynthesisModel, ct_to_target, mr_scale, resample_isotropic
 from .network import UNet25D
 
@@ -63,6 +64,9 @@ def load_train_config(preset_or_path: str | None = "default", overrides: dict | 
     """A named training preset (``default``, ``demo``) or a YAML/JSON file, plus overrides."""
     if preset_or_path in PRESETS or preset_or_path is None:
         return load_config(PRESETS[preset_or_path or "default"], TrainConfig, overrides=overrides)
+    if not Path(preset_or_path).suffix and not Path(preset_or_path).exists():  # a name, not a file
+        raise ConfigError(f"unknown synthesis training preset {preset_or_path!r} (shipped: "
+                          f"{', '.join(sorted(PRESETS))}; or give a YAML/JSON file)")
     return load_config(preset_or_path, TrainConfig, overrides=overrides)
 
 
