@@ -103,6 +103,10 @@ def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=No
             status.append({"subject": row.subject, "status": "failed", "message": str(exc)})
             if not existed and d.is_dir() and not any(d.iterdir()):
                 d.rmdir()  # no empty case folder for a case that failed: its reason is in the status file
+        except KeyboardInterrupt:
+            if not existed and d.is_dir() and not any(d.iterdir()):
+                d.rmdir()  # nor for the case a Ctrl-C stopped
+            raise
     table = pd.DataFrame(status, columns=["subject", "status", "message"])
     write_json(out / f"batch_status_{i}of{n}.json", json.loads(table.to_json(orient="records")))
     return table
