@@ -146,7 +146,7 @@ def inp(tmp_path_factory) -> dict:
     # tables
     (d / "labels.csv").write_text("subject,oa,severity\nk1,0,0\nk2,1,2\n")
     p["labels"] = d / "labels.csv"
-    (d / "metrics.json").write_text("{}")
+    (d / "metrics.json").write_text(json.dumps({"regression": {}}))  # a block, no values
     return p
 
 

@@ -39,7 +39,10 @@ def test_report_study_cli(tmp_path):
 def test_report_study_cli_user_errors(tmp_path, capsys):
     assert main(["report", "study", str(tmp_path)]) == 2
     assert "metrics.json does not exist" in capsys.readouterr().err
-    write_json(tmp_path / "metrics.json", {})
+    write_json(tmp_path / "metrics.json", {})  # a JSON object, but none of a study's blocks
+    assert main(["report", "study", str(tmp_path)]) == 2
+    assert "none of the blocks" in capsys.readouterr().err
+    write_json(tmp_path / "metrics.json", {"regression": {}})
     (tmp_path / "pred.csv").write_text("a,b\n1,2\n")
     assert main(["report", "study", str(tmp_path), "--predictions", str(tmp_path / "pred.csv")]) == 2
     assert "lacks the columns source" in capsys.readouterr().err
