@@ -183,7 +183,9 @@ def test_few_patches_warn_and_splits_by_patient(cohort, tmp_path):
     root, _, _ = cohort
     s = BuildSettings(transform_column="transform_ct_to_mr", **dict(SMALL, max_per_roi=1, min_per_roi=3))
     with pytest.warns(UserWarning, match="only 1 valid patches"):
-        build_dataset(root / "manifest.csv", tmp_path / "ds", s, subjects=["k0"])
+        with pytest.warns(UserWarning, match="only 1 usable knee.*no test patient"):  # said now, not by evaluate
+            summary = build_dataset(root / "manifest.csv", tmp_path / "ds", s, subjects=["k0"])
+    assert any("no test patient" in w for w in summary["warnings"])
     sp = assign_splits([f"s{i}" for i in range(24)], BuildSettings())
     parts = [v[0] for v in sp.values()]
     assert parts.count("test") == 5 and parts.count("val") == 4 and parts.count("train") == 15

@@ -258,7 +258,8 @@ def test_study_report_includes_extra_figures_inside_the_html(tmp_path, study):
     (figs / "registration_overlay.png").write_bytes(png)
     (figs / "registration_overlay.txt").write_text("Registration <overlay> caption")
     (figs / "not_a_png.png").write_bytes(b"GIF89a....")
-    doc = study_mod.build_study_document({}, figures_dir=figs)
+    with pytest.warns(UserWarning, match="not_a_png.png left out of the study report: not a PNG image"):
+        doc = study_mod.build_study_document({}, figures_dir=figs)
     captions = [b.caption for b in doc.blocks if type(b).__name__ == "Figure"]
     assert captions == ["Registration <overlay> caption"]
 

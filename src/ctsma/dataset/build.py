@@ -503,6 +503,11 @@ def build_dataset(manifest: str | os.PathLike, out: str | os.PathLike, settings:
     if not shards:
         raise UserError("no subject could be used; reasons: " + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
     splits = assign_splits(list(shards), s)
+    if len(shards) < 3:  # the split has no test patient then: say so now, not when evaluate fails
+        w = (f"only {len(shards)} usable knee(s): the split has no test patient, so 'ctsma evaluate' cannot score "
+             "this store; training and evaluation need at least 3 knees")
+        warnings.warn(w, stacklevel=2)
+        warns.append(w)
     attrs = {"ct_spacing_mm": s.extent_mm / s.ct_size, "mr_spacing_mm": s.extent_mm / s.mr_size,
              "extent_mm": s.extent_mm, "mr_normalisation": "MR / 99.5th percentile of the knee's MR in its ROI patches",
              "mr_binarisation": MR_BINARISATIONS[s.mr_threshold],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -336,9 +337,12 @@ def _extra_figures(figures_dir) -> list:
     out: list = []
     for p in pngs[:MAX_EXTRA_FIGURES]:
         if p.stat().st_size > MAX_EXTRA_FIGURE_BYTES:
+            warnings.warn(f"figure {p.name} left out of the study report: over "
+                          f"{MAX_EXTRA_FIGURE_BYTES // 2**20} MiB", stacklevel=2)
             continue
         data = p.read_bytes()
         if data[:8] != b"\x89PNG\r\n\x1a\n":
+            warnings.warn(f"figure {p.name} left out of the study report: not a PNG image", stacklevel=2)
             continue
         cap_file = p.with_suffix(".txt")
         caption = cap_file.read_text(encoding="utf-8", errors="replace").strip() if cap_file.is_file() \
