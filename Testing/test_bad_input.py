@@ -215,7 +215,7 @@ def _segment(case, inp, out):
         "seg_mismatch": Cell(["segment", inp["ct"], "--bones", inp["seg_mismatch"], "--out", out],
                              match=MISMATCH),
         "empty_roi": Cell(["segment", inp["ct"], "--bones", inp["empty_roi"], "--out", out],
-                          match="lacks the femur or the tibia"),
+                          match="has no femur .label 1. and no tibia .label 2."),
         "out_not_writable": Cell(["segment", inp["ct"], "--out", inp["not_writable"]], match="output folder"),
     }.get(case) or NA(NO_MODEL if case.startswith("model") else NO_CONFIG)
 

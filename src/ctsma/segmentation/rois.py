@@ -334,8 +334,10 @@ def subchondral_rois(ct_image: sitk.Image, bones: sitk.Image, side: str | None =
     sp = spacing_zyx(bones)
     femur, tibia = lab == BONES["femur"], lab == BONES["tibia"]
     if femur.sum() == 0 or tibia.sum() == 0:
-        raise InputImageError("the bone segmentation lacks the femur or the tibia (labels 1 and 2); "
-                              "subchondral ROIs need both")
+        missing = " and no ".join(n for n, m in (("femur (label 1)", femur), ("tibia (label 2)", tibia)) if not m.any())
+        raise InputImageError(f"the bone segmentation has no {missing} on the CT's grid; subchondral ROIs need the "
+                              "femur and the tibia (a segmentation made on another grid keeps only what lies inside "
+                              "the CT)")
     if side is not None:
         side = str(side).strip().upper()[:1]
         if side not in ("L", "R"):
