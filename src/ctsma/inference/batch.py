@@ -12,7 +12,7 @@ import pandas as pd
 from .. import progress
 from ..errors import InputImageError, UserError
 from ..io import ensure_writable_dir, safe_join, write_json
-from ..io.atomic import COMPLETION_MARKER, remove_stale_staging
+from ..io.atomic import COMPLETION_MARKER, recorded_request, remove_stale_staging
 from ..io.images import IMAGE_SUFFIXES
 from .engine import InferSettings, _subject_name, default_model_path, infer, load_diagnosis, request_record
 
@@ -61,15 +61,6 @@ def list_cases(path: Path) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def _earlier_request(case_dir: Path) -> dict | None:
-    """The request record of a finished case (None when its summary is missing, unreadable or from a version
-    that did not record it: such a case is redone)."""
-    try:
-        return json.loads((case_dir / "summary.json").read_text(encoding="utf-8")).get("request")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=None, settings: InferSettings,
               diagnosis_path=None) -> pd.DataFrame:
     """Analyse every case of this shard into ``out_dir/<subject>/``; finished cases are skipped on rerun."""
@@ -90,7 +81,7 @@ def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=No
         note = ""
         if (d / COMPLETION_MARKER).is_file():
             remove_stale_staging(d)   # a run killed after its last move, before its clean-up
-            if _earlier_request(d) == request_record(row.ct, meta, case_settings, seg, None, diagnosis[0]):
+            if recorded_request(d / COMPLETION_MARKER) == request_record(row.ct, meta, case_settings, seg, None, diagnosis[0]):
                 status.append({"subject": row.subject, "status": "done earlier", "message": ""})
                 continue
             note = "redone: its earlier results came from another CT, model or settings"

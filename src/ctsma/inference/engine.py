@@ -26,7 +26,6 @@ and lies outside the physical range of every parameter inside bone.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -88,10 +87,12 @@ def request_record(ct_path, model_meta: dict, s: InferSettings, segmentation, ro
     def path(p):
         return str(Path(p).resolve()) if p else None
 
+    from ..io.atomic import to_jsonable
+
     settings = {k: v for k, v in asdict(s).items() if k not in ("device", "batch_size")}
-    return json.loads(json.dumps({"ct": path(ct_path), "segmentation": path(segmentation), "rois": path(rois_path),
-                                  "model_sha256": model_meta.get("_sha256"), "diagnosis_model": path(diagnosis_path),
-                                  "settings": settings}, default=str))
+    return to_jsonable({"ct": path(ct_path), "segmentation": path(segmentation), "rois": path(rois_path),
+                        "model_sha256": model_meta.get("_sha256"), "diagnosis_model": path(diagnosis_path),
+                        "settings": settings})
 
 
 def default_model_path(must_exist: bool = True) -> Path:
@@ -547,20 +548,17 @@ def _diagnose(patch_rows: pd.DataFrame, loaded, subject: str) -> dict:
         return {"diagnosis": None, "diagnosis_note": "no diagnosis model available"}
     from .. import diagnosis
 
+    cv = model.cv_metrics or {}
     missing = [r for r in ROIS if not (patch_rows["roi"] == r).any()]
     if missing:  # the models learnt from knees with all four compartments: a probability from fewer is not theirs
-        message = (f"ROI(s) {', '.join(missing)} have no patch, and the diagnosis model reads all four; check the "
-                   "ROIs")
+        prob = severity = None
+        message = f"ROI(s) {', '.join(missing)} have no patch, and the diagnosis model reads all four; check the ROIs"
         warnings.warn(f"no OA probability: {message}", stacklevel=3)
-        return {"oa_probability": None, "severity": None, "auc": (model.cv_metrics or {}).get("auc"),
-                "diagnosis": {"model": str(path), "aggregator": model.metadata.get("aggregator"), "message": message,
-                              "cv_metrics": model.cv_metrics or {}}}
-
-    pred = diagnosis.predict(model, patch_rows, subjects=[subject]).iloc[0]
-    cv = model.cv_metrics or {}
-    prob = float(pred["oa_probability"]) if pd.notna(pred["oa_probability"]) else None
-    return {"oa_probability": prob,
-            "severity": float(pred["severity"]) if pd.notna(pred["severity"]) else None,
-            "auc": cv.get("auc"), "auc_ci": cv.get("auc_ci"),
-            "diagnosis": {"model": str(path), "aggregator": model.metadata.get("aggregator"),
-                          "message": pred.get("message") or "", "cv_metrics": cv}}
+    else:
+        pred = diagnosis.predict(model, patch_rows, subjects=[subject]).iloc[0]
+        prob = float(pred["oa_probability"]) if pd.notna(pred["oa_probability"]) else None
+        severity = float(pred["severity"]) if pd.notna(pred["severity"]) else None
+        message = pred.get("message") or ""
+    return {"oa_probability": prob, "severity": severity, "auc": cv.get("auc"), "auc_ci": cv.get("auc_ci"),
+            "diagnosis": {"model": str(path), "aggregator": model.metadata.get("aggregator"), "message": message,
+                          "cv_metrics": cv}}

@@ -241,6 +241,17 @@ def remove_stale_outputs(out_dir: str | os.PathLike, owned, produced) -> list[st
     return gone
 
 
+def recorded_request(marker: str | os.PathLike) -> dict | None:
+    """The ``request`` a finished run recorded in its completion marker (``infer``'s ``summary.json``, a
+    registration's ``qa.json``), as JSON types: a resumed batch compares it with what it is asked now, made JSON
+    with :func:`to_jsonable`. None when the marker is missing, unreadable or from a version that recorded none
+    (such a case is redone)."""
+    try:
+        return json.loads(Path(marker).read_text(encoding="utf-8")).get("request")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 @contextlib.contextmanager
 def staged_outputs(out_dir: str | os.PathLike, marker: str = COMPLETION_MARKER) -> Iterator[Path]:
     """Yield a hidden staging folder inside ``out_dir``; on success move its files into ``out_dir``.

@@ -10,7 +10,6 @@ summarises that shard.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -23,7 +22,7 @@ import pandas as pd
 
 from .. import progress
 from ..errors import ConfigError, InputImageError, UserError
-from ..io.atomic import safe_join, write_text
+from ..io.atomic import recorded_request, safe_join, to_jsonable, write_text
 from ..processes import worker_pool
 
 _WORKER: dict = {}
@@ -109,17 +108,10 @@ def cohort_request(row: dict, preset, model_path: str | None) -> dict:
 
     from ..pipeline import settings_hash
 
-    return {**{k: row.get(k) or None for k in ("mr", "ct", "ct_bones", "mr_bones")},
-            "preset": getattr(preset, "name", None),
-            "preset_hash": settings_hash(asdict(preset) if is_dataclass(preset) else preset),
-            "synthesis_model": str(Path(model_path).resolve()) if model_path else None}
-
-
-def _earlier_request(target: Path) -> dict | None:
-    try:
-        return json.loads((target / "qa.json").read_text(encoding="utf-8")).get("request")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return to_jsonable({**{k: row.get(k) or None for k in ("mr", "ct", "ct_bones", "mr_bones")},
+                        "preset": getattr(preset, "name", None),
+                        "preset_hash": settings_hash(asdict(preset) if is_dataclass(preset) else preset),
+                        "synthesis_model": str(Path(model_path).resolve()) if model_path else None})
 
 
 def _run_one(row: dict, out_dir: str, preset, request: dict | None = None, note: str = "") -> dict:
@@ -178,7 +170,7 @@ def run_cohorts(cohorts: Sequence[Cohort], *, model_path: str | None = None, job
             request = cohort_request(row, c.preset, model_path)
             note = ""
             if (target / "qa.json").is_file():
-                if _earlier_request(target) == request:
+                if recorded_request(target / "qa.json") == request:
                     records[k].append({"subject": row["subject"], "status": "skipped (done before)", "seconds": 0.0,
                                        "bone_dice_mean": None, "rejected_stages": "", "warnings": 0, "error": "",
                                        "note": ""})
