@@ -156,6 +156,33 @@ def test_model_file_round_trip(cohort, tmp_path, agg, cfg):
         dg.load(other)
 
 
+def test_model_carries_the_non_oa_reference_range_of_each_roi_mean(tmp_path):
+    """The non-OA range a patient report compares a knee with: mean and SD (ddof 1) across the healthy knees' ROI
+    means, from a table whose ROI means are known; OA knees and single-knee ROIs give no range."""
+    from ctsma import PARAMETERS, ROIS
+
+    rows, labels = [], []
+    healthy = {"H1": 0.20, "H2": 0.24, "H3": 0.31}   # BV/TV of each healthy knee's MFC (two patches around it)
+    for k, (s, oa) in enumerate([("H1", 0), ("H2", 0), ("H3", 0), ("A1", 1), ("A2", 1), ("A3", 1)]):
+        labels.append({"subject": s, "oa": oa, "severity": 0.5 * oa})
+        for roi in ROIS:
+            if roi == "LTP" and s != "H1" and not oa:
+                continue  # LTP: one healthy knee only
+            centre = healthy.get(s, 0.9) if roi == "MFC" else 0.3 + 0.01 * k
+            for d in (-0.01, 0.01):
+                rows.append({"subject": s, "roi": roi, "rel_x": d, "rel_y": 0.0, "rel_z": 0.0, "BV/TV": centre + d,
+                             "Tb.Th": 0.7, "Tb.Sp": 1.5, "Tb.N": 0.45})
+    model = dg.train(pd.DataFrame(rows), pd.DataFrame(labels), "logistic", folds=None)
+    ranges = dg.load(dg.save(model, tmp_path / "m.safetensors")).metadata["reference_ranges"]
+    got = {(r["roi"], r["parameter"]): r for r in ranges}
+    mfc = got[("MFC", "BV/TV")]
+    assert mfc["mean"] == pytest.approx(np.mean(list(healthy.values())))
+    assert mfc["sd"] == pytest.approx(np.std(list(healthy.values()), ddof=1)) and mfc["n_knees"] == 3
+    assert got[("MFC", "Tb.Th")]["sd"] == pytest.approx(0.0, abs=1e-12)
+    assert not any(roi == "LTP" for roi, _ in got)  # one healthy knee: no SD, no range
+    assert len(ranges) == (len(ROIS) - 1) * len(PARAMETERS)
+
+
 def test_cli_train_evaluate_predict(cohort, tmp_path, capsys, monkeypatch):
     import ctsma.cli.main as climain
 

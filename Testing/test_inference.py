@@ -468,6 +468,37 @@ def test_patient_report_from_a_real_infer_folder(knee, constant_student, tmp_pat
     assert "cv_metrics" not in html and "{&quot;" not in html and '{"' not in html
     assert "Analysis notes" in html and "Knee side" in html and "docs/" not in html
     assert "Role" in html and "student_distilled" in html   # (this test model records no training knees)
+    # the shipped diagnosis model carries its cohort's non-OA ranges: every ROI mean gets a z-score
+    assert {(r["roi"], r["parameter"]) for r in summary["reference_ranges"]} == {(r, p) for r in ROIS for p in PARAMETERS}
+    r = summary["reference_ranges"][0]
+    mean = next(x["mean"] for x in summary["roi_table"] if x["roi"] == r["roi"] and x["parameter"] == r["parameter"])
+    assert f"{(mean - r['mean']) / r['sd']:+.2f}" in html
+
+
+def test_the_diagnosis_models_reference_ranges_give_the_patient_report_its_z_scores(knee, constant_student,
+                                                                                      tmp_path, monkeypatch):
+    """`infer` passes on the non-OA ranges its diagnosis model carries, and `report patient` turns them into each
+    ROI mean's z-score: (the knee's mean - the range's mean) / its SD."""
+    from ctsma import diagnosis as dg
+    from ctsma.diagnosis.synthetic import synthetic_cohort
+    from ctsma.report import patient_figures
+
+    for name in ("maps_figure", "overview_figure"):
+        monkeypatch.setattr(patient_figures, name, lambda *a, **k: None)
+    table, labels = synthetic_cohort(12, 3, seed=4)
+    model_path = dg.save(dg.train(table, labels, "logistic", folds=None), tmp_path / "dx.safetensors")
+    ranges = dg.load(model_path).metadata["reference_ranges"]
+    assert len(ranges) == len(ROIS) * len(PARAMETERS)
+    out = tmp_path / "run"
+    assert _run(knee["ct"], "--out", out, "--model", constant_student, "--side", knee["side"],
+                "--segmentation", knee["bones_only"], "--diagnosis-model", model_path) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reference_ranges"] == ranges and "non-OA knees" in summary["reference_description"]
+    assert cli_main(["--quiet", "report", "patient", str(knee["ct"]), str(out), "--format", "html"]) == 0
+    html = next((out / "report").glob("*.html")).read_text(encoding="utf-8")
+    r = next(r for r in ranges if r["roi"] == "LTP" and r["parameter"] == "Tb.Sp")
+    z = (CONSTANT[PARAMETERS.index("Tb.Sp")] - r["mean"]) / r["sd"]   # the constant student's ROI mean
+    assert f"{z:+.2f}" in html and "Non-OA reference" in html
 
 
 def test_a_thin_roi_gets_patches_with_less_of_it_and_a_warning(knee, constant_student, tmp_path):

@@ -510,17 +510,62 @@ def test_readme_snippet(tmp_path, metrics):
 
 def test_patient_diagnosis_table_shows_readable_rows_only(tmp_path, knee):
     """The diagnosis record of the demo (as `infer` writes it) carries bookkeeping keys; the report hides them."""
-    from ctsma.report.patient import _diagnosis_section
+    from ctsma.report.patient import _diagnosis_section, _performance_section
 
     dx = {"oa_probability": 0.2, "severity": 0.35, "auc": 0.932, "auc_ci": [0.83, 1.0], "auc_se": 0.053,
           "auc_ci_method": "DeLong", "precision": 0.9, "recall": 0.9, "n": 23, "n_oa": 11, "folds": 5, "seed": 0,
           "seconds": 4.7, "auc_diff_vs_student_baseline": 0.02, "p_auc_vs_student_baseline": 0.3}
-    table = next(b for b in _diagnosis_section(dx) if hasattr(b, "rows"))
-    labels = {r[0]: r[1] for r in table.rows}
+    result = next(b for b in _diagnosis_section(dx) if hasattr(b, "rows"))
+    assert [r[0] for r in result.rows] == ["OA probability", "Severity (model estimate)", "Cross-validated AUC"]
+    assert result.rows[0][1] == "20 %" and result.row_kinds == ["", "", "group"]  # the AUC shaded as the model's
+    performance = [b for b in _performance_section(dx) if hasattr(b, "rows")]
+    labels = {r[0]: r[1] for r in performance[0].rows}
     wanted = {"Precision", "Recall", "Patients in the cross-validation", "of which OA", "Cross-validation folds"}
-    assert wanted <= set(labels)
+    assert wanted <= set(labels) and "OA probability" not in labels
     assert labels["Cross-validation folds"] == "5" and labels["Patients in the cross-validation"] == "23"
     assert not any(k in " ".join(labels) for k in ("seed", "auc se", "seconds", "p auc", "auc diff", "method"))
+    # a record with nothing beyond the AUC needs no performance section, nor a pointer to one
+    assert _performance_section({"oa_probability": 0.2, "auc": 0.9}) == []
+    only_auc = next(b for b in _diagnosis_section({"oa_probability": 0.2, "auc": 0.9}) if hasattr(b, "rows"))
+    assert "Diagnosis model performance" not in only_auc.notes[0]
+
+
+def test_a_heading_stays_with_the_short_table_after_it():
+    """A heading never ends a page: before a short table it moves to the next page with the whole table, before
+    a long one with its first rows; a table of one row fits where the other did not."""
+    from ctsma.report.document import Table
+    from ctsma.report.pdf_render import ReportPDF
+
+    short = Table(["Item", "Value"], [[f"row {i}", "x"] for i in range(7)])
+    tiny = Table(["Item", "Value"], [["row", "x"]])
+    for block, page in ((short, 2), (tiny, 1)):
+        pdf = ReportPDF("t")
+        pdf.add_page()
+        pdf.set_y(pdf.page_break_trigger - 50)   # room for a heading and a few rows, not for seven
+        pdf.heading("Model provenance", keep_with=pdf.keep_need(block))
+        assert pdf.page == page
+    long = Table(["Item", "Value"], [[f"row {i}", "x"] for i in range(40)])
+    pdf = ReportPDF("t")
+    assert pdf.keep_need(long) < pdf.keep_need(short) < pdf.page_break_trigger
+
+
+def test_patient_report_of_a_phantom_trained_model_says_not_for_clinical_use():
+    """A student whose training store measured the phantom's truth is a demonstration model wherever it came from
+    (`ctsma demo`, or a user's own training on the phantom), and its report says so."""
+    from ctsma.models.export import describe, trained_on_phantom
+    from ctsma.report.patient import inputs_from_summary, is_demo
+
+    def meta(source):
+        return {"training": {"store_summary": {"n_subjects": 3, "attrs": {"subject_info": {
+            "P0000": {"true_source": source}, "P0001": {"true_source": source}}}}}}
+
+    phantom = meta("phantom truth_binary, central 4-mm cube at 0.0625 mm, 1 patches per ROI")
+    assert trained_on_phantom(phantom) and describe(phantom)["trained_on_phantom"]
+    assert not trained_on_phantom(meta("manifest per-ROI truth")) and not trained_on_phantom(meta(""))
+    assert not trained_on_phantom({}) and not trained_on_phantom({"training": {"store_summary": None}})
+    prov = inputs_from_summary({"model": {"path": "m.safetensors", "trained_on": 3, "trained_on_phantom": True,
+                                          "demo": True}})["provenance"]
+    assert is_demo(prov) and prov["trained_on"] == "3 phantom knees"
 
 
 def test_patient_report_lists_the_analysis_notes(knee, monkeypatch):

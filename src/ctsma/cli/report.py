@@ -125,16 +125,10 @@ def run_patient(args) -> int:
             raise UserError(f"cannot read {d / 'summary.json'}: {exc}") from None
     inputs = inputs_from_summary(summary)
     if args.reference:
-        reference = _read_csv(args.reference, "reference ranges", ["roi", "parameter", "mean", "sd"])
-    elif isinstance(summary.get("reference_ranges"), list):
-        import pandas as pd
-        reference = pd.DataFrame(summary["reference_ranges"])
-    else:
-        reference = None
+        inputs["reference_ranges"] = _read_csv(args.reference, "reference ranges", ["roi", "parameter", "mean", "sd"])
     subject = args.subject or summary.get("subject") or Path(str(args.ct).rstrip("/")).name.split(".")[0]
     formats = PATIENT_REPORT_FORMATS if args.format == "both" else (args.format,)
     out = {f: patient_report_path(args.out or d, subject, f) for f in formats}
-    write_patient_report(out, ct=ct, rois=rois, maps=maps, roi_table=roi_table, reference_ranges=reference,
-                         subject=subject, **inputs)
+    write_patient_report(out, ct=ct, rois=rois, maps=maps, roi_table=roi_table, subject=subject, **inputs)
     progress.info("patient report: " + " and ".join(str(p) for p in out.values()))
     return 0

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from .. import PARAMETER_FILE_NAMES, PARAMETERS
 from ..io import write_json
-from .stages import Context, _labels, _oof_tables, inference_subject
+from .stages import Context, inference_subject
 
 
 def collect_metrics(ctx: Context, timings: dict) -> dict:
@@ -55,21 +55,6 @@ def _roc(ctx: Context) -> dict:
             for (s, a), g in oof.groupby(["source", "aggregator"])}
 
 
-def reference_ranges(ctx: Context, exclude: str) -> pd.DataFrame:
-    """Non-OA knees' per-knee ROI means (out-of-fold distilled student), mean and SD across knees."""
-    t = _oof_tables(ctx)["student_distilled"]
-    labels = _labels(ctx)
-    healthy = set(labels.subject[labels.oa == 0]) - {exclude}
-    t = t[t.subject.isin(healthy)]
-    per_knee = t.groupby(["subject", "roi"])[list(PARAMETERS)].mean().reset_index()
-    rows = []
-    for roi, g in per_knee.groupby("roi"):
-        for p in PARAMETERS:
-            rows.append({"roi": roi, "parameter": p, "mean": float(g[p].mean()), "sd": float(g[p].std(ddof=1)),
-                         "n_knees": int(len(g))})
-    return pd.DataFrame(rows)
-
-
 def patient_report(ctx: Context) -> dict[str, Path]:
     """The held-out knee's patient report, PDF and HTML: ``{format: path}``."""
     from ..io import read_image
@@ -96,7 +81,7 @@ def patient_report(ctx: Context) -> dict[str, Path]:
                                           f"fold that held {subject} out)"}
     out = {f: patient_report_path(ctx.out, subject, f) for f in PATIENT_REPORT_FORMATS}
     return write_patient_report(out, ct=ct, rois=rois, maps=maps, roi_table=pd.read_csv(d / "roi_table.csv"),
-                                reference_ranges=reference_ranges(ctx, subject), subject=subject, **inputs)
+                                subject=subject, **inputs)
 
 
 def _slicer_lib() -> bool:

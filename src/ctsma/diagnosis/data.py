@@ -168,6 +168,27 @@ def build_kneeset(patch_table, labels=None) -> KneeSet:
     return KneeSet(subjects, params, rois, pos, means, oa, sev)
 
 
+REFERENCE_DESCRIPTION = ("non-OA knees (oa = 0) of the diagnosis model's training cohort: mean and SD (ddof 1) "
+                         "across knees of each knee's ROI mean")
+
+
+def reference_ranges(knees: KneeSet) -> list[dict]:
+    """The non-OA reference range of each ROI mean: ``{roi, parameter, mean, sd, n_knees}`` records over the
+    labelled knees without OA (:data:`REFERENCE_DESCRIPTION`); an ROI and parameter with fewer than two such
+    knees has no range and no record."""
+    if knees.oa is None:
+        raise UserError("reference ranges need OA labels")
+    healthy = knees.roi_means[np.asarray(knees.oa) == 0]
+    out = []
+    for j, feature in enumerate(ROI_MEAN_FEATURES):
+        v = healthy[:, j][np.isfinite(healthy[:, j])]
+        if len(v) >= 2:
+            roi, param = ROI_ORDER[j // len(PARAMETERS)], PARAMETERS[j % len(PARAMETERS)]
+            out.append({"roi": roi, "parameter": param, "mean": float(v.mean()), "sd": float(v.std(ddof=1)),
+                        "n_knees": int(len(v))})
+    return out
+
+
 @dataclass
 class Normaliser:
     """Standardisation statistics fitted on TRAINING knees only (stored in the model file)."""

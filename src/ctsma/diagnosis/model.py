@@ -2,8 +2,9 @@
 
 The model file is a CT-SMA model file (``kind="diagnosis"``): safetensors tensors (network weights, or
 the logistic/ridge coefficients, plus the normalisation statistics) and JSON metadata holding the
-aggregator, its settings, the parameter names/units/ROI order it expects, the training summary and the
-model's cross-validated performance, which predictions report beside each probability.
+aggregator, its settings, the parameter names/units/ROI order it expects, the training summary, the
+model's cross-validated performance, which predictions report beside each probability, and the non-OA
+reference range of each ROI mean in its training cohort, which patient reports compare a knee with.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from .. import PARAMETERS, PARAMETER_UNITS
 from ..errors import ModelFileError, UserError
 from ..modelfile import load_model, save_model
 from .aggregators import AGGREGATORS, Aggregator, make_aggregator
-from .data import ROI_ORDER, build_kneeset, check_patch_table, knees_without_patches
+from .data import (REFERENCE_DESCRIPTION, ROI_ORDER, build_kneeset, check_patch_table, knees_without_patches,
+                   reference_ranges)
 from .evaluation import DEFAULT_FOLDS, DEFAULT_SEED, cross_validate
 
 KIND = "diagnosis"
@@ -57,6 +59,7 @@ def train(patch_table, labels, aggregator: str = "transformer", *, seed: int = D
         "cv_metrics": None if cv is None else cv.metrics,
         "cv_description": None if cv is None else
         f"{folds}-fold patient-level stratified cross-validation, seed {seed}, pooled out-of-fold predictions",
+        "reference_ranges": reference_ranges(knees), "reference_description": REFERENCE_DESCRIPTION,
     }
     return DiagnosisModel(agg, meta)
 

@@ -224,7 +224,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     """Analyse one knee CT and write the contract outputs to ``out_dir``; returns the summary."""
     from ..dataset.sampling import cut, cut_ct, relative_positions, roi_centres
     from .intensity import intensity_check
-    from ..models.export import describe, load_student
+    from ..models.export import describe, load_student, trained_on_phantom
     from ..segmentation import segment_bones, subchondral_rois
     from ..segmentation.labelio import read_user_labels
 
@@ -370,7 +370,8 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         "roi_table": table.to_dict(orient="records"),
         "units": {p: PARAMETER_UNITS[p] for p in PARAMETERS},
         "model": {"path": str(model_path), **describe(meta),
-                  "demo": bool(meta.get("demo", False) or model_path == default_model_path(must_exist=False))},
+                  "demo": bool(meta.get("demo", False) or model_path == default_model_path(must_exist=False)
+                               or trained_on_phantom(meta))},
         "n_patches": int(len(names)), "stride_mm": s.stride_mm, "tta_passes": len(flips), "device": device,
         "bones_from": bones_from, "rois_from": rois_from, **side_info, "ct_resolution": resolution,
         "ct_intensity": intensity,
@@ -559,6 +560,10 @@ def _diagnose(patch_rows: pd.DataFrame, loaded, subject: str) -> dict:
         prob = float(pred["oa_probability"]) if pd.notna(pred["oa_probability"]) else None
         severity = float(pred["severity"]) if pd.notna(pred["severity"]) else None
         message = pred.get("message") or ""
-    return {"oa_probability": prob, "severity": severity, "auc": cv.get("auc"), "auc_ci": cv.get("auc_ci"),
-            "diagnosis": {"model": str(path), "aggregator": model.metadata.get("aggregator"), "message": message,
-                          "cv_metrics": cv}}
+    out = {"oa_probability": prob, "severity": severity, "auc": cv.get("auc"), "auc_ci": cv.get("auc_ci"),
+           "diagnosis": {"model": str(path), "aggregator": model.metadata.get("aggregator"), "message": message,
+                         "cv_metrics": cv}}
+    if model.metadata.get("reference_ranges"):  # the patient report's non-OA ranges and z-scores
+        out["reference_ranges"] = model.metadata["reference_ranges"]
+        out["reference_description"] = model.metadata.get("reference_description")
+    return out

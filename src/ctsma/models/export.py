@@ -164,6 +164,12 @@ def predict(model: ParameterModel, ct_patches, masks=None, batch_size: int = 256
     return model.predict(ct_patches, masks, batch_size)
 
 
+def trained_on_phantom(meta: dict) -> bool:
+    """Whether the model learnt from the digital phantom: its training store measured the phantom's truth."""
+    info = (((meta.get("training") or {}).get("store_summary") or {}).get("attrs") or {}).get("subject_info") or {}
+    return any(isinstance(v, dict) and str(v.get("true_source", "")).startswith("phantom") for v in info.values())
+
+
 def describe(meta: dict) -> dict[str, Any]:
     """A short provenance record of a model (for reports and summary.json)."""
     training = meta.get("training") or {}
@@ -171,4 +177,5 @@ def describe(meta: dict) -> dict[str, Any]:
     learnt = len(split.get("train") or []) + len(split.get("val") or [])  # the knees it learnt from (not its test)
     return {"role": meta.get("role"), "ctsma_version": meta.get("ctsma_version"), "target": meta.get("target"),
             "input": meta.get("input"), "metrics": meta.get("metrics"),
-            "trained_on": learnt or (training.get("store_summary") or {}).get("n_subjects")}
+            "trained_on": learnt or (training.get("store_summary") or {}).get("n_subjects"),
+            "trained_on_phantom": trained_on_phantom(meta)}

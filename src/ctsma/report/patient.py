@@ -50,6 +50,7 @@ _DIAGNOSIS_LABELS = {"severity": "Severity (model estimate)", "threshold": "Deci
 # bookkeeping of the cross-validation record that a reader of a patient report does not need
 _DIAGNOSIS_HIDDEN = ("auc_ci", "auc_se", "auc_ci_method", "seed", "seconds", "roc")
 _INTEGER_KEYS = ("n", "folds")
+_DIAGNOSIS_RESULT = ("oa_probability", "severity", "threshold")  # this knee's result, not the model's
 _PROVENANCE_LABELS = {"model": "Model", "name": "Model", "version": "Model version", "trained_on": "Trained on",
                       "demo": "Demonstration model", "created": "Created", "sha256": "SHA-256",
                       "ctsma_version": "CT-SMA version", "role": "Role", "target": "Learns",
@@ -125,9 +126,12 @@ def analysis_notes(summary: Mapping[str, Any] | None) -> list[str]:
 
 
 def inputs_from_summary(summary: Mapping[str, Any] | None) -> dict:
-    """``diagnosis``, ``provenance`` and ``notes`` of a patient report from ``ctsma infer``'s ``summary.json``
-    (the keyword arguments of :func:`write_patient_report` that the summary holds)."""
+    """``diagnosis``, ``provenance``, ``notes`` and ``reference_ranges`` of a patient report from ``ctsma infer``'s
+    ``summary.json`` (the keyword arguments of :func:`write_patient_report` that the summary holds; the reference
+    ranges are those its diagnosis model carries)."""
     summary = summary if isinstance(summary, Mapping) else {}
+    ranges = summary.get("reference_ranges")
+    reference = pd.DataFrame(ranges) if isinstance(ranges, list) and ranges else None
     diag = summary.get("diagnosis") if isinstance(summary.get("diagnosis"), Mapping) else {}
     if summary.get("oa_probability") is not None:      # infer: the values on top, the model's CV metrics below
         cv = diag.get("cv_metrics") if isinstance(diag.get("cv_metrics"), Mapping) else {}
@@ -144,7 +148,8 @@ def inputs_from_summary(summary: Mapping[str, Any] | None) -> dict:
         prov = {"model": model.get("path"), "role": model.get("role"), "ctsma_version": model.get("ctsma_version"),
                 "target": {"mr": "MR-derived reference parameters", "true": "true microstructure (phantom)"}.get(
                     model.get("target"), model.get("target")),
-                "trained_on": f"{model['trained_on']} knees" if model.get("trained_on") else None,
+                "trained_on": (f"{model['trained_on']} {'phantom ' if model.get('trained_on_phantom') else ''}knees"
+                               if model.get("trained_on") else None),
                 "training CTs": (f"in-plane edge sigma {fmt_sig(ref.get('inplane_edge_sigma_mm'))} mm"
                                  + (f", pixels {fmt_sig(ref['inplane_spacing_mm'])} mm"
                                     if ref.get("inplane_spacing_mm") else "")
@@ -152,7 +157,8 @@ def inputs_from_summary(summary: Mapping[str, Any] | None) -> dict:
                                  f" mm thick, {fmt_sig(ref.get('slice_spacing_mm'))} mm apart" if ref else None),
                 "demo": model.get("demo")}
         prov = {k: v for k, v in prov.items() if v is not None} or None
-    return {"diagnosis": diagnosis, "provenance": dict(prov) if prov else None, "notes": analysis_notes(summary)}
+    return {"diagnosis": diagnosis, "provenance": dict(prov) if prov else None, "notes": analysis_notes(summary),
+            "reference_ranges": reference}
 
 
 def _notes_section(notes) -> list:
@@ -161,39 +167,58 @@ def _notes_section(notes) -> list:
     return [Heading("Analysis notes")] + [Paragraph(str(n), "note") for n in notes]
 
 
+def _performance_row(k: str, v: Any, diagnosis: Mapping[str, Any]) -> list[str]:
+    label = _DIAGNOSIS_LABELS.get(k, str(k).replace("_", " "))
+    if k == "auc":
+        ci = fmt_ci(diagnosis.get("auc_ci"))
+        return [label, fmt(v) + ("" if ci == DASH else f" {ci}")]
+    if k == "aggregator":
+        return [label, AGGREGATOR_LABELS.get(str(v), _text(v))]
+    if as_float(v) is not None and not isinstance(v, bool):
+        return [label, fmt_int(v) if k.startswith("n_") or k in _INTEGER_KEYS else fmt(v)]
+    return [label, _text(v)]
+
+
+def _performance_keys(diagnosis: Mapping[str, Any]) -> list[str]:
+    """The diagnosis record's keys that describe the model (its cross-validated performance), in their order."""
+    return [k for k in diagnosis if k not in _DIAGNOSIS_RESULT + _DIAGNOSIS_HIDDEN
+            and not str(k).startswith(("p_auc", "auc_diff"))]
+
+
 def _diagnosis_section(diagnosis: Mapping[str, Any] | None) -> list:
+    """This knee's result, with the model's cross-validated AUC beside it; the rest of the model's performance
+    is in :func:`_performance_section`."""
     out: list = [Heading("OA probability and severity")]
     if not isinstance(diagnosis, Mapping) or not diagnosis:
         return out + [Paragraph("No diagnosis model was available, so no OA probability or severity is given.",
                                 "note")]
     p = as_float(diagnosis.get("oa_probability"))
     rows = [["OA probability", DASH if p is None else f"{100 * p:.0f} %"]]
-    kinds = [""]
-    for k in ("severity", "threshold"):
-        if k in diagnosis:
-            rows.append([_DIAGNOSIS_LABELS[k], fmt(diagnosis[k], 2)])
-            kinds.append("")
-    for k, v in diagnosis.items():
-        if k in ("oa_probability", "severity", "threshold") + _DIAGNOSIS_HIDDEN or k.startswith(("p_auc", "auc_diff")):
-            continue
-        label = _DIAGNOSIS_LABELS.get(k, str(k).replace("_", " "))
-        if k == "auc":
-            ci = fmt_ci(diagnosis.get("auc_ci"))
-            rows.append([label, fmt(v) + ("" if ci == DASH else f" {ci}")])
-        elif k == "aggregator":
-            rows.append([label, AGGREGATOR_LABELS.get(str(v), _text(v))])
-        elif as_float(v) is not None and not isinstance(v, bool):
-            rows.append([label, fmt_int(v) if k.startswith("n_") or k in _INTEGER_KEYS else fmt(v)])
-        else:
-            rows.append([label, _text(v)])
-        kinds.append("group" if len(kinds) == len(rows) - 1 and kinds.count("group") == 0 else "")
+    rows += [[_DIAGNOSIS_LABELS[k], fmt(diagnosis[k], 2)] for k in _DIAGNOSIS_RESULT[1:] if k in diagnosis]
+    kinds = [""] * len(rows)
+    if "auc" in diagnosis:
+        rows.append(_performance_row("auc", diagnosis["auc"], diagnosis))
+        kinds.append("group")
+    more = len(_performance_keys(diagnosis)) > ("auc" in diagnosis)
     out.append(Table(["Result", "Value"], rows, row_kinds=kinds, align=["L", "R"],
-                     notes=["Shaded: the model's performance, cross-validated on its training cohort."]
+                     notes=["Shaded: the model's performance, cross-validated on its training cohort"
+                            + ("; the rest of it is under \u201cDiagnosis model performance\u201d." if more else ".")]
                      if "group" in kinds else ()))
     if p is not None and 0 <= p <= 1:
         out.append(Figure(patient_figures.probability_gauge(p), "OA probability of this knee on a 0\u2013100 % scale.",
                           0.5, alt=f"OA probability {100 * p:.0f} %"))
     return out
+
+
+def _performance_section(diagnosis: Mapping[str, Any] | None) -> list:
+    """The diagnosis model's cross-validated performance (nothing when the record holds none beyond the AUC)."""
+    keys = _performance_keys(diagnosis) if isinstance(diagnosis, Mapping) else []
+    if len(keys) <= ("auc" in keys):
+        return []
+    rows = [_performance_row(k, diagnosis[k], diagnosis) for k in keys]
+    return [Heading("Diagnosis model performance"),
+            Table(["Measure", "Value"], rows, align=["L", "R"],
+                  notes=["Cross-validated on the diagnosis model's training cohort (patient-level folds)."])]
 
 
 def _check_table(df: Any, columns, what: str) -> pd.DataFrame:
@@ -282,7 +307,7 @@ def build_patient_document(*, ct: sitk.Image, rois: sitk.Image, maps: Mapping[st
                            "(2nd\u201398th percentile of its values in all ROIs).", 0.76))
     elif ov is not None:
         doc.add(Paragraph("No parameter maps were given.", "note"))
-    doc.add(*_provenance_section(provenance))
+    doc.add(*_performance_section(diagnosis), *_provenance_section(provenance))
     return doc
 
 

@@ -128,10 +128,22 @@ class ReportPDF(FPDF):
             self.ln(1.5)
         self.set_text_color(0)
 
-    def table_block(self, t: Table, *, font_size: float = 7.8) -> None:
-        # keep short tables whole (about 6 mm per one-line row); longer ones need their header and 3 rows
+    @staticmethod
+    def table_need(t: Table) -> float:
+        """mm a table must find on its page: short tables whole (about 6 mm per one-line row), longer ones their
+        header and 3 rows."""
         rows_kept = len(t.rows) if len(t.rows) <= 10 else 3
-        self.need(12 + (5 if t.caption else 0) + 6 * rows_kept + 4 * len(t.notes))
+        return 12 + (5 if t.caption else 0) + 6 * rows_kept + 4 * len(t.notes)
+
+    def keep_need(self, block) -> float:
+        """mm of ``block`` that a heading before it keeps on its page: a figure whole, a table as
+        :meth:`table_need` says, nothing of other blocks."""
+        if isinstance(block, Figure):
+            return sum(self.figure_size(block.png, block.width, block.caption)[1:])
+        return self.table_need(block) if isinstance(block, Table) else 0.0
+
+    def table_block(self, t: Table, *, font_size: float = 7.8) -> None:
+        self.need(self.table_need(t))
         if t.caption:
             self.set_font(FONT, "B", 9)
             self.set_text_color(*NAVY)
@@ -223,8 +235,7 @@ def render_pdf(doc: Document, *, footer: str = "") -> bytes:
     for i, b in enumerate(doc.blocks):
         if isinstance(b, Heading):
             nxt = doc.blocks[i + 1] if i + 1 < len(doc.blocks) else None
-            keep = sum(pdf.figure_size(nxt.png, nxt.width, nxt.caption)[1:]) if isinstance(nxt, Figure) else 0.0
-            pdf.heading(b.text, b.level, keep_with=keep)
+            pdf.heading(b.text, b.level, keep_with=pdf.keep_need(nxt))
         elif isinstance(b, Paragraph):
             pdf.paragraph(b.text, b.kind)
         elif isinstance(b, Table):
