@@ -290,7 +290,8 @@ class FakeInfer(ProcessRunner):
                 fh.write("MFC,Tb.Th,0.21,0.02,0.2,0.03,12\\nMTP,Tb.N,1.4,0.1,1.4,0.2,9\\n")
             json.dump({"oa_probability": 0.7, "severity": 2.1, "auc": 0.81, "warnings": ["the knee side R was "
                        "inferred from the anatomy"], "ct_resolution": {"through_plane_blur_mm": 0.42,
-                       "slice_thickness_mm": 0.7, "model_slice_thickness_mm": 1.0}}, open(out + "/summary.json", "w"))
+                       "slice_thickness_mm": 0.7, "model_slice_thickness_mm": 1.0}, "model": {"demo": True}},
+                      open(out + "/summary.json", "w"))
         """
         return self.start(_script(body) + list(args), work_dir, progress, env=env)
 
@@ -298,7 +299,7 @@ class FakeInfer(ProcessRunner):
 @pytest.mark.mrml
 def test_analysis_logic_loads_segmentations_maps_and_tables(mrml_scene, tmp_path):
     from CTSMALib import scene_bridge as sb
-    from CTSMALib.analysis_logic import CTSMALogic
+    from CTSMALib.analysis_logic import DEMO_NOTE, CTSMALogic
     from CTSMALib.parameters import AnalysisParameters
 
     logic = CTSMALogic(runner_factory=FakeInfer, work_root=tmp_path)
@@ -330,9 +331,10 @@ def test_analysis_logic_loads_segmentations_maps_and_tables(mrml_scene, tmp_path
     diag, _ = sb.node_to_dataframe(out["diagnosis"])
     assert diag.to_dict("records") == [{"oa_probability": 0.7, "severity": 2.1, "auc": 0.81}]
     notes, _ = sb.node_to_dataframe(out["notes"])  # the report's analysis notes, in the scene and the status line
-    assert notes["note"].tolist()[0] == "The knee side R was inferred from the anatomy."
-    assert "blurred along z by 0.420 mm" in notes["note"].tolist()[1]
-    assert logic.notesText(out) == " 2 analysis notes: see the table 'knee analysis notes'."
+    assert notes["note"].tolist()[0] == DEMO_NOTE  # a demonstration model says so first
+    assert notes["note"].tolist()[1] == "The knee side R was inferred from the anatomy."
+    assert "blurred along z by 0.420 mm" in notes["note"].tolist()[2]
+    assert logic.notesText(out) == f" {DEMO_NOTE} 3 analysis notes: see the table 'knee analysis notes'."
     assert logic.notesText({}) == ""
     assert logic.lastResultDir() == run.out_dir
     # the report of that analysis: 'ctsma report patient CT INFER_DIR --out DIR'
@@ -347,7 +349,7 @@ def test_analysis_logic_loads_segmentations_maps_and_tables(mrml_scene, tmp_path
 def test_analysis_logic_refuses_bad_inputs_with_user_errors(mrml_scene, tmp_path):
     from ctsma.errors import ConfigError, InputImageError, ModelFileError, UserError
 
-    from CTSMALib.analysis_logic import CTSMALogic
+    from CTSMALib.analysis_logic import DEMO_NOTE, CTSMALogic
     from CTSMALib.parameters import AnalysisParameters
 
     logic = CTSMALogic(runner_factory=FakeInfer, work_root=tmp_path)

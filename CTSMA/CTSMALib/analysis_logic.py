@@ -17,6 +17,7 @@ from .training_logic import TrainingMixin
 from .volumes import dicom_slice_thickness
 
 FOLDER = "CT-SMA results"
+DEMO_NOTE = "Demonstration model, trained on the digital phantom: not for clinical use."
 
 
 SUBJECT_FILE = "subject.txt"  # in an analysis's work folder: the name of the CT volume it analysed
@@ -171,7 +172,8 @@ class CTSMALogic(TrainingMixin, CliLogic):
                     out["diagnosis"] = sb.table_to_node([diag], self.scene, name=f"{name} diagnosis")
                 from ctsma.report.patient import analysis_notes  # the report's sentences: warnings, CT matching
 
-                notes = analysis_notes(data)
+                demo = bool((data.get("model") or {}).get("demo"))  # the shipped or another phantom-trained model
+                notes = [DEMO_NOTE] * demo + analysis_notes(data)
                 if notes:
                     out["notes"] = sb.table_to_node(pd.DataFrame({"note": notes}), self.scene,
                                                     name=f"{name} analysis notes")
@@ -180,10 +182,14 @@ class CTSMALogic(TrainingMixin, CliLogic):
 
     @staticmethod
     def notesText(outputs: dict) -> str:
-        """For the status line after an analysis: how many notes it left (warnings, CT matching), or nothing."""
+        """For the status line after an analysis: the demonstration-model notice where it applies, and how many
+        notes it left (warnings, CT matching), or nothing."""
         node = outputs.get("notes")
         n = 0 if node is None else node.GetNumberOfRows()
-        return f" {n} analysis note{'s' * (n != 1)}: see the table '{node.GetName()}'." if n else ""
+        if not n:
+            return ""
+        demo = f" {DEMO_NOTE}" if node.GetCellText(0, 0) == DEMO_NOTE else ""
+        return f"{demo} {n} analysis note{'s' * (n != 1)}: see the table '{node.GetName()}'."
 
     # -- report ---------------------------------------------------------------
     def startReportExport(self, resultDir: Path, outDir: Path, subject="") -> Run:

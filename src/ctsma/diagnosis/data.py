@@ -180,7 +180,7 @@ def reference_ranges(knees: KneeSet) -> list[dict]:
         raise UserError("reference ranges need OA labels")
     healthy = knees.roi_means[np.asarray(knees.oa) == 0]
     out = []
-    for j, feature in enumerate(ROI_MEAN_FEATURES):
+    for j in range(len(ROI_MEAN_FEATURES)):
         v = healthy[:, j][np.isfinite(healthy[:, j])]
         if len(v) >= 2:
             roi, param = ROI_ORDER[j // len(PARAMETERS)], PARAMETERS[j % len(PARAMETERS)]
