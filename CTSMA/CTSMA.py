@@ -18,7 +18,7 @@ from slicer.util import VTKObservationMixin
 
 from CTSMALib.analysis_logic import CTSMALogic  # noqa: F401  (Slicer looks it up here)
 from CTSMALib.cli_args import TRAINING_KINDS
-from CTSMALib.gui import RunMonitor, reloadLib, showFailure
+from CTSMALib.gui import RunMonitor, bindMachineSettings, reloadLib, showFailure
 from CTSMALib.parameters import DEVICES, SIDES, AnalysisParameters
 from CTSMALib.sample_data import register_sample_data
 from CTSMALib.settings import MachineSettings, QSettingsStore
@@ -137,23 +137,7 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
     def _setupSettings(self) -> None:
         """Machine-level settings (qt.QSettings): device, Python for training, cluster command, cache, torch build."""
         self.settings = MachineSettings(QSettingsStore())
-        ui, s = self.ui, self.settings
-        ui.torchBackendComboBox.addItems(TORCH_BUILDS)
-        ui.torchBackendComboBox.currentText = s.torchBackend
-        ui.trainingPythonLineEdit.currentPath = s.trainingPython
-        ui.clusterTemplateLineEdit.text = s.clusterTemplate
-        ui.cacheDirButton.directory = str(s.cacheDir)
-        for widget, signal, key in ((ui.trainingPythonLineEdit, "currentPathChanged(QString)", "trainingPython"),
-                                    (ui.cacheDirButton, "directoryChanged(QString)", "cacheDir"),
-                                    (ui.torchBackendComboBox, "currentTextChanged(QString)", "torchBackend"),
-                                    (ui.deviceComboBox, "currentTextChanged(QString)", "device")):
-            widget.connect(signal, lambda value, k=key: self._saveSetting(k, value))
-        ui.clusterTemplateLineEdit.connect("editingFinished()",
-                                           lambda: self._saveSetting("clusterTemplate", ui.clusterTemplateLineEdit.text))
-
-    def _saveSetting(self, key: str, value) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Setting not saved: ") + key):
-            setattr(self.settings, key, value)
+        bindMachineSettings(self.ui, self.settings, TORCH_BUILDS)
 
     def initializeParameterNode(self) -> None:
         fresh = not self.logic.getParameterNode().GetParameter("device")  # a new scene: use this computer's device
@@ -215,6 +199,7 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
 
     def onStartTraining(self) -> None:
         p, s = self._parameterNode, self.settings
+        self.ui.trainingStatusLabel.text = ""  # the previous training's result is not this one's
         self.logic.startTraining(p.trainingKind, Path(_path(p.trainingConfig)), Path(_path(p.trainingOutputDir)),
                                  self._params(), data=_path(p.trainingData) or None, python=s.trainingPython,
                                  clusterTemplate=s.clusterTemplate)
@@ -241,6 +226,8 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
             if "table" in out:
                 self.lastResultDir = run.out_dir  # kept for the report export
                 self.ui.stageLabel.text += self.logic.notesText(out)
+                slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(out["table"].GetID())
+                slicer.app.applicationLogic().PropagateTableSelection()  # the ROI table in the layout's table view
                 slicer.util.setSliceViewerLayers(background=p.ctVolume, foreground=out.get("Tb.Th"),
                                                  foregroundOpacity=0.6)
         model = self.logic.trainedModel() if status.state == "done" else None
@@ -250,6 +237,8 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
             self.ui.trainingStatusLabel.text += _(" Model: {path}").format(path=model)
         if status.state == "done" and run is not None and run.label == "report export":
             self.ui.stageLabel.text = _("Report: {path}").format(path=run.out_dir)
+        if status.state == "cancelled" and run is not None and run.info.get("stopped"):  # a cluster job goes on
+            self.ui.trainingStatusLabel.text = status.message
         if run is not None and run.label not in ("analysis", "training", "report export"):
             self.logic.cleanupRun(keep_outputs=status.state == "failed")
         self._updateButtons()

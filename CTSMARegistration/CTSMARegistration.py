@@ -6,7 +6,6 @@ headless and is tested without Qt; this file only holds the Slicer module, its G
 self-test.
 """
 
-from pathlib import Path
 from typing import Annotated
 
 import slicer
@@ -142,7 +141,9 @@ class CTSMARegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         p = self._parameterNode
         ready = bool(p and p.mrVolume and p.ctVolume and p.mrVolume != p.ctVolume)
         self.ui.applyButton.enabled = ready
-        self.ui.applyButton.toolTip = _("Register the MR to the CT") if ready else _("Select an MR and a CT volume")
+        self.ui.applyButton.toolTip = (_("Register the MR to the CT") if ready else _("Select an MR and a CT volume")
+                                       if not (p.mrVolume and p.mrVolume == p.ctVolume) else
+                                       _("The MR and the CT must be two different volumes"))
         self.ui.checkerboardButton.enabled = bool(p.ctVolume and p.mrInCtVolume)
 
     def onFade(self, value) -> None:
@@ -163,8 +164,9 @@ class CTSMARegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         p.preset = self.ui.presetComboBox.currentData or ""
         with slicer.util.tryWithErrorDisplay(_("Failed to start the registration."), waitCursor=True):
             from CTSMALib.dependencies import ensureDependencies
+            from CTSMALib.settings import MachineSettings, QSettingsStore
 
-            ensureDependencies("CT-SMA Registration")
+            ensureDependencies("CT-SMA Registration", backend=MachineSettings(QSettingsStore()).torchBackend)
             params = RegistrationParameters(preset=p.preset, threads=p.threads, extraArgs=p.extraArgs,
                                             keepWorkDir=p.keepWorkDir, resampleMr=p.resampleMr)
             self.logic.startRegistration(p.mrVolume, p.ctVolume, p.boneSegmentation, params)

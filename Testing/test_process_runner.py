@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from CTSMALib.process import CANCELLED, DONE, FAILED, RUNNING, ProcessRunner, ctsma_command
-from ctsma.errors import UserError
+from ctsma.errors import InputImageError, UserError
 
 
 def _script(body: str) -> list[str]:
@@ -299,7 +299,7 @@ class FakeInfer(ProcessRunner):
 @pytest.mark.mrml
 def test_analysis_logic_loads_segmentations_maps_and_tables(mrml_scene, tmp_path):
     from CTSMALib import scene_bridge as sb
-    from CTSMALib.analysis_logic import DEMO_NOTE, CTSMALogic
+    from CTSMALib.analysis_logic import DEMO_NOTE, SOURCE_ROLE, CTSMALogic
     from CTSMALib.parameters import AnalysisParameters
 
     logic = CTSMALogic(runner_factory=FakeInfer, work_root=tmp_path)
@@ -310,6 +310,7 @@ def test_analysis_logic_loads_segmentations_maps_and_tables(mrml_scene, tmp_path
     bones = run.outputs["bones"]
     seg = bones.GetSegmentation()
     assert sorted(seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())) == ["femur", "tibia"]
+    assert bones.GetNodeReference(SOURCE_ROLE) is ct  # it remembers the CT it was made from
     logic.cleanupRun()
 
     run = logic.startAnalysis(ct, AnalysisParameters(device="cpu"), boneSegmentation=bones)
@@ -317,7 +318,10 @@ def test_analysis_logic_loads_segmentations_maps_and_tables(mrml_scene, tmp_path
     assert (run.work_dir / "bones.nii").exists()  # the user's bones were exported for the command
     assert logic.wait(timeout=60).state == DONE, (run.work_dir / "run.log").read_text()
     out = run.outputs
-    assert {"BV/TV", "Tb.Th", "Tb.Sp", "Tb.N", "bones", "rois", "table", "diagnosis"} <= set(out)
+    assert {"BV/TV", "Tb.Th", "Tb.Sp", "Tb.N", "rois", "table", "diagnosis"} <= set(out)
+    assert "bones" not in out  # the bones it was given stay the ones in use: no second copy in the scene
+    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2  # the given bones, the new ROIs
+    assert out["rois"].GetNodeReference(SOURCE_ROLE) is ct
     assert out["Tb.Th"].GetAttribute("CTSMA.Unit") == "mm"
     disp = out["Tb.Sp"].GetDisplayNode()  # CT-SMA colour table, fixed physical range, background hidden
     assert disp.GetColorNode().GetName() == "CTSMA_TbSp" and disp.GetColorNode().GetNumberOfColors() == 256
@@ -339,6 +343,24 @@ def test_analysis_logic_loads_segmentations_maps_and_tables(mrml_scene, tmp_path
     assert logic.lastResultDir() == run.out_dir
     # the report of that analysis: 'ctsma report patient CT INFER_DIR --out DIR'
     logic.cleanupRun(keep_outputs=True)
+    # the follow-up scan must not be analysed in the baseline's bones or ROIs
+    followup = _volume(mrml_scene, "follow-up", 4)
+    for kwargs in ({"boneSegmentation": bones}, {"roiSegmentation": out["rois"]}):
+        with pytest.raises(InputImageError, match="was made from 'knee', not from the selected CT 'follow-up'"):
+            logic.startAnalysis(followup, AnalysisParameters(), **kwargs)
+    with pytest.raises(InputImageError, match="bone segmentation 'knee bones' was made from 'knee'"):
+        logic.startRoiCreation(followup, bones)
+    # a cancelled re-analysis leaves the last result (still shown in the scene) reportable
+    class SlowInfer(FakeInfer):
+        def start_ctsma(self, args, work_dir, env=None, python=None):
+            self.args = list(args)
+            return self.start(_script("import time; time.sleep(60)"), work_dir, Path(work_dir) / "progress.jsonl")
+
+    logic.runnerFactory = SlowInfer
+    logic.startAnalysis(ct, AnalysisParameters())
+    assert logic.cancel().state == CANCELLED
+    assert (run.out_dir / "summary.json").exists() and (run.work_dir / "ct.nii").exists()
+    logic.cleanupRun()
     report = logic.startReportExport(run.out_dir, tmp_path / "reports", subject="knee")
     assert report.runner.args == ["report", "patient", str(run.work_dir / "ct.nii"), str(run.out_dir),
                                   "--out", str(tmp_path / "reports"), "--format", "both", "--subject", "knee"]
@@ -349,13 +371,17 @@ def test_analysis_logic_loads_segmentations_maps_and_tables(mrml_scene, tmp_path
 def test_analysis_logic_refuses_bad_inputs_with_user_errors(mrml_scene, tmp_path):
     from ctsma.errors import ConfigError, InputImageError, ModelFileError, UserError
 
-    from CTSMALib.analysis_logic import DEMO_NOTE, CTSMALogic
+    from CTSMALib.analysis_logic import CTSMALogic
     from CTSMALib.parameters import AnalysisParameters
 
     logic = CTSMALogic(runner_factory=FakeInfer, work_root=tmp_path)
     ct = _volume(mrml_scene, "knee", 3)
     with pytest.raises(InputImageError):
         logic.startBoneSegmentation(None)
+    bvtv = _volume(mrml_scene, "knee BV/TV", 5)
+    bvtv.SetAttribute("CTSMA.Parameter", "BV/TV")  # as an analysis loads its maps
+    with pytest.raises(InputImageError, match="'knee BV/TV' is a CT-SMA parameter map, not a CT"):
+        logic.startAnalysis(bvtv)
     with pytest.raises(InputImageError, match="segment the bones"):
         logic.startRoiCreation(ct, None)
     with pytest.raises(ModelFileError):

@@ -17,6 +17,7 @@ from .training_logic import TrainingMixin
 from .volumes import dicom_slice_thickness
 
 FOLDER = "CT-SMA results"
+SOURCE_ROLE = "CTSMA.SourceVolume"  # node reference from a segmentation this module made to the CT it was made from
 DEMO_NOTE = "Demonstration model, trained on the digital phantom: not for clinical use."
 
 
@@ -40,9 +41,22 @@ class CTSMALogic(TrainingMixin, CliLogic):
         self.checkInScene(ctVolume)
         if ctVolume.GetImageData() is None:
             raise InputImageError(f"volume '{ctVolume.GetName()}' has no image data")
+        if ctVolume.GetAttribute("CTSMA.Parameter"):  # a map or uncertainty map of an earlier analysis
+            raise InputImageError(f"'{ctVolume.GetName()}' is a CT-SMA parameter map, not a CT: select the CT volume")
 
     def _exportCt(self, ctVolume, work: Path) -> Path:
         return self.exportVolume(ctVolume, work / "ct.nii")  # checked (_checkCt) before its work folder was made
+
+    @staticmethod
+    def _checkSource(segmentation, ctVolume, what: str) -> None:
+        """Refuse a segmentation this module made from another CT (e.g. the baseline scan's ROIs still selected
+        for the follow-up): its labels would be resampled onto this CT and analysed as if they were its own."""
+        from ctsma.errors import InputImageError
+
+        source = segmentation.GetNodeReference(SOURCE_ROLE) if segmentation is not None else None
+        if source is not None and source is not ctVolume and source.GetID() != ctVolume.GetID():
+            raise InputImageError(f"the {what} '{segmentation.GetName()}' was made from '{source.GetName()}', not "
+                                  f"from the selected CT '{ctVolume.GetName()}': make this CT's {what} or select them")
 
     # -- bone segmentation ---------------------------------------------------------------
     def startBoneSegmentation(self, ctVolume, params: AnalysisParameters | None = None) -> Run:
@@ -65,6 +79,7 @@ class CTSMALogic(TrainingMixin, CliLogic):
         if boneSegmentation is None:
             raise InputImageError("segment the bones first (or select a bone segmentation)")
         self._checkCt(ctVolume)
+        self._checkSource(boneSegmentation, ctVolume, "bone segmentation")
         with self.preparing("rois") as work:
             ct = self._exportCt(ctVolume, work)
             bones = self.exportSegmentation(boneSegmentation, work / "bones.nii", ctVolume, kind="bones")
@@ -84,6 +99,8 @@ class CTSMALogic(TrainingMixin, CliLogic):
         if params.modelPath and not Path(params.modelPath).exists():
             raise ModelFileError(f"model file not found: {params.modelPath}")
         self._checkCt(ctVolume)
+        self._checkSource(boneSegmentation, ctVolume, "bone segmentation")
+        self._checkSource(roiSegmentation, ctVolume, "ROI segmentation")
         with self.preparing("infer") as work:
             ct = self._exportCt(ctVolume, work)
             bones = (self.exportSegmentation(boneSegmentation, work / "bones.nii", ctVolume, kind="bones")
@@ -97,15 +114,21 @@ class CTSMALogic(TrainingMixin, CliLogic):
             name = ctVolume.GetName()
             (work / SUBJECT_FILE).write_text(name, encoding="utf-8")  # whose CT this is, for the report
             inputs = [n for n in (ctVolume, boneSegmentation, roiSegmentation) if n is not None]
-            run = self.startCli("analysis", args, work, out, env=params.env(), inputs=inputs,
-                                loader=lambda run: self.loadAnalysisOutputs(run.out_dir, name, under=ctVolume))
+            given = tuple(k for k, n in (("bones", boneSegmentation), ("rois", roiSegmentation)) if n is not None)
+            return self.startCli("analysis", args, work, out, env=params.env(), inputs=inputs,
+                                 loader=lambda run: self._analysisLoaded(run, name, ctVolume, given, params))
+
+    def _analysisLoaded(self, run: Run, name: str, ctVolume, given: tuple, params: AnalysisParameters) -> dict:
+        """Load a finished analysis; only then remove the earlier analyses' folders (each a copy of its CT, kept
+        until now for the report of the results still shown), unless work folders are kept."""
+        outputs = self.loadAnalysisOutputs(run.out_dir, name, under=ctVolume, given=given)
         earlier = self._analysisDirs
-        if not params.keepWorkDir:  # the last analysis's folder (a copy of its CT) served its report: remove it
+        if not params.keepWorkDir:
             for folder in earlier:
                 shutil.rmtree(folder, ignore_errors=True)
             earlier = ()
-        self._analysisDirs = (*earlier, work)
-        return run
+        self._analysisDirs = (*earlier, run.work_dir)
+        return outputs
 
     def loadLabelOutput(self, path: Path, kind: str, name: str, under=None) -> dict:
         """A bone ("bones") or ROI ("rois") label image as a named segmentation, in the results
@@ -119,14 +142,16 @@ class CTSMALogic(TrainingMixin, CliLogic):
         names = sb.BONE_NAMES if kind == "bones" else sb.ROI_NAMES
         with rollback_on_error(self.scene):
             node = sb.labelmap_to_segmentation_node(sitk.ReadImage(str(path)), self.scene, names=names, name=name)
+            if under is not None:
+                node.SetNodeReferenceID(SOURCE_ROLE, under.GetID())
             sb.put_in_folder(self.scene, [node], FOLDER, under=under)
         return {kind: node}
 
-    def loadAnalysisOutputs(self, out_dir: Path, name: str = "CT", under=None) -> dict:
+    def loadAnalysisOutputs(self, out_dir: Path, name: str = "CT", under=None, given: tuple = ()) -> dict:
         """Maps, ROI/bone segmentations and the ROI table of ``ctsma infer`` into the scene.
 
-        Returns ``{role: node}``: one role per parameter map present (``BV/TV`` ...), ``bones``,
-        ``rois``, ``table``, when the summary has a diagnosis ``diagnosis``, and when it has warnings or the CT was
+        Returns ``{role: node}``: one role per parameter map present (``BV/TV`` ...), ``bones`` and
+        ``rois`` unless ``given`` names them (the segmentations the user gave are not loaded again), ``table``, when the summary has a diagnosis ``diagnosis``, and when it has warnings or the CT was
         matched to the model's training CTs ``notes`` (the patient report's *Analysis notes*)."""
         import SimpleITK as sitk
 
@@ -158,7 +183,7 @@ class CTSMALogic(TrainingMixin, CliLogic):
                     out[f"{param} uncertainty"] = unode
             for kind in ("bones", "rois"):
                 path = out_dir / f"{kind}.nii.gz"
-                if path.exists():
+                if path.exists() and kind not in given:  # the user's own segmentation stays the one in use
                     out.update(self.loadLabelOutput(path, kind, f"{name} {kind}", under=under))
             df = pd.read_csv(table)
             if "parameter" in df.columns:  # long format: the unit differs per row

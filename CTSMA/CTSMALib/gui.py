@@ -88,6 +88,30 @@ class RunMonitor:
             self.logic.cancel()
 
 
+def bindMachineSettings(ui, settings, torchBuilds) -> None:
+    """Show the machine settings (``settings``: :class:`~CTSMALib.settings.MachineSettings`) in their widgets and
+    save each change the user makes; a refused value shows why. The device box is also bound to the parameter
+    node, whose ``connectGui`` clears and refills it: only the user's own choice (``activated``) is saved, so those
+    programmatic changes neither pop up an error nor overwrite the saved device."""
+    import slicer
+
+    def save(key, value):
+        with slicer.util.tryWithErrorDisplay("Setting not saved: " + key):
+            setattr(settings, key, value)
+
+    ui.torchBackendComboBox.addItems(torchBuilds)
+    ui.torchBackendComboBox.currentText = settings.torchBackend
+    ui.trainingPythonLineEdit.currentPath = settings.trainingPython
+    ui.clusterTemplateLineEdit.text = settings.clusterTemplate
+    ui.cacheDirButton.directory = str(settings.cacheDir)
+    for widget, signal, key in ((ui.trainingPythonLineEdit, "currentPathChanged(QString)", "trainingPython"),
+                                (ui.cacheDirButton, "directoryChanged(QString)", "cacheDir"),
+                                (ui.torchBackendComboBox, "currentTextChanged(QString)", "torchBackend")):
+        widget.connect(signal, lambda value, k=key: save(k, value))
+    ui.deviceComboBox.connect("activated(int)", lambda i: save("device", ui.deviceComboBox.itemText(i)))
+    ui.clusterTemplateLineEdit.connect("editingFinished()", lambda: save("clusterTemplate", ui.clusterTemplateLineEdit.text))
+
+
 def showFailure(status) -> None:
     import slicer
 

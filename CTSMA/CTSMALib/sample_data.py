@@ -131,9 +131,12 @@ def load_sample_in_slicer(source=None) -> dict:
     """Sample Data button: generate (once) with a progress dialog, then load CT and MR."""
     import slicer
 
+    from .dependencies import ensureDependencies
     from .settings import MachineSettings, QSettingsStore
 
-    cache = MachineSettings(QSettingsStore()).cacheDir
+    settings = MachineSettings(QSettingsStore())
+    ensureDependencies("CT-SMA", backend=settings.torchBackend)  # the phantom runs on ctsma's packages
+    cache = settings.cacheDir
     dialog = slicer.util.createProgressDialog(labelText="Generating the CT-SMA phantom knee (once, about a "
                                               "minute)...", maximum=100, windowTitle=SAMPLE_NAME)
 
