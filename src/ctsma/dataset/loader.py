@@ -59,17 +59,6 @@ def _assemble(parts: list[tuple[np.ndarray, float, float]], flips=None, perm=Non
     return out
 
 
-def _jitter_hu(ct: np.ndarray, rng: np.random.Generator, offset_sd: float, scale_sd: float) -> None:
-    """In place on normalised CT patches (n, D, H, W): each patch's HU becomes ``HU * s + o`` with ``s ~ N(1,
-    scale_sd)`` and ``o ~ N(0, offset_sd)`` HU, as knees differ in their bone-tissue and marrow HU."""
-    n = ct.shape[0]
-    s = (1.0 + scale_sd * rng.standard_normal(n)).astype(np.float32)
-    o = (offset_sd * rng.standard_normal(n)).astype(np.float32)
-    shape = (n,) + (1,) * (ct.ndim - 1)
-    ct *= s.reshape(shape)  # (HU - 300)/600 -> (HU*s + o - 300)/600 = x*s + (300*(s - 1) + o)/600
-    ct += ((CT_OFFSET_HU * (s - 1.0) + o) / CT_SCALE_HU).reshape(shape)
-
-
 class PatchDataset(Dataset):
     """Batches of CT/MR patches with targets; index it with ``(indices, seed)`` from :class:`EpochBatchSampler`.
 
@@ -79,13 +68,12 @@ class PatchDataset(Dataset):
 
     def __init__(self, store: PatchStore, indices: Sequence[int], *, modalities: Sequence[str] = ("ct", "mr"),
                  target: str = "mr", target_mean=None, target_sd=None, masks: bool = False, augment: bool = False,
-                 ct_jitter: tuple[float, float] = (0.0, 0.0), ram_budget_bytes: float = 4e9):
+                 ram_budget_bytes: float = 4e9):
         self.store = store
         self.indices = np.asarray(indices, dtype=np.int64)
         self.modalities = tuple(modalities)
         self.masks = masks
         self.augment = augment
-        self.ct_jitter = tuple(float(v) for v in ct_jitter)  # (offset SD in HU, scale SD) per patch, with augment
         y = store.targets(target)[self.indices]
         self.y_all = np.zeros((len(store), 4), np.float32)
         mean = np.zeros(4) if target_mean is None else np.asarray(target_mean, float)
@@ -101,17 +89,14 @@ class PatchDataset(Dataset):
     def __getitem__(self, item) -> dict:
         idx, seed = item if isinstance(item, tuple) else (item, None)
         idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
-        rng = np.random.default_rng(seed) if self.augment and seed is not None else None
-        flips, perm = _draw_flips(len(idx), rng) if rng is not None else (None, None)
+        flips, perm = _draw_flips(len(idx), np.random.default_rng(seed)) if self.augment and seed is not None \
+            else (None, None)
         out = {}
         for m in self.modalities:
             parts = [(self.store.read(m, idx), *((CT_OFFSET_HU, CT_SCALE_HU) if m == "ct" else (0.0, 1.0)))]
             if self.masks:
                 parts.append((self.store.read(f"{m}_mask", idx), 0.0, 1.0))
-            x = _assemble(parts, flips, perm)
-            if m == "ct" and rng is not None and any(self.ct_jitter):
-                _jitter_hu(x[:, 0], rng, *self.ct_jitter)
-            out[m] = torch.from_numpy(x)
+            out[m] = torch.from_numpy(_assemble(parts, flips, perm))
         out["y"] = torch.from_numpy(self.y_all[idx])
         out["index"] = torch.from_numpy(idx)
         return out

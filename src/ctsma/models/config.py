@@ -27,10 +27,6 @@ class DataConfig:
     use_stored_split: bool = setting(True, help="use the store's split column when it is complete")
     masks: bool = setting(False, help="add the ROI mask as a second input channel")
     augment: bool = setting(True, help="random flips/axis permutations (same for CT and MR)")
-    ct_jitter_hu: float = setting(0.0, lo=0.0, hi=500.0, help="with augment: SD (HU) of a random CT offset per "
-                                  "patch, as knees differ in marrow HU (0: none)")
-    ct_jitter_scale: float = setting(0.0, lo=0.0, hi=0.5, help="with augment: SD of a random CT scale per patch "
-                                     "about 0 HU, as knees differ in bone-tissue HU (0: none)")
     batch_size: int = setting(32, lo=1, hi=4096)
     ram_budget_gb: float = setting(4.0, lo=0.0, hi=1024.0, help="cache the store in RAM when it fits")
     num_workers: int = setting(0, lo=0, hi=64)

@@ -52,8 +52,7 @@ class PatchDataModule(pl.LightningDataModule):
         self.y_sd = np.maximum(y.std(axis=0), 1e-6)
         kw = dict(target=c.target, target_mean=self.y_mean, target_sd=self.y_sd, masks=c.masks,
                   ram_budget_bytes=c.ram_budget_gb * 1e9)
-        self.train_ds = PatchDataset(store, self.split.train, augment=c.augment,
-                                     ct_jitter=(c.ct_jitter_hu, c.ct_jitter_scale), **kw)
+        self.train_ds = PatchDataset(store, self.split.train, augment=c.augment, **kw)
         self.val_ds = PatchDataset(store, self.split.val, augment=False, **kw)
         self._kw = kw
 
