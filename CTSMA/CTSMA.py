@@ -111,6 +111,7 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
 
     def cleanup(self) -> None:
         self.monitor and self.monitor.stop()
+        self.logic and self.logic.removeAnalysisFolders()  # no copy of a patient's CT left behind
         self.removeObservers()
 
     def enter(self) -> None:

@@ -361,6 +361,7 @@ def test_analysis_logic_loads_segmentations_maps_and_tables(mrml_scene, tmp_path
     assert logic.cancel().state == CANCELLED
     assert (run.out_dir / "summary.json").exists() and (run.work_dir / "ct.nii").exists()
     logic.cleanupRun()
+    logic.runnerFactory = FakeInfer
     report = logic.startReportExport(run.out_dir, tmp_path / "reports", subject="knee")
     assert report.runner.args == ["report", "patient", str(run.work_dir / "ct.nii"), str(run.out_dir),
                                   "--out", str(tmp_path / "reports"), "--format", "both", "--subject", "knee"]

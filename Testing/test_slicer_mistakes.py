@@ -253,3 +253,9 @@ def test_only_the_last_analysis_keeps_its_copy_of_the_ct(mrml_scene, ct, tmp_pat
     assert not first.exists() and (second / "ct.nii").exists()  # the report reads the last one
     third = analyse(keepWorkDir=True)
     assert second.exists() and third.exists()
+    logic.removeAnalysisFolders()  # the module closing: the last analysis asked to keep them
+    assert second.exists() and third.exists()
+    fourth = analyse()
+    assert not second.exists() and not third.exists() and fourth.exists()
+    logic.removeAnalysisFolders()  # the module closing: no copy of the CT stays behind
+    assert not fourth.exists()

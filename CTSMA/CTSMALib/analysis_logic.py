@@ -28,6 +28,7 @@ class CTSMALogic(TrainingMixin, CliLogic):
     """Runs the CT-SMA analysis of a knee CT and loads the results into the scene."""
 
     _analysisDirs: tuple = ()  # work folders of this logic's analyses still on disk (the last one: for the report)
+    _keepAnalysisDirs: bool = False  # the last analysis ran with keepWorkDir
 
     # -- inputs ----------------------------------------------------------------------------
     def _checkCt(self, ctVolume):
@@ -122,13 +123,18 @@ class CTSMALogic(TrainingMixin, CliLogic):
         """Load a finished analysis; only then remove the earlier analyses' folders (each a copy of its CT, kept
         until now for the report of the results still shown), unless work folders are kept."""
         outputs = self.loadAnalysisOutputs(run.out_dir, name, under=ctVolume, given=given)
-        earlier = self._analysisDirs
-        if not params.keepWorkDir:
-            for folder in earlier:
-                shutil.rmtree(folder, ignore_errors=True)
-            earlier = ()
-        self._analysisDirs = (*earlier, run.work_dir)
+        self._keepAnalysisDirs = params.keepWorkDir
+        self.removeAnalysisFolders()  # the earlier ones
+        self._analysisDirs = (*self._analysisDirs, run.work_dir)
         return outputs
+
+    def removeAnalysisFolders(self) -> None:
+        """Delete the analyses' work folders, each holding a copy of a patient's CT (when the module closes, so
+        that none is left in the temporary folder), unless the last analysis asked to keep them."""
+        if not self._keepAnalysisDirs:
+            for folder in self._analysisDirs:
+                shutil.rmtree(folder, ignore_errors=True)
+            self._analysisDirs = ()
 
     def loadLabelOutput(self, path: Path, kind: str, name: str, under=None) -> dict:
         """A bone ("bones") or ROI ("rois") label image as a named segmentation, in the results
