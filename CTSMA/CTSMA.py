@@ -162,6 +162,9 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
         if self.monitor.isBusy() or not self._parameterNode:
             return
         p = self._parameterNode
+        for name in ("boneSegmentation", "roiSegmentation"):  # another CT's segmentation is not this CT's
+            if self.logic.madeFromAnother(getattr(p, name), p.ctVolume) is not None:
+                setattr(p, name, None)
         hasCt = bool(p and p.ctVolume)
         self.ui.segmentBonesButton.enabled = hasCt
         self.ui.createRoisButton.enabled = hasCt and bool(p.boneSegmentation)

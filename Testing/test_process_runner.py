@@ -350,6 +350,9 @@ def test_analysis_logic_loads_segmentations_maps_and_tables(mrml_scene, tmp_path
             logic.startAnalysis(followup, AnalysisParameters(), **kwargs)
     with pytest.raises(InputImageError, match="bone segmentation 'knee bones' was made from 'knee'"):
         logic.startRoiCreation(followup, bones)
+    # the widget clears such selections: madeFromAnother names the other CT, and nothing for the CT's own
+    assert logic.madeFromAnother(bones, followup) is ct and logic.madeFromAnother(bones, ct) is None
+    assert logic.madeFromAnother(None, ct) is None and logic.madeFromAnother(bones, None) is None
     # a cancelled re-analysis leaves the last result (still shown in the scene) reportable
     class SlowInfer(FakeInfer):
         def start_ctsma(self, args, work_dir, env=None, python=None):

@@ -49,13 +49,20 @@ class CTSMALogic(TrainingMixin, CliLogic):
         return self.exportVolume(ctVolume, work / "ct.nii")  # checked (_checkCt) before its work folder was made
 
     @staticmethod
-    def _checkSource(segmentation, ctVolume, what: str) -> None:
+    def madeFromAnother(segmentation, ctVolume):
+        """The CT that this module made ``segmentation`` from, when that is not ``ctVolume`` (else None)."""
+        source = segmentation.GetNodeReference(SOURCE_ROLE) if segmentation is not None else None
+        if source is None or ctVolume is None or source.GetID() == ctVolume.GetID():
+            return None
+        return source
+
+    def _checkSource(self, segmentation, ctVolume, what: str) -> None:
         """Refuse a segmentation this module made from another CT (e.g. the baseline scan's ROIs still selected
         for the follow-up): its labels would be resampled onto this CT and analysed as if they were its own."""
         from ctsma.errors import InputImageError
 
-        source = segmentation.GetNodeReference(SOURCE_ROLE) if segmentation is not None else None
-        if source is not None and source is not ctVolume and source.GetID() != ctVolume.GetID():
+        source = self.madeFromAnother(segmentation, ctVolume)
+        if source is not None:
             raise InputImageError(f"the {what} '{segmentation.GetName()}' was made from '{source.GetName()}', not "
                                   f"from the selected CT '{ctVolume.GetName()}': make this CT's {what} or select them")
 
