@@ -163,9 +163,10 @@ class CTSMALogic(TrainingMixin, CliLogic):
     def loadAnalysisOutputs(self, out_dir: Path, name: str = "CT", under=None, given: tuple = ()) -> dict:
         """Maps, ROI/bone segmentations and the ROI table of ``ctsma infer`` into the scene.
 
-        Returns ``{role: node}``: one role per parameter map present (``BV/TV`` ...), ``bones`` and
-        ``rois`` unless ``given`` names them (the segmentations the user gave are not loaded again), ``table``, when the summary has a diagnosis ``diagnosis``, and when it has warnings or the CT was
-        matched to the model's training CTs ``notes`` (the patient report's *Analysis notes*)."""
+        Returns ``{role: node}``: one role per parameter map present (``BV/TV`` ...), ``bones`` and ``rois``
+        unless ``given`` names them (the segmentations the user gave are not loaded again), ``table``, when the
+        summary has a diagnosis ``diagnosis``, and when it has warnings, a demonstration model or a CT matched to
+        the model's training CTs ``notes`` (the patient report's *Analysis notes*, the demonstration notice first)."""
         import SimpleITK as sitk
 
         from . import scene_bridge as sb

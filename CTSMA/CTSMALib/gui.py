@@ -109,7 +109,8 @@ def bindMachineSettings(ui, settings, torchBuilds) -> None:
                                 (ui.torchBackendComboBox, "currentTextChanged(QString)", "torchBackend")):
         widget.connect(signal, lambda value, k=key: save(k, value))
     ui.deviceComboBox.connect("activated(int)", lambda i: save("device", ui.deviceComboBox.itemText(i)))
-    ui.clusterTemplateLineEdit.connect("editingFinished()", lambda: save("clusterTemplate", ui.clusterTemplateLineEdit.text))
+    ui.clusterTemplateLineEdit.connect("editingFinished()",
+                                       lambda: save("clusterTemplate", ui.clusterTemplateLineEdit.text))
 
 
 def showFailure(status) -> None:
