@@ -469,7 +469,8 @@ def test_patient_report_from_a_real_infer_folder(knee, constant_student, tmp_pat
     assert "Analysis notes" in html and "Knee side" in html and "docs/" not in html
     assert "Role" in html and "student_distilled" in html   # (this test model records no training knees)
     # the shipped diagnosis model carries its cohort's non-OA ranges: every ROI mean gets a z-score
-    assert {(r["roi"], r["parameter"]) for r in summary["reference_ranges"]} == {(r, p) for r in ROIS for p in PARAMETERS}
+    ranged = {(r["roi"], r["parameter"]) for r in summary["reference_ranges"]}
+    assert ranged == {(r, p) for r in ROIS for p in PARAMETERS}
     r = summary["reference_ranges"][0]
     mean = next(x["mean"] for x in summary["roi_table"] if x["roi"] == r["roi"] and x["parameter"] == r["parameter"])
     assert f"{(mean - r['mean']) / r['sd']:+.2f}" in html
