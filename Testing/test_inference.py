@@ -54,7 +54,13 @@ def constant_student(tmp_path_factory) -> Path:
 
 
 def _run(*args) -> int:
-    return cli_main(["--quiet", "infer", *map(str, args)])
+    """``ctsma infer`` with the shipped diagnosis model unless another is given (the test students are not the
+    shipped one, which alone gets it by default)."""
+    from ctsma.inference.engine import default_diagnosis_path
+
+    given = "--diagnosis-model" in map(str, args)
+    return cli_main(["--quiet", "infer", *map(str, args), *([] if given else
+                                                           ["--diagnosis-model", str(default_diagnosis_path())])])
 
 
 def test_infer_writes_the_contract_outputs(knee, constant_student, tmp_path):
@@ -474,6 +480,28 @@ def test_patient_report_from_a_real_infer_folder(knee, constant_student, tmp_pat
     r = summary["reference_ranges"][0]
     mean = next(x["mean"] for x in summary["roi_table"] if x["roi"] == r["roi"] and x["parameter"] == r["parameter"])
     assert f"{(mean - r['mean']) / r['sd']:+.2f}" in html
+
+
+def test_a_users_own_student_gets_no_diagnosis_from_the_shipped_model(knee, constant_student, tmp_path):
+    """The shipped diagnosis model learnt from the shipped student's parameters: with another student and no
+    --diagnosis-model, infer gives no OA probability, says why, and the report names no diagnosis model."""
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="no diagnosis model: the shipped one learnt from the shipped student"):
+        rc = cli_main(["--quiet", "infer", str(knee["ct"]), "--out", str(out), "--model", str(constant_student),
+                       "--side", knee["side"], "--segmentation", str(knee["bones_only"])])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diagnosis"] is None and "oa_probability" not in summary and "reference_ranges" not in summary
+    assert any(w.startswith("no diagnosis model") for w in summary["warnings"])
+    assert summary["model"]["demo"] is False
+    # the shipped diagnosis model, asked for, makes the report a demonstration one, and names it
+    from ctsma.inference.engine import default_diagnosis_path
+    from ctsma.report.patient import inputs_from_summary, is_demo
+
+    assert _run(knee["ct"], "--out", tmp_path / "run2", "--model", constant_student, "--side", knee["side"],
+                "--segmentation", knee["bones_only"]) == 0
+    prov = inputs_from_summary(json.loads((tmp_path / "run2" / "summary.json").read_text()))["provenance"]
+    assert is_demo(prov) and prov["diagnosis_model"] == str(default_diagnosis_path())
 
 
 def test_the_diagnosis_models_reference_ranges_give_the_patient_report_its_z_scores(knee, constant_student,

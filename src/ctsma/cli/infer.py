@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
                    "the automatic ROIs")
     p.add_argument("--model", type=Path, help="student model file (default: the shipped demo model; "
                    "demonstration only, not for clinical use)")
-    p.add_argument("--diagnosis-model", type=Path, help="diagnosis model file (default: the shipped demo model)")
+    p.add_argument("--diagnosis-model", type=Path, help="diagnosis model file (default: the shipped demo model, with the shipped student "
+                        "only: a --model of your own needs a diagnosis model trained on its parameters)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--stride", type=float, default=4.0, metavar="MM", help="patch-centre spacing in mm (default 4)")
     p.add_argument("--tta", action="store_true", help="8 flipped copies per patch instead of 4 (slower, smoother "

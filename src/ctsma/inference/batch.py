@@ -69,8 +69,9 @@ def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=No
     cases = cases.iloc[i::n]
     from ..models.export import load_student
 
-    _, meta = load_student(Path(model_path) if model_path else default_model_path())  # a bad model stops the batch
-    diagnosis = load_diagnosis(diagnosis_path)                                         # here, not once per case
+    student = Path(model_path) if model_path else default_model_path()
+    _, meta = load_student(student)                        # a bad model stops the batch here, not once per case
+    diagnosis = load_diagnosis(diagnosis_path, student)
     out = ensure_writable_dir(out_dir)
     status = []
     for row in progress.track(list(cases.itertuples(index=False)), "infer (batch)", unit="knee"):

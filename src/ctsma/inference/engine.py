@@ -245,7 +245,11 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         warnings.warn(w, stacklevel=2)
     model_path = Path(model_path) if model_path else default_model_path()
     model, meta = load_student(model_path)
-    diagnosis_model = load_diagnosis(diagnosis_path)
+    diagnosis_model = load_diagnosis(diagnosis_path, model_path)
+    own_student = not _same_file(model_path, default_model_path(must_exist=False))
+    if diagnosis_model[0] is None and own_student:
+        warnings.warn(NO_DIAGNOSIS_FOR_OWN_STUDENT, stacklevel=2)
+        warns.append(NO_DIAGNOSIS_FOR_OWN_STUDENT)
     resolution, res_warns = ct_resolution(ct, meta, s.harmonise, s.slice_thickness_mm)
     for w in res_warns:
         warnings.warn(w, stacklevel=2)
@@ -364,14 +368,13 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         patch_rows[f"{p}.sd"] = sd[:, j]
     timings["maps"] = time.perf_counter() - t
 
-    diagnosis = _diagnose(patch_rows, diagnosis_model, subject)
+    diagnosis = _diagnose(patch_rows, diagnosis_model, subject, own_student)
     summary = {
         "subject": subject, "ct": str(ct_path),
         "roi_table": table.to_dict(orient="records"),
         "units": {p: PARAMETER_UNITS[p] for p in PARAMETERS},
         "model": {"path": str(model_path), **describe(meta),
-                  "demo": bool(meta.get("demo", False) or model_path == default_model_path(must_exist=False)
-                               or trained_on_phantom(meta))},
+                  "demo": bool(meta.get("demo", False) or not own_student or trained_on_phantom(meta))},
         "n_patches": int(len(names)), "stride_mm": s.stride_mm, "tta_passes": len(flips), "device": device,
         "bones_from": bones_from, "rois_from": rois_from, **side_info, "ct_resolution": resolution,
         "ct_intensity": intensity,
@@ -532,10 +535,21 @@ def _subject_name(path) -> str:
     return name
 
 
-def load_diagnosis(diagnosis_path):
+NO_DIAGNOSIS_FOR_OWN_STUDENT = ("no diagnosis model: the shipped one learnt from the shipped student's parameters; "
+                                "give --diagnosis-model, trained on your student's parameters ('ctsma diagnose train')")
+
+
+def load_diagnosis(diagnosis_path, student_path=None):
     """(path, model) of the diagnosis model ``infer`` will use, or (None, None): loaded before any work, so that a
-    bad ``--diagnosis-model`` stops the run at once."""
-    path = Path(diagnosis_path) if diagnosis_path else default_diagnosis_path()
+    bad ``--diagnosis-model`` stops the run at once. Without ``diagnosis_path`` the shipped model serves the shipped
+    student only: it learnt from that student's parameters, and another student's would give it meaningless
+    input."""
+    if diagnosis_path:
+        path = Path(diagnosis_path)
+    elif student_path is None or _same_file(student_path, default_model_path(must_exist=False)):
+        path = default_diagnosis_path()
+    else:
+        path = None
     if path is None:
         return None, None
     from .. import diagnosis
@@ -543,10 +557,18 @@ def load_diagnosis(diagnosis_path):
     return path, diagnosis.load(path)
 
 
-def _diagnose(patch_rows: pd.DataFrame, loaded, subject: str) -> dict:
+def _same_file(a, b) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def _diagnose(patch_rows: pd.DataFrame, loaded, subject: str, own_student: bool) -> dict:
     path, model = loaded
     if path is None:
-        return {"diagnosis": None, "diagnosis_note": "no diagnosis model available"}
+        return {"diagnosis": None, "diagnosis_note": NO_DIAGNOSIS_FOR_OWN_STUDENT if own_student
+                else "no diagnosis model available"}
     from .. import diagnosis
 
     cv = model.cv_metrics or {}
@@ -562,7 +584,8 @@ def _diagnose(patch_rows: pd.DataFrame, loaded, subject: str) -> dict:
         message = pred.get("message") or ""
     out = {"oa_probability": prob, "severity": severity, "auc": cv.get("auc"), "auc_ci": cv.get("auc_ci"),
            "diagnosis": {"model": str(path), "aggregator": model.metadata.get("aggregator"), "message": message,
-                         "cv_metrics": cv}}
+                         "cv_metrics": cv,
+                         "demo": default_diagnosis_path() is not None and _same_file(path, default_diagnosis_path())}}
     if model.metadata.get("reference_ranges"):  # the patient report's non-OA ranges and z-scores
         out["reference_ranges"] = model.metadata["reference_ranges"]
         out["reference_description"] = model.metadata.get("reference_description")

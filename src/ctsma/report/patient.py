@@ -52,6 +52,7 @@ _DIAGNOSIS_HIDDEN = ("auc_ci", "auc_se", "auc_ci_method", "seed", "seconds", "ro
 _INTEGER_KEYS = ("n", "folds")
 _DIAGNOSIS_RESULT = ("oa_probability", "severity", "threshold")  # this knee's result, not the model's
 _PROVENANCE_LABELS = {"model": "Model", "name": "Model", "version": "Model version", "trained_on": "Trained on",
+                      "diagnosis_model": "Diagnosis model",
                       "demo": "Demonstration model", "created": "Created", "sha256": "SHA-256",
                       "ctsma_version": "CT-SMA version", "role": "Role", "target": "Learns",
                       "training CTs": "Training CTs"}
@@ -155,7 +156,8 @@ def inputs_from_summary(summary: Mapping[str, Any] | None) -> dict:
                                     if ref.get("inplane_spacing_mm") else "")
                                  + f", slices {fmt_sig(ref.get('slice_thickness_mm') or ref.get('slice_spacing_mm'))}"
                                  f" mm thick, {fmt_sig(ref.get('slice_spacing_mm'))} mm apart" if ref else None),
-                "demo": model.get("demo")}
+                "diagnosis_model": diag.get("model"),
+                "demo": bool(model.get("demo") or diag.get("demo")) if model or diag else None}
         prov = {k: v for k, v in prov.items() if v is not None} or None
     return {"diagnosis": diagnosis, "provenance": dict(prov) if prov else None, "notes": analysis_notes(summary),
             "reference_ranges": reference}
