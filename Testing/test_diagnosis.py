@@ -196,12 +196,15 @@ def test_cli_train_evaluate_predict(cohort, tmp_path, capsys, monkeypatch):
     syn.measured(table, 3.0, seed=1).to_csv(tmp_path / "q.csv", index=False)
     labels.to_csv(tmp_path / "labels.csv", index=False)
     out = tmp_path / "ev"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({"regression": {"teacher": {"mean_icc21": 0.8}}}))  # from evaluate
     rc = climain.main(["--quiet", "diagnose", "evaluate", "--patches", f"student_distilled={tmp_path / 'store.csv'}",
                        "--prefix", "student_distilled=mr_",
                        "--patches", f"student_baseline={tmp_path / 'q.csv'}", "--labels", str(tmp_path / "labels.csv"),
                        "--aggregators", "logistic", "--folds", "4", "--out", str(out)])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["regression"] == {"teacher": {"mean_icc21": 0.8}}  # 'ctsma evaluate' wrote it: kept
     assert set(metrics["diagnosis"]) == {"student_distilled/logistic", "student_baseline/logistic"}
     assert "p_auc_vs_student_baseline" in metrics["diagnosis"]["student_distilled/logistic"]
     assert (out / "roc_logistic.png").read_bytes()[:4] == b"\x89PNG"

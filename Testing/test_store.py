@@ -94,6 +94,9 @@ def test_stored_split_used_and_checked(tmp_path):
     s = w.finalize()
     sp = s.patient_split()
     assert sp.subjects == {"train": ["a"], "val": ["b"], "test": ["c"]}
+    # patient folds asked for explicitly win over the stored split: each patient is tested once in 3 folds
+    tests = [s.patient_split(k=3, fold=f, val_fraction=0.0).subjects["test"] for f in range(3)]
+    assert sorted(x for t in tests for x in t) == ["a", "b", "c"]
     w = PatchStore.create(tmp_path / "m", 4, 8)
     w.append(z4, z8, z4, z8, _rows(3, ["a"], split="train"))
     w.append(z4, z8, z4, z8, _rows(3, ["a"], split="test"))

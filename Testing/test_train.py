@@ -117,8 +117,18 @@ def test_evaluate_writes_contract_metrics(trained, tmp_path):
 
     st, c = PatchStore(cfg.data.store), cfg.data
     idx = st.patient_split(c.test_fraction, c.val_fraction, seed=c.split_seed, use_stored=c.use_stored_split).test
-    pred = pd.read_csv(tmp_path / "regression_predictions.csv")
+    pred = pd.read_csv(tmp_path / "regression_predictions.csv", dtype={"subject": str})
     assert len(pred) == len(idx)
+    # each row names its patch (store row, subject, ROI, position), so the file is also a diagnosis patch table
+    assert pred["index"].tolist() == list(idx)
+    rows = st.table.iloc[idx]
+    assert pred["roi"].tolist() == rows["roi"].astype(str).tolist()
+    np.testing.assert_array_equal(pred[["rel_x", "rel_y", "rel_z"]].to_numpy(), rows[["rel_x", "rel_y", "rel_z"]])
+    from ctsma.diagnosis.data import use_parameter_columns
+
+    table = use_parameter_columns(tmp_path / "regression_predictions.csv", "student_distilled_")
+    np.testing.assert_allclose(table[list(PARAMETERS)].to_numpy(float),
+                               pred[[f"student_distilled_{p}" for p in PARAMETERS]].to_numpy())
     model, _ = load_parameter_model(run_paths(cfg, "student_distilled")[1])
     mean, _ = model.predict_flips(st.read("ct", idx), None, FLIPS_DEFAULT)
     np.testing.assert_allclose(pred[[f"student_distilled_{p}" for p in PARAMETERS]].to_numpy(), mean, rtol=1e-6)

@@ -312,3 +312,24 @@ def test_zero_limits_a_foreign_metrics_file_and_a_foreign_manifest_are_refused(c
     assert cli_main(["--quiet", "phantom", "--n", "1", "--out", str(own)]) == 2
     assert "no phantom run wrote" in capsys.readouterr().err
     assert (own / "manifest.csv").read_text() == "subject,ct\nmy_knee,ct.nii.gz\n"
+
+
+def test_a_split_with_one_test_patient_is_flagged_at_training_and_refused_with_a_working_fix(tmp_path):
+    """A small store's stored split can hold a single test patient: training warns at once (it needs none, its
+    evaluation will), evaluation refuses, and the fix its message names (patient folds) does work."""
+    from ctsma.dataset.synthetic import make_synthetic_store
+    from ctsma.evaluation.regression import evaluate
+    from ctsma.models import load_train_config
+    from ctsma.models.lightning import PatchDataModule
+
+    store = make_synthetic_store(tmp_path / "store", n_subjects=6, patches_per_subject=3)
+    over = {"data": {"store": str(store.dir), "use_stored_split": False, "test_fraction": 0.1},
+            "output": {"dir": str(tmp_path / "run")}}
+    cfg = load_train_config(CONFIGS / "demo.yaml", over)
+    with pytest.warns(UserWarning, match="holds 1 test patient.*'ctsma evaluate' will need at least 2"):
+        PatchDataModule(store, cfg.data, seed=0)
+    with pytest.raises(UserError, match="holds 1 test patient.*evaluation needs at least 2: .*data.k_folds"):
+        evaluate(cfg, tmp_path / "eval", store=store)
+    folds = load_train_config(CONFIGS / "demo.yaml", {**over, "data": {**over["data"], "use_stored_split": True,
+                                                                      "k_folds": 3, "fold": 1}})
+    assert len(PatchDataModule(store, folds.data, seed=0).split.subjects["test"]) == 2

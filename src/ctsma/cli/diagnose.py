@@ -112,7 +112,8 @@ def _evaluate(args) -> int:
     from .. import diagnosis
     from ..diagnosis import report
     from ..diagnosis.data import use_parameter_columns
-    from ..io import ensure_writable_dir, write_json
+    from ..io import ensure_writable_dir
+    from ..io.atomic import merge_json
     from ..progress import info
 
     _check_seed(args)
@@ -140,7 +141,7 @@ def _evaluate(args) -> int:
     out = ensure_writable_dir(args.out)
     block, results = diagnosis.compare_sources(sources, args.labels, aggs, args.folds, args.seed, pairs=pairs,
                                                workers=args.workers)
-    write_json(out / "metrics.json", {"diagnosis": block, "diagnosis_settings": {
+    merge_json(out / "metrics.json", {"diagnosis": block, "diagnosis_settings": {  # evaluate's blocks stay
         "folds": args.folds, "seed": args.seed, "aggregators": {a: diagnosis.DEFAULTS[a] for a in aggs},
         "compare": [f"{a}:{b}" for a, b in pairs]}})
     report.write_table(block, out)

@@ -317,14 +317,14 @@ class PatchStore:
                       fold: int | None = None, seed: int = 0, use_stored: bool = True) -> Split:
         """Split patch indices by PATIENT into train/val/test.
 
-        If the table already carries a complete ``split`` column (the builder's choice) and ``use_stored`` is true,
-        that is used. Otherwise subjects are shuffled with ``seed``: with ``k`` and ``fold`` given, fold ``fold`` of
+        If the table already carries a complete ``split`` column (the builder's choice), ``use_stored`` is true and
+        no ``k`` asks for patient folds, that is used. Otherwise subjects are shuffled with ``seed``: with ``k`` and ``fold`` given, fold ``fold`` of
         ``k`` patient folds is the test set; else the first ``test_fraction`` of subjects. ``val_fraction`` of the
         remaining subjects are validation. A patient is never in two parts.
         """
         subj = self.table["subject"].astype(str).to_numpy()
         stored = self.table["split"].astype(str).to_numpy()
-        if use_stored and np.all(np.isin(stored, SPLITS)):
+        if use_stored and k is None and np.all(np.isin(stored, SPLITS)):
             parts = {s: np.flatnonzero(stored == s) for s in SPLITS}
             for a in SPLITS:
                 for b in SPLITS:

@@ -288,7 +288,7 @@ def oof_predictions(ctx: Context, store) -> tuple[np.ndarray, dict]:
 
 def evaluation(ctx: Context, d: Path) -> dict:
     from ..dataset.store import PatchStore
-    from ..evaluation.regression import SOURCES, agreement_block, ct_direct, distillation_gain, write_outputs
+    from ..evaluation.regression import SOURCES, agreement_block, ct_direct, distillation_gain, patch_ids, write_outputs
 
     store = PatchStore(ctx.out / "dataset" / "store")
     idx, preds = oof_predictions(ctx, store)
@@ -312,7 +312,7 @@ def evaluation(ctx: Context, d: Path) -> dict:
                               "prediction comes from a model that never saw that patient",
                               "n_patients": int(len(set(subjects))), "n_patches": int(len(idx)),
                               "flips": fold_config(ctx, 0).evaluate.flips, "ct_direct": ct_info}
-    write_outputs(d, res, ref, truth if has_truth else None, preds, subjects)
+    write_outputs(d, res, ref, truth if has_truth else None, preds, patch_ids(store, idx))
     np.save(d / "oof_index.npy", idx)
     return {"mean_icc21": {k: v.get("mean_icc21") for k, v in res["regression"].items()},
             "distillation_gain": res["distillation_gain"]["mean_icc21_diff"],

@@ -15,7 +15,6 @@ together).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import numpy as np
 from .. import PARAMETERS, PARAMETER_UNITS, progress, stats
 from ..dataset.store import PatchStore
 from ..errors import ModelFileError, UserError
-from ..io.atomic import atomic_path, write_json, write_text
+from ..io.atomic import atomic_path, merge_json, write_text
 
 SOURCES = ("teacher", "student_distilled", "student_baseline", "ct_direct")
 LEVEL_NOTE = ("patch-level agreement over all patches of patients held out from training "
@@ -148,8 +147,9 @@ def evaluate(cfg, out_dir: str | Path, *, store: PatchStore | None = None, ablat
                                 fold=c.fold if c.k_folds else None, seed=c.split_seed, use_stored=c.use_stored_split)
     idx = split.test
     if len(split.subjects["test"]) < 2:
-        raise UserError(f"the patch store {store.dir} has {len(split.subjects['test'])} test patient(s); "
-                        "evaluation needs held-out patients (set data.test_fraction or the store's split)")
+        raise UserError(f"the split in use holds {len(split.subjects['test'])} test patient(s) of the patch store "
+                        f"{store.dir}; evaluation needs at least 2: train and evaluate with data.k_folds and "
+                        "data.fold (patient folds), or data.use_stored_split: false and a larger data.test_fraction")
     subjects = store.table["subject"].astype(str).to_numpy()[idx]
     progress.info(f"evaluating on {len(idx)} patches of {len(split.subjects['test'])} held-out patients")
     preds, prov = predict_sources(cfg, store, idx)
@@ -187,26 +187,28 @@ def evaluate(cfg, out_dir: str | Path, *, store: PatchStore | None = None, ablat
                                  "test_subjects": split.subjects["test"],
                                  "reference": "MR morphometry (store columns mr_<param>)", "models": prov,
                                  "store": str(store.dir), "units": {p: PARAMETER_UNITS[p] for p in PARAMETERS}}
-    write_outputs(out_dir, result, ref, truth if has_truth else None, preds, subjects, plots=cfg.evaluate.plots)
+    write_outputs(out_dir, result, ref, truth if has_truth else None, preds, patch_ids(store, idx),
+                  plots=cfg.evaluate.plots)
     return result
 
 
-def write_outputs(out_dir: Path, result: dict, ref, truth, preds: dict, subjects, *, plots: bool = True) -> None:
-    """metrics.json (merged into an existing one: other keys kept), tables, predictions, plots."""
+def patch_ids(store: PatchStore, idx: np.ndarray) -> dict:
+    """What identifies each evaluated patch in ``regression_predictions.csv``: ``subject``, its store row
+    ``index``, ``roi`` and ``rel_x/y/z`` (its position relative to the bone). With them the file is also a patch
+    table that ``ctsma diagnose`` reads, one source at a time (``--prefix student_distilled_``)."""
+    t = store.table.iloc[np.asarray(idx)]
+    return {"subject": t["subject"].astype(str).to_numpy(), "index": np.asarray(idx, dtype=np.int64),
+            "roi": t["roi"].astype(str).to_numpy(), **{c: t[c].to_numpy(float) for c in ("rel_x", "rel_y", "rel_z")}}
+
+
+def write_outputs(out_dir: Path, result: dict, ref, truth, preds: dict, ids: dict, *, plots: bool = True) -> None:
+    """metrics.json (merged into an existing one: other keys kept), tables, predictions (one row per patch, first
+    the columns of :func:`patch_ids`), plots."""
     import pandas as pd
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    mpath = out_dir / "metrics.json"
-    merged = {}
-    if mpath.is_file():
-        try:
-            merged = json.loads(mpath.read_text())
-        except json.JSONDecodeError:
-            merged = {}
-    for k in ("regression_vs_truth", "distillation_gain_vs_truth", "ablations"):
-        merged.pop(k, None)
-    merged.update(result)
-    write_json(mpath, merged)
+    merge_json(out_dir / "metrics.json", result,  # a rerun's optional blocks go, other commands' blocks stay
+               drop=("regression_vs_truth", "distillation_gain_vs_truth", "ablations"))
     rows = []
     for block_name in ("regression", "regression_vs_truth"):
         for source, block in result.get(block_name, {}).items():
@@ -222,7 +224,7 @@ def write_outputs(out_dir: Path, result: dict, ref, truth, preds: dict, subjects
     with atomic_path(out_dir / "regression_table.csv") as tmp:
         table.to_csv(tmp, index=False)
     write_text(out_dir / "regression_table.md", markdown_table(result))
-    pred = {"subject": subjects}
+    pred = dict(ids)
     for j, p in enumerate(PARAMETERS):
         pred[f"mr_{p}"] = ref[:, j]
         if truth is not None:

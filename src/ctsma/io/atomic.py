@@ -144,6 +144,24 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
     return write_text(path, text + "\n")
 
 
+def merge_json(path: str | os.PathLike, update: dict, *, drop=()) -> Path:
+    """Merge ``update`` into the JSON object at ``path`` (keys in ``drop`` removed first; a missing or unreadable
+    file counts as empty) and write it atomically: commands that share a ``metrics.json`` keep each other's
+    blocks."""
+    path = Path(path)
+    merged = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            merged = old if isinstance(old, dict) else {}
+        except (ValueError, UnicodeDecodeError):
+            merged = {}
+    for k in drop:
+        merged.pop(k, None)
+    merged.update(update)
+    return write_json(path, merged)
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write text atomically."""
     with atomic_path(path) as tmp:

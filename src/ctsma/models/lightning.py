@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,10 @@ class PatchDataModule(pl.LightningDataModule):
         if len(self.split.val) == 0:
             raise DataSetupError(f"the patch store {store.dir} has no validation patients "
                                  f"({len(store.subjects)} subjects); set data.val_fraction > 0 or add patients")
+        if len(self.split.subjects["test"]) < 2:  # training needs none, but its evaluation will
+            warnings.warn(f"the split in use holds {len(self.split.subjects['test'])} test patient(s): 'ctsma "
+                          "evaluate' will need at least 2 (use data.k_folds and data.fold, or "
+                          "data.use_stored_split: false and a larger data.test_fraction)", stacklevel=2)
         y = store.targets(c.target)[self.split.train]
         if not np.all(np.isfinite(y)):
             bad = [p for p, ok in zip(PARAMETERS, np.isfinite(y).all(axis=0)) if not ok]
