@@ -626,3 +626,19 @@ def test_study_report_states_the_flips_and_the_ensemble_sizes(tmp_path, metrics)
             block.pop("config", None)
     text = write_study_report(plain, tmp_path / "without")["html"].read_text(encoding="utf-8")
     assert "flipped copies" not in text and "ensembles of networks" not in text
+
+
+def test_a_cohort_without_phantom_truth_is_not_called_phantom_data(tmp_path, metrics):
+    """A user's own cohort has no truth to score against: the study report and the README snippet then speak of
+    the cohort evaluated, not of the digital phantom (whose runs keep saying so)."""
+    own = {k: v for k, v in metrics.items() if k not in ("regression_vs_truth", "distillation_gain_vs_truth", "demo")}
+    cohort = synthetic.cohort(6)
+    for m, phantom in ((metrics, True), (own, False)):
+        out = tmp_path / ("phantom" if phantom else "own")
+        paths = write_study_report(m, out, cohort=cohort)
+        html = paths["html"].read_text(encoding="utf-8")
+        assert ("come from the digital knee phantom" in html) is phantom
+        assert ("digital phantom data" in html) is phantom and ("Phantom cohort" in html) is phantom
+        assert ("cohort evaluated here (no phantom truth)" in html) is not phantom
+        snippet = write_readme_snippet(m, out / "readme")["table"].read_text(encoding="utf-8")
+        assert ("numbers from the digital phantom" in snippet) is phantom

@@ -86,7 +86,13 @@ def _summary(m: Mapping[str, Any]) -> list:
     return [Paragraph(s) for s in lines]
 
 
-def _cohort(cohort: pd.DataFrame | None) -> list:
+def on_phantom(m: Mapping[str, Any]) -> bool:
+    """Whether these metrics come from the digital phantom: only a phantom run has the truth to score against
+    (``regression_vs_truth``) or the demo's own block. A user's cohort is then not called phantom data."""
+    return bool(get(m, "regression_vs_truth") or get(m, "demo"))
+
+
+def _cohort(cohort: pd.DataFrame | None, phantom: bool = True) -> list:
     out: list = [Heading("Cohort")]
     if cohort is None or not isinstance(cohort, pd.DataFrame) or cohort.empty:
         return out + [Paragraph("No cohort manifest was given.", "note")]
@@ -109,7 +115,8 @@ def _cohort(cohort: pd.DataFrame | None) -> list:
             rows.append(["Severity, mean \u00b1 SD (range)",
                          f"{s.mean():.2f} \u00b1 {s.std(ddof=1) if len(s) > 1 else 0:.2f} "
                          f"({s.min():.2f}\u2013{s.max():.2f})"])
-    out.append(Table(["Cohort", "Value"], rows, caption="Phantom cohort", align=["L", "R"]))
+    out.append(Table(["Cohort", "Value"], rows, caption="Phantom cohort" if phantom else "Cohort",
+                     align=["L", "R"]))
     if "subject" in c:
         names = [f"{s} ({d})" if "side" in c else str(s)
                  for s, d in zip(c["subject"], c["side"] if "side" in c else c["subject"])]
@@ -284,8 +291,10 @@ def _diagnosis(m: Mapping[str, Any], roc) -> list:
                      caption="Patient-level OA diagnosis and severity, all inputs and aggregators "
                              "(format of the journal paper's Table 6)",
                      notes=["Published rows: journal Table 6, clinical cohort, all with Transformer aggregation; "
-                            "their severity is the MOAKS score, ours the phantom's severity. Phantom-truth rows "
-                            "(green) use the true microstructure as input: the best any parameter estimate can do.",
+                            "their severity is the MOAKS score, ours the " +
+                            ("phantom's severity. Phantom-truth rows (green) use the true microstructure as input: "
+                             "the best any parameter estimate can do." if on_phantom(m) else
+                             "severity in the cohort's labels."),
                             "Published aggregator AUCs on CT-SMA parameters (journal Table 7): " +
                             ", ".join(f"{k} {v:.3f}" for k, v in PUBLISHED_AGGREGATOR_AUC.items()) + ".",
                             *_members_note(diag, keys)]))
@@ -361,14 +370,16 @@ def build_study_document(metrics, *, cohort=None, predictions=None, roc=None, ti
     m = load_metrics(metrics)
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     doc = Document(title, subtitle=f"Generated {now} by CT-SMA {__version__}", landscape=True)
-    doc.add(Paragraph("The numbers in this report come from the digital knee phantom, where the true "
-                      "microstructure is known. Figures marked \"" + PUBLISHED_LABEL + "\" are the published "
-                      "results of the method on real patients; they are shown for context, not as a "
-                      "like-for-like comparison.", "note"))
+    phantom = on_phantom(m)
+    doc.add(Paragraph(("The numbers in this report come from the digital knee phantom, where the true "
+                       "microstructure is known. " if phantom else "The numbers in this report come from the "
+                       "cohort evaluated here (no phantom truth). ") + "Figures marked \"" + PUBLISHED_LABEL +
+                      "\" are the published results of the method on real patients; they are shown for context, "
+                      "not as a like-for-like comparison.", "note"))
     summary = _summary(m)
     if summary:
         doc.add(Heading("Summary"), *summary)
-    steps = [lambda: _cohort(cohort), lambda: _registration(m), lambda: _regression(m),
+    steps = [lambda: _cohort(cohort, phantom), lambda: _registration(m), lambda: _regression(m),
              lambda: _scatter(predictions), lambda: _diagnosis(m, roc), lambda: _timing(m, timings),
              lambda: _extra_figures(figures_dir)]
     for step in progress.track(steps, "study report", total=len(steps), unit="section"):
@@ -392,7 +403,8 @@ def write_study_report(metrics, out_dir, *, cohort: pd.DataFrame | None = None,
     """
     doc = build_study_document(metrics, cohort=cohort, predictions=predictions, roc=roc, timings=timings,
                                figures_dir=figures_dir, title=title)
-    footer = "study report \u00b7 digital phantom data"
+    footer = "study report \u00b7 " + ("digital phantom data" if on_phantom(load_metrics(metrics)) else
+                                       "research software, not a medical device")
     html_text = render_html(doc, footer=footer)
     pdf_bytes = render_pdf(doc, footer=footer)
     report_dir = ensure_writable_dir(safe_join(out_dir, "report"))
