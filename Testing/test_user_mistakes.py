@@ -333,3 +333,26 @@ def test_a_split_with_one_test_patient_is_flagged_at_training_and_refused_with_a
     folds = load_train_config(CONFIGS / "demo.yaml", {**over, "data": {**over["data"], "use_stored_split": True,
                                                                       "k_folds": 3, "fold": 1}})
     assert len(PatchDataModule(store, folds.data, seed=0).split.subjects["test"]) == 2
+
+
+def test_few_patients_or_knees_make_rough_intervals_and_say_so(tmp_path, capsys):
+    """A patient bootstrap over a handful of patients, or an AUC over a handful of knees, gives intervals that look
+    precise and are not: evaluation and diagnosis evaluation say so."""
+    from ctsma.dataset.synthetic import make_synthetic_store
+    from ctsma.diagnosis.synthetic import synthetic_cohort
+    from ctsma.evaluation.regression import evaluate
+    from ctsma.models import load_train_config
+
+    store = make_synthetic_store(tmp_path / "store", n_subjects=8, patches_per_subject=3)
+    cfg = load_train_config(CONFIGS / "demo.yaml", {"data": {"store": str(store.dir), "k_folds": 4, "fold": 0},
+                                                    "output": {"dir": str(tmp_path / "none")}})
+    with pytest.warns(UserWarning, match="only 2 held-out patients: the confidence intervals"):
+        with pytest.raises(UserError, match="no trained models"):  # warned before it looks for models
+            evaluate(cfg, tmp_path / "eval", store=store)
+    table, labels = synthetic_cohort(12, 3, seed=1)
+    table.to_csv(tmp_path / "p.csv", index=False)
+    labels.to_csv(tmp_path / "l.csv", index=False)
+    with pytest.warns(UserWarning, match="only 12 labelled knees: AUCs and their CIs from so few are rough"):
+        rc, _ = _cli(capsys, "diagnose", "evaluate", "--patches", tmp_path / "p.csv", "--labels", tmp_path / "l.csv",
+                     "--aggregators", "logistic", "--folds", "3", "--out", tmp_path / "dx")
+    assert rc == 0

@@ -107,11 +107,15 @@ def _parse_sources(items) -> dict:
     return out
 
 
+FEW_KNEES = 20
+"""Below this many labelled knees, ``diagnose evaluate`` warns that its AUCs are rough."""
+
+
 def _evaluate(args) -> int:
 
     from .. import diagnosis
     from ..diagnosis import report
-    from ..diagnosis.data import use_parameter_columns
+    from ..diagnosis.data import check_labels, use_parameter_columns
     from ..io import ensure_writable_dir
     from ..io.atomic import merge_json
     from ..progress import info
@@ -139,6 +143,12 @@ def _evaluate(args) -> int:
             raise UserError(f"--prefix takes SOURCE=PREFIX for a source named in --patches, got {item!r}")
         sources[name] = use_parameter_columns(sources[name], prefix, what=f"patch table of {name}")
     out = ensure_writable_dir(args.out)
+    n = len(check_labels(args.labels))
+    if n < FEW_KNEES:
+        import warnings
+
+        warnings.warn(f"only {n} labelled knees: AUCs and their CIs from so few are rough (one knee moves an AUC "
+                      f"by up to {1 / max(1, n // 2):.2f}); take them as indicative", stacklevel=2)
     block, results = diagnosis.compare_sources(sources, args.labels, aggs, args.folds, args.seed, pairs=pairs,
                                                workers=args.workers)
     merge_json(out / "metrics.json", {"diagnosis": block, "diagnosis_settings": {  # evaluate's blocks stay

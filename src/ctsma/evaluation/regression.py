@@ -55,6 +55,10 @@ def mean_icc21(ref: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean(vals))
 
 
+FEW_PATIENTS = 10
+"""Below this many held-out patients, ``evaluate`` warns that its confidence intervals are rough."""
+
+
 def distillation_gain(ref, distilled, baseline, subjects, *, n_boot: int = 1000, seed: int = 0) -> dict:
     """Paired patient-bootstrap CI of mean ICC(2,1) (distilled) − mean ICC(2,1) (baseline)."""
     res = stats.cluster_bootstrap_diff(lambda r, a, b: mean_icc21(r, a), lambda r, a, b: mean_icc21(r, b),
@@ -151,7 +155,14 @@ def evaluate(cfg, out_dir: str | Path, *, store: PatchStore | None = None, ablat
                         f"{store.dir}; evaluation needs at least 2: train and evaluate with data.k_folds and "
                         "data.fold (patient folds), or data.use_stored_split: false and a larger data.test_fraction")
     subjects = store.table["subject"].astype(str).to_numpy()[idx]
-    progress.info(f"evaluating on {len(idx)} patches of {len(split.subjects['test'])} held-out patients")
+    n_test = len(split.subjects["test"])
+    if n_test < FEW_PATIENTS:
+        import warnings
+
+        warnings.warn(f"only {n_test} held-out patients: the confidence intervals (ICC, distillation gain) from so "
+                      "few are rough, as a patient bootstrap has few distinct resamples; take them as indicative",
+                      stacklevel=2)
+    progress.info(f"evaluating on {len(idx)} patches of {n_test} held-out patients")
     preds, prov = predict_sources(cfg, store, idx)
     if not preds:
         raise UserError(f"no trained models found in {cfg.output.dir}: run 'ctsma train teacher|student|baseline'")
