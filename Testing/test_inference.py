@@ -297,6 +297,24 @@ def test_batch_mode_resumes_and_reports_failures(knee, constant_student, tmp_pat
     assert res[1]["slice_thickness_source"] == "slice spacing"
     pd.DataFrame({"ct": [str(knee["ct"])], "slice_thickness": ["1 mm"]}).to_csv(thick, index=False)
     assert _run(thick, "--out", tmp_path / "u", "--model", constant_student) == 2
+    # the manifest's side column, as 'dataset build' reads it, tells each knee's side (no --side, no guess)
+    sided = tmp_path / "sided.csv"
+    pd.DataFrame({"subject": ["good"], "ct": [str(knee["ct"])], "side": [knee["side"].lower()]}).to_csv(sided,
+                                                                                                      index=False)
+    assert _run(sided, "--out", tmp_path / "v", "--model", constant_student) == 0
+    summary = json.loads((tmp_path / "v" / "good" / "summary.json").read_text())
+    assert (summary["side"], summary["side_from"]) == (knee["side"], "metadata")
+    pd.DataFrame({"ct": [str(knee["ct"])], "side": ["left"]}).to_csv(sided, index=False)
+    assert _run(sided, "--out", tmp_path / "w", "--model", constant_student) == 2 and not (tmp_path / "w").exists()
+
+
+def test_the_subject_id_can_be_given_for_one_ct(knee, constant_student, tmp_path):
+    out = tmp_path / "run"
+    assert _run(knee["ct"], "--out", out, "--model", constant_student, "--side", knee["side"],
+                "--segmentation", knee["bones_only"], "--subject", "K 7") == 0
+    assert json.loads((out / "summary.json").read_text())["subject"] == "K 7"
+    assert set(pd.read_csv(out / "patches.csv", dtype={"subject": str})["subject"]) == {"K 7"}
+    assert _run(knee["ct"], "--out", tmp_path / "x", "--model", constant_student, "--subject", " ") == 2
 
 
 def test_infer_over_the_memory_budget_blends_in_z_slabs_with_the_same_outputs(knee, tmp_path, monkeypatch, capsys):

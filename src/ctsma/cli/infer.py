@@ -36,6 +36,8 @@ def add_parser(sub) -> None:
                    help="the CT's nominal slice thickness, when its file does not say (a NIfTI converted from DICOM, "
                         "say; default: DICOM SliceThickness for a DICOM folder, else the slice spacing)")
     p.add_argument("--shard", help="batch mode: process shard i of N (i/N, from 0), for cluster job arrays")
+    p.add_argument("--subject", help="the knee's ID in the outputs and the report (default: the CT's file name; "
+                   "in batch mode the manifest's 'subject' column)")
     p.set_defaults(func=run)
 
 
@@ -55,8 +57,9 @@ def run(args) -> int:
     s = InferSettings(stride_mm=args.stride, tta=args.tta, device=args.device, side=args.side,
                       harmonise=args.harmonise, slice_thickness_mm=args.slice_thickness)
     if is_batch_input(args.ct):
-        if args.segmentation or args.rois:
-            raise UserError("--segmentation/--rois apply to one CT; in batch mode give a 'ct_bones' manifest column")
+        if args.segmentation or args.rois or args.subject:
+            raise UserError("--segmentation/--rois/--subject apply to one CT; in batch mode give the manifest's "
+                            "'ct_bones' and 'subject' columns")
         table = run_batch(args.ct, args.out, shard=parse_shard(args.shard), model_path=args.model, settings=s,
                           diagnosis_path=args.diagnosis_model)
         failed = table[table.status == "failed"]
@@ -66,8 +69,10 @@ def run(args) -> int:
         return 1 if len(failed) else 0
     if args.shard:
         raise UserError("--shard needs a folder or manifest of CTs")
+    if args.subject is not None and not str(args.subject).strip():
+        raise UserError("--subject is empty: give the knee's ID")
     summary = infer(args.ct, args.out, model_path=args.model, segmentation=args.segmentation, rois_path=args.rois,
-                    settings=s, diagnosis_path=args.diagnosis_model)
+                    settings=s, diagnosis_path=args.diagnosis_model, subject=args.subject)
     progress.info(f"{summary['n_patches']} patches in {summary['seconds']['total']:.1f} s; outputs in {args.out}")
     res = summary.get("ct_resolution") or {}
     if res.get("harmonisation_blur_mm"):

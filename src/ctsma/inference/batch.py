@@ -46,6 +46,13 @@ def list_cases(path: Path) -> pd.DataFrame:
             df["ct_bones"] = [str((path.parent / p).resolve()) if isinstance(p, str) and p else "" for p in df.ct_bones]
         if "subject" not in df.columns:
             df["subject"] = [_subject_name(p) for p in df["ct"]]
+        if "side" in df.columns:  # as for 'ctsma dataset build': the knee's side from the scan's records
+            side = df["side"].fillna("").astype(str).str.strip().str.upper()
+            bad = ~side.isin(("", "L", "R"))
+            if bad.any():
+                raise UserError(f"manifest {path.name}: side must be L, R or empty; rows "
+                                f"{[int(k) + 2 for k in df.index[bad]][:5]} are not")
+            df["side"] = side
         if "slice_thickness" in df.columns:
             t = pd.to_numeric(df["slice_thickness"], errors="coerce")
             bad = df["slice_thickness"].notna() & ~((t > 0) & (t <= 20))
@@ -79,6 +86,8 @@ def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=No
         seg = getattr(row, "ct_bones", "") or None
         thick = getattr(row, "slice_thickness", math.nan)
         case_settings = replace(settings, slice_thickness_mm=thick) if math.isfinite(thick) else settings
+        if getattr(row, "side", ""):
+            case_settings = replace(case_settings, side=row.side)
         note = ""
         if (d / COMPLETION_MARKER).is_file():
             remove_stale_staging(d)   # a run killed after its last move, before its clean-up
