@@ -17,6 +17,10 @@ def _model_path(args, preset) -> str | None:
 
     shipped = resource_path("Models", "synthesis.safetensors", must_exist=False)
     if shipped.is_file():
+        from ..progress import info
+
+        info("synthesis model: the shipped one, trained on 6 phantom knees; for your own MR and CT protocol train "
+             "one with 'ctsma synthesis train' and give it with --model")
         return str(shipped)
     raise UserError(f"preset '{preset.name}' registers a pseudo-CT: give a synthesis model with --model "
                     "(train one with 'ctsma synthesis train'), or use --preset nosynth")
@@ -52,11 +56,13 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("give either MR and CT images, or --manifest, not both")
         from ..registration.cohort import parse_shard, run_cohort
 
+        shard = parse_shard(args.shard)
         summary = run_cohort(args.manifest, out, preset=preset, model_path=model_path,
-                             shard=parse_shard(args.shard), jobs=args.jobs, limit=args.limit)
+                             shard=shard, jobs=args.jobs, limit=args.limit)
         failed = summary[summary.status == "failed"]
         info(f"registered {int((summary.status == 'done').sum())}, skipped "
-             f"{int(summary.status.str.startswith('skipped').sum())}, failed {len(failed)}; summary in {out}")
+             f"{int(summary.status.str.startswith('skipped').sum())}, failed {len(failed)}; summary in "
+             f"{out / f'cohort_{shard[0]}of{shard[1]}.csv'}")
         for _, r in failed.iterrows():
             info(f"  {r.subject}: {r.error}")
         return 1 if len(failed) else 0
