@@ -582,10 +582,10 @@ def _diagnose(patch_rows: pd.DataFrame, loaded, subject: str, own_student: bool)
         prob = float(pred["oa_probability"]) if pd.notna(pred["oa_probability"]) else None
         severity = float(pred["severity"]) if pd.notna(pred["severity"]) else None
         message = pred.get("message") or ""
+    shipped = default_diagnosis_path()
     out = {"oa_probability": prob, "severity": severity, "auc": cv.get("auc"), "auc_ci": cv.get("auc_ci"),
            "diagnosis": {"model": str(path), "aggregator": model.metadata.get("aggregator"), "message": message,
-                         "cv_metrics": cv,
-                         "demo": default_diagnosis_path() is not None and _same_file(path, default_diagnosis_path())}}
+                         "cv_metrics": cv, "demo": shipped is not None and _same_file(path, shipped)}}
     if model.metadata.get("reference_ranges"):  # the patient report's non-OA ranges and z-scores
         out["reference_ranges"] = model.metadata["reference_ranges"]
         out["reference_description"] = model.metadata.get("reference_description")
