@@ -78,7 +78,13 @@ def test_cli_writes_contract_json_and_maps_in_image_geometry(tmp_path, lhdl):
     assert th.GetSize() == crop.GetSize() and np.allclose(th.GetOrigin(), crop.GetOrigin())
     bvtv = sitk.ReadImage(str(out / "maps" / "bvtv.nii.gz"))
     assert bvtv.GetSize() == (16, 16, 16) and np.allclose(bvtv.GetSpacing(), [2 * 0.0195] * 3)
-    assert np.allclose(bvtv.GetOrigin(), crop.GetOrigin())
+    # a window of 8 voxels on voxel i covers i-4 .. i+3: its centre, the map's sample, is half a voxel before i
+    assert np.allclose(bvtv.GetOrigin(), np.array(crop.GetOrigin()) - 0.5 * 0.0195)
+    valid = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "maps" / "valid.nii.gz")))
+    v = sitk.GetArrayFromImage(bvtv)
+    assert 0 < valid.sum() < valid.size and set(np.unique(valid)) == {0.0, 1.0}
+    assert (v[valid == 0] == 0).all() and np.isfinite(v).all()  # empty windows 0, not NaN (ITK reads NaN as 0)
+    assert res["files"]["valid"] == "maps/valid.nii.gz"
 
 
 def test_cli_user_errors_exit_2(tmp_path, capsys):
@@ -142,3 +148,109 @@ def test_sliding_window_maps_on_plates():
     assert np.allclose(inner, 0.2)
     assert np.allclose(maps["Tb.Th"][5:35, 5:11, 5:11], 2.0)
     assert np.nanmax(np.abs(maps["Tb.N"][5:35, 5:11, 5:11] - 1 / (2.0 + maps["Tb.Sp"][5:35, 5:11, 5:11]))) < 1e-5
+
+
+def test_window_maps_sample_where_the_map_says(tmp_path):
+    """Odd and even windows: a bone half-space x >= 6 of a 1 mm grid; the BV/TV map is 0.5 exactly at the
+    physical x of the face (5.5 mm), wherever the map's origin puts its samples."""
+    for window in (3, 4, 5, 6):
+        a = np.zeros((12, 12, 16), np.uint8)
+        a[..., 6:] = 1
+        img = sitk.GetImageFromArray(a)
+        src = tmp_path / f"half{window}.nii.gz"
+        sitk.WriteImage(img, str(src))
+        out = tmp_path / f"w{window}"
+        assert main(["--quiet", "morphometry", str(src), "--out", str(out), "--window", str(window)]) == 0
+        bvtv = sitk.ReadImage(str(out / "maps" / "bvtv.nii.gz"))
+        row = sitk.GetArrayFromImage(bvtv)[6, 6]
+        xs = np.array([bvtv.TransformIndexToPhysicalPoint((i, 6, 6))[0] for i in range(row.size)])
+        assert np.interp(0.5, row[window:-window], xs[window:-window]) == pytest.approx(5.5, abs=1e-6)
+
+
+def test_cli_mask_labels_offset_and_grids(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    b = (rng.random((24, 24, 24)) < 0.3).astype(np.uint8)
+    img = sitk.GetImageFromArray(b)
+    img.SetSpacing((0.03, 0.03, 0.03))
+    sitk.WriteImage(img, str(tmp_path / "b.nii.gz"))
+    labels = np.zeros_like(b)
+    labels[2:12], labels[12:22] = 1, 2
+    lab = sitk.GetImageFromArray(labels)
+    lab.CopyInformation(img)
+    sitk.WriteImage(lab, str(tmp_path / "labels.nii.gz"))
+    args = ["--quiet", "morphometry", str(tmp_path / "b.nii.gz"), "--mask", str(tmp_path / "labels.nii.gz")]
+    with pytest.warns(UserWarning, match="2 labels .* give --label N"):
+        assert main([*args, "--out", str(tmp_path / "both")]) == 0
+    assert main([*args, "--label", "2", "--out", str(tmp_path / "two")]) == 0
+    two = json.loads((tmp_path / "two" / "morphometry.json").read_text())
+    assert two["roi_voxels"] == 10 * 24 * 24 and two["mask_label"] == 2
+    assert two["BV/TV"] == pytest.approx(b[12:22].mean())
+    assert main([*args, "--label", "3", "--out", str(tmp_path / "three")]) == 2
+    assert "no voxel of label 3" in capsys.readouterr().err and not (tmp_path / "three" / "morphometry.json").exists()
+    # a mask whose spacing differs by 5 %: 1 mm apart at the far corner, refused (an absolute 1e-3 mm let it pass)
+    lab.SetSpacing((0.0315, 0.03, 0.03))
+    sitk.WriteImage(lab, str(tmp_path / "off.nii.gz"))
+    assert main(["--quiet", "morphometry", str(tmp_path / "b.nii.gz"), "--mask", str(tmp_path / "off.nii.gz"),
+                 "--out", str(tmp_path / "off")]) == 2
+    assert "voxels apart" in capsys.readouterr().err
+    # --offset reaches the local binarisation, and is refused without it
+    grey = sitk.GetImageFromArray((100 + 50 * rng.random((24, 24, 24))).astype(np.float32))
+    sitk.WriteImage(grey, str(tmp_path / "g.nii.gz"))
+    g = ["--quiet", "morphometry", str(tmp_path / "g.nii.gz"), "--modality", "mr"]
+    assert main([*g, "--method", "local", "--offset", "0.1", "--out", str(tmp_path / "loc")]) == 0
+    loc = json.loads((tmp_path / "loc" / "morphometry.json").read_text())
+    assert loc["binarisation"]["offset"] == 0.1
+    assert main([*g, "--offset", "0.1", "--out", str(tmp_path / "glob")]) == 2
+    assert "--offset belongs to --method local" in capsys.readouterr().err
+
+
+def test_api_refuses_a_mask_on_another_grid():
+    from ctsma.errors import InputImageError
+    img = sitk.GetImageFromArray(np.ones((8, 8, 8), np.uint8))
+    mask = sitk.Image(img)
+    mask.SetOrigin((1.0, 0.0, 0.0))
+    with pytest.raises(InputImageError, match="origin"):
+        measure(img, mask=mask)
+
+
+def test_header_rounding_of_the_spacing_does_not_move_the_result():
+    """Isotropic voxels whose z spacing carries a header's rounding (3e-6 relative) measure as isotropic ones:
+    before, the ties of voxel centres on sphere surfaces broke the other way and moved Tb.Th by 0.6 %."""
+    rng = np.random.default_rng(2)
+    from scipy import ndimage
+    b = ndimage.gaussian_filter(rng.normal(size=(28, 28, 28)), 1.5) > 0.02
+    iso = measure(b, (0.03, 0.03, 0.03))
+    eps = measure(b, (0.0300001, 0.03, 0.03))
+    for key in ("Tb.Th", "Tb.Sp"):
+        assert eps[key] == pytest.approx(iso[key], rel=1e-5)
+    # and the scale itself decides no tie: 0.7 mm voxels read 0.7 times the 1 mm values (before: 0.5 % less)
+    for conv in ("default", "bonej"):
+        one, big = measure(b, (1.0, 1.0, 1.0), convention=conv), measure(b, (0.7, 0.7, 0.7), convention=conv)
+        for key in ("Tb.Th", "Tb.Sp"):
+            assert big[key] == pytest.approx(0.7 * one[key], rel=1e-6)
+    with pytest.raises(Exception, match="100 times longer"):
+        measure(b, (1e-9, 0.03, 0.03))
+
+
+def test_a_failed_rerun_leaves_the_earlier_run_whole(tmp_path, monkeypatch):
+    """The outputs move in together when a run succeeds: a rerun that dies after writing its first map leaves
+    the first run's json and maps, not its own maps beside the old json (a cluster job at its time limit)."""
+    import ctsma.io
+    b = sitk.GetImageFromArray((np.random.default_rng(3).random((20, 20, 20)) < 0.3).astype(np.uint8))
+    sitk.WriteImage(b, str(tmp_path / "b.nii.gz"))
+    out = tmp_path / "o"
+    assert main(["--quiet", "morphometry", str(tmp_path / "b.nii.gz"), "--out", str(out), "--maps"]) == 0
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = ctsma.io.write_image
+    calls = []
+
+    def dies_on_second(img, path, **kw):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(img, path, **kw)
+    monkeypatch.setattr(ctsma.io, "write_image", dies_on_second)
+    assert main(["--quiet", "morphometry", str(tmp_path / "b.nii.gz"), "--out", str(out), "--maps", "--window", "5",
+                 "--convention", "bonej"]) == 130  # interrupted
+    assert len(calls) == 2
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -11,7 +11,8 @@ MAX_SMOOTH_VOX = 10.0  # a Gaussian pre-smoothing wider than this many voxels wo
 MAX_THREADS = 256
 # what this command can write beside morphometry.json; a rerun removes those it does not write again
 MORPHOMETRY_OUTPUTS = ("tbth_map.nii.gz", "tbsp_map.nii.gz",
-                       *(f"maps/{n}.nii.gz" for n in ("bvtv", "tbth", "tbsp", "tbn")))
+                       *(f"maps/{n}.nii.gz" for n in ("bvtv", "tbth", "tbsp", "tbn", "valid")))
+VALID_MAP = "maps/valid.nii.gz"  # 1.0 where a window holds enough of the ROI: the sliding-window maps are 0 elsewhere
 
 
 def add_parser(subparsers) -> None:
@@ -25,6 +26,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("image", help="3D image (NIfTI, NRRD, MHA or a DICOM folder)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
     p.add_argument("--mask", metavar="M", help="ROI mask on the same grid (non-zero = inside); default: whole image")
+    p.add_argument("--label", type=int, default=None, metavar="N",
+                   help="measure only the mask's voxels of label N (e.g. 3 for MTP in a CT-SMA rois.nii.gz)")
     p.add_argument("--modality", default="binary", choices=["binary", "ct", "microct", "mr"],
                    help="binary (bone = 1), ct/microct (bone bright) or mr (BFFE, bone dark); default: binary")
     p.add_argument("--threshold", default=None,
@@ -33,6 +36,9 @@ def add_parser(subparsers) -> None:
                    help="binarisation: one global threshold, or local adaptive (for MR with a bias field)")
     p.add_argument("--window-mm", type=float, default=None,
                    help="local binarisation: width (FWHM, mm) of the local mean (default 16 voxels)")
+    p.add_argument("--offset", type=float, default=None,
+                   help="local binarisation: how far (a fraction of the local mean) a voxel must be darker (mr) or "
+                        "brighter than its local mean to be bone; default 0")
     p.add_argument("--n4", action="store_true", help="N4 bias-field correction before binarising")
     p.add_argument("--smooth-sigma", type=float, default=0.0, metavar="VOX",
                    help="Gaussian smoothing (sigma in voxels) before a grey-level threshold; default 0")
@@ -45,7 +51,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--maps", action="store_true",
                    help="also write the local-thickness maps tbth_map.nii.gz and tbsp_map.nii.gz (mm)")
     p.add_argument("--window", type=int, default=None, metavar="VOX",
-                   help="also write sliding-window maps maps/{bvtv,tbth,tbsp,tbn}.nii.gz with this window (voxels)")
+                   help="also write sliding-window maps maps/{bvtv,tbth,tbsp,tbn}.nii.gz with this window (voxels), "
+                        "and maps/valid.nii.gz: 1 where a window holds at least half ROI, where the maps are "
+                        "defined (0 elsewhere, as ITK's NIfTI reader would read NaN as 0)")
     p.add_argument("--stride", type=int, default=1, metavar="VOX", help="sampling step of the sliding-window maps")
     p.add_argument("--shape", action="store_true",
                    help="also the structure model index (SMI) and the degree of anisotropy (DA, MIL fabric)")
@@ -61,13 +69,17 @@ def _check_ignored(args) -> None:
         grey = [f for f, on in (("--threshold", args.threshold is not None),
                                 ("--method local", args.method != "global"),
                                 ("--window-mm", args.window_mm is not None), ("--n4", args.n4),
+                                ("--offset", args.offset is not None),
                                 ("--smooth-sigma", args.smooth_sigma > 0)) if on]
         if grey:
             raise UserError(f"{', '.join(grey)} {'applies' if len(grey) == 1 else 'apply'} to binarising a grey-level "
                             "image, but --modality binary (the default) takes the image as bone = 1; give --modality "
                             "ct, microct or mr")
-    if args.window_mm is not None and args.method != "local":
-        raise UserError("--window-mm is the width of the local mean of --method local; add --method local or drop it")
+    for flag, given in (("--window-mm", args.window_mm is not None), ("--offset", args.offset is not None)):
+        if given and args.method != "local":
+            raise UserError(f"{flag} belongs to --method local (the local mean); add --method local or drop it")
+    if args.label is not None and not args.mask:
+        raise UserError("--label picks a label of the ROI mask: give --mask too")
     if args.stride != 1 and args.window is None:
         raise UserError("--stride is the step of the sliding-window maps: give --window too")
 
@@ -106,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import PARAMETER_FILE_NAMES, progress
     from ..errors import UserError
-    from ..io import check_same_geometry, ensure_writable_dir, read_image, write_image, write_json
+    from ..io import check_same_geometry, ensure_writable_dir, read_image, staged_outputs, write_image
     from ..io.atomic import remove_stale_outputs
     from ..morphometry import MorphometryWarning, binarise, measure_binary, sliding_window_maps
     from ..morphometry.maps import map_to_image
@@ -150,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mask:
         m_img = read_image(args.mask, what="ROI mask")
         check_same_geometry(img, m_img, what_a="image", what_b="ROI mask")
-        mask = sitk.GetArrayViewFromImage(m_img) != 0
+        mask = _mask_of_label(sitk.GetArrayViewFromImage(m_img), args.label, args.mask)
         del m_img
     arr = sitk.GetArrayViewFromImage(img) if plan.chunked else sitk.GetArrayFromImage(img)
     spacing_zyx = tuple(img.GetSpacing())[::-1]
@@ -162,23 +174,20 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--threshold must be a number or 'otsu', got {args.threshold!r}") from None
     progress.info(f"binarising ({args.modality}, {args.method})")
     bone, info = binarise(arr, spacing_zyx, mask, modality=args.modality, threshold=threshold, method=args.method,
-                          n4=args.n4, window_mm=args.window_mm, smooth_sigma_vox=args.smooth_sigma)
+                          n4=args.n4, window_mm=args.window_mm, smooth_sigma_vox=args.smooth_sigma,
+                          **({} if args.offset is None else {"offset": args.offset}))
     if plan.chunked:
         from ..io.memory import Geometry
         geom = Geometry.of(img)
         del arr, img  # only the binary image and the ROI are kept
-        res, files = _measure_in_slabs(args, bone, mask, spacing_zyx, geom, plan, threads, out)
-        if args.shape:
-            from ..morphometry.parameters import shape_not_in_slabs
-            res.update(shape_not_in_slabs(stacklevel=1))
-        res["binarisation"] = info
-        res["image"] = os.path.abspath(args.image)
-        res["mask"] = os.path.abspath(args.mask) if args.mask else None
-        res["files"] = files
+        with staged_outputs(out, marker=RESULT) as stage:
+            res, files = _measure_in_slabs(args, bone, mask, spacing_zyx, geom, plan, threads, stage)
+            if args.shape:
+                from ..morphometry.parameters import shape_not_in_slabs
+                res.update(shape_not_in_slabs(stacklevel=1))
+            _finish(args, res, info, files, stage)
         remove_stale_outputs(out, MORPHOMETRY_OUTPUTS, files.values())
-        write_json(out / "morphometry.json", res)
-        progress.info(f"BV/TV {res['BV/TV']:.4f}  Tb.Th {res['Tb.Th']:.4f} mm  Tb.Sp {res['Tb.Sp']:.4f} mm  "
-                      f"Tb.N {res['Tb.N']:.4f} /mm  -> {out / 'morphometry.json'}")
+        _summary(res, out)
         return 0
     progress.info("local thickness of bone and marrow")
     with warnings.catch_warnings(record=True) as caught:
@@ -188,35 +197,78 @@ def run(args: argparse.Namespace) -> int:
                                    slabs="auto" if plan.n_voxels is None else "never", shape=args.shape)
     for w in caught:
         warnings.warn(str(w.message), MorphometryWarning, stacklevel=1)
-    res["binarisation"] = info
-    res["image"] = os.path.abspath(args.image)
-    res["mask"] = os.path.abspath(args.mask) if args.mask else None
     files = {}
-    if args.maps:
-        for key, name in (("thickness", "tbth_map.nii.gz"), ("separation", "tbsp_map.nii.gz")):
-            m = sitk.GetImageFromArray(maps[key].astype(np.float32))
-            m.CopyInformation(img)
-            write_image(m, out / name)
-            files[key + "_map"] = name
-    if args.window is not None:
-        progress.info(f"sliding-window maps (window {args.window}, stride {args.stride} voxels)")
-        wmaps = sliding_window_maps(bone, spacing_zyx, args.window, args.stride, mask,
-                                    convention=args.convention, thickness_maps=maps)
-        (out / "maps").mkdir(exist_ok=True)
-        for key, arr_map in wmaps.items():
-            name = f"maps/{PARAMETER_FILE_NAMES[key]}.nii.gz"
-            write_image(map_to_image(arr_map, img, args.stride), out / name)
-            files[key] = name
-        res["window_voxels"] = args.window
-        res["stride_voxels"] = args.stride
-    res["files"] = files
+    with staged_outputs(out, marker=RESULT) as stage:
+        if args.maps:
+            for key, name in (("thickness", "tbth_map.nii.gz"), ("separation", "tbsp_map.nii.gz")):
+                m = sitk.GetImageFromArray(maps[key].astype(np.float32))
+                m.CopyInformation(img)
+                write_image(m, stage / name)
+                files[key + "_map"] = name
+        if args.window is not None:
+            progress.info(f"sliding-window maps (window {args.window}, stride {args.stride} voxels)")
+            wmaps = sliding_window_maps(bone, spacing_zyx, args.window, args.stride, mask,
+                                        convention=args.convention, thickness_maps=maps)
+            (stage / "maps").mkdir()
+            for key, arr_map in {**_defined(wmaps), "valid": np.isfinite(wmaps["BV/TV"])}.items():
+                name = VALID_MAP if key == "valid" else f"maps/{PARAMETER_FILE_NAMES[key]}.nii.gz"
+                write_image(map_to_image(arr_map, img, args.stride, args.window), stage / name)  # float32
+                files[key] = name
+        _finish(args, res, info, files, stage)
     remove_stale_outputs(out, MORPHOMETRY_OUTPUTS, files.values())
-    write_json(out / "morphometry.json", res)
-    progress.info(f"BV/TV {res['BV/TV']:.4f}  Tb.Th {res['Tb.Th']:.4f} mm  Tb.Sp {res['Tb.Sp']:.4f} mm  "
-                  f"Tb.N {res['Tb.N']:.4f} /mm  -> {out / 'morphometry.json'}")
+    _summary(res, out)
     if args.shape:
         progress.info(f"SMI {res['SMI']:.3f}  DA {res['DA']:.3f}")
     return 0
+
+
+RESULT = "morphometry.json"  # written last: a folder without it is not a finished run
+
+
+def _mask_of_label(labels, label: int | None, path: str):
+    """The ROI of a mask image: its non-zero voxels, or those of ``label``; several labels without ``label`` warn."""
+    import numpy as np
+
+    from ..errors import UserError
+    values = np.unique(labels)
+    found = [int(v) if float(v).is_integer() else float(v) for v in values if v != 0]
+    if label is not None:
+        if label not in found:
+            raise UserError(f"the ROI mask {path} has no voxel of label {label} (its labels: "
+                            f"{', '.join(map(str, found)) or 'none'})")
+        return labels == label
+    if len(found) > 1:
+        warnings.warn(f"the ROI mask holds {len(found)} labels ({', '.join(map(str, found[:8]))}"
+                      f"{', ...' if len(found) > 8 else ''}), measured together as one ROI; give --label N to "
+                      "measure one of them", stacklevel=2)
+    return labels != 0
+
+
+def _defined(wmaps: dict) -> dict:
+    """The sliding-window maps with their undefined (NaN) windows written as 0 (see VALID_MAP)."""
+    import numpy as np
+    return {k: np.nan_to_num(v, nan=0.0) for k, v in wmaps.items()}
+
+
+def _finish(args, res: dict, info: dict, files: dict, stage) -> None:
+    """Record the run's settings and files in the result, and write it into the staging folder (last)."""
+    from ..io import write_json
+    res["binarisation"] = info
+    res["image"] = os.path.abspath(args.image)
+    res["mask"] = os.path.abspath(args.mask) if args.mask else None
+    if args.label is not None:
+        res["mask_label"] = args.label
+    if args.window is not None:
+        res["window_voxels"] = args.window
+        res["stride_voxels"] = args.stride
+    res["files"] = files
+    write_json(stage / RESULT, res)
+
+
+def _summary(res: dict, out) -> None:
+    from .. import progress
+    progress.info(f"BV/TV {res['BV/TV']:.4f}  Tb.Th {res['Tb.Th']:.4f} mm  Tb.Sp {res['Tb.Sp']:.4f} mm  "
+                  f"Tb.N {res['Tb.N']:.4f} /mm  -> {out / RESULT}")
 
 
 def _measure_in_slabs(args, bone, mask, spacing_zyx, geom, plan, threads, out):
@@ -228,7 +280,7 @@ def _measure_in_slabs(args, bone, mask, spacing_zyx, geom, plan, threads, out):
     from .. import PARAMETER_FILE_NAMES, progress
     from ..io.memory import Geometry, plane_voxels, streamed_nifti
     from ..morphometry import MorphometryWarning
-    from ..morphometry.maps import sliding_window_chunks, window_chunk_planes
+    from ..morphometry.maps import sliding_window_chunks, window_chunk_planes, window_origin
     from ..morphometry.parameters import slab_budget_error
     from ..morphometry.slabs import ArraySink, SlabMemoryError, StreamSink, TeeSink, measure_in_slabs
 
@@ -271,16 +323,14 @@ def _measure_in_slabs(args, bone, mask, spacing_zyx, geom, plan, threads, out):
                           f"{chunk} output planes at a time")
             st = args.stride
             wgeom = Geometry(tuple(-(-n // st) for n in geom.size), tuple(float(s) * st for s in geom.spacing),
-                             geom.origin, geom.direction)
+                             window_origin(geom, args.window), geom.direction)
             wwriters = {}
-            for key in ("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N"):
-                fname = f"maps/{PARAMETER_FILE_NAMES[key]}.nii.gz"
+            for key in ("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N", "valid"):
+                fname = VALID_MAP if key == "valid" else f"maps/{PARAMETER_FILE_NAMES[key]}.nii.gz"
                 wwriters[key] = stack.enter_context(streamed_nifti(out / fname, wgeom, level=6))
                 files[key] = fname
             for _, _, chunk_maps in sliding_window_chunks(bone, spacing_zyx, args.window, args.stride, roi,
                                                           thickness_maps=keep.maps, z_chunk=chunk):
-                for key, arr_map in chunk_maps.items():
-                    wwriters[key].write(arr_map)
-            res["window_voxels"] = args.window
-            res["stride_voxels"] = args.stride
+                for key, arr_map in {**_defined(chunk_maps), "valid": np.isfinite(chunk_maps["BV/TV"])}.items():
+                    wwriters[key].write(arr_map.astype(np.float32))
     return res, files

@@ -41,7 +41,7 @@ from ..harmonise import (MATCH_TOLERANCE_MM, PATCH, blurred_crop, inplane_edge_s
                          slice_thickness, through_plane_blur, through_plane_sigma)
 from ..io import read_image, write_image, write_json
 from ..io.atomic import ensure_writable_dir, staged_outputs
-from ..io.images import check_ct_intensities
+from ..io.images import check_ct_intensities, same_grid
 from ..models.export import FLIPS_DEFAULT, FLIPS_TTA
 from ..resources import resource_path
 from ..segmentation.geometry import crop_box
@@ -485,9 +485,12 @@ def _to_grid(labels: sitk.Image, ref) -> sitk.Image:
     resampled are those of a whole-grid resampling, at a fraction of the time on a clinical CT, where the labels
     fill a few percent of the field of view. Only a CT voxel centre exactly half-way between label voxels may take
     the other neighbour, as floating-point rounding decides there (the suite compares both ways)."""
-    if labels.GetSize() == tuple(ref.GetSize()) and np.allclose(labels.GetSpacing(), ref.GetSpacing()) and \
-            np.allclose(labels.GetOrigin(), ref.GetOrigin()):
-        return labels
+    if same_grid(ref, labels):
+        out = sitk.Image(labels)  # (a shallow copy) on exactly ref's grid, as resampling would give
+        out.SetSpacing(tuple(ref.GetSpacing()))
+        out.SetOrigin(tuple(ref.GetOrigin()))
+        out.SetDirection(tuple(ref.GetDirection()))
+        return out
     size = [int(v) for v in ref.GetSize()]
     out = sitk.Image(size, sitk.sitkUInt8)
     out.SetSpacing(tuple(ref.GetSpacing()))

@@ -28,7 +28,7 @@ DEFAULT_MAX_VOXELS = int(os.environ.get("CTSMA_MAX_VOXELS", 2_000_000_000 // 4))
 
 
 def _fmt(v) -> str:
-    return "(" + ", ".join(f"{x:g}" for x in v) + ")"
+    return "(" + ", ".join(f"{x:.7g}" for x in v) + ")"
 
 
 def _dicom_reader(folder: Path, what: str) -> sitk.ImageSeriesReader:
@@ -271,20 +271,51 @@ def check_image(img: sitk.Image, *, what: str = "image", pixel_type=sitk.sitkFlo
     return img
 
 
-def check_same_geometry(a: sitk.Image, b: sitk.Image, *, what_a: str = "image", what_b: str = "segmentation",
-                        tol: float = 1e-3) -> None:
-    """Raise :class:`InputImageError` unless ``a`` and ``b`` share size, spacing, origin and direction."""
-    problems = []
+GRID_TOLERANCE_VOX = 0.05
+"""Two grids of the same size whose voxel centres lie within this fraction of a voxel of each other everywhere are
+the same grid: rounding of spacing, origin or direction in a file header (NIfTI stores them as float32) stays far
+below it, and nearest-neighbour resampling between such grids would copy every voxel unchanged."""
+
+
+def grid_offset_voxels(a, b) -> float:
+    """How far apart the same voxel index lies on the grids of ``a`` and ``b`` (SimpleITK images or anything with
+    ``GetSize/GetSpacing/GetOrigin/GetDirection``), at worst over the image, in voxels of ``a``'s finest spacing;
+    ``inf`` when the sizes differ. A spacing off by a relative ``e`` moves the far corner by ``e`` times the
+    image's size in voxels, so this catches what a per-field tolerance in mm would miss at fine spacings."""
+    size = tuple(int(v) for v in a.GetSize())
+    if size != tuple(int(v) for v in b.GetSize()):
+        return float("inf")
+    corners = np.array(np.meshgrid(*[[0.0, n - 1.0] for n in size], indexing="ij")).reshape(len(size), -1)
+
+    def physical(img):
+        d = np.asarray(img.GetDirection(), float).reshape(len(size), len(size))
+        return np.asarray(img.GetOrigin(), float)[:, None] + d @ (np.asarray(img.GetSpacing(), float)[:, None]
+                                                                   * corners)
+    return float(np.linalg.norm(physical(a) - physical(b), axis=0).max() / min(a.GetSpacing()))
+
+
+def same_grid(a, b, tol_vox: float = GRID_TOLERANCE_VOX) -> bool:
+    """Whether ``a`` and ``b`` share one grid (see :data:`GRID_TOLERANCE_VOX`)."""
+    return grid_offset_voxels(a, b) <= tol_vox
+
+
+def check_same_geometry(a: sitk.Image, b: sitk.Image, *, what_a: str = "image",
+                        what_b: str = "segmentation") -> None:
+    """Raise :class:`InputImageError` unless ``a`` and ``b`` share one grid (:func:`same_grid`), naming what
+    differs: size, spacing, origin or direction."""
+    offset = grid_offset_voxels(a, b)
+    if offset <= GRID_TOLERANCE_VOX:
+        return
     if a.GetSize() != b.GetSize():
-        problems.append(f"size {a.GetSize()} vs {b.GetSize()}")
-    if not np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol):
-        problems.append(f"spacing {_fmt(a.GetSpacing())} vs {_fmt(b.GetSpacing())}")
-    if not np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol):
-        problems.append(f"origin {_fmt(a.GetOrigin())} vs {_fmt(b.GetOrigin())}")
-    if not np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4):
-        problems.append("direction differs")
-    if problems:
-        raise InputImageError(f"{what_b} does not match the geometry of the {what_a}: " + "; ".join(problems))
+        problems = [f"size {a.GetSize()} vs {b.GetSize()}"]
+    else:
+        problems = [f"{name} {_fmt(get(a))} vs {_fmt(get(b))}" for name, get in
+                    (("spacing", lambda i: i.GetSpacing()), ("origin", lambda i: i.GetOrigin()))
+                    if not np.allclose(get(a), get(b), rtol=1e-9, atol=0)]
+        if not np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=1e-9):
+            problems.append("direction differs")
+        problems.append(f"the same voxel lies up to {offset:.3g} voxels apart")
+    raise InputImageError(f"{what_b} does not match the geometry of the {what_a}: " + "; ".join(problems))
 
 
 def check_ct_intensities(img: sitk.Image, *, what: str = "CT") -> None:

@@ -30,6 +30,9 @@ def measure(image, spacing_zyx=None, mask=None, *, modality: str = "binary", thr
     Over the memory budget (``CTSMA_MEMORY_GB``) the local thickness is computed in z-slabs with the same
     results; ``slabs`` and ``progress`` are passed to :func:`~.parameters.measure_binary`.
     """
+    if mask is not None and hasattr(image, "GetOrigin") and hasattr(mask, "GetOrigin"):
+        from ..io.images import check_same_geometry
+        check_same_geometry(image, mask, what_a="image", what_b="ROI mask")
     arr, sp = _as_array(image, spacing_zyx)
     sp = check_spacing(sp)
     if mask is not None:

@@ -36,7 +36,7 @@ from .distance import edtsq_labels
 from .paint import descending_order, paint_sum
 from .parameters import MorphometryWarning, phase_pair_thickness
 from .power import reduced_axis
-from .thickness import _values_signed
+from .thickness import _values_signed, unit_spacing
 from .validate import MorphometryError, check_binary, check_convention, check_spacing
 
 BATCH_KEYS = ("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N")
@@ -71,9 +71,10 @@ def _signed_distances(lab, d):
 
 
 @numba.njit(cache=True, nogil=True)
-def _phase_mean(lab, d, s, axis_idx, label, n, sz, sy, sx, default_conv):
+def _phase_mean(lab, d, s, axis_idx, label, n, sz, sy, sx, default_conv, unit):
     """Mean local thickness (mm) over the ``n`` voxels of phase ``label``, from the two-phase maps (``s``: the signed
-    distances)."""
+    distances) on the grid of :func:`~.thickness.unit_spacing`: each sphere's value is scaled by ``unit`` (float32)
+    before it is painted, as the one-image path scales its float32 map."""
     lf = lab.ravel()
     idx = np.empty(axis_idx.shape[0], np.int64)
     m = 0
@@ -87,11 +88,11 @@ def _phase_mean(lab, d, s, axis_idx, label, n, sz, sy, sx, default_conv):
     val_o = np.empty(m, np.float32)
     for j in range(m):  # explicit gathers (numba's integer-array indexing is slower)
         idx_o[j] = idx[order[j]]
-        val_o[j] = val[order[j]]
+        val_o[j] = val[order[j]] * unit
     return paint_sum(lab, label, d.ravel(), idx_o, val_o, sz, sy, sx) / n
 
 
-def _patch(bone, roi, sz, sy, sx, default_conv):
+def _patch(bone, roi, sz, sy, sx, default_conv, unit=1.0):
     """(BV/TV, Tb.Th, Tb.Sp) of one patch with the ``fast`` method, NaN where undefined.
 
     A few compiled calls, each of which releases the GIL (the Python between them takes microseconds)."""
@@ -107,8 +108,9 @@ def _patch(bone, roi, sz, sy, sx, default_conv):
     d = edtsq_labels(lab, sz, sy, sx)
     axis_idx = reduced_axis(lab.shape, d.ravel(), lab.ravel() > 0, sz, sy, sx)
     s = _signed_distances(lab, d)
-    th = _phase_mean(lab, d, s, axis_idx, 2, n_b, sz, sy, sx, default_conv) if n_b else nan
-    sp = _phase_mean(lab, d, s, axis_idx, 1, n_m, sz, sy, sx, default_conv) if n_m else nan
+    u = np.float32(unit)
+    th = _phase_mean(lab, d, s, axis_idx, 2, n_b, sz, sy, sx, default_conv, u) if n_b else nan
+    sp = _phase_mean(lab, d, s, axis_idx, 1, n_m, sz, sy, sx, default_conv, u) if n_m else nan
     return bvtv, th, sp
 
 
@@ -154,13 +156,13 @@ def measure_batch(binary_patches, spacing_zyx, masks=None, convention: str = "de
     if n == 0:
         return out
     workers = workers or min(os.cpu_count() or 1, 8)
-    sz, sy, sx = (float(s) for s in sp)
+    (sz, sy, sx), unit = unit_spacing(sp)  # the local thickness's grid; its lengths times unit are mm
     whole = np.ones(p.shape[1:], bool)
 
     def job(i):
         if method == "exact":
             return _patch_exact(p[i], None if m is None else m[i], sp, convention)
-        return _patch(p[i], whole if m is None else m[i], sz, sy, sx, convention == "default")
+        return _patch(p[i], whole if m is None else m[i], sz, sy, sx, convention == "default", unit)
 
     if workers > 1 and n > 1:
         with ThreadPoolExecutor(max_workers=workers) as ex:

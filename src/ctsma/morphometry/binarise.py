@@ -97,7 +97,8 @@ def binarise(image, spacing_zyx=None, mask=None, *, modality: str = "microct", t
         info["threshold"] = thr
     else:
         if threshold not in (None, "otsu"):
-            raise MorphometryError("a local (adaptive) binarisation takes no fixed threshold; use offset instead")
+            raise MorphometryError("a local (adaptive) binarisation takes no fixed threshold; give an offset from "
+                                   "the local mean instead (offset=, --offset)")
         w = float(window_mm) if window_mm is not None else 16 * min(sp)
         if not np.isfinite(w) or w <= 0:
             raise MorphometryError(f"window_mm must be > 0, got {window_mm}")

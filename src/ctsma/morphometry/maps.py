@@ -4,7 +4,8 @@ The local-thickness maps are computed once over the whole ROI, then each window'
 the thickness map over the bone voxels in the window (and Tb.Sp likewise over marrow). This is the same
 estimator as measuring each window on its own, except that spheres are not cut at the window's faces,
 which removes the truncation bias of small windows; it costs three box filters instead of one local-
-thickness run per window. A window centred on voxel ``i`` covers ``i - w//2 .. i + w//2``.
+thickness run per window. The window of sample ``i`` covers voxels ``i - w//2 .. i - w//2 + w - 1``: centred
+on voxel ``i`` for an odd width ``w``, half a voxel before it for an even one (:func:`window_origin`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ def sliding_window_maps(bone, spacing_zyx, window, stride=1, mask=None, *, conve
     """Parameter maps of windows of ``window`` voxels (int or (z, y, x)), sampled every ``stride`` voxels.
 
     Returns float32 arrays ``{"BV/TV", "Tb.Th", "Tb.Sp", "Tb.N"}`` of shape ``ceil(shape / stride)``; the
-    sample ``[k]`` is the window centred on voxel ``k * stride``, so a map has the image's origin and
-    direction and a spacing of ``stride * spacing``. Windows with less than ``min_roi_fraction`` of their
+    sample ``[k]`` is the window of voxel ``k * stride`` (centred on it for odd widths, half a voxel before it
+    along an axis of even width), so a map has the image's direction, a spacing of ``stride * spacing`` and the
+    origin :func:`window_origin`. Windows with less than ``min_roi_fraction`` of their
     voxels in the ROI, or with no bone (or no marrow) for Tb.Th (Tb.Sp), are NaN.
     ``thickness_maps`` may pass precomputed ``{"thickness", "separation"}`` maps from :func:`measure_binary`.
     """
@@ -99,12 +101,23 @@ def sliding_window_chunks(bone, spacing_zyx, window, stride=1, mask=None, *, thi
                                    z_first=zc0 - lo, n_out=o1 - o0)
 
 
-def map_to_image(arr: np.ndarray, reference, stride=1):
-    """A SimpleITK image of ``arr`` (z, y, x) sampled every ``stride`` voxels of ``reference``'s grid."""
+def window_origin(reference, window) -> tuple:
+    """The physical centre of the first window (voxel 0's) on ``reference``'s grid (an image or a
+    :class:`ctsma.io.memory.Geometry`): voxel 0 itself, moved half a voxel back along each axis where the window
+    (voxels, int or (z, y, x)) has an even width."""
+    shift = np.where(np.broadcast_to(np.asarray(window, int), (3,))[::-1] % 2 == 0, -0.5, 0.0)  # x, y, z
+    d = np.asarray(reference.GetDirection(), float).reshape(3, 3)
+    return tuple(float(v) for v in np.asarray(reference.GetOrigin(), float)
+                 + d @ (np.asarray(reference.GetSpacing(), float) * shift))
+
+
+def map_to_image(arr: np.ndarray, reference, stride=1, window=1):
+    """A SimpleITK image of ``arr`` (z, y, x): the windows of ``window`` voxels sampled every ``stride`` voxels of
+    ``reference``'s grid."""
     import SimpleITK as sitk
     img = sitk.GetImageFromArray(np.asarray(arr, np.float32))
     st = np.broadcast_to(np.asarray(stride, int), (3,))[::-1]  # x, y, z
-    img.SetOrigin(reference.GetOrigin())
+    img.SetOrigin(window_origin(reference, window))
     img.SetDirection(reference.GetDirection())
     img.SetSpacing(tuple(float(s) * float(k) for s, k in zip(reference.GetSpacing(), st)))
     return img

@@ -19,7 +19,7 @@ import warnings
 
 import numpy as np
 
-from .thickness import distance_sq, distance_sq_pair, _thickness_from_dsq
+from .thickness import _scaled, _thickness_from_dsq, distance_sq, distance_sq_pair, unit_spacing
 from .validate import check_binary, check_convention, check_mask, check_spacing
 
 TBN_FORMULA = "1/(Tb.Th+Tb.Sp)"
@@ -37,8 +37,9 @@ def phase_thickness(phase: np.ndarray, spacing_zyx, convention: str, threads: in
         return np.zeros(phase.shape, np.float32)
     if phase.all():  # no boundary: undefined
         return np.full(phase.shape, np.nan, np.float32)
-    return _thickness_from_dsq(phase, distance_sq(phase, spacing_zyx, threads=threads), spacing_zyx, convention,
-                               method, threads)
+    su, unit = unit_spacing(spacing_zyx)
+    return _scaled(_thickness_from_dsq(phase, distance_sq(phase, su, threads=threads), su, convention, method,
+                                       threads), unit)
 
 
 def phase_pair_thickness(bone: np.ndarray, marrow: np.ndarray, spacing_zyx, convention: str, threads: int = 1,
@@ -50,10 +51,11 @@ def phase_pair_thickness(bone: np.ndarray, marrow: np.ndarray, spacing_zyx, conv
     ok = [p.any() and not p.all() for p in (bone, marrow)]
     if not all(ok):
         return tuple(phase_thickness(p, spacing_zyx, convention, threads, method) for p in (bone, marrow))
-    d = distance_sq_pair(bone, marrow, spacing_zyx, threads=threads)
-    th = _thickness_from_dsq(bone, np.where(bone, d, np.float32(0)), spacing_zyx, convention, method, threads)
+    su, unit = unit_spacing(spacing_zyx)
+    d = distance_sq_pair(bone, marrow, su, threads=threads)
+    th = _thickness_from_dsq(bone, np.where(bone, d, np.float32(0)), su, convention, method, threads)
     np.copyto(d, 0, where=~marrow)  # now the marrow's own distance map
-    return th, _thickness_from_dsq(marrow, d, spacing_zyx, convention, method, threads)
+    return _scaled(th, unit), _scaled(_thickness_from_dsq(marrow, d, su, convention, method, threads), unit)
 
 
 def spacing_parameters(res: dict, phases: dict, *, stacklevel: int) -> None:

@@ -56,7 +56,7 @@ from typing import Callable
 
 import numpy as np
 
-from .thickness import _thickness_from_dsq, distance_sq
+from .thickness import _scaled, _thickness_from_dsq, distance_sq, unit_spacing
 
 # Memory of one slab (bytes per voxel), fitted on 128^3 Gaussian-field bone images (28-40 B per slab voxel with
 # halos, 86 B/voxel for the whole image in one slab); benchmarks/bench_memory_guard.py checks that a z-slab run
@@ -111,8 +111,9 @@ class Phase:
 
 
 def max_distance(phase: Phase, spacing_zyx, *, threads: int = 1, max_planes: int | None = None,
-                 core: int | None = None) -> float:
-    """Exact largest squared distance (mm^2, as the float32 distance map holds it) over the phase, slab by slab.
+                 core: int | None = None, unit: float = 1.0) -> float:
+    """Exact largest squared distance (in units of ``spacing_zyx``, as the float32 distance map holds it; ``unit``
+    mm each, for messages) over the phase, slab by slab.
 
     Each slab's core is certified (its distances cannot be lowered by voxels beyond the slab) or redone with
     twice the halo. ``max_planes`` bounds the planes of one slab (memory); raises :class:`SlabMemoryError`
@@ -129,7 +130,7 @@ def max_distance(phase: Phase, spacing_zyx, *, threads: int = 1, max_planes: int
             c = max(1, min(core or nz, max_planes - 2 * h))
             planes = min(c + 2 * h, nz)
             if planes > max_planes:
-                raise SlabMemoryError(phase.name, planes, planes * phase.plane_voxels * EDT_BYTES, h * sz)
+                raise SlabMemoryError(phase.name, planes, planes * phase.plane_voxels * EDT_BYTES, h * sz * unit)
             b = min(a + c, nz)
             lo, hi = max(a - h, 0), min(b + h, nz)
             ph = phase.planes(lo, hi)
@@ -204,7 +205,9 @@ def _sd(vals: np.ndarray, mean: float, block: int = 1 << 22) -> float:
 
 def _phase_thickness_slabs(phase: Phase, spacing_zyx, r2_max: float, *, convention: str, method: str, threads: int,
                            core: int, halo: int, extra: int, values: _Values, sink, key: str, report,
-                           done: int, total: int, all_phase: bool = False) -> int:
+                           done: int, total: int, all_phase: bool = False, unit: float = 1.0) -> int:
+    """The phase's local thickness slab by slab, on the grid of ``spacing_zyx`` (``r2_max`` in its units), each
+    core's map scaled by ``unit`` to mm (:func:`~.thickness.unit_spacing`) before it is summarised and sunk."""
     nz = phase.nz
     for a in range(0, nz, core):
         b = min(a + core, nz)
@@ -218,8 +221,8 @@ def _phase_thickness_slabs(phase: Phase, spacing_zyx, r2_max: float, *, conventi
                 dsq = np.ascontiguousarray(distance_sq(ph_e, spacing_zyx, threads=threads)[pa - ea:pb - ea])
                 ph = np.ascontiguousarray(ph_e[pa - ea:pb - ea])
                 del ph_e
-                out = _thickness_from_dsq(ph, dsq, spacing_zyx, convention, method, threads, r2_max=r2_max, z0=pa,
-                                          z_range=(a - pa, b - pa))  # only the core is painted
+                out = _scaled(_thickness_from_dsq(ph, dsq, spacing_zyx, convention, method, threads, r2_max=r2_max,
+                                                  z0=pa, z_range=(a - pa, b - pa)), unit)  # only the core is painted
                 del dsq, ph
             else:
                 out = np.zeros((b - a,) + ph_e.shape[1:], np.float32)
@@ -277,6 +280,7 @@ def measure_in_slabs(bone: np.ndarray, roi: np.ndarray, spacing_zyx, *, conventi
     from .parameters import _crop_to, _histogram, describe_run, spacing_parameters
 
     sp = tuple(float(s) for s in spacing_zyx)
+    su, unit = unit_spacing(sp)  # the local thickness's grid (mm / unit)
     if slab_budget is None and slab_planes is None:
         raise ValueError("give slab_budget or slab_planes")
     roi_box = _crop_to(roi, 1)
@@ -292,15 +296,16 @@ def measure_in_slabs(bone: np.ndarray, roi: np.ndarray, spacing_zyx, *, conventi
     for ph in phases:
         # a phase that fills the region has no boundary: its thickness is undefined (NaN), as on the whole image
         ph.all_phase = ph.count() == ph.nz * ph.plane_voxels
-        r2 = 0.0 if ph.all_phase else max_distance(ph, sp, threads=threads, max_planes=max_planes, core=slab_planes)
-        halo, extra = halo_planes(r2, sp[0], method)
+        r2 = 0.0 if ph.all_phase else max_distance(ph, su, threads=threads, max_planes=max_planes, core=slab_planes,
+                                                   unit=unit)
+        halo, extra = halo_planes(r2, su[0], method)
         if slab_planes is not None:
             core = int(slab_planes)
         else:
             core = core_planes(slab_budget, plane_voxels, halo, extra, ph.nz)
             if core < 1:
                 need = min(slab_bytes(plane_voxels, 1, halo, extra), slab_bytes(plane_voxels, ph.nz, 0, 0))
-                raise SlabMemoryError(ph.name, min(1 + 2 * halo, ph.nz), need, math.sqrt(r2))
+                raise SlabMemoryError(ph.name, min(1 + 2 * halo, ph.nz), need, math.sqrt(r2) * unit)
         plans.append((ph, r2, halo, extra, min(core, ph.nz)))
     n_surf = int(slab_planes) if slab_planes is not None else \
         max(1, int(slab_budget // (plane_voxels * SURFACE_BYTES)) - 1)
@@ -312,9 +317,9 @@ def measure_in_slabs(bone: np.ndarray, roi: np.ndarray, spacing_zyx, *, conventi
         done = 0
         for (ph, r2, halo, extra, core), key in zip(plans, ("thickness", "separation")):
             vals = _Values(tmp, ph.name)
-            done = _phase_thickness_slabs(ph, sp, r2, convention=convention, method=method, threads=threads,
+            done = _phase_thickness_slabs(ph, su, r2, convention=convention, method=method, threads=threads,
                                           core=core, halo=halo, extra=extra, values=vals, sink=sink, key=key,
-                                          report=report, done=done, total=total, all_phase=ph.all_phase)
+                                          report=report, done=done, total=total, all_phase=ph.all_phase, unit=unit)
             arr = vals.array()
             s = {"n": vals.n, "finite": vals.finite}
             if vals.n and vals.finite:
@@ -341,7 +346,7 @@ def measure_in_slabs(bone: np.ndarray, roi: np.ndarray, spacing_zyx, *, conventi
     res["histograms"] = {"Tb.Th": summaries["bone"]["hist"], "Tb.Sp": summaries["marrow"]["hist"]}
     res["slabs"] = {"slabs": total, "surface_slab_planes": n_surf,
                     **{ph.name: {"core_planes": core, "halo_planes": halo, "distance_planes": extra,
-                                 "max_distance_mm": math.sqrt(r2)} for ph, r2, halo, extra, core in plans}}
+                                 "max_distance_mm": math.sqrt(r2) * unit} for ph, r2, halo, extra, core in plans}}
     return res
 
 

@@ -20,7 +20,31 @@ def check_spacing(spacing_zyx) -> tuple[float, float, float]:
         raise MorphometryError(f"spacing must have three values (z, y, x) in mm, got {len(sp)}")
     if not all(np.isfinite(sp)) or min(sp) <= 0:
         raise MorphometryError(f"spacing {sp} mm is invalid: every value must be finite and > 0")
-    return sp  # type: ignore[return-value]
+    if max(sp) > MAX_ANISOTROPY * min(sp):
+        raise MorphometryError(f"spacing {sp} mm: voxels over {MAX_ANISOTROPY:g} times longer along one axis than "
+                               "along another cannot resolve a structure in 3D; check the spacing in the header")
+    return _snap_equal(sp)  # type: ignore[return-value]
+
+
+MAX_ANISOTROPY = 100.0
+SNAP_RELATIVE = 1e-5
+
+
+def _snap_equal(sp: tuple) -> tuple:
+    """Spacings within :data:`SNAP_RELATIVE` of each other made equal (their mean).
+
+    On an isotropic grid many voxel centres lie exactly on a sphere's surface; spacings that differ only by
+    the rounding of a file header (NIfTI stores float32; DICOM slice positions are rounded) would decide those ties
+    one way on one axis and the other way on the next, and move Tb.Th by up to about 1 % between two copies of
+    the same image. The change of scale is at most 1e-5, far below any measurement's precision."""
+    out = list(sp)
+    for i in range(3):
+        group = [j for j in range(3) if abs(sp[j] - sp[i]) <= SNAP_RELATIVE * sp[i]]
+        if len(group) > 1:
+            mean = float(np.mean([sp[j] for j in group]))
+            for j in group:
+                out[j] = mean
+    return tuple(out)
 
 
 def check_convention(convention: str) -> str:

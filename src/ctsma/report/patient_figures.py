@@ -11,6 +11,7 @@ from matplotlib import patheffects
 from matplotlib.colors import ListedColormap
 
 from .. import PARAMETERS, ROIS
+from ..io.images import same_grid
 from .figures import ROI_COLOURS, _RC, new_figure, to_png
 from .format import unit_label
 from .slices import best_coronal_index, coronal, coronal_spacing, display_axes
@@ -77,10 +78,7 @@ def overview_figure(ct: sitk.Image, rois: sitk.Image) -> bytes | None:
 
 
 def _resampled(img: sitk.Image, ref: sitk.Image, default: float) -> sitk.Image:
-    same = (img.GetSize() == ref.GetSize() and np.allclose(img.GetSpacing(), ref.GetSpacing(), atol=1e-3)
-            and np.allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-3)
-            and np.allclose(img.GetDirection(), ref.GetDirection(), atol=1e-4))
-    if same:
+    if same_grid(ref, img):
         return img
     return sitk.Resample(img, ref, sitk.Transform(), sitk.sitkNearestNeighbor, default, img.GetPixelID())
 

@@ -24,7 +24,7 @@ import SimpleITK as sitk
 from .. import BONES, ROIS
 from ..errors import InputImageError
 from ..io.atomic import atomic_path
-from ..io.images import check_image, read_image
+from ..io.images import check_image, read_image, same_grid
 
 COLOURS = {"femur": (0.89, 0.85, 0.70), "tibia": (0.85, 0.70, 0.50), "patella": (0.70, 0.80, 0.90),
            "fibula": (0.60, 0.70, 0.55), "MFC": (0.90, 0.30, 0.25), "LFC": (0.25, 0.55, 0.90),
@@ -67,11 +67,7 @@ def value_for_name(name: str, kind: str) -> int | None:
 
 
 def _resample_to(labels: sitk.Image, reference: sitk.Image, what: str = "label image") -> sitk.Image:
-    same = (labels.GetSize() == reference.GetSize()
-            and np.allclose(labels.GetSpacing(), reference.GetSpacing(), atol=1e-4)
-            and np.allclose(labels.GetOrigin(), reference.GetOrigin(), atol=1e-3)
-            and np.allclose(labels.GetDirection(), reference.GetDirection(), atol=1e-5))
-    if same:
+    if same_grid(reference, labels):
         out = sitk.Cast(labels, sitk.sitkUInt8)
         out.CopyInformation(reference)
         return out
