@@ -8,9 +8,9 @@ import SimpleITK as sitk
 
 
 def write_ct_series(img: sitk.Image, folder: Path, *, thickness_mm: float | None = None,
-                    series_uid: str = "1.2.826.0.1.3680043.2.1125.1") -> Path:
-    """``img`` (integer HU, axial) into ``folder`` as CT slices with position, orientation, rescale 1/0 and, when
-    given, SliceThickness (0018,0050)."""
+                    series_uid: str = "1.2.826.0.1.3680043.2.1125.1", modality: str = "CT") -> Path:
+    """``img`` (integer HU, axial) into ``folder`` as CT slices (or another ``modality``) with position,
+    orientation, rescale 1/0 and, when given, SliceThickness (0018,0050)."""
     folder.mkdir(parents=True, exist_ok=True)
     vol = sitk.Cast(img, sitk.sitkInt16)
     d = vol.GetDirection()
@@ -19,7 +19,7 @@ def write_ct_series(img: sitk.Image, folder: Path, *, thickness_mm: float | None
     w.KeepOriginalImageUIDOn()
     for k in range(vol.GetDepth()):
         sl = vol[:, :, k]
-        tags = {"0008|0060": "CT", "0020|000e": series_uid, "0020|0013": str(k + 1), "0020|0037": orientation,
+        tags = {"0008|0060": modality, "0020|000e": series_uid, "0020|0013": str(k + 1), "0020|0037": orientation,
                 "0020|0032": "\\".join(f"{v:f}" for v in vol.TransformIndexToPhysicalPoint((0, 0, k))),
                 "0028|1052": "0", "0028|1053": "1"}
         if thickness_mm is not None:

@@ -334,3 +334,27 @@ def test_a_dicom_folder_with_two_series_of_equal_size_is_refused(tmp_path):
         f.unlink()
     with pytest.warns(UserWarning, match="using the largest \\(1.2.3.4.1, 6 files\\)"):
         assert read_image(both, what="CT").GetSize() == (12, 12, 6)
+
+
+def test_a_study_folder_gives_the_series_of_the_asked_modality(tmp_path):
+    """A folder holding a CT and a larger MR series: read as the CT, the CT series (by its DICOM Modality), not
+    the largest; read as the MR, the MR; read as a plain image, the largest, as before."""
+    import shutil
+
+    from dicom_series import write_ct_series
+
+    from ctsma.io import read_image
+
+    vol = sitk.GetImageFromArray(np.full((8, 12, 12), 40, np.int16))
+    both = tmp_path / "study"
+    both.mkdir()
+    for uid, n, modality in (("1.2.3.5.1", 4, "CT"), ("1.2.3.5.2", 8, "MR")):
+        write_ct_series(vol[:, :, :n], tmp_path / uid, series_uid=uid, modality=modality)
+        for f in (tmp_path / uid).iterdir():
+            shutil.move(str(f), both / f"{uid}_{f.name}")
+    with pytest.warns(UserWarning, match="holds 2 DICOM series; reading the CT one only"):
+        assert read_image(both, what="CT").GetSize() == (12, 12, 4)
+    with pytest.warns(UserWarning, match="reading the MR one only"):
+        assert read_image(both, what="MR").GetSize() == (12, 12, 8)
+    with pytest.warns(UserWarning, match="using the largest"):
+        assert read_image(both, what="image").GetSize() == (12, 12, 8)

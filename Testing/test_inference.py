@@ -640,3 +640,15 @@ def test_no_oa_probability_from_an_incomplete_set_of_rois(knee, constant_student
     table = pd.read_csv(out / "roi_table.csv")
     assert (table[table.roi.isin(["MTP", "LTP"])].n_patches > 0).all()
     assert (table[table.roi.isin(["MFC", "LFC"])].n_patches == 0).all()
+
+
+def test_a_ct_replaced_at_the_same_path_is_a_new_request(tmp_path):
+    """Batch mode keeps a finished case whose recorded request equals the new one: a CT exported again at the same
+    path (another size, a later time) must not look the same."""
+    from ctsma.inference.engine import InferSettings, request_record
+    ct = tmp_path / "ct.nii.gz"
+    ct.write_bytes(b"x" * 100)
+    first = request_record(ct, {"_sha256": "m"}, InferSettings(), None, None, None)
+    assert request_record(ct, {"_sha256": "m"}, InferSettings(), None, None, None) == first
+    ct.write_bytes(b"y" * 120)
+    assert request_record(ct, {"_sha256": "m"}, InferSettings(), None, None, None) != first

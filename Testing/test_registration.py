@@ -273,6 +273,11 @@ def test_cohort_shards_resume_and_report(tmp_path, pair):
     assert (out / "cohort_0of2.csv").is_file()
     again = run_cohort(tmp_path / "manifest.csv", out, preset=preset, shard=(0, 2))
     assert again.status.iloc[0].startswith("skipped")
+    assert again.bone_dice_mean.iloc[0] == pytest.approx(s0.bone_dice_mean.iloc[0])  # its QA, not blanks
+    # a scan corrected and exported again at the same path: redone, not kept
+    sitk.WriteImage(sitk.Cast(pair.ct + 1.0, pair.ct.GetPixelID()), str(tmp_path / "kA_ct.nii.gz"))
+    fresh = run_cohort(tmp_path / "manifest.csv", out, preset=preset, shard=(0, 2))
+    assert fresh.status.iloc[0] == "done" and "redone" in fresh.note.iloc[0]
     # another preset into the same folder: the subject is redone, not kept from the first preset
     other = load_preset("nosynth", {**FAST, "rigid": {"iterations": 12}, "per_bone": {"enabled": False}})
     redone = run_cohort(tmp_path / "manifest.csv", out, preset=other, shard=(0, 2))
@@ -361,3 +366,101 @@ def test_the_deformable_stage_deforms_and_keeps_each_bone_rigid(pair):
     assert max(_rigid_fit_rms(results[1.0].transform, pair, b) for b in (1, 2)) < 0.01
     assert max(_rigid_fit_rms(results[0.0].transform, pair, b) for b in (1, 2)) > 0.05
     assert tre(results[1.0].transform, pair).mean() < 0.5
+
+
+def _flipped_z(img):
+    """The image with its header's z axis reversed: the upside-down export that a QA must catch."""
+    out = sitk.Image(img)
+    d = np.asarray(out.GetDirection()).reshape(3, 3)
+    d[:, 2] *= -1
+    out.SetDirection(d.ravel().tolist())
+    return out
+
+
+def test_a_failed_registration_says_so_everywhere(tmp_path, pair, capsys, monkeypatch):
+    """An MR exported upside down (its header's z reversed): registered in memory, its bones miss the CT's (Dice
+    0). Such a result gets a warning, qa.json's qa_problem, the cohort status 'qa failed' (kept on resume) and
+    exit 1 from the command line; the outputs stay for inspection. From files, the MR's own bone labels already
+    give it away: their femur lies below their tibia."""
+    import ctsma.registration.pipeline as pipeline
+    from ctsma.cli.main import main
+    from ctsma.registration.cohort import QA_FAILED
+    from ctsma.registration.qa import MIN_BONE_DICE, registration_qa_problem
+    preset = load_preset("nosynth", {**FAST, "rigid": {"iterations": 10}, "per_bone": {"enabled": False}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        failed = register(_flipped_z(pair.mr), pair.ct, preset=preset, ct_bones=pair.ct_bones,
+                          mr_bones=_flipped_z(pair.mr_bones))
+    assert failed.bone_dice["femur"] < 0.05 and "femur Dice" in registration_qa_problem(
+        {"bone_dice": failed.bone_dice}, MIN_BONE_DICE)
+    for name, img in (("mr", pair.mr), ("ct", pair.ct), ("ct_bones", pair.ct_bones), ("flipped_mr", _flipped_z(pair.mr)),
+                      ("flipped_mr_bones", _flipped_z(pair.mr_bones))):
+        sitk.WriteImage(img, str(tmp_path / f"{name}.nii.gz"))
+    (tmp_path / "flip.csv").write_text("subject,mr,ct,mr_bones\n"
+                                       "flip,flipped_mr.nii.gz,ct.nii.gz,flipped_mr_bones.nii.gz\n")
+    s = run_cohort(tmp_path / "flip.csv", tmp_path / "f", preset=preset)
+    assert s.status.iloc[0] == "failed" and "upside down" in s.error.iloc[0]
+    (tmp_path / "manifest.csv").write_text("subject,mr,ct,ct_bones\nbad,mr.nii.gz,ct.nii.gz,ct_bones.nii.gz\n")
+    real = pipeline.register
+    monkeypatch.setattr(pipeline, "register", lambda *a, **k: failed)  # the pair registers as above
+    s = run_cohort(tmp_path / "manifest.csv", tmp_path / "out", preset=preset)
+    assert list(s.status) == [QA_FAILED] and "femur Dice 0.00 < 0.6" in s.error.iloc[0]
+    assert json.loads((tmp_path / "out" / "bad" / "qa.json").read_text())["qa_problem"].startswith("registration QA")
+    assert (tmp_path / "out" / "bad" / "transform_ct_to_mr.h5").is_file()
+    again = run_cohort(tmp_path / "manifest.csv", tmp_path / "out", preset=preset)  # resumed: its QA as it was
+    assert list(again.status) == [QA_FAILED] and again.bone_dice_mean.iloc[0] == pytest.approx(0.0)
+    (tmp_path / "nosynth.json").write_text(json.dumps(preset.to_dict()))
+    rc = main(["--quiet", "register", str(tmp_path / "mr.nii.gz"), str(tmp_path / "ct.nii.gz"), "--preset",
+               str(tmp_path / "nosynth.json"), "--out", str(tmp_path / "one")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "error: registration QA failed: femur Dice 0.00 < 0.6: the pair is not usable" in err
+    assert (tmp_path / "one" / "qa.json").is_file()
+    monkeypatch.setattr(pipeline, "register", real)
+    good = run_cohort(tmp_path / "manifest.csv", tmp_path / "good", preset=preset)
+    assert list(good.status) == ["done"] and good.error.iloc[0] == ""
+    events = tmp_path / "events.jsonl"  # one pair from the command line: an event (and a line) as each stage ends
+    assert main(["--quiet", "--progress-jsonl", str(events), "register", str(tmp_path / "mr.nii.gz"),
+                 str(tmp_path / "ct.nii.gz"), "--ct-bones", str(tmp_path / "ct_bones.nii.gz"), "--preset",
+                 str(tmp_path / "nosynth.json"), "--out", str(tmp_path / "one_good")]) == 0
+    steps = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [(e["stage"], e["done"], e["total"]) for e in steps] == [("register", 1, 2), ("register", 2, 2)]
+    assert "init" in steps[0]["message"] and "rigid" in steps[1]["message"]
+
+
+def test_cohort_refuses_to_overwrite_or_misplace(tmp_path, pair):
+    for name in ("mr", "ct", "ct_bones"):
+        sitk.WriteImage(getattr(pair, name), str(tmp_path / f"{name}.nii.gz"))
+    preset = load_preset("nosynth", {**FAST, "rigid": {"iterations": 10}, "per_bone": {"enabled": False}})
+    # a folder holding a transform no registration wrote (a phantom's truth): refused, the file untouched
+    (tmp_path / "out" / "kA").mkdir(parents=True)
+    (tmp_path / "out" / "kA" / "transform_ct_to_mr.h5").write_bytes(b"the truth")
+    (tmp_path / "m.csv").write_text("subject,mr,ct\nkA,mr.nii.gz,ct.nii.gz\n")
+    s = run_cohort(tmp_path / "m.csv", tmp_path / "out", preset=preset)
+    assert s.status.iloc[0] == "failed" and "no 'ctsma register' run wrote" in s.error.iloc[0]
+    assert (tmp_path / "out" / "kA" / "transform_ct_to_mr.h5").read_bytes() == b"the truth"
+    # rows whose outputs would land in the cohort's own folder, or with no image, are refused up front
+    for bad, match in (("subject,mr,ct\n,mr.nii.gz,ct.nii.gz\n", "no subject name"),
+                       ("subject,mr,ct\n.,mr.nii.gz,ct.nii.gz\n", "no subject name"),
+                       ("subject,mr,ct\nkB,mr.nii.gz,\n", "ct column is empty for subject.* kB")):
+        (tmp_path / "bad.csv").write_text(bad)
+        with pytest.raises(InputImageError, match=match):
+            run_cohort(tmp_path / "bad.csv", tmp_path / "o2", preset=preset)
+    # the subchondral ROI image given as the bone labels (MFC=1, LFC=2 side by side): refused by name
+    from ctsma.registration.masks import read_bone_labels
+    rois = np.zeros(sitk.GetArrayViewFromImage(pair.ct_bones).shape, np.uint8)
+    rois[20:26, 20:30, 10:20], rois[20:26, 20:30, 30:40] = 1, 2
+    img = sitk.GetImageFromArray(rois)
+    img.CopyInformation(pair.ct)
+    sitk.WriteImage(img, str(tmp_path / "rois.nii.gz"))
+    with pytest.raises(InputImageError, match="does not lie above the tibia.*rois.nii.gz"):
+        read_bone_labels(tmp_path / "rois.nii.gz", pair.ct)
+    assert read_bone_labels(tmp_path / "ct_bones.nii.gz", pair.ct).GetSize() == pair.ct.GetSize()
+
+
+def test_no_valid_samples_is_no_overlap(pair):
+    """ITK reports a metric without valid samples as the largest double: that is 'no overlap' (inf, null in
+    qa.json), not a finite number printed with 309 digits."""
+    far = sitk.TranslationTransform(3, (500.0, 0.0, 0.0))
+    mask = sitk.Cast(pair.ct_bones > 0, sitk.sitkUInt8)
+    v = st.evaluate(pair.ct, pair.mr, far, metric="mattes_mi", bins=32, mask=mask)
+    assert v == float("inf")

@@ -213,7 +213,9 @@ def test_morphometry_grey_level_options_on_a_binary_image(capsys, tmp_path, ct_c
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--modality", "ct", "--window-mm", "4"], "--window-mm is the width of the local mean"),
+    (["--modality", "ct", "--window-mm", "4"], "--window-mm belongs to --method local"),
+    (["--modality", "ct", "--offset", "0.1"], "--offset belongs to --method local"),
+    (["--modality", "ct", "--label", "2"], "--label picks a label of the ROI mask: give --mask"),
     (["--modality", "ct", "--stride", "2"], "--stride is the step of the sliding-window maps"),
 ])
 def test_morphometry_options_of_another_method(capsys, tmp_path, ct_crop, option, message):

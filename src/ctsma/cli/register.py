@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..errors import UserError
@@ -28,7 +29,7 @@ def _model_path(args, preset) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from ..io.atomic import ensure_writable_dir
-    from ..progress import info
+    from ..progress import info, step
     from ..registration.presets import load_preset
 
     for flag, value in (("--jobs", args.jobs), ("--limit", args.limit)):
@@ -54,17 +55,17 @@ def run(args: argparse.Namespace) -> int:
     if args.manifest:
         if args.mr or args.ct:
             raise UserError("give either MR and CT images, or --manifest, not both")
-        from ..registration.cohort import parse_shard, run_cohort
+        from ..registration.cohort import QA_FAILED, parse_shard, run_cohort
 
         shard = parse_shard(args.shard)
         summary = run_cohort(args.manifest, out, preset=preset, model_path=model_path,
                              shard=shard, jobs=args.jobs, limit=args.limit)
-        failed = summary[summary.status == "failed"]
+        failed = summary[summary.status.isin(["failed", QA_FAILED])]
         info(f"registered {int((summary.status == 'done').sum())}, skipped "
              f"{int(summary.status.str.startswith('skipped').sum())}, failed {len(failed)}; summary in "
              f"{out / f'cohort_{shard[0]}of{shard[1]}.csv'}")
-        for _, r in failed.iterrows():
-            info(f"  {r.subject}: {r.error}")
+        for _, r in failed.iterrows():  # not status lines: shown with --quiet too
+            print(f"error: {r.subject}: {r.error}", file=sys.stderr)
         return 1 if len(failed) else 0
     if not (args.mr and args.ct):
         raise UserError("give the MR and the CT images (ctsma register MR CT --out DIR), or --manifest CSV")
@@ -72,14 +73,22 @@ def run(args: argparse.Namespace) -> int:
     from ..synthesis.model import SynthesisModel
 
     model = SynthesisModel.load(model_path) if model_path else None
+    stages = [n for n in ("init", "rigid", "affine", "per_bone", "deformable") if getattr(preset, n).enabled]
+    done = []
+
+    def stage_line(rec) -> None:  # a stage may take minutes on a clinical CT: a line (and an event) as each ends
+        done.append(rec.name)
+        dice = rec.bone_dice.get("mean") if rec.bone_dice else None
+        step("register", len(done), len(stages),
+             f"  {rec.name:<11} {rec.metric:<12} {rec.metric_before:.4g} -> {rec.metric_after:.4g} "
+             f"{'kept' if rec.kept else 'REJECTED'}  dice {'-' if dice is None else round(dice, 3)}  "
+             f"{rec.seconds:.1f} s")
     qa = register_files(args.mr, args.ct, out, preset=preset, model=model, ct_bones_path=args.ct_bones,
-                        mr_bones_path=args.mr_bones)
-    for s in qa["stages"]:
-        dice = s["bone_dice"].get("mean") if s["bone_dice"] else None
-        info(f"  {s['name']:<11} {s['metric']:<12} {s['metric_before']:.4f} -> {s['metric_after']:.4f} "
-             f"{'kept' if s['kept'] else 'REJECTED'}  dice {'-' if dice is None else round(dice, 3)}  "
-             f"{s['seconds']:.1f} s")
+                        mr_bones_path=args.mr_bones, report=stage_line)
     info(f"registered in {qa['total_seconds']:.1f} s; outputs in {Path(out)}")
+    if qa.get("qa_problem"):
+        print(f"error: {qa['qa_problem']}: the pair is not usable (see the warning above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -37,6 +37,7 @@ from ..io import read_image, safe_join, write_json
 from ..io.images import check_ct_intensities
 from ..io.atomic import atomic_path, remove_stale_partials
 from ..processes import worker_pool
+from ..registration.qa import MIN_BONE_DICE, registration_qa_problem
 from .sampling import cut, cut_ct, inside_fraction, relative_positions, roi_centres
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class BuildSettings:
     roi_source: str = setting("manifest", choices=("manifest", "auto"),
                               help="manifest: the ct_rois (else ct_bones) column when present; auto: always segment")
     transform_column: str = setting("", help="manifest column with the CT->MR transform; empty: registered")
-    min_bone_dice: float = setting(0.6, lo=0.0, hi=1.0, help="registration QA: least femur/tibia Dice")
+    min_bone_dice: float = setting(MIN_BONE_DICE, lo=0.0, hi=1.0, help="registration QA: least femur/tibia Dice")
     mr_threshold: str = setting("bvf", choices=("bvf", "otsu-knee", "otsu-patch"),
                                 help="MR reference binarisation: bvf (default; volume-conserving binarisation of "
                                      "the partial-volume bone fraction on a 2x finer grid, per patch), otsu-patch "
@@ -94,29 +95,6 @@ def _path(root: Path, value) -> Path | None:
         return None
     p = Path(str(value))
     return p if p.is_absolute() else root / p
-
-
-def registration_qa_problem(qa: dict, min_bone_dice: float) -> str | None:
-    """Why a ``qa.json`` counts as failed, or None if it passed.
-
-    Failed: an explicit ``passed``/``ok`` false or ``status`` "failed", or a femur/tibia bone Dice (top-level
-    ``bone_dice`` or the last kept stage's) below ``min_bone_dice``.
-    """
-    for key in ("passed", "ok", "qa_passed"):
-        if key in qa and qa[key] is False:
-            return f"registration QA says {key}=false"
-    if str(qa.get("status", "")).lower() in ("failed", "fail", "error"):
-        return f"registration QA status {qa['status']!r}"
-    dice = dict(qa.get("bone_dice") or {})
-    if not dice:
-        kept = [s for s in qa.get("stages", []) if s.get("kept", True) and s.get("bone_dice")]
-        if kept:
-            dice = kept[-1]["bone_dice"]
-    for bone in ("femur", "tibia"):
-        v = dice.get(bone)
-        if v is not None and np.isfinite(float(v)) and float(v) < min_bone_dice:
-            return f"registration QA failed: {bone} Dice {float(v):.2f} < {min_bone_dice:g}"
-    return None
 
 
 def load_transform(row: dict, root: Path, s: BuildSettings, registrations: Path | None) -> tuple[sitk.Transform, str]:

@@ -118,7 +118,7 @@ def _seconds(reg_dir: Path, subjects) -> float:
 def registration(ctx: Context, d: Path) -> dict:
     """Every knee with the demo preset, and the first ``variant_knees`` unseen knees with each variant, all in one
     pool of workers (the variants' shorter registrations last, so that they fill the end)."""
-    from ..registration.cohort import Cohort, run_cohorts
+    from ..registration.cohort import QA_FAILED, Cohort, run_cohorts
     from ..registration.presets import load_preset
 
     model = ctx.out / "synthesis" / "synthesis.safetensors"
@@ -145,7 +145,7 @@ def registration(ctx: Context, d: Path) -> dict:
                 result[name] = {"tre_mean_mm": float(e.mean()), "tre_p95_mm": float(np.percentile(e, 95)),
                                 "seconds_per_knee": _seconds(vd, sub), "n_knees": len(sub),
                                 "n_landmarks": int(e.size)}
-    failed = table[table.status == "failed"] if "status" in table else table.iloc[0:0]
+    failed = table[table.status.isin(["failed", QA_FAILED])] if "status" in table else table.iloc[0:0]
     write_json(d / "registration_metrics.json", result)
     return {"registration": result, "failed": failed.subject.tolist() if len(failed) else [],
             "tre_per_knee": per}

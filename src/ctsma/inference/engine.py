@@ -87,10 +87,12 @@ def request_record(ct_path, model_meta: dict, s: InferSettings, segmentation, ro
     def path(p):
         return str(Path(p).resolve()) if p else None
 
-    from ..io.atomic import to_jsonable
+    from ..io.atomic import input_stamp, to_jsonable
 
     settings = {k: v for k, v in asdict(s).items() if k not in ("device", "batch_size")}
     return to_jsonable({"ct": path(ct_path), "segmentation": path(segmentation), "rois": path(rois_path),
+                        "stamps": {k: input_stamp(v) for k, v in (("ct", ct_path), ("segmentation", segmentation),
+                                                                   ("rois", rois_path))},
                         "model_sha256": model_meta.get("_sha256"), "diagnosis_model": path(diagnosis_path),
                         "settings": settings})
 

@@ -259,6 +259,21 @@ def remove_stale_outputs(out_dir: str | os.PathLike, owned, produced) -> list[st
     return gone
 
 
+def input_stamp(path) -> dict | None:
+    """Size and modification time of an input (a folder, e.g. a DICOM series: of all its files): a resumed batch
+    compares them too, so that a scan re-exported or corrected at the same path is redone, not kept. None when
+    ``path`` is empty or names nothing."""
+    if not path:
+        return None
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+    if not files:
+        return None
+    stats = [f.stat() for f in files]
+    return {"bytes": sum(st.st_size for st in stats), "mtime_ns": max(st.st_mtime_ns for st in stats),
+            "files": len(files)}
+
+
 def recorded_request(marker: str | os.PathLike) -> dict | None:
     """The ``request`` a finished run recorded in its completion marker (``infer``'s ``summary.json``, a
     registration's ``qa.json``), as JSON types: a resumed batch compares it with what it is asked now, made JSON

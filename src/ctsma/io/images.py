@@ -36,6 +36,13 @@ def _dicom_reader(folder: Path, what: str) -> sitk.ImageSeriesReader:
     if not series:
         raise InputImageError(f"{what} {folder} is a folder with no DICOM series in it")
     files_by_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
+    wanted = what.split()[0].upper() if what.split() else ""
+    if len(series) > 1 and wanted in ("CT", "MR"):  # a study folder holding both: the series of the asked modality
+        same = {sid: f for sid, f in files_by_series.items() if _dicom_modality(f[0]) == wanted}
+        if same and len(same) < len(files_by_series):
+            warnings.warn(f"{folder} holds {len(series)} DICOM series; reading the {wanted} one"
+                          f"{'s' if len(same) > 1 else ''} only", stacklevel=3)
+            files_by_series, series = same, list(same)
     sid = max(files_by_series, key=lambda s: len(files_by_series[s]))
     tied = [s for s in files_by_series if len(files_by_series[s]) == len(files_by_series[sid])]
     if len(tied) > 1:  # no rule would choose between them: the user must
@@ -47,6 +54,17 @@ def _dicom_reader(folder: Path, what: str) -> sitk.ImageSeriesReader:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files_by_series[sid])
     return reader
+
+
+def _dicom_modality(path: str) -> str:
+    """The Modality (0008,0060) of one DICOM file, upper case ('' when unreadable or absent)."""
+    r = sitk.ImageFileReader()
+    r.SetFileName(path)
+    try:
+        r.ReadImageInformation()
+        return r.GetMetaData("0008|0060").strip().upper() if r.HasMetaDataKey("0008|0060") else ""
+    except RuntimeError:
+        return ""
 
 
 def read_image(path: str | os.PathLike, *, what: str = "image", pixel_type=sitk.sitkFloat32,

@@ -22,7 +22,7 @@ import pandas as pd
 
 from .. import progress
 from ..errors import ConfigError, InputImageError, UserError
-from ..io.atomic import recorded_request, safe_join, to_jsonable, write_text
+from ..io.atomic import input_stamp, recorded_request, safe_join, to_jsonable, write_text
 from ..processes import worker_pool
 
 _WORKER: dict = {}
@@ -58,6 +58,15 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         raise InputImageError(f"manifest {path.name} has no rows")
     if "subject" not in df.columns:
         df["subject"] = [f"row{i:04d}" for i in range(len(df))]
+    unnamed = [str(i + 2) for i, v in enumerate(df["subject"]) if v.strip() in ("", ".", "..")]
+    if unnamed:  # its outputs would land in the cohort's own folder
+        raise InputImageError(f"manifest {path.name}: line(s) {', '.join(unnamed[:10])} have no subject name (each "
+                              "subject's outputs go to a folder of that name)")
+    for col in ("mr", "ct"):
+        empty = [str(v) for v, cell in zip(df["subject"], df[col]) if not cell.strip()]
+        if empty:
+            raise InputImageError(f"manifest {path.name}: the {col} column is empty for subject(s) "
+                                  f"{', '.join(empty[:10])}")
     if df["subject"].duplicated().any():
         raise InputImageError(f"manifest {path.name} repeats subject names: "
                               f"{', '.join(sorted(set(df['subject'][df['subject'].duplicated()])))}")
@@ -78,13 +87,26 @@ def _init_worker(model_path: str | None, threads: int) -> None:
     _WORKER["model"] = SynthesisModel.load(model_path) if model_path else None
 
 
+def _check_not_foreign(out: Path) -> None:
+    """Refuse an output folder holding a transform that no ``ctsma register`` run wrote (no ``qa.json`` beside
+    it), e.g. a phantom's true ``transform_ct_to_mr.h5``: the run would replace it."""
+    if (out / "transform_ct_to_mr.h5").is_file() and not (out / "qa.json").is_file():
+        raise UserError(f"{out} already holds a transform_ct_to_mr.h5 that no 'ctsma register' run wrote (there is "
+                        "no qa.json beside it; the folder of a phantom knee or of your own data?); registering into "
+                        "it would replace that file: choose another --out")
+
+
 def register_files(mr_path: str, ct_path: str, out_dir: str | Path, *, preset, model=None,
                    ct_bones_path: str | None = None, mr_bones_path: str | None = None,
-                   request: dict | None = None) -> dict:
-    """Read, register and write one pair (the work of ``ctsma register MR CT``); returns its QA record."""
+                   request: dict | None = None, report=None) -> dict:
+    """Read, register and write one pair (the work of ``ctsma register MR CT``); returns its QA record, whose
+    ``qa_problem`` says why the pair failed the QA (None when it passed). ``report(stage_record)`` is called
+    as each stage ends."""
     from ..io.images import read_image
     from .pipeline import register, write_outputs
+    from .qa import MIN_BONE_DICE, registration_qa_problem
 
+    _check_not_foreign(Path(out_dir))
     mr = read_image(mr_path, what="MR")
     ct = read_image(ct_path, what="CT")
     ct_bones = mr_bones = None
@@ -94,8 +116,13 @@ def register_files(mr_path: str, ct_path: str, out_dir: str | Path, *, preset, m
     if mr_bones_path:
         from .masks import read_bone_labels
         mr_bones = read_bone_labels(mr_bones_path, mr, what="MR bone labels")
-    result = register(mr, ct, preset=preset, ct_bones=ct_bones, synthesis=model, mr_bones=mr_bones)
-    extra = {"inputs": {"mr": str(mr_path), "ct": str(ct_path)}}
+    result = register(mr, ct, preset=preset, ct_bones=ct_bones, synthesis=model, mr_bones=mr_bones, report=report)
+    problem = registration_qa_problem({"bone_dice": result.bone_dice}, MIN_BONE_DICE)
+    if problem:
+        warnings.warn(f"{problem}: the bones do not overlap after registration, so this pair is not usable (check "
+                      "both images' orientation in their headers, and that they show the same knee); the outputs are "
+                      "written for inspection, and 'ctsma dataset build' leaves the pair out", stacklevel=2)
+    extra = {"inputs": {"mr": str(mr_path), "ct": str(ct_path)}, "qa_problem": problem}
     if request is not None:
         extra["request"] = request
     return write_outputs(result, mr, ct, out_dir, extra_qa=extra)
@@ -108,10 +135,25 @@ def cohort_request(row: dict, preset, model_path: str | None) -> dict:
 
     from ..pipeline import settings_hash
 
-    return to_jsonable({**{k: row.get(k) or None for k in ("mr", "ct", "ct_bones", "mr_bones")},
+    inputs = ("mr", "ct", "ct_bones", "mr_bones")
+    return to_jsonable({**{k: row.get(k) or None for k in inputs},
+                        "stamps": {k: input_stamp(row.get(k)) for k in inputs},
                         "preset": getattr(preset, "name", None),
                         "preset_hash": settings_hash(asdict(preset) if is_dataclass(preset) else preset),
                         "synthesis_model": str(Path(model_path).resolve()) if model_path else None})
+
+
+QA_FAILED = "qa failed"  # registered and written, but the bones do not overlap: not usable (registration/qa.py)
+SUMMARY_COLUMNS = ["subject", "status", "seconds", "bone_dice_mean", "rejected_stages", "warnings", "error", "note"]
+
+
+def _qa_record(qa: dict, subject: str, status: str, seconds: float, warnings_: int, note: str) -> dict:
+    """A summary row from a pair's QA record (a pair failing the QA gets that status and its reason)."""
+    problem = qa.get("qa_problem")
+    return {"subject": subject, "status": QA_FAILED if problem else status, "seconds": seconds,
+            "bone_dice_mean": (qa.get("bone_dice") or {}).get("mean"),
+            "rejected_stages": ";".join(s["name"] for s in qa.get("stages", []) if not s.get("kept", True)),
+            "warnings": warnings_, "error": problem or "", "note": note}
 
 
 def _run_one(row: dict, out_dir: str, preset, request: dict | None = None, note: str = "") -> dict:
@@ -122,10 +164,7 @@ def _run_one(row: dict, out_dir: str, preset, request: dict | None = None, note:
             qa = register_files(row["mr"], row["ct"], out_dir, preset=preset, model=_WORKER["model"],
                                 ct_bones_path=row.get("ct_bones") or None, mr_bones_path=row.get("mr_bones") or None,
                                 request=request)
-        rejected = [s["name"] for s in qa["stages"] if not s["kept"]]
-        return {"subject": row["subject"], "status": "done", "seconds": round(time.perf_counter() - t0, 2),
-                "bone_dice_mean": qa.get("bone_dice", {}).get("mean"), "rejected_stages": ";".join(rejected),
-                "warnings": len(caught), "error": "", "note": note}
+        return _qa_record(qa, row["subject"], "done", round(time.perf_counter() - t0, 2), len(caught), note)
     except UserError as exc:
         return {"subject": row["subject"], "status": "failed", "seconds": round(time.perf_counter() - t0, 2),
                 "bone_dice_mean": None, "rejected_stages": "", "warnings": 0, "error": str(exc), "note": note}
@@ -170,16 +209,42 @@ def run_cohorts(cohorts: Sequence[Cohort], *, model_path: str | None = None, job
             request = cohort_request(row, c.preset, model_path)
             note = ""
             if (target / "qa.json").is_file():
-                if recorded_request(target / "qa.json") == request:
-                    records[k].append({"subject": row["subject"], "status": "skipped (done before)", "seconds": 0.0,
-                                       "bone_dice_mean": None, "rejected_stages": "", "warnings": 0, "error": "",
-                                       "note": ""})
+                if recorded_request(target / "qa.json") == request:  # its QA as it was, not blanks
+                    records[k].append(_qa_record(_read_qa(target / "qa.json"), row["subject"],
+                                                 "skipped (done before)", 0.0, 0, ""))
                     continue
-                note = "redone: its earlier registration came from other images, preset or synthesis model"
+                note = ("redone: its earlier registration came from other images (or files changed since), preset "
+                        "or synthesis model")
             todo.append((k, len(records[k]), row, str(target), c.preset, request, note))
             records[k].append(None)
     jobs = max(1, min(jobs, len(todo) or 1))
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    try:
+        _register_todo(todo, records, model_path, jobs, threads)
+    finally:  # an interrupted run still leaves a summary of this run: the pairs it did not reach say so
+        for k, j, row, *_rest in todo:
+            if records[k][j] is None:
+                records[k][j] = {"subject": row["subject"], "status": "not run (the run stopped)", "seconds": 0.0,
+                                 "bone_dice_mean": None, "rejected_stages": "", "warnings": 0, "error": "", "note": ""}
+        for c, recs in zip(cohorts, records):
+            summary = pd.DataFrame(recs, columns=SUMMARY_COLUMNS)
+            i, n = c.shard
+            write_text(Path(c.out) / f"cohort_{i}of{n}.csv", summary.to_csv(index=False))
+            summaries.append(summary)
+    return summaries
+
+
+def _read_qa(path: Path) -> dict:
+    """A finished pair's ``qa.json`` (empty when unreadable: its summary row then has blanks)."""
+    import json
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _register_todo(todo, records, model_path, jobs, threads) -> None:
+    """Register the ``todo`` pairs, in this process or in ``jobs`` workers, into their ``records`` slots."""
     if jobs == 1:
         _init_worker(model_path, threads)
         for k, j, row, target, preset, request, note in progress.track(todo, "register cohort", total=len(todo),
@@ -196,10 +261,3 @@ def run_cohorts(cohorts: Sequence[Cohort], *, model_path: str | None = None, job
             for fut in progress.track(as_completed(futures), "register cohort", total=len(futures), unit="knee"):
                 k, j = futures[fut]
                 records[k][j] = fut.result()
-    for c, recs in zip(cohorts, records):
-        summary = pd.DataFrame(recs, columns=["subject", "status", "seconds", "bone_dice_mean", "rejected_stages",
-                                              "warnings", "error", "note"])
-        i, n = c.shard
-        write_text(Path(c.out) / f"cohort_{i}of{n}.csv", summary.to_csv(index=False))
-        summaries.append(summary)
-    return summaries

@@ -109,8 +109,10 @@ def _dice(ct_bones, mr_labels, transform, names) -> dict:
 
 def register(mr: sitk.Image, ct: sitk.Image, *, preset: Preset | str = "default", ct_bones: sitk.Image | None = None,
              pseudo_ct: sitk.Image | None = None, synthesis: Callable[[sitk.Image], sitk.Image] | None = None,
-             mr_bones: sitk.Image | None = None) -> RegistrationResult:
-    """Register ``mr`` (moving) to ``ct`` (fixed). Returns the CT→MR transform and per-stage QA.
+             mr_bones: sitk.Image | None = None, report: Callable[[StageRecord], None] | None = None
+             ) -> RegistrationResult:
+    """Register ``mr`` (moving) to ``ct`` (fixed). Returns the CT→MR transform and per-stage QA; ``report`` is
+    called with each stage's record as the stage ends (the command line's progress).
 
     With ``preset.use_synthesis`` the moving image is ``pseudo_ct`` (the MR's pseudo-CT on the MR's
     frame) or ``synthesis(mr)``; otherwise the raw MR with mutual information. ``ct_bones`` holds
@@ -174,6 +176,8 @@ def register(mr: sitk.Image, ct: sitk.Image, *, preset: Preset | str = "default"
         records.append(StageRecord(name, metric, before, after, kept, 0.0,
                                    _dice(bones_ev, mr_labels, current, names), warn, details))
         records[-1].seconds = time.perf_counter() - t0
+        if report is not None:
+            report(records[-1])
 
     lin = preset.rigid if preset.rigid.enabled else preset.affine
     glob_mask = dilate_mm(union_ev, lin.mask_margin_mm)

@@ -81,9 +81,14 @@ def evaluate(fixed, moving, transform, *, metric: str, bins: int, mask, sampling
     reg.SetMovingInitialTransform(transform)
     reg.SetInitialTransform(sitk.TranslationTransform(3), inPlace=False)
     try:
-        return float(reg.MetricEvaluate(fixed, moving))
+        value = float(reg.MetricEvaluate(fixed, moving))
     except RuntimeError:  # too few valid samples: the images no longer overlap
         return float("inf")
+    # ITK reports "no valid samples" as the largest double, not as an error: that is no overlap too
+    return float("inf") if abs(value) >= NO_SAMPLES else value
+
+
+NO_SAMPLES = 1e300
 
 
 def evaluation_grid(img: sitk.Image, spacing_mm: float = 1.2) -> sitk.Image:

@@ -346,7 +346,7 @@ def subchondral_rois(ct_image: sitk.Image, bones: sitk.Image, side: str | None =
     side_used = side or anat
     if side_used is None:
         raise LateralityError("cannot tell a left from a right knee: no fibula in the bone segmentation and no "
-                              "side given; pass the side (L or R) from the scan's metadata")
+                              "side given; pass the side (L or R; --side on the command line) from the scan's metadata")
     if not side and cue != "fibula":
         warnings.warn(f"knee side {anat} inferred from the shape of the proximal tibia (no separate fibula: its "
                       "head is fused to the tibia in the segmentation); pass the side (L or R) from the scan's "
