@@ -19,6 +19,7 @@ from ctsma.dataset import PatchStore  # noqa: E402
 from ctsma.dataset.build import (BuildSettings, assign_splits, build_dataset,  # noqa: E402
                                  registration_qa_problem)
 from ctsma.dataset.sampling import cut, patch_reference  # noqa: E402
+from ctsma.errors import UserError  # noqa: E402
 from ctsma.io.images import AIR_FLOOR_HU  # noqa: E402
 from ctsma.segmentation import subchondral_rois  # noqa: E402
 
@@ -341,3 +342,83 @@ def test_the_phantom_truth_is_regenerated_where_the_transform_puts_the_patch(tmp
     shifted.AddTransform(tf)
     shifted.AddTransform(sitk.TranslationTransform(3, (0.6, 0.4, 0.0)))  # the truth box 0.7 mm off
     assert bone_over_marrow(shifted).mean() > 0.96
+
+
+def _registrations(tx, reg: Path, dice=0.9, request=None):
+    for name, t in tx.items():
+        (reg / name).mkdir(parents=True, exist_ok=True)
+        sitk.WriteTransform(t, str(reg / name / "transform_ct_to_mr.h5"))
+        qa = {"stages": [], "bone_dice": {"femur": dice, "tibia": 0.9}}
+        if request:
+            qa["request"] = request(name)
+        (reg / name / "qa.json").write_text(json.dumps(qa))
+
+
+def test_a_rerun_sees_changed_registrations_and_images(cohort, tmp_path):
+    """Cached shards are keyed by the files they came from: a registration that now fails its QA, or was removed,
+    excludes its knee on the next run; untouched knees are reused, not rebuilt."""
+    root, tx, _ = cohort
+    reg = tmp_path / "reg"
+    _registrations(tx, reg)
+    out = tmp_path / "ds"
+    first = build_dataset(root / "manifest.csv", out, BuildSettings(**SMALL), registrations=reg)
+    assert first["n_subjects"] == 3
+    kept = (out / ".shards" / "k0.npz").stat().st_mtime_ns
+    (reg / "k2" / "qa.json").write_text(json.dumps({"stages": [], "bone_dice": {"femur": 0.2, "tibia": 0.9}}))
+    (reg / "k1" / "qa.json").unlink()
+    again = build_dataset(root / "manifest.csv", out, BuildSettings(**SMALL), registrations=reg)
+    assert again["n_subjects"] == 1 and PatchStore(out).subjects == ["k0"]
+    assert "femur Dice 0.20" in again["excluded"]["k2"] and "incomplete" in again["excluded"]["k1"]
+    assert (out / ".shards" / "k0.npz").stat().st_mtime_ns == kept  # k0's files did not change: reused
+
+
+def test_registrations_of_other_images_or_a_label_image_as_mr_are_excluded(cohort, tmp_path):
+    root, tx, _ = cohort
+    reg = tmp_path / "reg"
+    other = tmp_path / "other_mr.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(root / "k0" / "mr.nii.gz")), str(other))
+    # k0 was registered from another MR file; k1 records no request (one pair registered by hand)
+    _registrations(tx, reg, request=lambda name: {} if name == "k1" else {
+        "mr": str(other if name == "k0" else root / name / "mr.nii.gz"), "ct": str(root / name / "ct.nii.gz")})
+    table = pd.read_csv(root / "manifest.csv")
+    table.loc[table.subject == "k1", "mr"] = "k1/ct_rois.nii.gz"  # a label image in the mr column
+    for col in ("ct", "mr", "ct_rois", "transform_ct_to_mr"):
+        table[col] = [str(root / v) for v in table[col]]
+    table.to_csv(tmp_path / "m.csv", index=False)
+    summary = build_dataset(tmp_path / "m.csv", tmp_path / "ds", BuildSettings(**SMALL), registrations=reg)
+    assert PatchStore(tmp_path / "ds").subjects == ["k2"]
+    assert "made from another MR" in summary["excluded"]["k0"]
+    assert "a label image, not an MR" in summary["excluded"]["k1"]
+
+
+def test_refused_up_front(cohort, tmp_path):
+    root, tx, _ = cohort
+    foreign = tmp_path / "infer_out"
+    foreign.mkdir()
+    (foreign / "summary.json").write_text("{}")
+    with pytest.raises(UserError, match="no patch store"):  # another tool's folder is not overwritten
+        build_dataset(root / "manifest.csv", foreign, BuildSettings(**SMALL), registrations=tmp_path)
+    assert (foreign / "summary.json").read_text() == "{}"
+    with pytest.raises(UserError, match="is not a folder"):
+        build_dataset(root / "manifest.csv", tmp_path / "d1", BuildSettings(**SMALL), registrations=tmp_path / "no")
+    with pytest.raises(UserError, match="no column 'transform'"):
+        build_dataset(root / "manifest.csv", tmp_path / "d2", BuildSettings(transform_column="transform", **SMALL))
+    table = pd.read_csv(root / "manifest.csv")
+    table["subject"] = ["", "k1", "NA"]
+    table.to_csv(tmp_path / "blank.csv", index=False)
+    with pytest.raises(UserError, match="line.s. 2 have no subject name"):
+        build_dataset(tmp_path / "blank.csv", tmp_path / "d3", BuildSettings(**SMALL), registrations=tmp_path)
+
+
+def test_a_rebuild_removes_what_killed_runs_left(cohort, tmp_path):
+    root, _, _ = cohort
+    out = tmp_path / "ds"
+    s = BuildSettings(transform_column="transform_ct_to_mr", **dict(SMALL, quality=True))
+    (out / "quality").mkdir(parents=True)
+    dead = [out / ".patches.h5.partial-999999999", out / ".patches.csv.partial-999999999",
+            out / "quality" / ".patch_pairs.x1y2.partial.png", out / "quality" / ".parameters.x1y2.partial.png"]
+    for f in dead:
+        f.write_bytes(b"left by a killed run")
+    build_dataset(root / "manifest.csv", out, s)
+    assert not [f for f in dead if f.exists()]
+    assert (out / "quality" / "patch_pairs.png").is_file() and (out / "patches.h5").is_file()

@@ -214,3 +214,37 @@ def test_dataset_build_killed_mid_run_resumes_to_the_uninterrupted_result(cohort
         assert sorted(a) == sorted(b)
         for k in a:
             np.testing.assert_array_equal(a[k][()], b[k][()], err_msg=k)
+
+
+def test_sigterm_stops_the_workers_too(tmp_path):
+    """SIGTERM (scancel, a cluster's time limit, Slicer's Cancel) is handled as Ctrl-C: exit 143 with a message, the
+    worker pool terminated (before, the workers went on alone and then hung), no partial file; a rerun resumes."""
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    run = tmp_path / "run"
+    argv = _ctsma("phantom", "--n", 4, "--seed", 5, "--config", cfg, "--workers", 2, "--out", run)
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: the workers' too
+    end = time.monotonic() + 240
+    while proc.poll() is None and not list(run.glob("P*/metadata.json")) and time.monotonic() < end:
+        time.sleep(0.02)
+    assert proc.poll() is None, "finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and "terminated (SIGTERM)" in err and "a rerun resumes" in err, (proc.returncode, err)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # every process of the group gone: no orphaned worker
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("worker processes outlived the command")
+    done = sorted(p.parent.name for p in run.glob("P*/metadata.json"))
+    assert done  # what was finished before the signal was kept
+    # (a worker stopped mid-knee may leave its hidden partial folder, as after SIGKILL: the rerun removes it)
+    assert subprocess.run(argv, env=ENV, capture_output=True).returncode == 0
+    assert sorted(p.parent.name for p in run.glob("P*/metadata.json")) == [f"P{i:04d}" for i in range(4)]
+    _no_partials(run)

@@ -219,3 +219,17 @@ def test_pairing_registers_on_one_thread_each_the_same_in_workers_and_in_process
         got = np.array([tf.TransformPoint(tuple(q)) for q in p])
         err = np.linalg.norm(got - knee.ct_to_mr(p, lab[tuple(kji.T)]), axis=1)
         assert err.mean() < 1.0, err.mean()
+
+
+def test_a_typo_in_exclude_is_refused(tmp_path):
+    """--exclude keeps knees out of training: a misspelt name would silently keep one in."""
+    import argparse
+
+    from ctsma.cli.synthesis import _rows
+    from ctsma.errors import UserError
+    (tmp_path / "m.csv").write_text("subject,mr,ct\nP0000,a.nii.gz,b.nii.gz\nP0001,c.nii.gz,d.nii.gz\n")
+    args = argparse.Namespace(manifest=tmp_path / "m.csv", subjects=None, exclude="P0000", limit=None)
+    assert list(_rows(args).subject) == ["P0001"]
+    args.exclude = "P000O"
+    with pytest.raises(UserError, match="--exclude: subjects not in the manifest: P000O"):
+        _rows(args)

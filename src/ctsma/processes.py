@@ -70,6 +70,8 @@ def worker_pool(workers: int, quiet: bool = False, initializer: Callable[..., An
             # still counts as alive (multiprocessing.active_children): wait for that too
             while proc.exitcode is None and time.monotonic() < deadline:
                 time.sleep(0.01)
+            if proc.is_alive():  # deaf to SIGTERM for 5 s (a worker that handles it): not left running
+                proc.kill()
         if isinstance(exc, BrokenProcessPool):
             raise UserError(BROKEN) from exc
         raise

@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     b.add_argument("--rois", choices=("manifest", "auto"), default=None,
                    help="ROIs from the manifest's ct_rois column (default) or always automatic")
     b.add_argument("--no-truth", action="store_true", help="skip the phantom's true parameters")
-    b.add_argument("--subjects", nargs="*", default=None, help="only these subjects")
+    b.add_argument("--subjects", nargs="*", default=None, help="only these subjects (P1 P2 or P1,P2)")
     b.add_argument("--workers", type=int, default=1, help="subjects built in parallel processes (default 1)")
     b.add_argument("--ct-edge-sigma-mm", type=float, default=None, metavar="MM",
                    help="blur every CT in-plane to this edge sigma before cutting patches (0: as they are; see "
@@ -50,7 +50,12 @@ def run(args) -> int:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     with named_as_options(names):
         s = load_config(args.config, BuildSettings, overrides=over)
-    summary = build_dataset(args.manifest, args.out, s, registrations=args.registrations, subjects=args.subjects,
+    subjects = None
+    if args.subjects is not None:  # "P1 P2" or "P1,P2", as 'ctsma synthesis --subjects' takes them
+        subjects = [name for a in args.subjects for name in a.split(",") if name.strip()]
+        if not subjects:
+            raise UserError("--subjects needs subject names (P1 P2 or P1,P2); leave it out to build every subject")
+    summary = build_dataset(args.manifest, args.out, s, registrations=args.registrations, subjects=subjects,
                             workers=args.workers)
     progress.info(f"{summary['n_patches']} patches from {summary['n_subjects']} subjects in {args.out}"
                   + (f"; excluded {len(summary['excluded'])}: " + ", ".join(summary["excluded"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     progress.configure(jsonl_path=args.progress_jsonl, quiet=args.quiet)
     new_root = _new_output_root(args)
+    previous = _on_sigterm_interrupt()
     try:
         rc = args.func(args)
     except UserError as exc:
@@ -149,11 +151,36 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         _remove_if_empty(new_root)  # a defect: its traceback is shown, but no empty folder is left
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _remove_if_empty(new_root)
-        print(f"ctsma {args.command}: interrupted; finished outputs are kept and a rerun resumes", file=sys.stderr)
-        return 130
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        rest = "a rerun resumes" if args.command in RESUMING else "a rerun starts again"
+        print(f"ctsma {args.command}: {how}; nothing half-written is left, outputs finished before are kept, and "
+              f"{rest}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return int(rc or 0)
+
+
+RESUMING = ("phantom", "register", "dataset", "train", "infer", "demo")  # commands whose rerun goes on from there
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's scancel or time limit, Slicer's Cancel, kill): handled as Ctrl-C is, so that worker
+    pools are stopped and staged outputs removed instead of the process dying where it stands."""
+
+
+def _on_sigterm_interrupt():
+    """Raise :class:`Terminated` on SIGTERM from now on; returns the previous handler (None off the main thread,
+    where Python cannot install one)."""
+    def handler(signum, frame):  # noqa: ARG001
+        raise Terminated()
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover

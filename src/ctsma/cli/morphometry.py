@@ -13,6 +13,7 @@ MAX_THREADS = 256
 MORPHOMETRY_OUTPUTS = ("tbth_map.nii.gz", "tbsp_map.nii.gz",
                        *(f"maps/{n}.nii.gz" for n in ("bvtv", "tbth", "tbsp", "tbn", "valid")))
 VALID_MAP = "maps/valid.nii.gz"  # 1.0 where a window holds enough of the ROI: the sliding-window maps are 0 elsewhere
+RESULT = "morphometry.json"  # written last: a folder without it is not a finished run
 
 
 def add_parser(subparsers) -> None:
@@ -222,16 +223,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-RESULT = "morphometry.json"  # written last: a folder without it is not a finished run
-
-
 def _mask_of_label(labels, label: int | None, path: str):
     """The ROI of a mask image: its non-zero voxels, or those of ``label``; several labels without ``label`` warn."""
     import numpy as np
 
     from ..errors import UserError
-    values = np.unique(labels)
-    found = [int(v) if float(v).is_integer() else float(v) for v in values if v != 0]
+    values = set()
+    for z in range(0, labels.shape[0], 16):  # a few planes at a time: no sorted copy of a large mask
+        values.update(np.unique(labels[z:z + 16]).tolist())
+    found = sorted(int(v) if float(v).is_integer() else float(v) for v in values if v != 0)
     if label is not None:
         if label not in found:
             raise UserError(f"the ROI mask {path} has no voxel of label {label} (its labels: "

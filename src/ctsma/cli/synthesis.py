@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 from ..errors import UserError
 
@@ -18,7 +19,11 @@ def _rows(args):
             raise UserError(f"subjects not in the manifest: {', '.join(unknown)}")
         df = df[df.subject.isin(wanted)]
     if args.exclude:
-        df = df[~df.subject.isin([s.strip() for s in args.exclude.split(",")])]
+        drop = [s.strip() for s in args.exclude.split(",") if s.strip()]
+        unknown = sorted(set(drop) - set(df.subject))
+        if unknown:  # a typo would keep a held-out knee in
+            raise UserError(f"--exclude: subjects not in the manifest: {', '.join(unknown)}")
+        df = df[~df.subject.isin(drop)]
     if args.limit is not None:
         if args.limit < 1:
             raise UserError(f"--limit must be at least 1 (got {args.limit})")
@@ -62,11 +67,15 @@ def apply_cmd(args: argparse.Namespace) -> int:
 
     from ..registration.pipeline import check_mr_intensities
 
+    from ..progress import info
+
     ensure_output_file(args.out, IMAGE_SUFFIXES)  # before any work
     model = SynthesisModel.load(args.model)
     mr = read_image(args.mr, what="MR")
     check_mr_intensities(mr, "synthesis makes a pseudo-CT from an MR (bone dark), not from a CT")
+    info(f"synthesising a pseudo-CT of {' x '.join(map(str, mr.GetSize()))} voxels ...")
     write_image(model.apply(mr), args.out)
+    info(f"pseudo-CT written to {args.out}")
     return 0
 
 
@@ -78,7 +87,13 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
 
     ensure_output_file(args.out, (".json",))  # before any work
     model = SynthesisModel.load(args.model)
-    res = evaluate_manifest(_rows(args), model)
+    rows = _rows(args)
+    seen = sorted(set(rows.subject) & set((getattr(model, "meta", {}) or {}).get("training", {}).get("subjects", [])))
+    if seen:
+        warnings.warn(f"{len(seen)} of the {len(rows)} pairs evaluated trained this model ({', '.join(seen[:6])}"
+                      f"{', ...' if len(seen) > 6 else ''}): their errors are not held-out figures; use --exclude",
+                      stacklevel=1)
+    res = evaluate_manifest(rows, model)
     write_json(args.out, res)
     s = res["summary"]
     info(f"HU MAE bone {s['mae_bone_hu']:.1f}, soft tissue {s['mae_soft_hu']:.1f}, SSIM {s['ssim']:.3f} "

@@ -80,6 +80,22 @@ class BuildSettings:
     quality: bool = setting(True, help="render quality figures (patch pairs, parameter histograms)")
 
 
+def subject_key(base: str, row: dict, root: Path, registrations: Path | None) -> str:
+    """The key of one subject's cached shard: the settings' ``base`` key, the manifest row, and the size and time of
+    every file it names and of its registration (transform and QA record), so that a rerun rebuilds a knee whose
+    images or registration changed, or whose registration was removed or now fails its QA."""
+    from ..io.atomic import input_stamp
+    files = {k: input_stamp(p) for k, v in row.items() if k not in ("subject", "side") and isinstance(v, str) and v
+             for p in [_path(root, v)] if p is not None and p.exists()}
+    folder = _path(root, row.get("registration"))
+    if folder is None and registrations is not None:
+        folder = registrations / str(row["subject"])
+    if folder is not None:
+        files.update({f"registration/{n}": input_stamp(folder / n) for n in ("transform_ct_to_mr.h5", "qa.json")})
+    text = json.dumps({"base": base, "row": row, "files": files}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
 def settings_hash(s: BuildSettings, extra: dict) -> str:
     text = json.dumps({"s": to_dict(s), "x": extra, "v": SHARD_VERSION}, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
@@ -124,7 +140,38 @@ def load_transform(row: dict, root: Path, s: BuildSettings, registrations: Path 
                               "(expected an object with 'stages' and 'bone_dice' per bone)") from None
     if problem:
         raise SubjectExcluded(problem)
+    _check_registered_images(qa, row, root, qfile)
     return _read_transform(tfile), f"registered ({folder})"
+
+
+def _check_registered_images(qa: dict, row: dict, root: Path, qfile: Path) -> None:
+    """Exclude a subject whose registration was made from other images than the manifest's (another cohort with
+    the same subject names, a corrected scan), when its ``qa.json`` records them (cohort mode records paths and
+    the files' size and time; one pair records the paths as given)."""
+    from ..io.atomic import input_stamp
+    request = qa.get("request") if isinstance(qa.get("request"), dict) else {}
+    recorded = {k: request.get(k) or (qa.get("inputs") or {}).get(k) for k in ("mr", "ct")}
+    for k in ("mr", "ct"):
+        now = _path(root, row.get(k))
+        if not recorded[k] or now is None or not Path(recorded[k]).is_absolute():
+            continue  # nothing to compare (a relative path was relative to where register ran)
+        if Path(recorded[k]).resolve() != now.resolve():
+            raise SubjectExcluded(f"its registration ({qfile}) was made from another {k.upper()}, {recorded[k]}, not "
+                                  f"the manifest's {now}; register this knee again")
+        stamp = (request.get("stamps") or {}).get(k)
+        if stamp and stamp != input_stamp(now):
+            raise SubjectExcluded(f"its {k.upper()} {now} changed after it was registered ({qfile}); register this "
+                                  "knee again")
+
+
+def _check_not_labels(img: sitk.Image, what: str) -> None:
+    """Refuse a label image (a handful of whole values, such as mr_rois.nii.gz) where an intensity image belongs:
+    its 'MR reference' would be morphometry of label edges."""
+    arr = sitk.GetArrayViewFromImage(img).ravel()
+    values = np.unique(arr[:: max(1, arr.size // 200_000)])
+    if len(values) <= 16 and np.all(values == np.round(values)):
+        raise InputImageError(f"{what} holds only the values {', '.join(f'{v:g}' for v in values)}: a label image, "
+                              "not an MR")
 
 
 def _read_transform(path: Path) -> sitk.Transform:
@@ -235,6 +282,9 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
         ct = read_image(_path(root, row.get("ct")) or Path("<missing ct>"), what=f"CT of {subject}")
         check_ct_intensities(ct, what=f"CT of {subject}")  # an MR in the ct column would give garbage patches
         mr = read_image(_path(root, row.get("mr")) or Path("<missing mr>"), what=f"MR of {subject}")
+        from ..registration.pipeline import check_mr_intensities
+        check_mr_intensities(mr, hint="the manifest's mr column must name the MR")
+        _check_not_labels(mr, f"MR of {subject}")
     except InputImageError as exc:
         raise SubjectExcluded(str(exc)) from None
     from ..harmonise import MATCH_TOLERANCE_MM, blurred_crop, inplane_edge_sigma, matching_blur, slice_thickness
@@ -378,11 +428,16 @@ def read_manifest(path: str | os.PathLike):
         raise UserError(f"manifest not found: {path}")
     try:
         table = pd.read_csv(path, dtype={"subject": str, "side": str})
+        if "subject" in table:  # as written: a subject "NA" or "nan" is a name, an empty cell is no name
+            table["subject"] = pd.read_csv(path, usecols=["subject"], dtype=str, keep_default_na=False)["subject"]
     except Exception as exc:  # pandas raises several parser errors
         raise UserError(f"cannot read manifest {path}: {exc}") from None
     missing = [c for c in ("subject", "ct", "mr") if c not in table]
     if missing:
         raise UserError(f"manifest {path.name} lacks column(s) {', '.join(missing)}")
+    unnamed = [str(i + 2) for i, v in enumerate(table["subject"]) if not v.strip() or v.strip() in (".", "..")]
+    if unnamed:
+        raise UserError(f"manifest {path.name}: line(s) {', '.join(unnamed[:10])} have no subject name")
     if table["subject"].duplicated().any():
         raise UserError(f"manifest {path.name} lists a subject twice: "
                         f"{table['subject'][table['subject'].duplicated()].iloc[0]}")
@@ -432,45 +487,57 @@ def build_dataset(manifest: str | os.PathLike, out: str | os.PathLike, settings:
             raise UserError(f"--subjects: {', '.join(unknown[:10])} not in the manifest {Path(manifest).name}")
         table = table[table["subject"].isin(subjects)]
     from ..io import ensure_writable_dir
+    from .store import CSV_NAME, H5_NAME, SUMMARY_NAME
 
+    if registrations and not Path(registrations).is_dir():
+        raise UserError(f"--registrations {registrations} is not a folder (the --out of 'ctsma register --manifest')")
+    if s.transform_column and s.transform_column not in table:
+        raise UserError(f"the manifest has no column {s.transform_column!r} (transform_column); its columns: "
+                        f"{', '.join(map(str, table.columns))}")
+    foreign = [n for n in (SUMMARY_NAME, CSV_NAME) if (Path(out) / n).is_file()]
+    if foreign and not (Path(out) / H5_NAME).is_file():
+        raise UserError(f"{out} already holds {' and '.join(foreign)} but no patch store ({H5_NAME}): another "
+                        "tool's output (an inference folder has these names too); choose another --out")
     out = ensure_writable_dir(out)  # a clear error for an unusable output folder
     shard_dir = out / ".shards"
     shard_dir.mkdir(exist_ok=True)
     reg = Path(registrations).resolve() if registrations else None
-    key = settings_hash(s, {"registrations": str(reg), "manifest": str(Path(manifest).resolve())})
+    base = settings_hash(s, {"registrations": str(reg), "manifest": str(Path(manifest).resolve())})
     loaded, excluded, warns = {}, {}, []
     rows = table.to_dict("records")
     paths = {str(r["subject"]): safe_join(shard_dir, f"{r['subject']}.npz") for r in rows}
+    keys = {str(r["subject"]): subject_key(base, r, root, reg) for r in rows}
     todo = []
     for row in rows:
         subject = str(row["subject"])
-        shard = _read_shard(paths[subject], key) if paths[subject].is_file() else None
+        shard = _read_shard(paths[subject], keys[subject]) if paths[subject].is_file() else None
         if shard is None:
             todo.append(row)
         else:
             loaded[subject] = shard
-    if loaded and todo:
+    if loaded:
         progress.info(f"dataset: {len(loaded)} of {len(rows)} knees already done, {len(todo)} to build")
     jobs = max(1, min(int(workers), len(todo)))
 
     def finished(subject: str, reason: str | None) -> None:
-        shard = _read_shard(paths[subject], key) if reason is None else None
+        shard = _read_shard(paths[subject], keys[subject]) if reason is None else None
         if shard is not None:
             loaded[subject] = shard
         else:
             reason = reason or f"its patches could not be read back from {paths[subject]}"
             excluded[subject] = reason
-            log.warning("excluded %s: %s", subject, reason)
+            log.debug("excluded %s: %s", subject, reason)
             progress.info(f"excluded {subject}: {reason}")
 
     if jobs == 1:
         for row in progress.track(todo, "dataset: subjects", total=len(todo), unit="knee"):
-            finished(str(row["subject"]), _build_shard(row, root, s, reg, paths[str(row["subject"])], key))
+            subject = str(row["subject"])
+            finished(subject, _build_shard(row, root, s, reg, paths[subject], keys[subject]))
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with worker_pool(jobs, initializer=_init_worker, initargs=(threads,)) as ex:
-            futs = {ex.submit(_build_shard, row, root, s, reg, paths[str(row["subject"])], key, threads):
-                    str(row["subject"]) for row in todo}
+            futs = {ex.submit(_build_shard, row, root, s, reg, paths[str(row["subject"])], keys[str(row["subject"])],
+                              threads): str(row["subject"]) for row in todo}
             for f in progress.track(as_completed(futs), "dataset: subjects", total=len(futs), unit="knee"):
                 finished(futs[f], f.result())
     shards = {str(r["subject"]): loaded[str(r["subject"])] for r in rows if str(r["subject"]) in loaded}
@@ -478,6 +545,8 @@ def build_dataset(manifest: str | os.PathLike, out: str | os.PathLike, settings:
         for w in shard["warnings"]:
             warnings.warn(w, stacklevel=2)
             warns.append(w)
+    if not rows:
+        raise UserError(f"the manifest {Path(manifest).name} lists no subject")
     if not shards:
         raise UserError("no subject could be used; reasons: " + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
     splits = assign_splits(list(shards), s)

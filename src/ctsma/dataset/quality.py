@@ -17,8 +17,12 @@ def render_quality(store, out_dir: str | Path, n_pairs: int = 8, seed: int = 0) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..io.atomic import remove_stale_partials
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("patch_pairs.png", "parameters.png"):  # what an interrupted earlier run left
+        remove_stale_partials(out_dir / name)
     t = store.table
     rng = np.random.default_rng(seed)
     # one pair per ROI first, then random ones

@@ -66,6 +66,16 @@ def _cube(shape: int | Sequence[int]) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def _remove_dead_partials(directory: Path) -> None:
+    """Delete the temporary store files of writers that were killed (their process, named in the file, is gone)."""
+    from ..io.atomic import _pid_alive
+    for name in (H5_NAME, CSV_NAME):
+        for left in directory.glob(f".{name}.partial-*"):
+            pid = left.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                left.unlink(missing_ok=True)
+
+
 class PatchStoreWriter:
     """Appends patches to a new store; nothing is visible at ``dir`` until :meth:`finalize`."""
 
@@ -75,6 +85,7 @@ class PatchStoreWriter:
         self.dir = directory
         self.ct_shape, self.mr_shape = _cube(ct_shape), _cube(mr_shape)
         self.dir.mkdir(parents=True, exist_ok=True)
+        _remove_dead_partials(self.dir)
         self._tmp_h5 = self.dir / f".{H5_NAME}.partial-{os.getpid()}"
         self._rows: list[dict] = []
         self._n = 0
