@@ -164,3 +164,19 @@ def test_a_failed_command_removes_the_output_folders_it_created(tmp_path, capsys
     (kept / "sub").mkdir(parents=True)
     assert main([*argv, str(kept)]) == 2
     assert (kept / "sub").is_dir()
+
+
+def test_config_key_lists_name_what_a_config_file_may_hold(tmp_path, capsys):
+    """An unknown key's list of allowed keys is the config file's: not rewritten as flags (--threads), and without
+    the phantom's preset, which only --preset sets."""
+    from ctsma.cli.main import main
+    from ctsma.cli.options import named_as_options
+    from ctsma.errors import ConfigError
+    with pytest.raises(ConfigError) as info:
+        with named_as_options({"threads": "--threads"}):
+            raise ConfigError("threads = 0 is out of range; unknown setting bogus (allowed: seed, threads)")
+    assert str(info.value) == "--threads 0 is out of range; unknown setting bogus (allowed: seed, threads)"
+    (tmp_path / "bad.json").write_text('{"bogus": 1}')
+    assert main(["phantom", "--n", "1", "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown setting bogus (allowed: bvtv," in err and "preset" not in err

@@ -26,10 +26,10 @@ def named_as_options(names: dict):
     try:
         yield
     except ConfigError as exc:
-        msg = str(exc)
+        msg, sep, allowed = str(exc).partition(" (allowed: ")  # the list of config keys stays in config keys
         for key, flag in names.items():
             msg = re.sub(rf"(?<![\w.\-]){re.escape(key)} = ", f"{flag} ", msg)
             msg = re.sub(rf"(?<![\w.\-]){re.escape(key)}(?![\w])", flag, msg)
-        if msg == str(exc):
+        if msg + sep + allowed == str(exc):
             raise
-        raise ConfigError(msg) from None
+        raise ConfigError(msg + sep + allowed) from None

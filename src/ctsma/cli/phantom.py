@@ -13,6 +13,15 @@ def _run(args: argparse.Namespace) -> int:
     if "preset" in overrides:
         from ..errors import ConfigError
         raise ConfigError("set the preset with --preset, not in the config file")
+    from dataclasses import fields
+
+    from ..phantom.settings import PhantomSettings
+    allowed = sorted(f.name for f in fields(PhantomSettings) if f.name != "preset")
+    unknown = sorted(set(map(str, overrides)) - set(allowed))
+    if unknown:  # the generic message would offer 'preset', which a config file may not set
+        from ..errors import ConfigError
+        raise ConfigError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                          f"(allowed: {', '.join(allowed)})")
     settings = make_settings(args.preset, overrides)  # every setting checked before any work
     manifest = generate_cohort(settings, args.n, args.seed, args.out, workers=args.workers)
     progress.info(f"phantom: {args.n} knees ready; manifest: {manifest}")
