@@ -309,7 +309,7 @@ def test_staging_liveness_never_signals_a_process_on_windows(monkeypatch):
 
     monkeypatch.setattr(atomic.os, "name", "nt")
     monkeypatch.setattr(atomic.os, "kill", lambda *a: (_ for _ in ()).throw(AssertionError("os.kill called")))
-    assert atomic._pid_alive(os.getpid() + 10 ** 6)
+    assert atomic.pid_alive(os.getpid() + 10 ** 6)
 
 
 def test_a_dicom_folder_with_two_series_of_equal_size_is_refused(tmp_path):

@@ -68,11 +68,11 @@ def _cube(shape: int | Sequence[int]) -> tuple[int, int, int]:
 
 def _remove_dead_partials(directory: Path) -> None:
     """Delete the temporary store files of writers that were killed (their process, named in the file, is gone)."""
-    from ..io.atomic import _pid_alive
+    from ..io.atomic import pid_alive
     for name in (H5_NAME, CSV_NAME):
         for left in directory.glob(f".{name}.partial-*"):
             pid = left.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 left.unlink(missing_ok=True)
 
 

@@ -219,7 +219,7 @@ def _staging_prefix() -> str:
     return f"{STAGING_PREFIX}{os.getpid()}@{socket.gethostname()}."
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` of this machine still runs. On Windows ``os.kill(pid, 0)`` would terminate the
     process, so there every run counts as alive and staging folders are never removed."""
     if os.name == "nt":
@@ -240,7 +240,7 @@ def remove_stale_staging(out_dir: str | os.PathLike) -> None:
     host = socket.gethostname()
     for left in Path(out_dir).glob(f"{STAGING_PREFIX}*"):
         m = _STAGING_NAME.match(left.name)
-        if (m and m.group(2) == host and not _pid_alive(int(m.group(1))) and left.is_dir()
+        if (m and m.group(2) == host and not pid_alive(int(m.group(1))) and left.is_dir()
                 and not left.is_symlink()):
             shutil.rmtree(left, ignore_errors=True)
 
