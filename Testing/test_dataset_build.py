@@ -205,8 +205,8 @@ def test_cli_dataset(cohort, tmp_path):
 
     root, _, _ = cohort
     rc = main(["--quiet", "dataset", "build", "--manifest", str(root / "manifest.csv"), "--out", str(tmp_path / "o"),
-               "--transform-column", "transform_ct_to_mr", "--max-per-roi", "2", "--no-truth", "--subjects", "k1"])
-    assert rc == 0 and PatchStore(tmp_path / "o").subjects == ["k1"]
+               "--transform-column", "transform_ct_to_mr", "--max-per-roi", "2", "--no-truth", "--subjects", "k1, k2"])
+    assert rc == 0 and PatchStore(tmp_path / "o").subjects == ["k1", "k2"]  # "P1,P2" as synthesis takes them
     assert main(["--quiet", "dataset", "build", "--manifest", str(tmp_path / "none.csv"), "--out",
                  str(tmp_path / "x")]) == 2
 
@@ -377,9 +377,17 @@ def test_registrations_of_other_images_or_a_label_image_as_mr_are_excluded(cohor
     reg = tmp_path / "reg"
     other = tmp_path / "other_mr.nii.gz"
     sitk.WriteImage(sitk.ReadImage(str(root / "k0" / "mr.nii.gz")), str(other))
-    # k0 was registered from another MR file; k1 records no request (one pair registered by hand)
-    _registrations(tx, reg, request=lambda name: {} if name == "k1" else {
-        "mr": str(other if name == "k0" else root / name / "mr.nii.gz"), "ct": str(root / name / "ct.nii.gz")})
+    # k0 was registered from another MR file; k1 records no request (registered by an earlier version); k2's
+    # project was moved after its registration (other paths, the same files)
+    from ctsma.io.atomic import input_stamp
+
+    def request(name):
+        mr = other if name == "k0" else root / name / "mr.nii.gz"
+        base = Path("/elsewhere") if name == "k2" else root
+        return {} if name == "k1" else {"mr": str(base / name / "mr.nii.gz") if name == "k2" else str(mr),
+                                        "ct": str(base / name / "ct.nii.gz"),
+                                        "stamps": {"mr": input_stamp(mr), "ct": input_stamp(root / name / "ct.nii.gz")}}
+    _registrations(tx, reg, request=request)
     table = pd.read_csv(root / "manifest.csv")
     table.loc[table.subject == "k1", "mr"] = "k1/ct_rois.nii.gz"  # a label image in the mr column
     for col in ("ct", "mr", "ct_rois", "transform_ct_to_mr"):

@@ -180,3 +180,24 @@ def test_config_key_lists_name_what_a_config_file_may_hold(tmp_path, capsys):
     assert main(["phantom", "--n", "1", "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "unknown setting bogus (allowed: bvtv," in err and "preset" not in err
+
+
+def test_sigterm_caught_and_rethrown_by_a_library_still_exits_143(monkeypatch, capsys):
+    """Lightning turns the signal's exception into a plain KeyboardInterrupt of its own: main() still reports a
+    SIGTERM (exit 143), not a Ctrl-C, and restores the previous handler."""
+    import os
+    import signal
+
+    import ctsma.cli.phantom as phantom_cli
+    from ctsma.cli.main import Terminated, main
+
+    def swallowing(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pause() if hasattr(signal, "pause") else None
+        except Terminated:
+            raise KeyboardInterrupt from None
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(phantom_cli, "_run", swallowing)
+    assert main(["phantom", "--n", "1", "--out", "unused"]) == 143
+    assert "terminated (SIGTERM)" in capsys.readouterr().err and signal.getsignal(signal.SIGTERM) is before

@@ -358,3 +358,21 @@ def test_a_study_folder_gives_the_series_of_the_asked_modality(tmp_path):
         assert read_image(both, what="MR").GetSize() == (12, 12, 8)
     with pytest.warns(UserWarning, match="using the largest"):
         assert read_image(both, what="image").GetSize() == (12, 12, 8)
+
+
+def test_input_stamps_ignore_junk_and_old_records_still_match(tmp_path):
+    """A file manager's .DS_Store beside a DICOM series changes no request; a request recorded before stamps
+    existed matches the same request with them, so an upgrade redoes nothing; a changed file is a new request."""
+    from ctsma.io.atomic import input_stamp, same_request
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "s001.dcm").write_bytes(b"x" * 10)
+    before = input_stamp(series)
+    (series / ".DS_Store").write_bytes(b"junk")
+    (series / "Thumbs.db").write_bytes(b"junk")
+    assert input_stamp(series) == before and before["files"] == 1
+    request = {"ct": "a", "stamps": {"ct": before}}
+    assert same_request({"ct": "a"}, request) and same_request(request, dict(request))
+    assert not same_request({"ct": "b"}, request) and not same_request(None, request)
+    (series / "s002.dcm").write_bytes(b"y")
+    assert not same_request(request, {"ct": "a", "stamps": {"ct": input_stamp(series)}})

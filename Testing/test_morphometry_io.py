@@ -187,8 +187,9 @@ def test_cli_mask_labels_offset_and_grids(tmp_path, capsys):
     assert two["BV/TV"] == pytest.approx(b[12:22].mean())
     assert main([*args, "--label", "3", "--out", str(tmp_path / "three")]) == 2
     assert "no voxel of label 3" in capsys.readouterr().err and not (tmp_path / "three" / "morphometry.json").exists()
-    # a mask whose spacing differs by 5 %: 1 mm apart at the far corner, refused (an absolute 1e-3 mm let it pass)
-    lab.SetSpacing((0.0315, 0.03, 0.03))
+    # a mask whose spacing differs by 0.7 % (0.0302 against 0.03 mm): 0.15 voxel apart at the far corner, refused
+    # (the absolute 1e-3 mm of before let it pass)
+    lab.SetSpacing((0.0302, 0.03, 0.03))
     sitk.WriteImage(lab, str(tmp_path / "off.nii.gz"))
     assert main(["--quiet", "morphometry", str(tmp_path / "b.nii.gz"), "--mask", str(tmp_path / "off.nii.gz"),
                  "--out", str(tmp_path / "off")]) == 2
@@ -254,3 +255,18 @@ def test_a_failed_rerun_leaves_the_earlier_run_whole(tmp_path, monkeypatch):
                  "--convention", "bonej"]) == 130  # interrupted
     assert len(calls) == 2
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_spacing_snapping_is_one_rule_everywhere():
+    """Near-equal spacings snap as one cluster (single linkage, whatever their order), and the z-slab path snaps as
+    the whole image does: a header-rounded spacing gives the same values in memory and in slabs."""
+    from ctsma.morphometry.validate import check_spacing
+    assert len(set(check_spacing((1.0, 1.0 + 0.9e-5, 1.0 + 1.8e-5)))) == 1
+    assert check_spacing((1.0 + 1.8e-5, 1.0, 1.0 + 0.9e-5)) == check_spacing((1.0, 1.0 + 0.9e-5, 1.0 + 1.8e-5))
+    assert len(set(check_spacing((0.5, 1.0, 1.0 + 1e-6)))) == 2  # 0.5 stays apart
+    from scipy import ndimage
+    b = ndimage.gaussian_filter(np.random.default_rng(4).normal(size=(24, 24, 24)), 1.5) > 0
+    sp = (0.7 * (1 + 4e-6), 0.7, 0.7)
+    whole, slabs = measure(b, sp), measure(b, sp, slabs=6)
+    for key in ("Tb.Th", "Tb.Sp"):
+        assert slabs[key] == pytest.approx(whole[key], rel=1e-12)

@@ -385,7 +385,7 @@ def test_a_failed_registration_says_so_everywhere(tmp_path, pair, capsys, monkey
     import ctsma.registration.pipeline as pipeline
     from ctsma.cli.main import main
     from ctsma.registration.cohort import QA_FAILED
-    from ctsma.registration.qa import MIN_BONE_DICE, registration_qa_problem
+    from ctsma.registration.qa import EXIT_QA_FAILED, MIN_BONE_DICE, registration_qa_problem
     preset = load_preset("nosynth", {**FAST, "rigid": {"iterations": 10}, "per_bone": {"enabled": False}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -413,7 +413,7 @@ def test_a_failed_registration_says_so_everywhere(tmp_path, pair, capsys, monkey
     rc = main(["--quiet", "register", str(tmp_path / "mr.nii.gz"), str(tmp_path / "ct.nii.gz"), "--preset",
                str(tmp_path / "nosynth.json"), "--out", str(tmp_path / "one")])
     err = capsys.readouterr().err
-    assert rc == 1 and "error: registration QA failed: femur Dice 0.00 < 0.6: the pair is not usable" in err
+    assert rc == EXIT_QA_FAILED == 3 and "error: registration QA failed: femur Dice 0.00 < 0.6: the pair is not usable" in err
     assert (tmp_path / "one" / "qa.json").is_file()
     monkeypatch.setattr(pipeline, "register", real)
     good = run_cohort(tmp_path / "manifest.csv", tmp_path / "good", preset=preset)
@@ -438,6 +438,12 @@ def test_cohort_refuses_to_overwrite_or_misplace(tmp_path, pair):
     s = run_cohort(tmp_path / "m.csv", tmp_path / "out", preset=preset)
     assert s.status.iloc[0] == "failed" and "no 'ctsma register' run wrote" in s.error.iloc[0]
     assert (tmp_path / "out" / "kA" / "transform_ct_to_mr.h5").read_bytes() == b"the truth"
+    # a folder of this command's whose rerun was killed while moving its files in (qa.json removed first): redone
+    from ctsma.registration.cohort import OWNER_MARKER
+    (tmp_path / "own" / "kA").mkdir(parents=True)
+    (tmp_path / "own" / "kA" / "transform_ct_to_mr.h5").write_bytes(b"half moved")
+    (tmp_path / "own" / "kA" / OWNER_MARKER).touch()
+    assert list(run_cohort(tmp_path / "m.csv", tmp_path / "own", preset=preset).status) == ["done"]
     # rows whose outputs would land in the cohort's own folder, or with no image, are refused up front
     for bad, match in (("subject,mr,ct\n,mr.nii.gz,ct.nii.gz\n", "no subject name"),
                        ("subject,mr,ct\n.,mr.nii.gz,ct.nii.gz\n", "no subject name"),

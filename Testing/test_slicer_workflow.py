@@ -210,6 +210,39 @@ def test_registration_logic_loads_the_true_transform_and_maps_ct_landmarks_to_mr
     assert mrml_scene.GetNodesByName("CT/MR checkerboard").GetNumberOfItems() == 1
 
 
+class QAFailedRegistration(TrueRegistration):
+    """``ctsma register`` on a pair whose bones miss each other: every output written, then the QA's exit code."""
+
+    BODY = TrueRegistration.BODY + """
+    print("error: registration QA failed: femur Dice 0.00 < 0.6: the pair is not usable", file=sys.stderr)
+    from ctsma.registration.qa import EXIT_QA_FAILED
+    sys.exit(EXIT_QA_FAILED)
+    """
+
+
+def test_a_registration_that_failed_its_qa_is_loaded_with_a_warning(mrml_scene, knee, tmp_path):
+    """The pair is written for inspection: the module loads it (the fade view is how to see what went wrong) and
+    says why it is not usable, instead of loading nothing; an exit code that means failure still loads nothing."""
+    from CTSMALib.process import FAILED
+    from CTSMALib.registration_logic import CTSMARegistrationLogic
+
+    QAFailedRegistration.row = knee
+    ct, mr = _load(mrml_scene, knee["ct"], "CT"), _load(mrml_scene, knee["mr"], "MR")
+    logic = CTSMARegistrationLogic(runner_factory=QAFailedRegistration, work_root=tmp_path)
+    run = logic.startRegistration(mr, ct)
+    status = logic.wait(timeout=120)
+    assert status.state == DONE and set(run.outputs) == {"transform", "mr_in_ct", "qa"}
+    assert "femur Dice 0.00 < 0.6" in status.warning and not status.last_error
+    logic.cleanupRun(keep_outputs=False)
+
+    class Broken(TrueRegistration):
+        BODY = TrueRegistration.BODY + "\n    sys.exit(1)\n"
+    Broken.row = knee
+    logic = CTSMARegistrationLogic(runner_factory=Broken, work_root=tmp_path / "b")
+    run = logic.startRegistration(mr, ct)
+    assert logic.wait(timeout=120).state == FAILED and not run.outputs
+
+
 def test_analysis_outputs_follow_the_ct_and_survive_a_scene_bundle(mrml_scene, knee, tmp_path):
     from CTSMALib import flows
     from CTSMALib import scene_bridge as sb

@@ -233,3 +233,5 @@ def test_a_typo_in_exclude_is_refused(tmp_path):
     args.exclude = "P000O"
     with pytest.raises(UserError, match="--exclude: subjects not in the manifest: P000O"):
         _rows(args)
+    args.subjects, args.exclude = "P0001", "P0000"  # checked against the manifest, not the --subjects selection
+    assert list(_rows(args).subject) == ["P0001"]

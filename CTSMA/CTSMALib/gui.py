@@ -118,6 +118,8 @@ def showFailure(status) -> None:
 
     if status.state == FAILED:
         slicer.util.errorDisplay(status.last_error or "The run failed; see the log in its work folder.")
+    elif getattr(status, "warning", ""):
+        slicer.util.warningDisplay(status.warning)
 
 
 def reloadLib() -> None:

@@ -67,6 +67,7 @@ class Run:
     load_error: str = ""
     then: Callable[["Run"], "Run"] | None = None  # started when this run succeeds (e.g. dataset -> train)
     info: dict = field(default_factory=dict)  # what the Logic wants to remember about the run
+    done_codes: tuple = (0,)  # exit codes after which the outputs are loaded (others: a failed run)
     inputs: list = field(default_factory=list)  # the scene nodes it reads: results load only while they are there
 
     @property
@@ -149,16 +150,19 @@ class CliLogic(ScriptedLoadableModuleLogic):
     def startCli(self, label: str, args: list[str], work_dir: Path, out_dir: Path,
                  loader: Callable[[Run], dict] | None = None, env: dict[str, str] | None = None,
                  python: str | None = None, wrapper: Callable[[list], list] | None = None,
-                 then: Callable[[Run], Run] | None = None, inputs: list | None = None) -> Run:
+                 then: Callable[[Run], Run] | None = None, inputs: list | None = None,
+                 done_codes: tuple = (0,)) -> Run:
         """Start ``ctsma <args>`` in the background; on success ``loader(run)`` puts the outputs in
         the scene and returns them as ``{role: node}``, then ``then(run)`` may start the next step.
-        ``python`` and ``wrapper`` choose another interpreter and a command template."""
+        ``python`` and ``wrapper`` choose another interpreter and a command template. An exit code in
+        ``done_codes`` other than 0 counts as success with a warning (its last error line)."""
         self._checkIdle()
         runner = self.runnerFactory()
         extra = {k: v for k, v in (("python", python), ("wrapper", wrapper)) if v}
         runner.start_ctsma(list(map(str, args)), work_dir, env=env, **extra)
         self.run = Run(label=label, args=list(map(str, args)), work_dir=Path(work_dir), out_dir=Path(out_dir),
-                       loader=loader, runner=runner, then=then, inputs=list(inputs or []))
+                       loader=loader, runner=runner, then=then, inputs=list(inputs or []),
+                       done_codes=tuple(done_codes))
         return self.run
 
     def poll(self) -> RunStatus | None:
@@ -169,6 +173,8 @@ class CliLogic(ScriptedLoadableModuleLogic):
         if run.status is not None and run.status.finished:
             return run.status
         status = run.runner.poll()
+        if status.state == FAILED and status.returncode in run.done_codes:  # finished, with something to say
+            status.state, status.warning, status.last_error = DONE, status.last_error, ""
         gone = [n for n in run.inputs if not self._inScene(n)]
         if status.state == DONE and run.loader is not None and gone:
             # the scene was closed or an input removed while the run went on: its results belong to no node here

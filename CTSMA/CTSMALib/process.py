@@ -53,6 +53,7 @@ class RunStatus:
     message: str = ""
     last_error: str = ""
     events: list[ProgressEvent] = field(default_factory=list)
+    warning: str = ""  # a run that finished with its outputs but something to tell (e.g. a failed QA)
 
     @property
     def finished(self) -> bool:

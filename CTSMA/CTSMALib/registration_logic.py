@@ -78,9 +78,12 @@ class CTSMARegistrationLogic(CliLogic):
             args = cli_args.register(mr, ct, out, preset=params.preset, ct_bones=bones, threads=params.threads,
                                      extra=extra)
             names = {"mr": mrVolume.GetName(), "ct": ctVolume.GetName()}
+            from ctsma.registration.qa import EXIT_QA_FAILED  # a pair that failed its QA: loaded to look at
+
             return self.startCli("registration", args, work, out, env=params.env(), inputs=inputs,
                                  loader=lambda run: self.loadOutputs(run.out_dir, names, under=ctVolume,
-                                                                     mrVolume=None if params.resampleMr else mrVolume))
+                                                                     mrVolume=None if params.resampleMr else mrVolume),
+                                 done_codes=(0, EXIT_QA_FAILED))
 
     def loadOutputs(self, out_dir: Path, names: dict | None = None, under=None, mrVolume=None) -> dict:
         """Put the registration outputs of ``out_dir`` into the scene; returns ``{role: node}``

@@ -52,7 +52,7 @@ def run(args) -> int:
         s = load_config(args.config, BuildSettings, overrides=over)
     subjects = None
     if args.subjects is not None:  # "P1 P2" or "P1,P2", as 'ctsma synthesis --subjects' takes them
-        subjects = [name for a in args.subjects for name in a.split(",") if name.strip()]
+        subjects = [name.strip() for a in args.subjects for name in a.split(",") if name.strip()]
         if not subjects:
             raise UserError("--subjects needs subject names (P1 P2 or P1,P2); leave it out to build every subject")
     summary = build_dataset(args.manifest, args.out, s, registrations=args.registrations, subjects=subjects,

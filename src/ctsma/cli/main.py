@@ -153,11 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except KeyboardInterrupt as exc:
         _remove_if_empty(new_root)
-        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        # (Lightning turns the signal's exception into its own interrupt: the handler's flag still tells)
+        terminated = isinstance(exc, Terminated) or _SIGTERM_SEEN[0]
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
         rest = "a rerun resumes" if args.command in RESUMING else "a rerun starts again"
         print(f"ctsma {args.command}: {how}; nothing half-written is left, outputs finished before are kept, and "
               f"{rest}", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        return 143 if terminated else 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -172,10 +174,16 @@ class Terminated(KeyboardInterrupt):
     pools are stopped and staged outputs removed instead of the process dying where it stands."""
 
 
+_SIGTERM_SEEN = [False]
+
+
 def _on_sigterm_interrupt():
     """Raise :class:`Terminated` on SIGTERM from now on; returns the previous handler (None off the main thread,
     where Python cannot install one)."""
+    _SIGTERM_SEEN[0] = False
+
     def handler(signum, frame):  # noqa: ARG001
+        _SIGTERM_SEEN[0] = True
         raise Terminated()
     try:
         return signal.signal(signal.SIGTERM, handler)

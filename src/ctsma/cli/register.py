@@ -87,8 +87,9 @@ def run(args: argparse.Namespace) -> int:
                         mr_bones_path=args.mr_bones, report=stage_line)
     info(f"registered in {qa['total_seconds']:.1f} s; outputs in {Path(out)}")
     if qa.get("qa_problem"):
+        from ..registration.qa import EXIT_QA_FAILED
         print(f"error: {qa['qa_problem']}: the pair is not usable (see the warning above)", file=sys.stderr)
-        return 1
+        return EXIT_QA_FAILED
     return 0
 
 

@@ -12,6 +12,7 @@ def _rows(args):
     from ..registration.cohort import read_manifest
 
     df = read_manifest(args.manifest)
+    everyone = set(df.subject)
     if args.subjects:
         wanted = [s.strip() for s in args.subjects.split(",") if s.strip()]
         unknown = sorted(set(wanted) - set(df.subject))
@@ -20,7 +21,7 @@ def _rows(args):
         df = df[df.subject.isin(wanted)]
     if args.exclude:
         drop = [s.strip() for s in args.exclude.split(",") if s.strip()]
-        unknown = sorted(set(drop) - set(df.subject))
+        unknown = sorted(set(drop) - everyone)
         if unknown:  # a typo would keep a held-out knee in
             raise UserError(f"--exclude: subjects not in the manifest: {', '.join(unknown)}")
         df = df[~df.subject.isin(drop)]

@@ -146,29 +146,31 @@ def load_transform(row: dict, root: Path, s: BuildSettings, registrations: Path 
 
 def _check_registered_images(qa: dict, row: dict, root: Path, qfile: Path) -> None:
     """Exclude a subject whose registration was made from other images than the manifest's (another cohort with
-    the same subject names, a corrected scan), when its ``qa.json`` records them (cohort mode records paths and
-    the files' size and time; one pair records the paths as given)."""
+    the same subject names) or from an earlier version of them (a corrected scan): ``ctsma register`` records each
+    input's size and modification time (``request.stamps`` in cohort mode, ``inputs.stamps`` for one pair), which
+    must still be those of the manifest's files. The paths may differ (a project moved or mounted elsewhere).
+    Registrations that record no stamps (before the twenty-fifth session) are not checked."""
     from ..io.atomic import input_stamp
     request = qa.get("request") if isinstance(qa.get("request"), dict) else {}
-    recorded = {k: request.get(k) or (qa.get("inputs") or {}).get(k) for k in ("mr", "ct")}
+    inputs = qa.get("inputs") if isinstance(qa.get("inputs"), dict) else {}
+    stamps = request.get("stamps") or inputs.get("stamps") or {}
     for k in ("mr", "ct"):
         now = _path(root, row.get(k))
-        if not recorded[k] or now is None or not Path(recorded[k]).is_absolute():
-            continue  # nothing to compare (a relative path was relative to where register ran)
-        if Path(recorded[k]).resolve() != now.resolve():
-            raise SubjectExcluded(f"its registration ({qfile}) was made from another {k.upper()}, {recorded[k]}, not "
-                                  f"the manifest's {now}; register this knee again")
-        stamp = (request.get("stamps") or {}).get(k)
-        if stamp and stamp != input_stamp(now):
-            raise SubjectExcluded(f"its {k.upper()} {now} changed after it was registered ({qfile}); register this "
-                                  "knee again")
+        if now is None or not stamps.get(k) or stamps[k] == input_stamp(now):
+            continue
+        recorded = request.get(k) or inputs.get(k)
+        moved = not recorded or Path(recorded).resolve() != now.resolve()
+        why = (f"was made from another {k.upper()} ({recorded}), not the manifest's {now}" if moved else
+               f"is older than its {k.upper()} {now}, which changed since")
+        raise SubjectExcluded(f"its registration ({qfile}) {why}; register this knee again")
 
 
 def _check_not_labels(img: sitk.Image, what: str) -> None:
     """Refuse a label image (a handful of whole values, such as mr_rois.nii.gz) where an intensity image belongs:
     its 'MR reference' would be morphometry of label edges."""
     arr = sitk.GetArrayViewFromImage(img).ravel()
-    values = np.unique(arr[:: max(1, arr.size // 200_000)])
+    pick = np.random.default_rng(0).integers(0, arr.size, min(arr.size, 200_000))  # no stride: rows alias
+    values = np.unique(arr[pick])
     if len(values) <= 16 and np.all(values == np.round(values)):
         raise InputImageError(f"{what} holds only the values {', '.join(f'{v:g}' for v in values)}: a label image, "
                               "not an MR")

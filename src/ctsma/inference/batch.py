@@ -12,7 +12,7 @@ import pandas as pd
 from .. import progress
 from ..errors import InputImageError, UserError
 from ..io import ensure_writable_dir, safe_join, write_json
-from ..io.atomic import COMPLETION_MARKER, recorded_request, remove_stale_staging
+from ..io.atomic import COMPLETION_MARKER, recorded_request, remove_stale_staging, same_request
 from ..io.images import IMAGE_SUFFIXES
 from .engine import InferSettings, _subject_name, default_model_path, infer, load_diagnosis, request_record
 
@@ -91,7 +91,8 @@ def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=No
         note = ""
         if (d / COMPLETION_MARKER).is_file():
             remove_stale_staging(d)   # a run killed after its last move, before its clean-up
-            if recorded_request(d / COMPLETION_MARKER) == request_record(row.ct, meta, case_settings, seg, None, diagnosis[0]):
+            if same_request(recorded_request(d / COMPLETION_MARKER),
+                            request_record(row.ct, meta, case_settings, seg, None, diagnosis[0])):
                 status.append({"subject": row.subject, "status": "done earlier", "message": ""})
                 continue
             note = "redone: its earlier results came from another CT, model or settings"

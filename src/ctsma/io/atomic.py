@@ -266,12 +266,29 @@ def input_stamp(path) -> dict | None:
     if not path:
         return None
     p = Path(path)
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not _junk(f.name)) \
+        if p.is_dir() else []
     if not files:
         return None
     stats = [f.stat() for f in files]
     return {"bytes": sum(st.st_size for st in stats), "mtime_ns": max(st.st_mtime_ns for st in stats),
             "files": len(files)}
+
+
+def _junk(name: str) -> bool:
+    """Files a file manager or another system puts in a folder, which no reader uses: hidden files (.DS_Store),
+    Thumbs.db, desktop.ini."""
+    return name.startswith(".") or name.lower() in ("thumbs.db", "desktop.ini")
+
+
+def same_request(recorded: dict | None, request: dict) -> bool:
+    """Whether a finished run's recorded request is ``request``. A record from before input stamps were recorded
+    (no ``stamps``) is compared without them, so an upgrade does not redo every finished case."""
+    if recorded is None:
+        return False
+    if "stamps" not in recorded:
+        request = {k: v for k, v in request.items() if k != "stamps"}
+    return recorded == request
 
 
 def recorded_request(marker: str | os.PathLike) -> dict | None:

@@ -279,7 +279,9 @@ def measure_in_slabs(bone: np.ndarray, roi: np.ndarray, spacing_zyx, *, conventi
     """
     from .parameters import _crop_to, _histogram, describe_run, spacing_parameters
 
-    sp = tuple(float(s) for s in spacing_zyx)
+    from .validate import check_spacing
+
+    sp = check_spacing(spacing_zyx)  # near-equal spacings made equal, as on the whole image
     su, unit = unit_spacing(sp)  # the local thickness's grid (mm / unit)
     if slab_budget is None and slab_planes is None:
         raise ValueError("give slab_budget or slab_planes")

@@ -37,13 +37,19 @@ def _snap_equal(sp: tuple) -> tuple:
     the rounding of a file header (NIfTI stores float32; DICOM slice positions are rounded) would decide those ties
     one way on one axis and the other way on the next, and move Tb.Th by up to about 1 % between two copies of
     the same image. The change of scale is at most 1e-5, far below any measurement's precision."""
+    order = sorted(range(len(sp)), key=lambda i: sp[i])
+    clusters = [[order[0]]]
+    for i in order[1:]:  # single linkage over the sorted values: one cluster, one mean, whatever the order
+        if sp[i] - sp[clusters[-1][-1]] <= SNAP_RELATIVE * sp[clusters[-1][-1]]:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
     out = list(sp)
-    for i in range(3):
-        group = [j for j in range(3) if abs(sp[j] - sp[i]) <= SNAP_RELATIVE * sp[i]]
-        if len(group) > 1:
-            mean = float(np.mean([sp[j] for j in group]))
-            for j in group:
-                out[j] = mean
+    for c in clusters:
+        if len(c) > 1:
+            mean = float(np.mean([sp[i] for i in c]))
+            for i in c:
+                out[i] = mean
     return tuple(out)
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 
 from .. import progress
 from ..errors import ConfigError, InputImageError, UserError
-from ..io.atomic import input_stamp, recorded_request, safe_join, to_jsonable, write_text
+from ..io.atomic import input_stamp, recorded_request, safe_join, same_request, to_jsonable, write_text
 from ..processes import worker_pool
 
 _WORKER: dict = {}
@@ -87,10 +87,16 @@ def _init_worker(model_path: str | None, threads: int) -> None:
     _WORKER["model"] = SynthesisModel.load(model_path) if model_path else None
 
 
+OWNER_MARKER = ".ctsma-register"  # written into a folder before the first registration into it, never removed
+
+
 def _check_not_foreign(out: Path) -> None:
-    """Refuse an output folder holding a transform that no ``ctsma register`` run wrote (no ``qa.json`` beside
-    it), e.g. a phantom's true ``transform_ct_to_mr.h5``: the run would replace it."""
-    if (out / "transform_ct_to_mr.h5").is_file() and not (out / "qa.json").is_file():
+    """Refuse an output folder holding a transform that no ``ctsma register`` run wrote (neither ``qa.json`` nor
+    :data:`OWNER_MARKER` beside it), e.g. a phantom's true ``transform_ct_to_mr.h5``: the run would replace it.
+    :func:`register_files` marks the folder before it moves its files in, so that a rerun killed while moving them
+    (its ``qa.json`` removed first) is not refused afterwards."""
+    if (out / "transform_ct_to_mr.h5").is_file() and not (out / "qa.json").is_file() \
+            and not (out / OWNER_MARKER).is_file():
         raise UserError(f"{out} already holds a transform_ct_to_mr.h5 that no 'ctsma register' run wrote (there is "
                         "no qa.json beside it; the folder of a phantom knee or of your own data?); registering into "
                         "it would replace that file: choose another --out")
@@ -122,9 +128,12 @@ def register_files(mr_path: str, ct_path: str, out_dir: str | Path, *, preset, m
         warnings.warn(f"{problem}: the bones do not overlap after registration, so this pair is not usable (check "
                       "both images' orientation in their headers, and that they show the same knee); the outputs are "
                       "written for inspection, and 'ctsma dataset build' leaves the pair out", stacklevel=2)
-    extra = {"inputs": {"mr": str(mr_path), "ct": str(ct_path)}, "qa_problem": problem}
+    extra = {"inputs": {"mr": str(mr_path), "ct": str(ct_path),
+                        "stamps": {"mr": input_stamp(mr_path), "ct": input_stamp(ct_path)}}, "qa_problem": problem}
     if request is not None:
         extra["request"] = request
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / OWNER_MARKER).touch()
     return write_outputs(result, mr, ct, out_dir, extra_qa=extra)
 
 
@@ -209,7 +218,7 @@ def run_cohorts(cohorts: Sequence[Cohort], *, model_path: str | None = None, job
             request = cohort_request(row, c.preset, model_path)
             note = ""
             if (target / "qa.json").is_file():
-                if recorded_request(target / "qa.json") == request:  # its QA as it was, not blanks
+                if same_request(recorded_request(target / "qa.json"), request):  # its QA as it was, not blanks
                     records[k].append(_qa_record(_read_qa(target / "qa.json"), row["subject"],
                                                  "skipped (done before)", 0.0, 0, ""))
                     continue

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+EXIT_QA_FAILED = 3
+"""Exit code of ``ctsma register MR CT`` for a pair registered and written that failed the QA: not 0 (scripts must
+notice), and not 1 or 2 (errors, nothing written), so that the Slicer module still loads the outputs to look at."""
+
 MIN_BONE_DICE = 0.6
 """Least femur and tibia Dice of a registration that passes. A pair whose bones miss each other this much (an MR
 with a flipped header, another knee, the wrong side) is unusable; correct pairs reach 0.9 and more on the phantom."""
