@@ -151,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         _remove_if_empty(new_root)  # a defect: its traceback is shown, but no empty folder is left
         raise
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt:
         _remove_if_empty(new_root)
-        # (Lightning turns the signal's exception into its own interrupt: the handler's flag still tells)
-        terminated = isinstance(exc, Terminated) or _SIGTERM_SEEN[0]
+        # the handler's flag, not the exception: Lightning turns the signal's exception into its own interrupt
+        terminated = _SIGTERM_SEEN[0]
         how = "terminated (SIGTERM)" if terminated else "interrupted"
         rest = "a rerun resumes" if args.command in RESUMING else "a rerun starts again"
         print(f"ctsma {args.command}: {how}; nothing half-written is left, outputs finished before are kept, and "

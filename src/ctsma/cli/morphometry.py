@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
             wmaps = sliding_window_maps(bone, spacing_zyx, args.window, args.stride, mask,
                                         convention=args.convention, thickness_maps=maps)
             (stage / "maps").mkdir()
-            for key, arr_map in {**_defined(wmaps), "valid": np.isfinite(wmaps["BV/TV"])}.items():
+            for key, arr_map in _as_written(wmaps).items():
                 name = VALID_MAP if key == "valid" else f"maps/{PARAMETER_FILE_NAMES[key]}.nii.gz"
                 write_image(map_to_image(arr_map, img, args.stride, args.window), stage / name)  # float32
                 files[key] = name
@@ -244,10 +244,10 @@ def _mask_of_label(labels, label: int | None, path: str):
     return labels != 0
 
 
-def _defined(wmaps: dict) -> dict:
-    """The sliding-window maps with their undefined (NaN) windows written as 0 (see VALID_MAP)."""
+def _as_written(wmaps: dict) -> dict:
+    """The sliding-window maps as the files hold them: undefined (NaN) windows as 0, and ``valid`` (see VALID_MAP)."""
     import numpy as np
-    return {k: np.nan_to_num(v, nan=0.0) for k, v in wmaps.items()}
+    return {**{k: np.nan_to_num(v, nan=0.0) for k, v in wmaps.items()}, "valid": np.isfinite(wmaps["BV/TV"])}
 
 
 def _finish(args, res: dict, info: dict, files: dict, stage) -> None:
@@ -331,6 +331,6 @@ def _measure_in_slabs(args, bone, mask, spacing_zyx, geom, plan, threads, out):
                 files[key] = fname
             for _, _, chunk_maps in sliding_window_chunks(bone, spacing_zyx, args.window, args.stride, roi,
                                                           thickness_maps=keep.maps, z_chunk=chunk):
-                for key, arr_map in {**_defined(chunk_maps), "valid": np.isfinite(chunk_maps["BV/TV"])}.items():
+                for key, arr_map in _as_written(chunk_maps).items():
                     wwriters[key].write(arr_map.astype(np.float32))
     return res, files

@@ -156,13 +156,15 @@ QA_FAILED = "qa failed"  # registered and written, but the bones do not overlap:
 SUMMARY_COLUMNS = ["subject", "status", "seconds", "bone_dice_mean", "rejected_stages", "warnings", "error", "note"]
 
 
-def _qa_record(qa: dict, subject: str, status: str, seconds: float, warnings_: int, note: str) -> dict:
-    """A summary row from a pair's QA record (a pair failing the QA gets that status and its reason)."""
+def _qa_record(qa: dict, subject: str, status: str, seconds: float, warnings_: int, note: str,
+               error: str = "") -> dict:
+    """A summary row from a pair's QA record (a pair failing the QA gets that status and its reason; a pair with no
+    QA record, ``{}``, blanks)."""
     problem = qa.get("qa_problem")
     return {"subject": subject, "status": QA_FAILED if problem else status, "seconds": seconds,
             "bone_dice_mean": (qa.get("bone_dice") or {}).get("mean"),
             "rejected_stages": ";".join(s["name"] for s in qa.get("stages", []) if not s.get("kept", True)),
-            "warnings": warnings_, "error": problem or "", "note": note}
+            "warnings": warnings_, "error": problem or error, "note": note}
 
 
 def _run_one(row: dict, out_dir: str, preset, request: dict | None = None, note: str = "") -> dict:
@@ -175,8 +177,7 @@ def _run_one(row: dict, out_dir: str, preset, request: dict | None = None, note:
                                 request=request)
         return _qa_record(qa, row["subject"], "done", round(time.perf_counter() - t0, 2), len(caught), note)
     except UserError as exc:
-        return {"subject": row["subject"], "status": "failed", "seconds": round(time.perf_counter() - t0, 2),
-                "bone_dice_mean": None, "rejected_stages": "", "warnings": 0, "error": str(exc), "note": note}
+        return _qa_record({}, row["subject"], "failed", round(time.perf_counter() - t0, 2), 0, note, error=str(exc))
 
 
 @dataclass
@@ -233,8 +234,7 @@ def run_cohorts(cohorts: Sequence[Cohort], *, model_path: str | None = None, job
     finally:  # an interrupted run still leaves a summary of this run: the pairs it did not reach say so
         for k, j, row, *_rest in todo:
             if records[k][j] is None:
-                records[k][j] = {"subject": row["subject"], "status": "not run (the run stopped)", "seconds": 0.0,
-                                 "bone_dice_mean": None, "rejected_stages": "", "warnings": 0, "error": "", "note": ""}
+                records[k][j] = _qa_record({}, row["subject"], "not run (the run stopped)", 0.0, 0, "")
         for c, recs in zip(cohorts, records):
             summary = pd.DataFrame(recs, columns=SUMMARY_COLUMNS)
             i, n = c.shard
