@@ -136,6 +136,35 @@ def test_evaluate_writes_contract_metrics(trained, tmp_path):
     assert (tmp_path / "plots" / "bland_altman_vs_truth.png").stat().st_size > 1000
 
 
+def test_a_rerun_of_evaluate_leaves_nothing_of_the_earlier_run(trained, tmp_path):
+    """A rerun with fewer models (no baseline: no gain) and no plots must not keep the earlier run's gain or plots,
+    which described other models; other commands' blocks stay."""
+    import dataclasses
+    import shutil
+
+    from ctsma.evaluation.regression import evaluate
+
+    cfg, run, _ = trained
+    out = tmp_path / "eval"
+    evaluate(cfg, out)
+    assert "distillation_gain" in json.loads((out / "metrics.json").read_text())
+    m = json.loads((out / "metrics.json").read_text())
+    m["diagnosis"] = {"kept": True}
+    (out / "metrics.json").write_text(json.dumps(m))
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for role in ("teacher", "student_distilled"):
+        shutil.copy(run / f"{role}.safetensors", fewer)
+    cfg2 = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(fewer)),
+                               evaluate=dataclasses.replace(cfg.evaluate, plots=False))
+    evaluate(cfg2, out)
+    m = json.loads((out / "metrics.json").read_text())
+    assert "distillation_gain" not in m and "distillation_gain_vs_truth" not in m
+    assert set(m["regression"]) == {"teacher", "student_distilled", "ct_direct"}
+    assert m["diagnosis"] == {"kept": True}
+    assert not list((out / "plots").glob("*.png"))
+
+
 def test_no_validation_patients_is_a_clear_error(store, tmp_path):
     cfg = load_train_config(tiny(store.dir, tmp_path, data={"val_fraction": 0.0}))
     with pytest.raises(UserError, match="no validation patients"):

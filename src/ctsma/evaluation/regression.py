@@ -212,6 +212,13 @@ def patch_ids(store: PatchStore, idx: np.ndarray) -> dict:
             "roi": t["roi"].astype(str).to_numpy(), **{c: t[c].to_numpy(float) for c in ("rel_x", "rel_y", "rel_z")}}
 
 
+REGRESSION_KEYS = ("regression", "regression_vs_truth", "distillation_gain", "distillation_gain_vs_truth",
+                   "ablations", "regression_info")
+"""The blocks of ``metrics.json`` that ``evaluate`` writes: a rerun replaces all of them (one it does not write again,
+e.g. the gain when a student is missing now, would describe other models), and keeps other commands' blocks."""
+PLOT_FILES = tuple(f"{kind}{suffix}.png" for kind in ("scatter", "bland_altman") for suffix in ("", "_vs_truth"))
+
+
 def write_outputs(out_dir: Path, result: dict, ref, truth, preds: dict, ids: dict, *, plots: bool = True) -> None:
     """metrics.json (merged into an existing one: other keys kept), tables, predictions (one row per patch, first
     the columns of :func:`patch_ids`), plots."""
@@ -219,7 +226,7 @@ def write_outputs(out_dir: Path, result: dict, ref, truth, preds: dict, ids: dic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     merge_json(out_dir / "metrics.json", result,  # a rerun's optional blocks go, other commands' blocks stay
-               drop=("regression_vs_truth", "distillation_gain_vs_truth", "ablations"))
+               drop=REGRESSION_KEYS)
     rows = []
     for block_name in ("regression", "regression_vs_truth"):
         for source, block in result.get(block_name, {}).items():
@@ -244,10 +251,15 @@ def write_outputs(out_dir: Path, result: dict, ref, truth, preds: dict, ids: dic
             pred[f"{s}_{p}"] = v[:, j]
     with atomic_path(out_dir / "regression_predictions.csv") as tmp:
         pd.DataFrame(pred).to_csv(tmp, index=False)
+    written = []
     if plots:
-        plot_agreement(out_dir / "plots", ref, preds, "MR reference")
+        written += plot_agreement(out_dir / "plots", ref, preds, "MR reference")
         if truth is not None:
-            plot_agreement(out_dir / "plots", truth, preds, "truth", suffix="_vs_truth")
+            written += plot_agreement(out_dir / "plots", truth, preds, "truth", suffix="_vs_truth")
+    for name in PLOT_FILES:  # an earlier run's plots that this run does not draw would show other models or data
+        old = out_dir / "plots" / name
+        if old not in written and old.is_file():
+            old.unlink()
 
 
 def _f(v, nd=3):
@@ -280,9 +292,9 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_agreement(folder: Path, ref: np.ndarray, preds: dict, ref_name: str, suffix: str = "") -> None:
+def plot_agreement(folder: Path, ref: np.ndarray, preds: dict, ref_name: str, suffix: str = "") -> list[Path]:
     """``scatter{suffix}.png`` (prediction vs reference, identity line) and ``bland_altman{suffix}.png``
-    (difference vs mean, bias and 95 % limits): one row per source, one column per parameter."""
+    (difference vs mean, bias and 95 % limits): one row per source, one column per parameter. Returns the files."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -290,6 +302,7 @@ def plot_agreement(folder: Path, ref: np.ndarray, preds: dict, ref_name: str, su
 
     folder.mkdir(parents=True, exist_ok=True)
     sources = list(preds)
+    files = []
     for kind in ("scatter", "bland_altman"):
         fig, axes = plt.subplots(len(sources), 4, figsize=(13, 2.7 * len(sources)), squeeze=False)
         for i, s in enumerate(sources):
@@ -319,6 +332,8 @@ def plot_agreement(folder: Path, ref: np.ndarray, preds: dict, ref_name: str, su
         with atomic_path(folder / f"{kind}{suffix}.png") as tmp:
             fig.savefig(tmp, dpi=80)
         plt.close(fig)
+        files.append(folder / f"{kind}{suffix}.png")
+    return files
 
 
 __all__ = ["evaluate", "agreement_block", "distillation_gain", "ct_direct", "SOURCES"]
