@@ -283,6 +283,18 @@ def test_killed_run_resumes_to_the_uninterrupted_result(store, tmp_path):
     np.testing.assert_allclose(la.groupby("epoch")["val_loss"].last().to_numpy(), lb["val_loss"].to_numpy(), rtol=1e-5)
 
 
+def test_resume_of_a_finished_run_keeps_its_log(store, tmp_path):
+    """--resume after the last epoch (e.g. killed while the model file was written) trains nothing and exports
+    again; the epoch log and the best epoch recorded from it stay (Lightning's logger removed the file)."""
+    cfg = load_train_config(tiny(store.dir, tmp_path, optim={"max_epochs": 2}))
+    first = load_model(train("baseline", cfg))[1]
+    log = tmp_path / "student_baseline" / "logs" / "metrics.csv"
+    before = pd.read_csv(log)
+    again = load_model(train("baseline", cfg, resume=True))[1]
+    pd.testing.assert_frame_equal(pd.read_csv(log), before)
+    assert again["metrics"]["best_epoch"] == first["metrics"]["best_epoch"] is not None
+
+
 def test_resume_without_checkpoint_and_cli_errors(store, tmp_path, capsys):
     from ctsma.cli.main import main
 

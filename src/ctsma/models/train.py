@@ -267,10 +267,13 @@ def _prepend_log(path: Path, before) -> None:
     from ..io.atomic import atomic_path
 
     after = _read_csv(path)
-    if after is None or "epoch" not in after or "epoch" not in before:
+    if after is None:  # nothing logged (a resume of a finished run): Lightning's logger has removed the file
+        merged = before
+    elif "epoch" not in after or "epoch" not in before:
         return
-    first = after["epoch"].min()
-    merged = pd.concat([before[before["epoch"] < first], after], ignore_index=True)
+    else:
+        first = after["epoch"].min()
+        merged = pd.concat([before[before["epoch"] < first], after], ignore_index=True)
     with atomic_path(path) as tmp:
         merged.to_csv(tmp, index=False)
 
