@@ -242,6 +242,27 @@ def test_ctrl_c_in_training_reaches_the_caller_as_an_interrupt(store, tmp_path):
     assert list(tmp_path.rglob("last.ckpt"))
 
 
+def test_an_interrupted_training_says_to_resume_with_the_flag(store, tmp_path, monkeypatch, capsys):
+    """A plain rerun of 'ctsma train' starts again and deletes the run: the interrupt message must name --resume
+    (it said "a rerun resumes", as for the commands that do)."""
+    import importlib
+
+    from ctsma.cli.main import main
+
+    T = importlib.import_module("ctsma.models.train")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "train", interrupted)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  max_epochs: 2\n")
+    assert main(["train", "baseline", "--config", str(cfg), "--store", str(store.dir), "--out",
+                 str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "--resume" in err and "a rerun resumes" not in err
+
+
 KILL = """
 import json, os, signal, sys
 import pytorch_lightning as pl

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         # the handler's flag, not the exception: Lightning turns the signal's exception into its own interrupt
         terminated = _SIGTERM_SEEN[0]
         how = "terminated (SIGTERM)" if terminated else "interrupted"
-        rest = "a rerun resumes" if args.command in RESUMING else "a rerun starts again"
+        rest = RESUMING.get(args.command, "a rerun starts again")
         print(f"ctsma {args.command}: {how}; nothing half-written is left, outputs finished before are kept, and "
               f"{rest}", file=sys.stderr)
         return 143 if terminated else 130
@@ -166,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     return int(rc or 0)
 
 
-RESUMING = ("phantom", "register", "dataset", "train", "infer", "demo")  # commands whose rerun goes on from there
+# commands whose rerun goes on from there, and how
+RESUMING = {**dict.fromkeys(("phantom", "register", "dataset", "infer", "demo"), "a rerun resumes"),
+            "train": "'ctsma train ... --resume' goes on from the last finished epoch (a rerun without --resume "
+                     "starts again and replaces this run)"}
 
 
 class Terminated(KeyboardInterrupt):
