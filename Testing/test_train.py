@@ -316,6 +316,25 @@ def test_resume_of_a_finished_run_keeps_its_log(store, tmp_path):
     assert again["metrics"]["best_epoch"] == first["metrics"]["best_epoch"] is not None
 
 
+def test_resume_with_other_settings_or_another_split_is_refused(store, tmp_path):
+    """--resume went on silently with another fold, learning rate or epoch count: the model then held epochs of two
+    runs under the metadata of the second (another fold's test patients in its weights, undetectable by evaluate),
+    and fewer epochs than the checkpoint's was a Lightning traceback."""
+    from ctsma.errors import ConfigError
+
+    train("baseline", load_train_config(tiny(store.dir, tmp_path, optim={"max_epochs": 2})))
+    ckpt = tmp_path / "student_baseline" / "checkpoints" / "last.ckpt"
+    before = ckpt.read_bytes()
+    for over, said in (({"data": {"k_folds": 3, "fold": 1}}, r"\(the patient split [^;]*\)"),
+                       ({"optim": {"max_epochs": 2, "lr": 0.1}}, r"\(optim.lr 0.01 -> 0.1\)"),
+                       ({"optim": {"max_epochs": 1}}, r"\(optim.max_epochs 2 -> 1\)"),
+                       ({"trainer": {"seed": 3}}, r"\(trainer.seed 0 -> 3\)")):
+        over = {"optim": {"max_epochs": 2}, **over}
+        with pytest.raises(ConfigError, match=said):
+            train("baseline", load_train_config(tiny(store.dir, tmp_path, **over)), resume=True)
+    assert ckpt.read_bytes() == before  # refused before anything was written
+
+
 def test_resume_without_checkpoint_and_cli_errors(store, tmp_path, capsys):
     from ctsma.cli.main import main
 

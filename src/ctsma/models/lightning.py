@@ -102,6 +102,11 @@ class RegressionModule(pl.LightningModule):
             self.distill = FeatureDistillation(self.net.feature_shapes(), self.teacher.feature_shapes(),
                                                distill["stages"], distill["weights"], distill["loss"])
         self._val = []
+        self.run_record: dict | None = None  # what defines the run (models/train.py), kept in every checkpoint
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_record is not None:
+            checkpoint["ctsma_run"] = self.run_record
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -150,6 +150,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     module = RegressionModule(role, arch, optim, to_dict(cfg.distill), teacher_arch, dm.y_sd.tolist())
     if teacher_tensors is not None:
         module.teacher.load_state_dict(teacher_tensors)
+    module.run_record = _run_record(cfg, role, dm, optim, teacher_meta)
     if resume:
         _check_resumable(last, module)
     precision = _precision(cfg)
@@ -239,19 +240,66 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     return model_file
 
 
+def _run_record(cfg: TrainConfig, role: str, dm, optim: dict, teacher_meta: dict | None) -> dict:
+    """The settings and data that define a run (not its paths, hardware or logging): ``--resume`` goes on only when
+    the checkpoint's record is the same, so that a model never holds epochs of two runs (another split's patients,
+    another schedule) under the metadata of one."""
+    c = to_dict(cfg)
+    net = "teacher_net" if role == "teacher" else "student_net"
+    rec = {"data": {k: c["data"][k] for k in ("target", "masks", "augment", "batch_size")}, net: c[net],
+           "optim": dict(optim), "trainer": {"seed": cfg.trainer.seed},
+           "split": {k: [str(s) for s in v] for k, v in dm.split.subjects.items()},
+           "patches": {"train": int(len(dm.split.train)), "val": int(len(dm.split.val))}}
+    if role == "student_distilled":
+        rec["distill"] = {k: v for k, v in c["distill"].items() if k != "teacher"}
+        rec["teacher_sha256"] = teacher_meta.get("_sha256") if teacher_meta else None
+    return rec
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("split", "patches"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _record_changes(old: dict, new: dict) -> list[str]:
+    """What differs between a checkpoint's run record and this run's, in words."""
+    a, b = _flat(old), _flat(new)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if "split" in keys and "patches" in keys:
+        keys.remove("patches")  # another split has other patches: say the cause once
+    words = {"split": "the patient split (another store, or data.k_folds/fold/split settings)",
+             "patches": "the store's patches (another store)",
+             "teacher_sha256": "the teacher (its file changed since the run started)"}
+    return [words.get(k) or f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+
+
 def _check_resumable(ckpt: Path, module) -> None:
     """Refuse, before anything is written, a checkpoint whose weights do not fit the network this config builds
-    (e.g. ``--resume`` after changing ``widths`` or ``stem``), which Lightning would report as a traceback."""
+    (e.g. ``--resume`` after changing ``widths`` or ``stem``), which Lightning would report as a traceback, and one
+    of a run with other settings, split or teacher (see :func:`_run_record`; checkpoints of earlier versions have no
+    record)."""
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True).get("state_dict", {})
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # truncated or damaged
         raise ModelFileError(f"--resume: checkpoint {ckpt} is damaged ({str(exc).splitlines()[0][:120]}); train "
                              "anew without --resume") from None
+    state = saved.get("state_dict", {})
     mine = module.state_dict()
     if set(state) != set(mine) or any(tuple(state[k].shape) != tuple(v.shape) for k, v in mine.items()):
         raise ConfigError(f"--resume: {ckpt} holds another network than this config describes (were teacher_net, "
                           "student_net or distill changed?); resume with the run's own settings, or train anew "
                           "without --resume")
+    old = saved.get("ctsma_run")
+    changes = _record_changes(old, module.run_record) if isinstance(old, dict) and module.run_record else []
+    if changes:
+        raise ConfigError(f"--resume: this run was started with other settings or data ({'; '.join(changes[:5])}"
+                          f"{'; ...' if len(changes) > 5 else ''}); resume with the run's own settings, or train "
+                          "anew without --resume")
 
 
 def _read_csv(path: Path):
