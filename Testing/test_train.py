@@ -476,6 +476,28 @@ def test_a_model_trained_on_a_test_patient_is_refused():
             check_held_out("m.safetensors", meta, ["P4", seen])
 
 
+def test_a_teacher_that_learnt_from_the_test_patients_is_refused(trained, store, tmp_path):
+    """distill.teacher naming another fold's teacher: the student learnt from the test patients through it, and
+    neither train nor evaluate (whose run folder may not hold that teacher) said so."""
+    from ctsma.errors import ModelFileError
+    from ctsma.evaluation.regression import check_held_out
+
+    _, run, _ = trained
+    folds = {"k_folds": 3, "fold": 1}
+    cfg = load_train_config(tiny(store.dir, tmp_path, data=folds,
+                                 distill={"teacher": str(run / "teacher.safetensors")}))
+    with pytest.raises(ModelFileError, match="teacher.safetensors was trained on .* of this run's test patients"):
+        train("student", cfg)
+    assert not any(tmp_path.iterdir())
+    meta = load_model(run / "student_distilled.safetensors")[1]  # its teacher's patients are recorded
+    teacher_meta = load_model(run / "teacher.safetensors")[1]
+    learnt = sorted(teacher_meta["training"]["split"]["train"] + teacher_meta["training"]["split"]["val"])
+    assert meta["training"]["teacher"]["learnt_from"] == learnt
+    meta["training"]["split"] = {"train": [], "val": []}  # the student's own split is clean: its teacher's is not
+    with pytest.raises(UserError, match="distilled from a teacher trained on 1 of the test patients"):
+        check_held_out("s.safetensors", meta, [learnt[0]])
+
+
 def test_demo_trainings_in_lanes_write_every_model(store, tmp_path):
     """The demo's lanes with real trainings: two folds' teacher, student and baseline, one worker process per fold
     (so each worker trains three models), every model file written and loadable, each student distilled from its

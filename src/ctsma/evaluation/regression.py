@@ -108,6 +108,11 @@ def check_held_out(path: Path, meta: dict, subjects) -> None:
     if leak:
         raise UserError(f"{Path(path).name} was trained on {len(leak)} of the test patients "
                         f"(e.g. {sorted(leak)[0]}): evaluate with the split used for training")
+    teacher = (meta.get("training") or {}).get("teacher") or {}
+    leak = set(subjects) & set(teacher.get("learnt_from") or [])
+    if leak:  # a distilled student learns from its teacher's patients too
+        raise UserError(f"{Path(path).name} was distilled from a teacher trained on {len(leak)} of the test patients "
+                        f"(e.g. {sorted(leak)[0]}): evaluate with the split used for training")
 
 
 def predict_sources(cfg, store: PatchStore, idx: np.ndarray, *, names: dict | None = None) -> tuple[dict, dict]:

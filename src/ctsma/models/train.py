@@ -142,6 +142,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
         if teacher_meta.get("target") != cfg.data.target:
             raise ModelFileError(f"teacher {tpath.name} was trained on target '{teacher_meta.get('target')}', "
                                  f"this run uses '{cfg.data.target}'")
+        _check_teacher_held_out(tpath, teacher_meta, dm.split.subjects["test"])
         teacher_arch = teacher_meta["arch"]
         teacher_tensors = teacher_model.net.state_dict()
     optim = to_dict(cfg.optim)
@@ -219,7 +220,8 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
                 "n_val_patches": int(len(dm.split.val)), "config": to_dict(cfg), "seed": cfg.trainer.seed,
                 "seconds": round(time.time() - t0, 1), "hardware": _hardware(trainer, precision),
                 "teacher": (None if teacher_meta is None else {"file": str(teacher_path(cfg)),
-                                                              "sha256": teacher_meta.get("_sha256")})}
+                                                              "sha256": teacher_meta.get("_sha256"),
+                                                              "learnt_from": _learnt_from(teacher_meta)})}
     if role == "teacher":
         meta = build_meta(role, module.net, modality="mr", spacing_mm=store.attrs.get("mr_spacing_mm", 0.25),
                           extent_mm=store.attrs.get("extent_mm", 8.0), masks=cfg.data.masks, intensity_offset=0.0,
@@ -238,6 +240,22 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     progress.info(f"{role}: wrote {model_file} (validation MAE "
                   + ", ".join(f"{p} {metrics['val_mae'][p]:.4g}" for p in PARAMETERS) + ")")
     return model_file
+
+
+def _learnt_from(meta: dict) -> list[str]:
+    """The patients a model file was trained or validated on (its metadata's split)."""
+    split = (meta.get("training") or {}).get("split") or {}
+    return sorted({str(s) for part in ("train", "val") for s in split.get(part) or []})
+
+
+def _check_teacher_held_out(path: Path, meta: dict, test_subjects) -> None:
+    """Refuse a teacher that learnt from this run's test patients (e.g. ``distill.teacher`` of another fold): the
+    distilled student would carry what it learnt from them into its own evaluation."""
+    leak = set(_learnt_from(meta)) & {str(s) for s in test_subjects}
+    if leak:
+        raise ModelFileError(f"teacher {path.name} was trained on {len(leak)} of this run's test patients (e.g. "
+                             f"{sorted(leak)[0]}): a student distilled from it would learn from them; train the "
+                             "teacher with this run's split (data.k_folds/data.fold)")
 
 
 def _run_record(cfg: TrainConfig, role: str, dm, optim: dict, teacher_meta: dict | None) -> dict:
