@@ -402,6 +402,38 @@ def test_last_checkpoint_is_the_last_epoch_even_when_it_did_not_improve(store, t
         assert meta["metrics"]["exported"] == ("last epoch" if select == "last" else "best validation epoch")
 
 
+def test_a_run_folder_moved_before_resume_keeps_its_best_epoch(store, tmp_path):
+    """A run folder moved (or copied) between the interrupt and --resume: Lightning forgot the best validation score,
+    so the first validation after the resume became the "best" (the wrong epoch exported with select: best), and it
+    kept the best checkpoint's path in the old folder (a traceback once that folder is gone)."""
+    import shutil
+
+    import pytorch_lightning as pl
+    import torch
+
+    class Worse(pl.Callback):                 # the monitored value rises every epoch: epoch 0 stays the best
+        def on_validation_end(self, trainer, pl_module):
+            trainer.callback_metrics["val_loss"] = torch.tensor(float(trainer.current_epoch))
+
+    class CtrlC(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.current_epoch == 2:
+                raise KeyboardInterrupt
+
+    over = {"optim": {"max_epochs": 4, "select": "best"}}
+    with pytest.raises(KeyboardInterrupt):
+        train("baseline", load_train_config(tiny(store.dir, tmp_path / "a", **over)), callbacks=[Worse(), CtrlC()])
+    best = torch.load(tmp_path / "a" / "student_baseline" / "checkpoints" / "best.ckpt", map_location="cpu",
+                      weights_only=True)
+    assert best["epoch"] == 0
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    model_file = train("baseline", load_train_config(tiny(store.dir, tmp_path / "b", **over)), resume=True,
+                       callbacks=[Worse()])
+    weights, meta = load_model(model_file)
+    assert all(torch.equal(torch.as_tensor(weights[k]), best["state_dict"][f"net.{k}"]) for k in weights)
+    assert meta["metrics"]["exported"] == "best validation epoch"
+
+
 def test_validating_every_n_epochs_exports_the_same_model(store, tmp_path):
     """optim.val_every only skips monitoring: the training steps never read the BatchNorm running statistics nor
     the validation, and the last epoch is always validated (precise BatchNorm recomputed from scratch), so with

@@ -218,6 +218,27 @@ class PreciseBatchNorm(pl.Callback):
             self.recalibrate(pl_module.net, pl_module.device)
 
 
+class RunCheckpoint(pl.callbacks.ModelCheckpoint):
+    """Lightning's checkpoint callback, for a run folder that was moved or copied between a kill and ``--resume``:
+    Lightning then forgot the best validation score (so the first validation after the resume became the "best") and
+    kept the best checkpoint's path in the old folder (a traceback when that folder was gone, its file when not).
+    Here the recorded paths are moved into this run's checkpoint folder first."""
+
+    @property
+    def state_key(self) -> str:  # Lightning's own key, so that checkpoints of either class resume with the other
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old, new = state_dict.get("dirpath"), self.dirpath
+        if old and new and old != new:
+            def moved(v):
+                return new + v[len(old):] if isinstance(v, str) and (v == old or v.startswith(old + "/")
+                                                                     or v.startswith(old + "\\")) else v
+            state_dict = {k: ({moved(a): b for a, b in v.items()} if isinstance(v, dict) else moved(v))
+                          for k, v in state_dict.items()}
+        super().load_state_dict(state_dict)
+
+
 class ValidateLastEpoch(pl.Callback):
     """With validation every N epochs (``optim.val_every``), also validate after the last epoch: the exported model
     then always has the precise BatchNorm statistics of its own weights, and its validation loss is logged."""

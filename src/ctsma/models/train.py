@@ -90,10 +90,11 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     ``max_epochs`` overrides the config's; ``callbacks`` are extra Lightning callbacks (e.g. a GUI's).
     """
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+    from pytorch_lightning.callbacks import EarlyStopping, TQDMProgressBar
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-    from .lightning import JsonlProgress, PatchDataModule, PreciseBatchNorm, RegressionModule, ValidateLastEpoch
+    from .lightning import (JsonlProgress, PatchDataModule, PreciseBatchNorm, RegressionModule, RunCheckpoint,
+                            ValidateLastEpoch)
 
     if which not in ROLE_OF:
         raise UserError(f"unknown model '{which}'; train teacher, student or baseline")
@@ -160,11 +161,11 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
         shutil.rmtree(run_dir)  # a fresh run replaces this role's previous checkpoints and logs
     ensure_writable_dir(run_dir)  # a clear error for an unusable output folder
 
-    ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1,
+    ckpt_cb = RunCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1,
                               enable_version_counter=False)
     # the state after every epoch, for --resume. (Lightning's save_last=True writes last.ckpt only when the best
     # checkpoint changes, so a run killed after an epoch that did not improve would resume from an older state.)
-    last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False,
+    last_cb = RunCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False,
                               save_on_train_epoch_end=True)  # also after the epochs that optim.val_every skips
     extra = list(callbacks or [])
     callbacks = [ckpt_cb, last_cb, JsonlProgress(run_dir / "progress.jsonl", role, optim["max_epochs"])] + extra
