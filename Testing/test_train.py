@@ -530,6 +530,24 @@ def test_a_teacher_that_learnt_from_the_test_patients_is_refused(trained, store,
         check_held_out("s.safetensors", meta, [learnt[0]])
 
 
+def test_the_student_reads_the_teacher_of_its_own_output_name(store, tmp_path):
+    """output.name=_v2 wrote teacher_v2.safetensors, but the student of the same settings looked for (and silently
+    used, when an earlier run had left one) teacher.safetensors; an ablation still reads its base run's teacher."""
+    from ctsma.models.config import variant
+    from ctsma.models.train import teacher_path
+
+    cfg = load_train_config(tiny(store.dir, tmp_path, output={"name": "_v2"}))
+    assert teacher_path(cfg) == tmp_path / "teacher_v2.safetensors"
+    base = load_train_config(tiny(store.dir, tmp_path))
+    for c, teacher in ((base, "teacher.safetensors"), (cfg, "teacher_v2.safetensors")):
+        ablation = {"name": "w3", "distill": {"weights": [3.0, 3.0, 3.0]}}
+        v = variant(c, ablation)
+        assert teacher_path(v) == tmp_path / teacher and v.output.name == "_w3"
+        assert ablation == {"name": "w3", "distill": {"weights": [3.0, 3.0, 3.0]}}  # reported as written
+    own = variant(base, {"name": "other", "distill": {"teacher": str(tmp_path / "x.safetensors")}})
+    assert teacher_path(own) == tmp_path / "x.safetensors"
+
+
 def test_demo_trainings_in_lanes_write_every_model(store, tmp_path):
     """The demo's lanes with real trainings: two folds' teacher, student and baseline, one worker process per fold
     (so each worker trains three models), every model file written and loadable, each student distilled from its

@@ -53,7 +53,7 @@ class DistillConfig:
                         help="l1/mse on per-sample normalised features (after an adapter), or attention transfer")
     regression_weight: float = setting(1.0, lo=0.0, hi=1e6)
     output_weight: float = setting(0.0, lo=0.0, hi=1e6, help="weight of matching the teacher's predictions")
-    teacher: str = setting("", help="teacher model file; empty: <output.dir>/teacher.safetensors")
+    teacher: str = setting("", help="teacher model file; empty: <output.dir>/teacher<output.name>.safetensors")
 
 
 @dataclass
@@ -96,7 +96,8 @@ class TrainerConfig:
 @dataclass
 class OutputConfig:
     dir: str = setting("ctsma_models", help="run folder: checkpoints, logs, model files")
-    name: str = setting("", help="model file stem suffix, e.g. for ablations (teacher{name}.safetensors)")
+    name: str = setting("", help="model file stem suffix, e.g. for ablations (teacher{name}.safetensors; the "
+                                 "distilled student reads the teacher of the same suffix)")
 
 
 @dataclass
@@ -156,9 +157,14 @@ def variant(cfg: TrainConfig, ablation: dict) -> TrainConfig:
     import dataclasses
 
     from ..config import to_dict
+    from .train import teacher_path
+
     base = to_dict(cfg)
     over = {k: v for k, v in ablation.items() if k != "name"}
     over["output"] = {"name": f"_{ablation['name']}"}
+    if not (over.get("distill") or {}).get("teacher"):  # the base run's teacher, not one of the variant's name
+        over["distill"] = {**(over.get("distill") or {}), "teacher": str(teacher_path(cfg))}  # a copy: the
+        # ablation's own overrides are reported as written
     new = load_train_config(base, overrides=over)
     return dataclasses.replace(new, base_dir=cfg.base_dir)
 

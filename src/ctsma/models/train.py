@@ -44,9 +44,11 @@ def run_paths(cfg: TrainConfig, role: str) -> tuple[Path, Path]:
 
 
 def teacher_path(cfg: TrainConfig) -> Path:
+    """``distill.teacher``, else the run's own teacher: ``<output.dir>/teacher<output.name>.safetensors``, the file
+    that ``ctsma train teacher`` writes with the same settings (an ablation names its base run's teacher)."""
     if cfg.distill.teacher:
         return resolve(cfg, cfg.distill.teacher)
-    return resolve(cfg, cfg.output.dir) / "teacher.safetensors"
+    return run_paths(cfg, "teacher")[1]
 
 
 def open_store(cfg: TrainConfig, store: PatchStore | None = None) -> PatchStore:
