@@ -254,6 +254,9 @@ def test_ablation_variant_config():
     assert teacher_path(v) == teacher_path(cfg)  # variants share the teacher
     with pytest.raises(ConfigError, match="ablations"):
         load_train_config({"evaluate": {"ablations": [{"name": "x", "trainer": {"seed": 1}}]}})
+    # two variants of one name wrote one model file and one result: the second replaced the first silently
+    with pytest.raises(ConfigError, match=r"ablations\[1\]: the name 's3' is used twice"):
+        load_train_config({"evaluate": {"ablations": [{"name": "s3"}, {"name": "s3", "optim": {"lr": 0.01}}]}})
 
 
 def test_group_norm_variant_rebuilds_from_its_arch():

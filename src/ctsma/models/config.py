@@ -149,6 +149,9 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         unknown = sorted(set(a) - {"name", "distill", "optim"})
         if unknown:
             raise ConfigError(f"evaluate.ablations[{i}]: unknown key(s) {unknown} (allowed: name, distill, optim)")
+        if a["name"] in [b.get("name") for b in cfg.evaluate.ablations[:i] if isinstance(b, dict)]:
+            raise ConfigError(f"evaluate.ablations[{i}]: the name '{a['name']}' is used twice (each variant's model "
+                              "file and result are named by it)")
     return cfg
 
 
