@@ -506,6 +506,8 @@ def test_a_model_trained_on_a_test_patient_is_refused():
     for seen in ("P2", "P3"):  # training and validation patients are both refused
         with pytest.raises(UserError, match="m.safetensors was trained on 1 of the test patients"):
             check_held_out("m.safetensors", meta, ["P4", seen])
+    with pytest.warns(UserWarning, match="records no training patients"):  # another tool's file: cannot tell
+        check_held_out("m.safetensors", {"training": {}}, ["P4"])
 
 
 def test_a_teacher_that_learnt_from_the_test_patients_is_refused(trained, store, tmp_path):
@@ -525,7 +527,7 @@ def test_a_teacher_that_learnt_from_the_test_patients_is_refused(trained, store,
     teacher_meta = load_model(run / "teacher.safetensors")[1]
     learnt = sorted(teacher_meta["training"]["split"]["train"] + teacher_meta["training"]["split"]["val"])
     assert meta["training"]["teacher"]["learnt_from"] == learnt
-    meta["training"]["split"] = {"train": [], "val": []}  # the student's own split is clean: its teacher's is not
+    meta["training"]["split"] = {"train": ["P_other"], "val": []}  # the student's own split is clean: its teacher's is not
     with pytest.raises(UserError, match="distilled from a teacher trained on 1 of the test patients"):
         check_held_out("s.safetensors", meta, [learnt[0]])
 
