@@ -313,3 +313,45 @@ def test_cross_validations_in_parallel_processes_give_the_same_results(cohort, t
     assert model.cv_metrics == {m: v for m, v in b1["student_distilled/mlp"].items()
                                 if m not in ("seconds", "config", "auc_diff_vs_student_baseline",
                                              "auc_diff_ci_vs_student_baseline", "p_auc_vs_student_baseline")}
+
+
+def _cli():
+    import ctsma.cli.main as climain
+
+    return climain
+
+
+def test_predict_with_a_model_trained_without_severity_labels(cohort, tmp_path, capsys):
+    """Labels without a severity column make a model whose cross-validated severity MAE is null: predict and train
+    said so instead of failing on it (a TypeError traceback) or printing 'nan'."""
+    climain = _cli()
+    table, labels = cohort
+    table.to_csv(tmp_path / "p.csv", index=False)
+    labels[["subject", "oa"]].to_csv(tmp_path / "labels.csv", index=False)
+    model = tmp_path / "m.safetensors"
+    assert climain.main(["diagnose", "train", "--patches", str(tmp_path / "p.csv"), "--labels",
+                         str(tmp_path / "labels.csv"), "--aggregator", "logistic", "--folds", "4",
+                         "--out", str(model)]) == 0
+    assert "no severity labels" in capsys.readouterr().err
+    assert climain.main(["diagnose", "predict", "--model", str(model), "--patches", str(tmp_path / "p.csv"),
+                         "--out", str(tmp_path / "pred.csv")]) == 0
+    shown = capsys.readouterr().out
+    assert "cross-validated AUC" in shown and "no severity labels" in shown and "nan" not in shown
+    assert len(json.loads((tmp_path / "pred.json").read_text())["predictions"]) == 40
+
+
+def test_evaluate_rerun_with_fewer_aggregators_leaves_no_stale_roc_figure(cohort, tmp_path):
+    climain = _cli()
+    table, labels = cohort
+    table.to_csv(tmp_path / "p.csv", index=False)
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    out = tmp_path / "ev"
+    args = ["--quiet", "diagnose", "evaluate", "--patches", str(tmp_path / "p.csv"), "--labels",
+            str(tmp_path / "labels.csv"), "--folds", "4", "--out", str(out)]
+    assert climain.main(args + ["--aggregators", "logistic,mlp"]) == 0
+    assert (out / "roc_mlp.png").is_file()
+    (out / "roc_notes.png").write_bytes(b"\x89PNG mine")  # a user's own file is kept
+    assert climain.main(args + ["--aggregators", "logistic"]) == 0
+    assert set(json.loads((out / "metrics.json").read_text())["diagnosis"]) == {"input/logistic"}
+    assert not (out / "roc_mlp.png").exists()  # its curves are no longer in metrics.json or the table
+    assert (out / "roc_logistic.png").is_file() and (out / "roc_notes.png").is_file()

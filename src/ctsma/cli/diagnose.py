@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..errors import UserError
@@ -89,10 +90,27 @@ def _train(args) -> int:
     diagnosis.save(model, args.out)
     cv = model.cv_metrics
     if cv:
-        info(f"{args.aggregator}: cross-validated AUC {cv['auc']:.3f} [{cv['auc_ci'][0]:.3f}, {cv['auc_ci'][1]:.3f}], "
-             f"accuracy {cv['accuracy']:.3f}, severity MAE {cv['severity_mae']:.3f} (n={cv['n']})")
+        info(f"{args.aggregator}: {_cv_line(cv)} (n={cv['n']})")
     info(f"model written to {args.out}")
     return 0
+
+
+def _num(v) -> str:
+    """A metric with three decimals; "–" for one that is null (a model file's JSON) or NaN."""
+    return "–" if v is None or not math.isfinite(v) else f"{v:.3f}"
+
+
+def _severity(m: dict) -> str:
+    sev = m.get("severity_mae")
+    return f"severity MAE {_num(sev)}" if sev is not None and math.isfinite(sev) else "no severity labels"
+
+
+def _cv_line(cv: dict) -> str:
+    """The cross-validated performance in words; a measure the model file holds as null (no severity labels:
+    no severity MAE) is said so, not formatted."""
+    ci = cv.get("auc_ci") or [None, None]
+    return (f"cross-validated AUC {_num(cv.get('auc'))} [{_num(ci[0])}, {_num(ci[1])}], "
+            f"accuracy {_num(cv.get('accuracy'))}, {_severity(cv)}")
 
 
 def _parse_sources(items) -> dict:
@@ -117,7 +135,7 @@ def _evaluate(args) -> int:
     from ..diagnosis import report
     from ..diagnosis.data import check_labels, use_parameter_columns
     from ..io import ensure_writable_dir
-    from ..io.atomic import merge_json
+    from ..io.atomic import merge_json, remove_stale_outputs
     from ..progress import info
 
     _check_seed(args)
@@ -155,11 +173,13 @@ def _evaluate(args) -> int:
         "folds": args.folds, "seed": args.seed, "aggregators": {a: diagnosis.DEFAULTS[a] for a in aggs},
         "compare": [f"{a}:{b}" for a, b in pairs]}})
     report.write_table(block, out)
-    report.write_roc_plots(results, out)
+    rocs = report.write_roc_plots(results, out)
+    # an earlier run's curves of aggregators not run now would sit beside tables that no longer hold them
+    remove_stale_outputs(out, [f"roc_{a}.png" for a in AGG_CHOICES], [p.name for p in rocs])
     report.write_oof(results, out / "oof_predictions.csv")
     for key, m in block.items():
-        info(f"{key}: AUC {m['auc']:.3f} [{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}], F1 {m['f1']:.3f}, "
-             f"severity MAE {m['severity_mae']:.3f}" +
+        info(f"{key}: AUC {m['auc']:.3f} [{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}], F1 {_num(m['f1'])}, "
+             f"{_severity(m)}" +
              "".join(f", p vs {k[9:]} {v:.3g}" for k, v in m.items() if k.startswith("p_auc_vs_")))
     info(f"results written to {out} (metrics.json, diagnosis_table.md, roc_*.png)")
     return 0
@@ -182,9 +202,7 @@ def _predict(args) -> int:
     cols = ["subject", "n_patches", "oa_probability", "severity", "message"]
     cv = model.cv_metrics
     perf = (f"model: {model.metadata.get('aggregator')} trained on {model.metadata.get('n_train')} knees"
-            + (f"; cross-validated AUC {cv['auc']:.3f} [{cv['auc_ci'][0]:.3f}, {cv['auc_ci'][1]:.3f}], "
-               f"accuracy {cv['accuracy']:.3f}, severity MAE {cv['severity_mae']:.3f}" if cv else
-               "; no cross-validated performance recorded"))
+            + (f"; {_cv_line(cv)}" if cv else "; no cross-validated performance recorded"))
     print(perf)
     print(df[cols].to_string(index=False, na_rep="–", float_format=lambda v: f"{v:.3f}"))
     if args.out:
