@@ -355,3 +355,28 @@ def test_evaluate_rerun_with_fewer_aggregators_leaves_no_stale_roc_figure(cohort
     assert set(json.loads((out / "metrics.json").read_text())["diagnosis"]) == {"input/logistic"}
     assert not (out / "roc_mlp.png").exists()  # its curves are no longer in metrics.json or the table
     assert (out / "roc_logistic.png").is_file() and (out / "roc_notes.png").is_file()
+
+
+def test_numeric_subject_ids_keep_their_leading_zeros(cohort, tmp_path):
+    """IDs such as 0007 were read as numbers: predictions named knee '7', and a labels file with one non-numeric ID
+    (kept as text) matched none of the patch table's (read as numbers)."""
+    climain = _cli()
+    table, labels = cohort
+    ids = {s: s.replace("S", "00") for s in labels["subject"]}  # S007 -> 00007
+    table.assign(subject=table["subject"].map(ids)).to_csv(tmp_path / "p.csv", index=False)
+    lab = labels.assign(subject=labels["subject"].map(ids))
+    lab.to_csv(tmp_path / "labels.csv", index=False)
+    model = tmp_path / "m.safetensors"
+    assert climain.main(["--quiet", "diagnose", "train", "--patches", str(tmp_path / "p.csv"), "--labels",
+                         str(tmp_path / "labels.csv"), "--aggregator", "logistic", "--folds", "4",
+                         "--out", str(model)]) == 0
+    assert climain.main(["--quiet", "diagnose", "predict", "--model", str(model), "--patches", str(tmp_path / "p.csv"),
+                         "--out", str(tmp_path / "pred.csv")]) == 0
+    pred = pd.read_csv(tmp_path / "pred.csv", dtype={"subject": str})
+    assert sorted(pred["subject"]) == sorted(ids.values())
+    t2 = pd.read_csv(tmp_path / "p.csv", dtype={"subject": str})  # plus an unlabelled knee whose ID is not a number
+    t2 = pd.concat([t2, t2[t2["subject"] == t2["subject"].iloc[0]].assign(subject="X-extra")])
+    t2.to_csv(tmp_path / "p2.csv", index=False)
+    assert climain.main(["--quiet", "diagnose", "evaluate", "--patches", str(tmp_path / "p2.csv"), "--labels",
+                         str(tmp_path / "labels.csv"), "--aggregators", "logistic", "--folds", "4",
+                         "--out", str(tmp_path / "ev")]) == 0

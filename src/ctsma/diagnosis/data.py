@@ -35,8 +35,8 @@ def read_table(source, what: str) -> pd.DataFrame:
     path = Path(source)
     if not path.is_file():
         raise UserError(f"{what} file not found: {path}")
-    try:
-        return pd.read_csv(path)
+    try:  # subject IDs as written: "0001" stays "0001" (and matches an ID written elsewhere as text)
+        return pd.read_csv(path, dtype={"subject": str})
     except Exception as exc:  # pandas raises many parser error types
         raise UserError(f"cannot read {what} CSV {path}: {exc}") from None
 
