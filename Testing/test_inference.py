@@ -652,3 +652,36 @@ def test_a_ct_replaced_at_the_same_path_is_a_new_request(tmp_path):
     assert request_record(ct, {"_sha256": "m"}, InferSettings(), None, None, None) == first
     ct.write_bytes(b"y" * 120)
     assert request_record(ct, {"_sha256": "m"}, InferSettings(), None, None, None) != first
+
+
+def test_a_batch_rerun_redoes_knees_whose_diagnosis_model_was_retrained_at_the_same_path(knee, constant_student,
+                                                                                          tmp_path):
+    """The request recorded the diagnosis model's path only: a model retrained into the same file (new labels, another
+    aggregator) left every finished knee 'done earlier' with the old model's OA probability."""
+    from ctsma import diagnosis as dg
+    from ctsma.diagnosis.synthetic import synthetic_cohort
+
+    table, labels = synthetic_cohort(12, 3, seed=4)
+    dx = tmp_path / "dx.safetensors"
+    dg.save(dg.train(table, labels, "logistic", folds=None), dx)
+    manifest = tmp_path / "cts.csv"
+    pd.DataFrame({"subject": ["k1"], "ct": [str(knee["ct"])], "ct_bones": [str(knee["bones_only"])],
+                  "side": [knee["side"]]}).to_csv(manifest, index=False)
+    out = tmp_path / "batch"
+    args = (manifest, "--out", out, "--model", constant_student, "--diagnosis-model", dx)
+    assert _run(*args) == 0
+    first = json.loads((out / "k1" / "summary.json").read_text())["oa_probability"]
+    assert _run(*args) == 0
+    assert json.loads((out / "batch_status_0of1.json").read_text())[0]["status"] == "done earlier"
+    dg.save(dg.train(table, labels.assign(oa=1 - labels["oa"]), "logistic", folds=None), dx)  # retrained in place
+    assert _run(*args) == 0
+    status = json.loads((out / "batch_status_0of1.json").read_text())[0]
+    assert status["status"] == "ok" and "redone" in status["message"]
+    again = json.loads((out / "k1" / "summary.json").read_text())["oa_probability"]
+    assert again != first
+    # a record written before the diagnosis model was stamped is still honoured (an upgrade redoes nothing)
+    summary = json.loads((out / "k1" / "summary.json").read_text())
+    del summary["request"]["stamps"]["diagnosis_model"]
+    (out / "k1" / "summary.json").write_text(json.dumps(summary))
+    assert _run(*args) == 0
+    assert json.loads((out / "batch_status_0of1.json").read_text())[0]["status"] == "done earlier"

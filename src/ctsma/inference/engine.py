@@ -92,7 +92,8 @@ def request_record(ct_path, model_meta: dict, s: InferSettings, segmentation, ro
     settings = {k: v for k, v in asdict(s).items() if k not in ("device", "batch_size")}
     return to_jsonable({"ct": path(ct_path), "segmentation": path(segmentation), "rois": path(rois_path),
                         "stamps": {k: input_stamp(v) for k, v in (("ct", ct_path), ("segmentation", segmentation),
-                                                                   ("rois", rois_path))},
+                                                                   ("rois", rois_path),
+                                                                   ("diagnosis_model", diagnosis_path))},
                         "model_sha256": model_meta.get("_sha256"), "diagnosis_model": path(diagnosis_path),
                         "settings": settings})
 

@@ -283,11 +283,14 @@ def _junk(name: str) -> bool:
 
 def same_request(recorded: dict | None, request: dict) -> bool:
     """Whether a finished run's recorded request is ``request``. A record from before input stamps were recorded
-    (no ``stamps``) is compared without them, so an upgrade does not redo every finished case."""
+    (no ``stamps``) is compared without them, and one from before a stamp was added (the diagnosis model's) without
+    that stamp, so an upgrade does not redo every finished case."""
     if recorded is None:
         return False
     if "stamps" not in recorded:
         request = {k: v for k, v in request.items() if k != "stamps"}
+    elif isinstance(recorded["stamps"], dict) and isinstance(request.get("stamps"), dict):
+        request = {**request, "stamps": {k: v for k, v in request["stamps"].items() if k in recorded["stamps"]}}
     return recorded == request
 
 
