@@ -685,3 +685,17 @@ def test_a_batch_rerun_redoes_knees_whose_diagnosis_model_was_retrained_at_the_s
     (out / "k1" / "summary.json").write_text(json.dumps(summary))
     assert _run(*args) == 0
     assert json.loads((out / "batch_status_0of1.json").read_text())[0]["status"] == "done earlier"
+
+
+def test_manifest_subjects_that_cannot_name_a_case_folder(knee, constant_student, tmp_path):
+    """An empty 'subject' cell named the knee 'nan' (folder DIR/nan, subject null in the status); a subject such as
+    ../x stopped the batch when its turn came, after earlier knees, leaving the last run's status file."""
+    from ctsma.inference.batch import list_cases
+
+    manifest = tmp_path / "cts.csv"
+    pd.DataFrame({"subject": ["k1", None, "  k3 "], "ct": [str(knee["ct"])] * 3}).to_csv(manifest, index=False)
+    assert list(list_cases(manifest)["subject"]) == ["k1", Path(knee["ct"]).name.split(".")[0], "k3"]
+    for bad in ("../x", "a/b", ".."):
+        pd.DataFrame({"subject": ["k1", bad], "ct": [str(knee["ct"])] * 2}).to_csv(manifest, index=False)
+        assert _run(manifest, "--out", tmp_path / "out", "--model", constant_student) == 2
+        assert not (tmp_path / "out").exists()  # refused before the first knee

@@ -44,8 +44,8 @@ def list_cases(path: Path) -> pd.DataFrame:
         df["ct"] = [str((path.parent / p).resolve()) for p in df["ct"]]
         if "ct_bones" in df.columns:
             df["ct_bones"] = [str((path.parent / p).resolve()) if isinstance(p, str) and p else "" for p in df.ct_bones]
-        if "subject" not in df.columns:
-            df["subject"] = [_subject_name(p) for p in df["ct"]]
+        given = df["subject"].fillna("").astype(str).str.strip() if "subject" in df.columns else [""] * len(df)
+        df["subject"] = [g or _subject_name(p) for g, p in zip(given, df["ct"])]  # an empty cell: as with no column
         if "side" in df.columns:  # as for 'ctsma dataset build': the knee's side from the scan's records
             side = df["side"].fillna("").astype(str).str.strip().str.upper()
             bad = ~side.isin(("", "L", "R"))
@@ -63,6 +63,10 @@ def list_cases(path: Path) -> pd.DataFrame:
     else:
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
         df = pd.DataFrame({"subject": [_subject_name(p) for p in files], "ct": [str(p) for p in files]})
+    bad = [s for s in df.subject if s in (".", "..") or "/" in s or "\\" in s]
+    if bad:  # each case's outputs go to DIR/<subject>/: refused before any case is run, not when its turn comes
+        raise UserError(f"manifest {path.name}: subject {bad[0]!r} cannot name a case folder "
+                        "(no '/', '\\', '.' or '..')")
     if df.subject.duplicated().any():
         raise UserError(f"duplicate subject names in {path.name}: {sorted(set(df.subject[df.subject.duplicated()]))}")
     return df.reset_index(drop=True)
