@@ -104,3 +104,25 @@ def test_report_patient_cli_user_errors(tmp_path, capsys):
     (d / "roi_table.csv").unlink()
     assert main(["report", "patient", str(tmp_path / "ct.nii.gz"), str(d)]) == 2
     assert "ROI table file" in capsys.readouterr().err
+
+
+def test_report_study_reads_the_roc_curves_from_diagnose_evaluates_oof_predictions(tmp_path, monkeypatch, capsys):
+    """`--roc` took only key, y_true, y_score, so the out-of-fold predictions `ctsma diagnose evaluate` writes beside
+    its metrics.json were refused ('lacks the columns key, y_true, y_score'): no documented way to the ROC section."""
+    from ctsma.report import study
+
+    write_json(tmp_path / "metrics.json", synthetic.metrics())
+    rows = [(*k.split("/"), f"S{i}", i % 3, y, s) for k, v in synthetic.roc().items()
+            for i, (y, s) in enumerate(zip(v["y_true"], v["y_score"]))]
+    pd.DataFrame(rows, columns=["source", "aggregator", "subject", "fold", "oa", "oa_probability"]).to_csv(
+        tmp_path / "oof_predictions.csv", index=False)
+    seen = {}
+    real = study.build_study_document
+    monkeypatch.setattr(study, "build_study_document", lambda m, **kw: seen.update(kw) or real(m, **kw))
+    assert main(["--quiet", "report", "study", str(tmp_path), "--roc", str(tmp_path / "oof_predictions.csv")]) == 0
+    assert set(seen["roc"]) == set(synthetic.roc())
+    key = next(iter(synthetic.roc()))
+    assert list(seen["roc"][key]["y_score"]) == list(synthetic.roc()[key]["y_score"])
+    (tmp_path / "roc.csv").write_text("key,score\nx,1\n")
+    assert main(["report", "study", str(tmp_path), "--roc", str(tmp_path / "roc.csv")]) == 2
+    assert "lacks the columns y_true, y_score" in capsys.readouterr().err

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     s.add_argument("--manifest", default=None, help="phantom manifest.csv for the cohort summary")
     s.add_argument("--predictions", default=None,
                    help="CSV of held-out patches: source, subject, roi, param, reference, predicted")
-    s.add_argument("--roc", default=None, help="CSV of patient scores: key (source/aggregator), y_true, y_score")
+    s.add_argument("--roc", default=None, help="CSV of patient scores: key (source/aggregator), y_true, y_score; or "
+                   "'ctsma diagnose evaluate''s oof_predictions.csv")
     s.add_argument("--figures", default=None, help="folder of extra PNG figures to append")
     s.add_argument("--readme-snippet", default=None, metavar="DIR",
                    help="also write key_table.md and key_figure.png to DIR")
@@ -50,6 +51,25 @@ def _read_csv(path, what: str, columns):
     return df
 
 
+OOF_COLUMNS = ["source", "aggregator", "oa", "oa_probability"]
+"""The columns of ``ctsma diagnose evaluate``'s ``oof_predictions.csv``, which ``--roc`` reads as it is."""
+
+
+def _read_roc(path) -> dict:
+    """``{key: {y_true, y_score}}`` from a CSV of ``key, y_true, y_score``, or from ``diagnose evaluate``'s
+    ``oof_predictions.csv`` (key = source/aggregator, y_true = oa, y_score = oa_probability)."""
+    df = _read_csv(path, "ROC", [])
+    if not {"key", "y_true", "y_score"} <= set(df.columns) and set(OOF_COLUMNS) <= set(df.columns):
+        df = df.assign(key=df["source"].astype(str) + "/" + df["aggregator"].astype(str), y_true=df["oa"],
+                       y_score=df["oa_probability"])
+    missing = [c for c in ("key", "y_true", "y_score") if c not in df.columns]
+    if missing:
+        raise UserError(f"ROC file {path} lacks the columns {', '.join(missing)} (or give 'ctsma diagnose "
+                        f"evaluate''s oof_predictions.csv: {', '.join(OOF_COLUMNS)})")
+    return {str(k): {"y_true": g["y_true"].to_numpy(), "y_score": g["y_score"].to_numpy()}
+            for k, g in df.groupby("key", sort=False)}
+
+
 def run_study(args) -> int:
     from .. import progress
     from ..report import write_readme_snippet, write_study_report
@@ -65,9 +85,7 @@ def run_study(args) -> int:
         predictions = {str(k): g.drop(columns="source") for k, g in df.groupby("source", sort=False)}
     roc = None
     if args.roc:
-        df = _read_csv(args.roc, "ROC", ["key", "y_true", "y_score"])
-        roc = {str(k): {"y_true": g["y_true"].to_numpy(), "y_score": g["y_score"].to_numpy()}
-               for k, g in df.groupby("key", sort=False)}
+        roc = _read_roc(args.roc)
     if args.figures and not Path(args.figures).is_dir():
         raise UserError(f"--figures: {args.figures} is not a folder of PNG figures")
     if args.readme_snippet:  # checked before the study report is replaced
