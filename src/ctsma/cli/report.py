@@ -17,8 +17,8 @@ def add_parser(sub) -> None:
     s.add_argument("--manifest", default=None, help="phantom manifest.csv for the cohort summary")
     s.add_argument("--predictions", default=None,
                    help="CSV of held-out patches: source, subject, roi, param, reference, predicted")
-    s.add_argument("--roc", default=None, help="CSV of patient scores: key (source/aggregator), y_true, y_score; or "
-                   "'ctsma diagnose evaluate''s oof_predictions.csv")
+    s.add_argument("--roc", default=None, help="CSV of patient scores: key (source/aggregator), y_true, y_score; or the "
+                   "oof_predictions.csv of 'ctsma diagnose evaluate'")
     s.add_argument("--figures", default=None, help="folder of extra PNG figures to append")
     s.add_argument("--readme-snippet", default=None, metavar="DIR",
                    help="also write key_table.md and key_figure.png to DIR")
