@@ -64,8 +64,8 @@ def _read_roc(path) -> dict:
                        y_score=df["oa_probability"])
     missing = [c for c in ("key", "y_true", "y_score") if c not in df.columns]
     if missing:
-        raise UserError(f"ROC file {path} lacks the columns {', '.join(missing)} (or give 'ctsma diagnose "
-                        f"evaluate''s oof_predictions.csv: {', '.join(OOF_COLUMNS)})")
+        raise UserError(f"ROC file {path} lacks the columns {', '.join(missing)} (or give the oof_predictions.csv of "
+                        f"'ctsma diagnose evaluate': {', '.join(OOF_COLUMNS)})")
     return {str(k): {"y_true": g["y_true"].to_numpy(), "y_score": g["y_score"].to_numpy()}
             for k, g in df.groupby("key", sort=False)}
 
