@@ -699,3 +699,57 @@ def test_manifest_subjects_that_cannot_name_a_case_folder(knee, constant_student
         pd.DataFrame({"subject": ["k1", bad], "ct": [str(knee["ct"])] * 2}).to_csv(manifest, index=False)
         assert _run(manifest, "--out", tmp_path / "out", "--model", constant_student) == 2
         assert not (tmp_path / "out").exists()  # refused before the first knee
+
+
+def _fake_infer(behaviour):
+    """A stand-in for `infer` in batch mode: per subject, warn, fail, stop (Ctrl-C) or finish with a summary."""
+    from ctsma.errors import InputImageError
+    from ctsma.inference import engine
+    from ctsma.io import write_json
+
+    def fake(ct, out, *, subject, settings, model_path=None, segmentation=None, diagnosis_path=None):
+        what = behaviour.get(subject, "ok")
+        if what == "warn":
+            import warnings
+            warnings.warn("knee side R inferred from the shape of the proximal tibia", stacklevel=2)
+        if what == "fail":
+            raise InputImageError(f"cannot read CT {ct}")
+        if what == "stop":
+            raise KeyboardInterrupt
+        from ctsma.models.export import load_student
+        _, meta = load_student(model_path)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "summary.json", {"request": engine.request_record(ct, meta, settings, segmentation, None,
+                                                                           diagnosis_path)})
+    return fake
+
+
+def test_a_batch_names_the_knee_of_each_warning_and_keeps_its_status_file_current(knee, constant_student, tmp_path,
+                                                                                 monkeypatch):
+    """Warnings named no knee, and the same warning of a second knee was not shown at all (Python's once per place);
+    the status file was written only at the end, so a killed batch left the previous run's status claiming 'ok'."""
+    from ctsma.inference import batch
+
+    manifest = tmp_path / "cts.csv"
+    pd.DataFrame({"subject": ["k1", "k2", "k3"], "ct": [str(knee["ct"])] * 3}).to_csv(manifest, index=False)
+    out = tmp_path / "out"
+    behaviour = {"k1": "warn", "k2": "warn"}
+    monkeypatch.setattr(batch, "infer", _fake_infer(behaviour))
+    args = ["infer", str(manifest), "--out", str(out), "--model", str(constant_student)]
+    with pytest.warns(UserWarning) as caught:
+        assert cli_main(args) == 0
+    said = [str(w.message) for w in caught]
+    assert "k1: knee side R inferred from the shape of the proximal tibia" in said and \
+        "k2: knee side R inferred from the shape of the proximal tibia" in said
+    status = out / "batch_status_0of1.json"
+    assert [s["status"] for s in json.loads(status.read_text())] == ["ok"] * 3
+    # k2's CT is replaced and the rerun is stopped there: the status says where it stopped, not the last run's 'ok'
+    (out / "k2" / "summary.json").write_text(json.dumps({"request": {"ct": "another"}}))
+    behaviour.update(k2="stop")
+    assert cli_main(args) == 130
+    assert [s["status"] for s in json.loads(status.read_text())] == ["done earlier", "not run", "not run"]
+    # a failure where an earlier run's results stay says that they are not this CT's
+    behaviour.update(k2="fail")
+    assert cli_main(args) == 1
+    k2 = json.loads(status.read_text())[1]
+    assert k2["status"] == "failed" and "still holds an earlier run's results" in k2["message"]

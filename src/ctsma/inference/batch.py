@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -84,35 +86,73 @@ def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=No
     _, meta = load_student(student)                        # a bad model stops the batch here, not once per case
     diagnosis = load_diagnosis(diagnosis_path, student)
     out = ensure_writable_dir(out_dir)
+    rows = list(cases.itertuples(index=False))
     status = []
-    for row in progress.track(list(cases.itertuples(index=False)), "infer (batch)", unit="knee"):
-        d = safe_join(out, str(row.subject))
-        seg = getattr(row, "ct_bones", "") or None
-        thick = getattr(row, "slice_thickness", math.nan)
-        case_settings = replace(settings, slice_thickness_mm=thick) if math.isfinite(thick) else settings
-        if getattr(row, "side", ""):
-            case_settings = replace(case_settings, side=row.side)
-        note = ""
-        if (d / COMPLETION_MARKER).is_file():
-            remove_stale_staging(d)   # a run killed after its last move, before its clean-up
-            if same_request(recorded_request(d / COMPLETION_MARKER),
-                            request_record(row.ct, meta, case_settings, seg, None, diagnosis[0])):
-                status.append({"subject": row.subject, "status": "done earlier", "message": ""})
-                continue
-            note = "redone: its earlier results came from another CT, model or settings"
-        existed = d.exists()
-        try:
+    _write_status(out, shard, status, rows)  # from the start: a killed batch leaves its own, not the last run's
+    for k, row in enumerate(progress.track(rows, "infer (batch)", unit="knee")):
+        status.append(_run_case(row, out, model_path, settings, diagnosis_path, meta, diagnosis[0]))
+        _write_status(out, shard, status, rows[k + 1:])
+    return pd.DataFrame(status, columns=["subject", "status", "message"])
+
+
+def _run_case(row, out: Path, model_path, settings: InferSettings, diagnosis_path, meta: dict, diagnosis) -> dict:
+    """One case of the batch into ``out/<subject>/``: its status record (done earlier, ok or failed)."""
+    d = safe_join(out, str(row.subject))
+    seg = getattr(row, "ct_bones", "") or None
+    thick = getattr(row, "slice_thickness", math.nan)
+    case_settings = replace(settings, slice_thickness_mm=thick) if math.isfinite(thick) else settings
+    if getattr(row, "side", ""):
+        case_settings = replace(case_settings, side=row.side)
+    note = ""
+    if (d / COMPLETION_MARKER).is_file():
+        remove_stale_staging(d)   # a run killed after its last move, before its clean-up
+        if same_request(recorded_request(d / COMPLETION_MARKER),
+                        request_record(row.ct, meta, case_settings, seg, None, diagnosis)):
+            return {"subject": row.subject, "status": "done earlier", "message": ""}
+        note = "redone: its earlier results came from another CT, model or settings"
+    existed = d.exists()
+    try:
+        with _warnings_named(row.subject):
             infer(row.ct, d, model_path=model_path, segmentation=seg, diagnosis_path=diagnosis_path,
                   settings=case_settings, subject=str(row.subject))
-            status.append({"subject": row.subject, "status": "ok", "message": note})
-        except UserError as exc:  # one bad case must not stop a cohort
-            status.append({"subject": row.subject, "status": "failed", "message": str(exc)})
-            if not existed and d.is_dir() and not any(d.iterdir()):
-                d.rmdir()  # no empty case folder for a case that failed: its reason is in the status file
-        except KeyboardInterrupt:
-            if not existed and d.is_dir() and not any(d.iterdir()):
-                d.rmdir()  # nor for the case a Ctrl-C stopped
-            raise
-    table = pd.DataFrame(status, columns=["subject", "status", "message"])
-    write_json(out / f"batch_status_{i}of{n}.json", json.loads(table.to_json(orient="records")))
+        return {"subject": row.subject, "status": "ok", "message": note}
+    except UserError as exc:  # one bad case must not stop a cohort
+        if not existed and d.is_dir() and not any(d.iterdir()):
+            d.rmdir()  # no empty case folder for a case that failed: its reason is in the status file
+        kept = (f"; {d.name}/ still holds an earlier run's results, from another CT, model or settings"
+                if note else "")
+        return {"subject": row.subject, "status": "failed", "message": str(exc) + kept}
+    except KeyboardInterrupt:
+        if not existed and d.is_dir() and not any(d.iterdir()):
+            d.rmdir()  # nor for the case a Ctrl-C stopped
+        raise
+
+
+NOT_RUN = "not run"
+"""The status file's entry for a case this run has not finished (yet, or ever: it was stopped)."""
+
+
+def _write_status(out: Path, shard: tuple[int, int], status: list[dict], remaining) -> pd.DataFrame:
+    """``DIR/batch_status_<i>of<N>.json``: the cases done so far, then the ``remaining`` ones as :data:`NOT_RUN`."""
+    rest = [{"subject": r.subject, "status": NOT_RUN, "message": "not finished by this run (yet); a rerun resumes"}
+            for r in remaining]
+    table = pd.DataFrame(status + rest, columns=["subject", "status", "message"])
+    write_json(out / f"batch_status_{shard[0]}of{shard[1]}.json", json.loads(table.to_json(orient="records")))
     return table
+
+
+@contextlib.contextmanager
+def _warnings_named(subject):
+    """Each warning of one case, said once and prefixed with its subject: in a batch, a bare 'knee side R inferred
+    ...' named no knee, and Python's once-per-place rule hid the same warning for every later knee."""
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:  # said after the recording stopped (said inside it, each would be recorded again)
+        seen = set()
+        for w in caught:
+            if (str(w.message), w.category) not in seen:
+                seen.add((str(w.message), w.category))
+                warnings.warn_explicit(f"{subject}: {w.message}", w.category, w.filename, w.lineno)
