@@ -380,3 +380,17 @@ def test_numeric_subject_ids_keep_their_leading_zeros(cohort, tmp_path):
     assert climain.main(["--quiet", "diagnose", "evaluate", "--patches", str(tmp_path / "p2.csv"), "--labels",
                          str(tmp_path / "labels.csv"), "--aggregators", "logistic", "--folds", "4",
                          "--out", str(tmp_path / "ev")]) == 0
+
+
+def test_evaluate_refuses_two_prefixes_for_one_source(cohort, tmp_path, capsys):
+    """`--prefix a=mr_ --prefix a=true_` silently evaluated the last prefix's columns only."""
+    climain = _cli()
+    table, labels = cohort
+    both = table.rename(columns={p: f"mr_{p}" for p in ("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N")})
+    both = both.assign(**{f"true_{p}": table[p] for p in ("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N")})
+    both.to_csv(tmp_path / "store.csv", index=False)
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    assert climain.main(["diagnose", "evaluate", "--patches", f"a={tmp_path / 'store.csv'}", "--prefix", "a=mr_",
+                         "--prefix", "a=true_", "--labels", str(tmp_path / "labels.csv"), "--aggregators", "logistic",
+                         "--folds", "4", "--out", str(tmp_path / "ev")]) == 2
+    assert "more than one prefix" in capsys.readouterr().err and not (tmp_path / "ev").exists()

@@ -126,3 +126,13 @@ def test_report_study_reads_the_roc_curves_from_diagnose_evaluates_oof_predictio
     (tmp_path / "roc.csv").write_text("key,score\nx,1\n")
     assert main(["report", "study", str(tmp_path), "--roc", str(tmp_path / "roc.csv")]) == 2
     assert "lacks the columns y_true, y_score" in capsys.readouterr().err
+
+
+def test_report_patient_on_a_batch_folder_asks_for_one_knees_folder(tmp_path, capsys):
+    d = _infer_dir(tmp_path)
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    (batch / "batch_status_0of1.json").write_text("[]")
+    d.rename(batch / "K9")
+    assert main(["report", "patient", str(tmp_path / "ct.nii.gz"), str(batch)]) == 2
+    assert "output folder of a batch of CTs" in capsys.readouterr().err

@@ -155,10 +155,16 @@ def _evaluate(args) -> int:
     if unknown:
         raise UserError(f"--compare names {', '.join(unknown)}, which --patches does not give "
                         f"(sources: {', '.join(sources)})")
+    prefixed = set()
     for item in args.prefix:
         name, sep, prefix = item.partition("=")
         if not sep or name not in sources:
             raise UserError(f"--prefix takes SOURCE=PREFIX for a source named in --patches, got {item!r}")
+        if name in prefixed:  # the second would silently win; name the table twice to compare both columns
+            raise UserError(f"--prefix gives source {name!r} more than one prefix; give its table once per prefix, "
+                            f"e.g. --patches mr=patches.csv --prefix mr=mr_ --patches truth=patches.csv "
+                            f"--prefix truth=true_")
+        prefixed.add(name)
         sources[name] = use_parameter_columns(sources[name], prefix, what=f"patch table of {name}")
     out = ensure_writable_dir(args.out)
     n = len(check_labels(args.labels))

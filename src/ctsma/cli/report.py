@@ -128,6 +128,8 @@ def run_patient(args) -> int:
     d = Path(args.infer_dir)
     if not d.is_dir():
         raise UserError(f"{d} is not a folder; give the output folder of 'ctsma infer'")
+    if not (d / "rois.nii.gz").exists() and any(d.glob("batch_status_*of*.json")):
+        raise UserError(f"{d} is the output folder of a batch of CTs; give the folder of one knee, {d}/<subject>")
     ct = read_image(args.ct, what="CT")
     rois = read_image(d / "rois.nii.gz", what="ROI label image", pixel_type=sitk.sitkUInt8)
     if not sitk.GetArrayViewFromImage(rois).any():
