@@ -260,13 +260,14 @@ def test_the_results_do_not_depend_on_where_the_field_of_view_starts(knee, tmp_p
     pd.testing.assert_frame_equal(tables[0], tables[2])
 
 
-def test_batch_mode_resumes_and_reports_failures(knee, constant_student, tmp_path):
+def test_batch_mode_resumes_and_reports_failures(knee, constant_student, tmp_path, capsys):
     manifest = tmp_path / "cts.csv"
     pd.DataFrame({"subject": ["good", "bad"], "ct": [str(knee["ct"]), str(knee["mr"])],
                   "ct_bones": [str(knee["ct_bones"]), ""]}).to_csv(manifest, index=False)  # with cartilage (>= 10)
     out = tmp_path / "batch"
     rc = _run(manifest, "--out", out, "--model", constant_student, "--side", knee["side"])
-    assert rc == 1  # one case failed, and said so
+    assert rc == 1  # one case failed, and said so, even with --quiet
+    assert "ctsma infer: failed bad: " in capsys.readouterr().err
     status = json.loads((out / "batch_status_0of1.json").read_text())
     assert [s["status"] for s in status] == ["ok", "failed"] and "Hounsfield" in status[1]["message"]
     assert not (out / "bad").exists()  # no empty folder for the failed case: its reason is in the status file

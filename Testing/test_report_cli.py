@@ -136,3 +136,24 @@ def test_report_patient_on_a_batch_folder_asks_for_one_knees_folder(tmp_path, ca
     d.rename(batch / "K9")
     assert main(["report", "patient", str(tmp_path / "ct.nii.gz"), str(batch)]) == 2
     assert "output folder of a batch of CTs" in capsys.readouterr().err
+
+
+def test_report_patient_reference_ranges_of_another_naming(tmp_path, monkeypatch, capsys):
+    """A --reference CSV whose ROI/parameter names match none of the ROI table's gave a report whose z-scores were
+    all silently empty, noted as 'non-OA knees of the model's training cohort'; now refused, a partial match warns,
+    and the note names the file."""
+    from ctsma.report import patient_figures
+    monkeypatch.setattr(patient_figures, "maps_figure", lambda *a: None)
+    d = _infer_dir(tmp_path)
+    ref = synthetic.reference_ranges()
+    other = ref.assign(roi="medial femur " + ref["roi"].astype(str))
+    other.to_csv(tmp_path / "other.csv", index=False)
+    args = ["--quiet", "report", "patient", str(tmp_path / "ct.nii.gz"), str(d), "--format", "html"]
+    assert main(args + ["--reference", str(tmp_path / "other.csv")]) == 2
+    assert "name no ROI and parameter of the ROI table" in capsys.readouterr().err
+    assert not (d / "report").exists()
+    ref[ref["roi"] != ref["roi"].iloc[0]].to_csv(tmp_path / "part.csv", index=False)
+    with pytest.warns(UserWarning, match="lack .* ROI/parameter pairs"):
+        assert main(args + ["--reference", str(tmp_path / "part.csv")]) == 0
+    html = (d / "report" / "patient_K_9.html").read_text(encoding="utf-8")
+    assert "the ranges given in part.csv" in html and "training cohort; z" not in html

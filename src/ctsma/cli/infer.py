@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -64,8 +65,8 @@ def run(args) -> int:
                           diagnosis_path=args.diagnosis_model)
         failed = table[table.status == "failed"]
         progress.info(f"{len(table) - len(failed)} of {len(table)} CTs analysed into {args.out}")
-        for r in failed.itertuples():
-            progress.info(f"  failed {r.subject}: {r.message}")
+        for r in failed.itertuples():  # said even with --quiet, as an error is: the exit code alone names no knee
+            print(f"ctsma infer: failed {r.subject}: {r.message}", file=sys.stderr)
         return 1 if len(failed) else 0
     if args.shard:
         raise UserError("--shard needs a folder or manifest of CTs")

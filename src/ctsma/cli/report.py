@@ -146,6 +146,7 @@ def run_patient(args) -> int:
     inputs = inputs_from_summary(summary)
     if args.reference:
         inputs["reference_ranges"] = _read_csv(args.reference, "reference ranges", ["roi", "parameter", "mean", "sd"])
+        inputs["reference_ranges"].attrs["source"] = f"the ranges given in {Path(args.reference).name}"
     subject = args.subject or summary.get("subject") or Path(str(args.ct).rstrip("/")).name.split(".")[0]
     formats = PATIENT_REPORT_FORMATS if args.format == "both" else (args.format,)
     out = {f: patient_report_path(args.out or d, subject, f) for f in formats}

@@ -232,6 +232,23 @@ def _check_table(df: Any, columns, what: str) -> pd.DataFrame:
     return df
 
 
+def _check_reference_names(ref: dict, roi_table: pd.DataFrame) -> None:
+    """Reference ranges that name none of the ROI table's (ROI, parameter) pairs are another naming (a user's CSV
+    with 'medial femur' or 'BVTV'): refused, rather than a report whose z-scores are silently all empty; a partial
+    match warns."""
+    pairs = set(zip(roi_table["roi"].astype(str), roi_table["parameter"].astype(str)))
+    if not ref.keys() & pairs:
+        raise UserError(f"the reference ranges name no ROI and parameter of the ROI table (they name e.g. "
+                        f"{sorted(ref)[0]}; the table holds e.g. {sorted(pairs)[0]}): use the ROI names "
+                        f"{', '.join(ROIS)} and the parameters {', '.join(PARAMETERS)}")
+    missing = sorted(pairs - ref.keys())
+    if missing:
+        import warnings
+
+        warnings.warn(f"the reference ranges lack {len(missing)} of the ROI table's {len(pairs)} ROI/parameter "
+                      f"pairs (e.g. {missing[0]}): those rows have no z-score", stacklevel=3)
+
+
 def _roi_section(roi_table: pd.DataFrame | None, reference_ranges: pd.DataFrame | None) -> list:
     out: list = [Heading("Microstructure per ROI")]
     if roi_table is None or len(roi_table) == 0:
@@ -242,6 +259,7 @@ def _roi_section(roi_table: pd.DataFrame | None, reference_ranges: pd.DataFrame 
         r = _check_table(reference_ranges, REFERENCE_COLUMNS, "the reference ranges")
         ref = {(str(a), str(b)): (as_float(m), as_float(s))
                for a, b, m, s in zip(r["roi"], r["parameter"], r["mean"], r["sd"])}
+        _check_reference_names(ref, t)
     roi_order = list(ROIS)
     par_order = list(PARAMETERS)
     t = t.assign(_r=[roi_order.index(x) if x in roi_order else 99 for x in t["roi"].astype(str)],
@@ -267,8 +285,10 @@ def _roi_section(roi_table: pd.DataFrame | None, reference_ranges: pd.DataFrame 
                       "Non-OA reference (mean \u00b1 SD)", "z-score", f"vs \u00b1{Z_FLAG:g} SD"],
                      rows, row_kinds=kinds, align=["L", "L", "R", "R", "R", "R", "R", "R", "C"],
                      caption="Trabecular parameters per subchondral ROI",
-                     notes=["Statistics over the patches in each ROI. Reference: non-OA knees of the model's "
-                            "training cohort; z = (mean \u2212 reference mean) / reference SD.",
+                     notes=["Statistics over the patches in each ROI. Reference: "
+                            + (reference_ranges.attrs.get("source") if reference_ranges is not None
+                               and reference_ranges.attrs.get("source") else "non-OA knees of the model's training "
+                               "cohort") + "; z = (mean \u2212 reference mean) / reference SD.",
                             "ROIs: MFC/LFC medial/lateral femoral condyle, MTP/LTP medial/lateral tibial plateau."]))
     return out
 
