@@ -83,6 +83,34 @@ def test_declared_feature_shapes_are_the_real_ones(size, stem):
     assert {k: (v.shape[1], v.shape[2]) for k, v in feats.items()} == net.feature_shapes()
 
 
+def test_input_pool_reads_the_patch_at_a_coarser_voxel_and_round_trips(tmp_path):
+    """``input_pool=2``: the MR 32³ is average-pooled to 16³ (the CT's voxel) before the stem; the feature maps keep
+    the sizes that distillation needs, and the setting is recorded in the model file."""
+    from ctsma.models.networks import build_network
+
+    torch.manual_seed(0)
+    t = PatchRegressor(1, 32, (4, 8, 8, 12), input_pool=2)
+    s = PatchRegressor(1, 16, (4, 8, 8, 12))
+    x = torch.randn(2, 1, 32, 32, 32)
+    yt, ft = t(x, return_features=True)
+    assert t.feature_shapes() == s.feature_shapes()
+    assert {k: (v.shape[1], v.shape[2]) for k, v in ft.items()} == t.feature_shapes()
+    # the network sees only the 2³ block means: a patch with the same block means gives the same output
+    blocks = torch.nn.functional.avg_pool3d(x, 2)
+    same_means = blocks.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)
+    t.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(t(x), t(same_means), rtol=1e-5, atol=1e-5)
+        full = PatchRegressor(1, 32, (4, 8, 8, 12)).eval()  # without the pooling, the fine voxels count
+        assert not torch.allclose(full(x), full(same_means), rtol=1e-3, atol=1e-3)
+    u = build_network(t.arch)
+    u.load_state_dict(t.state_dict())
+    assert t.arch["input_pool"] == 2 and "input_pool" not in s.arch
+    with pytest.raises(ValueError, match="does not divide"):
+        PatchRegressor(1, 30, (4, 8, 8, 12), input_pool=4)
+    assert load_train_config(None, {"teacher_net": {"input_pool": 2}}).teacher_net.input_pool == 2
+
+
 def test_stem_is_a_config_setting():
     cfg = load_train_config(None, {"teacher_net": {"stem": "conv"}})
     assert cfg.teacher_net.stem == "conv" and cfg.student_net.stem == "patchify"

@@ -43,6 +43,9 @@ class NetConfig:
                         help="how a 32³ MR patch is brought to 8³: one 4³ convolution of stride 4, or two 3³ "
                              "convolutions of stride 2 (a better teacher at about twice its training time; the same "
                              "for the CT student's 16³); docs/training.md")
+    input_pool: int = setting(1, lo=1, hi=4, help="average-pool the input patch by this factor first (2: the "
+                                                  "teacher reads its MR at the CT's 0.5 mm voxel; measured, not "
+                                                  "the default: docs/training.md)")
 
 
 @dataclass

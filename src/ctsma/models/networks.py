@@ -87,15 +87,21 @@ class PatchRegressor(nn.Module):
     """Patch → (n, 4) normalised parameters; ``forward(x, return_features=True)`` also returns stage features."""
 
     def __init__(self, in_channels: int, input_size: int, widths=(16, 16, 32, 48), blocks: int = 1,
-                 head_hidden: int = 32, n_outputs: int = 4, norm: str = "batch", stem: str = "patchify"):
+                 head_hidden: int = 32, n_outputs: int = 4, norm: str = "batch", stem: str = "patchify",
+                 input_pool: int = 1):
         super().__init__()
         self.arch = {"in_channels": int(in_channels), "input_size": int(input_size), "widths": [int(w) for w in widths],
                      "blocks": int(blocks), "head_hidden": int(head_hidden), "n_outputs": int(n_outputs),
                      "norm": norm}
         if stem != "patchify":  # recorded only when not the default, so older model files read the same
             self.arch["stem"] = stem
+        if input_pool != 1:  # the teacher reads its MR at a coarser voxel: docs/training.md, "Distillation settings"
+            if input_pool < 1 or input_size % input_pool:
+                raise ValueError(f"input_pool {input_pool} does not divide the patch size {input_size}")
+            self.arch["input_pool"] = int(input_pool)
+        self.pre = nn.AvgPool3d(input_pool) if input_pool > 1 else nn.Identity()
         w0, w1, w2, w3 = widths
-        self.stem = make_stem(in_channels, w0, input_size, stem, norm)
+        self.stem = make_stem(in_channels, w0, input_size // input_pool, stem, norm)
         stages = []
         cin = w0
         for cout, s in zip((w1, w2, w3), strides_for(input_size)):
@@ -110,7 +116,7 @@ class PatchRegressor(nn.Module):
 
     def feature_shapes(self) -> dict[str, tuple[int, int]]:
         """Stage name → (channels, spatial size)."""
-        n = self.arch["input_size"]
+        n = self.arch["input_size"] // self.arch.get("input_pool", 1)
         for conv in (m for m in self.stem if isinstance(m, nn.Conv3d)):  # the stem as built, whatever its kind
             n = (n + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
         out = {"stem": (self.arch["widths"][0], n)}
@@ -121,7 +127,7 @@ class PatchRegressor(nn.Module):
 
     def forward(self, x, return_features: bool = False):
         feats = {}
-        x = self.stem(x)
+        x = self.stem(self.pre(x))
         feats["stem"] = x
         for name in STAGES[1:]:
             x = getattr(self, name)(x)
@@ -134,7 +140,7 @@ def build_network(arch: dict) -> PatchRegressor:
     """A network from its ``arch`` record (as stored in the model file)."""
     return PatchRegressor(arch["in_channels"], arch["input_size"], arch["widths"], arch["blocks"],
                           arch["head_hidden"], arch.get("n_outputs", 4), arch.get("norm", "batch"),
-                          arch.get("stem", "patchify"))
+                          arch.get("stem", "patchify"), arch.get("input_pool", 1))
 
 
 def count_parameters(model: nn.Module) -> int:

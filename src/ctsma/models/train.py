@@ -128,7 +128,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     size = store.mr_shape[0] if role == "teacher" else store.ct_shape[0]
     try:
         arch = PatchRegressor(in_ch, size, net_cfg.widths, net_cfg.blocks, net_cfg.head_hidden, norm=net_cfg.norm,
-                              stem=net_cfg.stem).arch
+                              stem=net_cfg.stem, input_pool=net_cfg.input_pool).arch
     except ValueError as exc:  # e.g. a conv stem for a patch size it cannot bring to 8³
         raise ConfigError(f"{'teacher_net' if role == 'teacher' else 'student_net'}: {exc}") from None
     teacher_arch, teacher_tensors, teacher_meta = None, None, None
