@@ -120,6 +120,41 @@ def test_demo_with_a_missing_training_config_stops_before_its_first_stage(tmp_pa
     assert not (tmp_path / "out" / "phantom").exists()
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"registration_preset": "demoo"}, "unknown registration preset 'demoo'"),
+    ({"registration_preset": "missing.json"}, "not found"),
+    ({"aggregators": ["logistc"]}, "aggregators: unknown 'logistc'"),
+    ({"aggregators": []}, "aggregators: none given"),
+    ({"n": 8, "synthesis_knees": 8}, "leaves none of the n = 8 knees"),   # was an IndexError after registration
+    ({"n": 8, "folds": 9}, "folds = 9 is more than the n = 8 knees"),
+])
+def test_demo_settings_that_a_later_stage_would_refuse_stop_it_before_its_first_stage(tmp_path, monkeypatch,
+                                                                                       settings, message):
+    """A typo in a setting read only by a later stage failed there, after minutes of work, and after that stage's
+    earlier results (made with the good setting) had been cleared."""
+    from ctsma.demo import DemoSettings, run_demo, stages
+    from ctsma.errors import ConfigError
+
+    def started(ctx, d):
+        raise AssertionError("the phantom stage started")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(stages, "phantom", started)
+    with pytest.raises(ConfigError, match=message):
+        run_demo(tmp_path / "out", DemoSettings(**settings))
+    assert not (tmp_path / "out" / "phantom").exists()
+
+
+def test_demo_command_names_the_options_in_its_setting_errors(tmp_path, monkeypatch, capsys):
+    from ctsma.cli.main import main
+    from ctsma.demo import stages
+
+    monkeypatch.setattr(stages, "phantom", lambda ctx, d: pytest.fail("the phantom stage started"))
+    assert main(["demo", "--out", str(tmp_path / "out"), "--n", "8", "--folds", "9"]) == 2
+    assert "--folds 9 is more than the --n 8 knees" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_demo_registers_like_for_new_patients(tmp_path, monkeypatch):
     """The demo's registration gets the two images and no ground truth of the phantom (no CT or MR bone labels,
     transforms or ROIs): it segments the CT and the pseudo-CT itself, for its masks and its QA."""

@@ -25,6 +25,7 @@ def run(args) -> int:
     from ..config import load_config
     from ..demo import DemoSettings, run_demo
     from ..demo.run import print_summary
+    from ..demo.stages import check_settings
 
     from .options import given, named_as_options
 
@@ -32,6 +33,7 @@ def run(args) -> int:
                          ("folds", "--folds", args.folds)))
     with named_as_options(names):
         s = load_config(args.config, DemoSettings, overrides=over)
+        check_settings(s)  # here too, so that its errors name --n, --folds as typed
     summaries = run_demo(args.out, s)
     print_summary(args.out, summaries)
     return 0

@@ -19,7 +19,8 @@ def run_demo(out_dir, settings: DemoSettings | None = None) -> dict:
     ctx = stages.Context(out, s)
     cohort_key = {"n": s.n, "seed": s.seed, "preset": s.phantom_preset}
     runner = StageRunner(out, code=code_fingerprint())
-    train_config = stages.train_config_path(s)  # a missing file stops the demo before its first stage
+    stages.check_settings(s)  # a missing file or a setting that a later stage would refuse stops it here
+    train_config = stages.train_config_path(s)
     plan = [
         Stage("phantom", lambda d: stages.phantom(ctx, d), cohort_key, "generate the phantom cohort"),
         Stage("synthesis", lambda d: stages.synthesis(ctx, d), {"knees": s.synthesis_knees},

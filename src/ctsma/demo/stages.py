@@ -187,6 +187,29 @@ def train_config_path(s: DemoSettings) -> Path:
     return path
 
 
+def check_settings(s: DemoSettings) -> None:
+    """Refuse, before the first stage, settings that a later stage would refuse only after minutes of work (and after
+    clearing that stage's earlier results): a missing training config, an unknown registration preset or aggregator,
+    no knee left to score the registration on, more cross-fitting folds than knees."""
+    from ..diagnosis.aggregators import AGGREGATORS
+    from ..errors import ConfigError
+    from ..registration.presets import load_preset
+
+    train_config_path(s)
+    load_preset(s.registration_preset)
+    if s.synthesis_knees >= s.n:
+        raise ConfigError(f"synthesis_knees = {s.synthesis_knees} leaves none of the n = {s.n} knees to score the "
+                          "registration on (it is scored on the knees the synthesis never saw): use fewer "
+                          "synthesis_knees or a larger n")
+    if s.folds > s.n:
+        raise ConfigError(f"folds = {s.folds} is more than the n = {s.n} knees: each cross-fitting fold holds out "
+                          "at least one knee")
+    unknown = [a for a in s.aggregators if a not in AGGREGATORS]
+    if unknown or not s.aggregators:
+        raise ConfigError(f"aggregators: {'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'none given'}; "
+                          f"choose from {', '.join(AGGREGATORS)}")
+
+
 def fold_config(ctx: Context, fold: int):
     from ..models import load_train_config
 
