@@ -53,6 +53,35 @@ def test_code_fingerprint_follows_the_sources(tmp_path):
     assert code_fingerprint() != a                           # the installed package has its own
 
 
+def test_code_fingerprint_follows_the_shipped_registration_presets(tmp_path):
+    """An update that changes only a shipped registration preset (the demo's registration settings) reruns the
+    demo's registration, as one that changes a training config does."""
+    from ctsma.pipeline import code_fingerprint
+
+    (tmp_path / "resources" / "Presets" / "registration").mkdir(parents=True)
+    (tmp_path / "stage.py").write_text("x = 1\n")
+    preset = tmp_path / "resources" / "Presets" / "registration" / "demo.json"
+    preset.write_text('{"rigid": {"iterations": 50}}')
+    a = code_fingerprint(tmp_path)
+    preset.write_text('{"rigid": {"iterations": 5}}')
+    assert code_fingerprint(tmp_path) != a
+
+
+def test_demo_registration_reruns_when_its_preset_file_is_edited(tmp_path, monkeypatch):
+    """A registration preset given as a file: editing the file reruns the registration (its name alone was the key,
+    so the stage was skipped and the dataset built from registrations made with the old settings)."""
+    from ctsma.demo.settings import DemoSettings
+    from ctsma.demo.stages import registration_key
+
+    monkeypatch.chdir(tmp_path)
+    Path("mine.json").write_text('{"rigid": {"iterations": 50}}')
+    a = registration_key(DemoSettings(registration_preset="mine.json"))
+    Path("mine.json").write_text('{"rigid": {"iterations": 5}}')
+    assert registration_key(DemoSettings(registration_preset="mine.json")) != a
+    shipped = registration_key(DemoSettings())  # a shipped preset: its text is in the code fingerprint
+    assert shipped == {"preset": "demo", "variants": 3}
+
+
 def test_failed_stage_is_not_marked_done(tmp_path):
     state = {"fail": True}
 

@@ -32,11 +32,14 @@ def settings_hash(settings: Any) -> str:
 
 
 def code_fingerprint(root: Path | None = None) -> str:
-    """A short hash of the ``ctsma`` package's Python sources and shipped configs (what a stage's result depends on
-    beside its settings); ``root`` is the package folder (default: this installation's)."""
+    """A short hash of the ``ctsma`` package's Python sources and shipped configs (training configs, registration
+    presets: what a stage's result depends on beside its settings); ``root`` is the package folder (default: this
+    installation's)."""
     root = Path(root) if root is not None else Path(__file__).resolve().parent
+    res = root / "resources"
     h = hashlib.sha256()
-    for f in sorted(list(root.rglob("*.py")) + list((root / "resources" / "Configs").rglob("*.yaml"))):
+    for f in sorted(list(root.rglob("*.py")) + list((res / "Configs").rglob("*.yaml"))
+                    + list((res / "Presets").rglob("*.json"))):
         if "__pycache__" in f.parts:
             continue
         h.update(str(f.relative_to(root)).encode())

@@ -115,6 +115,16 @@ def _seconds(reg_dir: Path, subjects) -> float:
     return float(np.nanmean(secs)) if secs else float("nan")
 
 
+def registration_key(s: DemoSettings) -> dict:
+    """The registration stage's settings for its cache key. A shipped preset's file is in the code fingerprint; a
+    preset file of the user's adds its text, so that editing the file reruns the stage (as for ``train_config``)."""
+    key = {"preset": s.registration_preset, "variants": s.variant_knees}
+    path = Path(s.registration_preset)
+    if path.is_file():
+        key["preset_text"] = path.read_text(encoding="utf-8")
+    return key
+
+
 def registration(ctx: Context, d: Path) -> dict:
     """Every knee with the demo preset, and the first ``variant_knees`` unseen knees with each variant, all in one
     pool of workers (the variants' shorter registrations last, so that they fill the end)."""
