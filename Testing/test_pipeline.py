@@ -288,3 +288,36 @@ def test_demo_trainings_run_in_lanes_wait_for_their_teacher_and_stop_on_an_error
     (tmp_path / "bad").mkdir()
     with pytest.raises(UserError, match="baseline of fold 1 failed"):
         train_in_lanes(bad, 2, job=_fake_training)
+
+
+def test_killed_demo_training_stage_keeps_the_models_it_had_exported(tmp_path, monkeypatch):
+    """'a rerun resumes': a training stage killed after some models were exported trained all of them again (the
+    longest stage of the demo). A rerun now keeps each model that the interrupted run exported with the same config,
+    and trains the others; a model exported with another config is trained again."""
+    import importlib
+
+    import torch
+
+    from ctsma.config import to_dict
+    from ctsma.demo import stages
+    from ctsma.demo.settings import DemoSettings
+    from ctsma.modelfile import save_model
+
+    mt = importlib.import_module("ctsma.models.train")  # (ctsma.models.train is also the name of a function)
+    ctx = stages.Context(tmp_path, DemoSettings(workers=1, folds=2))
+    cfg = stages.fold_config(ctx, 0)
+    teacher = mt.run_paths(cfg, "teacher")[1]
+    teacher.parent.mkdir(parents=True)
+    save_model(teacher, {"w": torch.zeros(1)}, {"training": {"config": to_dict(cfg)}}, kind="teacher")
+    trained = []
+    monkeypatch.setattr(mt, "train", lambda which, cfg: trained.append((cfg.data.fold, which)))
+    stages.training(ctx, tmp_path / "training")
+    assert trained == [(0, "student"), (0, "baseline"), (1, "teacher"), (1, "student"), (1, "baseline")]
+
+    # in a lane (workers > 1): the same check, at the lane's thread count
+    cfg.trainer.threads = 1
+    save_model(teacher, {"w": torch.zeros(1)}, {"training": {"config": to_dict(cfg)}}, kind="teacher")
+    trained.clear()
+    assert stages._train_job("teacher", cfg, 1) is None and trained == []
+    assert stages._train_job("teacher", cfg, 2) is not None and trained == [(0, "teacher")]  # another config
+

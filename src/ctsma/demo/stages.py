@@ -248,21 +248,49 @@ def training(ctx: Context, d: Path) -> dict:
 
         for f, cfg in enumerate(cfgs):
             for which in ("teacher", "student", "baseline"):
+                if exported_already(which, cfg):
+                    progress.info(f"  fold {f + 1}/{ctx.s.folds}: {which} {KEPT}")
+                    continue
                 progress.info(f"  fold {f + 1}/{ctx.s.folds}: {which}")
                 train(which, cfg)
     return {f"fold{f}": str(d / f"fold{f}") for f in range(ctx.s.folds)}
 
 
 LANE = ("teacher", "student", "baseline")  # the student needs its fold's teacher; the baseline needs nothing
+KEPT = "kept: exported by an interrupted run with the same settings"
 
 
-def _train_job(which: str, cfg, threads: int) -> float:
-    """One training; returns its seconds."""
+def exported_already(which: str, cfg) -> bool:
+    """Whether this stage's model ``which`` was exported by an earlier, interrupted run of the stage with the same
+    training config (the folder of a stage whose key changed is emptied first; the config check guards a folder
+    whose stage record was deleted). A killed training stage then resumes instead of training every model again."""
+    import json
+
+    from ..config import to_dict
+    from ..errors import UserError
+    from ..io.atomic import to_jsonable
+    from ..modelfile import read_metadata
+    from ..models.train import ROLE_OF, run_paths
+
+    path = run_paths(cfg, ROLE_OF[which])[1]
+    if not path.is_file():
+        return False
+    try:
+        done = (read_metadata(path).get("training") or {}).get("config")
+    except UserError:  # damaged: train it again
+        return False
+    return done == json.loads(json.dumps(to_jsonable(to_dict(cfg))))
+
+
+def _train_job(which: str, cfg, threads: int) -> float | None:
+    """One training; returns its seconds, or None for a model kept from an interrupted run."""
     import time
 
     from ..models.train import train
 
     cfg.trainer.threads = threads
+    if exported_already(which, cfg):
+        return None
     t = time.perf_counter()
     train(which, cfg)
     return time.perf_counter() - t
@@ -274,8 +302,8 @@ def _lane(fold: int, n: int, cfg, threads: int, job) -> list[tuple[str, float]]:
     for which in LANE:
         progress.info(f"  fold {fold + 1}/{n}: {which} (started)")
         secs = job(which, cfg, threads)
-        progress.info(f"  fold {fold + 1}/{n}: {which} finished in {secs:.0f} s")
-        done.append((which, secs))
+        progress.info(f"  fold {fold + 1}/{n}: {which} " + (KEPT if secs is None else f"finished in {secs:.0f} s"))
+        done.append((which, secs or 0.0))
     return done
 
 
