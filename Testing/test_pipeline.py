@@ -321,3 +321,17 @@ def test_killed_demo_training_stage_keeps_the_models_it_had_exported(tmp_path, m
     assert stages._train_job("teacher", cfg, 1) is None and trained == []
     assert stages._train_job("teacher", cfg, 2) is not None and trained == [(0, "teacher")]  # another config
 
+
+def test_demo_scene_of_an_earlier_run_is_not_left_beside_this_runs(tmp_path, monkeypatch):
+    """scene/ is written by the report stage, outside any stage folder: a rerun with another seed (another held-out
+    knee) left the earlier run's scene/<subject>.mrb beside the new one, and a rerun without slicer-core kept it as
+    if it were this run's."""
+    from ctsma.demo import outputs, stages
+    from ctsma.demo.settings import DemoSettings
+
+    (tmp_path / "scene").mkdir()
+    (tmp_path / "scene" / "P0001.mrb").write_bytes(b"an earlier run's scene")
+    monkeypatch.setattr(outputs, "_slicer_lib", lambda: False)
+    with pytest.warns(UserWarning, match="slicer-core is not installed"):
+        assert outputs.scene(stages.Context(tmp_path, DemoSettings())) is None
+    assert not list((tmp_path / "scene").glob("*.mrb"))

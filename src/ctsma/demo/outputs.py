@@ -98,7 +98,11 @@ def _slicer_lib() -> bool:
 
 
 def scene(ctx: Context) -> Path | None:
-    """A Slicer scene (.mrb) of the inference knee: CT, MR, ROIs, maps, tables, registration transform."""
+    """A Slicer scene (.mrb) of the inference knee: CT, MR, ROIs, maps, tables, registration transform. An earlier
+    run's scene is removed first: it showed another held-out knee (another seed or cohort), or the results before
+    this run's when slicer-core is missing now."""
+    for old in (ctx.out / "scene").glob("*.mrb"):
+        old.unlink()
     if not _slicer_lib():
         warnings.warn("slicer-core is not installed: the Slicer scene (.mrb) is skipped "
                       "(pip install slicer-core==5.13.31053.0)", stacklevel=2)
