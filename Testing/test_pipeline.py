@@ -335,3 +335,42 @@ def test_demo_scene_of_an_earlier_run_is_not_left_beside_this_runs(tmp_path, mon
     with pytest.warns(UserWarning, match="slicer-core is not installed"):
         assert outputs.scene(stages.Context(tmp_path, DemoSettings())) is None
     assert not list((tmp_path / "scene").glob("*.mrb"))
+
+
+def test_demo_rerun_with_other_settings_does_not_leave_the_earlier_results_as_its_own(tmp_path, monkeypatch):
+    """metrics.json, report/ and scene/ are written by the last stage, outside the stages' folders: a rerun with
+    another seed killed (or failed) before its report left the earlier seed's results there, beside the new seed's
+    stages, as if they were this run's. They are now removed when a stage before the report is to run, and kept
+    when every stage is cached."""
+    import json
+
+    from ctsma.demo import DemoSettings, run_demo, stages
+    from ctsma.demo import run as demo_run
+
+    for name in ("phantom", "synthesis", "registration", "dataset", "training", "evaluation", "diagnosis",
+                 "inference"):
+        monkeypatch.setattr(stages, name, lambda ctx, d: {})
+    seen = []
+
+    def report(ctx, d, timings):
+        seen.append((ctx.out / "metrics.json").is_file())
+        (ctx.out / "metrics.json").write_text(json.dumps({"seed": ctx.s.seed}))
+        (d / "study.html").write_text("study")
+        (ctx.out / "scene").mkdir(exist_ok=True)
+        (ctx.out / "scene" / f"P{ctx.s.seed}.mrb").write_text("scene")
+        return {}
+
+    monkeypatch.setattr(demo_run, "report", report)
+    out = tmp_path / "out"
+    run_demo(out, DemoSettings(seed=0))
+    run_demo(out, DemoSettings(seed=0))  # every stage cached: the report is rewritten over the earlier one
+    assert seen == [False, True]
+
+    def killed(ctx, d):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "phantom", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(out, DemoSettings(seed=1))
+    assert not (out / "metrics.json").exists() and not (out / "report").exists()
+    assert not list((out / "scene").glob("*.mrb"))

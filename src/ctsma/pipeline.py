@@ -47,6 +47,11 @@ def code_fingerprint(root: Path | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def _finished(rec: dict | None, key: str) -> bool:
+    """Whether a stage's record says it finished with ``key``."""
+    return rec is not None and rec.get("key") == key and "seconds" in rec
+
+
 @dataclass
 class Stage:
     name: str
@@ -68,17 +73,30 @@ class StageRunner:
     def marker(self, name: str) -> Path:
         return Path(self.out_dir) / ".stages" / f"{name}.json"
 
+    def keys(self, stages: list[Stage]) -> list[str]:
+        """Each stage's key: a hash of its settings and of the key before it (the first: of ``code``)."""
+        keys, upstream = [], self.code
+        for st in stages:
+            upstream = settings_hash({"settings": st.settings, "upstream": upstream})
+            keys.append(upstream)
+        return keys
+
+    def _record(self, name: str) -> dict | None:
+        mk = self.marker(name)
+        return json.loads(mk.read_text()) if mk.is_file() else None
+
+    def pending(self, stages: list[Stage]) -> list[str]:
+        """The names of the stages that :meth:`run_all` would run: not finished, or finished with another key."""
+        return [st.name for st, key in zip(stages, self.keys(stages)) if not _finished(self._record(st.name), key)]
+
     def run_all(self, stages: list[Stage]) -> dict[str, dict]:
-        upstream = self.code
         n = len(stages)
-        for i, st in enumerate(stages, 1):
-            key = settings_hash({"settings": st.settings, "upstream": upstream})
-            upstream = key
+        for i, (st, key) in enumerate(zip(stages, self.keys(stages)), 1):
             prev = ", ".join(f"{k} {v:.0f} s" for k, v in self.timings.items())
             label = st.title or st.name
             mk = self.marker(st.name)
-            rec = json.loads(mk.read_text()) if mk.is_file() else None
-            if rec is not None and rec.get("key") == key and "seconds" in rec:
+            rec = self._record(st.name)
+            if _finished(rec, key):
                 self.timings[st.name] = float(rec["seconds"])
                 self.summaries[st.name] = rec.get("summary", {})
                 self.cached[st.name] = True

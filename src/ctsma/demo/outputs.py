@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from .. import PARAMETER_FILE_NAMES, PARAMETERS
+from .. import PARAMETER_FILE_NAMES, PARAMETERS, progress
 from ..io import write_json
 from .stages import Context, inference_subject
 
@@ -97,12 +97,32 @@ def _slicer_lib() -> bool:
         return False
 
 
+def _remove_scenes(out: Path) -> bool:
+    found = list((out / "scene").glob("*.mrb"))
+    for f in found:
+        f.unlink()
+    return bool(found)
+
+
+def remove_earlier_outputs(out: Path) -> None:
+    """Remove an earlier run's ``metrics.json``, ``report/`` and scene, which the report stage writes outside the
+    stages' folders: called when a stage before the report is to run, so that a rerun with other settings that fails
+    or is killed does not leave the earlier results beside its own stages, as if they were this run's."""
+    import shutil
+
+    found = _remove_scenes(out) | (out / "metrics.json").is_file() | (out / "report").is_dir()
+    (out / "metrics.json").unlink(missing_ok=True)
+    shutil.rmtree(out / "report", ignore_errors=True)
+    if found:
+        progress.info("earlier results (metrics.json, report/, scene/) removed: they are rewritten when this run's "
+                      "stages have finished")
+
+
 def scene(ctx: Context) -> Path | None:
     """A Slicer scene (.mrb) of the inference knee: CT, MR, ROIs, maps, tables, registration transform. An earlier
     run's scene is removed first: it showed another held-out knee (another seed or cohort), or the results before
     this run's when slicer-core is missing now."""
-    for old in (ctx.out / "scene").glob("*.mrb"):
-        old.unlink()
+    _remove_scenes(ctx.out)
     if not _slicer_lib():
         warnings.warn("slicer-core is not installed: the Slicer scene (.mrb) is skipped "
                       "(pip install slicer-core==5.13.31053.0)", stacklevel=2)

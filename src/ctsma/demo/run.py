@@ -9,7 +9,7 @@ from .. import progress
 from ..io import ensure_writable_dir
 from ..pipeline import Stage, StageRunner, code_fingerprint
 from . import stages
-from .outputs import report
+from .outputs import remove_earlier_outputs, report
 from .settings import DemoSettings
 
 
@@ -39,6 +39,8 @@ def run_demo(out_dir, settings: DemoSettings | None = None) -> dict:
         Stage("report", lambda d: report(ctx, d, dict(runner.timings)), {"t": time.time()},
               "write metrics, reports and the Slicer scene"),
     ]
+    if any(name != "report" for name in runner.pending(plan)):  # the report stage always runs
+        remove_earlier_outputs(out)
     t0 = time.perf_counter()
     summaries = runner.run_all(plan)
     summaries["_timings"] = dict(runner.timings)
