@@ -10,7 +10,9 @@ from ..config import setting
 @dataclass
 class DemoSettings:
     n: int = setting(36, lo=8, hi=10_000, help="knees in the phantom cohort")
-    seed: int = setting(0, lo=0, hi=2**31 - 1, help="seed of the cohort (and of every later stage)")
+    seed: int = setting(0, lo=0, hi=2**31 - 1,
+                        help="seed of the cohort, the patch sampling, the folds, the training, the bootstrap and the "
+                             "diagnosis; the synthesis and registration use fixed seeds of their own")
     workers: int = setting(2, lo=1, hi=256,
                            help="parallel processes (phantom, registration, dataset, CPU training, diagnosis)")
     phantom_preset: str = setting("demo", choices=("demo", "full"))

@@ -332,7 +332,7 @@ def _timing(m: Mapping[str, Any], timings: Mapping[str, Any] | None) -> list:
     rows.append(["total", fmt_seconds(total), "100 %" if total else DASH])
     kinds = [""] * (len(rows) - 1) + ["group"]
     out.append(Table(["Stage", "Wall time", "Share"], rows, row_kinds=kinds, align=["L", "R", "R"],
-                     caption="Wall-clock time of each stage of this run"))
+                     caption="Wall-clock time of each stage (a stage that a rerun found finished shows the time of the run that computed it)"))
     return out
 
 
