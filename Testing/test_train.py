@@ -568,3 +568,19 @@ def test_demo_trainings_in_lanes_write_every_model(store, tmp_path):
         teacher = tmp_path / f"fold{f}" / "teacher.safetensors"
         used = read_metadata(tmp_path / f"fold{f}" / "student_distilled.safetensors")["training"]["teacher"]
         assert used["file"] == str(teacher) and used["sha256"] == read_metadata(teacher)["_sha256"]
+
+
+def test_an_ablation_named_as_the_run_is_refused_before_it_replaces_the_runs_student(store, tmp_path):
+    """variant() names an ablation's files _<name>: with output.name _w3, an ablation 'w3' trained into
+    student_distilled_w3 (deleting the run's checkpoints) and overwrote the run's own distilled student."""
+    from ctsma.evaluation.regression import evaluate
+
+    ablation = {"name": "w3", "distill": {"weights": [3.0, 3.0, 3.0]}}
+    cfg = load_train_config(tiny(store.dir, tmp_path / "run", output={"name": "_w3"},
+                                 evaluate={"ablations": [ablation]}))
+    (tmp_path / "run").mkdir()
+    own = tmp_path / "run" / "student_distilled_w3.safetensors"
+    own.write_bytes(b"the run's own student")
+    with pytest.raises(ConfigError, match="ablations: the name 'w3' is this run's output.name"):
+        evaluate(cfg, tmp_path / "eval")
+    assert own.read_bytes() == b"the run's own student" and not (tmp_path / "eval").exists()

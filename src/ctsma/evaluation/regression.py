@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import PARAMETERS, PARAMETER_UNITS, progress, stats
 from ..dataset.store import PatchStore
-from ..errors import ModelFileError, UserError
+from ..errors import ConfigError, ModelFileError, UserError
 from ..io.atomic import atomic_path, merge_json, write_text
 
 SOURCES = ("teacher", "student_distilled", "student_baseline", "ct_direct")
@@ -154,6 +154,10 @@ def evaluate(cfg, out_dir: str | Path, *, store: PatchStore | None = None, ablat
     from ..models.config import variant
     from ..models.train import open_store, train
 
+    for a in cfg.evaluate.ablations if ablations else ():
+        if f"_{a['name']}" == cfg.output.name:  # variant() names its files _<name>: this run's own would be replaced
+            raise ConfigError(f"evaluate.ablations: the name '{a['name']}' is this run's output.name "
+                              f"'{cfg.output.name}': its distilled student would overwrite the run's own; rename it")
     out_dir = Path(out_dir)
     store = open_store(cfg, store)
     c = cfg.data
