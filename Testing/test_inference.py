@@ -754,3 +754,29 @@ def test_a_batch_names_the_knee_of_each_warning_and_keeps_its_status_file_curren
     assert cli_main(args) == 1
     k2 = json.loads(status.read_text())[1]
     assert k2["status"] == "failed" and "still holds an earlier run's results" in k2["message"]
+
+
+def test_a_batch_keeps_the_warnings_that_filters_ignore_silenced(monkeypatch):
+    """Each case's warnings are said again with the subject in front: a filter that ignores a warning by its text
+    (matched from the start) or its module no longer matched the prefixed text, so a warning that a user or a
+    library had silenced was shown for every knee of a batch (and only there)."""
+    import warnings
+
+    from ctsma.inference.batch import _warnings_named
+
+    def case():
+        warnings.warn("a noisy library note", UserWarning)
+        warnings.warn("knee side R inferred", UserWarning)
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", message="a noisy library note")
+        with _warnings_named("k1"):
+            case()
+    assert [str(w.message) for w in said] == ["k1: knee side R inferred"]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=UserWarning, module=__name__)
+        with _warnings_named("k1"):
+            case()
+    assert said == []

@@ -148,7 +148,9 @@ def _warnings_named(subject):
     caught: list = []
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            # after the filters in force, not before them: a warning they ignore (by its text or module) stays
+            # silenced; the others are all recorded, beyond Python's once-per-place rule
+            warnings.simplefilter("always", append=True)
             yield
     finally:  # said after the recording stopped (said inside it, each would be recorded again)
         seen = set()
