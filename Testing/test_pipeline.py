@@ -321,6 +321,17 @@ def test_killed_demo_training_stage_keeps_the_models_it_had_exported(tmp_path, m
     assert stages._train_job("teacher", cfg, 1) is None and trained == []
     assert stages._train_job("teacher", cfg, 2) is not None and trained == [(0, "teacher")]  # another config
 
+    # a distilled student is kept only with the teacher it was distilled from
+    student = mt.run_paths(cfg, "student_distilled")[1]
+    from ctsma.modelfile import read_metadata
+
+    sha = read_metadata(teacher)["_sha256"]
+    save_model(student, {"w": torch.zeros(1)}, {"training": {"config": to_dict(cfg), "teacher": {"sha256": sha}}},
+               kind="student")
+    assert stages.exported_already("student", cfg)
+    save_model(teacher, {"w": torch.ones(1)}, {"training": {"config": to_dict(cfg)}}, kind="teacher")  # retrained
+    assert not stages.exported_already("student", cfg)
+
 
 def test_demo_scene_of_an_earlier_run_is_not_left_beside_this_runs(tmp_path, monkeypatch):
     """scene/ is written by the report stage, outside any stage folder: a rerun with another seed (another held-out

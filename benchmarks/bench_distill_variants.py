@@ -8,8 +8,9 @@ baselines are reused, and the demo's evaluation is run on the result.
 the demo's with the ``--set`` overrides (as ``ctsma train --set``), so ``--set distill.loss=attention`` measures
 attention transfer against the same baseline and folds. ``--retrain-teacher`` also retrains each fold's teacher with
 the overrides first (e.g. ``--set teacher_net.input_pool=2``: a teacher that reads its MR at the CT's voxel).
-The three folds train side by side, one torch thread each, as the demo does. With no overrides the run reproduces
-the demo's distilled student bit for bit (checked on the seed-1 cohort: 0.7133). Prints the mean ICC(2,1) of every
+The three folds train side by side, one torch thread each, as the demo does on a machine of up to five cores (where
+it gives each of its three lanes one thread). There, with no overrides, the run reproduces the demo's distilled
+student bit for bit (checked on the seed-1 cohort: 0.7133). Prints the mean ICC(2,1) of every
 source and the distillation gain, and writes ``benchmarks/results/bench_distill_variants_<tag>.json``.
 Figures: docs/training.md, *Distillation settings under the current training*.
 """
@@ -54,6 +55,13 @@ def main(a) -> None:
     from ctsma.models import load_train_config
     from ctsma.processes import run_jobs
 
+    keys = [item.partition("=")[0].strip() for item in a.set]
+    if any(k.startswith("teacher_net.") for k in keys) and not a.retrain_teacher:
+        sys.exit("--set teacher_net.* changes the teacher: add --retrain-teacher (else the demo's teacher is used)")
+    shared = [k for k in keys if k.startswith(("data.", "student_net.", "optim.", "trainer."))]
+    if shared:
+        print(f"note: {', '.join(shared)} also differ from the demo's baseline, which is reused as it is: the gain "
+              "then compares students trained with other settings", file=sys.stderr)
     demo, work = Path(a.demo), Path(a.work)
     if not (demo / "metrics.json").is_file() or not (demo / "training" / "fold0").is_dir():
         sys.exit(f"{demo} is not a finished 'ctsma demo' output folder")

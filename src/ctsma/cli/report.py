@@ -51,17 +51,14 @@ def _read_csv(path, what: str, columns):
     return df
 
 
-OOF_COLUMNS = ["source", "aggregator", "oa", "oa_probability"]
-"""The columns of ``ctsma diagnose evaluate``'s ``oof_predictions.csv``, which ``--roc`` reads as it is."""
-
-
 def _read_roc(path) -> dict:
     """``{key: {y_true, y_score}}`` from a CSV of ``key, y_true, y_score``, or from ``diagnose evaluate``'s
     ``oof_predictions.csv`` (key = source/aggregator, y_true = oa, y_score = oa_probability)."""
+    from ..diagnosis.report import OOF_COLUMNS, roc_inputs
+
     df = _read_csv(path, "ROC", [])
     if not {"key", "y_true", "y_score"} <= set(df.columns) and set(OOF_COLUMNS) <= set(df.columns):
-        df = df.assign(key=df["source"].astype(str) + "/" + df["aggregator"].astype(str), y_true=df["oa"],
-                       y_score=df["oa_probability"])
+        return roc_inputs(df)
     missing = [c for c in ("key", "y_true", "y_score") if c not in df.columns]
     if missing:
         raise UserError(f"ROC file {path} lacks the columns {', '.join(missing)} (or give the oof_predictions.csv of "

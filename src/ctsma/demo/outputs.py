@@ -49,10 +49,9 @@ def _predictions(ctx: Context) -> dict[str, pd.DataFrame]:
 
 
 def _roc(ctx: Context) -> dict:
-    oof = pd.read_csv(ctx.out / "diagnosis" / "oof_predictions.csv")
-    prob = "oa_probability" if "oa_probability" in oof else [c for c in oof.columns if "prob" in c][0]
-    return {f"{s}/{a}": {"y_true": g["oa"].to_numpy(), "y_score": g[prob].to_numpy()}
-            for (s, a), g in oof.groupby(["source", "aggregator"])}
+    from ..diagnosis.report import roc_inputs
+
+    return roc_inputs(pd.read_csv(ctx.out / "diagnosis" / "oof_predictions.csv"))
 
 
 def patient_report(ctx: Context) -> dict[str, Path]:

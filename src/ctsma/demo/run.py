@@ -15,11 +15,11 @@ from .settings import DemoSettings
 
 def run_demo(out_dir, settings: DemoSettings | None = None) -> dict:
     s = settings or DemoSettings()
-    out = ensure_writable_dir(out_dir).resolve()  # configs resolve relative paths against their own folder
+    stages.check_settings(s)  # a missing file or a setting that a later stage would refuse stops it here, before
+    out = ensure_writable_dir(out_dir).resolve()  # the output folder is made  # configs resolve relative paths against their own folder
     ctx = stages.Context(out, s)
     cohort_key = {"n": s.n, "seed": s.seed, "preset": s.phantom_preset}
     runner = StageRunner(out, code=code_fingerprint())
-    stages.check_settings(s)  # a missing file or a setting that a later stage would refuse stops it here
     train_config = stages.train_config_path(s)
     plan = [
         Stage("phantom", lambda d: stages.phantom(ctx, d), cohort_key, "generate the phantom cohort"),

@@ -270,16 +270,21 @@ def exported_already(which: str, cfg) -> bool:
     from ..errors import UserError
     from ..io.atomic import to_jsonable
     from ..modelfile import read_metadata
-    from ..models.train import ROLE_OF, run_paths
+    from ..models.train import ROLE_OF, run_paths, teacher_path
 
     path = run_paths(cfg, ROLE_OF[which])[1]
     if not path.is_file():
         return False
     try:
-        done = (read_metadata(path).get("training") or {}).get("config")
+        training = read_metadata(path).get("training") or {}
+        if which == "student":  # distilled from the teacher that is there now (not one since trained again)
+            teacher = teacher_path(cfg)
+            if not teacher.is_file() or (training.get("teacher") or {}).get("sha256") != \
+                    read_metadata(teacher).get("_sha256"):
+                return False
     except UserError:  # damaged: train it again
         return False
-    return done == json.loads(json.dumps(to_jsonable(to_dict(cfg))))
+    return training.get("config") == json.loads(json.dumps(to_jsonable(to_dict(cfg))))
 
 
 def _train_job(which: str, cfg, threads: int) -> float | None:

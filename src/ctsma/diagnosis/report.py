@@ -110,3 +110,12 @@ def write_oof(results: Mapping[str, object], path) -> Path:
     return Path(path)
 
 
+OOF_COLUMNS = ("source", "aggregator", "oa", "oa_probability")
+"""The columns of :func:`write_oof`'s table that :func:`roc_inputs` reads."""
+
+
+def roc_inputs(oof: pd.DataFrame) -> dict[str, dict]:
+    """``{"source/aggregator": {"y_true", "y_score"}}`` from :func:`write_oof`'s table (``oof_predictions.csv``), for
+    the study report's ROC curves."""
+    return {f"{s}/{a}": {"y_true": g["oa"].to_numpy(), "y_score": g["oa_probability"].to_numpy()}
+            for (s, a), g in oof.groupby(["source", "aggregator"])}
