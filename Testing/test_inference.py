@@ -691,6 +691,7 @@ def test_a_batch_rerun_redoes_knees_whose_diagnosis_model_was_retrained_at_the_s
 def test_manifest_subjects_that_cannot_name_a_case_folder(knee, constant_student, tmp_path):
     """An empty 'subject' cell named the knee 'nan' (folder DIR/nan, subject null in the status); a subject such as
     ../x stopped the batch when its turn came, after earlier knees, leaving the last run's status file."""
+    from ctsma.errors import UserError
     from ctsma.inference.batch import list_cases
 
     manifest = tmp_path / "cts.csv"
@@ -700,6 +701,15 @@ def test_manifest_subjects_that_cannot_name_a_case_folder(knee, constant_student
         pd.DataFrame({"subject": ["k1", bad], "ct": [str(knee["ct"])] * 2}).to_csv(manifest, index=False)
         assert _run(manifest, "--out", tmp_path / "out", "--model", constant_student) == 2
         assert not (tmp_path / "out").exists()  # refused before the first knee
+    # names that Windows (or a case-insensitive file system) cannot hold apart, for outputs copied there
+    for names, why in ((["k1", "CON"], "device name"), (["k1", "nul.knee"], "device name"),
+                       (["k1", "a:b"], "control characters"), (["k1", "k2."], "trailing dot"),
+                       (["P01", "p01"], "letter case aside")):
+        pd.DataFrame({"subject": names, "ct": [str(knee["ct"])] * 2}).to_csv(manifest, index=False)
+        with pytest.raises(UserError, match=why):
+            list_cases(manifest)
+    pd.DataFrame({"subject": ["k1", "console", "k.2"], "ct": [str(knee["ct"])] * 3}).to_csv(manifest, index=False)
+    assert list(list_cases(manifest)["subject"]) == ["k1", "console", "k.2"]  # not device names
 
 
 def _fake_infer(behaviour):

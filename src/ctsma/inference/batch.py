@@ -65,13 +65,31 @@ def list_cases(path: Path) -> pd.DataFrame:
     else:
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
         df = pd.DataFrame({"subject": [_subject_name(p) for p in files], "ct": [str(p) for p in files]})
-    bad = [s for s in df.subject if s in (".", "..") or "/" in s or "\\" in s]
+    bad = [(s, why) for s in df.subject if (why := _folder_name_problem(s))]
     if bad:  # each case's outputs go to DIR/<subject>/: refused before any case is run, not when its turn comes
-        raise UserError(f"manifest {path.name}: subject {bad[0]!r} cannot name a case folder "
-                        "(no '/', '\\', '.' or '..')")
-    if df.subject.duplicated().any():
-        raise UserError(f"duplicate subject names in {path.name}: {sorted(set(df.subject[df.subject.duplicated()]))}")
+        raise UserError(f"manifest {path.name}: subject {bad[0][0]!r} cannot name a case folder ({bad[0][1]})")
+    folded = df.subject.str.casefold()
+    if folded.duplicated().any():  # 'P01' and 'p01' share one folder where names ignore case (Windows, macOS)
+        dup = sorted(set(df.subject[folded.isin(folded[folded.duplicated()])]))
+        raise UserError(f"duplicate subject names in {path.name} (letter case aside): {dup}")
     return df.reset_index(drop=True)
+
+
+_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def _folder_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a folder on every system the outputs may be copied to, or None: a path part ('/',
+    '\\', '.', '..'), a character or name that Windows refuses, or a trailing dot or space (which Windows drops)."""
+    if name in (".", "..") or "/" in name or "\\" in name:
+        return "no '/', '\\', '.' or '..'"
+    if any(c in '<>:"|?*' or ord(c) < 32 for c in name):
+        return 'no <>:"|?* or control characters'
+    if name.split(".")[0].casefold() in _WINDOWS_DEVICES:
+        return "a device name on Windows"
+    if name.endswith((".", " ")):
+        return "no trailing dot or space"
+    return None
 
 
 def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=None, settings: InferSettings,
