@@ -103,13 +103,15 @@ def ct_direct(store: PatchStore, idx: np.ndarray, threshold_hu: float = 0.0) -> 
 
 def check_held_out(path: Path, meta: dict, subjects) -> None:
     """Refuse a model (file ``path``, metadata ``meta``) that was trained or validated on any of ``subjects``."""
-    split = (meta.get("training") or {}).get("split") or {}
-    if not (split.get("train") or split.get("val")):
+    from ..models.train import learnt_from
+
+    learnt = learnt_from(meta)
+    if not learnt:
         import warnings
 
         warnings.warn(f"{Path(path).name} records no training patients (a model file of another tool or version): "
                       "nothing shows that it was not trained on the test patients", stacklevel=2)
-    leak = set(subjects) & (set(split.get("train", [])) | set(split.get("val", [])))
+    leak = {str(s) for s in subjects} & set(learnt)
     if leak:
         raise UserError(f"{Path(path).name} was trained on {len(leak)} of the test patients "
                         f"(e.g. {sorted(leak)[0]}): evaluate with the split used for training")

@@ -14,7 +14,8 @@ import pandas as pd
 from .. import progress
 from ..errors import InputImageError, UserError
 from ..io import ensure_writable_dir, safe_join, write_json
-from ..io.atomic import COMPLETION_MARKER, recorded_request, remove_stale_staging, same_request
+from ..io.atomic import (COMPLETION_MARKER, folder_name_problem, recorded_request, remove_stale_staging,
+                         same_request)
 from ..io.images import IMAGE_SUFFIXES
 from .engine import InferSettings, _subject_name, default_model_path, infer, load_diagnosis, request_record
 
@@ -65,7 +66,7 @@ def list_cases(path: Path) -> pd.DataFrame:
     else:
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
         df = pd.DataFrame({"subject": [_subject_name(p) for p in files], "ct": [str(p) for p in files]})
-    bad = [(s, why) for s in df.subject if (why := _folder_name_problem(s))]
+    bad = [(s, why) for s in df.subject if (why := folder_name_problem(s))]
     if bad:  # each case's outputs go to DIR/<subject>/: refused before any case is run, not when its turn comes
         raise UserError(f"manifest {path.name}: subject {bad[0][0]!r} cannot name a case folder ({bad[0][1]})")
     folded = df.subject.str.casefold()
@@ -73,23 +74,6 @@ def list_cases(path: Path) -> pd.DataFrame:
         dup = sorted(set(df.subject[folded.isin(folded[folded.duplicated()])]))
         raise UserError(f"duplicate subject names in {path.name} (letter case aside): {dup}")
     return df.reset_index(drop=True)
-
-
-_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
-
-
-def _folder_name_problem(name: str) -> str | None:
-    """Why ``name`` cannot name a folder on every system the outputs may be copied to, or None: a path part ('/',
-    '\\', '.', '..'), a character or name that Windows refuses, or a trailing dot or space (which Windows drops)."""
-    if name in (".", "..") or "/" in name or "\\" in name:
-        return "no '/', '\\', '.' or '..'"
-    if any(c in '<>:"|?*' or ord(c) < 32 for c in name):
-        return 'no <>:"|?* or control characters'
-    if name.split(".")[0].casefold() in _WINDOWS_DEVICES:
-        return "a device name on Windows"
-    if name.endswith((".", " ")):
-        return "no trailing dot or space"
-    return None
 
 
 def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=None, settings: InferSettings,
@@ -106,11 +90,11 @@ def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=No
     out = ensure_writable_dir(out_dir)
     rows = list(cases.itertuples(index=False))
     status = []
-    _write_status(out, shard, status, rows)  # from the start: a killed batch leaves its own, not the last run's
+    table = _write_status(out, shard, status, rows)  # from the start: a killed batch leaves its own, not the last's
     for k, row in enumerate(progress.track(rows, "infer (batch)", unit="knee")):
         status.append(_run_case(row, out, model_path, settings, diagnosis_path, meta, diagnosis[0]))
-        _write_status(out, shard, status, rows[k + 1:])
-    return pd.DataFrame(status, columns=["subject", "status", "message"])
+        table = _write_status(out, shard, status, rows[k + 1:])
+    return table
 
 
 def _run_case(row, out: Path, model_path, settings: InferSettings, diagnosis_path, meta: dict, diagnosis) -> dict:

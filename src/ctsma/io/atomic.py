@@ -209,6 +209,24 @@ def safe_join(root: str | os.PathLike, *parts: str) -> Path:
     return target
 
 
+_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
+                    *(f"lpt{i}" for i in range(1, 10))}
+
+
+def folder_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a folder on every system the outputs may be copied to, or None: a path part ('/',
+    '\\', '.', '..'), a character or name that Windows refuses, or a trailing dot or space (which Windows drops)."""
+    if name in (".", "..") or "/" in name or "\\" in name:
+        return "no '/', '\\', '.' or '..'"
+    if any(c in '<>:"|?*' or ord(c) < 32 for c in name):
+        return 'no <>:"|?* or control characters'
+    if name.split(".")[0].casefold() in _WINDOWS_DEVICES:
+        return "a device name on Windows"
+    if name.endswith((".", " ")):
+        return "no trailing dot or space"
+    return None
+
+
 STAGING_PREFIX = ".staging-"
 COMPLETION_MARKER = "summary.json"   # written last by staged_outputs: its presence means the folder is complete
 _STAGING_NAME = re.compile(r"^\.staging-(\d+)@(.+)\.[A-Za-z0-9_]+$")

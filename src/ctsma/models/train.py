@@ -224,7 +224,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
                 "seconds": round(time.time() - t0, 1), "hardware": _hardware(trainer, precision),
                 "teacher": (None if teacher_meta is None else {"file": str(teacher_path(cfg)),
                                                               "sha256": teacher_meta.get("_sha256"),
-                                                              "learnt_from": _learnt_from(teacher_meta)})}
+                                                              "learnt_from": learnt_from(teacher_meta)})}
     if role == "teacher":
         meta = build_meta(role, module.net, modality="mr", spacing_mm=store.attrs.get("mr_spacing_mm", 0.25),
                           extent_mm=store.attrs.get("extent_mm", 8.0), masks=cfg.data.masks, intensity_offset=0.0,
@@ -245,7 +245,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     return model_file
 
 
-def _learnt_from(meta: dict) -> list[str]:
+def learnt_from(meta: dict) -> list[str]:
     """The patients a model file was trained or validated on (its metadata's split)."""
     split = (meta.get("training") or {}).get("split") or {}
     return sorted({str(s) for part in ("train", "val") for s in split.get(part) or []})
@@ -254,7 +254,7 @@ def _learnt_from(meta: dict) -> list[str]:
 def _check_teacher_held_out(path: Path, meta: dict, test_subjects) -> None:
     """Refuse a teacher that learnt from this run's test patients (e.g. ``distill.teacher`` of another fold): the
     distilled student would carry what it learnt from them into its own evaluation."""
-    leak = set(_learnt_from(meta)) & {str(s) for s in test_subjects}
+    leak = set(learnt_from(meta)) & {str(s) for s in test_subjects}
     if leak:
         raise ModelFileError(f"teacher {path.name} was trained on {len(leak)} of this run's test patients (e.g. "
                              f"{sorted(leak)[0]}): a student distilled from it would learn from them; train the "
