@@ -766,6 +766,40 @@ def test_a_batch_names_the_knee_of_each_warning_and_keeps_its_status_file_curren
     assert k2["status"] == "failed" and "still holds an earlier run's results" in k2["message"]
 
 
+def test_a_batch_split_into_other_shards_removes_the_status_files_of_the_earlier_split(constant_student, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """A batch run with --shard 1/2 and then with --shard 1/3 into one folder left batch_status_1of2.json beside
+    batch_status_1of3.json, and no one could tell which was current. The shards of one split (a job array, run at
+    the same time) keep each other's files, and a file that only looks like a status file is not touched."""
+    from ctsma.inference import batch
+
+    cts = []
+    for k in range(4):
+        cts.append(tmp_path / f"k{k}.nii.gz")
+        cts[-1].write_bytes(b"ct")  # the stand-in for infer reads nothing
+    manifest = tmp_path / "cts.csv"
+    pd.DataFrame({"subject": [f"k{k}" for k in range(4)], "ct": [str(c) for c in cts]}).to_csv(manifest, index=False)
+    out = tmp_path / "out"
+    monkeypatch.setattr(batch, "infer", _fake_infer({}))
+
+    def shard(i_n):
+        assert cli_main(["infer", str(manifest), "--out", str(out), "--model", str(constant_student),
+                         "--shard", i_n]) == 0
+        return {p.name for p in out.glob("batch_status_*")}
+
+    assert shard("0/2") == {"batch_status_0of2.json"}
+    assert shard("1/2") == {"batch_status_0of2.json", "batch_status_1of2.json"}   # one split: both kept
+    (out / "batch_status_of_ward3.json").write_text("{}")  # a user's file, not a status file
+    capsys.readouterr()
+    assert shard("1/3") == {"batch_status_1of3.json", "batch_status_of_ward3.json"}
+    assert "batch_status_0of2.json, batch_status_1of2.json" in capsys.readouterr().err  # said, not silent
+    assert [s["status"] for s in json.loads((out / "batch_status_1of3.json").read_text())] == ["done earlier"]
+    assert shard("0/3") | shard("2/3") == {f"batch_status_{i}of3.json" for i in range(3)} | {
+        "batch_status_of_ward3.json"}
+    assert shard("0/1") == {"batch_status_0of1.json", "batch_status_of_ward3.json"}  # no --shard: one shard of 1
+    assert [s["status"] for s in json.loads((out / "batch_status_0of1.json").read_text())] == ["done earlier"] * 4
+
+
 def test_a_batch_keeps_the_warnings_that_filters_ignore_silenced(monkeypatch):
     """Each case's warnings are said again with the subject in front: a filter that ignores a warning by its text
     (matched from the start) or its module no longer matched the prefixed text, so a warning that a user or a
