@@ -128,6 +128,46 @@ def test_report_study_reads_the_roc_curves_from_diagnose_evaluates_oof_predictio
     assert "lacks the columns y_true, y_score" in capsys.readouterr().err
 
 
+def test_report_study_reads_the_held_out_patches_from_evaluates_regression_predictions(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """`--predictions` took only a long table (source, subject, roi, param, reference, predicted) that no command
+    writes: the regression_predictions.csv of `ctsma evaluate` (one row per patch, a column per source and parameter)
+    was refused ('lacks the columns source, param, reference, predicted')."""
+    import numpy as np
+
+    from ctsma.evaluation.regression import write_outputs
+    from ctsma.report import study
+
+    write_json(tmp_path / "metrics.json", synthetic.metrics())
+    n = 12
+    ref = np.random.default_rng(0).uniform(0.1, 1.0, (n, 4))
+    preds = {"teacher": ref + 0.02, "student_distilled": ref + 0.03, "ct_direct": ref - 0.01}
+    ids = {"subject": np.array([f"P{k % 3}" for k in range(n)]), "index": np.arange(n),
+           "roi": np.array(["MFC", "LFC", "MTP", "LTP"] * 3), **{c: np.zeros(n) for c in ("rel_x", "rel_y", "rel_z")}}
+    write_outputs(tmp_path / "evaluation", {}, ref, ref + 0.01, preds, ids, plots=False)  # as evaluate writes it
+    table = tmp_path / "evaluation" / "regression_predictions.csv"
+    seen = {}
+    real = study.build_study_document
+    monkeypatch.setattr(study, "build_study_document", lambda m, **kw: seen.update(kw) or real(m, **kw))
+    assert main(["--quiet", "report", "study", str(tmp_path), "--predictions", str(table)]) == 0
+    got = seen["predictions"]
+    assert list(got) == list(preds)  # the MR reference (mr_) and the phantom's truth (true_) are no sources
+    for src, values in preds.items():
+        d = got[src]
+        assert list(d.columns) == ["subject", "roi", "param", "reference", "predicted"] and len(d) == 4 * n
+        tbsp = d[d.param == "Tb.Sp"]
+        np.testing.assert_allclose(tbsp.reference, ref[:, 2])
+        np.testing.assert_allclose(tbsp.predicted, values[:, 2])
+        assert list(tbsp.roi) == list(ids["roi"]) and list(tbsp.subject) == list(ids["subject"])
+    # a table of neither kind is refused with what both kinds hold
+    pd.read_csv(table).drop(columns=[c for c in pd.read_csv(table).columns if c.startswith(
+        ("teacher", "student", "ct_direct"))]).to_csv(tmp_path / "reference_only.csv", index=False)
+    assert main(["report", "study", str(tmp_path), "--predictions", str(tmp_path / "reference_only.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "lacks the columns source, param, reference, predicted" in err
+    assert "regression_predictions.csv of 'ctsma evaluate': subject, roi, and mr_<param>" in err
+
+
 def test_report_patient_on_a_batch_folder_asks_for_one_knees_folder(tmp_path, capsys):
     d = _infer_dir(tmp_path)
     batch = tmp_path / "batch"

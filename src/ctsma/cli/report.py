@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
     s.add_argument("--metrics", default=None, help="metrics.json (default: RUN_DIR/metrics.json)")
     s.add_argument("--manifest", default=None, help="phantom manifest.csv for the cohort summary")
     s.add_argument("--predictions", default=None,
-                   help="CSV of held-out patches: source, subject, roi, param, reference, predicted")
+                   help="CSV of held-out patches: source, subject, roi, param, reference, predicted; or the "
+                   "regression_predictions.csv of 'ctsma evaluate'")
     s.add_argument("--roc", default=None, help="CSV of patient scores: key (source/aggregator), y_true, y_score; or the "
                    "oof_predictions.csv of 'ctsma diagnose evaluate'")
     s.add_argument("--figures", default=None, help="folder of extra PNG figures to append")
@@ -67,6 +68,28 @@ def _read_roc(path) -> dict:
             for k, g in df.groupby("key", sort=False)}
 
 
+PREDICTION_COLUMNS = ("source", "subject", "roi", "param", "reference", "predicted")
+"""``--predictions`` as a long table: one row per held-out patch, source and parameter."""
+
+
+def _read_predictions(path) -> dict:
+    """``{source: DataFrame}`` of held-out patches from a long table of :data:`PREDICTION_COLUMNS`, or from the
+    ``regression_predictions.csv`` of ``ctsma evaluate`` as it is (``subject, roi, mr_<param>, <source>_<param>``)."""
+    from .. import PARAMETERS
+    from ..evaluation.regression import predictions_by_source
+
+    df = _read_csv(path, "predictions", [])
+    if set(PREDICTION_COLUMNS) <= set(df.columns):
+        return {str(k): g.drop(columns="source") for k, g in df.groupby("source", sort=False)}
+    by_source = predictions_by_source(df) if {"subject", "roi"} <= set(df.columns) else {}
+    if by_source:
+        return by_source
+    missing = [c for c in PREDICTION_COLUMNS if c not in df.columns]
+    raise UserError(f"predictions file {path} lacks the columns {', '.join(missing)} (or give the "
+                    f"regression_predictions.csv of 'ctsma evaluate': subject, roi, and mr_<param> and "
+                    f"<source>_<param> for a <param> of {', '.join(PARAMETERS)})")
+
+
 def run_study(args) -> int:
     from .. import progress
     from ..report import write_readme_snippet, write_study_report
@@ -75,11 +98,7 @@ def run_study(args) -> int:
     run_dir = Path(args.run_dir)
     metrics = load_metrics(args.metrics or run_dir / "metrics.json")
     cohort = _read_csv(args.manifest, "manifest", ["subject"]) if args.manifest else None
-    predictions = None
-    if args.predictions:
-        df = _read_csv(args.predictions, "predictions", ["source", "subject", "roi", "param", "reference",
-                                                         "predicted"])
-        predictions = {str(k): g.drop(columns="source") for k, g in df.groupby("source", sort=False)}
+    predictions = _read_predictions(args.predictions) if args.predictions else None
     roc = None
     if args.roc:
         roc = _read_roc(args.roc)

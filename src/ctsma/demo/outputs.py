@@ -29,23 +29,9 @@ def collect_metrics(ctx: Context, timings: dict) -> dict:
 
 def _predictions(ctx: Context) -> dict[str, pd.DataFrame]:
     """Long tables (subject, roi, param, reference, predicted) of the out-of-fold patches, per source."""
-    from ..dataset.store import PatchStore
+    from ..evaluation.regression import predictions_by_source
 
-    store = PatchStore(ctx.out / "dataset" / "store")
-    idx = np.load(ctx.out / "evaluation" / "oof_index.npy")
-    pred = pd.read_csv(ctx.out / "evaluation" / "regression_predictions.csv")
-    rois = store.table.iloc[idx]["roi"].to_numpy()
-    out = {}
-    for src in ("teacher", "student_distilled", "student_baseline", "ct_direct"):
-        frames = []
-        for p in PARAMETERS:
-            if f"{src}_{p}" not in pred:
-                continue
-            frames.append(pd.DataFrame({"subject": pred.subject.astype(str), "roi": rois, "param": p,
-                                        "reference": pred[f"mr_{p}"], "predicted": pred[f"{src}_{p}"]}))
-        if frames:
-            out[src] = pd.concat(frames, ignore_index=True)
-    return out
+    return predictions_by_source(pd.read_csv(ctx.out / "evaluation" / "regression_predictions.csv"))
 
 
 def _roc(ctx: Context) -> dict:

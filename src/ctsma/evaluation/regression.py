@@ -278,6 +278,25 @@ def write_outputs(out_dir: Path, result: dict, ref, truth, preds: dict, ids: dic
             old.unlink()
 
 
+def predictions_by_source(pred) -> dict:
+    """The study report's held-out patches (``{source: DataFrame}`` of ``subject, roi, param, reference,
+    predicted``, the reference being the MR reference) from ``regression_predictions.csv`` as :func:`write_outputs`
+    writes it: one row per patch with ``subject``, ``roi``, ``mr_<param>`` and ``<source>_<param>``. Every prefix of
+    a ``<param>`` column but ``mr_`` and ``true_`` (the phantom's truth) is a source, in the file's order. Empty when
+    the table holds no source beside its reference."""
+    import pandas as pd
+
+    sources = dict.fromkeys(c[: -len(p) - 1] for c in pred.columns for p in PARAMETERS if c.endswith(f"_{p}"))
+    out = {}
+    for src in (s for s in sources if s not in ("mr", "true")):
+        frames = [pd.DataFrame({"subject": pred["subject"].astype(str), "roi": pred["roi"], "param": p,
+                                "reference": pred[f"mr_{p}"], "predicted": pred[f"{src}_{p}"]})
+                  for p in PARAMETERS if f"{src}_{p}" in pred and f"mr_{p}" in pred]
+        if frames:
+            out[src] = pd.concat(frames, ignore_index=True)
+    return out
+
+
 def _f(v, nd=3):
     return "–" if v is None or not np.isfinite(v) else f"{v:.{nd}f}"
 
