@@ -655,6 +655,29 @@ def test_a_ct_replaced_at_the_same_path_is_a_new_request(tmp_path):
     assert request_record(ct, {"_sha256": "m"}, InferSettings(), None, None, None) != first
 
 
+def test_a_diagnosis_model_replaced_by_one_of_the_same_size_and_time_is_a_new_request(tmp_path):
+    """The diagnosis model was stamped by its size and modification time: another model of the same size copied over
+    it with its time kept (cp -p, rsync -t) left every finished knee 'done earlier', with the old model's OA
+    probability. Its bytes stamp it now, so a file only touched is no new model either."""
+    from ctsma.inference.engine import InferSettings, request_record
+
+    dx = tmp_path / "dx.safetensors"
+    dx.write_bytes(b"a" * 100)
+    st = dx.stat()
+
+    def record():
+        return request_record(tmp_path / "ct.nii.gz", {"_sha256": "m"}, InferSettings(), None, None, dx)
+
+    first = record()
+    dx.write_bytes(b"b" * 100)
+    os.utime(dx, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (dx.stat().st_size, dx.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert record() != first
+    dx.write_bytes(b"a" * 100)
+    os.utime(dx, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the first model again, touched
+    assert record() == first
+
+
 def test_a_batch_rerun_redoes_knees_whose_diagnosis_model_was_retrained_at_the_same_path(knee, constant_student,
                                                                                           tmp_path):
     """The request recorded the diagnosis model's path only: a model retrained into the same file (new labels, another
@@ -674,18 +697,24 @@ def test_a_batch_rerun_redoes_knees_whose_diagnosis_model_was_retrained_at_the_s
     first = json.loads((out / "k1" / "summary.json").read_text())["oa_probability"]
     assert _run(*args) == 0
     assert json.loads((out / "batch_status_0of1.json").read_text())[0]["status"] == "done earlier"
+    before = dx.stat()
     dg.save(dg.train(table, labels.assign(oa=1 - labels["oa"]), "logistic", folds=None), dx)  # retrained in place
+    os.utime(dx, ns=(before.st_atime_ns, before.st_mtime_ns))  # and its time kept, as cp -p or rsync -t would
     assert _run(*args) == 0
     status = json.loads((out / "batch_status_0of1.json").read_text())[0]
     assert status["status"] == "ok" and "redone" in status["message"]
     again = json.loads((out / "k1" / "summary.json").read_text())["oa_probability"]
     assert again != first
-    # a record written before the diagnosis model was stamped is still honoured (an upgrade redoes nothing)
+    # records written before the diagnosis model was stamped by its size and time, or at all, are still honoured
+    # (an upgrade redoes nothing)
     summary = json.loads((out / "k1" / "summary.json").read_text())
-    del summary["request"]["stamps"]["diagnosis_model"]
-    (out / "k1" / "summary.json").write_text(json.dumps(summary))
-    assert _run(*args) == 0
-    assert json.loads((out / "batch_status_0of1.json").read_text())[0]["status"] == "done earlier"
+    stamps = summary["request"]["stamps"]
+    del stamps["diagnosis_model_sha256"]
+    for old in ({"diagnosis_model": {"bytes": 4016, "mtime_ns": 1, "files": 1}}, {}):
+        (out / "k1" / "summary.json").write_text(json.dumps({**summary, "request": {**summary["request"],
+                                                                                     "stamps": {**stamps, **old}}}))
+        assert _run(*args) == 0
+        assert json.loads((out / "batch_status_0of1.json").read_text())[0]["status"] == "done earlier"
 
 
 def test_manifest_subjects_that_cannot_name_a_case_folder(knee, constant_student, tmp_path):

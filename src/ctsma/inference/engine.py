@@ -87,15 +87,16 @@ def request_record(ct_path, model_meta: dict, s: InferSettings, segmentation, ro
     def path(p):
         return str(Path(p).resolve()) if p else None
 
-    from ..io.atomic import input_stamp, to_jsonable
+    from ..io.atomic import content_sha256, input_stamp, to_jsonable
 
     settings = {k: v for k, v in asdict(s).items() if k not in ("device", "batch_size")}
+    stamps = {k: input_stamp(v) for k, v in (("ct", ct_path), ("segmentation", segmentation), ("rois", rois_path))}
+    # the diagnosis model by its bytes, not its size and time: one copied over it with its time kept (cp -p, rsync)
+    # is caught, and a file only touched is not a new model
+    stamps["diagnosis_model_sha256"] = content_sha256(diagnosis_path)
     return to_jsonable({"ct": path(ct_path), "segmentation": path(segmentation), "rois": path(rois_path),
-                        "stamps": {k: input_stamp(v) for k, v in (("ct", ct_path), ("segmentation", segmentation),
-                                                                   ("rois", rois_path),
-                                                                   ("diagnosis_model", diagnosis_path))},
-                        "model_sha256": model_meta.get("_sha256"), "diagnosis_model": path(diagnosis_path),
-                        "settings": settings})
+                        "stamps": stamps, "model_sha256": model_meta.get("_sha256"),
+                        "diagnosis_model": path(diagnosis_path), "settings": settings})
 
 
 def default_model_path(must_exist: bool = True) -> Path:

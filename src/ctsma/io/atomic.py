@@ -7,6 +7,7 @@ half-written file, even when the writer is killed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -293,6 +294,19 @@ def input_stamp(path) -> dict | None:
             "files": len(files)}
 
 
+def content_sha256(path) -> str | None:
+    """SHA-256 of a file's bytes: the stamp of an input whose replacement must be caught whatever its size and time
+    (a model file copied over another of the same size with ``cp -p`` or ``rsync -t``), and small enough to read
+    whole (a model file: milliseconds). None when ``path`` is empty or names no file."""
+    if not path or not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _junk(name: str) -> bool:
     """Files a file manager or another system puts in a folder, which no reader uses: hidden files (.DS_Store),
     Thumbs.db, desktop.ini."""
@@ -301,14 +315,17 @@ def _junk(name: str) -> bool:
 
 def same_request(recorded: dict | None, request: dict) -> bool:
     """Whether a finished run's recorded request is ``request``. A record from before input stamps were recorded
-    (no ``stamps``) is compared without them, and one from before a stamp was added (the diagnosis model's) without
-    that stamp, so an upgrade does not redo every finished case."""
+    (no ``stamps``) is compared without them, and the stamps only where both have them: one from before a stamp was
+    added (the diagnosis model's checksum) is compared without that stamp, and a stamp this version no longer makes
+    (the diagnosis model's size and time) is not compared, so an upgrade does not redo every finished case."""
     if recorded is None:
         return False
     if "stamps" not in recorded:
         request = {k: v for k, v in request.items() if k != "stamps"}
     elif isinstance(recorded["stamps"], dict) and isinstance(request.get("stamps"), dict):
-        request = {**request, "stamps": {k: v for k, v in request["stamps"].items() if k in recorded["stamps"]}}
+        both = recorded["stamps"].keys() & request["stamps"].keys()
+        recorded = {**recorded, "stamps": {k: v for k, v in recorded["stamps"].items() if k in both}}
+        request = {**request, "stamps": {k: v for k, v in request["stamps"].items() if k in both}}
     return recorded == request
 
 
