@@ -170,6 +170,21 @@ def test_resume_skips_finished_knees_and_cleans_partials(cohort, tmp_path):
         generate_cohort(s, 2, 6, out)
 
 
+def test_another_n_keeps_the_knees_in_the_folder(cohort, tmp_path):
+    """Knee i does not depend on n (``generate_knee`` is not given it), and the demo's phantom stage relies on a
+    cohort of another n resuming in the same folder: the knees there are kept, the manifest lists the first n."""
+    out = tmp_path / "c"
+    shutil.copytree(cohort, out)
+    stamps = {f: f.stat().st_mtime_ns for f in out.glob("P*/*")}
+    s = make_settings("demo", TINY)
+    first = pd.read_csv(cohort / "manifest.csv")
+    generate_cohort(s, 1, 5, out)
+    assert pd.read_csv(out / "manifest.csv").equals(first.iloc[:1])
+    generate_cohort(s, 2, 5, out)
+    assert pd.read_csv(out / "manifest.csv").equals(first)
+    assert {f: f.stat().st_mtime_ns for f in out.glob("P*/*")} == stamps
+
+
 @pytest.mark.parametrize("over, msg", [
     ({"mr_spacing": [-0.3, 0.3, 0.3]}, "mr_spacing"),
     ({"ct_fov": [0, 10, 10]}, "ct_fov"),

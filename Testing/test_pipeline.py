@@ -79,7 +79,7 @@ def test_demo_registration_reruns_when_its_preset_file_is_edited(tmp_path, monke
     Path("mine.json").write_text('{"rigid": {"iterations": 5}}')
     assert registration_key(DemoSettings(registration_preset="mine.json")) != a
     shipped = registration_key(DemoSettings())  # a shipped preset: its text is in the code fingerprint
-    assert shipped == {"preset": "demo", "variants": 3}
+    assert shipped == {"preset": "demo"}
 
 
 def test_failed_stage_is_not_marked_done(tmp_path):
@@ -118,6 +118,72 @@ def test_changed_stage_starts_empty_and_interrupted_stage_resumes(tmp_path):
     StageRunner(tmp_path).run_all([Stage("s", run, {"x": 2})])   # other settings: starts empty
     StageRunner(tmp_path, code="new").run_all([Stage("s", run, {"x": 2})])  # new code: starts empty
     assert seen == [[], ["piece.txt"], [], []]
+
+
+def test_extent_and_own_settings_keep_the_work_and_the_later_stages_that_do_not_depend_on_them(tmp_path):
+    """``extent`` (e.g. a cohort's size) reruns its stage in its folder and every later stage; ``own`` (e.g. a side
+    comparison no later stage reads) reruns its stage alone, in its folder; ``settings`` empty the folder."""
+    seen = []
+
+    def make(name):
+        def run(d):
+            seen.append((name, sorted(p.name for p in d.iterdir())))
+            (d / "piece.txt").write_text("done")
+            return {}
+        return run
+
+    def stages(x=1, n=10, v=3):
+        return [Stage("a", make("a"), {"x": x}, extent={"n": n}), Stage("b", make("b"), {"y": 1}, own={"v": v}),
+                Stage("c", make("c"))]
+
+    def run(**kw):
+        seen.clear()
+        StageRunner(tmp_path).run_all(stages(**kw))
+        return seen
+
+    assert run() == [("a", []), ("b", []), ("c", [])]
+    assert run() == []
+    assert run(v=4) == [("b", ["piece.txt"])]                              # own: b alone, in its folder
+    assert run(v=4, n=12) == [("a", ["piece.txt"]), ("b", []), ("c", [])]  # extent: a in its folder, then the rest
+    assert run(v=4, n=12, x=2) == [("a", []), ("b", []), ("c", [])]        # settings: from empty folders
+    assert run(v=4, n=12, x=2) == []
+    r = StageRunner(tmp_path)
+    assert r.keys(stages(2, 12, 4))[2] == r.keys(stages(2, 12, 5))[2] != r.keys(stages(2, 13, 4))[2]
+
+
+def test_demo_reruns_only_what_depends_on_a_changed_n_or_variant_knees(tmp_path, monkeypatch):
+    """Changing ``variant_knees`` (the knees on which the registration variants are compared, which no later stage
+    reads) reran the registration from an empty folder (every knee registered again) and every stage after it;
+    changing ``n`` generated every knee again, although knee i does not depend on n. Now ``variant_knees`` reruns the
+    registration alone, which keeps its finished registrations, and ``n`` reruns the phantom stage in its folder
+    (it keeps the knees it has) and every stage after it, from empty folders."""
+    from ctsma.demo import DemoSettings, run_demo, stages
+    from ctsma.demo import run as demo_run
+
+    seen = []
+    names = ("phantom", "synthesis", "registration", "dataset", "training", "evaluation", "diagnosis", "inference")
+
+    def fake(name):
+        def run(ctx, d):
+            seen.append((name, sorted(p.name for p in d.iterdir())))
+            (d / "piece.txt").write_text("done")
+            return {}
+        return run
+
+    for name in names:
+        monkeypatch.setattr(stages, name, fake(name))
+    monkeypatch.setattr(demo_run, "report", lambda ctx, d, timings: {})
+
+    def run(**kw):
+        seen.clear()
+        run_demo(tmp_path / "out", DemoSettings(**kw))
+        return seen
+
+    assert run(n=12) == [(name, []) for name in names]
+    assert run(n=12, variant_knees=2) == [("registration", ["piece.txt"])]
+    assert run(n=12, variant_knees=2) == []
+    assert run(n=14, variant_knees=2) == [("phantom", ["piece.txt"])] + [(name, []) for name in names[1:]]
+    assert run(n=14, variant_knees=2, seed=1) == [(name, []) for name in names]
 
 
 def test_demo_training_config_by_name_or_path(tmp_path):

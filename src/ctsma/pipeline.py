@@ -4,11 +4,13 @@ A stage is a function that writes its outputs under ``<out>/<stage name>/`` and 
 JSON-able summary. When it finishes, a marker ``<out>/.stages/<name>.json`` records the summary,
 the run time and a hash of the settings that the stage depends on. A rerun skips every stage
 whose marker matches its settings, so an interrupted run resumes at the first unfinished stage,
-and changing one setting reruns only the stages that depend on it (and those after it). A runner made with
+and changing one setting reruns only the stages that depend on it (and those after it, unless it is one of the
+stage's ``own`` settings, which no later stage depends on). A runner made with
 ``code=code_fingerprint()`` also reruns everything after the package's code or shipped configs changed, so an
 updated installation never reports results that older code produced. A stage that reruns because its key changed
-starts from an empty folder (its own resumable work, made with other settings or code, is not reused); a stage
-that was interrupted resumes in its folder.
+starts from an empty folder (its own resumable work, made with other settings or code, is not reused), unless
+only its ``extent`` or ``own`` settings changed, which its finished work does not depend on; a stage that was
+interrupted resumes in its folder.
 """
 
 from __future__ import annotations
@@ -54,10 +56,24 @@ def _finished(rec: dict | None, key: str) -> bool:
 
 @dataclass
 class Stage:
+    """One stage and its settings, of three kinds by what depends on them (all JSON-able, ``None``: none):
+
+    * ``settings``: this stage's outputs, the later stages' (they are in their keys too) and the finished work in
+      its folder: a change reruns it from an empty folder, and every stage after it;
+    * ``extent``: this stage's outputs and the later stages', but not the work its folder already holds, each unit
+      of which (a knee) comes out the same whatever their value, and is checked by the stage before it is reused
+      (e.g. the size of a cohort whose knee i does not depend on it): a change reruns it in its folder, which keeps
+      that work, and every stage after it;
+    * ``own``: this stage's outputs only, neither the later stages' nor its finished work (e.g. on which knees a side
+      comparison that no later stage reads is made): a change reruns this stage alone, in its folder.
+    """
+
     name: str
     run: Callable[[Path], dict]
     settings: Any = None
     title: str = ""
+    extent: Any = None
+    own: Any = None
 
 
 @dataclass
@@ -74,12 +90,20 @@ class StageRunner:
         return Path(self.out_dir) / ".stages" / f"{name}.json"
 
     def keys(self, stages: list[Stage]) -> list[str]:
-        """Each stage's key: a hash of its settings and of the key before it (the first: of ``code``)."""
-        keys, upstream = [], self.code
+        """Each stage's key: a hash of all its settings and of the settings that the stages before it pass on."""
+        return [key for key, _ in self._keys(stages)]
+
+    def _keys(self, stages: list[Stage]) -> list[tuple[str, str]]:
+        """Each stage's key and work key. The work key hashes its ``settings`` and what the stage before it passes
+        on (the first: ``code``); adding its ``extent`` gives what it passes on to the next; adding its ``own``, its
+        key. Its folder's finished work is reused while the work key is unchanged. (A stage with neither has the
+        key of a plain chain of settings.)"""
+        out, passed = [], self.code
         for st in stages:
-            upstream = settings_hash({"settings": st.settings, "upstream": upstream})
-            keys.append(upstream)
-        return keys
+            work = settings_hash({"settings": st.settings, "upstream": passed})
+            passed = work if st.extent is None else settings_hash({"extent": st.extent, "upstream": work})
+            out.append((passed if st.own is None else settings_hash({"own": st.own, "upstream": passed}), work))
+        return out
 
     def _record(self, name: str) -> dict | None:
         mk = self.marker(name)
@@ -91,7 +115,7 @@ class StageRunner:
 
     def run_all(self, stages: list[Stage]) -> dict[str, dict]:
         n = len(stages)
-        for i, (st, key) in enumerate(zip(stages, self.keys(stages)), 1):
+        for i, (st, (key, work)) in enumerate(zip(stages, self._keys(stages)), 1):
             prev = ", ".join(f"{k} {v:.0f} s" for k, v in self.timings.items())
             label = st.title or st.name
             mk = self.marker(st.name)
@@ -106,19 +130,20 @@ class StageRunner:
             progress.info(f"[{i}/{n}] {label} ..." + (f"   (so far: {prev})" if prev else ""))
             progress.emit("demo", i - 1, n, st.name)
             stage_dir = Path(self.out_dir) / st.name
-            if rec is not None and rec.get("key") != key and stage_dir.is_dir():
+            if rec is not None and rec.get("key") != key and rec.get("work") != work and stage_dir.is_dir():
                 # made with other settings or code: the stage's own resumable work (knees, registrations, dataset
                 # shards) must not be reused, so it starts empty
                 shutil.rmtree(stage_dir)
             stage_dir.mkdir(parents=True, exist_ok=True)
-            write_json(mk, {"key": key, "started": time.time()})  # interrupted: the next run resumes in stage_dir
+            # interrupted: the next run resumes in stage_dir
+            write_json(mk, {"key": key, "work": work, "started": time.time()})
             t0 = time.perf_counter()
             summary = st.run(stage_dir) or {}
             seconds = time.perf_counter() - t0
             self.timings[st.name] = seconds
             self.summaries[st.name] = summary
             self.cached[st.name] = False
-            write_json(mk, {"key": key, "seconds": seconds, "summary": summary, "finished": time.time()})
+            write_json(mk, {"key": key, "work": work, "seconds": seconds, "summary": summary, "finished": time.time()})
             progress.info(f"[{i}/{n}] {label}: finished in {seconds:.0f} s")
         progress.emit("demo", n, n, "done")
         return self.summaries

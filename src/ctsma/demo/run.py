@@ -18,15 +18,18 @@ def run_demo(out_dir, settings: DemoSettings | None = None) -> dict:
     stages.check_settings(s)  # a missing file or a setting that a later stage would refuse stops it here, before
     out = ensure_writable_dir(out_dir).resolve()  # the output folder is made  # configs resolve relative paths against their own folder
     ctx = stages.Context(out, s)
-    cohort_key = {"n": s.n, "seed": s.seed, "preset": s.phantom_preset}
     runner = StageRunner(out, code=code_fingerprint())
     train_config = stages.train_config_path(s)
     plan = [
-        Stage("phantom", lambda d: stages.phantom(ctx, d), cohort_key, "generate the phantom cohort"),
+        # knee i is the same whatever n (its parameters come from the seed and i alone): a changed n keeps the knees
+        Stage("phantom", lambda d: stages.phantom(ctx, d), {"seed": s.seed, "preset": s.phantom_preset},
+              "generate the phantom cohort", extent={"n": s.n}),
         Stage("synthesis", lambda d: stages.synthesis(ctx, d), {"knees": s.synthesis_knees},
               "train MR->pseudo-CT synthesis"),
+        # the variants are compared on their own: no later stage reads them, and each knee's registration is the
+        # same whatever the number of variant knees
         Stage("registration", lambda d: stages.registration(ctx, d), stages.registration_key(s),
-              "register every MR to its CT"),
+              "register every MR to its CT", own={"variant_knees": s.variant_knees}),
         Stage("dataset", lambda d: stages.dataset(ctx, d), stages.dataset_settings(ctx).__dict__,
               "build the paired patch dataset"),
         Stage("training", lambda d: stages.training(ctx, d),

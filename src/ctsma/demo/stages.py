@@ -116,9 +116,10 @@ def _seconds(reg_dir: Path, subjects) -> float:
 
 
 def registration_key(s: DemoSettings) -> dict:
-    """The registration stage's settings for its cache key. A shipped preset's file is in the code fingerprint; a
-    preset file of the user's adds its text, so that editing the file reruns the stage (as for ``train_config``)."""
-    key = {"preset": s.registration_preset, "variants": s.variant_knees}
+    """The registration stage's settings for its cache key (``variant_knees`` is an ``own`` setting of the stage: the
+    later stages read only the cohort's registrations). A shipped preset's file is in the code fingerprint; a preset
+    file of the user's adds its text, so that editing the file reruns the stage (as for ``train_config``)."""
+    key = {"preset": s.registration_preset}
     path = Path(s.registration_preset)
     if path.is_file():
         key["preset_text"] = path.read_text(encoding="utf-8")
