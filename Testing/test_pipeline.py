@@ -305,7 +305,7 @@ def test_small_cohorts_get_fewer_diagnosis_folds_and_too_few_knees_a_clear_error
         stages.diagnosis_folds(ctx, labels(1, 7))
 
 
-def _fake_training(which, cfg, threads):
+def _fake_training(which, cfg, threads, started):
     """Stands in for one training in train_in_lanes's worker processes: records when it ran."""
     import json
     import time
@@ -314,6 +314,7 @@ def _fake_training(which, cfg, threads):
 
     if [cfg["fold"], which] == cfg.get("fail"):
         raise UserError(f"training {which} of fold {cfg['fold']} failed")
+    started()
     start = time.time()
     time.sleep(0.6 if which == "teacher" else 0.3)
     rec = {"start": start, "end": time.time(), "threads": threads}
@@ -384,8 +385,10 @@ def test_killed_demo_training_stage_keeps_the_models_it_had_exported(tmp_path, m
     cfg.trainer.threads = 1
     save_model(teacher, {"w": torch.zeros(1)}, {"training": {"config": to_dict(cfg)}}, kind="teacher")
     trained.clear()
-    assert stages._train_job("teacher", cfg, 1) is None and trained == []
-    assert stages._train_job("teacher", cfg, 2) is not None and trained == [(0, "teacher")]  # another config
+    started = []
+    assert stages._train_job("teacher", cfg, 1, lambda: started.append(1)) is None and trained == started == []
+    assert stages._train_job("teacher", cfg, 2, lambda: started.append(2)) is not None  # another config
+    assert trained == [(0, "teacher")] and started == [2]
 
     # a distilled student is kept only with the teacher it was distilled from
     student = mt.run_paths(cfg, "student_distilled")[1]
@@ -397,6 +400,35 @@ def test_killed_demo_training_stage_keeps_the_models_it_had_exported(tmp_path, m
     assert stages.exported_already("student", cfg)
     save_model(teacher, {"w": torch.ones(1)}, {"training": {"config": to_dict(cfg)}}, kind="teacher")  # retrained
     assert not stages.exported_already("student", cfg)
+
+
+def test_a_kept_model_in_a_training_lane_is_shown_kept_and_not_started(tmp_path, monkeypatch):
+    """A lane (workers > 1) printed 'fold 1/1: teacher (started)' and then 'kept' for a model that an interrupted run
+    had exported: it now says only that it is kept, and 'started' for the models it trains."""
+    import importlib
+    import os
+
+    import torch
+
+    from ctsma import progress
+    from ctsma.config import to_dict
+    from ctsma.demo import stages
+    from ctsma.demo.settings import DemoSettings
+    from ctsma.modelfile import save_model
+
+    mt = importlib.import_module("ctsma.models.train")
+    cfg = stages.fold_config(stages.Context(tmp_path, DemoSettings(folds=2)), 0)
+    cfg.trainer.threads = max(1, os.cpu_count() or 1)  # a lane's threads when it runs alone
+    teacher = mt.run_paths(cfg, "teacher")[1]
+    teacher.parent.mkdir(parents=True)
+    save_model(teacher, {"w": torch.zeros(1)}, {"training": {"config": to_dict(cfg)}}, kind="teacher")
+    monkeypatch.setattr(mt, "train", lambda which, cfg: None)
+    shown = []
+    monkeypatch.setattr(progress, "info", shown.append)
+    stages.train_in_lanes([cfg], 2)  # one lane: in this process
+    assert shown == ["  fold 1/1: teacher " + stages.KEPT,
+                     "  fold 1/1: student (started)", "  fold 1/1: student finished in 0 s",
+                     "  fold 1/1: baseline (started)", "  fold 1/1: baseline finished in 0 s"]
 
 
 def test_demo_scene_of_an_earlier_run_is_not_left_beside_this_runs(tmp_path, monkeypatch):

@@ -250,15 +250,20 @@ def training(ctx: Context, d: Path) -> dict:
         for f, cfg in enumerate(cfgs):
             for which in ("teacher", "student", "baseline"):
                 if exported_already(which, cfg):
-                    progress.info(f"  fold {f + 1}/{ctx.s.folds}: {which} {KEPT}")
+                    _say(f, ctx.s.folds, which, KEPT)
                     continue
-                progress.info(f"  fold {f + 1}/{ctx.s.folds}: {which}")
+                _say(f, ctx.s.folds, which)
                 train(which, cfg)
     return {f"fold{f}": str(d / f"fold{f}") for f in range(ctx.s.folds)}
 
 
 LANE = ("teacher", "student", "baseline")  # the student needs its fold's teacher; the baseline needs nothing
 KEPT = "kept: exported by an interrupted run with the same settings"
+
+
+def _say(fold: int, n: int, which: str, what: str = "") -> None:
+    """One line of the training stage's progress: ``fold 1/3: teacher <what>``."""
+    progress.info(f"  fold {fold + 1}/{n}: {which}" + (f" {what}" if what else ""))
 
 
 def exported_already(which: str, cfg) -> bool:
@@ -288,8 +293,9 @@ def exported_already(which: str, cfg) -> bool:
     return training.get("config") == json.loads(json.dumps(to_jsonable(to_dict(cfg))))
 
 
-def _train_job(which: str, cfg, threads: int) -> float | None:
-    """One training; returns its seconds, or None for a model kept from an interrupted run."""
+def _train_job(which: str, cfg, threads: int, started) -> float | None:
+    """One training; returns its seconds, or None for a model kept from an interrupted run. ``started()`` is called
+    when the training starts (not for a kept model)."""
     import time
 
     from ..models.train import train
@@ -297,18 +303,21 @@ def _train_job(which: str, cfg, threads: int) -> float | None:
     cfg.trainer.threads = threads
     if exported_already(which, cfg):
         return None
+    started()
     t = time.perf_counter()
     train(which, cfg)
     return time.perf_counter() - t
 
 
 def _lane(fold: int, n: int, cfg, threads: int, job) -> list[tuple[str, float]]:
-    """One fold's trainings in order, in a worker process; returns (model, seconds) of each."""
+    """One fold's trainings in order, in a worker process; returns (model, seconds) of each. A model is announced as
+    started only when its training starts, and a kept one only as kept."""
+    from functools import partial
+
     done = []
     for which in LANE:
-        progress.info(f"  fold {fold + 1}/{n}: {which} (started)")
-        secs = job(which, cfg, threads)
-        progress.info(f"  fold {fold + 1}/{n}: {which} " + (KEPT if secs is None else f"finished in {secs:.0f} s"))
+        secs = job(which, cfg, threads, partial(_say, fold, n, which, "(started)"))
+        _say(fold, n, which, KEPT if secs is None else f"finished in {secs:.0f} s")
         done.append((which, secs or 0.0))
     return done
 
@@ -318,7 +327,8 @@ def train_in_lanes(cfgs: list, workers: int, job=_train_job) -> list[tuple[int, 
     per fold, up to ``2 × workers`` at once, each with ``cpu_count // processes`` torch threads (at least 1), each
     running its fold's teacher, student and baseline in that order. Returns the (fold, model) pairs in the order the
     lanes finished. The first training that fails stops the others and its error is raised. ``job(which, cfg,
-    threads)`` runs one training (injected by the tests)."""
+    threads, started)`` runs one training, calling ``started()`` as it starts, and returns its seconds, or None
+    without calling ``started`` for a model it keeps (injected by the tests)."""
     import os
 
     from ..processes import run_jobs
