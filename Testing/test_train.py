@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -333,6 +334,38 @@ def test_resume_with_other_settings_or_another_split_is_refused(store, tmp_path)
         with pytest.raises(ConfigError, match=said):
             train("baseline", load_train_config(tiny(store.dir, tmp_path, **over)), resume=True)
     assert ckpt.read_bytes() == before  # refused before anything was written
+
+
+def test_resume_of_a_checkpoint_past_the_configured_epochs_is_one_line(store, tmp_path, capsys):
+    """A checkpoint of an earlier CT-SMA (no run record), resumed with fewer optim.max_epochs than it had run, was
+    Lightning's traceback (two epochs over) or, one epoch over, exported a model of more epochs than its metadata
+    says. Now one line, the checkpoint kept; at its own epoch count it exports again, as one with a record does."""
+    import yaml
+
+    from ctsma.cli.main import main
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump(tiny(store.dir, tmp_path / "run", optim={"max_epochs": 3})))
+    train("baseline", load_train_config(conf))
+    ckpt = tmp_path / "run" / "student_baseline" / "checkpoints" / "last.ckpt"
+    with_record = torch.load(ckpt, map_location="cpu", weights_only=True)
+    legacy = {k: v for k, v in with_record.items() if k != "ctsma_run"}
+    for saved, fewer, said in ((with_record, 2, r"\(optim.max_epochs 3 -> 2\)"),
+                               (legacy, 2, r"has finished 3 epochs, more than optim.max_epochs 2;"),
+                               (legacy, 1, r"has finished 3 epochs, more than optim.max_epochs 1;")):
+        torch.save(saved, ckpt)
+        before = ckpt.read_bytes()
+        capsys.readouterr()
+        assert main(["--quiet", "train", "baseline", "--config", str(conf), "--resume",
+                     "--set", f"optim.max_epochs={fewer}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ctsma train: error: --resume: ") and len(err.splitlines()) == 1, err
+        assert re.search(said, err), err
+        assert ckpt.read_bytes() == before
+    for saved in (legacy, with_record):  # at the configured epochs: nothing left to train, the model is exported
+        torch.save(saved, ckpt)
+        meta = load_model(train("baseline", load_train_config(conf), resume=True))[1]
+        assert meta["metrics"]["epochs_run"] == 3
 
 
 def test_resume_without_checkpoint_and_cli_errors(store, tmp_path, capsys):

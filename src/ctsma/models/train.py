@@ -301,9 +301,9 @@ def _record_changes(old: dict, new: dict) -> list[str]:
 
 def _check_resumable(ckpt: Path, module) -> None:
     """Refuse, before anything is written, a checkpoint whose weights do not fit the network this config builds
-    (e.g. ``--resume`` after changing ``widths`` or ``stem``), which Lightning would report as a traceback, and one
+    (e.g. ``--resume`` after changing ``widths`` or ``stem``), which Lightning would report as a traceback, one
     of a run with other settings, split or teacher (see :func:`_run_record`; checkpoints of earlier versions have no
-    record)."""
+    record), and one that has run more epochs than ``optim.max_epochs``."""
     try:
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # truncated or damaged
@@ -321,6 +321,11 @@ def _check_resumable(ckpt: Path, module) -> None:
         raise ConfigError(f"--resume: this run was started with other settings or data ({'; '.join(changes[:5])}"
                           f"{'; ...' if len(changes) > 5 else ''}); resume with the run's own settings, or train "
                           "anew without --resume")
+    done, planned = int(saved.get("epoch", -1)) + 1, module.optim_cfg["max_epochs"]  # last.ckpt: at an epoch's end
+    if done > planned:  # a checkpoint without a record (an earlier CT-SMA's) and fewer epochs: Lightning's traceback,
+        # or, one epoch over, a model of more epochs than its metadata says
+        raise ConfigError(f"--resume: {ckpt} has finished {done} epochs, more than optim.max_epochs {planned}; "
+                          "resume with the run's own optim.max_epochs, or train anew without --resume")
 
 
 def _read_csv(path: Path):
