@@ -617,3 +617,60 @@ def test_an_ablation_named_as_the_run_is_refused_before_it_replaces_the_runs_stu
     with pytest.raises(ConfigError, match="ablations: the name 'w3' is this run's output.name"):
         evaluate(cfg, tmp_path / "eval")
     assert own.read_bytes() == b"the run's own student" and not (tmp_path / "eval").exists()
+
+
+def test_a_rerun_of_evaluate_reuses_the_ablations_whose_run_is_unchanged(trained, tmp_path, capsys, monkeypatch):
+    """Each run of evaluate trained every ablation again. A rerun now reuses an ablation's model file when it records
+    the same run (settings, split, teacher: the record that --resume checks) and says so; an ablation whose
+    definition changed, or all of them after the teacher changed, are trained again, with the change named."""
+    import shutil
+
+    from ctsma import progress
+    from ctsma.evaluation.regression import evaluate
+    from ctsma.modelfile import save_model
+
+    monkeypatch.setattr(progress, "_quiet", False)  # another test's `ctsma --quiet` may have left it on
+    cfg0, run0, _ = trained
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(run0 / "teacher.safetensors", run)
+    ablations = [{"name": "w3", "distill": {"weights": [3.0, 3.0, 3.0]}},
+                 {"name": "s3", "distill": {"stages": ["stage3"], "weights": [1.0]}}]
+    files = {n: run / f"student_distilled_{n}.safetensors" for n in ("w3", "s3")}
+
+    def evaluated():
+        cfg = load_train_config(tiny(cfg0.data.store, run, optim={"max_epochs": 2},
+                                     evaluate={"ablations": ablations, "plots": False}))
+        capsys.readouterr()
+        return evaluate(cfg, tmp_path / "eval")["ablations"], capsys.readouterr().err
+
+    def stamps():  # a model file trained again is a new file (written under a temporary name, renamed into place)
+        return {n: (f.stat().st_ino, f.stat().st_mtime_ns) for n, f in files.items()}
+
+    first, err = evaluated()
+    assert "reused" not in err
+    before = stamps()
+    again, err = evaluated()
+    assert stamps() == before and again == first
+    assert all(f"student_distilled_{n}: reused {files[n]}" in err for n in files), err
+    ablations[0]["distill"]["weights"] = [2.0, 2.0, 2.0]  # w3's own definition changes: only w3 is trained again
+    _, err = evaluated()
+    now = stamps()
+    assert now["w3"] != before["w3"] and now["s3"] == before["s3"]
+    assert "student_distilled_w3: trained again (distill.weights [3.0, 3.0, 3.0] -> [2.0, 2.0, 2.0])" in err, err
+    tensors, meta = load_model(run / "teacher.safetensors")  # a retrained teacher: every ablation is trained again
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = tensors[name] + 1e-3
+    save_model(run / "teacher.safetensors", tensors, {k: v for k, v in meta.items() if not k.startswith("_")},
+               kind="teacher")
+    _, err = evaluated()
+    assert all(stamps()[n] != now[n] for n in files)
+    assert err.count("trained again (the teacher (its file changed: retrained or replaced))") == 2, err
+    now = stamps()
+    tensors, meta = load_model(files["w3"])  # a file of an earlier version records no run: trained again
+    del meta["training"]["run"]
+    save_model(files["w3"], tensors, {k: v for k, v in meta.items() if not k.startswith("_")}, kind="student")
+    older = stamps()
+    _, err = evaluated()
+    assert stamps()["w3"] != older["w3"] and stamps()["s3"] == now["s3"]
+    assert "student_distilled_s3: reused" in err and "student_distilled_w3: reused" not in err

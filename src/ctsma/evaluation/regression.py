@@ -203,7 +203,7 @@ def evaluate(cfg, out_dir: str | Path, *, store: PatchStore | None = None, ablat
         result["ablations"] = {}
         for a in progress.track(cfg.evaluate.ablations, "ablations"):
             vcfg = variant(cfg, a)
-            path = train("student", vcfg, store=store)
+            path = train("student", vcfg, store=store, reuse=True)  # one trained before for this run: not again
             p, _ = predict_sources(vcfg, store, idx, names={"v": str(path)})
             block = agreement_block(ref, p["v"], subjects)
             result["ablations"][a["name"]] = {"overrides": {k: v for k, v in a.items() if k != "name"},

@@ -86,10 +86,12 @@ def _native_bf16() -> bool:
 
 
 def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchStore | None = None,
-          max_epochs: int | None = None, callbacks: list | None = None) -> Path:
+          max_epochs: int | None = None, callbacks: list | None = None, reuse: bool = False) -> Path:
     """Train one model and export it; returns the model file path.
 
-    ``max_epochs`` overrides the config's; ``callbacks`` are extra Lightning callbacks (e.g. a GUI's).
+    ``max_epochs`` overrides the config's; ``callbacks`` are extra Lightning callbacks (e.g. a GUI's). ``reuse``:
+    a model file that records the run this one would be (:func:`_run_record`) is returned as it is, untrained
+    (``ctsma evaluate``'s ablations).
     """
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import EarlyStopping, TQDMProgressBar
@@ -155,6 +157,15 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     if teacher_tensors is not None:
         module.teacher.load_state_dict(teacher_tensors)
     module.run_record = _run_record(cfg, role, dm, optim, teacher_meta)
+    if reuse and not resume:
+        changes = _changes_since(model_file, module.run_record)
+        if changes == []:
+            progress.info(f"{role}{cfg.output.name}: reused {model_file} (trained with the same settings, split and "
+                          "teacher)")
+            return model_file
+        if changes:
+            progress.info(f"{role}{cfg.output.name}: trained again ({'; '.join(changes[:3])}"
+                          f"{'; ...' if len(changes) > 3 else ''})")
     if resume:
         _check_resumable(last, module)
     precision = _precision(cfg)
@@ -222,6 +233,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
                 "split": dm.split.subjects, "n_train_patches": int(len(dm.split.train)),
                 "n_val_patches": int(len(dm.split.val)), "config": to_dict(cfg), "seed": cfg.trainer.seed,
                 "seconds": round(time.time() - t0, 1), "hardware": _hardware(trainer, precision),
+                "run": module.run_record,  # what defines the run, as its checkpoints record it
                 "teacher": (None if teacher_meta is None else {"file": str(teacher_path(cfg)),
                                                               "sha256": teacher_meta.get("_sha256"),
                                                               "learnt_from": learnt_from(teacher_meta)})}
@@ -295,8 +307,23 @@ def _record_changes(old: dict, new: dict) -> list[str]:
         keys.remove("patches")  # another split has other patches: say the cause once
     words = {"split": "the patient split (another store, or data.k_folds/fold/split settings)",
              "patches": "the store's patches (another store)",
-             "teacher_sha256": "the teacher (its file changed since the run started)"}
+             "teacher_sha256": "the teacher (its file changed: retrained or replaced)"}
     return [words.get(k) or f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+
+
+def _changes_since(model_file: Path, record: dict) -> list[str] | None:
+    """What differs between the run a model file records (``training.run``) and ``record``, in words (empty: the
+    same run); None when there is nothing to compare (no file, a damaged one, or one of an earlier version)."""
+    from ..io.atomic import to_jsonable
+    from ..modelfile import load_model
+
+    if not model_file.is_file():
+        return None
+    try:
+        old = (load_model(model_file)[1].get("training") or {}).get("run")  # checksum verified: a damaged file
+    except ModelFileError:                                                # is trained again
+        return None
+    return _record_changes(old, to_jsonable(record)) if isinstance(old, dict) else None
 
 
 def _check_resumable(ckpt: Path, module) -> None:
