@@ -336,6 +336,46 @@ def test_resume_with_other_settings_or_another_split_is_refused(store, tmp_path)
     assert ckpt.read_bytes() == before  # refused before anything was written
 
 
+def test_a_store_rebuilt_in_its_folder_is_another_run(store, tmp_path, capsys):
+    """A store rebuilt in its folder with the same patients and patch counts (e.g. other builder settings) passed as
+    the same run: --resume went on from its checkpoint and evaluate reused its ablation models. The run record now
+    holds the store's fingerprint; a record of an earlier version, without it, is compared without it."""
+    import shutil
+
+    from ctsma.dataset.store import CSV_NAME, PatchStore
+
+    copy = tmp_path / "store"
+    shutil.copytree(store.dir, copy)
+    cfg = load_train_config(tiny(copy, tmp_path / "run", optim={"max_epochs": 2}))
+    model = train("baseline", cfg)
+    fingerprint = PatchStore(copy).fingerprint()
+    assert load_model(model)[1]["training"]["run"]["store"] == fingerprint
+    capsys.readouterr()
+    assert train("baseline", cfg, reuse=True) == model
+    assert "reused" in capsys.readouterr().err
+    table = pd.read_csv(copy / CSV_NAME, dtype={"subject": str})
+    table.loc[0, "mr_Tb.Th"] *= 1.1  # "rebuilt": one reference differs, same patients and counts
+    table.to_csv(copy / CSV_NAME, index=False)
+    assert PatchStore(copy).fingerprint() != fingerprint
+    ckpt = tmp_path / "run" / "student_baseline" / "checkpoints" / "last.ckpt"
+    before = ckpt.read_bytes()
+    with pytest.raises(ConfigError, match=r"\(the store's contents \(another store, or one rebuilt in its folder\)\)"):
+        train("baseline", cfg, resume=True)
+    assert ckpt.read_bytes() == before
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    saved["ctsma_run"].pop("store")  # a checkpoint of the previous version: no fingerprint to compare
+    torch.save(saved, ckpt)
+    assert load_model(train("baseline", cfg, resume=True))[1]["metrics"]["epochs_run"] == 2
+    capsys.readouterr()
+    train("baseline", cfg, reuse=True)  # the model file now records the rebuilt store's fingerprint: reused
+    assert "reused" in capsys.readouterr().err
+    table.loc[1, "mr_Tb.Sp"] *= 1.1
+    table.to_csv(copy / CSV_NAME, index=False)
+    train("baseline", cfg, reuse=True)
+    err = capsys.readouterr().err
+    assert "trained again (the store's contents" in err, err
+
+
 def test_resume_of_a_checkpoint_past_the_configured_epochs_is_one_line(store, tmp_path, capsys):
     """A checkpoint of an earlier CT-SMA (no run record), resumed with fewer optim.max_epochs than it had run, was
     Lightning's traceback (two epochs over) or, one epoch over, exported a model of more epochs than its metadata

@@ -23,6 +23,7 @@ Splits are always by PATIENT (subject), never by patch: :meth:`PatchStore.patien
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -256,6 +257,16 @@ class PatchStore:
 
     def __len__(self) -> int:
         return len(self.table)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the store's table and summary: its patch centres, references and splits, the builder's settings
+        and each knee's provenance. It tells one build of a store from another (e.g. rebuilt in its folder with other
+        settings) without reading the arrays; a store moved to another folder keeps it."""
+        h = hashlib.sha256()
+        for name in (CSV_NAME, SUMMARY_NAME):
+            path = self.dir / name
+            h.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b""))
+        return h.hexdigest()
 
     def _file(self):
         import h5py

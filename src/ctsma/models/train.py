@@ -282,7 +282,8 @@ def _run_record(cfg: TrainConfig, role: str, dm, optim: dict, teacher_meta: dict
     rec = {"data": {k: c["data"][k] for k in ("target", "masks", "augment", "batch_size")}, net: c[net],
            "optim": dict(optim), "trainer": {"seed": cfg.trainer.seed},
            "split": {k: [str(s) for s in v] for k, v in dm.split.subjects.items()},
-           "patches": {"train": int(len(dm.split.train)), "val": int(len(dm.split.val))}}
+           "patches": {"train": int(len(dm.split.train)), "val": int(len(dm.split.val))},
+           "store": dm.store.fingerprint()}
     if role == "student_distilled":
         rec["distill"] = {k: v for k, v in c["distill"].items() if k != "teacher"}
         rec["teacher_sha256"] = teacher_meta.get("_sha256") if teacher_meta else None
@@ -302,11 +303,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def _record_changes(old: dict, new: dict) -> list[str]:
     """What differs between a checkpoint's run record and this run's, in words."""
     a, b = _flat(old), _flat(new)
+    if "store" not in a:  # a record of an earlier version, which did not fingerprint the store
+        b.pop("store", None)
     keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    if "split" in keys and "patches" in keys:
-        keys.remove("patches")  # another split has other patches: say the cause once
+    # say the cause once: another split has other patches, another store's contents other patch counts
+    effects = ("patches", "store") if "split" in keys else ("patches",) if "store" in keys else ()
+    keys = [k for k in keys if k not in effects]
     words = {"split": "the patient split (another store, or data.k_folds/fold/split settings)",
              "patches": "the store's patches (another store)",
+             "store": "the store's contents (another store, or one rebuilt in its folder)",
              "teacher_sha256": "the teacher (its file changed: retrained or replaced)"}
     return [words.get(k) or f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 
