@@ -357,72 +357,60 @@ def test_demo_trainings_run_in_lanes_wait_for_their_teacher_and_stop_on_an_error
         train_in_lanes(bad, 2, job=_fake_training)
 
 
+def _reusing_train(kept):
+    """Stands in for ``models.train.train``: the models ``kept`` ((fold, which) pairs) are reused as
+    ``train(reuse=True)`` reuses a model file that records the same run (tested in test_train.py), the others
+    trained; records every call."""
+    calls = []
+
+    def train(which, cfg, *, reuse=False, started=None):
+        calls.append((cfg.data.fold, which, reuse))
+        if not (reuse and (cfg.data.fold, which) in kept):
+            started()
+
+    return train, calls
+
+
 def test_killed_demo_training_stage_keeps_the_models_it_had_exported(tmp_path, monkeypatch):
     """'a rerun resumes': a training stage killed after some models were exported trained all of them again (the
-    longest stage of the demo). A rerun now keeps each model that the interrupted run exported with the same config,
-    and trains the others; a model exported with another config is trained again."""
+    longest stage of the demo). A rerun now keeps each model whose file records the same run (train's reuse, the
+    check that evaluate's ablations use too), announced as kept and not as started, and trains the others."""
     import importlib
 
-    import torch
-
-    from ctsma.config import to_dict
+    from ctsma import progress
     from ctsma.demo import stages
     from ctsma.demo.settings import DemoSettings
-    from ctsma.modelfile import save_model
 
     mt = importlib.import_module("ctsma.models.train")  # (ctsma.models.train is also the name of a function)
-    ctx = stages.Context(tmp_path, DemoSettings(workers=1, folds=2))
-    cfg = stages.fold_config(ctx, 0)
-    teacher = mt.run_paths(cfg, "teacher")[1]
-    teacher.parent.mkdir(parents=True)
-    save_model(teacher, {"w": torch.zeros(1)}, {"training": {"config": to_dict(cfg)}}, kind="teacher")
-    trained = []
-    monkeypatch.setattr(mt, "train", lambda which, cfg: trained.append((cfg.data.fold, which)))
-    stages.training(ctx, tmp_path / "training")
-    assert trained == [(0, "student"), (0, "baseline"), (1, "teacher"), (1, "student"), (1, "baseline")]
+    fake, calls = _reusing_train({(0, "teacher"), (0, "student")})
+    monkeypatch.setattr(mt, "train", fake)
+    shown = []
+    monkeypatch.setattr(progress, "info", shown.append)
+    stages.training(stages.Context(tmp_path, DemoSettings(workers=1, folds=2)), tmp_path / "training")
+    assert calls == [(f, w, True) for f in (0, 1) for w in stages.LANE]
+    assert shown == ["  fold 1/2: teacher " + stages.KEPT, "  fold 1/2: student " + stages.KEPT,
+                     "  fold 1/2: baseline", "  fold 2/2: teacher", "  fold 2/2: student", "  fold 2/2: baseline"]
 
     # in a lane (workers > 1): the same check, at the lane's thread count
-    cfg.trainer.threads = 1
-    save_model(teacher, {"w": torch.zeros(1)}, {"training": {"config": to_dict(cfg)}}, kind="teacher")
-    trained.clear()
+    cfg = stages.fold_config(stages.Context(tmp_path, DemoSettings(folds=2)), 0)
     started = []
-    assert stages._train_job("teacher", cfg, 1, lambda: started.append(1)) is None and trained == started == []
-    assert stages._train_job("teacher", cfg, 2, lambda: started.append(2)) is not None  # another config
-    assert trained == [(0, "teacher")] and started == [2]
-
-    # a distilled student is kept only with the teacher it was distilled from
-    student = mt.run_paths(cfg, "student_distilled")[1]
-    from ctsma.modelfile import read_metadata
-
-    sha = read_metadata(teacher)["_sha256"]
-    save_model(student, {"w": torch.zeros(1)}, {"training": {"config": to_dict(cfg), "teacher": {"sha256": sha}}},
-               kind="student")
-    assert stages.exported_already("student", cfg)
-    save_model(teacher, {"w": torch.ones(1)}, {"training": {"config": to_dict(cfg)}}, kind="teacher")  # retrained
-    assert not stages.exported_already("student", cfg)
+    assert stages._train_job("teacher", cfg, 1, lambda: started.append(1)) is None and started == []
+    assert cfg.trainer.threads == 1
+    assert stages._train_job("baseline", cfg, 2, lambda: started.append(2)) is not None and started == [2]
 
 
 def test_a_kept_model_in_a_training_lane_is_shown_kept_and_not_started(tmp_path, monkeypatch):
     """A lane (workers > 1) printed 'fold 1/1: teacher (started)' and then 'kept' for a model that an interrupted run
     had exported: it now says only that it is kept, and 'started' for the models it trains."""
     import importlib
-    import os
-
-    import torch
 
     from ctsma import progress
-    from ctsma.config import to_dict
     from ctsma.demo import stages
     from ctsma.demo.settings import DemoSettings
-    from ctsma.modelfile import save_model
 
     mt = importlib.import_module("ctsma.models.train")
     cfg = stages.fold_config(stages.Context(tmp_path, DemoSettings(folds=2)), 0)
-    cfg.trainer.threads = max(1, os.cpu_count() or 1)  # a lane's threads when it runs alone
-    teacher = mt.run_paths(cfg, "teacher")[1]
-    teacher.parent.mkdir(parents=True)
-    save_model(teacher, {"w": torch.zeros(1)}, {"training": {"config": to_dict(cfg)}}, kind="teacher")
-    monkeypatch.setattr(mt, "train", lambda which, cfg: None)
+    monkeypatch.setattr(mt, "train", _reusing_train({(0, "teacher")})[0])
     shown = []
     monkeypatch.setattr(progress, "info", shown.append)
     stages.train_in_lanes([cfg], 2)  # one lane: in this process

@@ -245,20 +245,17 @@ def training(ctx: Context, d: Path) -> dict:
     if ctx.s.workers > 1 and all(c.trainer.accelerator == "cpu" for c in cfgs):
         train_in_lanes(cfgs, ctx.s.workers)
     else:
-        from ..models.train import train
+        from functools import partial
 
         for f, cfg in enumerate(cfgs):
-            for which in ("teacher", "student", "baseline"):
-                if exported_already(which, cfg):
+            for which in LANE:
+                if _train_job(which, cfg, cfg.trainer.threads, partial(_say, f, ctx.s.folds, which)) is None:
                     _say(f, ctx.s.folds, which, KEPT)
-                    continue
-                _say(f, ctx.s.folds, which)
-                train(which, cfg)
     return {f"fold{f}": str(d / f"fold{f}") for f in range(ctx.s.folds)}
 
 
 LANE = ("teacher", "student", "baseline")  # the student needs its fold's teacher; the baseline needs nothing
-KEPT = "kept: exported by an interrupted run with the same settings"
+KEPT = "kept: exported by an interrupted run of the same training"
 
 
 def _say(fold: int, n: int, which: str, what: str = "") -> None:
@@ -266,47 +263,19 @@ def _say(fold: int, n: int, which: str, what: str = "") -> None:
     progress.info(f"  fold {fold + 1}/{n}: {which}" + (f" {what}" if what else ""))
 
 
-def exported_already(which: str, cfg) -> bool:
-    """Whether this stage's model ``which`` was exported by an earlier, interrupted run of the stage with the same
-    training config (the folder of a stage whose key changed is emptied first; the config check guards a folder
-    whose stage record was deleted). A killed training stage then resumes instead of training every model again."""
-    import json
-
-    from ..config import to_dict
-    from ..errors import UserError
-    from ..io.atomic import to_jsonable
-    from ..modelfile import read_metadata
-    from ..models.train import ROLE_OF, run_paths, teacher_path
-
-    path = run_paths(cfg, ROLE_OF[which])[1]
-    if not path.is_file():
-        return False
-    try:
-        training = read_metadata(path).get("training") or {}
-        if which == "student":  # distilled from the teacher that is there now (not one since trained again)
-            teacher = teacher_path(cfg)
-            if not teacher.is_file() or (training.get("teacher") or {}).get("sha256") != \
-                    read_metadata(teacher).get("_sha256"):
-                return False
-    except UserError:  # damaged: train it again
-        return False
-    return training.get("config") == json.loads(json.dumps(to_jsonable(to_dict(cfg))))
-
-
 def _train_job(which: str, cfg, threads: int, started) -> float | None:
-    """One training; returns its seconds, or None for a model kept from an interrupted run. ``started()`` is called
-    when the training starts (not for a kept model)."""
+    """One training; returns its seconds, or None for a model kept from an interrupted run of the stage: one whose
+    file records the same run (``train(reuse=True)``: settings, split, store and, for the student, the teacher it
+    was distilled from; the folder of a stage whose key changed is emptied first). ``started()`` is called when the
+    training starts (not for a kept model)."""
     import time
 
     from ..models.train import train
 
     cfg.trainer.threads = threads
-    if exported_already(which, cfg):
-        return None
-    started()
-    t = time.perf_counter()
-    train(which, cfg)
-    return time.perf_counter() - t
+    began, t = [], time.perf_counter()
+    train(which, cfg, reuse=True, started=lambda: (began.append(True), started()))
+    return time.perf_counter() - t if began else None
 
 
 def _lane(fold: int, n: int, cfg, threads: int, job) -> list[tuple[str, float]]:

@@ -18,6 +18,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -86,12 +87,14 @@ def _native_bf16() -> bool:
 
 
 def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchStore | None = None,
-          max_epochs: int | None = None, callbacks: list | None = None, reuse: bool = False) -> Path:
+          max_epochs: int | None = None, callbacks: list | None = None, reuse: bool = False,
+          started: Callable[[], None] | None = None) -> Path:
     """Train one model and export it; returns the model file path.
 
     ``max_epochs`` overrides the config's; ``callbacks`` are extra Lightning callbacks (e.g. a GUI's). ``reuse``:
     a model file that records the run this one would be (:func:`_run_record`) is returned as it is, untrained
-    (``ctsma evaluate``'s ablations).
+    (``ctsma evaluate``'s ablations, the demo's models of an interrupted training stage). ``started()`` is called
+    when the training itself starts, after every check (not for a reused model).
     """
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import EarlyStopping, TQDMProgressBar
@@ -201,6 +204,8 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
         gradient_clip_val=cfg.optim.grad_clip or None, use_distributed_sampler=False, log_every_n_steps=1,
         check_val_every_n_epoch=optim["val_every"],
         default_root_dir=run_dir)
+    if started is not None:
+        started()
     progress.info(f"training {role} on {len(dm.split.train)} patches of {len(dm.split.subjects['train'])} patients "
                   f"(validation: {len(dm.split.subjects['val'])} patients)")
     csv_log = run_dir / "logs" / "metrics.csv"
