@@ -649,10 +649,10 @@ def test_a_ct_replaced_at_the_same_path_is_a_new_request(tmp_path):
     from ctsma.inference.engine import InferSettings, request_record
     ct = tmp_path / "ct.nii.gz"
     ct.write_bytes(b"x" * 100)
-    first = request_record(ct, {"_sha256": "m"}, InferSettings(), None, None, None)
-    assert request_record(ct, {"_sha256": "m"}, InferSettings(), None, None, None) == first
+    first = request_record(ct, {"_sha256": "m"}, InferSettings(), None, None, None, model_path=None)
+    assert request_record(ct, {"_sha256": "m"}, InferSettings(), None, None, None, model_path=None) == first
     ct.write_bytes(b"y" * 120)
-    assert request_record(ct, {"_sha256": "m"}, InferSettings(), None, None, None) != first
+    assert request_record(ct, {"_sha256": "m"}, InferSettings(), None, None, None, model_path=None) != first
 
 
 def test_a_diagnosis_model_replaced_by_one_of_the_same_size_and_time_is_a_new_request(tmp_path):
@@ -666,7 +666,8 @@ def test_a_diagnosis_model_replaced_by_one_of_the_same_size_and_time_is_a_new_re
     st = dx.stat()
 
     def record():
-        return request_record(tmp_path / "ct.nii.gz", {"_sha256": "m"}, InferSettings(), None, None, dx)
+        return request_record(tmp_path / "ct.nii.gz", {"_sha256": "m"}, InferSettings(), None, None, dx,
+                              model_path=None)
 
     first = record()
     dx.write_bytes(b"b" * 100)
@@ -717,6 +718,50 @@ def test_a_batch_rerun_redoes_knees_whose_diagnosis_model_was_retrained_at_the_s
         assert json.loads((out / "batch_status_0of1.json").read_text())[0]["status"] == "done earlier"
 
 
+def test_a_batch_rerun_redoes_knees_whose_student_metadata_changed(knee, constant_student, tmp_path):
+    """The student was recorded by its weights' checksum only (model_sha256): a student file whose metadata changed
+    (here its target normalisation, which scales every output) left each finished knee 'done earlier', with the
+    old metadata's values. Its file's bytes stamp it now; records from before that stamp redo nothing."""
+    from ctsma.modelfile import load_model, save_model
+
+    tensors, meta = load_model(constant_student)
+    kept = {k: v for k, v in meta.items() if not k.startswith("_") and k not in ("kind", "ctsma_version")}
+    student = tmp_path / "student.safetensors"
+
+    def write_student(shift):  # the same weights, another target normalisation
+        norm = meta["target_normalisation"]
+        save_model(student, tensors, {**kept, "target_normalisation": {**norm, "mean": [m + shift for m in
+                                                                                         norm["mean"]]}},
+                   kind="student")
+
+    write_student(0.0)
+    manifest = tmp_path / "cts.csv"
+    pd.DataFrame({"subject": ["k1"], "ct": [str(knee["ct"])], "ct_bones": [str(knee["bones_only"])],
+                  "side": [knee["side"]]}).to_csv(manifest, index=False)
+    out = tmp_path / "batch"
+    args = (manifest, "--out", out, "--model", student)
+
+    def means():
+        return pd.read_csv(out / "k1" / "roi_table.csv")["mean"].tolist()
+
+    assert _run(*args) == 0
+    first, weights = means(), json.loads((out / "k1" / "summary.json").read_text())["request"]["model_sha256"]
+    assert _run(*args) == 0
+    assert json.loads((out / "batch_status_0of1.json").read_text())[0]["status"] == "done earlier"
+    write_student(0.05)
+    assert _run(*args) == 0
+    status = json.loads((out / "batch_status_0of1.json").read_text())[0]
+    assert status["status"] == "ok" and "redone" in status["message"]
+    summary = json.loads((out / "k1" / "summary.json").read_text())
+    assert summary["request"]["model_sha256"] == weights  # the weights' checksum alone could not tell
+    assert means() == pytest.approx([v + 0.05 for v in first])
+    # a record from before the student file was stamped is compared without that stamp: an upgrade redoes nothing
+    del summary["request"]["stamps"]["student_model_sha256"]
+    (out / "k1" / "summary.json").write_text(json.dumps(summary))
+    assert _run(*args) == 0
+    assert json.loads((out / "batch_status_0of1.json").read_text())[0]["status"] == "done earlier"
+
+
 def test_manifest_subjects_that_cannot_name_a_case_folder(knee, constant_student, tmp_path):
     """An empty 'subject' cell named the knee 'nan' (folder DIR/nan, subject null in the status); a subject such as
     ../x stopped the batch when its turn came, after earlier knees, leaving the last run's status file."""
@@ -760,7 +805,7 @@ def _fake_infer(behaviour):
         _, meta = load_student(model_path)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "summary.json", {"request": engine.request_record(ct, meta, settings, segmentation, None,
-                                                                           diagnosis_path)})
+                                                                           diagnosis_path, model_path=model_path)})
     return fake
 
 

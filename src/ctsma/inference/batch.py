@@ -94,7 +94,7 @@ def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=No
     status = []
     table = _write_status(out, shard, status, rows)  # from the start: a killed batch leaves its own, not the last's
     for k, row in enumerate(progress.track(rows, "infer (batch)", unit="knee")):
-        status.append(_run_case(row, out, model_path, settings, diagnosis_path, meta, diagnosis[0]))
+        status.append(_run_case(row, out, student, settings, diagnosis_path, meta, diagnosis[0]))
         table = _write_status(out, shard, status, rows[k + 1:])
     return table
 
@@ -111,7 +111,7 @@ def _run_case(row, out: Path, model_path, settings: InferSettings, diagnosis_pat
     if (d / COMPLETION_MARKER).is_file():
         remove_stale_staging(d)   # a run killed after its last move, before its clean-up
         if same_request(recorded_request(d / COMPLETION_MARKER),
-                        request_record(row.ct, meta, case_settings, seg, None, diagnosis)):
+                        request_record(row.ct, meta, case_settings, seg, None, diagnosis, model_path=model_path)):
             return {"subject": row.subject, "status": "done earlier", "message": ""}
         note = "redone: its earlier results came from another CT, model or settings"
     existed = d.exists()

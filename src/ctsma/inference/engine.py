@@ -79,9 +79,12 @@ class InferSettings:
     are always cut from the full-resolution CT."""
 
 
-def request_record(ct_path, model_meta: dict, s: InferSettings, segmentation, rois_path, diagnosis_path) -> dict:
+def request_record(ct_path, model_meta: dict, s: InferSettings, segmentation, rois_path, diagnosis_path, *,
+                   model_path) -> dict:
     """What a run was asked to do (inputs, model, settings that change the outputs): batch mode redoes a finished
-    case whose record differs, instead of keeping its results from other settings."""
+    case whose record differs, instead of keeping its results from other settings. ``model_path``: the student's
+    file, stamped by its bytes (``model_meta``'s checksum covers its weights only, not the metadata that changes
+    the outputs too: target normalisation, the training CTs' sharpness and intensity)."""
     from dataclasses import asdict
 
     def path(p):
@@ -94,6 +97,7 @@ def request_record(ct_path, model_meta: dict, s: InferSettings, segmentation, ro
     # the diagnosis model by its bytes, not its size and time: one copied over it with its time kept (cp -p, rsync)
     # is caught, and a file only touched is not a new model
     stamps["diagnosis_model_sha256"] = content_sha256(diagnosis_path)
+    stamps["student_model_sha256"] = content_sha256(model_path)
     return to_jsonable({"ct": path(ct_path), "segmentation": path(segmentation), "rois": path(rois_path),
                         "stamps": stamps, "model_sha256": model_meta.get("_sha256"),
                         "diagnosis_model": path(diagnosis_path), "settings": settings})
@@ -386,7 +390,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         "uncertainty": "standard deviation of the predictions over flipped copies of each patch",
         "background": BACKGROUND, "mask": "rois.nii.gz > 0",
         "centre_frame": "RAS mm in CT space",  # patches.csv's centre_x/y/z, as in a patch store's summary
-        "request": request_record(ct_path, meta, s, segmentation, rois_path, diagnosis_model[0]),
+        "request": request_record(ct_path, meta, s, segmentation, rois_path, diagnosis_model[0], model_path=model_path),
     }
     summary.update(diagnosis)
 
