@@ -290,6 +290,50 @@ def test_cohort_shards_resume_and_report(tmp_path, pair):
         run_cohort(tmp_path / "empty.csv", tmp_path / "e", preset=preset)
 
 
+def test_a_cohort_rerun_redoes_pairs_whose_synthesis_model_was_retrained_at_the_same_path(tmp_path, pair, full_result,
+                                                                                           monkeypatch):
+    """The request recorded the synthesis model's path only: a model trained again into the same file left every
+    registered pair 'skipped (done before)', registered through the old model's pseudo-CT. Its file's bytes stamp it
+    now (whatever its size and time); records from before that stamp redo nothing."""
+    import os
+    import shutil
+
+    import torch
+
+    import ctsma.registration.pipeline as pipeline
+    from ctsma.resources import resource_path
+    from ctsma.synthesis.model import SynthesisModel
+
+    model = tmp_path / "synth.safetensors"
+    shutil.copyfile(resource_path("Models", "synthesis.safetensors"), model)
+    for name in ("mr", "ct", "ct_bones"):
+        sitk.WriteImage(getattr(pair, name), str(tmp_path / f"{name}.nii.gz"))
+    (tmp_path / "manifest.csv").write_text("subject,mr,ct,ct_bones\nkA,mr.nii.gz,ct.nii.gz,ct_bones.nii.gz\n")
+    monkeypatch.setattr(pipeline, "register", lambda *a, **k: full_result)  # the registration itself is not tested
+    preset, out = load_preset("default", FAST), tmp_path / "out"
+
+    def status():
+        s = run_cohort(tmp_path / "manifest.csv", out, preset=preset, model_path=str(model))
+        return s.status.iloc[0], s.note.iloc[0]
+
+    assert status()[0] == "done"
+    assert status()[0].startswith("skipped")
+    before = model.stat()
+    retrained = SynthesisModel.load(model)
+    with torch.no_grad():
+        next(retrained.net.parameters()).add_(0.01)
+    retrained.save(model)
+    os.utime(model, ns=(before.st_atime_ns, before.st_mtime_ns))  # its time kept, as cp -p or rsync -t would
+    assert model.stat().st_size == before.st_size
+    done, note = status()
+    assert done == "done" and "redone" in note
+    # a record from before the model was stamped is compared without that stamp: an upgrade redoes nothing
+    qa = json.loads((out / "kA" / "qa.json").read_text())
+    del qa["request"]["stamps"]["synthesis_model_sha256"]
+    (out / "kA" / "qa.json").write_text(json.dumps(qa))
+    assert status()[0].startswith("skipped")
+
+
 def _transform_values(path):
     t = sitk.CompositeTransform(sitk.ReadTransform(str(path)))
     return [np.asarray(f(t.GetNthTransform(i))) for i in range(t.GetNumberOfTransforms())

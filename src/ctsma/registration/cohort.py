@@ -22,7 +22,7 @@ import pandas as pd
 
 from .. import progress
 from ..errors import ConfigError, InputImageError, UserError
-from ..io.atomic import input_stamp, recorded_request, safe_join, same_request, to_jsonable, write_text
+from ..io.atomic import content_sha256, input_stamp, recorded_request, safe_join, same_request, to_jsonable, write_text
 from ..processes import worker_pool
 
 _WORKER: dict = {}
@@ -139,14 +139,17 @@ def register_files(mr_path: str, ct_path: str, out_dir: str | Path, *, preset, m
 
 def cohort_request(row: dict, preset, model_path: str | None) -> dict:
     """What registering one manifest row was asked to do (images, preset, synthesis model): a rerun skips a subject
-    whose ``qa.json`` records the same request and redoes one made from other inputs or settings."""
+    whose ``qa.json`` records the same request and redoes one made from other inputs or settings. The synthesis
+    model (one file) is stamped by its bytes, so that one trained again at the same path, whatever its size and
+    time, redoes the pairs."""
     from dataclasses import asdict, is_dataclass
 
     from ..pipeline import settings_hash
 
     inputs = ("mr", "ct", "ct_bones", "mr_bones")
-    return to_jsonable({**{k: row.get(k) or None for k in inputs},
-                        "stamps": {k: input_stamp(row.get(k)) for k in inputs},
+    stamps = {k: input_stamp(row.get(k)) for k in inputs}
+    stamps["synthesis_model_sha256"] = content_sha256(model_path)
+    return to_jsonable({**{k: row.get(k) or None for k in inputs}, "stamps": stamps,
                         "preset": getattr(preset, "name", None),
                         "preset_hash": settings_hash(asdict(preset) if is_dataclass(preset) else preset),
                         "synthesis_model": str(Path(model_path).resolve()) if model_path else None})
