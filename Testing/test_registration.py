@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import scipy.ndimage as ndi
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 
@@ -332,6 +333,33 @@ def test_a_cohort_rerun_redoes_pairs_whose_synthesis_model_was_retrained_at_the_
     del qa["request"]["stamps"]["synthesis_model_sha256"]
     (out / "kA" / "qa.json").write_text(json.dumps(qa))
     assert status()[0].startswith("skipped")
+
+
+def test_a_cohort_split_into_other_shards_removes_the_summaries_of_the_earlier_split(tmp_path, capsys):
+    """A cohort registered with --shard 1/2 and then with --shard 1/3 into one folder left cohort_1of2.csv beside
+    cohort_1of3.csv, and no one could tell which was current. The shards of one split (a job array, run at the same
+    time) keep each other's summaries, and a file that only looks like a summary is not touched."""
+    from ctsma.cli.main import main
+
+    manifest = tmp_path / "manifest.csv"  # pairs that fail at once (no images): the summaries are what is tested
+    manifest.write_text("subject,mr,ct\n" + "".join(f"k{k},mr{k}.nii.gz,ct{k}.nii.gz\n" for k in range(4)))
+    out = tmp_path / "out"
+
+    def shard(i_n):
+        assert main(["register", "--manifest", str(manifest), "--preset", "nosynth", "--shard", i_n,
+                     "--out", str(out)]) == 1
+        return {p.name for p in out.glob("cohort_*")}
+
+    assert shard("0/2") == {"cohort_0of2.csv"}
+    assert shard("1/2") == {"cohort_0of2.csv", "cohort_1of2.csv"}  # one split: both kept
+    (out / "cohort_notes_of3.csv").write_text("mine")  # a user's file, not a summary
+    capsys.readouterr()
+    assert shard("1/3") == {"cohort_1of3.csv", "cohort_notes_of3.csv"}
+    assert "cohort_0of2.csv, cohort_1of2.csv" in capsys.readouterr().err  # said, not silent
+    assert list(pd.read_csv(out / "cohort_1of3.csv").subject) == ["k1"]
+    assert shard("0/3") | shard("2/3") == {f"cohort_{i}of3.csv" for i in range(3)} | {"cohort_notes_of3.csv"}
+    assert shard("0/1") == {"cohort_0of1.csv", "cohort_notes_of3.csv"}  # no --shard: one shard of 1
+    assert len(pd.read_csv(out / "cohort_0of1.csv")) == 4
 
 
 def _transform_values(path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -15,8 +14,8 @@ import pandas as pd
 from .. import progress
 from ..errors import InputImageError, UserError
 from ..io import ensure_writable_dir, safe_join, write_json
-from ..io.atomic import (COMPLETION_MARKER, folder_name_problem, recorded_request, remove_stale_staging,
-                         same_request)
+from ..io.atomic import (COMPLETION_MARKER, folder_name_problem, recorded_request, remove_other_shard_layouts,
+                         remove_stale_staging, same_request)
 from ..io.images import IMAGE_SUFFIXES
 from .engine import InferSettings, _subject_name, default_model_path, infer, load_diagnosis, request_record
 
@@ -89,7 +88,7 @@ def run_batch(source, out_dir, *, shard: tuple[int, int] = (0, 1), model_path=No
     _, meta = load_student(student)                        # a bad model stops the batch here, not once per case
     diagnosis = load_diagnosis(diagnosis_path, student)
     out = ensure_writable_dir(out_dir)
-    _remove_other_layouts(out, n)
+    remove_other_shard_layouts(out, "batch_status_", ".json", n, "status files")  # of another --shard split
     rows = list(cases.itertuples(index=False))
     status = []
     table = _write_status(out, shard, status, rows)  # from the start: a killed batch leaves its own, not the last's
@@ -134,8 +133,6 @@ def _run_case(row, out: Path, model_path, settings: InferSettings, diagnosis_pat
 
 NOT_RUN = "not run"
 """The status file's entry for a case this run has not finished (yet, or ever: it was stopped)."""
-_STATUS_NAME = re.compile(r"batch_status_(\d+)of(\d+)\.json")
-"""``DIR/batch_status_<i>of<N>.json``: the status file of shard ``i`` of a batch split into ``N`` shards."""
 
 
 def _write_status(out: Path, shard: tuple[int, int], status: list[dict], remaining) -> pd.DataFrame:
@@ -145,22 +142,6 @@ def _write_status(out: Path, shard: tuple[int, int], status: list[dict], remaini
     table = pd.DataFrame(status + rest, columns=["subject", "status", "message"])
     write_json(out / f"batch_status_{shard[0]}of{shard[1]}.json", json.loads(table.to_json(orient="records")))
     return table
-
-
-def _remove_other_layouts(out: Path, n: int) -> None:
-    """Remove the status files of a batch split into another number of shards than ``n``: a batch run with
-    ``--shard 1/2`` and then ``--shard 1/3`` left ``batch_status_1of2.json`` beside ``batch_status_1of3.json``, and
-    no one could tell which was current (the old layout's cases are the new one's, in other shards). Files of this
-    layout stay: its shards run at the same time (a cluster job array), each writing its own."""
-    gone = []
-    for f in sorted(out.glob("batch_status_*of*.json")):
-        m = _STATUS_NAME.fullmatch(f.name)
-        if m and int(m.group(2)) != n and f.is_file() and not f.is_symlink():
-            f.unlink(missing_ok=True)  # (another shard of this layout may have removed it first)
-            gone.append(f.name)
-    if gone:
-        progress.info(f"removed the status files of an earlier --shard layout ({', '.join(gone)}); this batch is "
-                      f"split into {n} shard{'s' if n > 1 else ''}, batch_status_<i>of{n}.json")
 
 
 @contextlib.contextmanager

@@ -278,6 +278,28 @@ def remove_stale_outputs(out_dir: str | os.PathLike, owned, produced) -> list[st
     return gone
 
 
+def remove_other_shard_layouts(out_dir: str | os.PathLike, prefix: str, suffix: str, n: int, what: str) -> list[str]:
+    """Remove from ``out_dir``, and say so, the per-shard files ``<prefix><i>of<N><suffix>`` (``what``: a batch's
+    status files, a cohort's summaries) of a run split into another number of shards than ``n``: after ``--shard
+    1/2`` and then ``--shard 1/3`` the old split's files stayed beside the new one's, and no one could tell which
+    were current (the old split's rows are the new one's, in other shards). The files of split ``n`` stay: its
+    shards run at the same time (a cluster job array), each writing its own. Other files, and links, are never
+    touched. Returns the names removed."""
+    from .. import progress
+
+    name = re.compile(re.escape(prefix) + r"(\d+)of(\d+)" + re.escape(suffix))
+    gone = []
+    for f in sorted(Path(out_dir).glob(f"{glob_escape(prefix)}*of*{glob_escape(suffix)}")):
+        m = name.fullmatch(f.name)
+        if m and int(m.group(2)) != n and f.is_file() and not f.is_symlink():
+            f.unlink(missing_ok=True)  # (another shard of split n may have removed it first)
+            gone.append(f.name)
+    if gone:
+        progress.info(f"removed the {what} of an earlier --shard layout ({', '.join(gone)}) from {out_dir}; this run "
+                      f"is split into {n} shard{'s' if n > 1 else ''}, {prefix}<i>of{n}{suffix}")
+    return gone
+
+
 def input_stamp(path) -> dict | None:
     """Size and modification time of an input (a folder, e.g. a DICOM series: of all its files): a resumed batch
     compares them too, so that a scan re-exported or corrected at the same path is redone, not kept. None when

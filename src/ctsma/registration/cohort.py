@@ -22,7 +22,8 @@ import pandas as pd
 
 from .. import progress
 from ..errors import ConfigError, InputImageError, UserError
-from ..io.atomic import content_sha256, input_stamp, recorded_request, safe_join, same_request, to_jsonable, write_text
+from ..io.atomic import (content_sha256, input_stamp, recorded_request, remove_other_shard_layouts, safe_join,
+                         same_request, to_jsonable, write_text)
 from ..processes import worker_pool
 
 _WORKER: dict = {}
@@ -230,6 +231,8 @@ def run_cohorts(cohorts: Sequence[Cohort], *, model_path: str | None = None, job
                         "or synthesis model")
             todo.append((k, len(records[k]), row, str(target), c.preset, request, note))
             records[k].append(None)
+    for c in cohorts:  # once every manifest was read: a refused one leaves the earlier summaries
+        remove_other_shard_layouts(c.out, "cohort_", ".csv", c.shard[1], "summaries")  # of another --shard split
     jobs = max(1, min(jobs, len(todo) or 1))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     try:
