@@ -362,6 +362,35 @@ def test_a_cohort_split_into_other_shards_removes_the_summaries_of_the_earlier_s
     assert len(pd.read_csv(out / "cohort_0of1.csv")) == 4
 
 
+def test_a_killed_cohort_run_leaves_its_own_summary_and_not_the_earlier_runs(tmp_path, monkeypatch):
+    """cohort_<i>of<N>.csv was written only at the end (or in a finally): a run killed outright (SIGKILL, no finally)
+    left the earlier run's summary of its shard, with that run's statuses. It is now written before the first pair
+    and after each, the pairs not reached marked 'not run'."""
+    from ctsma.registration import cohort
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("subject,mr,ct\n" + "".join(f"k{k},mr{k}.nii.gz,ct{k}.nii.gz\n" for k in range(3)))
+    out = tmp_path / "out"
+    summary = out / "cohort_0of1.csv"
+    preset = load_preset("nosynth")
+    cohort.run_cohort(manifest, out, preset=preset)  # the earlier run: every pair failed (no images)
+    assert set(pd.read_csv(summary).status) == {"failed"}
+    seen = []
+
+    def killed_at_the_third(row, *args):
+        seen.append(list(pd.read_csv(summary).status))  # what a SIGKILL now would leave
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return cohort._qa_record({}, row["subject"], "done", 1.0, 0, "")
+
+    monkeypatch.setattr(cohort, "_run_one", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        cohort.run_cohort(manifest, out, preset=preset)
+    stopped = "not run (the run stopped)"
+    assert seen == [[stopped] * 3, ["done", stopped, stopped], ["done", "done", stopped]]
+    assert list(pd.read_csv(summary).status) == ["done", "done", stopped]
+
+
 def _transform_values(path):
     t = sitk.CompositeTransform(sitk.ReadTransform(str(path)))
     return [np.asarray(f(t.GetNthTransform(i))) for i in range(t.GetNumberOfTransforms())

@@ -2,8 +2,9 @@
 
 The manifest is a CSV with at least the columns ``mr`` and ``ct`` (paths relative to the CSV's
 folder, like the phantom's ``manifest.csv``); ``subject``, ``ct_bones`` and ``mr_bones`` are used
-when present. Each pair's outputs go to ``OUT/<subject>/``; a pair whose ``qa.json`` already
-exists is skipped, so a rerun resumes. ``shard=(i, n)`` keeps rows ``i, i+n, i+2n, …`` (0-based),
+when present. Each pair's outputs go to ``OUT/<subject>/``; a pair whose ``qa.json`` records the same
+request (images, masks, preset and the synthesis model's checksum) is skipped, so a rerun resumes, and one whose
+request changed is registered again. ``shard=(i, n)`` keeps rows ``i, i+n, i+2n, …`` (0-based),
 so that a cluster job array can spread a cohort over machines; ``OUT/cohort_<i>of<n>.csv`` then
 summarises that shard.
 """
@@ -208,7 +209,7 @@ def run_cohorts(cohorts: Sequence[Cohort], *, model_path: str | None = None, job
     the pairs of all of them are registered in the order given (put the slowest cohort first), so no worker idles
     at the end of one cohort while the other finishes its last pair, and the workers start (and load the synthesis
     model) once. Each pair's result is that of :func:`run_cohort` with the same threads. Returns the summaries."""
-    todo, records, summaries = [], [], []
+    todo, records = [], []
     for k, c in enumerate(cohorts):
         df = read_manifest(c.manifest)
         i, n = c.shard
@@ -235,17 +236,25 @@ def run_cohorts(cohorts: Sequence[Cohort], *, model_path: str | None = None, job
         remove_other_shard_layouts(c.out, "cohort_", ".csv", c.shard[1], "summaries")  # of another --shard split
     jobs = max(1, min(jobs, len(todo) or 1))
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    try:
-        _register_todo(todo, records, model_path, jobs, threads)
-    finally:  # an interrupted run still leaves a summary of this run: the pairs it did not reach say so
-        for k, j, row, *_rest in todo:
-            if records[k][j] is None:
-                records[k][j] = _qa_record({}, row["subject"], "not run (the run stopped)", 0.0, 0, "")
-        for c, recs in zip(cohorts, records):
-            summary = pd.DataFrame(recs, columns=SUMMARY_COLUMNS)
+
+    def write_summaries() -> list[pd.DataFrame]:
+        """This run's summaries as they stand, the pairs it has not reached marked so: written before the first pair
+        and after each, so that even a killed run (SIGKILL) leaves no earlier run's summary of its shard."""
+        stopped = {(k, j): row["subject"] for k, j, row, *_rest in todo if records[k][j] is None}
+        out = []
+        for k, (c, recs) in enumerate(zip(cohorts, records)):
+            rows = [r if r is not None else _qa_record({}, stopped[k, j], "not run (the run stopped)", 0.0, 0, "")
+                    for j, r in enumerate(recs)]
+            out.append(pd.DataFrame(rows, columns=SUMMARY_COLUMNS))
             i, n = c.shard
-            write_text(Path(c.out) / f"cohort_{i}of{n}.csv", summary.to_csv(index=False))
-            summaries.append(summary)
+            write_text(Path(c.out) / f"cohort_{i}of{n}.csv", out[-1].to_csv(index=False))
+        return out
+
+    write_summaries()
+    try:
+        _register_todo(todo, records, model_path, jobs, threads, on_done=write_summaries)
+    finally:  # an interrupted run still leaves a summary of this run: the pairs it did not reach say so
+        summaries = write_summaries()
     return summaries
 
 
@@ -258,13 +267,15 @@ def _read_qa(path: Path) -> dict:
         return {}
 
 
-def _register_todo(todo, records, model_path, jobs, threads) -> None:
-    """Register the ``todo`` pairs, in this process or in ``jobs`` workers, into their ``records`` slots."""
+def _register_todo(todo, records, model_path, jobs, threads, on_done=lambda: None) -> None:
+    """Register the ``todo`` pairs, in this process or in ``jobs`` workers, into their ``records`` slots, calling
+    ``on_done()`` after each."""
     if jobs == 1:
         _init_worker(model_path, threads)
         for k, j, row, target, preset, request, note in progress.track(todo, "register cohort", total=len(todo),
                                                                        unit="knee"):
             records[k][j] = _run_one(row, target, preset, request, note)
+            on_done()
     else:
         if model_path:  # a damaged model file: its clear error here, not a broken worker pool
             from ..synthesis.model import SynthesisModel
@@ -276,3 +287,4 @@ def _register_todo(todo, records, model_path, jobs, threads) -> None:
             for fut in progress.track(as_completed(futures), "register cohort", total=len(futures), unit="knee"):
                 k, j = futures[fut]
                 records[k][j] = fut.result()
+                on_done()
