@@ -711,7 +711,10 @@ def test_a_batch_rerun_redoes_knees_whose_diagnosis_model_was_retrained_at_the_s
     summary = json.loads((out / "k1" / "summary.json").read_text())
     stamps = summary["request"]["stamps"]
     del stamps["diagnosis_model_sha256"]
-    for old in ({"diagnosis_model": {"bytes": 4016, "mtime_ns": 1, "files": 1}}, {}):
+    from ctsma.io.atomic import input_stamp
+
+    for old in ({"diagnosis_model": input_stamp(dx)}, {}):  # (the model as it is: see the next test for one since
+        # retrained)
         (out / "k1" / "summary.json").write_text(json.dumps({**summary, "request": {**summary["request"],
                                                                                      "stamps": {**stamps, **old}}}))
         assert _run(*args) == 0
@@ -838,6 +841,46 @@ def test_a_batch_names_the_knee_of_each_warning_and_keeps_its_status_file_curren
     assert cli_main(args) == 1
     k2 = json.loads(status.read_text())[1]
     assert k2["status"] == "failed" and "still holds an earlier run's results" in k2["message"]
+
+
+def test_a_diagnosis_model_retrained_after_an_upgrade_redoes_the_knees_of_the_previous_version(constant_student,
+                                                                                               tmp_path, monkeypatch):
+    """The previous version stamped the diagnosis model by its size and modification time. Its records were then
+    compared without that stamp (this version stamps the model's bytes instead), so a diagnosis model retrained at
+    the same path after the upgrade left every knee the previous version had finished 'done earlier', with the old
+    model's OA probability. The old stamp is now compared with the model file as it is: an unchanged model still
+    redoes nothing."""
+    from ctsma import diagnosis as dg
+    from ctsma.diagnosis.synthetic import synthetic_cohort
+    from ctsma.inference import batch
+    from ctsma.io.atomic import input_stamp
+
+    table, labels = synthetic_cohort(12, 3, seed=4)
+    dx = tmp_path / "dx.safetensors"
+    dg.save(dg.train(table, labels, "logistic", folds=None), dx)
+    ct = tmp_path / "k1.nii.gz"
+    ct.write_bytes(b"ct")  # the stand-in for infer reads nothing
+    manifest = tmp_path / "cts.csv"
+    pd.DataFrame({"subject": ["k1"], "ct": [str(ct)]}).to_csv(manifest, index=False)
+    out = tmp_path / "out"
+    monkeypatch.setattr(batch, "infer", _fake_infer({}))
+
+    def status():
+        assert cli_main(["--quiet", "infer", str(manifest), "--out", str(out), "--model", str(constant_student),
+                         "--diagnosis-model", str(dx)]) == 0
+        return json.loads((out / "batch_status_0of1.json").read_text())[0]
+
+    assert status()["status"] == "ok"
+    summary = json.loads((out / "k1" / "summary.json").read_text())  # as the previous version recorded it
+    stamps = {k: v for k, v in summary["request"]["stamps"].items() if not k.endswith("_sha256")}
+    summary["request"]["stamps"] = {**stamps, "diagnosis_model": input_stamp(dx)}
+    (out / "k1" / "summary.json").write_text(json.dumps(summary))
+    assert status()["status"] == "done earlier"  # the upgrade itself redoes nothing
+    before = dx.stat()
+    dg.save(dg.train(table, labels.assign(oa=1 - labels["oa"]), "logistic", folds=None), dx)  # retrained in place
+    os.utime(dx, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    again = status()
+    assert again["status"] == "ok" and "redone" in again["message"], again
 
 
 def test_a_batch_split_into_other_shards_removes_the_status_files_of_the_earlier_split(constant_student, tmp_path,

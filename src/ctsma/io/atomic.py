@@ -335,19 +335,22 @@ def _junk(name: str) -> bool:
     return name.startswith(".") or name.lower() in ("thumbs.db", "desktop.ini")
 
 
-def same_request(recorded: dict | None, request: dict) -> bool:
+def same_request(recorded: dict | None, request: dict, legacy: dict | None = None) -> bool:
     """Whether a finished run's recorded request is ``request``. A record from before input stamps were recorded
     (no ``stamps``) is compared without them, and the stamps only where both have them: one from before a stamp was
-    added (the diagnosis model's checksum) is compared without that stamp, and a stamp this version no longer makes
-    (the diagnosis model's size and time) is not compared, so an upgrade does not redo every finished case."""
+    added (the diagnosis model's checksum) is compared without that stamp, so an upgrade does not redo every
+    finished case. ``legacy``: the stamps, as they are now, that an earlier version made and this one no longer
+    makes (the diagnosis model's size and time, ``input_stamp``): a record holding one is compared by it, so that an
+    input changed since that version wrote the record is still caught."""
     if recorded is None:
         return False
     if "stamps" not in recorded:
         request = {k: v for k, v in request.items() if k != "stamps"}
     elif isinstance(recorded["stamps"], dict) and isinstance(request.get("stamps"), dict):
-        both = recorded["stamps"].keys() & request["stamps"].keys()
+        now = {**{k: v for k, v in (legacy or {}).items() if k not in request["stamps"]}, **request["stamps"]}
+        both = recorded["stamps"].keys() & now.keys()
         recorded = {**recorded, "stamps": {k: v for k, v in recorded["stamps"].items() if k in both}}
-        request = {**request, "stamps": {k: v for k, v in request["stamps"].items() if k in both}}
+        request = {**request, "stamps": {k: v for k, v in now.items() if k in both}}
     return recorded == request
 
 
