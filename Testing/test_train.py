@@ -714,3 +714,4 @@ def test_a_rerun_of_evaluate_reuses_the_ablations_whose_run_is_unchanged(trained
     _, err = evaluated()
     assert stamps()["w3"] != older["w3"] and stamps()["s3"] == now["s3"]
     assert "student_distilled_s3: reused" in err and "student_distilled_w3: reused" not in err
+    assert "student_distilled_w3: trained again (its file records no run: written by an earlier CT-SMA)" in err, err

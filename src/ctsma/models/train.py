@@ -323,7 +323,8 @@ def _record_changes(old: dict, new: dict) -> list[str]:
 
 def _changes_since(model_file: Path, record: dict) -> list[str] | None:
     """What differs between the run a model file records (``training.run``) and ``record``, in words (empty: the
-    same run); None when there is nothing to compare (no file, a damaged one, or one of an earlier version)."""
+    same run; a damaged file, or one of an earlier version that records no run, is named as such); None when there
+    is no file."""
     from ..io.atomic import to_jsonable
     from ..modelfile import load_model
 
@@ -331,9 +332,11 @@ def _changes_since(model_file: Path, record: dict) -> list[str] | None:
         return None
     try:
         old = (load_model(model_file)[1].get("training") or {}).get("run")  # checksum verified: a damaged file
-    except ModelFileError:                                                # is trained again
-        return None
-    return _record_changes(old, to_jsonable(record)) if isinstance(old, dict) else None
+    except ModelFileError as exc:                                         # is trained again
+        return [f"its file is unreadable: {exc}"]
+    if not isinstance(old, dict):
+        return ["its file records no run: written by an earlier CT-SMA"]
+    return _record_changes(old, to_jsonable(record))
 
 
 def _check_resumable(ckpt: Path, module) -> None:
