@@ -255,7 +255,7 @@ def training(ctx: Context, d: Path) -> dict:
 
 
 LANE = ("teacher", "student", "baseline")  # the student needs its fold's teacher; the baseline needs nothing
-KEPT = "kept: exported by an interrupted run of the same training"
+KEPT = "kept"  # train(reuse=True) has said which file and why
 
 
 def _say(fold: int, n: int, which: str, what: str = "") -> None:

@@ -163,8 +163,8 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     if reuse and not resume:
         changes = _changes_since(model_file, module.run_record)
         if changes == []:
-            progress.info(f"{role}{cfg.output.name}: reused {model_file} (trained with the same settings, split and "
-                          "teacher)")
+            same = "settings, split, store and teacher" if role == "student_distilled" else "settings, split and store"
+            progress.info(f"{role}{cfg.output.name}: reused {model_file} (trained with the same {same})")
             return model_file
         if changes:
             progress.info(f"{role}{cfg.output.name}: trained again ({'; '.join(changes[:3])}"
