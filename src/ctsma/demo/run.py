@@ -27,7 +27,8 @@ def run_demo(out_dir, settings: DemoSettings | None = None) -> dict:
         Stage("synthesis", lambda d: stages.synthesis(ctx, d), {"knees": s.synthesis_knees},
               "train MR->pseudo-CT synthesis"),
         # the variants are compared on their own: no later stage reads them, and each knee's registration is the
-        # same whatever the number of variant knees
+        # same whatever the number of variant knees (up to rounding when a single pair is left to register: it gets
+        # every core's thread)
         Stage("registration", lambda d: stages.registration(ctx, d), stages.registration_key(s),
               "register every MR to its CT", own={"variant_knees": s.variant_knees}),
         Stage("dataset", lambda d: stages.dataset(ctx, d), stages.dataset_settings(ctx).__dict__,
