@@ -30,6 +30,17 @@ for _module_dir in ("CTSMA", "CTSMARegistration"):
         sys.path.insert(0, _p)
 
 
+@pytest.fixture(autouse=True)
+def _progress_settings():
+    """An in-process ``main(["--quiet", ...])`` or ``--progress-jsonl`` sets module globals of ``ctsma.progress``,
+    in a test or in a module's fixture: each test starts from the defaults (after the fixtures of wider scope), so
+    that none runs silenced or writes into another test's file."""
+    from ctsma import progress
+
+    progress.configure(jsonl_path=os.environ.get("CTSMA_PROGRESS_JSONL", ""), quiet=False)
+    yield
+
+
 def _require_slicer_core():
     slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (MRML libraries)")
     if not hasattr(slicer, "vtkMRMLScene"):  # the unrelated PyPI package 'slicer' has the same name

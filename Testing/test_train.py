@@ -659,17 +659,15 @@ def test_an_ablation_named_as_the_run_is_refused_before_it_replaces_the_runs_stu
     assert own.read_bytes() == b"the run's own student" and not (tmp_path / "eval").exists()
 
 
-def test_a_rerun_of_evaluate_reuses_the_ablations_whose_run_is_unchanged(trained, tmp_path, capsys, monkeypatch):
+def test_a_rerun_of_evaluate_reuses_the_ablations_whose_run_is_unchanged(trained, tmp_path, capsys):
     """Each run of evaluate trained every ablation again. A rerun now reuses an ablation's model file when it records
     the same run (settings, split, teacher: the record that --resume checks) and says so; an ablation whose
     definition changed, or all of them after the teacher changed, are trained again, with the change named."""
     import shutil
 
-    from ctsma import progress
     from ctsma.evaluation.regression import evaluate
     from ctsma.modelfile import save_model
 
-    monkeypatch.setattr(progress, "_quiet", False)  # another test's `ctsma --quiet` may have left it on
     cfg0, run0, _ = trained
     run = tmp_path / "run"
     run.mkdir()
