@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from ..errors import UserError
@@ -95,22 +94,21 @@ def _train(args) -> int:
     return 0
 
 
-def _num(v) -> str:
-    """A metric with three decimals; "–" for one that is null (a model file's JSON) or NaN."""
-    return "–" if v is None or not math.isfinite(v) else f"{v:.3f}"
-
-
 def _severity(m: dict) -> str:
-    sev = m.get("severity_mae")
-    return f"severity MAE {_num(sev)}" if sev is not None and math.isfinite(sev) else "no severity labels"
+    from ..report.format import as_float, fmt
+
+    sev = as_float(m.get("severity_mae"))  # null in a model file's JSON, NaN: no severity labels
+    return f"severity MAE {fmt(sev)}" if sev is not None else "no severity labels"
 
 
 def _cv_line(cv: dict) -> str:
     """The cross-validated performance in words; a measure the model file holds as null (no severity labels:
     no severity MAE) is said so, not formatted."""
+    from ..report.format import fmt
+
     ci = cv.get("auc_ci") or [None, None]
-    return (f"cross-validated AUC {_num(cv.get('auc'))} [{_num(ci[0])}, {_num(ci[1])}], "
-            f"accuracy {_num(cv.get('accuracy'))}, {_severity(cv)}")
+    return (f"cross-validated AUC {fmt(cv.get('auc'))} [{fmt(ci[0])}, {fmt(ci[1])}], "
+            f"accuracy {fmt(cv.get('accuracy'))}, {_severity(cv)}")
 
 
 def _parse_sources(items) -> dict:
@@ -137,6 +135,7 @@ def _evaluate(args) -> int:
     from ..io import ensure_writable_dir
     from ..io.atomic import merge_json, remove_stale_outputs
     from ..progress import info
+    from ..report.format import fmt
 
     _check_seed(args)
     _check_folds(args)
@@ -184,7 +183,7 @@ def _evaluate(args) -> int:
     remove_stale_outputs(out, [f"roc_{a}.png" for a in AGG_CHOICES], [p.name for p in rocs])
     report.write_oof(results, out / "oof_predictions.csv")
     for key, m in block.items():
-        info(f"{key}: AUC {m['auc']:.3f} [{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}], F1 {_num(m['f1'])}, "
+        info(f"{key}: AUC {m['auc']:.3f} [{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}], F1 {fmt(m['f1'])}, "
              f"{_severity(m)}" +
              "".join(f", p vs {k[9:]} {v:.3g}" for k, v in m.items() if k.startswith("p_auc_vs_")))
     info(f"results written to {out} (metrics.json, diagnosis_table.md, roc_*.png)")

@@ -15,8 +15,8 @@ from .settings import DemoSettings
 
 def run_demo(out_dir, settings: DemoSettings | None = None) -> dict:
     s = settings or DemoSettings()
-    stages.check_settings(s)  # a missing file or a setting that a later stage would refuse stops it here, before
-    out = ensure_writable_dir(out_dir).resolve()  # the output folder is made  # configs resolve relative paths against their own folder
+    stages.check_settings(s)  # a missing file or a setting that a later stage would refuse: before the folder is made
+    out = ensure_writable_dir(out_dir).resolve()  # configs resolve relative paths against their own folder
     ctx = stages.Context(out, s)
     runner = StageRunner(out, code=code_fingerprint())
     train_config = stages.train_config_path(s)

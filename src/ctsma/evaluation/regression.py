@@ -111,12 +111,13 @@ def check_held_out(path: Path, meta: dict, subjects) -> None:
 
         warnings.warn(f"{Path(path).name} records no training patients (a model file of another tool or version): "
                       "nothing shows that it was not trained on the test patients", stacklevel=2)
-    leak = {str(s) for s in subjects} & set(learnt)
+    test = {str(s) for s in subjects}
+    leak = test & set(learnt)
     if leak:
         raise UserError(f"{Path(path).name} was trained on {len(leak)} of the test patients "
                         f"(e.g. {sorted(leak)[0]}): evaluate with the split used for training")
     teacher = (meta.get("training") or {}).get("teacher") or {}
-    leak = set(subjects) & set(teacher.get("learnt_from") or [])
+    leak = test & set(teacher.get("learnt_from") or [])
     if leak:  # a distilled student learns from its teacher's patients too
         raise UserError(f"{Path(path).name} was distilled from a teacher trained on {len(leak)} of the test patients "
                         f"(e.g. {sorted(leak)[0]}): evaluate with the split used for training")

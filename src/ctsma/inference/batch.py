@@ -14,10 +14,11 @@ import pandas as pd
 from .. import progress
 from ..errors import InputImageError, UserError
 from ..io import ensure_writable_dir, safe_join, write_json
-from ..io.atomic import (COMPLETION_MARKER, folder_name_problem, input_stamp, recorded_request,
-                         remove_other_shard_layouts, remove_stale_staging, same_request)
+from ..io.atomic import (COMPLETION_MARKER, folder_name_problem, recorded_request, remove_other_shard_layouts,
+                         remove_stale_staging, same_request)
 from ..io.images import IMAGE_SUFFIXES
-from .engine import InferSettings, _subject_name, default_model_path, infer, load_diagnosis, request_record
+from .engine import (InferSettings, _subject_name, default_model_path, earlier_stamps, infer, load_diagnosis,
+                     request_record)
 
 
 def is_batch_input(path: Path) -> bool:
@@ -111,7 +112,7 @@ def _run_case(row, out: Path, model_path, settings: InferSettings, diagnosis_pat
         remove_stale_staging(d)   # a run killed after its last move, before its clean-up
         if same_request(recorded_request(d / COMPLETION_MARKER),
                         request_record(row.ct, meta, case_settings, seg, None, diagnosis, model_path=model_path),
-                        legacy={"diagnosis_model": input_stamp(diagnosis)}):  # the previous version's stamp
+                        legacy=earlier_stamps(diagnosis)):
             return {"subject": row.subject, "status": "done earlier", "message": ""}
         note = "redone: its earlier results came from another CT, model or settings"
     existed = d.exists()

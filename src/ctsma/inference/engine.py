@@ -103,6 +103,15 @@ def request_record(ct_path, model_meta: dict, s: InferSettings, segmentation, ro
                         "diagnosis_model": path(diagnosis_path), "settings": settings})
 
 
+def earlier_stamps(diagnosis_path) -> dict:
+    """The stamps that a record of an earlier version holds and :func:`request_record` no longer makes, as the
+    inputs are now (``same_request``'s ``legacy``): the diagnosis model's size and time, so that a model retrained
+    since that version wrote the record is still caught."""
+    from ..io.atomic import input_stamp
+
+    return {"diagnosis_model": input_stamp(diagnosis_path)}
+
+
 def default_model_path(must_exist: bool = True) -> Path:
     return resource_path("Models", "student_demo.safetensors", must_exist=must_exist)
 
