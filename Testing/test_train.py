@@ -16,7 +16,7 @@ import torch
 from ctsma import PARAMETERS
 from ctsma.dataset.synthetic import make_synthetic_store
 from ctsma.errors import ConfigError, UserError
-from ctsma.modelfile import load_model
+from ctsma.modelfile import load_model, save_model
 from ctsma.models import load_student, load_train_config, train
 
 pytestmark = pytest.mark.slow
@@ -278,7 +278,10 @@ train("baseline", load_train_config(json.loads(sys.argv[1])), callbacks=[Kill()]
 """
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(store, tmp_path):
+@pytest.mark.parametrize("how", ["resume", "reuse"])
+def test_killed_run_resumes_to_the_uninterrupted_result(store, tmp_path, how, capsys):
+    """``--resume``, and ``train(reuse=True)`` (the demo's training stage, evaluate's ablations), which found no
+    model file and started the run anew, go on from the killed run's last checkpoint."""
     killed = tiny(store.dir, tmp_path / "killed", optim={"max_epochs": 4})
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", KILL, json.dumps(killed)], env=env, capture_output=True, text=True,
@@ -291,7 +294,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(store, tmp_path):
     import torch
     # last.ckpt holds the last finished epoch (the second, index 1) whether or not it improved the validation loss
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1
-    resumed = train("baseline", load_train_config(killed), resume=True)
+    resumed = train("baseline", load_train_config(killed), **{how: True})
+    if how == "reuse":
+        assert f"student_baseline: resumed from {run / 'checkpoints' / 'last.ckpt'} (2 of 4 epochs were done)" in \
+            capsys.readouterr().err
     straight = train("baseline", load_train_config(tiny(store.dir, tmp_path / "straight", optim={"max_epochs": 4})))
     a, ma = load_model(resumed)
     b, mb = load_model(straight)
@@ -373,7 +379,42 @@ def test_a_store_rebuilt_in_its_folder_is_another_run(store, tmp_path, capsys):
     table.to_csv(copy / CSV_NAME, index=False)
     train("baseline", cfg, reuse=True)
     err = capsys.readouterr().err
-    assert "trained again (the store's contents" in err, err
+    assert "trained again (the store's contents" in err and "resumed" not in err, err
+
+
+def test_reuse_resumes_only_a_checkpoint_of_the_same_run(store, tmp_path, capsys):
+    """Without a model file, ``train(reuse=True)`` goes on from ``last.ckpt`` when the checkpoint records this very
+    run; one of another run, or of an earlier CT-SMA (no record), is not resumed: the run starts anew."""
+    cfg = load_train_config(tiny(store.dir, tmp_path, optim={"max_epochs": 2}))
+    model = train("baseline", cfg)
+    weights = load_model(model)[0]
+    model.unlink()  # e.g. killed while the model file was written: every epoch done
+    capsys.readouterr()
+    assert train("baseline", cfg, reuse=True) == model
+    err = capsys.readouterr().err
+    assert f"resumed from {tmp_path / 'student_baseline' / 'checkpoints' / 'last.ckpt'} (2 of 2 epochs" in err, err
+    for k, v in load_model(model)[0].items():
+        np.testing.assert_array_equal(v.numpy(), weights[k].numpy(), err_msg=k)
+    tensors, meta = load_model(model)  # a model file that is not this run's, beside this run's checkpoint
+    del meta["training"]["run"]
+    save_model(model, tensors, {k: v for k, v in meta.items() if not k.startswith("_")}, kind="student")
+    train("baseline", cfg, reuse=True)
+    assert ("student_baseline.safetensors not kept (its file records no run: written by an earlier CT-SMA); resumed "
+            "from") in capsys.readouterr().err
+    assert "run" in load_model(model)[1]["training"]
+    ckpt = tmp_path / "student_baseline" / "checkpoints" / "last.ckpt"
+    other = load_train_config(tiny(store.dir, tmp_path, optim={"max_epochs": 2, "lr": 0.02}))
+    model.unlink()
+    train("baseline", other, reuse=True)
+    assert "resumed" not in capsys.readouterr().err
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["ctsma_run"]["optim"]["lr"] == 0.02  # anew
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    saved["ctsma_run"].pop("store")  # a checkpoint of the previous CT-SMA: its record is not the whole run
+    torch.save(saved, ckpt)
+    model.unlink()
+    train("baseline", other, reuse=True)
+    assert "resumed" not in capsys.readouterr().err
+    assert "store" in torch.load(ckpt, map_location="cpu", weights_only=True)["ctsma_run"]  # the new run's
 
 
 def test_resume_of_a_checkpoint_past_the_configured_epochs_is_one_line(store, tmp_path, capsys):
@@ -666,7 +707,6 @@ def test_a_rerun_of_evaluate_reuses_the_ablations_whose_run_is_unchanged(trained
     import shutil
 
     from ctsma.evaluation.regression import evaluate
-    from ctsma.modelfile import save_model
 
     cfg0, run0, _ = trained
     run = tmp_path / "run"
@@ -708,6 +748,10 @@ def test_a_rerun_of_evaluate_reuses_the_ablations_whose_run_is_unchanged(trained
     tensors, meta = load_model(files["w3"])  # a file of an earlier version records no run: trained again
     del meta["training"]["run"]
     save_model(files["w3"], tensors, {k: v for k, v in meta.items() if not k.startswith("_")}, kind="student")
+    ckpt = run / "student_distilled_w3" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    del saved["ctsma_run"]["store"]  # and its checkpoint's record, that of the previous version: not resumed
+    torch.save(saved, ckpt)
     older = stamps()
     _, err = evaluated()
     assert stamps()["w3"] != older["w3"] and stamps()["s3"] == now["s3"]

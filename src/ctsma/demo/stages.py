@@ -266,8 +266,9 @@ def _say(fold: int, n: int, which: str, what: str = "") -> None:
 def _train_job(which: str, cfg, threads: int, started) -> float | None:
     """One training; returns its seconds, or None for a model kept from an interrupted run of the stage: one whose
     file records the same run (``train(reuse=True)``: settings, split, store and, for the student, the teacher it
-    was distilled from; the folder of a stage whose key changed is emptied first). ``started()`` is called when the
-    training starts (not for a kept model)."""
+    was distilled from; the folder of a stage whose key changed is emptied first). A model killed mid-training
+    resumes from its checkpoint of the same run (its seconds are those of the remaining epochs). ``started()`` is
+    called when the training starts (not for a kept model)."""
     import time
 
     from ..models.train import train

@@ -93,7 +93,8 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
 
     ``max_epochs`` overrides the config's; ``callbacks`` are extra Lightning callbacks (e.g. a GUI's). ``reuse``:
     a model file that records the run this one would be (:func:`_run_record`) is returned as it is, untrained
-    (``ctsma evaluate``'s ablations, the demo's models of an interrupted training stage). ``started()`` is called
+    (``ctsma evaluate``'s ablations, the demo's models of an interrupted training stage), and without one, a
+    ``last.ckpt`` of this very run resumes (as ``resume`` would) rather than starting anew. ``started()`` is called
     when the training itself starts, after every check (not for a reused model).
     """
     import pytorch_lightning as pl
@@ -160,16 +161,22 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     if teacher_tensors is not None:
         module.teacher.load_state_dict(teacher_tensors)
     module.run_record = _run_record(cfg, role, dm, optim, teacher_meta)
+    checked = False  # whether last.ckpt has been found resumable
     if reuse and not resume:
         changes = _changes_since(model_file, module.run_record)
         if changes == []:
             same = "settings, split, store and teacher" if role == "student_distilled" else "settings, split and store"
             progress.info(f"{role}{cfg.output.name}: reused {model_file} (trained with the same {same})")
             return model_file
-        if changes:
-            progress.info(f"{role}{cfg.output.name}: trained again ({'; '.join(changes[:3])}"
-                          f"{'; ...' if len(changes) > 3 else ''})")
-    if resume:
+        why = changes and f"{'; '.join(changes[:3])}{'; ...' if len(changes) > 3 else ''}"
+        done = _interrupted_epochs(last, module)
+        if done is not None:  # this very run was interrupted (killed, or stopped before its file was written)
+            progress.info(f"{role}{cfg.output.name}: " + (f"{model_file.name} not kept ({why}); " if why else "")
+                          + f"resumed from {last} ({done} of {optim['max_epochs']} epochs were done)")
+            resume = checked = True
+        elif why:
+            progress.info(f"{role}{cfg.output.name}: trained again ({why})")
+    if resume and not checked:
         _check_resumable(last, module)
     precision = _precision(cfg)
     # only now, with the store, split, teacher and device checked: a user error leaves the folder as it was
@@ -339,9 +346,26 @@ def _changes_since(model_file: Path, record: dict) -> list[str] | None:
     return _record_changes(old, to_jsonable(record))
 
 
-def _check_resumable(ckpt: Path, module) -> None:
-    """Refuse, before anything is written, a checkpoint whose weights do not fit the network this config builds
-    (e.g. ``--resume`` after changing ``widths`` or ``stem``), which Lightning would report as a traceback, one
+def _interrupted_epochs(ckpt: Path, module) -> int | None:
+    """For ``train(reuse=True)``: the epochs that ``ckpt`` (a run folder's ``last.ckpt``) has finished when it is a
+    checkpoint of this very run (its record equal to ``module.run_record``, its network and epochs fitting), which
+    then resumes to the result of an uninterrupted run; None otherwise (no checkpoint, a damaged one, one of another
+    run or of an earlier CT-SMA, which records no run): the run starts anew."""
+    if not ckpt.is_file():
+        return None
+    try:
+        saved = _check_resumable(ckpt, module)
+    except (ConfigError, ModelFileError):
+        return None
+    if "store" not in (saved.get("ctsma_run") or {}):  # an earlier CT-SMA's, whose record (if any) is not the whole
+        return None                                      # run: which run it was cannot be told
+    return int(saved.get("epoch", -1)) + 1
+
+
+def _check_resumable(ckpt: Path, module) -> dict:
+    """The checkpoint ``ckpt``, loaded (weights only). Refuse, before anything is written, a checkpoint whose weights
+    do not fit the network this config builds (e.g. ``--resume`` after changing ``widths`` or ``stem``), which
+    Lightning would report as a traceback, one
     of a run with other settings, split or teacher (see :func:`_run_record`; checkpoints of earlier versions have no
     record), and one that has run more epochs than ``optim.max_epochs``."""
     try:
@@ -366,6 +390,7 @@ def _check_resumable(ckpt: Path, module) -> None:
         # or, one epoch over, a model of more epochs than its metadata says
         raise ConfigError(f"--resume: {ckpt} has finished {done} epochs, more than optim.max_epochs {planned}; "
                           "resume with the run's own optim.max_epochs, or train anew without --resume")
+    return saved
 
 
 def _read_csv(path: Path):
