@@ -335,6 +335,32 @@ def test_a_cohort_rerun_redoes_pairs_whose_synthesis_model_was_retrained_at_the_
     assert status()[0].startswith("skipped")
 
 
+def test_one_pair_records_which_synthesis_model_made_its_pseudo_ct(tmp_path, pair, full_result, monkeypatch):
+    """``ctsma register MR CT`` recorded the images' stamps but not the synthesis model (cohort mode records it in
+    its request): qa.json now names the model file and the SHA-256 of its bytes; a preset without a pseudo-CT
+    names none."""
+    import hashlib
+    import shutil
+
+    import ctsma.registration.pipeline as pipeline
+    from ctsma.cli.main import main
+    from ctsma.resources import resource_path
+
+    model = tmp_path / "synth.safetensors"
+    shutil.copyfile(resource_path("Models", "synthesis.safetensors"), model)
+    for name in ("mr", "ct"):
+        sitk.WriteImage(getattr(pair, name), str(tmp_path / f"{name}.nii.gz"))
+    monkeypatch.setattr(pipeline, "register", lambda *a, **k: full_result)  # the registration itself is not tested
+    args = ["--quiet", "register", str(tmp_path / "mr.nii.gz"), str(tmp_path / "ct.nii.gz")]
+    assert main(args + ["--model", str(model), "--out", str(tmp_path / "a")]) == 0
+    inputs = json.loads((tmp_path / "a" / "qa.json").read_text())["inputs"]
+    assert inputs["synthesis_model"] == str(model.resolve())
+    assert inputs["stamps"]["synthesis_model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert main(args + ["--preset", "nosynth", "--out", str(tmp_path / "b")]) == 0
+    inputs = json.loads((tmp_path / "b" / "qa.json").read_text())["inputs"]
+    assert "synthesis_model" not in inputs and set(inputs["stamps"]) == {"mr", "ct"}
+
+
 def test_a_cohort_split_into_other_shards_removes_the_summaries_of_the_earlier_split(tmp_path, capsys):
     """A cohort registered with --shard 1/2 and then with --shard 1/3 into one folder left cohort_1of2.csv beside
     cohort_1of3.csv, and no one could tell which was current. The shards of one split (a job array, run at the same

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
              f"{'kept' if rec.kept else 'REJECTED'}  dice {'-' if dice is None else round(dice, 3)}  "
              f"{rec.seconds:.1f} s")
     qa = register_files(args.mr, args.ct, out, preset=preset, model=model, ct_bones_path=args.ct_bones,
-                        mr_bones_path=args.mr_bones, report=stage_line)
+                        mr_bones_path=args.mr_bones, report=stage_line, model_path=model_path)
     info(f"registered in {qa['total_seconds']:.1f} s; outputs in {Path(out)}")
     if qa.get("qa_problem"):
         from ..registration.qa import EXIT_QA_FAILED

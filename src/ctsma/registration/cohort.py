@@ -106,10 +106,11 @@ def _check_not_foreign(out: Path) -> None:
 
 def register_files(mr_path: str, ct_path: str, out_dir: str | Path, *, preset, model=None,
                    ct_bones_path: str | None = None, mr_bones_path: str | None = None,
-                   request: dict | None = None, report=None) -> dict:
+                   request: dict | None = None, report=None, model_path: str | None = None) -> dict:
     """Read, register and write one pair (the work of ``ctsma register MR CT``); returns its QA record, whose
     ``qa_problem`` says why the pair failed the QA (None when it passed). ``report(stage_record)`` is called
-    as each stage ends."""
+    as each stage ends. ``model_path``, the file ``model`` was loaded from, is recorded in ``inputs`` with the
+    SHA-256 of its bytes (cohort mode records it in ``request``)."""
     from ..io.images import read_image
     from .pipeline import register, write_outputs
     from .qa import MIN_BONE_DICE, registration_qa_problem
@@ -132,6 +133,9 @@ def register_files(mr_path: str, ct_path: str, out_dir: str | Path, *, preset, m
                       "written for inspection, and 'ctsma dataset build' leaves the pair out", stacklevel=2)
     extra = {"inputs": {"mr": str(mr_path), "ct": str(ct_path),
                         "stamps": {"mr": input_stamp(mr_path), "ct": input_stamp(ct_path)}}, "qa_problem": problem}
+    if model_path:  # which synthesis model made the pseudo-CT (a file trained again at its path is another model)
+        extra["inputs"]["synthesis_model"] = str(Path(model_path).resolve())
+        extra["inputs"]["stamps"]["synthesis_model_sha256"] = content_sha256(model_path)
     if request is not None:
         extra["request"] = request
     Path(out_dir).mkdir(parents=True, exist_ok=True)
