@@ -727,8 +727,10 @@ def test_a_rerun_of_evaluate_reuses_the_ablations_whose_run_is_unchanged(trained
 
     first, err = evaluated()
     assert "reused" not in err
+    assert {n: (a["model"], a["reused"]) for n, a in first.items()} == {n: (str(f), False) for n, f in files.items()}
     before = stamps()
     again, err = evaluated()
+    assert all(again[n].pop("reused") and not first[n].pop("reused") for n in files)  # metrics.json says so
     assert stamps() == before and again == first
     assert all(f"student_distilled_{n}: reused {files[n]}" in err for n in files), err
     ablations[0]["distill"]["weights"] = [2.0, 2.0, 2.0]  # w3's own definition changes: only w3 is trained again

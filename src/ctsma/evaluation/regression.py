@@ -203,11 +203,13 @@ def evaluate(cfg, out_dir: str | Path, *, store: PatchStore | None = None, ablat
     if ablations and cfg.evaluate.ablations:
         result["ablations"] = {}
         for a in progress.track(cfg.evaluate.ablations, "ablations"):
-            vcfg = variant(cfg, a)
-            path = train("student", vcfg, store=store, reuse=True)  # one trained before for this run: not again
+            vcfg, trained = variant(cfg, a), []
+            # one trained before for this run is kept (reused), one killed mid-training resumes
+            path = train("student", vcfg, store=store, reuse=True, started=lambda: trained.append(True))
             p, _ = predict_sources(vcfg, store, idx, names={"v": str(path)})
             block = agreement_block(ref, p["v"], subjects)
             result["ablations"][a["name"]] = {"overrides": {k: v for k, v in a.items() if k != "name"},
+                                              "model": str(path), "reused": not trained,
                                               "mean_icc21": block["mean_icc21"],
                                               "icc21": {q: block[q]["icc21"] for q in PARAMETERS}}
     result["regression_info"] = {"level": "patch", "note": LEVEL_NOTE, "n_patients": len(split.subjects["test"]),
