@@ -9,14 +9,11 @@ from typing import Mapping
 import pandas as pd
 
 from ..io import atomic_path, write_text
+from ..report.format import fmt
 
 TABLE_COLUMNS = [("precision", "Precision"), ("recall", "Recall"), ("f1", "F1"), ("auc", "AUC"),
                  ("accuracy", "Accuracy"), ("specificity", "Specificity"), ("brier", "Brier"),
                  ("severity_mae", "Severity MAE"), ("severity_r2", "Severity R²")]
-
-
-def _fmt(x, nd=3) -> str:
-    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
 
 
 def results_table(block: Mapping[str, dict]) -> pd.DataFrame:
@@ -46,7 +43,7 @@ def table_markdown(block: Mapping[str, dict], *, title: str = "Patient-level OA 
         cells = [str(r["source"]), str(r["aggregator"]), str(r["n"])]
         for k, _ in TABLE_COLUMNS:
             v = r[k]
-            cells.append(f"{_fmt(v)} [{_fmt(r['auc_ci_low'])}, {_fmt(r['auc_ci_high'])}]" if k == "auc" else _fmt(v))
+            cells.append(f"{fmt(v)} [{fmt(r['auc_ci_low'])}, {fmt(r['auc_ci_high'])}]" if k == "auc" else fmt(v))
         for c in pcols:
             v = r[c]
             cells.append("" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3g}")

@@ -23,6 +23,7 @@ from .. import PARAMETERS, PARAMETER_UNITS, progress, stats
 from ..dataset.store import PatchStore
 from ..errors import ConfigError, ModelFileError, UserError
 from ..io.atomic import atomic_path, merge_json, write_text
+from ..report.format import fmt
 
 SOURCES = ("teacher", "student_distilled", "student_baseline", "ct_direct")
 LEVEL_NOTE = ("patch-level agreement over all patches of patients held out from training "
@@ -300,10 +301,6 @@ def predictions_by_source(pred) -> dict:
     return out
 
 
-def _f(v, nd=3):
-    return "–" if v is None or not np.isfinite(v) else f"{v:.{nd}f}"
-
-
 def markdown_table(result: dict) -> str:
     lines = [f"Regression agreement ({LEVEL_NOTE}).", ""]
     for block_name, title in (("regression", "against the MR reference"), ("regression_vs_truth", "against the truth")):
@@ -316,17 +313,17 @@ def markdown_table(result: dict) -> str:
                 b = block[p]
                 ci = b.get("icc21_ci") or [None, None]
                 loa = b.get("ba_loa") or [None, None]
-                lines.append(f"| {s} | {p} | {_f(b.get('icc21'))} [{_f(ci[0])}, {_f(ci[1])}] | {_f(b.get('icc31'))} | "
-                             f"{_f(b.get('pearson_r'))} | {_f(b.get('mae'), 4)} | {_f(b.get('ba_bias'), 4)} "
-                             f"[{_f(loa[0], 4)}, {_f(loa[1], 4)}] | {b.get('n_patients')}/{b.get('n_patches')} |")
-            lines.append(f"| {s} | **mean ICC(2,1)** | {_f(block.get('mean_icc21'))} | | | | | |")
+                lines.append(f"| {s} | {p} | {fmt(b.get('icc21'))} [{fmt(ci[0])}, {fmt(ci[1])}] | {fmt(b.get('icc31'))} | "
+                             f"{fmt(b.get('pearson_r'))} | {fmt(b.get('mae'), 4)} | {fmt(b.get('ba_bias'), 4)} "
+                             f"[{fmt(loa[0], 4)}, {fmt(loa[1], 4)}] | {b.get('n_patients')}/{b.get('n_patches')} |")
+            lines.append(f"| {s} | **mean ICC(2,1)** | {fmt(block.get('mean_icc21'))} | | | | | |")
         lines.append("")
     g = result.get("distillation_gain")
     if g:
-        lines.append(f"Distillation gain (mean ICC(2,1), distilled − baseline): {_f(g['mean_icc21_diff'])} "
-                     f"[{_f(g['ci'][0])}, {_f(g['ci'][1])}], paired bootstrap over patients (n={g['n_boot']}).")
+        lines.append(f"Distillation gain (mean ICC(2,1), distilled − baseline): {fmt(g['mean_icc21_diff'])} "
+                     f"[{fmt(g['ci'][0])}, {fmt(g['ci'][1])}], paired bootstrap over patients (n={g['n_boot']}).")
     for name, a in (result.get("ablations") or {}).items():
-        lines.append(f"- ablation {name}: mean ICC(2,1) {_f(a['mean_icc21'])} ({a['overrides']})")
+        lines.append(f"- ablation {name}: mean ICC(2,1) {fmt(a['mean_icc21'])} ({a['overrides']})")
     return "\n".join(lines) + "\n"
 
 

@@ -9,10 +9,17 @@ Plots use matplotlib (Agg canvas, no pyplot); PDFs are made with fpdf2 and the D
 with matplotlib. See ``docs/report.md``.
 """
 
-from .patient import PATIENT_REPORT_FORMATS, patient_report_path, write_patient_report
-from .published import PUBLISHED_DIAGNOSIS, PUBLISHED_ICC, PUBLISHED_LABEL, PUBLISHED_MEAN_ICC
-from .readme import write_readme_snippet
-from .study import write_study_report
+from importlib import import_module
 
-__all__ = ["write_study_report", "write_patient_report", "patient_report_path", "PATIENT_REPORT_FORMATS",
-           "write_readme_snippet", "PUBLISHED_ICC", "PUBLISHED_MEAN_ICC", "PUBLISHED_DIAGNOSIS", "PUBLISHED_LABEL"]
+# each name from the module that holds it, imported on first use: ``ctsma.report.format`` (the formatting helpers
+# that ``ctsma evaluate`` and ``ctsma diagnose`` use too) then does not load matplotlib and the PDF writer (~1 s)
+_HOME = {"write_study_report": "study", "write_patient_report": "patient", "patient_report_path": "patient",
+         "PATIENT_REPORT_FORMATS": "patient", "write_readme_snippet": "readme", "PUBLISHED_ICC": "published",
+         "PUBLISHED_MEAN_ICC": "published", "PUBLISHED_DIAGNOSIS": "published", "PUBLISHED_LABEL": "published"}
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_HOME[name]}", __name__), name)
