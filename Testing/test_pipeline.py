@@ -151,12 +151,44 @@ def test_extent_and_own_settings_keep_the_work_and_the_later_stages_that_do_not_
     assert r.keys(stages(2, 12, 4))[2] == r.keys(stages(2, 12, 5))[2] != r.keys(stages(2, 13, 4))[2]
 
 
+def test_a_stage_free_of_an_earlier_extent_is_kept_and_a_per_unit_one_keeps_its_folder(tmp_path):
+    """A change of an ``extent`` reran every later stage from an empty folder: also a stage whose result does not
+    depend on it (``extent_free``: kept) and one whose folder holds checked per-unit work (``per_unit``: rerun in its
+    folder). Their own settings still count as before."""
+    seen = []
+
+    def make(name):
+        def run(d):
+            seen.append((name, sorted(p.name for p in d.iterdir())))
+            (d / "piece.txt").write_text("done")
+            return {}
+        return run
+
+    def stages(n=10, y=1, z=1):
+        return [Stage("a", make("a"), {"x": 1}, extent={"n": n}), Stage("free", make("free"), {"y": y},
+                extent_free=True), Stage("unit", make("unit"), {"z": z}, per_unit=True), Stage("c", make("c"))]
+
+    def run(**kw):
+        seen.clear()
+        StageRunner(tmp_path).run_all(stages(**kw))
+        return seen
+
+    assert [name for name, _ in run()] == ["a", "free", "unit", "c"]
+    assert run(n=12) == [("a", ["piece.txt"]), ("unit", ["piece.txt"]), ("c", [])]
+    assert run(n=12, y=2) == [("free", []), ("unit", []), ("c", [])]  # its own settings: it and the rest, emptied
+    assert run(n=12, y=2, z=2) == [("unit", []), ("c", [])]
+    r = StageRunner(tmp_path)
+    assert r.keys(stages(10))[1] == r.keys(stages(12))[1] and r.keys(stages(10))[2] != r.keys(stages(12))[2]
+
+
 def test_demo_reruns_only_what_depends_on_a_changed_n_or_variant_knees(tmp_path, monkeypatch):
     """Changing ``variant_knees`` (the knees on which the registration variants are compared, which no later stage
     reads) reran the registration from an empty folder (every knee registered again) and every stage after it;
     changing ``n`` generated every knee again, although knee i does not depend on n. Now ``variant_knees`` reruns the
     registration alone, which keeps its finished registrations, and ``n`` reruns the phantom stage in its folder
-    (it keeps the knees it has) and every stage after it, from empty folders."""
+    (it keeps the knees it has), keeps the synthesis model (trained on the first knees), reruns the registration
+    and the dataset in their folders (they keep each knee's finished work) and every later stage from empty
+    folders."""
     from ctsma.demo import DemoSettings, run_demo, stages
     from ctsma.demo import run as demo_run
 
@@ -182,7 +214,10 @@ def test_demo_reruns_only_what_depends_on_a_changed_n_or_variant_knees(tmp_path,
     assert run(n=12) == [(name, []) for name in names]
     assert run(n=12, variant_knees=2) == [("registration", ["piece.txt"])]
     assert run(n=12, variant_knees=2) == []
-    assert run(n=14, variant_knees=2) == [("phantom", ["piece.txt"])] + [(name, []) for name in names[1:]]
+    # n: the synthesis (trained on the first knees) is kept; registration and dataset rerun in their folders, whose
+    # registrations and shards are per knee and checked before they are reused
+    assert run(n=14, variant_knees=2) == [(name, ["piece.txt"]) for name in ("phantom", "registration", "dataset")] \
+        + [(name, []) for name in names[4:]]
     assert run(n=14, variant_knees=2, seed=1) == [(name, []) for name in names]
 
 

@@ -5,12 +5,12 @@ JSON-able summary. When it finishes, a marker ``<out>/.stages/<name>.json`` reco
 the run time and a hash of the settings that the stage depends on. A rerun skips every stage
 whose marker matches its settings, so an interrupted run resumes at the first unfinished stage,
 and changing one setting reruns only the stages that depend on it (and those after it, unless it is one of the
-stage's ``own`` settings, which no later stage depends on). A runner made with
-``code=code_fingerprint()`` also reruns everything after the package's code or shipped configs changed, so an
+stage's ``own`` settings, which no later stage depends on, or an ``extent`` that a later stage is free of). A
+runner made with ``code=code_fingerprint()`` also reruns everything after the package's code or shipped configs changed, so an
 updated installation never reports results that older code produced. A stage that reruns because its key changed
 starts from an empty folder (its own resumable work, made with other settings or code, is not reused), unless
-only its ``extent`` or ``own`` settings changed, which its finished work does not depend on; a stage that was
-interrupted resumes in its folder.
+only its ``extent`` or ``own`` settings changed, which its finished work does not depend on, or, for a ``per_unit``
+stage, the extent of a stage before it; a stage that was interrupted resumes in its folder.
 """
 
 from __future__ import annotations
@@ -63,9 +63,16 @@ class Stage:
     * ``extent``: this stage's outputs and the later stages', but not the work its folder already holds, each unit
       of which (a knee) comes out the same whatever their value, and is checked by the stage before it is reused
       (e.g. the size of a cohort whose knee i does not depend on it): a change reruns it in its folder, which keeps
-      that work, and every stage after it;
+      that work, and every stage after it (from empty folders, except as below);
     * ``own``: this stage's outputs only, neither the later stages' nor its finished work (e.g. on which knees a side
       comparison that no later stage reads is made): a change reruns this stage alone, in its folder.
+
+    Two flags say how a stage depends on the ``extent`` of the stages before it:
+
+    * ``extent_free``: not at all (e.g. a model trained on a cohort's first knees, whatever its size): a change of
+      that extent does not rerun it;
+    * ``per_unit``: its outputs do, but its folder's work is one unit (knee) at a time, each checked against its
+      inputs before it is reused (registrations, dataset shards): a change of that extent reruns it in its folder.
     """
 
     name: str
@@ -74,6 +81,8 @@ class Stage:
     title: str = ""
     extent: Any = None
     own: Any = None
+    extent_free: bool = False
+    per_unit: bool = False
 
 
 @dataclass
@@ -94,15 +103,22 @@ class StageRunner:
         return [key for key, _ in self._keys(stages)]
 
     def _keys(self, stages: list[Stage]) -> list[tuple[str, str]]:
-        """Each stage's key and work key. The work key hashes its ``settings`` and what the stage before it passes
-        on (the first: ``code``); adding its ``extent`` gives what it passes on to the next; adding its ``own``, its
-        key. Its folder's finished work is reused while the work key is unchanged. (A stage with neither has the
-        key of a plain chain of settings.)"""
-        out, passed = [], self.code
+        """Each stage's key and work key. Two chains run through the stages: the settings (the first stage's upstream:
+        ``code``) and the extents. The work key hashes the stage's ``settings`` with the settings chain, and the
+        extents before it unless it is ``extent_free`` or ``per_unit``: its folder's finished work is reused while
+        its work key is unchanged. Its key adds the extents before it (unless ``extent_free``), its own ``extent``
+        and its ``own`` settings: it reruns when its key changed. (A chain of stages without extents gets the keys
+        of a plain chain of settings.)"""
+        out, chain, extents = [], self.code, None
         for st in stages:
-            work = settings_hash({"settings": st.settings, "upstream": passed})
-            passed = work if st.extent is None else settings_hash({"extent": st.extent, "upstream": work})
-            out.append((passed if st.own is None else settings_hash({"own": st.own, "upstream": passed}), work))
+            work = settings_hash({"settings": st.settings, "upstream": chain})
+            chain = work
+            seen = work if extents is None or st.extent_free else settings_hash({"extents": extents, "work": work})
+            if st.extent is not None:
+                extents = settings_hash({"extent": st.extent, "upstream": extents})
+            key = seen if st.extent is None else settings_hash({"extent": st.extent, "upstream": seen})
+            key = key if st.own is None else settings_hash({"own": st.own, "upstream": key})
+            out.append((key, work if st.per_unit else seen))
         return out
 
     def _record(self, name: str) -> dict | None:

@@ -24,15 +24,17 @@ def run_demo(out_dir, settings: DemoSettings | None = None) -> dict:
         # knee i is the same whatever n (its parameters come from the seed and i alone): a changed n keeps the knees
         Stage("phantom", lambda d: stages.phantom(ctx, d), {"seed": s.seed, "preset": s.phantom_preset},
               "generate the phantom cohort", extent={"n": s.n}),
+        # trained on the first synthesis_knees knees (by subject ID), the same whatever n
         Stage("synthesis", lambda d: stages.synthesis(ctx, d), {"knees": s.synthesis_knees},
-              "train MR->pseudo-CT synthesis"),
+              "train MR->pseudo-CT synthesis", extent_free=True),
         # the variants are compared on their own: no later stage reads them, and each knee's registration is the
-        # same whatever the number of variant knees (up to rounding when a single pair is left to register: it gets
-        # every core's thread)
+        # same whatever the number of variant knees or of knees (up to rounding when fewer pairs than workers are
+        # left to register: they get more threads); each pair's request is checked before it is skipped
         Stage("registration", lambda d: stages.registration(ctx, d), stages.registration_key(s),
-              "register every MR to its CT", own={"variant_knees": s.variant_knees}),
+              "register every MR to its CT", own={"variant_knees": s.variant_knees}, per_unit=True),
+        # each knee's shard is keyed by its images' and registration's stamps before it is reused
         Stage("dataset", lambda d: stages.dataset(ctx, d), stages.dataset_settings(ctx).__dict__,
-              "build the paired patch dataset"),
+              "build the paired patch dataset", per_unit=True),
         Stage("training", lambda d: stages.training(ctx, d),
               {"folds": s.folds, "config": s.train_config, "config_text": train_config.read_text()},
               f"train teacher, distilled and baseline students ({s.folds}-fold cross-fitting)"),
