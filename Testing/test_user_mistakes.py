@@ -224,6 +224,20 @@ def test_morphometry_options_of_another_method(capsys, tmp_path, ct_crop, option
     assert rc == 2 and message in err and not out.exists()
 
 
+@pytest.mark.parametrize("offset", ["nan", "inf"])
+def test_morphometry_local_offset_must_be_finite(capsys, tmp_path, ct_crop, offset):
+    """A NaN offset made every voxel marrow: BV/TV 0 without a word (a NaN comparison is always false)."""
+    from ctsma.morphometry import binarise
+
+    out = tmp_path / "m"
+    rc, err = _cli(capsys, "morphometry", ct_crop, "--modality", "mr", "--method", "local", "--offset", offset,
+                   "--out", out)
+    assert rc == 2 and "--offset must be a finite fraction of the local mean" in err and not out.exists()
+    with pytest.raises(UserError, match="offset must be a finite fraction"):
+        binarise(np.ones((8, 8, 8)) + np.eye(8)[None], (1, 1, 1), modality="mr", method="local",
+                 offset=float(offset))
+
+
 def test_register_options_of_the_other_mode(capsys, tmp_path, ct_crop):
     out = tmp_path / "r"
     for option in (["--shard", "0/2"], ["--limit", "3"], ["--jobs", "2"]):

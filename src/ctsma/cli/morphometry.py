@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import warnings
 
@@ -129,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     if not (0 <= args.smooth_sigma <= MAX_SMOOTH_VOX):
         raise UserError(f"--smooth-sigma must be 0 (no smoothing) or a number of voxels up to {MAX_SMOOTH_VOX:g}, "
                         f"got {args.smooth_sigma}")
+    if args.offset is not None and not math.isfinite(args.offset):
+        raise UserError(f"--offset must be a finite fraction of the local mean, got {args.offset}")
     if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
         raise UserError(f"--threads must be between 1 and {MAX_THREADS}, got {args.threads}")
     _check_ignored(args)

@@ -99,6 +99,8 @@ def binarise(image, spacing_zyx=None, mask=None, *, modality: str = "microct", t
         if threshold not in (None, "otsu"):
             raise MorphometryError("a local (adaptive) binarisation takes no fixed threshold; give an offset from "
                                    "the local mean instead (offset=, --offset)")
+        if not np.isfinite(offset):
+            raise MorphometryError(f"offset must be a finite fraction of the local mean, got {offset}")
         w = float(window_mm) if window_mm is not None else 16 * min(sp)
         if not np.isfinite(w) or w <= 0:
             raise MorphometryError(f"window_mm must be > 0, got {window_mm}")
