@@ -115,6 +115,22 @@ def test_empty_roi_is_an_error_and_all_bone_is_nan_with_warning():
     assert res["BV/TV"] == 1.0 and np.isnan(res["Tb.Sp"]) and np.isnan(res["Tb.N"])
 
 
+def test_an_all_bone_image_has_the_surface_of_its_closed_border():
+    """BS/BV closes the mesh at the ROI border, the image's included: an all-bone image read 0 while the same image
+    with one interior marrow voxel read the whole box's faces (0.6 /mm here), in both the whole and the slab run."""
+    from ctsma.morphometry import measure_binary
+
+    b = np.ones((20, 20, 20), bool)
+    sp = (0.5, 0.5, 0.5)
+    holed = b.copy()
+    holed[10, 10, 10] = False
+    near = measure_binary(holed, sp)["BS/BV"]
+    for slabs in ("never", 5):
+        with pytest.warns(MorphometryWarning):
+            res = measure_binary(b, sp, slabs=slabs)
+        assert res["BS/BV"] == pytest.approx(near, rel=0.01) and res["BS/BV"] == pytest.approx(6 / 10, rel=0.05)
+
+
 def test_parallel_power_labels_equal_serial():
     """The threaded kernel compiles (parfor indices are unsigned) and gives the serial result."""
     from ctsma.morphometry.power import power_labels

@@ -95,8 +95,8 @@ def _histogram(values: np.ndarray, bins) -> dict:
 def bone_surface(bone_roi: np.ndarray, spacing_zyx) -> float:
     """Surface area (mm²) of a marching-cubes mesh of ``bone_roi`` (padded so the mesh is closed)."""
     from skimage.measure import marching_cubes, mesh_surface_area
-    if not bone_roi.any() or bone_roi.all():
-        return float("nan") if not bone_roi.any() else 0.0
+    if not bone_roi.any():
+        return float("nan")
     sl = _crop_to(bone_roi, 0)
     vol = np.pad(bone_roi[sl], 1).astype(np.float32)
     verts, faces, _, _ = marching_cubes(vol, level=0.5, spacing=tuple(float(s) for s in spacing_zyx))

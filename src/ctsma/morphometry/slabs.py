@@ -338,8 +338,6 @@ def measure_in_slabs(bone: np.ndarray, roi: np.ndarray, spacing_zyx, *, conventi
                        stacklevel=4)
     area, chi = surface_and_euler(bone, roi, roi_box, sp, n_surf, surface=surface and n_bone > 0)
     if surface and n_bone:
-        if n_bone == bone.size:  # all bone: the whole-image run reports no surface
-            area = 0.0
         res["BS/BV"] = area / (n_bone * voxel_mm3)
     else:
         res["BS/BV"] = float("nan")
