@@ -301,6 +301,32 @@ def test_staged_outputs_move_the_completion_marker_last_and_clear_killed_staging
     assert live.is_dir() and elsewhere.is_dir() and user.is_dir()
 
 
+@pytest.mark.parametrize("obstacle", ["folder", "file"])
+def test_staged_outputs_refuse_a_name_in_the_way_before_moving_anything(tmp_path, obstacle):
+    """A folder named as an output file (or a file named as an output folder) made the moves fail half-way with a
+    traceback: the earlier run's marker gone, some files of the new run in place. Now one line, nothing moved."""
+    from ctsma.io.atomic import staged_outputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("old")
+    (out / "a.txt").write_text("old")
+    if obstacle == "folder":
+        (out / "b.txt").mkdir()
+        message = "b.txt: a folder of that name is in the way"
+    else:
+        (out / "maps").write_text("the user's")
+        message = "maps is a file, not a folder"
+    with pytest.raises(UserError, match=message):
+        with staged_outputs(out) as stage:
+            for name in ("summary.json", "a.txt", "b.txt", "maps/bvtv.nii.gz"):
+                (stage / name).parent.mkdir(parents=True, exist_ok=True)
+                (stage / name).write_text("new")
+    assert (out / "summary.json").read_text() == "old" and (out / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in out.iterdir()) == sorted(["summary.json", "a.txt", "b.txt" if obstacle == "folder"
+                                                            else "maps"])
+
+
 def test_staging_liveness_never_signals_a_process_on_windows(monkeypatch):
     """``os.kill(pid, 0)`` terminates the process on Windows: there the check must not call it at all."""
     import os
