@@ -219,6 +219,19 @@ def test_a_rerun_with_other_options_leaves_no_file_of_the_earlier_run(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["b.txt", "c.txt"]
 
 
+def test_a_rerun_removes_the_sub_folder_it_emptied(tmp_path):
+    """'morphometry --window' then a rerun without it left an empty maps/ folder, which reads as maps being there;
+    a sub-folder that still holds another file (a user's) stays."""
+    from ctsma.io.atomic import remove_stale_outputs
+
+    for name in ("maps/bvtv.nii.gz", "maps/tbth.nii.gz", "unc/tbn.nii.gz", "unc/notes.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(name)
+    owned = ("maps/bvtv.nii.gz", "maps/tbth.nii.gz", "unc/tbn.nii.gz")
+    assert remove_stale_outputs(tmp_path, owned, []) == sorted(owned)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["unc", "unc/notes.txt"]
+
+
 def test_an_interrupted_registration_leaves_none_of_its_files(tmp_path, monkeypatch):
     """Ctrl-C while a registration writes its outputs (here at its last picture): the subject's folder holds
     nothing of the run, so no half-written registration sits beside finished ones in a cohort."""

@@ -275,6 +275,10 @@ def remove_stale_outputs(out_dir: str | os.PathLike, owned, produced) -> list[st
         if p.is_file():
             p.unlink()
             gone.append(name)
+    for name in gone:  # a sub-folder the earlier run made for them (maps/), when nothing else is left in it
+        if (out / name).parent != out:
+            with contextlib.suppress(OSError):
+                (out / name).parent.rmdir()
     return gone
 
 
