@@ -372,3 +372,14 @@ def test_few_patients_or_knees_make_rough_intervals_and_say_so(tmp_path, capsys)
         rc, _ = _cli(capsys, "diagnose", "evaluate", "--patches", tmp_path / "p.csv", "--labels", tmp_path / "l.csv",
                      "--aggregators", "logistic", "--folds", "3", "--out", tmp_path / "dx")
     assert rc == 0
+
+
+def test_a_manifest_given_as_its_folder_says_so(capsys, tmp_path):
+    """``--manifest`` of a folder (the cohort's, not its CSV) said "manifest not found", though the path exists."""
+    for cmd in (["register", "--manifest", tmp_path, "--preset", "nosynth", "--out", tmp_path / "r"],
+                ["dataset", "build", "--manifest", tmp_path, "--out", tmp_path / "d"]):
+        rc, err = _cli(capsys, *cmd)
+        assert rc == 2 and f"manifest {tmp_path} is a folder; give the file itself" in err, err
+    rc, err = _cli(capsys, "register", "--manifest", tmp_path / "none.csv", "--preset", "nosynth", "--out",
+                   tmp_path / "r")
+    assert rc == 2 and f"manifest not found: {tmp_path / 'none.csv'}" in err, err

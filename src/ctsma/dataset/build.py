@@ -35,7 +35,7 @@ from ..config import setting, to_dict
 from ..errors import InputImageError, UserError
 from ..io import read_image, safe_join, write_json
 from ..io.images import check_ct_intensities
-from ..io.atomic import atomic_path, remove_stale_partials
+from ..io.atomic import atomic_path, existing_file, remove_stale_partials
 from ..processes import worker_pool
 from ..registration.qa import MIN_BONE_DICE, registration_qa_problem
 from .sampling import cut, cut_ct, inside_fraction, relative_positions, roi_centres
@@ -425,9 +425,7 @@ def assign_splits(subjects: list[str], s: BuildSettings) -> dict[str, tuple[str,
 def read_manifest(path: str | os.PathLike):
     import pandas as pd
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"manifest not found: {path}")
+    path = existing_file(path, "manifest")
     try:
         table = pd.read_csv(path, dtype={"subject": str, "side": str})
         if "subject" in table:  # as written: a subject "NA" or "nan" is a name, an empty cell is no name

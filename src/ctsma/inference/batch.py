@@ -14,8 +14,8 @@ import pandas as pd
 from .. import progress
 from ..errors import InputImageError, UserError
 from ..io import ensure_writable_dir, safe_join, write_json
-from ..io.atomic import (COMPLETION_MARKER, folder_name_problem, recorded_request, remove_other_shard_layouts,
-                         remove_stale_staging, same_request)
+from ..io.atomic import (COMPLETION_MARKER, existing_file, folder_name_problem, recorded_request,
+                         remove_other_shard_layouts, remove_stale_staging, same_request)
 from ..io.images import IMAGE_SUFFIXES
 from .engine import (InferSettings, _subject_name, default_model_path, earlier_stamps, infer, load_diagnosis,
                      request_record)
@@ -32,8 +32,7 @@ def list_cases(path: Path) -> pd.DataFrame:
     """Rows with ``subject``, ``ct`` and optional ``ct_bones`` (absolute paths) and ``slice_thickness`` (mm, the CT's
     nominal slice thickness where its file does not carry it; empty: from the file)."""
     if path.suffix.lower() == ".csv":
-        if not path.is_file():
-            raise InputImageError(f"manifest not found: {path}")
+        existing_file(path, "manifest", InputImageError)
         try:
             df = pd.read_csv(path, dtype={"subject": str})
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

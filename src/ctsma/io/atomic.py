@@ -304,6 +304,17 @@ def remove_other_shard_layouts(out_dir: str | os.PathLike, prefix: str, suffix: 
     return gone
 
 
+def existing_file(path, what: str, error=UserError) -> Path:
+    """``path`` as a Path when it names a file; otherwise ``error`` saying that nothing, or a folder, is there (a
+    manifest given as its cohort's folder was "not found")."""
+    p = Path(path)
+    if p.is_dir():
+        raise error(f"{what} {p} is a folder; give the file itself")
+    if not p.is_file():
+        raise error(f"{what} not found: {p}")
+    return p
+
+
 def input_stamp(path) -> dict | None:
     """Size and modification time of an input (a folder, e.g. a DICOM series: of all its files): a resumed batch
     compares them too, so that a scan re-exported or corrected at the same path is redone, not kept. None when

@@ -23,8 +23,8 @@ import pandas as pd
 
 from .. import progress
 from ..errors import ConfigError, InputImageError, UserError
-from ..io.atomic import (content_sha256, input_stamp, recorded_request, remove_other_shard_layouts, safe_join,
-                         same_request, to_jsonable, write_text)
+from ..io.atomic import (content_sha256, existing_file, input_stamp, recorded_request, remove_other_shard_layouts,
+                         safe_join, same_request, to_jsonable, write_text)
 from ..processes import worker_pool
 
 _WORKER: dict = {}
@@ -45,9 +45,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """The manifest with absolute image paths and a ``subject`` column (row number when absent)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputImageError(f"manifest not found: {path}")
+    path = existing_file(path, "manifest", InputImageError)
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:  # pandas raises several parser error types
