@@ -193,6 +193,23 @@ def test_few_patches_warn_and_splits_by_patient(cohort, tmp_path):
     assert sorted({v[1] for v in sp.values()}) == [0, 1, 2, 3, 4]
 
 
+def test_a_split_without_training_patients_is_said_at_build_time(cohort, tmp_path):
+    """test_fraction 0.9 of 3 knees put every knee in the test set without a word; training refused it later."""
+    root, _, _ = cohort
+    s = BuildSettings(transform_column="transform_ct_to_mr", test_fraction=0.9, **SMALL)
+    with pytest.warns(UserWarning, match=r"no train and no val patient \(test_fraction 0.9, val_fraction 0.2\)"):
+        summary = build_dataset(root / "manifest.csv", tmp_path / "ds", s)
+    assert set(PatchStore(tmp_path / "ds").table["split"]) == {"test"}
+    assert any("'ctsma train' with it will refuse" in w for w in summary["warnings"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="only .* valid patches")
+        build_dataset(root / "manifest.csv", tmp_path / "ok", BuildSettings(transform_column="transform_ct_to_mr",
+                                                                          **SMALL))
+
+
 def test_qa_rules():
     assert registration_qa_problem({"bone_dice": {"femur": 0.9, "tibia": 0.95}}, 0.6) is None
     assert "tibia" in registration_qa_problem({"bone_dice": {"femur": 0.9, "tibia": 0.2}}, 0.6)

@@ -555,6 +555,14 @@ def build_dataset(manifest: str | os.PathLike, out: str | os.PathLike, settings:
              "this store; training and evaluation need at least 3 knees")
         warnings.warn(w, stacklevel=2)
         warns.append(w)
+    else:
+        empty = [part for part in ("train", "val") if part not in {v[0] for v in splits.values()}]
+        if empty:  # e.g. test_fraction 0.9 of 3 knees: training with the stored split would be refused
+            w = (f"the stored split of these {len(shards)} knees has no {' and no '.join(empty)} patient "
+                 f"(test_fraction {s.test_fraction:g}, val_fraction {s.val_fraction:g}): 'ctsma train' with it will "
+                 "refuse this store; lower the fractions, or train with data.k_folds")
+            warnings.warn(w, stacklevel=2)
+            warns.append(w)
     attrs = {"ct_spacing_mm": s.extent_mm / s.ct_size, "mr_spacing_mm": s.extent_mm / s.mr_size,
              "extent_mm": s.extent_mm, "mr_normalisation": "MR / 99.5th percentile of the knee's MR in its ROI patches",
              "mr_binarisation": MR_BINARISATIONS[s.mr_threshold],
