@@ -941,3 +941,14 @@ def test_a_batch_keeps_the_warnings_that_filters_ignore_silenced(monkeypatch):
         with _warnings_named("k1"):
             case()
     assert said == []
+
+
+def test_a_ct_given_as_the_current_folder_is_named_after_it(tmp_path, monkeypatch):
+    """`ctsma infer . --out ../result` inside a DICOM folder wrote an empty subject to summary.json and patches.csv,
+    and `ctsma report patient` then refused to name the report ('subject ID '' has no letters or digits')."""
+    from ctsma.inference.engine import _subject_name
+
+    (tmp_path / "knee 7" / "dicom").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "knee 7" / "dicom")
+    assert _subject_name(".") == "dicom" and _subject_name("..") == "knee 7"
+    assert _subject_name("./") == "dicom" and _subject_name(tmp_path / "P01.nii.gz") == "P01"

@@ -26,6 +26,7 @@ and lies outside the physical range of every parameter inside bone.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -548,7 +549,7 @@ class progress_stage:
 
 
 def _subject_name(path) -> str:
-    name = Path(str(path)).name
+    name = Path(os.path.abspath(str(path))).name  # '.' (a DICOM folder as the current folder) names that folder
     for suf in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if name.endswith(suf):
             return name[: -len(suf)]
