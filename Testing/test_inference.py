@@ -952,3 +952,14 @@ def test_a_ct_given_as_the_current_folder_is_named_after_it(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path / "knee 7" / "dicom")
     assert _subject_name(".") == "dicom" and _subject_name("..") == "knee 7"
     assert _subject_name("./") == "dicom" and _subject_name(tmp_path / "P01.nii.gz") == "P01"
+
+
+def test_infer_refuses_to_write_into_the_cts_dicom_folder(tmp_path, capsys):
+    """`ctsma infer DICOM --out DICOM` wrote the label images and maps among the slices; the same command again
+    then took the folder for a batch of CTs and failed on bones.nii.gz and rois.nii.gz as CTs."""
+    dicom = tmp_path / "dicom"
+    dicom.mkdir()
+    (dicom / "s000.dcm").write_bytes(b"slice")
+    assert cli_main(["infer", str(dicom), "--out", str(tmp_path / "." / "dicom")]) == 2
+    assert "is the CT's DICOM folder" in capsys.readouterr().err
+    assert [p.name for p in dicom.iterdir()] == ["s000.dcm"]

@@ -70,6 +70,8 @@ def run(args) -> int:
         return 1 if len(failed) else 0
     if args.shard:
         raise UserError("--shard needs a folder or manifest of CTs")
+    if args.ct.is_dir() and args.out.resolve() == args.ct.resolve():  # a rerun would read its images as a batch
+        raise UserError(f"--out {args.out} is the CT's DICOM folder; write the results to another folder")
     if args.subject is not None and not str(args.subject).strip():
         raise UserError("--subject is empty: give the knee's ID")
     summary = infer(args.ct, args.out, model_path=args.model, segmentation=args.segmentation, rois_path=args.rois,
