@@ -166,6 +166,9 @@ def test_mismatched_segmentation_is_resampled_with_a_warning_or_refused(knee, co
     with pytest.warns(UserWarning, match="resampled"):
         assert _run(knee["ct"], "--out", out, "--model", constant_student, "--segmentation", coarse,
                     "--side", knee["side"]) == 0
+    # kept in summary.json too, whose warnings the patient report's notes show (it was printed only)
+    warns = json.loads((out / "summary.json").read_text())["warnings"]
+    assert any("coarse.nii.gz is on a different grid than the CT; resampled" in w for w in warns)
     far = sitk.Image(seg)
     far.SetOrigin(tuple(o + 500.0 for o in seg.GetOrigin()))  # does not overlap the CT at all
     bad = tmp_path / "far.nii.gz"

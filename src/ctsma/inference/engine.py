@@ -26,6 +26,7 @@ and lies outside the physical range of every parameter inside bone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -254,13 +255,16 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     plan = plan_memory(None if hdr is None else int(np.prod(hdr, dtype=np.int64)), "infer",
                        what=f"CT {Path(ct_path).name}",  # before reading the pixels
                        min_slab_bytes=int(SLAB_BYTES_PER_VOXEL["infer"] * plane_voxels(hdr)) if hdr else 0)
-    ct = read_image(ct_path, what="CT")
+    warns: list[str] = []  # summary.json's warnings: every one the run gives
+    with _kept_warnings(warns):  # a DICOM folder holding several series
+        ct = read_image(ct_path, what="CT")
     if plan.chunked:
         progress.info(plan.slab_notice("the CT", "maps are blended and written in z-slabs"))
     ensure_writable_dir(out_dir)  # refuse an unwritable output folder before any work
-    warns = check_ct(ct)
-    for w in warns:
+    ct_warns = check_ct(ct)
+    for w in ct_warns:
         warnings.warn(w, stacklevel=2)
+    warns += ct_warns
     model_path = Path(model_path) if model_path else default_model_path()
     model, meta = load_student(model_path)
     diagnosis_model = load_diagnosis(diagnosis_path, model_path)
@@ -279,7 +283,8 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     t = time.perf_counter()
     seg_ct = None if (segmentation and rois_path) else _coarse_copy(ct, s.segmentation_spacing_mm)
     if segmentation:
-        bones = read_user_labels(segmentation, ct, kind="bones")
+        with _kept_warnings(warns):  # resampled onto the CT's grid, segments ignored
+            bones = read_user_labels(segmentation, ct, kind="bones")
         bones_from = str(segmentation)
     # over the budget, the CT's pixels are released while bones and ROIs are found on the coarse copy, and read
     # again for the patches (the ROI placement is the peak of a whole-CT run)
@@ -295,17 +300,13 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     t = time.perf_counter()
     side_info = {"side": s.side, "side_from": "metadata" if s.side else None}
     if rois_path:
-        rois = read_user_labels(rois_path, ct, kind="rois")
+        with _kept_warnings(warns):
+            rois = read_user_labels(rois_path, ct, kind="rois")
         rois_from = str(rois_path)
     else:
         seg_bones = coarse_bones if not segmentation else _to_grid(bones, seg_ct)
-        with warnings.catch_warnings(record=True) as caught:   # a side told by a weak cue: kept in the summary
-            warnings.simplefilter("always")
+        with _kept_warnings(warns):   # a side told by a weak cue
             roi_img, roi_info = subchondral_rois(seg_ct, seg_bones, side=s.side, return_info=True)
-        for w in caught:
-            if issubclass(w.category, UserWarning):
-                warns.append(str(w.message))
-            warnings.warn(w.message, w.category, stacklevel=2)
         rois = _to_grid(roi_img, grid)
         rois_from = "automatic"
         side_info = {"side": roi_info["side"], "side_from": roi_info["side_from"]}
@@ -531,6 +532,19 @@ def _to_grid(labels: sitk.Image, ref) -> sitk.Image:
                          tuple(ref.GetDirection()), 0, sitk.sitkUInt8)
     out[int(lo[0]):int(hi[0]), int(lo[1]):int(hi[1]), int(lo[2]):int(hi[2])] = part  # pasted in place
     return out
+
+
+@contextlib.contextmanager
+def _kept_warnings(warns: list):
+    """Append the messages of the UserWarnings given inside to ``warns`` (summary.json's warnings, which the patient
+    report's notes and a batch's status show), and give every warning again, so it is still shown."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            warns.append(str(w.message))
+        warnings.warn(w.message, w.category, stacklevel=3)
 
 
 class progress_stage:
