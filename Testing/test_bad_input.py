@@ -28,6 +28,7 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
+from ctsma import PARAMETER_FILE_NAMES
 from ctsma.cli.main import main as cli_main
 from ctsma.errors import ConfigError, InputImageError, ModelFileError, UserError
 
@@ -522,6 +523,10 @@ def models(inp):
         d.mkdir()
         (d / "rois.nii.gz").write_bytes(Path(rois).read_bytes())
         (d / "roi_table.csv").write_text("roi,parameter,mean,sd,median,iqr,n_patches\nMFC,BV/TV,0.3,0.1,0.3,0.1,4\n")
+        (d / "summary.json").write_text("{}")
+        (d / "maps").mkdir()
+        for f in PARAMETER_FILE_NAMES.values():  # a complete folder: the report refuses one missing a file
+            (d / "maps" / f"{f}.nii.gz").write_bytes(Path(rois).read_bytes())
         inp[name] = d
     return inp
 

@@ -106,6 +106,17 @@ def test_report_patient_cli_user_errors(tmp_path, capsys):
     assert "ROI table file" in capsys.readouterr().err
 
 
+def test_report_patient_refuses_an_incomplete_infer_folder(tmp_path, capsys):
+    """Without summary.json the report said that no diagnosis model was available and dropped the demo model's
+    NOT FOR CLINICAL USE notice; without the maps it left them out: a folder missing either is refused."""
+    d = _infer_dir(tmp_path)
+    (d / "summary.json").unlink()
+    (d / "maps" / "tbn.nii.gz").unlink()
+    assert main(["report", "patient", str(tmp_path / "ct.nii.gz"), str(d)]) == 2
+    assert "not a complete 'ctsma infer' output folder: summary.json, maps/tbn.nii.gz missing" in capsys.readouterr().err
+    assert not (d / "report").exists()
+
+
 def test_report_study_reads_the_roc_curves_from_diagnose_evaluates_oof_predictions(tmp_path, monkeypatch, capsys):
     """`--roc` took only key, y_true, y_score, so the out-of-fold predictions `ctsma diagnose evaluate` writes beside
     its metrics.json were refused ('lacks the columns key, y_true, y_score'): no documented way to the ROC section."""

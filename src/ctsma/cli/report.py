@@ -146,19 +146,21 @@ def run_patient(args) -> int:
         raise UserError(f"{d} is not a folder; give the output folder of 'ctsma infer'")
     if not (d / "rois.nii.gz").exists() and any(d.glob("batch_status_*of*.json")):
         raise UserError(f"{d} is the output folder of a batch of CTs; give the folder of one knee, {d}/<subject>")
+    missing = [n for n in ("summary.json", *(f"maps/{f}.nii.gz" for f in PARAMETER_FILE_NAMES.values()))
+               if not (d / n).is_file()]
+    if missing:  # without summary.json the report would say no diagnosis model ran, and drop the demo notice
+        raise UserError(f"{d} is not a complete 'ctsma infer' output folder: {', '.join(missing)} missing "
+                        "(rerun 'ctsma infer')")
     ct = read_image(args.ct, what="CT")
     rois = read_image(d / "rois.nii.gz", what="ROI label image", pixel_type=sitk.sitkUInt8)
     if not sitk.GetArrayViewFromImage(rois).any():
         raise UserError(f"the ROI label image {d / 'rois.nii.gz'} is empty: nothing to report (rerun 'ctsma infer')")
-    maps = {p: _read_map(d / "maps" / f"{f}.nii.gz", p)
-            for p, f in PARAMETER_FILE_NAMES.items() if (d / "maps" / f"{f}.nii.gz").exists()}
+    maps = {p: _read_map(d / "maps" / f"{f}.nii.gz", p) for p, f in PARAMETER_FILE_NAMES.items()}
     roi_table = _read_csv(d / "roi_table.csv", "ROI table", ["roi", "parameter", "mean"])
-    summary = {}
-    if (d / "summary.json").exists():
-        try:
-            summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise UserError(f"cannot read {d / 'summary.json'}: {exc}") from None
+    try:
+        summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UserError(f"cannot read {d / 'summary.json'}: {exc}") from None
     inputs = inputs_from_summary(summary)
     if args.reference:
         inputs["reference_ranges"] = _read_csv(args.reference, "reference ranges", ["roi", "parameter", "mean", "sd"])
