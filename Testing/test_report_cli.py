@@ -117,6 +117,15 @@ def test_report_patient_refuses_an_incomplete_infer_folder(tmp_path, capsys):
     assert not (d / "report").exists()
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", "null"])
+def test_report_patient_refuses_a_summary_that_is_not_a_json_object(tmp_path, capsys, text):
+    """A summary.json holding a list or null gave an AttributeError traceback ('list' object has no attribute 'get')."""
+    d = _infer_dir(tmp_path)
+    (d / "summary.json").write_text(text)
+    assert main(["report", "patient", str(tmp_path / "ct.nii.gz"), str(d)]) == 2
+    assert "summary.json is not a JSON object" in capsys.readouterr().err
+
+
 def test_report_study_reads_the_roc_curves_from_diagnose_evaluates_oof_predictions(tmp_path, monkeypatch, capsys):
     """`--roc` took only key, y_true, y_score, so the out-of-fold predictions `ctsma diagnose evaluate` writes beside
     its metrics.json were refused ('lacks the columns key, y_true, y_score'): no documented way to the ROC section."""

@@ -161,6 +161,8 @@ def run_patient(args) -> int:
         summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
     except ValueError as exc:
         raise UserError(f"cannot read {d / 'summary.json'}: {exc}") from None
+    if not isinstance(summary, dict):
+        raise UserError(f"{d / 'summary.json'} is not a JSON object as 'ctsma infer' writes it (rerun 'ctsma infer')")
     inputs = inputs_from_summary(summary)
     if args.reference:
         inputs["reference_ranges"] = _read_csv(args.reference, "reference ranges", ["roi", "parameter", "mean", "sd"])
