@@ -502,6 +502,12 @@ def test_patient_report_from_a_real_infer_folder(knee, constant_student, tmp_pat
     r = summary["reference_ranges"][0]
     mean = next(x["mean"] for x in summary["roi_table"] if x["roi"] == r["roi"] and x["parameter"] == r["parameter"])
     assert f"{(mean - r['mean']) / r['sd']:+.2f}" in html
+    # infer again into the folder (another CT, other settings): the report of the replaced results goes, a user's
+    # own file in report/ stays
+    report = next((out / "report").glob("*.html"))
+    (out / "report" / "notes.txt").write_text("mine")
+    assert _run(knee["ct"], "--out", out, "--model", constant_student, "--stride", "5") == 0
+    assert not report.exists() and (out / "report" / "notes.txt").read_text() == "mine"
 
 
 def test_a_users_own_student_gets_no_diagnosis_from_the_shipped_model(knee, constant_student, tmp_path):

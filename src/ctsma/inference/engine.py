@@ -427,7 +427,21 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         timings["total"] = time.perf_counter() - t0
         summary["seconds"] = timings
         write_json(stage / "summary.json", summary)
+    _remove_earlier_reports(out_dir)
     return summary
+
+
+def _remove_earlier_reports(out_dir) -> None:
+    """Remove the patient reports that ``ctsma report patient`` wrote into this folder (``report/patient_<subject>``
+    ``.pdf``/``.html``) from the results that this run has just replaced: they would show another CT's or run's maps
+    and values beside the new ones."""
+    folder = Path(out_dir) / "report"
+    gone = [f for f in sorted(folder.glob("patient_*")) if f.suffix in (".pdf", ".html") and f.is_file()]
+    for f in gone:
+        f.unlink()
+    if gone:
+        progress.info(f"removed the patient report{'s' if len(gone) > 1 else ''} of the earlier results "
+                      f"({', '.join(f.name for f in gone)}); run 'ctsma report patient' again for these")
 
 
 def _write_maps_in_slabs(stage: Path, geom, crop_rois, box, shape, sp_zyx, centres, labels, mean, sd, extent,
