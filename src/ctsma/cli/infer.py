@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
         description="Analyse a knee CT (NIfTI, NRRD, MHA or a DICOM series folder): bone segmentation, "
                     "subchondral ROIs, sliding-window student predictions, parameter and uncertainty maps, "
                     "ROI table and, where a diagnosis model exists, the OA probability. A CSV manifest (column "
-                    "'ct', optional 'subject', 'ct_bones') or a folder of CT files runs in batch mode. Over the "
+                    "'ct', optional 'subject', 'ct_bones', 'side' (L/R), 'slice_thickness' (mm)) or a folder of CT "
+                    "files runs in batch mode. Over the "
                     "memory budget (CTSMA_MEMORY_GB) the maps are made and written in z-slabs, with the same results.")
     p.add_argument("ct", type=Path, help="CT image, DICOM folder, folder of CTs, or manifest .csv")
     p.add_argument("--out", type=Path, required=True, help="output folder")
