@@ -142,6 +142,11 @@ def test_geometry_mismatch_named():
     with pytest.raises(InputImageError, match="origin"):
         check_same_geometry(a, b)
     check_same_geometry(a, _img())
+    # which size is whose (it said "size A vs B", and A was the CT's)
+    small = sitk.Image(4, 5, 6, sitk.sitkFloat32)
+    with pytest.raises(InputImageError, match=r"ROI label image does not match the geometry of the CT: size \(4, 5, "
+                                              r"6\) against the CT's \(" + ", ".join(map(str, a.GetSize())) + r"\)"):
+        check_same_geometry(a, small, what_a="CT", what_b="ROI label image")
 
 
 def test_ct_intensity_check_separates_ct_from_mr():

@@ -325,9 +325,9 @@ def check_same_geometry(a: sitk.Image, b: sitk.Image, *, what_a: str = "image",
     if offset <= GRID_TOLERANCE_VOX:
         return
     if a.GetSize() != b.GetSize():
-        problems = [f"size {a.GetSize()} vs {b.GetSize()}"]
+        problems = [f"size {b.GetSize()} against the {what_a}'s {a.GetSize()}"]
     else:
-        problems = [f"{name} {_fmt(get(a))} vs {_fmt(get(b))}" for name, get in
+        problems = [f"{name} {_fmt(get(b))} against the {what_a}'s {_fmt(get(a))}" for name, get in
                     (("spacing", lambda i: i.GetSpacing()), ("origin", lambda i: i.GetOrigin()))
                     if not np.allclose(get(a), get(b), rtol=1e-9, atol=0)]
         if not np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=1e-9):
