@@ -294,7 +294,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(store, tmp_path, how, ca
     import torch
     # last.ckpt holds the last finished epoch (the second, index 1) whether or not it improved the validation loss
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1
-    resumed = train("baseline", load_train_config(killed), **{how: True})
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = train("baseline", load_train_config(killed), **{how: True})
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]  # Lightning's, expected here
     if how == "reuse":
         assert f"student_baseline: resumed from {run / 'checkpoints' / 'last.ckpt'} (2 of 4 epochs were done)" in \
             capsys.readouterr().err

@@ -123,8 +123,6 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen teacher
         # Lightning's own use of a torch API that torch deprecated: nothing a user can act on
         warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-        if resume:
-            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
 
     store = open_store(cfg, store)
@@ -178,6 +176,8 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
             progress.info(f"{role}{cfg.output.name}: trained again ({why})")
     if resume and not checked:
         _check_resumable(last, module)
+    if resume and not logging.getLogger().isEnabledFor(logging.DEBUG):  # its folder holds the run's logs: expected
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
     precision = _precision(cfg)
     # only now, with the store, split, teacher and device checked: a user error leaves the folder as it was
     if not resume and run_dir.exists():
