@@ -263,6 +263,26 @@ def test_the_results_do_not_depend_on_where_the_field_of_view_starts(knee, tmp_p
     pd.testing.assert_frame_equal(tables[0], tables[2])
 
 
+def test_the_results_do_not_depend_on_the_order_in_which_the_ct_is_stored(knee, tmp_path):
+    """The same knee with its slices, or its columns, stored the other way gave other patches (the centre grid was
+    anchored on the ROI's first voxel in index space): on this knee 32 instead of 20 patches in one ROI, and BV/TV
+    means 0.304 against 0.292. Now the same ROI table, whatever the order."""
+    from test_dataset_build import _restored
+
+    from ctsma.inference.engine import InferSettings, infer
+
+    ct = sitk.ReadImage(str(knee["ct"]))
+    tables = []
+    for name, img in (("as_written", ct), ("slices_reversed", _restored(ct, 2)), ("columns_reversed",
+                                                                                _restored(ct, 0))):
+        sitk.WriteImage(img, str(tmp_path / f"{name}.nii.gz"))
+        infer(tmp_path / f"{name}.nii.gz", tmp_path / name, settings=InferSettings(side=knee["side"]), subject="k")
+        tables.append(pd.read_csv(tmp_path / name / "roi_table.csv"))
+    assert tables[0]["n_patches"].sum() > 20
+    for t in tables[1:]:
+        pd.testing.assert_frame_equal(t, tables[0], check_exact=False, rtol=1e-5, atol=1e-6)
+
+
 def test_batch_mode_resumes_and_reports_failures(knee, constant_student, tmp_path, capsys):
     manifest = tmp_path / "cts.csv"
     pd.DataFrame({"subject": ["good", "bad"], "ct": [str(knee["ct"]), str(knee["mr"])],
