@@ -6,11 +6,11 @@ the run time and a hash of the settings that the stage depends on. A rerun skips
 whose marker matches its settings, so an interrupted run resumes at the first unfinished stage,
 and changing one setting reruns only the stages that depend on it (and those after it, unless it is one of the
 stage's ``own`` settings, which no later stage depends on, or an ``extent`` that a later stage is free of). A
-runner made with ``code=code_fingerprint()`` also reruns everything after the package's code or shipped configs changed, so an
-updated installation never reports results that older code produced. A stage that reruns because its key changed
-starts from an empty folder (its own resumable work, made with other settings or code, is not reused), unless
-only its ``extent`` or ``own`` settings changed, which its finished work does not depend on, or, for a ``per_unit``
-stage, the extent of a stage before it; a stage that was interrupted resumes in its folder.
+runner made with ``code=code_fingerprint()`` also reruns everything after the package's code or shipped configs
+changed, so an updated installation never reports results that older code produced. A stage that reruns because
+its key changed starts from an empty folder (its own resumable work, made with other settings or code, is not
+reused), unless only its ``extent`` or ``own`` settings changed, which its finished work does not depend on, or,
+for a ``per_unit`` stage, the extent of a stage before it; a stage that was interrupted resumes in its folder.
 """
 
 from __future__ import annotations

@@ -313,7 +313,8 @@ def markdown_table(result: dict) -> str:
                 b = block[p]
                 ci = b.get("icc21_ci") or [None, None]
                 loa = b.get("ba_loa") or [None, None]
-                lines.append(f"| {s} | {p} | {fmt(b.get('icc21'))} [{fmt(ci[0])}, {fmt(ci[1])}] | {fmt(b.get('icc31'))} | "
+                lines.append(f"| {s} | {p} | {fmt(b.get('icc21'))} [{fmt(ci[0])}, {fmt(ci[1])}] | "
+                             f"{fmt(b.get('icc31'))} | "
                              f"{fmt(b.get('pearson_r'))} | {fmt(b.get('mae'), 4)} | {fmt(b.get('ba_bias'), 4)} "
                              f"[{fmt(loa[0], 4)}, {fmt(loa[1], 4)}] | {b.get('n_patients')}/{b.get('n_patches')} |")
             lines.append(f"| {s} | **mean ICC(2,1)** | {fmt(block.get('mean_icc21'))} | | | | | |")
