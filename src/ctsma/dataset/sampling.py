@@ -12,58 +12,55 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from ..segmentation.geometry import crop_box, index_to_lps, lps_to_index, spacing_zyx
+from ..segmentation.geometry import crop_box, index_to_lps, spacing_zyx
 
 
-# The patch-centre lattice: points stride_mm apart along L, P and S, shifted off the round numbers that voxel
-# centres and origins tend to sit on, so that a lattice point is practically never half-way between two voxels
-LATTICE_OFFSET_MM = 0.381966
+def _as_lps_axes(img: sitk.Image) -> tuple[list[int], list[bool]]:
+    """How to view ``img``'s numpy (z, y, x) array so that its axes run along S, P and L in that order, as those of
+    an image with the identity direction: the original axis of each viewed axis, and whether it is reversed. Each
+    index axis goes with the patient axis its direction lies closest to (a slightly oblique scan too)."""
+    d = np.asarray(img.GetDirection(), float).reshape(3, 3)
+    phys = np.abs(d).argmax(axis=0)  # the patient axis (L, P, S) of each index axis (x, y, z)
+    if sorted(phys) != [0, 1, 2]:  # two index axes closest to one patient axis (strongly oblique): as stored
+        return [0, 1, 2], [False, False, False]
+    order = [next(k for k in range(3) if phys[2 - k] == 2 - c) for c in range(3)]
+    return order, [bool(d[phys[2 - k], 2 - k] < 0) for k in order]
 
 
 def roi_centres(rois: sitk.Image, label: int, stride_mm: float, extent_mm: float, min_fraction: float,
                 max_count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Centres (LPS mm, (n, 3)) on a regular grid of ``stride_mm`` inside ROI ``label``.
 
-    The grid is a lattice in patient space (``LATTICE_OFFSET_MM + k * stride_mm`` along L, P and S), each point
-    taken by its nearest voxel centre, so that the centres do not depend on how the image is stored (axis order and
-    flips, where its field of view starts) nor on a voxel more or less at the ROI's edge; a centre is a voxel centre,
-    so that every patch samples its image at the same sub-voxel positions. A centre is valid when at least
-    ``min_fraction`` of the patch cube around it is in the ROI and its voxel is. At most ``max_count`` are kept (a
-    random subset, reproducible from ``rng``, drawn in lattice order). Returns ``(centres, n_valid)``.
+    A centre is valid when at least ``min_fraction`` of the patch cube around it is in the ROI. At most
+    ``max_count`` are kept (a random subset, reproducible from ``rng``). Returns ``(centres, n_valid)``. The grid
+    is laid on the ROI's array viewed with its axes along S, P and L (:func:`_as_lps_axes`), so that the centres do
+    not depend on the order in which the image's slices, rows and columns are stored.
     """
-    arr = sitk.GetArrayViewFromImage(rois) == label
+    order, flips = _as_lps_axes(rois)
+    stored = sitk.GetArrayViewFromImage(rois)
+    view = np.transpose(stored, order)[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
+    arr = view == label
     if not arr.any():
         return np.zeros((0, 3)), 0
-    sp = np.asarray(spacing_zyx(rois))
+    sp = np.asarray(spacing_zyx(rois))[order]
     half = np.ceil(0.5 * extent_mm / sp).astype(int)
     box = crop_box(arr, half)
     sub = arr[box].astype(np.float32)
-    frac = cube_fraction(sub, sp, extent_mm)
-    zyx = np.argwhere(sub.astype(bool) & (frac >= min_fraction)) + np.array([b.start for b in box])
-    # each valid voxel's nearest lattice point; the voxel is a centre when it is that point's nearest voxel
-    k = np.rint((index_to_lps(rois, zyx) - LATTICE_OFFSET_MM) / stride_mm)
-    own = np.rint(lps_to_index(rois, k * stride_mm + LATTICE_OFFSET_MM)).astype(zyx.dtype)
-    keep = np.all(own == zyx, axis=1)
-    zyx, k = zyx[keep], k[keep]
-    zyx = zyx[np.lexsort((k[:, 2], k[:, 1], k[:, 0]))]  # lattice order: the same however the image is stored
+    size = np.maximum(1, np.round(extent_mm / sp).astype(int))
+    frac = ndi.uniform_filter(sub, size=tuple(size), mode="constant")
+    step = np.maximum(1, np.round(stride_mm / sp).astype(int))
+    grid = np.zeros(sub.shape, bool)
+    # anchor the grid on the ROI's first voxel so that results do not depend on the crop
+    grid[::step[0], ::step[1], ::step[2]] = True
+    ok = grid & sub.astype(bool) & (frac >= min_fraction)
+    zyx = np.argwhere(ok) + np.array([b.start for b in box])
     n_valid = len(zyx)
     if n_valid > max_count:
         zyx = zyx[np.sort(rng.choice(n_valid, max_count, replace=False))]
-    return index_to_lps(rois, zyx), n_valid
-
-
-def cube_fraction(mask: np.ndarray, spacing_zyx, extent_mm: float) -> np.ndarray:
-    """The fraction of a cube of side ``extent_mm`` centred on each voxel centre that ``mask`` covers (outside the
-    array: not covered). Each axis weighs the voxels by how much of their width lies inside the cube, so the cube is
-    centred on the voxel also where it spans an even or fractional number of voxels (an even-sized box filter is
-    off by half a voxel, which would make the result depend on the direction in which the image is stored)."""
-    out = np.asarray(mask, np.float32)
-    for axis, sp in enumerate(spacing_zyx):
-        h = 0.5 * extent_mm / float(sp)  # half the side, in voxels
-        j = np.arange(-np.ceil(h - 0.5), np.ceil(h - 0.5) + 1)
-        w = np.clip(np.minimum(j + 0.5, h) - np.maximum(j - 0.5, -h), 0.0, 1.0)
-        out = ndi.correlate1d(out, (w / w.sum()).astype(np.float32), axis=axis, mode="constant")
-    return out
+    stored_zyx = np.empty_like(zyx)  # back to the stored array's indices
+    for c, (k, f) in enumerate(zip(order, flips)):
+        stored_zyx[:, k] = stored.shape[k] - 1 - zyx[:, c] if f else zyx[:, c]
+    return index_to_lps(rois, stored_zyx), n_valid
 
 
 def patch_reference(centre_lps, size: int, extent_mm: float) -> sitk.Image:
