@@ -365,9 +365,9 @@ def _interrupted_epochs(ckpt: Path, module) -> int | None:
 def _check_resumable(ckpt: Path, module) -> dict:
     """The checkpoint ``ckpt``, loaded (weights only). Refuse, before anything is written, a checkpoint whose weights
     do not fit the network this config builds (e.g. ``--resume`` after changing ``widths`` or ``stem``), which
-    Lightning would report as a traceback, one
-    of a run with other settings, split or teacher (see :func:`_run_record`; checkpoints of earlier versions have no
-    record), and one that has run more epochs than ``optim.max_epochs``."""
+    Lightning would report as a traceback, one of a run with other settings, split or teacher (see
+    :func:`_run_record`; checkpoints of earlier versions have no record), and one that has run more epochs than
+    ``optim.max_epochs``."""
     try:
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # truncated or damaged
