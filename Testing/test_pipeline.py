@@ -120,9 +120,10 @@ def test_changed_stage_starts_empty_and_interrupted_stage_resumes(tmp_path):
     assert seen == [[], ["piece.txt"], [], []]
 
 
-def test_extent_and_own_settings_keep_the_work_and_the_later_stages_that_do_not_depend_on_them(tmp_path):
-    """``extent`` (e.g. a cohort's size) reruns its stage in its folder and every later stage; ``own`` (e.g. a side
-    comparison no later stage reads) reruns its stage alone, in its folder; ``settings`` empty the folder."""
+def _recorded(tmp_path, plan):
+    """``run(**kw)``: runs the stages ``plan(make, **kw)`` in ``tmp_path`` and returns, for each stage that ran, its
+    name and the files its folder held when it started (each leaves a ``piece.txt``); ``make(name)`` gives such a
+    stage's function."""
     seen = []
 
     def make(name):
@@ -132,53 +133,47 @@ def test_extent_and_own_settings_keep_the_work_and_the_later_stages_that_do_not_
             return {}
         return run
 
-    def stages(x=1, n=10, v=3):
+    def run(**kw):
+        seen.clear()
+        StageRunner(tmp_path).run_all(plan(make, **kw))
+        return list(seen)
+    return run
+
+
+def test_extent_and_own_settings_keep_the_work_and_the_later_stages_that_do_not_depend_on_them(tmp_path):
+    """``extent`` (e.g. a cohort's size) reruns its stage in its folder and every later stage; ``own`` (e.g. a side
+    comparison no later stage reads) reruns its stage alone, in its folder; ``settings`` empty the folder."""
+    def stages(make, x=1, n=10, v=3):
         return [Stage("a", make("a"), {"x": x}, extent={"n": n}), Stage("b", make("b"), {"y": 1}, own={"v": v}),
                 Stage("c", make("c"))]
 
-    def run(**kw):
-        seen.clear()
-        StageRunner(tmp_path).run_all(stages(**kw))
-        return seen
-
+    run = _recorded(tmp_path, stages)
     assert run() == [("a", []), ("b", []), ("c", [])]
     assert run() == []
     assert run(v=4) == [("b", ["piece.txt"])]                              # own: b alone, in its folder
     assert run(v=4, n=12) == [("a", ["piece.txt"]), ("b", []), ("c", [])]  # extent: a in its folder, then the rest
     assert run(v=4, n=12, x=2) == [("a", []), ("b", []), ("c", [])]        # settings: from empty folders
     assert run(v=4, n=12, x=2) == []
-    r = StageRunner(tmp_path)
-    assert r.keys(stages(2, 12, 4))[2] == r.keys(stages(2, 12, 5))[2] != r.keys(stages(2, 13, 4))[2]
+    r, none = StageRunner(tmp_path), (lambda name: None)
+    assert r.keys(stages(none, 2, 12, 4))[2] == r.keys(stages(none, 2, 12, 5))[2] != r.keys(stages(none, 2, 13, 4))[2]
 
 
 def test_a_stage_free_of_an_earlier_extent_is_kept_and_a_per_unit_one_keeps_its_folder(tmp_path):
     """A change of an ``extent`` reran every later stage from an empty folder: also a stage whose result does not
     depend on it (``extent_free``: kept) and one whose folder holds checked per-unit work (``per_unit``: rerun in its
     folder). Their own settings still count as before."""
-    seen = []
-
-    def make(name):
-        def run(d):
-            seen.append((name, sorted(p.name for p in d.iterdir())))
-            (d / "piece.txt").write_text("done")
-            return {}
-        return run
-
-    def stages(n=10, y=1, z=1):
+    def stages(make, n=10, y=1, z=1):
         return [Stage("a", make("a"), {"x": 1}, extent={"n": n}), Stage("free", make("free"), {"y": y},
                 extent_free=True), Stage("unit", make("unit"), {"z": z}, per_unit=True), Stage("c", make("c"))]
 
-    def run(**kw):
-        seen.clear()
-        StageRunner(tmp_path).run_all(stages(**kw))
-        return seen
-
+    run = _recorded(tmp_path, stages)
     assert [name for name, _ in run()] == ["a", "free", "unit", "c"]
     assert run(n=12) == [("a", ["piece.txt"]), ("unit", ["piece.txt"]), ("c", [])]
     assert run(n=12, y=2) == [("free", []), ("unit", []), ("c", [])]  # its own settings: it and the rest, emptied
     assert run(n=12, y=2, z=2) == [("unit", []), ("c", [])]
-    r = StageRunner(tmp_path)
-    assert r.keys(stages(10))[1] == r.keys(stages(12))[1] and r.keys(stages(10))[2] != r.keys(stages(12))[2]
+    r, none = StageRunner(tmp_path), (lambda name: None)
+    assert r.keys(stages(none, 10))[1] == r.keys(stages(none, 12))[1] != r.keys(stages(none, 12, 2))[1]
+    assert r.keys(stages(none, 10))[2] != r.keys(stages(none, 12))[2]
 
 
 def test_demo_reruns_only_what_depends_on_a_changed_n_or_variant_knees(tmp_path, monkeypatch):
