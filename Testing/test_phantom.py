@@ -288,3 +288,14 @@ def test_tile_is_bit_reproducible():
     from ctsma.phantom.texture import TILE_SHA256, make_tile
     t, _ = make_tile()
     assert hashlib.sha256(t.tobytes()).hexdigest() == TILE_SHA256
+
+
+def test_a_folder_named_as_a_knee_that_no_phantom_wrote_is_refused(tmp_path):
+    """A user's own P0000 folder in --out was replaced, with everything in it, by the generated knee."""
+    out = tmp_path / "c"
+    mine = out / "P0000" / "notes.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("a user's file")
+    with pytest.raises(UserError, match="P0000 is not a phantom knee"):
+        generate_cohort(make_settings("demo", TINY), 1, 5, out)
+    assert mine.read_text() == "a user's file" and not (out / "phantom.json").exists()

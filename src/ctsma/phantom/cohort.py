@@ -150,6 +150,21 @@ def _done(out: Path, sid: str, shash: str, seed: int) -> dict | None:
     return meta["manifest_row"]
 
 
+def _check_no_foreign_knee_folders(out: Path, n: int) -> None:
+    """Refuse a folder named as one of the ``n`` knees (P0000, ...) that no phantom run wrote: generating that knee
+    would replace it, with everything in it."""
+    for d in sorted(out.glob("P*")):
+        if not (re.fullmatch(r"P\d{4,}", d.name) and int(d.name[1:]) < n and d.name == subject_id(int(d.name[1:]))):
+            continue
+        try:
+            ours = json.loads((d / "metadata.json").read_text(encoding="utf-8")).get("generator") == "ctsma.phantom"
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise UserError(f"{d} is not a phantom knee (no phantom metadata.json) and knee {d.name} would replace "
+                            "it; choose another --out folder")
+
+
 def generate_cohort(settings: PhantomSettings, n: int, seed: int, out, workers: int = 1) -> Path:
     """Generate (or resume) a cohort of ``n`` knees in ``out``; returns the manifest path. With ``workers`` > 1 the
     knees are made in spawned worker processes: a Python script that calls this must do so under
@@ -173,6 +188,7 @@ def generate_cohort(settings: PhantomSettings, n: int, seed: int, out, workers: 
                             "choose another --out folder or delete it")
     elif (out / "manifest.csv").exists():  # someone's own manifest, not a cohort of ours: never overwrite it
         raise UserError(f"{out} holds a manifest.csv that no phantom run wrote; choose another --out folder")
+    _check_no_foreign_knee_folders(out, int(n))
     write_json(info_path, {"generator_version": GENERATOR_VERSION, "seed": int(seed), "n": int(n),
                            "settings_hash": shash, "settings": settings_dict(settings)})
     for leftover in out.glob(".P*.partial"):  # from an interrupted run: never a finished knee
