@@ -235,3 +235,18 @@ def test_a_typo_in_exclude_is_refused(tmp_path):
         _rows(args)
     args.subjects, args.exclude = "P0001", "P0000"  # checked against the manifest, not the --subjects selection
     assert list(_rows(args).subject) == ["P0001"]
+
+
+def test_evaluate_refuses_a_missing_or_unreadable_true_transform_in_one_line(tmp_path, capsys):
+    """A manifest row whose transform_ct_to_mr was empty, missing or not a transform gave ITK's traceback."""
+    pair = make_knee_pair(2, ct_size=(40, 40, 40), mr_size=(40, 40, 40))
+    sitk.WriteImage(pair.mr, str(tmp_path / "mr.nii.gz"))
+    sitk.WriteImage(pair.ct, str(tmp_path / "ct.nii.gz"))
+    model = _model().save(tmp_path / "m.safetensors")
+    for tx in ("", "missing.h5", "ct.nii.gz"):
+        (tmp_path / "m.csv").write_text(f"subject,mr,ct,transform_ct_to_mr\nk,mr.nii.gz,ct.nii.gz,{tx}\n")
+        rc = main(["--quiet", "synthesis", "evaluate", "--manifest", str(tmp_path / "m.csv"), "--model", str(model),
+                   "--out", str(tmp_path / "q.json")])
+        err = capsys.readouterr().err
+        assert rc == 2 and "transform_ct_to_mr" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "q.json").exists()

@@ -43,6 +43,20 @@ def quality(pseudo_ct: sitk.Image, ct: sitk.Image, true_ct_to_mr: sitk.Transform
     return {"mae_bone_hu": mae(bone), "mae_soft_hu": mae(soft), "mae_body_hu": mae(body), "ssim": float(ssim)}
 
 
+def _true_transform(path: str, subject) -> sitk.Transform:
+    from pathlib import Path
+
+    from ..errors import InputImageError
+
+    if not path or not Path(path).is_file():  # before ITK, whose HDF5 reader prints pages on a missing .h5
+        raise InputImageError(f"subject {subject}: transform_ct_to_mr not found: {path or '(empty)'}")
+    try:
+        return sitk.ReadTransform(str(path))
+    except RuntimeError:
+        raise InputImageError(f"subject {subject}: transform_ct_to_mr {path} is not a readable ITK "
+                              "transform file (the phantom's transform_ct_to_mr.h5)") from None
+
+
 def evaluate_manifest(rows, model: SynthesisModel) -> dict:
     """Quality of ``model`` on manifest rows (needs the ``transform_ct_to_mr`` column: phantom only)."""
     from ..errors import UserError
@@ -54,7 +68,7 @@ def evaluate_manifest(rows, model: SynthesisModel) -> dict:
     for r in progress.track(rows.to_dict("records"), "synthesis: evaluate", total=len(rows), unit="pair"):
         ct = read_image(r["ct"], what="CT")
         bones = read_bone_labels(r["ct_bones"], ct) if r.get("ct_bones") else None
-        tx = sitk.ReadTransform(r["transform_ct_to_mr"])
+        tx = _true_transform(r["transform_ct_to_mr"], r["subject"])
         per[r["subject"]] = quality(model.apply(read_image(r["mr"], what="MR")), ct, tx, bones)
     keys = ("mae_bone_hu", "mae_soft_hu", "mae_body_hu", "ssim")
     summary = {k: float(np.nanmean([v[k] for v in per.values()])) for k in keys}
