@@ -250,3 +250,23 @@ def test_evaluate_refuses_a_missing_or_unreadable_true_transform_in_one_line(tmp
         err = capsys.readouterr().err
         assert rc == 2 and "transform_ct_to_mr" in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "q.json").exists()
+
+
+def test_apply_and_evaluate_refuse_a_label_image_as_the_mr_and_swapped_columns(tmp_path, capsys):
+    """A label image given as the MR made a pseudo-CT of labels, and evaluate scored swapped mr/ct columns, both
+    without a word."""
+    pair = make_knee_pair(2, ct_size=(40, 40, 40), mr_size=(40, 40, 40))
+    for name, img in (("mr", pair.mr), ("ct", pair.ct), ("mr_bones", pair.mr_bones)):
+        sitk.WriteImage(img, str(tmp_path / f"{name}.nii.gz"))
+    sitk.WriteTransform(sitk.Euler3DTransform(), str(tmp_path / "t.tfm"))
+    model = str(_model().save(tmp_path / "m.safetensors"))
+    assert main(["--quiet", "synthesis", "apply", str(tmp_path / "mr_bones.nii.gz"), "--model", model,
+                 "--out", str(tmp_path / "pct.nii.gz")]) == 2
+    assert "a label image" in capsys.readouterr().err and not (tmp_path / "pct.nii.gz").exists()
+    for mr, ct, msg in (("mr_bones", "ct", "a label image"), ("ct", "mr", "Hounsfield"), ("mr", "ct", None)):
+        (tmp_path / "m.csv").write_text(f"subject,mr,ct,transform_ct_to_mr\nk,{mr}.nii.gz,{ct}.nii.gz,t.tfm\n")
+        rc = main(["--quiet", "synthesis", "evaluate", "--manifest", str(tmp_path / "m.csv"), "--model", model,
+                   "--out", str(tmp_path / "q.json")])
+        err = capsys.readouterr().err
+        assert rc == (2 if msg else 0) and (msg is None or msg in err), err
+        assert (tmp_path / "q.json").exists() == (msg is None)

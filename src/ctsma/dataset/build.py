@@ -165,17 +165,6 @@ def _check_registered_images(qa: dict, row: dict, root: Path, qfile: Path) -> No
         raise SubjectExcluded(f"its registration ({qfile}) {why}; register this knee again")
 
 
-def _check_not_labels(img: sitk.Image, what: str) -> None:
-    """Refuse a label image (a handful of whole values, such as mr_rois.nii.gz) where an intensity image belongs:
-    its 'MR reference' would be morphometry of label edges."""
-    arr = sitk.GetArrayViewFromImage(img).ravel()
-    pick = np.random.default_rng(0).integers(0, arr.size, min(arr.size, 200_000))  # no stride: rows alias
-    values = np.unique(arr[pick])
-    if len(values) <= 16 and np.all(values == np.round(values)):
-        raise InputImageError(f"{what} holds only the values {', '.join(f'{v:g}' for v in values)}: a label image, "
-                              "not an MR")
-
-
 def _read_transform(path: Path) -> sitk.Transform:
     """An ITK transform file, or the subject excluded with the reason (a damaged or foreign file)."""
     try:
@@ -284,9 +273,9 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
         ct = read_image(_path(root, row.get("ct")) or Path("<missing ct>"), what=f"CT of {subject}")
         check_ct_intensities(ct, what=f"CT of {subject}")  # an MR in the ct column would give garbage patches
         mr = read_image(_path(root, row.get("mr")) or Path("<missing mr>"), what=f"MR of {subject}")
-        from ..registration.pipeline import check_mr_intensities
+        from ..registration.pipeline import check_mr_intensities, check_not_labels
         check_mr_intensities(mr, hint="the manifest's mr column must name the MR")
-        _check_not_labels(mr, f"MR of {subject}")
+        check_not_labels(mr, f"MR of {subject}")
     except InputImageError as exc:
         raise SubjectExcluded(str(exc)) from None
     from ..harmonise import MATCH_TOLERANCE_MM, blurred_crop, inplane_edge_sigma, matching_blur, slice_thickness

@@ -68,6 +68,17 @@ def check_mr_intensities(mr: sitk.Image, hint: str = "give the MR first and the 
         raise InputImageError(f"MR intensities go down to {lo:.0f}, like a CT in Hounsfield units; {hint}")
 
 
+def check_not_labels(img: sitk.Image, what: str) -> None:
+    """Refuse a label image (a handful of whole values, such as mr_rois.nii.gz) where an intensity image belongs:
+    a dataset's 'MR reference' would be morphometry of label edges, a pseudo-CT would be made from labels."""
+    arr = sitk.GetArrayViewFromImage(img).ravel()
+    pick = np.random.default_rng(0).integers(0, arr.size, min(arr.size, 200_000))  # no stride: rows alias
+    values = np.unique(arr[pick])
+    if len(values) <= 16 and np.all(values == np.round(values)):
+        raise InputImageError(f"{what} holds only the values {', '.join(f'{v:g}' for v in values)}: a label image, "
+                              "not an MR")
+
+
 def automatic_bones(ct: sitk.Image) -> sitk.Image:
     """CT bone labels when none are given: ``ctsma.segmentation``, else the threshold fallback."""
     from ..segmentation.bones import BothKneesError

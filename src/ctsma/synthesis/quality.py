@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 from skimage.metrics import structural_similarity
 
-from ..io.images import read_image
+from ..io.images import check_ct_intensities, read_image
 from ..registration.masks import read_bone_labels
 from .model import SynthesisModel
 
@@ -43,6 +43,16 @@ def quality(pseudo_ct: sitk.Image, ct: sitk.Image, true_ct_to_mr: sitk.Transform
     return {"mae_bone_hu": mae(bone), "mae_soft_hu": mae(soft), "mae_body_hu": mae(body), "ssim": float(ssim)}
 
 
+def _read_mr(path: str, subject) -> sitk.Image:
+    """The row's MR, refused when it is a CT in HU or a label image (their pseudo-CT would be scored as if valid)."""
+    from ..registration.pipeline import check_mr_intensities, check_not_labels
+
+    mr = read_image(path, what=f"MR of {subject}")
+    check_mr_intensities(mr, "the manifest's mr column must name the MR")
+    check_not_labels(mr, f"MR of {subject}")
+    return mr
+
+
 def _true_transform(path: str, subject) -> sitk.Transform:
     from pathlib import Path
 
@@ -67,9 +77,10 @@ def evaluate_manifest(rows, model: SynthesisModel) -> dict:
     per = {}
     for r in progress.track(rows.to_dict("records"), "synthesis: evaluate", total=len(rows), unit="pair"):
         ct = read_image(r["ct"], what="CT")
+        check_ct_intensities(ct, what=f"CT of {r['subject']}")  # an MR in the ct column would be scored as the truth
         bones = read_bone_labels(r["ct_bones"], ct) if r.get("ct_bones") else None
         tx = _true_transform(r["transform_ct_to_mr"], r["subject"])
-        per[r["subject"]] = quality(model.apply(read_image(r["mr"], what="MR")), ct, tx, bones)
+        per[r["subject"]] = quality(model.apply(_read_mr(r["mr"], r["subject"])), ct, tx, bones)
     keys = ("mae_bone_hu", "mae_soft_hu", "mae_body_hu", "ssim")
     summary = {k: float(np.nanmean([v[k] for v in per.values()])) for k in keys}
     summary["n"] = len(per)
