@@ -393,3 +393,17 @@ def test_both_knees_are_found_even_when_one_knees_bones_touch():
     pelvis = [part(5, 500.0, 0.0, 0.0)]
     pelvis[0].width_x = 290.0                                            # too wide for a knee: no "both knees"
     assert _one_knee(pelvis + [part(6, 100.0, 110.0, -60.0), part(7, 100.0, -110.0, -60.0)], None)[0] is pelvis[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--no-rois", "--figure"], "--figure applies to the ROIs"),
+    (["--no-rois", "--start-mm", "2", "--end-mm", "5"], "--start-mm, --end-mm apply to the ROIs"),
+    (["--bones", "bones.nii.gz", "--threshold-hu", "300"], "--threshold-hu applies to the automatic"),
+])
+def test_cli_segment_refuses_options_that_other_options_make_meaningless(tmp_path, capsys, extra, message):
+    """They were silently ignored: --no-rois wrote no rois.png for --figure, --bones ignored --threshold-hu."""
+    from ctsma.cli.main import main
+
+    out = tmp_path / "o"
+    assert main(["--quiet", "segment", str(tmp_path / "missing_ct.nii.gz"), "--out", str(out), *extra]) == 2
+    assert message in capsys.readouterr().err and not out.exists()

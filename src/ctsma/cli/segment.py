@@ -35,6 +35,21 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _check_ignored(args) -> None:
+    """Refuse options that the other options make meaningless (they would be silently ignored)."""
+    from ..errors import UserError
+
+    if args.no_rois:
+        given = [f for f, on in (("--start-mm", args.start_mm is not None), ("--end-mm", args.end_mm is not None),
+                                 ("--figure", args.figure)) if on]
+        if given:
+            raise UserError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to the ROIs, but "
+                            "--no-rois writes the bones only; drop one or the other")
+    if args.bones and args.threshold_hu is not None:
+        raise UserError("--threshold-hu applies to the automatic bone segmentation, which --bones replaces; "
+                        "drop one or the other")
+
+
 def run(args) -> int:
     from ..config import load_config
     from ..errors import UserError
@@ -45,6 +60,7 @@ def run(args) -> int:
     from ..segmentation.rois import RoiSettings
     from .options import given, named_as_options
 
+    _check_ignored(args)
     # every option through its settings' checks before any work (the segmentation takes a while)
     bone_over, bone_names = given((("threshold_hu", "--threshold-hu", args.threshold_hu),))
     roi_over, roi_names = given((("start_mm", "--start-mm", args.start_mm), ("end_mm", "--end-mm", args.end_mm)))
