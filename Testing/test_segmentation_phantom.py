@@ -59,6 +59,21 @@ def test_roi_agreement_with_phantom(knee):
             assert np.linalg.norm(c1 - c2) < 3.0
 
 
+def test_a_side_given_against_the_anatomy_is_warned(knee):
+    """A wrong --side swapped medial and lateral without a word (the anatomy's side was only in the info)."""
+    import warnings
+
+    from ctsma.segmentation import subchondral_rois
+
+    ct, bones, _, side = knee
+    other = "L" if side == "R" else "R"
+    with pytest.warns(UserWarning, match=f"the knee side given, {other}, is not the one its anatomy shows \\({side}"):
+        subchondral_rois(ct, bones, side=other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        subchondral_rois(ct, bones, side=side)
+
+
 def test_a_ct_of_both_knees_needs_the_side_and_then_labels_that_knee(knee):
     """A CT of both knees: without a side the segmentation refuses to choose; with one it labels that knee only
     (the patient's left knee lies at +x in LPS) as it labels the knee alone."""

@@ -351,6 +351,10 @@ def subchondral_rois(ct_image: sitk.Image, bones: sitk.Image, side: str | None =
         warnings.warn(f"knee side {anat} inferred from the shape of the proximal tibia (no separate fibula: its "
                       "head is fused to the tibia in the segmentation); pass the side (L or R) from the scan's "
                       "metadata if it says otherwise", stacklevel=2)
+    elif side and anat and anat != side:  # the given side wins, but a wrong one swaps medial and lateral silently
+        warnings.warn(f"the knee side given, {side}, is not the one its anatomy shows ({anat}, from the {cue}): the "
+                      "ROIs follow the side given, so medial and lateral are swapped if it is wrong; check the "
+                      "scan's metadata", stacklevel=2)
     # crop to the joint: bone within contact_mm + end_mm of the other bone
     margin = s.contact_mm + s.end_mm + 3.0
     # the distances are only needed between femur and tibia: within the box of the two (the same distances as on
