@@ -407,3 +407,18 @@ def test_cli_segment_refuses_options_that_other_options_make_meaningless(tmp_pat
     out = tmp_path / "o"
     assert main(["--quiet", "segment", str(tmp_path / "missing_ct.nii.gz"), "--out", str(out), *extra]) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_segment_refuses_an_infer_output_folder(tmp_path, capsys):
+    """Its bones and ROIs would have replaced infer's (and --no-rois removed its rois.nii.gz): the maps and tables
+    beside them then described other ROIs."""
+    from ctsma.cli.main import main
+
+    for marker in ("summary.json", "roi_table.csv"):
+        out = tmp_path / marker.split(".")[0]
+        out.mkdir()
+        (out / marker).write_text("{}")
+        (out / "rois.nii.gz").write_text("infer's")
+        assert main(["--quiet", "segment", str(tmp_path / "missing_ct.nii.gz"), "--out", str(out), "--no-rois"]) == 2
+        assert "is the output folder of 'ctsma infer'" in capsys.readouterr().err
+        assert (out / "rois.nii.gz").read_text() == "infer's"

@@ -8,6 +8,7 @@ or ``.seg.nrrd``) replaces the automatic one.
 
 from __future__ import annotations
 
+import os
 import time
 
 from .. import progress
@@ -69,6 +70,9 @@ def run(args) -> int:
         roi_settings = load_config(None, RoiSettings, overrides=roi_over)
     if not args.no_rois and not 0 <= roi_settings.start_mm < roi_settings.end_mm:
         raise UserError(f"--start-mm must be below --end-mm (got {roi_settings.start_mm} and {roi_settings.end_mm})")
+    if any(os.path.isfile(os.path.join(args.out, n)) for n in ("summary.json", "roi_table.csv")):
+        raise UserError(f"{args.out} is the output folder of 'ctsma infer': its bones.nii.gz and rois.nii.gz would no "
+                        "longer be those of its maps; choose another --out")
     out = ensure_writable_dir(args.out)
     ct = read_image(args.ct, what="CT")
     check_ct_intensities(ct)
