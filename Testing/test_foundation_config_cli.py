@@ -26,6 +26,7 @@ class Train:
     loss: str = setting("l1", choices=("l1", "mse"))
     amp: bool = setting(False)
     stages: list[int] = setting([1, 2])
+    flips: int = setting(4, choices=(1, 4, 8))
     optim: Optim = field(default_factory=Optim)
 
 
@@ -48,6 +49,7 @@ def test_config_defaults_and_nested(tmp_path):
     ({"optim": {"lr": float("nan")}}, "finite"),
     ({"epochs": float("inf")}, "finite"),
     ({"stages": 3}, "must be a list"),
+    ({"flips": 2}, "flips = 2 is not one of 1, 4, 8"),
 ])
 def test_config_refuses_bad_values_naming_the_key(data, match):
     with pytest.raises(ConfigError, match=match):

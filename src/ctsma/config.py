@@ -128,6 +128,9 @@ def _coerce(tp: Any, value: Any, meta: Mapping, key: str):
         if tp is int and float(value) != int(value):
             raise ConfigError(f"{key} must be a whole number, not {value!r}")
         value = tp(value)
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(map(str, choices))}")
         lo, hi = meta.get("lo"), meta.get("hi")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise ConfigError(f"{key} = {value!r} is out of range [{lo if lo is not None else '-inf'}, "
