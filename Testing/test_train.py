@@ -705,6 +705,18 @@ def test_an_ablation_named_as_the_run_is_refused_before_it_replaces_the_runs_stu
     assert own.read_bytes() == b"the run's own student" and not (tmp_path / "eval").exists()
 
 
+@pytest.mark.parametrize("ablation,match", [
+    ({"name": "a", "distill": 5}, r"ablations\[0\] \(a\): distill must be a mapping"),
+    ({"name": "a", "distill": {"stagez": ["stage3"]}}, r"ablations\[0\] \(a\): unknown setting distill.stagez"),
+    ({"name": "a", "distill": {"stages": ["stage3"]}}, r"ablations\[0\] \(a\): distill.weights needs one weight"),
+])
+def test_an_ablations_overrides_are_checked_when_the_config_is_loaded(store, tmp_path, ablation, match):
+    """An ablation's overrides were checked only when evaluate came to train it, after scoring every other model;
+    a distill or optim that was no mapping was an AttributeError traceback."""
+    with pytest.raises(ConfigError, match=match):
+        load_train_config(tiny(store.dir, tmp_path, evaluate={"ablations": [ablation]}))
+
+
 def test_a_rerun_of_evaluate_reuses_the_ablations_whose_run_is_unchanged(trained, tmp_path, capsys):
     """Each run of evaluate trained every ablation again. A rerun now reuses an ablation's model file when it records
     the same run (settings, split, teacher: the record that --resume checks) and says so; an ablation whose

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import load_config, setting
+from ..config import load_config, setting, to_dict
 
 STAGES = ("stem", "stage1", "stage2", "stage3")
 ROLES = ("teacher", "student_distilled", "student_baseline")  # what a trained model file is (its metadata's role)
@@ -127,7 +127,7 @@ class TrainConfig:
     base_dir: str = setting("", help="(internal) folder that relative paths are resolved against")
 
 
-def _check(cfg: TrainConfig) -> TrainConfig:
+def _check(cfg: TrainConfig, variants: bool = True) -> TrainConfig:
     from ..errors import ConfigError
 
     for net in ("teacher_net", "student_net"):
@@ -155,6 +155,12 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         if a["name"] in [b.get("name") for b in cfg.evaluate.ablations[:i] if isinstance(b, dict)]:
             raise ConfigError(f"evaluate.ablations[{i}]: the name '{a['name']}' is used twice (each variant's model "
                               "file and result are named by it)")
+        try:  # its overrides checked now, not after the evaluation of the other models (or as a traceback)
+            if variants:  # (not in a variant's own config: the overrides apply to the base run's)
+                _check(load_config(to_dict(cfg), TrainConfig, overrides={k: v for k, v in a.items() if k != "name"}),
+                       variants=False)
+        except ConfigError as exc:
+            raise ConfigError(f"evaluate.ablations[{i}] ({a['name']}): {exc}") from None
     return cfg
 
 
@@ -162,7 +168,6 @@ def variant(cfg: TrainConfig, ablation: dict) -> TrainConfig:
     """The config of one ablation variant (its overrides applied; model files named with its suffix)."""
     import dataclasses
 
-    from ..config import to_dict
     from .train import teacher_path
 
     base = to_dict(cfg)
@@ -171,7 +176,8 @@ def variant(cfg: TrainConfig, ablation: dict) -> TrainConfig:
     if not (over.get("distill") or {}).get("teacher"):  # the base run's teacher, not one of the variant's name
         over["distill"] = {**(over.get("distill") or {}), "teacher": str(teacher_path(cfg))}  # a copy: the
         # ablation's own overrides are reported as written
-    new = load_train_config(base, overrides=over)
+    new = _check(load_config(base, TrainConfig, overrides=over), variants=False)  # the base run's ablations are
+    # checked against the base run's settings, not this variant's
     return dataclasses.replace(new, base_dir=cfg.base_dir)
 
 
