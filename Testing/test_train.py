@@ -468,6 +468,22 @@ def test_resume_without_checkpoint_and_cli_errors(store, tmp_path, capsys):
     assert "no trained models" in capsys.readouterr().err
 
 
+def test_every_ddp_process_gets_a_batch_or_the_run_is_refused(store, tmp_path, monkeypatch):
+    """Under DDP each process takes every world_size-th batch. The validation patches (24) made one batch of up to
+    128, so with trainer.devices=2 the second process had none: Lightning's traceback there, a connection error in
+    the first. Validation batches are now split so that every process gets one (one process: as before); a training
+    set of fewer batches than processes is refused before any process starts."""
+    from ctsma.models.lightning import DataSetupError, PatchDataModule
+
+    dm = PatchDataModule(store, load_train_config(tiny(store.dir, tmp_path)).data, 0)
+    for rank, world, batches in ((0, 1, 1), (0, 2, 1), (1, 2, 1)):
+        monkeypatch.setattr(dm, "_rank", lambda: (rank, world))
+        assert len(dm.val_dataloader()) == batches and len(dm.train_dataloader()) == 4 // world
+    dm.check_processes(4)
+    with pytest.raises(DataSetupError, match=r"the training patches \(72\) make fewer batches than the 5 processes"):
+        dm.check_processes(5)
+
+
 def test_precise_batchnorm_sets_the_statistics_of_the_current_weights(store):
     """After recalibration over every training patch in one batch, each BatchNorm's running mean and variance
     are exactly the (unbiased) statistics of its input over those patches, whatever stale values it held."""

@@ -69,14 +69,27 @@ class PatchDataModule(pl.LightningDataModule):
         t = getattr(self, "trainer", None)
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
-    def train_dataloader(self):
-        rank, world = self._rank()
+    def train_dataloader(self, rank_world=None):
+        rank, world = rank_world or self._rank()
         return make_loader(self.train_ds, self.cfg.batch_size, shuffle=True, seed=self.seed, drop_last=True,
                            rank=rank, world_size=world, num_workers=self.cfg.num_workers)
 
-    def val_dataloader(self):
-        rank, world = self._rank()
-        return make_loader(self.val_ds, max(self.cfg.batch_size, 128), shuffle=False, rank=rank, world_size=world)
+    def val_dataloader(self, rank_world=None):
+        rank, world = rank_world or self._rank()
+        size = max(self.cfg.batch_size, 128)
+        if world > 1:  # a batch for every process, as each takes every world-th batch
+            size = min(size, max(1, len(self.val_ds) // world))
+        return make_loader(self.val_ds, size, shuffle=False, rank=rank, world_size=world)
+
+    def check_processes(self, world: int) -> None:
+        """Refuse a run of ``world`` processes (DDP) in which one would get no batch, as each takes every
+        ``world``-th batch: Lightning stopped that process with a traceback and the others with a connection error."""
+        for part, ds, loader in (("training", self.train_ds, self.train_dataloader),
+                                 ("validation", self.val_ds, self.val_dataloader)):
+            if world > 1 and len(loader((world - 1, world))) == 0:
+                raise DataSetupError(f"the {part} patches ({len(ds)}) make fewer "
+                                     f"batches than the {world} processes of trainer.devices x trainer.num_nodes: "
+                                     "use fewer devices (or, for training, a smaller data.batch_size)")
 
 
 class RegressionModule(pl.LightningModule):

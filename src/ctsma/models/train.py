@@ -127,6 +127,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
 
     store = open_store(cfg, store)
     dm = PatchDataModule(store, cfg.data, cfg.trainer.seed)
+    dm.check_processes(cfg.trainer.devices * cfg.trainer.num_nodes)
     in_ch = 2 if cfg.data.masks else 1
     net_cfg = cfg.teacher_net if role == "teacher" else cfg.student_net
     size = store.mr_shape[0] if role == "teacher" else store.ct_shape[0]
