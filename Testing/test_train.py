@@ -484,6 +484,18 @@ def test_every_ddp_process_gets_a_batch_or_the_run_is_refused(store, tmp_path, m
         dm.check_processes(5)
 
 
+@pytest.mark.parametrize("sets", [["optim=5", "optim.lr=0.1"], ["optim.lr=0.1", "optim.lr.x=1"]])
+def test_a_set_below_a_value_set_before_is_one_line(store, tmp_path, capsys, sets):
+    """--set optim=5 --set optim.lr=0.1 was a TypeError traceback."""
+    from ctsma.cli.main import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  max_epochs: 1\n")
+    args = [a for s in sets for a in ("--set", s)]
+    assert main(["train", "baseline", "--config", str(cfg), "--store", str(store.dir), *args]) == 2
+    assert "is set to" in capsys.readouterr().err and not (tmp_path / "ctsma_models").exists()
+
+
 def test_precise_batchnorm_sets_the_statistics_of_the_current_weights(store):
     """After recalibration over every training patch in one batch, each BatchNorm's running mean and variance
     are exactly the (unbiased) statistics of its input over those patches, whatever stale values it held."""

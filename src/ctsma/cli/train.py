@@ -28,8 +28,10 @@ def overrides_from(args) -> dict:
             raise ConfigError(f"--set expects KEY=VALUE, not {item!r}")
         node = over
         parts = key.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is set to {node!r} by an earlier --set")
         try:
             node[parts[-1]] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
