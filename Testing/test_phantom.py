@@ -161,10 +161,12 @@ def test_resume_skips_finished_knees_and_cleans_partials(cohort, tmp_path):
     before = keep.stat().st_mtime_ns
     shutil.rmtree(out / "P0001")
     (out / ".P0001.abc.partial").mkdir()
+    (out / ".P10000.abc.partial").mkdir()  # of a cohort of more than 10,000 knees (it was left behind)
     s = make_settings("demo", TINY)
     generate_cohort(s, 2, 5, out)
     assert keep.stat().st_mtime_ns == before
     assert (out / "P0001" / "ct.nii.gz").is_file() and not (out / ".P0001.abc.partial").exists()
+    assert not (out / ".P10000.abc.partial").exists()
     assert pd.read_csv(out / "manifest.csv").equals(pd.read_csv(cohort / "manifest.csv"))
     with pytest.raises(UserError, match="other settings or seed"):
         generate_cohort(s, 2, 6, out)

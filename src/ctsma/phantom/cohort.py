@@ -192,7 +192,7 @@ def generate_cohort(settings: PhantomSettings, n: int, seed: int, out, workers: 
     write_json(info_path, {"generator_version": GENERATOR_VERSION, "seed": int(seed), "n": int(n),
                            "settings_hash": shash, "settings": settings_dict(settings)})
     for leftover in out.glob(".P*.partial"):  # from an interrupted run: never a finished knee
-        if re.fullmatch(r"\.P\d{4}\..*\.partial", leftover.name):
+        if re.fullmatch(r"\.P\d{4,}\..*\.partial", leftover.name):  # P0000 ... P9999, P10000 ...
             shutil.rmtree(leftover, ignore_errors=True)
     rows, todo = {}, []
     for i in range(int(n)):
