@@ -141,18 +141,18 @@ def register_files(mr_path: str, ct_path: str, out_dir: str | Path, *, preset, m
     return write_outputs(result, mr, ct, out_dir, extra_qa=extra)
 
 
-def cohort_request(row: dict, preset, model_path: str | None) -> dict:
+def cohort_request(row: dict, preset, model_path: str | None, model_sha256: str | None = None) -> dict:
     """What registering one manifest row was asked to do (images, preset, synthesis model): a rerun skips a subject
     whose ``qa.json`` records the same request and redoes one made from other inputs or settings. The synthesis
     model (one file) is stamped by its bytes, so that one trained again at the same path, whatever its size and
-    time, redoes the pairs."""
+    time, redoes the pairs (``model_sha256``: that stamp, computed once for all rows; by default here)."""
     from dataclasses import asdict, is_dataclass
 
     from ..pipeline import settings_hash
 
     inputs = ("mr", "ct", "ct_bones", "mr_bones")
     stamps = {k: input_stamp(row.get(k)) for k in inputs}
-    stamps["synthesis_model_sha256"] = content_sha256(model_path)
+    stamps["synthesis_model_sha256"] = model_sha256 or content_sha256(model_path)
     return to_jsonable({**{k: row.get(k) or None for k in inputs}, "stamps": stamps,
                         "preset": getattr(preset, "name", None),
                         "preset_hash": settings_hash(asdict(preset) if is_dataclass(preset) else preset),
@@ -212,6 +212,7 @@ def run_cohorts(cohorts: Sequence[Cohort], *, model_path: str | None = None, job
     at the end of one cohort while the other finishes its last pair, and the workers start (and load the synthesis
     model) once. Each pair's result is that of :func:`run_cohort` with the same threads. Returns the summaries."""
     todo, records = [], []
+    model_sha256 = content_sha256(model_path)  # once, not for every row
     for k, c in enumerate(cohorts):
         df = read_manifest(c.manifest)
         i, n = c.shard
@@ -223,7 +224,7 @@ def run_cohorts(cohorts: Sequence[Cohort], *, model_path: str | None = None, job
         records.append([])
         for row in rows.to_dict("records"):
             target = safe_join(out, row["subject"])
-            request = cohort_request(row, c.preset, model_path)
+            request = cohort_request(row, c.preset, model_path, model_sha256)
             note = ""
             if (target / "qa.json").is_file():
                 if same_request(recorded_request(target / "qa.json"), request):  # its QA as it was, not blanks
