@@ -205,6 +205,39 @@ def test_cli_mask_labels_offset_and_grids(tmp_path, capsys):
     assert "--offset belongs to --method local" in capsys.readouterr().err
 
 
+def test_local_offsets_that_decide_every_voxel_alike_are_refused(tmp_path, capsys):
+    """On a non-negative image (MR magnitude) no voxel lies a whole local mean or more below it: a bone-dark
+    offset of 1 or more marks no bone (it used to give BV/TV 0 with only a warning), and a bone-bright offset
+    of -1 or less marks every non-zero voxel. CT in HU has no such bound: every offset stays allowed there."""
+    from ctsma.morphometry.validate import MorphometryError
+    b = _plates_grey()
+    mr = np.where(b, 50.0, 400.0)
+    sp = (0.2, 0.2, 0.2)
+    for offset in (1.0, 1.5, 1e6):
+        with pytest.raises(MorphometryError, match=r"can never mark bone.*must be below 1"):
+            binarise(mr, sp, modality="mr", method="local", offset=offset)
+    for offset in (0.0, 0.5):  # legal values still binarise (0.999 may find no bone on some image: a warning)
+        assert (binarise(mr, sp, modality="mr", method="local", offset=offset)[0] == b).all()
+    binarise(mr, sp, modality="mr", method="local", offset=0.999)
+    for offset in (-1.0, -1.5):
+        with pytest.raises(MorphometryError, match=r"every non-zero voxel .*must be above -1"):
+            binarise(mr, sp, modality="microct", method="local", offset=offset)
+    assert not binarise(mr, sp, modality="microct", method="local", offset=-0.5)[0].all()
+    hu = np.where(b, 800.0, -60.0)  # CT in HU: fatty marrow below 0, the relative difference is unbounded
+    for offset in (-1.5, 1.0, 3.0):
+        binarise(hu, sp, modality="ct", method="local", offset=offset)
+    # the command line: one line, exit code 2, no output folder
+    img = sitk.GetImageFromArray(mr.astype(np.float32))
+    img.SetSpacing(sp)
+    sitk.WriteImage(img, str(tmp_path / "mr.nii.gz"))
+    args = ["--quiet", "morphometry", str(tmp_path / "mr.nii.gz"), "--modality", "mr", "--method", "local"]
+    capsys.readouterr()
+    assert main([*args, "--offset", "1", "--out", str(tmp_path / "one")]) == 2
+    err = capsys.readouterr().err
+    assert "offset (--offset) 1 can never mark bone" in err and "below 1" in err and not (tmp_path / "one").exists()
+    assert main([*args, "--offset", "0.2", "--out", str(tmp_path / "ok")]) == 0
+
+
 def test_api_refuses_a_mask_on_another_grid():
     from ctsma.errors import InputImageError
     img = sitk.GetImageFromArray(np.ones((8, 8, 8), np.uint8))

@@ -40,7 +40,8 @@ def add_parser(subparsers) -> None:
                    help="local binarisation: width (FWHM, mm) of the local mean (default 16 voxels)")
     p.add_argument("--offset", type=float, default=None,
                    help="local binarisation: how far (a fraction of the local mean) a voxel must be darker (mr) or "
-                        "brighter than its local mean to be bone; default 0")
+                        "brighter than its local mean to be bone; default 0. On an image of non-negative values "
+                        "(MR magnitude) mr needs an offset below 1 and ct/microct one above -1")
     p.add_argument("--n4", action="store_true", help="N4 bias-field correction before binarising")
     p.add_argument("--smooth-sigma", type=float, default=0.0, metavar="VOX",
                    help="Gaussian smoothing (sigma in voxels) before a grey-level threshold; default 0")

@@ -101,6 +101,7 @@ def binarise(image, spacing_zyx=None, mask=None, *, modality: str = "microct", t
                                    "the local mean instead (offset=, --offset)")
         if not np.isfinite(offset):
             raise MorphometryError(f"offset must be a finite fraction of the local mean, got {offset}")
+        _check_offset(offset, polarity, modality, float(inside.min()))
         w = float(window_mm) if window_mm is not None else 16 * min(sp)
         if not np.isfinite(w) or w <= 0:
             raise MorphometryError(f"window_mm must be > 0, got {window_mm}")
@@ -114,6 +115,26 @@ def binarise(image, spacing_zyx=None, mask=None, *, modality: str = "microct", t
         bone = rel > offset if polarity == "bright" else rel < -offset
         info.update({"method": "local-gaussian-mean", "threshold": None, "window_mm": w, "offset": float(offset)})
     return np.asarray(bone, bool), info
+
+
+def _check_offset(offset: float, polarity: str, modality: str, lowest: float) -> None:
+    """Refuse a local offset that decides the ROI's voxels without regard to their local mean. In an image of
+    non-negative values (MR magnitude, most micro-CT) the local mean is non-negative too, so ``(I - mean) / mean``
+    is -1 or more, and -1 only where ``I`` is 0: with bone dark, an offset of 1 or more marks no bone; with bone
+    bright, an offset of -1 or less marks every non-zero voxel as bone. Images with negative values (CT in HU,
+    fatty marrow below 0) have no such bound."""
+    if lowest < 0:
+        return
+    if polarity == "dark" and offset >= 1:
+        raise MorphometryError(f"offset (--offset) {offset:g} can never mark bone: in a bone-dark image of "
+                               "non-negative values no voxel is darker than its local mean by the whole mean or "
+                               f"more; for modality {modality} the offset must be below 1 (default 0: every voxel "
+                               "darker than its local mean is bone)")
+    if polarity == "bright" and offset <= -1:
+        raise MorphometryError(f"offset (--offset) {offset:g} marks every non-zero voxel of the ROI as bone: in an "
+                               "image of non-negative values no voxel is darker than its local mean by more than "
+                               f"the whole mean; for modality {modality} on such an image the offset must be above "
+                               "-1 (default 0: every voxel brighter than its local mean is bone)")
 
 
 def _number(value) -> float:
