@@ -16,12 +16,18 @@ FAST = {"ct_subsample_mm": 0.6, "mr_subsample_mm": 0.3, "mr_fov": (60.0, 50.0, 3
 
 
 @pytest.fixture(scope="module")
-def knee(tmp_path_factory):
+def knee_files(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom")
     phantom.generate_cohort(phantom.make_settings("demo", FAST), n=1, seed=1, out=out)
     row = phantom.load_manifest(out).iloc[0]
-    read = lambda c, t=None: sitk.ReadImage(str(out / row[c]), *(t,) if t else ())  # noqa: E731
-    return read("ct", sitk.sitkFloat32), read("ct_bones"), read("ct_rois"), str(row["side"])
+    return {c: out / row[c] for c in ("ct", "mr", "ct_bones", "mr_bones", "ct_rois", "mr_rois")}, str(row["side"])
+
+
+@pytest.fixture(scope="module")
+def knee(knee_files):
+    files, side = knee_files
+    read = lambda c, t=None: sitk.ReadImage(str(files[c]), *(t,) if t else ())  # noqa: E731
+    return read("ct", sitk.sitkFloat32), read("ct_bones"), read("ct_rois"), side
 
 
 def dice(a, b):
@@ -103,3 +109,74 @@ def test_a_ct_of_both_knees_needs_the_side_and_then_labels_that_knee(knee):
         else:            # the other knee: its mirror image
             assert not inside.any()
             assert dice(outside[:, :, ::-1] == BONES["femur"], alone == BONES["femur"]) > 0.95
+
+
+def test_an_roi_image_given_as_bones_is_refused(knee_files, knee, tmp_path, capsys):
+    """The ROI image (MFC=1, LFC=2, MTP=3, LTP=4) was read as bones (femur=1, ...) without a word: refused by the
+    record this project writes beside it, and by its geometry (thin slabs, labels 1 and 2 side by side) where
+    copied away from it. Real bone labels (the phantom's, automatic, in the MR's field of view, cropped to a few
+    centimetres) pass without a warning."""
+    import shutil
+    import warnings
+
+    from ctsma.cli.main import main
+    from ctsma.errors import InputImageError
+    from ctsma.segmentation import read_user_labels, segment_bones, write_seg_nrrd
+
+    files, side = knee_files
+    ct = knee[0]
+    mr = sitk.ReadImage(str(files["mr"]))
+
+    def segment(bones, *extra):
+        capsys.readouterr()
+        rc = main(["--quiet", "segment", str(files["ct"]), "--bones", str(bones), "--side", side, *extra,
+                   "--out", str(tmp_path / "seg")])
+        return rc, capsys.readouterr().err
+
+    def quiet(path, ref):  # read as bones with no ROI warning
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            read_user_labels(path, ref, "bones")
+        assert not [w for w in caught if "ROI" in str(w.message)], [str(w.message) for w in caught]
+
+    # the phantom's ROI images, beside its metadata.json
+    rc, err = segment(files["ct_rois"])
+    assert rc == 2 and "ct_rois.nii.gz is the phantom's ct_rois" in err and "ct_bones.nii.gz" in err, err
+    assert not (tmp_path / "seg").exists()
+    with pytest.raises(InputImageError, match="is the phantom's mr_rois"):
+        read_user_labels(files["mr_rois"], mr, "bones")
+    # ctsma segment's own rois.nii.gz, beside its segmentation.json (the real bones pass)
+    rc, err = segment(files["ct_bones"])
+    assert rc == 0 and "ROI" not in err, err
+    shutil.copytree(tmp_path / "seg", tmp_path / "first")
+    rc, err = segment(tmp_path / "first" / "rois.nii.gz")
+    assert rc == 2 and "is the ROI image written by 'ctsma segment'" in err, err
+    # copied away from its record: the geometry tells, with or without ROIs to place
+    for name in ("ct_rois", "mr_rois"):
+        shutil.copy(files[name], tmp_path / f"{name}_copy.nii.gz")
+    for extra in ((), ("--no-rois",)):
+        rc, err = segment(tmp_path / "ct_rois_copy.nii.gz", *extra)
+        assert rc == 2 and "looks like a subchondral ROI image" in err and "side by side" in err, err
+    with pytest.raises(InputImageError, match="looks like a subchondral ROI image"):
+        read_user_labels(tmp_path / "mr_rois_copy.nii.gz", mr, "bones")
+    # a Slicer segmentation of the ROIs: its segment names tell
+    write_seg_nrrd(knee[2], tmp_path / "rois.seg.nrrd", kind="rois")
+    rc, err = segment(tmp_path / "rois.seg.nrrd")
+    assert rc == 2 and "is a subchondral ROI segmentation (segments MFC, LFC, MTP, LTP)" in err, err
+    # real bone label images pass quietly: the phantom's in CT and MR space, an automatic segmentation, crops
+    quiet(files["ct_bones"], ct)
+    quiet(files["mr_bones"], mr)
+    sitk.WriteImage(segment_bones(ct), str(tmp_path / "auto.nii.gz"))
+    quiet(tmp_path / "auto.nii.gz", ct)
+    t = sitk.GetArrayViewFromImage(knee[1])
+    joint = (np.argwhere(t == BONES["femur"])[:, 0].min() + np.argwhere(t == BONES["tibia"])[:, 0].max()) // 2
+    cy, cx = np.argwhere(t == BONES["tibia"])[:, 1:].mean(axis=0).astype(int)
+    for half_mm in (20, 10):  # cubes of 4 and 2 cm around the joint's centre
+        h = [int(half_mm / s) for s in knee[1].GetSpacing()]
+        crop = knee[1][cx - h[0]:cx + h[0], cy - h[1]:cy + h[1], joint - h[2]:joint + h[2]]
+        sitk.WriteImage(crop, str(tmp_path / f"crop{half_mm}.nii.gz"))
+        quiet(tmp_path / f"crop{half_mm}.nii.gz", ct)
+    # a crop of a few millimetres across the joint is as thin as the ROIs: a warning, not a refusal
+    sitk.WriteImage(knee[1][:, :, joint - 3:joint + 3], str(tmp_path / "slab.nii.gz"))
+    with pytest.warns(UserWarning, match="looks like a subchondral ROI image"):
+        read_user_labels(tmp_path / "slab.nii.gz", ct, "bones")

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -81,6 +82,75 @@ def _resample_to(labels: sitk.Image, reference: sitk.Image, what: str = "label i
     return out
 
 
+ROI_SLAB_DEPTH_MM = 5.0
+"""Deepest point (mm from the label's surface) below which every label of a bone label image looks like a
+subchondral ROI: the ROIs are bands 1-6 mm under the joint surface (measured 2.4-3.0 mm deep on the phantom's CT and
+MR ROIs and on ``ctsma segment``'s), while the femur and tibia are 12-21 mm deep even in the MR's field of view."""
+SIDE_BY_SIDE_MM = 15.0
+"""Labels 1 and 2 whose centroids lie at least this far apart horizontally, and more than twice as far as
+vertically, are side by side, as the MFC and LFC ROIs are (38 mm apart and within 1 mm in height on the phantom),
+not a femur above a tibia (23-35 mm apart in height, within 2 mm horizontally)."""
+
+
+def _recorded_as_rois(path: Path) -> str | None:
+    """What wrote ``path`` as a subchondral ROI image, by the record this project writes beside it, or None."""
+    folder, name = path.parent, path.name
+    if name == "rois.nii.gz":
+        for record, command in (("segmentation.json", "ctsma segment"), ("summary.json", "ctsma infer")):
+            if (folder / record).is_file():
+                return f"the ROI image written by '{command}' (its {record} is beside it; the bones are bones.nii.gz)"
+    try:
+        meta = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(meta, dict) and meta.get("generator") == "ctsma.phantom":
+        row = meta.get("manifest_row") if isinstance(meta.get("manifest_row"), dict) else {}
+        for key in ("ct_rois", "mr_rois"):
+            if Path(str(row.get(key, ""))).name == name:
+                return (f"the phantom's {key} (its metadata.json is beside it; the bones are "
+                        f"{key.replace('rois', 'bones')}.nii.gz)")
+    return None
+
+
+def check_not_rois(path: Path, labels: sitk.Image, what: str = "bone segmentation") -> None:
+    """Refuse a subchondral ROI image (MFC=1, LFC=2, MTP=3, LTP=4) given as bone labels: its values are valid
+    bone labels too. Refused when this project's record beside the file says it holds ROIs, or when every label is
+    a thin slab (:data:`ROI_SLAB_DEPTH_MM`) and labels 1 and 2 lie side by side (:data:`SIDE_BY_SIDE_MM`), as the
+    condyles' ROIs do, where a femur lies above a tibia; thin slabs alone (a bone image cropped to a few mm) only
+    warn."""
+    rois = ", ".join(f"{k}={v}" for k, v in ROIS.items())
+    bones = ", ".join(f"{k}={v}" for k, v in BONES.items())
+    recorded = _recorded_as_rois(path)
+    if recorded:
+        raise InputImageError(f"{what} {path.name} is {recorded}: subchondral ROIs ({rois}), not bone labels "
+                              f"({bones}); give the bone label image")
+    arr = sitk.GetArrayViewFromImage(labels)
+    if not arr.any():
+        return
+    from .geometry import crop_box, edt_inside, spacing_zyx
+    box = crop_box(arr, 1)  # a voxel of background around the labels; the image's borders are not a surface
+    sub = arr[box]
+    depth = float(edt_inside(sub > 0, spacing_zyx(labels)).max())
+    if depth > ROI_SLAB_DEPTH_MM:
+        return
+    centres = {}
+    for v in (1, 2):
+        idx = np.argwhere(sub == v)
+        if len(idx):
+            centre = (idx[:: max(1, len(idx) // 20000)].mean(axis=0) + [b.start for b in box])[::-1]
+            centres[v] = np.asarray(labels.TransformContinuousIndexToPhysicalPoint(centre.tolist()))
+    message = (f"{what} {path.name} looks like a subchondral ROI image ({rois}), not bone labels ({bones}): "
+               f"every label lies within {depth:.1f} mm of its surface, a slab as thin as the ROIs")
+    if len(centres) == 2:
+        d = centres[1] - centres[2]
+        across, up = float(np.hypot(d[0], d[1])), abs(float(d[2]))  # LPS z is superior
+        if across >= SIDE_BY_SIDE_MM and across > 2 * up:
+            raise InputImageError(f"{message}, and labels 1 and 2 lie side by side ({across:.0f} mm apart "
+                                  f"horizontally, {up:.0f} mm in height) as the condyles' ROIs do, not a femur above "
+                                  "a tibia; give the bone label image")
+    warnings.warn(f"{message}; check that it is the bone label image", stacklevel=3)
+
+
 def read_user_labels(path: str | os.PathLike, reference: sitk.Image, kind: str = "bones") -> sitk.Image:
     """Read a user label image or ``.seg.nrrd`` and return CT-SMA labels (UInt8) on ``reference``'s grid."""
     path = Path(path)
@@ -97,18 +167,24 @@ def read_user_labels(path: str | os.PathLike, reference: sitk.Image, kind: str =
         layers = ([sitk.VectorIndexSelectionCast(img, i) for i in range(img.GetNumberOfComponentsPerPixel())]
                   if img.GetNumberOfComponentsPerPixel() > 1 else [img])
         out = np.zeros(sitk.GetArrayViewFromImage(layers[0]).shape, np.uint8)
-        i, found = 0, []
+        i, found, ignored = 0, [], []
         while f"Segment{i}_Name" in meta:
             name = meta[f"Segment{i}_Name"]
             value = int(meta.get(f"Segment{i}_LabelValue", i + 1))
             layer = int(meta.get(f"Segment{i}_Layer", 0))
             target = value_for_name(name, kind)
             if target is None:
-                warnings.warn(f"{path.name}: segment {name!r} is not one of {', '.join(table)}; ignored", stacklevel=2)
+                ignored.append(name)
             else:
                 out[sitk.GetArrayViewFromImage(layers[layer]) == value] = target
                 found.append(name)
             i += 1
+        if not found and kind == "bones" and ignored and all(value_for_name(n, "rois") for n in ignored):
+            raise InputImageError(f"{what} {path.name} is a subchondral ROI segmentation (segments "
+                                  f"{', '.join(ignored)}), not bones ({', '.join(table)}); give the bone "
+                                  "segmentation (e.g. bones.seg.nrrd)")
+        for name in ignored:
+            warnings.warn(f"{path.name}: segment {name!r} is not one of {', '.join(table)}; ignored", stacklevel=2)
         if not found:
             raise InputImageError(f"{what} {path.name} has no segment named {' / '.join(table)}; "
                                   "rename the segments in Slicer's Segment Editor")
@@ -131,6 +207,8 @@ def read_user_labels(path: str | os.PathLike, reference: sitk.Image, kind: str =
             raise InputImageError(f"{what} {path.name} has label value(s) {bad[:6]}; CT-SMA expects "
                                   + ", ".join(f"{k}={v}" for k, v in table.items()))
         lab = sitk.Cast(lab, sitk.sitkUInt8)
+        if kind == "bones":
+            check_not_rois(path, lab, what)
     return _resample_to(lab, reference, f"{what} {path.name}")
 
 
