@@ -301,3 +301,23 @@ def test_a_folder_named_as_a_knee_that_no_phantom_wrote_is_refused(tmp_path):
     with pytest.raises(UserError, match="P0000 is not a phantom knee"):
         generate_cohort(make_settings("demo", TINY), 1, 5, out)
     assert mine.read_text() == "a user's file" and not (out / "phantom.json").exists()
+
+
+def test_a_ct_field_of_view_that_misses_the_rois_is_warned(cohort, tmp_path):
+    """A ct_fov too small for the knee gave a CT without ROIs and landmarks, without a word. The MR side stays
+    valid, so the knee is made, with a warning naming the knee and what its CT lacks."""
+    import warnings
+
+    s = make_settings("demo", {**TINY, "ct_fov": [12.0, 12.0, 12.0]})  # 12 x 12 x 8 voxels around the joint
+    with pytest.warns(UserWarning, match=r"ct_fov 12 x 12 x 12 mm\) misses subchondral ROIs of 1 of 1 knees.*"
+                                         r"P0000: MFC, LFC, LTP \(no voxel, no landmark\).*150 x 150 x 60 mm"):
+        generate_cohort(s, 1, 5, tmp_path / "small")  # (a corner of this knee's MTP lies in it)
+    rois = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "small" / "P0000" / "ct_rois.nii.gz")))
+    assert set(np.unique(rois)) == {0, ROIS["MTP"]}
+    assert (tmp_path / "small" / "P0000" / "mr.nii.gz").is_file()
+    # a field of view that holds the knee: no warning (the fixture's cohort, resumed)
+    out = tmp_path / "c"
+    shutil.copytree(cohort, out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate_cohort(make_settings("demo", TINY), 2, 5, out)
