@@ -597,3 +597,61 @@ def test_no_valid_samples_is_no_overlap(pair):
     mask = sitk.Cast(pair.ct_bones > 0, sitk.sitkUInt8)
     v = st.evaluate(pair.ct, pair.mr, far, metric="mattes_mi", bins=32, mask=mask)
     assert v == float("inf")
+
+
+def test_a_label_image_given_as_the_mr_is_refused(pair, tmp_path, capsys):
+    """mr_rois.nii.gz or mr_bones.nii.gz given as the MR passed the MR checks (never negative): it was registered,
+    with bone Dice 0.0, and exit code 3 blamed the images' orientation. It is refused as a label image, before any
+    work, as dataset build and synthesis apply refuse it."""
+    from ctsma.cli.main import main
+
+    labels = sitk.Cast(sitk.BinaryThreshold(pair.mr, 300.0, 1e9, 1, 0) + 2 * (pair.mr > 800), sitk.sitkUInt8)
+    with pytest.raises(InputImageError, match="a label image, not an MR"):
+        register(labels, pair.ct, preset=load_preset("nosynth", FAST), ct_bones=pair.ct_bones)
+    sitk.WriteImage(labels, str(tmp_path / "mr_rois.nii.gz"))
+    sitk.WriteImage(pair.ct, str(tmp_path / "ct.nii.gz"))
+    assert main(["register", str(tmp_path / "mr_rois.nii.gz"), str(tmp_path / "ct.nii.gz"), "--preset", "nosynth",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "a label image, not an MR" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "qa.json").exists()
+
+
+def test_manifest_rows_with_extra_cells_are_refused_not_shifted(tmp_path):
+    """A row with more cells than the header made pandas take the first column for an index and shift the others:
+    'P1,mr.nii.gz,ct.nii.gz,extra' was registered as subject mr.nii.gz with the CT 'extra', and a trailing comma on
+    every row ('P1,mr.nii.gz,ct.nii.gz,') read the MR as the subject and left the CT empty. A header typed with spaces
+    ('subject, mr, ct') was refused for lacking mr and ct."""
+    from ctsma.registration.cohort import read_manifest
+
+    man = tmp_path / "m.csv"
+    man.write_text("subject,mr,ct\nP1,mr.nii.gz,ct.nii.gz\nP2,mr2.nii.gz,ct2.nii.gz,extra\n")
+    with pytest.raises(InputImageError, match="line 3 has 4 cells, the header 3"):
+        read_manifest(man)
+    man.write_text("subject,mr,ct\nP1,mr.nii.gz,ct.nii.gz,\nP2,mr2.nii.gz,ct2.nii.gz,\n")
+    df = read_manifest(man)
+    assert list(df.subject) == ["P1", "P2"] and df.ct[1] == str((tmp_path / "ct2.nii.gz").resolve())
+    man.write_text("subject, mr, ct\nP1, mr.nii.gz, ct.nii.gz \n")
+    df = read_manifest(man)
+    assert df.subject[0] == "P1" and df.mr[0] == str((tmp_path / "mr.nii.gz").resolve())
+
+
+def test_one_pair_records_absolute_input_paths_and_refuses_a_file_as_out(tmp_path, pair, full_result, monkeypatch,
+                                                                        capsys):
+    """qa.json's inputs kept the MR and CT paths as typed ('in dir/mr.nii.gz'), relative to a folder no later reader
+    knows (the synthesis model's was absolute); --out naming a file said only 'File exists'."""
+    import ctsma.registration.pipeline as pipeline
+    from ctsma.cli.main import main
+
+    (tmp_path / "in dir").mkdir()
+    for name in ("mr", "ct"):
+        sitk.WriteImage(getattr(pair, name), str(tmp_path / "in dir" / f"{name}.nii.gz"))
+    monkeypatch.setattr(pipeline, "register", lambda *a, **k: full_result)  # the registration itself is not tested
+    monkeypatch.chdir(tmp_path)
+    args = ["--quiet", "register", "in dir/mr.nii.gz", "in dir/ct.nii.gz", "--preset", "nosynth"]
+    assert main(args + ["--out", "out dir"]) == 0
+    inputs = json.loads((tmp_path / "out dir" / "qa.json").read_text())["inputs"]
+    assert inputs["mr"] == str((tmp_path / "in dir" / "mr.nii.gz").resolve())
+    assert inputs["ct"] == str((tmp_path / "in dir" / "ct.nii.gz").resolve())
+    (tmp_path / "afile").write_text("")
+    assert main(args + ["--out", "afile"]) == 2
+    assert "output path afile exists and is not a folder" in capsys.readouterr().err

@@ -173,6 +173,8 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` if needed and check that files can be written in it."""
     path = Path(path)
+    if path.exists() and not path.is_dir():  # before mkdir, whose error would say only "File exists"
+        raise UserError(f"output path {path} exists and is not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

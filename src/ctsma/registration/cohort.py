@@ -47,9 +47,17 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     """The manifest with absolute image paths and a ``subject`` column (row number when absent)."""
     path = existing_file(path, "manifest", InputImageError)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as exc:  # pandas raises several parser error types
+        _check_field_counts(path)
+        with warnings.catch_warnings():  # empty cells past the header's (a trailing comma) are dropped, as meant
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+    except UserError:
+        raise
+    except Exception as exc:  # pandas and csv raise several parser error types
         raise InputImageError(f"cannot read manifest {path.name}: {exc}") from None
+    # "subject, mr, ct" (spaces after the commas, as typed by hand): the names and cells without them
+    df.columns = [str(c).strip() for c in df.columns]
+    df = df.apply(lambda col: col.str.strip())
     missing = [c for c in ("mr", "ct") if c not in df.columns]
     if missing:
         raise InputImageError(f"manifest {path.name} lacks column(s) {', '.join(missing)} "
@@ -74,6 +82,21 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         if col in df.columns:
             df[col] = [str((path.parent / v).resolve()) if v else "" for v in df[col]]
     return df
+
+
+def _check_field_counts(path: Path) -> None:
+    """Refuse a row with more cells than the header (not counting empty ones): pandas would take the header's first
+    column for an index and shift every column by one (the MR read as the subject, the CT as the MR, ...)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        for row in reader:
+            if len(row) > len(header) and any(cell.strip() for cell in row[len(header):]):
+                raise InputImageError(f"manifest {path.name}: line {reader.line_num} has {len(row)} cells, the header "
+                                      f"{len(header)} ({', '.join(header)}); a cell with a comma in it must be "
+                                      "quoted, and every row needs the header's columns")
 
 
 def _init_worker(model_path: str | None, threads: int) -> None:
@@ -129,7 +152,8 @@ def register_files(mr_path: str, ct_path: str, out_dir: str | Path, *, preset, m
         warnings.warn(f"{problem}: the bones do not overlap after registration, so this pair is not usable (check "
                       "both images' orientation in their headers, and that they show the same knee); the outputs are "
                       "written for inspection, and 'ctsma dataset build' leaves the pair out", stacklevel=2)
-    extra = {"inputs": {"mr": str(mr_path), "ct": str(ct_path),
+    # absolute, like the model's: a path relative to the folder the command ran in means nothing to a later reader
+    extra = {"inputs": {"mr": str(Path(mr_path).resolve()), "ct": str(Path(ct_path).resolve()),
                         "stamps": {"mr": input_stamp(mr_path), "ct": input_stamp(ct_path)}}, "qa_problem": problem}
     if model_path:  # which synthesis model made the pseudo-CT (a file trained again at its path is another model)
         extra["inputs"]["synthesis_model"] = str(Path(model_path).resolve())

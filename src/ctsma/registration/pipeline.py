@@ -139,6 +139,7 @@ def register(mr: sitk.Image, ct: sitk.Image, *, preset: Preset | str = "default"
     mr = check_image(mr, what="MR")
     check_ct_intensities(ct)
     check_mr_intensities(mr)
+    check_not_labels(mr, "MR")  # mr_rois/mr_bones given as the MR: else registered with bone Dice 0, exit 3
     names = list(preset.per_bone.bones) if preset.per_bone.enabled else ["femur", "tibia"]
     ct_bones = validate_bones(ct_bones, ct, names=names) if ct_bones is not None else automatic_bones(ct)
 
