@@ -217,3 +217,22 @@ def test_report_patient_reference_ranges_of_another_naming(tmp_path, monkeypatch
         assert main(args + ["--reference", str(tmp_path / "part.csv")]) == 0
     html = (d / "report" / "patient_K_9.html").read_text(encoding="utf-8")
     assert "the ranges given in part.csv" in html and "training cohort; z" not in html
+
+
+def test_report_patient_refuses_a_ct_that_is_not_in_hounsfield_units(tmp_path, capsys):
+    """A label image (ct_bones.nii.gz) or an MR on the CT's grid, given as the CT, was drawn as the CT under the ROI
+    outlines and maps (exit 0), while 'ctsma infer' refuses such an image; a CT of another knee gave only the grid
+    mismatch. Both now say what is wrong."""
+    d = _infer_dir(tmp_path)
+    ct = sitk.ReadImage(str(tmp_path / "ct.nii.gz"))
+    labels = sitk.Cast(ct > 300, sitk.sitkUInt8)  # a bone mask on the CT's grid
+    sitk.WriteImage(labels, str(tmp_path / "bones.nii.gz"))
+    assert main(["report", "patient", str(tmp_path / "bones.nii.gz"), str(d)]) == 2
+    assert "not plausible Hounsfield units" in capsys.readouterr().err
+    assert not (d / "report").exists()
+    other = sitk.Image(ct)
+    other.SetOrigin([o + 40.0 for o in ct.GetOrigin()])
+    sitk.WriteImage(other, str(tmp_path / "other.nii.gz"))
+    assert main(["report", "patient", str(tmp_path / "other.nii.gz"), str(d)]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the geometry" in err and "the CT that 'ctsma infer' analysed" in err

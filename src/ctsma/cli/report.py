@@ -151,8 +151,16 @@ def run_patient(args) -> int:
     if missing:  # without summary.json the report would say no diagnosis model ran, and drop the demo notice
         raise UserError(f"{d} is not a complete 'ctsma infer' output folder: {', '.join(missing)} missing "
                         "(rerun 'ctsma infer')")
+    from ..errors import InputImageError
+    from ..io.images import check_ct_intensities, check_same_geometry
+
     ct = read_image(args.ct, what="CT")
+    check_ct_intensities(ct)  # a label image or an MR would be drawn as the CT, as infer refuses them
     rois = read_image(d / "rois.nii.gz", what="ROI label image", pixel_type=sitk.sitkUInt8)
+    try:
+        check_same_geometry(ct, rois, what_a="CT", what_b="ROI label image")
+    except InputImageError as exc:
+        raise InputImageError(f"{exc}: is {args.ct} the CT that 'ctsma infer' analysed into {d}?") from None
     if not sitk.GetArrayViewFromImage(rois).any():
         raise UserError(f"the ROI label image {d / 'rois.nii.gz'} is empty: nothing to report (rerun 'ctsma infer')")
     maps = {p: _read_map(d / "maps" / f"{f}.nii.gz", p) for p, f in PARAMETER_FILE_NAMES.items()}
