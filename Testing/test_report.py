@@ -175,8 +175,8 @@ def test_study_html_holds_the_formatted_values(study, metrics):
     row = by_row[("BV/TV", "CT-SMA student (distilled)")]
     assert row[2] == f"{reg['icc21']:.3f} [{reg['icc21_ci'][0]:.3f}, {reg['icc21_ci'][1]:.3f}]"
     assert row[-1] == f"{PUBLISHED_ICC['BV/TV']:.3f}"  # published ICC beside ours
-    truth = metrics["regression_vs_truth"]["student_distilled"]["BV/TV"]["icc21"]
-    assert row[-2] == f"{truth:.3f}"  # phantom truth as an extra column
+    truth = metrics["regression_vs_truth"]["student_distilled"]["BV/TV"]
+    assert row[-3:-1] == [f"{truth['icc21']:.3f}", f"{truth['pearson_r']:.3f}"]  # phantom truth: ICC and r
     # nulls render as a dash: ct_direct Tb.N has no CI and no Pearson r
     row = by_row[("Tb.N (mm\u207b\u00b9)", "Direct CT morphometry")]
     assert row[2] == f"{metrics['regression']['ct_direct']['Tb.N']['icc21']:.3f}" and row[4] == DASH
@@ -663,3 +663,16 @@ def test_registration_table_says_on_how_many_knees_each_variant_was_scored():
     old = {k: {m: v[m] for m in ("tre_mean_mm", "tre_p95_mm", "seconds_per_knee")} for k, v in reg.items()}
     table = next(b for b in study_mod._registration({"registration": old}) if isinstance(b, Table))
     assert table.columns[-1] == "Seconds per knee" and len(table.notes) == 1
+
+
+@pytest.mark.parametrize("landscape", [False, True])
+def test_wide_tables_shrunk_to_the_page_render(landscape):
+    """A table wider than the page is shrunk to it; the shrunk widths' sum can exceed the page width by a rounding
+    error, which fpdf refused (the study table with the truth's Pearson r column did)."""
+    from ctsma.report.document import Document, Table
+    from ctsma.report.pdf_render import render_pdf
+    for n in range(6, 16):
+        cols = [f"column heading number {j} of {n}" for j in range(n)]
+        rows = [[f"{(j + 1) * 1.2345678:.{3 + j % 4}f} [{j}.00, {j}.99]" for j in range(n)] for _ in range(3)]
+        doc = Document(f"{n} columns", blocks=[Table(cols, rows, align=["R"] * n)], landscape=landscape)
+        assert render_pdf(doc).startswith(b"%PDF-")

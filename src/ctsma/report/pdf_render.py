@@ -154,7 +154,7 @@ class ReportPDF(FPDF):
         self.set_font(FONT, "", font_size)
         self.set_draw_color(201, 214, 227)
         heading_style = FontFace(family=FONT, emphasis="B", color=255, fill_color=NAVY, size_pt=font_size)
-        with self.table(col_widths=widths, width=sum(widths), align="LEFT", text_align=tuple(t.align),
+        with self.table(col_widths=widths, width=min(sum(widths), self.epw), align="LEFT", text_align=tuple(t.align),
                         headings_style=heading_style, borders_layout="HORIZONTAL_LINES",
                         line_height=font_size * 0.5, padding=(0.9, 1.4), v_align="MIDDLE") as table:
             hrow = table.row()
