@@ -394,3 +394,52 @@ def test_evaluate_refuses_two_prefixes_for_one_source(cohort, tmp_path, capsys):
                          "--prefix", "a=true_", "--labels", str(tmp_path / "labels.csv"), "--aggregators", "logistic",
                          "--folds", "4", "--out", str(tmp_path / "ev")]) == 2
     assert "more than one prefix" in capsys.readouterr().err and not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("agg,cfg", [("logistic", None), ("mlp", {"epochs": 5, "members": 1}),
+                                     ("transformer", {"steps": 4, "members": 1})])
+def test_no_probability_for_a_knee_without_patches_in_one_roi(cohort, agg, cfg):
+    """Every aggregator learnt from knees with all four ROIs. predict gave a knee without MTP patches a probability
+    all the same (the ROI-mean models filled MTP with the training mean, the transformer read a knee unlike any it
+    learnt from), while 'ctsma infer' refused such a knee: now neither gives one, and the message names the ROI."""
+    table, labels = cohort
+    model = dg.train(table, labels, agg, folds=None, config=cfg)
+    part = table[~((table["subject"] == "S003") & (table["roi"] == "MTP"))]
+    part = part.copy()
+    part.loc[(part["subject"] == "S005") & part["roi"].isin(["MFC", "LFC"]), "Tb.N"] = np.nan  # invalid patches
+    pred = dg.predict(model, part).set_index("subject")
+    for s, rois in (("S003", "MTP"), ("S005", "MFC, LFC")):
+        row = pred.loc[s]
+        assert np.isnan(row["oa_probability"]) and np.isnan(row["severity"]) and pd.isna(row["oa_predicted"])
+        assert row["message"].startswith(f"ROI(s) {rois} have no valid patch") and "no diagnosis" in row["message"]
+        assert row["n_patches"] == (len(part[part["subject"] == s]) - (12 if s == "S005" else 0))
+    rest = pred.drop(index=["S003", "S005"])
+    assert rest["oa_probability"].between(0, 1).all() and (rest["message"] == "").all()
+    # the other knees' probabilities are those of a prediction without the incomplete knees
+    alone = dg.predict(model, table[~table["subject"].isin(["S003", "S005"])]).set_index("subject")
+    np.testing.assert_allclose(rest["oa_probability"], alone["oa_probability"], rtol=1e-6)
+    summary = dg.summary_for_knee(model, part, subject="S003")
+    assert summary["oa_probability"] is None and "MTP" in summary["message"]
+
+
+def test_cli_predict_gives_each_incomplete_knee_a_row_without_probability(cohort, tmp_path, capsys):
+    """`ctsma diagnose predict` over a table holding a knee without LTP patches: the batch is not aborted, that
+    knee's row has no probability and names LTP (CSV, JSON and the printed table), the others are predicted."""
+    climain = _cli()
+    table, labels = cohort
+    table.to_csv(tmp_path / "p.csv", index=False)
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    table[~((table["subject"] == "S007") & (table["roi"] == "LTP"))].to_csv(tmp_path / "new.csv", index=False)
+    model = tmp_path / "m.safetensors"
+    assert climain.main(["--quiet", "diagnose", "train", "--patches", str(tmp_path / "p.csv"), "--labels",
+                         str(tmp_path / "labels.csv"), "--aggregator", "logistic", "--no-cv", "--out", str(model)]) == 0
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=r"1 of 40 knee\(s\) got no OA probability \(S007\)"):
+        assert climain.main(["diagnose", "predict", "--model", str(model), "--patches", str(tmp_path / "new.csv"),
+                             "--out", str(tmp_path / "pred.csv")]) == 0
+    assert "ROI(s) LTP have no valid patch" in capsys.readouterr().out
+    pred = pd.read_csv(tmp_path / "pred.csv", dtype={"subject": str}).set_index("subject")
+    assert np.isnan(pred.loc["S007", "oa_probability"]) and "LTP" in pred.loc["S007", "message"]
+    assert pred.drop(index="S007")["oa_probability"].notna().all()
+    rec = {r["subject"]: r for r in json.loads((tmp_path / "pred.json").read_text())["predictions"]}
+    assert rec["S007"]["oa_probability"] is None and "LTP" in rec["S007"]["message"]

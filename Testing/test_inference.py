@@ -662,7 +662,7 @@ def test_no_oa_probability_from_an_incomplete_set_of_rois(knee, constant_student
     tibial.CopyInformation(rois)
     sitk.WriteImage(tibial, str(tmp_path / "tibial.nii.gz"))
     out = tmp_path / "run"
-    with pytest.warns(UserWarning, match="no OA probability: ROI.s. MFC, LFC have no patch"):
+    with pytest.warns(UserWarning, match="no OA probability: ROI.s. MFC, LFC have no valid patch"):
         assert _run(knee["ct"], "--out", out, "--model", constant_student, "--rois", tmp_path / "tibial.nii.gz",
                     "--side", knee["side"]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -670,6 +670,15 @@ def test_no_oa_probability_from_an_incomplete_set_of_rois(knee, constant_student
     table = pd.read_csv(out / "roi_table.csv")
     assert (table[table.roi.isin(["MTP", "LTP"])].n_patches > 0).all()
     assert (table[table.roi.isin(["MFC", "LFC"])].n_patches == 0).all()
+    # one rule: 'ctsma diagnose predict' on this knee's patches, with the same model, gives no probability either,
+    # and the same message (it used to fill the femoral ROIs in and give one)
+    from ctsma.inference.engine import default_diagnosis_path
+
+    with pytest.warns(UserWarning, match="1 of 1 knee.s. got no OA probability"):
+        assert cli_main(["--quiet", "diagnose", "predict", "--model", str(default_diagnosis_path()), "--patches",
+                         str(out / "patches.csv"), "--out", str(tmp_path / "pred.csv")]) == 0
+    pred = pd.read_csv(tmp_path / "pred.csv", dtype={"subject": str}, keep_default_na=False).iloc[0]
+    assert pred["oa_probability"] == "" and pred["message"] == summary["diagnosis"]["message"]
 
 
 def test_a_ct_replaced_at_the_same_path_is_a_new_request(tmp_path):
@@ -819,7 +828,8 @@ def test_manifest_subjects_that_cannot_name_a_case_folder(knee, constant_student
 
 
 def _fake_infer(behaviour):
-    """A stand-in for `infer` in batch mode: per subject, warn, fail, stop (Ctrl-C) or finish with a summary."""
+    """A stand-in for `infer` in batch mode: per subject, warn, fail, stop (Ctrl-C) or finish with a summary (with
+    no OA probability for lack of MFC patches: 'incomplete')."""
     from ctsma.errors import InputImageError
     from ctsma.inference import engine
     from ctsma.io import write_json
@@ -836,8 +846,14 @@ def _fake_infer(behaviour):
         from ctsma.models.export import load_student
         _, meta = load_student(model_path)
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "summary.json", {"request": engine.request_record(ct, meta, settings, segmentation, None,
-                                                                           diagnosis_path, model_path=model_path)})
+        summary = {"request": engine.request_record(ct, meta, settings, segmentation, None, diagnosis_path,
+                                                    model_path=model_path), "oa_probability": 0.5, "diagnosis": {}}
+        if what == "incomplete":
+            from ctsma.diagnosis.data import incomplete_knee_message
+
+            summary.update(oa_probability=None, diagnosis={"message": incomplete_knee_message(["MFC"])})
+        write_json(out / "summary.json", summary)
+        return summary
     return fake
 
 
@@ -870,6 +886,23 @@ def test_a_batch_names_the_knee_of_each_warning_and_keeps_its_status_file_curren
     assert cli_main(args) == 1
     k2 = json.loads(status.read_text())[1]
     assert k2["status"] == "failed" and "still holds an earlier run's results" in k2["message"]
+
+
+def test_a_batch_status_names_the_knees_given_no_oa_probability_and_why(knee, constant_student, tmp_path,
+                                                                        monkeypatch):
+    """A knee of the batch whose diagnosis model gave no probability (an ROI without patches) is analysed ('ok', its
+    maps and tables stand), and its row of the status file says why, as 'diagnose predict' does in its message
+    column; the batch goes on."""
+    from ctsma.inference import batch
+
+    manifest = tmp_path / "cts.csv"
+    pd.DataFrame({"subject": ["k1", "k2"], "ct": [str(knee["ct"])] * 2}).to_csv(manifest, index=False)
+    monkeypatch.setattr(batch, "infer", _fake_infer({"k1": "incomplete"}))
+    assert cli_main(["--quiet", "infer", str(manifest), "--out", str(tmp_path / "out"), "--model",
+                     str(constant_student)]) == 0
+    k1, k2 = json.loads((tmp_path / "out" / "batch_status_0of1.json").read_text())
+    assert k1["status"] == k2["status"] == "ok" and k2["message"] == ""
+    assert k1["message"].startswith("no OA probability: ROI(s) MFC have no valid patch")
 
 
 def test_a_diagnosis_model_retrained_after_an_upgrade_redoes_the_knees_of_the_previous_version(constant_student,

@@ -210,6 +210,12 @@ def _predict(args) -> int:
             + (f"; {_cv_line(cv)}" if cv else "; no cross-validated performance recorded"))
     print(perf)
     print(df[cols].to_string(index=False, na_rep="–", float_format=lambda v: f"{v:.3f}"))
+    none = df.loc[df["oa_probability"].isna(), "subject"].tolist()
+    if none:  # each knee keeps its row and says why in 'message'; the others' probabilities stand
+        import warnings
+
+        warnings.warn(f"{len(none)} of {len(df)} knee(s) got no OA probability ({', '.join(none[:5])}"
+                      f"{' …' if len(none) > 5 else ''}): see their message", stacklevel=2)
     if args.out:
         with atomic_path(args.out) as tmp:
             df.to_csv(tmp, index=False, na_rep="")

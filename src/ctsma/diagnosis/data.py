@@ -123,6 +123,23 @@ def knees_without_patches(patches: pd.DataFrame, subjects) -> list[str]:
     return [s for s in subjects if s not in have]
 
 
+def rois_without_patches(patches: pd.DataFrame, subjects) -> dict[str, list[str]]:
+    """The ROIs (in ROI order) without a valid patch of each of ``subjects`` that has some valid patch; knees with
+    all four ROIs are left out."""
+    have = patches.loc[patches["valid"]].groupby("subject")["roi"].agg(set).to_dict()
+    out = {s: [r for r in ROI_ORDER if r not in have[s]] for s in subjects if s in have}
+    return {s: rois for s, rois in out.items() if rois}
+
+
+NO_VALID_PATCH = "no valid patch (ROI MFC/LFC/MTP/LTP with finite parameters): no diagnosis"
+
+
+def incomplete_knee_message(missing) -> str:
+    """Why a knee without a valid patch in the ROIs ``missing`` gets no OA probability, naming them."""
+    return (f"ROI(s) {', '.join(missing)} have no valid patch, and the diagnosis model reads all four "
+            f"({'/'.join(ROI_ORDER)}; it learnt from knees with patches in each): no diagnosis; check the ROIs")
+
+
 def build_kneeset(patch_table, labels=None) -> KneeSet:
     """Group valid patches per knee. With ``labels``, the knees are the labelled ones (patches of
     unlabelled subjects are not used).

@@ -19,8 +19,8 @@ from .. import PARAMETERS, PARAMETER_UNITS
 from ..errors import ModelFileError, UserError
 from ..modelfile import load_model, save_model
 from .aggregators import AGGREGATORS, Aggregator, make_aggregator
-from .data import (REFERENCE_DESCRIPTION, ROI_ORDER, build_kneeset, check_patch_table, knees_without_patches,
-                   reference_ranges)
+from .data import (NO_VALID_PATCH, REFERENCE_DESCRIPTION, ROI_ORDER, build_kneeset, check_patch_table,
+                   incomplete_knee_message, knees_without_patches, reference_ranges, rois_without_patches)
 from .evaluation import DEFAULT_FOLDS, DEFAULT_SEED, cross_validate
 
 KIND = "diagnosis"
@@ -88,25 +88,30 @@ def load(path) -> DiagnosisModel:
 def predict(model: DiagnosisModel, patch_table, subjects=None) -> pd.DataFrame:
     """One row per knee: ``subject, n_patches, oa_probability, oa_predicted, severity, message``.
 
-    Knees listed in ``subjects`` (default: every subject in the table) without a valid patch get an empty
-    probability and severity and a message saying why, never a made-up value. The model's
+    Knees listed in ``subjects`` (default: every subject in the table) without a valid patch, or without one in
+    any of the four ROIs, get an empty probability and severity and a message saying why (naming the ROIs),
+    never a made-up value: every aggregator learnt from knees with all four ROIs (the ROI-mean models would fill
+    a missing ROI's features with the training mean, the transformer would see a knee unlike any it learnt
+    from). This is the one rule for ``ctsma diagnose predict`` and ``ctsma infer``. The model's
     cross-validated AUC (with CI), accuracy and severity MAE are added as columns ``cv_*``.
     """
     patches = check_patch_table(patch_table)
     wanted = sorted(set(patches["subject"])) if subjects is None else [str(s) for s in subjects]
     empty = set(knees_without_patches(patches, wanted))
+    incomplete = rois_without_patches(patches, wanted)
+    n_valid = patches.loc[patches["valid"]].groupby("subject").size()
     rows = []
-    ok_subjects = [s for s in wanted if s not in empty]
+    ok_subjects = [s for s in wanted if s not in empty and s not in incomplete]
     if ok_subjects:
         knees = build_kneeset(patches[patches["subject"].isin(ok_subjects)].drop(columns="valid"))
         prob, sev = model.aggregator.predict(knees)
         n = dict(zip(knees.subjects, (len(p) for p in knees.params)))
         res = dict(zip(knees.subjects, zip(prob, sev)))
     for s in wanted:
-        if s in empty:
-            rows.append({"subject": s, "n_patches": 0, "oa_probability": np.nan, "oa_predicted": None,
-                         "severity": np.nan,
-                         "message": "no valid patch (ROI MFC/LFC/MTP/LTP with finite parameters): no diagnosis"})
+        if s in empty or s in incomplete:
+            rows.append({"subject": s, "n_patches": int(n_valid.get(s, 0)), "oa_probability": np.nan,
+                         "oa_predicted": None, "severity": np.nan,
+                         "message": incomplete_knee_message(incomplete[s]) if s in incomplete else NO_VALID_PATCH})
         else:
             p, v = res[s]
             if not model.metadata.get("severity_trained", True):
@@ -127,7 +132,8 @@ def predict(model: DiagnosisModel, patch_table, subjects=None) -> pd.DataFrame:
 def summary_for_knee(model: DiagnosisModel | str | Path, patch_table, subject: str | None = None) -> dict:
     """The diagnosis block of ``ctsma infer``'s ``summary.json`` for one knee.
 
-    Keys: ``oa_probability``, ``severity`` (None, with a ``message``, when the knee has no valid patch), the
+    Keys: ``oa_probability``, ``severity`` (None, with a ``message``, when the knee has no valid patch or none in
+    one of the ROIs: :func:`predict`'s rule), the
     decision ``threshold``, ``n_patches``, the model's cross-validated ``auc``, ``auc_ci``, ``accuracy``,
     ``sensitivity``, ``specificity``, ``severity_mae``, ``severity_r2``, and ``n_train``, ``aggregator``,
     ``source`` (the parameters it was trained on), ``cv_description``. Feeds the patient report as is.

@@ -117,8 +117,11 @@ def _run_case(row, out: Path, model_path, settings: InferSettings, diagnosis_pat
     existed = d.exists()
     try:
         with _warnings_named(row.subject):
-            infer(row.ct, d, model_path=model_path, segmentation=seg, diagnosis_path=diagnosis_path,
-                  settings=case_settings, subject=str(row.subject))
+            summary = infer(row.ct, d, model_path=model_path, segmentation=seg, diagnosis_path=diagnosis_path,
+                            settings=case_settings, subject=str(row.subject))
+        why = (summary.get("diagnosis") or {}).get("message") if summary.get("oa_probability") is None else ""
+        if why:  # analysed, but a model that ran gave no probability (e.g. an ROI without patches): said per knee
+            note = "; ".join(filter(None, [note, f"no OA probability: {why}"]))
         return {"subject": row.subject, "status": "ok", "message": note}
     except UserError as exc:  # one bad case must not stop a cohort
         if not existed and d.is_dir() and not any(d.iterdir()):

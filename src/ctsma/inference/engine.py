@@ -621,16 +621,14 @@ def _diagnose(patch_rows: pd.DataFrame, loaded, subject: str, own_student: bool)
     from .. import diagnosis
 
     cv = model.cv_metrics or {}
-    missing = [r for r in ROIS if not (patch_rows["roi"] == r).any()]
-    if missing:  # the models learnt from knees with all four compartments: a probability from fewer is not theirs
-        prob = severity = None
-        message = f"ROI(s) {', '.join(missing)} have no patch, and the diagnosis model reads all four; check the ROIs"
+    # diagnosis.predict holds the rule for a knee without patches in one of the ROIs (no probability, a message
+    # naming them), the same for 'ctsma diagnose predict'
+    pred = diagnosis.predict(model, patch_rows, subjects=[subject]).iloc[0]
+    prob = float(pred["oa_probability"]) if pd.notna(pred["oa_probability"]) else None
+    severity = float(pred["severity"]) if pd.notna(pred["severity"]) else None
+    message = pred.get("message") or ""
+    if prob is None:
         warnings.warn(f"no OA probability: {message}", stacklevel=3)
-    else:
-        pred = diagnosis.predict(model, patch_rows, subjects=[subject]).iloc[0]
-        prob = float(pred["oa_probability"]) if pd.notna(pred["oa_probability"]) else None
-        severity = float(pred["severity"]) if pd.notna(pred["severity"]) else None
-        message = pred.get("message") or ""
     shipped = default_diagnosis_path()
     out = {"oa_probability": prob, "severity": severity, "auc": cv.get("auc"), "auc_ci": cv.get("auc_ci"),
            "diagnosis": {"model": str(path), "aggregator": model.metadata.get("aggregator"), "message": message,
