@@ -676,3 +676,16 @@ def test_wide_tables_shrunk_to_the_page_render(landscape):
         rows = [[f"{(j + 1) * 1.2345678:.{3 + j % 4}f} [{j}.00, {j}.99]" for j in range(n)] for _ in range(3)]
         doc = Document(f"{n} columns", blocks=[Table(cols, rows, align=["R"] * n)], landscape=landscape)
         assert render_pdf(doc).startswith(b"%PDF-")
+
+
+def test_study_report_counts_a_recorded_total_once():
+    """`ctsma evaluate` records its stages and its whole run as `total` in metrics.json's timing: the report's total
+    row is that run, not the stages plus the total again, and `total` is no stage row of its own."""
+    table = next(x for x in study_mod._timing({"timing": {"prediction": 30.0, "writing": 10.0, "total": 50.0}}, None)
+                 if isinstance(x, study_mod.Table))
+    assert [r[:3] for r in table.rows] == [["prediction", "30.0 s", "60 %"], ["writing", "10.0 s", "20 %"],
+                                           ["total", "50.0 s", "100 %"]]
+    # stages given beside it that the recorded total does not hold (the caller's own): the total is their sum
+    table = next(x for x in study_mod._timing({"timing": {"prediction": 30.0, "total": 35.0}}, {"report": 15.0})
+                 if isinstance(x, study_mod.Table))
+    assert table.rows[-1][:2] == ["total", "45.0 s"]

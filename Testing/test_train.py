@@ -93,10 +93,17 @@ def test_evaluate_writes_contract_metrics(trained, tmp_path):
     from ctsma.evaluation.regression import evaluate
 
     cfg, run, _ = trained
-    (tmp_path / "metrics.json").write_text(json.dumps({"timing": {"x": 1.0}}))  # other keys are kept
+    (tmp_path / "metrics.json").write_text(json.dumps({"diagnosis": {"x": 1.0}, "timing": {"x": 1.0}}))
     res = evaluate(cfg, tmp_path)
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["timing"] == {"x": 1.0}
+    assert m["diagnosis"] == {"x": 1.0}  # other commands' keys are kept
+    # the contract's timing block: seconds of evaluate's own stages (an earlier one replaced, not merged), and the
+    # whole run, which holds them; metrics.json is the returned result, timing included, and nothing else changed
+    t = m["timing"]
+    assert list(t) == ["prediction", "ct_direct", "agreement", "bootstrap", "writing", "total"]  # no ablations here
+    assert all(isinstance(v, float) and v > 0 for v in t.values())
+    assert sum(v for k, v in t.items() if k != "total") <= t["total"]
+    assert {k: v for k, v in m.items() if k != "diagnosis"} == json.loads(json.dumps(res))
     for block in ("regression", "regression_vs_truth"):
         assert set(m[block]) >= {"teacher", "student_distilled", "student_baseline", "ct_direct"}
         for p in PARAMETERS:
@@ -772,6 +779,9 @@ def test_a_rerun_of_evaluate_reuses_the_ablations_whose_run_is_unchanged(trained
 
     first, err = evaluated()
     assert "reused" not in err
+    timing = json.loads((tmp_path / "eval" / "metrics.json").read_text())["timing"]  # a run of teacher alone: no gain
+    assert list(timing) == ["prediction", "ct_direct", "agreement", "ablations", "writing", "total"]
+    assert timing["ablations"] <= timing["total"]
     assert {n: (a["model"], a["reused"]) for n, a in first.items()} == {n: (str(f), False) for n, f in files.items()}
     before = stamps()
     again, err = evaluated()

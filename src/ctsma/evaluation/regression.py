@@ -15,6 +15,8 @@ together).
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -153,11 +155,27 @@ def predict_sources(cfg, store: PatchStore, idx: np.ndarray, *, names: dict | No
     return preds, prov
 
 
+@contextlib.contextmanager
+def _stage(timing: dict, name: str):
+    """Add the wall-clock seconds of the block to ``timing[name]``."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[name] = timing.get(name, 0.0) + time.perf_counter() - t
+
+
 def evaluate(cfg, out_dir: str | Path, *, store: PatchStore | None = None, ablations: bool = True) -> dict:
-    """Evaluate every source on the held-out patients; write metrics.json, tables and plots into ``out_dir``."""
+    """Evaluate every source on the held-out patients; write metrics.json, tables and plots into ``out_dir``.
+
+    ``metrics.json`` also gets ``timing`` (contracts.md): the wall-clock seconds of each stage that ran,
+    ``prediction`` (the models on the test patches), ``ct_direct`` (morphometry on them), ``agreement`` (the ICC
+    blocks), ``bootstrap`` (the distillation gains), ``ablations`` (training and scoring the variants),
+    ``writing`` (tables, predictions and plots), and ``total`` (the whole call)."""
     from ..models.config import variant
     from ..models.train import open_store, train
 
+    start, timing = time.perf_counter(), {}
     for a in cfg.evaluate.ablations if ablations else ():
         if f"_{a['name']}" == cfg.output.name:  # variant() names its files _<name>: this run's own would be replaced
             raise ConfigError(f"evaluate.ablations: the name '{a['name']}' is this run's output.name "
@@ -181,45 +199,55 @@ def evaluate(cfg, out_dir: str | Path, *, store: PatchStore | None = None, ablat
                       "few are rough, as a patient bootstrap has few distinct resamples; take them as indicative",
                       stacklevel=2)
     progress.info(f"evaluating on {len(idx)} patches of {n_test} held-out patients")
-    preds, prov = predict_sources(cfg, store, idx)
+    with _stage(timing, "prediction"):
+        preds, prov = predict_sources(cfg, store, idx)
     if not preds:
         raise UserError(f"no trained models found in {cfg.output.dir}: run 'ctsma train teacher|student|baseline'")
-    preds["ct_direct"], prov["ct_direct"] = ct_direct(store, idx, cfg.evaluate.ct_threshold_hu)
+    with _stage(timing, "ct_direct"):
+        preds["ct_direct"], prov["ct_direct"] = ct_direct(store, idx, cfg.evaluate.ct_threshold_hu)
     ref = store.targets("mr")[idx]
     truth = store.targets("true")[idx]
     has_truth = bool(np.isfinite(truth).all(axis=1).sum() >= 3)
 
-    result = {"regression": {s: agreement_block(ref, preds[s], subjects) for s in SOURCES if s in preds}}
-    if has_truth:
-        result["regression_vs_truth"] = {s: agreement_block(truth, preds[s], subjects) for s in SOURCES if s in preds}
-        result["regression_vs_truth"]["mr_reference"] = agreement_block(truth, ref, subjects)
-    if "student_distilled" in preds and "student_baseline" in preds:
-        result["distillation_gain"] = distillation_gain(ref, preds["student_distilled"], preds["student_baseline"],
-                                                        subjects, n_boot=cfg.evaluate.n_boot,
-                                                        seed=cfg.trainer.seed)
+    with _stage(timing, "agreement"):
+        result = {"regression": {s: agreement_block(ref, preds[s], subjects) for s in SOURCES if s in preds}}
         if has_truth:
-            result["distillation_gain_vs_truth"] = distillation_gain(
-                truth, preds["student_distilled"], preds["student_baseline"], subjects,
-                n_boot=cfg.evaluate.n_boot, seed=cfg.trainer.seed)
+            result["regression_vs_truth"] = {s: agreement_block(truth, preds[s], subjects)
+                                             for s in SOURCES if s in preds}
+            result["regression_vs_truth"]["mr_reference"] = agreement_block(truth, ref, subjects)
+    if "student_distilled" in preds and "student_baseline" in preds:
+        with _stage(timing, "bootstrap"):
+            result["distillation_gain"] = distillation_gain(ref, preds["student_distilled"],
+                                                            preds["student_baseline"], subjects,
+                                                            n_boot=cfg.evaluate.n_boot, seed=cfg.trainer.seed)
+            if has_truth:
+                result["distillation_gain_vs_truth"] = distillation_gain(
+                    truth, preds["student_distilled"], preds["student_baseline"], subjects,
+                    n_boot=cfg.evaluate.n_boot, seed=cfg.trainer.seed)
     if ablations and cfg.evaluate.ablations:
         result["ablations"] = {}
         for a in progress.track(cfg.evaluate.ablations, "ablations"):
-            vcfg, trained = variant(cfg, a), []
-            # one trained before for this run is kept (reused), one killed mid-training resumes
-            path = train("student", vcfg, store=store, reuse=True, started=lambda: trained.append(True))
-            p, _ = predict_sources(vcfg, store, idx, names={"v": str(path)})
-            block = agreement_block(ref, p["v"], subjects)
-            result["ablations"][a["name"]] = {"overrides": {k: v for k, v in a.items() if k != "name"},
-                                              "model": str(path), "reused": not trained,
-                                              "mean_icc21": block["mean_icc21"],
-                                              "icc21": {q: block[q]["icc21"] for q in PARAMETERS}}
+            with _stage(timing, "ablations"):
+                vcfg, trained = variant(cfg, a), []
+                # one trained before for this run is kept (reused), one killed mid-training resumes
+                path = train("student", vcfg, store=store, reuse=True, started=lambda: trained.append(True))
+                p, _ = predict_sources(vcfg, store, idx, names={"v": str(path)})
+                block = agreement_block(ref, p["v"], subjects)
+                result["ablations"][a["name"]] = {"overrides": {k: v for k, v in a.items() if k != "name"},
+                                                  "model": str(path), "reused": not trained,
+                                                  "mean_icc21": block["mean_icc21"],
+                                                  "icc21": {q: block[q]["icc21"] for q in PARAMETERS}}
     result["regression_info"] = {"level": "patch", "note": LEVEL_NOTE, "n_patients": len(split.subjects["test"]),
                                  "n_patches": int(len(idx)), "flips": cfg.evaluate.flips,
                                  "test_subjects": split.subjects["test"],
                                  "reference": "MR morphometry (store columns mr_<param>)", "models": prov,
                                  "store": str(store.dir), "units": {p: PARAMETER_UNITS[p] for p in PARAMETERS}}
-    write_outputs(out_dir, result, ref, truth if has_truth else None, preds, patch_ids(store, idx),
-                  plots=cfg.evaluate.plots)
+    with _stage(timing, "writing"):
+        write_outputs(out_dir, result, ref, truth if has_truth else None, preds, patch_ids(store, idx),
+                      plots=cfg.evaluate.plots)
+    timing["total"] = time.perf_counter() - start
+    result["timing"] = timing
+    merge_json(out_dir / "metrics.json", {"timing": timing})  # after the files it times; write_outputs dropped the last
     return result
 
 
@@ -233,7 +261,7 @@ def patch_ids(store: PatchStore, idx: np.ndarray) -> dict:
 
 
 REGRESSION_KEYS = ("regression", "regression_vs_truth", "distillation_gain", "distillation_gain_vs_truth",
-                   "ablations", "regression_info")
+                   "ablations", "regression_info", "timing")
 """The blocks of ``metrics.json`` that ``evaluate`` writes: a rerun replaces all of them (one it does not write again,
 e.g. the gain when a student is missing now, would describe other models), and keeps other commands' blocks."""
 PLOT_FILES = tuple(f"{kind}{suffix}.png" for kind in ("scatter", "bland_altman") for suffix in ("", "_vs_truth"))

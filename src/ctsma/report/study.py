@@ -343,9 +343,11 @@ def _timing(m: Mapping[str, Any], timings: Mapping[str, Any] | None) -> list:
     t = dict(get(m, "timing") or {}) if isinstance(get(m, "timing"), Mapping) else {}
     if isinstance(timings, Mapping):
         t.update(timings)
+    given = as_float(t.pop("total", None))  # 'ctsma evaluate' records its whole run, more than its stages' sum
     if not t:
         return out + [Paragraph("No stage timings were recorded.", "note")]
     total = sum(v for v in (as_float(x) for x in t.values()) if v is not None)
+    total = max(total, given) if given is not None else total  # not a stage: the total row, never counted twice
     rows = [[str(k).replace("_", " "), fmt_seconds(v),
              f"{100 * as_float(v) / total:.0f} %" if total and as_float(v) is not None else DASH]
             for k, v in t.items()]
