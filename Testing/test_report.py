@@ -689,3 +689,34 @@ def test_study_report_counts_a_recorded_total_once():
     table = next(x for x in study_mod._timing({"timing": {"prediction": 30.0, "total": 35.0}}, {"report": 15.0})
                  if isinstance(x, study_mod.Table))
     assert table.rows[-1][:2] == ["total", "45.0 s"]
+
+
+def test_the_patient_report_layout_has_one_definition_that_infer_uses_without_matplotlib(tmp_path):
+    """`ctsma infer` removes the patient reports of the results it replaces; it repeated the report package's
+    `report/patient_*` pattern so as not to import matplotlib at start-up. Both now use `ctsma.report.paths`, which
+    loads neither matplotlib nor the PDF writer."""
+    import subprocess
+    import sys
+
+    from ctsma.report.paths import patient_reports
+
+    written = [patient_report_path(tmp_path, "K 7", f) for f in PATIENT_REPORT_FORMATS]
+    for p in written:
+        p.parent.mkdir(exist_ok=True)
+        p.write_text("x")
+    (tmp_path / "report" / "study.pdf").write_text("x")
+    (tmp_path / "report" / "patient_K_7.txt").write_text("x")
+    assert patient_reports(tmp_path) == sorted(written)
+    code = ("import sys, pathlib; import ctsma.cli.main, ctsma.cli.infer, ctsma.inference.batch; "
+            "from ctsma.inference.engine import _remove_earlier_reports; "
+            f"_remove_earlier_reports(pathlib.Path({str(tmp_path)!r})); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'fpdf')))")
+    import os
+    from pathlib import Path
+
+    import ctsma
+
+    env = {**os.environ, "PYTHONPATH": str(Path(ctsma.__file__).parents[1])}  # this checkout's ctsma
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert res.stdout.strip() == "[]", res.stdout
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["patient_K_7.txt", "study.pdf"]

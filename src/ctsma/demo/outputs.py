@@ -44,7 +44,8 @@ def patient_report(ctx: Context) -> dict[str, Path]:
     """The held-out knee's patient report, PDF and HTML: ``{format: path}``."""
     from ..io import read_image
     from ..report import write_patient_report
-    from ..report.patient import PATIENT_REPORT_FORMATS, inputs_from_summary, patient_report_path
+    from ..report.patient import inputs_from_summary
+    from ..report.paths import PATIENT_REPORT_FORMATS, patient_report_path
 
     subject = inference_subject(ctx)
     d = ctx.out / "inference" / subject

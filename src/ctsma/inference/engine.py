@@ -435,8 +435,9 @@ def _remove_earlier_reports(out_dir) -> None:
     """Remove the patient reports that ``ctsma report patient`` wrote into this folder (``report/patient_<subject>``
     ``.pdf``/``.html``) from the results that this run has just replaced: they would show another CT's or run's maps
     and values beside the new ones."""
-    folder = Path(out_dir) / "report"
-    gone = [f for f in sorted(folder.glob("patient_*")) if f.suffix in (".pdf", ".html") and f.is_file()]
+    from ..report.paths import patient_reports  # the report package's layout, without its matplotlib
+
+    gone = patient_reports(out_dir)
     for f in gone:
         f.unlink()
     if gone:

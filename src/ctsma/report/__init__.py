@@ -12,9 +12,10 @@ with matplotlib. See ``docs/report.md``.
 from importlib import import_module
 
 # each name from the module that holds it, imported on first use: ``ctsma.report.format`` (the formatting helpers
-# that ``ctsma evaluate`` and ``ctsma diagnose`` use too) then does not load matplotlib and the PDF writer (~1 s)
-_HOME = {"write_study_report": "study", "write_patient_report": "patient", "patient_report_path": "patient",
-         "PATIENT_REPORT_FORMATS": "patient", "write_readme_snippet": "readme", "PUBLISHED_ICC": "published",
+# that ``ctsma evaluate`` and ``ctsma diagnose`` use too) and ``ctsma.report.paths`` (the patient reports' file
+# layout, which ``ctsma infer`` uses) then do not load matplotlib and the PDF writer (~1 s)
+_HOME = {"write_study_report": "study", "write_patient_report": "patient", "patient_report_path": "paths",
+         "PATIENT_REPORT_FORMATS": "paths", "write_readme_snippet": "readme", "PUBLISHED_ICC": "published",
          "PUBLISHED_MEAN_ICC": "published", "PUBLISHED_DIAGNOSIS": "published", "PUBLISHED_LABEL": "published"}
 __all__ = list(_HOME)
 

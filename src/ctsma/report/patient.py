@@ -20,17 +20,16 @@ import SimpleITK as sitk
 
 from .. import PARAMETERS, ROIS, __version__
 from ..errors import UserError
-from ..io import ensure_writable_dir, safe_join
+from ..io import ensure_writable_dir
 from ..io.images import check_same_geometry
 from . import patient_figures
 from .document import Document, Figure, Heading, PageBreak, Paragraph, Table
-from .format import AGGREGATOR_LABELS, DASH, as_float, fmt, fmt_ci, fmt_int, fmt_sig, get, safe_file_stem, unit_label
+from .format import AGGREGATOR_LABELS, DASH, as_float, fmt, fmt_ci, fmt_int, fmt_sig, get, unit_label
 from .html_render import render_html
+from .paths import PATIENT_REPORT_FORMATS, _check_format
 from .pdf_render import render_pdf
 from .writing import write_outputs
 
-PATIENT_REPORT_FORMATS = ("pdf", "html")
-"""The formats of the patient report; each is written as ``patient_<subject>.<format>``."""
 ROI_TABLE_COLUMNS = ("roi", "parameter", "mean", "sd", "median", "iqr", "n_patches")
 REFERENCE_COLUMNS = ("roi", "parameter", "mean", "sd")
 Z_FLAG = 2.0
@@ -56,18 +55,6 @@ _PROVENANCE_LABELS = {"model": "Model", "name": "Model", "version": "Model versi
                       "demo": "Demonstration model", "created": "Created", "sha256": "SHA-256",
                       "ctsma_version": "CT-SMA version", "role": "Role", "target": "Learns",
                       "training CTs": "Training CTs"}
-
-
-def _check_format(fmt: Any) -> str:
-    if fmt not in PATIENT_REPORT_FORMATS:
-        raise UserError(f"unknown patient report format {fmt!r}; expected one of {', '.join(PATIENT_REPORT_FORMATS)}")
-    return fmt
-
-
-def patient_report_path(run_dir, subject: Any, fmt: str = "pdf") -> Path:
-    """``run_dir/report/patient_<subject>.<fmt>`` (``fmt``: ``pdf`` or ``html``) with the subject ID sanitised
-    and kept inside ``run_dir``."""
-    return safe_join(run_dir, "report", f"patient_{safe_file_stem(subject)}.{_check_format(fmt)}")
 
 
 def is_demo(provenance: Mapping[str, Any] | None) -> bool:
@@ -371,7 +358,7 @@ def write_patient_report(out: PathOrPaths, *, ct: sitk.Image, rois: sitk.Image, 
     or ``{format: path}`` for several formats (e.g. ``{f: patient_report_path(run_dir, subject, f) for f in
     PATIENT_REPORT_FORMATS}``), and then ``{format: Path}`` is returned. The document is built once and rendered to
     every format in memory before anything is written; then all files are written or none
-    (:func:`.writing.write_outputs`). Use :func:`patient_report_path` for the contract names
+    (:func:`.writing.write_outputs`). Use :func:`.paths.patient_report_path` for the contract names
     ``DIR/report/patient_<subject>.<format>``.
 
     ``maps``: parameter → map image (NaN outside the ROIs; resampled to the CT's grid if needed).

@@ -172,7 +172,8 @@ def provenance(demo: bool = True) -> dict:
 
 
 def main(argv=None) -> int:  # pragma: no cover - a preview tool
-    from .patient import PATIENT_REPORT_FORMATS, patient_report_path, write_patient_report
+    from .patient import write_patient_report
+    from .paths import PATIENT_REPORT_FORMATS, patient_report_path
     from .readme import write_readme_snippet
     from .study import write_study_report
     out = (argv or sys.argv[1:] or ["report-preview"])[0]
