@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -17,6 +18,17 @@ def write_ct_series(img: sitk.Image, folder: Path, *, thickness_mm: float | None
     orientation = "\\".join(f"{v:g}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
     w = sitk.ImageFileWriter()
     w.KeepOriginalImageUIDOn()
+    # GDCM's writer sets the process's locale to "C", so that later read_text() calls without an encoding decode
+    # ASCII (a test run after this one failed on a UTF-8 file): the locale is restored after the series
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_slices(vol, folder, w, orientation, modality, series_uid, thickness_mm)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+    return folder
+
+
+def _write_slices(vol, folder, w, orientation, modality, series_uid, thickness_mm) -> None:
     for k in range(vol.GetDepth()):
         sl = vol[:, :, k]
         tags = {"0008|0060": modality, "0020|000e": series_uid, "0020|0013": str(k + 1), "0020|0037": orientation,
@@ -28,4 +40,3 @@ def write_ct_series(img: sitk.Image, folder: Path, *, thickness_mm: float | None
             sl.SetMetaData(tag, value)
         w.SetFileName(str(folder / f"s{k:03d}.dcm"))
         w.Execute(sl)
-    return folder
