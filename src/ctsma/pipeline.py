@@ -123,7 +123,7 @@ class StageRunner:
 
     def _record(self, name: str) -> dict | None:
         mk = self.marker(name)
-        return json.loads(mk.read_text()) if mk.is_file() else None
+        return json.loads(mk.read_text(encoding="utf-8")) if mk.is_file() else None
 
     def pending(self, stages: list[Stage]) -> list[str]:
         """The names of the stages that :meth:`run_all` would run: not finished, or finished with another key."""

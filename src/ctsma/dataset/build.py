@@ -130,7 +130,7 @@ def load_transform(row: dict, root: Path, s: BuildSettings, registrations: Path 
     if not tfile.is_file() or not qfile.is_file():
         raise SubjectExcluded(f"registration incomplete in {folder} (needs transform_ct_to_mr.h5 and qa.json)")
     try:
-        qa = json.loads(qfile.read_text())
+        qa = json.loads(qfile.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise SubjectExcluded(f"unreadable registration QA {qfile}: {exc}") from None
     try:

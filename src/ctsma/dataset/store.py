@@ -379,7 +379,7 @@ class PatchStore:
     def summary(self) -> dict:
         p = self.dir / SUMMARY_NAME
         if p.is_file():
-            return json.loads(p.read_text())
+            return json.loads(p.read_text(encoding="utf-8"))
         return summarise(self.table, self.attrs, self.ct_shape, self.mr_shape)
 
     @staticmethod

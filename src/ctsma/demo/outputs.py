@@ -17,11 +17,11 @@ from .stages import Context, inference_subject
 
 
 def collect_metrics(ctx: Context, timings: dict) -> dict:
-    ev = json.loads((ctx.out / "evaluation" / "metrics.json").read_text())
+    ev = json.loads((ctx.out / "evaluation" / "metrics.json").read_text(encoding="utf-8"))
     metrics = {k: ev[k] for k in ("regression", "regression_vs_truth", "distillation_gain",
                                   "distillation_gain_vs_truth", "regression_info") if k in ev}
-    metrics["diagnosis"] = json.loads((ctx.out / "diagnosis" / "diagnosis_metrics.json").read_text())
-    metrics["registration"] = json.loads((ctx.out / "registration" / "registration_metrics.json").read_text())
+    metrics["diagnosis"] = json.loads((ctx.out / "diagnosis" / "diagnosis_metrics.json").read_text(encoding="utf-8"))
+    metrics["registration"] = json.loads((ctx.out / "registration" / "registration_metrics.json").read_text(encoding="utf-8"))
     metrics["timing"] = {k: float(v) for k, v in timings.items()}
     metrics["demo"] = {"settings": ctx.s.__dict__, "n_knees": int(len(ctx.cohort()))}
     return metrics
@@ -49,7 +49,7 @@ def patient_report(ctx: Context) -> dict[str, Path]:
 
     subject = inference_subject(ctx)
     d = ctx.out / "inference" / subject
-    summary = json.loads((d / "summary.json").read_text())
+    summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
     ct = read_image(summary["ct"], what="CT")
     rois = sitk.ReadImage(str(d / "rois.nii.gz"), sitk.sitkUInt8)
     roi_arr = sitk.GetArrayViewFromImage(rois) > 0

@@ -36,7 +36,7 @@ def run_demo(out_dir, settings: DemoSettings | None = None) -> dict:
         Stage("dataset", lambda d: stages.dataset(ctx, d), stages.dataset_settings(ctx).__dict__,
               "build the paired patch dataset", per_unit=True),
         Stage("training", lambda d: stages.training(ctx, d),
-              {"folds": s.folds, "config": s.train_config, "config_text": train_config.read_text()},
+              {"folds": s.folds, "config": s.train_config, "config_text": train_config.read_text(encoding="utf-8")},
               f"train teacher, distilled and baseline students ({s.folds}-fold cross-fitting)"),
         Stage("evaluation", lambda d: stages.evaluation(ctx, d), None, "evaluate on held-out patients"),
         Stage("diagnosis", lambda d: stages.diagnosis(ctx, d),
@@ -57,7 +57,7 @@ def run_demo(out_dir, settings: DemoSettings | None = None) -> dict:
 def print_summary(out: Path, summaries: dict) -> None:
     import json
 
-    m = json.loads((Path(out) / "metrics.json").read_text())
+    m = json.loads((Path(out) / "metrics.json").read_text(encoding="utf-8"))
     reg = m.get("regression", {})
     say = progress.info
     say("")

@@ -111,7 +111,7 @@ def _seconds(reg_dir: Path, subjects) -> float:
     for s in subjects:
         q = reg_dir / s / "qa.json"
         if q.is_file():
-            secs.append(float(json.loads(q.read_text()).get("total_seconds", np.nan)))
+            secs.append(float(json.loads(q.read_text(encoding="utf-8")).get("total_seconds", np.nan)))
     return float(np.nanmean(secs)) if secs else float("nan")
 
 
