@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from ctsma import PARAMETERS, ROIS
+from ctsma.report.paths import PATIENT_REPORT_FORMATS, patient_report_path
 
 
 class FlowError(RuntimeError):
@@ -80,11 +81,11 @@ def analysis_flow(logic, ct, side: str = "auto", report_dir=None, timeout: float
         logic.cleanupRun(keep_outputs=True)
         logic.startReportExport(run.out_dir, Path(report_dir), subject=ct.GetName())
         finish(logic, "report export", timeout, on_wait)
-        for fmt in ("pdf", "html"):
-            files = sorted(Path(report_dir).glob(f"report/patient_*.{fmt}"))
-            if not files:
-                raise FlowError(f"the report export wrote no patient_*.{fmt} under {report_dir}/report")
-            out["report" if fmt == "pdf" else "report_html"] = files[-1]
+        for fmt in PATIENT_REPORT_FORMATS:
+            path = patient_report_path(report_dir, ct.GetName(), fmt)
+            if not path.is_file():
+                raise FlowError(f"the report export wrote no {path.name} under {path.parent}")
+            out["report" if fmt == "pdf" else "report_html"] = path
     return out
 
 
