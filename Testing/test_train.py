@@ -491,6 +491,50 @@ def test_every_ddp_process_gets_a_batch_or_the_run_is_refused(store, tmp_path, m
         dm.check_processes(5)
 
 
+def _no_launcher(monkeypatch):
+    """An environment that no launcher of several nodes started (as on a plain machine)."""
+    from lightning_fabric.plugins.environments import MPIEnvironment
+
+    from ctsma.models.train import LAUNCH_VARIABLES
+
+    for k in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES", "SLURM_JOB_NAME",
+              "LSB_JOBID", "LSB_DJOB_RANKFILE", "JSM_NAMESPACE_LOCAL_RANK", "JSM_NAMESPACE_SIZE", *LAUNCH_VARIABLES):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(MPIEnvironment, "detect", staticmethod(lambda: False))  # were the tests run by mpirun
+
+
+def test_several_nodes_without_a_launcher_are_refused(store, tmp_path, monkeypatch, capsys):
+    """trainer.num_nodes: 2 on a plain machine made Lightning wait for the other node for ever (killed after 11
+    minutes; it ignored SIGTERM), after it had replaced the run folder. Now one line, and nothing written; a launch
+    that Lightning recognises (srun as docs/training.md shows, torchrun, variables set by hand) goes on."""
+    from ctsma.cli.main import main
+    from ctsma.models.train import _check_nodes
+
+    _no_launcher(monkeypatch)
+    _check_nodes(1)
+    with pytest.raises(ConfigError, match="trainer.num_nodes is 2, but no launcher of several nodes"):
+        _check_nodes(2)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  max_epochs: 1\n")
+    assert main(["train", "baseline", "--config", str(cfg), "--store", str(store.dir), "--out", str(tmp_path / "o"),
+                 "--set", "trainer.num_nodes=2"]) == 2
+    err = capsys.readouterr().err
+    assert "no launcher of several nodes" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    # srun in an sbatch job of 2 nodes x 4 tasks (docs/training.md): Lightning's SLURM environment
+    for k, v in {"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "2", "SLURM_JOB_NAME": "job.sh",
+                 "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}.items():
+        monkeypatch.setenv(k, v)
+    _check_nodes(2)
+    monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive shell in an allocation: Lightning ignores SLURM
+    with pytest.raises(ConfigError, match="no launcher"):
+        _check_nodes(2)
+    for k, v in (("TORCHELASTIC_RUN_ID", "1"), ("NODE_RANK", "1"), ("MASTER_ADDR", "node0")):
+        _no_launcher(monkeypatch)
+        monkeypatch.setenv(k, v)
+        _check_nodes(2)
+
+
 @pytest.mark.parametrize("sets", [["optim=5", "optim.lr=0.1"], ["optim.lr=0.1", "optim.lr.x=1"]])
 def test_a_set_below_a_value_set_before_is_one_line(store, tmp_path, capsys, sets):
     """--set optim=5 --set optim.lr=0.1 was a TypeError traceback."""

@@ -13,6 +13,7 @@ and the model file ``<output.dir>/<role><name>.safetensors`` (see :mod:`ctsma.mo
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import shutil
 import time
@@ -70,6 +71,32 @@ def _precision(cfg) -> str:
     if t.precision != "32" and not gpu:
         raise ConfigError(f"trainer.precision {t.precision} needs a GPU; use 32 or auto on a CPU")
     return "32-true" if t.precision == "32" else t.precision
+
+
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_RANK")
+"""What Lightning's own environment reads, for processes on several nodes started by hand (its fallback)."""
+
+
+def _check_nodes(num_nodes: int) -> None:
+    """Refuse ``trainer.num_nodes`` > 1 in a process that no launcher of several nodes started: Lightning would start
+    this node's processes and wait for the other nodes' for ever. Lightning takes the first cluster environment
+    that it detects: torchelastic (torchrun: ``TORCHELASTIC_RUN_ID``), SLURM (``SLURM_NTASKS``, set by srun, in a
+    job not named ``bash`` or ``interactive``), LSF (jsrun's ``LSB_JOBID``, ``LSB_DJOB_RANKFILE``,
+    ``JSM_NAMESPACE_LOCAL_RANK``, ``JSM_NAMESPACE_SIZE``) or MPI (mpi4py with more than one process); else its
+    own, which finds the other nodes only through the :data:`LAUNCH_VARIABLES` set by hand."""
+    if num_nodes <= 1:
+        return
+    from lightning_fabric.plugins.environments import (LSFEnvironment, MPIEnvironment, SLURMEnvironment,
+                                                       TorchElasticEnvironment)
+
+    if any(env.detect() for env in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment)):
+        return
+    if any(k in os.environ for k in LAUNCH_VARIABLES):
+        return
+    raise ConfigError(f"trainer.num_nodes is {num_nodes}, but no launcher of several nodes started this process "
+                      "(srun in a SLURM job, torchrun, jsrun, mpirun, or MASTER_ADDR and NODE_RANK set by hand): "
+                      "training would wait for the other nodes for ever; launch it with srun (docs/training.md), "
+                      "or set trainer.num_nodes: 1 on one machine")
 
 
 def _hardware(trainer, precision: str) -> dict:
@@ -179,6 +206,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
         _check_resumable(last, module)
     if resume and not logging.getLogger().isEnabledFor(logging.DEBUG):  # its folder holds the run's logs: expected
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+    _check_nodes(cfg.trainer.num_nodes)
     precision = _precision(cfg)
     # only now, with the store, split, teacher and device checked: a user error leaves the folder as it was
     if not resume and run_dir.exists():
