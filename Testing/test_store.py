@@ -132,6 +132,11 @@ def test_loader_batches_are_paired_deterministic_and_augmented_together(tmp_path
     r0 = {i for b, _ in EpochBatchSampler(n, 4, shuffle=True, rank=0, world_size=2) for i in b}
     r1 = {i for b, _ in EpochBatchSampler(n, 4, shuffle=True, rank=1, world_size=2) for i in b}
     assert not r0 & r1 and len(r0 | r1) == n
+    # without drop_last (validation) every index once over the ranks, even when the batches do not divide evenly
+    # (1000 in batches of 128 made 8 for 3 ranks: the last two, 232 indices, were cut to give each rank 2)
+    shards = [[i for b, _ in EpochBatchSampler(1000, 128, shuffle=False, rank=r, world_size=3) for i in b]
+              for r in range(3)]
+    assert sorted(i for s in shards for i in s) == list(range(1000)) and [len(s) for s in shards] == [384, 360, 256]
 
 
 def test_loader_mask_channel_follows_its_image_through_every_flip_and_permutation(tmp_path):

@@ -535,6 +535,55 @@ def test_several_nodes_without_a_launcher_are_refused(store, tmp_path, monkeypat
         _check_nodes(2)
 
 
+def test_ddp_validation_counts_every_patch_once(store, tmp_path):
+    """The validation batches were cut to a multiple of the processes as the training batches are: with 5 processes
+    the 24 validation patches made 6 batches of 4, and the sixth, 4 patches, was never validated (val_loss, val_mae,
+    the best checkpoint and early stopping saw 20). Now every validation patch is in exactly one process's batches;
+    training still gives every process the same number of batches, leaving out other patches every epoch."""
+    from ctsma.models.lightning import PatchDataModule
+
+    dm = PatchDataModule(store, load_train_config(tiny(store.dir, tmp_path)).data, 0)
+    for world in (1, 2, 3, 5, 7):
+        seen = [i for rank in range(world) for b in dm.val_dataloader((rank, world)) for i in b["index"].tolist()]
+        assert sorted(seen) == sorted(dm.split.val.tolist()), world
+    for world in (2, 3):
+        left_out = []
+        for epoch in (0, 1):
+            loaders = [dm.train_dataloader((rank, world)) for rank in range(world)]
+            for ld in loaders:
+                ld.sampler.set_epoch(epoch)
+            batches = [[b.tolist() for b, _ in ld.sampler] for ld in loaders]
+            assert len({len(b) for b in batches}) == 1  # the same number of steps on every process
+            seen = [i for bs in batches for b in bs for i in b]
+            assert len(seen) == len(set(seen))
+            left_out.append(set(range(len(dm.train_ds))) - set(seen))
+        assert left_out[0] != left_out[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
+def test_ddp_validation_loss_is_the_mean_over_every_validation_patch(tmp_path):
+    """A real DDP run of 3 CPU processes: its last logged val_loss and MAE are those that the exported model's file
+    records, computed in one process over all 26 validation patches. Before, the processes validated 24 (the
+    sampler cut the fourth batch), and after that fix Lightning still divided by 24: it averages the processes'
+    integer patch counts (26 / 3 -> 8) unless the batch size it is given is a float."""
+    store = make_synthetic_store(tmp_path / "store", n_subjects=10, patches_per_subject=13)
+    cfg = tiny(store.dir, tmp_path / "run", optim={"max_epochs": 2, "select": "last"},
+               trainer={"accelerator": "cpu", "devices": 3, "strategy": "ddp"})
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "LSB_", "JSM_"))
+           and k not in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "ctsma.cli.main", "train", "baseline", "--config",
+                           str(tmp_path / "c.yaml")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = load_model(tmp_path / "run" / "student_baseline.safetensors")[1]
+    assert meta["training"]["hardware"]["processes"] == 3 and meta["training"]["n_val_patches"] == 26
+    last = pd.read_csv(tmp_path / "run" / "student_baseline" / "logs" / "metrics.csv").dropna(subset=["val_loss"])
+    last = last.iloc[-1]
+    assert last["val_loss"] == pytest.approx(meta["metrics"]["val_loss"], rel=1e-5)
+    for p in PARAMETERS:
+        assert last[f"val_mae_{p}"] == pytest.approx(meta["metrics"]["val_mae"][p], rel=1e-5)
+
+
 @pytest.mark.parametrize("sets", [["optim=5", "optim.lr=0.1"], ["optim.lr=0.1", "optim.lr.x=1"]])
 def test_a_set_below_a_value_set_before_is_one_line(store, tmp_path, capsys, sets):
     """--set optim=5 --set optim.lr=0.1 was a TypeError traceback."""

@@ -103,7 +103,14 @@ class PatchDataset(Dataset):
 
 
 class EpochBatchSampler(Sampler):
-    """Yields ``(indices, seed)`` batches; order depends only on (seed, epoch); sharded by rank for DDP."""
+    """Yields ``(indices, seed)`` batches; order depends only on (seed, epoch); sharded by rank for DDP.
+
+    Under DDP (``world_size`` > 1) rank r takes batches r, r + world_size, ... With ``drop_last`` (training) the
+    batches past the last multiple of ``world_size`` are dropped too, so that every rank makes the same number of
+    steps (their gradients are synchronised each step); the permutation changes every epoch, and with it the
+    patches left out. Without it (validation) every index is yielded exactly once over all ranks, which may then
+    differ by one batch.
+    """
 
     def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False,
                  rank: int = 0, world_size: int = 1):
@@ -121,7 +128,8 @@ class EpochBatchSampler(Sampler):
         if self.drop_last and bs and len(bs[-1]) < self.batch_size and len(bs) > 1:
             bs = bs[:-1]
         if self.world_size > 1:
-            bs = bs[: len(bs) - len(bs) % self.world_size] if len(bs) >= self.world_size else bs
+            if self.drop_last and len(bs) >= self.world_size:  # training: the same number of steps on every rank
+                bs = bs[: len(bs) - len(bs) % self.world_size]
             bs = bs[self.rank::self.world_size]
         return bs
 

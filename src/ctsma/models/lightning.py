@@ -169,7 +169,10 @@ class RegressionModule(pl.LightningModule):
         x, y = batch[self.modality], batch["y"]
         pred = self.net(x)
         loss = regression_loss(pred, y, "mse")
-        bs = y.shape[0]
+        # a float: under DDP Lightning divides the processes' summed patch counts by their number, which for an
+        # integer count is rounded down (26 patches on 3 processes: 8, not 8.67, so val_loss came out 26/24 too
+        # large); the processes' validation patches need not divide evenly (EpochBatchSampler, no drop_last)
+        bs = float(y.shape[0])
         self.log("val_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
         mae = (pred - y).abs().mean(dim=0) * self.y_sd  # physical units
         for p, v in zip(PARAMETERS, mae):
