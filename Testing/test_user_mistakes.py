@@ -99,7 +99,7 @@ def test_diagnose_seed_out_of_range_and_a_table_without_rows(capsys, tmp_path):
     assert rc == 2 and "--seed must be between 0 and 2**32 - 1" in err and not (tmp_path / "dx").exists()
     rc, err = _cli(capsys, "diagnose", "predict", "--model", MODELS / "diagnosis_demo.safetensors",
                    "--patches", table, "--prefix", "p_")
-    assert rc == 2 and "has no patch rows" in err
+    assert rc == 2 and "patch table p.csv has no rows" in err
 
 
 def test_registration_presets_whose_settings_do_not_fit_together():

@@ -65,17 +65,13 @@ def check_training_manifest(path) -> None:
 
     ``ctsma dataset build`` cuts the MR patch at the registered position, and the module passes it no other
     source of transforms, so without a ``registration`` column every knee would be excluded after the build had
-    started."""
-    import csv
-
+    started. The manifest is read as the build reads it (:func:`ctsma.io.tables.read_table`), so that a row the
+    build would refuse (one with more cells than the header) is refused here, before anything starts."""
     from ctsma.errors import UserError
+    from ctsma.io.tables import read_table
 
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f), [])
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read the cohort manifest {Path(path).name}: {exc}") from None
-    if "registration" not in [h.strip() for h in header]:
+    header = read_table(path, "cohort manifest").columns
+    if "registration" not in header:
         raise UserError(f"the cohort manifest {Path(path).name} has no 'registration' column: add one naming each "
                         "knee's 'ctsma register' output folder (relative to the manifest), or build a patch store "
                         "with 'ctsma dataset build --manifest M --registrations REGDIR --out STORE' and choose "

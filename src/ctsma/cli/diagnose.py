@@ -200,9 +200,7 @@ def _predict(args) -> int:
         ensure_output_file(args.out, (".csv",))
         ensure_output_file(Path(args.out).with_suffix(".json"))
     model = diagnosis.load(args.model)
-    table = use_parameter_columns(args.patches, args.prefix)
-    if not len(table):
-        raise UserError(f"{args.patches} has no patch rows to predict from")
+    table = use_parameter_columns(args.patches, args.prefix)  # a table with no rows is refused as it is read
     df = diagnosis.predict(model, table)
     cols = ["subject", "n_patches", "oa_probability", "severity", "message"]
     cv = model.cv_metrics

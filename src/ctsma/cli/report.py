@@ -52,6 +52,22 @@ def _read_csv(path, what: str, columns):
     return df
 
 
+COHORT_NUMBERS = ("kl_grade", "oa", "severity")
+"""Number columns of a ``--manifest`` that the cohort summary uses (with the ``true_<ROI>_<param>`` columns)."""
+
+
+def _read_cohort_manifest(path):
+    """``--manifest``: read by :func:`ctsma.io.tables.read_table` (cells as text, as every command reads its
+    manifest), with the number columns the cohort summary uses as numbers (a cell that is not one refused)."""
+    from ..io.tables import numbers, read_table
+
+    df = read_table(path, "manifest", required=["subject"])
+    for col in df.columns:
+        if col in COHORT_NUMBERS or col.startswith("true_"):
+            df[col] = numbers(df, col, f"manifest {Path(path).name}")
+    return df
+
+
 def _read_roc(path) -> dict:
     """``{key: {y_true, y_score}}`` from a CSV of ``key, y_true, y_score``, or from ``diagnose evaluate``'s
     ``oof_predictions.csv`` (key = source/aggregator, y_true = oa, y_score = oa_probability)."""
@@ -97,7 +113,7 @@ def run_study(args) -> int:
 
     run_dir = Path(args.run_dir)
     metrics = load_metrics(args.metrics or run_dir / "metrics.json")
-    cohort = _read_csv(args.manifest, "manifest", ["subject"]) if args.manifest else None
+    cohort = _read_cohort_manifest(args.manifest) if args.manifest else None
     predictions = _read_predictions(args.predictions) if args.predictions else None
     roc = None
     if args.roc:

@@ -35,7 +35,7 @@ from ..config import setting, to_dict
 from ..errors import InputImageError, UserError
 from ..io import read_image, safe_join, write_json
 from ..io.images import check_ct_intensities
-from ..io.atomic import atomic_path, existing_file, remove_stale_partials
+from ..io.atomic import atomic_path, remove_stale_partials
 from ..processes import worker_pool
 from ..registration.qa import MIN_BONE_DICE, registration_qa_problem
 from .sampling import cut, cut_ct, inside_fraction, relative_positions, roi_centres
@@ -412,31 +412,22 @@ def assign_splits(subjects: list[str], s: BuildSettings) -> dict[str, tuple[str,
 
 
 def read_manifest(path: str | os.PathLike):
-    import pandas as pd
+    """The cohort manifest (``subject``, ``ct``, ``mr``, ...), read and its subject names checked by
+    :func:`ctsma.io.tables.read_table`: every cell as text (a subject "NA" or "nan" is a name, an empty cell is
+    ``""``), but the phantom's per-ROI truth ``true_<ROI>_<param>`` as numbers."""
+    from ..io.tables import numbers, read_table
 
-    path = existing_file(path, "manifest")
-    try:
-        table = pd.read_csv(path, dtype={"subject": str, "side": str})
-        if "subject" in table:  # as written: a subject "NA" or "nan" is a name, an empty cell is no name
-            table["subject"] = pd.read_csv(path, usecols=["subject"], dtype=str, keep_default_na=False)["subject"]
-    except Exception as exc:  # pandas raises several parser errors
-        raise UserError(f"cannot read manifest {path}: {exc}") from None
-    missing = [c for c in ("subject", "ct", "mr") if c not in table]
-    if missing:
-        raise UserError(f"manifest {path.name} lacks column(s) {', '.join(missing)}")
-    unnamed = [str(i + 2) for i, v in enumerate(table["subject"]) if not v.strip() or v.strip() in (".", "..")]
-    if unnamed:
-        raise UserError(f"manifest {path.name}: line(s) {', '.join(unnamed[:10])} have no subject name")
-    if table["subject"].duplicated().any():
-        raise UserError(f"manifest {path.name} lists a subject twice: "
-                        f"{table['subject'][table['subject'].duplicated()].iloc[0]}")
+    table = read_table(path, "manifest", required=("subject", "ct", "mr"), subjects=True)
+    name = f"manifest {Path(path).name}"
+    for col in table.columns:
+        if col.startswith("true_"):
+            table[col] = numbers(table, col, name)
     if "side" in table:  # L/R (or left/right); empty: read from the anatomy. Anything else would be ignored.
-        side = table["side"].fillna("").astype(str).str.strip()
+        side = table["side"]
         bad = side[(side != "") & ~side.str.upper().str[:1].isin(["L", "R"])]
         if len(bad):
-            raise UserError(f"manifest {path.name}: side {bad.iloc[0]!r} of subject "
-                            f"{table['subject'][bad.index[0]]} is not L or R (leave it empty to read it from the "
-                            "anatomy)")
+            raise UserError(f"{name}: side {bad.iloc[0]!r} of subject {table['subject'][bad.index[0]]} is not L or "
+                            "R (leave it empty to read it from the anatomy)")
     return table
 
 

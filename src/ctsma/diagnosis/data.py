@@ -10,13 +10,14 @@ parameters and its position are finite.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .. import PARAMETERS, ROIS
 from ..errors import UserError
+from ..io.tables import numbers
+from ..io.tables import read_table as read_csv_table
 
 ROI_ORDER = tuple(ROIS)                      # MFC, LFC, MTP, LTP -> token ROI index 0..3
 POSITION_COLUMNS = ("rel_x", "rel_y", "rel_z")
@@ -28,17 +29,13 @@ class NoValidPatchesError(UserError):
     """One or more knees have no usable patch, so no probability can be given for them."""
 
 
-def read_table(source, what: str) -> pd.DataFrame:
-    """A DataFrame as is, or a CSV file read with a clear error."""
+def read_table(source, what: str, *, subjects: bool = False) -> pd.DataFrame:
+    """A DataFrame as is (a copy), or a CSV file read by :func:`ctsma.io.tables.read_table`: every cell as text,
+    as written (subject "0001" stays "0001", "NA" is a name); the columns used are converted where they are used.
+    ``subjects``: refuse empty and repeated subject names (labels: one row per knee)."""
     if isinstance(source, pd.DataFrame):
         return source.copy()
-    path = Path(source)
-    if not path.is_file():
-        raise UserError(f"{what} file not found: {path}")
-    try:  # subject IDs as written: "0001" stays "0001" (and matches an ID written elsewhere as text)
-        return pd.read_csv(path, dtype={"subject": str})
-    except Exception as exc:  # pandas raises many parser error types
-        raise UserError(f"cannot read {what} CSV {path}: {exc}") from None
+    return read_csv_table(source, what, subjects=subjects)
 
 
 def use_parameter_columns(table, prefix: str, what: str = "patch table") -> pd.DataFrame:
@@ -68,8 +65,8 @@ def check_patch_table(table, what: str = "patch table") -> pd.DataFrame:
         raise UserError(f"{what} lacks the column(s) {', '.join(missing)}; it needs {', '.join(PATCH_COLUMNS)}{hint}")
     df["subject"] = df["subject"].astype(str)
     df["roi"] = df["roi"].astype(str).str.strip()
-    for c in (*POSITION_COLUMNS, *PARAMETERS):
-        df[c] = pd.to_numeric(df[c], errors="coerce")
+    for c in (*POSITION_COLUMNS, *PARAMETERS):  # an empty cell, NaN or inf: an invalid patch; text: refused
+        df[c] = numbers(df, c, what)
     df["valid"] = df["roi"].isin(ROI_ORDER) & np.all(np.isfinite(df[list(PARAMETERS) + list(POSITION_COLUMNS)]),
                                                        axis=1)
     return df
@@ -77,10 +74,11 @@ def check_patch_table(table, what: str = "patch table") -> pd.DataFrame:
 
 def check_labels(labels, what: str = "labels") -> pd.DataFrame:
     """One row per subject with ``oa`` in {0, 1}; ``severity`` kept when present (NaN otherwise)."""
-    df = read_table(labels, what)
+    df = read_table(labels, what, subjects=True)
     for c in ("subject", "oa"):
         if c not in df.columns:
-            raise UserError(f"{what} lacks the column '{c}'; it needs subject, oa (0/1) and optionally severity")
+            raise UserError(f"{what} lacks the column '{c}'; it needs subject, oa (0/1) and optionally severity "
+                            f"(has: {', '.join(map(str, df.columns))})")
     df = df.copy()
     df["subject"] = df["subject"].astype(str)
     if df["subject"].duplicated().any():
@@ -91,7 +89,7 @@ def check_labels(labels, what: str = "labels") -> pd.DataFrame:
         bad = df.loc[~oa.isin((0, 1)), "subject"].iloc[0]
         raise UserError(f"{what}: 'oa' must be 0 or 1 for every subject (subject {bad!r} is not)")
     df["oa"] = oa.astype(int)
-    df["severity"] = pd.to_numeric(df["severity"], errors="coerce") if "severity" in df.columns else np.nan
+    df["severity"] = numbers(df, "severity", what) if "severity" in df.columns else np.nan
     return df[["subject", "oa", "severity"]].set_index("subject")
 
 

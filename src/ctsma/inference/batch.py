@@ -14,9 +14,10 @@ import pandas as pd
 from .. import progress
 from ..errors import InputImageError, UserError
 from ..io import ensure_writable_dir, safe_join, write_json
-from ..io.atomic import (COMPLETION_MARKER, existing_file, folder_name_problem, recorded_request,
+from ..io.atomic import (COMPLETION_MARKER, folder_name_problem, recorded_request,
                          remove_other_shard_layouts, remove_stale_staging, same_request)
 from ..io.images import IMAGE_SUFFIXES
+from ..io.tables import line_numbers, numbers, read_table
 from .engine import (InferSettings, _subject_name, default_model_path, earlier_stamps, infer, load_diagnosis,
                      request_record)
 
@@ -32,36 +33,29 @@ def list_cases(path: Path) -> pd.DataFrame:
     """Rows with ``subject``, ``ct`` and optional ``ct_bones`` (absolute paths) and ``slice_thickness`` (mm, the CT's
     nominal slice thickness where its file does not carry it; empty: from the file)."""
     if path.suffix.lower() == ".csv":
-        existing_file(path, "manifest", InputImageError)
-        try:
-            df = pd.read_csv(path, dtype={"subject": str})
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise UserError(f"manifest {path.name} is not a readable CSV table: {str(exc).splitlines()[0]}") from None
-        if "ct" not in df.columns:
-            raise UserError(f"manifest {path.name} has no 'ct' column")
-        if df.empty:
-            raise UserError(f"manifest {path.name} has no rows")
-        empty = [int(k) + 2 for k, p in zip(df.index, df["ct"]) if not (isinstance(p, str) and p.strip())]
+        df = read_table(path, "manifest", required=("ct",), error=InputImageError)
+        name, lines = f"manifest {path.name}", line_numbers(df)
+        empty = [line for line, p in zip(lines, df["ct"]) if not p]
         if empty:
-            raise UserError(f"manifest {path.name}: the 'ct' cell is empty in rows {empty[:5]}")
+            raise UserError(f"{name}: the 'ct' cell is empty in rows {empty[:5]}")
         df["ct"] = [str((path.parent / p).resolve()) for p in df["ct"]]
         if "ct_bones" in df.columns:
-            df["ct_bones"] = [str((path.parent / p).resolve()) if isinstance(p, str) and p else "" for p in df.ct_bones]
-        given = df["subject"].fillna("").astype(str).str.strip() if "subject" in df.columns else [""] * len(df)
+            df["ct_bones"] = [str((path.parent / p).resolve()) if p else "" for p in df.ct_bones]
+        given = df["subject"] if "subject" in df.columns else [""] * len(df)
         df["subject"] = [g or _subject_name(p) for g, p in zip(given, df["ct"])]  # an empty cell: as with no column
         if "side" in df.columns:  # as for 'ctsma dataset build': the knee's side from the scan's records
-            side = df["side"].fillna("").astype(str).str.strip().str.upper()
+            side = df["side"].str.upper()
             bad = ~side.isin(("", "L", "R"))
             if bad.any():
-                raise UserError(f"manifest {path.name}: side must be L, R or empty; rows "
-                                f"{[int(k) + 2 for k in df.index[bad]][:5]} are not")
+                raise UserError(f"{name}: side must be L, R or empty; rows "
+                                f"{[line for line, b in zip(lines, bad) if b][:5]} are not")
             df["side"] = side
         if "slice_thickness" in df.columns:
-            t = pd.to_numeric(df["slice_thickness"], errors="coerce")
-            bad = df["slice_thickness"].notna() & ~((t > 0) & (t <= 20))
+            t = numbers(df, "slice_thickness", name)
+            bad = t.notna() & ~((t > 0) & (t <= 20))
             if bad.any():
-                raise UserError(f"manifest {path.name}: slice_thickness must be a thickness in (0, 20] mm or empty; "
-                                f"rows {[int(k) + 2 for k in df.index[bad]][:5]} are not")
+                raise UserError(f"{name}: slice_thickness must be a thickness in (0, 20] mm or empty; "
+                                f"rows {[line for line, b in zip(lines, bad) if b][:5]} are not")
             df["slice_thickness"] = t
     else:
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))

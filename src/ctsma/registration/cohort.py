@@ -23,8 +23,9 @@ import pandas as pd
 
 from .. import progress
 from ..errors import ConfigError, InputImageError, UserError
-from ..io.atomic import (content_sha256, existing_file, input_stamp, recorded_request, remove_other_shard_layouts,
+from ..io.atomic import (content_sha256, input_stamp, recorded_request, remove_other_shard_layouts,
                          safe_join, same_request, to_jsonable, write_text)
+from ..io.tables import read_table
 from ..processes import worker_pool
 
 _WORKER: dict = {}
@@ -44,59 +45,21 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
-    """The manifest with absolute image paths and a ``subject`` column (row number when absent)."""
-    path = existing_file(path, "manifest", InputImageError)
-    try:
-        _check_field_counts(path)
-        with warnings.catch_warnings():  # empty cells past the header's (a trailing comma) are dropped, as meant
-            warnings.simplefilter("ignore", pd.errors.ParserWarning)
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
-    except UserError:
-        raise
-    except Exception as exc:  # pandas and csv raise several parser error types
-        raise InputImageError(f"cannot read manifest {path.name}: {exc}") from None
-    # "subject, mr, ct" (spaces after the commas, as typed by hand): the names and cells without them
-    df.columns = [str(c).strip() for c in df.columns]
-    df = df.apply(lambda col: col.str.strip())
-    missing = [c for c in ("mr", "ct") if c not in df.columns]
-    if missing:
-        raise InputImageError(f"manifest {path.name} lacks column(s) {', '.join(missing)} "
-                              f"(has: {', '.join(df.columns)})")
-    if df.empty:
-        raise InputImageError(f"manifest {path.name} has no rows")
+    """The manifest with absolute image paths and a ``subject`` column (row number when absent); read, and its
+    subject names checked, by :func:`ctsma.io.tables.read_table`."""
+    df = read_table(path, "manifest", required=("mr", "ct"), subjects=True, error=InputImageError)
+    path = Path(path)
     if "subject" not in df.columns:
         df["subject"] = [f"row{i:04d}" for i in range(len(df))]
-    unnamed = [str(i + 2) for i, v in enumerate(df["subject"]) if v.strip() in ("", ".", "..")]
-    if unnamed:  # its outputs would land in the cohort's own folder
-        raise InputImageError(f"manifest {path.name}: line(s) {', '.join(unnamed[:10])} have no subject name (each "
-                              "subject's outputs go to a folder of that name)")
     for col in ("mr", "ct"):
-        empty = [str(v) for v, cell in zip(df["subject"], df[col]) if not cell.strip()]
+        empty = [str(v) for v, cell in zip(df["subject"], df[col]) if not cell]
         if empty:
             raise InputImageError(f"manifest {path.name}: the {col} column is empty for subject(s) "
                                   f"{', '.join(empty[:10])}")
-    if df["subject"].duplicated().any():
-        raise InputImageError(f"manifest {path.name} repeats subject names: "
-                              f"{', '.join(sorted(set(df['subject'][df['subject'].duplicated()])))}")
     for col in ("mr", "ct", "ct_bones", "mr_bones", "transform_ct_to_mr", "landmarks"):
         if col in df.columns:
             df[col] = [str((path.parent / v).resolve()) if v else "" for v in df[col]]
     return df
-
-
-def _check_field_counts(path: Path) -> None:
-    """Refuse a row with more cells than the header (not counting empty ones): pandas would take the header's first
-    column for an index and shift every column by one (the MR read as the subject, the CT as the MR, ...)."""
-    import csv
-
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, [])
-        for row in reader:
-            if len(row) > len(header) and any(cell.strip() for cell in row[len(header):]):
-                raise InputImageError(f"manifest {path.name}: line {reader.line_num} has {len(row)} cells, the header "
-                                      f"{len(header)} ({', '.join(header)}); a cell with a comma in it must be "
-                                      "quoted, and every row needs the header's columns")
 
 
 def _init_worker(model_path: str | None, threads: int) -> None:

@@ -118,7 +118,7 @@ def _cohort(cohort: pd.DataFrame | None, phantom: bool = True) -> list:
     out.append(Table(["Cohort", "Value"], rows, caption="Phantom cohort" if phantom else "Cohort",
                      align=["L", "R"]))
     if "subject" in c:
-        names = [f"{s} ({d})" if "side" in c else str(s)
+        names = [f"{s} ({d})" if "side" in c and pd.notna(d) and str(d).strip() else str(s)  # no side given: no ()
                  for s, d in zip(c["subject"], c["side"] if "side" in c else c["subject"])]
         more = f", and {len(names) - MAX_LISTED_SUBJECTS} more" if len(names) > MAX_LISTED_SUBJECTS else ""
         out.append(Paragraph("Knees: " + ", ".join(names[:MAX_LISTED_SUBJECTS]) + more + ".", "note"))
