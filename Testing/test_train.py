@@ -535,6 +535,106 @@ def test_several_nodes_without_a_launcher_are_refused(store, tmp_path, monkeypat
         _check_nodes(2)
 
 
+SLURM_TASK = {"SLURM_JOB_NAME": "job.sh", "SLURM_JOB_ID": "1234", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+              "SLURM_NODEID": "0"}
+TORCHRUN = {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0"}
+LSF = {"LSB_JOBID": "4321", "LSB_DJOB_RANKFILE": "/nonexistent", "JSM_NAMESPACE_SIZE": "2", "JSM_NAMESPACE_RANK": "1"}
+
+
+def _srun(ntasks, nnodes, per_node=None, **more):
+    env = {**SLURM_TASK, "SLURM_NTASKS": str(ntasks), "SLURM_NNODES": str(nnodes), **more}
+    return env if per_node is None else {**env, "SLURM_NTASKS_PER_NODE": str(per_node)}
+
+
+# (launcher's environment, trainer.devices, num_nodes, strategy, what ctsma refuses (None: goes on), what Lightning
+# does: "validate" its validate_settings refuses / accepts in fit, "init" its SLURM environment refuses when the
+# Trainer is made, "index" an IndexError in fit, None: it checks nothing, as there is no DDP launcher)
+LAUNCHES = [
+    (_srun(4, 1, 4), 2, 1, "auto", r"#SBATCH --ntasks-per-node=4 but trainer.devices is 2: set them equal", "validate"),
+    (_srun(4, 2, 2), 2, 1, "auto", r"#SBATCH --nodes=2 but trainer.num_nodes is 1: set them equal", "validate"),
+    (_srun(2, 1, 2), 1, 1, "ddp", r"--ntasks-per-node=2 but trainer.devices is 1", "validate"),
+    (_srun(4, 1), 1, 1, "auto", r"SLURM runs 4 tasks \(--ntasks=4\) without --ntasks-per-node.*--ntasks-per-node=4",
+     "init"),
+    ({**TORCHRUN, "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, 2, 1, "auto",
+     r"torchrun started 4 processes .* is 2 x 1 = 2: set them equal", "validate"),
+    ({**TORCHRUN, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, 1, 2, "auto",
+     r"torchrun started 2 processes on this node .* trainer.devices is 1", "index"),
+    ({**LSF, "JSM_NAMESPACE_LOCAL_RANK": "1"}, 1, 2, "ddp", r"local rank 1 of its node, but trainer.devices is 1",
+     "index"),
+    # what Lightning accepts goes on
+    (_srun(8, 2, 4), 4, 2, "ddp", None, "validate"),  # docs/training.md's job
+    ({**TORCHRUN, "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, 2, 2, "auto", None, "validate"),
+    ({**TORCHRUN, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"}, 2, 1, "auto", None, "validate"),  # 2 nodes of 1
+    ({**TORCHRUN, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", **_srun(1, 1, 1)}, 2, 1, "ddp", None,
+     "validate"),  # torchrun inside a SLURM job: Lightning takes torchrun's numbers
+    (_srun(2, 1, 2), 1, 1, "auto", None, None),  # one process per task: Lightning's single-device strategy
+    (_srun(4, 1, 4), 2, 1, "ddp_spawn", None, None),
+    (_srun(4, 1, 4, SLURM_JOB_NAME="interactive"), 2, 1, "auto", None, None),  # Lightning: no SLURM
+    ({**TORCHRUN, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, 1, 1, "auto", None, None),
+    ({**LSF, "JSM_NAMESPACE_LOCAL_RANK": "1"}, 2, 1, "ddp", None, None),
+]
+
+
+def _launched(monkeypatch, env):
+    _no_launcher(monkeypatch)
+    for k in ("LOCAL_WORLD_SIZE", "RANK", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID",
+              "JSM_NAMESPACE_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+
+@pytest.mark.parametrize("env, devices, nodes, strategy, refused, lightning", LAUNCHES)
+def test_a_launcher_that_disagrees_with_the_config_is_refused(monkeypatch, env, devices, nodes, strategy, refused,
+                                                             lightning):
+    """srun, torchrun or jsrun whose numbers of tasks or nodes were not trainer.devices / num_nodes: Lightning
+    refused them (or failed) only in fit, with a traceback, after the run folder had been replaced. Now one line
+    first, for exactly what Lightning refuses; its own validate_settings agrees where it checks."""
+    from types import SimpleNamespace
+
+    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    from ctsma.models.train import _check_cluster
+
+    _launched(monkeypatch, env)
+    t = SimpleNamespace(devices=devices, num_nodes=nodes, strategy=strategy)
+    if refused is None:
+        _check_cluster(t)
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            _check_cluster(t)
+    cls = TorchElasticEnvironment if "TORCHELASTIC_RUN_ID" in env else SLURMEnvironment
+    if lightning == "validate":
+        if refused is None:
+            cls().validate_settings(devices, nodes)
+        else:
+            with pytest.raises(ValueError):
+                cls().validate_settings(devices, nodes)
+    elif lightning == "init":
+        with pytest.raises(RuntimeError, match="--ntasks"):
+            cls()
+
+
+def test_a_launcher_that_disagrees_is_one_line_and_keeps_the_run(store, tmp_path, monkeypatch, capsys):
+    """srun with 4 tasks per node and trainer.devices=2: Lightning's traceback in fit, the earlier run's folder
+    already replaced (left empty). Now one line, and the folder as it was."""
+    from ctsma.cli.main import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  max_epochs: 1\n")
+    args = ["train", "baseline", "--config", str(cfg), "--store", str(store.dir), "--out", str(tmp_path / "o")]
+    _no_launcher(monkeypatch)
+    assert main(args) == 0
+    run = tmp_path / "o" / "student_baseline"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    capsys.readouterr()
+    _launched(monkeypatch, _srun(4, 1, 4))
+    assert main([*args, "--set", "trainer.devices=2"]) == 2
+    err = capsys.readouterr().err
+    assert "--ntasks-per-node=4 but trainer.devices is 2" in err and len(err.strip().splitlines()) == 1
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before and len(before) > 3
+
+
 def test_ddp_validation_counts_every_patch_once(store, tmp_path):
     """The validation batches were cut to a multiple of the processes as the training batches are: with 5 processes
     the 24 validation patches made 6 batches of 4, and the sixth, 4 patches, was never validated (val_loss, val_mae,
