@@ -114,7 +114,6 @@ class RegressionModule(pl.LightningModule):
             self.teacher.eval()
             self.distill = FeatureDistillation(self.net.feature_shapes(), self.teacher.feature_shapes(),
                                                distill["stages"], distill["weights"], distill["loss"])
-        self._val = []
         self.run_record: dict | None = None  # what defines the run (models/train.py), kept in every checkpoint
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
