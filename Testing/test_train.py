@@ -535,6 +535,28 @@ def test_several_nodes_without_a_launcher_are_refused(store, tmp_path, monkeypat
         _check_nodes(2)
 
 
+def test_only_the_first_process_of_a_run_replaces_its_folder(monkeypatch):
+    """Every process of a DDP run executes train(): each removed the run folder of a fresh run, so srun's tasks
+    removed one folder at once (rmtree fails on the files another removed) and Lightning's second process, started
+    by the first, removed what the first had begun. Only the process that its launcher made rank 0 does now."""
+    from ctsma.models.train import RANK_VARIABLES, _launched_as_rank_zero
+
+    for k in RANK_VARIABLES:
+        monkeypatch.delenv(k, raising=False)
+    assert _launched_as_rank_zero()  # no launcher: the one process
+    for k, v in (("SLURM_PROCID", "3"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("NODE_RANK", "1"),
+                 ("JSM_NAMESPACE_RANK", "2"), ("OMPI_COMM_WORLD_RANK", "1"), ("PMI_RANK", "5")):
+        monkeypatch.setenv(k, "0")
+        assert _launched_as_rank_zero()
+        monkeypatch.setenv(k, v)
+        assert not _launched_as_rank_zero(), k
+        monkeypatch.delenv(k)
+    # torchrun's rank 0 on node 0, under SLURM too
+    for k, v in {**TORCHRUN, "SLURM_PROCID": "0", "NODE_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    assert _launched_as_rank_zero()
+
+
 SLURM_TASK = {"SLURM_JOB_NAME": "job.sh", "SLURM_JOB_ID": "1234", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
               "SLURM_NODEID": "0"}
 TORCHRUN = {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0"}

@@ -100,6 +100,20 @@ def _check_nodes(num_nodes: int) -> None:
                       "or set trainer.num_nodes: 1 on one machine")
 
 
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "NODE_RANK",
+                  "GROUP_RANK", "LOCAL_RANK")
+"""Where launchers give a process its rank: torchrun, srun, jsrun, Open MPI and MPICH (global ranks), and the node
+and local ranks of Lightning's own processes (it starts a node's other processes again with ``LOCAL_RANK`` set)."""
+
+
+def _launched_as_rank_zero() -> bool:
+    """Whether this process is the first of its run, by the ranks its launcher gave it (a process that no launcher
+    started is). Only that one replaces the run folder: every process of a DDP run executes ``train()``, and several
+    removing one folder at once fail (``rmtree`` finds the files another has removed) or remove what the first has
+    begun to write."""
+    return all(_int_env(k) in (None, 0) for k in RANK_VARIABLES)
+
+
 def _checked_by_launch(t) -> bool:
     """Whether Lightning's launcher checks the cluster's numbers against ``trainer.devices`` and ``num_nodes``: only
     its DDP launcher that starts processes by script does (strategy ``ddp``, or ``auto`` with more than one process,
@@ -278,9 +292,10 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     _check_cluster(cfg.trainer)
     precision = _precision(cfg)
     # only now, with the store, split, teacher and device checked: a user error leaves the folder as it was
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)  # a fresh run replaces this role's previous checkpoints and logs
-    ensure_writable_dir(run_dir)  # a clear error for an unusable output folder
+    if _launched_as_rank_zero():  # the other processes of a DDP run leave the folder to this one
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)  # a fresh run replaces this role's previous checkpoints and logs
+        ensure_writable_dir(run_dir)  # a clear error for an unusable output folder
 
     ckpt_cb = RunCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1,
                               enable_version_counter=False)
