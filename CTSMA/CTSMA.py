@@ -232,8 +232,7 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
                 self.ui.stageLabel.text += self.logic.notesText(out)
                 slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(out["table"].GetID())
                 slicer.app.applicationLogic().PropagateTableSelection()  # the ROI table in the layout's table view
-                slicer.util.setSliceViewerLayers(background=p.ctVolume, foreground=out.get("Tb.Th"),
-                                                 foregroundOpacity=0.6)
+                self.logic.showResults(run)  # the analysed CT under its Tb.Th map, not the CT selected meanwhile
         model = self.logic.trainedModel() if status.state == "done" else None
         if model is not None:  # the new model becomes the Analysis model
             p.modelPath = model
@@ -243,8 +242,8 @@ class CTSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F
             self.ui.stageLabel.text = _("Report: {path}").format(path=run.out_dir)
         if status.state == "cancelled" and run is not None and run.info.get("stopped"):  # a cluster job goes on
             self.ui.trainingStatusLabel.text = status.message
-        if run is not None and run.label not in ("analysis", "training", "report export"):
-            self.logic.cleanupRun(keep_outputs=status.state == "failed")
+        if run is not None:
+            self.logic.releaseRun()  # its work folder: kept for the report or the log, else removed
         self._updateButtons()
 
 

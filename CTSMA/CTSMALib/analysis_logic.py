@@ -12,12 +12,14 @@ from ctsma import PARAMETER_FILE_NAMES, PARAMETER_UNITS
 from . import cli_args
 from .logic_base import CliLogic, Run
 from .parameters import AnalysisParameters
-from .scene_utils import rollback_on_error
+from .process import DONE, FAILED
+from .scene_utils import remove_with_display, rollback_on_error
 from .training_logic import TrainingMixin
 from .volumes import dicom_slice_thickness
 
 FOLDER = "CT-SMA results"
-SOURCE_ROLE = "CTSMA.SourceVolume"  # node reference from a segmentation this module made to the CT it was made from
+SOURCE_ROLE = "CTSMA.SourceVolume"  # node reference from a segmentation or result this module made to the CT it was made from
+RESULT_ATTRIBUTE = "CTSMA.Result"  # on each map and table an analysis loaded: its role ("Tb.Th", "Tb.Th uncertainty", "table")
 DEMO_NOTE = "Demonstration model, trained on the digital phantom: not for clinical use."
 
 
@@ -28,6 +30,7 @@ class CTSMALogic(TrainingMixin, CliLogic):
     """Runs the CT-SMA analysis of a knee CT and loads the results into the scene."""
 
     _analysisDirs: tuple = ()  # work folders of this logic's analyses still on disk (the last one: for the report)
+    _failedDirs: tuple = ()  # work folders of failed runs, kept with their log until the module closes
     _keepAnalysisDirs: bool = False  # the last analysis ran with keepWorkDir
 
     # -- inputs ----------------------------------------------------------------------------
@@ -123,25 +126,75 @@ class CTSMALogic(TrainingMixin, CliLogic):
             (work / SUBJECT_FILE).write_text(name, encoding="utf-8")  # whose CT this is, for the report
             inputs = [n for n in (ctVolume, boneSegmentation, roiSegmentation) if n is not None]
             given = tuple(k for k, n in (("bones", boneSegmentation), ("rois", roiSegmentation)) if n is not None)
-            return self.startCli("analysis", args, work, out, env=params.env(), inputs=inputs,
-                                 loader=lambda run: self._analysisLoaded(run, name, ctVolume, given, params))
+            run = self.startCli("analysis", args, work, out, env=params.env(), inputs=inputs,
+                                loader=lambda run: self._analysisLoaded(run, name, ctVolume, given, params))
+            run.info["ct"] = ctVolume  # the CT analysed, whatever the selector shows when the run ends
+            return run
 
     def _analysisLoaded(self, run: Run, name: str, ctVolume, given: tuple, params: AnalysisParameters) -> dict:
         """Load a finished analysis; only then remove the earlier analyses' folders (each a copy of its CT, kept
         until now for the report of the results still shown), unless work folders are kept."""
         outputs = self.loadAnalysisOutputs(run.out_dir, name, under=ctVolume, given=given)
+        self.removeEarlierResults(ctVolume, keep=outputs.values())
         self._keepAnalysisDirs = params.keepWorkDir
         self.removeAnalysisFolders()  # the earlier ones
         self._analysisDirs = (*self._analysisDirs, run.work_dir)
         return outputs
 
+    def removeEarlierResults(self, ctVolume, keep=()) -> list[str]:
+        """Remove the maps and tables of earlier analyses of ``ctVolume`` (all but ``keep``), so that a new analysis
+        of the same CT replaces them instead of leaving two sets of nodes of the same names, some of them (a
+        diagnosis or notes table the new analysis did not make) no longer true. Segmentations stay: they may have
+        been edited, and the new analysis may have read them. Returns the names removed."""
+        if ctVolume is None:
+            return []
+        kept = {n.GetID() for n in keep if n is not None}
+        scene = self.scene
+        earlier = [node for node in (scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes()))
+                   if node.GetAttribute(RESULT_ATTRIBUTE) and node.GetID() not in kept
+                   and node.GetNodeReferenceID(SOURCE_ROLE) == ctVolume.GetID()]
+        names = [node.GetName() for node in earlier]
+        remove_with_display(scene, earlier)
+        return names
+
+    def releaseRun(self) -> None:
+        """After the module has shown how a run ended: forget it and deal with its work folder. A successful
+        analysis keeps its folder (with its copy of the CT, for the report) until a later analysis succeeds or the
+        module closes; a failed run keeps its folder, with the log, until the module closes; any other folder (a
+        cancelled analysis's, a finished segmentation's or report export's) is removed at once. A training stays
+        the current run (its progress and model file are read from it)."""
+        run = self.run
+        if run is None or self.isRunning() or run.label == "training":
+            return
+        state = run.status.state if run.status is not None else None
+        if state == DONE and run.label == "analysis":
+            self.run = None  # its folder is in _analysisDirs
+            return
+        if state == FAILED:
+            self._failedDirs = (*self._failedDirs, run.work_dir)
+        self.cleanupRun(keep_outputs=state == FAILED)
+
     def removeAnalysisFolders(self) -> None:
         """Delete the analyses' work folders, each holding a copy of a patient's CT (when the module closes, so
-        that none is left in the temporary folder), unless the last analysis asked to keep them."""
+        that none is left in the temporary folder), unless the last analysis asked to keep them; failed runs'
+        folders (kept for their log) go too."""
+        for folder in self._failedDirs:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._failedDirs = ()
         if not self._keepAnalysisDirs:
             for folder in self._analysisDirs:
                 shutil.rmtree(folder, ignore_errors=True)
             self._analysisDirs = ()
+
+    def showResults(self, run, opacity: float = 0.6) -> int:
+        """The CT that ``run`` analysed under its Tb.Th map in every slice view (whatever CT the selector shows
+        now: another may have been chosen while the analysis ran); returns how many views were set."""
+        from .views import show_fade
+
+        ct = run.info.get("ct")
+        if ct is None or not self._inScene(ct):
+            return 0
+        return show_fade(self.scene, ct, run.outputs.get("Tb.Th"), opacity)
 
     def loadLabelOutput(self, path: Path, kind: str, name: str, under=None) -> dict:
         """A bone ("bones") or ROI ("rois") label image as a named segmentation, in the results
@@ -193,12 +246,14 @@ class CTSMALogic(TrainingMixin, CliLogic):
                     unode = sb.sitk_to_volume_node(sitk.ReadImage(str(upath)), self.scene,
                                                    name=f"{name} {param} uncertainty")
                     unode.SetAttribute("CTSMA.Parameter", param)
+                    unode.SetAttribute("CTSMA.Unit", PARAMETER_UNITS.get(param, ""))  # a standard deviation
                     show_parameter_map(unode, param, uncertainty=True)
                     out[f"{param} uncertainty"] = unode
             for kind in ("bones", "rois"):
                 path = out_dir / f"{kind}.nii.gz"
                 if path.exists() and kind not in given:  # the user's own segmentation stays the one in use
-                    out.update(self.loadLabelOutput(path, kind, f"{name} {kind}", under=under))
+                    label = {"bones": "bones", "rois": "subchondral ROIs"}[kind]  # as Segment bones / Create ROIs
+                    out.update(self.loadLabelOutput(path, kind, f"{name} {label}", under=under))
             df = pd.read_csv(table)
             if "parameter" in df.columns:  # long format: the unit differs per row
                 df["unit"] = [PARAMETER_UNITS.get(p, "") for p in df["parameter"]]
@@ -216,6 +271,11 @@ class CTSMALogic(TrainingMixin, CliLogic):
                 if notes:
                     out["notes"] = sb.table_to_node(pd.DataFrame({"note": notes}), self.scene,
                                                     name=f"{name} analysis notes")
+            for role, node in out.items():
+                if role not in ("bones", "rois"):
+                    node.SetAttribute(RESULT_ATTRIBUTE, role)  # a later analysis of this CT replaces it
+                    if under is not None:
+                        node.SetNodeReferenceID(SOURCE_ROLE, under.GetID())
             sb.put_in_folder(self.scene, out.values(), FOLDER, under=under)
         return out
 

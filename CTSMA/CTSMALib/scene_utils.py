@@ -29,6 +29,27 @@ def _remove(scene, ids) -> None:
             scene.RemoveNode(node)
 
 
+def remove_with_display(scene, nodes) -> None:
+    """Remove nodes from the scene with their display and storage nodes and their subject-hierarchy items (removing
+    a node leaves them behind, outside the application at least)."""
+    import slicer
+
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    for node in nodes:
+        if node is None or not scene.IsNodePresent(node):
+            continue
+        item = sh.GetItemByDataNode(node) if sh is not None else 0
+        if item:
+            sh.RemoveItem(item, False, False)  # the item only; the node goes next
+        own = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] \
+            if node.IsA("vtkMRMLDisplayableNode") else []
+        own += [node.GetStorageNode()] if node.IsA("vtkMRMLStorableNode") else []
+        scene.RemoveNode(node)
+        for other in own:
+            if other is not None and scene.IsNodePresent(other):
+                scene.RemoveNode(other)
+
+
 @contextlib.contextmanager
 def scratch_nodes(scene, keep: list):
     """Remove every node added inside the block (temporary volumes, their display nodes, colour
