@@ -180,11 +180,12 @@ class CTSMARegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             p.mrInCtVolume = run.outputs.get("mr_in_ct")
             p.pseudoCtVolume = run.outputs.get("pseudo_ct")
             p.qaTable = run.outputs.get("qa")
-            if p.mrInCtVolume or not p.resampleMr:  # fade view: CT background, MR (in CT space) foreground
-                self.logic.showAlignment(p.ctVolume, p.mrInCtVolume or p.mrVolume, p.fadeOpacity)
-                slicer.util.resetSliceViews()
+            # fade view: the registered CT in the background, its MR (in CT space) in the foreground, whatever the
+            # selectors show now (they can change while a registration runs)
+            self.logic.showAlignment(run.info["ct"], run.outputs.get("mr_in_ct") or run.info["mr"], p.fadeOpacity)
+            slicer.util.resetSliceViews()
         if run is not None:
-            self.logic.cleanupRun(keep_outputs=p.keepWorkDir or status.state == "failed")
+            self.logic.cleanupRun(keep_outputs=run.info.get("keepWorkDir") or status.state == "failed")
         self._checkCanApply()
 
 

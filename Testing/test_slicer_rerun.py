@@ -1,12 +1,14 @@
 """Clicking through the modules a second time (thirty-fourth session review), on the real MRML scene.
 
 A clinician reruns the analysis of the same CT, analyses a second CT, cancels a run, changes the selected CT while a
-run goes on. Each rerun must replace the earlier results instead of leaving two sets of nodes of the same names; the
-views must show the CT that was analysed; a cancelled run must leave no copy of the CT behind."""
+run goes on, and registers the same MR and CT again. Each rerun must replace the earlier results instead of leaving
+two sets of nodes of the same names; the views must show the CT that was analysed; a cancelled run must leave no
+copy of the CT behind; and a second registration of a pair must not be refused because of the first one."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,8 @@ class Runner:
         self.cancelled = False
         if self.state == DONE and args[0] == "infer":
             _write_analysis(args, diagnosis=self.diagnosis)
+        if self.state == DONE and args[0] == "register":
+            _write_registration(args)
 
     def poll(self):
         return RunStatus(state=CANCELLED if self.cancelled else self.state,
@@ -193,3 +197,72 @@ def test_results_are_shown_on_the_ct_that_was_analysed(mrml_scene, tmp_path):
     assert second.GetID() not in {v.GetBackgroundVolumeID() for v in views}
     analysis = (REPO / "CTSMA" / "CTSMA.py").read_text(encoding="utf-8")
     assert "background=p.ctVolume" not in analysis and "self.logic.showResults(run)" in analysis
+    registration = (REPO / "CTSMARegistration" / "CTSMARegistration.py").read_text(encoding="utf-8")
+    assert "showAlignment(p.ctVolume, p.mrInCtVolume or p.mrVolume, p.fadeOpacity)" not in registration
+
+
+# -- registration ------------------------------------------------------------------------------------------------
+SHIFT_LPS = np.array([3.0, -2.0, 1.5])  # the fake registration's CT -> MR translation
+
+
+def _write_registration(args):
+    out = Path(args[args.index("--out") + 1])
+    out.mkdir(parents=True)
+    tx = sitk.TranslationTransform(3, tuple(SHIFT_LPS))
+    sitk.WriteTransform(tx, str(out / "transform_ct_to_mr.h5"))
+    mr, ct = sitk.ReadImage(args[1]), sitk.ReadImage(args[2])
+    sitk.WriteImage(sitk.Resample(mr, ct, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32), str(out / "mr_in_ct.nii.gz"))
+    (out / "qa.json").write_text(json.dumps({"stages": [{"name": "rigid", "kept": True, "seconds": 0.1}],
+                                             "total_seconds": 0.1}))
+    os.replace(args[1], str(Path(args[1]).with_name("mr-as-read.nii")))  # what the command read, for the test to check
+
+
+def test_registering_the_same_pair_again_replaces_its_outputs(mrml_scene, tmp_path):
+    """Before: a registration with 'MR resampled into CT space' off put the MR under its transform, and every later
+    registration of that MR was refused ('is under a transform: harden it first', or, with the option on, 'under a
+    non-linear transform'); hardening would have registered an already registered MR. Registering again with the
+    option on also added a second transform, 'MR in CT' and QA table of the same names."""
+    from CTSMALib import flows
+    from CTSMALib import scene_bridge as sb
+    from CTSMALib.parameters import RegistrationParameters
+    from CTSMALib.registration_logic import CTSMARegistrationLogic
+
+    ct, mr = _volume(mrml_scene, "CT", 0), _volume(mrml_scene, "MR", 2)
+    acquired = sb.volume_node_to_sitk(mr)
+    logic = CTSMARegistrationLogic(runner_factory=_runner(), work_root=tmp_path)
+
+    def register(resample):
+        run = logic.startRegistration(mr, ct, params=RegistrationParameters(resampleMr=resample))
+        out = dict(flows.finish(logic, "registration").outputs)
+        read = sitk.ReadImage(str(run.work_dir / "mr-as-read.nii"))  # the MR as the command line got it
+        np.testing.assert_allclose(read.GetOrigin(), acquired.GetOrigin(), atol=1e-5)
+        np.testing.assert_allclose(read.GetDirection(), acquired.GetDirection(), atol=1e-6)
+        logic.cleanupRun()
+        return out
+
+    first = register(resample=False)
+    assert mr.GetParentTransformNode() is first["transform"]
+    second = register(resample=False)  # was refused
+    assert mr.GetParentTransformNode() is second["transform"] and not mrml_scene.IsNodePresent(first["transform"])
+    third = register(resample=True)  # was refused; the MR stays shown in CT space, through the new transform
+    assert mr.GetParentTransformNode() is third["transform"]
+    fourth = register(resample=True)
+    assert _names(mrml_scene, "vtkMRMLTransformNode") == ["CT to MR transform"]
+    assert _names(mrml_scene, "vtkMRMLTableNode") == ["MR registration QA"]
+    assert [n for n in _names(mrml_scene, "vtkMRMLScalarVolumeNode") if n.startswith("MR in")] == ["MR in CT"]
+    assert mr.GetParentTransformNode() is fourth["transform"]
+    point = np.array([5.0, 6.0, 7.0])  # RAS; the transform maps CT points to MR points (contract)
+    mapped = sb.transform_point_ras(fourth["transform"], point)
+    np.testing.assert_allclose(mapped, point + SHIFT_LPS * [-1, -1, 1], atol=1e-6)
+
+    # a transform of the user's own is still refused when the MR would be placed under another one
+    own = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "manual pre-alignment")
+    mr.SetAndObserveTransformNodeID(own.GetID())
+    from ctsma.errors import InputImageError
+
+    with pytest.raises(InputImageError, match="is under a transform: harden it first"):
+        logic.startRegistration(mr, ct, params=RegistrationParameters(resampleMr=False))
+    # and a registration transform of another CT is not this pair's
+    other = _volume(mrml_scene, "Other CT", 3)
+    mr.SetAndObserveTransformNodeID(fourth["transform"].GetID())
+    assert logic.earlierTransform(mr, other) is None and logic.earlierTransform(mr, ct) is fourth["transform"]

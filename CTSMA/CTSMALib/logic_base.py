@@ -229,13 +229,14 @@ class CliLogic(ScriptedLoadableModuleLogic):
         self.run = None
 
     # -- helpers for subclasses ------------------------------------------------------------
-    def exportVolume(self, node, path: Path) -> Path:
-        """Write a volume node (world geometry, LPS) for the command line to read."""
+    def exportVolume(self, node, path: Path, world: bool = True) -> Path:
+        """Write a volume node (world geometry, LPS; with ``world`` False, its parent transform left out) for the
+        command line to read."""
         from ctsma.io import write_image
 
         from .volumes import check_writable_geometry, volume_node_to_sitk
 
-        image = volume_node_to_sitk(node)
+        image = volume_node_to_sitk(node, world=world)
         check_writable_geometry(image, node.GetName())
         return write_image(image, path, compress=False)
 

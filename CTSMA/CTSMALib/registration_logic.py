@@ -8,12 +8,14 @@ from pathlib import Path
 from . import cli_args
 from .logic_base import CliLogic, Run
 from .parameters import RegistrationParameters
-from .scene_utils import rollback_on_error
+from .scene_utils import remove_with_display, rollback_on_error
 
 PRESET_FOLDER = ("Presets", "registration")
 OUTPUTS = {"transform": "transform_ct_to_mr.h5", "mr_in_ct": "mr_in_ct.nii.gz",
            "pseudo_ct": "pseudo_ct_in_ct.nii.gz", "qa": "qa.json"}
 OPTIONAL = {"pseudo_ct"}  # presets without synthesis (e.g. nosynth) make no pseudo-CT
+OUTPUT_ATTRIBUTE = "CTSMA.RegistrationOutput"  # on each node a registration loaded: its role (transform, qa, ...)
+FIXED_ROLE, MOVING_ROLE = "CTSMA.FixedVolume", "CTSMA.MovingVolume"  # node references to the CT and the MR
 
 
 def preset_names(folder: Path | None = None) -> list[str]:
@@ -62,7 +64,8 @@ class CTSMARegistrationLogic(CliLogic):
         if params.preset and params.preset not in self.presetNames():
             raise InputImageError(f"unknown registration preset '{params.preset}'; "
                                   f"available: {', '.join(self.presetNames()) or 'none'}")
-        if not params.resampleMr and mrVolume.GetParentTransformNode() is not None:
+        earlier = self.earlierTransform(mrVolume, ctVolume)  # the MR shown in CT space by this pair's last run
+        if earlier is None and not params.resampleMr and mrVolume.GetParentTransformNode() is not None:
             # the result is a transform for the MR as exported (its transforms applied); put above the MR's own
             # transform, it would move the MR by that transform a second time
             raise InputImageError(f"the MR '{mrVolume.GetName()}' is under a transform: harden it first (Data "
@@ -70,7 +73,7 @@ class CTSMARegistrationLogic(CliLogic):
         extra = params.extra()  # before any work: a mistake there is the user's, not a failed run
         inputs = [n for n in (mrVolume, ctVolume, boneSegmentation) if n is not None]
         with self.preparing("register") as work:
-            mr = self.exportVolume(mrVolume, work / "mr.nii")
+            mr = self.exportVolume(mrVolume, work / "mr.nii", world=earlier is None)  # the MR as acquired
             ct = self.exportVolume(ctVolume, work / "ct.nii")
             bones = (self.exportSegmentation(boneSegmentation, work / "ct_bones.nii", ctVolume, kind="bones")
                      if boneSegmentation is not None else None)
@@ -80,17 +83,59 @@ class CTSMARegistrationLogic(CliLogic):
             names = {"mr": mrVolume.GetName(), "ct": ctVolume.GetName()}
             from ctsma.registration.qa import EXIT_QA_FAILED  # a pair that failed its QA: loaded to look at
 
-            return self.startCli("registration", args, work, out, env=params.env(), inputs=inputs,
-                                 loader=lambda run: self.loadOutputs(run.out_dir, names, under=ctVolume,
-                                                                     mrVolume=None if params.resampleMr else mrVolume),
-                                 done_codes=(0, EXIT_QA_FAILED))
+            run = self.startCli("registration", args, work, out, env=params.env(), inputs=inputs,
+                                loader=lambda run: self._registrationLoaded(run, names, ctVolume, mrVolume, params,
+                                                                            earlier),
+                                done_codes=(0, EXIT_QA_FAILED))
+            run.info.update(ct=ctVolume, mr=mrVolume, resampleMr=params.resampleMr, keepWorkDir=params.keepWorkDir)
+            return run
 
-    def loadOutputs(self, out_dir: Path, names: dict | None = None, under=None, mrVolume=None) -> dict:
+    def earlierTransform(self, mrVolume, ctVolume):
+        """The transform an earlier registration of this MR to this CT placed the MR under, when the MR is still
+        directly under it (and it under nothing): a new registration of the pair reads the MR without it and
+        replaces it. None otherwise."""
+        parent = mrVolume.GetParentTransformNode() if mrVolume is not None else None
+        if (parent is None or parent.GetAttribute(OUTPUT_ATTRIBUTE) != "transform"
+                or parent.GetParentTransformNode() is not None or ctVolume is None
+                or parent.GetNodeReferenceID(FIXED_ROLE) != ctVolume.GetID()
+                or parent.GetNodeReferenceID(MOVING_ROLE) != mrVolume.GetID()):
+            return None
+        return parent
+
+    def _registrationLoaded(self, run: Run, names: dict, ctVolume, mrVolume, params: RegistrationParameters,
+                            earlier) -> dict:
+        """Load a finished registration; then the earlier outputs of the same MR and CT go, and an MR left under
+        the earlier transform moves under the new one."""
+        outputs = self.loadOutputs(run.out_dir, names, under=ctVolume, mrVolume=None if params.resampleMr else mrVolume,
+                                   pair=(ctVolume, mrVolume))
+        if earlier is not None and mrVolume.GetParentTransformNode() is earlier:
+            mrVolume.SetAndObserveTransformNodeID(outputs["transform"].GetID())
+        self.removeEarlierOutputs(ctVolume, mrVolume, keep=outputs.values())
+        return outputs
+
+    def removeEarlierOutputs(self, ctVolume, mrVolume, keep=()) -> list[str]:
+        """Remove the outputs of earlier registrations of ``mrVolume`` to ``ctVolume`` (all but ``keep``), so that
+        registering the pair again replaces them; a transform that some other node is still under stays. Returns
+        the names removed."""
+        kept = {n.GetID() for n in keep if n is not None}
+        scene = self.scene
+        nodes = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        earlier = [n for n in nodes if n.GetAttribute(OUTPUT_ATTRIBUTE) and n.GetID() not in kept
+                   and n.GetNodeReferenceID(FIXED_ROLE) == ctVolume.GetID()
+                   and n.GetNodeReferenceID(MOVING_ROLE) == mrVolume.GetID()]
+        used = {n.GetTransformNodeID() for n in nodes if n.IsA("vtkMRMLTransformableNode") and n.GetTransformNodeID()}
+        earlier = [n for n in earlier if n.GetID() not in used]
+        names = [n.GetName() for n in earlier]
+        remove_with_display(scene, earlier)
+        return names
+
+    def loadOutputs(self, out_dir: Path, names: dict | None = None, under=None, mrVolume=None, pair=None) -> dict:
         """Put the registration outputs of ``out_dir`` into the scene; returns ``{role: node}``
         with the roles ``transform``, ``mr_in_ct``, ``qa`` and (when synthesis ran) ``pseudo_ct``.
         They go in a folder under the study of ``under`` (the CT) in the subject hierarchy.
         Given ``mrVolume``, no resampled copy is loaded: that MR is placed under the transform
-        (shown in CT space by Slicer) and no ``mr_in_ct`` role is returned."""
+        (shown in CT space by Slicer) and no ``mr_in_ct`` role is returned. ``pair`` (the CT and MR volume nodes):
+        each output remembers them, so that a new registration of the pair replaces it."""
         import SimpleITK as sitk
 
         from . import scene_bridge as sb
@@ -113,6 +158,11 @@ class CTSMARegistrationLogic(CliLogic):
                                                           self.scene, name=f"{names['mr']} pseudo-CT")
             out["qa"] = sb.table_to_node(qa_rows(qa), self.scene, name=f"{names['mr']} registration QA",
                                          units={"seconds": "s"})
+            for role, node in out.items():
+                node.SetAttribute(OUTPUT_ATTRIBUTE, role)
+                if pair is not None:
+                    node.SetNodeReferenceID(FIXED_ROLE, pair[0].GetID())
+                    node.SetNodeReferenceID(MOVING_ROLE, pair[1].GetID())
             sb.put_in_folder(self.scene, out.values(), "CT-SMA registration", under=under)
         if mrVolume is not None:  # last, so that a failed load leaves the MR as it was
             mrVolume.SetAndObserveTransformNodeID(out["transform"].GetID())
