@@ -259,3 +259,29 @@ def test_only_the_last_analysis_keeps_its_copy_of_the_ct(mrml_scene, ct, tmp_pat
     assert not second.exists() and not third.exists() and fourth.exists()
     logic.removeAnalysisFolders()  # the module closing: no copy of the CT stays behind
     assert not fourth.exists()
+
+
+def test_a_segment_left_out_is_said_when_the_analysis_ends(mrml_scene, ct, tmp_path):
+    """A misnamed ROI segment ('lateral tibia plateau' for LTP) is left out of the analysis. Before, the warning went
+    to the Python console only: the analysis ended 'finished' with no LTP in it and nothing on screen said why."""
+    from CTSMALib.analysis_logic import CTSMALogic
+    from CTSMALib.process import DONE, RunStatus
+
+    class Quick:
+        def start_ctsma(self, args, work_dir, env=None, **_):
+            pass
+
+        def poll(self):
+            return RunStatus(state=DONE)
+
+    logic = CTSMALogic(runner_factory=Quick, work_root=tmp_path)
+    logic.loadAnalysisOutputs = lambda *a, **k: {}  # nothing to load: the message is what this test follows
+    rois = _segmentation(mrml_scene, ct, "my ROIs", [("MFC", slice(8, 10)), ("MTP", slice(2, 4)),
+                                                     ("lateral tibia plateau", slice(0, 2))])
+    with pytest.warns(UserWarning, match="left out"):  # still in the Python console
+        logic.startAnalysis(ct, roiSegmentation=rois)
+    status = logic.poll()  # the module shows status.warning when the run has finished
+    assert status.state == DONE and "segment(s) 'lateral tibia plateau' are not subchondral ROIs" in status.warning
+    logic.releaseRun()
+    run = logic.startAnalysis(ct)  # the next run does not repeat it
+    assert not logic.poll().warning and "inputWarnings" not in run.info

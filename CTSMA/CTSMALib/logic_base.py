@@ -16,6 +16,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,7 @@ class CliLogic(ScriptedLoadableModuleLogic):
         behind."""
         self._checkIdle()
         work = self.newWorkDir(label)
+        self._inputWarnings = []  # what exporting the inputs warned of (segments left out), said again at the end
         try:
             yield work
         except BaseException:
@@ -163,6 +165,8 @@ class CliLogic(ScriptedLoadableModuleLogic):
         self.run = Run(label=label, args=list(map(str, args)), work_dir=Path(work_dir), out_dir=Path(out_dir),
                        loader=loader, runner=runner, then=then, inputs=list(inputs or []),
                        done_codes=tuple(done_codes))
+        if getattr(self, "_inputWarnings", None):
+            self.run.info["inputWarnings"], self._inputWarnings = list(self._inputWarnings), []
         return self.run
 
     def poll(self) -> RunStatus | None:
@@ -189,6 +193,8 @@ class CliLogic(ScriptedLoadableModuleLogic):
                 status.state = FAILED
                 status.last_error = f"could not load the results of {run.label}: {exc}"
                 run.load_error = status.last_error
+        if status.state == DONE and run.info.get("inputWarnings"):  # shown with the results, not only in the console
+            status.warning = " ".join([status.warning, *run.info["inputWarnings"]]).strip()
         run.status = status
         if status.state == DONE and run.then is not None:
             try:
@@ -255,5 +261,11 @@ class CliLogic(ScriptedLoadableModuleLogic):
         self.checkInScene(node, "segmentation")
         if node.GetSegmentation().GetNumberOfSegments() == 0:
             raise InputImageError(f"segmentation '{name}' has no segments: draw or load them first")
-        image, _ = segmentation_node_to_labelmap(node, reference_volume_node, kind)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            image, _ = segmentation_node_to_labelmap(node, reference_volume_node, kind)
+        for warning in caught:  # e.g. a misnamed segment left out: the user must see it when the run ends
+            if isinstance(getattr(self, "_inputWarnings", None), list):
+                self._inputWarnings.append(f"{str(warning.message).rstrip('.')}.")
+            warnings.warn(warning.message, stacklevel=2)  # and the Python console, as before
         return write_image(image, path, compress=False)
