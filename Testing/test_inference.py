@@ -93,6 +93,11 @@ def test_infer_writes_the_contract_outputs(knee, constant_student, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_patches"] == int(table.groupby("roi").n_patches.first().sum())
     assert summary["model"]["role"] == "student_distilled" and summary["bones_from"] != "automatic"
+    # the maps' colour scale for viewers (the Slicer module): the model's training references' mean ± 3 SD
+    expected = {"BV/TV": [0.1, 0.4], "Tb.Th": [0.14, 0.26], "Tb.Sp": [0.4, 1.0], "Tb.N": [0.7, 1.3]}
+    assert summary["display_range"].keys() == expected.keys()
+    for p, r in expected.items():
+        assert summary["display_range"][p] == pytest.approx(r)
     patches = pd.read_csv(out / "patches.csv")
     assert len(patches) == summary["n_patches"] and {"rel_x", "rel_y", "rel_z", *PARAMETERS} <= set(patches.columns)
     # the centres are RAS, as the summary says: flipped to LPS, each lies in its own ROI of rois.nii.gz

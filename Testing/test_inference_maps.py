@@ -1,9 +1,25 @@
-"""Inference maps: patch-centre grids, Gaussian blending and ROI tables on known inputs."""
+"""Inference maps: Gaussian blending, ROI tables and display ranges on known inputs."""
 
 import numpy as np
 import pytest
 
-from ctsma.inference.maps import blend_maps, patch_centres, roi_table
+from ctsma.inference.maps import blend_maps, display_ranges, roi_table
+
+
+def patch_centres(rois: np.ndarray, spacing_zyx, stride_mm: float):
+    """Voxel indices (z, y, x) on a grid of ``stride_mm`` in each ROI, centred in its bounding box, and each
+    centre's label; an ROI thinner than the grid gets its most central voxel (the patches the blends below get)."""
+    step = np.maximum(1, np.round(stride_mm / np.asarray(spacing_zyx, float)).astype(int))
+    centres, labels = [], []
+    for label in sorted(int(v) for v in np.unique(rois) if v):
+        idx = np.argwhere(rois == label)
+        lo, hi = idx.min(0), idx.max(0)
+        chosen = idx[np.all((idx - lo - ((hi - lo) % step) // 2) % step == 0, axis=1)]
+        if not len(chosen):
+            chosen = idx[[np.argmin(((idx - idx.mean(0)) ** 2).sum(1))]]
+        centres.append(chosen)
+        labels.append(np.full(len(chosen), label, np.int16))
+    return np.concatenate(centres), np.concatenate(labels)
 
 
 def _rois():
@@ -12,17 +28,6 @@ def _rois():
     r[2:8, 2:28, 21:38] = 2    # LFC
     r[12:14, 10:12, 10:12] = 3  # a tiny MTP, thinner than the stride
     return r
-
-
-def test_centres_lie_in_their_roi_on_the_stride_grid():
-    rois = _rois()
-    c, lab = patch_centres(rois, (1.0, 0.5, 0.5), stride_mm=2.0)
-    assert len(c) == len(lab) > 0
-    assert np.all(rois[c[:, 0], c[:, 1], c[:, 2]] == lab)
-    assert set(lab.tolist()) == {1, 2, 3}  # the tiny ROI still gets a centre
-    mfc = c[lab == 1]
-    assert np.all(np.diff(np.unique(mfc[:, 2])) == 4)  # 2 mm / 0.5 mm along x
-    assert np.all(np.diff(np.unique(mfc[:, 0])) == 2)  # 2 mm / 1 mm along z
 
 
 def test_constant_predictions_give_constant_maps_and_nan_outside():
@@ -82,3 +87,17 @@ def test_blending_in_z_slabs_equals_the_whole_blend():
         parts = [blend_maps(rois.shape, sp, rois, c, lab, vals, extent_mm=4.0, z_range=(z, min(z + step, 20)))
                  for z in range(0, 20, step)]
         np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
+
+
+def test_display_ranges_follow_the_models_training_references():
+    """The colour scale of a model's maps: its training references' mean ± 3 SD, clipped to what a parameter can
+    be. The demo's student learns MR-apparent Tb.Th of about 0.74 mm, which a fixed 0.05-0.45 mm scale showed in its
+    top colour everywhere."""
+    meta = {"parameters": ["BV/TV", "Tb.Th", "Tb.Sp", "Tb.N"],
+            "target_normalisation": {"mean": [0.9, 0.744, 1.5, 0.05], "sd": [0.05, 0.046, 0.085, 0.02]}}
+    r = display_ranges(meta)
+    assert r["Tb.Th"] == pytest.approx([0.744 - 0.138, 0.744 + 0.138])
+    assert r["Tb.Sp"] == pytest.approx([1.245, 1.755])
+    assert r["BV/TV"] == pytest.approx([0.75, 1.0])  # not above 1
+    assert r["Tb.N"] == pytest.approx([0.0, 0.11])  # not below 0
+    assert display_ranges({"parameters": ["BV/TV"]}) == {}  # no normalisation recorded: no range

@@ -290,7 +290,8 @@ class FakeInfer(ProcessRunner):
                 fh.write("MFC,Tb.Th,0.21,0.02,0.2,0.03,12\\nMTP,Tb.N,1.4,0.1,1.4,0.2,9\\n")
             json.dump({"oa_probability": 0.7, "severity": 2.1, "auc": 0.81, "warnings": ["the knee side R was "
                        "inferred from the anatomy"], "ct_resolution": {"through_plane_blur_mm": 0.42,
-                       "slice_thickness_mm": 0.7, "model_slice_thickness_mm": 1.0}, "model": {"demo": True}},
+                       "slice_thickness_mm": 0.7, "model_slice_thickness_mm": 1.0}, "model": {"demo": True},
+                       "display_range": {"Tb.Th": [0.6, 0.9], "Tb.N": "bad"}},
                       open(out + "/summary.json", "w"))
         """
         return self.start(_script(body) + list(args), work_dir, progress, env=env)
@@ -328,6 +329,12 @@ def test_analysis_logic_loads_segmentations_maps_and_tables(mrml_scene, tmp_path
     assert not disp.GetAutoWindowLevel()
     assert np.allclose((disp.GetWindowLevelMin(), disp.GetWindowLevelMax()), (0.3, 1.5))
     assert disp.GetApplyThreshold() and disp.GetLowerThreshold() > 0
+    # the range the analysis's model records (its training references' mean ± 3 SD), where summary.json has one:
+    # the demo's MR-apparent Tb.Th of about 0.74 mm filled the fixed 0.05-0.45 mm scale with its top colour
+    disp = out["Tb.Th"].GetDisplayNode()
+    assert np.allclose((disp.GetWindowLevelMin(), disp.GetWindowLevelMax()), (0.6, 0.9))
+    disp = out["Tb.N"].GetDisplayNode()  # an unreadable recorded range: the fixed one
+    assert np.allclose((disp.GetWindowLevelMin(), disp.GetWindowLevelMax()), (0.5, 2.5))
     img = sb.volume_node_to_sitk(out["BV/TV"])
     assert np.allclose(img.GetOrigin(), sb.volume_node_to_sitk(ct).GetOrigin())
     table, _ = sb.node_to_dataframe(out["table"])

@@ -223,13 +223,16 @@ class CTSMALogic(TrainingMixin, CliLogic):
         import SimpleITK as sitk
 
         from . import scene_bridge as sb
-        from .colors import show_parameter_map
+        from .colors import recorded_range, show_parameter_map
 
         out_dir = Path(out_dir)
         table = out_dir / "roi_table.csv"
         if not table.exists():
             raise FileNotFoundError(f"the analysis finished without roi_table.csv in {out_dir}")
         import pandas as pd
+
+        summary = out_dir / "summary.json"
+        data = json.loads(summary.read_text(encoding="utf-8")) if summary.exists() else None
 
         out = {}
         with rollback_on_error(self.scene):
@@ -239,7 +242,7 @@ class CTSMALogic(TrainingMixin, CliLogic):
                     node = sb.sitk_to_volume_node(sitk.ReadImage(str(path)), self.scene, name=f"{name} {param}")
                     node.SetAttribute("CTSMA.Parameter", param)
                     node.SetAttribute("CTSMA.Unit", PARAMETER_UNITS.get(param, ""))
-                    show_parameter_map(node, param)
+                    show_parameter_map(node, param, value_range=recorded_range(data, param))
                     out[param] = node
                 upath = out_dir / "uncertainty" / f"{stem}.nii.gz"
                 if upath.exists():
@@ -247,7 +250,7 @@ class CTSMALogic(TrainingMixin, CliLogic):
                                                    name=f"{name} {param} uncertainty")
                     unode.SetAttribute("CTSMA.Parameter", param)
                     unode.SetAttribute("CTSMA.Unit", PARAMETER_UNITS.get(param, ""))  # a standard deviation
-                    show_parameter_map(unode, param, uncertainty=True)
+                    show_parameter_map(unode, param, uncertainty=True, value_range=recorded_range(data, param))
                     out[f"{param} uncertainty"] = unode
             for kind in ("bones", "rois"):
                 path = out_dir / f"{kind}.nii.gz"
@@ -258,9 +261,7 @@ class CTSMALogic(TrainingMixin, CliLogic):
             if "parameter" in df.columns:  # long format: the unit differs per row
                 df["unit"] = [PARAMETER_UNITS.get(p, "") for p in df["parameter"]]
             out["table"] = sb.table_to_node(df, self.scene, name=f"{name} ROI table")
-            summary = out_dir / "summary.json"
-            if summary.exists():
-                data = json.loads(summary.read_text(encoding="utf-8"))
+            if isinstance(data, dict):
                 diag = {k: data[k] for k in ("oa_probability", "severity", "auc") if data.get(k) is not None}
                 if diag:
                     out["diagnosis"] = sb.table_to_node([diag], self.scene, name=f"{name} diagnosis")

@@ -7,11 +7,13 @@ colours are used in the scene, in Slicer's colour legend and in the PDF reports.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ctsma.resources import resource_path
 
-# Display ranges in physical units (a typical trabecular range for each parameter).
+# Display ranges in physical units (a typical trabecular range for each parameter), for maps whose analysis records
+# none: `ctsma infer` records its model's (summary.json, "display_range": the training references' mean ± 3 SD).
 DISPLAY_RANGE = {"BV/TV": (0.05, 0.55), "Tb.Th": (0.05, 0.45), "Tb.Sp": (0.3, 1.5), "Tb.N": (0.5, 2.5)}
 UNCERTAINTY_FRACTION = 0.25  # uncertainty maps show 0 .. 25 % of the parameter's range
 TABLE_FILE = {"BV/TV": "CTSMA_BVTV.txt", "Tb.Th": "CTSMA_TbTh.txt", "Tb.Sp": "CTSMA_TbSp.txt",
@@ -34,9 +36,10 @@ def color_table_node(scene, key: str):
     return node
 
 
-def show_parameter_map(node, param: str, uncertainty: bool = False) -> None:
-    """Colour table and fixed window/level in physical units; the background (0) is below the threshold."""
-    lo, hi = DISPLAY_RANGE[param]
+def show_parameter_map(node, param: str, uncertainty: bool = False, value_range=None) -> None:
+    """Colour table and a fixed window/level in physical units: ``value_range`` (the analysis's model's, from
+    ``summary.json``) or :data:`DISPLAY_RANGE`; the background (0) is below the threshold."""
+    lo, hi = value_range if value_range is not None else DISPLAY_RANGE[param]
     if uncertainty:
         lo, hi = 0.0, (hi - lo) * UNCERTAINTY_FRACTION
     display = node.GetDisplayNode()
@@ -46,3 +49,14 @@ def show_parameter_map(node, param: str, uncertainty: bool = False) -> None:
     display.SetApplyThreshold(True)
     display.SetLowerThreshold(1e-6)  # hide the documented background value 0 outside the ROIs
     display.SetUpperThreshold(1e9)
+
+
+def recorded_range(summary, param: str):
+    """The display range that ``summary.json`` records for ``param`` (two finite numbers, low below high), or None
+    (an analysis of an earlier version, or a model file without target statistics)."""
+    value = ((summary or {}).get("display_range") or {}).get(param) if isinstance(summary, dict) else None
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) and lo < hi else None

@@ -13,7 +13,7 @@ from pathlib import Path
 from ctsma import PARAMETER_FILE_NAMES, PARAMETER_UNITS
 
 from . import scene_bridge as sb
-from .colors import show_parameter_map
+from .colors import recorded_range, show_parameter_map
 
 
 def write_demo_scene(path, *, ct, mr, infer_dir, transform) -> Path:
@@ -37,6 +37,7 @@ def write_demo_scene(path, *, ct, mr, infer_dir, transform) -> Path:
             if f.is_file():
                 nodes.append(sb.labelmap_to_segmentation_node(sitk.ReadImage(str(f)), scene, names=names,
                                                               name=f"CT {kind}"))
+        summary = json.loads((infer_dir / "summary.json").read_text(encoding="utf-8"))
         for folder, label in (("maps", ""), ("uncertainty", " uncertainty (SD)")):
             for param, stem in PARAMETER_FILE_NAMES.items():
                 f = infer_dir / folder / f"{stem}.nii.gz"
@@ -44,12 +45,11 @@ def write_demo_scene(path, *, ct, mr, infer_dir, transform) -> Path:
                     node = sb.sitk_to_volume_node(sitk.ReadImage(str(f)), scene, f"{param}{label}")
                     node.SetAttribute("CTSMA.Parameter", param)
                     node.SetAttribute("CTSMA.Unit", PARAMETER_UNITS.get(param, ""))
-                    show_parameter_map(node, param, uncertainty=bool(label))
+                    show_parameter_map(node, param, uncertainty=bool(label), value_range=recorded_range(summary, param))
                     nodes.append(node)
         table = pd.read_csv(infer_dir / "roi_table.csv")
         table["unit"] = [PARAMETER_UNITS.get(p, "") for p in table["parameter"]]
         nodes.append(sb.table_to_node(table, scene, name="ROI table"))
-        summary = json.loads((infer_dir / "summary.json").read_text())
         diag = {k: summary[k] for k in ("oa_probability", "severity", "auc") if summary.get(k) is not None}
         if diag:
             nodes.append(sb.table_to_node([diag], scene, name="Diagnosis"))

@@ -47,7 +47,7 @@ from ..io.images import check_ct_intensities, same_grid
 from ..models.export import FLIPS_DEFAULT, FLIPS_TTA
 from ..resources import resource_path
 from ..segmentation.geometry import crop_box
-from .maps import blend_maps, roi_table
+from .maps import blend_maps, display_ranges, roi_table
 
 MAX_SLICE_MM = 2.0
 SOFTER_FACTOR = 1.15   # in-plane edge sigma over the model's reference above which a CT is called softer
@@ -392,6 +392,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         "subject": subject, "ct": str(ct_path),
         "roi_table": table.to_dict(orient="records"),
         "units": {p: PARAMETER_UNITS[p] for p in PARAMETERS},
+        "display_range": display_ranges(meta),
         "model": {"path": str(model_path), **describe(meta),
                   "demo": bool(meta.get("demo", False) or not own_student or trained_on_phantom(meta))},
         "n_patches": int(len(names)), "stride_mm": s.stride_mm, "tta_passes": len(flips), "device": device,

@@ -1,4 +1,4 @@
-"""Patch centres over ROIs, blending of patch predictions into maps, and per-ROI tables.
+"""Blending of patch predictions into maps, and per-ROI tables.
 
 Patch predictions are blended into voxel maps with a Gaussian window over each patch's extent
 (the same idea as sliding-window inference with Gaussian importance in MONAI). Each ROI voxel
@@ -13,31 +13,17 @@ import pandas as pd
 from .. import PARAMETERS, ROIS
 
 
-def patch_centres(rois: np.ndarray, spacing_zyx, stride_mm: float, *, min_fraction: float = 0.0,
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Voxel indices (N,3 z,y,x) of patch centres on a regular grid of ``stride_mm`` inside the ROIs.
-
-    Returns ``(centres, roi_labels)``. The grid is anchored at each ROI's bounding box so that every
-    ROI gets centres even when it is thinner than the stride; a ROI smaller than one stride still
-    gets its most central voxel.
-    """
-    spacing = np.asarray(spacing_zyx, float)
-    step = np.maximum(1, np.round(stride_mm / spacing).astype(int))
-    centres, labels = [], []
-    for label in sorted(int(v) for v in np.unique(rois) if v):
-        idx = np.argwhere(rois == label)
-        lo, hi = idx.min(0), idx.max(0)
-        offset = lo + ((hi - lo) % step) // 2
-        on_grid = np.all((idx - offset) % step == 0, axis=1)
-        chosen = idx[on_grid]
-        if len(chosen) == 0:
-            mid = idx.mean(0)
-            chosen = idx[[np.argmin(((idx - mid) ** 2).sum(1))]]
-        centres.append(chosen)
-        labels.append(np.full(len(chosen), label, np.int16))
-    if not centres:
-        return np.zeros((0, 3), int), np.zeros(0, np.int16)
-    return np.concatenate(centres), np.concatenate(labels)
+def display_ranges(meta: dict, k: float = 3.0) -> dict:
+    """``{parameter: [lo, hi]}``: the range of a map's colour scale for a model, its training references' mean
+    ± ``k`` SD (``target_normalisation`` of the model file), not below 0 (BV/TV not above 1). One scale per model,
+    so that two patients' maps compare; in the model's own units, so that a model trained on MR references (whose
+    apparent Tb.Th reads about 3x the true one) does not fill the whole map with the scale's top colour."""
+    norm = meta.get("target_normalisation") or {}
+    out = {}
+    for p, mean, sd in zip(meta.get("parameters", PARAMETERS), norm.get("mean", ()), norm.get("sd", ())):
+        lo, hi = max(0.0, float(mean) - k * float(sd)), float(mean) + k * float(sd)
+        out[p] = [lo, min(1.0, hi) if p == "BV/TV" else hi]
+    return out
 
 
 def _gaussian_window(half: np.ndarray, spacing: np.ndarray, sigma_mm: float) -> np.ndarray:
