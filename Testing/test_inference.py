@@ -672,6 +672,8 @@ def test_no_oa_probability_from_an_incomplete_set_of_rois(knee, constant_student
                     "--side", knee["side"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["oa_probability"] is None and "MFC, LFC" in summary["diagnosis"]["message"]
+    # said even without a diagnosis, and kept for the report's notes (an empty ROI gave empty rows silently)
+    assert "ROI(s) MFC, LFC have no patch (MFC empty; LFC empty)" in " ".join(summary["warnings"])
     table = pd.read_csv(out / "roi_table.csv")
     assert (table[table.roi.isin(["MTP", "LTP"])].n_patches > 0).all()
     assert (table[table.roi.isin(["MFC", "LFC"])].n_patches == 0).all()

@@ -338,6 +338,14 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
                 warns.append(msg)
         centres.append(c)
         names += [name] * len(c)
+    missing = [n for n in ROIS if n not in names]
+    if names and missing:  # (no patch at all is refused below)
+        why = [f"{n} empty" if not (roi_arr == ROIS[n]).any() else
+               f"{n} too thin for {THIN_ROI_FRACTION:.0%} of a patch" for n in missing]
+        msg = (f"ROI(s) {', '.join(missing)} have no patch ({'; '.join(why)}): their rows of roi_table.csv are "
+               "empty; check the ROI segmentation")
+        warnings.warn(msg, stacklevel=2)
+        warns.append(msg)
     if not names:
         raise InputImageError("no patch fits the subchondral ROIs (they are thinner than a patch); "
                               "check the ROIs or use a smaller --stride")
