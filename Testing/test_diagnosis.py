@@ -172,7 +172,8 @@ def test_model_carries_the_non_oa_reference_range_of_each_roi_mean(tmp_path):
             for d in (-0.01, 0.01):
                 rows.append({"subject": s, "roi": roi, "rel_x": d, "rel_y": 0.0, "rel_z": 0.0, "BV/TV": centre + d,
                              "Tb.Th": 0.7, "Tb.Sp": 1.5, "Tb.N": 0.45})
-    model = dg.train(pd.DataFrame(rows), pd.DataFrame(labels), "logistic", folds=None)
+    with pytest.warns(UserWarning, match=r"2 of 6 labelled knee\(s\) have no valid patch in some ROI \(H2: LTP; H3"):
+        model = dg.train(pd.DataFrame(rows), pd.DataFrame(labels), "logistic", folds=None)
     ranges = dg.load(dg.save(model, tmp_path / "m.safetensors")).metadata["reference_ranges"]
     got = {(r["roi"], r["parameter"]): r for r in ranges}
     mfc = got[("MFC", "BV/TV")]
@@ -443,3 +444,110 @@ def test_cli_predict_gives_each_incomplete_knee_a_row_without_probability(cohort
     assert pred.drop(index="S007")["oa_probability"].notna().all()
     rec = {r["subject"]: r for r in json.loads((tmp_path / "pred.json").read_text())["predictions"]}
     assert rec["S007"]["oa_probability"] is None and "LTP" in rec["S007"]["message"]
+
+
+def test_out_of_fold_severity_is_empty_without_severity_labels(cohort, tmp_path):
+    """Labels without severity gave every knee of oof_predictions.csv a predicted severity of 0.0 (the untrained
+    head's constant), beside a null severity MAE; predict gives such a model's knees no severity."""
+    climain = _cli()
+    table, labels = cohort
+    table.to_csv(tmp_path / "p.csv", index=False)
+    labels[["subject", "oa"]].to_csv(tmp_path / "labels.csv", index=False)
+    assert climain.main(["--quiet", "diagnose", "evaluate", "--patches", str(tmp_path / "p.csv"), "--labels",
+                         str(tmp_path / "labels.csv"), "--aggregators", "logistic", "--folds", "4",
+                         "--out", str(tmp_path / "ev")]) == 0
+    oof = pd.read_csv(tmp_path / "ev" / "oof_predictions.csv")
+    assert oof["oa_probability"].notna().all() and oof["severity_pred"].isna().all()
+    one = labels.assign(severity=np.where(np.arange(len(labels)) == 0, labels["severity"], np.nan))
+    res = dg.cross_validate(table, one, "logistic", folds=4)  # one severity label: no fold learns severity
+    assert res.oof["severity_pred"].isna().all() and np.isnan(res.metrics["severity_mae"])
+    full = dg.cross_validate(table, labels, "logistic", folds=4)
+    assert full.oof["severity_pred"].notna().all()
+
+
+def test_evaluate_stopped_while_writing_leaves_no_mixed_results(cohort, tmp_path, monkeypatch):
+    """A rerun killed after it had merged its diagnosis block into metrics.json but before it had written the
+    out-of-fold predictions left the new block (and table) beside the earlier run's oof_predictions.csv and ROC
+    figures; `ctsma evaluate`'s blocks in the same metrics.json must survive either way."""
+    from ctsma.diagnosis import report
+
+    climain = _cli()
+    table, labels = cohort
+    table.to_csv(tmp_path / "p.csv", index=False)
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({"regression": {"teacher": {"mean_icc21": 0.8}}}))
+    args = ["--quiet", "diagnose", "evaluate", "--patches", str(tmp_path / "p.csv"), "--labels",
+            str(tmp_path / "labels.csv"), "--folds", "4", "--out", str(out)]
+    assert climain.main(args + ["--aggregators", "logistic,mlp"]) == 0
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # stands for a SIGKILL between two of the files
+
+    monkeypatch.setattr(report, "write_oof", killed)
+    assert climain.main(args + ["--aggregators", "logistic"]) == 130
+    metrics = json.loads((out / "metrics.json").read_text())
+    oof = pd.read_csv(out / "oof_predictions.csv")
+    assert metrics["regression"] == {"teacher": {"mean_icc21": 0.8}}
+    assert set(metrics.get("diagnosis", {})) in (set(), set(oof["source"] + "/" + oof["aggregator"]))
+    monkeypatch.undo()
+    assert climain.main(args + ["--aggregators", "logistic"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    oof = pd.read_csv(out / "oof_predictions.csv")
+    assert set(metrics["diagnosis"]) == set(oof["source"] + "/" + oof["aggregator"]) == {"input/logistic"}
+    assert "regression" in metrics and not list(out.glob(".*partial*"))
+
+
+def test_messages_on_a_table_that_is_not_a_patch_table_and_on_a_bad_oa_label(cohort, tmp_path, capsys):
+    """`ctsma evaluate`'s regression_predictions.csv (subject, mr_<param>, teacher_<param>, no roi or position) given
+    with --prefix teacher_ was called 'a patch store table' to be read with an mr_ or true_ prefix; and a label
+    such as 'yes' or an empty oa cell was refused without saying what the cell held."""
+    climain = _cli()
+    table, labels = cohort
+    preds = table[["subject"]].assign(**{f"{s}_{p}": table[p] for s in ("mr", "teacher")
+                                         for p in ("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N")})
+    preds.to_csv(tmp_path / "regression_predictions.csv", index=False)
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    base = ["diagnose", "train", "--labels", str(tmp_path / "labels.csv"), "--aggregator", "logistic",
+            "--out", str(tmp_path / "m.safetensors")]
+    assert climain.main(base + ["--patches", str(tmp_path / "regression_predictions.csv"), "--prefix",
+                                "teacher_"]) == 2
+    err = capsys.readouterr().err
+    assert "lacks the column(s) roi, rel_x, rel_y, rel_z" in err and "patch store" not in err
+    table.to_csv(tmp_path / "p.csv", index=False)
+    for value, said in (("yes", "has 'yes'"), ("", "has none"), ("2", "has '2'")):
+        lab = labels.astype({"oa": object})
+        lab.loc[3, "oa"] = value
+        lab.to_csv(tmp_path / "bad.csv", index=False)
+        assert climain.main(base[:2] + ["--patches", str(tmp_path / "p.csv"), "--labels", str(tmp_path / "bad.csv"),
+                                        "--out", str(tmp_path / "m.safetensors")]) == 2
+        assert f"(subject {labels.subject[3]!r} {said})" in capsys.readouterr().err
+
+
+def test_train_and_evaluate_warn_about_knees_without_an_roi(cohort, tmp_path):
+    """A patch table without any MTP patch trained and cross-validated without a word (beside numpy's 'Mean of empty
+    slice' warnings), giving a model with a cross-validated AUC that refuses every such knee in predict."""
+    import warnings
+
+    climain = _cli()
+    table, labels = cohort
+    table[table["roi"] != "MTP"].to_csv(tmp_path / "p.csv", index=False)
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    common = ["--quiet", "diagnose", "train", "--patches", str(tmp_path / "p.csv"), "--labels",
+              str(tmp_path / "labels.csv"), "--folds", "4", "--aggregator", "logistic"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert climain.main(common + ["--source", "mine", "--out", str(tmp_path / "m.safetensors")]) == 0
+    said = [str(w.message) for w in seen]
+    assert len(said) == 1 and said[0].startswith("mine: 40 of 40 labelled knee(s) have no valid patch in some ROI "
+                                                 "(S000: MTP;"), said  # and no numpy 'Mean of empty slice'
+    ev = ["--quiet", "diagnose", "evaluate", "--patches", str(tmp_path / "p.csv"), "--labels",
+          str(tmp_path / "labels.csv"), "--folds", "4", "--aggregators", "logistic", "--out", str(tmp_path / "ev")]
+    with pytest.warns(UserWarning, match=r"input: 40 of 40 labelled knee\(s\) have no valid patch in some ROI"):
+        assert climain.main(ev) == 0
+    table.to_csv(tmp_path / "p.csv", index=False)  # knees with all four ROIs: no warning
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert climain.main(common + ["--out", str(tmp_path / "m.safetensors")]) == 0
+    assert not seen, [str(w.message) for w in seen]

@@ -133,7 +133,7 @@ def _evaluate(args) -> int:
     from ..diagnosis import report
     from ..diagnosis.data import check_labels, use_parameter_columns
     from ..io import ensure_writable_dir
-    from ..io.atomic import merge_json, remove_stale_outputs
+    from ..io.atomic import merge_json, remove_stale_outputs, remove_stale_partials
     from ..progress import info
     from ..report.format import fmt
 
@@ -174,14 +174,24 @@ def _evaluate(args) -> int:
                       f"by up to {1 / max(1, n // 2):.2f}); take them as indicative", stacklevel=2)
     block, results = diagnosis.compare_sources(sources, args.labels, aggs, args.folds, args.seed, pairs=pairs,
                                                workers=args.workers)
-    merge_json(out / "metrics.json", {"diagnosis": block, "diagnosis_settings": {  # evaluate's blocks stay
-        "folds": args.folds, "seed": args.seed, "aggregators": {a: diagnosis.DEFAULTS[a] for a in aggs},
-        "compare": [f"{a}:{b}" for a, b in pairs]}})
+    # A run stopped while it writes (SIGKILL, a full disk) must not leave an earlier run's diagnosis block in
+    # metrics.json beside this run's table, or this run's block beside the earlier run's out-of-fold predictions and
+    # figures (which `ctsma report study` reads with it): the earlier block goes first, the new one comes last, once
+    # the files it describes are in place. Other commands' blocks (`ctsma evaluate`'s) stay throughout.
+    metrics = out / "metrics.json"
+    if metrics.is_file():
+        merge_json(metrics, {}, drop=("diagnosis", "diagnosis_settings"))
+    for name in ("diagnosis_table.md", "diagnosis_table.csv", "oof_predictions.csv",
+                 *(f"roc_{a}.png" for a in AGG_CHOICES)):
+        remove_stale_partials(out / name)  # the temporary files of a killed run's writes
     report.write_table(block, out)
     rocs = report.write_roc_plots(results, out)
     # an earlier run's curves of aggregators not run now would sit beside tables that no longer hold them
     remove_stale_outputs(out, [f"roc_{a}.png" for a in AGG_CHOICES], [p.name for p in rocs])
     report.write_oof(results, out / "oof_predictions.csv")
+    merge_json(metrics, {"diagnosis": block, "diagnosis_settings": {  # evaluate's blocks stay
+        "folds": args.folds, "seed": args.seed, "aggregators": {a: diagnosis.DEFAULTS[a] for a in aggs},
+        "compare": [f"{a}:{b}" for a, b in pairs]}})
     for key, m in block.items():
         info(f"{key}: AUC {m['auc']:.3f} [{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}], F1 {fmt(m['f1'])}, "
              f"{_severity(m)}" +

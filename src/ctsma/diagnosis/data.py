@@ -9,6 +9,7 @@ parameters and its position are finite.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,7 +61,7 @@ def check_patch_table(table, what: str = "patch table") -> pd.DataFrame:
     missing = [c for c in PATCH_COLUMNS if c not in df.columns]
     if missing:
         hint = ""
-        if any(f"mr_{p}" in df.columns for p in PARAMETERS):
+        if any(p in missing for p in PARAMETERS) and any(f"mr_{p}" in df.columns for p in PARAMETERS):
             hint = " (this looks like a patch store table: choose its mr_ or true_ columns with a prefix)"
         raise UserError(f"{what} lacks the column(s) {', '.join(missing)}; it needs {', '.join(PATCH_COLUMNS)}{hint}")
     df["subject"] = df["subject"].astype(str)
@@ -86,8 +87,10 @@ def check_labels(labels, what: str = "labels") -> pd.DataFrame:
         raise UserError(f"{what} lists subject {dup!r} more than once")
     oa = pd.to_numeric(df["oa"], errors="coerce")
     if not oa.isin((0, 1)).all():
-        bad = df.loc[~oa.isin((0, 1)), "subject"].iloc[0]
-        raise UserError(f"{what}: 'oa' must be 0 or 1 for every subject (subject {bad!r} is not)")
+        bad = df.loc[~oa.isin((0, 1))].iloc[0]
+        cell = "" if pd.isna(bad["oa"]) else str(bad["oa"]).strip()
+        raise UserError(f"{what}: 'oa' must be 0 or 1 for every subject (subject {bad['subject']!r} has "
+                        f"{repr(cell) if cell else 'none'})")
     df["oa"] = oa.astype(int)
     df["severity"] = numbers(df, "severity", what) if "severity" in df.columns else np.nan
     return df[["subject", "oa", "severity"]].set_index("subject")
@@ -183,6 +186,24 @@ def build_kneeset(patch_table, labels=None) -> KneeSet:
     return KneeSet(subjects, params, rois, pos, means, oa, sev)
 
 
+def warn_incomplete_knees(knees: KneeSet, what: str = "") -> list[str]:
+    """Warn, naming them, about the labelled knees without a valid patch in some ROI: cross-validation and training
+    use them (the ROI-mean models with the training mean in place of the missing ROI), while :func:`predict` gives
+    such a knee no probability, so a cohort of them gets a cross-validated AUC that no prediction would match.
+    Returns the knees."""
+    gaps = {s: [r for j, r in enumerate(ROI_ORDER) if not np.any(idx == j)]
+            for s, idx in zip(knees.subjects, knees.roi_index)}
+    gaps = {s: rois for s, rois in gaps.items() if rois}
+    if gaps:
+        shown = "; ".join(f"{s}: {', '.join(r)}" for s, r in list(gaps.items())[:5]) + (" …" if len(gaps) > 5 else "")
+        warnings.warn(f"{what + ': ' if what else ''}{len(gaps)} of {len(knees)} labelled knee(s) have no valid "
+                      f"patch in some ROI ({shown}); cross-validation and training use them (the logistic and MLP "
+                      "models with the training knees' mean in place of the missing ROI), but `predict` gives such a "
+                      "knee no probability: check the ROIs",
+                      stacklevel=3)
+    return list(gaps)
+
+
 REFERENCE_DESCRIPTION = ("non-OA knees (oa = 0) of the diagnosis model's training cohort: mean and SD (ddof 1) "
                          "across knees of each knee's ROI mean")
 
@@ -220,8 +241,10 @@ class Normaliser:
     def fit(cls, knees: KneeSet) -> "Normaliser":
         allp = np.concatenate(knees.params)
         allpos = np.concatenate(knees.positions)
-        mm = np.nanmean(knees.roi_means, axis=0)
-        ms = np.nanstd(knees.roi_means, axis=0)
+        with warnings.catch_warnings():  # an ROI without a patch in any knee (warn_incomplete_knees said so)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mm = np.nanmean(knees.roi_means, axis=0)
+            ms = np.nanstd(knees.roi_means, axis=0)
         mm = np.where(np.isfinite(mm), mm, 0.0)
         ms = np.where(np.isfinite(ms) & (ms > 0), ms, 1.0)
         ps = allp.std(axis=0)

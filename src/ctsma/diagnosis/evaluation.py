@@ -19,7 +19,7 @@ from .. import progress, stats
 from ..errors import UserError
 from ..progress import track
 from .aggregators import make_aggregator
-from .data import KneeSet, build_kneeset, read_table
+from .data import KneeSet, build_kneeset, read_table, warn_incomplete_knees
 
 DEFAULT_FOLDS = 5
 DEFAULT_SEED = 0
@@ -76,11 +76,19 @@ def score(oa, prob, severity=None, severity_pred=None) -> dict:
     return out
 
 
+def severity_trained(knees: KneeSet) -> bool:
+    """Whether ``knees`` hold the two or more severity labels a severity model learns from (else every aggregator
+    predicts a constant, which a model file and the out-of-fold table give as no severity)."""
+    return knees.severity is not None and int(np.isfinite(knees.severity).sum()) >= 2
+
+
 def _fold_job(aggregator: str, config: dict | None, train: KneeSet, test: KneeSet, seed: int):
     """Fit on one fold's training knees, predict its test knees: (probabilities, severities, seconds)."""
     t0 = time.perf_counter()
     model = make_aggregator(aggregator, config).fit(train, seed=seed)
     prob, sev = model.predict(test)
+    if not severity_trained(train):  # the severity head learnt nothing: its output (a constant) is no prediction
+        sev = np.full(len(test), np.nan)
     return prob, sev, time.perf_counter() - t0
 
 
@@ -159,6 +167,8 @@ def compare_sources(tables: Mapping[str, object], labels, aggregators: Sequence[
 
     lab = read_table(labels, "labels")
     knees_by_source = {s: build_kneeset(t, lab) for s, t in tables.items()}
+    for s, knees in knees_by_source.items():
+        warn_incomplete_knees(knees, s)
     keys = [(src, agg) for src in knees_by_source for agg in aggregators]
     finished: dict[tuple[str, str], CVResult] = {}
     if workers > 1:

@@ -20,8 +20,9 @@ from ..errors import ModelFileError, UserError
 from ..modelfile import load_model, save_model
 from .aggregators import AGGREGATORS, Aggregator, make_aggregator
 from .data import (NO_VALID_PATCH, REFERENCE_DESCRIPTION, ROI_ORDER, build_kneeset, check_patch_table,
-                   incomplete_knee_message, knees_without_patches, reference_ranges, rois_without_patches)
-from .evaluation import DEFAULT_FOLDS, DEFAULT_SEED, cross_validate
+                   incomplete_knee_message, knees_without_patches, reference_ranges, rois_without_patches,
+                   warn_incomplete_knees)
+from .evaluation import DEFAULT_FOLDS, DEFAULT_SEED, cross_validate, severity_trained
 
 KIND = "diagnosis"
 
@@ -42,6 +43,7 @@ def train(patch_table, labels, aggregator: str = "transformer", *, seed: int = D
     """Cross-validate (unless ``folds`` is None; its folds in ``workers`` processes), then fit on all labelled
     knees."""
     knees = build_kneeset(patch_table, labels)
+    warn_incomplete_knees(knees, source)
     n_oa = int(np.sum(knees.oa))
     if n_oa in (0, len(knees)):  # a classifier needs both classes, with or without cross-validation
         raise UserError(f"the labels hold only one class ({n_oa} knees with OA, {len(knees) - n_oa} without); "
@@ -55,7 +57,7 @@ def train(patch_table, labels, aggregator: str = "transformer", *, seed: int = D
         "aggregator": aggregator, "config": agg.config, "source": source, "seed": seed,
         "parameters": list(PARAMETERS), "units": {p: PARAMETER_UNITS[p] for p in PARAMETERS},
         "rois": list(ROI_ORDER), "n_train": len(knees), "n_train_oa": int(knees.oa.sum()),
-        "severity_trained": bool(np.isfinite(knees.severity).sum() >= 2),
+        "severity_trained": severity_trained(knees),
         "cv_metrics": None if cv is None else cv.metrics,
         "cv_description": None if cv is None else
         f"{folds}-fold patient-level stratified cross-validation, seed {seed}, pooled out-of-fold predictions",
