@@ -501,3 +501,39 @@ def test_demo_rerun_with_other_settings_does_not_leave_the_earlier_results_as_it
         run_demo(out, DemoSettings(seed=1))
     assert not (out / "metrics.json").exists() and not (out / "report").exists()
     assert not list((out / "scene").glob("*.mrb"))
+
+
+def test_demo_refuses_an_out_folder_with_another_commands_results(tmp_path, monkeypatch, capsys):
+    """`ctsma demo --out` a folder of `ctsma evaluate` / `ctsma diagnose evaluate` deleted their shared metrics.json
+    (and any report/) as 'earlier results' of a demo, then ran its stages there. A demo's own folder, a new one and
+    one with unrelated files are accepted."""
+    import json
+
+    import ctsma.cli.main as climain
+    from ctsma.demo import DemoSettings, run_demo, stages
+    from ctsma.demo import run as demo_run
+    from ctsma.errors import UserError
+
+    for name in ("phantom", "synthesis", "registration", "dataset", "training", "evaluation", "diagnosis",
+                 "inference"):
+        monkeypatch.setattr(stages, name, lambda ctx, d: {})
+    monkeypatch.setattr(demo_run, "report", lambda ctx, d, t: (ctx.out / "metrics.json").write_text("{}") and {})
+    theirs = tmp_path / "evaluation_results"
+    theirs.mkdir()
+    mine = {"regression": {"teacher": {"mean_icc21": 0.8}}, "diagnosis": {"a/logistic": {"auc": 0.9}}}
+    (theirs / "metrics.json").write_text(json.dumps(mine))
+    with pytest.raises(UserError, match="holds metrics.json of another command, not of a demo"):
+        run_demo(theirs, DemoSettings())
+    assert json.loads((theirs / "metrics.json").read_text()) == mine and sorted(theirs.iterdir()) == [
+        theirs / "metrics.json"]
+    assert climain.main(["demo", "--out", str(theirs)]) == 2
+    assert "--out" in capsys.readouterr().err
+    other = tmp_path / "other"  # unrelated files only: accepted, and kept
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    run_demo(other, DemoSettings())
+    assert (other / "notes.txt").read_text() == "mine" and (other / ".stages").is_dir()
+    run_demo(other, DemoSettings(seed=1))  # a demo's folder, with its metrics.json: a rerun is accepted
+    import shutil
+    shutil.rmtree(other / ".stages")  # its stage records deleted (to rerun all): still a demo's folder
+    run_demo(other, DemoSettings())

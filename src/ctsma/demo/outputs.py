@@ -90,6 +90,27 @@ def _remove_scenes(out: Path) -> bool:
     return bool(found)
 
 
+DEMO_STAGES = ("phantom", "synthesis", "registration", "dataset", "training", "evaluation", "diagnosis", "inference")
+
+
+def check_demo_folder(out: Path) -> None:
+    """Refuse an ``--out`` folder that holds another command's results where the demo writes and removes its own
+    (``metrics.json``, ``report/``, ``scene/``): :func:`remove_earlier_outputs` would delete them, e.g. the
+    ``metrics.json`` that ``ctsma evaluate`` and ``ctsma diagnose evaluate`` share. A demo's folder (its stage
+    records in ``.stages/`` or a stage's folder) and a new or unrelated folder are accepted."""
+    from ..errors import UserError
+
+    out = Path(out)
+    if (out / ".stages").is_dir() or any((out / name).is_dir() for name in DEMO_STAGES):
+        return
+    theirs = [name for name, there in (("metrics.json", (out / "metrics.json").exists()),
+                                       ("report/", (out / "report").exists()), ("scene/", (out / "scene").exists()))
+              if there]
+    if theirs:
+        raise UserError(f"--out {out} holds {', '.join(theirs)} of another command, not of a demo: the demo would "
+                        "replace them; choose a new or empty folder (or an earlier demo's)")
+
+
 def remove_earlier_outputs(out: Path) -> None:
     """Remove an earlier run's ``metrics.json``, ``report/`` and scene, which the report stage writes outside the
     stages' folders: called when a stage before the report is to run, so that a rerun with other settings that fails

@@ -9,13 +9,14 @@ from .. import progress
 from ..io import ensure_writable_dir
 from ..pipeline import Stage, StageRunner, code_fingerprint
 from . import stages
-from .outputs import remove_earlier_outputs, report
+from .outputs import check_demo_folder, remove_earlier_outputs, report
 from .settings import DemoSettings
 
 
 def run_demo(out_dir, settings: DemoSettings | None = None) -> dict:
     s = settings or DemoSettings()
     stages.check_settings(s)  # a missing file or a setting that a later stage would refuse: before the folder is made
+    check_demo_folder(Path(out_dir))  # before anything is made in it
     out = ensure_writable_dir(out_dir).resolve()  # configs resolve relative paths against their own folder
     ctx = stages.Context(out, s)
     runner = StageRunner(out, code=code_fingerprint())
