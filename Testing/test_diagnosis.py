@@ -551,3 +551,16 @@ def test_train_and_evaluate_warn_about_knees_without_an_roi(cohort, tmp_path):
         warnings.simplefilter("always")
         assert climain.main(common + ["--out", str(tmp_path / "m.safetensors")]) == 0
     assert not seen, [str(w.message) for w in seen]
+
+
+def test_an_aggregator_named_twice_is_cross_validated_once(cohort, monkeypatch):
+    """`--aggregators logistic,logistic` (or the demo's `aggregators: [logistic, logistic]`) ran each of its
+    cross-validations twice, for one entry in the results."""
+    from ctsma.diagnosis import evaluation
+
+    table, labels = cohort
+    calls = []
+    real = evaluation.cross_validate
+    monkeypatch.setattr(evaluation, "cross_validate", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    block, _ = dg.compare_sources({"a": table}, labels, ["logistic", "logistic"], folds=4)
+    assert calls == ["logistic"] and list(block) == ["a/logistic"]

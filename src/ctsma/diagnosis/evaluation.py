@@ -165,6 +165,7 @@ def compare_sources(tables: Mapping[str, object], labels, aggregators: Sequence[
     """
     from ..processes import run_jobs
 
+    aggregators = list(dict.fromkeys(aggregators))  # "logistic,logistic" cross-validated it twice, for one entry
     lab = read_table(labels, "labels")
     knees_by_source = {s: build_kneeset(t, lab) for s, t in tables.items()}
     for s, knees in knees_by_source.items():
