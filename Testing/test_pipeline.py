@@ -537,3 +537,29 @@ def test_demo_refuses_an_out_folder_with_another_commands_results(tmp_path, monk
     import shutil
     shutil.rmtree(other / ".stages")  # its stage records deleted (to rerun all): still a demo's folder
     run_demo(other, DemoSettings())
+
+
+def test_demo_cohort_with_one_class_stops_after_its_phantom_stage(tmp_path, monkeypatch):
+    """n = 8, seed 52 draws 8 knees with OA: the demo ran the synthesis, registration, dataset and training (many
+    minutes) before its diagnosis stage refused the cohort. And the inference stage, whose diagnosis model leaves out
+    the held-out knee, said 'the cohort has 1 knee(s) with OA' of a cohort with 2."""
+    import pandas as pd
+
+    import ctsma.phantom as phantom
+    from ctsma.demo import stages
+    from ctsma.demo.settings import DemoSettings
+    from ctsma.errors import UserError
+
+    def cohort(settings, n, seed, d, workers=1):
+        pd.DataFrame({"subject": [f"P{i:04d}" for i in range(n)], "oa": [1] * n,
+                      "kl_grade": [3] * n}).to_csv(Path(d) / "manifest.csv", index=False)
+
+    monkeypatch.setattr(phantom, "generate_cohort", cohort)
+    ctx = stages.Context(tmp_path, DemoSettings(n=8, seed=52))
+    (tmp_path / "phantom").mkdir()
+    with pytest.raises(UserError, match=r"the cohort \(n = 8, seed 52\) has 8 knee\(s\) with OA and 0 without: the "
+                                        r"diagnosis needs at least 2 of each \(use another --seed or a larger --n\)"):
+        stages.phantom(ctx, tmp_path / "phantom")
+    labels = pd.DataFrame({"subject": ["A", "B", "C", "D"], "oa": [1, 0, 0, 0]})
+    with pytest.raises(UserError, match="the cohort's analysable knees without the held-out knee P0001 has 1 knee"):
+        stages.diagnosis_folds(ctx, labels, "the cohort's analysable knees without the held-out knee P0001")

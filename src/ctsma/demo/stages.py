@@ -62,6 +62,8 @@ def phantom(ctx: Context, d: Path) -> dict:
 
     generate_cohort(make_settings(ctx.s.phantom_preset), ctx.s.n, ctx.s.seed, d, workers=ctx.s.workers)
     df = ctx.cohort()
+    # the diagnosis stage would refuse such a cohort only after the synthesis, registration, dataset and training
+    check_classes(df, f"the cohort (n = {ctx.s.n}, seed {ctx.s.seed})", "use another --seed or a larger --n")
     return {"n": int(len(df)), "oa": int(df.oa.sum()), "kl_grades": df.kl_grade.value_counts().sort_index().to_dict()}
 
 
@@ -406,16 +408,23 @@ def _analysable_labels(ctx: Context, tables: dict[str, pd.DataFrame]) -> tuple[p
 
 
 # ------------------------------------------------------------------ diagnosis
-def diagnosis_folds(ctx: Context, labels: pd.DataFrame) -> int:
-    """The diagnosis cross-validation's folds: ``diagnosis_folds``, or fewer when a small cohort has fewer knees
-    with (or without) OA than that (each fold needs one of each); a clear error below 2."""
+def check_classes(labels: pd.DataFrame, what: str, hint: str = "use a larger --n") -> int:
+    """The number of knees in the smaller class (with or without OA) of ``labels``; a one-line error naming ``what``
+    the knees are when it is below 2, which the diagnosis's cross-validation needs."""
     from ..errors import UserError
 
-    smallest = int(min((labels.oa == 1).sum(), (labels.oa == 0).sum()))
-    if smallest < 2:
-        raise UserError(f"the cohort has {int((labels.oa == 1).sum())} analysable knee(s) with OA and "
-                        f"{int((labels.oa == 0).sum())} without: the diagnosis needs at least 2 of each "
-                        "(use a larger --n)")
+    n_oa, n_no = int((labels.oa == 1).sum()), int((labels.oa == 0).sum())
+    if min(n_oa, n_no) < 2:
+        raise UserError(f"{what} has {n_oa} knee(s) with OA and {n_no} without: the diagnosis needs at least 2 of "
+                        f"each ({hint})")
+    return min(n_oa, n_no)
+
+
+def diagnosis_folds(ctx: Context, labels: pd.DataFrame, what: str = "the cohort's analysable knees") -> int:
+    """The diagnosis cross-validation's folds: ``diagnosis_folds``, or fewer when a small cohort has fewer knees
+    with (or without) OA than that (each fold needs one of each); a clear error below 2, naming ``what`` the
+    knees are."""
+    smallest = check_classes(labels, what)
     if smallest < ctx.s.diagnosis_folds:
         progress.info(f"  diagnosis: {smallest}-fold cross-validation instead of {ctx.s.diagnosis_folds}: the "
                       f"cohort has only {smallest} knees in its smaller class")
@@ -465,7 +474,8 @@ def inference(ctx: Context, d: Path) -> dict:
     labels = labels[labels.subject != subject]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = dx.train(others, labels, "transformer", seed=ctx.s.seed, folds=diagnosis_folds(ctx, labels),
+        folds = diagnosis_folds(ctx, labels, f"the cohort's analysable knees without the held-out knee {subject}")
+        model = dx.train(others, labels, "transformer", seed=ctx.s.seed, folds=folds,
                          source="student_distilled", workers=ctx.s.workers)
     dpath = dx.save(model, d / "diagnosis_model.safetensors")
     row = ctx.cohort().set_index("subject").loc[subject]
