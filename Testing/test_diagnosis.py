@@ -564,3 +564,17 @@ def test_an_aggregator_named_twice_is_cross_validated_once(cohort, monkeypatch):
     monkeypatch.setattr(evaluation, "cross_validate", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     block, _ = dg.compare_sources({"a": table}, labels, ["logistic", "logistic"], folds=4)
     assert calls == ["logistic"] and list(block) == ["a/logistic"]
+
+
+def test_few_knees_warning_gives_what_one_knee_of_the_smaller_class_moves(cohort, tmp_path):
+    """With 12 knees of which 3 have OA, the warning said one knee moves an AUC by up to 0.17 (1 / (n // 2), as if
+    the classes were even); one OA knee moved from the top of the ranking to the bottom moves it by 1/3."""
+    climain = _cli()
+    table, labels = cohort
+    lab = pd.concat([labels[labels.oa == 1].head(3), labels[labels.oa == 0].head(9)])
+    table.to_csv(tmp_path / "p.csv", index=False)
+    lab.to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.warns(UserWarning, match=r"only 12 labelled knees: .* by up to 0\.33\)"):
+        assert climain.main(["--quiet", "diagnose", "evaluate", "--patches", str(tmp_path / "p.csv"), "--labels",
+                             str(tmp_path / "labels.csv"), "--aggregators", "logistic", "--folds", "3",
+                             "--out", str(tmp_path / "ev")]) == 0

@@ -166,12 +166,14 @@ def _evaluate(args) -> int:
         prefixed.add(name)
         sources[name] = use_parameter_columns(sources[name], prefix, what=f"patch table of {name}")
     out = ensure_writable_dir(args.out)
-    n = len(check_labels(args.labels))
+    lab = check_labels(args.labels)
+    n, smaller = len(lab), int(min((lab["oa"] == 1).sum(), (lab["oa"] == 0).sum()))
     if n < FEW_KNEES:
         import warnings
 
+        # a knee of the smaller class moved from one end of the ranking to the other moves the AUC by 1/its count
         warnings.warn(f"only {n} labelled knees: AUCs and their CIs from so few are rough (one knee moves an AUC "
-                      f"by up to {1 / max(1, n // 2):.2f}); take them as indicative", stacklevel=2)
+                      f"by up to {1 / max(1, smaller):.2f}); take them as indicative", stacklevel=2)
     block, results = diagnosis.compare_sources(sources, args.labels, aggs, args.folds, args.seed, pairs=pairs,
                                                workers=args.workers)
     # A run stopped while it writes (SIGKILL, a full disk) must not leave an earlier run's diagnosis block in
