@@ -423,6 +423,24 @@ def test_no_probability_for_a_knee_without_patches_in_one_roi(cohort, agg, cfg):
     assert summary["oa_probability"] is None and "MTP" in summary["message"]
 
 
+def test_no_probability_for_a_knee_whose_parameters_lie_outside_every_training_knee(cohort):
+    """Tb.Th and Tb.Sp in µm (or another student's scale) gave a confident probability of nothing (1.000 and a
+    severity of 1290 on the demo's model): a knee whose ROI means lie FOREIGN_Z non-OA SDs from the model's non-OA
+    means now gets none, saying why; the training knees themselves, OA or not, all get one."""
+    table, labels = cohort
+    model = dg.train(table, labels, "logistic", folds=None)
+    assert dg.predict(model, table)["oa_probability"].notna().all()
+    odd = table.copy()
+    um = odd["subject"] == "S004"
+    odd.loc[um, ["Tb.Th", "Tb.Sp"]] *= 1000.0
+    pred = dg.predict(model, odd).set_index("subject")
+    row = pred.loc["S004"]
+    assert np.isnan(row["oa_probability"]) and np.isnan(row["severity"])
+    assert "outside every knee the diagnosis model learnt from" in row["message"] and "no diagnosis" in row["message"]
+    assert pred.drop(index="S004")["oa_probability"].notna().all()
+    assert dg.summary_for_knee(model, odd, subject="S004")["oa_probability"] is None
+
+
 def test_cli_predict_gives_each_incomplete_knee_a_row_without_probability(cohort, tmp_path, capsys):
     """`ctsma diagnose predict` over a table holding a knee without LTP patches: the batch is not aborted, that
     knee's row has no probability and names LTP (CSV, JSON and the printed table), the others are predicted."""

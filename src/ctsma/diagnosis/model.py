@@ -94,7 +94,8 @@ def predict(model: DiagnosisModel, patch_table, subjects=None) -> pd.DataFrame:
     any of the four ROIs, get an empty probability and severity and a message saying why (naming the ROIs),
     never a made-up value: every aggregator learnt from knees with all four ROIs (the ROI-mean models would fill
     a missing ROI's features with the training mean, the transformer would see a knee unlike any it learnt
-    from). This is the one rule for ``ctsma diagnose predict`` and ``ctsma infer``. The model's
+    from). Nor do knees whose ROI means lie outside every knee the model learnt from (:func:`out_of_domain`).
+    This is the one rule for ``ctsma diagnose predict`` and ``ctsma infer``. The model's
     cross-validated AUC (with CI), accuracy and severity MAE are added as columns ``cv_*``.
     """
     patches = check_patch_table(patch_table)
@@ -104,16 +105,19 @@ def predict(model: DiagnosisModel, patch_table, subjects=None) -> pd.DataFrame:
     n_valid = patches.loc[patches["valid"]].groupby("subject").size()
     rows = []
     ok_subjects = [s for s in wanted if s not in empty and s not in incomplete]
+    foreign: dict = {}
     if ok_subjects:
         knees = build_kneeset(patches[patches["subject"].isin(ok_subjects)].drop(columns="valid"))
+        foreign = out_of_domain(model, knees)
         prob, sev = model.aggregator.predict(knees)
         n = dict(zip(knees.subjects, (len(p) for p in knees.params)))
         res = dict(zip(knees.subjects, zip(prob, sev)))
     for s in wanted:
-        if s in empty or s in incomplete:
+        if s in empty or s in incomplete or s in foreign:
+            why = (incomplete_knee_message(incomplete[s]) if s in incomplete else
+                   foreign[s] if s in foreign else NO_VALID_PATCH)
             rows.append({"subject": s, "n_patches": int(n_valid.get(s, 0)), "oa_probability": np.nan,
-                         "oa_predicted": None, "severity": np.nan,
-                         "message": incomplete_knee_message(incomplete[s]) if s in incomplete else NO_VALID_PATCH})
+                         "oa_predicted": None, "severity": np.nan, "message": why})
         else:
             p, v = res[s]
             if not model.metadata.get("severity_trained", True):
@@ -128,6 +132,37 @@ def predict(model: DiagnosisModel, patch_table, subjects=None) -> pd.DataFrame:
     out["cv_auc_ci_low"], out["cv_auc_ci_high"] = ci[0], ci[1]
     out["cv_accuracy"] = cv.get("accuracy", np.nan)
     out["cv_severity_mae"] = cv.get("severity_mae", np.nan)
+    return out
+
+
+FOREIGN_Z = 20.0
+"""An ROI mean this many non-OA SDs from the model's non-OA mean lies outside every knee the model learnt from: the
+demo's 36 knees, OA or not, lie within 7.9 of them (distilled student), while Tb.Th or Tb.Sp in µm lie 10⁴ away and
+another student's scale (the true Tb.Th of about 0.25 mm for the MR-apparent 0.74) about 28."""
+
+
+def out_of_domain(model: DiagnosisModel, knees) -> dict:
+    """``{subject: message}`` for the knees whose ROI means lie :data:`FOREIGN_Z` or more of the model's non-OA
+    SDs (its ``reference_ranges``) from their means: parameters in another unit, or from a student of another
+    scale, which the model would turn into a confident and meaningless probability. A model without reference
+    ranges checks nothing."""
+    ref = {(r["roi"], r["parameter"]): (r["mean"], r["sd"]) for r in model.metadata.get("reference_ranges") or []
+           if r.get("sd")}
+    out = {}
+    for i, s in enumerate(knees.subjects):
+        worst = None
+        for j, (roi, p) in enumerate((roi, p) for roi in ROI_ORDER for p in PARAMETERS):
+            if (roi, p) in ref and np.isfinite(knees.roi_means[i, j]):
+                mean, sd = ref[(roi, p)]
+                z = (knees.roi_means[i, j] - mean) / sd
+                if abs(z) >= FOREIGN_Z and (worst is None or abs(z) > abs(worst[0])):
+                    worst = (z, roi, p, knees.roi_means[i, j], mean, sd)
+        if worst:
+            z, roi, p, v, mean, sd = worst
+            unit = PARAMETER_UNITS.get(p, "")
+            out[str(s)] = (f"its ROI means lie outside every knee the diagnosis model learnt from ({roi} {p} {v:.4g} "
+                           f"{unit} against the non-OA {mean:.3g} ± {sd:.2g}: {z:+.0f} SD): parameters in another "
+                           "unit, or from a student of another scale? no diagnosis")
     return out
 
 
