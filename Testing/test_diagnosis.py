@@ -237,6 +237,27 @@ def test_cli_train_evaluate_predict(cohort, tmp_path, capsys, monkeypatch):
         assert not (tmp_path / "w0").exists()
 
 
+def test_cli_says_how_many_patch_subjects_have_no_label(cohort, tmp_path, capsys):
+    """Patches of subjects the labels do not list are left out of training and cross-validation, as documented:
+    now said, with their number (labels of a part of the cohort passed without a word)."""
+    climain = _cli()
+    table, labels = cohort
+    table.to_csv(tmp_path / "p.csv", index=False)
+    labels.iloc[:30].to_csv(tmp_path / "labels.csv", index=False)
+    left = sorted(set(table["subject"]) - set(labels["subject"].iloc[:30]))
+    assert climain.main(["diagnose", "train", "--patches", str(tmp_path / "p.csv"), "--labels",
+                         str(tmp_path / "labels.csv"), "--aggregator", "logistic", "--no-cv",
+                         "--out", str(tmp_path / "m.safetensors")]) == 0
+    said = capsys.readouterr()
+    assert f"patch table: 10 of 40 subject(s) have no label and are not used ({', '.join(left[:5])} …)" in \
+        said.out + said.err
+    assert climain.main(["diagnose", "evaluate", "--patches", f"a={tmp_path / 'p.csv'}", "--labels",
+                         str(tmp_path / "labels.csv"), "--aggregators", "logistic", "--folds", "3",
+                         "--out", str(tmp_path / "ev")]) == 0
+    said = capsys.readouterr()
+    assert "patch table of a: 10 of 40 subject(s) have no label" in said.out + said.err
+
+
 @pytest.mark.parametrize("agg", ["transformer", "mlp"])
 def test_ensemble_averages_members_and_member0_is_the_single_network(cohort, tmp_path, agg):
     """``members: 3`` predicts the mean of three networks that differ only in their seed; member 0 is exactly the

@@ -75,7 +75,7 @@ def _check_folds(args) -> None:
 
 def _train(args) -> int:
     from .. import diagnosis
-    from ..diagnosis.data import use_parameter_columns
+    from ..diagnosis.data import check_labels, use_parameter_columns
     from ..progress import info
 
     _check_seed(args)
@@ -84,6 +84,7 @@ def _train(args) -> int:
     from ..io import ensure_output_file
     ensure_output_file(args.out, (".safetensors",))  # before any work
     patches = use_parameter_columns(args.patches, args.prefix)
+    _say_unlabelled("patch table", patches, check_labels(args.labels))
     model = diagnosis.train(patches, args.labels, args.aggregator, seed=args.seed,
                             folds=None if args.no_cv else args.folds, source=args.source, workers=args.workers)
     diagnosis.save(model, args.out)
@@ -92,6 +93,18 @@ def _train(args) -> int:
         info(f"{args.aggregator}: {_cv_line(cv)} (n={cv['n']})")
     info(f"model written to {args.out}")
     return 0
+
+
+def _say_unlabelled(what: str, patches, labels) -> None:
+    """Say how many subjects of a patch table have no label: they are left out of training and cross-validation,
+    which a table of another cohort, or labels of a part of it, would otherwise pass without a word."""
+    from ..progress import info
+
+    have = set(patches["subject"].astype(str))
+    left = sorted(have - set(labels.index.astype(str)))
+    if left:
+        info(f"{what}: {len(left)} of {len(have)} subject(s) have no label and are not used "
+             f"({', '.join(left[:5])}{' …' if len(left) > 5 else ''})")
 
 
 def _severity(m: dict) -> str:
@@ -131,7 +144,7 @@ def _evaluate(args) -> int:
 
     from .. import diagnosis
     from ..diagnosis import report
-    from ..diagnosis.data import check_labels, use_parameter_columns
+    from ..diagnosis.data import check_labels, read_table, use_parameter_columns
     from ..io import ensure_writable_dir
     from ..io.atomic import merge_json, remove_stale_outputs, remove_stale_partials
     from ..progress import info
@@ -167,6 +180,9 @@ def _evaluate(args) -> int:
         sources[name] = use_parameter_columns(sources[name], prefix, what=f"patch table of {name}")
     out = ensure_writable_dir(args.out)
     lab = check_labels(args.labels)
+    for name, table in sources.items():
+        sources[name] = read_table(table, f"patch table of {name}")  # read once, here (a path, or prefixed)
+        _say_unlabelled(f"patch table of {name}", sources[name], lab)
     n, smaller = len(lab), int(min((lab["oa"] == 1).sum(), (lab["oa"] == 0).sum()))
     if n < FEW_KNEES:
         import warnings
