@@ -495,7 +495,7 @@ def _no_launcher(monkeypatch):
     """An environment that no launcher of several nodes started (as on a plain machine)."""
     from lightning_fabric.plugins.environments import MPIEnvironment
 
-    from ctsma.models.train import LAUNCH_VARIABLES
+    from ctsma.models.launch import LAUNCH_VARIABLES
 
     for k in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES", "SLURM_JOB_NAME",
               "LSB_JOBID", "LSB_DJOB_RANKFILE", "JSM_NAMESPACE_LOCAL_RANK", "JSM_NAMESPACE_SIZE", *LAUNCH_VARIABLES):
@@ -508,12 +508,12 @@ def test_several_nodes_without_a_launcher_are_refused(store, tmp_path, monkeypat
     minutes; it ignored SIGTERM), after it had replaced the run folder. Now one line, and nothing written; a launch
     that Lightning recognises (srun as docs/training.md shows, torchrun, variables set by hand) goes on."""
     from ctsma.cli.main import main
-    from ctsma.models.train import _check_nodes
+    from ctsma.models.launch import check_nodes
 
     _no_launcher(monkeypatch)
-    _check_nodes(1)
+    check_nodes(1)
     with pytest.raises(ConfigError, match="trainer.num_nodes is 2, but no launcher of several nodes"):
-        _check_nodes(2)
+        check_nodes(2)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("optim:\n  max_epochs: 1\n")
     assert main(["train", "baseline", "--config", str(cfg), "--store", str(store.dir), "--out", str(tmp_path / "o"),
@@ -525,36 +525,36 @@ def test_several_nodes_without_a_launcher_are_refused(store, tmp_path, monkeypat
     for k, v in {"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "2", "SLURM_JOB_NAME": "job.sh",
                  "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}.items():
         monkeypatch.setenv(k, v)
-    _check_nodes(2)
+    check_nodes(2)
     monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive shell in an allocation: Lightning ignores SLURM
     with pytest.raises(ConfigError, match="no launcher"):
-        _check_nodes(2)
+        check_nodes(2)
     for k, v in (("TORCHELASTIC_RUN_ID", "1"), ("NODE_RANK", "1"), ("MASTER_ADDR", "node0")):
         _no_launcher(monkeypatch)
         monkeypatch.setenv(k, v)
-        _check_nodes(2)
+        check_nodes(2)
 
 
 def test_only_the_first_process_of_a_run_replaces_its_folder(monkeypatch):
     """Every process of a DDP run executes train(): each removed the run folder of a fresh run, so srun's tasks
     removed one folder at once (rmtree fails on the files another removed) and Lightning's second process, started
     by the first, removed what the first had begun. Only the process that its launcher made rank 0 does now."""
-    from ctsma.models.train import RANK_VARIABLES, _launched_as_rank_zero
+    from ctsma.models.launch import RANK_VARIABLES, launched_as_rank_zero
 
     for k in RANK_VARIABLES:
         monkeypatch.delenv(k, raising=False)
-    assert _launched_as_rank_zero()  # no launcher: the one process
+    assert launched_as_rank_zero()  # no launcher: the one process
     for k, v in (("SLURM_PROCID", "3"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("NODE_RANK", "1"),
                  ("JSM_NAMESPACE_RANK", "2"), ("OMPI_COMM_WORLD_RANK", "1"), ("PMI_RANK", "5")):
         monkeypatch.setenv(k, "0")
-        assert _launched_as_rank_zero()
+        assert launched_as_rank_zero()
         monkeypatch.setenv(k, v)
-        assert not _launched_as_rank_zero(), k
+        assert not launched_as_rank_zero(), k
         monkeypatch.delenv(k)
     # torchrun's rank 0 on node 0, under SLURM too
     for k, v in {**TORCHRUN, "SLURM_PROCID": "0", "NODE_RANK": "0"}.items():
         monkeypatch.setenv(k, v)
-    assert _launched_as_rank_zero()
+    assert launched_as_rank_zero()
 
 
 SLURM_TASK = {"SLURM_JOB_NAME": "job.sh", "SLURM_JOB_ID": "1234", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
@@ -616,15 +616,15 @@ def test_a_launcher_that_disagrees_with_the_config_is_refused(monkeypatch, env, 
 
     from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
-    from ctsma.models.train import _check_cluster
+    from ctsma.models.launch import check_cluster
 
     _launched(monkeypatch, env)
     t = SimpleNamespace(devices=devices, num_nodes=nodes, strategy=strategy)
     if refused is None:
-        _check_cluster(t)
+        check_cluster(t)
     else:
         with pytest.raises(ConfigError, match=refused):
-            _check_cluster(t)
+            check_cluster(t)
     cls = TorchElasticEnvironment if "TORCHELASTIC_RUN_ID" in env else SLURMEnvironment
     if lightning == "validate":
         if refused is None:
