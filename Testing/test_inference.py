@@ -37,20 +37,35 @@ def knee(tmp_path_factory) -> dict:
     return files | {"side": row["side"], "dir": out}
 
 
-@pytest.fixture(scope="module")
-def constant_student(tmp_path_factory) -> Path:
-    """A student whose output is exactly CONSTANT whatever the patch: its head's last layer is zero."""
+def _constant_student(folder: Path, values) -> Path:
+    """A student whose output is exactly ``values`` whatever the patch: its head's last layer is zero."""
     torch.manual_seed(0)
     net = PatchRegressor(2, 16, widths=(4, 8, 8, 8), head_hidden=8)
     y_mean, y_sd = np.array([0.25, 0.2, 0.7, 1.0]), np.array([0.05, 0.02, 0.1, 0.1])
     with torch.no_grad():
         last = net.head[-1]
         last.weight.zero_()
-        last.bias.copy_(torch.tensor((CONSTANT - y_mean) / y_sd, dtype=torch.float32))
+        last.bias.copy_(torch.tensor((np.asarray(values) - y_mean) / y_sd, dtype=torch.float32))
     meta = build_meta("student_distilled", net, modality="ct", spacing_mm=0.5, extent_mm=8.0, masks=True,
                       intensity_offset=0.0, intensity_scale=1000.0, target="mr", y_mean=y_mean, y_sd=y_sd,
                       training={}, metrics={})
-    return export_model(tmp_path_factory.mktemp("model") / "student.safetensors", net, meta)
+    return export_model(folder / "student.safetensors", net, meta)
+
+
+@pytest.fixture(scope="module")
+def constant_student(tmp_path_factory) -> Path:
+    """A student whose output is exactly CONSTANT whatever the patch."""
+    return _constant_student(tmp_path_factory.mktemp("model"), CONSTANT)
+
+
+DEMO_SCALE = np.array([0.22, 0.74, 1.5, 0.45])
+"""Parameters on the scale of the shipped models (MR-apparent: Tb.Th about 0.74 mm), among the knees the shipped
+diagnosis model learnt from, which gives knees far from them (CONSTANT's Tb.Th of 0.22 mm) no probability."""
+
+
+@pytest.fixture(scope="module")
+def demo_scale_student(tmp_path_factory) -> Path:
+    return _constant_student(tmp_path_factory.mktemp("model"), DEMO_SCALE)
 
 
 def _run(*args) -> int:
@@ -127,9 +142,14 @@ def test_infer_feeds_the_model_the_ct_patches_it_was_trained_on(knee, tmp_path):
                       intensity_offset=0.0, intensity_scale=1000.0, target="mr", y_mean=CONSTANT,
                       y_sd=np.full(4, 30.0), training={}, metrics={})  # a wide scale: outputs vary by ~0.01
     path = export_model(tmp_path / "random.safetensors", net, meta)
+    # the shipped diagnosis model without its reference ranges: this random student's parameters lie far outside
+    # its knees (Tb.Sp about 6 mm), for which it gives no probability, and the probability is what is compared here
+    dx = diagnosis.load(default_diagnosis_path())
+    dx.metadata.pop("reference_ranges")
+    dx_path = diagnosis.save(dx, tmp_path / "dx.safetensors")
     out = tmp_path / "run"
     assert _run(knee["ct"], "--out", out, "--model", path, "--segmentation", knee["bones_only"],
-                "--side", knee["side"]) == 0
+                "--side", knee["side"], "--diagnosis-model", dx_path) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ct_resolution"]["harmonisation_blur_mm"] == 0  # no reference in the model file: no blur
     patches = pd.read_csv(out / "patches.csv", dtype={"subject": str})
@@ -152,7 +172,8 @@ def test_infer_feeds_the_model_the_ct_patches_it_was_trained_on(knee, tmp_path):
         v = patches.loc[patches.roi == t.roi, t.parameter]
         assert t.n_patches == len(v) and t.mean == pytest.approx(v.mean(), rel=1e-9)
         assert t.median == pytest.approx(v.median(), rel=1e-9) and t.sd == pytest.approx(v.std(ddof=1), rel=1e-6)
-    pred = diagnosis.predict(diagnosis.load(default_diagnosis_path()), patches, subjects=[summary["subject"]])
+    pred = diagnosis.predict(diagnosis.load(dx_path), patches, subjects=[summary["subject"]])
+    assert summary["oa_probability"] is not None
     assert summary["oa_probability"] == pytest.approx(float(pred.iloc[0]["oa_probability"]), rel=1e-9)
 
 
@@ -504,7 +525,7 @@ def test_a_ct_whose_bone_is_unlike_the_training_knees_gets_a_warning(knee, tmp_p
         assert pd.read_csv(tmp_path / name / "patches.csv").equals(patches)
 
 
-def test_patient_report_from_a_real_infer_folder(knee, constant_student, tmp_path, monkeypatch):
+def test_patient_report_from_a_real_infer_folder(knee, demo_scale_student, tmp_path, monkeypatch):
     """`ctsma report patient` on what `infer` writes: the OA probability and the model's CV metrics land in their
     rows (no raw JSON), the provenance is readable, and the analysis notes carry infer's warnings."""
     from ctsma.report import patient_figures
@@ -512,7 +533,7 @@ def test_patient_report_from_a_real_infer_folder(knee, constant_student, tmp_pat
     for name in ("maps_figure", "overview_figure"):  # the text is what matters here
         monkeypatch.setattr(patient_figures, name, lambda *a, **k: None)
     out = tmp_path / "run"
-    assert _run(knee["ct"], "--out", out, "--model", constant_student) == 0  # side from anatomy: a warning
+    assert _run(knee["ct"], "--out", out, "--model", demo_scale_student) == 0  # side from anatomy: a warning
     summary = json.loads((out / "summary.json").read_text())
     assert summary["oa_probability"] is not None and summary["warnings"]
     assert cli_main(["--quiet", "report", "patient", str(knee["ct"]), str(out), "--format", "html"]) == 0
@@ -531,7 +552,7 @@ def test_patient_report_from_a_real_infer_folder(knee, constant_student, tmp_pat
     # own file in report/ stays
     report = next((out / "report").glob("*.html"))
     (out / "report" / "notes.txt").write_text("mine")
-    assert _run(knee["ct"], "--out", out, "--model", constant_student, "--stride", "5") == 0
+    assert _run(knee["ct"], "--out", out, "--model", demo_scale_student, "--stride", "5") == 0
     assert not report.exists() and (out / "report" / "notes.txt").read_text() == "mine"
 
 
