@@ -223,9 +223,10 @@ def test_training_mistakes(tmp_path, mrml_scene):
     assert status.state == FAILED and "without writing a training log" in status.last_error
 
 
-def test_only_the_last_analysis_keeps_its_copy_of_the_ct(mrml_scene, ct, tmp_path):
+def _quick_logic(tmp_path):
+    """The analysis logic with a process that finishes at once and outputs that load as nothing: what these tests
+    follow is the logic's folders and messages, not the analysis."""
     from CTSMALib.analysis_logic import CTSMALogic
-    from CTSMALib.parameters import AnalysisParameters
     from CTSMALib.process import DONE, RunStatus
 
     class Quick:
@@ -236,7 +237,14 @@ def test_only_the_last_analysis_keeps_its_copy_of_the_ct(mrml_scene, ct, tmp_pat
             return RunStatus(state=DONE)
 
     logic = CTSMALogic(runner_factory=Quick, work_root=tmp_path)
-    logic.loadAnalysisOutputs = lambda *a, **k: {}  # nothing to load: the folders are what this test follows
+    logic.loadAnalysisOutputs = lambda *a, **k: {}
+    return logic
+
+
+def test_only_the_last_analysis_keeps_its_copy_of_the_ct(mrml_scene, ct, tmp_path):
+    from CTSMALib.parameters import AnalysisParameters
+
+    logic = _quick_logic(tmp_path)
 
     def analyse(**kw):
         run = logic.startAnalysis(ct, AnalysisParameters(**kw))
@@ -264,18 +272,9 @@ def test_only_the_last_analysis_keeps_its_copy_of_the_ct(mrml_scene, ct, tmp_pat
 def test_a_segment_left_out_is_said_when_the_analysis_ends(mrml_scene, ct, tmp_path):
     """A misnamed ROI segment ('lateral tibia plateau' for LTP) is left out of the analysis. Before, the warning went
     to the Python console only: the analysis ended 'finished' with no LTP in it and nothing on screen said why."""
-    from CTSMALib.analysis_logic import CTSMALogic
-    from CTSMALib.process import DONE, RunStatus
+    from CTSMALib.process import DONE
 
-    class Quick:
-        def start_ctsma(self, args, work_dir, env=None, **_):
-            pass
-
-        def poll(self):
-            return RunStatus(state=DONE)
-
-    logic = CTSMALogic(runner_factory=Quick, work_root=tmp_path)
-    logic.loadAnalysisOutputs = lambda *a, **k: {}  # nothing to load: the message is what this test follows
+    logic = _quick_logic(tmp_path)
     rois = _segmentation(mrml_scene, ct, "my ROIs", [("MFC", slice(8, 10)), ("MTP", slice(2, 4)),
                                                      ("lateral tibia plateau", slice(0, 2))])
     with pytest.warns(UserWarning, match="left out"):  # still in the Python console
