@@ -13,7 +13,7 @@ from . import cli_args
 from .logic_base import CliLogic, Run
 from .parameters import AnalysisParameters
 from .process import DONE, FAILED
-from .scene_utils import remove_with_display, rollback_on_error
+from .scene_utils import remove_with_display, rollback_on_error, tagged_nodes
 from .training_logic import TrainingMixin
 from .volumes import dicom_slice_thickness
 
@@ -149,12 +149,10 @@ class CTSMALogic(TrainingMixin, CliLogic):
         if ctVolume is None:
             return []
         kept = {n.GetID() for n in keep if n is not None}
-        scene = self.scene
-        earlier = [node for node in (scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes()))
-                   if node.GetAttribute(RESULT_ATTRIBUTE) and node.GetID() not in kept
-                   and node.GetNodeReferenceID(SOURCE_ROLE) == ctVolume.GetID()]
+        earlier = [node for node in tagged_nodes(self.scene, RESULT_ATTRIBUTE, {SOURCE_ROLE: ctVolume.GetID()})
+                   if node.GetID() not in kept]
         names = [node.GetName() for node in earlier]
-        remove_with_display(scene, earlier)
+        remove_with_display(self.scene, earlier)
         return names
 
     def releaseRun(self) -> None:

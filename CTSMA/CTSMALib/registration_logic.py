@@ -8,7 +8,7 @@ from pathlib import Path
 from . import cli_args
 from .logic_base import CliLogic, Run
 from .parameters import RegistrationParameters
-from .scene_utils import remove_with_display, rollback_on_error
+from .scene_utils import remove_with_display, rollback_on_error, tagged_nodes
 
 PRESET_FOLDER = ("Presets", "registration")
 OUTPUTS = {"transform": "transform_ct_to_mr.h5", "mr_in_ct": "mr_in_ct.nii.gz",
@@ -119,10 +119,10 @@ class CTSMARegistrationLogic(CliLogic):
         the names removed."""
         kept = {n.GetID() for n in keep if n is not None}
         scene = self.scene
+        earlier = [n for n in tagged_nodes(scene, OUTPUT_ATTRIBUTE, {FIXED_ROLE: ctVolume.GetID(),
+                                                                     MOVING_ROLE: mrVolume.GetID()})
+                   if n.GetID() not in kept]
         nodes = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
-        earlier = [n for n in nodes if n.GetAttribute(OUTPUT_ATTRIBUTE) and n.GetID() not in kept
-                   and n.GetNodeReferenceID(FIXED_ROLE) == ctVolume.GetID()
-                   and n.GetNodeReferenceID(MOVING_ROLE) == mrVolume.GetID()]
         used = {n.GetTransformNodeID() for n in nodes if n.IsA("vtkMRMLTransformableNode") and n.GetTransformNodeID()}
         earlier = [n for n in earlier if n.GetID() not in used]
         names = [n.GetName() for n in earlier]

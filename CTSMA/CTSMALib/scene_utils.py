@@ -29,6 +29,14 @@ def _remove(scene, ids) -> None:
             scene.RemoveNode(node)
 
 
+def tagged_nodes(scene, attribute: str, references: dict) -> list:
+    """The nodes that carry ``attribute`` and whose node references of each role in ``references`` name that ID
+    (the results a module made from given inputs)."""
+    nodes = (scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes()))
+    return [n for n in nodes if n.GetAttribute(attribute)
+            and all(n.GetNodeReferenceID(role) == node_id for role, node_id in references.items())]
+
+
 def remove_with_display(scene, nodes) -> None:
     """Remove nodes from the scene with their display and storage nodes and their subject-hierarchy items (removing
     a node leaves them behind, outside the application at least)."""

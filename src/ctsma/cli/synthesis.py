@@ -66,15 +66,14 @@ def apply_cmd(args: argparse.Namespace) -> int:
     from ..io.images import IMAGE_SUFFIXES, read_image, write_image
     from ..synthesis.model import SynthesisModel
 
-    from ..registration.pipeline import check_mr_intensities, check_not_labels
+    from ..registration.pipeline import check_mr_intensities
 
     from ..progress import info
 
     ensure_output_file(args.out, IMAGE_SUFFIXES)  # before any work
     model = SynthesisModel.load(args.model)
     mr = read_image(args.mr, what="MR")
-    check_mr_intensities(mr, "synthesis makes a pseudo-CT from an MR (bone dark), not from a CT")
-    check_not_labels(mr, f"MR {args.mr}")
+    check_mr_intensities(mr, "synthesis makes a pseudo-CT from an MR (bone dark), not from a CT", f"MR {args.mr}")
     info(f"synthesising a pseudo-CT of {' x '.join(map(str, mr.GetSize()))} voxels ...")
     write_image(model.apply(mr), args.out)
     info(f"pseudo-CT written to {args.out}")

@@ -273,9 +273,8 @@ def build_subject(row: dict, root: Path, s: BuildSettings, registrations: Path |
         ct = read_image(_path(root, row.get("ct")) or Path("<missing ct>"), what=f"CT of {subject}")
         check_ct_intensities(ct, what=f"CT of {subject}")  # an MR in the ct column would give garbage patches
         mr = read_image(_path(root, row.get("mr")) or Path("<missing mr>"), what=f"MR of {subject}")
-        from ..registration.pipeline import check_mr_intensities, check_not_labels
-        check_mr_intensities(mr, hint="the manifest's mr column must name the MR")
-        check_not_labels(mr, f"MR of {subject}")
+        from ..registration.pipeline import check_mr_intensities
+        check_mr_intensities(mr, hint="the manifest's mr column must name the MR", what=f"MR of {subject}")
     except InputImageError as exc:
         raise SubjectExcluded(str(exc)) from None
     from ..harmonise import MATCH_TOLERANCE_MM, blurred_crop, inplane_edge_sigma, matching_blur, slice_thickness

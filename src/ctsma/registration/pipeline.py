@@ -59,13 +59,15 @@ class RegistrationResult:
                 "settings": self.preset.to_dict()}
 
 
-def check_mr_intensities(mr: sitk.Image, hint: str = "give the MR first and the CT second") -> None:
-    """Refuse an MR that looks like a CT in HU: a magnitude MR is never negative, while a CT's air (-1000) and fat
-    (about -100) are; ``hint`` ends the message. A normalised MR (z-scores) stays far above -50."""
+def check_mr_intensities(mr: sitk.Image, hint: str = "give the MR first and the CT second", what: str = "MR") -> None:
+    """Refuse what is not an MR: a CT in HU (a magnitude MR is never negative, while a CT's air (-1000) and fat
+    (about -100) are; ``hint`` ends the message; a normalised MR (z-scores) stays far above -50), and a label image
+    (:func:`check_not_labels`; ``what`` names the image there)."""
     arr = sitk.GetArrayViewFromImage(mr)
     lo = float(np.percentile(arr.ravel()[:: max(1, arr.size // 1_000_000)], 0.5))
     if lo < -50:
         raise InputImageError(f"MR intensities go down to {lo:.0f}, like a CT in Hounsfield units; {hint}")
+    check_not_labels(mr, what)
 
 
 def check_not_labels(img: sitk.Image, what: str) -> None:
@@ -138,8 +140,7 @@ def register(mr: sitk.Image, ct: sitk.Image, *, preset: Preset | str = "default"
     ct = check_image(ct, what="CT")
     mr = check_image(mr, what="MR")
     check_ct_intensities(ct)
-    check_mr_intensities(mr)
-    check_not_labels(mr, "MR")  # mr_rois/mr_bones given as the MR: else registered with bone Dice 0, exit 3
+    check_mr_intensities(mr)  # a CT, or mr_rois/mr_bones given as the MR (else registered with bone Dice 0, exit 3)
     names = list(preset.per_bone.bones) if preset.per_bone.enabled else ["femur", "tibia"]
     ct_bones = validate_bones(ct_bones, ct, names=names) if ct_bones is not None else automatic_bones(ct)
 
