@@ -132,6 +132,19 @@ def test_bad_inputs_are_user_errors(cohort):
         dg.cross_validate(table, labels, "svm")
 
 
+
+def test_labels_read_a_spreadsheets_true_false_and_yes_no(tmp_path):
+    """A labels sheet saved from a spreadsheet says TRUE/FALSE (or yes/no): it was refused as not 0 or 1."""
+    from ctsma.diagnosis.data import check_labels
+
+    f = tmp_path / "labels.csv"
+    f.write_text("subject,oa\nA,TRUE\nB,False\nC, yes\nD,no\nE,1\nF,0\n", encoding="utf-8")
+    assert check_labels(f)["oa"].tolist() == [1, 0, 1, 0, 1, 0]
+    f.write_text("subject,oa\nA,TRUE\nB,maybe\n", encoding="utf-8")
+    with pytest.raises(UserError, match="subject 'B' has 'maybe'"):
+        check_labels(f)
+
+
 @pytest.mark.parametrize("agg,cfg", [("logistic", None), ("transformer", {"steps": 4}), ("mlp", {"epochs": 5})])
 def test_model_file_round_trip(cohort, tmp_path, agg, cfg):
     table, labels = cohort
@@ -541,7 +554,7 @@ def test_evaluate_stopped_while_writing_leaves_no_mixed_results(cohort, tmp_path
 def test_messages_on_a_table_that_is_not_a_patch_table_and_on_a_bad_oa_label(cohort, tmp_path, capsys):
     """`ctsma evaluate`'s regression_predictions.csv (subject, mr_<param>, teacher_<param>, no roi or position) given
     with --prefix teacher_ was called 'a patch store table' to be read with an mr_ or true_ prefix; and a label
-    such as 'yes' or an empty oa cell was refused without saying what the cell held."""
+    such as 'maybe' or an empty oa cell was refused without saying what the cell held."""
     climain = _cli()
     table, labels = cohort
     preds = table[["subject"]].assign(**{f"{s}_{p}": table[p] for s in ("mr", "teacher")
@@ -555,7 +568,7 @@ def test_messages_on_a_table_that_is_not_a_patch_table_and_on_a_bad_oa_label(coh
     err = capsys.readouterr().err
     assert "lacks the column(s) roi, rel_x, rel_y, rel_z" in err and "patch store" not in err
     table.to_csv(tmp_path / "p.csv", index=False)
-    for value, said in (("yes", "has 'yes'"), ("", "has none"), ("2", "has '2'")):
+    for value, said in (("maybe", "has 'maybe'"), ("", "has none"), ("2", "has '2'")):
         lab = labels.astype({"oa": object})
         lab.loc[3, "oa"] = value
         lab.to_csv(tmp_path / "bad.csv", index=False)

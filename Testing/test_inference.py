@@ -839,7 +839,7 @@ def test_manifest_subjects_that_cannot_name_a_case_folder(knee, constant_student
 
     manifest = tmp_path / "cts.csv"
     pd.DataFrame({"subject": ["k1", None, "  k3 "], "ct": [str(knee["ct"])] * 3}).to_csv(manifest, index=False)
-    assert list(list_cases(manifest)["subject"]) == ["k1", Path(knee["ct"]).name.split(".")[0], "k3"]
+    assert list(list_cases(manifest)["subject"]) == ["k1", Path(knee["ct"]).parent.name, "k3"]
     for bad in ("../x", "a/b", ".."):
         pd.DataFrame({"subject": ["k1", bad], "ct": [str(knee["ct"])] * 2}).to_csv(manifest, index=False)
         assert _run(manifest, "--out", tmp_path / "out", "--model", constant_student) == 2
@@ -1036,12 +1036,26 @@ def test_a_batch_keeps_the_warnings_that_filters_ignore_silenced(monkeypatch):
 def test_a_ct_given_as_the_current_folder_is_named_after_it(tmp_path, monkeypatch):
     """`ctsma infer . --out ../result` inside a DICOM folder wrote an empty subject to summary.json and patches.csv,
     and `ctsma report patient` then refused to name the report ('subject ID '' has no letters or digits')."""
-    from ctsma.inference.engine import _subject_name
+    from ctsma.io.images import subject_from_path as _subject_name
 
     (tmp_path / "knee 7" / "dicom").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "knee 7" / "dicom")
     assert _subject_name(".") == "dicom" and _subject_name("..") == "knee 7"
     assert _subject_name("./") == "dicom" and _subject_name(tmp_path / "P01.nii.gz") == "P01"
+
+
+def test_a_ct_named_for_what_it_is_is_named_after_its_folder(tmp_path):
+    """The phantom and the contract write P0001/ct.nii.gz: its knee was called 'ct' in the outputs and report, and a
+    batch manifest of such paths without a subject column was refused as duplicate subjects ('ct', 'ct', ...)."""
+    from ctsma.inference.batch import list_cases
+    from ctsma.io.images import subject_from_path
+
+    assert subject_from_path(tmp_path / "P0001" / "ct.nii.gz") == "P0001"
+    assert subject_from_path(tmp_path / "knee 7" / "CT.NRRD") == "knee 7"
+    assert subject_from_path(tmp_path / "P0001" / "ct_left.nii.gz") == "ct_left"
+    assert subject_from_path(tmp_path / "P0001" / "CT") == "P0001"  # a DICOM folder called CT
+    (tmp_path / "m.csv").write_text("ct\nP0001/ct.nii.gz\nP0002/ct.nii.gz\n", encoding="utf-8")
+    assert list(list_cases(tmp_path / "m.csv").subject) == ["P0001", "P0002"]
 
 
 def test_infer_refuses_to_write_into_the_cts_dicom_folder(tmp_path, capsys):

@@ -216,6 +216,36 @@ def test_demo_reruns_only_what_depends_on_a_changed_n_or_variant_knees(tmp_path,
     assert run(n=14, variant_knees=2, seed=1) == [(name, []) for name in names]
 
 
+def test_demo_retrains_only_for_a_training_setting_of_its_config(tmp_path, monkeypatch):
+    """The training stage was keyed by the config file's text: a new ``evaluate.n_boot`` (read by the evaluation
+    alone), or a comment, retrained the nine CNNs (10 minutes). Now a training setting reruns the training and all
+    after it, an ``evaluate`` setting the evaluation and all after it, and a comment or another layout nothing."""
+    from ctsma.demo import DemoSettings, run_demo, stages
+    from ctsma.demo import run as demo_run
+    from ctsma.demo.stages import train_config_path
+
+    seen = []
+    names = ("phantom", "synthesis", "registration", "dataset", "training", "evaluation", "diagnosis", "inference")
+    for name in names:
+        monkeypatch.setattr(stages, name, lambda ctx, d, name=name: seen.append(name) or {})
+    monkeypatch.setattr(demo_run, "report", lambda ctx, d, timings: {})
+    text = train_config_path(DemoSettings()).read_text(encoding="utf-8")
+    config = tmp_path / "mine.yaml"
+
+    def run(yaml_text):
+        config.write_text(yaml_text, encoding="utf-8")
+        seen.clear()
+        run_demo(tmp_path / "out", DemoSettings(n=12, train_config=str(config)))
+        return seen
+
+    assert run(text) == list(names)
+    assert run("# my copy of the demo's settings\n" + text.replace(": ", ":   ")) == []
+    assert "n_boot: 1000" in text
+    assert run(text.replace("n_boot: 1000", "n_boot: 200")) == list(names[5:])
+    assert run(text.replace("n_boot: 1000", "n_boot: 200").replace("max_epochs: 40", "max_epochs: 39")) \
+        == list(names[4:])
+
+
 def test_demo_training_config_by_name_or_path(tmp_path):
     from ctsma.demo.settings import DemoSettings
     from ctsma.demo.stages import train_config_path

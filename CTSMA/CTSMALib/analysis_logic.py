@@ -121,7 +121,7 @@ class CTSMALogic(TrainingMixin, CliLogic):
             out = work / "out"
             args = cli_args.infer(ct, out, model=params.modelPath, device=params.device, bones=bones, rois=rois,
                                   side=params.side, match_sharpness=params.matchSharpness,
-                                  slice_thickness=dicom_slice_thickness(ctVolume))
+                                  slice_thickness=dicom_slice_thickness(ctVolume), subject=ctVolume.GetName())
             name = ctVolume.GetName()
             (work / SUBJECT_FILE).write_text(name, encoding="utf-8")  # whose CT this is, for the report
             inputs = [n for n in (ctVolume, boneSegmentation, roiSegmentation) if n is not None]

@@ -41,10 +41,13 @@ def create_rois(ct: Path, bones: Path, out: Path, side: str = "auto") -> list[st
 
 def infer(ct: Path, out: Path, model: str = "", device: str = "auto", bones: Path | None = None,
           rois: Path | None = None, side: str = "auto", match_sharpness: bool = True,
-          slice_thickness: float | None = None) -> list[str]:
+          slice_thickness: float | None = None, subject: str = "") -> list[str]:
     """``ctsma infer CT --out DIR`` writes maps, ROI/bone labels, roi_table.csv and summary.json;
-    ``slice_thickness``: the CT's DICOM SliceThickness, which the exported file does not carry."""
+    ``slice_thickness``: the CT's DICOM SliceThickness, which the exported file does not carry; ``subject``: the
+    knee's ID in the outputs (the CT volume's name; the exported file's name says nothing)."""
     args = ["infer", str(ct), "--out", str(out), "--device", device]
+    if subject.strip():
+        args += ["--subject", subject]
     if not match_sharpness:
         args += ["--no-harmonise"]
     if slice_thickness:

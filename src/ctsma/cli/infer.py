@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
                    help="the CT's nominal slice thickness, when its file does not say (a NIfTI converted from DICOM, "
                         "say; default: DICOM SliceThickness for a DICOM folder, else the slice spacing)")
     p.add_argument("--shard", help="batch mode: process shard i of N (i/N, from 0), for cluster job arrays")
-    p.add_argument("--subject", help="the knee's ID in the outputs and the report (default: the CT's file name; "
+    p.add_argument("--subject", help="the knee's ID in the outputs and the report (default: the CT's file name, or its "
+                   "folder's for a file called ct, image, scan or volume; "
                    "in batch mode the manifest's 'subject' column)")
     p.set_defaults(func=run)
 

@@ -154,6 +154,7 @@ def run_patient(args) -> int:
 
     from .. import PARAMETER_FILE_NAMES, progress
     from ..io import read_image
+    from ..io.images import subject_from_path
     from ..report import PATIENT_REPORT_FORMATS, patient_report_path, write_patient_report
     from ..report.patient import inputs_from_summary
 
@@ -191,7 +192,7 @@ def run_patient(args) -> int:
     if args.reference:
         inputs["reference_ranges"] = _read_csv(args.reference, "reference ranges", ["roi", "parameter", "mean", "sd"])
         inputs["reference_ranges"].attrs["source"] = f"the ranges given in {Path(args.reference).name}"
-    subject = args.subject or summary.get("subject") or Path(str(args.ct).rstrip("/")).name.split(".")[0]
+    subject = args.subject or summary.get("subject") or subject_from_path(args.ct)
     formats = PATIENT_REPORT_FORMATS if args.format == "both" else (args.format,)
     out = {f: patient_report_path(args.out or d, subject, f) for f in formats}
     write_patient_report(out, ct=ct, rois=rois, maps=maps, roi_table=roi_table, subject=subject, **inputs)

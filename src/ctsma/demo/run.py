@@ -20,7 +20,6 @@ def run_demo(out_dir, settings: DemoSettings | None = None) -> dict:
     out = ensure_writable_dir(out_dir).resolve()  # configs resolve relative paths against their own folder
     ctx = stages.Context(out, s)
     runner = StageRunner(out, code=code_fingerprint())
-    train_config = stages.train_config_path(s)
     plan = [
         # knee i is the same whatever n (its parameters come from the seed and i alone): a changed n keeps the knees
         Stage("phantom", lambda d: stages.phantom(ctx, d), {"seed": s.seed, "preset": s.phantom_preset},
@@ -36,10 +35,10 @@ def run_demo(out_dir, settings: DemoSettings | None = None) -> dict:
         # each knee's shard is keyed by its images' and registration's stamps before it is reused
         Stage("dataset", lambda d: stages.dataset(ctx, d), stages.dataset_settings(ctx).__dict__,
               "build the paired patch dataset", per_unit=True),
-        Stage("training", lambda d: stages.training(ctx, d),
-              {"folds": s.folds, "config": s.train_config, "config_text": train_config.read_text(encoding="utf-8")},
+        Stage("training", lambda d: stages.training(ctx, d), stages.training_key(ctx),
               f"train teacher, distilled and baseline students ({s.folds}-fold cross-fitting)"),
-        Stage("evaluation", lambda d: stages.evaluation(ctx, d), None, "evaluate on held-out patients"),
+        Stage("evaluation", lambda d: stages.evaluation(ctx, d), stages.evaluation_key(ctx),
+              "evaluate on held-out patients"),
         Stage("diagnosis", lambda d: stages.diagnosis(ctx, d),
               {"aggregators": s.aggregators, "folds": s.diagnosis_folds}, "train and evaluate OA diagnosis"),
         Stage("inference", lambda d: stages.inference(ctx, d), None, "CT-only inference on a held-out knee"),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +232,22 @@ def fold_config(ctx: Context, fold: int):
             "output": {"dir": str(ctx.out / "training" / f"fold{fold}")},
             "trainer": {"seed": ctx.s.seed, "progress_bar": False}}
     return load_train_config(path, over)
+
+
+def training_key(ctx: Context) -> dict:
+    """The training stage's settings: the training config as loaded (its layout and comments aside) without the
+    ``evaluate`` section, which only the evaluation reads (a new ``n_boot`` retrained the nine CNNs), and without
+    the paths that the demo sets inside its folder."""
+    cfg = asdict(fold_config(ctx, 0))
+    for section, name in (("data", "store"), ("data", "fold"), ("output", "dir")):
+        del cfg[section][name]
+    del cfg["evaluate"], cfg["base_dir"]
+    return {"folds": ctx.s.folds, "config": ctx.s.train_config, "training": cfg}
+
+
+def evaluation_key(ctx: Context) -> dict:
+    """The evaluation stage's own settings: the training config's ``evaluate`` section."""
+    return {"evaluate": asdict(fold_config(ctx, 0).evaluate)}
 
 
 def training(ctx: Context, d: Path) -> dict:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from .. import PARAMETERS, ROIS
 from ..errors import UserError
-from ..io.tables import numbers
+from ..io.tables import numbers, yes_no_numbers
 from ..io.tables import read_table as read_csv_table
 
 ROI_ORDER = tuple(ROIS)                      # MFC, LFC, MTP, LTP -> token ROI index 0..3
@@ -85,11 +85,12 @@ def check_labels(labels, what: str = "labels") -> pd.DataFrame:
     if df["subject"].duplicated().any():
         dup = df.loc[df["subject"].duplicated(), "subject"].iloc[0]
         raise UserError(f"{what} lists subject {dup!r} more than once")
-    oa = pd.to_numeric(df["oa"], errors="coerce")
+    oa = yes_no_numbers(df["oa"])
     if not oa.isin((0, 1)).all():
         bad = df.loc[~oa.isin((0, 1))].iloc[0]
         cell = "" if pd.isna(bad["oa"]) else str(bad["oa"]).strip()
-        raise UserError(f"{what}: 'oa' must be 0 or 1 for every subject (subject {bad['subject']!r} has "
+        raise UserError(f"{what}: 'oa' must be 0 or 1 (or true/false, yes/no) for every subject (subject "
+                        f"{bad['subject']!r} has "
                         f"{repr(cell) if cell else 'none'})")
     df["oa"] = oa.astype(int)
     df["severity"] = numbers(df, "severity", what) if "severity" in df.columns else np.nan

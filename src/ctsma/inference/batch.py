@@ -16,9 +16,9 @@ from ..errors import InputImageError, UserError
 from ..io import ensure_writable_dir, safe_join, write_json
 from ..io.atomic import (COMPLETION_MARKER, folder_name_problem, recorded_request,
                          remove_other_shard_layouts, remove_stale_staging, same_request)
-from ..io.images import IMAGE_SUFFIXES
+from ..io.images import IMAGE_SUFFIXES, subject_from_path
 from ..io.tables import line_numbers, numbers, read_table
-from .engine import (InferSettings, _subject_name, default_model_path, earlier_stamps, infer, load_diagnosis,
+from .engine import (InferSettings, default_model_path, earlier_stamps, infer, load_diagnosis,
                      request_record)
 
 
@@ -42,7 +42,7 @@ def list_cases(path: Path) -> pd.DataFrame:
         if "ct_bones" in df.columns:
             df["ct_bones"] = [str((path.parent / p).resolve()) if p else "" for p in df.ct_bones]
         given = df["subject"] if "subject" in df.columns else [""] * len(df)
-        df["subject"] = [g or _subject_name(p) for g, p in zip(given, df["ct"])]  # an empty cell: as with no column
+        df["subject"] = [g or subject_from_path(p) for g, p in zip(given, df["ct"])]  # an empty cell: as with no column
         if "side" in df.columns:  # as for 'ctsma dataset build': the knee's side from the scan's records
             side = df["side"].str.upper()
             bad = ~side.isin(("", "L", "R"))
@@ -59,7 +59,7 @@ def list_cases(path: Path) -> pd.DataFrame:
             df["slice_thickness"] = t
     else:
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
-        df = pd.DataFrame({"subject": [_subject_name(p) for p in files], "ct": [str(p) for p in files]})
+        df = pd.DataFrame({"subject": [subject_from_path(p) for p in files], "ct": [str(p) for p in files]})
     bad = [(s, why) for s in df.subject if (why := folder_name_problem(s))]
     if bad:  # each case's outputs go to DIR/<subject>/: refused before any case is run, not when its turn comes
         raise UserError(f"manifest {path.name}: subject {bad[0][0]!r} cannot name a case folder ({bad[0][1]})")

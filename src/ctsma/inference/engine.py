@@ -27,7 +27,6 @@ and lies outside the physical range of every parameter inside bone.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from ..harmonise import (MATCH_TOLERANCE_MM, PATCH, blurred_crop, inplane_edge_s
                          slice_thickness, through_plane_blur, through_plane_sigma)
 from ..io import read_image, write_image, write_json
 from ..io.atomic import ensure_writable_dir, staged_outputs
-from ..io.images import check_ct_intensities, same_grid
+from ..io.images import check_ct_intensities, same_grid, subject_from_path
 from ..models.export import FLIPS_DEFAULT, FLIPS_TTA
 from ..resources import resource_path
 from ..segmentation.geometry import crop_box
@@ -386,7 +385,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         unc_maps = blend_maps(crop_rois.shape, sp_zyx, crop_rois, cidx - lo, labels, sd, extent)
     table = roi_table(mean, labels)
     rel = relative_positions(centres, names)
-    subject = subject or _subject_name(ct_path)
+    subject = subject or subject_from_path(ct_path)
     ras = centres * np.array([-1.0, -1.0, 1.0])
     patch_rows = pd.DataFrame({"subject": subject, "roi": names, "centre_x": ras[:, 0], "centre_y": ras[:, 1],
                                "centre_z": ras[:, 2], "rel_x": rel[:, 0], "rel_y": rel[:, 1], "rel_z": rel[:, 2]})
@@ -584,14 +583,6 @@ class progress_stage:
     def __exit__(self, *exc):
         progress.emit(self.stage, self.total, self.total)
         return False
-
-
-def _subject_name(path) -> str:
-    name = Path(os.path.abspath(str(path))).name  # '.' (a DICOM folder as the current folder) names that folder
-    for suf in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.endswith(suf):
-            return name[: -len(suf)]
-    return name
 
 
 NO_DIAGNOSIS_FOR_OWN_STUDENT = ("no diagnosis model: the shipped one learnt from the shipped student's parameters; "

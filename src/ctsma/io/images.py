@@ -27,6 +27,25 @@ DEFAULT_MAX_VOXELS = int(os.environ.get("CTSMA_MAX_VOXELS", 2_000_000_000 // 4))
 """Default size limit for an input image (voxels), from the memory budget (float32: 2 GB)."""
 
 
+# File names that say what an image is, not whose: such a file is named after its folder (P0001/ct.nii.gz -> P0001).
+_GENERIC_STEMS = {"ct", "image", "scan", "volume"}
+
+
+def subject_from_path(path) -> str:
+    """The subject a CT path names when none is given: its file name without the image suffix; a DICOM folder (also
+    given as '.') by its name; a generically named file (``ct.nii.gz``, as the phantom and the contract write it)
+    by its folder."""
+    p = Path(os.path.abspath(str(path)))
+    name = p.name
+    for suf in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.casefold().endswith(suf):
+            name = name[: -len(suf)]
+            break
+    if name.casefold() in _GENERIC_STEMS and p.parent.name:
+        return p.parent.name
+    return name
+
+
 def _fmt(v) -> str:
     return "(" + ", ".join(f"{x:.7g}" for x in v) + ")"
 

@@ -137,3 +137,14 @@ def numbers(df: pd.DataFrame, column: str, what: str, error: type[UserError] = U
             where = [f"line {line}: {v!r}" for line, v, b in zip(line_numbers(df), text, bad) if b]
             raise error(f"{what}: the {column} column must hold numbers (or be empty); {_shown(where)}")
     return values
+
+
+_YES_NO = {"true": "1", "false": "0", "yes": "1", "no": "0"}
+
+
+def yes_no_numbers(column: pd.Series) -> pd.Series:
+    """A 0/1 column (``oa``) as numbers, with a spreadsheet's TRUE/FALSE and yes/no (any letter case) read as 1/0;
+    NaN where a cell is neither (the caller says what it needs)."""
+    said = column.astype(str).str.strip().str.casefold()
+    return pd.to_numeric(said.map(lambda v: _YES_NO.get(v, v)), errors="coerce")
+

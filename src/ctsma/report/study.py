@@ -20,6 +20,7 @@ import pandas as pd
 from .. import PARAMETERS, ROIS, __version__, progress
 from ..errors import UserError
 from ..io import ensure_writable_dir, safe_join
+from ..io.tables import yes_no_numbers
 from . import figures
 from .document import Document, Figure, Heading, PageBreak, Paragraph, Table
 from .format import (DASH, as_float, diagnosis_label, fmt, fmt_ci, fmt_int, fmt_seconds, fmt_sig,
@@ -107,7 +108,7 @@ def _cohort(cohort: pd.DataFrame | None, phantom: bool = True) -> list:
         kl = pd.to_numeric(c["kl_grade"], errors="coerce").dropna().astype(int).value_counts().sort_index()
         rows.append(["KL grade 0 / 1 / 2 / 3 / 4", " / ".join(str(kl.get(g, 0)) for g in range(5))])
     if "oa" in c:
-        oa = pd.to_numeric(c["oa"], errors="coerce")
+        oa = yes_no_numbers(c["oa"])
         rows.append(["OA (KL \u2265 2)", f"{int((oa == 1).sum())} ({100 * float((oa == 1).mean()):.0f} %)"])
     if "severity" in c:
         s = pd.to_numeric(c["severity"], errors="coerce").dropna()
@@ -123,7 +124,7 @@ def _cohort(cohort: pd.DataFrame | None, phantom: bool = True) -> list:
         more = f", and {len(names) - MAX_LISTED_SUBJECTS} more" if len(names) > MAX_LISTED_SUBJECTS else ""
         out.append(Paragraph("Knees: " + ", ".join(names[:MAX_LISTED_SUBJECTS]) + more + ".", "note"))
     truth_rows, kinds = [], []
-    oa = pd.to_numeric(c["oa"], errors="coerce") if "oa" in c else None
+    oa = yes_no_numbers(c["oa"]) if "oa" in c else None
     for roi in ROIS:
         for p in PARAMETERS:
             col = f"true_{roi}_{p}"
