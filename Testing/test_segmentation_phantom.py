@@ -180,3 +180,51 @@ def test_an_roi_image_given_as_bones_is_refused(knee_files, knee, tmp_path, caps
     sitk.WriteImage(knee[1][:, :, joint - 3:joint + 3], str(tmp_path / "slab.nii.gz"))
     with pytest.warns(UserWarning, match="looks like a subchondral ROI image"):
         read_user_labels(tmp_path / "slab.nii.gz", ct, "bones")
+
+
+def test_a_bone_image_given_as_rois_is_refused(knee_files, knee, tmp_path, capsys):
+    """A bone label image (femur=1, tibia=2, patella=3, fibula=4) given to `infer --rois` or as a manifest's
+    ct_rois was read as ROIs (the femur's whole volume as the MFC) without a word: refused by the record this
+    project writes beside it, by its geometry (labels 1 and 2 one above the other) where copied away from it, and by
+    a Slicer segmentation's segment names. The ROI images pass quietly."""
+    import shutil
+    import warnings
+
+    from ctsma.cli.main import main
+    from ctsma.errors import InputImageError
+    from ctsma.segmentation import read_user_labels, write_seg_nrrd
+
+    files, side = knee_files
+    ct = knee[0]
+    mr = sitk.ReadImage(str(files["mr"]))
+    with pytest.raises(InputImageError, match="is the phantom's ct_bones .*the ROIs are ct_rois.nii.gz"):
+        read_user_labels(files["ct_bones"], ct, "rois")
+    with pytest.raises(InputImageError, match="is the phantom's mr_bones"):
+        read_user_labels(files["mr_bones"], mr, "rois")
+    assert main(["--quiet", "segment", str(files["ct"]), "--bones", str(files["ct_bones"]), "--side", side,
+                 "--out", str(tmp_path / "seg")]) == 0
+    with pytest.raises(InputImageError, match="is the bone image written by 'ctsma segment'"):
+        read_user_labels(tmp_path / "seg" / "bones.nii.gz", ct, "rois")
+    shutil.copy(files["ct_bones"], tmp_path / "with_tissues.nii.gz")  # cartilage and other tissues: 10 and up
+    with pytest.raises(InputImageError, match=r"\[10, 11, 12\] \(10 and up are the other tissues of a bone label"):
+        read_user_labels(tmp_path / "with_tissues.nii.gz", ct, "rois")
+    for name, ref in (("ct_bones", ct), ("mr_bones", mr)):  # the bones alone, away from their record
+        bones_only = sitk.Threshold(sitk.ReadImage(str(files[name])), 0, 9, 0)
+        sitk.WriteImage(bones_only, str(tmp_path / f"{name}_copy.nii.gz"))
+        with pytest.raises(InputImageError, match="looks like a bone label image .* one above the other"):
+            read_user_labels(tmp_path / f"{name}_copy.nii.gz", ref, "rois")
+    capsys.readouterr()
+    rc = main(["--quiet", "infer", str(files["ct"]), "--rois", str(tmp_path / "ct_bones_copy.nii.gz"),
+               "--out", str(tmp_path / "inf")])
+    assert rc == 2 and "looks like a bone label image" in capsys.readouterr().err
+    assert not (tmp_path / "inf").exists()
+    write_seg_nrrd(knee[1], tmp_path / "bones.seg.nrrd", kind="bones")
+    with pytest.raises(InputImageError, match="is a bone segmentation .*femur, tibia.*give the ROI segmentation"):
+        read_user_labels(tmp_path / "bones.seg.nrrd", ct, "rois")
+    # the ROI images pass quietly, in place and copied away from their records
+    for name, ref in (("ct_rois", ct), ("mr_rois", mr)):
+        shutil.copy(files[name], tmp_path / f"{name}_copy.nii.gz")
+        for path in (files[name], tmp_path / f"{name}_copy.nii.gz", tmp_path / "seg" / "rois.nii.gz"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                read_user_labels(path, ref if path != tmp_path / "seg" / "rois.nii.gz" else ct, "rois")

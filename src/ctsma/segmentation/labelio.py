@@ -92,24 +92,60 @@ vertically, are side by side, as the MFC and LFC ROIs are (38 mm apart and withi
 not a femur above a tibia (23-35 mm apart in height, within 2 mm horizontally)."""
 
 
-def _recorded_as_rois(path: Path) -> str | None:
-    """What wrote ``path`` as a subchondral ROI image, by the record this project writes beside it, or None."""
+_KIND_WORDS = {"rois": ("ROI", "ROIs"), "bones": ("bone", "bones")}
+
+
+def _recorded_as(path: Path, kind: str) -> str | None:
+    """What wrote ``path`` as a ``kind`` image (``rois`` or ``bones``), by the record this project writes beside
+    it, or None."""
     folder, name = path.parent, path.name
-    if name == "rois.nii.gz":
+    other = "bones" if kind == "rois" else "rois"
+    if name == f"{kind}.nii.gz":
         for record, command in (("segmentation.json", "ctsma segment"), ("summary.json", "ctsma infer")):
             if (folder / record).is_file():
-                return f"the ROI image written by '{command}' (its {record} is beside it; the bones are bones.nii.gz)"
+                return (f"the {_KIND_WORDS[kind][0]} image written by '{command}' (its {record} is beside it; "
+                        f"the {_KIND_WORDS[other][1]} are {other}.nii.gz)")
     try:
         meta = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if isinstance(meta, dict) and meta.get("generator") == "ctsma.phantom":
         row = meta.get("manifest_row") if isinstance(meta.get("manifest_row"), dict) else {}
-        for key in ("ct_rois", "mr_rois"):
+        for key in (f"ct_{kind}", f"mr_{kind}"):
             if Path(str(row.get(key, ""))).name == name:
-                return (f"the phantom's {key} (its metadata.json is beside it; the bones are "
-                        f"{key.replace('rois', 'bones')}.nii.gz)")
+                return (f"the phantom's {key} (its metadata.json is beside it; the {_KIND_WORDS[other][1]} are "
+                        f"{key.replace(kind, other)}.nii.gz)")
     return None
+
+
+def _refuse_recorded(path: Path, kind: str, what: str) -> None:
+    """Refuse ``path`` given as ``what`` when this project's record beside it says it holds ``kind`` labels."""
+    recorded = _recorded_as(path, kind)
+    if recorded:
+        said = {"rois": f"subchondral ROIs ({', '.join(f'{k}={v}' for k, v in ROIS.items())})",
+                "bones": f"bone labels ({', '.join(f'{k}={v}' for k, v in BONES.items())})"}
+        other = "bones" if kind == "rois" else "rois"
+        raise InputImageError(f"{what} {path.name} is {recorded}: {said[kind]}, not {said[other]}; give the "
+                              f"{_KIND_WORDS[other][0]} label image")
+
+
+def _centres_1_2(labels: sitk.Image, sub: np.ndarray, box) -> dict:
+    """Physical centroids (LPS) of labels 1 and 2 in ``sub`` (``labels``' array cropped to ``box``)."""
+    centres = {}
+    for v in (1, 2):
+        idx = np.argwhere(sub == v)
+        if len(idx):
+            centre = (idx[:: max(1, len(idx) // 20000)].mean(axis=0) + [b.start for b in box])[::-1]
+            centres[v] = np.asarray(labels.TransformContinuousIndexToPhysicalPoint(centre.tolist()))
+    return centres
+
+
+def _apart(centres: dict) -> tuple[float, float] | None:
+    """(horizontal, vertical) distance in mm between the centroids of labels 1 and 2, or None."""
+    if len(centres) < 2:
+        return None
+    d = centres[1] - centres[2]
+    return float(np.hypot(d[0], d[1])), abs(float(d[2]))  # LPS z is superior
 
 
 def check_not_rois(path: Path, labels: sitk.Image, what: str = "bone segmentation") -> None:
@@ -120,10 +156,7 @@ def check_not_rois(path: Path, labels: sitk.Image, what: str = "bone segmentatio
     warn."""
     rois = ", ".join(f"{k}={v}" for k, v in ROIS.items())
     bones = ", ".join(f"{k}={v}" for k, v in BONES.items())
-    recorded = _recorded_as_rois(path)
-    if recorded:
-        raise InputImageError(f"{what} {path.name} is {recorded}: subchondral ROIs ({rois}), not bone labels "
-                              f"({bones}); give the bone label image")
+    _refuse_recorded(path, "rois", what)
     arr = sitk.GetArrayViewFromImage(labels)
     if not arr.any():
         return
@@ -133,22 +166,39 @@ def check_not_rois(path: Path, labels: sitk.Image, what: str = "bone segmentatio
     depth = float(edt_inside(sub > 0, spacing_zyx(labels)).max())
     if depth > ROI_SLAB_DEPTH_MM:
         return
-    centres = {}
-    for v in (1, 2):
-        idx = np.argwhere(sub == v)
-        if len(idx):
-            centre = (idx[:: max(1, len(idx) // 20000)].mean(axis=0) + [b.start for b in box])[::-1]
-            centres[v] = np.asarray(labels.TransformContinuousIndexToPhysicalPoint(centre.tolist()))
     message = (f"{what} {path.name} looks like a subchondral ROI image ({rois}), not bone labels ({bones}): "
                f"every label lies within {depth:.1f} mm of its surface, a slab as thin as the ROIs")
-    if len(centres) == 2:
-        d = centres[1] - centres[2]
-        across, up = float(np.hypot(d[0], d[1])), abs(float(d[2]))  # LPS z is superior
+    apart = _apart(_centres_1_2(labels, sub, box))
+    if apart is not None:
+        across, up = apart
         if across >= SIDE_BY_SIDE_MM and across > 2 * up:
             raise InputImageError(f"{message}, and labels 1 and 2 lie side by side ({across:.0f} mm apart "
                                   f"horizontally, {up:.0f} mm in height) as the condyles' ROIs do, not a femur above "
                                   "a tibia; give the bone label image")
     warnings.warn(f"{message}; check that it is the bone label image", stacklevel=3)
+
+
+def check_not_bones(path: Path, labels: sitk.Image, what: str = "ROI segmentation") -> None:
+    """Refuse a bone label image (femur=1, tibia=2, patella=3, fibula=4) given as subchondral ROIs: its values are
+    valid ROI labels too. Refused when this project's record beside the file says it holds bones, or when labels 1
+    and 2 lie one above the other (a femur above a tibia: 23-35 mm in height, within 2 mm horizontally on the
+    phantom), where the condyles' ROIs lie side by side at one height (:data:`SIDE_BY_SIDE_MM`)."""
+    rois = ", ".join(f"{k}={v}" for k, v in ROIS.items())
+    bones = ", ".join(f"{k}={v}" for k, v in BONES.items())
+    _refuse_recorded(path, "bones", what)
+    arr = sitk.GetArrayViewFromImage(labels)
+    if not arr.any():
+        return
+    from .geometry import crop_box
+    box = crop_box(arr, 1)
+    apart = _apart(_centres_1_2(labels, arr[box], box))
+    if apart is not None:
+        across, up = apart
+        if up >= SIDE_BY_SIDE_MM and up > 2 * across:
+            raise InputImageError(f"{what} {path.name} looks like a bone label image ({bones}), not subchondral "
+                                  f"ROIs ({rois}): labels 1 and 2 lie one above the other ({up:.0f} mm apart in "
+                                  f"height, {across:.0f} mm horizontally), as a femur and a tibia do, where the "
+                                  "condyles' ROIs lie side by side; give the ROI image")
 
 
 def read_user_labels(path: str | os.PathLike, reference: sitk.Image, kind: str = "bones") -> sitk.Image:
@@ -179,10 +229,12 @@ def read_user_labels(path: str | os.PathLike, reference: sitk.Image, kind: str =
                 out[sitk.GetArrayViewFromImage(layers[layer]) == value] = target
                 found.append(name)
             i += 1
-        if not found and kind == "bones" and ignored and all(value_for_name(n, "rois") for n in ignored):
-            raise InputImageError(f"{what} {path.name} is a subchondral ROI segmentation (segments "
-                                  f"{', '.join(ignored)}), not bones ({', '.join(table)}); give the bone "
-                                  "segmentation (e.g. bones.seg.nrrd)")
+        other = "rois" if kind == "bones" else "bones"
+        if not found and ignored and all(value_for_name(n, other) for n in ignored):
+            raise InputImageError(f"{what} {path.name} is a {'subchondral ROI' if other == 'rois' else 'bone'} "
+                                  f"segmentation (segments {', '.join(ignored)}), not "
+                                  f"{'bones' if kind == 'bones' else 'ROIs'} ({', '.join(table)}); give the "
+                                  f"{'bone' if kind == 'bones' else 'ROI'} segmentation (e.g. {kind}.seg.nrrd)")
         for name in ignored:
             warnings.warn(f"{path.name}: segment {name!r} is not one of {', '.join(table)}; ignored", stacklevel=2)
         if not found:
@@ -191,6 +243,7 @@ def read_user_labels(path: str | os.PathLike, reference: sitk.Image, kind: str =
         lab = sitk.GetImageFromArray(out)
         lab.CopyInformation(layers[0])
     else:
+        _refuse_recorded(path, "rois" if kind == "bones" else "bones", what)  # before its values are judged
         lab = read_image(path, what=what, pixel_type=None)
         arr = sitk.GetArrayViewFromImage(lab)
         check_integer_labels(arr, f"{what} {path.name}")
@@ -204,11 +257,12 @@ def read_user_labels(path: str | os.PathLike, reference: sitk.Image, kind: str =
             values = {v for v in values if v < OTHER_TISSUES_FROM}
         bad = sorted(values - set(table.values()))
         if bad:
-            raise InputImageError(f"{what} {path.name} has label value(s) {bad[:6]}; CT-SMA expects "
+            tissues = (" (10 and up are the other tissues of a bone label image)"
+                       if kind == "rois" and max(bad) >= OTHER_TISSUES_FROM else "")
+            raise InputImageError(f"{what} {path.name} has label value(s) {bad[:6]}{tissues}; CT-SMA expects "
                                   + ", ".join(f"{k}={v}" for k, v in table.items()))
         lab = sitk.Cast(lab, sitk.sitkUInt8)
-        if kind == "bones":
-            check_not_rois(path, lab, what)
+        (check_not_rois if kind == "bones" else check_not_bones)(path, lab, what)
     return _resample_to(lab, reference, f"{what} {path.name}")
 
 
