@@ -315,6 +315,13 @@ def test_a_ct_field_of_view_that_misses_the_rois_is_warned(cohort, tmp_path):
     rois = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "small" / "P0000" / "ct_rois.nii.gz")))
     assert set(np.unique(rois)) == {0, ROIS["MTP"]}
     assert (tmp_path / "small" / "P0000" / "mr.nii.gz").is_file()
+    # the MR's field of view alike: its ROIs are where the MR reference is measured
+    s = make_settings("demo", {**TINY, "mr_fov": [12.0, 12.0, 12.0]})
+    with pytest.warns(UserWarning, match=r"MR field of view \(mr_fov 12 x 12 x 12 mm\) misses subchondral ROIs of 1 "
+                                         r"of 1 knees, so their mr_rois.nii.gz lacks them: P0000: .*\(no voxel\).*"
+                                         r"84 x 66 x 36 mm") as said:
+        generate_cohort(s, 1, 5, tmp_path / "small_mr")
+    assert not [w for w in said if "CT field of view" in str(w.message)]
     # a field of view that holds the knee: no warning (the fixture's cohort, resumed)
     out = tmp_path / "c"
     shutil.copytree(cohort, out)

@@ -214,37 +214,49 @@ def generate_cohort(settings: PhantomSettings, n: int, seed: int, out, workers: 
                 futs = {ex.submit(_run_one, (sd, int(seed), i, str(out))): i for i in todo}
                 for f in progress.track(as_completed(futs), "phantom", total=len(todo), unit="knee"):
                     rows[futs[f]] = f.result()
-    _warn_ct_misses_rois(out, [rows[i] for i in range(int(n))], settings)
+    _warn_misses_rois(out, [rows[i] for i in range(int(n))], settings)
     return write_manifest(out, [rows[i] for i in range(int(n))])
 
 
-def _ct_misses(out: Path, row: dict) -> str | None:
-    """What of the knee's subchondral ROIs its CT lacks (``"P0000: MFC, LFC (no voxel, no landmark)"``), or None."""
-    present = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out / row["ct_rois"])))).tolist())
-    with open(out / row["landmarks"], encoding="utf-8") as fh:
-        marked = {line.split(",", 1)[0] for line in fh.read().splitlines()[1:]}
+def _misses(out: Path, row: dict, modality: str) -> str | None:
+    """What of the knee's subchondral ROIs its ``modality`` image lacks (``"P0000: MFC, LFC (no voxel, no
+    landmark)"``; the landmarks are the CT's), or None."""
+    present = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out / row[f"{modality}_rois"])))).tolist())
     no_voxel = [r for r, v in ROIS.items() if v not in present]
-    no_mark = [r for r in ROIS if r not in marked and r not in no_voxel]
-    parts = ([f"{', '.join(no_voxel)} (no voxel, no landmark)"] if no_voxel else []) + \
+    no_mark = []
+    if modality == "ct":
+        with open(out / row["landmarks"], encoding="utf-8") as fh:
+            marked = {line.split(",", 1)[0] for line in fh.read().splitlines()[1:]}
+        no_mark = [r for r in ROIS if r not in marked and r not in no_voxel]
+    lacks = "no voxel, no landmark" if modality == "ct" else "no voxel"
+    parts = ([f"{', '.join(no_voxel)} ({lacks})"] if no_voxel else []) + \
         ([f"{', '.join(no_mark)} (no landmark)"] if no_mark else [])
     return f"{row['subject']}: {'; '.join(parts)}" if parts else None
 
 
-def _warn_ct_misses_rois(out: Path, rows: list[dict], settings: PhantomSettings) -> None:
-    """Warn when the CT's field of view misses subchondral ROIs of some knees: their ``ct_rois.nii.gz`` and
-    ``landmarks.csv`` lack them, which the CT-side stages need (``ctsma dataset``'s ROIs, the registration's
-    landmark error); the MR, its labels, the transform and the true parameters stay valid, so it is no error."""
-    short = [m for m in (_ct_misses(out, r) for r in rows) if m]
-    if not short:
-        return
+_NEEDED_BY = {"ct": ("ct_rois.nii.gz and landmarks.csv lack", "'ctsma dataset' and the registration's landmark "
+                     "error need them"),
+              "mr": ("mr_rois.nii.gz lacks", "the MR reference of those ROIs cannot be measured")}
+
+
+def _warn_misses_rois(out: Path, rows: list[dict], settings: PhantomSettings) -> None:
+    """Warn when the CT's or the MR's field of view misses subchondral ROIs of some knees: the CT-side stages need
+    them in ``ct_rois.nii.gz`` and ``landmarks.csv`` (``ctsma dataset``'s ROIs, the registration's landmark
+    error), the MR reference in ``mr_rois.nii.gz``. The other image, the transform and the true parameters stay
+    valid, so it is no error."""
     from .settings import PRESETS
-    fov = " x ".join(f"{v:g}" for v in settings.ct_fov)
-    usual = " x ".join(f"{v:g}" for v in PRESETS[settings.preset].get("ct_fov", PhantomSettings.ct_fov))
-    listed = "; ".join(short[:4]) + (f"; and {len(short) - 4} more" if len(short) > 4 else "")
-    warnings.warn(f"the CT field of view (ct_fov {fov} mm) misses subchondral ROIs of {len(short)} of {len(rows)} "
-                  f"knees, so their ct_rois.nii.gz and landmarks.csv lack them: {listed}; 'ctsma dataset' and the "
-                  f"registration's landmark error need them: give a larger ct_fov (the {settings.preset} preset's is "
-                  f"{usual} mm)", stacklevel=2)
+    for modality in ("ct", "mr"):
+        short = [m for m in (_misses(out, r, modality) for r in rows) if m]
+        if not short:
+            continue
+        key = f"{modality}_fov"
+        fov = " x ".join(f"{v:g}" for v in getattr(settings, key))
+        usual = " x ".join(f"{v:g}" for v in PRESETS[settings.preset].get(key, getattr(PhantomSettings, key)))
+        listed = "; ".join(short[:4]) + (f"; and {len(short) - 4} more" if len(short) > 4 else "")
+        lack, need = _NEEDED_BY[modality]
+        warnings.warn(f"the {modality.upper()} field of view ({key} {fov} mm) misses subchondral ROIs of {len(short)} "
+                      f"of {len(rows)} knees, so their {lack} them: {listed}; {need}: give a larger {key} (the "
+                      f"{settings.preset} preset's is {usual} mm)", stacklevel=2)
 
 
 def write_manifest(out: Path, rows: list[dict]) -> Path:
