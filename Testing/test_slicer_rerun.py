@@ -58,6 +58,20 @@ def _write_analysis(args, diagnosis=True):
     (out / "summary.json").write_text(json.dumps(summary))
 
 
+def _write_segmentation(args):
+    """What ``ctsma segment`` writes: ``bones.nii.gz``, and ``rois.nii.gz`` unless ``--no-rois``."""
+    out = Path(args[args.index("--out") + 1])
+    out.mkdir(parents=True)
+    ct = sitk.ReadImage(args[1])
+    lab = np.zeros(sitk.GetArrayViewFromImage(ct).shape, np.uint8)
+    lab[:4], lab[4:] = 2, 1
+    for name, arr in (("bones", lab), ("rois", np.where(lab == 1, 1, 3).astype(np.uint8))):
+        if name == "bones" or "--no-rois" not in args:
+            img = sitk.GetImageFromArray(arr)
+            img.CopyInformation(ct)
+            sitk.WriteImage(img, str(out / f"{name}.nii.gz"))
+
+
 class Runner:
     """An in-process stand-in for the background ``ctsma`` process: it writes its outputs when started (unless
     ``state`` says the run is still going or failed) and reports ``state``."""
@@ -72,6 +86,8 @@ class Runner:
             _write_analysis(args, diagnosis=self.diagnosis)
         if self.state == DONE and args[0] == "register":
             _write_registration(args)
+        if self.state == DONE and args[0] == "segment":
+            _write_segmentation(args)
 
     def poll(self):
         return RunStatus(state=CANCELLED if self.cancelled else self.state,
@@ -266,3 +282,27 @@ def test_registering_the_same_pair_again_replaces_its_outputs(mrml_scene, tmp_pa
     other = _volume(mrml_scene, "Other CT", 3)
     mr.SetAndObserveTransformNodeID(fourth["transform"].GetID())
     assert logic.earlierTransform(mr, other) is None and logic.earlierTransform(mr, ct) is fourth["transform"]
+
+
+def test_segmenting_the_same_ct_again_gives_the_new_segmentations_names_of_their_own(mrml_scene, tmp_path):
+    """A second bone segmentation or ROI creation of one CT added a second 'CT bones' (and 'CT subchondral ROIs'):
+    the selectors showed two of one name. The earlier ones stay (they may have been edited) under their names."""
+    from CTSMALib import flows
+    from CTSMALib.analysis_logic import CTSMALogic
+
+    ct = _volume(mrml_scene, "CT")
+    logic = CTSMALogic(runner_factory=_runner(), work_root=tmp_path)
+    outputs = []
+    for k in range(3):
+        logic.startBoneSegmentation(ct)
+        bones = flows.finish(logic, f"bone segmentation {k}").outputs["bones"]
+        logic.cleanupRun()
+        logic.startRoiCreation(ct, bones)
+        outputs += [bones, flows.finish(logic, f"ROI creation {k}").outputs["rois"]]
+        logic.cleanupRun()
+    names = [node.GetName() for node in outputs]
+    assert names == ["CT bones", "CT subchondral ROIs", "CT bones_1", "CT subchondral ROIs_1", "CT bones_2",
+                     "CT subchondral ROIs_2"]
+    assert all(mrml_scene.IsNodePresent(node) for node in outputs)
+    assert sorted(_names(mrml_scene, "vtkMRMLSegmentationNode")) == sorted(names)
+

@@ -196,7 +196,9 @@ class CTSMALogic(TrainingMixin, CliLogic):
 
     def loadLabelOutput(self, path: Path, kind: str, name: str, under=None) -> dict:
         """A bone ("bones") or ROI ("rois") label image as a named segmentation, in the results
-        folder under the study of ``under`` (the CT) in the subject hierarchy."""
+        folder under the study of ``under`` (the CT) in the subject hierarchy. An earlier segmentation of that name
+        stays (it may have been edited, or read by an analysis) and this one gets a name of its own (``CT bones_1``),
+        so that the selectors never show two of one name."""
         import SimpleITK as sitk
 
         from . import scene_bridge as sb
@@ -205,7 +207,8 @@ class CTSMALogic(TrainingMixin, CliLogic):
             raise FileNotFoundError(f"the run finished without {Path(path).name}")
         names = sb.BONE_NAMES if kind == "bones" else sb.ROI_NAMES
         with rollback_on_error(self.scene):
-            node = sb.labelmap_to_segmentation_node(sitk.ReadImage(str(path)), self.scene, names=names, name=name)
+            node = sb.labelmap_to_segmentation_node(sitk.ReadImage(str(path)), self.scene, names=names,
+                                                    name=self.scene.GenerateUniqueName(name))
             if under is not None:
                 node.SetNodeReferenceID(SOURCE_ROLE, under.GetID())
             sb.put_in_folder(self.scene, [node], FOLDER, under=under)
