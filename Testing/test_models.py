@@ -118,12 +118,12 @@ def test_stem_is_a_config_setting():
         load_train_config(None, {"teacher_net": {"stem": "pyramid"}})
 
 
-@pytest.mark.parametrize("loss", ["l1", "mse", "attention"])
+@pytest.mark.parametrize("loss", ["l1", "mse", "attention", "similarity"])
 def test_distillation_loss_zero_for_matching_features_and_trainable(loss):
     torch.manual_seed(0)
     shapes = {"stage2": (8, 4)}
     d = FeatureDistillation(shapes, shapes, ["stage2"], [2.0], loss)
-    if loss != "attention":
+    if loss in ("l1", "mse"):
         with torch.no_grad():  # identity adapter
             d.adapters["stage2"].proj.weight.copy_(torch.eye(8).reshape(8, 8, 1, 1, 1))
             d.adapters["stage2"].proj.bias.zero_()
@@ -135,6 +135,23 @@ def test_distillation_loss_zero_for_matching_features_and_trainable(loss):
     assert float(loss_val.detach()) > 0 and float(loss_val.detach()) == pytest.approx(2.0 * float(parts["stage2"]))
     loss_val.backward()
     assert g.grad is not None and torch.isfinite(g.grad).all()
+
+
+def test_similarity_distillation_compares_the_batchs_relations_whatever_the_shapes():
+    """Similarity preservation (Tung & Mori 2019) needs no adapter: a student map of other channels and size with
+    the same patch-to-patch dot products (here the teacher's channels permuted and rotated) costs nothing; the
+    value is the mean squared difference of the row-normalised Gram matrices, computed here by hand."""
+    torch.manual_seed(1)
+    d = FeatureDistillation({"stage3": (4, 2)}, {"stage3": (6, 4)}, ["stage3"], [1.0], "similarity")
+    assert len(d.adapters) == 0 and not list(d.parameters())
+    t = torch.randn(5, 6, 4, 4, 4)
+    q, _ = torch.linalg.qr(torch.randn(6 * 64, 6 * 64))
+    same = (t.flatten(1) @ q).reshape(5, 6 * 64 // 8, 2, 2, 2)  # another shape, the same Gram matrix
+    assert float(d({"stage3": same}, {"stage3": t})[0]) == pytest.approx(0.0, abs=1e-6)
+    s = torch.randn(5, 4, 2, 2, 2)
+    gs, gt = s.flatten(1) @ s.flatten(1).t(), t.flatten(1) @ t.flatten(1).t()
+    gs, gt = gs / gs.norm(dim=1, keepdim=True), gt / gt.norm(dim=1, keepdim=True)
+    assert float(d({"stage3": s}, {"stage3": t})[0]) == pytest.approx(float(((gs - gt) ** 2).mean()), rel=1e-5)
 
 
 def test_distillation_adapter_changes_channels_and_size():

@@ -52,8 +52,9 @@ class NetConfig:
 class DistillConfig:
     stages: list[str] = setting(["stage1", "stage2", "stage3"], help=f"teacher/student stages to match, of {STAGES}")
     weights: list[float] = setting([1.0, 1.0, 1.0], help="weight per distilled stage (γ_i)")
-    loss: str = setting("l1", choices=("l1", "mse", "attention"),
-                        help="l1/mse on per-sample normalised features (after an adapter), or attention transfer")
+    loss: str = setting("l1", choices=("l1", "mse", "attention", "similarity"),
+                        help="l1/mse on per-sample normalised features (after an adapter), attention transfer, or "
+                             "similarity preservation (the batch's patch-to-patch relations)")
     regression_weight: float = setting(1.0, lo=0.0, hi=1e6)
     output_weight: float = setting(0.0, lo=0.0, hi=1e6, help="weight of matching the teacher's predictions")
     teacher: str = setting("", help="teacher model file; empty: <output.dir>/teacher<output.name>.safetensors")

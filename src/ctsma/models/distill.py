@@ -7,6 +7,10 @@ channel count, and trilinear resizing when the spatial sizes differ) and is comp
   the loss is scale free and cannot be lowered by shrinking the features);
 * ``attention``: attention transfer (Zagoruyko & Komodakis 2017): the channel-mean of squared activations,
   flattened and L2-normalised, compared by mean squared difference (no channel adapter needed).
+* ``similarity``: similarity-preserving distillation (Tung & Mori 2019): each map's batch Gram matrix (the dot
+  products of every pair of the batch's flattened feature maps), rows L2-normalised, compared by mean squared
+  difference. It transfers how the teacher relates the patches of a batch to one another, not the features
+  themselves (no adapter needed).
 
 Total loss = ``regression_weight`` · regression + Σ γ_i · distill_i (+ ``output_weight`` · ‖ŷ_s − ŷ_t‖²).
 """
@@ -21,6 +25,12 @@ from torch import nn
 def _normalise(f: torch.Tensor) -> torch.Tensor:
     rms = f.pow(2).mean(dim=tuple(range(1, f.ndim)), keepdim=True).clamp_min(1e-12).sqrt()
     return f / rms
+
+
+def similarity_matrix(f: torch.Tensor) -> torch.Tensor:
+    """(batch, batch) Gram matrix of the flattened feature maps, rows L2-normalised."""
+    q = f.flatten(1)
+    return F.normalize(q @ q.t(), dim=1)
 
 
 def attention_map(f: torch.Tensor) -> torch.Tensor:
@@ -54,22 +64,23 @@ class FeatureDistillation(nn.Module):
         self.adapters = nn.ModuleDict({
             s: Adapter(student_shapes[s][0], teacher_shapes[s][0], student_shapes[s][1], teacher_shapes[s][1],
                        channels=(loss != "attention"))
-            for s in self.stages})
+            for s in self.stages if loss != "similarity"})
 
     def forward(self, student_feats: dict, teacher_feats: dict) -> tuple[torch.Tensor, dict]:
         total = None
         parts = {}
         for s, w in zip(self.stages, self.weights):
-            fs = self.adapters[s](student_feats[s])
             ft = teacher_feats[s].detach()
-            if self.loss == "attention":
+            if self.loss == "similarity":  # the batch's relations: any channel count and size, no adapter
+                d = (similarity_matrix(student_feats[s]) - similarity_matrix(ft)).pow(2).mean()
+            elif self.loss == "attention":
+                fs = self.adapters[s](student_feats[s])
                 if fs.shape[2:] != ft.shape[2:]:
                     fs = F.interpolate(fs, size=ft.shape[2:], mode="trilinear", align_corners=False)
                 d = (attention_map(fs) - attention_map(ft)).pow(2).mean()
-            elif self.loss == "mse":
-                d = F.mse_loss(_normalise(fs), _normalise(ft))
             else:
-                d = F.l1_loss(_normalise(fs), _normalise(ft))
+                fs = self.adapters[s](student_feats[s])
+                d = (F.mse_loss if self.loss == "mse" else F.l1_loss)(_normalise(fs), _normalise(ft))
             parts[s] = d.detach()
             total = w * d if total is None else total + w * d
         if total is None:
