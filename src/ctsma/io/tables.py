@@ -147,4 +147,3 @@ def yes_no_numbers(column: pd.Series) -> pd.Series:
     NaN where a cell is neither (the caller says what it needs)."""
     said = column.astype(str).str.strip().str.casefold()
     return pd.to_numeric(said.map(lambda v: _YES_NO.get(v, v)), errors="coerce")
-
