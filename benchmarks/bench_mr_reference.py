@@ -11,8 +11,8 @@ phantom's folders of the demo run, when they are there. Writes ``benchmarks/resu
 
     .venv/bin/python benchmarks/bench_mr_reference.py [demo_out/dataset/store]
 """
+import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -26,7 +26,9 @@ from ctsma.dataset.store import PatchStore
 from ctsma.morphometry import measure_batch
 
 P = ["BV/TV", "Tb.Th", "Tb.Sp", "Tb.N"]
-store = PatchStore(sys.argv[1] if len(sys.argv) > 1 else "demo_out/dataset/store")
+_ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+_ap.add_argument("store", nargs="?", default="demo_out/dataset/store", help="patch store of a demo run")
+store = PatchStore(_ap.parse_args().store)
 t = store.table
 ok = np.flatnonzero(np.isfinite(t[[f"true_{p}" for p in P]].to_numpy()).all(1))
 mr, masks = store.read("mr", ok)[:, 0], store.read("mr_mask", ok)[:, 0]

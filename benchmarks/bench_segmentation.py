@@ -11,7 +11,6 @@ A held-out cohort (a seed the ROI definition was never looked at on), as reporte
     .venv/bin/python benchmarks/bench_segmentation.py heldout_101    # -> results/bench_segmentation_heldout_101.csv
 """
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -30,7 +29,12 @@ def dice(a, b, v) -> float:
 
 
 def main() -> None:
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "demo_out" / "phantom"
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cohort", nargs="?", type=Path, help="phantom cohort folder (default: demo_out/phantom)")
+    given = ap.parse_args().cohort
+    root = given or ROOT / "demo_out" / "phantom"
     m = pd.read_csv(root / "manifest.csv")
     rows = []
     for r in m.itertuples():
@@ -48,7 +52,7 @@ def main() -> None:
                 rows.append({"subject": r.subject, "mode": mode, **{k: dice(a, truth, v) for k, v in ROIS.items()},
                              "femur": dice(ab, tb, 1), "tibia": dice(ab, tb, 2)})
     df = pd.DataFrame(rows)
-    name = "bench_segmentation.csv" if len(sys.argv) < 2 else f"bench_segmentation_{root.name}.csv"
+    name = "bench_segmentation.csv" if given is None else f"bench_segmentation_{root.name}.csv"
     out = ROOT / "benchmarks" / "results" / name
     df.to_csv(out, index=False)
     print(df.drop(columns="subject").groupby("mode").agg(["mean", "min"]).round(3).T)

@@ -85,6 +85,9 @@ def markdown(res: dict) -> str:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     with tempfile.TemporaryDirectory() as d:
         res = run_matrix(Path(d))
     (HERE / "results").mkdir(exist_ok=True)
