@@ -2,7 +2,7 @@
 
 ``register(mr, ct, preset=..., ct_bones=..., synthesis=model) -> RegistrationResult`` with one
 CT→MR transform and a QA record per stage; ``write_outputs(result, mr, ct, out_dir)`` writes the
-contract files; ``run_cohort(manifest, out, ...)`` registers a cohort. See docs/registration.md.
+contract files; ``cohort.run_cohort(manifest, out, ...)`` registers a cohort. See docs/registration.md.
 """
 
 from .pipeline import RegistrationResult, StageRecord, register, write_outputs
