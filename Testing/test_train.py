@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from ctsma import PARAMETERS
 from ctsma.dataset.synthetic import make_synthetic_store
@@ -1029,3 +1030,53 @@ def test_a_rerun_of_evaluate_reuses_the_ablations_whose_run_is_unchanged(trained
     assert stamps()["w3"] != older["w3"] and stamps()["s3"] == now["s3"]
     assert "student_distilled_s3: reused" in err and "student_distilled_w3: reused" not in err
     assert "student_distilled_w3: trained again (its file records no run: written by an earlier CT-SMA)" in err, err
+
+
+def test_crossfit_predicts_every_patient_with_the_models_that_held_it_out(store, tmp_path, capsys):
+    """`ctsma crossfit` runs the demo's cross-fitting on a store of one's own (it took a loop of nine trainings and
+    three evaluations, and gluing their predictions, or a benchmark script): every patch of every patient is
+    predicted once, by its fold's models, which never saw that patient; a rerun keeps the nine models."""
+    import pandas as pd
+
+    from ctsma.cli.main import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny(store.dir, tmp_path / "unused", optim={"max_epochs": 2})))
+    out = tmp_path / "cv"
+    argv = ["crossfit", "--config", str(config), "--store", str(store.dir), "--out", str(out), "--folds", "3",
+            "--workers", "1"]
+    assert main(argv) == 0
+    pred = pd.read_csv(out / "evaluation" / "regression_predictions.csv")
+    assert len(pred) == len(store.table) and sorted(pred["index"]) == list(range(len(store.table)))
+    held = {}
+    for f in range(3):
+        for role in ("teacher", "student_distilled", "student_baseline"):
+            _, meta = load_model(out / "training" / f"fold{f}" / f"{role}.safetensors")
+            seen = set(meta["training"]["split"]["train"]) | set(meta["training"]["split"]["val"])
+            held.setdefault(f, set(meta["training"]["split"]["test"]))
+            assert not seen & held[f] and held[f] == set(meta["training"]["split"]["test"])
+    assert sorted(s for f in held for s in held[f]) == sorted(store.subjects)  # each patient held out once
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert set(metrics["regression"]) >= {"teacher", "student_distilled", "student_baseline", "ct_direct"}
+    assert "ci" in metrics["distillation_gain"] and (out / "config.yaml").is_file()
+    capsys.readouterr()
+    assert main(argv) == 0  # a rerun keeps the nine models and gives the same predictions
+    assert capsys.readouterr().err.count(": reused ") == 9
+    assert pd.read_csv(out / "evaluation" / "regression_predictions.csv").equals(pred)
+
+
+def test_crossfit_refuses_more_folds_than_patients_and_a_foreign_out_folder(store, tmp_path, capsys):
+    from ctsma.cli.main import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny(store.dir, tmp_path / "unused", optim={"max_epochs": 2})))
+    base = ["crossfit", "--config", str(config), "--store", str(store.dir)]
+    assert main(base + ["--out", str(tmp_path / "a"), "--folds", "11"]) == 2
+    assert "more than the 10 patients" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")
+    assert main(base + ["--out", str(tmp_path / "mine")]) == 2
+    assert "holds notes.txt" in capsys.readouterr().err and sorted(p.name for p in (tmp_path / "mine").iterdir()) \
+        == ["notes.txt"]
+    assert main(base + ["--out", str(tmp_path / "b"), "--folds", "1"]) == 2
+    assert "--folds must be 2 to 20" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from ..errors import UserError
 
 # Subcommand modules, in the order shown by --help. Only working subcommands are listed.
 SUBCOMMANDS: list[str] = ["phantom", "morphometry", "synthesis", "register", "segment", "dataset", "train",
-                           "evaluate", "diagnose", "infer", "report", "demo"]
+                           "evaluate", "crossfit", "diagnose", "infer", "report", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,11 @@ class Context:
     out: Path
     s: DemoSettings
     info: dict = field(default_factory=dict)
+    store: Path | None = None  # the patch store; default: the demo's own, out/dataset/store ('ctsma crossfit': yours)
+
+    @property
+    def store_dir(self) -> Path:
+        return self.store if self.store is not None else self.out / "dataset" / "store"
 
     @property
     def manifest(self) -> Path:
@@ -227,7 +232,7 @@ def fold_config(ctx: Context, fold: int):
     from ..models import load_train_config
 
     path = train_config_path(ctx.s)
-    over = {"data": {"store": str(ctx.out / "dataset" / "store"), "k_folds": ctx.s.folds, "fold": fold,
+    over = {"data": {"store": str(ctx.store_dir), "k_folds": ctx.s.folds, "fold": fold,
                      "use_stored_split": False, "split_seed": ctx.s.seed},
             "output": {"dir": str(ctx.out / "training" / f"fold{fold}")},
             "trainer": {"seed": ctx.s.seed, "progress_bar": False}}
@@ -355,7 +360,7 @@ def evaluation(ctx: Context, d: Path) -> dict:
     from ..dataset.store import PatchStore
     from ..evaluation.regression import SOURCES, agreement_block, ct_direct, distillation_gain, patch_ids, write_outputs
 
-    store = PatchStore(ctx.out / "dataset" / "store")
+    store = PatchStore(ctx.store_dir)
     idx, preds = oof_predictions(ctx, store)
     preds["ct_direct"], ct_info = ct_direct(store, idx)
     subjects = store.table["subject"].astype(str).to_numpy()[idx]
@@ -388,7 +393,7 @@ def _oof_tables(ctx: Context) -> dict[str, pd.DataFrame]:
     """Per-patch parameter tables per source: out-of-fold student predictions, MR reference, phantom truth."""
     from ..dataset.store import PatchStore
 
-    store = PatchStore(ctx.out / "dataset" / "store")
+    store = PatchStore(ctx.store_dir)
     ev = ctx.out / "evaluation"
     idx = np.load(ev / "oof_index.npy")
     pred = pd.read_csv(ev / "regression_predictions.csv")
@@ -471,7 +476,7 @@ def inference_subject(ctx: Context) -> str:
     from ..dataset.store import PatchStore
 
     cfg = fold_config(ctx, 0)
-    store = PatchStore(ctx.out / "dataset" / "store")
+    store = PatchStore(ctx.store_dir)
     c = cfg.data
     split = store.patient_split(c.test_fraction, c.val_fraction, k=c.k_folds, fold=0, seed=c.split_seed,
                                 use_stored=False)

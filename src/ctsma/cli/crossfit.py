@@ -1,0 +1,80 @@
+"""``ctsma crossfit --config FILE --store STORE --out DIR``: patient-level cross-fitting of the teacher and both
+students, and their evaluation with every patient predicted by the models of the fold that held it out.
+
+It runs the demo's training and evaluation stages (``ctsma.demo.stages``) on a patch store of your own: the one
+way this project cross-fits, so the figures of a cohort and of the demo are computed alike (docs/training.md).
+"""
+
+from __future__ import annotations
+
+RUN_ENTRIES = ("config.yaml", "training", "evaluation")  # what a crossfit run folder holds
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("crossfit", help="train teacher and students on K patient folds and evaluate every patient "
+                                        "out of fold")
+    p.add_argument("--config", required=True, help="training YAML (e.g. Resources/Configs/demo.yaml), with its "
+                   "evaluate section")
+    p.add_argument("--store", required=True, help="patch store folder ('ctsma dataset build' output)")
+    p.add_argument("--out", required=True, help="run folder: config.yaml (the settings used), training/fold<f>/ "
+                   "(the fold's three models), evaluation/ (metrics.json, tables, predictions of every patch, plots)")
+    p.add_argument("--folds", type=int, default=3, help="patient folds K (default 3): fold f's models learn from "
+                   "the other folds' patients and predict fold f's")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds, the training and the bootstrap "
+                   "(default 0; it replaces the config's trainer.seed)")
+    p.add_argument("--workers", type=int, default=2, help="on a CPU, folds trained side by side in processes "
+                   "(up to 2 x workers; default 2); with a GPU the trainings run one after the other")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of the config, e.g. --set optim.max_epochs=20")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import types
+    from pathlib import Path
+
+    import yaml
+
+    from .. import progress
+    from ..config import to_dict
+    from ..dataset.store import PatchStore
+    from ..demo import stages
+    from ..demo.settings import DemoSettings
+    from ..errors import UserError
+    from ..io import ensure_writable_dir, write_text
+    from ..models.config import load_train_config
+    from .train import overrides_from
+
+    if not 2 <= args.folds <= 20:
+        raise UserError(f"--folds must be 2 to 20, not {args.folds}")
+    if not 1 <= args.workers <= 256:
+        raise UserError(f"--workers must be 1 to 256, not {args.workers}")
+    cfg = load_train_config(args.config, overrides_from(types.SimpleNamespace(set=args.set)))
+    store_dir = Path(args.store).resolve()
+    patients = len(PatchStore(store_dir).subjects)
+    if args.folds > patients:
+        raise UserError(f"--folds {args.folds} is more than the {patients} patients of the store: each fold holds "
+                        "out at least one patient")
+    out = Path(args.out)
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES)
+        if foreign:
+            raise UserError(f"--out {out} holds {', '.join(foreign[:3])}, which no 'ctsma crossfit' run wrote: "
+                            "choose an empty or new folder")
+    out = ensure_writable_dir(out).resolve()
+    config = out / "config.yaml"  # the settings as loaded; relative paths still resolve against the given config
+    write_text(config, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    ctx = stages.Context(out, DemoSettings(folds=args.folds, seed=args.seed, workers=args.workers,
+                                           train_config=str(config)), store=store_dir)
+    progress.info(f"training teacher, distilled and baseline students of {args.folds} patient folds "
+                  f"({patients} patients; models kept from an earlier run of the same settings are reused)")
+    stages.training(ctx, out / "training")
+    progress.info("evaluating every patient with the models of the fold that held it out")
+    (out / "evaluation").mkdir(exist_ok=True)
+    res = stages.evaluation(ctx, out / "evaluation")
+    for source, mean in res["mean_icc21"].items():
+        progress.info(f"{source}: mean ICC(2,1) " + (f"{mean:.3f}" if mean is not None else "n/a"))
+    lo, hi = res["gain_ci"]
+    progress.info(f"distillation gain {res['distillation_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    progress.info(f"wrote {out / 'evaluation' / 'metrics.json'}")
+    return 0
