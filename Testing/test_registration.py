@@ -361,6 +361,29 @@ def test_one_pair_records_which_synthesis_model_made_its_pseudo_ct(tmp_path, pai
     assert "synthesis_model" not in inputs and set(inputs["stamps"]) == {"mr", "ct"}
 
 
+def test_a_cohort_rerun_with_other_threads_skips_the_registered_pairs(tmp_path, pair):
+    """The request recorded the preset's ITK thread count: a cohort registered as shards with --threads 1 (as the
+    docs advise for repeatable registrations) was registered again entirely by a rerun without --threads (or with
+    --jobs instead), which gives each pair the same one thread on two cores. Threads are hardware: only a real
+    setting redoes a pair."""
+    for name in ("mr", "ct", "ct_bones"):
+        sitk.WriteImage(getattr(pair, name), str(tmp_path / f"{name}.nii.gz"))
+    (tmp_path / "manifest.csv").write_text("subject,mr,ct,ct_bones\nkA,mr.nii.gz,ct.nii.gz,ct_bones.nii.gz\n")
+    out = tmp_path / "out"
+
+    def status(**over):
+        settings = {**FAST, "rigid": {"iterations": 10}, "per_bone": {"enabled": False}, **over}
+        s = run_cohort(tmp_path / "manifest.csv", out, preset=load_preset("nosynth", settings))
+        return s.status.iloc[0], s.note.iloc[0]
+
+    assert status(threads=1)[0] == "done"
+    assert status(threads=0)[0].startswith("skipped")
+    assert status(threads=2)[0].startswith("skipped")
+    done, note = status(threads=0, rigid={"iterations": 11})  # another setting: redone
+    assert done == "done" and "redone" in note
+    assert status(threads=1, rigid={"iterations": 11})[0].startswith("skipped")
+
+
 def test_a_cohort_split_into_other_shards_removes_the_summaries_of_the_earlier_split(tmp_path, capsys):
     """A cohort registered with --shard 1/2 and then with --shard 1/3 into one folder left cohort_1of2.csv beside
     cohort_1of3.csv, and no one could tell which was current. The shards of one split (a job array, run at the same

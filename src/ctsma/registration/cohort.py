@@ -214,7 +214,10 @@ def run_cohorts(cohorts: Sequence[Cohort], *, model_path: str | None = None, job
             request = cohort_request(row, c.preset, model_path, model_sha256)
             note = ""
             if (target / "qa.json").is_file():
-                if same_request(recorded_request(target / "qa.json"), request):  # its QA as it was, not blanks
+                recorded = recorded_request(target / "qa.json")
+                if same_request(recorded, request) or _same_but_threads(recorded, target / "qa.json", row, c.preset,
+                                                                        model_path, model_sha256):
+                    # its QA as it was, not blanks
                     records[k].append(_qa_record(_read_qa(target / "qa.json"), row["subject"],
                                                  "skipped (done before)", 0.0, 0, ""))
                     continue
@@ -246,6 +249,23 @@ def run_cohorts(cohorts: Sequence[Cohort], *, model_path: str | None = None, job
     finally:  # an interrupted run still leaves a summary of this run: the pairs it did not reach say so
         summaries = write_summaries()
     return summaries
+
+
+def _same_but_threads(recorded: dict | None, qa_path: Path, row: dict, preset, model_path: str | None,
+                      model_sha256: str | None) -> bool:
+    """Whether the pair's recorded request differs from this one in the ITK thread count alone (``--threads``). The
+    threads are hardware, not a setting of the registration: the count a pair ran with depends on ``--jobs`` too
+    (``threads`` 0 is all cores, shared out between the workers), and a registration on one thread is the same
+    whether ``--threads 1`` or ``--jobs`` equal to the cores gave it that thread. A cohort registered as shards with
+    ``--threads 1`` was redone entirely by a rerun without it."""
+    from dataclasses import is_dataclass, replace
+
+    if recorded is None or not is_dataclass(preset):
+        return False
+    threads = (_read_qa(qa_path).get("settings") or {}).get("threads")
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads == getattr(preset, "threads", threads):
+        return False
+    return same_request(recorded, cohort_request(row, replace(preset, threads=threads), model_path, model_sha256))
 
 
 def _read_qa(path: Path) -> dict:
