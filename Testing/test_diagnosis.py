@@ -242,7 +242,7 @@ def test_cli_train_evaluate_predict(cohort, tmp_path, capsys, monkeypatch):
     assert "too few patients per class" in capsys.readouterr().err
     assert climain.main(["diagnose", "train", "--patches", str(tmp_path / "store.csv"), "--labels",
                          str(tmp_path / "labels.csv"), "--out", str(model)]) == 2
-    assert "patch store table" in capsys.readouterr().err
+    assert "carry the prefix(es) mr_: choose one with --prefix, e.g. --prefix mr_" in capsys.readouterr().err
     for action in ("evaluate", "train"):
         assert climain.main(["diagnose", action, "--patches", str(tmp_path / "p.csv"), "--labels",
                              str(tmp_path / "labels.csv"), "--workers", "0", "--out", str(tmp_path / "w0")]) == 2
@@ -575,6 +575,30 @@ def test_messages_on_a_table_that_is_not_a_patch_table_and_on_a_bad_oa_label(coh
         assert climain.main(base[:2] + ["--patches", str(tmp_path / "p.csv"), "--labels", str(tmp_path / "bad.csv"),
                                         "--out", str(tmp_path / "m.safetensors")]) == 2
         assert f"(subject {labels.subject[3]!r} {said})" in capsys.readouterr().err
+
+
+def test_a_regression_predictions_table_without_a_prefix_names_its_own_prefixes(cohort, tmp_path, capsys):
+    """`ctsma evaluate`'s regression_predictions.csv (subject, index, roi, rel_x/y/z, mr_<param>, teacher_<param>,
+    student_distilled_<param>, ...) given without --prefix was called 'a patch store table' to be read 'with an mr_ or
+    true_ prefix': following that trained the diagnosis on the MR reference instead of the student. The message
+    names the table's own prefixes, and a wrong prefix lists them too."""
+    climain = _cli()
+    table, labels = cohort
+    sources = ("mr", "teacher", "student_distilled", "student_baseline", "ct_direct")
+    preds = table[["subject", "roi", "rel_x", "rel_y", "rel_z"]].assign(
+        **{f"{s}_{p}": table[p] for s in sources for p in ("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N")})
+    preds.to_csv(tmp_path / "regression_predictions.csv", index=False)
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    base = ["diagnose", "train", "--labels", str(tmp_path / "labels.csv"), "--aggregator", "logistic", "--no-cv",
+            "--out", str(tmp_path / "m.safetensors"), "--patches", str(tmp_path / "regression_predictions.csv")]
+    assert climain.main(base) == 2
+    err = capsys.readouterr().err
+    assert "mr_ or true_" not in err and "patch store" not in err
+    assert ("prefix(es) mr_, teacher_, student_distilled_, student_baseline_, ct_direct_: choose one with --prefix, "
+            "e.g. --prefix student_distilled_") in err
+    assert climain.main(base + ["--prefix", "student_"]) == 2
+    assert "(its prefixes: mr_, teacher_, student_distilled_, student_baseline_, ct_direct_)" in capsys.readouterr().err
+    assert climain.main(base + ["--prefix", "student_distilled_"]) == 0
 
 
 def test_train_and_evaluate_warn_about_knees_without_an_roi(cohort, tmp_path):

@@ -50,9 +50,24 @@ def use_parameter_columns(table, prefix: str, what: str = "patch table") -> pd.D
         return df
     missing = [f"{prefix}{p}" for p in PARAMETERS if f"{prefix}{p}" not in df.columns]
     if missing:
-        raise UserError(f"{what} lacks the column(s) {', '.join(missing)} named by the prefix {prefix!r}")
+        have = parameter_prefixes(df)
+        raise UserError(f"{what} lacks the column(s) {', '.join(missing)} named by the prefix {prefix!r}"
+                        + (f" (its prefixes: {', '.join(have)})" if have else ""))
     df = df.drop(columns=[p for p in PARAMETERS if p in df.columns])
     return df.rename(columns={f"{prefix}{p}": p for p in PARAMETERS})
+
+
+def parameter_prefixes(df: pd.DataFrame) -> list[str]:
+    """The prefixes under which ``df`` holds all four parameter columns, in column order: ``mr_`` and ``true_`` in a
+    patch store's ``patches.csv``; ``mr_``, ``teacher_``, ``student_distilled_``, ``student_baseline_`` and
+    ``ct_direct_`` in ``ctsma evaluate``'s ``regression_predictions.csv``."""
+    out: list[str] = []
+    for c in map(str, df.columns):
+        if c.endswith(PARAMETERS[0]) and len(c) > len(PARAMETERS[0]):
+            pre = c[:-len(PARAMETERS[0])]
+            if all(f"{pre}{p}" in df.columns for p in PARAMETERS) and pre not in out:
+                out.append(pre)
+    return out
 
 
 def check_patch_table(table, what: str = "patch table") -> pd.DataFrame:
@@ -61,8 +76,12 @@ def check_patch_table(table, what: str = "patch table") -> pd.DataFrame:
     missing = [c for c in PATCH_COLUMNS if c not in df.columns]
     if missing:
         hint = ""
-        if any(p in missing for p in PARAMETERS) and any(f"mr_{p}" in df.columns for p in PARAMETERS):
-            hint = " (this looks like a patch store table: choose its mr_ or true_ columns with a prefix)"
+        have = parameter_prefixes(df)
+        if any(p in missing for p in PARAMETERS) and have:
+            # name the table's own prefixes: 'mr_ or true_' sent a user of regression_predictions.csv, which holds
+            # the students' values, to train on the MR reference instead
+            hint = (f" (its parameter columns carry the prefix(es) {', '.join(have)}: choose one with --prefix, e.g. "
+                    f"--prefix {next((h for h in have if h.startswith('student')), have[0])})")
         raise UserError(f"{what} lacks the column(s) {', '.join(missing)}; it needs {', '.join(PATCH_COLUMNS)}{hint}")
     df["subject"] = df["subject"].astype(str)
     df["roi"] = df["roi"].astype(str).str.strip()
