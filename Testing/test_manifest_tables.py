@@ -156,6 +156,22 @@ def test_register_reads_its_manifest_as_before(tmp_path):
         read_manifest(_csv(tmp_path, "subject,mr,ct\nk1,a,b\nk1,c,d\n"))
 
 
+def test_a_patch_table_given_as_labels_names_each_repeated_subject_once(tmp_path):
+    """A patch table (60 rows per knee) given as the labels was refused with 'P0001 (lines 2 and 3), P0001 (lines 2
+    and 4), ...' ten times and 'and 430 more', naming one subject of seven and not what was wrong."""
+    from ctsma.diagnosis.data import check_labels
+
+    rows = "".join(f"P{k},1\n" for k in range(3) for _ in range(60))
+    with pytest.raises(UserError) as err:
+        check_labels(_csv(tmp_path, "subject,oa\n" + rows, "labels.csv"))
+    msg = str(err.value)
+    assert "repeats subject name(s): P0 (lines 2, 3, 4, 5 and 56 more), P1 (lines 62, 63, 64, 65 and 56 more), " \
+           "P2 (lines 122, 123, 124, 125 and 56 more); it must have one row per subject" in msg
+    assert msg.count("P0 (") == 1
+    with pytest.raises(UserError, match=r"repeats subject name\(s\): k1 \(lines 2, 3 and 5\), k2 \(lines 4 and 6\)$"):
+        check_labels(_csv(tmp_path, "subject,oa\nk1,1\nk1,1\nk2,0\nk1,1\nk2,0\n", "labels.csv"))
+
+
 def test_diagnosis_labels_with_a_spaced_header_and_text_for_a_number(tmp_path):
     """'subject, oa, severity' lacked the column 'oa'; a subject 'NA' became 'nan' and a severity 'high' became
     NaN without a word."""

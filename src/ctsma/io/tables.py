@@ -38,6 +38,13 @@ def _shown(items: list) -> str:
     return ", ".join(map(str, items[:_SHOWN])) + more
 
 
+def _lines(at: list[int]) -> str:
+    """``2 and 4``; ``2, 3 and 4``; ``2, 3, 4, 5 and 60 more``."""
+    if len(at) > 4:
+        return f"{', '.join(map(str, at[:4]))} and {len(at) - 4} more"
+    return f"{', '.join(map(str, at[:-1]))} and {at[-1]}"
+
+
 def read_table(path, what: str = "manifest", *, required: Iterable[str] = (), subjects: bool = False,
                error: type[UserError] = UserError) -> pd.DataFrame:
     """The CSV file ``path`` as a DataFrame of text cells (see the module's notes), or ``error`` saying what is
@@ -114,14 +121,17 @@ def check_subject_names(df: pd.DataFrame, what: str, error: type[UserError] = Us
     unnamed = [line for line, v in zip(lines, names) if v in ("", ".", "..")]
     if unnamed:
         raise error(f"{what}: line(s) {_shown(unnamed)} have no subject name")
-    seen: dict[str, int] = {}
-    twice = []
+    seen: dict[str, list[int]] = {}
     for line, v in zip(lines, names):
-        if v in seen:
-            twice.append(f"{v} (lines {seen[v]} and {line})")
-        seen.setdefault(v, line)
+        seen.setdefault(v, []).append(line)
+    # one entry per name with its lines: a patch table given as labels listed 'P0001 (lines 2 and 3), P0001 (lines 2
+    # and 4), ...' ten times over and named no other subject
+    twice = [f"{v} (lines {_lines(at)})" for v, at in seen.items() if len(at) > 1]
     if twice:
-        raise error(f"{what} repeats subject name(s): {_shown(twice)}")
+        many = max(len(at) for at in seen.values()) > 4
+        raise error(f"{what} repeats subject name(s): {_shown(twice)}"
+                    + ("; it must have one row per subject (is it a table of patches rather than of knees?)"
+                       if many else ""))
 
 
 def numbers(df: pd.DataFrame, column: str, what: str, error: type[UserError] = UserError) -> pd.Series:
