@@ -118,6 +118,23 @@ def test_model_file_round_trip_and_rejections(tmp_path):
         load_model(tmp_path / "none.safetensors")
 
 
+def test_a_run_folder_given_as_the_model_file_names_its_model_files(tmp_path):
+    """'ctsma evaluate --models RUN' takes the training run's folder; the same folder given to 'ctsma infer --model'
+    was 'model file not found: RUN', a folder that is there. The message now says it is a folder and names its model
+    files of the kind needed."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for role, kind in (("teacher", "teacher"), ("student_distilled", "student"), ("student_baseline", "student")):
+        save_model(run / f"{role}.safetensors", {"w": torch.zeros(1)}, {}, kind=kind)
+    (run / "notes.safetensors").write_bytes(b"not a model")
+    with pytest.raises(ModelFileError) as err:
+        load_model(run, kind="student")
+    assert str(err.value) == (f"{run} is a folder, not a model file: give one of its 'student' model files: "
+                              f"{run / 'student_baseline.safetensors'}, {run / 'student_distilled.safetensors'}")
+    with pytest.raises(ModelFileError, match=r"is a folder, not a model file: it holds no 'diagnosis' model file$"):
+        load_model(run, kind="diagnosis")
+
+
 def test_cli_version_and_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])

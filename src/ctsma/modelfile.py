@@ -74,10 +74,30 @@ def load_model(path: str | Path, *, kind: str | None = None) -> tuple[dict, dict
     return tensors, meta
 
 
+def _files_in(folder: Path, kind: str | None, safe_open) -> str:
+    """What to say about a folder given as a model file: its model files of the kind needed."""
+    found = []
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                header = fh.metadata() or {}
+        except Exception:
+            continue
+        if header.get("format") == FORMAT and (kind is None or header.get("kind") == kind):
+            found.append(str(f))
+    what = f"'{kind}' model file" if kind else "model file"
+    if not found:
+        return f"it holds no {what}"
+    return f"give one of its {what}s: {', '.join(found[:6])}" + (" …" if len(found) > 6 else "")
+
+
 def _open(path: str | Path, kind: str | None = None) -> tuple[Path, dict]:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():  # e.g. a training run folder, which 'ctsma evaluate --models' takes: name its model files
+        raise ModelFileError(f"{path} is a folder, not a model file: "
+                             + _files_in(path, kind, safe_open))
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     try:
