@@ -630,7 +630,9 @@ def test_study_report_states_the_flips_and_the_ensemble_sizes(tmp_path, metrics)
 
 def test_a_cohort_without_phantom_truth_is_not_called_phantom_data(tmp_path, metrics):
     """A user's own cohort has no truth to score against: the study report and the README snippet then speak of
-    the cohort evaluated, not of the digital phantom (whose runs keep saying so)."""
+    the cohort evaluated, not of the digital phantom (whose runs keep saying so). Its cohort table called the
+    labels' OA 'OA (KL >= 2)', the phantom's rule, and its agreement table kept two columns of dashes 'vs phantom
+    truth' with a note on the phantom's truth."""
     own = {k: v for k, v in metrics.items() if k not in ("regression_vs_truth", "distillation_gain_vs_truth", "demo")}
     cohort = synthetic.cohort(6)
     for m, phantom in ((metrics, True), (own, False)):
@@ -640,6 +642,11 @@ def test_a_cohort_without_phantom_truth_is_not_called_phantom_data(tmp_path, met
         assert ("come from the digital knee phantom" in html) is phantom
         assert ("digital phantom data" in html) is phantom and ("Phantom cohort" in html) is phantom
         assert ("cohort evaluated here (no phantom truth)" in html) is not phantom
+        # its cohort table does not define OA by the phantom's KL rule, and its agreement table has no columns of
+        # dashes for a truth it does not have
+        assert ("OA (KL \u2265 2)" in html) is phantom and ("OA (as labelled)" in html) is not phantom
+        assert ("vs phantom truth" in html) is phantom and ("near 0 for them by construction" in html) is phantom
+        assert "Patients / patches" in html and "ICC, published" in html
         snippet = write_readme_snippet(m, out / "readme")["table"].read_text(encoding="utf-8")
         assert ("numbers from the digital phantom" in snippet) is phantom
 

@@ -109,7 +109,9 @@ def _cohort(cohort: pd.DataFrame | None, phantom: bool = True) -> list:
         rows.append(["KL grade 0 / 1 / 2 / 3 / 4", " / ".join(str(kl.get(g, 0)) for g in range(5))])
     if "oa" in c:
         oa = yes_no_numbers(c["oa"])
-        rows.append(["OA (KL \u2265 2)", f"{int((oa == 1).sum())} ({100 * float((oa == 1).mean()):.0f} %)"])
+        # the phantom's label is a KL-like grade >= 2; a user's cohort brings its own definition in its 'oa' column
+        rows.append(["OA (KL \u2265 2)" if phantom else "OA (as labelled)",
+                     f"{int((oa == 1).sum())} ({100 * float((oa == 1).mean()):.0f} %)"])
     if "severity" in c:
         s = pd.to_numeric(c["severity"], errors="coerce").dropna()
         if len(s):
@@ -211,21 +213,26 @@ def _regression(m: Mapping[str, Any]) -> list:
                        fmt(pub)]
             rows.append(row)
             kinds.append("group" if i == 0 and rows[:-1] else "")
+    header = ["Parameter", "Source", "ICC(2,1) [95 % CI]", "ICC(3,1) [95 % CI]", "Pearson r", "MAE",
+              "Bland\u2013Altman bias [LoA]", "Patients / patches", "ICC(2,1) vs phantom truth",
+              "Pearson r vs phantom truth", f"ICC, {PUBLISHED_LABEL}"]
+    truth_note = ["The teacher predicts from MR patches; the other sources from CT. \"vs phantom truth\" scores the "
+                  "same predictions against the phantom's true microstructure. The models learn the MR reference, "
+                  "whose apparent Tb.Th, Tb.Sp and Tb.N differ in scale from the true ones (on the demo phantom "
+                  "Tb.Th reads about 3\u00d7 the truth at the MR's resolution), so absolute agreement with the truth "
+                  "(ICC(2,1)) is near 0 for them by construction; Pearson r shows how closely the predictions "
+                  "follow the truth."]
+    if not truth:  # a cohort without phantom truth: no columns of dashes, no note about a truth it does not have
+        keep = [j for j, h in enumerate(header) if "phantom truth" not in h]
+        header, rows = [header[j] for j in keep], [[r[j] for j in keep] for r in rows]
+        truth_note = ["The teacher predicts from MR patches; the other sources from CT."]
     out.append(Table(
-        ["Parameter", "Source", "ICC(2,1) [95 % CI]", "ICC(3,1) [95 % CI]", "Pearson r", "MAE",
-         "Bland\u2013Altman bias [LoA]", "Patients / patches", "ICC(2,1) vs phantom truth",
-         "Pearson r vs phantom truth", f"ICC, {PUBLISHED_LABEL}"],
-        rows, row_kinds=kinds, align=["L", "L"] + ["R"] * 9,
+        header, rows, row_kinds=kinds, align=["L", "L"] + ["R"] * (len(header) - 2),
         caption="Per-parameter agreement with the MR reference on held-out patients",
         notes=["ICC(2,1): two-way random effects, absolute agreement, single measure; ICC(3,1): two-way mixed, "
                "consistency. CIs and Bland\u2013Altman limits of agreement (bias \u00b1 1.96 SD) as computed by "
                "the evaluation. MAE and bias are in the parameter's unit.",
-               "The teacher predicts from MR patches; the other sources from CT. \"vs phantom truth\" scores the "
-               "same predictions against the phantom's true microstructure. The models learn the MR reference, "
-               "whose apparent Tb.Th, Tb.Sp and Tb.N differ in scale from the true ones (on the demo phantom Tb.Th "
-               "reads about 3\u00d7 the truth at the MR's resolution), so absolute agreement with the truth "
-               "(ICC(2,1)) is near 0 for them by construction; Pearson r shows how closely the predictions "
-               "follow the truth.",
+               *truth_note,
                f"Published ICCs ({PUBLISHED_LABEL}, CT-SMA): per parameter from the 2023 preprint, the mean "
                "(0.742) from the 2026 journal paper; the ICC type was not stated there.",
                *_flips_note(m)]))
