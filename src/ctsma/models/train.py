@@ -177,7 +177,10 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
         elif why:
             progress.info(f"{role}{cfg.output.name}: trained again ({why})")
     if resume and not checked:
-        _check_resumable(last, module)
+        saved = _check_resumable(last, module)
+        # say where --resume goes on from, as the demo's reuse does: nothing told a run resumed from one started anew
+        progress.info(f"{role}{cfg.output.name}: resumed from {last} ({int(saved.get('epoch', -1)) + 1} of "
+                      f"{optim['max_epochs']} epochs were done)")
     if resume and not logging.getLogger().isEnabledFor(logging.DEBUG):  # its folder holds the run's logs: expected
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
     check_nodes(cfg.trainer.num_nodes)
