@@ -152,7 +152,13 @@ def test_registered_transforms_and_qa_exclusion(cohort, tmp_path):
         (reg / name / "qa.json").write_text(json.dumps({"stages": [], "bone_dice": {"femur": dice, "tibia": 0.9}}))
     summary = build_dataset(root / "manifest.csv", tmp_path / "ds", BuildSettings(**SMALL), registrations=reg)
     assert summary["n_subjects"] == 1 and PatchStore(tmp_path / "ds").subjects == ["k0"]
-    assert "femur Dice 0.30" in summary["excluded"]["k2"] and "incomplete" in summary["excluded"]["k1"]
+    # a knee never registered (a shard not run) was 'registration incomplete', which sent users looking for a
+    # half-written folder: it is said not to be registered, naming the folder looked for
+    assert "femur Dice 0.30" in summary["excluded"]["k2"]
+    assert summary["excluded"]["k1"].startswith(f"not registered: no folder {reg / 'k1'} (register it")
+    (reg / "k1").mkdir()
+    again = build_dataset(root / "manifest.csv", tmp_path / "ds", BuildSettings(**SMALL), registrations=reg)
+    assert again["excluded"]["k1"].startswith(f"registration incomplete in {reg / 'k1'}")
 
 
 def test_interrupted_build_resumes_from_shards(cohort, tmp_path, monkeypatch):

@@ -127,6 +127,9 @@ def load_transform(row: dict, root: Path, s: BuildSettings, registrations: Path 
         raise SubjectExcluded("no registration: give --registrations DIR (ctsma register outputs per subject), "
                               "a 'registration' column, or --transform-column")
     tfile, qfile = folder / "transform_ct_to_mr.h5", folder / "qa.json"
+    if not folder.is_dir():  # not 'incomplete': a shard not run yet, or registration folders named otherwise
+        raise SubjectExcluded(f"not registered: no folder {folder} (register it with 'ctsma register', e.g. the "
+                              "missing --shard; its folder is named by the manifest's subject)")
     if not tfile.is_file() or not qfile.is_file():
         raise SubjectExcluded(f"registration incomplete in {folder} (needs transform_ct_to_mr.h5 and qa.json)")
     try:
