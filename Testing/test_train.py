@@ -474,6 +474,12 @@ def test_resume_without_checkpoint_and_cli_errors(store, tmp_path, capsys):
     assert main(["evaluate", "--config", str(cfg), "--out", str(tmp_path / "e"), "--set", "optim.max_epochs=2",
                  "--store", str(store.dir), "--models", str(tmp_path / "none")]) == 2
     assert "no trained models" in capsys.readouterr().err
+    # the shipped configs leave data.store (and output.dir) for --store and --out: the messages named neither
+    cfg.write_text("optim:\n  max_epochs: 2\n")
+    assert main(["train", "baseline", "--config", str(cfg)]) == 2
+    assert "data.store is empty: give the patch store folder with --store" in capsys.readouterr().err
+    assert main(["train", "baseline", "--config", str(cfg), "--resume"]) == 2
+    assert "(resume with the run's own --out and --store)" in capsys.readouterr().err
 
 
 def test_every_ddp_process_gets_a_batch_or_the_run_is_refused(store, tmp_path, monkeypatch):

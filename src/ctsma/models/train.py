@@ -57,7 +57,8 @@ def open_store(cfg: TrainConfig, store: PatchStore | None = None) -> PatchStore:
     if store is not None:
         return store
     if not cfg.data.store:
-        raise ConfigError("data.store is empty: name the patch store folder in the config")
+        raise ConfigError("data.store is empty: give the patch store folder with --store (ctsma train, ctsma "
+                          "evaluate) or as data.store in the config")
     return PatchStore(resolve(cfg, cfg.data.store))
 
 
@@ -113,7 +114,8 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     if resume and not last.is_file():
-        raise UserError(f"--resume: no checkpoint to resume from at {last}")
+        raise UserError(f"--resume: no checkpoint to resume from at {last} (resume with the run's own --out and "
+                        "--store)")
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
