@@ -1086,3 +1086,18 @@ def test_crossfit_refuses_more_folds_than_patients_and_a_foreign_out_folder(stor
         == ["notes.txt"]
     assert main(base + ["--out", str(tmp_path / "b"), "--folds", "1"]) == 2
     assert "--folds must be 2 to 20" in capsys.readouterr().err
+
+
+def test_a_shipped_training_config_is_named_by_its_name(tmp_path, capsys):
+    """`--config demo` was 'config file not found: demo' in train, evaluate and crossfit, although the demo takes
+    the name: a user had to find Resources/Configs/demo.yaml in the installed package."""
+    from ctsma.cli.main import main
+    from ctsma.models.config import SHIPPED_TRAIN_CONFIGS
+    from ctsma.resources import resource_path
+
+    for name in SHIPPED_TRAIN_CONFIGS:
+        path = resource_path("Configs", f"{name}.yaml")
+        assert load_train_config(name) == load_train_config(path) == load_train_config(str(path))
+    assert load_train_config("gpu").student_net.widths != load_train_config("demo").student_net.widths
+    assert main(["train", "baseline", "--config", "demo", "--out", str(tmp_path / "run")]) == 2
+    assert "data.store is empty" in capsys.readouterr().err  # the config was found; the store was not given

@@ -13,8 +13,8 @@ RUN_ENTRIES = ("config.yaml", "training", "evaluation")  # what a crossfit run f
 def add_parser(sub) -> None:
     p = sub.add_parser("crossfit", help="train teacher and students on K patient folds and evaluate every patient "
                                         "out of fold")
-    p.add_argument("--config", required=True, help="training YAML (e.g. Resources/Configs/demo.yaml), with its "
-                   "evaluate section")
+    p.add_argument("--config", required=True, help="training YAML with its evaluate section, or a shipped config "
+                   "by name: demo (CPU-sized), gpu (wider networks)")
     p.add_argument("--store", required=True, help="patch store folder ('ctsma dataset build' output)")
     p.add_argument("--out", required=True, help="run folder: config.yaml (the settings used), training/fold<f>/ "
                    "(the fold's three models), evaluation/ (metrics.json, tables, predictions of every patch, plots)")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate teacher, students and CT morphometry on held-out patients")
-    p.add_argument("--config", required=True, help="the training YAML used for 'ctsma train'")
+    p.add_argument("--config", required=True, help="the training YAML (or shipped config name: demo, gpu) "
+                   "used for 'ctsma train'")
     p.add_argument("--out", required=True, help="output folder (metrics.json, tables, plots)")
     p.add_argument("--store", default=None, help="patch store folder (overrides data.store)")
     p.add_argument("--models", default=None, help="run folder holding the model files (overrides output.dir)")

@@ -9,7 +9,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train the MR teacher, the distilled CT student or the CT baseline")
     p.add_argument("model", choices=("teacher", "student", "baseline"),
                    help="teacher (MR), student (CT, distilled from the teacher) or baseline (CT, no distillation)")
-    p.add_argument("--config", required=True, help="training YAML (e.g. Resources/Configs/demo.yaml)")
+    p.add_argument("--config", required=True, help="training YAML, or a shipped config by name: demo "
+                   "(CPU-sized, Resources/Configs/demo.yaml), gpu (wider networks)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--store", default=None, help="patch store folder (overrides data.store)")
     p.add_argument("--out", default=None, help="run folder (overrides output.dir)")

@@ -188,16 +188,13 @@ def dataset(ctx: Context, d: Path) -> dict:
 
 
 # ------------------------------------------------------------------ training (cross-fitting)
-SHIPPED_TRAIN_CONFIGS = ("demo", "gpu")
-
-
 def train_config_path(s: DemoSettings) -> Path:
     """``train_config``: a shipped config by name (``demo``: CPU-sized, ``gpu``: the wider networks) or a YAML path."""
     from ..errors import ConfigError
-    from ..resources import resource_path
+    from ..models.config import SHIPPED_TRAIN_CONFIGS, shipped_or_path
 
     if s.train_config in SHIPPED_TRAIN_CONFIGS:
-        return resource_path("Configs", f"{s.train_config}.yaml")
+        return shipped_or_path(s.train_config)
     path = Path(s.train_config).expanduser()
     if not path.is_file():
         raise ConfigError(f"train_config: no such file {path} (or name a shipped config: "

@@ -182,8 +182,23 @@ def variant(cfg: TrainConfig, ablation: dict) -> TrainConfig:
     return dataclasses.replace(new, base_dir=cfg.base_dir)
 
 
+SHIPPED_TRAIN_CONFIGS = ("demo", "gpu")
+"""Training configs shipped in ``Resources/Configs/`` that a name gives: ``demo`` (CPU-sized), ``gpu`` (wider)."""
+
+
+def shipped_or_path(config):
+    """``config`` itself, or the shipped config it names (``demo``, ``gpu``: ``Resources/Configs/<name>.yaml``)."""
+    if isinstance(config, (str, Path)) and str(config) in SHIPPED_TRAIN_CONFIGS:
+        from ..resources import resource_path
+
+        return resource_path("Configs", f"{config}.yaml")
+    return config
+
+
 def load_train_config(path=None, overrides=None) -> TrainConfig:
-    """Load and check a training config; relative paths resolve against the file's folder."""
+    """Load and check a training config (a file, a mapping, or a shipped config's name: :data:`SHIPPED_TRAIN_CONFIGS`);
+    relative paths resolve against the file's folder."""
+    path = shipped_or_path(path)
     cfg = _check(load_config(path, TrainConfig, overrides=overrides))
     if path is not None and not isinstance(path, dict) and not cfg.base_dir:
         cfg.base_dir = str(Path(path).resolve().parent)
