@@ -104,6 +104,36 @@ def test_too_few_patients_per_class_is_a_clear_error(cohort):
             dg.train(table, only_oa, agg, folds=None)
 
 
+def test_labelled_knees_without_patch_rows_are_left_out_with_a_warning(cohort):
+    """A cohort's labels sheet lists every knee, also those the dataset excluded (registration QA) or kept for
+    testing: such a sheet was refused ('labelled knee(s) have no valid patch ... remove them from the labels'). A
+    knee without any row in the patch table is now left out, named in a warning; a knee whose rows are all invalid
+    is still refused (below), and a table that shares no knee with the labels too."""
+    table, labels = cohort
+    extra = pd.concat([labels, pd.DataFrame({"subject": ["X1", "X2"], "oa": [1, 0], "severity": [2.0, 0.0]})])
+    with pytest.warns(UserWarning, match=r"2 of \d+ labelled knee\(s\) have no row in the patch table \(X1, X2\)"):
+        knees = dg.build_kneeset(table, extra)
+    assert knees.subjects == dg.build_kneeset(table, labels).subjects
+    with pytest.raises(dg.NoValidPatchesError, match="have no valid patch"):
+        dg.build_kneeset(table.assign(subject="other"), labels)
+
+
+def test_the_few_knees_warning_counts_the_knees_with_patches(cohort, tmp_path):
+    """With a whole cohort's labels and a table of 12 of its knees, `diagnose evaluate` said 'only 40 labelled
+    knees' nowhere: it counted the labels sheet. It counts the knees it uses."""
+    table, labels = cohort
+    keep = sorted(set(table.subject))[:12]
+    table[table.subject.isin(keep)].to_csv(tmp_path / "p.csv", index=False)
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.warns(UserWarning) as said:
+        assert _cli().main(["--quiet", "diagnose", "evaluate", "--patches", str(tmp_path / "p.csv"), "--labels",
+                            str(tmp_path / "labels.csv"), "--aggregators", "logistic", "--folds", "3",
+                            "--out", str(tmp_path / "e")]) == 0
+    said = [str(w.message) for w in said]
+    assert any(m.startswith("only 12 labelled knees") for m in said), said
+    assert any(m.startswith("28 of 40 labelled knee(s) have no row in the patch table") for m in said), said
+
+
 def test_knee_without_valid_patches(cohort, tmp_path):
     table, labels = cohort
     bad = table.copy()

@@ -165,13 +165,22 @@ def build_kneeset(patch_table, labels=None) -> KneeSet:
     """Group valid patches per knee. With ``labels``, the knees are the labelled ones (patches of
     unlabelled subjects are not used).
 
-    A labelled knee without any valid patch raises :class:`NoValidPatchesError` naming it (training
-    and evaluation must not silently drop patients). Without labels, knees without valid patches are
-    left out; call :func:`knees_without_patches` to report them.
+    A labelled knee whose patch rows are all invalid raises :class:`NoValidPatchesError` naming it (training
+    and evaluation must not silently drop patients); a labelled knee without any row in the table (one the
+    dataset left out, e.g. by its registration QA, or kept for testing: a cohort's labels sheet lists every knee) is
+    left out with a warning naming it. Without labels, knees without valid patches are left out; call
+    :func:`knees_without_patches` to report them.
     """
     patches = check_patch_table(patch_table)
     if labels is not None:
         lab = check_labels(labels)
+        listed = set(patches["subject"])
+        absent = [s for s in sorted(lab.index) if s not in listed]
+        if absent and len(absent) < len(lab):
+            shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+            warnings.warn(f"{len(absent)} of {len(lab)} labelled knee(s) have no row in the patch table ({shown}): "
+                          "left out (knees the dataset excluded, or kept for testing, are not in it)", stacklevel=2)
+            lab = lab.drop(index=absent)
         subjects = sorted(lab.index)
         empty = knees_without_patches(patches, subjects)
         if empty:
