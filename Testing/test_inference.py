@@ -1067,3 +1067,22 @@ def test_infer_refuses_to_write_into_the_cts_dicom_folder(tmp_path, capsys):
     assert cli_main(["infer", str(dicom), "--out", str(tmp_path / "." / "dicom")]) == 2
     assert "is the CT's DICOM folder" in capsys.readouterr().err
     assert [p.name for p in dicom.iterdir()] == ["s000.dcm"]
+
+
+def test_summary_records_its_inputs_as_absolute_paths(knee, constant_student, tmp_path, monkeypatch):
+    """`ctsma infer ct.nii.gz --model ../m.safetensors` recorded 'ct.nii.gz' and '../m.safetensors' in
+    summary.json, which name no file from another folder (the patient report showed them so)."""
+    import json
+    import shutil
+
+    from ctsma.inference.engine import default_diagnosis_path
+
+    shutil.copy(constant_student, tmp_path / "m.safetensors")
+    monkeypatch.chdir(Path(knee["ct"]).parent)
+    rel_model = os.path.relpath(tmp_path / "m.safetensors")
+    assert _run(Path(knee["ct"]).name, "--segmentation", Path(knee["ct_bones"]).name, "--model", rel_model,
+                "--out", tmp_path / "o") == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["ct"] == str(Path(knee["ct"]).resolve())
+    assert summary["model"]["path"] == str((tmp_path / "m.safetensors").resolve())
+    assert summary["diagnosis"]["model"] == str(default_diagnosis_path().resolve())

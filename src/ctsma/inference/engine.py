@@ -396,11 +396,11 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
 
     diagnosis = _diagnose(patch_rows, diagnosis_model, subject, own_student)
     summary = {
-        "subject": subject, "ct": str(ct_path),
+        "subject": subject, "ct": str(Path(ct_path).resolve()),  # absolute: valid from any folder
         "roi_table": table.to_dict(orient="records"),
         "units": {p: PARAMETER_UNITS[p] for p in PARAMETERS},
         "display_range": display_ranges(meta),
-        "model": {"path": str(model_path), **describe(meta),
+        "model": {"path": str(Path(model_path).resolve()), **describe(meta),
                   "demo": bool(meta.get("demo", False) or not own_student or trained_on_phantom(meta))},
         "n_patches": int(len(names)), "stride_mm": s.stride_mm, "tta_passes": len(flips), "device": device,
         "bones_from": bones_from, "rois_from": rois_from, **side_info, "ct_resolution": resolution,
@@ -632,7 +632,7 @@ def _diagnose(patch_rows: pd.DataFrame, loaded, subject: str, own_student: bool)
         warnings.warn(f"no OA probability: {message}", stacklevel=3)
     shipped = default_diagnosis_path()
     out = {"oa_probability": prob, "severity": severity, "auc": cv.get("auc"), "auc_ci": cv.get("auc_ci"),
-           "diagnosis": {"model": str(path), "aggregator": model.metadata.get("aggregator"), "message": message,
+           "diagnosis": {"model": str(Path(path).resolve()), "aggregator": model.metadata.get("aggregator"), "message": message,
                          "cv_metrics": cv, "demo": shipped is not None and _same_file(path, shipped)}}
     if model.metadata.get("reference_ranges"):  # the patient report's non-OA ranges and z-scores
         out["reference_ranges"] = model.metadata["reference_ranges"]
