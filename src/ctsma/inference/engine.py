@@ -27,6 +27,7 @@ and lies outside the physical range of every parameter inside bone.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -396,11 +397,11 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
 
     diagnosis = _diagnose(patch_rows, diagnosis_model, subject, own_student)
     summary = {
-        "subject": subject, "ct": str(Path(ct_path).resolve()),  # absolute: valid from any folder
+        "subject": subject, "ct": os.path.abspath(ct_path),  # absolute: valid from any folder
         "roi_table": table.to_dict(orient="records"),
         "units": {p: PARAMETER_UNITS[p] for p in PARAMETERS},
         "display_range": display_ranges(meta),
-        "model": {"path": str(Path(model_path).resolve()), **describe(meta),
+        "model": {"path": os.path.abspath(model_path), **describe(meta),
                   "demo": bool(meta.get("demo", False) or not own_student or trained_on_phantom(meta))},
         "n_patches": int(len(names)), "stride_mm": s.stride_mm, "tta_passes": len(flips), "device": device,
         "bones_from": bones_from, "rois_from": rois_from, **side_info, "ct_resolution": resolution,
@@ -632,8 +633,9 @@ def _diagnose(patch_rows: pd.DataFrame, loaded, subject: str, own_student: bool)
         warnings.warn(f"no OA probability: {message}", stacklevel=3)
     shipped = default_diagnosis_path()
     out = {"oa_probability": prob, "severity": severity, "auc": cv.get("auc"), "auc_ci": cv.get("auc_ci"),
-           "diagnosis": {"model": str(Path(path).resolve()), "aggregator": model.metadata.get("aggregator"), "message": message,
-                         "cv_metrics": cv, "demo": shipped is not None and _same_file(path, shipped)}}
+           "diagnosis": {"model": os.path.abspath(path), "aggregator": model.metadata.get("aggregator"),
+                         "message": message, "cv_metrics": cv,
+                         "demo": shipped is not None and _same_file(path, shipped)}}
     if model.metadata.get("reference_ranges"):  # the patient report's non-OA ranges and z-scores
         out["reference_ranges"] = model.metadata["reference_ranges"]
         out["reference_description"] = model.metadata.get("reference_description")
