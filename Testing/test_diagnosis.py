@@ -118,6 +118,20 @@ def test_labelled_knees_without_patch_rows_are_left_out_with_a_warning(cohort):
         dg.build_kneeset(table.assign(subject="other"), labels)
 
 
+def test_sources_missing_different_knees_are_compared_on_the_knees_they_share(cohort):
+    """With each table's missing knees left out on its own, two sources were cross-validated on different knees:
+    named student_distilled/student_baseline, every cross-validation trained and then the paired test failed ('do
+    not cover the same patients'); named otherwise, AUCs over 40 and 39 knees stood side by side. A knee missing
+    from any table is now left out of every source, named in one warning, and the comparison stays paired."""
+    table, labels = cohort
+    tables = {"student_distilled": table, "student_baseline": table[table.subject != "S005"]}
+    with pytest.warns(UserWarning, match=r"1 of 40 labelled knee\(s\) have no row in some of the patch tables; "
+                                         r"left out of every source.*\(S005\)"):
+        block, results = dg.compare_sources(tables, labels, ["logistic"], folds=4)
+    assert all(len(r.oof) == 39 for r in results.values())
+    assert "p_auc_vs_student_baseline" in block["student_distilled/logistic"]
+
+
 def test_the_few_knees_warning_counts_the_knees_with_patches(cohort, tmp_path):
     """With a whole cohort's labels and a table of 12 of its knees, `diagnose evaluate` said 'only 40 labelled
     knees' nowhere: it counted the labels sheet. It counts the knees it uses."""

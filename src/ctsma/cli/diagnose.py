@@ -183,8 +183,8 @@ def _evaluate(args) -> int:
     for name, table in sources.items():
         sources[name] = read_table(table, f"patch table of {name}")  # read once, here (a path, or prefixed)
         _say_unlabelled(f"patch table of {name}", sources[name], lab)
-    tabled = set().union(*(set(t["subject"].astype(str)) for t in sources.values()))
-    used = lab[lab.index.isin(tabled)]  # a labelled knee without patch rows is left out (build_kneeset says so)
+    tabled = set.intersection(*(set(t["subject"].astype(str)) for t in sources.values()))
+    used = lab[lab.index.isin(tabled)]  # a labelled knee without rows in every table is left out (compare_sources)
     n, smaller = len(used), int(min((used["oa"] == 1).sum(), (used["oa"] == 0).sum()))
     if n < FEW_KNEES:
         import warnings

@@ -10,6 +10,7 @@ parameters and its position are finite.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,8 +81,9 @@ def check_patch_table(table, what: str = "patch table") -> pd.DataFrame:
         if any(p in missing for p in PARAMETERS) and have:
             # name the table's own prefixes: 'mr_ or true_' sent a user of regression_predictions.csv, which holds
             # the students' values, to train on the MR reference instead
+            pick = next((h for h in have if h.startswith('student')), have[0])
             hint = (f" (its parameter columns carry the prefix(es) {', '.join(have)}: choose one with --prefix, e.g. "
-                    f"--prefix {next((h for h in have if h.startswith('student')), have[0])})")
+                    f"--prefix {pick}, or in 'diagnose evaluate' --prefix SOURCE={pick})")
         raise UserError(f"{what} lacks the column(s) {', '.join(missing)}; it needs {', '.join(PATCH_COLUMNS)}{hint}")
     df["subject"] = df["subject"].astype(str)
     df["roi"] = df["roi"].astype(str).str.strip()
@@ -161,6 +163,27 @@ def incomplete_knee_message(missing) -> str:
             f"({'/'.join(ROI_ORDER)}; it learnt from knees with patches in each): no diagnosis; check the ROIs")
 
 
+def labels_in_every_table(labels: pd.DataFrame, tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """The rows of ``labels`` (a table with a ``subject`` column) of the knees that have rows in every patch table of
+    ``tables`` (source name -> checked table). A cohort's labels sheet lists every knee, and a knee the dataset left
+    out (by its registration QA) or kept for testing is in no table; one missing from some tables only would make
+    the sources' cross-validations unpaired. The knees left out are named in one warning; when no labelled knee is
+    in the tables, the labels are returned as they are (the caller's error then names them)."""
+    if "subject" not in labels.columns or not tables:
+        return labels
+    subject = labels["subject"].astype(str)
+    common = set.intersection(*(set(t["subject"].astype(str)) for t in tables.values()))
+    absent = sorted(set(subject) - common)
+    if absent and len(absent) < len(set(subject)):
+        shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+        where = ("the patch table" if len(tables) == 1 else
+                 "some of the patch tables; left out of every source, so that all are scored on the same knees")
+        warnings.warn(f"{len(absent)} of {len(set(subject))} labelled knee(s) have no row in {where} ({shown}): "
+                      "left out (knees the dataset excluded, or kept for testing, are not in it)", stacklevel=3)
+        return labels[subject.isin(common).to_numpy()]
+    return labels
+
+
 def build_kneeset(patch_table, labels=None) -> KneeSet:
     """Group valid patches per knee. With ``labels``, the knees are the labelled ones (patches of
     unlabelled subjects are not used).
@@ -173,14 +196,7 @@ def build_kneeset(patch_table, labels=None) -> KneeSet:
     """
     patches = check_patch_table(patch_table)
     if labels is not None:
-        lab = check_labels(labels)
-        listed = set(patches["subject"])
-        absent = [s for s in sorted(lab.index) if s not in listed]
-        if absent and len(absent) < len(lab):
-            shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
-            warnings.warn(f"{len(absent)} of {len(lab)} labelled knee(s) have no row in the patch table ({shown}): "
-                          "left out (knees the dataset excluded, or kept for testing, are not in it)", stacklevel=2)
-            lab = lab.drop(index=absent)
+        lab = check_labels(labels_in_every_table(read_table(labels, "labels", subjects=True), {"": patches}))
         subjects = sorted(lab.index)
         empty = knees_without_patches(patches, subjects)
         if empty:

@@ -19,7 +19,8 @@ from .. import progress, stats
 from ..errors import UserError
 from ..progress import track
 from .aggregators import make_aggregator
-from .data import KneeSet, build_kneeset, read_table, warn_incomplete_knees
+from .data import (KneeSet, build_kneeset, check_patch_table, labels_in_every_table, read_table,
+                   warn_incomplete_knees)
 
 DEFAULT_FOLDS = 5
 DEFAULT_SEED = 0
@@ -157,9 +158,9 @@ def compare_sources(tables: Mapping[str, object], labels, aggregators: Sequence[
     its metrics (with the aggregator's ``config``, e.g. its ``members``, and ``seconds``: the wall time of the
     cross-validation, or with ``workers`` > 1 the summed time of its folds); for each ``(a, b)`` in ``pairs``
     present in ``tables``, the entry of ``a`` gains ``auc_diff_vs_<b>``, ``auc_diff_ci_vs_<b>`` and
-    ``p_auc_vs_<b>`` (two-sided DeLong test of the paired AUCs). Every labelled knee must have valid patches in
-    every table (else a clear error names the knees), so all sources are evaluated on the same patients and folds
-    and the comparison is paired. ``workers`` > 1 trains all the folds of all the cross-validations in that many
+    ``p_auc_vs_<b>`` (two-sided DeLong test of the paired AUCs). All sources are evaluated on the same patients
+    and folds, so the comparison is paired: a labelled knee missing from some table (no row in it) is left out of
+    every source, with one warning naming it, and a labelled knee whose rows are all invalid is a clear error. ``workers`` > 1 trains all the folds of all the cross-validations in that many
     spawned processes, slowest aggregator first; every network trains on one thread either way, so the results
     are the same.
     """
@@ -167,6 +168,8 @@ def compare_sources(tables: Mapping[str, object], labels, aggregators: Sequence[
 
     aggregators = list(dict.fromkeys(aggregators))  # "logistic,logistic" cross-validated it twice, for one entry
     lab = read_table(labels, "labels")
+    tables = {s: check_patch_table(t, f"patch table of {s}") for s, t in tables.items()}
+    lab = labels_in_every_table(lab, tables)
     knees_by_source = {s: build_kneeset(t, lab) for s, t in tables.items()}
     for s, knees in knees_by_source.items():
         warn_incomplete_knees(knees, s)
