@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -1069,6 +1070,9 @@ def test_crossfit_predicts_every_patient_with_the_models_that_held_it_out(store,
     assert main(argv) == 0  # a rerun keeps the nine models and gives the same predictions
     assert capsys.readouterr().err.count(": reused ") == 9
     assert pd.read_csv(out / "evaluation" / "regression_predictions.csv").equals(pred)
+    (out / ".DS_Store").write_text("")  # a file browser's: not a foreign output
+    assert main(argv[:-4] + ["--folds", "2", "--workers", "1"]) == 0  # fewer folds: the third fold's models go
+    assert sorted(p.name for p in (out / "training").iterdir()) == ["fold0", "fold1"]
 
 
 def test_crossfit_refuses_more_folds_than_patients_and_a_foreign_out_folder(store, tmp_path, capsys):
@@ -1086,18 +1090,31 @@ def test_crossfit_refuses_more_folds_than_patients_and_a_foreign_out_folder(stor
         == ["notes.txt"]
     assert main(base + ["--out", str(tmp_path / "b"), "--folds", "1"]) == 2
     assert "--folds must be 2 to 20" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "b"), "--seed", "-1"]) == 2
+    assert "--seed must be 0 to" in capsys.readouterr().err
+    assert main(["crossfit", "--config", "dmeo", "--store", str(store.dir), "--out", str(tmp_path / "b")]) == 2
+    assert "config file not found: dmeo (or name a shipped config: demo, gpu)" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_a_shipped_training_config_is_named_by_its_name(tmp_path, capsys):
     """`--config demo` was 'config file not found: demo' in train, evaluate and crossfit, although the demo takes
-    the name: a user had to find Resources/Configs/demo.yaml in the installed package."""
+    the name: a user had to find Resources/Configs/demo.yaml in the installed package (whose relative output.dir
+    then put the run folder there)."""
     from ctsma.cli.main import main
     from ctsma.models.config import SHIPPED_TRAIN_CONFIGS
     from ctsma.resources import resource_path
 
+    from dataclasses import replace
+
+    from ctsma.models.config import resolve
+
     for name in SHIPPED_TRAIN_CONFIGS:
         path = resource_path("Configs", f"{name}.yaml")
-        assert load_train_config(name) == load_train_config(path) == load_train_config(str(path))
+        named = load_train_config(name)
+        assert replace(named, base_dir="") == replace(load_train_config(path), base_dir="")
+        # relative paths (output.dir: ctsma_models) from the current folder, not inside the installed package
+        assert resolve(named, named.output.dir) == Path.cwd() / named.output.dir
     assert load_train_config("gpu").student_net.widths != load_train_config("demo").student_net.widths
     assert main(["train", "baseline", "--config", "demo", "--out", str(tmp_path / "run")]) == 2
     assert "data.store is empty" in capsys.readouterr().err  # the config was found; the store was not given

@@ -30,7 +30,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    import shutil
     import types
+    import warnings
     from pathlib import Path
 
     import yaml
@@ -49,7 +51,12 @@ def run(args) -> int:
         raise UserError(f"--folds must be 2 to 20, not {args.folds}")
     if not 1 <= args.workers <= 256:
         raise UserError(f"--workers must be 1 to 256, not {args.workers}")
+    if not 0 <= args.seed < 2**31:
+        raise UserError(f"--seed must be 0 to 2147483647, not {args.seed}")
     cfg = load_train_config(args.config, overrides_from(types.SimpleNamespace(set=args.set)))
+    if cfg.evaluate.ablations:
+        warnings.warn("the config's evaluate.ablations are not run by 'ctsma crossfit' (it evaluates the teacher and "
+                      "both students); run 'ctsma evaluate' on a fold's models for them", stacklevel=2)
     store_dir = Path(args.store).resolve()
     patients = len(PatchStore(store_dir).subjects)
     if args.folds > patients:
@@ -57,7 +64,7 @@ def run(args) -> int:
                         "out at least one patient")
     out = Path(args.out)
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES)
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
         if foreign:
             raise UserError(f"--out {out} holds {', '.join(foreign[:3])}, which no 'ctsma crossfit' run wrote: "
                             "choose an empty or new folder")
@@ -69,6 +76,9 @@ def run(args) -> int:
     progress.info(f"training teacher, distilled and baseline students of {args.folds} patient folds "
                   f"({patients} patients; models kept from an earlier run of the same settings are reused)")
     stages.training(ctx, out / "training")
+    for stale in (out / "training").glob("fold*"):  # an earlier run's folds beyond this run's --folds
+        if stale.is_dir() and stale.name[4:].isdigit() and int(stale.name[4:]) >= args.folds:
+            shutil.rmtree(stale)
     progress.info("evaluating every patient with the models of the fold that held it out")
     (out / "evaluation").mkdir(exist_ok=True)
     res = stages.evaluation(ctx, out / "evaluation")

@@ -197,11 +197,16 @@ def shipped_or_path(config):
 
 def load_train_config(path=None, overrides=None) -> TrainConfig:
     """Load and check a training config (a file, a mapping, or a shipped config's name: :data:`SHIPPED_TRAIN_CONFIGS`);
-    relative paths resolve against the file's folder."""
-    path = shipped_or_path(path)
-    cfg = _check(load_config(path, TrainConfig, overrides=overrides))
-    if path is not None and not isinstance(path, dict) and not cfg.base_dir:
-        cfg.base_dir = str(Path(path).resolve().parent)
+    relative paths resolve against the file's folder, or for a config given by name against the current folder (its
+    ``output.dir``, ``ctsma_models``, went into the installed package's Resources/Configs)."""
+    named = shipped_or_path(path)
+    if isinstance(named, (str, Path)) and not Path(named).exists():
+        from ..errors import ConfigError
+        raise ConfigError(f"config file not found: {named} (or name a shipped config: "
+                          f"{', '.join(SHIPPED_TRAIN_CONFIGS)})")
+    cfg = _check(load_config(named, TrainConfig, overrides=overrides))
+    if named is not None and not isinstance(named, dict) and not cfg.base_dir:
+        cfg.base_dir = str(Path.cwd() if named is not path else Path(named).resolve().parent)
     return cfg
 
 
