@@ -176,7 +176,6 @@ def test_bad_inputs_are_user_errors(cohort):
         dg.cross_validate(table, labels, "svm")
 
 
-
 def test_labels_read_a_spreadsheets_true_false_and_yes_no(tmp_path):
     """A labels sheet saved from a spreadsheet says TRUE/FALSE (or yes/no): it was refused as not 0 or 1."""
     from ctsma.diagnosis.data import check_labels

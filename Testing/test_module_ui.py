@@ -234,7 +234,7 @@ _BUILT = {
                             bones=Path("b.nii"), rois=Path("r.nii"), side="R"),
     "infer (as it is)": cli_args.infer(Path("ct.nii"), Path("out"), match_sharpness=False),
     "infer (DICOM thickness)": cli_args.infer(Path("ct.nii"), Path("out"), slice_thickness=1.25),
-    "infer (volume name)": cli_args.infer(Path("ct.nii"), Path("out"), subject="Knee CT 2"),
+    "infer (volume name)": cli_args.infer(Path("ct.nii"), Path("out"), subject="-Knee CT 2"),
     "report": cli_args.report(Path("ct.nii"), Path("res"), Path("out"), subject="knee 1"),
     "train": cli_args.train("student", Path("c.yaml"), Path("out")),
     "train (store)": cli_args.train("baseline", Path("c.yaml"), Path("out"), store=Path("store")),

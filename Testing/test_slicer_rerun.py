@@ -305,4 +305,3 @@ def test_segmenting_the_same_ct_again_gives_the_new_segmentations_names_of_their
                      "CT subchondral ROIs_2"]
     assert all(mrml_scene.IsNodePresent(node) for node in outputs)
     assert sorted(_names(mrml_scene, "vtkMRMLSegmentationNode")) == sorted(names)
-

@@ -480,7 +480,8 @@ def test_resume_without_checkpoint_and_cli_errors(store, tmp_path, capsys):
     assert main(["train", "baseline", "--config", str(cfg)]) == 2
     assert "data.store is empty: give the patch store folder with --store" in capsys.readouterr().err
     assert main(["train", "baseline", "--config", str(cfg), "--resume"]) == 2
-    assert "(resume with the run's own --out and --store)" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "(resume with the run's own --out; the checkpoint is <out>/<role>/checkpoints/last.ckpt)" in said
 
 
 def test_every_ddp_process_gets_a_batch_or_the_run_is_refused(store, tmp_path, monkeypatch):

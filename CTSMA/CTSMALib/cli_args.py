@@ -47,7 +47,8 @@ def infer(ct: Path, out: Path, model: str = "", device: str = "auto", bones: Pat
     knee's ID in the outputs (the CT volume's name; the exported file's name says nothing)."""
     args = ["infer", str(ct), "--out", str(out), "--device", device]
     if subject.strip():
-        args += ["--subject", subject]
+        args += [f"--subject={subject}"]  # one argument: a volume name may begin with '-'
+
     if not match_sharpness:
         args += ["--no-harmonise"]
     if slice_thickness:

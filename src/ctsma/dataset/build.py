@@ -121,15 +121,17 @@ def load_transform(row: dict, root: Path, s: BuildSettings, registrations: Path 
             raise SubjectExcluded(f"no transform file in column {s.transform_column!r} ({p})")
         return _read_transform(p), f"column {s.transform_column}"
     folder = _path(root, row.get("registration"))
+    named = "the manifest's registration column names it"
     if folder is None and registrations is not None:
         folder = safe_join(registrations, subject)
+        named = "its folder in --registrations is named by the manifest's subject"
     if folder is None:
         raise SubjectExcluded("no registration: give --registrations DIR (ctsma register outputs per subject), "
                               "a 'registration' column, or --transform-column")
     tfile, qfile = folder / "transform_ct_to_mr.h5", folder / "qa.json"
     if not folder.is_dir():  # not 'incomplete': a shard not run yet, or registration folders named otherwise
         raise SubjectExcluded(f"not registered: no folder {folder} (register it with 'ctsma register', e.g. the "
-                              "missing --shard; its folder is named by the manifest's subject)")
+                              f"missing --shard; {named})")
     if not tfile.is_file() or not qfile.is_file():
         raise SubjectExcluded(f"registration incomplete in {folder} (needs transform_ct_to_mr.h5 and qa.json)")
     try:

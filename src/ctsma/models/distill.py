@@ -28,9 +28,11 @@ def _normalise(f: torch.Tensor) -> torch.Tensor:
 
 
 def similarity_matrix(f: torch.Tensor) -> torch.Tensor:
-    """(batch, batch) Gram matrix of the flattened feature maps, rows L2-normalised."""
-    q = f.flatten(1)
-    return F.normalize(q @ q.t(), dim=1)
+    """(batch, batch) Gram matrix of the flattened feature maps, rows L2-normalised; in float32 whatever the
+    autocast (sums over thousands of products overflow float16). A batch of one has nothing to relate: 0 loss."""
+    q = f.flatten(1).float()
+    with torch.autocast(device_type=f.device.type, enabled=False):
+        return F.normalize(q @ q.t(), dim=1)
 
 
 def attention_map(f: torch.Tensor) -> torch.Tensor:

@@ -114,8 +114,8 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     if resume and not last.is_file():
-        raise UserError(f"--resume: no checkpoint to resume from at {last} (resume with the run's own --out and "
-                        "--store)")
+        raise UserError(f"--resume: no checkpoint to resume from at {last} (resume with the run's own --out; "
+                        "the checkpoint is <out>/<role>/checkpoints/last.ckpt)")
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
