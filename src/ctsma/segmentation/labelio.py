@@ -93,6 +93,8 @@ not a femur above a tibia (23-35 mm apart in height, within 2 mm horizontally)."
 
 
 _KIND_WORDS = {"rois": ("ROI", "ROIs"), "bones": ("bone", "bones")}
+_ROI_VALUES = ", ".join(f"{k}={v}" for k, v in ROIS.items())     # MFC=1, LFC=2, MTP=3, LTP=4
+_BONE_VALUES = ", ".join(f"{k}={v}" for k, v in BONES.items())   # femur=1, tibia=2, patella=3, fibula=4
 
 
 def _recorded_as(path: Path, kind: str) -> str | None:
@@ -122,8 +124,7 @@ def _refuse_recorded(path: Path, kind: str, what: str) -> None:
     """Refuse ``path`` given as ``what`` when this project's record beside it says it holds ``kind`` labels."""
     recorded = _recorded_as(path, kind)
     if recorded:
-        said = {"rois": f"subchondral ROIs ({', '.join(f'{k}={v}' for k, v in ROIS.items())})",
-                "bones": f"bone labels ({', '.join(f'{k}={v}' for k, v in BONES.items())})"}
+        said = {"rois": f"subchondral ROIs ({_ROI_VALUES})", "bones": f"bone labels ({_BONE_VALUES})"}
         other = "bones" if kind == "rois" else "rois"
         raise InputImageError(f"{what} {path.name} is {recorded}: {said[kind]}, not {said[other]}; give the "
                               f"{_KIND_WORDS[other][0]} label image")
@@ -154,8 +155,6 @@ def check_not_rois(path: Path, labels: sitk.Image, what: str = "bone segmentatio
     a thin slab (:data:`ROI_SLAB_DEPTH_MM`) and labels 1 and 2 lie side by side (:data:`SIDE_BY_SIDE_MM`), as the
     condyles' ROIs do, where a femur lies above a tibia; thin slabs alone (a bone image cropped to a few mm) only
     warn."""
-    rois = ", ".join(f"{k}={v}" for k, v in ROIS.items())
-    bones = ", ".join(f"{k}={v}" for k, v in BONES.items())
     _refuse_recorded(path, "rois", what)
     arr = sitk.GetArrayViewFromImage(labels)
     if not arr.any():
@@ -166,8 +165,8 @@ def check_not_rois(path: Path, labels: sitk.Image, what: str = "bone segmentatio
     depth = float(edt_inside(sub > 0, spacing_zyx(labels)).max())
     if depth > ROI_SLAB_DEPTH_MM:
         return
-    message = (f"{what} {path.name} looks like a subchondral ROI image ({rois}), not bone labels ({bones}): "
-               f"every label lies within {depth:.1f} mm of its surface, a slab as thin as the ROIs")
+    message = (f"{what} {path.name} looks like a subchondral ROI image ({_ROI_VALUES}), not bone labels "
+               f"({_BONE_VALUES}): every label lies within {depth:.1f} mm of its surface, a slab as thin as the ROIs")
     apart = _apart(_centres_1_2(labels, sub, box))
     if apart is not None:
         across, up = apart
@@ -183,8 +182,6 @@ def check_not_bones(path: Path, labels: sitk.Image, what: str = "ROI segmentatio
     valid ROI labels too. Refused when this project's record beside the file says it holds bones, or when labels 1
     and 2 lie one above the other (a femur above a tibia: 23-35 mm in height, within 2 mm horizontally on the
     phantom), where the condyles' ROIs lie side by side at one height (:data:`SIDE_BY_SIDE_MM`)."""
-    rois = ", ".join(f"{k}={v}" for k, v in ROIS.items())
-    bones = ", ".join(f"{k}={v}" for k, v in BONES.items())
     _refuse_recorded(path, "bones", what)
     arr = sitk.GetArrayViewFromImage(labels)
     if not arr.any():
@@ -195,10 +192,10 @@ def check_not_bones(path: Path, labels: sitk.Image, what: str = "ROI segmentatio
     if apart is not None:
         across, up = apart
         if up >= SIDE_BY_SIDE_MM and up > 2 * across:
-            raise InputImageError(f"{what} {path.name} looks like a bone label image ({bones}), not subchondral "
-                                  f"ROIs ({rois}): labels 1 and 2 lie one above the other ({up:.0f} mm apart in "
-                                  f"height, {across:.0f} mm horizontally), as a femur and a tibia do, where the "
-                                  "condyles' ROIs lie side by side; give the ROI image")
+            raise InputImageError(f"{what} {path.name} looks like a bone label image ({_BONE_VALUES}), not "
+                                  f"subchondral ROIs ({_ROI_VALUES}): labels 1 and 2 lie one above the other "
+                                  f"({up:.0f} mm apart in height, {across:.0f} mm horizontally), as a femur and a "
+                                  "tibia do, where the condyles' ROIs lie side by side; give the ROI image")
 
 
 def read_user_labels(path: str | os.PathLike, reference: sitk.Image, kind: str = "bones") -> sitk.Image:
