@@ -1,14 +1,11 @@
 """``ctsma crossfit --config FILE --store STORE --out DIR``: patient-level cross-fitting of the teacher and both
 students, and their evaluation with every patient predicted by the models of the fold that held it out.
 
-It runs the demo's training and evaluation stages (``ctsma.demo.stages``) on a patch store of your own: the one
+It runs the demo's training and evaluation stages (``ctsma.demo.crossfit``) on a patch store of your own: the one
 way this project cross-fits, so the figures of a cohort and of the demo are computed alike (docs/training.md).
 """
 
 from __future__ import annotations
-
-RUN_ENTRIES = ("config.yaml", "training", "evaluation")  # what a crossfit run folder holds
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser("crossfit", help="train teacher and students on K patient folds and evaluate every patient "
@@ -30,20 +27,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import shutil
     import types
-    import warnings
     from pathlib import Path
 
-    import yaml
-
     from .. import progress
-    from ..config import to_dict
-    from ..dataset.store import PatchStore
-    from ..demo import stages
-    from ..demo.settings import DemoSettings
+    from ..demo.crossfit import crossfit
     from ..errors import UserError
-    from ..io import ensure_writable_dir, write_text
     from ..models.config import load_train_config
     from .train import overrides_from
 
@@ -54,37 +43,10 @@ def run(args) -> int:
     if not 0 <= args.seed < 2**31:
         raise UserError(f"--seed must be 0 to 2147483647, not {args.seed}")
     cfg = load_train_config(args.config, overrides_from(types.SimpleNamespace(set=args.set)))
-    if cfg.evaluate.ablations:
-        warnings.warn("the config's evaluate.ablations are not run by 'ctsma crossfit' (it evaluates the teacher and "
-                      "both students); run 'ctsma evaluate' on a fold's models for them", stacklevel=2)
-    store_dir = Path(args.store).resolve()
-    patients = len(PatchStore(store_dir).subjects)
-    if args.folds > patients:
-        raise UserError(f"--folds {args.folds} is more than the {patients} patients of the store: each fold holds "
-                        "out at least one patient")
-    out = Path(args.out)
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
-        if foreign:
-            raise UserError(f"--out {out} holds {', '.join(foreign[:3])}, which no 'ctsma crossfit' run wrote: "
-                            "choose an empty or new folder")
-    out = ensure_writable_dir(out).resolve()
-    config = out / "config.yaml"  # the settings as loaded; relative paths still resolve against the given config
-    write_text(config, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    ctx = stages.Context(out, DemoSettings(folds=args.folds, seed=args.seed, workers=args.workers,
-                                           train_config=str(config)), store=store_dir)
-    progress.info(f"training teacher, distilled and baseline students of {args.folds} patient folds "
-                  f"({patients} patients; models kept from an earlier run of the same settings are reused)")
-    stages.training(ctx, out / "training")
-    for stale in (out / "training").glob("fold*"):  # an earlier run's folds beyond this run's --folds
-        if stale.is_dir() and stale.name[4:].isdigit() and int(stale.name[4:]) >= args.folds:
-            shutil.rmtree(stale)
-    progress.info("evaluating every patient with the models of the fold that held it out")
-    (out / "evaluation").mkdir(exist_ok=True)
-    res = stages.evaluation(ctx, out / "evaluation")
+    res = crossfit(cfg, args.store, args.out, folds=args.folds, seed=args.seed, workers=args.workers)
     for source, mean in res["mean_icc21"].items():
         progress.info(f"{source}: mean ICC(2,1) " + (f"{mean:.3f}" if mean is not None else "n/a"))
     lo, hi = res["gain_ci"]
     progress.info(f"distillation gain {res['distillation_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
-    progress.info(f"wrote {out / 'evaluation' / 'metrics.json'}")
+    progress.info(f"wrote {Path(args.out) / 'evaluation' / 'metrics.json'}")
     return 0
