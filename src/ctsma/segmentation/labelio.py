@@ -130,22 +130,13 @@ def _refuse_recorded(path: Path, kind: str, what: str) -> None:
                               f"{_KIND_WORDS[other][0]} label image")
 
 
-def _centres_1_2(labels: sitk.Image, sub: np.ndarray, box) -> dict:
-    """Physical centroids (LPS) of labels 1 and 2 in ``sub`` (``labels``' array cropped to ``box``)."""
-    centres = {}
-    for v in (1, 2):
-        idx = np.argwhere(sub == v)
-        if len(idx):
-            centre = (idx[:: max(1, len(idx) // 20000)].mean(axis=0) + [b.start for b in box])[::-1]
-            centres[v] = np.asarray(labels.TransformContinuousIndexToPhysicalPoint(centre.tolist()))
-    return centres
-
-
-def _apart(centres: dict) -> tuple[float, float] | None:
-    """(horizontal, vertical) distance in mm between the centroids of labels 1 and 2, or None."""
-    if len(centres) < 2:
+def _apart(labels: sitk.Image) -> tuple[float, float] | None:
+    """(horizontal, vertical) distance in mm between the physical centroids of labels 1 and 2, or None."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(labels, sitk.sitkUInt8))
+    if not {1, 2} <= set(stats.GetLabels()):
         return None
-    d = centres[1] - centres[2]
+    d = np.subtract(stats.GetCentroid(1), stats.GetCentroid(2))
     return float(np.hypot(d[0], d[1])), abs(float(d[2]))  # LPS z is superior
 
 
@@ -167,7 +158,7 @@ def check_not_rois(path: Path, labels: sitk.Image, what: str = "bone segmentatio
         return
     message = (f"{what} {path.name} looks like a subchondral ROI image ({_ROI_VALUES}), not bone labels "
                f"({_BONE_VALUES}): every label lies within {depth:.1f} mm of its surface, a slab as thin as the ROIs")
-    apart = _apart(_centres_1_2(labels, sub, box))
+    apart = _apart(labels)
     if apart is not None:
         across, up = apart
         if across >= SIDE_BY_SIDE_MM and across > 2 * up:
@@ -183,12 +174,7 @@ def check_not_bones(path: Path, labels: sitk.Image, what: str = "ROI segmentatio
     and 2 lie one above the other (a femur above a tibia: 23-35 mm in height, within 2 mm horizontally on the
     phantom), where the condyles' ROIs lie side by side at one height (:data:`SIDE_BY_SIDE_MM`)."""
     _refuse_recorded(path, "bones", what)
-    arr = sitk.GetArrayViewFromImage(labels)
-    if not arr.any():
-        return
-    from .geometry import crop_box
-    box = crop_box(arr, 1)
-    apart = _apart(_centres_1_2(labels, arr[box], box))
+    apart = _apart(labels)  # None for an empty image
     if apart is not None:
         across, up = apart
         if up >= SIDE_BY_SIDE_MM and up > 2 * across:
