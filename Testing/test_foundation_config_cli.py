@@ -159,7 +159,8 @@ def test_global_options_work_after_the_command(tmp_path, capsys):
         ["--progress-jsonl=p", "--quiet", "dataset", "build", "--", "--debug"]
     # a user mistake with --debug after the command: the traceback instead of the one-line error
     log = tmp_path / "events.jsonl"
-    with pytest.raises(Exception, match="not found"):
+    from ctsma.errors import InputImageError
+    with pytest.raises(InputImageError, match="not found"):
         main(["morphometry", str(tmp_path / "none.nii.gz"), "--out", str(tmp_path / "o"), "--debug"])
     assert main(["morphometry", str(tmp_path / "none.nii.gz"), "--out", str(tmp_path / "o"),
                  "--progress-jsonl", str(log)]) == 2

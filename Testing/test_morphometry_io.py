@@ -262,7 +262,8 @@ def test_header_rounding_of_the_spacing_does_not_move_the_result():
         one, big = measure(b, (1.0, 1.0, 1.0), convention=conv), measure(b, (0.7, 0.7, 0.7), convention=conv)
         for key in ("Tb.Th", "Tb.Sp"):
             assert big[key] == pytest.approx(0.7 * one[key], rel=1e-6)
-    with pytest.raises(Exception, match="100 times longer"):
+    from ctsma.morphometry.validate import MorphometryError
+    with pytest.raises(MorphometryError, match="100 times longer"):
         measure(b, (1e-9, 0.03, 0.03))
 
 

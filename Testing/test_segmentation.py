@@ -201,7 +201,8 @@ def test_seg_nrrd_and_user_labels_round_trip(tmp_path, knee_r):
     bad = sitk.GetImageFromArray((t * 3).astype(np.uint8))
     bad.CopyInformation(truth)
     sitk.WriteImage(bad, str(tmp_path / "bad.nrrd"))
-    with pytest.raises(Exception, match="label value"):
+    from ctsma.errors import InputImageError
+    with pytest.raises(InputImageError, match="label value"):
         read_user_labels(tmp_path / "bad.nrrd", ct, "bones")
 
 
