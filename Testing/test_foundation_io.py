@@ -2,6 +2,7 @@
 
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,13 +207,31 @@ def test_safe_join_refuses_escape(tmp_path):
             safe_join(tmp_path, bad)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_folder_named(tmp_path):  # pragma: no cover - CI runs as root
+def test_unwritable_folder_named(tmp_path, monkeypatch):
+    """A read-only output folder is refused by name. Root (as CI runs) writes into it anyway, so there the file
+    system's refusal of the probe file is simulated, for that folder only; elsewhere the chmod is what refuses."""
+    import errno
+    import tempfile
+
+    import ctsma.io.atomic as atomic
+
     d = tmp_path / "ro"
     d.mkdir()
     d.chmod(stat.S_IREAD | stat.S_IEXEC)
-    with pytest.raises(UserError, match="not writable"):
-        ensure_writable_dir(d)
+    if os.geteuid() == 0:
+        real = tempfile.NamedTemporaryFile
+
+        def refused(*args, **kw):
+            if Path(kw.get("dir", "")) == d:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(d))
+            return real(*args, **kw)
+        monkeypatch.setattr(atomic.tempfile, "NamedTemporaryFile", refused)
+    try:
+        with pytest.raises(UserError, match=f"output folder {d} is not writable: {os.strerror(errno.EACCES)}"):
+            ensure_writable_dir(d)
+    finally:
+        d.chmod(stat.S_IRWXU)
+    assert not list(d.iterdir())  # the probe file left nothing behind
 
 
 def test_output_path_that_is_a_file_refused(tmp_path):
