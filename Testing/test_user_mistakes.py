@@ -133,7 +133,9 @@ def test_dataset_build_excludes_a_subject_with_a_foreign_qa_record_or_a_damaged_
         with pytest.raises(SubjectExcluded, match="is not a QA record of 'ctsma register'"):
             load_transform({"subject": "P0000"}, tmp_path, BuildSettings(), tmp_path / "reg")
     (reg / "qa.json").write_text(json.dumps({"bone_dice": {"femur": 0.95, "tibia": 0.93}}))
-    assert load_transform({"subject": "P0000"}, tmp_path, BuildSettings(), tmp_path / "reg")[0] is not None
+    tx, source = load_transform({"subject": "P0000"}, tmp_path, BuildSettings(), tmp_path / "reg")
+    assert tx.TransformPoint((2.0, 3.0, 4.0)) == pytest.approx((3.0, 3.0, 4.0))  # the file's translation, read back
+    assert source == f"registered ({reg})"
     (reg / "transform_ct_to_mr.h5").write_text("subject,roi\n")
     with pytest.raises(SubjectExcluded, match="not an ITK transform file"):
         load_transform({"subject": "P0000"}, tmp_path, BuildSettings(), tmp_path / "reg")
