@@ -57,7 +57,11 @@ def test_demo_scene_round_trip(tmp_path):
         assert {"CT", "MR (BFFE)", "CT bones", "CT rois", "BV/TV", "Tb.N uncertainty (SD)", "ROI table",
                 "Diagnosis"} <= names
         mr = hs.scene.GetFirstNodeByName("MR (BFFE)")
-        assert mr.GetParentTransformNode() is not None
+        tnode = mr.GetParentTransformNode()  # the registration file's transform, reopened: CT point -> MR point
+        assert tnode.GetName() == "MR-to-CT registration (CT->MR points)"
+        flip, p_lps = np.array([-1.0, -1.0, 1.0]), np.array([4.0, -2.0, 7.0])
+        np.testing.assert_allclose(sb.transform_point_ras(tnode, p_lps * flip) * flip, p_lps + (1.0, 2.0, 3.0),
+                                   atol=1e-6)
         bv = hs.scene.GetFirstNodeByName("BV/TV")
         assert bv.GetDisplayNode().GetColorNode().GetName() == "CTSMA_BVTV"
         img = sb.volume_node_to_sitk(bv)
