@@ -182,9 +182,22 @@ def test_config_refuses_unknown_and_out_of_range(tmp_path):
 
 
 def test_shipped_configs_load():
+    """Each shipped config loads with every setting of its file, none dropped or replaced by a default."""
+    import dataclasses
+
+    import yaml
+
     from ctsma.resources import resource_path
     for name in ("demo.yaml", "gpu.yaml"):
-        load_train_config(resource_path("Configs", name))
+        path = resource_path("Configs", name)
+        cfg = dataclasses.asdict(load_train_config(path))
+        raw = yaml.safe_load(path.read_text())
+        assert {"data", "optim", "trainer"} <= raw.keys()
+        for section, values in raw.items():
+            for key, value in values.items():
+                got = cfg[section][key]
+                assert (list(got) if isinstance(value, list) else got) == value, (name, section, key)
+        assert cfg["base_dir"] == str(path.resolve().parent)  # relative paths resolve against the file's folder
 
 
 def _student_file(tmp_path, mean=(0.3, 0.2, 0.5, 1.5), sd=(0.1, 0.05, 0.1, 0.3)):
