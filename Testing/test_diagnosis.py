@@ -72,7 +72,9 @@ def test_shuffled_labels_give_chance_auc(cohort):
     for s in range(3):
         lab = labels.assign(oa=rng.permutation(labels["oa"].to_numpy()), severity=np.nan)
         aucs.append(dg.cross_validate(table, lab, "logistic", folds=4, seed=s).metrics["auc"])
-    assert abs(np.mean(aucs) - 0.5) < 0.2
+    # no better than chance out of fold (0.36 here: shuffled labels read a little below 0.5 in small folds); a test
+    # fold that leaked into its training knees reads 0.73, which |AUC - 0.5| < 0.2 let through by 0.03 only
+    assert 0.2 < np.mean(aucs) < 0.6, aucs
 
 
 def test_normalisation_uses_training_knees_only(cohort, monkeypatch):
