@@ -279,7 +279,7 @@ def test_displacement_field_interpolation_is_explicit(mrml_scene, geometry):
     back = sb.transform_node_to_sitk(linear)
     assert max(np.abs(np.subtract(back.TransformPoint(tuple(p)), df.TransformPoint(tuple(p)))).max()
                for p in pts) < TOL_MM
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="interpolation must be one of"):
         sb.sitk_transform_to_node(df, mrml_scene, interpolation="nearest")
 
 

@@ -361,7 +361,7 @@ def test_crop_box_is_the_grown_bounding_box(margin):
         want = tuple(slice(max(a - k, 0), min(b + k + 1, n)) for a, b, k, n in
                      zip(idx.min(0), idx.max(0), m, mask.shape))
         assert crop_box(mask, margin) == want
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="crop_box of an empty mask"):
         crop_box(np.zeros((4, 4, 4)), 1)
 
 

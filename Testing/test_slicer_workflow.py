@@ -188,7 +188,7 @@ def test_registration_logic_loads_the_true_transform_and_maps_ct_landmarks_to_mr
     assert logic.showAlignment(ct, run.outputs["mr_in_ct"], 0.3) == 3
     assert {(v.GetBackgroundVolumeID(), v.GetForegroundVolumeID(), round(v.GetForegroundOpacity(), 6))
             for v in views} == {(ct.GetID(), run.outputs["mr_in_ct"].GetID(), 0.3)}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"opacity must be between 0 and 1 \(got 1.5\)"):
         logic.showAlignment(ct, run.outputs["mr_in_ct"], 1.5)
 
     # checkerboard: each voxel is the rescaled CT or the rescaled MR, in alternating squares

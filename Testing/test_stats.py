@@ -45,7 +45,7 @@ def test_icc_analytic_cases():
     tab = np.column_stack([ref, ref + 0.1, ref - 0.1])
     tab[3, 1] = np.nan
     assert stats.icc(tab, kind="3,1").n == 9
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown ICC kind '1,1'"):
         stats.icc(tab, kind="1,1")
 
 
@@ -110,7 +110,7 @@ def test_delong_se_agrees_with_bootstrap_and_perfect_separation():
     assert res.se == pytest.approx(np.std(boot, ddof=1), rel=0.15)
     perfect = stats.auc_delong([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])
     assert perfect.auc == 1.0 and perfect.ci == (1.0, 1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs at least one positive and one negative case"):
         stats.auc_delong([1, 1, 1], [0.2, 0.3, 0.4])
 
 
