@@ -237,9 +237,9 @@ def test_unwritable_folder_named(tmp_path, monkeypatch):
 def test_output_path_that_is_a_file_refused(tmp_path):
     f = tmp_path / "f"
     f.write_text("x")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=f"output path {f} exists and is not a folder"):
         ensure_writable_dir(f)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=f"cannot create output folder {f / 'sub'}"):
         ensure_writable_dir(f / "sub")
 
 
