@@ -17,7 +17,8 @@ def _paired(n=40, seed=0, noise=0.5, bias=0.3):
 
 @pytest.mark.parametrize("seed,noise,bias", [(0, 0.5, 0.3), (1, 2.0, 1.0), (2, 1.0, -2.0)])
 def test_icc_matches_pingouin(seed, noise, bias):
-    pg = pytest.importorskip("pingouin")
+    import pingouin as pg  # a test extra: missing it must fail, not skip the peer check
+
     ref, meas = _paired(30 + seed, seed, noise, bias)
     long = pd.DataFrame({"subject": np.tile(np.arange(ref.size), 2), "rater": np.repeat(["ref", "meas"], ref.size),
                          "value": np.concatenate([ref, meas])})
