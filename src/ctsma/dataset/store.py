@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,11 +293,6 @@ class PatchStore:
     def subjects(self) -> list[str]:
         return sorted(self.table["subject"].unique())
 
-    @property
-    def nbytes(self) -> int:
-        fh = self._file()
-        return int(sum(fh[a].size * fh[a].dtype.itemsize for a in ARRAYS))
-
     def arrays(self, names: Sequence[str] = ARRAYS, budget_bytes: float = 4e9) -> dict[str, np.ndarray] | None:
         """Whole arrays in RAM (read once, contiguous), or ``None`` if they exceed ``budget_bytes``."""
         fh = self._file()
@@ -388,8 +382,3 @@ class PatchStore:
         """Start writing a new store in ``directory`` (an existing store there is replaced at finalize)."""
         return PatchStoreWriter(Path(directory), ct_shape, mr_shape, attrs or {}, chunk)
 
-
-def spacing_from_attrs(attrs: Mapping[str, Any], key: str) -> float:
-    v = attrs.get(key)
-    v = float(np.asarray(v).ravel()[0]) if v is not None else math.nan
-    return v

@@ -48,7 +48,6 @@ SLAB_BYTES_PER_VOXEL = {
     "morphometry": 96.0,   # a slab without halo (32 per slab voxel + 64 per core voxel, measured 86)
     "infer": 80.0,         # blended value and uncertainty maps of a slab of the ROI box, its full-width planes
 }
-EDT_BYTES_PER_VOXEL = 16.0  # the extra planes a slab's distance transform reads beyond its halo (uint8 + float32)
 
 
 def available_bytes() -> int:

@@ -141,7 +141,3 @@ def build_network(arch: dict) -> PatchRegressor:
     return PatchRegressor(arch["in_channels"], arch["input_size"], arch["widths"], arch["blocks"],
                           arch["head_hidden"], arch.get("n_outputs", 4), arch.get("norm", "batch"),
                           arch.get("stem", "patchify"), arch.get("input_pool", 1))
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -20,8 +20,6 @@ PUBLISHED_MEAN_ICC = 0.742
 PUBLISHED_ICC = {"BV/TV": 0.804, "Tb.Th": 0.773, "Tb.Sp": 0.711, "Tb.N": 0.622}
 """Preprint: ICC of CT-derived (distilled) vs MR reference parameters, per parameter (type not stated)."""
 
-PUBLISHED_DIAGNOSIS_COLUMNS = ("precision", "recall", "f1", "auc", "severity_mae", "severity_r2")
-
 PUBLISHED_DIAGNOSIS = {
     # label: (precision, recall, F1, AUC, MOAKS MAE, MOAKS R²), all with Transformer aggregation
     "Radiomics on CT": (0.689, 0.773, 0.738, 0.742, 1.438, 0.723),

@@ -30,13 +30,6 @@ class BootstrapResult:
     p: float | None = None  # two-sided bootstrap p-value of "statistic = 0" (differences only)
     replicates: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
 
-    def as_dict(self) -> dict:
-        d = {"estimate": self.estimate, "ci": list(self.ci), "se": self.se, "n_boot": self.n_boot,
-             "n_failed": self.n_failed}
-        if self.p is not None:
-            d["p"] = self.p
-        return d
-
 
 def _group_indices(groups) -> list[np.ndarray]:
     codes, uniq = pd.factorize(pd.Series(np.asarray(groups)), sort=True)
