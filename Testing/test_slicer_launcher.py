@@ -244,6 +244,11 @@ def test_training_inputs_are_checked_before_anything_starts(train_setup, tmp_pat
 
 
 # -- machine settings ---------------------------------------------------------------------------
+def _settings(s) -> dict:
+    return {"device": s.device, "trainingPython": s.trainingPython, "clusterTemplate": s.clusterTemplate,
+            "cacheDir": str(s.cacheDir), "torchBackend": s.torchBackend}
+
+
 def test_machine_settings_persist_in_the_store_and_are_checked(tmp_path, monkeypatch):
     from ctsma.errors import ConfigError
 
@@ -252,13 +257,13 @@ def test_machine_settings_persist_in_the_store_and_are_checked(tmp_path, monkeyp
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     store = {}
     s = MachineSettings(store)
-    assert s.as_dict() == {"device": "auto", "trainingPython": "", "clusterTemplate": "",
+    assert _settings(s) == {"device": "auto", "trainingPython": "", "clusterTemplate": "",
                            "cacheDir": str(tmp_path / "xdg" / "CTSMA"), "torchBackend": "auto"}
     s.device, s.trainingPython, s.torchBackend = "cuda", sys.executable, "cu121"
     s.clusterTemplate, s.cacheDir = 'sbatch --wrap "{cmd}"', tmp_path / "cache"
     assert store["CTSMA/device"] == "cuda" and store["CTSMA/clusterTemplate"] == 'sbatch --wrap "{cmd}"'
     again = MachineSettings(store)  # a later session reads what the earlier one saved
-    assert again.as_dict() == {"device": "cuda", "trainingPython": sys.executable,
+    assert _settings(again) == {"device": "cuda", "trainingPython": sys.executable,
                                "clusterTemplate": 'sbatch --wrap "{cmd}"', "cacheDir": str(tmp_path / "cache"),
                                "torchBackend": "cu121"}
     for key, bad, match in (("device", "gpu", "device"), ("trainingPython", str(tmp_path), "executable"),

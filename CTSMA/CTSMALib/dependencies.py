@@ -25,7 +25,6 @@ from typing import Callable
 REQUIREMENTS = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
 PROVIDED_BY_SLICER = {"simpleitk": "bundled with Slicer", "torch": "installed by the PyTorch extension"}
 TORCH_REQUIREMENT = ">=2.2"
-TORCH_BACKENDS = ("auto", "cpu")  # plus explicit CUDA builds: cu118, cu121, cu124, ...
 
 
 def requirement_lines(path: Path = REQUIREMENTS) -> list[str]:

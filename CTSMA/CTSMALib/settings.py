@@ -161,7 +161,3 @@ class MachineSettings:
 
         torch_backend_argument(value)  # raises ConfigError on a bad value
         self._set("torchBackend", value)
-
-    def as_dict(self) -> dict:
-        return {"device": self.device, "trainingPython": self.trainingPython, "clusterTemplate": self.clusterTemplate,
-                "cacheDir": str(self.cacheDir), "torchBackend": self.torchBackend}

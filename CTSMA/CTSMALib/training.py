@@ -207,12 +207,3 @@ def find_run_dir(out_dir, kind: str, since: float = 0.0) -> Path | None:
         if mtime >= since and (best is None or mtime > best[0]):
             best = (mtime, log.parent)
     return best[1] if best else None
-
-
-def trained_models(out_dir) -> list[Path]:
-    """Every CT model file (student, baseline) in a training output folder, newest first."""
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        return []
-    files = [p for p in out_dir.glob("student_*.safetensors") if p.is_file()]
-    return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
