@@ -585,9 +585,9 @@ def test_memory_guard_chunks_over_the_budget_and_refuses_below_one_slab(argv, mo
     """Over the whole-volume estimate the stage runs in z-slabs (same outputs); under even the smallest slab it
     is refused up front, naming the budget. Testing/test_morphometry_slabs.py and test_inference.py check the
     slab results in depth."""
-    from ctsma.io.memory import BYTES_PER_VOXEL, check_memory, estimate_bytes, header_voxels
+    from ctsma.io.memory import BYTES_PER_VOXEL, estimate_bytes, header_size, plan_memory
 
-    n = header_voxels(models["ct"])
+    n = int(np.prod(header_size(models["ct"])))
     assert n == 20 * 22 * 24
     stage = argv[0]
     need = estimate_bytes(n, stage)
@@ -599,7 +599,8 @@ def test_memory_guard_chunks_over_the_budget_and_refuses_below_one_slab(argv, mo
         return cli_main(["--quiet", *[a.format(**names) for a in argv]])
 
     monkeypatch.setenv("CTSMA_MEMORY_GB", str(need * 2 / 1e9))
-    assert check_memory(n, stage) == need
+    plan = plan_memory(n, stage)
+    assert plan.need == need and not plan.chunked
     capsys.readouterr()
     rc_whole, err_whole = run(tmp_path / "whole"), capsys.readouterr().err
     monkeypatch.setenv("CTSMA_MEMORY_GB", str(need * 0.85 / 1e9))  # under the estimate: z-slabs, not a refusal
@@ -623,7 +624,7 @@ def test_memory_guard_chunks_over_the_budget_and_refuses_below_one_slab(argv, mo
     for bad in ("lots", "-1"):
         monkeypatch.setenv("CTSMA_MEMORY_GB", bad)
         with pytest.raises(UserError, match="CTSMA_MEMORY_GB must be"):
-            check_memory(n, stage)
+            plan_memory(n, stage)
 
 
 # -- no traceback reaches a terminal ----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ budget the stage runs as before; when it does not, the stage processes the volum
 it still holds for the whole input are :data:`RESIDENT_BYTES_PER_VOXEL`, each slab costs
 :data:`SLAB_BYTES_PER_VOXEL` per slab voxel) and streams its maps to disk (:func:`streamed_nifti`). Only
 when even the smallest useful slab would not fit is the run refused, before any pixel is read, naming the
-estimate, the budget and how to change it. :func:`check_memory` is the plain whole-volume check.
+estimate, the budget and how to change it.
 
 The budget is ``CTSMA_MEMORY_GB`` (GB, read at call time) or, by default, 80 % of the memory this
 machine has available now (the whole physical memory where that cannot be read).
@@ -99,14 +99,6 @@ def header_size(path: str | os.PathLike) -> tuple[int, ...] | None:
     return tuple(int(v) for v in reader.GetSize())
 
 
-def header_voxels(path: str | os.PathLike) -> int | None:
-    """Voxel count from an image file's header (no pixels read); ``None`` where it cannot be told cheaply."""
-    import numpy as np
-
-    size = header_size(path)
-    return None if size is None else int(np.prod(size, dtype=np.int64))
-
-
 def plane_voxels(size_xyz) -> int:
     """Voxels of one z-plane (x * y) of an image of ``size_xyz`` (a 2D size counts as one plane)."""
     size = tuple(size_xyz)
@@ -116,20 +108,6 @@ def plane_voxels(size_xyz) -> int:
 def estimate_bytes(n_voxels: int, stage: str) -> int:
     """Estimated peak memory of ``stage`` (a key of :data:`BYTES_PER_VOXEL`) for ``n_voxels`` input voxels."""
     return int(n_voxels * BYTES_PER_VOXEL[stage])
-
-
-def check_memory(n_voxels: int | None, stage: str, *, what: str = "image") -> int | None:
-    """Raise :class:`MemoryBudgetError` if ``stage`` on ``n_voxels`` voxels would exceed the budget.
-
-    Returns the estimate in bytes (``None`` when the voxel count is unknown).
-    """
-    if n_voxels is None:
-        return None
-    need = estimate_bytes(n_voxels, stage)
-    budget = memory_budget_bytes()
-    if need > budget:
-        raise MemoryBudgetError(budget_message(stage, what, n_voxels, need, budget))
-    return need
 
 
 @dataclass(frozen=True)
