@@ -186,7 +186,7 @@ def test_a_rerun_with_other_options_leaves_no_file_of_the_earlier_run(tmp_path, 
     from ctsma.io.atomic import remove_stale_outputs
     from ctsma.registration import load_preset, register
     from ctsma.registration.pipeline import write_outputs as write_registration
-    from ctsma.registration.synthetic import make_knee_pair
+    from knee_pair import make_knee_pair
 
     rng = np.random.default_rng(0)
     img = sitk.GetImageFromArray((rng.random((24, 24, 24)) > 0.6).astype(np.uint8))
@@ -237,7 +237,7 @@ def test_an_interrupted_registration_leaves_none_of_its_files(tmp_path, monkeypa
     nothing of the run, so no half-written registration sits beside finished ones in a cohort."""
     from ctsma.registration import load_preset, register
     from ctsma.registration import pipeline
-    from ctsma.registration.synthetic import make_knee_pair
+    from knee_pair import make_knee_pair
 
     pair = make_knee_pair(1, ct_size=(40, 40, 40), mr_size=(44, 44, 40))
     res = register(pair.mr, pair.ct, preset=load_preset("nosynth", {"threads": 1, "rigid": {"iterations": 5},

@@ -15,7 +15,7 @@ from ctsma.errors import ConfigError, InputImageError
 from ctsma.registration import blend, load_preset, preset_names, register, variant, write_outputs
 from ctsma.registration import stages as st
 from ctsma.registration.cohort import Cohort, cohort_request, parse_shard, run_cohort, run_cohorts
-from ctsma.registration.synthetic import make_knee_pair
+from knee_pair import make_knee_pair
 
 # A fast preset for tests: same stages as the default, fewer iterations, no B-spline.
 FAST = {"threads": 1, "deformable": {"enabled": False},

@@ -154,7 +154,7 @@ def test_batch_inference_killed_mid_cohort_resumes_to_the_uninterrupted_result(c
 
 def test_registration_cohort_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     from ctsma.config import read_mapping
-    from ctsma.registration.synthetic import make_knee_pair
+    from knee_pair import make_knee_pair
     from ctsma.resources import resource_path
 
     pair = make_knee_pair(3)

@@ -12,7 +12,7 @@ import torch
 from ctsma.cli.main import main
 from ctsma.errors import ModelFileError
 from ctsma.modelfile import read_metadata, save_model
-from ctsma.registration.synthetic import make_knee_pair
+from knee_pair import make_knee_pair
 from ctsma.synthesis import SynthesisModel, load_train_config, train
 from ctsma.synthesis.model import DEFAULT_NORMALISATION, ct_to_target, resample_isotropic, target_to_ct
 from ctsma.synthesis.network import UNet25D, build_network

@@ -1,4 +1,4 @@
-"""Small analytic knee pairs (CT + BFFE-like MR) with a known per-bone transform, for self-tests.
+"""Small analytic knee pairs (CT + BFFE-like MR) with a known per-bone transform, for the tests.
 
 This is not the project phantom (``ctsma.phantom``): it is a few-second generator of tiny volumes
 whose ground truth is exact, so the registration and synthesis code can be tested without it.
