@@ -70,10 +70,11 @@ def run(args: argparse.Namespace) -> int:
     if not (args.mr and args.ct):
         raise UserError("give the MR and the CT images (ctsma register MR CT --out DIR), or --manifest CSV")
     from ..registration.cohort import register_files
+    from ..registration.pipeline import STAGE_ORDER
     from ..synthesis.model import SynthesisModel
 
     model = SynthesisModel.load(model_path) if model_path else None
-    stages = [n for n in ("init", "rigid", "affine", "per_bone", "deformable") if getattr(preset, n).enabled]
+    stages = [n for n in STAGE_ORDER if getattr(preset, n).enabled]
     done = []
 
     def stage_line(rec) -> None:  # a stage may take minutes on a clinical CT: a line (and an event) as each ends
