@@ -104,13 +104,14 @@ def tile() -> tuple[np.ndarray, np.ndarray]:
     except (OSError, KeyError, ValueError):
         pass
     t, g = make_tile()
+    from ..errors import UserError
+    from ..io.atomic import atomic_path
+
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.partial.npz"
-        np.savez(tmp, tile=t, grad=g)
-        os.replace(tmp, path)
-    except OSError:
-        pass
+        with atomic_path(path) as tmp:
+            np.savez(tmp, tile=t, grad=g)
+    except (OSError, UserError):
+        pass  # no cache this time: the tile is rebuilt by the next process
     return t, g
 
 
