@@ -13,9 +13,9 @@ import pandas as pd
 import SimpleITK as sitk
 
 from .. import PARAMETERS, ROIS
+from ..evaluation.regression import SOURCES
 
 TYPICAL = {"BV/TV": (0.28, 0.05), "Tb.Th": (0.16, 0.025), "Tb.Sp": (0.70, 0.12), "Tb.N": (1.40, 0.20)}
-SOURCES = ("teacher", "student_distilled", "student_baseline", "ct_direct")
 
 
 def cohort(n: int = 24, seed: int = 0) -> pd.DataFrame:
