@@ -18,13 +18,15 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from .. import BONES
+
 # Tissue codes (label values). Bones follow ctsma.BONES; cartilage and soft tissues from 10 up.
 TISSUES = {
-    "air": 0, "femur": 1, "tibia": 2, "patella": 3, "fibula": 4,
+    "air": 0, **BONES,
     "femoral_cartilage": 10, "tibial_cartilage": 11, "patellar_cartilage": 12,
     "fluid": 20, "meniscus": 21, "fat": 22, "muscle": 23, "skin": 24,
 }
-BONE_NAMES = ("femur", "tibia", "patella", "fibula")  # bone index 0..3 = label 1..4
+BONE_NAMES = tuple(BONES)  # bone index 0..3 = label 1..4
 
 # ---- flat parameter vector layout (numba reads these module constants at compile time) -------
 _LAYOUT = [
