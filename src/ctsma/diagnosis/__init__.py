@@ -16,8 +16,8 @@ See ``docs/diagnosis.md``.
 from .aggregators import AGGREGATORS, DEFAULTS, make_aggregator
 from .data import NoValidPatchesError, build_kneeset, check_labels, check_patch_table
 from .evaluation import CVResult, compare_sources, cross_validate, paired_auc_test, score
-from .model import DiagnosisModel, load, predict, save, summary_for_knee, train
+from .model import DiagnosisModel, load, predict, save, train
 
 __all__ = ["AGGREGATORS", "DEFAULTS", "make_aggregator", "NoValidPatchesError", "build_kneeset", "check_labels",
            "check_patch_table", "CVResult", "compare_sources", "cross_validate", "paired_auc_test", "score",
-           "DiagnosisModel", "load", "predict", "save", "summary_for_knee", "train"]
+           "DiagnosisModel", "load", "predict", "save", "train"]

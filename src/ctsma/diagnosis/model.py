@@ -164,31 +164,3 @@ def out_of_domain(model: DiagnosisModel, knees) -> dict:
                            f"{unit} against the non-OA {mean:.3g} ± {sd:.2g}: {z:+.0f} SD): parameters in another "
                            "unit, or from a student of another scale? no diagnosis")
     return out
-
-
-def summary_for_knee(model: DiagnosisModel | str | Path, patch_table, subject: str | None = None) -> dict:
-    """The diagnosis block of ``ctsma infer``'s ``summary.json`` for one knee.
-
-    Keys: ``oa_probability``, ``severity`` (None, with a ``message``, when the knee has no valid patch or none in
-    one of the ROIs: :func:`predict`'s rule), the
-    decision ``threshold``, ``n_patches``, the model's cross-validated ``auc``, ``auc_ci``, ``accuracy``,
-    ``sensitivity``, ``specificity``, ``severity_mae``, ``severity_r2``, and ``n_train``, ``aggregator``,
-    ``source`` (the parameters it was trained on), ``cv_description``. Feeds the patient report as is.
-    """
-    if not isinstance(model, DiagnosisModel):
-        model = load(model)
-    patches = check_patch_table(patch_table)
-    subject = str(subject) if subject is not None else (patches["subject"].iloc[0] if len(patches) else "knee")
-    row = predict(model, patches, subjects=[subject]).iloc[0]
-    cv = model.cv_metrics
-    ok = bool(np.isfinite(row["oa_probability"]))
-    out = {"oa_probability": float(row["oa_probability"]) if ok else None,
-           "severity": float(row["severity"]) if ok and np.isfinite(row["severity"]) else None,
-           "threshold": 0.5, "n_patches": int(row["n_patches"])}
-    if row["message"]:
-        out["message"] = row["message"]
-    out.update({k: cv.get(k) for k in ("auc", "auc_ci", "accuracy", "sensitivity", "specificity", "severity_mae",
-                                       "severity_r2") if k in cv})
-    out.update({"n_train": model.metadata.get("n_train"), "aggregator": model.metadata.get("aggregator"),
-                "source": model.metadata.get("source"), "cv_description": model.metadata.get("cv_description")})
-    return out
