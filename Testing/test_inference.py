@@ -354,8 +354,14 @@ def test_batch_mode_resumes_and_reports_failures(knee, constant_student, tmp_pat
     assert _run(sided, "--out", tmp_path / "v", "--model", constant_student) == 0
     summary = json.loads((tmp_path / "v" / "good" / "summary.json").read_text())
     assert (summary["side"], summary["side_from"]) == (knee["side"], "metadata")
-    pd.DataFrame({"ct": [str(knee["ct"])], "side": ["left"]}).to_csv(sided, index=False)
-    assert _run(sided, "--out", tmp_path / "w", "--model", constant_student) == 2 and not (tmp_path / "w").exists()
+    # written out, as 'dataset build' reads it ('Left' was refused here and taken there)
+    word = {"L": "Left", "R": "Right"}[knee["side"]]
+    pd.DataFrame({"subject": ["good"], "ct": [str(knee["ct"])], "side": [word]}).to_csv(sided, index=False)
+    assert _run(sided, "--out", tmp_path / "w", "--model", constant_student) == 0
+    summary = json.loads((tmp_path / "w" / "good" / "summary.json").read_text())
+    assert (summary["side"], summary["side_from"]) == (knee["side"], "metadata")
+    pd.DataFrame({"ct": [str(knee["ct"])], "side": ["middle"]}).to_csv(sided, index=False)
+    assert _run(sided, "--out", tmp_path / "x", "--model", constant_student) == 2 and not (tmp_path / "x").exists()
 
 
 def test_the_subject_id_can_be_given_for_one_ct(knee, constant_student, tmp_path):

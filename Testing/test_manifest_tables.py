@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from ctsma.errors import InputImageError, UserError
-from ctsma.io.tables import line_numbers, numbers, read_table
+from ctsma.io.tables import line_numbers, numbers, read_table, side_letter
 
 
 def _csv(tmp_path: Path, text: str, name: str = "m.csv", encoding: str = "utf-8") -> Path:
@@ -213,3 +213,14 @@ def test_report_study_manifest_with_an_extra_cell_or_a_spaced_header(tmp_path, c
     assert "1 / 0" in text and "k1 (L), k2." in text  # sides L / R, and no "()" for a knee with no side
     with pytest.raises(UserError, match=r"the oa column must hold numbers .*'yes'"):
         _read_cohort_manifest(_csv(tmp_path, "subject,oa\nk1,yes\n"))
+
+
+def test_one_rule_reads_a_knee_side_everywhere():
+    """side_letter is the one rule (segment_bones, subchondral_rois, dataset build, batch infer): L/R by the first
+    letter in any case, None for no side, an error for anything else (it was ignored in some places)."""
+    for value, letter in (("L", "L"), ("r", "R"), (" Left ", "L"), ("RIGHT", "R"), ("", None), ("  ", None),
+                          (None, None), (float("nan"), None)):
+        assert side_letter(value) == letter
+    for bad in ("middle", "x", "1"):
+        with pytest.raises(UserError, match=f"knee side must be L or R \\(or left/right\\), not '{bad}'"):
+            side_letter(bad)

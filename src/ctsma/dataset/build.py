@@ -35,6 +35,7 @@ from ..config import setting, to_dict
 from ..errors import InputImageError, UserError
 from ..io import read_image, safe_join, write_json
 from ..io.images import check_ct_intensities
+from ..io.tables import side_letter
 from ..io.atomic import atomic_path, remove_stale_partials
 from ..processes import worker_pool
 from ..registration.qa import MIN_BONE_DICE, registration_qa_problem
@@ -186,8 +187,7 @@ def load_rois(row: dict, root: Path, ct: sitk.Image, s: BuildSettings) -> tuple[
     if s.roi_source == "manifest" and p is not None:
         return read_user_labels(p, ct, "rois"), "manifest ct_rois"
     bp = _path(root, row.get("ct_bones")) if s.roi_source == "manifest" else None
-    side = row.get("side")
-    side = str(side) if isinstance(side, str) and side.strip().upper()[:1] in ("L", "R") else None
+    side = side_letter(row.get("side"))  # read_manifest checked it
     if bp is not None:
         bones, src = read_user_labels(bp, ct, "bones"), "manifest ct_bones + subchondral_rois"
     else:
@@ -427,11 +427,12 @@ def read_manifest(path: str | os.PathLike):
         if col.startswith("true_"):
             table[col] = numbers(table, col, name)
     if "side" in table:  # L/R (or left/right); empty: read from the anatomy. Anything else would be ignored.
-        side = table["side"]
-        bad = side[(side != "") & ~side.str.upper().str[:1].isin(["L", "R"])]
-        if len(bad):
-            raise UserError(f"{name}: side {bad.iloc[0]!r} of subject {table['subject'][bad.index[0]]} is not L or "
-                            "R (leave it empty to read it from the anatomy)")
+        for subject, side in zip(table["subject"], table["side"]):
+            try:
+                side_letter(side)
+            except UserError:
+                raise UserError(f"{name}: side {side!r} of subject {subject} is not L or R (leave it empty to read "
+                                "it from the anatomy)") from None
     return table
 
 

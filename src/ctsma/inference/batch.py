@@ -17,7 +17,7 @@ from ..io import ensure_writable_dir, safe_join, write_json
 from ..io.atomic import (COMPLETION_MARKER, folder_name_problem, recorded_request,
                          remove_other_shard_layouts, remove_stale_staging, same_request)
 from ..io.images import IMAGE_SUFFIXES, subject_from_path
-from ..io.tables import line_numbers, numbers, read_table
+from ..io.tables import line_numbers, numbers, read_table, side_letter
 from .engine import (InferSettings, default_model_path, earlier_stamps, infer, load_diagnosis,
                      request_record)
 
@@ -44,12 +44,15 @@ def list_cases(path: Path) -> pd.DataFrame:
         given = df["subject"] if "subject" in df.columns else [""] * len(df)
         df["subject"] = [g or subject_from_path(p) for g, p in zip(given, df["ct"])]  # an empty cell: as with no column
         if "side" in df.columns:  # as for 'ctsma dataset build': the knee's side from the scan's records
-            side = df["side"].str.upper()
-            bad = ~side.isin(("", "L", "R"))
-            if bad.any():
-                raise UserError(f"{name}: side must be L, R or empty; rows "
-                                f"{[line for line, b in zip(lines, bad) if b][:5]} are not")
-            df["side"] = side
+            sides, bad = [], []
+            for line, value in zip(lines, df["side"]):
+                try:
+                    sides.append(side_letter(value) or "")
+                except UserError:
+                    bad.append(line)
+            if bad:
+                raise UserError(f"{name}: side must be L, R (or left/right) or empty; rows {bad[:5]} are not")
+            df["side"] = sides
         if "slice_thickness" in df.columns:
             t = numbers(df, "slice_thickness", name)
             bad = t.notna() & ~((t > 0) & (t <= 20))
@@ -159,3 +162,4 @@ def _warnings_named(subject):
             if (str(w.message), w.category) not in seen:
                 seen.add((str(w.message), w.category))
                 warnings.warn_explicit(f"{subject}: {w.message}", w.category, w.filename, w.lineno)
+

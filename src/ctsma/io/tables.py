@@ -157,3 +157,17 @@ def yes_no_numbers(column: pd.Series) -> pd.Series:
     NaN where a cell is neither (the caller says what it needs)."""
     said = column.astype(str).str.strip().str.casefold()
     return pd.to_numeric(said.map(lambda v: _YES_NO.get(v, v)), errors="coerce")
+
+
+def side_letter(value) -> str | None:
+    """A knee side as ``"L"`` or ``"R"``: any text whose first letter is L or R (``L``, ``right``, ``Left``), in any
+    letter case; None for no side (None, NaN or an empty cell: then it is read from the anatomy). Anything else is a
+    :class:`UserError`: a side that was given but cannot be read is not quietly ignored."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    letter = str(value).strip().upper()[:1]
+    if letter in ("L", "R"):
+        return letter
+    if not letter:
+        return None
+    raise UserError(f"knee side must be L or R (or left/right), not {value!r}")

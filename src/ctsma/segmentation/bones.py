@@ -35,6 +35,7 @@ from .. import BONES
 from ..config import setting
 from ..errors import InputImageError
 from ..io.images import check_image
+from ..io.tables import side_letter
 from .geometry import axial_axis, crop_box, edt_inside, fill_holes, index_to_lps, like, spacing_zyx
 
 
@@ -157,12 +158,13 @@ def _one_knee(parts: list[_Part], side: str | None, max_width_mm: float = 140.0)
     if not far or ref.width_x >= max_width_mm:
         return parts
     mid = 0.5 * (ref.centroid[0] + float(np.mean([p.centroid[0] for p in far])))
-    if not side or side.strip().upper()[:1] not in ("L", "R"):
+    side = side_letter(side)
+    if side is None:
         xs = sorted((ref.centroid[0], float(np.mean([p.centroid[0] for p in far]))))
         raise BothKneesError(f"the CT shows both knees (bones at x = {xs[0]:.0f} and {xs[1]:.0f} mm); give the "
                              "knee to analyse with --side R or L (the patient's right knee lies at -x, on the "
                              "image's left in radiological display), or crop the CT to one knee")
-    left = side.strip().upper()[:1] == "L"
+    left = side == "L"
     return [p for p in parts if (p.centroid[0] > mid) == left]
 
 

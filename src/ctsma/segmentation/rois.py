@@ -33,6 +33,7 @@ from .. import BONES, ROIS
 from ..config import setting
 from ..errors import InputImageError, UserError
 from ..io.images import check_image, check_same_geometry
+from ..io.tables import side_letter
 from .geometry import axial_axis, crop_box, edt_inside, index_to_lps, like, spacing_zyx
 
 
@@ -338,10 +339,7 @@ def subchondral_rois(ct_image: sitk.Image, bones: sitk.Image, side: str | None =
         raise InputImageError(f"the bone segmentation has no {missing} on the CT's grid; subchondral ROIs need the "
                               "femur and the tibia (a segmentation made on another grid keeps only what lies inside "
                               "the CT)")
-    if side is not None:
-        side = str(side).strip().upper()[:1]
-        if side not in ("L", "R"):
-            raise UserError(f"knee side must be L or R, not {side!r}")
+    side = side_letter(side)
     anat, cue = knee_side_cue(lab, bones)
     side_used = side or anat
     if side_used is None:
