@@ -309,3 +309,20 @@ def test_bs_bv_of_a_box_plate_and_conn_d_of_bars_and_a_ring():
     corner = np.zeros((12, 12, 12), bool)  # two cubes that touch at one corner: one 26-connected body
     corner[2:6, 2:6, 2:6] = corner[6:10, 6:10, 6:10] = True
     assert measure(corner, sp)["Conn.D"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("slabs", ["never", 8])
+def test_a_misspelt_thickness_method_is_refused(slabs):
+    """``thickness_method="Exact"`` ran the fast method and recorded "Exact" as the method used (and in z-slabs
+    sized the halo for the exact method while painting the fast one)."""
+    from ctsma.morphometry import measure_binary
+    from ctsma.morphometry.slabs import measure_in_slabs
+
+    b = _plates((16, 16, 16), 0, 3, 7)
+    with pytest.raises(UserError, match="local-thickness method"):
+        measure(b, (1, 1, 1), thickness_method="Exact", slabs=slabs)
+    with pytest.raises(UserError, match="local-thickness method"):
+        measure_binary(b, (1, 1, 1), method="slow", slabs=slabs)
+    with pytest.raises(UserError, match="local-thickness method"):
+        measure_in_slabs(b, np.ones(b.shape, bool), (1, 1, 1), method="slow", slab_planes=8)
+    assert measure(b, (1, 1, 1), thickness_method="exact", slabs=slabs)["thickness_method"] == "exact"

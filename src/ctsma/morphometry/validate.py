@@ -60,6 +60,14 @@ def check_convention(convention: str) -> str:
     return convention
 
 
+def check_method(method: str) -> str:
+    """The local-thickness method, ``fast`` or ``exact`` (a misspelt one ran ``fast`` and was recorded as given)."""
+    from .thickness import METHODS
+    if method not in METHODS:
+        raise MorphometryError(f"unknown local-thickness method {method!r}; use 'fast' or 'exact'")
+    return method
+
+
 def check_volume(arr, what: str = "image") -> np.ndarray:
     a = np.asarray(arr)
     if a.ndim != 3:
