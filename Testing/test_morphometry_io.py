@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from ctsma.cli.main import main
 from ctsma.morphometry import binarise, measure, sliding_window_maps
@@ -148,6 +149,22 @@ def test_sliding_window_maps_on_plates():
     assert np.allclose(inner, 0.2)
     assert np.allclose(maps["Tb.Th"][5:35, 5:11, 5:11], 2.0)
     assert np.nanmax(np.abs(maps["Tb.N"][5:35, 5:11, 5:11] - 1 / (2.0 + maps["Tb.Sp"][5:35, 5:11, 5:11]))) < 1e-5
+
+
+def test_window_bvtv_is_never_negative_and_zero_without_bone():
+    """The box filter's running sums left windows without bone (a marrow cavity in random bone) at BV/TV down to
+    -3e-17: a negative volume fraction, and not the 0 of a bone-free window. Windows with bone keep their values."""
+    rng = np.random.default_rng(0)
+    b = rng.random((40, 40, 40)) < 0.3
+    b[10:30, 10:30, 10:30] = False
+    maps = sliding_window_maps(b, (0.3, 0.3, 0.3), window=5, stride=1)
+    bvtv = maps["BV/TV"]
+    assert not (bvtv < 0).any()  # NaN where a window holds less than half ROI
+    assert (bvtv[14:26, 14:26, 14:26] == 0).all() and np.isnan(maps["Tb.Th"][14:26, 14:26, 14:26]).all()
+    counts = ndimage.uniform_filter(b.astype(float), 5, mode="constant") * 125
+    n_roi = ndimage.uniform_filter(np.ones(b.shape), 5, mode="constant") * 125
+    some = (counts > 0.5) & np.isfinite(bvtv)
+    assert np.allclose(bvtv[some], (counts / n_roi)[some], rtol=1e-6, atol=0)
 
 
 def test_window_maps_sample_where_the_map_says(tmp_path):

@@ -57,7 +57,8 @@ def _window_maps(b, roi, th_map, sp_map, win, st, min_roi_fraction, z_first=0, n
     n_roi, n_b, n_m, s_th, s_sp = (x[sub][:n_out] for x in (n_roi, n_b, n_m, s_th, s_sp))
     ok = n_roi >= min_roi_fraction * float(np.prod(win)) - 1e-6
     with np.errstate(invalid="ignore", divide="ignore"):
-        bvtv = np.where(ok, n_b / n_roi, np.nan)
+        # a window without bone reads 0, not the box filter's rounding of its zero sum (down to -3e-17)
+        bvtv = np.where(ok, np.where(n_b > 0.5, n_b / n_roi, 0.0), np.nan)
         th = np.where(ok & (n_b > 0.5), s_th / n_b, np.nan)
         sep = np.where(ok & (n_m > 0.5), s_sp / n_m, np.nan)
         tbn = 1.0 / (th + sep)
