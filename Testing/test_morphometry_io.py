@@ -9,6 +9,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ctsma.cli.main import main
+from ctsma.errors import UserError
 from ctsma.morphometry import binarise, measure, sliding_window_maps
 
 DATA = Path(__file__).parent / "data" / "lhdl_3155_D_4_bc_crop72_19.5um.nii.gz"
@@ -112,6 +113,17 @@ def test_binarise_polarity_by_modality():
     assert (got_ct == b).all() and (got_mr == b).all()
     assert info_ct["polarity"] == "bone bright" and info_mr["polarity"] == "bone dark"
     assert info_ct["method"] == "global-otsu"
+
+
+@pytest.mark.parametrize("sigma", [-1.0, float("nan"), float("inf")])
+def test_binarise_refuses_a_smoothing_width_that_is_no_width(sigma):
+    """A negative or NaN ``smooth_sigma_vox`` skipped the smoothing without a word and was recorded as given (the
+    command line refuses them)."""
+    ct = np.where(_plates_grey(), 800.0, 50.0)
+    with pytest.raises(UserError, match="smooth_sigma_vox"):
+        binarise(ct, (0.2, 0.2, 0.2), modality="ct", smooth_sigma_vox=sigma)
+    with pytest.raises(UserError, match="smooth_sigma_vox"):
+        measure(ct, (0.2, 0.2, 0.2), modality="ct", smooth_sigma_vox=sigma)
 
 
 def test_local_binarisation_and_n4_handle_a_bias_field():

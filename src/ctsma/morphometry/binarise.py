@@ -71,6 +71,9 @@ def binarise(image, spacing_zyx=None, mask=None, *, modality: str = "microct", t
                                    "give --modality ct, microct or mr")
         return arr.astype(bool), {"method": "given", "threshold": None, "polarity": "bone=1", "n4": False,
                                   "modality": modality}
+    if not (np.isfinite(smooth_sigma_vox) and smooth_sigma_vox >= 0):  # NaN or < 0 skipped the smoothing silently
+        raise MorphometryError(f"smooth_sigma_vox must be 0 (no smoothing) or a positive number of voxels, "
+                               f"got {smooth_sigma_vox}")
     work = arr.astype(np.float32)
     info = {"modality": modality, "polarity": "bone bright" if polarity == "bright" else "bone dark",
             "n4": bool(n4), "smooth_sigma_vox": float(smooth_sigma_vox)}
