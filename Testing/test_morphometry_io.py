@@ -179,6 +179,15 @@ def test_window_bvtv_is_never_negative_and_zero_without_bone():
     assert np.allclose(bvtv[some], (counts / n_roi)[some], rtol=1e-6, atol=0)
 
 
+def test_window_refusal_names_plain_voxel_counts():
+    """The refusal of a zero window printed NumPy reprs: "window (np.int64(0), np.int64(0), np.int64(0))"."""
+    b = np.zeros((8, 8, 8), bool)
+    b[2:4] = True
+    with pytest.raises(UserError) as err:
+        sliding_window_maps(b, (1.0, 1.0, 1.0), window=0, stride=2)
+    assert str(err.value) == "window (0, 0, 0) and stride (2, 2, 2) must be positive voxel counts"
+
+
 def test_window_maps_sample_where_the_map_says(tmp_path):
     """Odd and even windows: a bone half-space x >= 6 of a 1 mm grid; the BV/TV map is 0.5 exactly at the
     physical x of the face (5.5 mm), wherever the map's origin puts its samples."""

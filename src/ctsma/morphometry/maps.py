@@ -38,7 +38,8 @@ def sliding_window_maps(bone, spacing_zyx, window, stride=1, mask=None, *, conve
     win = np.broadcast_to(np.asarray(window, int), (3,)).copy()
     st = np.broadcast_to(np.asarray(stride, int), (3,)).copy()
     if (win < 1).any() or (st < 1).any():
-        raise MorphometryError(f"window {tuple(win)} and stride {tuple(st)} must be positive voxel counts")
+        raise MorphometryError(f"window {tuple(map(int, win))} and stride {tuple(map(int, st))} must be positive "
+                               "voxel counts")
     if thickness_maps is None:
         _, thickness_maps = measure_binary(b, sp, roi, convention=convention, surface=False, return_maps=True)
     return _window_maps(b, roi, thickness_maps["thickness"], thickness_maps["separation"], win, st, min_roi_fraction)
@@ -88,7 +89,8 @@ def sliding_window_chunks(bone, spacing_zyx, window, stride=1, mask=None, *, thi
     win = np.broadcast_to(np.asarray(window, int), (3,)).copy()
     st = np.broadcast_to(np.asarray(stride, int), (3,)).copy()
     if (win < 1).any() or (st < 1).any():
-        raise MorphometryError(f"window {tuple(win)} and stride {tuple(st)} must be positive voxel counts")
+        raise MorphometryError(f"window {tuple(map(int, win))} and stride {tuple(map(int, st))} must be positive "
+                               "voxel counts")
     z_chunk = max(1, int(z_chunk))
     nz = b.shape[0]
     n_out = -(-nz // int(st[0]))
