@@ -342,3 +342,28 @@ def test_spacing_snapping_is_one_rule_everywhere():
     whole, slabs = measure(b, sp), measure(b, sp, slabs=6)
     for key in ("Tb.Th", "Tb.Sp"):
         assert slabs[key] == pytest.approx(whole[key], rel=1e-12)
+
+
+@pytest.mark.parametrize("args,obstacle,message", [
+    (["--window", "4"], "maps", "maps is a file, not a folder"),
+    (["--maps"], "tbth_map.nii.gz/", "a folder of that name is in the way"),
+    ([], "morphometry.json/", "a folder of that name is in the way")])
+def test_a_name_in_the_way_is_refused_before_the_work(tmp_path, monkeypatch, capsys, args, obstacle, message):
+    """An output name held by a folder (or a file named as an output folder) was refused only when the finished
+    run's files were moved into place, after the whole computation; now before the image is measured."""
+    import ctsma.morphometry as morphometry
+
+    a = np.zeros((12, 12, 16), np.uint8)
+    a[..., 6:] = 1
+    src = tmp_path / "half.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(a), str(src))
+    out = tmp_path / "o"
+    out.mkdir()
+    if obstacle.endswith("/"):
+        (out / obstacle).mkdir()
+    else:
+        (out / obstacle).write_text("the user's")
+    monkeypatch.setattr(morphometry, "binarise", lambda *a, **k: pytest.fail("measured before the refusal"))
+    assert main(["--quiet", "morphometry", str(src), "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [obstacle.rstrip("/")]

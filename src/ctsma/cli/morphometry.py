@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import PARAMETER_FILE_NAMES, progress
     from ..errors import UserError
     from ..io import check_same_geometry, ensure_writable_dir, read_image, staged_outputs, write_image
-    from ..io.atomic import remove_stale_outputs
+    from ..io.atomic import check_no_obstacle, remove_stale_outputs
     from ..morphometry import MorphometryWarning, binarise, measure_binary, sliding_window_maps
     from ..morphometry.maps import map_to_image
 
@@ -148,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
                        prepare_per_voxel=prep, resident_per_voxel=resident,
                        extra_whole_per_voxel=SHAPE_BYTES if args.shape else 0.0)
     out = ensure_writable_dir(args.out)
+    for name in _planned_outputs(args):  # a name in the way is refused now, not after the whole computation
+        check_no_obstacle(out, name)
     img = read_image(args.image, what="image")
     if args.window_mm is not None:
         extent = max(n * h for n, h in zip(img.GetSize(), img.GetSpacing()))
@@ -225,6 +227,14 @@ def run(args: argparse.Namespace) -> int:
     if args.shape:
         progress.info(f"SMI {res['SMI']:.3f}  DA {res['DA']:.3f}")
     return 0
+
+
+def _planned_outputs(args) -> list[str]:
+    """The files a run with these options writes (the result last)."""
+    names = ["tbth_map.nii.gz", "tbsp_map.nii.gz"] if args.maps else []
+    if args.window is not None:
+        names += [n for n in MORPHOMETRY_OUTPUTS if n.startswith("maps/")]
+    return [*names, RESULT]
 
 
 def _mask_of_label(labels, label: int | None, path: str):
