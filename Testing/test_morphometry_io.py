@@ -1,6 +1,7 @@
 """Morphometry on real bone (committed LHDL crop), the command line, binarisation and sliding-window maps."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -367,3 +368,23 @@ def test_a_name_in_the_way_is_refused_before_the_work(tmp_path, monkeypatch, cap
     assert main(["--quiet", "morphometry", str(src), "--out", str(out), *args]) == 2
     assert message in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [obstacle.rstrip("/")]
+
+
+def test_binarise_refuses_settings_it_would_ignore():
+    """The API ignored grey-level settings for a binary image and the local method's settings for the global one
+    (run and recorded without them); the command line refused them by flag. Now the API refuses them too."""
+    rng = np.random.default_rng(0)
+    grey = rng.normal(100, 20, (12, 12, 12)).astype(np.float32)
+    binary = (grey > 100).astype(np.uint8)
+    for kw, said in ((dict(n4=True), "n4 applies"), (dict(threshold=0.5), "threshold applies"),
+                     (dict(method="local", offset=0.1), "method='local', offset apply"),
+                     (dict(smooth_sigma_vox=1.0), "smooth_sigma_vox applies")):
+        with pytest.raises(UserError, match=f"{re.escape(said)} to binarising a grey-level image"):
+            binarise(binary, (1, 1, 1), modality="binary", **kw)
+    for kw in (dict(window_mm=5.0), dict(offset=0.1)):
+        with pytest.raises(UserError, match="belong to method='local'"):
+            binarise(grey, (1, 1, 1), modality="microct", **kw)
+        with pytest.raises(UserError, match="belong to method='local'"):
+            measure(grey, (1, 1, 1), modality="microct", **kw)
+    bone, info = binarise(grey, (1, 1, 1), modality="microct", method="local", window_mm=5.0, offset=0.1)
+    assert info["window_mm"] == 5.0 and info["offset"] == 0.1 and 0 < bone.mean() < 1

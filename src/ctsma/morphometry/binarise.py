@@ -64,6 +64,7 @@ def binarise(image, spacing_zyx=None, mask=None, *, modality: str = "microct", t
     arr = check_volume(image)
     roi = check_mask(mask, arr.shape)
     polarity = MODALITIES[modality]
+    _check_not_ignored(polarity is None, method, threshold, n4, window_mm, offset, smooth_sigma_vox)
     if polarity is None:
         vals = np.unique(arr)
         if not np.isin(vals, (0, 1)).all():
@@ -118,6 +119,22 @@ def binarise(image, spacing_zyx=None, mask=None, *, modality: str = "microct", t
         bone = rel > offset if polarity == "bright" else rel < -offset
         info.update({"method": "local-gaussian-mean", "threshold": None, "window_mm": w, "offset": float(offset)})
     return np.asarray(bone, bool), info
+
+
+def _check_not_ignored(given_binary: bool, method, threshold, n4, window_mm, offset, smooth_sigma_vox) -> None:
+    """Refuse settings the others make meaningless (they were silently ignored and the run recorded without them);
+    the command line refuses the same by its flags before reading the image."""
+    if given_binary:
+        grey = [name for name, on in (("threshold", threshold is not None), ("method='local'", method != "global"),
+                                      ("n4", bool(n4)), ("window_mm", window_mm is not None),
+                                      ("offset", offset != 0), ("smooth_sigma_vox", smooth_sigma_vox != 0)) if on]
+        if grey:
+            raise MorphometryError(f"{', '.join(grey)} {'applies' if len(grey) == 1 else 'apply'} to binarising a "
+                                   "grey-level image, but modality 'binary' takes the image as bone = 1; give "
+                                   "modality 'ct', 'microct' or 'mr'")
+    elif method == "global" and (window_mm is not None or offset != 0):
+        raise MorphometryError("window_mm and offset belong to method='local' (the local mean); use method='local' "
+                               "or leave them out")
 
 
 def _check_offset(offset: float, polarity: str, modality: str, lowest: float) -> None:
