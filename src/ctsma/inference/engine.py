@@ -238,10 +238,45 @@ class _MapCanvas:
         return self.img
 
 
+def _patch_centres(rois: sitk.Image, roi_arr: np.ndarray, s: InferSettings, extent: float,
+                   warns: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Patch centres (LPS mm) on the ``s.stride_mm`` grid of each ROI where a patch cube holds at least
+    ``s.min_roi_fraction`` of it (a thin ROI: :data:`THIN_ROI_FRACTION`, with a warning), and each centre's ROI
+    name; warns about ROIs without a patch and refuses ROIs without any. Warnings are also added to ``warns``."""
+    from ..dataset.sampling import roi_centres
+
+    rng = np.random.default_rng(0)
+    centres, names = [], []
+    for name, value in ROIS.items():
+        c, _ = roi_centres(rois, value, s.stride_mm, extent, s.min_roi_fraction, 10 ** 7, rng)
+        if not len(c) and s.min_roi_fraction > THIN_ROI_FRACTION:  # a thin ROI: patches with less of it
+            c, _ = roi_centres(rois, value, s.stride_mm, extent, THIN_ROI_FRACTION, 10 ** 7, rng)
+            if len(c):
+                msg = (f"ROI {name} is thin: no patch holds {s.min_roi_fraction:.0%} of it, as the training patches "
+                       f"did; its {len(c)} patches hold at least {THIN_ROI_FRACTION:.0%}, so its values are less "
+                       "reliable")
+                warnings.warn(msg, stacklevel=3)
+                warns.append(msg)
+        centres.append(c)
+        names += [name] * len(c)
+    missing = [n for n in ROIS if n not in names]
+    if names and missing:  # (no patch at all is refused next)
+        why = [f"{n} empty" if not (roi_arr == ROIS[n]).any() else
+               f"{n} too thin for {THIN_ROI_FRACTION:.0%} of a patch" for n in missing]
+        msg = (f"ROI(s) {', '.join(missing)} have no patch ({'; '.join(why)}): their rows of roi_table.csv are "
+               "empty; check the ROI segmentation")
+        warnings.warn(msg, stacklevel=3)
+        warns.append(msg)
+    if not names:
+        raise InputImageError("no patch fits the subchondral ROIs (they are thinner than a patch); "
+                              "check the ROIs or use a smaller --stride")
+    return np.concatenate(centres), names
+
+
 def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=None, settings: InferSettings | None = None,
           diagnosis_path=None, subject: str | None = None) -> dict:
     """Analyse one knee CT and write the contract outputs to ``out_dir``; returns the summary."""
-    from ..dataset.sampling import cut, cut_ct, relative_positions, roi_centres
+    from ..dataset.sampling import cut, cut_ct, relative_positions
     from .intensity import intensity_check
     from ..models.export import describe, load_student, trained_on_phantom
     from ..segmentation import segment_bones, subchondral_rois
@@ -324,32 +359,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     t = time.perf_counter()
     inp = meta["input"]
     extent, size = float(inp["extent_mm"]), int(inp["patch_size"])
-    rng = np.random.default_rng(0)
-    centres, names = [], []
-    for name, value in ROIS.items():
-        c, _ = roi_centres(rois, value, s.stride_mm, extent, s.min_roi_fraction, 10 ** 7, rng)
-        if not len(c) and s.min_roi_fraction > THIN_ROI_FRACTION:  # a thin ROI: patches with less of it
-            c, _ = roi_centres(rois, value, s.stride_mm, extent, THIN_ROI_FRACTION, 10 ** 7, rng)
-            if len(c):
-                msg = (f"ROI {name} is thin: no patch holds {s.min_roi_fraction:.0%} of it, as the training patches "
-                       f"did; its {len(c)} patches hold at least {THIN_ROI_FRACTION:.0%}, so its values are less "
-                       "reliable")
-                warnings.warn(msg, stacklevel=2)
-                warns.append(msg)
-        centres.append(c)
-        names += [name] * len(c)
-    missing = [n for n in ROIS if n not in names]
-    if names and missing:  # (no patch at all is refused below)
-        why = [f"{n} empty" if not (roi_arr == ROIS[n]).any() else
-               f"{n} too thin for {THIN_ROI_FRACTION:.0%} of a patch" for n in missing]
-        msg = (f"ROI(s) {', '.join(missing)} have no patch ({'; '.join(why)}): their rows of roi_table.csv are "
-               "empty; check the ROI segmentation")
-        warnings.warn(msg, stacklevel=2)
-        warns.append(msg)
-    if not names:
-        raise InputImageError("no patch fits the subchondral ROIs (they are thinner than a patch); "
-                              "check the ROIs or use a smaller --stride")
-    centres = np.concatenate(centres)
+    centres, names = _patch_centres(rois, roi_arr, s, extent, warns)
     labels = np.array([ROIS[n] for n in names], np.int16)
     blur, zblur = resolution["harmonisation_blur_mm"], resolution["through_plane_blur_mm"]
     source = blurred_crop(ct, roi_arr, extent, blur, zblur) if blur > 0 or zblur > 0 else ct
