@@ -141,21 +141,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
         raise ConfigError(f"{'teacher_net' if role == 'teacher' else 'student_net'}: {exc}") from None
     teacher_arch, teacher_tensors, teacher_meta = None, None, None
     if role == "student_distilled":
-        tpath = teacher_path(cfg)
-        if not tpath.is_file():
-            raise UserError(f"the distilled student needs a trained teacher at {tpath}: run 'ctsma train teacher' "
-                            "first or set distill.teacher")
-        teacher_model, teacher_meta = load_teacher(tpath)
-        if teacher_meta["input"]["patch_size"] != store.mr_shape[0] or teacher_meta["arch"]["in_channels"] != in_ch:
-            raise ModelFileError(f"teacher {tpath.name} takes {teacher_meta['input']['patch_size']}³ patches with "
-                                 f"{teacher_meta['arch']['in_channels']} channel(s); this store/config needs "
-                                 f"{store.mr_shape[0]}³ with {in_ch}")
-        if teacher_meta.get("target") != cfg.data.target:
-            raise ModelFileError(f"teacher {tpath.name} was trained on target '{teacher_meta.get('target')}', "
-                                 f"this run uses '{cfg.data.target}'")
-        _check_teacher_held_out(tpath, teacher_meta, dm.split.subjects["test"])
-        teacher_arch = teacher_meta["arch"]
-        teacher_tensors = teacher_model.net.state_dict()
+        teacher_arch, teacher_tensors, teacher_meta = _frozen_teacher(cfg, store, in_ch, dm.split.subjects["test"])
     optim = to_dict(cfg.optim)
     if max_epochs is not None:
         optim["max_epochs"] = max_epochs
@@ -259,13 +245,23 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
                 "teacher": (None if teacher_meta is None else {"file": str(teacher_path(cfg)),
                                                               "sha256": teacher_meta.get("_sha256"),
                                                               "learnt_from": learnt_from(teacher_meta)})}
+    meta = _model_meta(role, module.net, store, cfg, dm, training, metrics)
+    export_model(model_file, module.net, meta)
+    progress.info(f"{role}: wrote {model_file} (validation MAE "
+                  + ", ".join(f"{p} {metrics['val_mae'][p]:.4g}" for p in PARAMETERS) + ")")
+    return model_file
+
+
+def _model_meta(role: str, net, store: PatchStore, cfg: TrainConfig, dm, training: dict, metrics: dict) -> dict:
+    """The model file's metadata: the input it takes (MR for the teacher, CT in HU for the students, with the
+    training knees' CT reference and intensity), the target's normalisation, the training record and metrics."""
     if role == "teacher":
-        meta = build_meta(role, module.net, modality="mr", spacing_mm=store.attrs.get("mr_spacing_mm", 0.25),
+        return build_meta(role, net, modality="mr", spacing_mm=store.attrs.get("mr_spacing_mm", 0.25),
                           extent_mm=store.attrs.get("extent_mm", 8.0), masks=cfg.data.masks, intensity_offset=0.0,
                           intensity_scale=1.0, target=cfg.data.target, y_mean=dm.y_mean, y_sd=dm.y_sd,
                           training=training, metrics=metrics)
     else:
-        meta = build_meta(role, module.net, modality="ct", spacing_mm=store.attrs.get("ct_spacing_mm", 0.5),
+        return build_meta(role, net, modality="ct", spacing_mm=store.attrs.get("ct_spacing_mm", 0.5),
                           extent_mm=store.attrs.get("extent_mm", 8.0), masks=cfg.data.masks,
                           intensity_offset=CT_OFFSET_HU, intensity_scale=CT_SCALE_HU, target=cfg.data.target,
                           y_mean=dm.y_mean, y_sd=dm.y_sd, training=training, metrics=metrics,
@@ -273,10 +269,25 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
                           ct_intensity=training_intensity(store_patch_means(store, dm.split.train),
                                                           store.table["subject"].to_numpy()[dm.split.train],
                                                           dm.split.subjects["train"]))
-    export_model(model_file, module.net, meta)
-    progress.info(f"{role}: wrote {model_file} (validation MAE "
-                  + ", ".join(f"{p} {metrics['val_mae'][p]:.4g}" for p in PARAMETERS) + ")")
-    return model_file
+
+
+def _frozen_teacher(cfg: TrainConfig, store: PatchStore, in_ch: int, test_subjects) -> tuple[dict, dict, dict]:
+    """The distilled student's teacher (architecture, tensors, metadata), checked against this store and config
+    and against the student's held-out patients."""
+    tpath = teacher_path(cfg)
+    if not tpath.is_file():
+        raise UserError(f"the distilled student needs a trained teacher at {tpath}: run 'ctsma train teacher' "
+                        "first or set distill.teacher")
+    teacher_model, teacher_meta = load_teacher(tpath)
+    if teacher_meta["input"]["patch_size"] != store.mr_shape[0] or teacher_meta["arch"]["in_channels"] != in_ch:
+        raise ModelFileError(f"teacher {tpath.name} takes {teacher_meta['input']['patch_size']}³ patches with "
+                             f"{teacher_meta['arch']['in_channels']} channel(s); this store/config needs "
+                             f"{store.mr_shape[0]}³ with {in_ch}")
+    if teacher_meta.get("target") != cfg.data.target:
+        raise ModelFileError(f"teacher {tpath.name} was trained on target '{teacher_meta.get('target')}', "
+                             f"this run uses '{cfg.data.target}'")
+    _check_teacher_held_out(tpath, teacher_meta, test_subjects)
+    return teacher_meta["arch"], teacher_model.net.state_dict(), teacher_meta
 
 
 def learnt_from(meta: dict) -> list[str]:
