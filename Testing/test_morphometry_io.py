@@ -388,3 +388,16 @@ def test_binarise_refuses_settings_it_would_ignore():
             measure(grey, (1, 1, 1), modality="microct", **kw)
     bone, info = binarise(grey, (1, 1, 1), modality="microct", method="local", window_mm=5.0, offset=0.1)
     assert info["window_mm"] == 5.0 and info["offset"] == 0.1 and 0 < bone.mean() < 1
+
+
+def test_a_threshold_with_the_local_method_is_refused_before_reading(tmp_path, capsys):
+    """'--threshold otsu --method local' was accepted and the threshold ignored, and a number was refused only
+    after the image was read (and N4 run): now both are refused first, and the API refuses 'otsu' too."""
+    grey = np.random.default_rng(0).normal(100, 20, (12, 12, 12)).astype(np.float32)
+    for value in ("otsu", "90"):
+        rc = main(["--quiet", "morphometry", str(tmp_path / "not_read.nii.gz"), "--out", str(tmp_path / "o"),
+                   "--modality", "microct", "--method", "local", "--threshold", value])
+        assert rc == 2 and "--method local takes no --threshold" in capsys.readouterr().err
+    for value in ("otsu", 90.0):
+        with pytest.raises(UserError, match="a local \\(adaptive\\) binarisation takes no threshold"):
+            binarise(grey, (1, 1, 1), modality="microct", method="local", threshold=value)

@@ -78,6 +78,9 @@ def _check_ignored(args) -> None:
             raise UserError(f"{', '.join(grey)} {'applies' if len(grey) == 1 else 'apply'} to binarising a grey-level "
                             "image, but --modality binary (the default) takes the image as bone = 1; give --modality "
                             "ct, microct or mr")
+    if args.method == "local" and args.threshold is not None:  # before reading the image (and N4)
+        raise UserError("--method local takes no --threshold (it thresholds against the local mean); give --offset "
+                        "instead, or drop --method local")
     for flag, given in (("--window-mm", args.window_mm is not None), ("--offset", args.offset is not None)):
         if given and args.method != "local":
             raise UserError(f"{flag} belongs to --method local (the local mean); add --method local or drop it")

@@ -100,8 +100,8 @@ def binarise(image, spacing_zyx=None, mask=None, *, modality: str = "microct", t
         bone = work > thr if polarity == "bright" else work < thr
         info["threshold"] = thr
     else:
-        if threshold not in (None, "otsu"):
-            raise MorphometryError("a local (adaptive) binarisation takes no fixed threshold; give an offset from "
+        if threshold is not None:  # 'otsu' too: it was accepted and ignored
+            raise MorphometryError("a local (adaptive) binarisation takes no threshold; give an offset from "
                                    "the local mean instead (offset=, --offset)")
         if not np.isfinite(offset):
             raise MorphometryError(f"offset must be a finite fraction of the local mean, got {offset}")
