@@ -401,3 +401,40 @@ def test_a_threshold_with_the_local_method_is_refused_before_reading(tmp_path, c
     for value in ("otsu", 90.0):
         with pytest.raises(UserError, match="a local \\(adaptive\\) binarisation takes no threshold"):
             binarise(grey, (1, 1, 1), modality="microct", method="local", threshold=value)
+
+
+def test_run_options_are_checked_before_the_work():
+    """threads <= 0 or fractional were taken as one thread, histogram_bins=0 failed with numpy's error after the
+    whole computation, and a window of 9.5 voxels was cut to 9: each is now refused in one line, first."""
+    from ctsma.morphometry import measure_binary
+
+    bone = np.zeros((12, 12, 12), bool)
+    bone[:, :, 4:8] = True
+    for threads in (0, -1, 1.5, "2", True):
+        with pytest.raises(UserError, match=f"threads must be a whole number from 1, got {re.escape(repr(threads))}"):
+            measure_binary(bone, (1, 1, 1), threads=threads)
+    for bins in (0, -3, "nonsense"):
+        with pytest.raises(UserError, match=f"histogram_bins {re.escape(repr(bins))} cannot bin"):
+            measure_binary(bone, (1, 1, 1), histogram_bins=bins)
+        with pytest.raises(UserError, match="cannot bin"):
+            measure(bone.astype(np.uint8), (1, 1, 1), modality="binary", histogram_bins=bins)
+    assert measure_binary(bone, (1, 1, 1), histogram_bins="auto")["Tb.Th"] == pytest.approx(4.0)
+    for window in (9.5, "a", float("inf"), (4, 4), [[4, 4, 4]]):
+        with pytest.raises(UserError, match="window must be a whole number of voxels or three of them"):
+            sliding_window_maps(bone, (1, 1, 1), window)
+    with pytest.raises(UserError, match="stride must be a whole number"):
+        sliding_window_maps(bone, (1, 1, 1), 4, stride=1.5)
+    assert sliding_window_maps(bone, (1, 1, 1), 4.0)["BV/TV"].shape == (12, 12, 12)
+
+
+def test_a_0_255_binary_image_gets_a_hint_about_its_values(tmp_path, capsys):
+    a = np.zeros((12, 12, 12), np.uint8)
+    a[:, :, 4:8] = 255
+    src = tmp_path / "mask255.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(a), str(src))
+    assert main(["--quiet", "morphometry", str(src), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "holds 0 and 255: save it with bone = 1" in err and "--modality microct --threshold 127.5" in err
+    assert main(["--quiet", "morphometry", str(src), "--out", str(tmp_path / "o"), "--modality", "microct",
+                 "--threshold", "127.5"]) == 0
+    assert json.loads((tmp_path / "o" / "morphometry.json").read_text())["BV/TV"] == pytest.approx(1 / 3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .binarise import binarise, _as_array
 from .parameters import DEFAULT_BINS, measure_binary
-from .validate import check_convention, check_method, check_spacing
+from .validate import check_convention, check_method, check_run_options, check_spacing
 
 
 def measure(image, spacing_zyx=None, mask=None, *, modality: str = "binary", threshold=None,
@@ -39,6 +39,7 @@ def measure(image, spacing_zyx=None, mask=None, *, modality: str = "binary", thr
         mask, _ = _as_array(mask, sp)
     check_convention(convention)
     check_method(thickness_method)  # before binarising (N4 can take a while)
+    check_run_options(threads, histogram_bins)
     bone, info = binarise(arr, sp, mask, modality=modality, threshold=threshold, method=method, n4=n4,
                           smooth_sigma_vox=smooth_sigma_vox, window_mm=window_mm, **binarise_kw)
     out = measure_binary(bone, sp, mask, convention=convention, spheres=spheres, histogram_bins=histogram_bins,

@@ -68,6 +68,10 @@ def binarise(image, spacing_zyx=None, mask=None, *, modality: str = "microct", t
     if polarity is None:
         vals = np.unique(arr)
         if not np.isin(vals, (0, 1)).all():
+            if vals.size == 2 and vals[0] == 0:  # e.g. 0/255 from an image editor
+                raise MorphometryError(f"modality 'binary' needs an image of 0 and 1 only, and this one holds 0 and "
+                                       f"{vals[1]:g}: save it with bone = 1, or give it as a grey-level image "
+                                       f"(--modality microct --threshold {vals[1] / 2:g})")
             raise MorphometryError("modality 'binary' needs an image of 0 and 1 only; for a grey-level image "
                                    "give --modality ct, microct or mr")
         return arr.astype(bool), {"method": "given", "threshold": None, "polarity": "bone=1", "n4": False,

@@ -35,6 +35,14 @@ def sliding_window_maps(bone, spacing_zyx, window, stride=1, mask=None, *, conve
     b = check_binary(bone, "binary bone image")
     sp = check_spacing(spacing_zyx)
     roi = check_mask(mask, b.shape)
+    for name, value in (("window", window), ("stride", stride)):  # 9.5 was cut to 9
+        try:
+            given = np.asarray(value, float)
+        except (TypeError, ValueError):
+            given = np.array(np.nan)
+        if given.ndim > 1 or given.size not in (1, 3) or not np.all(np.isfinite(given) & (given == np.round(given))):
+            raise MorphometryError(f"{name} must be a whole number of voxels or three of them (z, y, x), got "
+                                   f"{value!r}")
     win = np.broadcast_to(np.asarray(window, int), (3,)).copy()
     st = np.broadcast_to(np.asarray(stride, int), (3,)).copy()
     if (win < 1).any() or (st < 1).any():
@@ -86,6 +94,14 @@ def sliding_window_chunks(bone, spacing_zyx, window, stride=1, mask=None, *, thi
     b = check_binary(bone, "binary bone image")
     check_spacing(spacing_zyx)
     roi = check_mask(mask, b.shape)
+    for name, value in (("window", window), ("stride", stride)):  # 9.5 was cut to 9
+        try:
+            given = np.asarray(value, float)
+        except (TypeError, ValueError):
+            given = np.array(np.nan)
+        if given.ndim > 1 or given.size not in (1, 3) or not np.all(np.isfinite(given) & (given == np.round(given))):
+            raise MorphometryError(f"{name} must be a whole number of voxels or three of them (z, y, x), got "
+                                   f"{value!r}")
     win = np.broadcast_to(np.asarray(window, int), (3,)).copy()
     st = np.broadcast_to(np.asarray(stride, int), (3,)).copy()
     if (win < 1).any() or (st < 1).any():

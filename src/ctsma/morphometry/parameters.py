@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 
 from .thickness import _scaled, _thickness_from_dsq, distance_sq, distance_sq_pair, unit_spacing
-from .validate import check_binary, check_convention, check_mask, check_method, check_spacing
+from .validate import check_binary, check_convention, check_mask, check_method, check_run_options, check_spacing
 
 TBN_FORMULA = "1/(Tb.Th+Tb.Sp)"
 DEFAULT_BINS = 32
@@ -179,6 +179,7 @@ def measure_binary(bone: np.ndarray, spacing_zyx, mask=None, *, convention: str 
     sp = check_spacing(spacing_zyx)
     check_convention(convention)
     check_method(method)
+    check_run_options(threads, histogram_bins)
     roi = check_mask(mask, bone.shape)
     if spheres not in ("roi", "image"):
         from .validate import MorphometryError

@@ -279,10 +279,11 @@ def measure_in_slabs(bone: np.ndarray, roi: np.ndarray, spacing_zyx, *, conventi
     """
     from .parameters import _crop_to, _histogram, describe_run, spacing_parameters
 
-    from .validate import check_convention, check_method, check_spacing
+    from .validate import check_convention, check_method, check_run_options, check_spacing
 
     check_convention(convention)
     check_method(method)
+    check_run_options(threads, histogram_bins)
     sp = check_spacing(spacing_zyx)  # near-equal spacings made equal, as on the whole image
     su, unit = unit_spacing(sp)  # the local thickness's grid (mm / unit)
     if slab_budget is None and slab_planes is None:

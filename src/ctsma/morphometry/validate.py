@@ -68,6 +68,17 @@ def check_method(method: str) -> str:
     return method
 
 
+def check_run_options(threads, histogram_bins) -> None:
+    """Refuse a thread count that is not a whole number from 1, and histogram bins numpy cannot use (they failed
+    with numpy's own error after the whole computation; threads <= 0 were taken as one)."""
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise MorphometryError(f"threads must be a whole number from 1, got {threads!r}")
+    try:
+        np.histogram_bin_edges(np.zeros(2), bins=histogram_bins)
+    except (ValueError, TypeError) as exc:
+        raise MorphometryError(f"histogram_bins {histogram_bins!r} cannot bin the thickness values: {exc}") from None
+
+
 def check_volume(arr, what: str = "image") -> np.ndarray:
     a = np.asarray(arr)
     if a.ndim != 3:
@@ -77,7 +88,8 @@ def check_volume(arr, what: str = "image") -> np.ndarray:
                               "(a single slice is a 2D image)")
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         bad = int(a.size - np.count_nonzero(np.isfinite(a)))
-        raise InputImageError(f"{what} has {bad:,} non-finite voxels (NaN or inf); fix or mask them first")
+        raise InputImageError(f"{what} has {bad:,} non-finite voxels (NaN or inf); replace them with a finite value "
+                              "first (a mask does not exclude them: binarisation reads the whole image)")
     if a.dtype.kind not in "biuf":
         raise InputImageError(f"{what} has unsupported voxel type {a.dtype}")
     return a
