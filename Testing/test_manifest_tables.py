@@ -224,3 +224,11 @@ def test_one_rule_reads_a_knee_side_everywhere():
     for bad in ("middle", "x", "1"):
         with pytest.raises(UserError, match=f"knee side must be L or R \\(or left/right\\), not '{bad}'"):
             side_letter(bad)
+
+
+def test_a_quoted_cell_after_a_space_is_read_as_quoted(tmp_path):
+    # 'subject, ct' typed by hand: a quoted cell after ', ' kept its quotes (the CT '"a.nii"' not found) or was split
+    # at its comma (refused as a row with more cells than the header, whose message asks for the quotes it has)
+    df = read_table(_csv(tmp_path, 'subject, ct, notes\nk1, "a.nii", "left knee, post-op"\nk2, b.nii, \n'))
+    assert df.to_dict("list") == {"subject": ["k1", "k2"], "ct": ["a.nii", "b.nii"],
+                                  "notes": ["left knee, post-op", ""]}

@@ -71,7 +71,9 @@ def _parse(path: Path, what: str, error) -> tuple[list[str], list[list[str]], li
     """Header, rows (cells stripped, as many as the header's) and each row's first line."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, strict=True)
+            # skipinitialspace: a quoted cell after ', ' (a table typed by hand) is read as quoted, not as text
+            # holding its quotes (or split at its commas)
+            reader = csv.reader(f, strict=True, skipinitialspace=True)
             header = [c.strip() for c in next(reader, [])]
             if not any(header):
                 raise error(f"{what} {path.name} is not a readable CSV table: it is empty (the first line names the "
