@@ -255,6 +255,9 @@ def test_parse_shard():
     for bad in ("4/4", "a/b", "1", "-1/3"):
         with pytest.raises(ConfigError):
             parse_shard(bad)
+    # '--shard "$SHARD"' with the variable unset ran every job of an array on the whole cohort, as shard 0/1
+    with pytest.raises(ConfigError, match="not ''"):
+        parse_shard("")
 
 
 def test_cohort_shards_resume_and_report(tmp_path, pair):

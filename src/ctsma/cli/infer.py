@@ -70,7 +70,7 @@ def run(args) -> int:
         for r in failed.itertuples():  # said even with --quiet, as an error is: the exit code alone names no knee
             print(f"ctsma infer: failed {r.subject}: {r.message}", file=sys.stderr)
         return 1 if len(failed) else 0
-    if args.shard:
+    if args.shard is not None:
         raise UserError("--shard needs a folder or manifest of CTs")
     if args.ct.is_dir() and args.out.resolve() == args.ct.resolve():  # a rerun would read its images as a batch
         raise UserError(f"--out {args.out} is the CT's DICOM folder; write the results to another folder")

@@ -33,7 +33,7 @@ _WORKER: dict = {}
 
 def parse_shard(text: str | None) -> tuple[int, int]:
     """``"i/N"`` (0 ≤ i < N) → (i, N); ``None`` → (0, 1)."""
-    if not text:
+    if text is None:  # (an empty --shard, from an unset variable, is refused below: not the whole cohort)
         return 0, 1
     try:
         i, n = (int(x) for x in text.split("/"))
