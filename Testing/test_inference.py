@@ -633,6 +633,22 @@ def test_a_thin_roi_gets_patches_with_less_of_it_and_a_warning(knee, constant_st
     assert not [w for w in summary["warnings"] if w.startswith(("ROI LFC", "ROI MTP", "ROI LTP"))]
 
 
+def test_rois_that_a_coarse_stride_misses_are_not_called_thin(knee, constant_student, tmp_path, capsys):
+    """The ROIs of this knee hold patches at every stride up to 8 mm; a 10-mm grid gives MFC patches only and a
+    12-mm one none. The warning called LFC, MTP and LTP 'too thin for 30% of a patch' and asked to check the ROI
+    segmentation, and the error said the ROIs were 'thinner than a patch': the stride missed them."""
+    common = ["--model", constant_student, "--side", knee["side"], "--segmentation", knee["bones_only"],
+              "--rois", knee["ct_rois"]]
+    assert _run(knee["ct"], "--out", tmp_path / "s10", "--stride", "10", *common) == 0
+    said = " ".join(json.loads((tmp_path / "s10" / "summary.json").read_text())["warnings"])
+    assert "LFC: no centre of the 10-mm patch grid (--stride)" in said and "use a smaller --stride" in said
+    assert "thin" not in said and "check the ROI segmentation" not in said
+    capsys.readouterr()
+    assert _run(knee["ct"], "--out", tmp_path / "s12", "--stride", "12", *common) == 2
+    err = capsys.readouterr().err
+    assert "no centre of the 12-mm patch grid" in err and "thinner" not in err and not (tmp_path / "s12").exists()
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_labels_copied_to_the_ct_grid_equal_a_whole_grid_resampling(seed):
     """_to_grid resamples only around the labels' box and pastes it into zeros: the same voxels as ITK's

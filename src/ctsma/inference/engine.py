@@ -255,19 +255,33 @@ def _patch_centres(rois: sitk.Image, roi_arr: np.ndarray, s: InferSettings, exte
                 msg = (f"ROI {name} is thin: no patch holds {s.min_roi_fraction:.0%} of it, as the training patches "
                        f"did; its {len(c)} patches hold at least {THIN_ROI_FRACTION:.0%}, so its values are less "
                        "reliable")
+                if _fits_off_grid(rois, value, extent, s.min_roi_fraction):  # not thin: the stride missed them
+                    msg = (f"ROI {name}: no centre of the {s.stride_mm:g}-mm patch grid (--stride) has a patch "
+                           f"holding {s.min_roi_fraction:.0%} of it, as the training patches did, although such "
+                           f"patches fit; its {len(c)} patches hold at least {THIN_ROI_FRACTION:.0%}, so its values "
+                           "are less reliable; use a smaller --stride")
                 warnings.warn(msg, stacklevel=3)
                 warns.append(msg)
         centres.append(c)
         names += [name] * len(c)
     missing = [n for n in ROIS if n not in names]
+    # ROIs that a patch holding THIN_ROI_FRACTION of them fits, only at no centre of this stride's grid: not thin
+    missed = [n for n in missing if (roi_arr == ROIS[n]).any()
+              and _fits_off_grid(rois, ROIS[n], extent, THIN_ROI_FRACTION)]
+    stride_grid = f"the {s.stride_mm:g}-mm patch grid (--stride)"
     if names and missing:  # (no patch at all is refused next)
         why = [f"{n} empty" if not (roi_arr == ROIS[n]).any() else
+               f"{n}: no centre of {stride_grid} where a patch holds {THIN_ROI_FRACTION:.0%} of it" if n in missed else
                f"{n} too thin for {THIN_ROI_FRACTION:.0%} of a patch" for n in missing]
         msg = (f"ROI(s) {', '.join(missing)} have no patch ({'; '.join(why)}): their rows of roi_table.csv are "
-               "empty; check the ROI segmentation")
+               "empty; " + ("use a smaller --stride" if len(missed) == len(missing) else "check the ROI segmentation"
+                            + (" or use a smaller --stride" if missed else "")))
         warnings.warn(msg, stacklevel=3)
         warns.append(msg)
     if not names:
+        if missed:
+            raise InputImageError(f"no centre of {stride_grid} falls where a patch holds {THIN_ROI_FRACTION:.0%} of "
+                                  f"an ROI, although such patches fit ({', '.join(missed)}); use a smaller --stride")
         raise InputImageError("no patch fits the subchondral ROIs (they are thinner than a patch); "
                               "check the ROIs or use a smaller --stride")
     return np.concatenate(centres), names
@@ -527,6 +541,14 @@ def _coarse_copy(ct: sitk.Image, spacing_xyz) -> sitk.Image:
     # CT first would cost more than the segmentation saves.
     return sitk.Resample(ct, ref, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkFloat32,
                          useNearestNeighborExtrapolator=True)
+
+
+def _fits_off_grid(rois: sitk.Image, value: int, extent_mm: float, fraction: float) -> bool:
+    """Whether a patch holding ``fraction`` of ROI ``value`` fits with its centre on any ROI voxel (a grid of one
+    voxel's step): an ROI that the stride's grid gave no such patch is then not too thin, the stride missed it."""
+    from ..dataset.sampling import roi_centres
+
+    return roi_centres(rois, value, 0.0, extent_mm, fraction, 10 ** 7, np.random.default_rng(0))[1] > 0
 
 
 def _to_grid(labels: sitk.Image, ref) -> sitk.Image:
