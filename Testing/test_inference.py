@@ -633,6 +633,21 @@ def test_a_thin_roi_gets_patches_with_less_of_it_and_a_warning(knee, constant_st
     assert not [w for w in summary["warnings"] if w.startswith(("ROI LFC", "ROI MTP", "ROI LTP"))]
 
 
+def test_a_folder_of_knee_folders_is_refused_with_the_way_to_run_it(knee, constant_student, tmp_path, capsys):
+    """The phantom's layout (DIR/P0000/ct.nii.gz, DIR/manifest.csv), as a researcher keeps a cohort: it was read as
+    one DICOM folder and refused as 'a folder with no DICOM series in it' (with --shard: '--shard needs a folder or
+    manifest of CTs'), without saying how to run a batch."""
+    cohort = tmp_path / "cohort"
+    (cohort / "k1").mkdir(parents=True)
+    (cohort / "k1" / "ct.nii.gz").write_bytes(knee["ct"].read_bytes())
+    (cohort / "manifest.csv").write_text("subject,ct\nk1,k1/ct.nii.gz\n")
+    capsys.readouterr()
+    assert _run(cohort, "--out", tmp_path / "out", "--model", constant_student, "--shard", "0/2") == 2
+    err = capsys.readouterr().err
+    assert "only subfolders with images in them (k1/ct.nii.gz, ...)" in err and "CSV manifest" in err
+    assert str(cohort / "manifest.csv") in err and not (tmp_path / "out").exists()
+
+
 def test_rois_that_a_coarse_stride_misses_are_not_called_thin(knee, constant_student, tmp_path, capsys):
     """The ROIs of this knee hold patches at every stride up to 8 mm; a 10-mm grid gives MFC patches only and a
     12-mm one none. The warning called LFC, MTP and LTP 'too thin for 30% of a patch' and asked to check the ROI

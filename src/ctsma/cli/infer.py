@@ -70,6 +70,8 @@ def run(args) -> int:
         for r in failed.itertuples():  # said even with --quiet, as an error is: the exit code alone names no knee
             print(f"ctsma infer: failed {r.subject}: {r.message}", file=sys.stderr)
         return 1 if len(failed) else 0
+    if args.ct.is_dir():
+        _refuse_a_folder_of_knee_folders(args.ct)
     if args.shard is not None:
         raise UserError("--shard needs a folder or manifest of CTs")
     if args.ct.is_dir() and args.out.resolve() == args.ct.resolve():  # a rerun would read its images as a batch
@@ -98,3 +100,21 @@ def run(args) -> int:
     if summary["model"].get("demo"):
         progress.info("  note: demo model trained on the digital phantom: not for clinical use")
     return 0
+
+
+def _refuse_a_folder_of_knee_folders(folder: Path) -> None:
+    """A folder with one subfolder per knee (``P0001/ct.nii.gz``, the phantom's layout) is neither a DICOM series nor
+    a batch folder (whose CT files lie in it): said so, with the way to run it, instead of 'no DICOM series'."""
+    import SimpleITK as sitk
+
+    from ..errors import UserError
+    from ..io.images import IMAGE_SUFFIXES
+
+    nested = sorted(p for p in folder.glob("*/*") if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+    if not nested or sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+        return
+    manifest = folder / "manifest.csv"
+    raise UserError(f"{folder} holds no CT file or DICOM series itself, only subfolders with images in them "
+                    f"({nested[0].relative_to(folder).as_posix()}, ...); batch mode reads a folder with the CT files "
+                    f"in it, or a CSV manifest with a 'ct' column of their paths"
+                    + (f" (such as {manifest}, if it lists the CTs)" if manifest.is_file() else ""))
