@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from ctsma import BONES, ROIS
+from ctsma.errors import InputImageError
 from ctsma.segmentation import (NoKneeFoundError, LateralityError, knee_side, labels_from_segments,
                                 read_user_labels, segment_bones, subchondral_rois, write_seg_nrrd)
 from ctsma.segmentation.geometry import crop_box, fill_holes, index_to_lps, lps_to_index
@@ -423,3 +424,17 @@ def test_cli_segment_refuses_an_infer_output_folder(tmp_path, capsys):
         assert main(["--quiet", "segment", str(tmp_path / "missing_ct.nii.gz"), "--out", str(out), "--no-rois"]) == 2
         assert "is the output folder of 'ctsma infer'" in capsys.readouterr().err
         assert (out / "rois.nii.gz").read_text() == "infer's"
+
+
+def test_user_bones_with_femur_and_tibia_swapped_are_refused(tmp_path, knee_r):
+    """Labels 1 and 2 swapped (another tool's numbering): 'infer' ran, placing the tibial ROIs on the femur, with the
+    femoral ROIs empty and a warning to check the ROI segmentation."""
+    ct, truth = knee_r
+    t = sitk.GetArrayFromImage(truth)
+    swapped = sitk.GetImageFromArray(np.choose(t, [0, 2, 1, 3, 4]).astype(np.uint8))
+    swapped.CopyInformation(truth)
+    sitk.WriteImage(swapped, str(tmp_path / "swapped.nii.gz"))
+    with pytest.raises(InputImageError, match=r"label 1 \(femur\) lies \d+ mm below label 2 \(tibia\).*swapped"):
+        read_user_labels(tmp_path / "swapped.nii.gz", ct, "bones")
+    sitk.WriteImage(truth, str(tmp_path / "right.nii.gz"))  # the right way round passes
+    assert np.array_equal(sitk.GetArrayFromImage(read_user_labels(tmp_path / "right.nii.gz", ct, "bones")), t)

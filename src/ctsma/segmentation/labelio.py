@@ -130,14 +130,32 @@ def _refuse_recorded(path: Path, kind: str, what: str) -> None:
                               f"{_KIND_WORDS[other][0]} label image")
 
 
-def _apart(labels: sitk.Image) -> tuple[float, float] | None:
-    """(horizontal, vertical) distance in mm between the physical centroids of labels 1 and 2, or None."""
+def _offset(labels: sitk.Image) -> tuple[float, float] | None:
+    """(horizontal distance, height of label 1 above label 2) in mm between the physical centroids of labels 1 and
+    2, or None."""
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(sitk.Cast(labels, sitk.sitkUInt8))
     if not {1, 2} <= set(stats.GetLabels()):
         return None
     d = np.subtract(stats.GetCentroid(1), stats.GetCentroid(2))
-    return float(np.hypot(d[0], d[1])), abs(float(d[2]))  # LPS z is superior
+    return float(np.hypot(d[0], d[1])), float(d[2])  # LPS z is superior
+
+
+def _apart(labels: sitk.Image) -> tuple[float, float] | None:
+    """(horizontal, vertical) distance in mm between the physical centroids of labels 1 and 2, or None."""
+    offset = _offset(labels)
+    return None if offset is None else (offset[0], abs(offset[1]))
+
+
+def check_femur_above_tibia(path: Path, labels: sitk.Image, what: str = "bone segmentation") -> None:
+    """Refuse bone labels whose label 1 (femur) lies below label 2 (tibia), one above the other
+    (:data:`SIDE_BY_SIDE_MM`): femur and tibia swapped, or another tool's numbering. It ran, the tibial ROIs
+    placed on the femur and the femoral ones empty, with a warning to check the ROI segmentation."""
+    offset = _offset(labels)
+    if offset is not None and -offset[1] >= SIDE_BY_SIDE_MM and -offset[1] > 2 * offset[0]:
+        raise InputImageError(f"{what} {path.name}: label 1 (femur) lies {-offset[1]:.0f} mm below label 2 (tibia); "
+                              f"CT-SMA expects {_BONE_VALUES}, the femur above the tibia: are femur and tibia "
+                              "swapped?")
 
 
 def check_not_rois(path: Path, labels: sitk.Image, what: str = "bone segmentation") -> None:
@@ -246,6 +264,8 @@ def read_user_labels(path: str | os.PathLike, reference: sitk.Image, kind: str =
                                   + ", ".join(f"{k}={v}" for k, v in table.items()))
         lab = sitk.Cast(lab, sitk.sitkUInt8)
         (check_not_rois if kind == "bones" else check_not_bones)(path, lab, what)
+        if kind == "bones":
+            check_femur_above_tibia(path, lab, what)
     return _resample_to(lab, reference, f"{what} {path.name}")
 
 
