@@ -46,9 +46,9 @@ def read_bone_labels(path, ct: sitk.Image, *, what: str = "CT bone labels") -> s
     arr = sitk.GetArrayFromImage(img)
     check_integer_labels(arr, f"{what} {Path(path).name}")
     arr = np.where((arr < 0) | (arr > max(BONES.values())), 0, arr).astype(np.uint8)
-    _check_bone_order(arr, img, f"{what} {Path(path).name}")
     out = sitk.GetImageFromArray(arr)
     out.CopyInformation(img)
+    _check_bone_order(out, f"{what} {Path(path).name}")
     return out
 
 
@@ -58,19 +58,15 @@ some centimetres apart (the phantom's: 34-35 mm); a subchondral ROI image, whose
 LFC=2), has them side by side, their centroids within 5 mm in height."""
 
 
-def _check_bone_order(arr: np.ndarray, img: sitk.Image, what: str) -> None:
+def _check_bone_order(labels: sitk.Image, what: str) -> None:
     """Refuse femur/tibia labels whose femur does not lie above the tibia: most likely the ROI image."""
-    cz = {}
-    for n in ("femur", "tibia"):
-        idx = np.argwhere(arr == BONES[n])
-        if len(idx) == 0:
-            return  # validate_bones names a missing bone
-        centre = idx[:: max(1, len(idx) // 20000)].mean(axis=0)[::-1]  # (x, y, z) index
-        cz[n] = img.TransformContinuousIndexToPhysicalPoint(centre.tolist())[2]
-    if cz["femur"] - cz["tibia"] < FEMUR_ABOVE_TIBIA_MM:
+    from ..segmentation.labelio import label_offset
+
+    offset = label_offset(labels)  # None without both: validate_bones names a missing bone
+    if offset is not None and offset[1] < FEMUR_ABOVE_TIBIA_MM:
         raise InputImageError(
             f"{what}: the femur (label 1) does not lie above the tibia (label 2) (their centroids "
-            f"{cz['femur'] - cz['tibia']:+.1f} mm apart in height); is this the subchondral ROI image (rois.nii.gz: "
+            f"{offset[1]:+.1f} mm apart in height); is this the subchondral ROI image (rois.nii.gz: "
             "MFC=1 and LFC=2 side by side) rather than the bones (bones.nii.gz), are the labels swapped, or is the "
             "image upside down in its header (its direction's z reversed)?")
 

@@ -130,7 +130,7 @@ def _refuse_recorded(path: Path, kind: str, what: str) -> None:
                               f"{_KIND_WORDS[other][0]} label image")
 
 
-def _offset(labels: sitk.Image) -> tuple[float, float] | None:
+def label_offset(labels: sitk.Image) -> tuple[float, float] | None:
     """(horizontal distance, height of label 1 above label 2) in mm between the physical centroids of labels 1 and
     2, or None."""
     stats = sitk.LabelShapeStatisticsImageFilter()
@@ -143,7 +143,7 @@ def _offset(labels: sitk.Image) -> tuple[float, float] | None:
 
 def _apart(labels: sitk.Image) -> tuple[float, float] | None:
     """(horizontal, vertical) distance in mm between the physical centroids of labels 1 and 2, or None."""
-    offset = _offset(labels)
+    offset = label_offset(labels)
     return None if offset is None else (offset[0], abs(offset[1]))
 
 
@@ -151,7 +151,7 @@ def check_femur_above_tibia(path: Path, labels: sitk.Image, what: str = "bone se
     """Refuse bone labels whose label 1 (femur) lies below label 2 (tibia), one above the other
     (:data:`SIDE_BY_SIDE_MM`): femur and tibia swapped, or another tool's numbering. It ran, the tibial ROIs
     placed on the femur and the femoral ones empty, with a warning to check the ROI segmentation."""
-    offset = _offset(labels)
+    offset = label_offset(labels)
     if offset is not None and -offset[1] >= SIDE_BY_SIDE_MM and -offset[1] > 2 * offset[0]:
         raise InputImageError(f"{what} {path.name}: label 1 (femur) lies {-offset[1]:.0f} mm below label 2 (tibia); "
                               f"CT-SMA expects {_BONE_VALUES}, the femur above the tibia: are femur and tibia "
