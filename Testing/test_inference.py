@@ -1125,3 +1125,19 @@ def test_summary_records_its_inputs_as_absolute_paths(knee, constant_student, tm
     assert summary["ct"] == os.path.abspath(knee["ct"])
     assert summary["model"]["path"] == os.path.abspath(tmp_path / "m.safetensors")
     assert summary["diagnosis"]["model"] == os.path.abspath(default_diagnosis_path())  # its links kept
+
+
+def test_a_segmentation_of_another_knee_or_mirrored_is_warned(knee, constant_student, tmp_path):
+    """A user's bone segmentation that does not outline this CT's bones (mirrored left-right here; another knee's
+    alike) was analysed without a word, down to an OA probability. Its own segmentation passes silently."""
+    args = ("--model", constant_student, "--side", knee["side"])
+    assert _run(knee["ct"], "--out", tmp_path / "own", "--segmentation", knee["bones_only"], *args) == 0
+    said = json.loads((tmp_path / "own" / "summary.json").read_text())["warnings"]
+    assert not [w for w in said if "may not belong to this CT" in w], said
+    lab = sitk.ReadImage(str(knee["bones_only"]))
+    mirrored = sitk.GetImageFromArray(sitk.GetArrayFromImage(lab)[:, :, ::-1])
+    mirrored.CopyInformation(lab)
+    sitk.WriteImage(mirrored, str(tmp_path / "mirrored.nii.gz"))
+    assert _run(knee["ct"], "--out", tmp_path / "mir", "--segmentation", tmp_path / "mirrored.nii.gz", *args) == 0
+    said = json.loads((tmp_path / "mir" / "summary.json").read_text())["warnings"]  # analysed, the warning on record
+    assert [w for w in said if w.startswith("the bone segmentation may not belong to this CT")], said

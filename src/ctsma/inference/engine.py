@@ -294,7 +294,7 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
     from .intensity import intensity_check
     from ..models.export import describe, load_student, trained_on_phantom
     from ..segmentation import segment_bones, subchondral_rois
-    from ..segmentation.labelio import read_user_labels
+    from ..segmentation.labelio import bone_labels_mismatch, read_user_labels
 
     s = settings or InferSettings()
     t0 = time.perf_counter()
@@ -354,6 +354,10 @@ def infer(ct_path, out_dir, *, model_path=None, segmentation=None, rois_path=Non
         rois_from = str(rois_path)
     else:
         seg_bones = coarse_bones if not segmentation else _to_grid(bones, seg_ct)
+        mismatch = segmentation and bone_labels_mismatch(seg_ct, seg_bones)  # another knee's, mirrored, ...
+        if mismatch:
+            warnings.warn(mismatch, stacklevel=2)
+            warns.append(mismatch)
         with _kept_warnings(warns):   # a side told by a weak cue
             roi_img, roi_info = subchondral_rois(seg_ct, seg_bones, side=s.side, return_info=True)
         rois = _to_grid(roi_img, grid)
