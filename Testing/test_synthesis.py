@@ -270,3 +270,22 @@ def test_apply_and_evaluate_refuse_a_label_image_as_the_mr_and_swapped_columns(t
         err = capsys.readouterr().err
         assert rc == (2 if msg else 0) and (msg is None or msg in err), err
         assert (tmp_path / "q.json").exists() == (msg is None)
+
+
+def test_train_names_the_pair_whose_mr_or_ct_is_wrong_before_pairing(tmp_path, capsys):
+    """A CT in the mr column, a label image as the MR or an MR in the ct column was refused only by the pairing
+    registration, in a worker, naming no subject and advising to 'give the MR first and the CT second' (the advice
+    of 'ctsma register')."""
+    good = make_knee_pair(2, ct_size=(40, 40, 40), mr_size=(40, 40, 40))
+    bad = make_knee_pair(3, ct_size=(40, 40, 40), mr_size=(40, 40, 40))
+    for name, img in (("mr", good.mr), ("ct", good.ct), ("mr2", bad.mr), ("ct2", bad.ct), ("lab2", bad.mr_bones)):
+        sitk.WriteImage(img, str(tmp_path / f"{name}.nii.gz"))
+    for mr2, ct2, msg in (("ct2", "ct2", "the mr column of K2"), ("lab2", "ct2", "MR of K2 holds only"),
+                          ("mr2", "mr2", "CT of K2 intensities")):
+        (tmp_path / "m.csv").write_text(f"subject,mr,ct\nK1,mr.nii.gz,ct.nii.gz\nK2,{mr2}.nii.gz,{ct2}.nii.gz\n")
+        rc = main(["--quiet", "synthesis", "train", "--manifest", str(tmp_path / "m.csv"), "--threads", "1",
+                   "--out", str(tmp_path / "s.safetensors")])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and "give the MR first" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "s.safetensors").exists()

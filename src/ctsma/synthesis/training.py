@@ -229,6 +229,13 @@ def train(pairs: Sequence[tuple[sitk.Image, sitk.Image, sitk.Image | None]], cfg
         raise UserError(f"patch ({cfg.patch}) must be a multiple of 2**(depth-1) = {2 ** (cfg.depth - 1)}")
     if not pairs:
         raise UserError("no training pairs given")
+    from ..io.images import check_ct_intensities
+    from ..registration.pipeline import check_mr_intensities
+
+    for i, (mr, ct, _) in enumerate(pairs):  # before the pairing, which named neither the pair nor the manifest
+        who = names[i] if names is not None and i < len(names) else f"pair {i + 1}"
+        check_ct_intensities(ct, what=f"CT of {who}")
+        check_mr_intensities(mr, f"the mr column of {who} (a pair's first image) must name the MR", f"MR of {who}")
     t0 = time.monotonic()
     cpu0 = time.process_time()
     deadline = t0 + 60 * cfg.max_minutes
