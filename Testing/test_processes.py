@@ -113,3 +113,54 @@ def test_workers_start_with_the_callers_progress_and_warning_settings(tmp_path):
                 assert ex.submit(_worker_settings).result() == (False, None, 1)
     finally:
         progress.configure(jsonl_path=old[1] or "", quiet=old[0])
+
+
+_KILLED_CALLER = """
+import os, sys, time
+from ctsma.processes import worker_pool
+if __name__ == "__main__":
+    with worker_pool(1) as ex:
+        print(ex.submit(os.getpid).result(), flush=True)
+        time.sleep(300)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:  # a zombie nobody reaps is gone too
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_workers_end_when_their_caller_is_killed(tmp_path):
+    """A caller killed by SIGKILL (kill -9 of 'ctsma phantom --workers 2', the OOM killer) cannot stop its pool:
+    its idle workers waited for work forever, each holding its memory."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ctsma
+
+    script = tmp_path / "caller.py"
+    script.write_text(_KILLED_CALLER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(ctsma.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        worker = int(proc.stdout.readline())
+        assert not _gone(worker)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 15
+        while not _gone(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = not _gone(worker)
+        if alive:
+            os.kill(worker, signal.SIGKILL)
+        assert not alive, "the worker outlived its killed caller"
+    finally:
+        proc.kill()
+        proc.stdout.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -25,12 +26,23 @@ BROKEN = ("a worker process stopped before its work was done (killed, out of mem
           "because each worker imports the script)")
 
 
+def _exit_with_parent(parent: int) -> None:
+    """End this worker once the process that started it is gone. A caller killed by SIGKILL (the OOM killer, a
+    cluster's hard limit, kill -9) cannot stop its pool, and its idle workers waited for work forever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def _init_worker(quiet: bool, jsonl_path: str | None, filters: list, initializer: Callable[..., Any] | None,
-                 initargs: tuple) -> None:
+                 initargs: tuple, parent: int | None = None) -> None:
+    import threading
     import warnings
 
     from . import progress
 
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     progress.configure(jsonl_path=jsonl_path or "", quiet=quiet)
     warnings.filters[:] = filters
     getattr(warnings, "_filters_mutated", lambda: None)()  # CPython's cache of the filters
@@ -55,7 +67,7 @@ def worker_pool(workers: int, quiet: bool = False, initializer: Callable[..., An
     filters = [f for f in warnings.filters if getattr(f[2], "__module__", "") != "__main__"]
     jsonl_path, caller_quiet = progress.settings()
     ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                             initargs=(quiet or caller_quiet, jsonl_path, filters, initializer, initargs))
+                             initargs=(quiet or caller_quiet, jsonl_path, filters, initializer, initargs, os.getpid()))
     try:
         yield ex
     except BaseException as exc:
