@@ -208,6 +208,20 @@ def test_cli_errors_before_any_work(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_huge_n_is_refused_at_once(tmp_path, capsys):
+    """--n 99999999999999999999 hung without a word (the list of knees to make grew until memory ran out)."""
+    import threading
+
+    out = tmp_path / "never"
+    rc = []
+    t = threading.Thread(target=lambda: rc.append(cli_main(["phantom", "--n", "99999999999999999999",
+                                                            "--out", str(out)])), daemon=True)
+    t.start()
+    t.join(60)
+    assert rc == [2], "no answer within a minute"
+    assert "--n must be at most 100000" in capsys.readouterr().err and not out.exists()
+
+
 def test_euler_matrix_matches_itk():
     t = sitk.Euler3DTransform()
     t.SetRotation(0.1, -0.2, 0.3)

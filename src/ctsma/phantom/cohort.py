@@ -33,6 +33,8 @@ EXTRA_FILES = {"ct_tissues": "ct_tissues.nii.gz", "mr_tissues": "mr_tissues.nii.
 MANIFEST_COLUMNS = (["subject", "side", "kl_grade", "oa", "severity"] + list(FILES)
                     + [f"true_{r}_{p}" for r in ROIS for p in PARAMETERS] + list(EXTRA_FILES))
 LANDMARKS_PER_ROI = 5
+MAX_KNEES = 100_000
+"""The most knees one cohort may hold (about 1.7 TB of files at the demo settings)."""
 
 
 def subject_id(index: int) -> str:
@@ -172,6 +174,8 @@ def generate_cohort(settings: PhantomSettings, n: int, seed: int, out, workers: 
     ``if __name__ == "__main__":``, because each worker imports the script."""
     if int(n) < 1:
         raise UserError(f"--n must be at least 1 (got {n})")
+    if int(n) > MAX_KNEES:  # a huge n hung without a word, listing the knees to make
+        raise UserError(f"--n must be at most {MAX_KNEES} (got {n})")
     if int(seed) < 0:
         raise UserError(f"--seed must be 0 or more (got {seed})")
     if int(workers) < 1:
