@@ -289,3 +289,17 @@ def test_train_names_the_pair_whose_mr_or_ct_is_wrong_before_pairing(tmp_path, c
         assert rc == 2 and msg in err and "give the MR first" not in err, err
         assert len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "s.safetensors").exists()
+
+
+@pytest.mark.parametrize("key, value", [("planes", ["foo"]), ("planes", []), ("working_spacing_mm", 0),
+                                        ("working_spacing_mm", "abc"), ("normalisation", {}),
+                                        ("normalisation", {**DEFAULT_NORMALISATION, "ct_scale_hu": 0})])
+def test_a_model_whose_metadata_apply_cannot_use_is_refused_on_loading(tmp_path, key, value):
+    """The checksum covers the weights only: a model file with such metadata loaded, and apply then stopped with a
+    KeyError, ValueError or ITK traceback (or divided by zero)."""
+    meta = {**_model().meta, key: value}
+    path = save_model(tmp_path / "m.safetensors", build_network(ARCH).state_dict(), meta, kind="synthesis")
+    with pytest.raises(ModelFileError, match=f"damaged '{key}'"):
+        SynthesisModel.load(path)
+    SynthesisModel.load(save_model(tmp_path / "ok.safetensors", build_network(ARCH).state_dict(), _model().meta,
+                                   kind="synthesis"))

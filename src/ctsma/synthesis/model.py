@@ -61,6 +61,28 @@ def resample_isotropic(img: sitk.Image, spacing: float, default: float = 0.0) ->
     return sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, default, sitk.sitkFloat32)
 
 
+def _check_metadata(meta: dict, name: str) -> None:
+    """Refuse metadata :meth:`SynthesisModel.apply` cannot use (planes, working grid, normalisation)."""
+    def bad(key: str, value) -> ModelFileError:
+        return ModelFileError(f"synthesis model {name} has a damaged '{key}' in its metadata: {value!r}")
+
+    planes = meta["planes"]
+    if not isinstance(planes, list) or not planes or not all(isinstance(p, str) and p in PLANES for p in planes):
+        raise bad("planes", planes)
+    sp = meta["working_spacing_mm"]
+    if isinstance(sp, bool) or not isinstance(sp, (int, float)) or not np.isfinite(sp) or sp <= 0:
+        raise bad("working_spacing_mm", sp)
+    norm = meta["normalisation"]
+    try:
+        lo, hi = (float(v) for v in norm["ct_clip_hu"])
+        ok = (lo < hi and all(np.isfinite([float(norm["ct_offset_hu"]), float(norm["ct_scale_hu"])]))
+              and float(norm["ct_scale_hu"]) != 0 and float(norm.get("mr_clip", 2.0)) > 0)
+    except (TypeError, ValueError, KeyError):
+        ok = False
+    if not ok:
+        raise bad("normalisation", norm)
+
+
 class SynthesisModel:
     """A loaded synthesis model; call :meth:`apply` on an MR image to get its pseudo-CT (HU, MR frame)."""
 
@@ -78,6 +100,7 @@ class SynthesisModel:
         for key in ("architecture", "normalisation", "working_spacing_mm", "planes"):
             if key not in meta:
                 raise ModelFileError(f"synthesis model {Path(path).name} lacks '{key}' in its metadata")
+        _check_metadata(meta, Path(path).name)  # the checksum covers the weights only: a bad value gave a traceback
         try:
             net = build_network(meta["architecture"])
             net.load_state_dict(tensors)
