@@ -115,6 +115,32 @@ def test_workers_start_with_the_callers_progress_and_warning_settings(tmp_path):
         progress.configure(jsonl_path=old[1] or "", quiet=old[0])
 
 
+def _warn_once(text: str) -> None:
+    import warnings
+    warnings.warn(text, UserWarning, stacklevel=1)
+
+
+def test_workers_format_warnings_as_the_command_line_does(capfd):
+    """A worker's warning came out in Python's 'file:line: UserWarning: ...' form with its source line, where the
+    command line says 'warning: ...'; the workers now take the caller's format (one of the package's)."""
+    import warnings
+
+    from ctsma.cli.main import _format_warning
+    from ctsma.processes import worker_pool
+
+    old = warnings.formatwarning
+    try:
+        warnings.formatwarning = _format_warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            with worker_pool(1) as ex:
+                ex.submit(_warn_once, "the pairing registration is poor for K2").result()
+    finally:
+        warnings.formatwarning = old
+    err = capfd.readouterr().err
+    assert "warning: the pairing registration is poor for K2\n" in err and "UserWarning" not in err, err
+
+
 _KILLED_CALLER = """
 import os, sys, time
 from ctsma.processes import worker_pool

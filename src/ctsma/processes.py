@@ -35,7 +35,7 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _init_worker(quiet: bool, jsonl_path: str | None, filters: list, initializer: Callable[..., Any] | None,
-                 initargs: tuple, parent: int | None = None) -> None:
+                 initargs: tuple, parent: int | None = None, formatwarning: Callable[..., str] | None = None) -> None:
     import threading
     import warnings
 
@@ -46,6 +46,8 @@ def _init_worker(quiet: bool, jsonl_path: str | None, filters: list, initializer
     progress.configure(jsonl_path=jsonl_path or "", quiet=quiet)
     warnings.filters[:] = filters
     getattr(warnings, "_filters_mutated", lambda: None)()  # CPython's cache of the filters
+    if formatwarning is not None:  # the command line's one-line 'warning: ...', not Python's file:line form
+        warnings.formatwarning = formatwarning
     if initializer is not None:
         initializer(*initargs)
 
@@ -56,7 +58,8 @@ def worker_pool(workers: int, quiet: bool = False, initializer: Callable[..., An
     """A pool of ``workers`` spawned processes; on any error inside the block its workers are terminated.
 
     The workers show progress as the caller does (no bars or status lines when it is quiet), write to its
-    machine-readable progress file, if one is configured, and filter warnings as it does when the pool starts.
+    machine-readable progress file, if one is configured, and filter and format warnings as it does when the pool
+    starts.
     ``quiet``: no bars or status lines in the workers either way (the caller reports the jobs as they finish).
     ``initializer(*initargs)`` runs once in each worker (a module-level function)."""
     import warnings
@@ -66,8 +69,11 @@ def worker_pool(workers: int, quiet: bool = False, initializer: Callable[..., An
     # a filter whose warning class lives in the caller's __main__ (a script, a notebook) cannot reach a worker
     filters = [f for f in warnings.filters if getattr(f[2], "__module__", "") != "__main__"]
     jsonl_path, caller_quiet = progress.settings()
+    # the caller's warning format, where a worker can import it (not a script's or notebook's own function)
+    fmt = warnings.formatwarning if getattr(warnings.formatwarning, "__module__", "").startswith("ctsma") else None
     ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                             initargs=(quiet or caller_quiet, jsonl_path, filters, initializer, initargs, os.getpid()))
+                             initargs=(quiet or caller_quiet, jsonl_path, filters, initializer, initargs, os.getpid(),
+                                       fmt))
     try:
         yield ex
     except BaseException as exc:
