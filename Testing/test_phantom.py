@@ -342,3 +342,13 @@ def test_a_ct_field_of_view_that_misses_the_rois_is_warned(cohort, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         generate_cohort(make_settings("demo", TINY), 2, 5, out)
+
+
+def test_a_truth_cube_too_large_to_measure_is_refused_before_any_work():
+    """truth_patch_mm 10 at truth_spacing 0.005 (within each setting's range) asked for 8 G-voxel truth cubes, which
+    ran out of memory after the images were made; it is refused with the settings, like images over 60 M voxels."""
+    from ctsma.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="each truth cube would have 8000 M voxels .*limit 16 M"):
+        make_settings("demo", {"truth_patch_mm": 10.0, "truth_spacing": 0.005, "tb_th": 0.2})
+    make_settings("full", {})  # 1 M voxels a cube
