@@ -7,7 +7,6 @@ error line when a step does not succeed, so a self-test failure names the step a
 
 from __future__ import annotations
 
-import csv
 import time
 from pathlib import Path
 from typing import Callable
@@ -99,12 +98,11 @@ def results_folder(scene, node) -> dict:
 
 
 def read_landmarks(path) -> tuple[np.ndarray, np.ndarray]:
-    """CT and MR landmark positions (LPS mm) of a phantom ``landmarks.csv``."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    ct = np.array([[float(r[f"ct_{a}"]) for a in "xyz"] for r in rows])
-    mr = np.array([[float(r[f"mr_{a}"]) for a in "xyz"] for r in rows])
-    return ct, mr
+    """CT and MR landmark positions (LPS mm) of a phantom ``landmarks.csv`` (read and checked by the package)."""
+    from ctsma.registration.tre import read_landmarks as read_table
+
+    table = read_table(path)
+    return (table[["ct_x", "ct_y", "ct_z"]].to_numpy(float), table[["mr_x", "mr_y", "mr_z"]].to_numpy(float))
 
 
 def landmark_errors(transform_node, landmarks_csv) -> np.ndarray:
