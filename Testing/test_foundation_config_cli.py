@@ -38,6 +38,29 @@ def test_config_defaults_and_nested(tmp_path):
     assert load_config(None, Train).epochs == 10
 
 
+
+def test_config_reads_numbers_in_exponent_notation(tmp_path):
+    """PyYAML (YAML 1.1) reads `lr: 1e-3`, without a dot, as the text '1e-3': it was refused as 'optim.lr must be a
+    number, not '1e-3'', in a config file and in `--set optim.lr=1e-4` alike."""
+    from types import SimpleNamespace
+
+    from ctsma.cli.train import overrides_from
+
+    p = tmp_path / "c.yaml"
+    p.write_text("epochs: 2E2\noptim:\n  lr: 1e-3\n")
+    cfg = load_config(p, Train)
+    assert (cfg.epochs, cfg.optim.lr) == (200, 1e-3) and type(cfg.epochs) is int
+    over = overrides_from(SimpleNamespace(set=["optim.lr=5e-4", "epochs=+1.5e1"]))
+    cfg = load_config(None, Train, overrides=over)
+    assert (cfg.epochs, cfg.optim.lr) == (15, 5e-4)
+    with pytest.raises(ConfigError, match="whole number"):
+        load_config({"epochs": "1.5e0"}, Train)
+    with pytest.raises(ConfigError, match="out of range"):
+        load_config({"optim": {"lr": "1e3"}}, Train)
+    with pytest.raises(ConfigError, match="must be a number, not 'e3'"):
+        load_config({"epochs": "e3"}, Train)
+
+
 @pytest.mark.parametrize("data,match", [
     ({"epoch": 3}, "unknown setting epoch"),
     ({"optim": {"learning_rate": 1}}, "unknown setting optim.learning_rate"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 import warnings
 from pathlib import Path
@@ -27,6 +28,7 @@ import yaml
 from .errors import ConfigError
 
 C = TypeVar("C")
+_EXPONENT_NUMBER = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
 
 
 def setting(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
@@ -121,6 +123,8 @@ def _coerce(tp: Any, value: Any, meta: Mapping, key: str):
             raise ConfigError(f"{key} must be true or false, not {value!r}")
         return value
     if tp in (int, float):
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            value = float(value)  # PyYAML (YAML 1.1) reads 1e-3, without a dot, as text: the user wrote a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, not {value!r}")
         if not math.isfinite(value):
