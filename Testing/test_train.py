@@ -1119,3 +1119,23 @@ def test_a_shipped_training_config_is_named_by_its_name(tmp_path, capsys):
     assert load_train_config("gpu").student_net.widths != load_train_config("demo").student_net.widths
     assert main(["train", "baseline", "--config", "demo", "--out", str(tmp_path / "run")]) == 2
     assert "data.store is empty" in capsys.readouterr().err  # the config was found; the store was not given
+
+
+def test_a_file_or_folder_in_the_way_of_the_run_is_refused_before_training(store, tmp_path, capsys):
+    """A file named as the role's run folder (``<out>/teacher``) was shutil.rmtree's NotADirectoryError traceback;
+    a folder named as the model file was refused only after the whole training."""
+    from ctsma.cli.main import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny(store.dir, tmp_path / "run", optim={"max_epochs": 1})))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "teacher").write_text("my notes")
+    assert main(["train", "teacher", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "teacher is a file, not a folder" in err and "Traceback" not in err
+    assert (tmp_path / "run" / "teacher").read_text() == "my notes"
+    (tmp_path / "run" / "student_baseline.safetensors").mkdir()
+    assert main(["train", "baseline", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "student_baseline.safetensors: a folder of that name is in the way" in err
+    assert not (tmp_path / "run" / "student_baseline").exists()  # refused before the training wrote anything

@@ -31,6 +31,7 @@ from ..errors import ConfigError, ModelFileError, UserError
 from ..harmonise import training_reference
 from ..inference.intensity import store_patch_means, training_intensity
 from ..io import ensure_writable_dir
+from ..io.atomic import check_no_obstacle
 from .config import TrainConfig, resolve
 from .export import build_meta, export_model, load_teacher
 from .launch import check_cluster, check_nodes, launched_as_rank_zero
@@ -174,6 +175,10 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     check_nodes(cfg.trainer.num_nodes)
     check_cluster(cfg.trainer)
     precision = _precision(cfg)
+    # a file where the run folder goes (it was rmtree's traceback), a folder where the model file goes (it was
+    # refused only after the training)
+    for name in (f"{run_dir.name}/checkpoints/last.ckpt", model_file.name):
+        check_no_obstacle(run_dir.parent, name)
     # only now, with the store, split, teacher and device checked: a user error leaves the folder as it was
     if launched_as_rank_zero():  # the other processes of a DDP run leave the folder to this one
         if not resume and run_dir.exists():
