@@ -1139,3 +1139,24 @@ def test_a_file_or_folder_in_the_way_of_the_run_is_refused_before_training(store
     err = capsys.readouterr().err
     assert "student_baseline.safetensors: a folder of that name is in the way" in err
     assert not (tmp_path / "run" / "student_baseline").exists()  # refused before the training wrote anything
+
+
+def test_a_model_that_predicts_one_value_is_named_in_words(store):
+    """A training that collapsed (e.g. optim.lr 1: every ReLU dead) predicts one value for every patch; the only sign
+    of it was numpy's 'invalid value encountered in divide', twice, from the validation r."""
+    import warnings
+    from types import SimpleNamespace
+
+    from ctsma.models.lightning import PatchDataModule
+    from ctsma.models.train import validation_metrics
+
+    dm = PatchDataModule(store, load_train_config(tiny(store.dir, "unused")).data, 0)
+    flat = SimpleNamespace(net=lambda x: torch.zeros(len(x), 4), modality="ct", role="student_baseline")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = validation_metrics(flat, dm)
+    said = [str(w.message) for w in caught]
+    assert not [s for s in said if "invalid value" in s], said
+    assert [s for s in said if "student_baseline: the model predicts the same BV/TV, Tb.Th, Tb.Sp, Tb.N for every "
+            "validation patch" in s], said
+    assert metrics["val_r"] == dict.fromkeys(PARAMETERS) and np.isfinite(list(metrics["val_mae"].values())).all()

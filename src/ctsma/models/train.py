@@ -463,9 +463,18 @@ def validation_metrics(module, dm) -> dict:
     pred = pred * dm.y_sd + dm.y_mean
     y = y * dm.y_sd + dm.y_mean
     out = {"val_mae": {}, "val_r": {}, "val_loss": float(np.mean(((pred - y) / dm.y_sd) ** 2))}
+    constant = []
     for j, p in enumerate(PARAMETERS):
         out["val_mae"][p] = float(np.mean(np.abs(pred[:, j] - y[:, j])))
-        out["val_r"][p] = float(np.corrcoef(pred[:, j], y[:, j])[0, 1]) if len(y) > 2 else None
+        flat = np.ptp(pred[:, j]) == 0  # no r (it was numpy's 'invalid value encountered in divide', twice)
+        if flat and len(y) > 2:
+            constant.append(p)
+        ok = len(y) > 2 and not flat and np.ptp(y[:, j]) > 0
+        out["val_r"][p] = float(np.corrcoef(pred[:, j], y[:, j])[0, 1]) if ok else None
+    if constant:
+        warnings.warn(f"{module.role}: the model predicts the same {', '.join(constant)} for every validation patch "
+                      "(its output does not depend on the patch; the training may have diverged: try a lower "
+                      "optim.lr)", stacklevel=2)
     return out
 
 
