@@ -1160,3 +1160,22 @@ def test_a_model_that_predicts_one_value_is_named_in_words(store):
     assert [s for s in said if "student_baseline: the model predicts the same BV/TV, Tb.Th, Tb.Sp, Tb.N for every "
             "validation patch" in s], said
     assert metrics["val_r"] == dict.fromkeys(PARAMETERS) and np.isfinite(list(metrics["val_mae"].values())).all()
+
+
+@pytest.mark.parametrize("setting,hint", [("data.k_folds=5", "--folds"), ("data.fold=1", "--folds"),
+                                          ("data.use_stored_split=true", "--folds"), ("trainer.seed=3", "--seed"),
+                                          ("data.split_seed=3", "--seed"), ("data={k_folds: 5}", "--folds"),
+                                          ("output.dir=elsewhere", "--out"), ("data.store=other", "--store")])
+def test_crossfit_refuses_a_set_that_each_fold_would_replace(store, tmp_path, capsys, setting, hint):
+    """`ctsma crossfit --set data.k_folds=5` trained 3 folds (--folds' default), and `--set trainer.seed=3` seed 0,
+    silently, while cv/config.yaml recorded the value given."""
+    from ctsma.cli.main import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny(store.dir, tmp_path / "unused", optim={"max_epochs": 1})))
+    out = tmp_path / "cv"
+    assert main(["crossfit", "--config", str(config), "--store", str(store.dir), "--out", str(out),
+                 "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert f"--set {setting.split('=')[0].split('{')[0]}" in err and "'ctsma crossfit' sets it" in err and hint in err
+    assert not out.exists()

@@ -7,6 +7,15 @@ way this project cross-fits, so the figures of a cohort and of the demo are comp
 
 from __future__ import annotations
 
+_FOLDS = "give the number of patient folds with --folds"
+SET_BY_CROSSFIT = {("data", "k_folds"): _FOLDS, ("data", "fold"): _FOLDS, ("data", "use_stored_split"): _FOLDS,
+                   ("data", "split_seed"): "use --seed (the folds, the training and the bootstrap)",
+                   ("trainer", "seed"): "use --seed (the folds, the training and the bootstrap)",
+                   ("data", "store"): "use --store", ("output", "dir"): "use --out"}
+"""The settings that the cross-fitting sets in each fold's config (``demo.stages.fold_config``), and the option that
+gives them instead."""
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("crossfit", help="train teacher and students on K patient folds and evaluate every patient "
                                         "out of fold")
@@ -42,7 +51,12 @@ def run(args) -> int:
         raise UserError(f"--workers must be 1 to 256, not {args.workers}")
     if not 0 <= args.seed < 2**31:
         raise UserError(f"--seed must be 0 to 2147483647, not {args.seed}")
-    cfg = load_train_config(args.config, overrides_from(types.SimpleNamespace(set=args.set)))
+    over = overrides_from(types.SimpleNamespace(set=args.set))
+    for section, key in SET_BY_CROSSFIT:  # it would be replaced for every fold, silently, yet kept in config.yaml
+        if key in (over.get(section) or {}):
+            raise UserError(f"--set {section}.{key}: 'ctsma crossfit' sets it for every fold; "
+                            f"{SET_BY_CROSSFIT[section, key]}")
+    cfg = load_train_config(args.config, over)
     res = crossfit(cfg, args.store, args.out, folds=args.folds, seed=args.seed, workers=args.workers)
     for source, mean in res["mean_icc21"].items():
         progress.info(f"{source}: mean ICC(2,1) " + (f"{mean:.3f}" if mean is not None else "n/a"))
