@@ -69,6 +69,21 @@ def test_bad_input_refused(tmp_path):
         PatchStore.create(tmp_path / "t", 4, 8).finalize()
 
 
+
+def test_a_table_value_that_is_not_a_number_is_named(tmp_path):
+    """A value of patches.csv edited by hand (text in a number's column) was pandas' 'could not convert string to
+    float' traceback, raised by `ctsma train` and `evaluate` when they read the targets."""
+    w, _, _ = _write(tmp_path)
+    d = w.finalize().dir
+    csv = d / "patches.csv"
+    lines = csv.read_text().splitlines()
+    head = lines[0].split(",")
+    row = lines[4].split(",")
+    row[head.index("mr_Tb.Th")] = "n/a"
+    csv.write_text("\n".join(lines[:4] + [",".join(row)] + lines[5:]) + "\n")
+    with pytest.raises(PatchStoreError, match="column mr_Tb.Th holds 'n/a' in row 3, not a number"):
+        PatchStore(d)
+
 def test_patient_split_never_splits_a_patient(tmp_path):
     w, _, _ = _write(tmp_path, n_batches=4, subjects=tuple("abcdefghij"))
     s = w.finalize()

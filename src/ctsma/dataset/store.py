@@ -240,6 +240,12 @@ class PatchStore:
         missing = [c for c in COLUMNS if c not in self.table]
         if missing:
             raise PatchStoreError(f"{csv.name} lacks column(s) {', '.join(missing)}")
+        for c in COLUMNS:  # a value edited by hand: pandas' 'could not convert string to float' traceback in training
+            if c not in ("subject", "roi", "split") and not pd.api.types.is_numeric_dtype(self.table[c]):
+                v = self.table[c]
+                bad = v[pd.to_numeric(v, errors="coerce").isna() & v.notna()]
+                raise PatchStoreError(f"{csv.name}: column {c} holds {bad.iloc[0]!r} in row {bad.index[0]}, not a "
+                                      "number; correct the file or rebuild the store")
         self._h5 = None
         self._h5_pid = None
         self._cache: dict[str, np.ndarray] = {}
