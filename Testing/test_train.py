@@ -1179,3 +1179,27 @@ def test_crossfit_refuses_a_set_that_each_fold_would_replace(store, tmp_path, ca
     err = capsys.readouterr().err
     assert f"--set {setting.split('=')[0].split('{')[0]}" in err and "'ctsma crossfit' sets it" in err and hint in err
     assert not out.exists()
+
+
+def test_an_output_name_in_the_way_is_refused_before_evaluating_or_training(trained, store, tmp_path, capsys):
+    """A folder named as one of evaluate's files (plots/scatter.png) was refused only after the predictions (and
+    the ablations' training), with metrics.json already replaced; in crossfit after every fold's training, and a file
+    named `evaluation` was a FileExistsError traceback there."""
+    from ctsma.cli.main import main
+    from ctsma.evaluation.regression import evaluate
+
+    cfg, run, _ = trained
+    out = tmp_path / "eval"
+    (out / "plots" / "scatter.png").mkdir(parents=True)
+    with pytest.raises(UserError, match="scatter.png: a folder of that name is in the way"):
+        evaluate(cfg, out)
+    assert sorted(p.name for p in out.rglob("*")) == ["plots", "scatter.png"]  # nothing written
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny(store.dir, tmp_path / "unused", optim={"max_epochs": 1})))
+    cv = tmp_path / "cv"
+    cv.mkdir()
+    (cv / "evaluation").write_text("not a folder")
+    assert main(["crossfit", "--config", str(config), "--store", str(store.dir), "--out", str(cv)]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation is a file, not a folder" in err and "Traceback" not in err
+    assert sorted(p.name for p in cv.iterdir()) == ["evaluation"]  # refused before any training

@@ -33,6 +33,7 @@ def crossfit(cfg, store_dir: Path, out_dir: Path, *, folds: int = 3, seed: int =
 
     from ..config import to_dict
     from ..dataset.store import PatchStore
+    from ..evaluation.regression import check_outputs
     from ..io import ensure_writable_dir, write_text
 
     store_dir = Path(store_dir).resolve()
@@ -44,6 +45,7 @@ def crossfit(cfg, store_dir: Path, out_dir: Path, *, folds: int = 3, seed: int =
         warnings.warn("the config's evaluate.ablations are not run by 'ctsma crossfit' (it evaluates the teacher and "
                       "both students); run 'ctsma evaluate' on a fold's models for them", stacklevel=2)
     check_run_folder(Path(out_dir))
+    check_outputs(Path(out_dir), under="evaluation")
     out = ensure_writable_dir(out_dir).resolve()
     config = out / "config.yaml"  # the settings as loaded; relative paths still resolve against the given config
     write_text(config, yaml.safe_dump(to_dict(cfg), sort_keys=False))

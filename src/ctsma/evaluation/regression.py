@@ -24,7 +24,7 @@ import numpy as np
 from .. import PARAMETERS, PARAMETER_UNITS, progress, stats
 from ..dataset.store import PatchStore
 from ..errors import ConfigError, ModelFileError, UserError
-from ..io.atomic import atomic_path, merge_json, write_text
+from ..io.atomic import atomic_path, check_no_obstacle, merge_json, write_text
 from ..report.format import fmt
 
 SOURCES = ("teacher", "student_distilled", "student_baseline", "ct_direct")
@@ -181,6 +181,7 @@ def evaluate(cfg, out_dir: str | Path, *, store: PatchStore | None = None, ablat
             raise ConfigError(f"evaluate.ablations: the name '{a['name']}' is this run's output.name "
                               f"'{cfg.output.name}': its distilled student would overwrite the run's own; rename it")
     out_dir = Path(out_dir)
+    check_outputs(out_dir)
     store = open_store(cfg, store)
     c = cfg.data
     split = store.patient_split(c.test_fraction, c.val_fraction, k=c.k_folds or None,
@@ -265,6 +266,18 @@ REGRESSION_KEYS = ("regression", "regression_vs_truth", "distillation_gain", "di
 """The blocks of ``metrics.json`` that ``evaluate`` writes: a rerun replaces all of them (one it does not write again,
 e.g. the gain when a student is missing now, would describe other models), and keeps other commands' blocks."""
 PLOT_FILES = tuple(f"{kind}{suffix}.png" for kind in ("scatter", "bland_altman") for suffix in ("", "_vs_truth"))
+OUTPUT_FILES = ("metrics.json", "regression_table.csv", "regression_table.md", "regression_predictions.csv",
+                *(f"plots/{name}" for name in PLOT_FILES))
+"""What :func:`write_outputs` writes, relative to its folder."""
+
+
+def check_outputs(out_dir: Path, under: str = "") -> None:
+    """Refuse, in one line and before any work, a folder in ``out_dir`` (in its subfolder ``under``) named as one of
+    :data:`OUTPUT_FILES`, or a file named as a folder of theirs: :func:`write_outputs` failed on it only after the
+    predictions (and the ablations' or, in ``ctsma crossfit``, every fold's training), with ``metrics.json`` already
+    replaced beside the older files."""
+    for name in OUTPUT_FILES:
+        check_no_obstacle(Path(out_dir), f"{under}/{name}" if under else name)
 
 
 def write_outputs(out_dir: Path, result: dict, ref, truth, preds: dict, ids: dict, *, plots: bool = True) -> None:
