@@ -21,6 +21,25 @@ def _box_sum(a: np.ndarray, size) -> np.ndarray:
     return ndimage.uniform_filter(a.astype(np.float64), size=size, mode="constant") * float(np.prod(size))
 
 
+def _window_and_stride(window, stride) -> tuple[np.ndarray, np.ndarray]:
+    """``window`` and ``stride`` as (z, y, x) voxel counts: whole positive numbers, one or three each (a window of
+    9.5 was cut to 9)."""
+    for name, value in (("window", window), ("stride", stride)):
+        try:
+            given = np.asarray(value, float)
+        except (TypeError, ValueError):
+            given = np.array(np.nan)
+        if given.ndim > 1 or given.size not in (1, 3) or not np.all(np.isfinite(given) & (given == np.round(given))):
+            raise MorphometryError(f"{name} must be a whole number of voxels or three of them (z, y, x), got "
+                                   f"{value!r}")
+    win = np.broadcast_to(np.asarray(window, int), (3,)).copy()
+    st = np.broadcast_to(np.asarray(stride, int), (3,)).copy()
+    if (win < 1).any() or (st < 1).any():
+        raise MorphometryError(f"window {tuple(map(int, win))} and stride {tuple(map(int, st))} must be positive "
+                               "voxel counts")
+    return win, st
+
+
 def sliding_window_maps(bone, spacing_zyx, window, stride=1, mask=None, *, convention: str = "default",
                         min_roi_fraction: float = 0.5, thickness_maps=None) -> dict[str, np.ndarray]:
     """Parameter maps of windows of ``window`` voxels (int or (z, y, x)), sampled every ``stride`` voxels.
@@ -35,19 +54,7 @@ def sliding_window_maps(bone, spacing_zyx, window, stride=1, mask=None, *, conve
     b = check_binary(bone, "binary bone image")
     sp = check_spacing(spacing_zyx)
     roi = check_mask(mask, b.shape)
-    for name, value in (("window", window), ("stride", stride)):  # 9.5 was cut to 9
-        try:
-            given = np.asarray(value, float)
-        except (TypeError, ValueError):
-            given = np.array(np.nan)
-        if given.ndim > 1 or given.size not in (1, 3) or not np.all(np.isfinite(given) & (given == np.round(given))):
-            raise MorphometryError(f"{name} must be a whole number of voxels or three of them (z, y, x), got "
-                                   f"{value!r}")
-    win = np.broadcast_to(np.asarray(window, int), (3,)).copy()
-    st = np.broadcast_to(np.asarray(stride, int), (3,)).copy()
-    if (win < 1).any() or (st < 1).any():
-        raise MorphometryError(f"window {tuple(map(int, win))} and stride {tuple(map(int, st))} must be positive "
-                               "voxel counts")
+    win, st = _window_and_stride(window, stride)
     if thickness_maps is None:
         _, thickness_maps = measure_binary(b, sp, roi, convention=convention, surface=False, return_maps=True)
     return _window_maps(b, roi, thickness_maps["thickness"], thickness_maps["separation"], win, st, min_roi_fraction)
@@ -94,19 +101,7 @@ def sliding_window_chunks(bone, spacing_zyx, window, stride=1, mask=None, *, thi
     b = check_binary(bone, "binary bone image")
     check_spacing(spacing_zyx)
     roi = check_mask(mask, b.shape)
-    for name, value in (("window", window), ("stride", stride)):  # 9.5 was cut to 9
-        try:
-            given = np.asarray(value, float)
-        except (TypeError, ValueError):
-            given = np.array(np.nan)
-        if given.ndim > 1 or given.size not in (1, 3) or not np.all(np.isfinite(given) & (given == np.round(given))):
-            raise MorphometryError(f"{name} must be a whole number of voxels or three of them (z, y, x), got "
-                                   f"{value!r}")
-    win = np.broadcast_to(np.asarray(window, int), (3,)).copy()
-    st = np.broadcast_to(np.asarray(stride, int), (3,)).copy()
-    if (win < 1).any() or (st < 1).any():
-        raise MorphometryError(f"window {tuple(map(int, win))} and stride {tuple(map(int, st))} must be positive "
-                               "voxel counts")
+    win, st = _window_and_stride(window, stride)
     z_chunk = max(1, int(z_chunk))
     nz = b.shape[0]
     n_out = -(-nz // int(st[0]))
