@@ -1203,3 +1203,17 @@ def test_an_output_name_in_the_way_is_refused_before_evaluating_or_training(trai
     err = capsys.readouterr().err
     assert "evaluation is a file, not a folder" in err and "Traceback" not in err
     assert sorted(p.name for p in cv.iterdir()) == ["evaluation"]  # refused before any training
+
+
+@pytest.mark.parametrize("setting", ["data=5", "output=dir", "trainer=seed"])
+def test_crossfit_set_of_a_whole_section_is_a_config_error(tmp_path, capsys, setting):
+    """`--set data=5` (a section given a value) is the config's one-line 'must be a mapping'; the check of the settings
+    that crossfit sets looked a key up in the value itself: a TypeError traceback for a number, and for a text
+    ('output=dir', 'trainer=seed') a substring match that blamed '--set output.dir'."""
+    from ctsma.cli.main import main
+
+    rc = main(["crossfit", "--config", "demo", "--store", str(tmp_path / "none"), "--out", str(tmp_path / "cv"),
+               "--set", setting])
+    err = capsys.readouterr().err
+    assert rc == 2 and "must be a mapping" in err and "sets it for every fold" not in err, err
+    assert not (tmp_path / "cv").exists()

@@ -53,7 +53,8 @@ def run(args) -> int:
         raise UserError(f"--seed must be 0 to 2147483647, not {args.seed}")
     over = overrides_from(types.SimpleNamespace(set=args.set))
     for section, key in SET_BY_CROSSFIT:  # it would be replaced for every fold, silently, yet kept in config.yaml
-        if key in (over.get(section) or {}):
+        given = over.get(section)  # (a section given a value, not a mapping: the config refuses it below)
+        if isinstance(given, dict) and key in given:
             raise UserError(f"--set {section}.{key}: 'ctsma crossfit' sets it for every fold; "
                             f"{SET_BY_CROSSFIT[section, key]}")
     cfg = load_train_config(args.config, over)
