@@ -163,7 +163,8 @@ BRIGHT_HU = 300.0
 BRIGHT_SHELL_LIMIT = 0.10
 """Largest share of bone-bright voxels in the 1-4 mm just outside a user's femur and tibia labels before the
 segmentation is doubted: 1-3 % for the 36 demo phantom knees' own bone labels (patella and fibula nearby included),
-11-35 % for the same labels mirrored left-right."""
+11-35 % for the same labels mirrored left-right, but also 15-17 % for a knee's own labels drawn 1 mm inside the
+bone's outer edge (the cortex then lies in the shell), which the warning names as a possible cause."""
 MIN_CONTRAST_HU = 150.0
 """Least mean HU of the labelled femur and tibia above the 1-4 mm around them: 411-618 HU for the demo knees' own
 labels; another knee's labels on a CT (36 pairs) lie partly off its bones, -251 to +171 HU, or are caught by the
@@ -194,8 +195,9 @@ def bone_labels_mismatch(ct: sitk.Image, bones: sitk.Image) -> str | None:
         return None
     return (f"the bone segmentation may not belong to this CT: {share:.0%} of the 1-4 mm just outside its femur and "
             f"tibia is as bright as bone (> {BRIGHT_HU:.0f} HU), and the labelled bone is {contrast:.0f} HU brighter "
-            f"than that on average (a matching segmentation: a few per cent, and several hundred HU), as for another "
-            "knee's or a left-right mirrored segmentation; check it before using the results")
+            f"than that on average (a segmentation on this CT's bone edges: a few per cent, and several hundred HU), "
+            "as for another knee's or a left-right mirrored segmentation, or one drawn inside the bone's outer edge "
+            "(1 mm inside: 15-17 % on the phantom); check it before using the results")
 
 
 def check_not_rois(path: Path, labels: sitk.Image, what: str = "bone segmentation") -> None:
