@@ -78,10 +78,10 @@ def test_a_table_value_that_is_not_a_number_is_named(tmp_path):
     csv = d / "patches.csv"
     lines = csv.read_text().splitlines()
     head = lines[0].split(",")
-    row = lines[4].split(",")
+    row = lines[4].split(",")  # line 5 of the file, as an editor numbers it
     row[head.index("mr_Tb.Th")] = "n/a"
     csv.write_text("\n".join(lines[:4] + [",".join(row)] + lines[5:]) + "\n")
-    with pytest.raises(PatchStoreError, match="column mr_Tb.Th holds 'n/a' in row 3, not a number"):
+    with pytest.raises(PatchStoreError, match=r"column mr_Tb.Th holds 'n/a' on line 5 \(the header is line 1\), not"):
         PatchStore(d)
 
 def test_patient_split_never_splits_a_patient(tmp_path):
