@@ -1133,14 +1133,14 @@ def test_a_segmentation_of_another_knee_or_mirrored_is_warned(knee, constant_stu
     args = ("--model", constant_student, "--side", knee["side"])
     assert _run(knee["ct"], "--out", tmp_path / "own", "--segmentation", knee["bones_only"], *args) == 0
     said = json.loads((tmp_path / "own" / "summary.json").read_text())["warnings"]
-    assert not [w for w in said if "may not belong to this CT" in w], said
+    assert not [w for w in said if "may not match this CT's femur and tibia" in w], said
     lab = sitk.ReadImage(str(knee["bones_only"]))
     mirrored = sitk.GetImageFromArray(sitk.GetArrayFromImage(lab)[:, :, ::-1])
     mirrored.CopyInformation(lab)
     sitk.WriteImage(mirrored, str(tmp_path / "mirrored.nii.gz"))
     assert _run(knee["ct"], "--out", tmp_path / "mir", "--segmentation", tmp_path / "mirrored.nii.gz", *args) == 0
     said = json.loads((tmp_path / "mir" / "summary.json").read_text())["warnings"]  # analysed, the warning on record
-    assert [w for w in said if w.startswith("the bone segmentation may not belong to this CT")], said
+    assert [w for w in said if w.startswith("the bone segmentation may not match this CT's femur and tibia")], said
 
 
 def test_a_segmentation_drawn_inside_the_bone_edge_is_not_called_another_knees(knee):

@@ -193,11 +193,13 @@ def bone_labels_mismatch(ct: sitk.Image, bones: sitk.Image) -> str | None:
     contrast = float(hu[femur_tibia[box]].mean() - hu[shell].mean())
     if share <= BRIGHT_SHELL_LIMIT and contrast >= MIN_CONTRAST_HU:
         return None
-    return (f"the bone segmentation may not belong to this CT: {share:.0%} of the 1-4 mm just outside its femur and "
-            f"tibia is as bright as bone (> {BRIGHT_HU:.0f} HU), and the labelled bone is {contrast:.0f} HU brighter "
+    return (f"the bone segmentation may not match this CT's femur and tibia: {share:.0%} of the 1-4 mm just outside "
+            f"its femur and tibia is as bright as bone (> {BRIGHT_HU:.0f} HU), and the labelled bone is {contrast:.0f} "
+            "HU brighter "
             f"than that on average (a segmentation on this CT's bone edges: a few per cent, and several hundred HU), "
             "as for another knee's or a left-right mirrored segmentation, or one drawn inside the bone's outer edge "
-            "(1 mm inside: 15-17 % on the phantom); check it before using the results")
+            "(1 mm inside: 15-17 % on the phantom), which moves the subchondral ROIs with it; check it before using "
+            "the results")
 
 
 def check_not_rois(path: Path, labels: sitk.Image, what: str = "bone segmentation") -> None:
