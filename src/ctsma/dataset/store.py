@@ -244,6 +244,9 @@ class PatchStore:
             if c not in ("subject", "roi", "split") and not pd.api.types.is_numeric_dtype(self.table[c]):
                 v = self.table[c]
                 bad = v[pd.to_numeric(v, errors="coerce").isna() & v.notna()]
+                if not len(bad):  # text that reads as numbers: take them as numbers
+                    self.table[c] = pd.to_numeric(v)
+                    continue
                 raise PatchStoreError(f"{csv.name}: column {c} holds {bad.iloc[0]!r} on line {bad.index[0] + 2} "
                                       "(the header is line 1), not a number; correct the file or rebuild the store")
         self._h5 = None
