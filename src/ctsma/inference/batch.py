@@ -162,4 +162,3 @@ def _warnings_named(subject):
             if (str(w.message), w.category) not in seen:
                 seen.add((str(w.message), w.category))
                 warnings.warn_explicit(f"{subject}: {w.message}", w.category, w.filename, w.lineno)
-
