@@ -326,12 +326,18 @@ def test_killed_run_resumes_to_the_uninterrupted_result(store, tmp_path, how, ca
 
 
 def test_resume_of_a_finished_run_keeps_its_log(store, tmp_path):
-    """--resume after the last epoch (e.g. killed while the model file was written) trains nothing and exports
-    again; the epoch log and the best epoch recorded from it stay (Lightning's logger removed the file)."""
+    """--resume after the last epoch keeps the run's model file as it is, or, killed while it was written, trains
+    nothing and exports again; the epoch log and the best epoch recorded from it stay (Lightning's logger removed the
+    file)."""
     cfg = load_train_config(tiny(store.dir, tmp_path, optim={"max_epochs": 2}))
     first = load_model(train("baseline", cfg))[1]
     log = tmp_path / "student_baseline" / "logs" / "metrics.csv"
     before = pd.read_csv(log)
+    model_file = tmp_path / "student_baseline.safetensors"
+    model_bytes = model_file.read_bytes()
+    assert load_model(train("baseline", cfg, resume=True))[1] == first
+    assert model_file.read_bytes() == model_bytes  # kept: exported again it got new bytes, a new checksum
+    model_file.unlink()  # killed while the model file was written: exported again from the last checkpoint
     again = load_model(train("baseline", cfg, resume=True))[1]
     pd.testing.assert_frame_equal(pd.read_csv(log), before)
     assert again["metrics"]["best_epoch"] == first["metrics"]["best_epoch"] is not None

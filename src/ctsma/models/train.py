@@ -167,6 +167,12 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
             progress.info(f"{role}{cfg.output.name}: trained again ({why})")
     if resume and not checked:
         saved = _check_resumable(last, module)
+        finished = int(saved.get("epoch", -1)) + 1 >= optim["max_epochs"]
+        if finished and _changes_since(model_file, module.run_record) == []:
+            # finished, its file written and whole: exporting again gave it new bytes (a new checksum), so that a
+            # student distilled from this teacher counted as one of another teacher
+            progress.info(f"{role}{cfg.output.name}: {model_file} is this run's, finished; kept as it is")
+            return model_file
         # say where --resume goes on from, as the demo's reuse does: nothing told a run resumed from one started anew
         progress.info(f"{role}{cfg.output.name}: resumed from {last} ({int(saved.get('epoch', -1)) + 1} of "
                       f"{optim['max_epochs']} epochs were done)")
