@@ -84,6 +84,21 @@ def test_an_empty_out_is_refused_whatever_the_option_s_type(capsys, tmp_path, ct
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crop.nii.gz"]
 
 
+def test_an_empty_path_option_is_refused_before_any_work(capsys, tmp_path, ct_crop):
+    """An unset shell variable: 'train --store ""' trained on the config's store, 'morphometry --mask ""' measured
+    the whole image; every option naming a file or folder is refused empty, in one line."""
+    cases = (["train", "teacher", "--config", CONFIGS / "demo.yaml", "--store", "", "--out", tmp_path / "run"],
+             ["evaluate", "--config", CONFIGS / "demo.yaml", "--models=", "--out", tmp_path / "ev"],
+             ["morphometry", ct_crop, "--modality", "ct", "--mask", " ", "--out", tmp_path / "m"],
+             ["infer", ct_crop, "--model", "", "--out", tmp_path / "i"])
+    for args in cases:
+        rc, err = _cli(capsys, *args)
+        flag = next(a.partition("=")[0] for a, b in zip(map(str, args), list(map(str, args[1:])) + ["x"])
+                    if a.startswith("--") and (a.endswith("=") or not b.strip()))
+        assert rc == 2 and f"{flag} is empty (an unset variable?)" in err, (args, err)
+    assert not any(tmp_path.glob("run*")) and not (tmp_path / "m").exists() and not (tmp_path / "i").exists()
+
+
 def test_train_set_value_that_is_not_yaml(capsys, tmp_path):
     rc, err = _cli(capsys, "train", "teacher", "--config", CONFIGS / "demo.yaml", "--store", tmp_path,
                    "--set", "distill.stages=[stage1",

@@ -67,13 +67,26 @@ def _remove_if_empty(root: Path | None) -> None:
     root.rmdir()
 
 
+PATH_OPTIONS = ("--config", "--model", "--models", "--manifest", "--store", "--patches", "--labels", "--rois",
+                "--segmentation", "--registrations", "--reference", "--predictions", "--metrics", "--roc", "--mask",
+                "--bones", "--ct-bones", "--mr-bones", "--diagnosis-model", "--figures",
+                "--readme-snippet")
+"""Options that name a file or folder (besides ``--out``): an empty one is refused before any work."""
+
+
 def _check_common(args, argv: list[str]) -> None:
     """Refuse, before any work, an empty ``--out`` (it would write into the current folder; read from the command
-    line itself, since a path-typed option turns "" into ".") and a ``--progress-jsonl`` file that cannot be
+    line itself, since a path-typed option turns "" into ".") or other path option (:data:`PATH_OPTIONS`; ``--store
+    ""`` fell back to the config's store) and a ``--progress-jsonl`` file that cannot be
     appended to."""
     given = [v for k, v in zip(argv, argv[1:]) if k == "--out"] + [a[6:] for a in argv if a.startswith("--out=")]
     if any(not v.strip() for v in given):
         raise UserError("--out is empty; name an output path")
+    for flag in PATH_OPTIONS:  # an unset shell variable: "" fell back to the config's path or became "."
+        given = [v for k, v in zip(argv, argv[1:]) if k == flag] + [a.partition("=")[2] for a in argv
+                                                                     if a.startswith(flag + "=")]
+        if any(not v.strip() for v in given):
+            raise UserError(f"{flag} is empty (an unset variable?); name a path, or leave {flag} out")
     out = getattr(args, "out", None)
     if isinstance(out, (str, Path)) and str(out):
         target = Path(out).resolve()
