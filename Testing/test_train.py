@@ -1223,3 +1223,16 @@ def test_crossfit_set_of_a_whole_section_is_a_config_error(tmp_path, capsys, set
     err = capsys.readouterr().err
     assert rc == 2 and "must be a mapping" in err and "sets it for every fold" not in err, err
     assert not (tmp_path / "cv").exists()
+
+
+def test_folds_train_side_by_side_wherever_lightning_trains_on_the_cpu(monkeypatch):
+    """gpu.yaml's accelerator 'auto' on a CPU-only machine trained the folds one after the other, while the docs
+    said that on a CPU they train side by side (as demo.yaml's 'cpu' does)."""
+    from ctsma.demo import stages
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if getattr(torch.backends, "mps", None) is not None:
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert stages._on_cpu("cpu") and stages._on_cpu("auto") and not stages._on_cpu("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert stages._on_cpu("cpu") and not stages._on_cpu("auto")

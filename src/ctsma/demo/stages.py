@@ -262,7 +262,7 @@ def training(ctx: Context, d: Path) -> dict:
     one by one left one core idle while the last training ran alone (docs/demo.md). With a GPU they run one after
     the other."""
     cfgs = [fold_config(ctx, f) for f in range(ctx.s.folds)]
-    if ctx.s.workers > 1 and all(c.trainer.accelerator == "cpu" for c in cfgs):
+    if ctx.s.workers > 1 and all(_on_cpu(c.trainer.accelerator) for c in cfgs):
         train_in_lanes(cfgs, ctx.s.workers)
     else:
         from functools import partial
@@ -272,6 +272,19 @@ def training(ctx: Context, d: Path) -> dict:
                 if _train_job(which, cfg, cfg.trainer.threads, partial(_say, f, ctx.s.folds, which)) is None:
                     _say(f, ctx.s.folds, which, KEPT)
     return {f"fold{f}": str(d / f"fold{f}") for f in range(ctx.s.folds)}
+
+
+def _on_cpu(accelerator: str) -> bool:
+    """Whether Lightning trains on the CPU: ``cpu``, or ``auto`` without a CUDA or Apple GPU (``gpu.yaml``'s
+    setting on a CPU-only machine, whose folds then also train side by side)."""
+    if accelerator == "cpu":
+        return True
+    if accelerator != "auto":
+        return False
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
 
 
 LANE = ("teacher", "student", "baseline")  # the student needs its fold's teacher; the baseline needs nothing
