@@ -504,3 +504,24 @@ def test_patch_centres_do_not_depend_on_the_order_in_which_the_image_is_stored()
     idx = lps_to_index(img, base)
     assert np.allclose(idx, np.rint(idx), atol=1e-9)  # voxel centres, inside the ROI
     assert all(sitk.GetArrayViewFromImage(img)[tuple(i)] for i in np.rint(idx).astype(int))
+
+
+def test_a_missing_image_is_named_as_missing_not_as_registered_from_another(cohort, tmp_path):
+    """A typo in the mr column, with a registration that records its images: the knee is excluded because its MR
+    is not found, not because 'its registration was made from another MR' (which sent the user to register it
+    again)."""
+    root, tx, _ = cohort
+    from ctsma.io.atomic import input_stamp
+
+    reg = tmp_path / "reg"
+    _registrations(tx, reg, request=lambda name: {
+        "mr": str(root / name / "mr.nii.gz"), "ct": str(root / name / "ct.nii.gz"),
+        "stamps": {k: input_stamp(root / name / f"{k}.nii.gz") for k in ("mr", "ct")}})
+    table = pd.read_csv(root / "manifest.csv")
+    table.loc[table.subject == "k0", "mr"] = "k0/mr_typo.nii.gz"
+    for col in ("ct", "mr", "ct_rois", "transform_ct_to_mr"):
+        table[col] = [str(root / v) for v in table[col]]
+    table.to_csv(tmp_path / "typo.csv", index=False)
+    summary = build_dataset(tmp_path / "typo.csv", tmp_path / "ds", BuildSettings(**SMALL), registrations=reg)
+    assert "not found" in summary["excluded"]["k0"] and "mr_typo" in summary["excluded"]["k0"]
+    assert "another MR" not in summary["excluded"]["k0"]

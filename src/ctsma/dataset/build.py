@@ -162,7 +162,8 @@ def _check_registered_images(qa: dict, row: dict, root: Path, qfile: Path) -> No
     stamps = request.get("stamps") or inputs.get("stamps") or {}
     for k in ("mr", "ct"):
         now = _path(root, row.get(k))
-        if now is None or not stamps.get(k) or stamps[k] == input_stamp(now):
+        stamp = input_stamp(now) if now is not None else None
+        if stamp is None or not stamps.get(k) or stamps[k] == stamp:  # a missing file: reading it says so
             continue
         recorded = request.get(k) or inputs.get(k)
         moved = not recorded or Path(recorded).resolve() != now.resolve()
