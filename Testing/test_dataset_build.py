@@ -525,3 +525,19 @@ def test_a_missing_image_is_named_as_missing_not_as_registered_from_another(coho
     summary = build_dataset(tmp_path / "typo.csv", tmp_path / "ds", BuildSettings(**SMALL), registrations=reg)
     assert "not found" in summary["excluded"]["k0"] and "mr_typo" in summary["excluded"]["k0"]
     assert "another MR" not in summary["excluded"]["k0"]
+
+
+def test_a_damaged_shard_is_rebuilt_not_a_traceback(cohort, tmp_path):
+    """A shard cut short (a copy of the output folder interrupted, a full disk) raised zipfile.BadZipFile from the
+    rerun; it is rebuilt like any shard that cannot be reused."""
+    root, _, _ = cohort
+    s = BuildSettings(transform_column="transform_ct_to_mr", **SMALL)
+    out = tmp_path / "ds"
+    first = build_dataset(root / "manifest.csv", out, s)
+    shard = out / ".shards" / "k1.npz"
+    data = shard.read_bytes()
+    for damaged in (data[: len(data) // 2], data[:-30]):
+        shard.write_bytes(damaged)
+        again = build_dataset(root / "manifest.csv", out, s)
+        assert again["n_patches"] == first["n_patches"] and not again["excluded"]
+        assert shard.read_bytes() == data

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import warnings
+import zipfile
 from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,7 +395,7 @@ def _read_shard(path: Path, key: str) -> dict | None:
             if meta.get("key") != key:
                 return None
             out = {k: z[k] for k in ("ct", "mr", "ct_mask", "mr_mask")}
-    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, EOFError, zipfile.BadZipFile):  # damaged: rebuilt
         return None
     out.update(meta)
     return out
