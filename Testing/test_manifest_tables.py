@@ -216,12 +216,14 @@ def test_report_study_manifest_with_an_extra_cell_or_a_spaced_header(tmp_path, c
 
 
 def test_one_rule_reads_a_knee_side_everywhere():
-    """side_letter is the one rule (segment_bones, subchondral_rois, dataset build, batch infer): L/R by the first
-    letter in any case, None for no side, an error for anything else (it was ignored in some places)."""
+    """side_letter is the one rule (segment_bones, subchondral_rois, dataset build, batch infer): L/R, left/right or
+    Lt/Rt in any case, None for no side, an error for anything else (it was ignored in some places, and read by its
+    first letter in others: 'Rubbish' was a right knee)."""
     for value, letter in (("L", "L"), ("r", "R"), (" Left ", "L"), ("RIGHT", "R"), ("", None), ("  ", None),
                           (None, None), (float("nan"), None)):
         assert side_letter(value) == letter
-    for bad in ("middle", "x", "1"):
+    assert side_letter("Lt") == "L" and side_letter("rt") == "R"
+    for bad in ("middle", "x", "1", "Rubbish", "LR", "left knee"):
         with pytest.raises(UserError, match=f"knee side must be L or R \\(or left/right\\), not '{bad}'"):
             side_letter(bad)
 

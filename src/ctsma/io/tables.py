@@ -161,15 +161,19 @@ def yes_no_numbers(column: pd.Series) -> pd.Series:
     return pd.to_numeric(said.map(lambda v: _YES_NO.get(v, v)), errors="coerce")
 
 
+_SIDES = {"L": "L", "LEFT": "L", "LT": "L", "R": "R", "RIGHT": "R", "RT": "R"}
+
+
 def side_letter(value) -> str | None:
-    """A knee side as ``"L"`` or ``"R"``: any text whose first letter is L or R (``L``, ``right``, ``Left``), in any
-    letter case; None for no side (None, NaN or an empty cell: then it is read from the anatomy). Anything else is a
-    :class:`UserError`: a side that was given but cannot be read is not quietly ignored."""
+    """A knee side as ``"L"`` or ``"R"``: ``L``/``R``, ``left``/``right`` or ``Lt``/``Rt``, in any letter case; None
+    for no side (None, NaN or an empty cell: then it is read from the anatomy). Anything else is a
+    :class:`UserError`: a side that was given but cannot be read is not quietly ignored, nor read by its first letter
+    (``Rubbish`` was a right knee, ``LR`` a left one)."""
     if value is None or (isinstance(value, float) and value != value):
         return None
-    letter = str(value).strip().upper()[:1]
-    if letter in ("L", "R"):
-        return letter
-    if not letter:
+    text = str(value).strip().upper()
+    if not text:
         return None
+    if text in _SIDES:
+        return _SIDES[text]
     raise UserError(f"knee side must be L or R (or left/right), not {value!r}")
