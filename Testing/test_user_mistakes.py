@@ -156,6 +156,19 @@ def test_dataset_build_excludes_a_subject_with_a_foreign_qa_record_or_a_damaged_
         load_transform({"subject": "P0000"}, tmp_path, BuildSettings(), tmp_path / "reg")
 
 
+def test_dataset_build_names_an_empty_transform_cell_as_empty(tmp_path):
+    """An empty cell of --transform-column excluded its knee with 'no transform file in column ... (None)'."""
+    from ctsma.dataset.build import BuildSettings, SubjectExcluded, load_transform
+
+    s = BuildSettings(transform_column="transform_ct_to_mr")
+    for cell in ("", "  ", None):
+        with pytest.raises(SubjectExcluded, match="column 'transform_ct_to_mr' is empty for this knee") as err:
+            load_transform({"subject": "P0000", "transform_ct_to_mr": cell}, tmp_path, s, None)
+        assert "None" not in str(err.value)
+    with pytest.raises(SubjectExcluded, match="no transform file in column 'transform_ct_to_mr' "):
+        load_transform({"subject": "P0000", "transform_ct_to_mr": "t.h5"}, tmp_path, s, None)
+
+
 def test_a_damaged_store_and_a_damaged_checkpoint_are_clear_errors(tmp_path):
     from ctsma.dataset.store import PatchStore, PatchStoreError
     from ctsma.dataset.synthetic import make_synthetic_store

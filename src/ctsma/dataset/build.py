@@ -119,7 +119,10 @@ def load_transform(row: dict, root: Path, s: BuildSettings, registrations: Path 
     subject = str(row["subject"])
     if s.transform_column:
         p = _path(root, row.get(s.transform_column))
-        if p is None or not p.is_file():
+        if p is None:  # said "(None)"
+            raise SubjectExcluded(f"the manifest's column {s.transform_column!r} is empty for this knee: it names no "
+                                  "transform file")
+        if not p.is_file():
             raise SubjectExcluded(f"no transform file in column {s.transform_column!r} ({p})")
         return _read_transform(p), f"column {s.transform_column}"
     folder = _path(root, row.get("registration"))
