@@ -453,6 +453,10 @@ def test_a_rebuild_removes_what_killed_runs_left(cohort, tmp_path):
     build_dataset(root / "manifest.csv", out, s)
     assert not [f for f in dead if f.exists()]
     assert (out / "quality" / "patch_pairs.png").is_file() and (out / "patches.h5").is_file()
+    # a rebuild without figures removes the earlier build's (they showed another store), keeping a user's file
+    (out / "quality" / "notes.txt").write_text("the user's")
+    build_dataset(root / "manifest.csv", out, BuildSettings(transform_column="transform_ct_to_mr", **SMALL))
+    assert sorted(p.name for p in (out / "quality").iterdir()) == ["notes.txt"]
 
 
 def _restored(img: sitk.Image, axis: int) -> sitk.Image:

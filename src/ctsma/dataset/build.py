@@ -580,7 +580,9 @@ def build_dataset(manifest: str | os.PathLike, out: str | os.PathLike, settings:
     summary["settings"] = to_dict(s)
     summary["splits_by_subject"] = {k: {"split": v[0], "fold": v[1]} for k, v in splits.items()}
     write_json(out / "summary.json", summary)
-    if not s.quality:
+    if not s.quality:  # an earlier build's figures would show another store
+        from .quality import remove_quality
+        remove_quality(out / "quality")
         return summary
     try:
         from .quality import render_quality

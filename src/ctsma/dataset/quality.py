@@ -10,6 +10,18 @@ from .. import PARAMETERS, PARAMETER_UNITS
 from ..io.atomic import atomic_path
 
 
+FIGURES = ("patch_pairs.png", "parameters.png")
+
+
+def remove_quality(out_dir: str | Path) -> None:
+    """Remove the figures :func:`render_quality` wrote in ``out_dir`` (and the folder, if nothing else is in it)."""
+    out_dir = Path(out_dir)
+    for name in FIGURES:
+        (out_dir / name).unlink(missing_ok=True)
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+
+
 def render_quality(store, out_dir: str | Path, n_pairs: int = 8, seed: int = 0) -> list[Path]:
     """Write ``patch_pairs.png`` (central slices of CT and MR patches, ROI outline) and ``parameters.png``."""
     import matplotlib
@@ -21,7 +33,7 @@ def render_quality(store, out_dir: str | Path, n_pairs: int = 8, seed: int = 0) 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("patch_pairs.png", "parameters.png"):  # what an interrupted earlier run left
+    for name in FIGURES:  # what an interrupted earlier run left
         remove_stale_partials(out_dir / name)
     t = store.table
     rng = np.random.default_rng(seed)
