@@ -79,14 +79,12 @@ def _check_common(args, argv: list[str]) -> None:
     line itself, since a path-typed option turns "" into ".") or other path option (:data:`PATH_OPTIONS`; ``--store
     ""`` fell back to the config's store) and a ``--progress-jsonl`` file that cannot be
     appended to."""
-    given = [v for k, v in zip(argv, argv[1:]) if k == "--out"] + [a[6:] for a in argv if a.startswith("--out=")]
-    if any(not v.strip() for v in given):
-        raise UserError("--out is empty; name an output path")
-    for flag in PATH_OPTIONS:  # an unset shell variable: "" fell back to the config's path or became "."
+    for flag in ("--out", *PATH_OPTIONS):  # an unset shell variable: "" fell back to the config's path or became "."
         given = [v for k, v in zip(argv, argv[1:]) if k == flag] + [a.partition("=")[2] for a in argv
                                                                      if a.startswith(flag + "=")]
         if any(not v.strip() for v in given):
-            raise UserError(f"{flag} is empty (an unset variable?); name a path, or leave {flag} out")
+            raise UserError("--out is empty; name an output path" if flag == "--out" else
+                            f"{flag} is empty (an unset variable?); name a path, or leave {flag} out")
     out = getattr(args, "out", None)
     if isinstance(out, (str, Path)) and str(out):
         target = Path(out).resolve()

@@ -151,8 +151,7 @@ def run(args: argparse.Namespace) -> int:
                        prepare_per_voxel=prep, resident_per_voxel=resident,
                        extra_whole_per_voxel=SHAPE_BYTES if args.shape else 0.0)
     out = ensure_writable_dir(args.out)
-    for name in _planned_outputs(args):  # a name in the way is refused now, not after the whole computation
-        check_no_obstacle(out, name)
+    check_no_obstacle(out, *_planned_outputs(args))  # a name in the way: refused now, not after the computation
     img = read_image(args.image, what="image")
     if args.window_mm is not None:
         extent = max(n * h for n, h in zip(img.GetSize(), img.GetSpacing()))

@@ -276,8 +276,7 @@ def check_outputs(out_dir: Path, under: str = "") -> None:
     :data:`OUTPUT_FILES`, or a file named as a folder of theirs: :func:`write_outputs` failed on it only after the
     predictions (and the ablations' or, in ``ctsma crossfit``, every fold's training), with ``metrics.json`` already
     replaced beside the older files."""
-    for name in OUTPUT_FILES:
-        check_no_obstacle(Path(out_dir), f"{under}/{name}" if under else name)
+    check_no_obstacle(Path(out_dir), *(f"{under}/{name}" if under else name for name in OUTPUT_FILES))
 
 
 def write_outputs(out_dir: Path, result: dict, ref, truth, preds: dict, ids: dict, *, plots: bool = True) -> None:

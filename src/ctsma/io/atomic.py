@@ -382,20 +382,20 @@ def recorded_request(marker: str | os.PathLike) -> dict | None:
         return None
 
 
-def check_no_obstacle(out: Path, rel: str | os.PathLike) -> None:
-    """Refuse, in one line, an output name that a folder of that name (or a file named as one of its folders)
-    already holds in ``out``: moving the run's file there would fail half-way through the moves. A command whose
-    work is long calls it for the names it will write before the work, as :func:`staged_outputs` does before
-    moving."""
-    rel = Path(rel)
-    for i in range(1, len(rel.parts)):
-        part = out.joinpath(*rel.parts[:i])
-        if part.exists() and not part.is_dir():
-            raise UserError(f"cannot write {out / rel}: {part} is a file, not a folder; move it away or choose "
+def check_no_obstacle(out: Path, *names: str | os.PathLike) -> None:
+    """Refuse, in one line, an output name (relative to ``out``) that a folder of that name (or a file named as one
+    of its folders) already holds in ``out``: moving the run's file there would fail half-way through the moves. A
+    command whose work is long calls it for the names it will write before the work, as :func:`staged_outputs`
+    does before moving."""
+    for rel in map(Path, names):
+        for i in range(1, len(rel.parts)):
+            part = out.joinpath(*rel.parts[:i])
+            if part.exists() and not part.is_dir():
+                raise UserError(f"cannot write {out / rel}: {part} is a file, not a folder; move it away or choose "
+                                "another output folder")
+        if (out / rel).is_dir():
+            raise UserError(f"cannot write {out / rel}: a folder of that name is in the way; move it away or choose "
                             "another output folder")
-    if (out / rel).is_dir():
-        raise UserError(f"cannot write {out / rel}: a folder of that name is in the way; move it away or choose "
-                        "another output folder")
 
 
 @contextlib.contextmanager
@@ -416,8 +416,8 @@ def staged_outputs(out_dir: str | os.PathLike, marker: str = COMPLETION_MARKER) 
         yield stage
         files = sorted((p for p in stage.rglob("*") if p.is_file()),
                        key=lambda p: (p.relative_to(stage) == Path(marker), str(p)))
-        for src in files:  # before the first move: a refusal then leaves the folder as it was
-            check_no_obstacle(out, src.relative_to(stage))
+        # before the first move: a refusal leaves the folder as it was
+        check_no_obstacle(out, *(src.relative_to(stage) for src in files))
         if (stage / marker).is_file():
             with contextlib.suppress(FileNotFoundError):
                 (out / marker).unlink()   # a rerun into a finished folder: incomplete until it ends

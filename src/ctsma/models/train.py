@@ -166,16 +166,15 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
         elif why:
             progress.info(f"{role}{cfg.output.name}: trained again ({why})")
     if resume and not checked:
-        saved = _check_resumable(last, module)
-        finished = int(saved.get("epoch", -1)) + 1 >= optim["max_epochs"]
-        if finished and _changes_since(model_file, module.run_record) == []:
+        done = int(_check_resumable(last, module).get("epoch", -1)) + 1
+        if done >= optim["max_epochs"] and _changes_since(model_file, module.run_record) == []:
             # finished, its file written and whole: exporting again gave it new bytes (a new checksum), so that a
             # student distilled from this teacher counted as one of another teacher
             progress.info(f"{role}{cfg.output.name}: {model_file} is this run's, finished; kept as it is")
             return model_file
         # say where --resume goes on from, as the demo's reuse does: nothing told a run resumed from one started anew
-        progress.info(f"{role}{cfg.output.name}: resumed from {last} ({int(saved.get('epoch', -1)) + 1} of "
-                      f"{optim['max_epochs']} epochs were done)")
+        progress.info(f"{role}{cfg.output.name}: resumed from {last} ({done} of {optim['max_epochs']} epochs were "
+                      "done)")
     if resume and not logging.getLogger().isEnabledFor(logging.DEBUG):  # its folder holds the run's logs: expected
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
     check_nodes(cfg.trainer.num_nodes)
@@ -183,8 +182,7 @@ def train(which: str, cfg: TrainConfig, *, resume: bool = False, store: PatchSto
     precision = _precision(cfg)
     # a file where the run folder goes (it was rmtree's traceback), a folder where the model file goes (it was
     # refused only after the training)
-    for name in (f"{run_dir.name}/checkpoints/last.ckpt", model_file.name):
-        check_no_obstacle(run_dir.parent, name)
+    check_no_obstacle(run_dir.parent, f"{run_dir.name}/checkpoints/last.ckpt", model_file.name)
     # only now, with the store, split, teacher and device checked: a user error leaves the folder as it was
     if launched_as_rank_zero():  # the other processes of a DDP run leave the folder to this one
         if not resume and run_dir.exists():
