@@ -48,7 +48,6 @@ def infer(ct: Path, out: Path, model: str = "", device: str = "auto", bones: Pat
     args = ["infer", str(ct), "--out", str(out), "--device", device]
     if subject.strip():
         args += [f"--subject={subject}"]  # one argument: a volume name may begin with '-'
-
     if not match_sharpness:
         args += ["--no-harmonise"]
     if slice_thickness:

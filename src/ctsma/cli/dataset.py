@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
     b.add_argument("--seed", type=int, default=None, help="random seed (0)")
     b.add_argument("--rois", choices=("manifest", "auto"), default=None,
                    help="ROIs from the manifest's ct_rois column (default) or always automatic")
-    b.add_argument("--no-truth", action="store_true", help="skip the phantom's true parameters (the truth patches and the manifest's true_<ROI>_<param> values)")
+    b.add_argument("--no-truth", action="store_true", help="skip the phantom's true parameters (the truth patches "
+                   "and the manifest's true_<ROI>_<param> values)")
     b.add_argument("--subjects", nargs="*", default=None, help="only these subjects (P1 P2 or P1,P2)")
     b.add_argument("--workers", type=int, default=1, help="subjects built in parallel processes (default 1)")
     b.add_argument("--ct-edge-sigma-mm", type=float, default=None, metavar="MM",

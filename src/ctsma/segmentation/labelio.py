@@ -195,11 +195,10 @@ def bone_labels_mismatch(ct: sitk.Image, bones: sitk.Image) -> str | None:
         return None
     return (f"the bone segmentation may not match this CT's femur and tibia: {share:.0%} of the 1-4 mm just outside "
             f"its femur and tibia is as bright as bone (> {BRIGHT_HU:.0f} HU), and the labelled bone is {contrast:.0f} "
-            "HU brighter "
-            f"than that on average (a segmentation on this CT's bone edges: a few per cent, and several hundred HU), "
-            "as for another knee's or a left-right mirrored segmentation, or one drawn inside the bone's outer edge "
-            "(1 mm inside: 15-17 % on the phantom), which moves the subchondral ROIs with it; check it before using "
-            "the results")
+            "HU brighter than that on average (a segmentation on this CT's bone edges: a few per cent, and several "
+            "hundred HU), as for another knee's or a left-right mirrored segmentation, or one drawn inside the bone's "
+            "outer edge (1 mm inside: 15-17 % on the phantom), which moves the subchondral ROIs with it; check it "
+            "before using the results")
 
 
 def check_not_rois(path: Path, labels: sitk.Image, what: str = "bone segmentation") -> None:
